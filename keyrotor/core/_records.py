@@ -1,0 +1,267 @@
+"""The pool's mutable working records: one per key, one per request.
+
+Plain slotted classes (no attrs, no validation): they live on the hot path and
+never leave the core. ``Pool.snapshot`` turns them into JSON.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .config import KeySpec
+from .states import KeyState
+
+# Error classes counted per key, in the order of ``_Key.errors``.
+ERROR_CLASSES: tuple[str, ...] = (
+    "rate_limited",
+    "depleted",
+    "invalid",
+    "upstream_fault",
+    "transport",
+    "caller_error",
+    "upstream_busy",
+    "try_another_key",
+)
+ERROR_INDEX = {name: i for i, name in enumerate(ERROR_CLASSES)}
+
+
+class Window:
+    """Sliding-window counter of requests and upstream faults, in O(1) memory.
+
+    Two aligned tumbling windows; the estimate weights the previous one by the
+    part of it still inside the sliding window (Cloudflare's approximation).
+    """
+
+    __slots__ = ("cur_err", "cur_req", "prev_err", "prev_req", "start")
+
+    def __init__(self) -> None:
+        self.start: float | None = None
+        self.cur_req = self.cur_err = self.prev_req = self.prev_err = 0
+
+    def roll(self, now: float, size: float) -> None:
+        """Advance to the window holding ``now``."""
+        start = self.start
+        if start is None or now >= start + size:
+            aligned = now - (now % size)
+            if start is not None and aligned - start == size:
+                self.prev_req, self.prev_err = self.cur_req, self.cur_err
+            else:
+                self.prev_req = self.prev_err = 0
+            self.cur_req = self.cur_err = 0
+            self.start = aligned
+
+    def estimate(self, now: float, size: float) -> tuple[float, float]:
+        """(requests, errors) in the sliding window ending at ``now``."""
+        self.roll(now, size)
+        assert self.start is not None
+        weight = 1.0 - (now - self.start) / size
+        return (
+            self.cur_req + self.prev_req * weight,
+            self.cur_err + self.prev_err * weight,
+        )
+
+    def to_json(self) -> list[Any]:
+        return [self.start, self.cur_req, self.cur_err, self.prev_req, self.prev_err]
+
+    def load(self, data: list[Any]) -> None:
+        self.start, self.cur_req, self.cur_err, self.prev_req, self.prev_err = data
+
+
+class KeyRecord:
+    """Everything the pool knows about one key."""
+
+    __slots__ = (
+        "account",
+        "budget_spend",
+        "budget_start",
+        "completion_tokens",
+        "errors",
+        "ewma",
+        "hard_until",
+        "in_flight",
+        "in_sched",
+        "key_id",
+        "last_pick",
+        "last_probe",
+        "max_in_flight",
+        "pace_at",
+        "pace_timer",
+        "probe_due",
+        "probing",
+        "prompt_tokens",
+        "reason",
+        "removed",
+        "requests",
+        "serial",
+        "spec",
+        "spend",
+        "state",
+        "successes",
+        "tok_at",
+        "trial",
+        "until",
+        "ver",
+        "vd",
+        "vr",
+        "window",
+    )
+
+    def __init__(self, spec: KeySpec, serial: int) -> None:
+        self.spec = spec
+        self.key_id = spec.key_id
+        self.serial = serial
+        self.account = spec.account
+        self.max_in_flight = spec.max_in_flight
+        self.state = KeyState.HEALTHY
+        self.until: float | None = None
+        self.hard_until = False  # until came from the upstream: never probe before it
+        self.reason = ""
+        self.removed = False
+        self.in_flight = 0
+        self.trial = False  # a half-open trial request is in flight
+        self.requests = 0
+        self.successes = 0
+        self.errors = [0] * len(ERROR_CLASSES)
+        self.spend = 0.0
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.budget_start: float | None = None
+        self.budget_spend = 0.0
+        self.window = Window()
+        self.ewma = 0.0
+        self.pace_at: float | None = None  # rpm pacing: earliest next send
+        self.tok_at: float | None = None  # tpm pacing: tokens paid up to this time
+        self.pace_timer: float | None = None  # pending pacing timer, if any
+        self.probing = False
+        self.last_probe: float | None = None
+        self.probe_due: float | None = None
+        # Selection structures (see _select.py).
+        self.in_sched = False
+        self.ver = 0
+        self.last_pick = -1
+        self.vr = 0.0
+        self.vd = 0.0
+
+    _SAVED = (
+        "state",
+        "until",
+        "hard_until",
+        "reason",
+        "removed",
+        "in_flight",
+        "trial",
+        "requests",
+        "successes",
+        "errors",
+        "spend",
+        "prompt_tokens",
+        "completion_tokens",
+        "budget_start",
+        "budget_spend",
+        "ewma",
+        "pace_at",
+        "tok_at",
+        "pace_timer",
+        "probing",
+        "last_probe",
+        "probe_due",
+        "in_sched",
+        "ver",
+        "last_pick",
+        "vr",
+        "vd",
+    )
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"spec": self.spec.to_json(), "serial": self.serial}
+        for name in self._SAVED:
+            data[name] = getattr(self, name)
+        data["state"] = self.state.value
+        data["errors"] = list(self.errors)
+        data["window"] = self.window.to_json()
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> KeyRecord:
+        key = cls(KeySpec(**data["spec"]), data["serial"])
+        for name in cls._SAVED:
+            setattr(key, name, data[name])
+        key.state = KeyState(data["state"])
+        key.errors = list(data["errors"])
+        key.window.load(data["window"])
+        return key
+
+
+# Request states.
+QUEUED, SENT, DELIVERED = 0, 1, 2
+_STATE_NAMES = {QUEUED: "queued", SENT: "sent", DELIVERED: "delivered"}
+
+
+class RequestRecord:
+    """A request the pool holds: waiting for a key, sent, or being delivered."""
+
+    __slots__ = (
+        "attempt",
+        "deadline",
+        "group",
+        "key",
+        "pin",
+        "pin_fallback",
+        "request_id",
+        "sent_at",
+        "serial",
+        "session",
+        "state",
+        "tokens",
+        "trial",
+        "tried",
+    )
+
+    def __init__(
+        self,
+        request_id: str,
+        serial: int,
+        deadline: float,
+        pin: str | int | None = None,
+        pin_fallback: bool = True,
+        session: str | None = None,
+        group: str | None = None,
+        tokens: int = 0,
+    ) -> None:
+        self.request_id = request_id
+        self.serial = serial
+        self.deadline = deadline
+        self.pin = pin
+        self.pin_fallback = pin_fallback
+        self.session = session
+        self.group = group
+        self.tokens = tokens
+        self.state = QUEUED
+        self.key: KeyRecord | None = None
+        self.attempt = 0
+        self.sent_at = 0.0
+        self.trial = False
+        self.tried: list[str] | None = None  # keys already tried, if any
+
+    def describe(self) -> str:
+        """Human description of the state, for error messages."""
+        where = f" on key {self.key.key_id}" if self.key is not None else ""
+        return f"request {self.request_id!r} is {_STATE_NAMES[self.state]}{where}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "request_id": self.request_id,
+            "serial": self.serial,
+            "deadline": self.deadline,
+            "pin": self.pin,
+            "pin_fallback": self.pin_fallback,
+            "session": self.session,
+            "group": self.group,
+            "tokens": self.tokens,
+            "state": self.state,
+            "key": self.key.key_id if self.key is not None else None,
+            "attempt": self.attempt,
+            "sent_at": self.sent_at,
+            "trial": self.trial,
+            "tried": self.tried,
+        }

@@ -1,0 +1,206 @@
+"""Input events: facts the driver tells the pool, each carrying ``now``.
+
+``now`` is monotonic seconds (any origin, never going backwards). Events are
+small frozen value objects; the pool checks them against its state when they
+are handled (not when built, to keep the hot path cheap).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+
+from .config import KeySpec
+from .states import KeyState
+
+__all__ = [
+    "Event",
+    "KeyAdded",
+    "KeyMarked",
+    "KeyRemoved",
+    "ProbeFinished",
+    "ProbeRequested",
+    "RequestCancelled",
+    "RequestStarted",
+    "ResponseFinished",
+    "ResponseReceived",
+    "Tick",
+    "TransportFailed",
+]
+
+Headers = Mapping[str, str]
+"""Response headers; names in any case."""
+Body = bytes | str | Mapping[str, Any] | list[Any] | None
+"""An (error) body: raw bytes, JSON text, or already-parsed JSON."""
+
+
+@attrs.frozen(kw_only=True)
+class RequestStarted:
+    """A caller wants to send a request through the pool.
+
+    Attributes:
+        request_id: unique among the requests the pool currently holds.
+        pin: ask for one key, by ``key_id`` or by index in the configured keys
+            (seed 000's ``keyIndex``).
+        pin_fallback: if the pinned key is missing or unusable, use another
+            (default); with ``False`` the request waits for that key.
+        session: affinity key (``affinity`` policy): the same session goes to
+            the same key while it is usable, for prompt-cache hits.
+        group: requests of one group (a batch of parallel operations) get
+            distinct keys while enough keys are usable.
+        deadline: latest time to wait for a key (default ``now +
+            PoolConfig.queue_timeout``).
+        tokens: estimated tokens, charged to the key's ``tpm`` pacing until the
+            real count arrives in ``ResponseFinished``.
+    """
+
+    request_id: str
+    now: float
+    pin: str | int | None = None
+    pin_fallback: bool = True
+    session: str | None = None
+    group: str | None = None
+    deadline: float | None = None
+    tokens: int = 0
+
+
+@attrs.frozen(kw_only=True)
+class ResponseReceived:
+    """The upstream answered an attempt: status and headers have arrived.
+
+    Attributes:
+        retry_after: seconds from ``now``, if the driver parsed it itself.
+        headers: the response headers (rate-limit and retry headers are read).
+        body: for error statuses, the error body (OpenRouter's metadata tells
+            a temporary 402 or a shared-pool 429 apart).
+        wall_time: Unix time at arrival, to turn absolute reset times
+            (HTTP-date, epoch milliseconds, RFC 3339) into durations.
+    """
+
+    request_id: str
+    now: float
+    status: int
+    retry_after: float | None = None
+    headers: Headers | None = None
+    body: Body = None
+    wall_time: float | None = None
+
+
+@attrs.frozen(kw_only=True)
+class ResponseFinished:
+    """The delivered response's body ended; the key's slot is free again.
+
+    ``error_status``/``error_body`` report an error that arrived inside a 200
+    body or stream (OpenRouter's mid-stream error chunk): the key's health is
+    updated, but nothing is retried, since output already reached the caller.
+    """
+
+    request_id: str
+    now: float
+    cost: float = 0.0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error_status: int | None = None
+    error_body: Body = None
+
+
+@attrs.frozen(kw_only=True)
+class TransportFailed:
+    """The attempt failed without a response (or its body broke off).
+
+    ``reason`` is one of ``connect``, ``timeout``, ``reset``, ``protocol`` or
+    any short text; all count as upstream faults, never as the key's fault
+    alone.
+    """
+
+    request_id: str
+    now: float
+    reason: str = "error"
+
+
+@attrs.frozen(kw_only=True)
+class RequestCancelled:
+    """The caller gave up (cancelled, timed out, went away). Frees its key."""
+
+    request_id: str
+    now: float
+
+
+@attrs.frozen(kw_only=True)
+class Tick:
+    """Time passed: feed one at ``pool.next_deadline()``."""
+
+    now: float
+
+
+@attrs.frozen(kw_only=True)
+class ProbeFinished:
+    """The result of a ``Probe``: the answer of a cheap call with the key.
+
+    ``status`` is ``None`` when the probe failed without an answer (which
+    leaves the key's state alone).
+    """
+
+    key_id: str
+    now: float
+    status: int | None
+    headers: Headers | None = None
+    body: Body = None
+    wall_time: float | None = None
+
+
+@attrs.frozen(kw_only=True)
+class ProbeRequested:
+    """An operator asks to probe one key (``key_id``) or every non-disabled key."""
+
+    now: float
+    key_id: str | None = None
+
+
+@attrs.frozen(kw_only=True)
+class KeyAdded:
+    """An operator adds a key at runtime."""
+
+    now: float
+    key: KeySpec
+
+
+@attrs.frozen(kw_only=True)
+class KeyRemoved:
+    """An operator removes a key: requests on it finish, no new ones start."""
+
+    now: float
+    key_id: str
+
+
+@attrs.frozen(kw_only=True)
+class KeyMarked:
+    """An operator sets a key's state (seed 004's "mark healthy" after a refund).
+
+    ``until`` is required for ``rate_limited`` and ``degraded`` and optional
+    for ``depleted``; ``recovering`` cannot be set.
+    """
+
+    now: float
+    key_id: str
+    state: KeyState
+    until: float | None = None
+    reason: str = "operator"
+
+
+Event = (
+    RequestStarted
+    | ResponseReceived
+    | ResponseFinished
+    | TransportFailed
+    | RequestCancelled
+    | Tick
+    | ProbeFinished
+    | ProbeRequested
+    | KeyAdded
+    | KeyRemoved
+    | KeyMarked
+)
+"""Every event ``Pool.handle`` accepts."""

@@ -1,0 +1,109 @@
+"""Frozen pictures of a pool for status pages, metrics and logs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+from ._records import ERROR_CLASSES, KeyRecord
+from .states import KeyState
+
+__all__ = ["KeyStatistics", "PoolStatistics"]
+
+
+@attrs.frozen(kw_only=True)
+class KeyStatistics:
+    """One key: its state and counters since the pool started.
+
+    ``requests`` counts attempts sent on the key; ``errors`` counts answers by
+    class (``rate_limited``, ``depleted``, ``invalid``, ``upstream_fault``,
+    ``transport``, ``caller_error``, ``upstream_busy``, ``try_another_key``).
+    """
+
+    key_id: str
+    account: str | None
+    state: KeyState
+    until: float | None
+    reason: str
+    in_flight: int
+    requests: int
+    successes: int
+    errors: dict[str, int]
+    spend: float
+    prompt_tokens: int
+    completion_tokens: int
+    latency: float | None
+    probing: bool
+    removing: bool
+
+    @property
+    def success_rate(self) -> float | None:
+        """Successes over answered attempts, or ``None`` before any answer."""
+        answered = self.successes + sum(self.errors.values())
+        return self.successes / answered if answered else None
+
+    @classmethod
+    def from_record(cls, key: KeyRecord) -> KeyStatistics:
+        """Copy the public fields of a working record."""
+        return cls(
+            key_id=key.key_id,
+            account=key.account,
+            state=key.state,
+            until=key.until,
+            reason=key.reason,
+            in_flight=key.in_flight,
+            requests=key.requests,
+            successes=key.successes,
+            errors=dict(zip(ERROR_CLASSES, key.errors, strict=True)),
+            spend=key.spend,
+            prompt_tokens=key.prompt_tokens,
+            completion_tokens=key.completion_tokens,
+            latency=key.ewma if key.successes else None,
+            probing=key.probing,
+            removing=key.removed,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-able dict; the state by its name."""
+        data = attrs.asdict(self)
+        data["state"] = self.state.value
+        data["success_rate"] = self.success_rate
+        return data
+
+
+@attrs.frozen(kw_only=True)
+class PoolStatistics:
+    """The whole pool: every key, and request totals since it started."""
+
+    now: float
+    keys: tuple[KeyStatistics, ...]
+    queued: int
+    in_flight: int
+    started: int
+    delivered: int
+    rejected: int
+    cancelled: int
+
+    def count_by_state(self) -> dict[str, int]:
+        """How many keys are in each state (every state named, zeros included)."""
+        counts = {state.value: 0 for state in KeyState}
+        for key in self.keys:
+            if not key.removing:
+                counts[key.state.value] += 1
+        return counts
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-able dict."""
+        return {
+            "now": self.now,
+            "keys": [key.to_json() for key in self.keys],
+            "states": self.count_by_state(),
+            "queued": self.queued,
+            "in_flight": self.in_flight,
+            "started": self.started,
+            "delivered": self.delivered,
+            "rejected": self.rejected,
+            "cancelled": self.cancelled,
+            "spend": sum(key.spend for key in self.keys),
+        }

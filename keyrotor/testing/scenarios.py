@@ -1,0 +1,249 @@
+"""Scenarios for the fake upstream: which secrets exist and how each behaves.
+
+A ``Scenario`` maps bearer secrets to behaviours (and optional aliases used in
+the request log), and holds the model catalog and prices that make every
+request's cost deterministic. Built-in scenarios: ``Scenario.demo()``,
+``Scenario.healthy(n)``, ``Scenario.open()``; by name through ``scenario()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from attrs import define, field, frozen
+
+from .behaviours import (
+    AccountRateLimit,
+    Behaviour,
+    Chain,
+    Credits,
+    Invalid,
+    Ok,
+    RateLimit,
+)
+
+__all__ = [
+    "DEFAULT_MODELS",
+    "DEMO_KEYS",
+    "SCENARIOS",
+    "Model",
+    "Scenario",
+    "healthy_secret",
+    "scenario",
+]
+
+
+@frozen
+class Model:
+    """One entry of the ``GET /models`` catalog. Prices are USD decimal strings
+    per token (``"0.0000006"`` = $0.60 per million tokens), as OpenRouter sends."""
+
+    id: str
+    name: str
+    prompt: str
+    completion: str
+    context_length: int = 128_000
+    modality: str = "text->text"
+    request: str = "0"
+
+    def prices(self) -> tuple[float, float]:
+        """(prompt, completion) USD per token, as floats."""
+        return float(self.prompt), float(self.completion)
+
+    def to_json(self, created: int = 1_700_000_000) -> dict[str, Any]:
+        """The model in OpenRouter's ``/models`` shape."""
+        return {
+            "id": self.id,
+            "canonical_slug": self.id.split(":", 1)[0],
+            "name": self.name,
+            "created": created,
+            "description": f"{self.name} (served by keyrotor's fake upstream).",
+            "context_length": self.context_length,
+            "architecture": {
+                "modality": self.modality,
+                "input_modalities": ["text"],
+                "output_modalities": ["embeddings" if "embedding" in self.modality else "text"],
+                "tokenizer": "Other",
+                "instruct_type": None,
+            },
+            "pricing": {
+                "prompt": self.prompt,
+                "completion": self.completion,
+                "request": self.request,
+                "image": "0",
+                "web_search": "0",
+                "internal_reasoning": "0",
+            },
+            "top_provider": {
+                "context_length": self.context_length,
+                "max_completion_tokens": 16_384,
+                "is_moderated": False,
+            },
+            "per_request_limits": None,
+            "supported_parameters": ["max_tokens", "temperature", "stream", "stop"],
+            "default_parameters": {},
+            "expiration_date": None,
+        }
+
+
+DEFAULT_MODELS: tuple[Model, ...] = (
+    Model("openai/gpt-4o-mini", "OpenAI: GPT-4o-mini", "0.00000015", "0.0000006"),
+    Model(
+        "anthropic/claude-3.5-haiku",
+        "Anthropic: Claude 3.5 Haiku",
+        "0.0000008",
+        "0.000004",
+        context_length=200_000,
+    ),
+    Model(
+        "meta-llama/llama-3.3-70b-instruct:free",
+        "Meta: Llama 3.3 70B Instruct (free)",
+        "0",
+        "0",
+        context_length=131_072,
+    ),
+    Model(
+        "openai/text-embedding-3-small",
+        "OpenAI: Text Embedding 3 Small",
+        "0.00000002",
+        "0",
+        context_length=8_192,
+        modality="text->embeddings",
+    ),
+)
+
+
+@define
+class Scenario:
+    """Secrets, their behaviours, and the catalog.
+
+    - ``keys``: secret -> behaviour. A secret not listed gets ``unknown``
+      (``None``: 401 "User not found.", like OpenRouter).
+    - ``aliases``: secret -> name shown in the request log and stats (a secret
+      without an alias is logged as itself: the log is a test API).
+    - ``models``, ``default_model``: the catalog (``GET /models``) and the model
+      used when a request names none. Cost = prompt_tokens x prompt price +
+      completion_tokens x completion price, from the catalog when the model is
+      in it, else ``prompt_price``/``completion_price``; ``:free`` models cost 0.
+    - ``default_completion_tokens``: content chunks when ``max_tokens`` is absent.
+    - ``comment_every``: an ``: OPENROUTER PROCESSING`` comment before the first
+      chunk and after every that many content chunks (0: none).
+    """
+
+    keys: dict[str, Behaviour] = field(factory=dict, converter=dict)
+    aliases: dict[str, str] = field(factory=dict, converter=dict)
+    unknown: Behaviour | None = None
+    models: tuple[Model, ...] = field(default=DEFAULT_MODELS, converter=tuple)
+    default_model: str = "openai/gpt-4o-mini"
+    default_completion_tokens: int = 8
+    prompt_price: float = 0.000001
+    completion_price: float = 0.000002
+    comment_every: int = 4
+    provider_name: str = "FakeProvider"
+
+    def add(self, secret: str, behaviour: Behaviour | None = None, *, alias: str | None = None) -> Scenario:
+        """Register ``secret`` (default behaviour ``Ok()``); returns ``self`` to chain."""
+        if not secret:
+            raise ValueError("Scenario.add: the secret must not be empty")
+        self.keys[secret] = behaviour if behaviour is not None else Ok()
+        if alias is not None:
+            self.aliases[secret] = alias
+        return self
+
+    def alias(self, secret: str | None) -> str | None:
+        """The name the log uses for ``secret`` (itself when it has no alias)."""
+        if secret is None:
+            return None
+        return self.aliases.get(secret, secret)
+
+    def secret_for(self, alias: str) -> str:
+        """The secret registered under ``alias`` (KeyError if none)."""
+        for secret, name in self.aliases.items():
+            if name == alias:
+                return secret
+        if alias in self.keys:
+            return alias
+        raise KeyError(alias)
+
+    # ------------------------------------------------------------------ built-ins
+
+    @classmethod
+    def healthy(cls, n: int = 4) -> Scenario:
+        """``n`` healthy keys: ``healthy_secret(i)`` with alias ``key-i``."""
+        sc = cls()
+        for i in range(n):
+            sc.add(healthy_secret(i), Ok(), alias=f"key-{i}")
+        return sc
+
+    @classmethod
+    def open(cls) -> Scenario:
+        """Any bearer secret is a healthy key (handy for load benchmarks)."""
+        return cls(unknown=Ok())
+
+    @classmethod
+    def demo(cls) -> Scenario:
+        """A mixed pool (secrets in ``DEMO_KEYS``, aliases are the keys of it):
+
+        - ``healthy-1``, ``healthy-2``, ``healthy-3``: always fine;
+        - ``invalid``: 401 for everything;
+        - ``low-credits``: a $0.0001 key cap (about 15 default requests), then 402
+          ``openrouter_key_limit``;
+        - ``rate-limited``: 3 requests per 60 s window, then 429 with headers;
+        - ``free-a``, ``free-b``: one account sharing a free-models-per-min
+          limit of 5 requests per minute.
+        """
+        sc = cls()
+        free_account = AccountRateLimit(limit=5)
+        behaviours: dict[str, Behaviour] = {
+            "healthy-1": Ok(),
+            "healthy-2": Ok(),
+            "healthy-3": Ok(),
+            "invalid": Invalid(),
+            "low-credits": Credits(0.0001, limit_source="openrouter_key_limit"),
+            "rate-limited": RateLimit(3, 60.0),
+            "free-a": Chain(free_account),
+            "free-b": Chain(free_account),
+        }
+        for alias, behaviour in behaviours.items():
+            sc.add(DEMO_KEYS[alias], behaviour, alias=alias)
+        return sc
+
+
+def healthy_secret(i: int) -> str:
+    """The secret of key ``i`` in ``Scenario.healthy()``."""
+    return f"sk-or-v1-fake-healthy-{i:04d}"
+
+
+DEMO_KEYS: Mapping[str, str] = {
+    alias: f"sk-or-v1-fake-demo-{alias}"
+    for alias in (
+        "healthy-1",
+        "healthy-2",
+        "healthy-3",
+        "invalid",
+        "low-credits",
+        "rate-limited",
+        "free-a",
+        "free-b",
+    )
+}
+"""Alias -> secret of the ``demo`` scenario (fake secrets, safe to print)."""
+
+SCENARIOS: Mapping[str, Callable[[], Scenario]] = {
+    "demo": Scenario.demo,
+    "healthy": Scenario.healthy,
+    "open": Scenario.open,
+}
+"""Built-in scenarios by name (each call builds a fresh one)."""
+
+
+def scenario(name: str) -> Scenario:
+    """A fresh built-in scenario by name (``demo``, ``healthy``, ``open``)."""
+    try:
+        factory = SCENARIOS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown scenario {name!r}; built-in scenarios: {', '.join(SCENARIOS)}"
+        ) from None
+    return factory()
