@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from .config import KeySpec
+from .events import RequestStarted
 from .states import KeyState
 
 # Error classes counted per key, in the order of ``_Key.errors``.
@@ -86,6 +87,7 @@ class KeyRecord:
         "max_in_flight",
         "pace_at",
         "pace_timer",
+        "plain",
         "probe_due",
         "probing",
         "prompt_tokens",
@@ -112,6 +114,8 @@ class KeyRecord:
         self.serial = serial
         self.account = spec.account
         self.max_in_flight = spec.max_in_flight
+        # No per-key limits: usable whenever healthy (the hot path's shortcut).
+        self.plain = spec.max_in_flight is None and spec.rpm is None and spec.tpm is None
         self.state = KeyState.HEALTHY
         self.until: float | None = None
         self.hard_until = False  # until came from the upstream: never probe before it
@@ -187,6 +191,7 @@ class KeyRecord:
         for name in cls._SAVED:
             setattr(key, name, data[name])
         key.state = KeyState(data["state"])
+        key.plain = key.plain and not key.removed
         key.errors = list(data["errors"])
         key.window.load(data["window"])
         return key
@@ -198,44 +203,30 @@ _STATE_NAMES = {QUEUED: "queued", SENT: "sent", DELIVERED: "delivered"}
 
 
 class RequestRecord:
-    """A request the pool holds: waiting for a key, sent, or being delivered."""
+    """A request the pool holds: waiting for a key, sent, or being delivered.
+
+    ``event`` is the ``RequestStarted`` that opened it: its pin, session, group
+    and token estimate are read from there rather than copied.
+    """
 
     __slots__ = (
         "attempt",
         "deadline",
-        "group",
+        "event",
         "key",
-        "pin",
-        "pin_fallback",
         "request_id",
         "sent_at",
         "serial",
-        "session",
         "state",
-        "tokens",
         "trial",
         "tried",
     )
 
-    def __init__(
-        self,
-        request_id: str,
-        serial: int,
-        deadline: float,
-        pin: str | int | None = None,
-        pin_fallback: bool = True,
-        session: str | None = None,
-        group: str | None = None,
-        tokens: int = 0,
-    ) -> None:
-        self.request_id = request_id
-        self.serial = serial
-        self.deadline = deadline
-        self.pin = pin
-        self.pin_fallback = pin_fallback
-        self.session = session
-        self.group = group
-        self.tokens = tokens
+    def __init__(self, event: RequestStarted) -> None:
+        self.request_id = event.request_id
+        self.event = event
+        self.serial = 0  # set when queued: orders deadline timers
+        self.deadline = 0.0  # set when queued
         self.state = QUEUED
         self.key: KeyRecord | None = None
         self.attempt = 0
@@ -246,18 +237,20 @@ class RequestRecord:
     def describe(self) -> str:
         """Human description of the state, for error messages."""
         where = f" on key {self.key.key_id}" if self.key is not None else ""
-        return f"request {self.request_id!r} is {_STATE_NAMES[self.state]}{where}"
+        return f"request {self.request_id!r} is {_STATE_NAMES.get(self.state, 'ended')}{where}"
 
     def to_json(self) -> dict[str, Any]:
+        event = self.event
         return {
             "request_id": self.request_id,
+            "started": event.now,
+            "pin": event.pin,
+            "pin_fallback": event.pin_fallback,
+            "session": event.session,
+            "group": event.group,
+            "tokens": event.tokens,
             "serial": self.serial,
             "deadline": self.deadline,
-            "pin": self.pin,
-            "pin_fallback": self.pin_fallback,
-            "session": self.session,
-            "group": self.group,
-            "tokens": self.tokens,
             "state": self.state,
             "key": self.key.key_id if self.key is not None else None,
             "attempt": self.attempt,
@@ -265,3 +258,25 @@ class RequestRecord:
             "trial": self.trial,
             "tried": self.tried,
         }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RequestRecord:
+        event = RequestStarted(
+            request_id=data["request_id"],
+            now=data["started"],
+            pin=data["pin"],
+            pin_fallback=data["pin_fallback"],
+            session=data["session"],
+            group=data["group"],
+            deadline=data["deadline"],
+            tokens=data["tokens"],
+        )
+        req = cls(event)
+        req.serial = data["serial"]
+        req.deadline = data["deadline"]
+        req.state = data["state"]
+        req.attempt = data["attempt"]
+        req.sent_at = data["sent_at"]
+        req.trial = data["trial"]
+        req.tried = data["tried"]
+        return req

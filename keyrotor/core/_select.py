@@ -24,32 +24,99 @@ import hashlib
 from array import array
 from collections.abc import Callable, Collection, Iterable
 from heapq import heapify, heappop, heappush
+from collections import deque
 from typing import Any
 
 from ._records import KeyRecord
+from .states import KeyState
 
 Usable = Callable[[KeyRecord], bool]
 Drop = Callable[[KeyRecord], None]
 _EPSILON = 1e-9
+_HEALTHY = KeyState.HEALTHY
+
+
+class RingSelector:
+    """Round robin: a ring of keys; the picked key goes to the back."""
+
+    __slots__ = ("_ring", "size_hint")
+
+    def __init__(self) -> None:
+        self._ring: deque[KeyRecord] = deque()
+        self.size_hint = 0
+
+    def add(self, key: KeyRecord) -> None:
+        """A key (back) in service goes first: it is owed its turn."""
+        key.in_sched = True
+        self._ring.appendleft(key)
+
+    def requeue(self, key: KeyRecord) -> None:
+        """The key just picked goes to the back."""
+        key.in_sched = True
+        self._ring.append(key)
+
+    def pick(self, usable: Usable, drop: Drop, avoid: Collection[str] | None) -> KeyRecord | None:
+        """Take the first usable key not in ``avoid`` out of the ring."""
+        ring = self._ring
+        i = 0
+        while i < len(ring):
+            key = ring[i]
+            if (key.state is _HEALTHY and key.plain) or usable(key):
+                if avoid and key.key_id in avoid:
+                    i += 1
+                    continue
+                del ring[i]
+                key.in_sched = False
+                return key
+            del ring[i]
+            key.in_sched = False
+            drop(key)
+        return None
+
+    def rescore(self, key: KeyRecord) -> None:
+        """Round robin has no score."""
+
+    def order(self) -> list[int]:
+        """Serials of the keys in the ring, front first (for snapshots)."""
+        return [k.serial for k in self._ring]
+
+    def rebuild(self, keys: Iterable[KeyRecord], order: Iterable[int] = ()) -> None:
+        """Recreate the ring in ``order`` (serials) from the keys in it."""
+        by_serial = {k.serial: k for k in keys if k.in_sched}
+        self._ring = deque(by_serial[s] for s in order if s in by_serial)
 
 
 class HeapSelector:
     """A lazy min-heap of (score, serial, version, key) entries."""
 
-    __slots__ = ("_heap", "_score", "size_hint")
+    __slots__ = ("_heap", "_limit", "_score", "_size_hint")
 
     def __init__(self, score: Callable[[KeyRecord], Any]) -> None:
         self._score = score
         self._heap: list[tuple[Any, int, int, KeyRecord]] = []
-        self.size_hint = 0  # number of keys in the pool, for compaction
+        self._size_hint = 0
+        self._limit = 16
+
+    @property
+    def size_hint(self) -> int:
+        """Number of keys in the pool: the heap is compacted past 4x this."""
+        return self._size_hint
+
+    @size_hint.setter
+    def size_hint(self, value: int) -> None:
+        self._size_hint = value
+        self._limit = 4 * value + 16
 
     def add(self, key: KeyRecord) -> None:
         """Put ``key`` (not in the structure) in, or refresh its score."""
-        key.ver += 1
+        key.ver = ver = key.ver + 1
         key.in_sched = True
-        heappush(self._heap, (self._score(key), key.serial, key.ver, key))
-        if len(self._heap) > 4 * self.size_hint + 16:
+        heap = self._heap
+        heappush(heap, (self._score(key), key.serial, ver, key))
+        if len(heap) > self._limit:
             self._compact()
+
+    requeue = add
 
     def pick(self, usable: Usable, drop: Drop, avoid: Collection[str] | None) -> KeyRecord | None:
         """Take the best usable key not in ``avoid`` out; the caller re-adds it."""
@@ -61,7 +128,7 @@ class HeapSelector:
             key = entry[3]
             if entry[2] != key.ver or not key.in_sched:
                 heappop(heap)
-            elif not usable(key):
+            elif not ((key.state is _HEALTHY and key.plain) or usable(key)):
                 heappop(heap)
                 key.in_sched = False
                 drop(key)
@@ -142,7 +209,7 @@ class WeightedSelector:
             key = entry[3]
             if entry[2] != key.ver or not key.in_sched:
                 heappop(eligible)
-            elif not usable(key):
+            elif not ((key.state is _HEALTHY and key.plain) or usable(key)):
                 heappop(eligible)
                 key.in_sched = False
                 drop(key)

@@ -109,7 +109,7 @@ class _Rule:
     """The reason to report; empty means the needle that matched."""
     account_wide: bool = False
     fallback: _Fallback | None = None
-    raw: bool = True
+    raw: bool = False
     """Also search OpenRouter's ``metadata.raw`` (the provider's own error text)."""
 
 
@@ -307,15 +307,18 @@ def _rfc3339_reset(value: str, wall_time: float | None) -> float | None:
 
 
 def _retry_after_header(value: str, wall_time: float | None) -> float | None:
+    """``Retry-After``: delta-seconds or an HTTP-date."""
     return parse_retry_after(value, wall_time=wall_time)
 
 
 def _retry_after_ms(value: str, wall_time: float | None) -> float | None:
+    """``retry-after-ms``: milliseconds."""
     number = _number(value)
     return None if number is None else _clamp(number / 1000.0)
 
 
 def _go_duration(value: str, wall_time: float | None) -> float | None:
+    """OpenAI/Groq ``x-ratelimit-reset-*``: a Go-style duration."""
     return parse_duration(value)
 
 
@@ -334,10 +337,28 @@ _SIGNALS: Final[tuple[tuple[str, str | None, _Parser], ...]] = (
 """(header, its bucket's remaining header or None if it always counts, parser)."""
 
 
-def _exhausted(remaining: str | None) -> bool:
-    """A bucket's ``remaining`` header says nothing is left."""
-    number = None if remaining is None else _number(remaining)
-    return number is not None and number <= 0
+def _exhausted(remaining: Any) -> bool:
+    """A bucket's ``remaining`` value says nothing is left."""
+    try:
+        return float(remaining) <= 0
+    except (TypeError, ValueError, OverflowError):
+        return False
+
+
+def _text(value: object) -> str | None:
+    """A header value as text: strings as they are, JSON numbers spelled out."""
+    if isinstance(value, str):
+        return value
+    number = _as_float(value)
+    return None if number is None else f"{number:f}"
+
+
+def _lower(headers: Mapping[Any, Any]) -> dict[Any, Any]:
+    """The headers with lowercased names (names that are not text are dropped)."""
+    try:
+        return {k.lower(): v for k, v in headers.items()}
+    except AttributeError:
+        return {k.lower(): v for k, v in headers.items() if isinstance(k, str)}
 
 
 def cooldown_from_headers(
@@ -355,17 +376,18 @@ def cooldown_from_headers(
     """
     if not headers:
         return None
-    lower = {
-        k.lower(): v if isinstance(v, str) else str(v)
-        for k, v in headers.items()
-        if isinstance(k, str) and isinstance(v, str | int | float)
-    }
-    return _longest(
-        parse(lower[name], wall_time)
-        for name, remaining, parse in _SIGNALS
-        if name in lower
-        and (remaining is None or not exhausted_only or _exhausted(lower.get(remaining)))
-    )
+    lower = _lower(headers)
+    longest = None
+    for name, remaining, parse in _SIGNALS:
+        if name not in lower:
+            continue
+        if remaining is not None and exhausted_only and not _exhausted(lower.get(remaining)):
+            continue
+        value = _text(lower[name])
+        wait = None if value is None else parse(value, wall_time)
+        if wait is not None and (longest is None or wait > longest):
+            longest = wait
+    return longest
 
 
 # --- bodies ------------------------------------------------------------------

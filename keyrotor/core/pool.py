@@ -24,7 +24,7 @@ from ._records import (
     KeyRecord,
     RequestRecord,
 )
-from ._select import HashRing, HeapSelector, WeightedSelector
+from ._select import HashRing, HeapSelector, RingSelector, WeightedSelector
 from .classify import Classification, Verdict, classify_probe, classify_response
 from .config import KeySpec, PoolConfig
 from .decisions import (
@@ -111,18 +111,19 @@ class Pool:
         self._by_serial: dict[int, KeyRecord] = {}
         self._accounts: dict[str, list[KeyRecord]] = {}
         self._requests: dict[str, RequestRecord] = {}
-        self._by_request_serial: dict[int, RequestRecord] = {}
         self._queue: deque[RequestRecord] = deque()
         self._queued = 0
         self._groups: dict[str, dict[str, int]] = {}
-        self._timers: list[tuple[float, int, int]] = []
+        # (when, kind, serial, request_id): serial orders ties canonically; the
+        # request id ("" for key timers) finds a deadline's request.
+        self._timers: list[tuple[float, int, int, str]] = []
         self._key_serial = 0
         self._request_serial = 0
         self._pick_seq = 0
         self._available = 0  # keys in a usable state (not counting load or pacing)
         self._wake = False  # a key may have become usable: serve the queue
         self._rng = random.Random(config.seed)
-        self._totals = {"started": 0, "delivered": 0, "rejected": 0, "cancelled": 0}
+        self._started = self._delivered = self._rejected = self._cancelled = 0
         self._orphan_probes: set[str] = set()
         self._dying: dict[str, KeyRecord] = {}  # removed, draining in-flight requests
         policy = config.policy
@@ -132,19 +133,22 @@ class Pool:
             self._weighted = WeightedSelector(self._weight)
         elif policy == "affinity":
             self._ring = HashRing(config.affinity_vnodes, config.seed)
-        score: Callable[[KeyRecord], Any]
+        self._select: RingSelector | HeapSelector | WeightedSelector
         if policy == "least_busy":
-            score = _score_least_busy
+            self._select = HeapSelector(_score_least_busy)
         elif policy == "latency":
-            score = _score_latency
+            self._select = HeapSelector(_score_latency)
         else:
-            score = _score_round_robin
-        self._heap = HeapSelector(score)
-        self._select: HeapSelector | WeightedSelector = self._weighted or self._heap
+            self._select = self._weighted or RingSelector()
         self._latency = policy == "latency"
         self._rescore_on_load = policy in ("least_busy", "latency")
         self._explore = config.latency_explore if self._latency else 0.0
         self._last_short_scan: float | None = None
+        self._usable_fn = self._usable
+        self._drop_fn = self._drop
+        self._plain_pick_needs_request = self._ring is not None or self._explore > 0
+        self._queue_timeout = config.queue_timeout
+        self._max_attempts = config.max_attempts
         for spec in config.keys:
             self._add_key(spec)
         if self._ring is not None:
@@ -217,10 +221,10 @@ class Pool:
             keys=keys,
             queued=self._queued,
             in_flight=in_flight,
-            started=self._totals["started"],
-            delivered=self._totals["delivered"],
-            rejected=self._totals["rejected"],
-            cancelled=self._totals["cancelled"],
+            started=self._started,
+            delivered=self._delivered,
+            rejected=self._rejected,
+            cancelled=self._cancelled,
         )
 
     # ------------------------------------------------------------ snapshot
@@ -243,9 +247,13 @@ class Pool:
                 "key_serial": self._key_serial,
                 "request_serial": self._request_serial,
                 "pick_seq": self._pick_seq,
-                **self._totals,
+                "started": self._started,
+                "delivered": self._delivered,
+                "rejected": self._rejected,
+                "cancelled": self._cancelled,
             },
             "vtime": self._weighted.vtime if self._weighted else 0.0,
+            "ring": self._select.order() if isinstance(self._select, RingSelector) else [],
             "rng": list(self._rng.getstate()[1]),
             "wake": self._wake,
             "last_short_scan": self._last_short_scan,
@@ -287,56 +295,46 @@ class Pool:
         pool._key_serial = counters["key_serial"]
         pool._request_serial = counters["request_serial"]
         pool._pick_seq = counters["pick_seq"]
-        for name in pool._totals:
-            pool._totals[name] = counters[name]
+        pool._started = counters["started"]
+        pool._delivered = counters["delivered"]
+        pool._rejected = counters["rejected"]
+        pool._cancelled = counters["cancelled"]
         pool._rng.setstate((3, tuple(data["rng"]), None))
         pool._orphan_probes = set(data["orphan_probes"])
         pool._wake = data["wake"]
         pool._last_short_scan = data["last_short_scan"]
         pool._timers = []
         for item in data["requests"]:
-            req = RequestRecord(
-                item["request_id"],
-                item["serial"],
-                item["deadline"],
-                item["pin"],
-                item["pin_fallback"],
-                item["session"],
-                item["group"],
-                item["tokens"],
-            )
-            req.state = item["state"]
-            req.attempt = item["attempt"]
-            req.sent_at = item["sent_at"]
-            req.trial = item["trial"]
-            req.tried = item["tried"]
+            req = RequestRecord.from_json(item)
             if item["key"] is not None:
                 req.key = pool._keys.get(item["key"]) or pool._dying[item["key"]]
-                if req.group is not None:
-                    members = pool._groups.setdefault(req.group, {})
+                group = req.event.group
+                if group is not None:
+                    members = pool._groups.setdefault(group, {})
                     members[req.key.key_id] = members.get(req.key.key_id, 0) + 1
             pool._requests[req.request_id] = req
-            pool._by_request_serial[req.serial] = req
         for request_id in data["queue"]:
             req = pool._requests[request_id]
             pool._queue.append(req)
             pool._queued += 1
-            heappush(pool._timers, (req.deadline, _T_DEADLINE, req.serial))
+            heappush(pool._timers, (req.deadline, _T_DEADLINE, req.serial, req.request_id))
         for key in records:
             if key.until is not None and key.state in _COOLING:
-                heappush(pool._timers, (key.until, _T_COOLDOWN, key.serial))
+                heappush(pool._timers, (key.until, _T_COOLDOWN, key.serial, ""))
             if key.pace_timer is not None:
-                heappush(pool._timers, (key.pace_timer, _T_PACE, key.serial))
+                heappush(pool._timers, (key.pace_timer, _T_PACE, key.serial, ""))
             if key.probe_due is not None:
-                heappush(pool._timers, (key.probe_due, _T_PROBE, key.serial))
+                heappush(pool._timers, (key.probe_due, _T_PROBE, key.serial, ""))
         live = [k for k in records if not k.removed]
+        select = pool._select
+        select.size_hint = len(live)
+        if isinstance(select, RingSelector):
+            select.rebuild(live, data["ring"])
+        else:
+            select.rebuild(live)
         if pool._weighted is not None:
             pool._weighted.vtime = data["vtime"]
             pool._weighted.total_weight = sum(pool._weight(k) for k in live)
-            pool._weighted.size_hint = len(live)
-            pool._weighted.rebuild(live)
-        pool._heap.size_hint = len(live)
-        pool._heap.rebuild(live)
         if pool._ring is not None:
             pool._ring.rebuild(pool._order)
         return pool
@@ -394,35 +392,25 @@ class Pool:
     # -------------------------------------------------------------- events
 
     def _on_started(self, event: RequestStarted) -> list[Decision]:
-        self._check_time(event)
+        now = event.now
+        if not (now >= self._now) or now == math.inf:
+            self._check_time(event)
         request_id = event.request_id
-        if request_id in self._requests:
+        requests = self._requests
+        if request_id in requests:
             raise PoolError(
                 f"duplicate request_id {request_id!r}",
                 event=event,
-                state=self._requests[request_id].describe(),
+                state=requests[request_id].describe(),
                 fix="give every request in flight its own id",
             )
         out: list[Decision] = []
-        self._advance(event, out)
-        now = event.now
-        deadline = event.deadline
-        if deadline is None:
-            deadline = now + self._config.queue_timeout
-        self._request_serial += 1
-        req = RequestRecord(
-            request_id,
-            self._request_serial,
-            deadline,
-            event.pin,
-            event.pin_fallback,
-            event.session,
-            event.group,
-            event.tokens,
-        )
-        self._requests[request_id] = req
-        self._by_request_serial[req.serial] = req
-        self._totals["started"] += 1
+        self._now = now
+        if self._timers and self._timers[0][0] <= now:
+            self._run_timers(now, out)
+        req = RequestRecord(event)
+        requests[request_id] = req
+        self._started += 1
         if self._queued:
             self._enqueue(req, out)  # FIFO: do not overtake waiting requests
             self._drain(out)
@@ -437,16 +425,21 @@ class Pool:
         return out
 
     def _on_response(self, event: ResponseReceived) -> list[Decision]:
-        req = self._request(event, SENT)
+        req = self._requests.get(event.request_id)
+        now = event.now
+        if req is None or req.state != SENT or not (now >= self._now) or now == math.inf:
+            req = self._request(event, SENT)
         out: list[Decision] = []
-        self._advance(event, out)
+        self._now = now
+        if self._timers and self._timers[0][0] <= now:
+            self._run_timers(now, out)
         key = req.key
         assert key is not None
         status = event.status
         if 200 <= status < 300 and event.headers is None and event.retry_after is None:
             self._succeeded(req, key, out)
             out.append(make_deliver(req.request_id, key.key_id, req.attempt, status))
-            self._totals["delivered"] += 1
+            self._delivered += 1
             if self._wake:
                 self._drain(out)
             return out
@@ -456,7 +449,7 @@ class Pool:
         ):
             verdict = _with_cooldown(verdict, event.retry_after)
         self._judge(key, verdict, req, out)
-        if verdict.verdict in _RETRY and req.attempt < self._config.max_attempts:
+        if verdict.verdict in _RETRY and req.attempt < self._max_attempts:
             self._release(req)
             if req.tried is None:
                 req.tried = [key.key_id]
@@ -470,27 +463,35 @@ class Pool:
         else:
             req.state = DELIVERED
             out.append(make_deliver(req.request_id, key.key_id, req.attempt, status))
-            self._totals["delivered"] += 1
+            self._delivered += 1
         if self._wake:
             self._drain(out)
         return out
 
     def _on_finished(self, event: ResponseFinished) -> list[Decision]:
-        req = self._request(event, DELIVERED)
+        req = self._requests.get(event.request_id)
+        now = event.now
+        if req is None or req.state != DELIVERED or not (now >= self._now) or now == math.inf:
+            req = self._request(event, DELIVERED)
         out: list[Decision] = []
-        self._advance(event, out)
+        self._now = now
+        if self._timers and self._timers[0][0] <= now:
+            self._run_timers(now, out)
         key = req.key
         assert key is not None
-        now = event.now
         self._release(req)
-        self._forget(req)
-        tokens = event.prompt_tokens + event.completion_tokens
-        key.prompt_tokens += event.prompt_tokens
-        key.completion_tokens += event.completion_tokens
+        req.state = -1
+        del self._requests[req.request_id]
+        prompt, completion = event.prompt_tokens, event.completion_tokens
+        if prompt or completion:
+            key.prompt_tokens += prompt
+            key.completion_tokens += completion
         tpm = key.spec.tpm
-        if tpm is not None and tokens != req.tokens:
-            base = key.tok_at if key.tok_at is not None and key.tok_at > now else now
-            key.tok_at = max(now, base + (tokens - req.tokens) * 60.0 / tpm)
+        if tpm is not None:
+            estimate = req.event.tokens
+            if prompt + completion != estimate:
+                base = key.tok_at if key.tok_at is not None and key.tok_at > now else now
+                key.tok_at = max(now, base + (prompt + completion - estimate) * 60.0 / tpm)
         cost = event.cost
         if cost:
             self._spend(key, cost, now, out)
@@ -510,7 +511,7 @@ class Pool:
         assert key is not None
         key.errors[ERROR_INDEX["transport"]] += 1
         self._fault(key, event.now, f"transport_{event.reason}", out)
-        if req.state == SENT and req.attempt < self._config.max_attempts:
+        if req.state == SENT and req.attempt < self._max_attempts:
             self._release(req)
             if req.tried is None:
                 req.tried = [key.key_id]
@@ -533,7 +534,7 @@ class Pool:
                     reason=f"upstream failed on every attempt ({event.reason})",
                 )
             )
-            self._totals["rejected"] += 1
+            self._rejected += 1
         else:
             # The body broke off after delivery: nothing to retry.
             self._release(req)
@@ -553,7 +554,7 @@ class Pool:
         else:
             self._release(req)
         self._forget(req)
-        self._totals["cancelled"] += 1
+        self._cancelled += 1
         if self._wake:
             self._drain(out)
         return out
@@ -660,8 +661,7 @@ class Pool:
                 del self._accounts[key.account]
         if self._weighted is not None:
             self._weighted.total_weight -= self._weight(key)
-            self._weighted.size_hint -= 1
-        self._heap.size_hint -= 1
+        self._select.size_hint -= 1
         if self._ring is not None:
             self._ring.rebuild(self._order)
         if key.in_flight:
@@ -711,8 +711,7 @@ class Pool:
         self._by_serial[key.serial] = key
         if self._weighted is not None:
             self._weighted.total_weight += self._weight(key)
-            self._weighted.size_hint += 1
-        self._heap.size_hint += 1
+        self._select.size_hint += 1
         self._refresh(key)
 
     def _index_key(self, key: KeyRecord) -> None:
@@ -752,7 +751,7 @@ class Pool:
             ready = _pacing_ready(key, self._now)
             if ready is not None and key.pace_timer != ready:
                 key.pace_timer = ready
-                heappush(self._timers, (ready, _T_PACE, key.serial))
+                heappush(self._timers, (ready, _T_PACE, key.serial, ""))
 
     def _refresh(self, key: KeyRecord) -> None:
         """``key`` may have become usable: file it for selection, wake the queue."""
@@ -772,16 +771,19 @@ class Pool:
     def _pick(self, req: RequestRecord) -> KeyRecord | None:
         if not self._available:
             return None
+        event = req.event
         avoid: Collection[str] | None = req.tried
-        if req.group is not None:
-            members = self._groups.get(req.group)
+        if event.group is not None:
+            members = self._groups.get(event.group)
             if members:
                 avoid = set(members) | set(avoid or ())
-        if req.pin is not None:
-            key = self._pinned(req.pin)
+        elif avoid is None and event.pin is None and not self._plain_pick_needs_request:
+            return self._select.pick(self._usable_fn, self._drop_fn, None)
+        if event.pin is not None:
+            key = self._pinned(event.pin)
             if key is not None and self._usable(key) and not (avoid and key.key_id in avoid):
                 return key
-            if not req.pin_fallback:
+            if not event.pin_fallback:
                 return key if key is not None and self._usable(key) else None
         key = self._pick_policy(req, avoid)
         if key is None and avoid:
@@ -791,15 +793,16 @@ class Pool:
     def _pick_policy(
         self, req: RequestRecord, avoid: Collection[str] | None
     ) -> KeyRecord | None:
-        if self._ring is not None and req.session is not None:
-            key = self._ring.pick(req.session, self._usable, avoid)
+        session = req.event.session
+        if self._ring is not None and session is not None:
+            key = self._ring.pick(session, self._usable, avoid)
             if key is not None:
                 return key
         if self._explore and self._rng.random() < self._explore:
             key = self._order[self._rng.randrange(len(self._order))]
             if self._usable(key) and not (avoid and key.key_id in avoid):
                 return key
-        return self._select.pick(self._usable, self._drop, avoid)
+        return self._select.pick(self._usable_fn, self._drop_fn, avoid)
 
     def _pinned(self, pin: str | int) -> KeyRecord | None:
         if isinstance(pin, int):
@@ -817,22 +820,26 @@ class Pool:
         if key.state is _RECOVERING:
             key.trial = req.trial = True
         spec = key.spec
+        event = req.event
         if spec.rpm is not None:
             base = key.pace_at if key.pace_at is not None and key.pace_at > now else now
             key.pace_at = base + 60.0 / spec.rpm
-        if spec.tpm is not None and req.tokens:
+        if spec.tpm is not None and event.tokens:
             base = key.tok_at if key.tok_at is not None and key.tok_at > now else now
-            key.tok_at = base + req.tokens * 60.0 / spec.tpm
-        if req.group is not None:
-            members = self._groups.setdefault(req.group, {})
+            key.tok_at = base + event.tokens * 60.0 / spec.tpm
+        group = event.group
+        if group is not None:
+            members = self._groups.setdefault(group, {})
             members[key.key_id] = members.get(key.key_id, 0) + 1
         key.last_pick = self._pick_seq
         self._pick_seq += 1
-        weighted = self._weighted
-        if weighted is None:
-            self._heap.add(key)
-        elif not key.in_sched:
-            weighted.picked(key)
+        if not key.in_sched:
+            if self._weighted is not None:
+                self._weighted.picked(key)
+            else:
+                self._select.requeue(key)
+        elif self._rescore_on_load:
+            self._select.rescore(key)
         out.append(make_send(req.request_id, key.key_id, req.attempt))
 
     def _release(self, req: RequestRecord) -> None:
@@ -843,28 +850,28 @@ class Pool:
         key.in_flight -= 1
         if req.trial:
             req.trial = key.trial = False
-        if req.group is not None:
-            members = self._groups[req.group]
+        group = req.event.group
+        if group is not None:
+            members = self._groups[group]
             count = members[key.key_id] - 1
             if count:
                 members[key.key_id] = count
             else:
                 del members[key.key_id]
                 if not members:
-                    del self._groups[req.group]
+                    del self._groups[group]
         if key.removed:
             if not key.in_flight:
                 del self._dying[key.key_id]
                 del self._by_serial[key.serial]
             return
         if self._rescore_on_load:
-            self._heap.rescore(key)
+            self._select.rescore(key)
         self._refresh(key)
 
     def _forget(self, req: RequestRecord) -> None:
         req.state = -1
         del self._requests[req.request_id]
-        del self._by_request_serial[req.serial]
 
     # --------------------------------------------------------------- queue
 
@@ -873,17 +880,22 @@ class Pool:
         now = self._now
         req.state = QUEUED
         req.key = None
+        if not req.serial:
+            event = req.event
+            deadline = event.deadline
+            req.deadline = event.now + self._queue_timeout if deadline is None else deadline
+            self._request_serial = req.serial = self._request_serial + 1
         earliest = self._earliest(now)
         if self._queued >= self._config.queue_limit:
             self._reject(req, earliest, "queue full", out)
-        elif earliest is None and not self._available:
+        elif earliest is None:
             self._reject(req, None, "no key is usable", out)
         elif earliest is not None and earliest > req.deadline:
             self._reject(req, earliest, "no key is usable before the deadline", out)
         else:
             self._queue.append(req)
             self._queued += 1
-            heappush(self._timers, (req.deadline, _T_DEADLINE, req.serial))
+            heappush(self._timers, (req.deadline, _T_DEADLINE, req.serial, req.request_id))
 
     def _drain(self, out: list[Decision]) -> None:
         """Serve waiting requests, first come first served, while keys are free."""
@@ -897,7 +909,7 @@ class Pool:
                 continue
             key = self._pick(req)
             if key is None:
-                if req.pin is not None and not req.pin_fallback:
+                if req.event.pin is not None and not req.event.pin_fallback:
                     skipped.append(queue.popleft())  # waits for its own key only
                     continue
                 break
@@ -910,10 +922,24 @@ class Pool:
     def _earliest(self, now: float) -> float | None:
         """Earliest time a key may be usable again: ``now`` if some key only
         waits on load or pacing, ``None`` if no key will come back on its own."""
-        if self._available or any(k.probing for k in self._order):
-            return now
-        untils = [k.until for k in self._order if k.until is not None and k.state in _COOLING]
-        return min(untils) if untils else None
+        best: float | None = None
+        for key in self._order:
+            if key.state in USABLE_STATES:
+                limit = key.max_in_flight
+                if key.trial or (limit is not None and key.in_flight >= limit):
+                    return now  # frees whenever a response comes back
+                when = _pacing_ready(key, now)
+                if when is None:
+                    return now
+            elif key.probing:
+                return now
+            elif key.until is not None and key.state in _COOLING:
+                when = key.until
+            else:
+                continue
+            if best is None or when < best:
+                best = when
+        return best
 
     def _reject(
         self, req: RequestRecord, earliest: float | None, why: str, out: list[Decision]
@@ -933,15 +959,20 @@ class Pool:
                 reason=why,
             )
         )
-        self._totals["rejected"] += 1
+        self._rejected += 1
 
     # -------------------------------------------------------------- timers
 
-    def _timer_valid(self, timer: tuple[float, int, int]) -> bool:
-        when, kind, serial = timer
+    def _timer_valid(self, timer: tuple[float, int, int, str]) -> bool:
+        when, kind, serial, request_id = timer
         if kind == _T_DEADLINE:
-            req = self._by_request_serial.get(serial)
-            return req is not None and req.state == QUEUED and req.deadline == when
+            req = self._requests.get(request_id)
+            return (
+                req is not None
+                and req.serial == serial
+                and req.state == QUEUED
+                and req.deadline == when
+            )
         key = self._by_serial.get(serial)
         if key is None or key.removed:
             return False
@@ -957,11 +988,11 @@ class Pool:
             timer = heappop(timers)
             if not self._timer_valid(timer):
                 continue
-            when, kind, serial = timer
+            when, kind, serial, request_id = timer
             if kind == _T_DEADLINE:
                 if self._wake:
                     self._drain(out)
-                req = self._by_request_serial[serial]
+                req = self._requests[request_id]
                 if req.state == QUEUED:
                     self._queued -= 1
                     self._reject(req, self._earliest(when), "waited past its deadline", out)
@@ -1000,8 +1031,7 @@ class Pool:
             alpha = self._config.latency_alpha
             latency = now - req.sent_at
             key.ewma = latency if key.successes == 1 else key.ewma + alpha * (latency - key.ewma)
-            if key.in_sched:
-                self._heap.rescore(key)
+            self._select.rescore(key)
         if key.state is _RECOVERING:
             self._transition(key, Signal.SUCCESS, now, None, "trial_ok", out)
 
@@ -1140,7 +1170,7 @@ class Pool:
                 key.until = until
                 key.reason = reason
                 key.hard_until = hard or (key.hard_until and not force_until)
-                heappush(self._timers, (until, _T_COOLDOWN, key.serial))
+                heappush(self._timers, (until, _T_COOLDOWN, key.serial, ""))
                 out.append(_changed(key, old, now))
             return
         if new is KeyState.RATE_LIMITED or new is KeyState.DEGRADED:
@@ -1165,7 +1195,7 @@ class Pool:
         if old is _RECOVERING:
             key.trial = False
         if until is not None:
-            heappush(self._timers, (until, _T_COOLDOWN, key.serial))
+            heappush(self._timers, (until, _T_COOLDOWN, key.serial, ""))
         out.append(_changed(key, old, now))
         if new in USABLE_STATES:
             key.probe_due = None
@@ -1200,7 +1230,7 @@ class Pool:
             due = soon if due is None else min(due, soon)
         if due is not None and due != key.probe_due:
             key.probe_due = due
-            heappush(self._timers, (due, _T_PROBE, key.serial))
+            heappush(self._timers, (due, _T_PROBE, key.serial, ""))
 
     def _check_short(self, now: float, out: list[Decision]) -> None:
         """Fewer usable keys than ``min_healthy``: probe every cooling key at once."""
@@ -1219,10 +1249,6 @@ class Pool:
                 and (key.last_probe is None or now >= key.last_probe + gap)
             ):
                 self._probe(key, now, "pool_short", out)
-
-
-def _score_round_robin(key: KeyRecord) -> int:
-    return key.last_pick
 
 
 def _score_least_busy(key: KeyRecord) -> tuple[int, int]:

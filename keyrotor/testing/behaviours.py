@@ -200,7 +200,9 @@ class Behaviour:
 # --------------------------------------------------------------------------- outcomes
 
 
-def _normalize_headers(value: Iterable[tuple[str, str]] | Mapping[str, str]) -> tuple:
+def _normalize_headers(
+    value: Iterable[tuple[str, str]] | Mapping[str, str],
+) -> tuple[tuple[str, str], ...]:
     items = value.items() if isinstance(value, Mapping) else value
     return tuple((str(k), str(v)) for k, v in items)
 
@@ -221,7 +223,7 @@ class Reply(Behaviour):
     headers: tuple[tuple[str, str], ...] = field(default=(), converter=_normalize_headers)
     body: Mapping[str, Any] | bytes | str | None = None
     payload: bytes = field(init=False, repr=False, eq=False)
-    header_list: tuple[tuple[bytes, bytes], ...] = field(init=False, repr=False, eq=False)
+    header_list: list[tuple[bytes, bytes]] = field(init=False, repr=False, eq=False)
 
     def __attrs_post_init__(self) -> None:
         if not 100 <= self.status <= 599:
@@ -236,11 +238,11 @@ class Reply(Behaviour):
         else:
             payload = _dumps(self.body)
         object.__setattr__(self, "payload", payload)
-        header_list = (
+        header_list = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(payload)).encode()),
             *((k.encode(), v.encode()) for k, v in self.headers),
-        )
+        ]
         object.__setattr__(self, "header_list", header_list)
 
     def decide(self, call: Call) -> Outcome | None:
@@ -494,6 +496,10 @@ class InFlightBudget(Behaviour):
 # --------------------------------------------------------------------------- patterns
 
 
+def _bool_tuple(value: Iterable[Any] | None) -> tuple[bool, ...] | None:
+    return None if value is None else tuple(bool(x) for x in value)
+
+
 @define(kw_only=True)
 class _Pattern(Behaviour):
     """Deterministic firing pattern, counted over the calls that reach it.
@@ -505,9 +511,7 @@ class _Pattern(Behaviour):
 
     every: int | None = None
     first: int | None = None
-    pattern: tuple[bool, ...] | None = field(
-        default=None, converter=lambda p: None if p is None else tuple(bool(x) for x in p)
-    )
+    pattern: tuple[bool, ...] | None = field(default=None, converter=_bool_tuple)
     probability: float | None = None
     seed: int = 0
     calls: int = field(default=0, init=False)
@@ -515,9 +519,7 @@ class _Pattern(Behaviour):
 
     def __attrs_post_init__(self) -> None:
         given = [
-            n
-            for n in ("every", "first", "pattern", "probability")
-            if getattr(self, n) is not None
+            n for n in ("every", "first", "pattern", "probability") if getattr(self, n) is not None
         ]
         if len(given) > 1:
             raise ValueError(f"{type(self).__name__}: give at most one of {given}")
@@ -763,4 +765,3 @@ class Custom(Behaviour):
 
     def probe(self, call: Call) -> Outcome | None:
         return None if self.probe_fn is None else self.probe_fn(call)
-

@@ -142,7 +142,9 @@ class Scenario:
     comment_every: int = 4
     provider_name: str = "FakeProvider"
 
-    def add(self, secret: str, behaviour: Behaviour | None = None, *, alias: str | None = None) -> Scenario:
+    def add(
+        self, secret: str, behaviour: Behaviour | None = None, *, alias: str | None = None
+    ) -> Scenario:
         """Register ``secret`` (default behaviour ``Ok()``); returns ``self`` to chain."""
         if not secret:
             raise ValueError("Scenario.add: the secret must not be empty")

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import math
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import keyrotor.core.classify as classify_module
 from keyrotor.core.classify import (
     Classification,
     Verdict,
@@ -220,6 +226,15 @@ TABLE: list[tuple[str, int, dict[str, str], Any, Verdict, bool, str]] = [
         V.DEPLETED,
         False,
         "credit_balance_too_low",
+    ),
+    (
+        "string-error-403",
+        403,
+        {},
+        {"error": "Key limit exceeded (total limit)"},
+        V.DEPLETED,
+        False,
+        "openrouter_key_limit",
     ),
     # 429: OpenRouter
     (
@@ -536,6 +551,8 @@ TABLE: list[tuple[str, int, dict[str, str], Any, Verdict, bool, str]] = [
     ("html-502", 502, {}, b"<html>Bad gateway</html>", V.UPSTREAM_FAULT, False, "http_502"),
     ("unknown-599", 599, {}, None, V.UPSTREAM_FAULT, False, "http_599"),
     ("1xx", 101, {}, None, V.UPSTREAM_FAULT, False, "http_101"),
+    ("600", 600, {}, None, V.UPSTREAM_FAULT, False, "http_600"),
+    ("0", 0, {}, None, V.UPSTREAM_FAULT, False, "http_0"),
 ]
 
 
@@ -904,6 +921,65 @@ def test_malformed_bodies_fall_back_to_status(status: int, body: Any) -> None:
     expected = {400: V.CALLER_ERROR, 402: V.DEPLETED, 403: V.CALLER_ERROR}
     assert result.verdict is expected.get(status, result.verdict)
     assert result.cooldown is None or (math.isfinite(result.cooldown) and result.cooldown >= 0)
+
+
+def test_numeric_header_values_in_body() -> None:
+    body = openrouter(
+        429,
+        "Rate limit exceeded: free-models-per-day",
+        headers={"X-RateLimit-Remaining": 0, "X-RateLimit-Reset": MIDNIGHT_MS - 60_000, 7: "x"},
+    )
+    assert cooldown(429, None, body) == TO_MIDNIGHT - 60
+
+
+@pytest.fixture
+def local_time_not_utc() -> Iterator[None]:
+    """Run with a local time zone far from UTC, so naive datetimes would be misread."""
+    saved = os.environ.get("TZ")
+    os.environ["TZ"] = "IST-5:30"
+    time.tzset()
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["TZ"]
+        else:
+            os.environ["TZ"] = saved
+        time.tzset()
+
+
+@pytest.mark.usefixtures("local_time_not_utc")
+def test_times_without_offset_are_utc() -> None:
+    assert parse_retry_after("Wed, 02 Apr 2025 13:21:00 -0000", wall_time=NOW) == 60.0
+    headers = {
+        "anthropic-ratelimit-requests-remaining": "0",
+        "anthropic-ratelimit-requests-reset": "2025-04-02T13:21:00",
+    }
+    assert cooldown_from_headers(headers, wall_time=NOW) == 60.0
+
+
+def test_module_imports_only_pure_stdlib_and_attrs() -> None:
+    allowed = {
+        "__future__",
+        "json",
+        "re",
+        "math",
+        "enum",
+        "email.utils",
+        "datetime",
+        "collections.abc",
+        "typing",
+        "attrs",
+    }
+    source = Path(classify_module.__file__).read_text()
+    imported: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            imported.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            imported.add(node.module or "")
+    assert imported and imported <= allowed
+    assert ".now(" not in source
 
 
 def test_non_finite_wall_time_is_ignored() -> None:
