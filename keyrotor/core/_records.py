@@ -249,6 +249,7 @@ class RequestRecord:
             "session": event.session,
             "group": event.group,
             "tokens": event.tokens,
+            "asked_deadline": event.deadline,
             "serial": self.serial,
             "deadline": self.deadline,
             "state": self.state,
@@ -268,7 +269,7 @@ class RequestRecord:
             pin_fallback=data["pin_fallback"],
             session=data["session"],
             group=data["group"],
-            deadline=data["deadline"],
+            deadline=data["asked_deadline"],
             tokens=data["tokens"],
         )
         req = cls(event)

@@ -78,7 +78,7 @@ class RingSelector:
 
     def order(self) -> list[int]:
         """Serials of the keys in the ring, front first (for snapshots)."""
-        return [k.serial for k in self._ring]
+        return [k.serial for k in self._ring if not k.removed]
 
     def rebuild(self, keys: Iterable[KeyRecord], order: Iterable[int] = ()) -> None:
         """Recreate the ring in ``order`` (serials) from the keys in it."""

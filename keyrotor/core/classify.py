@@ -26,7 +26,6 @@ import math
 import re
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from typing import Any, Final
 
 import attrs
@@ -282,9 +281,49 @@ def parse_retry_after(value: str, *, wall_time: float | None = None) -> float | 
         return _clamp(seconds)
     if wall_time is None:
         return None
+    when = _parse_http_date(value)
+    return None if when is None else _until_datetime(when, wall_time)
+
+
+_MONTHS: Final = {
+    m: i
+    for i, m in enumerate(
+        ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"), 1
+    )
+}
+# IMF-fixdate "Sun, 06 Nov 1994 08:49:37 GMT", RFC 850 "Sunday, 06-Nov-94 08:49:37 GMT"
+# and asctime "Sun Nov  6 08:49:37 1994" (RFC 9110, section 5.6.7).
+_HTTP_DATE: Final = re.compile(
+    r"^\s*(?:[a-z]+,?\s+)?(?:"
+    r"(?P<d1>\d{1,2})[\s-](?P<m1>[a-z]{3})[\s-](?P<y1>\d{2,4})"
+    r"|(?P<m2>[a-z]{3})\s+(?P<d2>\d{1,2})(?=\s+\d{1,2}:)"
+    r")\s+(?P<t>\d{1,2}:\d{2}:\d{2})(?:\s+(?P<y2>\d{4}))?\s*(?:gmt|utc|ut|z|[+-]0000)?\s*$",
+    re.IGNORECASE,
+)
+
+
+def _parse_http_date(value: str) -> datetime | None:
+    """An HTTP-date in any of its three forms, as an aware UTC datetime (stdlib's
+    email.utils would pull in the socket module)."""
+    match = _HTTP_DATE.match(value)
+    if match is None:
+        return None
+    day, month, year = (
+        (match["d1"], match["m1"], match["y1"])
+        if match["d1"]
+        else (match["d2"], match["m2"], match["y2"])
+    )
+    if year is None or month.lower() not in _MONTHS:
+        return None
+    full_year = int(year)
+    if len(year) == 2:
+        full_year += 2000 if full_year < 70 else 1900
+    hour, minute, second = (int(part) for part in match["t"].split(":"))
     try:
-        return _until_datetime(parsedate_to_datetime(value.strip()), wall_time)
-    except (TypeError, ValueError, IndexError, OverflowError):
+        return datetime(
+            full_year, _MONTHS[month.lower()], int(day), hour, minute, second, tzinfo=UTC
+        )
+    except ValueError:
         return None
 
 

@@ -151,6 +151,8 @@ class Pool:
         self._max_attempts = config.max_attempts
         for spec in config.keys:
             self._add_key(spec)
+        if isinstance(self._select, RingSelector):  # first turn in configured order
+            self._select.rebuild(self._order, [k.serial for k in self._order])
         if self._ring is not None:
             self._ring.rebuild(self._order)
         self._handlers: dict[type, Callable[[Any], list[Decision]]] = {
@@ -647,6 +649,7 @@ class Pool:
         out: list[Decision] = []
         self._advance(event, out)
         key.removed = True
+        key.plain = False
         if key.probing:
             self._orphan_probes.add(key.key_id)
             key.probing = False
@@ -1066,7 +1069,7 @@ class Pool:
             self._cool(key, Signal.DEPLETED, None, False, verdict, out)
         elif kind is Verdict.INVALID:
             self._transition(key, Signal.INVALID, now, None, reason, out)
-            if key.state is KeyState.FAILED and not key.probing:
+            if key.state is KeyState.FAILED and not key.probing and not key.removed:
                 self._probe(key, now, "confirm_invalid", out)
         elif kind is Verdict.UPSTREAM_FAULT:
             self._fault(key, now, reason, out)
@@ -1157,6 +1160,8 @@ class Pool:
         ``hard`` marks an ``until`` that came from the upstream (Retry-After, a
         reset header) or an operator: no probe may end it early.
         """
+        if key.removed:
+            return  # a removed key only drains its requests; its health is moot
         old = key.state
         new = next_state(old, signal)
         if new is old:

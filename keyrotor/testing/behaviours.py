@@ -31,7 +31,9 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 from collections.abc import Callable, Iterable, Mapping
+from http import HTTPStatus
 from typing import Any, Literal, TypeAlias
 
 from attrs import define, field, frozen
@@ -60,6 +62,7 @@ __all__ = [
     "Truncate",
     "UpstreamRateLimited",
     "error_body",
+    "status_line",
 ]
 
 # Default message and OpenRouter ``error_type`` for statuses the fake emits.
@@ -200,11 +203,27 @@ class Behaviour:
 # --------------------------------------------------------------------------- outcomes
 
 
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
 def _normalize_headers(
     value: Iterable[tuple[str, str]] | Mapping[str, str],
 ) -> tuple[tuple[str, str], ...]:
     items = value.items() if isinstance(value, Mapping) else value
-    return tuple((str(k), str(v)) for k, v in items)
+    out = tuple((str(k), str(v)) for k, v in items)
+    for name, val in out:
+        if not _TOKEN.fullmatch(name) or "\r" in val or "\n" in val or "\0" in val:
+            raise ValueError(f"invalid HTTP header {name!r}: {val!r}")
+    return out
+
+
+def status_line(status: int) -> bytes:
+    """``HTTP/1.1 <status> <reason>\\r\\n``."""
+    try:
+        reason = HTTPStatus(status).phrase
+    except ValueError:
+        reason = ""
+    return f"HTTP/1.1 {status} {reason}\r\n".encode()
 
 
 @frozen
@@ -213,8 +232,9 @@ class Reply(Behaviour):
 
     ``Reply(503)`` sends OpenRouter's error body with a default message;
     ``message``/``metadata`` fill the error body; ``body`` (a mapping, bytes or
-    str) replaces the body entirely, e.g. a custom 200. ``headers`` are added.
-    The payload is encoded once, when the reply is built.
+    str) replaces the body entirely, e.g. a custom 200. ``headers`` are added
+    (a ``Connection: close`` header also closes the connection). The status
+    line, headers and payload are encoded once, when the reply is built.
     """
 
     status: int
@@ -223,11 +243,12 @@ class Reply(Behaviour):
     headers: tuple[tuple[str, str], ...] = field(default=(), converter=_normalize_headers)
     body: Mapping[str, Any] | bytes | str | None = None
     payload: bytes = field(init=False, repr=False, eq=False)
-    header_list: list[tuple[bytes, bytes]] = field(init=False, repr=False, eq=False)
+    head: bytes = field(init=False, repr=False, eq=False)
+    closes: bool = field(init=False, repr=False, eq=False)
 
     def __attrs_post_init__(self) -> None:
-        if not 100 <= self.status <= 599:
-            raise ValueError(f"Reply status must be 100..599, not {self.status!r}")
+        if not 200 <= self.status <= 599 or self.status in (204, 304):
+            raise ValueError(f"Reply status must be 200..599 (not 204/304), not {self.status!r}")
         if self.body is None:
             message = self.message if self.message is not None else default_message(self.status)
             payload = error_body(self.status, message, self.metadata)
@@ -238,12 +259,23 @@ class Reply(Behaviour):
         else:
             payload = _dumps(self.body)
         object.__setattr__(self, "payload", payload)
-        header_list = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(payload)).encode()),
-            *((k.encode(), v.encode()) for k, v in self.headers),
+        lines = [
+            status_line(self.status),
+            b"content-type: application/json\r\n",
+            b"content-length: %d\r\n" % len(payload),
         ]
-        object.__setattr__(self, "header_list", header_list)
+        closes = False
+        for name, value in self.headers:
+            if name.lower() in ("content-length", "transfer-encoding", "content-type"):
+                if name.lower() == "content-type":
+                    lines[1] = f"content-type: {value}\r\n".encode()
+                continue
+            if name.lower() == "connection" and "close" in value.lower():
+                closes = True
+                continue
+            lines.append(f"{name}: {value}\r\n".encode())
+        object.__setattr__(self, "head", b"".join(lines))
+        object.__setattr__(self, "closes", closes)
 
     def decide(self, call: Call) -> Outcome | None:
         return self
@@ -330,7 +362,8 @@ class Credits(Behaviour):
     "You requested up to N tokens, but can only afford M" 402.
 
     ``GET /key`` reports ``limit`` (the initial balance plus top-ups),
-    ``limit_remaining`` (the balance) and ``is_free_tier``.
+    ``limit_remaining`` (the balance) and ``is_free_tier``; in a ``Chain`` the
+    first ``Credits`` reports (put the key cap before the account balance).
     """
 
     balance: float
@@ -381,6 +414,8 @@ class Credits(Behaviour):
         self.limit += usd
 
     def describe(self, data: dict[str, Any]) -> None:
+        if data.get("limit") is not None:
+            return  # an earlier Credits of a Chain (e.g. the key cap) already answered
         data["limit"] = round(self.limit, 12)
         data["limit_remaining"] = round(self.balance, 12)
         data["is_free_tier"] = self.is_free_tier
@@ -718,6 +753,10 @@ class Chain(Behaviour):
         return f"Chain({', '.join(map(repr, self.parts))})"
 
 
+def _behaviour_list(steps: Iterable[Behaviour]) -> list[Behaviour]:
+    return list(steps)
+
+
 @define
 class Sequence(Behaviour):
     """Scripted outcomes consumed one per request, in order, then ``then``.
@@ -727,7 +766,7 @@ class Sequence(Behaviour):
     consume steps; they go to the next pending step (or ``then``).
     """
 
-    steps: list[Behaviour] = field(converter=list)
+    steps: list[Behaviour] = field(converter=_behaviour_list)
     then: Behaviour = field(factory=Ok)
     position: int = field(default=0, init=False)
 

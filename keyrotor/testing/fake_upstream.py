@@ -54,6 +54,9 @@ async def _serve(server: FakeUpstream, name: str) -> None:
             print(f"fake upstream: scenario {name!r}, {len(sc.keys)} keys", file=sys.stderr)
             for secret, behaviour in sc.keys.items():
                 print(f"  {sc.aliases.get(secret, '<no alias>')}: {behaviour!r}", file=sys.stderr)
+            if name in ("demo", "healthy"):
+                where = "DEMO_KEYS" if name == "demo" else "healthy_secret(i)"
+                print(f"  (fake secrets: keyrotor.testing.{where})", file=sys.stderr)
             sys.stderr.flush()
             async for signum in signals:
                 print(f"fake upstream: {signal.Signals(signum).name}, stopping", file=sys.stderr)

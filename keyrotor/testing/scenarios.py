@@ -16,7 +16,6 @@ from attrs import define, field, frozen
 from .behaviours import (
     AccountRateLimit,
     Behaviour,
-    Chain,
     Credits,
     Invalid,
     Ok,
@@ -189,8 +188,8 @@ class Scenario:
 
         - ``healthy-1``, ``healthy-2``, ``healthy-3``: always fine;
         - ``invalid``: 401 for everything;
-        - ``low-credits``: a $0.0001 key cap (about 15 default requests), then 402
-          ``openrouter_key_limit``;
+        - ``low-credits``: $0.0001 of credits (about 15 default requests), then 402
+          ``openrouter_credits``;
         - ``rate-limited``: 3 requests per 60 s window, then 429 with headers;
         - ``free-a``, ``free-b``: one account sharing a free-models-per-min
           limit of 5 requests per minute.
@@ -202,10 +201,10 @@ class Scenario:
             "healthy-2": Ok(),
             "healthy-3": Ok(),
             "invalid": Invalid(),
-            "low-credits": Credits(0.0001, limit_source="openrouter_key_limit"),
+            "low-credits": Credits(0.0001),
             "rate-limited": RateLimit(3, 60.0),
-            "free-a": Chain(free_account),
-            "free-b": Chain(free_account),
+            "free-a": free_account,
+            "free-b": free_account,
         }
         for alias, behaviour in behaviours.items():
             sc.add(DEMO_KEYS[alias], behaviour, alias=alias)

@@ -3,6 +3,12 @@
 Runs in-process under trio or asyncio (anyio), in a background thread for
 sync code, or from the command line (``python -m keyrotor.testing.fake_upstream``).
 See ``FakeUpstream``.
+
+The per-request path is kept lean for load benchmarks: h11 parses every request
+(Content-Length or chunked bodies, pipelining, malformed input -> 400), while
+responses are written from pre-encoded byte templates (h11's send path costs as
+much as its parser); each keep-alive cycle starts a fresh ``h11.Connection`` fed
+with the bytes the client already pipelined.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import anyio
 import anyio.abc
 import h11
 from anyio.abc import SocketAttribute, SocketListener
-from attrs import frozen
+from attrs import field, frozen
 
 from .behaviours import (
     Behaviour,
@@ -34,13 +40,12 @@ from .scenarios import Scenario
 
 __all__ = ["FakeUpstream", "KeyStats", "LogEntry", "ServerStats"]
 
-_ROUTES: dict[str, str] = {
-    "/chat/completions": "POST",
-    "/completions": "POST",
-    "/embeddings": "POST",
-    "/models": "GET",
-    "/key": "GET",
-    "/auth/key": "GET",
+_ROUTES: dict[str, bytes] = {
+    "/chat/completions": b"POST",
+    "/completions": b"POST",
+    "/embeddings": b"POST",
+    "/models": b"GET",
+    "/key": b"GET",
 }
 _PREFIXES = ("/api/v1", "/v1")
 _MAX_CHUNKS = 4096  # max_tokens above this is clamped (content chunks)
@@ -92,8 +97,22 @@ _USAGE = (
     b'"completion_tokens_details":{"reasoning_tokens":0}}'
 )
 
-_JSON_HEADERS = ((b"content-type", b"application/json"),)
-_SSE_HEADERS = ((b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"))
+_JSON_HEAD = (
+    b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+    b"x-generation-id: %s\r\n"
+)
+_SSE_HEAD = (
+    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n"
+    b"x-generation-id: %s\r\n"
+)
+_KEEP_END = b"\r\n"
+_CLOSE_END = b"connection: close\r\n\r\n"
+_LAST_CHUNK = b"0\r\n\r\n"
+
+
+def _chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
 
 _DISCONNECTED = (
     anyio.BrokenResourceError,
@@ -121,8 +140,11 @@ _BAD_JSON = _reply(400, "Invalid JSON body", metadata={"error_type": "invalid_re
 _SERVER_ERROR = _reply(500, "Internal Server Error", close=True)
 
 
-def _method_not_allowed(method: str) -> Reply:
-    return _reply(405, f"Method not allowed; use {method}")
+_METHOD_NOT_ALLOWED = {
+    method: _reply(405, f"Method not allowed; use {method.decode()}")
+    for method in (b"GET", b"POST")
+}
+_MALFORMED = {status: _reply(status, "Malformed HTTP request", close=True) for status in (400, 431)}
 
 
 class LogEntry(NamedTuple):
@@ -145,8 +167,8 @@ class KeyStats:
 
     key: str | None
     requests: int = 0
-    by_endpoint: Mapping[str, int] = {}
-    by_status: Mapping[int, int] = {}
+    by_endpoint: Mapping[str, int] = field(factory=dict)
+    by_status: Mapping[int, int] = field(factory=dict)
     probes: int = 0
     in_flight: int = 0
     max_in_flight: int = 0
@@ -186,12 +208,16 @@ class _Counters:
     )
 
     def __init__(self) -> None:
+        self.in_flight = 0
+        self.reset()
+
+    def reset(self) -> None:
+        """Zero every counter but ``in_flight`` (requests still running)."""
         self.requests = 0
         self.by_endpoint: dict[str, int] = {}
         self.by_status: dict[int, int] = {}
         self.probes = 0
-        self.in_flight = 0
-        self.max_in_flight = 0
+        self.max_in_flight = self.in_flight
         self.bytes_in = 0
         self.bytes_out = 0
         self.cost = 0.0
@@ -412,15 +438,14 @@ class FakeUpstream:
 
     def keys_seen(self, path: str | None = "/chat/completions") -> list[str | None]:
         """The keys of the log's requests to ``path`` in order (``None``: all paths)."""
-        return [e.key for e in self.log if path is None or e.path == path]
+        entries = list(self.log)  # one atomic copy: the server thread may be appending
+        return [e.key for e in entries if path is None or e.path == path]
 
     def reset_stats(self) -> None:
         """Forget counters (in-flight counts are kept) and the log."""
         self.log.clear()
         for c in self._counters.values():
-            in_flight = c.in_flight
-            c.__init__()  # type: ignore[misc]
-            c.in_flight = in_flight
+            c.reset()
         t = self._totals
         t.requests = t.malformed = t.disconnects = t.connections = 0
         t.by_status = {}
@@ -519,28 +544,30 @@ class FakeUpstream:
                     if type(event) is not h11.Request:
                         return  # ConnectionClosed
                     if conn.they_are_waiting_for_100_continue:
-                        go_on = h11.InformationalResponse(status_code=100, headers=[])
-                        await stream.send(conn.send(go_on) or b"")
+                        await stream.send(b"HTTP/1.1 100 Continue\r\n\r\n")
                     body = await self._read_body(conn, stream)
                 except h11.RemoteProtocolError as exc:
                     totals.malformed += 1
-                    await self._send_protocol_error(conn, stream, exc.error_status_hint)
+                    await self._send_protocol_error(stream, exc.error_status_hint)
                     return
                 try:
-                    keep_alive = await self._serve_request(conn, stream, event, body)
+                    keep_alive = await self._serve_request(stream, event, body)
                 except _DISCONNECTED:
                     raise
-                except Exception as exc:
+                except Exception as exc:  # a bug in the fake: 500, record it, close
                     totals.errors += 1
                     self._errors.append(exc)
-                    if conn.our_state is h11.SEND_RESPONSE:
-                        await self._send_reply(conn, stream, _SERVER_ERROR)
+                    with suppress(*_DISCONNECTED):
+                        await stream.send(_SERVER_ERROR.head + _CLOSE_END + _SERVER_ERROR.payload)
                     return
-                if not keep_alive or conn.our_state is not h11.DONE:
+                if not keep_alive:
                     return
-                if conn.their_state is not h11.DONE:
-                    return
-                conn.start_next_cycle()
+                data, closed = conn.trailing_data
+                conn = h11.Connection(h11.SERVER)
+                if data:
+                    conn.receive_data(data)
+                if closed:
+                    conn.receive_data(b"")
         except _DISCONNECTED:
             totals.disconnects += 1
         except Exception as exc:  # a bug in the fake: record it, drop the connection
@@ -548,9 +575,8 @@ class FakeUpstream:
             self._errors.append(exc)
         finally:
             totals.open_connections -= 1
-            with anyio.CancelScope(shield=True):
-                with suppress(*_DISCONNECTED):
-                    await stream.aclose()
+            with anyio.CancelScope(shield=True), suppress(*_DISCONNECTED):
+                await stream.aclose()
 
     async def _next_event(self, conn: h11.Connection, stream: anyio.abc.ByteStream) -> Any:
         while True:
@@ -583,29 +609,12 @@ class FakeUpstream:
             else:  # pragma: no cover - h11 yields only Data/EndOfMessage here
                 raise h11.RemoteProtocolError(f"unexpected {event!r} in a request body")
 
-    async def _send_protocol_error(
-        self, conn: h11.Connection, stream: anyio.abc.ByteStream, status: int
-    ) -> None:
-        if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
-            return
-        reply = _reply(status, "Malformed HTTP request", close=True)
-        self._totals.requests += 1
-        self._count_status(self._totals.by_status, status)
-        with suppress(h11.LocalProtocolError):  # h11 refused: just close
-            await self._send_reply(conn, stream, reply)
-
-    async def _send_reply(
-        self, conn: h11.Connection, stream: anyio.abc.ByteStream, reply: Reply
-    ) -> int:
-        data = conn.send(h11.Response(status_code=reply.status, headers=reply.header_list))
-        data += conn.send(h11.Data(data=reply.payload))
-        data += conn.send(h11.EndOfMessage())
-        await stream.send(data)
-        return len(reply.payload)
-
-    @staticmethod
-    def _count_status(by_status: dict[int, int], status: int) -> None:
-        by_status[status] = by_status.get(status, 0) + 1
+    async def _send_protocol_error(self, stream: anyio.abc.ByteStream, status: int) -> None:
+        reply = _MALFORMED.get(status) or _reply(status, "Malformed HTTP request", close=True)
+        totals = self._totals
+        totals.requests += 1
+        totals.by_status[status] = totals.by_status.get(status, 0) + 1
+        await stream.send(reply.head + _CLOSE_END + reply.payload)
 
     # ------------------------------------------------------------------ requests
 
@@ -637,20 +646,20 @@ class FakeUpstream:
         return c
 
     async def _serve_request(
-        self,
-        conn: h11.Connection,
-        stream: anyio.abc.ByteStream,
-        request: h11.Request,
-        body: bytes | None,
+        self, stream: anyio.abc.ByteStream, request: h11.Request, body: bytes | None
     ) -> bool:
-        """Answer one request; returns whether the connection may be kept."""
+        """Answer one request; returns whether the connection stays open."""
         path = self._normalize(request.target)
+        keep = http11 = request.http_version == b"1.1"
         secret: str | None = None
-        for name, value in request.headers:
+        for raw_name, value in request.headers.raw_items():
+            name = raw_name.lower()
             if name == b"authorization":
                 if value[:7].lower() == b"bearer ":
                     secret = value[7:].strip().decode("latin-1") or None
-                break
+            elif name == b"connection" and b"close" in value.lower():
+                keep = False
+        head_only = request.method == b"HEAD"
         scenario = self._scenario
         c = self._counter(secret)
         c.requests += 1
@@ -664,13 +673,12 @@ class FakeUpstream:
         outcome: Reply | Hang | Drop | None
         call: Call | None = None
         expected = _ROUTES.get(path)
-        method = request.method
         if body is None:
             outcome = _TOO_LARGE
         elif expected is None:
             outcome = _NOT_FOUND
-        elif method != expected.encode():
-            outcome = _method_not_allowed(expected)
+        elif request.method != expected:
+            outcome = _METHOD_NOT_ALLOWED[expected]
         elif path == "/models":
             outcome = self._models()
         elif secret is None:
@@ -693,8 +701,13 @@ class FakeUpstream:
             status = 200
         elif isinstance(outcome, Reply):
             status = outcome.status
-        else:
+        elif isinstance(outcome, Hang | Drop):
             status = 0
+        else:
+            raise TypeError(
+                f"a behaviour returned {outcome!r}; decide() and probe() must return "
+                "None, a Reply, Hang() or Drop()"
+            )
         by_status = c.by_status
         by_status[status] = by_status.get(status, 0) + 1
         by_status = totals.by_status
@@ -718,10 +731,15 @@ class FakeUpstream:
             if call is not None and call.latency > 0:
                 await anyio.sleep(call.latency)
             if isinstance(outcome, Reply):
-                c.bytes_out += await self._send_reply(conn, stream, outcome)
-                return True
+                keep = keep and not outcome.closes
+                data = outcome.head + (_KEEP_END if keep else _CLOSE_END)
+                if not head_only:
+                    data += outcome.payload
+                    c.bytes_out += len(outcome.payload)
+                await stream.send(data)
+                return keep
             if outcome is None and call is not None:
-                return await self._send_success(conn, stream, call, c)
+                return await self._send_success(stream, call, c, keep, http11)
             return False  # Drop
         except _DISCONNECTED:
             c.disconnects += 1
@@ -858,23 +876,22 @@ class FakeUpstream:
         ).encode()
 
     async def _send_success(
-        self, conn: h11.Connection, stream: anyio.abc.ByteStream, call: Call, c: _Counters
+        self, stream: anyio.abc.ByteStream, call: Call, c: _Counters, keep: bool, http11: bool
     ) -> bool:
         self._seq += 1
         created = int(call.now)
         gen_id = b"gen-%d-%08d" % (created, self._seq)
         if call.stream and call.endpoint != "/embeddings":
-            return await self._send_stream(conn, stream, call, c, gen_id, created)
+            return await self._send_stream(stream, call, c, gen_id, created, keep, http11)
         model = self._model_bytes(call.model)
         provider = self._model_bytes(self._scenario.provider_name)
         err = call.stream_error
+        chat = call.endpoint == "/chat/completions"
         if call.endpoint == "/embeddings":
             payload = self._embeddings_body(call, gen_id, model, provider)
         elif err is not None:
             shown = min(err.after_chunks, call.completion_tokens)
-            chat = call.endpoint == "/chat/completions"
-            template = _CHAT_ERROR_BODY if chat else _TEXT_ERROR_BODY
-            payload = template % (
+            payload = (_CHAT_ERROR_BODY if chat else _TEXT_ERROR_BODY) % (
                 gen_id,
                 provider,
                 model,
@@ -883,8 +900,7 @@ class FakeUpstream:
                 self._error_json(err),
             )
         else:
-            template = _CHAT_BODY if call.endpoint == "/chat/completions" else _TEXT_BODY
-            payload = template % (
+            payload = (_CHAT_BODY if chat else _TEXT_BODY) % (
                 gen_id,
                 provider,
                 model,
@@ -892,23 +908,15 @@ class FakeUpstream:
                 self._content(call.completion_tokens),
                 self._usage(call),
             )
-        headers = [
-            *_JSON_HEADERS,
-            (b"content-length", b"%d" % len(payload)),
-            (b"x-generation-id", gen_id),
-        ]
-        data = conn.send(h11.Response(status_code=200, headers=headers))
+        head = _JSON_HEAD % (len(payload), gen_id)
         if call.cut_after is not None:  # half a body, then hang up
             half = payload[: len(payload) // 2]
-            data += conn.send(h11.Data(data=half))
-            await stream.send(data)
+            await stream.send(head + _CLOSE_END + half)
             c.bytes_out += len(half)
             return False
-        data += conn.send(h11.Data(data=payload))
-        data += conn.send(h11.EndOfMessage())
-        await stream.send(data)
+        await stream.send(head + (_KEEP_END if keep else _CLOSE_END) + payload)
         c.bytes_out += len(payload)
-        return True
+        return keep
 
     def _embeddings_body(self, call: Call, gen_id: bytes, model: bytes, provider: bytes) -> bytes:
         raw = call.body.get("input")
@@ -983,24 +991,30 @@ class FakeUpstream:
 
     async def _send_stream(
         self,
-        conn: h11.Connection,
         stream: anyio.abc.ByteStream,
         call: Call,
         c: _Counters,
         gen_id: bytes,
         created: int,
+        keep: bool,
+        chunked: bool,
     ) -> bool:
         events, cut = self._stream_events(call, gen_id, created)
-        if cut >= 0:
+        if cut >= 0:  # a truncated stream: no last chunk, then hang up
             events = events[:cut]
-        headers = [*_SSE_HEADERS, (b"x-generation-id", gen_id)]
-        head = conn.send(h11.Response(status_code=200, headers=headers))
+            keep = False
+        # HTTP/1.1: chunked; HTTP/1.0: the end of the body is the end of the connection.
+        keep = keep and chunked
+        head = _SSE_HEAD % gen_id
+        if chunked:
+            head += b"transfer-encoding: chunked\r\n"
+        head += _KEEP_END if keep else _CLOSE_END
         delay = call.chunk_delay
         if delay <= 0:
             payload = b"".join(events)
-            data = head + conn.send(h11.Data(data=payload))
-            if cut < 0:
-                data += conn.send(h11.EndOfMessage())
+            data = head + (_chunk(payload) if chunked else payload)
+            if chunked and cut < 0:
+                data += _LAST_CHUNK
             await stream.send(data)
             c.bytes_out += len(payload)
         else:
@@ -1008,11 +1022,11 @@ class FakeUpstream:
             for i, event in enumerate(events):
                 if i:
                     await anyio.sleep(delay)
-                await stream.send(conn.send(h11.Data(data=event)))
+                await stream.send(_chunk(event) if chunked else event)
                 c.bytes_out += len(event)
-            if cut < 0:
-                await stream.send(conn.send(h11.EndOfMessage()))
-        return cut < 0
+            if chunked and cut < 0:
+                await stream.send(_LAST_CHUNK)
+        return keep
 
     @staticmethod
     async def _wait_for_disconnect(stream: anyio.abc.ByteStream) -> None:
