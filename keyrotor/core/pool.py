@@ -650,6 +650,7 @@ class Pool:
         self._advance(event, out)
         key.removed = True
         key.plain = False
+        key.in_sched = False  # selection structures drop it when they meet it
         if key.probing:
             self._orphan_probes.add(key.key_id)
             key.probing = False
@@ -891,6 +892,8 @@ class Pool:
         earliest = self._earliest(now)
         if self._queued >= self._config.queue_limit:
             self._reject(req, earliest, "queue full", out)
+        elif req.deadline <= now:
+            self._reject(req, earliest, "no key is usable before the deadline", out)
         elif earliest is None:
             self._reject(req, None, "no key is usable", out)
         elif earliest is not None and earliest > req.deadline:
@@ -1068,9 +1071,10 @@ class Pool:
         elif kind is Verdict.DEPLETED:
             self._cool(key, Signal.DEPLETED, None, False, verdict, out)
         elif kind is Verdict.INVALID:
+            old = key.state
             self._transition(key, Signal.INVALID, now, None, reason, out)
-            if key.state is KeyState.FAILED and not key.probing and not key.removed:
-                self._probe(key, now, "confirm_invalid", out)
+            if old is not key.state and not key.probing and req is not None:
+                self._probe(key, now, "confirm_invalid", out)  # false 401s happen
         elif kind is Verdict.UPSTREAM_FAULT:
             self._fault(key, now, reason, out)
         elif key.state is _RECOVERING and kind in (Verdict.CALLER_ERROR, Verdict.UPSTREAM_BUSY):
