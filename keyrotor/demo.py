@@ -15,6 +15,7 @@ from typing import TextIO
 import attrs
 
 from .core import (
+    Decision,
     Deliver,
     KeySpec,
     KeyStateChanged,
@@ -89,7 +90,7 @@ def run(out: TextIO = sys.stdout, requests: int = 40, color: bool = False) -> di
     outcome = {"ok": 0, "error": 0, "rejected": 0}
     pending_probes: list[str] = []
 
-    def act(now: float, decisions: list[object], rid: str | None = None) -> None:
+    def act(now: float, decisions: list[Decision]) -> None:
         for d in decisions:
             if isinstance(d, KeyStateChanged):
                 until = f" until t={d.until:.1f}" if d.until is not None else ""
@@ -107,24 +108,42 @@ def run(out: TextIO = sys.stdout, requests: int = 40, color: bool = False) -> di
             elif isinstance(d, Send):
                 status, retry_after = sim[d.key_id].answer(now)
                 label = f"attempt {d.attempt}" if d.attempt > 1 else "sent"
-                print(f"  t={now:5.1f}  {d.request_id:<4} {label:<9} -> {d.key_id:<8} {status}", file=out)
+                print(
+                    f"  t={now:5.1f}  {d.request_id:<4} {label:<9} -> {d.key_id:<8} {status}",
+                    file=out,
+                )
                 if status == 200:
                     sim[d.key_id].credits -= COST
-                act(now, pool.handle(ResponseReceived(
-                    request_id=d.request_id, now=now, status=status, retry_after=retry_after
-                )))
+                act(
+                    now,
+                    pool.handle(
+                        ResponseReceived(
+                            request_id=d.request_id, now=now, status=status, retry_after=retry_after
+                        )
+                    ),
+                )
             elif isinstance(d, Deliver):
                 ok = d.status == 200
                 outcome["ok" if ok else "error"] += 1
-                act(now, pool.handle(ResponseFinished(
-                    request_id=d.request_id, now=now, cost=COST if ok else 0.0,
-                    prompt_tokens=12, completion_tokens=30,
-                )))
+                act(
+                    now,
+                    pool.handle(
+                        ResponseFinished(
+                            request_id=d.request_id,
+                            now=now,
+                            cost=COST if ok else 0.0,
+                            prompt_tokens=12,
+                            completion_tokens=30,
+                        )
+                    ),
+                )
                 mark = paint("delivered", "32") if ok else paint(f"error {d.status}", "31")
                 print(f"  t={now:5.1f}  {d.request_id:<4} {mark} by {d.key_id}", file=out)
             elif isinstance(d, Reject):
                 outcome["rejected"] += 1
-                print(paint(f"  t={now:5.1f}  {d.request_id:<4} rejected {d.status}", "31"), file=out)
+                print(
+                    paint(f"  t={now:5.1f}  {d.request_id:<4} rejected {d.status}", "31"), file=out
+                )
 
     print("keyrotor demo: 5 keys, a simulated upstream, a virtual clock (no network)", file=out)
     print("  alpha: healthy   bravo: revoked   charlie: almost out of credits", file=out)

@@ -102,8 +102,8 @@ class KeyRecord:
         "tok_at",
         "trial",
         "until",
-        "ver",
         "vd",
+        "ver",
         "vr",
         "window",
     )

@@ -22,9 +22,9 @@ from __future__ import annotations
 import bisect
 import hashlib
 from array import array
+from collections import deque
 from collections.abc import Callable, Collection, Iterable
 from heapq import heapify, heappop, heappush
-from collections import deque
 from typing import Any
 
 from ._records import KeyRecord
@@ -176,8 +176,8 @@ class WeightedSelector:
 
     def add(self, key: KeyRecord) -> None:
         """Put ``key`` in; a key coming back starts at the present, owed nothing."""
-        if key.vr < self.vtime:
-            key.vr = self.vtime
+        if key.vr < self.vtime or key.vd <= key.vr:
+            key.vr = max(key.vr, self.vtime)
             key.vd = key.vr + 1.0 / self._weight(key)
         self._file(key)
 
@@ -239,6 +239,11 @@ class WeightedSelector:
         if n > 4 * self.size_hint + 16:
             self.rebuild(e[3] for e in self._eligible + self._pending)
 
+    requeue = picked
+
+    def rescore(self, key: KeyRecord) -> None:
+        """Load does not change a weighted key's turn."""
+
     def reweigh(self, key: KeyRecord, old: float, new: float) -> None:
         """The key's weight changed (credits spent): adjust totals and deadline."""
         self.total_weight += new - old
@@ -292,9 +297,7 @@ class HashRing:
         self._points = array("Q", (p for p, _ in pairs))
         self._owner = array("Q", (s for _, s in pairs))
 
-    def pick(
-        self, session: str, usable: Usable, avoid: Collection[str] | None
-    ) -> KeyRecord | None:
+    def pick(self, session: str, usable: Usable, avoid: Collection[str] | None) -> KeyRecord | None:
         """The first usable key clockwise from the session's hash."""
         points = self._points
         n = len(points)

@@ -87,7 +87,8 @@ class KeySpec:
             or self.max_in_flight < 1
         ):
             raise PoolError(
-                f"KeySpec.max_in_flight must be an integer of at least 1, got {self.max_in_flight!r}",
+                "KeySpec.max_in_flight must be an integer of at least 1, "
+                f"got {self.max_in_flight!r}",
                 fix="set max_in_flight to a positive integer or None for no limit",
             )
         if self.account is not None and (not isinstance(self.account, str) or not self.account):

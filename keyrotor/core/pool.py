@@ -214,9 +214,7 @@ class Pool:
 
     def statistics(self) -> PoolStatistics:
         """A frozen picture of the pool: per key and in total (JSON via ``to_json``)."""
-        keys = tuple(
-            KeyStatistics.from_record(k) for k in [*self._order, *self._dying.values()]
-        )
+        keys = tuple(KeyStatistics.from_record(k) for k in [*self._order, *self._dying.values()])
         in_flight = sum(k.in_flight for k in keys)
         return PoolStatistics(
             now=self._now,
@@ -265,10 +263,11 @@ class Pool:
     @classmethod
     def restore(cls, snapshot: dict[str, Any]) -> Pool:
         """Rebuild a pool from ``snapshot()``: it continues exactly like the original."""
-        if not isinstance(snapshot, dict) or snapshot.get("version") != SNAPSHOT_VERSION:
+        version = snapshot.get("version") if isinstance(snapshot, dict) else None
+        if version != SNAPSHOT_VERSION:
             raise PoolError(
                 "not a keyrotor snapshot of a version this code reads",
-                state=f"version {snapshot.get('version') if isinstance(snapshot, dict) else None!r}",
+                state=f"version {version!r}",
                 fix=f"pass the dict returned by Pool.snapshot() (version {SNAPSHOT_VERSION})",
             )
         try:
@@ -599,7 +598,13 @@ class Pool:
                     self._transition(key, Signal.PROBE_OK, now, None, "probe_ok", out)
                 if verdict.cooldown:
                     self._transition(
-                        key, Signal.RATE_LIMITED, now, now + verdict.cooldown, "probe", out, hard=True
+                        key,
+                        Signal.RATE_LIMITED,
+                        now,
+                        now + verdict.cooldown,
+                        "probe",
+                        out,
+                        hard=True,
                     )
             elif kind in (Verdict.INVALID, Verdict.DEPLETED, Verdict.RATE_LIMITED):
                 self._judge(key, verdict, None, out)
@@ -794,9 +799,7 @@ class Pool:
             key = self._pick_policy(req, None)
         return key
 
-    def _pick_policy(
-        self, req: RequestRecord, avoid: Collection[str] | None
-    ) -> KeyRecord | None:
+    def _pick_policy(self, req: RequestRecord, avoid: Collection[str] | None) -> KeyRecord | None:
         session = req.event.session
         if self._ring is not None and session is not None:
             key = self._ring.pick(session, self._usable, avoid)
@@ -838,10 +841,7 @@ class Pool:
         key.last_pick = self._pick_seq
         self._pick_seq += 1
         if not key.in_sched:
-            if self._weighted is not None:
-                self._weighted.picked(key)
-            else:
-                self._select.requeue(key)
+            self._select.requeue(key)
         elif self._rescore_on_load:
             self._select.rescore(key)
         out.append(make_send(req.request_id, key.key_id, req.attempt))
@@ -1119,9 +1119,7 @@ class Pool:
                 rest_errors += e
         if rest_requests <= 0 or rest_errors > config.error_threshold * rest_requests:
             return  # no evidence it is this key rather than the upstream
-        self._transition(
-            key, Signal.ERROR_RATE, now, now + config.degraded_cooldown, reason, out
-        )
+        self._transition(key, Signal.ERROR_RATE, now, now + config.degraded_cooldown, reason, out)
 
     def _spend(self, key: KeyRecord, cost: float, now: float, out: list[Decision]) -> None:
         spec = key.spec
@@ -1138,8 +1136,10 @@ class Pool:
                 key.budget_spend = 0.0
             key.budget_spend += cost
             if key.budget_spend >= spec.budget:
-                until = None if window is None or key.budget_start is None else (
-                    key.budget_start + window
+                until = (
+                    None
+                    if window is None or key.budget_start is None
+                    else (key.budget_start + window)
                 )
                 self._transition(
                     key, Signal.DEPLETED, now, until, "budget", out, hard=until is not None

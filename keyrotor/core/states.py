@@ -2,7 +2,7 @@
 
 Every transition a key can make is one row of :data:`TRANSITIONS`; nothing else
 in the package changes a key's state.  The diagram in ``docs/state-machine.md``
-is generated from this table (``python -m keyrotor.core.states``).
+is generated from this table by :func:`mermaid_diagram`.
 """
 
 from __future__ import annotations
@@ -92,9 +92,7 @@ TRANSITIONS: dict[tuple[KeyState, Signal], KeyState] = {
     **_row(Signal.UPSTREAM_FAULT),
     **_row(Signal.ERROR_RATE, HEALTHY=_DG, RECOVERING=_DG),
     **_row(Signal.RATE_LIMITED, HEALTHY=_RL, RECOVERING=_RL, DEGRADED=_RL),
-    **_row(
-        Signal.DEPLETED, HEALTHY=_DP, RECOVERING=_DP, RATE_LIMITED=_DP, DEGRADED=_DP
-    ),
+    **_row(Signal.DEPLETED, HEALTHY=_DP, RECOVERING=_DP, RATE_LIMITED=_DP, DEGRADED=_DP),
     **_row(
         Signal.INVALID,
         HEALTHY=_F,
@@ -122,16 +120,15 @@ def next_state(state: KeyState, signal: Signal) -> KeyState:
 
 
 def mermaid_diagram() -> str:
-    """The state diagram (Mermaid) of every non-self-loop row of the table."""
+    """The state diagram (Mermaid) of every automatic transition in the table.
+
+    Operator marks (``MARK_*``) are left out: they set any state from any state.
+    """
     edges: dict[tuple[KeyState, KeyState], list[str]] = {}
     for (old, signal), new in TRANSITIONS.items():
-        if old is not new:
+        if old is not new and not signal.name.startswith("MARK_"):
             edges.setdefault((old, new), []).append(signal.value)
     lines = ["stateDiagram-v2", "    [*] --> healthy"]
     for (old, new), signals in edges.items():
         lines.append(f"    {old.value} --> {new.value}: {', '.join(signals)}")
     return "\n".join(lines) + "\n"
-
-
-if __name__ == "__main__":  # pragma: no cover - documentation generator
-    print(mermaid_diagram(), end="")

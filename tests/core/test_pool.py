@@ -16,7 +16,6 @@ from keyrotor.core import (
     Pool,
     PoolConfig,
     PoolError,
-    Probe,
     ProbeFinished,
     ProbeRequested,
     Reject,
@@ -486,7 +485,9 @@ def test_tpm_pacing_counts_tokens() -> None:
 
 
 def test_spend_budget_depletes_until_window_ends() -> None:
-    pool = make_pool(specs=[KeySpec(key_id="a", budget=1.0, budget_window=100.0), KeySpec(key_id="b")])
+    pool = make_pool(
+        specs=[KeySpec(key_id="a", budget=1.0, budget_window=100.0), KeySpec(key_id="b")]
+    )
     start(pool, "r1", 0.0, pin="a")
     respond(pool, "r1", 0.0, 200)
     out = finish(pool, "r1", 1.0, cost=1.5)

@@ -41,7 +41,9 @@ from keyrotor.core import (
     TransportFailed,
 )
 
-SHARED_POOL = {"error": {"code": 429, "metadata": {"limit_source": "upstream_provider_shared_pool"}}}
+SHARED_POOL = {
+    "error": {"code": 429, "metadata": {"limit_source": "upstream_provider_shared_pool"}}
+}
 IN_FLIGHT = {"error": {"code": 402, "metadata": {"limit_source": "openrouter_in_flight_budget"}}}
 FREE_MIN = {"error": {"code": 429, "message": "Rate limit exceeded: free-models-per-min"}}
 
@@ -147,7 +149,9 @@ class PoolMachine(RuleBasedStateMachine):
     def check(self, event: Any, out: list[Decision]) -> None:
         """Apply the decisions to the mirror, checking each promise on the way."""
         # The event itself closes an attempt, unless the response is delivered.
-        if isinstance(event, (ResponseReceived, ResponseFinished, RequestCancelled, TransportFailed)):
+        if isinstance(
+            event, (ResponseReceived, ResponseFinished, RequestCancelled, TransportFailed)
+        ):
             rid = event.request_id
             delivered_now = any(isinstance(d, Deliver) and d.request_id == rid for d in out)
             key = self.live[rid]
@@ -189,7 +193,11 @@ class PoolMachine(RuleBasedStateMachine):
                 self.probing.add(d.key_id)
         if isinstance(event, ResponseReceived) and event.retry_after and event.status == 429:
             key = next(
-                (d.key_id for d in out if isinstance(d, KeyStateChanged) and d.new is KeyState.RATE_LIMITED),
+                (
+                    d.key_id
+                    for d in out
+                    if isinstance(d, KeyStateChanged) and d.new is KeyState.RATE_LIMITED
+                ),
                 None,
             )
             if key is not None and event.body is None:
@@ -235,7 +243,9 @@ class PoolMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: bool(self.sent()))
     @rule(data=st.data(), answer=ANSWERS, headers=st.booleans())
-    def respond(self, data: st.DataObject, answer: tuple[int, float | None, Any], headers: bool) -> None:
+    def respond(
+        self, data: st.DataObject, answer: tuple[int, float | None, Any], headers: bool
+    ) -> None:
         rid = data.draw(st.sampled_from(self.sent()))
         status, retry_after, body = answer
         hdrs = {"retry-after": str(int(retry_after))} if headers and retry_after else None
@@ -251,12 +261,20 @@ class PoolMachine(RuleBasedStateMachine):
         )
 
     @precondition(lambda self: bool(self.delivered))
-    @rule(data=st.data(), cost=st.sampled_from([0.0, 0.001]), error=st.sampled_from([None, None, 429, 502]))
+    @rule(
+        data=st.data(),
+        cost=st.sampled_from([0.0, 0.001]),
+        error=st.sampled_from([None, None, 429, 502]),
+    )
     def finish(self, data: st.DataObject, cost: float, error: int | None) -> None:
         rid = data.draw(st.sampled_from(sorted(self.delivered)))
         self.feed(
             ResponseFinished(
-                request_id=rid, now=self.now, cost=cost, prompt_tokens=3, completion_tokens=4,
+                request_id=rid,
+                now=self.now,
+                cost=cost,
+                prompt_tokens=3,
+                completion_tokens=4,
                 error_status=error,
             )
         )
@@ -293,9 +311,18 @@ class PoolMachine(RuleBasedStateMachine):
         self.probing.discard(key)
         self.feed(ProbeFinished(key_id=key, now=self.now, status=status))
 
-    @rule(data=st.data(), state=st.sampled_from(
-        [KeyState.HEALTHY, KeyState.DISABLED, KeyState.DEPLETED, KeyState.FAILED, KeyState.RATE_LIMITED]
-    ))
+    @rule(
+        data=st.data(),
+        state=st.sampled_from(
+            [
+                KeyState.HEALTHY,
+                KeyState.DISABLED,
+                KeyState.DEPLETED,
+                KeyState.FAILED,
+                KeyState.RATE_LIMITED,
+            ]
+        ),
+    )
     def mark(self, data: st.DataObject, state: KeyState) -> None:
         keys = sorted(set(self.state) - self.removed)
         assume(keys)
@@ -360,8 +387,8 @@ class PoolMachine(RuleBasedStateMachine):
 
 
 PoolMachine.TestCase.settings = settings(
-    max_examples=150,
-    stateful_step_count=40,
+    max_examples=300,
+    stateful_step_count=50,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
@@ -399,7 +426,10 @@ def test_round_robin_counts_of_steady_keys_differ_by_at_most_one(
             status = 429 if fail_flaky else 200
             out = pool.handle(
                 ResponseReceived(
-                    request_id=f"r{i}", now=now, status=status, retry_after=30.0 if long_wait else 1.0
+                    request_id=f"r{i}",
+                    now=now,
+                    status=status,
+                    retry_after=30.0 if long_wait else 1.0,
                 )
             )
             if any(isinstance(d, Deliver) for d in out):
@@ -440,9 +470,13 @@ def test_weighted_shares_stay_within_one_of_ideal_at_every_prefix(
 @given(n_keys=st.integers(2, 12), n=st.integers(1, 60))
 def test_batch_of_parallel_operations_gets_distinct_keys(n_keys: int, n: int) -> None:
     for policy in POLICIES:
-        pool = Pool(PoolConfig(keys=[KeySpec(key_id=f"k{i}") for i in range(n_keys)], policy=policy))
+        pool = Pool(
+            PoolConfig(keys=[KeySpec(key_id=f"k{i}") for i in range(n_keys)], policy=policy)
+        )
         keys = []
         for i in range(n):
-            out = pool.handle(RequestStarted(request_id=f"r{i}", now=0.0, group="batch", session=f"s{i}"))
+            out = pool.handle(
+                RequestStarted(request_id=f"r{i}", now=0.0, group="batch", session=f"s{i}")
+            )
             keys.append(next(d for d in out if isinstance(d, Send)).key_id)
         assert len(set(keys)) == min(n, n_keys), (policy, keys)

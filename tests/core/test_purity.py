@@ -11,8 +11,22 @@ import keyrotor.core
 
 CORE = pathlib.Path(keyrotor.core.__file__).parent
 FORBIDDEN = {
-    "time", "asyncio", "trio", "anyio", "socket", "ssl", "threading", "multiprocessing",
-    "logging", "h11", "httpx", "httpcore", "os", "select", "selectors", "subprocess",
+    "time",
+    "asyncio",
+    "trio",
+    "anyio",
+    "socket",
+    "ssl",
+    "threading",
+    "multiprocessing",
+    "logging",
+    "h11",
+    "httpx",
+    "httpcore",
+    "os",
+    "select",
+    "selectors",
+    "subprocess",
 }
 
 
@@ -47,8 +61,10 @@ def test_importing_core_loads_no_io_module() -> None:
         "import sys; before = set(sys.modules); import keyrotor.core; "
         "print(' '.join(sorted(set(sys.modules) - before)))"
     )
-    loaded = set(subprocess.run(
-        [sys.executable, "-c", code], check=True, capture_output=True, text=True
-    ).stdout.split())
+    loaded = set(
+        subprocess.run(
+            [sys.executable, "-c", code], check=True, capture_output=True, text=True
+        ).stdout.split()
+    )
     # (attrs itself imports threading, so that one is not checked here.)
     assert not loaded & {"asyncio", "trio", "anyio", "socket", "select", "logging", "h11", "time"}

@@ -64,12 +64,17 @@ def test_failed_and_depleted_leave_only_by_probe_or_operator_or_budget_window() 
 
 
 def test_usable_states() -> None:
-    assert USABLE_STATES == {H, R}
+    assert {H, R} == USABLE_STATES
 
 
 def test_status_json_names_are_the_seed_names() -> None:
     assert {s.value for s in KeyState} >= {
-        "healthy", "rate_limited", "degraded", "depleted", "failed", "disabled"
+        "healthy",
+        "rate_limited",
+        "degraded",
+        "depleted",
+        "failed",
+        "disabled",
     }
 
 
