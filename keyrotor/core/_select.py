@@ -232,12 +232,8 @@ class WeightedSelector:
         weight = self._weight(key)
         key.vr = key.vd
         key.vd = key.vr + 1.0 / weight
-        if self.total_weight > 0:
-            self.vtime += 1.0 / self.total_weight
+        self.vtime += 1.0 / self.total_weight  # > 0: every weight is
         self._file(key)
-        n = len(self._eligible) + len(self._pending)
-        if n > 4 * self.size_hint + 16:
-            self.rebuild(e[3] for e in self._eligible + self._pending)
 
     requeue = picked
 
@@ -247,8 +243,7 @@ class WeightedSelector:
     def reweigh(self, key: KeyRecord, old: float, new: float) -> None:
         """The key's weight changed (credits spent): adjust totals and deadline."""
         self.total_weight += new - old
-        if new > 0:
-            key.vd = key.vr + 1.0 / new
+        key.vd = key.vr + 1.0 / new
 
     def rebuild(self, keys: Iterable[KeyRecord]) -> None:
         """Recreate both heaps from the keys' fields."""
@@ -300,9 +295,7 @@ class HashRing:
     def pick(self, session: str, usable: Usable, avoid: Collection[str] | None) -> KeyRecord | None:
         """The first usable key clockwise from the session's hash."""
         points = self._points
-        n = len(points)
-        if not n:
-            return None
+        n = len(points)  # > 0: the pool asks only while some key is usable
         i = bisect.bisect_left(points, stable_hash(session, self._salt))
         owner, keys = self._owner, self._keys
         for step in range(min(n, self.MAX_WALK)):

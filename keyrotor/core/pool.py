@@ -188,13 +188,14 @@ class Pool:
         not fit the pool's state: unknown or duplicate request ids, time going
         backwards, a response for a request that holds no key, and so on.
         """
-        handler = self._handlers.get(type(event))
-        if handler is None:
+        try:
+            handler = self._handlers[type(event)]
+        except KeyError:
             raise PoolError(
                 f"not an event: {type(event).__name__}",
                 event=event,
                 fix="pass one of the event classes from keyrotor.core",
-            )
+            ) from None
         return handler(event)
 
     def next_deadline(self) -> float | None:
@@ -487,7 +488,7 @@ class Pool:
         if prompt or completion:
             key.prompt_tokens += prompt
             key.completion_tokens += completion
-        tpm = key.spec.tpm
+        tpm = None if key.plain else key.spec.tpm
         if tpm is not None:
             estimate = req.event.tokens
             if prompt + completion != estimate:
@@ -498,8 +499,7 @@ class Pool:
             self._spend(key, cost, now, out)
         if event.error_status is not None:
             verdict = classify_response(event.error_status, None, event.error_body)
-            if verdict.verdict is not Verdict.SUCCESS:
-                self._judge(key, verdict, None, out)
+            self._judge(key, verdict, None, out)
         if self._wake:
             self._drain(out)
         return out
@@ -764,8 +764,6 @@ class Pool:
 
     def _refresh(self, key: KeyRecord) -> None:
         """``key`` may have become usable: file it for selection, wake the queue."""
-        if key.removed:
-            return
         if not key.in_sched:
             if self._usable(key):
                 self._select.add(key)
@@ -817,13 +815,26 @@ class Pool:
         return self._keys.get(pin)
 
     def _assign(self, req: RequestRecord, key: KeyRecord, out: list[Decision]) -> None:
-        now = self._now
+        """Send ``req`` on ``key``."""
         req.key = key
-        req.attempt += 1
+        req.attempt = attempt = req.attempt + 1
         req.state = SENT
-        req.sent_at = now
+        req.sent_at = self._now
         key.in_flight += 1
         key.requests += 1
+        if not key.plain or key.state is not _HEALTHY or req.event.group is not None:
+            self._assign_limits(req, key)
+        key.last_pick = self._pick_seq
+        self._pick_seq += 1
+        if not key.in_sched:
+            self._select.requeue(key)
+        elif self._rescore_on_load:
+            self._select.rescore(key)
+        out.append(make_send(req.request_id, key.key_id, attempt))
+
+    def _assign_limits(self, req: RequestRecord, key: KeyRecord) -> None:
+        """The rarer parts of sending: trials, pacing, groups."""
+        now = self._now
         if key.state is _RECOVERING:
             key.trial = req.trial = True
         spec = key.spec
@@ -838,13 +849,6 @@ class Pool:
         if group is not None:
             members = self._groups.setdefault(group, {})
             members[key.key_id] = members.get(key.key_id, 0) + 1
-        key.last_pick = self._pick_seq
-        self._pick_seq += 1
-        if not key.in_sched:
-            self._select.requeue(key)
-        elif self._rescore_on_load:
-            self._select.rescore(key)
-        out.append(make_send(req.request_id, key.key_id, req.attempt))
 
     def _release(self, req: RequestRecord) -> None:
         """The request's attempt no longer holds its key."""
@@ -852,6 +856,17 @@ class Pool:
         assert key is not None
         req.key = None
         key.in_flight -= 1
+        if req.trial or key.removed or req.event.group is not None:
+            self._release_extras(req, key)
+            if key.removed:
+                return
+        if self._rescore_on_load:
+            self._select.rescore(key)
+        if not key.in_sched or self._queued:
+            self._refresh(key)
+
+    def _release_extras(self, req: RequestRecord, key: KeyRecord) -> None:
+        """The rarer parts of releasing: trials, groups, removed keys."""
         if req.trial:
             req.trial = key.trial = False
         group = req.event.group
@@ -864,14 +879,9 @@ class Pool:
                 del members[key.key_id]
                 if not members:
                     del self._groups[group]
-        if key.removed:
-            if not key.in_flight:
-                del self._dying[key.key_id]
-                del self._by_serial[key.serial]
-            return
-        if self._rescore_on_load:
-            self._select.rescore(key)
-        self._refresh(key)
+        if key.removed and not key.in_flight:
+            del self._dying[key.key_id]
+            del self._by_serial[key.serial]
 
     def _forget(self, req: RequestRecord) -> None:
         req.state = -1
@@ -1183,12 +1193,7 @@ class Pool:
                 out.append(_changed(key, old, now))
             return
         if new is KeyState.RATE_LIMITED or new is KeyState.DEGRADED:
-            if until is None:
-                until = now + (
-                    self._config.rate_limit_cooldown
-                    if new is KeyState.RATE_LIMITED
-                    else self._config.degraded_cooldown
-                )
+            assert until is not None  # every caller gives one (KeyMarked checks)
             if not force_until and old in _COOLING and key.until is not None:
                 until = max(until, key.until)
         elif new is not KeyState.DEPLETED:

@@ -707,3 +707,150 @@ def test_restore_rejects_garbage() -> None:
     del snap["keys"]
     with pytest.raises(PoolError, match="corrupt"):
         Pool.restore(snap)
+
+
+# ------------------------------------------------------------ edge cases
+
+
+def test_config_and_decision_helpers() -> None:
+    pool = make_pool("a", "b")
+    assert pool.config.keys[0].key_id == "a"
+    assert pool.now == float("-inf")
+    send = only(start(pool, "r1", 0.0), Send)
+    assert not send.is_retry
+    retry = only(respond(pool, "r1", 0.0, 503), Send)
+    assert retry.is_retry
+    pool.handle(KeyMarked(key_id="a", state=KeyState.DISABLED, now=1.0))
+    change = pool.statistics().keys[0]
+    assert change.state is KeyState.DISABLED
+    out = pool.handle(KeyMarked(key_id="a", state=KeyState.HEALTHY, now=2.0))
+    assert out[0].to_json() == {
+        "key_id": "a",
+        "old": "disabled",
+        "new": "healthy",
+        "until": None,
+        "reason": "operator",
+        "now": 2.0,
+    }
+
+
+def test_a_429_on_a_degraded_key_never_shortens_its_cooldown() -> None:
+    pool = make_pool("a", "b", max_attempts=1)
+    start(pool, "r1", 0.0, pin="a")
+    pool.handle(KeyMarked(key_id="a", state=KeyState.DEGRADED, until=300.0, now=0.0))
+    out = respond(pool, "r1", 1.0, 429, retry_after=10.0)
+    assert changes(out) == [("a", "degraded", "rate_limited")]
+    assert pool.statistics().keys[0].until == pytest.approx(300.0)
+
+
+def test_known_credits_spent_deplete_the_key_and_reweigh() -> None:
+    specs = [KeySpec(key_id="a", credits=0.02), KeySpec(key_id="b", credits=10.0)]
+    pool = make_pool(specs=specs, policy="weighted", weight_by="credits")
+    start(pool, "r1", 0.0, pin="a")
+    respond(pool, "r1", 0.0, 200)
+    assert changes(finish(pool, "r1", 0.0, cost=0.01)) == []
+    start(pool, "r2", 0.0, pin="a")
+    respond(pool, "r2", 0.0, 200)
+    out = finish(pool, "r2", 0.0, cost=0.01)
+    assert changes(out) == [("a", "healthy", "depleted")]
+    assert {serve(pool, f"s{i}", 1.0) for i in range(5)} == {"b"}
+
+
+def test_probe_answer_with_an_empty_bucket_cools_the_key() -> None:
+    pool = make_pool("a", "b")
+    pool.handle(ProbeRequested(now=0.0, key_id="a"))
+    headers = {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "30s"}
+    out = pool.handle(ProbeFinished(key_id="a", now=1.0, status=200, headers=headers))
+    assert changes(out) == [("a", "healthy", "rate_limited")]
+    assert pool.statistics().keys[0].until == pytest.approx(31.0)
+
+
+def test_probe_result_for_a_removed_key_is_ignored_once() -> None:
+    pool = make_pool("a", "b")
+    pool.handle(ProbeRequested(now=0.0, key_id="a"))
+    pool.handle(KeyRemoved(key_id="a", now=0.5))
+    assert pool.handle(ProbeFinished(key_id="a", now=1.0, status=200)) == []
+    with pytest.raises(PoolError, match="unknown key_id"):
+        pool.handle(ProbeFinished(key_id="a", now=1.0, status=200))
+
+
+def test_cancel_at_the_instant_the_deadline_rejects() -> None:
+    specs = [KeySpec(key_id="a", max_in_flight=1)]
+    pool = make_pool(specs=specs, queue_timeout=5.0)
+    start(pool, "r1", 0.0)
+    start(pool, "r2", 0.0)
+    out = pool.handle(RequestCancelled(request_id="r2", now=5.0))
+    assert only(out, Reject).request_id == "r2"  # the deadline came first
+    assert pool.statistics().cancelled == 0
+
+
+def test_removing_a_key_with_requests_in_flight_keeps_counting_it_as_removing() -> None:
+    pool = make_pool("a", "b")
+    start(pool, "r1", 0.0)
+    pool.handle(KeyRemoved(key_id="a", now=0.1))
+    stats = pool.statistics()
+    assert [(k.key_id, k.removing) for k in stats.keys] == [("b", False), ("a", True)]
+    assert stats.count_by_state()["healthy"] == 1
+
+
+@pytest.mark.parametrize(
+    ("event", "match"),
+    [
+        (KeyMarked(key_id="a", state=KeyState.RATE_LIMITED, until=0.5, now=1.0), "after now"),
+        (KeyAdded(key="a", now=1.0), "KeySpec"),  # type: ignore[arg-type]
+    ],
+)
+def test_more_misuse(event: object, match: str) -> None:
+    pool = make_pool("a")
+    pool.handle(Tick(now=1.0))
+    with pytest.raises(PoolError, match=match):
+        pool.handle(event)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("build", "match"),
+    [
+        (lambda: KeySpec(key_id="a", account=""), "account"),
+        (lambda: PoolConfig(keys=[KeySpec(key_id="a")], weight_by="age"), "weight_by"),
+        (lambda: PoolConfig(keys=[KeySpec(key_id="a")], seed="x"), "seed"),
+        (lambda: PoolConfig.from_json({"keys": [{"key_id": "a"}], "colour": 1}), "colour"),
+    ],
+)
+def test_more_invalid_configuration(build: object, match: str) -> None:
+    with pytest.raises(PoolError, match=match):
+        build()  # type: ignore[operator]
+
+
+def test_lifetime_budget_depletes_for_good() -> None:
+    pool = make_pool(specs=[KeySpec(key_id="a", budget=1.0), KeySpec(key_id="b")])
+    for rid, cost in (("r1", 0.6), ("r2", 0.6)):
+        start(pool, rid, 0.0, pin="a")
+        respond(pool, rid, 0.0, 200)
+        out = finish(pool, rid, 0.0, cost=cost)
+    assert changes(out) == [("a", "healthy", "depleted")]
+    assert pool.statistics().keys[0].until is None
+
+
+def test_tpm_estimate_is_corrected_by_the_real_count() -> None:
+    pool = make_pool(specs=[KeySpec(key_id="a", tpm=600)], queue_timeout=1000.0)
+    start(pool, "r1", 0.0, tokens=6000)  # estimate: 10 minutes of tokens
+    assert start(pool, "r2", 0.0) == []  # paced
+    respond(pool, "r1", 1.0, 200)
+    out = finish(pool, "r1", 1.0, prompt_tokens=50, completion_tokens=10)  # only 6 s worth
+    assert only(out, Send).request_id == "r2"
+
+
+def test_snapshot_keeps_pacing_timers() -> None:
+    pool = make_pool(specs=[KeySpec(key_id="a", rpm=30)])
+    start(pool, "r1", 0.0)
+    start(pool, "r2", 0.0)
+    restored = Pool.restore(json.loads(json.dumps(pool.snapshot())))
+    assert restored.next_deadline() == pool.next_deadline() == pytest.approx(2.0)
+    assert restored.handle(Tick(now=2.0)) == pool.handle(Tick(now=2.0))
+
+
+def test_a_200_reported_inside_a_stream_changes_nothing() -> None:
+    pool = make_pool("a")
+    start(pool, "r1", 0.0)
+    respond(pool, "r1", 0.0, 200)
+    assert finish(pool, "r1", 0.1, error_status=200) == []

@@ -242,11 +242,17 @@ class PoolMachine(RuleBasedStateMachine):
         return sorted(r for r, k in self.live.items() if k is not None and r not in self.delivered)
 
     @precondition(lambda self: bool(self.sent()))
-    @rule(data=st.data(), answer=ANSWERS, headers=st.booleans())
+    @rule(
+        data=st.data(),
+        answer=ANSWERS,
+        headers=st.booleans(),
+        dt=st.sampled_from([0.0, 0.0, 0.3, 5.0, 60.0]),
+    )
     def respond(
-        self, data: st.DataObject, answer: tuple[int, float | None, Any], headers: bool
+        self, data: st.DataObject, answer: tuple[int, float | None, Any], headers: bool, dt: float
     ) -> None:
         rid = data.draw(st.sampled_from(self.sent()))
+        self.now += dt  # responses arrive later: timers fire inside this handle
         status, retry_after, body = answer
         hdrs = {"retry-after": str(int(retry_after))} if headers and retry_after else None
         self.feed(
@@ -268,6 +274,7 @@ class PoolMachine(RuleBasedStateMachine):
     )
     def finish(self, data: st.DataObject, cost: float, error: int | None) -> None:
         rid = data.draw(st.sampled_from(sorted(self.delivered)))
+        self.now += 0.25
         self.feed(
             ResponseFinished(
                 request_id=rid,
