@@ -481,19 +481,19 @@ class Pool:
             self._run_timers(now, out)
         key = req.key
         assert key is not None
-        self._release(req)
-        req.state = -1
-        del self._requests[req.request_id]
         prompt, completion = event.prompt_tokens, event.completion_tokens
         if prompt or completion:
             key.prompt_tokens += prompt
             key.completion_tokens += completion
         tpm = None if key.plain else key.spec.tpm
-        if tpm is not None:
+        if tpm is not None:  # correct the estimate before the key is released
             estimate = req.event.tokens
             if prompt + completion != estimate:
                 base = key.tok_at if key.tok_at is not None and key.tok_at > now else now
                 key.tok_at = max(now, base + (prompt + completion - estimate) * 60.0 / tpm)
+        self._release(req)
+        req.state = -1
+        del self._requests[req.request_id]
         cost = event.cost
         if cost:
             self._spend(key, cost, now, out)
