@@ -98,7 +98,7 @@ Mode = Literal["post", "stream"]
 MODES: tuple[Mode, ...] = ("post", "stream")
 MODE_TITLES: dict[Mode, str] = {
     "post": "Sequential keep-alive POST /chat/completions, non-streaming (JSON body read)",
-    "stream": ('Sequential keep-alive POST /chat/completions, "stream": true (SSE read to [DONE])'),
+    "stream": 'Sequential keep-alive POST /chat/completions, "stream": true (SSE read to [DONE])',
 }
 
 Headers = list[tuple[bytes, bytes]]
@@ -1065,17 +1065,24 @@ def upstream_process(backend: str, startup_timeout: float = 30.0) -> Iterator[tu
 
 SLOW_STREAM = "sk-or-v1-fake-check-slow-stream"  # an SSE event every 50 ms
 SLOW_HEAD = "sk-or-v1-fake-check-slow-head"  # response headers after 2 s
+BUSY = "sk-or-v1-fake-check-busy"  # response headers after 10 ms
 CHUNK_DELAY = 0.05
 STREAM_TOKENS = 10  # about 16 SSE events: about 0.75 s in all
 CANCEL_AFTER = 0.25
 SHORT_TIMEOUT = 0.3
-CONTENTION_ROUNDS = 20
+CONTENTION_ROUNDS = 100
 CONTENTION_TASKS = 8
 CONTENTION_CONNECTIONS = 2
+CONTENTION_DEADLINE = 0.03
 
 
 def check_scenario() -> Scenario:
-    return Scenario.open().add(SLOW_STREAM, SlowStream(CHUNK_DELAY)).add(SLOW_HEAD, Slow(2.0))
+    return (
+        Scenario.open()
+        .add(SLOW_STREAM, SlowStream(CHUNK_DELAY))
+        .add(SLOW_HEAD, Slow(2.0))
+        .add(BUSY, Slow(0.01))
+    )
 
 
 @dataclass
@@ -1092,17 +1099,22 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.0f} ms"
 
 
-def _busy(connections: list[Any] | None) -> int:
+def _busy(connections: list[Any] | None) -> list[Any]:
     """Connections neither idle nor closed (with no request running: leaked)."""
     if connections is None:
-        return 0
-    return sum(1 for c in connections if not c.is_idle() and not c.is_closed())
+        return []
+    return [c for c in connections if not c.is_idle() and not c.is_closed()]
 
 
 async def _read_all(client: AsyncBench, secret: str, body: bytes) -> None:
     async with client.open_stream(secret, body) as response:
         async for _ in response.chunks:
             pass
+
+
+async def _read_before(client: AsyncBench, body: bytes, deadline: float) -> None:
+    with anyio.move_on_after(deadline):
+        await _read_all(client, BUSY, body)
 
 
 async def check_async(
@@ -1118,6 +1130,7 @@ async def check_async(
     client = make(settings)
     try:
         port_before = await _port_async(client)
+        await anyio.sleep(0.3)  # earlier checks' hang-ups are counted by now
         disconnects = server.stats(SLOW_STREAM).disconnects
         times: list[float] = []
         start = clock()
@@ -1141,7 +1154,7 @@ async def check_async(
         result.closed = (
             f"{'yes' if port_after != port_stream else 'NO'}: new connection after cancel"
             f"{'' if reused_before else ' (stream was not on the pooled one)'}; "
-            f"server saw {seen} disconnect(s); busy connections left: {_busy(client.connections())}"
+            f"server saw {seen} disconnect(s); busy connections: {len(_busy(client.connections()))}"
         )
     finally:
         await client.aclose()
@@ -1177,18 +1190,19 @@ async def check_async(
     finally:
         await client.aclose()
 
-    # Cancellation under contention: 8 streams on 2 connections, all cancelled at a
-    # random moment, 20 times; then 3 requests with a 1 s pool timeout.
+    # Cancellation under contention (httpcore #1093): 8 requests on 2 connections,
+    # each with its own random deadline (0-30 ms) against 10 ms of upstream latency,
+    # 100 times; then 3 requests with a 1 s pool timeout.
     client = make(replace(settings, max_connections=CONTENTION_CONNECTIONS, pool_timeout=1.0))
     rng = random.Random(0)
     try:
         for _ in range(CONTENTION_ROUNDS):
-            with anyio.move_on_after(rng.uniform(0.0, 0.15)):
-                async with anyio.create_task_group() as tg:
-                    for _ in range(CONTENTION_TASKS):
-                        tg.start_soon(_read_all, client, SLOW_STREAM, slow)
+            async with anyio.create_task_group() as tg:
+                for _ in range(CONTENTION_TASKS):
+                    tg.start_soon(_read_before, client, post, rng.uniform(0, CONTENTION_DEADLINE))
         await anyio.sleep(0.3)
         leaked = _busy(client.connections())
+        states = ", ".join(sorted({repr(c) for c in leaked}))
         ok, failure = 0, ""
         for _ in range(3):
             try:
@@ -1197,7 +1211,8 @@ async def check_async(
             except Exception as exc:
                 failure = f" ({type(exc).__name__})"
         result.contention = (
-            f"{leaked} of {CONTENTION_CONNECTIONS} connections stuck; "
+            f"{len(leaked)} of {CONTENTION_CONNECTIONS} connections stuck"
+            f"{f' {states}' if leaked else ''}; "
             f"{ok}/3 later requests ok{failure}"
         )
     finally:
@@ -1218,6 +1233,7 @@ def check_sync(
     client = make(settings)
     try:
         port_before = _port_sync(client)
+        time.sleep(0.3)  # earlier checks' hang-ups are counted by now
         disconnects = server.stats(SLOW_STREAM).disconnects
         times: list[float] = []
         start = clock()
@@ -1244,7 +1260,7 @@ def check_sync(
         result.closed = (
             f"{'yes' if port_after != port_stream else 'NO'}: new connection after close"
             f"{'' if port_stream == port_before else ' (stream was not on the pooled one)'}; "
-            f"server saw {seen} disconnect(s); busy connections left: {_busy(client.connections())}"
+            f"server saw {seen} disconnect(s); busy connections: {len(_busy(client.connections()))}"
         )
     finally:
         client.close()
@@ -1292,9 +1308,10 @@ def run_checks(upstream_backend: str) -> str:
         "(anyio cancel scope; sync: break out of the loop and close the response). "
         f"Read timeout {_ms(SHORT_TIMEOUT)} against headers sent after 2 s. Pool timeout "
         f"{_ms(SHORT_TIMEOUT)} with max_connections=1 held by a stream. Contention: "
-        f"{CONTENTION_ROUNDS} rounds of {CONTENTION_TASKS} concurrent streams on "
-        f"max_connections={CONTENTION_CONNECTIONS}, all cancelled at a random moment "
-        "(0-150 ms), then 3 requests with a 1 s pool timeout.",
+        f"{CONTENTION_ROUNDS} rounds of {CONTENTION_TASKS} concurrent requests on "
+        f"max_connections={CONTENTION_CONNECTIONS}, each with its own random deadline "
+        f"(0-{_ms(CONTENTION_DEADLINE)}) against 10 ms of upstream latency (a proxy whose "
+        "callers give up), then 3 requests with a 1 s pool timeout.",
         "",
         "| client | backend | incremental body | cancel mid-stream | connection closed? "
         "| read timeout | pool timeout | cancel under contention |",

@@ -6,6 +6,7 @@ never leave the core. ``Pool.snapshot`` turns them into JSON.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from .config import KeySpec
@@ -31,41 +32,45 @@ class Window:
 
     Two aligned tumbling windows; the estimate weights the previous one by the
     part of it still inside the sliding window (Cloudflare's approximation).
+    ``end`` is where the current window ends: counting is one comparison and
+    one increment until then.
     """
 
-    __slots__ = ("cur_err", "cur_req", "prev_err", "prev_req", "start")
+    __slots__ = ("cur_err", "cur_req", "end", "prev_err", "prev_req")
 
     def __init__(self) -> None:
-        self.start: float | None = None
+        self.end = -math.inf
         self.cur_req = self.cur_err = self.prev_req = self.prev_err = 0
 
     def roll(self, now: float, size: float) -> None:
         """Advance to the window holding ``now``."""
-        start = self.start
-        if start is None or now >= start + size:
+        if now >= self.end:
             aligned = now - (now % size)
-            if start is not None and aligned - start == size:
+            if aligned == self.end:
                 self.prev_req, self.prev_err = self.cur_req, self.cur_err
             else:
                 self.prev_req = self.prev_err = 0
             self.cur_req = self.cur_err = 0
-            self.start = aligned
+            self.end = aligned + size
 
     def estimate(self, now: float, size: float) -> tuple[float, float]:
         """(requests, errors) in the sliding window ending at ``now``."""
         self.roll(now, size)
-        assert self.start is not None
-        weight = 1.0 - (now - self.start) / size
+        weight = (self.end - now) / size  # share of the previous window still inside
         return (
             self.cur_req + self.prev_req * weight,
             self.cur_err + self.prev_err * weight,
         )
 
     def to_json(self) -> list[Any]:
-        return [self.start, self.cur_req, self.cur_err, self.prev_req, self.prev_err]
+        return [None if self.end == -math.inf else self.end, *self._counts()]
+
+    def _counts(self) -> list[int]:
+        return [self.cur_req, self.cur_err, self.prev_req, self.prev_err]
 
     def load(self, data: list[Any]) -> None:
-        self.start, self.cur_req, self.cur_err, self.prev_req, self.prev_err = data
+        end, self.cur_req, self.cur_err, self.prev_req, self.prev_err = data
+        self.end = -math.inf if end is None else end
 
 
 class KeyRecord:

@@ -32,8 +32,8 @@ from .decisions import (
     KeyStateChanged,
     Probe,
     Reject,
+    Send,
     make_deliver,
-    make_send,
 )
 from .errors import PoolError
 from .events import (
@@ -55,8 +55,14 @@ from .statistics import KeyStatistics, PoolStatistics
 
 __all__ = ["SNAPSHOT_VERSION", "Pool"]
 
+_new = object.__new__
+_send_request_id = Send.__dict__["request_id"].__set__
+_send_key_id = Send.__dict__["key_id"].__set__
+_send_attempt = Send.__dict__["attempt"].__set__
+
 SNAPSHOT_VERSION = 1
 
+_INF = math.inf
 _HEALTHY = KeyState.HEALTHY
 _RECOVERING = KeyState.RECOVERING
 _RATE_LIMITED = KeyState.RATE_LIMITED
@@ -395,7 +401,7 @@ class Pool:
 
     def _on_started(self, event: RequestStarted) -> list[Decision]:
         now = event.now
-        if not (now >= self._now) or now == math.inf:
+        if not (self._now <= now < _INF):
             self._check_time(event)
         request_id = event.request_id
         requests = self._requests
@@ -429,7 +435,7 @@ class Pool:
     def _on_response(self, event: ResponseReceived) -> list[Decision]:
         req = self._requests.get(event.request_id)
         now = event.now
-        if req is None or req.state != SENT or not (now >= self._now) or now == math.inf:
+        if req is None or req.state != SENT or not (self._now <= now < _INF):
             req = self._request(event, SENT)
         out: list[Decision] = []
         self._now = now
@@ -439,7 +445,15 @@ class Pool:
         assert key is not None
         status = event.status
         if 200 <= status < 300 and event.headers is None and event.retry_after is None:
-            self._succeeded(req, key, out)
+            if key.state is _HEALTHY and not self._latency:  # the common case, inline
+                req.state = DELIVERED
+                key.successes += 1
+                window = key.window
+                if now >= window.end:
+                    window.roll(now, self._config.error_window)
+                window.cur_req += 1
+            else:
+                self._succeeded(req, key, out)
             out.append(make_deliver(req.request_id, key.key_id, req.attempt, status))
             self._delivered += 1
             if self._wake:
@@ -473,7 +487,7 @@ class Pool:
     def _on_finished(self, event: ResponseFinished) -> list[Decision]:
         req = self._requests.get(event.request_id)
         now = event.now
-        if req is None or req.state != DELIVERED or not (now >= self._now) or now == math.inf:
+        if req is None or req.state != DELIVERED or not (self._now <= now < _INF):
             req = self._request(event, DELIVERED)
         out: list[Decision] = []
         self._now = now
@@ -481,12 +495,11 @@ class Pool:
             self._run_timers(now, out)
         key = req.key
         assert key is not None
-        prompt, completion = event.prompt_tokens, event.completion_tokens
-        if prompt or completion:
-            key.prompt_tokens += prompt
-            key.completion_tokens += completion
+        key.prompt_tokens += event.prompt_tokens
+        key.completion_tokens += event.completion_tokens
         tpm = None if key.plain else key.spec.tpm
         if tpm is not None:  # correct the estimate before the key is released
+            prompt, completion = event.prompt_tokens, event.completion_tokens
             estimate = req.event.tokens
             if prompt + completion != estimate:
                 base = key.tok_at if key.tok_at is not None and key.tok_at > now else now
@@ -830,7 +843,11 @@ class Pool:
             self._select.requeue(key)
         elif self._rescore_on_load:
             self._select.rescore(key)
-        out.append(make_send(req.request_id, key.key_id, attempt))
+        send = _new(Send)  # make_send(...), inlined on the hottest path
+        _send_request_id(send, req.request_id)
+        _send_key_id(send, key.key_id)
+        _send_attempt(send, attempt)
+        out.append(send)
 
     def _assign_limits(self, req: RequestRecord, key: KeyRecord) -> None:
         """The rarer parts of sending: trials, pacing, groups."""
@@ -1038,10 +1055,9 @@ class Pool:
         now = self._now
         req.state = DELIVERED
         key.successes += 1
-        size = self._config.error_window
         window = key.window
-        if window.start is None or now >= window.start + size:
-            window.roll(now, size)
+        if now >= window.end:
+            window.roll(now, self._config.error_window)
         window.cur_req += 1
         if self._latency:
             alpha = self._config.latency_alpha
