@@ -1446,4 +1446,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    try:
+        raise SystemExit(main())
+    except KeyboardInterrupt:  # the upstream is already stopped (upstream_process)
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130) from None

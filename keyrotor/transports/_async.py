@@ -1,0 +1,554 @@
+"""The async client, written once on anyio: it runs under asyncio and trio.
+
+``keyrotor.transports.asyncio.Client`` and ``keyrotor.transports.trio.Client``
+are this class. Everything that can be decided is decided by the ``Driver``
+(and the core behind it); this module only sends, waits and sleeps.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, Self
+
+import anyio
+import httpcore
+
+from ..core import (
+    Deliver,
+    PoolConfig,
+    Probe,
+    ProbeFinished,
+    Reject,
+    ResponseFinished,
+    ResponseReceived,
+    Send,
+    Tick,
+    TransportFailed,
+)
+from ._driver import OPENROUTER_URL, Driver, Slot, StreamAccountant, keys_from_env
+from ._http import (
+    MAX_ERROR_BODY,
+    HTTPOptions,
+    Response,
+    decode_headers,
+    failure_reason,
+    parse_json,
+    request_headers,
+    split_url,
+)
+from .errors import KeyrotorError, NoKeyAvailable, UpstreamError
+
+__all__ = ["AsyncClient", "StreamResponse"]
+
+
+class _Waiter:
+    """Wakes one waiting task; re-armed after every wait."""
+
+    __slots__ = ("_event",)
+
+    def __init__(self) -> None:
+        self._event = anyio.Event()
+
+    def wake(self) -> None:
+        self._event.set()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+        self._event = anyio.Event()
+
+
+class StreamResponse:
+    """A delivered response whose body is read as it arrives.
+
+    Iterate ``aiter_bytes()`` or ``aiter_lines()``; usage in the last SSE
+    chunk and an in-stream error are accounted to the key when the body ends.
+    """
+
+    def __init__(
+        self,
+        client: AsyncClient,
+        request_id: str,
+        response: httpcore.Response,
+        deliver: Deliver,
+        headers: dict[str, str],
+        prefetched: bytes | None = None,
+    ) -> None:
+        self._client = client
+        self._prefetched = prefetched
+        self._request_id = request_id
+        self._response = response
+        self._accountant = StreamAccountant(headers.get("content-type", ""))
+        self._done = False
+        self.status_code = deliver.status
+        self.headers = headers
+        self.key = deliver.key_id
+        self.attempts = deliver.attempt
+
+    async def aiter_bytes(self) -> AsyncIterator[bytes]:
+        """The body, chunk by chunk as the upstream sends it."""
+        if self._done:
+            return
+        accountant = self._accountant
+        if self._prefetched is not None:  # an error answer, read to classify it
+            accountant.feed(self._prefetched)
+            if self._prefetched:
+                yield self._prefetched
+        else:
+            try:
+                async for chunk in self._response.aiter_stream():
+                    accountant.feed(chunk)
+                    yield chunk
+            except (httpcore.NetworkError, httpcore.TimeoutException) as exc:
+                await self._end(failure=failure_reason(exc))
+                raise
+        accountant.close()
+        await self._end()
+
+    async def aiter_lines(self) -> AsyncIterator[str]:
+        """The body as text lines (SSE ``data:`` and comment lines included)."""
+        pending = ""
+        async for chunk in self.aiter_bytes():
+            pending += chunk.decode("utf-8", errors="replace")
+            *lines, pending = pending.split("\n")
+            for line in lines:
+                yield line.removesuffix("\r")
+        if pending:
+            yield pending
+
+    async def aread(self) -> bytes:
+        """The rest of the body at once."""
+        return b"".join([chunk async for chunk in self.aiter_bytes()])
+
+    async def _end(self, failure: str | None = None) -> None:
+        if self._done:
+            return
+        self._done = True
+        await self._response.aclose()
+        a = self._accountant
+        driver = self._client._driver
+        if failure is None:
+            driver.feed(
+                ResponseFinished(
+                    request_id=self._request_id,
+                    now=driver.now(),
+                    cost=a.cost,
+                    prompt_tokens=a.prompt_tokens,
+                    completion_tokens=a.completion_tokens,
+                    error_status=a.error_status,
+                    error_body=a.error_body,
+                )
+            )
+        else:
+            driver.feed(
+                TransportFailed(request_id=self._request_id, now=driver.now(), reason=failure)
+            )
+        driver.close(self._request_id, ended=True)
+
+    async def aclose(self) -> None:
+        """Stop reading: the upstream request is cancelled and the key freed."""
+        if not self._done:
+            self._done = True
+            with anyio.CancelScope(shield=True):
+                await self._response.aclose()
+            self._client._driver.close(self._request_id, ended=False)
+
+
+class AsyncClient:
+    """Calls an OpenAI-compatible API through a pool of keys, with failover.
+
+    ``async with AsyncClient(keys) as client:`` runs the pool's timer and its
+    probes in a task group for as long as the block lasts.
+
+    Args:
+        keys: the secrets (aliases ``key1``, ``key2``, ... are given), or a
+            mapping alias -> secret. Secrets stay here: the pool, ``status()``,
+            errors and logs know keys by alias only.
+        base_url: the upstream, OpenRouter's by default.
+        config: the pool's ``PoolConfig`` (its key ids must be the aliases).
+        http: connection and timeout options.
+        headers: headers sent on every request (``HTTP-Referer``, ``X-Title``).
+        probe_path: the cheap call that probes a key (OpenRouter: ``/key``).
+    """
+
+    def __init__(
+        self,
+        keys: Mapping[str, str] | Iterable[str],
+        base_url: str = OPENROUTER_URL,
+        config: PoolConfig | None = None,
+        *,
+        http: HTTPOptions | None = None,
+        headers: Mapping[str, str] | None = None,
+        probe_path: str = "/key",
+    ) -> None:
+        self._driver = Driver(keys, config, clock=anyio.current_time)
+        self._origin, self._prefix, self._host = split_url(base_url)
+        self._options = http or HTTPOptions()
+        self._headers = dict(headers or {})
+        self._probe_path = probe_path
+        self._pool: httpcore.AsyncConnectionPool | None = None
+        self._tasks: anyio.abc.TaskGroup | None = None
+        self._timer = _Waiter()
+        self._probes = _Waiter()
+        self._driver.deadline_changed = self._timer.wake
+        self._driver.probe_ready = self._probes.wake
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **options: Any) -> Self:
+        """Keys from ``OPENROUTER_KEYS``, ``OPENROUTER_API_KEY`` and
+        ``OPENROUTER_API_KEY_1..N``; base URL from ``OPENROUTER_BASE_URL`` if set."""
+        env = os.environ if environ is None else environ
+        if "base_url" not in options and env.get("OPENROUTER_BASE_URL"):
+            options["base_url"] = env["OPENROUTER_BASE_URL"]
+        return cls(keys_from_env(env), **options)
+
+    def __repr__(self) -> str:
+        keys = list(self._driver.secrets)
+        return f"<{type(self).__name__} {self._origin}{self._prefix} keys={keys}>"
+
+    @property
+    def driver(self) -> Driver:
+        """The driver (and through it ``driver.pool``), for inspection and hooks."""
+        return self._driver
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def __aenter__(self) -> Self:
+        options = self._options
+        self._pool = httpcore.AsyncConnectionPool(
+            max_connections=options.max_connections,
+            keepalive_expiry=options.keepalive_expiry,
+        )
+        tasks = anyio.create_task_group()
+        await tasks.__aenter__()
+        self._tasks = tasks
+        tasks.start_soon(self._run_timer)
+        tasks.start_soon(self._run_probes)
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> bool | None:
+        tasks = self._tasks
+        await self.aclose()
+        assert tasks is not None
+        return await tasks.__aexit__(*exc_info)
+
+    async def aclose(self) -> None:
+        """Stop the timer and probes and close connections. Idempotent."""
+        if self._tasks is not None:
+            self._tasks.cancel_scope.cancel()
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            with anyio.CancelScope(shield=True):
+                await pool.aclose()
+
+    def _http(self) -> httpcore.AsyncConnectionPool:
+        if self._pool is None:
+            raise KeyrotorError("use the client inside `async with Client(...) as client:`")
+        return self._pool
+
+    # ------------------------------------------------------------- requests
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        content: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+        pin: str | int | None = None,
+        session: str | None = None,
+        group: str | None = None,
+        timeout: float | None = None,
+    ) -> Response:
+        """Send a request through the pool and read the whole response.
+
+        Failover is invisible: the response is the first one the pool delivers
+        (a success, or an error no other key would fix). Raises
+        ``NoKeyAvailable`` when no key can serve in time.
+        """
+        async with self.stream(
+            method,
+            path,
+            json=json,
+            content=content,
+            headers=headers,
+            pin=pin,
+            session=session,
+            group=group,
+            timeout=timeout,
+        ) as response:
+            body = await response.aread()
+        return Response(
+            status_code=response.status_code,
+            headers=response.headers,
+            content=body,
+            key=response.key,
+            attempts=response.attempts,
+        )
+
+    @asynccontextmanager
+    async def stream(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        content: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+        pin: str | int | None = None,
+        session: str | None = None,
+        group: str | None = None,
+        timeout: float | None = None,
+    ) -> AsyncIterator[StreamResponse]:
+        """Like ``request``, but the body is read as it arrives (for SSE).
+
+        Leaving the block early cancels the upstream request and frees the key.
+        """
+        body = _encode(json, content)
+        merged = {**self._headers, **(headers or {})}
+        waiter = _Waiter()
+        driver = self._driver
+        request_id, slot = driver.open(
+            waiter.wake, pin=pin, session=session, group=group, timeout=timeout
+        )
+        response = await self._attempts(request_id, slot, waiter, method, path, body, merged)
+        try:
+            yield response
+        finally:
+            await response.aclose()
+
+    async def _attempts(
+        self,
+        request_id: str,
+        slot: Slot,
+        waiter: _Waiter,
+        method: str,
+        path: str,
+        body: bytes | None,
+        headers: dict[str, str],
+    ) -> StreamResponse:
+        """Carry out the pool's decisions for one request until one is delivered."""
+        driver = self._driver
+        ended = False
+        try:
+            while True:
+                while not slot.decisions:
+                    await waiter.wait()
+                decision = slot.decisions.popleft()
+                if isinstance(decision, Reject):
+                    ended = True
+                    driver.close(request_id, ended=True)
+                    raise NoKeyAvailable(decision.status, decision.retry_after, decision.reason)
+                assert isinstance(decision, Send)
+                opened = await self._send_one(request_id, decision, method, path, body, headers)
+                if opened is not None:
+                    return opened
+        except BaseException:
+            if not ended:
+                driver.close(request_id, ended=False)
+            raise
+
+    async def _send_one(
+        self,
+        request_id: str,
+        send: Send,
+        method: str,
+        path: str,
+        body: bytes | None,
+        headers: dict[str, str],
+    ) -> StreamResponse | None:
+        """One attempt: returns the delivered response, or None to go on."""
+        driver = self._driver
+        slot = driver.slots[request_id]
+        request = httpcore.Request(
+            method,
+            f"{self._origin}{self._prefix}{path}",
+            headers=request_headers(self._host, driver.secrets[send.key_id], headers, body),
+            content=body,
+            extensions={"timeout": self._options.timeouts()},
+        )
+        try:
+            with anyio.fail_after(self._options.first_byte):
+                response = await self._http().handle_async_request(request)
+        except (httpcore.NetworkError, httpcore.TimeoutException, TimeoutError) as exc:
+            driver.feed(
+                TransportFailed(request_id=request_id, now=driver.now(), reason=failure_reason(exc))
+            )
+            return None
+        try:
+            status = response.status
+            response_headers = decode_headers(response.headers)
+            error_body = None
+            if status >= 300:
+                error_body = await _read_bounded(response)
+            driver.feed(
+                ResponseReceived(
+                    request_id=request_id,
+                    now=driver.now(),
+                    status=status,
+                    headers=response_headers,
+                    body=error_body,
+                    wall_time=driver.wall_clock(),
+                )
+            )
+            decision = slot.decisions[0] if slot.decisions else None
+            if isinstance(decision, Deliver) and decision.attempt == send.attempt:
+                slot.decisions.popleft()
+                return StreamResponse(
+                    self, request_id, response, decision, response_headers, error_body
+                )
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await response.aclose()
+            raise
+        await response.aclose()  # a failed attempt: drop it, the pool has decided
+        return None
+
+    # ------------------------------------------------------------ chat API
+
+    async def chat(
+        self,
+        *,
+        model: str,
+        messages: Sequence[Mapping[str, Any]],
+        pin: str | int | None = None,
+        session: str | None = None,
+        group: str | None = None,
+        timeout: float | None = None,
+        **params: Any,
+    ) -> Any:
+        """``POST /chat/completions``; the parsed JSON body. Raises
+        ``UpstreamError`` for an error answer, ``NoKeyAvailable`` if no key."""
+        payload = {"model": model, "messages": list(messages), **params}
+        response = await self.request(
+            "POST",
+            "/chat/completions",
+            json=payload,
+            pin=pin,
+            session=session,
+            group=group,
+            timeout=timeout,
+        )
+        return _json_or_raise(response)
+
+    async def parallel_chat(self, requests: Sequence[Mapping[str, Any]]) -> list[Any]:
+        """Run chat requests at once, each on its own key while enough keys
+        are usable (seed 000's ``parallelChat``). Raises the first error."""
+        results = await self.parallel_chat_partial(requests)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return results
+
+    async def parallel_chat_partial(
+        self, requests: Sequence[Mapping[str, Any]]
+    ) -> list[Any | KeyrotorError]:
+        """Like ``parallel_chat``, but every item is either its response or the
+        error that ended it (seed 000's ``parallelChatWithPartialResults``)."""
+        results: list[Any] = [None] * len(requests)
+        group = f"batch-{id(results)}"
+
+        async def one(index: int, params: Mapping[str, Any]) -> None:
+            try:
+                results[index] = await self.chat(**{"group": group, **params})
+            except KeyrotorError as exc:
+                results[index] = exc
+
+        async with anyio.create_task_group() as tasks:
+            for index, params in enumerate(requests):
+                tasks.start_soon(one, index, params)
+        return results
+
+    def status(self) -> dict[str, Any]:
+        """The pool at a glance (same shape as the proxy's ``/status``)."""
+        return self._driver.status()
+
+    # ------------------------------------------------------- timer, probes
+
+    async def _run_timer(self) -> None:
+        driver = self._driver
+        while True:
+            deadline = driver.next_deadline()
+            delay = math.inf if deadline is None else deadline - driver.now()
+            if delay > 0:
+                with anyio.move_on_after(delay):
+                    await self._timer.wait()
+                continue
+            driver.feed(Tick(now=driver.now()))
+
+    async def _run_probes(self) -> None:
+        driver = self._driver
+        async with anyio.create_task_group() as tasks:
+            while True:
+                while not driver.probes:
+                    await self._probes.wait()
+                tasks.start_soon(self._probe, driver.probes.popleft())
+
+    async def _probe(self, probe: Probe) -> None:
+        driver = self._driver
+        status: int | None = None
+        headers: dict[str, str] | None = None
+        body: bytes | None = None
+        secret = driver.secrets.get(probe.key_id)
+        if secret is not None:
+            request = httpcore.Request(
+                "GET",
+                f"{self._origin}{self._prefix}{self._probe_path}",
+                headers=request_headers(self._host, secret, self._headers, None),
+                extensions={"timeout": self._options.timeouts()},
+            )
+            try:
+                with anyio.fail_after(self._options.probe_timeout):
+                    response = await self._http().handle_async_request(request)
+                    try:
+                        body = await _read_bounded(response)
+                    finally:
+                        await response.aclose()
+                status, headers = response.status, decode_headers(response.headers)
+            except (httpcore.NetworkError, httpcore.TimeoutException, TimeoutError):
+                status = None
+        driver.feed(
+            ProbeFinished(
+                key_id=probe.key_id,
+                now=driver.now(),
+                status=status,
+                headers=headers,
+                body=parse_json(body) if body else None,
+                wall_time=driver.wall_clock(),
+            )
+        )
+
+
+def _encode(json_body: Any, content: bytes | None) -> bytes | None:
+    if json_body is not None and content is not None:
+        raise ValueError("pass json= or content=, not both")
+    if json_body is not None:
+        import json as _json
+
+        return _json.dumps(json_body, separators=(",", ":")).encode("utf-8")
+    return content
+
+
+async def _read_bounded(response: httpcore.Response) -> bytes:
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in response.aiter_stream():
+        parts.append(chunk)
+        size += len(chunk)
+        if size >= MAX_ERROR_BODY:
+            break
+    return b"".join(parts)
+
+
+def _json_or_raise(response: Response) -> Any:
+    body = parse_json(response.content)
+    if not response.is_success:
+        raise UpstreamError(response.status_code, body, response.key, response.attempts)
+    if body is None:
+        raise UpstreamError(
+            response.status_code, response.text[:200], response.key, response.attempts
+        )
+    return body

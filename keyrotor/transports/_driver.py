@@ -1,0 +1,357 @@
+"""What every transport shares: the pool, the secrets, and the routing of decisions.
+
+``Driver`` is synchronous and does no I/O. Each transport wraps it with its
+own way to wait (trio/asyncio events, threading conditions) and its own HTTP
+client; everything that can be decided here is decided here, once.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from ..core import (
+    Decision,
+    Deliver,
+    Event,
+    KeySpec,
+    KeyStateChanged,
+    Pool,
+    PoolConfig,
+    Probe,
+    Reject,
+    RequestCancelled,
+    RequestStarted,
+    Send,
+)
+from .errors import ConfigurationError
+
+__all__ = ["OPENROUTER_URL", "Driver", "Slot", "keys_from_env", "mask"]
+
+OPENROUTER_URL = "https://openrouter.ai/api/v1"
+
+Routed = Send | Deliver | Reject
+
+
+def mask(secret: str) -> str:
+    """A short form of a secret that is safe to show: ``sk-or-v1-…1a2b``."""
+    if len(secret) <= 12:
+        return "…"
+    head = secret[: secret.rfind("-") + 1] if "-" in secret[:12] else secret[:3]
+    return f"{head[:10]}…{secret[-4:]}"
+
+
+def keys_from_env(environ: Mapping[str, str]) -> list[str]:
+    """Secrets named the seeds' way: ``OPENROUTER_KEYS`` (comma-separated),
+    ``OPENROUTER_API_KEY``, ``OPENROUTER_API_KEY_1`` .. ``_N``; duplicates dropped."""
+    found: list[str] = []
+    found += [k.strip() for k in environ.get("OPENROUTER_KEYS", "").split(",")]
+    found.append(environ.get("OPENROUTER_API_KEY", "").strip())
+    numbered = sorted(
+        (int(name.rsplit("_", 1)[1]), value.strip())
+        for name, value in environ.items()
+        if name.startswith("OPENROUTER_API_KEY_") and name.rsplit("_", 1)[1].isdigit()
+    )
+    found += [value for _, value in numbered]
+    unique = list(dict.fromkeys(k for k in found if k))
+    if not unique:
+        raise ConfigurationError(
+            "no API keys in the environment: set OPENROUTER_KEYS (comma-separated), "
+            "OPENROUTER_API_KEY, or OPENROUTER_API_KEY_1, _2, ..."
+        )
+    return unique
+
+
+class Slot:
+    """One request's mailbox: the decisions routed to it, in order.
+
+    ``wake`` is the transport's way to rouse the waiting task or thread; it is
+    called with the driver's lock held (if any) and must not block.
+    """
+
+    __slots__ = ("decisions", "wake")
+
+    def __init__(self, wake: Callable[[], None]) -> None:
+        self.decisions: deque[Routed] = deque()
+        self.wake = wake
+
+
+class Driver:
+    """The pool plus the bookkeeping every transport needs.
+
+    ``feed`` hands an event to the pool and routes each decision: request
+    decisions to the request's ``Slot``, probes to ``probes``, state changes to
+    the ``on_state_change`` callbacks. ``deadline_changed`` tells the timer task
+    to look at ``next_deadline()`` again.
+    """
+
+    def __init__(
+        self,
+        keys: Mapping[str, str] | Iterable[str],
+        config: PoolConfig | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        secrets = _aliases(keys)
+        if config is None:
+            config = PoolConfig(keys=[KeySpec(key_id=alias) for alias in secrets])
+        configured = {spec.key_id for spec in config.keys}
+        if configured != set(secrets):
+            raise ConfigurationError(
+                "the PoolConfig's key ids and the secrets' aliases differ: "
+                f"config has {sorted(configured)}, secrets have {sorted(secrets)}"
+            )
+        self.secrets: dict[str, str] = dict(secrets)
+        self.pool = Pool(config)
+        self.clock = clock
+        self.wall_clock = wall_clock
+        self.slots: dict[str, Slot] = {}
+        self.probes: deque[Probe] = deque()
+        self.on_state_change: list[Callable[[KeyStateChanged], None]] = []
+        self.deadline_changed: Callable[[], None] = _nothing
+        self.probe_ready: Callable[[], None] = _nothing
+        self._ids = itertools.count(1)
+        self._deadline: float | None = None
+
+    # -------------------------------------------------------------- events
+
+    def now(self) -> float:
+        """The driver's clock, never behind the pool's (clocks can be coarse)."""
+        now = self.clock()
+        pool_now = self.pool.now
+        return pool_now if now < pool_now else now
+
+    def feed(self, event: Event) -> list[Decision]:
+        """Hand ``event`` to the pool and route the decisions."""
+        decisions = self.pool.handle(event)
+        for decision in decisions:
+            if isinstance(decision, (Send, Deliver, Reject)):
+                slot = self.slots.get(decision.request_id)
+                if slot is not None:
+                    slot.decisions.append(decision)
+                    slot.wake()
+            elif isinstance(decision, Probe):
+                self.probes.append(decision)
+                self.probe_ready()
+            else:
+                for callback in self.on_state_change:
+                    callback(decision)
+        deadline = self.pool.next_deadline()
+        if deadline != self._deadline:
+            self._deadline = deadline
+            self.deadline_changed()
+        return decisions
+
+    def open(
+        self,
+        wake: Callable[[], None],
+        *,
+        pin: str | int | None = None,
+        session: str | None = None,
+        group: str | None = None,
+        timeout: float | None = None,
+        tokens: int = 0,
+    ) -> tuple[str, Slot]:
+        """Start a request: a fresh id, its slot, and the pool told about it."""
+        request_id = f"q{next(self._ids)}"
+        slot = Slot(wake)
+        self.slots[request_id] = slot
+        now = self.now()
+        deadline = None if timeout is None else now + timeout
+        try:
+            self.feed(
+                RequestStarted(
+                    request_id=request_id,
+                    now=now,
+                    pin=pin,
+                    session=session,
+                    group=group,
+                    deadline=deadline,
+                    tokens=tokens,
+                )
+            )
+        except BaseException:
+            del self.slots[request_id]
+            raise
+        return request_id, slot
+
+    def close(self, request_id: str, *, ended: bool) -> None:
+        """The caller is done with the request. If the pool still holds it
+        (``ended`` is False: cancelled, timed out, an error), say so."""
+        self.slots.pop(request_id, None)
+        if not ended:
+            self.feed(RequestCancelled(request_id=request_id, now=self.now()))
+
+    def next_deadline(self) -> float | None:
+        """When the timer task should feed ``Tick``."""
+        return self.pool.next_deadline()
+
+    # -------------------------------------------------------------- status
+
+    def status(self) -> dict[str, Any]:
+        """The JSON-able picture of the pool the proxy also serves."""
+        stats = self.pool.statistics()
+        now = self.now()
+        wall = self.wall_clock()
+        keys = []
+        for key in stats.keys:
+            item = key.to_json()
+            item["alias"] = item.pop("key_id")
+            item["masked"] = mask(self.secrets.get(key.key_id, ""))
+            if key.until is not None:
+                item["until_in"] = round(max(key.until - now, 0.0), 3)
+                item["until_wall"] = wall + max(key.until - now, 0.0)
+                del item["until"]
+            keys.append(item)
+        answered = sum(k["successes"] + sum(k["errors"].values()) for k in keys)
+        successes = sum(k["successes"] for k in keys)
+        return {
+            "totalKeys": len([k for k in stats.keys if not k.removing]),
+            "health": stats.count_by_state(),
+            "stats": {
+                "totalRequests": stats.started,
+                "successRate": successes / answered if answered else None,
+                "totalCost": stats.to_json()["spend"],
+                "inFlight": stats.in_flight,
+                "queued": stats.queued,
+                "delivered": stats.delivered,
+                "rejected": stats.rejected,
+            },
+            "keys": keys,
+        }
+
+
+def _aliases(keys: Mapping[str, str] | Iterable[str]) -> dict[str, str]:
+    """alias -> secret; plain secrets get aliases ``key1``, ``key2``, ..."""
+    if isinstance(keys, Mapping):
+        pairs = dict(keys)
+    else:
+        secrets = list(keys)
+        if any(not isinstance(s, str) for s in secrets):
+            raise ConfigurationError("keys must be strings (the secrets) or an alias->secret map")
+        pairs = {f"key{i}": secret for i, secret in enumerate(secrets, 1)}
+    if not pairs:
+        raise ConfigurationError("no keys given: pass at least one API key")
+    if len(set(pairs.values())) != len(pairs):
+        raise ConfigurationError("the same secret is given twice")
+    for alias, secret in pairs.items():
+        if not secret or any(c.isspace() for c in secret):
+            raise ConfigurationError(f"the secret for {alias!r} is empty or has whitespace")
+    return pairs
+
+
+def _nothing() -> None:
+    pass
+
+
+# ------------------------------------------------------------------ usage
+
+
+def usage_of(payload: Any) -> tuple[float, int, int]:
+    """(cost, prompt tokens, completion tokens) from a response or chunk's ``usage``."""
+    usage = payload.get("usage") if isinstance(payload, dict) else None
+    if not isinstance(usage, dict):
+        return 0.0, 0, 0
+    cost = _number(usage.get("cost"))
+    return (
+        cost if cost is not None and math.isfinite(cost) and cost >= 0 else 0.0,
+        int(_number(usage.get("prompt_tokens")) or 0),
+        int(_number(usage.get("completion_tokens")) or 0),
+    )
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+class StreamAccountant:
+    """Reads an SSE stream as it passes, for its usage and any in-stream error.
+
+    Only ``data:`` lines that mention ``usage`` or ``error`` are parsed, so a
+    long stream costs a substring search per line.
+    """
+
+    __slots__ = (
+        "_body",
+        "_sse",
+        "_tail",
+        "completion_tokens",
+        "cost",
+        "error_body",
+        "error_status",
+        "prompt_tokens",
+    )
+
+    MAX_JSON = 8 << 20
+    """A JSON body is kept (to read its usage at the end) up to this size."""
+
+    def __init__(self, content_type: str = "text/event-stream") -> None:
+        self.cost = 0.0
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.error_status: int | None = None
+        self.error_body: Any = None
+        self._sse = "event-stream" in content_type
+        self._tail = b""
+        self._body: list[bytes] | None = None if self._sse else []
+
+    def feed(self, chunk: bytes) -> None:
+        """Account the lines completed by ``chunk`` (or keep a JSON body)."""
+        body = self._body
+        if body is not None:
+            body.append(chunk)
+            if sum(map(len, body)) > self.MAX_JSON:
+                self._body = None
+            return
+        if not self._sse:
+            return
+        data = self._tail + chunk
+        lines = data.split(b"\n")
+        self._tail = lines.pop()
+        for line in lines:
+            self._line(line)
+
+    def close(self) -> None:
+        """The body ended: account a last line, or the JSON body's usage."""
+        if self._body is not None:
+            try:
+                payload = json.loads(b"".join(self._body))
+            except ValueError:
+                payload = None
+            self.cost, self.prompt_tokens, self.completion_tokens = usage_of(payload)
+            self._body = None
+        elif self._tail:
+            self._line(self._tail)
+            self._tail = b""
+
+    def _line(self, line: bytes) -> None:
+        if not line.startswith(b"data:") or (b'"usage"' not in line and b'"error"' not in line):
+            return
+        try:
+            payload = json.loads(line[5:])
+        except ValueError:
+            return
+        if not isinstance(payload, dict):
+            return
+        if isinstance(payload.get("usage"), dict):
+            self.cost, self.prompt_tokens, self.completion_tokens = usage_of(payload)
+        error = payload.get("error")
+        if isinstance(error, dict):
+            code = _number(error.get("code"))
+            self.error_status = int(code) if code is not None and 100 <= code < 600 else 502
+            self.error_body = {"error": error}

@@ -1,0 +1,19 @@
+"""The pool as an asyncio client: ``from keyrotor.transports.asyncio import Client``.
+
+The same class as ``keyrotor.transports.trio.Client`` (written once on anyio).
+"""
+
+from ._async import AsyncClient as Client
+from ._async import StreamResponse
+from ._http import HTTPOptions, Response
+from .errors import KeyrotorError, NoKeyAvailable, UpstreamError
+
+__all__ = [
+    "Client",
+    "HTTPOptions",
+    "KeyrotorError",
+    "NoKeyAvailable",
+    "Response",
+    "StreamResponse",
+    "UpstreamError",
+]
