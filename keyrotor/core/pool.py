@@ -466,16 +466,7 @@ class Pool:
             verdict = _with_cooldown(verdict, event.retry_after)
         self._judge(key, verdict, req, out)
         if verdict.verdict in _RETRY and req.attempt < self._max_attempts:
-            self._release(req)
-            if req.tried is None:
-                req.tried = [key.key_id]
-            else:
-                req.tried.append(key.key_id)
-            nxt = self._pick(req)
-            if nxt is not None:
-                self._assign(req, nxt, out)
-            else:
-                self._enqueue(req, out)
+            self._fail_over(req, key, out)
         else:
             req.state = DELIVERED
             out.append(make_deliver(req.request_id, key.key_id, req.attempt, status))
@@ -526,16 +517,7 @@ class Pool:
         key.errors[ERROR_INDEX["transport"]] += 1
         self._fault(key, event.now, f"transport_{event.reason}", out)
         if req.state == SENT and req.attempt < self._max_attempts:
-            self._release(req)
-            if req.tried is None:
-                req.tried = [key.key_id]
-            else:
-                req.tried.append(key.key_id)
-            nxt = self._pick(req)
-            if nxt is not None:
-                self._assign(req, nxt, out)
-            else:
-                self._enqueue(req, out)
+            self._fail_over(req, key, out)
         elif req.state == SENT:
             # Out of attempts, and no response to deliver: say so honestly.
             self._release(req)
@@ -899,6 +881,19 @@ class Pool:
         if key.removed and not key.in_flight:
             del self._dying[key.key_id]
             del self._by_serial[key.serial]
+
+    def _fail_over(self, req: RequestRecord, key: KeyRecord, out: list[Decision]) -> None:
+        """The attempt on ``key`` failed: the next attempt, on another key if any."""
+        self._release(req)
+        if req.tried is None:
+            req.tried = [key.key_id]
+        else:
+            req.tried.append(key.key_id)
+        nxt = self._pick(req)
+        if nxt is not None:
+            self._assign(req, nxt, out)
+        else:
+            self._enqueue(req, out)
 
     def _forget(self, req: RequestRecord) -> None:
         req.state = -1
