@@ -158,7 +158,7 @@ class PoolConfig:
     recheck_interval: float | None = 900.0
     latency_alpha: float = 0.3
     latency_explore: float = 0.05
-    affinity_vnodes: int = 40
+    affinity_vnodes: int = 16
 
     def __attrs_post_init__(self) -> None:
         if not self.keys:

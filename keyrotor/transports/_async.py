@@ -7,7 +7,6 @@ are this class. Everything that can be decided is decided by the ``Driver``
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -16,30 +15,22 @@ from typing import Any, Self
 import anyio
 import httpcore
 
-from ..core import (
-    Deliver,
-    PoolConfig,
-    Probe,
-    ProbeFinished,
-    Reject,
-    ResponseFinished,
-    ResponseReceived,
-    Send,
-    Tick,
-    TransportFailed,
-)
+from ..core import Deliver, PoolConfig, Probe, Reject, Send
 from ._driver import OPENROUTER_URL, Driver, Slot, StreamAccountant, keys_from_env
 from ._http import (
-    MAX_ERROR_BODY,
+    TRANSPORT_ERRORS,
     HTTPOptions,
+    LineDecoder,
     Response,
+    ResponseHead,
+    Upstream,
+    aread_bounded,
     decode_headers,
+    encode_body,
     failure_reason,
-    parse_json,
-    request_headers,
-    split_url,
+    json_or_raise,
 )
-from .errors import KeyrotorError, NoKeyAvailable, UpstreamError
+from .errors import KeyrotorError, NoKeyAvailable, TransportError
 
 __all__ = ["AsyncClient", "StreamResponse"]
 
@@ -60,11 +51,12 @@ class _Waiter:
         self._event = anyio.Event()
 
 
-class StreamResponse:
+class StreamResponse(ResponseHead):
     """A delivered response whose body is read as it arrives.
 
     Iterate ``aiter_bytes()`` or ``aiter_lines()``; usage in the last SSE
     chunk and an in-stream error are accounted to the key when the body ends.
+    A body that breaks off raises ``TransportError``.
     """
 
     def __init__(
@@ -76,16 +68,13 @@ class StreamResponse:
         headers: dict[str, str],
         prefetched: bytes | None = None,
     ) -> None:
+        super().__init__(deliver, headers)
         self._client = client
         self._prefetched = prefetched
         self._request_id = request_id
         self._response = response
         self._accountant = StreamAccountant(headers.get("content-type", ""))
         self._done = False
-        self.status_code = deliver.status
-        self.headers = headers
-        self.key = deliver.key_id
-        self.attempts = deliver.attempt
 
     async def aiter_bytes(self) -> AsyncIterator[bytes]:
         """The body, chunk by chunk as the upstream sends it."""
@@ -101,22 +90,20 @@ class StreamResponse:
                 async for chunk in self._response.aiter_stream():
                     accountant.feed(chunk)
                     yield chunk
-            except (httpcore.NetworkError, httpcore.TimeoutException) as exc:
+            except TRANSPORT_ERRORS as exc:
                 await self._end(failure=failure_reason(exc))
-                raise
+                raise TransportError(f"the response body broke off ({exc})") from exc
         accountant.close()
         await self._end()
 
     async def aiter_lines(self) -> AsyncIterator[str]:
         """The body as text lines (SSE ``data:`` and comment lines included)."""
-        pending = ""
+        decoder = LineDecoder()
         async for chunk in self.aiter_bytes():
-            pending += chunk.decode("utf-8", errors="replace")
-            *lines, pending = pending.split("\n")
-            for line in lines:
-                yield line.removesuffix("\r")
-        if pending:
-            yield pending
+            for line in decoder.feed(chunk):
+                yield line
+        for line in decoder.flush():
+            yield line
 
     async def aread(self) -> bytes:
         """The rest of the body at once."""
@@ -126,34 +113,21 @@ class StreamResponse:
         if self._done:
             return
         self._done = True
-        await self._response.aclose()
-        a = self._accountant
-        driver = self._client._driver
-        if failure is None:
-            driver.feed(
-                ResponseFinished(
-                    request_id=self._request_id,
-                    now=driver.now(),
-                    cost=a.cost,
-                    prompt_tokens=a.prompt_tokens,
-                    completion_tokens=a.completion_tokens,
-                    error_status=a.error_status,
-                    error_body=a.error_body,
-                )
-            )
-        else:
-            driver.feed(
-                TransportFailed(request_id=self._request_id, now=driver.now(), reason=failure)
-            )
-        driver.close(self._request_id, ended=True)
+        try:
+            with anyio.CancelScope(shield=True):
+                await self._response.aclose()
+        finally:
+            self._client._driver.finish(self._request_id, self._accountant, failure)
 
     async def aclose(self) -> None:
         """Stop reading: the upstream request is cancelled and the key freed."""
         if not self._done:
             self._done = True
-            with anyio.CancelScope(shield=True):
-                await self._response.aclose()
-            self._client._driver.close(self._request_id, ended=False)
+            try:
+                with anyio.CancelScope(shield=True):
+                    await self._response.aclose()
+            finally:
+                self._client._driver.close(self._request_id, ended=False)
 
 
 class AsyncClient:
@@ -184,10 +158,7 @@ class AsyncClient:
         probe_path: str = "/key",
     ) -> None:
         self._driver = Driver(keys, config, clock=anyio.current_time)
-        self._origin, self._prefix, self._host = split_url(base_url)
-        self._options = http or HTTPOptions()
-        self._headers = dict(headers or {})
-        self._probe_path = probe_path
+        self._upstream = Upstream.from_url(base_url, http, headers, probe_path)
         self._pool: httpcore.AsyncConnectionPool | None = None
         self._tasks: anyio.abc.TaskGroup | None = None
         self._timer = _Waiter()
@@ -206,7 +177,7 @@ class AsyncClient:
 
     def __repr__(self) -> str:
         keys = list(self._driver.secrets)
-        return f"<{type(self).__name__} {self._origin}{self._prefix} keys={keys}>"
+        return f"<{type(self).__name__} {self._upstream.url} keys={keys}>"
 
     @property
     def driver(self) -> Driver:
@@ -216,7 +187,7 @@ class AsyncClient:
     # ------------------------------------------------------------ lifecycle
 
     async def __aenter__(self) -> Self:
-        options = self._options
+        options = self._upstream.options
         self._pool = httpcore.AsyncConnectionPool(
             max_connections=options.max_connections,
             keepalive_expiry=options.keepalive_expiry,
@@ -281,13 +252,7 @@ class AsyncClient:
             timeout=timeout,
         ) as response:
             body = await response.aread()
-        return Response(
-            status_code=response.status_code,
-            headers=response.headers,
-            content=body,
-            key=response.key,
-            attempts=response.attempts,
-        )
+        return response.to_response(body)
 
     @asynccontextmanager
     async def stream(
@@ -307,8 +272,8 @@ class AsyncClient:
 
         Leaving the block early cancels the upstream request and frees the key.
         """
-        body = _encode(json, content)
-        merged = {**self._headers, **(headers or {})}
+        body = encode_body(json, content)
+        merged = self._upstream.merge_headers(headers)
         waiter = _Waiter()
         driver = self._driver
         request_id, slot = driver.open(
@@ -328,7 +293,7 @@ class AsyncClient:
         method: str,
         path: str,
         body: bytes | None,
-        headers: dict[str, str],
+        headers: Mapping[str, str],
     ) -> StreamResponse:
         """Carry out the pool's decisions for one request until one is delivered."""
         driver = self._driver
@@ -358,47 +323,36 @@ class AsyncClient:
         method: str,
         path: str,
         body: bytes | None,
-        headers: dict[str, str],
+        headers: Mapping[str, str],
     ) -> StreamResponse | None:
         """One attempt: returns the delivered response, or None to go on."""
         driver = self._driver
-        slot = driver.slots[request_id]
-        request = httpcore.Request(
-            method,
-            f"{self._origin}{self._prefix}{path}",
-            headers=request_headers(self._host, driver.secrets[send.key_id], headers, body),
-            content=body,
-            extensions={"timeout": self._options.timeouts()},
-        )
+        upstream = self._upstream
+        request = upstream.request(method, path, driver.secrets[send.key_id], headers, body)
         try:
-            with anyio.fail_after(self._options.first_byte):
+            with anyio.fail_after(upstream.options.first_byte):
                 response = await self._http().handle_async_request(request)
-        except (httpcore.NetworkError, httpcore.TimeoutException, TimeoutError) as exc:
-            driver.feed(
-                TransportFailed(request_id=request_id, now=driver.now(), reason=failure_reason(exc))
-            )
+        except TRANSPORT_ERRORS as exc:
+            driver.failed(request_id, failure_reason(exc))
             return None
         try:
             status = response.status
             response_headers = decode_headers(response.headers)
             error_body = None
             if status >= 300:
-                error_body = await _read_bounded(response)
-            driver.feed(
-                ResponseReceived(
-                    request_id=request_id,
-                    now=driver.now(),
-                    status=status,
-                    headers=response_headers,
-                    body=error_body,
-                    wall_time=driver.wall_clock(),
-                )
+                try:
+                    error_body = await aread_bounded(response)
+                except TRANSPORT_ERRORS as exc:
+                    with anyio.CancelScope(shield=True):
+                        await response.aclose()
+                    driver.failed(request_id, failure_reason(exc))
+                    return None
+            deliver = driver.received(
+                request_id, send.attempt, status, response_headers, error_body
             )
-            decision = slot.decisions[0] if slot.decisions else None
-            if isinstance(decision, Deliver) and decision.attempt == send.attempt:
-                slot.decisions.popleft()
+            if deliver is not None:
                 return StreamResponse(
-                    self, request_id, response, decision, response_headers, error_body
+                    self, request_id, response, deliver, response_headers, error_body
                 )
         except BaseException:
             with anyio.CancelScope(shield=True):
@@ -432,7 +386,7 @@ class AsyncClient:
             group=group,
             timeout=timeout,
         )
-        return _json_or_raise(response)
+        return json_or_raise(response)
 
     async def parallel_chat(self, requests: Sequence[Mapping[str, Any]]) -> list[Any]:
         """Run chat requests at once, each on its own key while enough keys
@@ -471,13 +425,12 @@ class AsyncClient:
     async def _run_timer(self) -> None:
         driver = self._driver
         while True:
-            deadline = driver.next_deadline()
-            delay = math.inf if deadline is None else deadline - driver.now()
+            delay = driver.wait_time()
             if delay > 0:
                 with anyio.move_on_after(delay):
                     await self._timer.wait()
                 continue
-            driver.feed(Tick(now=driver.now()))
+            driver.tick()
 
     async def _run_probes(self) -> None:
         driver = self._driver
@@ -489,66 +442,20 @@ class AsyncClient:
 
     async def _probe(self, probe: Probe) -> None:
         driver = self._driver
+        upstream = self._upstream
         status: int | None = None
         headers: dict[str, str] | None = None
         body: bytes | None = None
         secret = driver.secrets.get(probe.key_id)
         if secret is not None:
-            request = httpcore.Request(
-                "GET",
-                f"{self._origin}{self._prefix}{self._probe_path}",
-                headers=request_headers(self._host, secret, self._headers, None),
-                extensions={"timeout": self._options.timeouts()},
-            )
             try:
-                with anyio.fail_after(self._options.probe_timeout):
-                    response = await self._http().handle_async_request(request)
+                with anyio.fail_after(upstream.options.probe_timeout):
+                    response = await self._http().handle_async_request(upstream.probe(secret))
                     try:
-                        body = await _read_bounded(response)
+                        body = await aread_bounded(response)
                     finally:
                         await response.aclose()
                 status, headers = response.status, decode_headers(response.headers)
-            except (httpcore.NetworkError, httpcore.TimeoutException, TimeoutError):
+            except TRANSPORT_ERRORS:
                 status = None
-        driver.feed(
-            ProbeFinished(
-                key_id=probe.key_id,
-                now=driver.now(),
-                status=status,
-                headers=headers,
-                body=parse_json(body) if body else None,
-                wall_time=driver.wall_clock(),
-            )
-        )
-
-
-def _encode(json_body: Any, content: bytes | None) -> bytes | None:
-    if json_body is not None and content is not None:
-        raise ValueError("pass json= or content=, not both")
-    if json_body is not None:
-        import json as _json
-
-        return _json.dumps(json_body, separators=(",", ":")).encode("utf-8")
-    return content
-
-
-async def _read_bounded(response: httpcore.Response) -> bytes:
-    parts: list[bytes] = []
-    size = 0
-    async for chunk in response.aiter_stream():
-        parts.append(chunk)
-        size += len(chunk)
-        if size >= MAX_ERROR_BODY:
-            break
-    return b"".join(parts)
-
-
-def _json_or_raise(response: Response) -> Any:
-    body = parse_json(response.content)
-    if not response.is_success:
-        raise UpstreamError(response.status_code, body, response.key, response.attempts)
-    if body is None:
-        raise UpstreamError(
-            response.status_code, response.text[:200], response.key, response.attempts
-        )
-    return body
+        driver.probe_finished(probe.key_id, status, headers, body)

@@ -24,14 +24,28 @@ from ..core import (
     Pool,
     PoolConfig,
     Probe,
+    ProbeFinished,
     Reject,
     RequestCancelled,
     RequestStarted,
+    ResponseFinished,
+    ResponseReceived,
     Send,
+    Tick,
+    TransportFailed,
 )
+from ._http import parse_json
 from .errors import ConfigurationError
 
-__all__ = ["OPENROUTER_URL", "Driver", "Slot", "keys_from_env", "mask"]
+__all__ = [
+    "OPENROUTER_URL",
+    "Driver",
+    "Slot",
+    "StreamAccountant",
+    "keys_from_env",
+    "mask",
+    "usage_of",
+]
 
 OPENROUTER_URL = "https://openrouter.ai/api/v1"
 
@@ -188,9 +202,96 @@ class Driver:
         if not ended:
             self.feed(RequestCancelled(request_id=request_id, now=self.now()))
 
+    def received(
+        self,
+        request_id: str,
+        attempt: int,
+        status: int,
+        headers: dict[str, str],
+        body: bytes | None,
+    ) -> Deliver | None:
+        """An attempt's status and headers (and error body) arrived. Returns the
+        ``Deliver`` of that attempt, taken from the slot, when the pool hands the
+        response to the caller; None when it failed over or the request waits
+        (the next decision comes to the slot)."""
+        self.feed(
+            ResponseReceived(
+                request_id=request_id,
+                now=self.now(),
+                status=status,
+                headers=headers,
+                body=body,
+                wall_time=self.wall_clock(),
+            )
+        )
+        slot = self.slots.get(request_id)
+        if slot is not None and slot.decisions:
+            decision = slot.decisions[0]
+            if isinstance(decision, Deliver) and decision.attempt == attempt:
+                slot.decisions.popleft()
+                return decision
+        return None
+
+    def failed(self, request_id: str, reason: str) -> None:
+        """An attempt got no answer (``reason``: ``connect``, ``timeout``, ...)."""
+        self.feed(TransportFailed(request_id=request_id, now=self.now(), reason=reason))
+
+    def finish(
+        self, request_id: str, accountant: StreamAccountant, failure: str | None = None
+    ) -> None:
+        """The delivered body ended (its usage is in ``accountant``), or broke
+        off (``failure``, a ``TransportFailed`` reason); the request is done."""
+        try:
+            if failure is None:
+                a = accountant
+                self.feed(
+                    ResponseFinished(
+                        request_id=request_id,
+                        now=self.now(),
+                        cost=a.cost,
+                        prompt_tokens=a.prompt_tokens,
+                        completion_tokens=a.completion_tokens,
+                        error_status=a.error_status,
+                        error_body=a.error_body,
+                    )
+                )
+            else:
+                self.failed(request_id, failure)
+        finally:
+            self.close(request_id, ended=True)
+
+    def probe_finished(
+        self,
+        key_id: str,
+        status: int | None,
+        headers: dict[str, str] | None = None,
+        body: bytes | None = None,
+    ) -> None:
+        """The answer to a ``Probe`` (``status=None``: none came)."""
+        self.feed(
+            ProbeFinished(
+                key_id=key_id,
+                now=self.now(),
+                status=status,
+                headers=headers,
+                body=parse_json(body) if body else None,
+                wall_time=self.wall_clock(),
+            )
+        )
+
     def next_deadline(self) -> float | None:
         """When the timer task should feed ``Tick``."""
         return self.pool.next_deadline()
+
+    def wait_time(self) -> float:
+        """Seconds the timer may sleep before ``tick()`` (``math.inf``: until
+        woken by ``deadline_changed``; 0 or less: tick now)."""
+        deadline = self.pool.next_deadline()
+        return math.inf if deadline is None else deadline - self.now()
+
+    def tick(self) -> None:
+        """Time passed: feed ``Tick`` now."""
+        self.feed(Tick(now=self.now()))
 
     # -------------------------------------------------------------- status
 

@@ -7,6 +7,7 @@ choice); it speaks h11, pools connections, does TLS, and runs on asyncio, trio
 
 from __future__ import annotations
 
+import codecs
 import json
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -15,12 +16,40 @@ from urllib.parse import urlsplit
 import attrs
 import httpcore
 
-from .errors import ConfigurationError
+from ..core import Deliver
+from .errors import ConfigurationError, UpstreamError
 
-__all__ = ["HTTPOptions", "Response", "failure_reason", "request_headers", "split_url"]
+__all__ = [
+    "MAX_ERROR_BODY",
+    "TRANSPORT_ERRORS",
+    "HTTPOptions",
+    "LineDecoder",
+    "Response",
+    "ResponseHead",
+    "Upstream",
+    "aread_bounded",
+    "decode_headers",
+    "encode_body",
+    "failure_reason",
+    "json_or_raise",
+    "parse_json",
+    "read_bounded",
+    "request_headers",
+    "split_url",
+]
 
 MAX_ERROR_BODY = 1 << 20
 """Error bodies are read (for classification) up to this many bytes."""
+
+TRANSPORT_ERRORS: tuple[type[Exception], ...] = (
+    httpcore.NetworkError,
+    httpcore.TimeoutException,
+    httpcore.RemoteProtocolError,
+    TimeoutError,
+)
+"""An attempt failed without an answer (connect, timeout, reset, the upstream
+breaking HTTP): report ``TransportFailed`` and let the pool fail over.
+``LocalProtocolError`` is not here: it is the caller's request that HTTP refuses."""
 
 _HOP_BY_HOP = frozenset(
     {"authorization", "host", "content-length", "connection", "transfer-encoding", "keep-alive"}
@@ -33,7 +62,10 @@ class HTTPOptions:
 
     Attributes:
         connect: to open a connection (TCP and TLS).
-        first_byte: from sending a request to its response's headers.
+        first_byte: from sending a request to its response's headers (the async
+            clients; the sync client has no way to cancel a blocking call, so
+            there ``idle``, httpcore's per-read timeout, bounds the wait for
+            the first byte too).
         idle: between two chunks of a body (streams included).
         write: to send a request.
         pool: to wait for a free connection.
@@ -63,6 +95,11 @@ class HTTPOptions:
         """httpcore's per-request timeout extension (first byte is enforced apart)."""
         return {"connect": self.connect, "read": self.idle, "write": self.write, "pool": self.pool}
 
+    def probe_timeouts(self) -> dict[str, float]:
+        """``timeouts()`` with every phase capped at ``probe_timeout``."""
+        cap = self.probe_timeout
+        return {phase: min(value, cap) for phase, value in self.timeouts().items()}
+
 
 def split_url(base_url: str) -> tuple[str, str, bytes]:
     """``(origin, path prefix, Host header)`` of an upstream base URL, checked."""
@@ -72,6 +109,78 @@ def split_url(base_url: str) -> tuple[str, str, bytes]:
             f"invalid upstream URL {base_url!r}: use http(s)://host[:port]/path"
         )
     return f"{parts.scheme}://{parts.netloc}", parts.path.rstrip("/"), parts.netloc.encode()
+
+
+@attrs.frozen
+class Upstream:
+    """Where requests go, and the ``httpcore.Request`` of each attempt and probe.
+
+    Attributes:
+        origin: ``scheme://host[:port]``.
+        prefix: the base URL's path (``/api/v1``), no trailing slash.
+        host: the ``Host`` header.
+        options: connection and timeout options.
+        headers: headers sent on every request.
+        probe_path: the cheap call that probes a key.
+    """
+
+    origin: str
+    prefix: str
+    host: bytes
+    options: HTTPOptions
+    headers: dict[str, str]
+    probe_path: str
+
+    @classmethod
+    def from_url(
+        cls,
+        base_url: str,
+        options: HTTPOptions | None = None,
+        headers: Mapping[str, str] | None = None,
+        probe_path: str = "/key",
+    ) -> Upstream:
+        """Check ``base_url`` and gather the rest."""
+        origin, prefix, host = split_url(base_url)
+        return cls(origin, prefix, host, options or HTTPOptions(), dict(headers or {}), probe_path)
+
+    @property
+    def url(self) -> str:
+        """The base URL (no secrets in it)."""
+        return f"{self.origin}{self.prefix}"
+
+    def merge_headers(self, extra: Mapping[str, str] | None) -> dict[str, str]:
+        """The client's headers overridden by one request's own."""
+        return {**self.headers, **extra} if extra else self.headers
+
+    def request(
+        self, method: str, path: str, secret: str, headers: Mapping[str, str], body: bytes | None
+    ) -> httpcore.Request:
+        """One attempt with ``secret``; ``headers`` as from ``merge_headers``."""
+        return httpcore.Request(
+            method,
+            f"{self.origin}{self.prefix}{path}",
+            headers=request_headers(self.host, secret, headers, body),
+            content=body,
+            extensions={"timeout": self.options.timeouts()},
+        )
+
+    def probe(self, secret: str) -> httpcore.Request:
+        """``GET probe_path`` with ``secret``, every timeout capped at ``probe_timeout``."""
+        return httpcore.Request(
+            "GET",
+            f"{self.origin}{self.prefix}{self.probe_path}",
+            headers=request_headers(self.host, secret, self.headers, None),
+            extensions={"timeout": self.options.probe_timeouts()},
+        )
+
+
+def encode_body(json_body: Any, content: bytes | None) -> bytes | None:
+    """The request body from ``json=`` or ``content=`` (not both)."""
+    if json_body is not None and content is not None:
+        raise ValueError("pass json= or content=, not both")
+    if json_body is not None:
+        return json.dumps(json_body, separators=(",", ":")).encode("utf-8")
+    return content
 
 
 def request_headers(
@@ -85,7 +194,7 @@ def request_headers(
     hop-by-hop headers)."""
     headers = [(b"Host", host), (b"Authorization", b"Bearer " + secret.encode("ascii"))]
     has_body = body is not None
-    if has_body:
+    if body is not None:
         headers.append((b"Content-Length", str(len(body)).encode()))
         headers.append((b"Content-Type", b"application/json"))
     items = extra.items() if isinstance(extra, Mapping) else (extra or ())
@@ -115,11 +224,47 @@ def parse_json(body: bytes) -> Any:
         return None
 
 
+def read_bounded(response: httpcore.Response) -> bytes:
+    """An (error) body, read up to about ``MAX_ERROR_BODY`` bytes."""
+    collector = _Bounded()
+    for chunk in response.iter_stream():
+        if collector.add(chunk):
+            break
+    return collector.body()
+
+
+async def aread_bounded(response: httpcore.Response) -> bytes:
+    """``read_bounded`` for an async response."""
+    collector = _Bounded()
+    async for chunk in response.aiter_stream():
+        if collector.add(chunk):
+            break
+    return collector.body()
+
+
+class _Bounded:
+    __slots__ = ("parts", "size")
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+        self.size = 0
+
+    def add(self, chunk: bytes) -> bool:
+        """Keep ``chunk``; True once the bound is reached."""
+        self.parts.append(chunk)
+        self.size += len(chunk)
+        return self.size >= MAX_ERROR_BODY
+
+    def body(self) -> bytes:
+        return b"".join(self.parts)
+
+
 def failure_reason(exc: BaseException) -> str:
-    """The core's ``TransportFailed.reason`` for an httpcore exception."""
+    """The core's ``TransportFailed.reason`` for an httpcore exception (or the
+    builtin ``TimeoutError`` of a first-byte deadline)."""
     if isinstance(exc, (httpcore.ConnectError, httpcore.ConnectTimeout)):
         return "connect"
-    if isinstance(exc, httpcore.TimeoutException):
+    if isinstance(exc, (httpcore.TimeoutException, TimeoutError)):
         return "timeout"
     if isinstance(exc, (httpcore.RemoteProtocolError, httpcore.LocalProtocolError)):
         return "protocol"
@@ -157,3 +302,70 @@ class Response:
     def is_success(self) -> bool:
         """2xx."""
         return 200 <= self.status_code < 300
+
+
+class ResponseHead:
+    """The head of a delivered response: what both clients' ``StreamResponse``
+    share (status, headers, the key's alias, attempts), never a secret."""
+
+    def __init__(self, deliver: Deliver, headers: dict[str, str]) -> None:
+        self.status_code = deliver.status
+        self.headers = headers
+        self.key = deliver.key_id
+        self.attempts = deliver.attempt
+
+    @property
+    def is_success(self) -> bool:
+        """2xx."""
+        return 200 <= self.status_code < 300
+
+    def to_response(self, content: bytes) -> Response:
+        """The whole response, once ``content`` is read."""
+        return Response(
+            status_code=self.status_code,
+            headers=self.headers,
+            content=content,
+            key=self.key,
+            attempts=self.attempts,
+        )
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.status_code} key={self.key} attempts={self.attempts}>"
+
+
+class LineDecoder:
+    """Bytes in, text lines out (``\n``-separated, a trailing ``\r`` dropped).
+
+    UTF-8 is decoded incrementally, so a character split between two chunks
+    arrives whole; invalid bytes become U+FFFD.
+    """
+
+    __slots__ = ("_decoder", "_pending")
+
+    def __init__(self) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._pending = ""
+
+    def feed(self, chunk: bytes) -> list[str]:
+        """The lines ``chunk`` completes."""
+        text = self._pending + self._decoder.decode(chunk)
+        *lines, self._pending = text.split("\n")
+        return [line.removesuffix("\r") for line in lines]
+
+    def flush(self) -> list[str]:
+        """The last line, if the body did not end with a newline."""
+        rest = self._pending + self._decoder.decode(b"", final=True)
+        self._pending = ""
+        return [rest] if rest else []
+
+
+def json_or_raise(response: Response) -> Any:
+    """The parsed body of a 2xx JSON response; else ``UpstreamError``."""
+    body = parse_json(response.content)
+    if not response.is_success:
+        raise UpstreamError(response.status_code, body, response.key, response.attempts)
+    if body is None:
+        raise UpstreamError(
+            response.status_code, response.text[:200], response.key, response.attempts
+        )
+    return body
