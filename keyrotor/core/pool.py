@@ -1058,7 +1058,7 @@ class Pool:
             alpha = self._config.latency_alpha
             latency = now - req.sent_at
             key.ewma = latency if key.successes == 1 else key.ewma + alpha * (latency - key.ewma)
-            self._select.rescore(key)
+            # No rescore here: the release that follows files the new score.
         if key.state is _RECOVERING:
             self._transition(key, Signal.SUCCESS, now, None, "trial_ok", out)
 

@@ -92,7 +92,8 @@ class HTTPOptions:
                 )
 
     def timeouts(self) -> dict[str, float]:
-        """httpcore's per-request timeout extension (first byte is enforced apart)."""
+        """httpcore's per-request timeout extension (the async clients enforce
+        ``first_byte`` apart)."""
         return {"connect": self.connect, "read": self.idle, "write": self.write, "pool": self.pool}
 
     def probe_timeouts(self) -> dict[str, float]:

@@ -228,7 +228,8 @@ class Client:
         self.close()
 
     def close(self) -> None:
-        """Stop the timer, wait for running probes, close connections. Idempotent.
+        """Stop the timer, wait for running probes (each at most ``probe_timeout``)
+        and close connections. Idempotent.
 
         Requests still waiting for a key raise ``KeyrotorError``.
         """
