@@ -11,6 +11,8 @@ the SSE body read to its end), with:
 - ``httpx.AsyncClient`` and ``httpcore.AsyncConnectionPool`` on trio and asyncio;
 - a bare, hand-written h11 client over an anyio TCP stream on trio and asyncio
   (the floor), and over a native trio stream;
+- keyrotor's own pool (``keyrotor.transports._h11pool``: h11 over anyio) on trio
+  and asyncio;
 - ``httpx.Client``, ``httpcore.ConnectionPool`` and a bare h11 client over a
   blocking socket (the sync floor).
 
@@ -83,6 +85,8 @@ import trio
 from anyio.abc import SocketAttribute
 
 from keyrotor.testing import FakeUpstream, Scenario, Slow, SlowStream
+from keyrotor.transports._h11pool import ConnectionPool as H11Pool
+from keyrotor.transports._h11pool import PoolOptions as H11PoolOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 LOOPBACK = "127.0.0.1"
@@ -583,6 +587,83 @@ class H11Trio(_H11Async):
         return port
 
 
+@dataclass(frozen=True)
+class _PoolSlot:
+    """A connection of ``H11PoolAsync`` as ``_busy`` sees it (from ``stats()``)."""
+
+    state: str
+
+    def is_idle(self) -> bool:
+        return self.state == "idle"
+
+    def is_closed(self) -> bool:
+        return False
+
+    def __repr__(self) -> str:
+        return f"<{self.state}>"
+
+
+class H11PoolAsync(_Bodies):
+    """keyrotor's pool (``keyrotor.transports._h11pool``): h11 over anyio streams."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.pool = H11Pool(
+            H11PoolOptions(
+                connect=TIMEOUT,
+                write=TIMEOUT,
+                pool=settings.pool_timeout,
+                max_connections=settings.max_connections,
+            )
+        )
+        self.url = settings.target.url
+        self.headers = auth_headers(SECRET)
+        self.read_timeout = settings.read_timeout
+
+    async def post(self) -> None:
+        response = await self.pool.request(
+            b"POST", self.url, self.headers, self.post_body, read_timeout=self.read_timeout
+        )
+        try:
+            check_status(response.status)
+            await response.aread()
+        finally:
+            await response.aclose()
+
+    async def stream(self) -> None:
+        tail = b""
+        response = await self.pool.request(
+            b"POST", self.url, self.headers, self.stream_body, read_timeout=self.read_timeout
+        )
+        try:
+            check_status(response.status)
+            async for chunk in response.aiter_bytes():
+                tail = (tail + chunk)[-_TAIL:]
+        finally:
+            await response.aclose()
+        check_done(tail)
+
+    @asynccontextmanager
+    async def open_stream(self, secret: str, body: bytes) -> AsyncIterator[AsyncResponse]:
+        response = await self.pool.request(
+            b"POST", self.url, auth_headers(secret), body, read_timeout=self.read_timeout
+        )
+        try:
+            conn = response._conn  # private: the benchmark's connection-reuse check
+            port = -1 if conn is None else conn.stream.extra(SocketAttribute.local_port)
+            yield AsyncResponse(response.status, port, response.aiter_bytes())
+        finally:
+            await response.aclose()
+
+    def connections(self) -> list[Any] | None:
+        stats = self.pool.stats()
+        busy = stats["busy"] + stats["connecting"]
+        return [_PoolSlot("idle")] * stats["idle"] + [_PoolSlot("busy")] * busy
+
+    async def aclose(self) -> None:
+        await self.pool.aclose()
+
+
 # --------------------------------------------------------------------------- sync clients
 
 
@@ -833,6 +914,8 @@ CASES: tuple[Case, ...] = (
     Case("bare h11 + anyio stream", "trio", make_async=H11Anyio, floor=True, pooled=False),
     Case("bare h11 + anyio stream", "asyncio", make_async=H11Anyio, floor=True, pooled=False),
     Case("bare h11 + trio stream", "trio", make_async=H11Trio, pooled=False),
+    Case("keyrotor _h11pool", "trio", make_async=H11PoolAsync),
+    Case("keyrotor _h11pool", "asyncio", make_async=H11PoolAsync),
     Case("httpx.Client", "sync", make_sync=HttpxSync),
     Case("httpcore.ConnectionPool", "sync", make_sync=HttpcoreSync),
     Case("bare h11 + socket", "sync", make_sync=H11Socket, floor=True, pooled=False),

@@ -8,29 +8,55 @@ are this class. Everything that can be decided is decided by the ``Driver``
 from __future__ import annotations
 
 import os
+from collections import deque
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Self
 
 import anyio
-import httpcore
 
 from ..core import Deliver, PoolConfig, Probe, Reject, Send
+from . import _h11pool as h11pool
 from ._driver import OPENROUTER_URL, Driver, Slot, StreamAccountant, keys_from_env
 from ._http import (
-    TRANSPORT_ERRORS,
+    MAX_ERROR_BODY,
     HTTPOptions,
     LineDecoder,
     Response,
     ResponseHead,
     Upstream,
-    aread_bounded,
     decode_headers,
     encode_body,
-    failure_reason,
     json_or_raise,
+    request_headers,
 )
 from .errors import KeyrotorError, NoKeyAvailable, TransportError
+
+# An attempt failed without an answer: report TransportFailed and fail over.
+# LocalProtocolError is not here: HTTP refuses the caller's own request.
+TRANSPORT_ERRORS: tuple[type[Exception], ...] = (
+    h11pool.ConnectError,
+    h11pool.ReadError,
+    h11pool.WriteError,
+    h11pool.RemoteProtocolError,
+    TimeoutError,  # the pool's timeouts, and our first-byte deadline
+)
+
+
+PROBE_ERRORS: tuple[type[Exception], ...] = (*TRANSPORT_ERRORS, KeyrotorError)
+"""A probe that ends with one of these got no answer (``status=None``)."""
+
+
+def failure_reason(exc: BaseException) -> str:
+    """The core's ``TransportFailed.reason`` for an error of the h11 pool."""
+    if isinstance(exc, h11pool.ConnectError):
+        return "connect"
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    if isinstance(exc, h11pool.RemoteProtocolError):
+        return "protocol"
+    return "reset"
+
 
 __all__ = ["AsyncClient", "StreamResponse"]
 
@@ -63,7 +89,7 @@ class StreamResponse(ResponseHead):
         self,
         client: AsyncClient,
         request_id: str,
-        response: httpcore.Response,
+        response: h11pool.Response,
         deliver: Deliver,
         headers: dict[str, str],
         prefetched: bytes | None = None,
@@ -76,38 +102,45 @@ class StreamResponse(ResponseHead):
         self._accountant = StreamAccountant(headers.get("content-type", ""))
         self._done = False
 
-    async def aiter_bytes(self) -> AsyncIterator[bytes]:
-        """The body, chunk by chunk as the upstream sends it."""
-        if self._done:
-            return
-        accountant = self._accountant
-        if self._prefetched is not None:  # an error answer, read to classify it
-            accountant.feed(self._prefetched)
-            if self._prefetched:
-                yield self._prefetched
-        else:
-            try:
-                async for chunk in self._response.aiter_stream():
-                    accountant.feed(chunk)
-                    yield chunk
-            except TRANSPORT_ERRORS as exc:
-                await self._end(failure=failure_reason(exc))
-                raise TransportError(f"the response body broke off ({exc})") from exc
-        accountant.close()
-        await self._end()
+    def aiter_bytes(self) -> AsyncIterator[bytes]:
+        """The body, chunk by chunk as the upstream sends it.
 
-    async def aiter_lines(self) -> AsyncIterator[str]:
+        An iterator object rather than a generator, so breaking out of the
+        loop leaves nothing for the garbage collector to finalize.
+        """
+        return _Chunks(self)
+
+    def aiter_lines(self) -> AsyncIterator[str]:
         """The body as text lines (SSE ``data:`` and comment lines included)."""
-        decoder = LineDecoder()
-        async for chunk in self.aiter_bytes():
-            for line in decoder.feed(chunk):
-                yield line
-        for line in decoder.flush():
-            yield line
+        return _Lines(self)
 
     async def aread(self) -> bytes:
         """The rest of the body at once."""
         return b"".join([chunk async for chunk in self.aiter_bytes()])
+
+    async def _next_chunk(self) -> bytes | None:
+        """The next piece of the body, or None at its end (accounted then)."""
+        if self._done:
+            return None
+        prefetched = self._prefetched
+        if prefetched is not None:  # an error answer, read to classify it
+            self._prefetched = None
+            if prefetched:
+                self._accountant.feed(prefetched)
+                return prefetched
+            chunk = None
+        else:
+            try:
+                chunk = await anext(self._response, None)
+            except TRANSPORT_ERRORS as exc:
+                await self._end(failure=failure_reason(exc))
+                raise TransportError(f"the response body broke off ({exc})") from exc
+        if chunk is None:
+            self._accountant.close()
+            await self._end()
+            return None
+        self._accountant.feed(chunk)
+        return chunk
 
     async def _end(self, failure: str | None = None) -> None:
         if self._done:
@@ -128,6 +161,50 @@ class StreamResponse(ResponseHead):
                     await self._response.aclose()
             finally:
                 self._client._driver.close(self._request_id, ended=False)
+
+
+class _Chunks:
+    """``StreamResponse.aiter_bytes()``."""
+
+    __slots__ = ("_response",)
+
+    def __init__(self, response: StreamResponse) -> None:
+        self._response = response
+
+    def __aiter__(self) -> _Chunks:
+        return self
+
+    async def __anext__(self) -> bytes:
+        chunk = await self._response._next_chunk()
+        if chunk is None:
+            raise StopAsyncIteration
+        return chunk
+
+
+class _Lines:
+    """``StreamResponse.aiter_lines()``."""
+
+    __slots__ = ("_decoder", "_ready", "_response")
+
+    def __init__(self, response: StreamResponse) -> None:
+        self._response = response
+        self._decoder: LineDecoder | None = LineDecoder()
+        self._ready: deque[str] = deque()
+
+    def __aiter__(self) -> _Lines:
+        return self
+
+    async def __anext__(self) -> str:
+        while not self._ready:
+            if self._decoder is None:
+                raise StopAsyncIteration
+            chunk = await self._response._next_chunk()
+            if chunk is None:
+                self._ready.extend(self._decoder.flush())
+                self._decoder = None
+            else:
+                self._ready.extend(self._decoder.feed(chunk))
+        return self._ready.popleft()
 
 
 class AsyncClient:
@@ -159,7 +236,8 @@ class AsyncClient:
     ) -> None:
         self._driver = Driver(keys, config, clock=anyio.current_time)
         self._upstream = Upstream.from_url(base_url, http, headers, probe_path)
-        self._pool: httpcore.AsyncConnectionPool | None = None
+        self._pool: h11pool.ConnectionPool | None = None
+        self._closed = False
         self._tasks: anyio.abc.TaskGroup | None = None
         self._timer = _Waiter()
         self._probes = _Waiter()
@@ -188,9 +266,14 @@ class AsyncClient:
 
     async def __aenter__(self) -> Self:
         options = self._upstream.options
-        self._pool = httpcore.AsyncConnectionPool(
-            max_connections=options.max_connections,
-            keepalive_expiry=options.keepalive_expiry,
+        self._pool = h11pool.ConnectionPool(
+            h11pool.PoolOptions(
+                connect=options.connect,
+                write=options.write,
+                pool=options.pool,
+                max_connections=options.max_connections,
+                keepalive_expiry=options.keepalive_expiry,
+            )
         )
         tasks = anyio.create_task_group()
         await tasks.__aenter__()
@@ -206,15 +289,21 @@ class AsyncClient:
         return await tasks.__aexit__(*exc_info)
 
     async def aclose(self) -> None:
-        """Stop the timer and probes and close connections. Idempotent."""
+        """Stop the timer and probes and close connections. Idempotent.
+
+        Requests still waiting for a key raise ``KeyrotorError``.
+        """
         if self._tasks is not None:
             self._tasks.cancel_scope.cancel()
+        self._closed = True
+        for slot in list(self._driver.slots.values()):
+            slot.wake()
         if self._pool is not None:
             pool, self._pool = self._pool, None
             with anyio.CancelScope(shield=True):
                 await pool.aclose()
 
-    def _http(self) -> httpcore.AsyncConnectionPool:
+    def _http(self) -> h11pool.ConnectionPool:
         if self._pool is None:
             raise KeyrotorError("use the client inside `async with Client(...) as client:`")
         return self._pool
@@ -301,6 +390,8 @@ class AsyncClient:
         try:
             while True:
                 while not slot.decisions:
+                    if self._closed:
+                        raise KeyrotorError("the client was closed while the request waited")
                     await waiter.wait()
                 decision = slot.decisions.popleft()
                 if isinstance(decision, Reject):
@@ -328,10 +419,17 @@ class AsyncClient:
         """One attempt: returns the delivered response, or None to go on."""
         driver = self._driver
         upstream = self._upstream
-        request = upstream.request(method, path, driver.secrets[send.key_id], headers, body)
+        pool = self._http()
+        secret = driver.secrets[send.key_id]
         try:
             with anyio.fail_after(upstream.options.first_byte):
-                response = await self._http().handle_async_request(request)
+                response = await pool.request(
+                    method.encode("ascii"),
+                    upstream.url_for(path),
+                    request_headers(upstream.host, secret, headers, body, frame=False),
+                    body,
+                    read_timeout=upstream.options.idle,
+                )
         except TRANSPORT_ERRORS as exc:
             driver.failed(request_id, failure_reason(exc))
             return None
@@ -341,7 +439,7 @@ class AsyncClient:
             error_body = None
             if status >= 300:
                 try:
-                    error_body = await aread_bounded(response)
+                    error_body = await response.aread(limit=MAX_ERROR_BODY)
                 except TRANSPORT_ERRORS as exc:
                     with anyio.CancelScope(shield=True):
                         await response.aclose()
@@ -447,15 +545,23 @@ class AsyncClient:
         headers: dict[str, str] | None = None
         body: bytes | None = None
         secret = driver.secrets.get(probe.key_id)
-        if secret is not None:
-            try:
+        try:
+            if secret is not None:
                 with anyio.fail_after(upstream.options.probe_timeout):
-                    response = await self._http().handle_async_request(upstream.probe(secret))
+                    response = await self._http().request(
+                        b"GET",
+                        upstream.url_for(upstream.probe_path),
+                        request_headers(upstream.host, secret, upstream.headers, None),
+                        read_timeout=upstream.options.probe_timeout,
+                    )
                     try:
-                        body = await aread_bounded(response)
+                        body = await response.aread(limit=MAX_ERROR_BODY)
                     finally:
                         await response.aclose()
                 status, headers = response.status, decode_headers(response.headers)
-            except TRANSPORT_ERRORS:
-                status = None
-        driver.probe_finished(probe.key_id, status, headers, body)
+        except PROBE_ERRORS:
+            status = None
+        finally:
+            # Always answered, even when the client closes mid-probe: a key
+            # left "probing" would never be probed again.
+            driver.probe_finished(probe.key_id, status, headers, body)

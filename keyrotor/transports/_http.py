@@ -1,8 +1,7 @@
-"""The HTTP layer the transports share: options, responses and error mapping.
+"""The HTTP layer the transports share: options, requests, responses, errors.
 
-httpcore is the client (see docs/transports.md for the measurement behind the
-choice); it speaks h11, pools connections, does TLS, and runs on asyncio, trio
-(through anyio) and plain threads.
+The sync client sends with httpcore, the async one with keyrotor's own h11
+pool (``_h11pool``); see docs/transports.md for the measurement behind both.
 """
 
 from __future__ import annotations
@@ -149,6 +148,10 @@ class Upstream:
         """The base URL (no secrets in it)."""
         return f"{self.origin}{self.prefix}"
 
+    def url_for(self, path: str) -> str:
+        """The absolute URL of ``path`` (``/chat/completions``) upstream."""
+        return f"{self.origin}{self.prefix}{path}"
+
     def merge_headers(self, extra: Mapping[str, str] | None) -> dict[str, str]:
         """The client's headers overridden by one request's own."""
         return {**self.headers, **extra} if extra else self.headers
@@ -159,7 +162,7 @@ class Upstream:
         """One attempt with ``secret``; ``headers`` as from ``merge_headers``."""
         return httpcore.Request(
             method,
-            f"{self.origin}{self.prefix}{path}",
+            self.url_for(path),
             headers=request_headers(self.host, secret, headers, body),
             content=body,
             extensions={"timeout": self.options.timeouts()},
@@ -169,7 +172,7 @@ class Upstream:
         """``GET probe_path`` with ``secret``, every timeout capped at ``probe_timeout``."""
         return httpcore.Request(
             "GET",
-            f"{self.origin}{self.prefix}{self.probe_path}",
+            self.url_for(self.probe_path),
             headers=request_headers(self.host, secret, self.headers, None),
             extensions={"timeout": self.options.probe_timeouts()},
         )
@@ -189,14 +192,18 @@ def request_headers(
     secret: str,
     extra: Mapping[str, str] | Iterable[tuple[str, str]] | None,
     body: bytes | None,
+    *,
+    frame: bool = True,
 ) -> list[tuple[bytes, bytes]]:
     """Headers for one attempt: Host, the key's Authorization, the body's
-    length and type, then the caller's own (minus Authorization, Host and
-    hop-by-hop headers)."""
+    length (unless ``frame`` is False: the h11 pool frames bodies itself) and
+    type, then the caller's own (minus Authorization, Host and hop-by-hop
+    headers)."""
     headers = [(b"Host", host), (b"Authorization", b"Bearer " + secret.encode("ascii"))]
     has_body = body is not None
     if body is not None:
-        headers.append((b"Content-Length", str(len(body)).encode()))
+        if frame:
+            headers.append((b"Content-Length", str(len(body)).encode()))
         headers.append((b"Content-Type", b"application/json"))
     items = extra.items() if isinstance(extra, Mapping) else (extra or ())
     for name, value in items:

@@ -1,0 +1,747 @@
+"""A small async HTTP/1.1 connection pool: h11 over anyio streams (asyncio and trio).
+
+    async with ConnectionPool(PoolOptions(max_connections=10)) as pool:
+        response = await pool.request(b"POST", url, headers, body, read_timeout=30.0)
+        try:
+            async for chunk in response.aiter_bytes():
+                ...
+        finally:
+            await response.aclose()
+
+``request`` returns once the response head (status and headers) is in; the body
+is read from the ``Response``. A connection goes back to the pool when its body
+has been read to the end (or is already buffered when ``aclose`` is called);
+otherwise ``aclose`` closes it. Always ``aclose`` a response you stop reading.
+
+Connections are kept per origin (scheme, host, port), at most
+``max_connections`` in all (open, being opened, or handed to a waiting request).
+A request that finds every slot taken waits up to ``pool`` seconds, first come
+first served; a freed slot or idle connection is handed directly to the first
+waiter, and a waiter that is cancelled or times out with it in hand gives it
+back at once (no await), so cancellation can never leak a slot (the flaw of
+encode/httpcore#1093). Idle connections expire after ``keepalive_expiry``
+seconds; an idle connection whose socket is readable (the server closed it, or
+sent something unasked) is closed and replaced before any byte is sent on it.
+
+Retry, once: a request is sent again on a new connection if, and only if, (1) it
+went out on a kept-alive connection that had already served a response (a
+failure on a new connection is never retried), (2) sending failed
+(``WriteError``), or the connection was reset (``ReadError``) or closed
+(``RemoteProtocolError``) before a single byte of the response arrived, and (3)
+it was the first attempt. Timeouts, cancellations and errors after any response
+byte are never retried. This covers the keep-alive race (the server closes an
+idle connection while the request is on its way), where the server has read
+nothing; as in any HTTP/1.1 client, a server that read the request and then
+dropped the connection without a byte of answer would see it twice.
+
+Errors (``HTTPError`` and subclasses) are mapped from anyio, OS, ``ssl`` and h11
+errors where they happen. Whatever is raised, and at whatever await a task is
+cancelled, the connection involved is closed (shielded from cancellation) and
+its slot freed; nothing half-used is ever put back in the idle set.
+``LocalProtocolError`` for a request h11 refuses is raised before any
+connection is taken.
+"""
+
+from __future__ import annotations
+
+import math
+import select
+import socket
+import ssl
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from contextlib import suppress
+from functools import lru_cache
+from types import TracebackType
+from typing import Any, Final, Literal, Self
+from urllib.parse import urlsplit
+
+import anyio
+import anyio.abc
+import h11
+from anyio.abc import SocketAttribute
+from attrs import Attribute, field, frozen
+
+__all__ = [
+    "ConnectError",
+    "ConnectTimeout",
+    "ConnectionPool",
+    "HTTPError",
+    "LocalProtocolError",
+    "PoolOptions",
+    "PoolTimeout",
+    "ReadError",
+    "ReadTimeout",
+    "RemoteProtocolError",
+    "Response",
+    "WriteError",
+    "WriteTimeout",
+]
+
+CHUNK_SIZE: Final = 65536
+
+# --------------------------------------------------------------------------- errors
+
+
+class HTTPError(Exception):
+    """Base of the pool's errors. Whatever the error, the connection it happened on
+    is closed and its slot freed; the pool stays usable."""
+
+
+class ConnectError(HTTPError):
+    """The connection could not be opened (refused, unreachable, DNS, TLS handshake)."""
+
+
+class ConnectTimeout(ConnectError, TimeoutError):
+    """Opening the connection (TCP and TLS) took longer than ``PoolOptions.connect``."""
+
+
+class ReadError(HTTPError):
+    """The connection broke while receiving (reset)."""
+
+
+class WriteError(HTTPError):
+    """The connection broke while sending the request (reset, broken pipe)."""
+
+
+class ReadTimeout(HTTPError, TimeoutError):
+    """No byte arrived for ``read_timeout`` seconds (response head or between body chunks)."""
+
+
+class WriteTimeout(HTTPError, TimeoutError):
+    """Sending the request took longer than ``PoolOptions.write``."""
+
+
+class PoolTimeout(HTTPError, TimeoutError):
+    """No connection slot came free within ``PoolOptions.pool`` seconds."""
+
+
+class RemoteProtocolError(HTTPError):
+    """The server broke HTTP/1.1: garbage, a truncated body, or it closed the
+    connection without a response."""
+
+
+class LocalProtocolError(HTTPError):
+    """The request cannot be sent as given (bad URL, header or framing): the
+    caller's fault. Nothing was sent."""
+
+
+_IO_ERRORS: Final = (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError)
+_CONNECT_ERRORS: Final = (*_IO_ERRORS, anyio.EndOfStream)
+_RETRYABLE: Final = (WriteError, ReadError, RemoteProtocolError)
+
+# --------------------------------------------------------------------------- options
+
+
+def _positive(instance: Any, attribute: Attribute[Any], value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"PoolOptions.{attribute.name} must be > 0 (seconds), not {value!r}")
+
+
+def _not_negative(instance: Any, attribute: Attribute[Any], value: float) -> None:
+    if not value >= 0:
+        raise ValueError(f"PoolOptions.{attribute.name} must be >= 0 (seconds), not {value!r}")
+
+
+def _at_least_one(instance: Any, attribute: Attribute[Any], value: int) -> None:
+    if not isinstance(value, int) or value < 1:
+        raise ValueError(f"PoolOptions.{attribute.name} must be an int >= 1, not {value!r}")
+
+
+def _ssl_or_none(instance: Any, attribute: Attribute[Any], value: object) -> None:
+    if value is not None and not isinstance(value, ssl.SSLContext):
+        raise TypeError(f"PoolOptions.ssl_context must be an ssl.SSLContext or None: {value!r}")
+
+
+@frozen(kw_only=True)
+class PoolOptions:
+    """Limits and timeouts of a ``ConnectionPool`` (seconds), checked when built.
+
+    - ``connect``: TCP connect plus TLS handshake; ``write``: sending a request;
+      ``pool``: waiting for a free slot. The read timeout is per request.
+    - ``max_connections``: open connections in all origins together.
+    - ``keepalive_expiry``: idle connections older than this are closed
+      (``0``: never reuse a connection).
+    - ``ssl_context``: for ``https``; ``None`` = ``ssl.create_default_context()``
+      (made once per pool, ALPN ``http/1.1``).
+    """
+
+    connect: float = field(default=10.0, validator=_positive)
+    write: float = field(default=10.0, validator=_positive)
+    pool: float = field(default=10.0, validator=_positive)
+    max_connections: int = field(default=10, validator=_at_least_one)
+    keepalive_expiry: float = field(default=30.0, validator=_not_negative)
+    ssl_context: ssl.SSLContext | None = field(default=None, validator=_ssl_or_none)
+
+
+# --------------------------------------------------------------------------- helpers
+
+Origin = tuple[str, str, int]
+_DEFAULT_PORTS: Final = {"http": 80, "https": 443}
+
+
+@lru_cache(maxsize=256)
+def _split_url(url: str) -> tuple[Origin, bytes, bytes]:
+    """``(origin, target, host header)`` of an absolute http(s) URL."""
+    try:
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        host = parts.hostname
+        default = _DEFAULT_PORTS.get(scheme)
+        if default is None or not host:
+            raise ValueError("not an absolute http:// or https:// URL")
+        port = parts.port or default
+        name = f"[{host}]" if ":" in host else host
+        authority = name if port == default else f"{name}:{port}"
+        target = parts.path or "/"
+        if parts.query:
+            target += "?" + parts.query
+        return (scheme, host, port), target.encode("ascii"), authority.encode("ascii")
+    except ValueError as exc:  # UnicodeEncodeError included
+        raise LocalProtocolError(
+            f"cannot request {url!r}: {exc}; give an absolute http(s) URL, non-ASCII "
+            "characters percent-encoded"
+        ) from None
+
+
+def _request_event(
+    method: bytes,
+    target: bytes,
+    authority: bytes,
+    headers: list[tuple[bytes, bytes]],
+    body: bytes | None,
+) -> h11.Request:
+    out = [(b"host", authority)]
+    for item in headers:
+        name = item[0].lower()
+        if name == b"host":
+            out[0] = item
+            continue
+        if name == b"content-length" or name == b"transfer-encoding":
+            raise LocalProtocolError(
+                f"do not set {item[0]!r}: pass the body as `body` and the pool frames it"
+            )
+        out.append(item)
+    if body is not None:
+        out.append((b"content-length", b"%d" % len(body)))
+    try:
+        return h11.Request(method=method, target=target, headers=out)
+    except h11.LocalProtocolError as exc:
+        raise LocalProtocolError(f"cannot send this request: {exc}") from exc
+
+
+def _readability_check(sock: socket.socket | None) -> Callable[[], bool]:
+    """A function telling, without blocking, whether ``sock`` has anything to read
+    (EOF or data): for an idle keep-alive connection, that means do not reuse."""
+    if sock is None:
+        return lambda: False
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        return lambda: bool(poller.poll(0))
+    return lambda: bool(select.select([sock], [], [], 0)[0])  # pragma: no cover - Windows
+
+
+async def _close_stream(stream: anyio.abc.ByteStream) -> None:
+    """Close ``stream`` now, shielded from cancellation; errors are irrelevant."""
+    with anyio.CancelScope(shield=True), suppress(Exception):
+        await stream.aclose()
+
+
+async def _receive(stream: anyio.abc.ByteStream, timeout: float | None) -> bytes:
+    """Up to ``CHUNK_SIZE`` bytes; ``b""`` at EOF."""
+    try:
+        if timeout is None:
+            return await stream.receive(CHUNK_SIZE)
+        with anyio.CancelScope(deadline=anyio.current_time() + timeout):
+            return await stream.receive(CHUNK_SIZE)
+    except anyio.EndOfStream:
+        return b""
+    except _IO_ERRORS as exc:
+        raise ReadError(f"the connection broke while reading: {exc!r}") from exc
+    raise ReadTimeout(f"no data from the server for {timeout} s")
+
+
+class _Connection:
+    """One HTTP/1.1 connection: stream, h11 state, bookkeeping."""
+
+    __slots__ = ("expires", "got_bytes", "h11", "origin", "readable", "reused", "stream")
+
+    def __init__(self, origin: Origin, stream: anyio.abc.ByteStream) -> None:
+        self.origin = origin
+        self.stream = stream
+        self.h11 = h11.Connection(h11.CLIENT)
+        self.expires = 0.0
+        self.reused = False  # has served a response before the current request
+        self.got_bytes = False  # a byte of the current response arrived
+        self.readable = _readability_check(stream.extra(SocketAttribute.raw_socket, None))
+
+
+class _Waiter:
+    __slots__ = ("event", "grant")
+
+    def __init__(self) -> None:
+        self.event = anyio.Event()
+        # None: still waiting; "slot": a free slot (counted); a connection (idle,
+        # counted); "closed": the pool was closed.
+        self.grant: _Connection | Literal["slot", "closed"] | None = None
+
+
+_EOM: Final = h11.EndOfMessage()
+
+# --------------------------------------------------------------------------- pool
+
+
+class ConnectionPool:
+    """An HTTP/1.1 client connection pool; see the module docstring."""
+
+    def __init__(self, options: PoolOptions | None = None) -> None:
+        self._options = options if options is not None else PoolOptions()
+        self._max = self._options.max_connections
+        self._slots = 0  # open + reserved (connecting, or handed over to a waiter)
+        self._conns: set[_Connection] = set()  # every open connection, idle or busy
+        self._idle: deque[_Connection] = deque()  # oldest first
+        self._waiters: deque[_Waiter] = deque()
+        self._ssl_context = self._options.ssl_context
+        self._closed = False
+
+    @property
+    def options(self) -> PoolOptions:
+        return self._options
+
+    def stats(self) -> dict[str, int]:
+        """``open`` connections (``idle`` + ``busy``), ``connecting`` (slots taken
+        without a connection yet) and ``waiting`` requests."""
+        open_ = len(self._conns)
+        idle = len(self._idle)
+        return {
+            "open": open_,
+            "idle": idle,
+            "busy": open_ - idle,
+            "connecting": self._slots - open_,
+            "waiting": len(self._waiters),
+        }
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<ConnectionPool {state} {self.stats()} max={self._max}>"
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close every connection (busy ones too: their readers get ``ReadError``);
+        requests waiting for a slot fail. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        waiters = self._waiters
+        while waiters:
+            waiter = waiters.popleft()
+            waiter.grant = "closed"
+            waiter.event.set()
+        conns = list(self._conns)
+        self._conns.clear()
+        self._idle.clear()
+        self._slots -= len(conns)  # reserved slots are released by their owners
+        for conn in conns:
+            await _close_stream(conn.stream)
+
+    # ------------------------------------------------------------------ requests
+
+    async def request(
+        self,
+        method: bytes,
+        url: str,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes | None = None,
+        *,
+        read_timeout: float | None,
+    ) -> Response:
+        """Send a request and wait for the response head; read the body from the
+        ``Response`` and ``aclose`` it.
+
+        ``url`` is absolute (``http`` or ``https``); the pool adds ``Host`` (unless
+        given) and ``Content-Length`` (when ``body`` is not ``None``); ``headers``
+        must not frame the body themselves. ``read_timeout`` bounds every wait for
+        data (``None``: no bound). Raises ``HTTPError`` subclasses.
+        """
+        origin, target, authority = _split_url(url)
+        event = _request_event(method, target, authority, headers, body)
+        conn = await self._checkout(origin)
+        retried = False
+        while True:
+            if conn is None:
+                conn = await self._connect(origin)
+            try:
+                head = await self._exchange(conn, event, body, read_timeout)
+            except _RETRYABLE:
+                if retried or not conn.reused or conn.got_bytes:
+                    await self._discard(conn)
+                    raise
+                # The keep-alive race: retry once on a new connection, in this slot.
+                retried = True
+                owned = self._forget(conn)
+                await _close_stream(conn.stream)
+                if not owned:  # the pool was closed meanwhile
+                    raise
+                conn = None
+                continue
+            except BaseException:
+                await self._discard(conn)
+                raise
+            return Response(self, conn, head, read_timeout)
+
+    async def _exchange(
+        self,
+        conn: _Connection,
+        event: h11.Request,
+        body: bytes | None,
+        read_timeout: float | None,
+    ) -> h11.Response:
+        """Send the request on ``conn`` and receive the response head."""
+        h = conn.h11
+        conn.got_bytes = False
+        try:
+            data = h.send(event) or b""
+            if body:
+                data += b"".join(h.send_with_data_passthrough(h11.Data(data=body)) or ())
+            data += h.send(_EOM) or b""
+        except h11.LocalProtocolError as exc:
+            raise LocalProtocolError(f"cannot send this request: {exc}") from exc
+        stream = conn.stream
+        reading = False
+        with anyio.CancelScope(deadline=anyio.current_time() + self._options.write) as scope:
+            try:
+                await stream.send(data)
+            except _IO_ERRORS as exc:
+                raise WriteError(f"the connection broke while sending: {exc!r}") from exc
+            reading = True
+            scope.deadline = (
+                math.inf if read_timeout is None else anyio.current_time() + read_timeout
+            )
+            try:
+                while True:
+                    event_in = h.next_event()
+                    if event_in is h11.NEED_DATA:
+                        if conn.got_bytes and read_timeout is not None:
+                            scope.deadline = anyio.current_time() + read_timeout
+                        try:
+                            chunk = await stream.receive(CHUNK_SIZE)
+                        except anyio.EndOfStream:
+                            chunk = b""
+                        except _IO_ERRORS as exc:
+                            raise ReadError(f"the connection broke while reading: {exc!r}") from exc
+                        if not chunk and not conn.got_bytes:
+                            raise RemoteProtocolError(
+                                "the server closed the connection without sending a response"
+                            )
+                        conn.got_bytes = True
+                        h.receive_data(chunk)
+                    elif type(event_in) is h11.Response:
+                        return event_in
+                    elif type(event_in) is not h11.InformationalResponse:
+                        raise RemoteProtocolError(f"unexpected {event_in!r} instead of a response")
+            except h11.RemoteProtocolError as exc:
+                raise RemoteProtocolError(f"invalid response: {exc}") from exc
+        if reading:
+            raise ReadTimeout(f"no response data for {read_timeout} s")
+        raise WriteTimeout(f"sending the request took more than {self._options.write} s")
+
+    # ------------------------------------------------------------------ slots
+
+    async def _checkout(self, origin: Origin) -> _Connection | None:
+        """An idle connection to ``origin`` (now busy), or ``None``: a slot is
+        reserved for a new connection, which the caller must open (``_connect``
+        releases the slot if that fails)."""
+        if self._closed:
+            raise _closed()
+        idle = self._idle
+        if idle:
+            if idle[0].expires <= anyio.current_time():
+                await self._expire()
+            for i in range(len(idle) - 1, -1, -1):  # the most recently used first
+                conn = idle[i]
+                if conn.origin == origin:
+                    del idle[i]
+                    if conn.readable():  # closed by the server (or garbage): replace
+                        await self._replace(conn)
+                        return None
+                    return conn
+            if idle and self._slots >= self._max:
+                await self._replace(idle.popleft())  # another origin's, oldest
+                return None
+        if self._slots < self._max:
+            self._slots += 1
+            return None
+        return await self._wait(origin)
+
+    async def _wait(self, origin: Origin) -> _Connection | None:
+        waiter = _Waiter()
+        self._waiters.append(waiter)
+        try:
+            with anyio.move_on_after(self._options.pool):
+                await waiter.event.wait()
+        except BaseException:  # cancelled: give back what we may have been handed
+            self._abandon(waiter)
+            raise
+        grant = waiter.grant
+        if grant is None:
+            self._waiters.remove(waiter)
+            raise PoolTimeout(
+                f"no connection slot came free in {self._options.pool} s "
+                f"(max_connections={self._max})"
+            )
+        if grant == "slot":
+            return None
+        if grant == "closed":
+            raise _closed()
+        if grant.origin == origin and not grant.readable():
+            return grant
+        await self._replace(grant)
+        return None
+
+    def _abandon(self, waiter: _Waiter) -> None:
+        grant = waiter.grant
+        if grant is None:
+            self._waiters.remove(waiter)
+        elif grant == "slot":
+            self._release_slot()
+        elif grant != "closed":
+            self._give_idle(grant)
+
+    async def _replace(self, conn: _Connection) -> None:
+        """Close ``conn`` (idle, taken out of the idle set) and keep its slot for a
+        new connection."""
+        self._conns.discard(conn)
+        try:
+            await _close_stream(conn.stream)
+        except BaseException:  # pragma: no cover - shielded, errors suppressed
+            self._release_slot()
+            raise
+
+    async def _expire(self) -> None:
+        now = anyio.current_time()
+        idle = self._idle
+        expired = []
+        while idle and idle[0].expires <= now:
+            conn = idle.popleft()
+            self._conns.discard(conn)
+            self._release_slot()
+            expired.append(conn)
+        for conn in expired:
+            await _close_stream(conn.stream)
+
+    async def _connect(self, origin: Origin) -> _Connection:
+        """Open a connection in a reserved slot; the slot is released on failure."""
+        scheme, host, port = origin
+        stream: anyio.abc.ByteStream | None = None
+        try:
+            with anyio.move_on_after(self._options.connect):
+                try:
+                    if scheme == "https":
+                        stream = await anyio.connect_tcp(
+                            host,
+                            port,
+                            tls=True,
+                            ssl_context=self._tls(),
+                            tls_hostname=host,
+                            tls_standard_compatible=False,
+                        )
+                    else:
+                        stream = await anyio.connect_tcp(host, port)
+                except _CONNECT_ERRORS as exc:
+                    raise ConnectError(f"cannot connect to {host}:{port}: {exc!r}") from exc
+            if stream is None:
+                raise ConnectTimeout(
+                    f"connecting to {host}:{port} took more than {self._options.connect} s"
+                )
+            if self._closed:
+                await _close_stream(stream)
+                raise _closed()
+        except BaseException:
+            self._release_slot()
+            raise
+        conn = _Connection(origin, stream)
+        self._conns.add(conn)
+        return conn
+
+    def _tls(self) -> ssl.SSLContext:
+        if self._ssl_context is None:
+            context = ssl.create_default_context()
+            context.set_alpn_protocols(["http/1.1"])
+            self._ssl_context = context
+        return self._ssl_context
+
+    def _release_slot(self) -> None:
+        """A slot came free: hand it to the first waiter, or count it free."""
+        waiters = self._waiters
+        if waiters:
+            waiter = waiters.popleft()
+            waiter.grant = "slot"
+            waiter.event.set()
+        else:
+            self._slots -= 1
+
+    def _give_idle(self, conn: _Connection) -> None:
+        """A connection became idle: hand it to the first waiter, or keep it."""
+        if self._closed:
+            return  # aclose() closed it and freed its slot
+        waiters = self._waiters
+        if waiters:
+            waiter = waiters.popleft()
+            waiter.grant = conn
+            waiter.event.set()
+        else:
+            conn.expires = anyio.current_time() + self._options.keepalive_expiry
+            self._idle.append(conn)
+
+    def _recycle(self, conn: _Connection) -> bool:
+        """Put ``conn`` back after a complete response, if it can serve another."""
+        h = conn.h11
+        if h.our_state is not h11.DONE or h.their_state is not h11.DONE:
+            return False
+        data, closed = h.trailing_data
+        if data or closed or conn not in self._conns:
+            return False
+        h.start_next_cycle()
+        conn.reused = True
+        self._give_idle(conn)
+        return True
+
+    def _forget(self, conn: _Connection) -> bool:
+        """Take ``conn`` off the books; True if its slot is now the caller's."""
+        try:
+            self._conns.remove(conn)
+        except KeyError:  # aclose() took it (and its slot)
+            return False
+        return True
+
+    async def _discard(self, conn: _Connection) -> None:
+        """Close a busy connection that cannot be reused and free its slot."""
+        if self._forget(conn):
+            self._release_slot()
+        await _close_stream(conn.stream)
+
+
+def _closed() -> HTTPError:
+    return HTTPError("the connection pool is closed; make a new one")
+
+
+# --------------------------------------------------------------------------- response
+
+
+class Response:
+    """A response whose head is in: ``status`` and ``headers`` (lower-case names).
+
+    Read the body with ``aiter_bytes()`` (or ``async for``) or ``aread()``; each
+    wait for data is bounded by the request's ``read_timeout``. ``aclose()``
+    releases the connection (idempotent); it happens on its own once the body is
+    read to the end, or when reading fails.
+    """
+
+    __slots__ = ("_conn", "_pool", "_read_timeout", "headers", "status")
+
+    def __init__(
+        self,
+        pool: ConnectionPool,
+        conn: _Connection,
+        head: h11.Response,
+        read_timeout: float | None,
+    ) -> None:
+        self.status: int = head.status_code
+        self.headers: list[tuple[bytes, bytes]] = list(head.headers)
+        self._pool = pool
+        self._conn: _Connection | None = conn
+        self._read_timeout = read_timeout
+
+    def __repr__(self) -> str:
+        state = "open" if self._conn is not None else "closed"
+        return f"<Response {self.status} {state}>"
+
+    def aiter_bytes(self) -> AsyncIterator[bytes]:
+        """The body, chunk by chunk as it arrives."""
+        return self
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self
+
+    async def __anext__(self) -> bytes:
+        chunk = await self._next_chunk()
+        if chunk is None:
+            raise StopAsyncIteration
+        return chunk
+
+    async def aread(self, limit: int | None = None) -> bytes:
+        """The rest of the body. With ``limit``, reading stops once ``limit`` bytes
+        are in: the result is cut to ``limit`` and the connection closed (unless
+        the whole body was already there)."""
+        parts: list[bytes] = []
+        size = 0
+        while True:
+            chunk = await self._next_chunk()
+            if chunk is None:
+                break
+            parts.append(chunk)
+            size += len(chunk)
+            if limit is not None and size >= limit:
+                await self.aclose()
+                return b"".join(parts)[:limit]
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def aclose(self) -> None:
+        """Release the connection: back to the pool if the body was read to its end
+        (or is wholly buffered already), else closed. Idempotent."""
+        conn = self._conn
+        if conn is None:
+            return
+        self._conn = None
+        if _drain_buffered(conn.h11) and self._pool._recycle(conn):
+            return
+        await self._pool._discard(conn)
+
+    async def _next_chunk(self) -> bytes | None:
+        conn = self._conn
+        if conn is None:
+            return None
+        h = conn.h11
+        try:
+            while True:
+                event = h.next_event()
+                if type(event) is h11.Data:
+                    return bytes(event.data)
+                if type(event) is h11.EndOfMessage:
+                    self._conn = None
+                    if not self._pool._recycle(conn):
+                        await self._pool._discard(conn)
+                    return None
+                if event is not h11.NEED_DATA:
+                    raise RemoteProtocolError(f"unexpected {event!r} in a response body")
+                h.receive_data(await _receive(conn.stream, self._read_timeout))
+        except h11.RemoteProtocolError as exc:
+            self._conn = None
+            await self._pool._discard(conn)
+            raise RemoteProtocolError(f"invalid response body: {exc}") from exc
+        except BaseException:
+            self._conn = None
+            await self._pool._discard(conn)
+            raise
+
+
+def _drain_buffered(h: h11.Connection) -> bool:
+    """Skip the body data already received; True if the message ended there."""
+    try:
+        while True:
+            event = h.next_event()
+            if type(event) is not h11.Data:
+                return type(event) is h11.EndOfMessage
+    except h11.ProtocolError:
+        return False

@@ -1,0 +1,257 @@
+"""The async client (asyncio and trio) against the fake upstream on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+import anyio
+import pytest
+
+from keyrotor.core import KeySpec, PoolConfig
+from keyrotor.testing import (
+    Credits,
+    FakeUpstream,
+    Hang,
+    Invalid,
+    MidStreamError,
+    Ok,
+    RateLimit,
+    Reply,
+    Scenario,
+    SlowStream,
+)
+from keyrotor.transports import asyncio as asyncio_transport
+from keyrotor.transports import trio as trio_transport
+from keyrotor.transports.asyncio import Client, HTTPOptions, NoKeyAvailable, UpstreamError
+
+pytestmark = pytest.mark.anyio
+
+MODEL = "openai/gpt-4o-mini"
+HI = [{"role": "user", "content": "hi"}]
+SECRETS = {
+    "good": "sk-or-v1-good0000000000000000000000001",
+    "good2": "sk-or-v1-good0000000000000000000000002",
+    "bad": "sk-or-v1-bad00000000000000000000000003",
+    "poor": "sk-or-v1-poor0000000000000000000000004",
+    "busy": "sk-or-v1-busy0000000000000000000000005",
+}
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def scenario(**behaviours: object) -> Scenario:
+    sc = Scenario()
+    for alias, behaviour in behaviours.items():
+        sc.add(SECRETS[alias], behaviour, alias=alias)  # type: ignore[arg-type]
+    return sc
+
+
+@pytest.fixture
+async def mixed() -> AsyncIterator[FakeUpstream]:
+    sc = scenario(
+        good=Ok(), bad=Invalid(), poor=Credits(0.0), busy=RateLimit(limit=1, window=60), good2=Ok()
+    )
+    async with FakeUpstream(sc).serve() as server:
+        yield server
+
+
+def keys(*aliases: str) -> dict[str, str]:
+    return {alias: SECRETS[alias] for alias in aliases}
+
+
+def test_both_modules_export_the_same_client() -> None:
+    assert asyncio_transport.Client is trio_transport.Client
+
+
+async def test_failover_hides_bad_keys(mixed: FakeUpstream) -> None:
+    async with Client(keys("good", "bad", "poor", "busy", "good2"), mixed.url) as client:
+        answers = [await client.chat(model=MODEL, messages=HI) for _ in range(12)]
+        status = client.status()
+    assert all(a["choices"][0]["message"]["content"] for a in answers)
+    states = {k["alias"]: k["state"] for k in status["keys"]}
+    assert states["bad"] == "failed"
+    assert states["poor"] == "depleted"
+    assert states["busy"] == "rate_limited"
+    assert states["good"] == states["good2"] == "healthy"
+    # The invalid key was tried once for a request and probed once, never again.
+    assert mixed.stats("bad").by_endpoint["/chat/completions"] == 1
+    assert mixed.stats("busy").by_status.get(429) == 1
+
+
+async def test_retry_after_is_honoured(mixed: FakeUpstream) -> None:
+    async with Client(keys("busy", "good"), mixed.url) as client:
+        for _ in range(6):
+            await client.chat(model=MODEL, messages=HI)
+        status = {k["alias"]: k for k in client.status()["keys"]}
+    assert status["busy"]["state"] == "rate_limited"
+    assert 0 < status["busy"]["until_in"] <= 60  # until the fake's window ends
+    # One 200 and one 429 on busy, then nothing while it cools.
+    assert mixed.stats("busy").by_endpoint["/chat/completions"] == 2
+
+
+async def test_streaming_relays_chunks_in_order_and_accounts_usage(mixed: FakeUpstream) -> None:
+    body = {"model": MODEL, "messages": HI, "stream": True, "max_tokens": 6}
+    async with Client(keys("good"), mixed.url) as client:
+        async with client.stream("POST", "/chat/completions", json=body) as response:
+            assert response.headers["content-type"].startswith("text/event-stream")
+            lines = [line async for line in response.aiter_lines()]
+        spend = client.status()["keys"][0]["spend"]
+    data = [line for line in lines if line.startswith("data: ")]
+    assert ": OPENROUTER PROCESSING" in lines
+    assert data[-1] == "data: [DONE]"
+    chunks = [json.loads(line[6:]) for line in data[:-1]]
+    content = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert content  # six content chunks, joined in order
+    usage = chunks[-1]["usage"]
+    assert spend == pytest.approx(usage["cost"])
+
+
+async def test_mid_stream_error_is_accounted_without_retry() -> None:
+    sc = scenario(good=MidStreamError(after_chunks=1, code=429), good2=Ok())
+    async with FakeUpstream(sc).serve() as server:
+        async with Client(keys("good", "good2"), server.url) as client:
+            body = {"model": MODEL, "messages": HI, "stream": True}
+            async with client.stream("POST", "/chat/completions", json=body) as response:
+                text = (await response.aread()).decode()
+            status = {k["alias"]: k for k in client.status()["keys"]}
+    assert '"error"' in text
+    assert status["good"]["state"] == "rate_limited"
+    assert status["good"]["in_flight"] == 0
+
+
+async def test_cancelling_a_waiting_request_frees_its_key() -> None:
+    async with FakeUpstream(scenario(good=Hang())).serve() as server:
+        async with Client(keys("good"), server.url) as client:
+            with anyio.move_on_after(0.2):
+                await client.chat(model=MODEL, messages=HI)
+            status = client.status()
+    assert status["stats"]["inFlight"] == 0
+    assert status["keys"][0]["state"] == "healthy"  # the caller gave up: not the key's fault
+
+
+async def test_cancelling_mid_stream_frees_the_key() -> None:
+    sc = scenario(good=SlowStream(chunk_delay=0.05))
+    async with FakeUpstream(sc).serve() as server:
+        async with Client(keys("good"), server.url) as client:
+            body = {"model": MODEL, "messages": HI, "stream": True, "max_tokens": 50}
+            got = 0
+            with anyio.move_on_after(0.3):
+                async with client.stream("POST", "/chat/completions", json=body) as response:
+                    async for _ in response.aiter_bytes():
+                        got += 1
+            assert got > 0
+            assert client.status()["stats"]["inFlight"] == 0
+            # Leaving the block early (break) frees it too.
+            async with client.stream("POST", "/chat/completions", json=body) as response:
+                async for _ in response.aiter_bytes():
+                    break
+            assert client.status()["stats"]["inFlight"] == 0
+        # The upstream sees the connections go (it notices on its next write).
+        with anyio.move_on_after(3):
+            while server.stats("good").disconnects < 2:
+                await anyio.sleep(0.02)
+        assert server.stats("good").disconnects == 2
+        assert server.stats("good").in_flight == 0
+
+
+async def test_first_byte_timeout_fails_over() -> None:
+    async with FakeUpstream(scenario(bad=Hang(), good=Ok())).serve() as server:
+        options = HTTPOptions(first_byte=0.2)
+        async with Client(keys("bad", "good"), server.url, http=options) as client:
+            answer = await client.request(
+                "POST", "/chat/completions", json={"model": MODEL, "messages": HI}
+            )
+            status = client.status()
+    assert answer.key == "good" and answer.attempts == 2
+    assert status["stats"]["inFlight"] == 0
+    assert status["keys"][0]["errors"]["transport"] == 1
+
+
+async def test_parallel_chat_uses_distinct_keys() -> None:
+    sc = scenario(good=Ok(), good2=Ok(), poor=Ok(), busy=Ok())
+    async with FakeUpstream(sc).serve() as server:
+        config = PoolConfig(
+            keys=[KeySpec(key_id=k) for k in ("good", "good2", "poor", "busy")],
+            policy="least_busy",
+        )
+        async with Client(keys("good", "good2", "poor", "busy"), server.url, config) as client:
+            answers = await client.parallel_chat(
+                [{"model": MODEL, "messages": HI} for _ in range(4)]
+            )
+    assert len(answers) == 4
+    served = [entry.key for entry in server.log]
+    assert sorted(served) == ["busy", "good", "good2", "poor"]
+
+
+async def test_parallel_chat_partial_returns_errors_beside_results() -> None:
+    bad_request = Reply(400, "invalid prompt")
+    async with FakeUpstream(scenario(good=Ok(), good2=bad_request)).serve() as server:
+        async with Client(keys("good", "good2"), server.url) as client:
+            results = await client.parallel_chat_partial(
+                [
+                    {"model": MODEL, "messages": HI, "pin": "good"},
+                    {"model": MODEL, "messages": HI, "pin": "good2"},
+                ]
+            )
+            with pytest.raises(UpstreamError):
+                await client.parallel_chat([{"model": MODEL, "messages": HI, "pin": "good2"}])
+    assert isinstance(results[0], dict)
+    assert isinstance(results[1], UpstreamError) and results[1].status == 400
+
+
+async def test_every_key_rate_limited_raises_with_retry_after() -> None:
+    sc = scenario(busy=RateLimit(limit=0, window=30))
+    async with FakeUpstream(sc).serve() as server:
+        async with Client(keys("busy"), server.url) as client:
+            with pytest.raises(NoKeyAvailable) as info:
+                await client.chat(model=MODEL, messages=HI, timeout=1.0)
+    assert info.value.status == 429
+    # The fake's window is fixed: the key is back when it ends, at most 30 s away.
+    assert info.value.retry_after is not None and 0 < info.value.retry_after <= 30
+
+
+async def test_pinning_by_alias_and_index(mixed: FakeUpstream) -> None:
+    async with Client(keys("good", "good2"), mixed.url) as client:
+        first = await client.request(
+            "POST", "/chat/completions", json={"model": MODEL, "messages": HI}, pin="good2"
+        )
+        second = await client.request(
+            "POST", "/chat/completions", json={"model": MODEL, "messages": HI}, pin=0
+        )
+    assert (first.key, second.key) == ("good2", "good")
+
+
+async def test_secrets_never_leak() -> None:
+    sc = scenario(bad=Invalid(), good=Ok(), good2=Reply(400, "invalid prompt"))
+    async with FakeUpstream(sc).serve() as server:
+        async with Client(keys("bad", "good", "good2"), server.url) as client:
+            await client.chat(model=MODEL, messages=HI)
+            text = repr(client) + json.dumps(client.status())
+            with pytest.raises(UpstreamError) as info:
+                await client.chat(model=MODEL, messages=HI, pin="good2")
+            text += str(info.value) + repr(info.value.body)
+    assert "invalid prompt" in text
+    for secret in SECRETS.values():
+        assert secret not in text
+
+
+async def test_caller_authorization_is_never_forwarded(mixed: FakeUpstream) -> None:
+    async with Client(keys("good"), mixed.url) as client:
+        answer = await client.request(
+            "POST",
+            "/chat/completions",
+            json={"model": MODEL, "messages": HI},
+            headers={"Authorization": "Bearer caller-token", "X-Title": "tests"},
+        )
+    assert answer.status_code == 200
+    assert mixed.log[-1].key == "good"  # the pool's key, not the caller's token
+
+
+async def test_client_outside_its_block_says_how_to_use_it() -> None:
+    client = Client(keys("good"), "http://127.0.0.1:9/api/v1")
+    with pytest.raises(Exception, match="async with"):
+        await client.chat(model=MODEL, messages=HI)
