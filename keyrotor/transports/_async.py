@@ -147,8 +147,7 @@ class StreamResponse(ResponseHead):
             return
         self._done = True
         try:
-            with anyio.CancelScope(shield=True):
-                await self._response.aclose()
+            await self._response.aclose()  # frees its slot first; closes shielded
         finally:
             self._client._driver.finish(self._request_id, self._accountant, failure)
 
@@ -157,8 +156,7 @@ class StreamResponse(ResponseHead):
         if not self._done:
             self._done = True
             try:
-                with anyio.CancelScope(shield=True):
-                    await self._response.aclose()
+                await self._response.aclose()
             finally:
                 self._client._driver.close(self._request_id, ended=False)
 
@@ -329,18 +327,13 @@ class AsyncClient:
         (a success, or an error no other key would fix). Raises
         ``NoKeyAvailable`` when no key can serve in time.
         """
-        async with self.stream(
-            method,
-            path,
-            json=json,
-            content=content,
-            headers=headers,
-            pin=pin,
-            session=session,
-            group=group,
-            timeout=timeout,
-        ) as response:
+        response = await self._open(
+            method, path, json, content, headers, pin, session, group, timeout
+        )
+        try:
             body = await response.aread()
+        finally:
+            await response.aclose()
         return response.to_response(body)
 
     @asynccontextmanager
@@ -361,18 +354,34 @@ class AsyncClient:
 
         Leaving the block early cancels the upstream request and frees the key.
         """
-        body = encode_body(json, content)
-        merged = self._upstream.merge_headers(headers)
-        waiter = _Waiter()
-        driver = self._driver
-        request_id, slot = driver.open(
-            waiter.wake, pin=pin, session=session, group=group, timeout=timeout
+        response = await self._open(
+            method, path, json, content, headers, pin, session, group, timeout
         )
-        response = await self._attempts(request_id, slot, waiter, method, path, body, merged)
         try:
             yield response
         finally:
             await response.aclose()
+
+    async def _open(
+        self,
+        method: str,
+        path: str,
+        json: Any,
+        content: bytes | None,
+        headers: Mapping[str, str] | None,
+        pin: str | int | None,
+        session: str | None,
+        group: str | None,
+        timeout: float | None,
+    ) -> StreamResponse:
+        """Start a request in the pool and carry it out until one is delivered."""
+        body = encode_body(json, content)
+        merged = self._upstream.merge_headers(headers)
+        waiter = _Waiter()
+        request_id, slot = self._driver.open(
+            waiter.wake, pin=pin, session=session, group=group, timeout=timeout
+        )
+        return await self._attempts(request_id, slot, waiter, method, path, body, merged)
 
     async def _attempts(
         self,
@@ -422,14 +431,14 @@ class AsyncClient:
         pool = self._http()
         secret = driver.secrets[send.key_id]
         try:
-            with anyio.fail_after(upstream.options.first_byte):
-                response = await pool.request(
-                    method.encode("ascii"),
-                    upstream.url_for(path),
-                    request_headers(upstream.host, secret, headers, body, frame=False),
-                    body,
-                    read_timeout=upstream.options.idle,
-                )
+            response = await pool.request(
+                method.encode("ascii"),
+                upstream.url_for(path),
+                request_headers(upstream.host, secret, headers, body, frame=False),
+                body,
+                read_timeout=upstream.options.idle,
+                head_timeout=upstream.options.first_byte,
+            )
         except TRANSPORT_ERRORS as exc:
             driver.failed(request_id, failure_reason(exc))
             return None
@@ -441,8 +450,7 @@ class AsyncClient:
                 try:
                     error_body = await response.aread(limit=MAX_ERROR_BODY)
                 except TRANSPORT_ERRORS as exc:
-                    with anyio.CancelScope(shield=True):
-                        await response.aclose()
+                    await response.aclose()
                     driver.failed(request_id, failure_reason(exc))
                     return None
             deliver = driver.received(
@@ -453,8 +461,7 @@ class AsyncClient:
                     self, request_id, response, deliver, response_headers, error_body
                 )
         except BaseException:
-            with anyio.CancelScope(shield=True):
-                await response.aclose()
+            await response.aclose()  # cancellation-safe: the pool shields its closing
             raise
         await response.aclose()  # a failed attempt: drop it, the pool has decided
         return None

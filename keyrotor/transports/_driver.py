@@ -380,6 +380,25 @@ def _number(value: Any) -> float | None:
     return None
 
 
+_DECODER = json.JSONDecoder()
+
+
+def _usage_object(body: bytes) -> Any:
+    """The ``usage`` object of a JSON response body, found without parsing the
+    whole body (a long completion's text comes before it)."""
+    at = body.rfind(b'"usage"')
+    if at < 0:
+        return None
+    start = body.find(b"{", at)
+    if start < 0 or body[at + 7 : start].strip() != b":":
+        return None
+    try:
+        value, _ = _DECODER.raw_decode(body[start:].decode("utf-8", errors="replace"))
+    except ValueError:
+        return None
+    return value
+
+
 class StreamAccountant:
     """Reads an SSE stream as it passes, for its usage and any in-stream error.
 
@@ -430,12 +449,11 @@ class StreamAccountant:
     def close(self) -> None:
         """The body ended: account a last line, or the JSON body's usage."""
         if self._body is not None:
-            try:
-                payload = json.loads(b"".join(self._body))
-            except ValueError:
-                payload = None
-            self.cost, self.prompt_tokens, self.completion_tokens = usage_of(payload)
+            body = b"".join(self._body)
             self._body = None
+            self.cost, self.prompt_tokens, self.completion_tokens = usage_of(
+                {"usage": _usage_object(body)}
+            )
         elif self._tail:
             self._line(self._tail)
             self._tail = b""

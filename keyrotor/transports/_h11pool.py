@@ -365,6 +365,7 @@ class ConnectionPool:
         body: bytes | None = None,
         *,
         read_timeout: float | None,
+        head_timeout: float | None = None,
     ) -> Response:
         """Send a request and wait for the response head; read the body from the
         ``Response`` and ``aclose`` it.
@@ -372,7 +373,9 @@ class ConnectionPool:
         ``url`` is absolute (``http`` or ``https``); the pool adds ``Host`` (unless
         given) and ``Content-Length`` (when ``body`` is not ``None``); ``headers``
         must not frame the body themselves. ``read_timeout`` bounds every wait for
-        data (``None``: no bound). Raises ``HTTPError`` subclasses.
+        data (``None``: no bound); ``head_timeout``, if given, bounds the wait for
+        the first byte of the response instead (a model's time to first token).
+        Raises ``HTTPError`` subclasses.
         """
         origin, target, authority = _split_url(url)
         event = _request_event(method, target, authority, headers, body)
@@ -382,7 +385,7 @@ class ConnectionPool:
             if conn is None:
                 conn = await self._connect(origin)
             try:
-                head = await self._exchange(conn, event, body, read_timeout)
+                head = await self._exchange(conn, event, body, read_timeout, head_timeout)
             except _RETRYABLE:
                 if retried or not conn.reused or conn.got_bytes:
                     await self._discard(conn)
@@ -406,6 +409,7 @@ class ConnectionPool:
         event: h11.Request,
         body: bytes | None,
         read_timeout: float | None,
+        head_timeout: float | None = None,
     ) -> h11.Response:
         """Send the request on ``conn`` and receive the response head."""
         h = conn.h11
@@ -425,9 +429,8 @@ class ConnectionPool:
             except _IO_ERRORS as exc:
                 raise WriteError(f"the connection broke while sending: {exc!r}") from exc
             reading = True
-            scope.deadline = (
-                math.inf if read_timeout is None else anyio.current_time() + read_timeout
-            )
+            first = read_timeout if head_timeout is None else head_timeout
+            scope.deadline = math.inf if first is None else anyio.current_time() + first
             try:
                 while True:
                     event_in = h.next_event()
@@ -453,7 +456,10 @@ class ConnectionPool:
             except h11.RemoteProtocolError as exc:
                 raise RemoteProtocolError(f"invalid response: {exc}") from exc
         if reading:
-            raise ReadTimeout(f"no response data for {read_timeout} s")
+            waited = (
+                head_timeout if head_timeout is not None and not conn.got_bytes else read_timeout
+            )
+            raise ReadTimeout(f"no response data for {waited} s")
         raise WriteTimeout(f"sending the request took more than {self._options.write} s")
 
     # ------------------------------------------------------------------ slots
