@@ -7,7 +7,6 @@ are this class. Everything that can be decided is decided by the ``Driver``
 
 from __future__ import annotations
 
-import os
 from collections import deque
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -17,14 +16,14 @@ import anyio
 
 from ..core import Deliver, PoolConfig, Probe, Reject, Send
 from . import _h11pool as h11pool
-from ._driver import OPENROUTER_URL, Driver, Slot, StreamAccountant, keys_from_env
+from ._base import ClientBase, chat_payload
+from ._driver import OPENROUTER_URL, Driver, Slot, StreamAccountant
 from ._http import (
     MAX_ERROR_BODY,
     HTTPOptions,
     LineDecoder,
     Response,
     ResponseHead,
-    Upstream,
     decode_headers,
     encode_body,
     json_or_raise,
@@ -205,7 +204,7 @@ class _Lines:
         return self._ready.popleft()
 
 
-class AsyncClient:
+class AsyncClient(ClientBase):
     """Calls an OpenAI-compatible API through a pool of keys, with failover.
 
     ``async with AsyncClient(keys) as client:`` runs the pool's timer and its
@@ -222,6 +221,8 @@ class AsyncClient:
         probe_path: the cheap call that probes a key (OpenRouter: ``/key``).
     """
 
+    _clock = staticmethod(anyio.current_time)  # the event loop's clock (trio's MockClock too)
+
     def __init__(
         self,
         keys: Mapping[str, str] | Iterable[str],
@@ -232,8 +233,7 @@ class AsyncClient:
         headers: Mapping[str, str] | None = None,
         probe_path: str = "/key",
     ) -> None:
-        self._driver = Driver(keys, config, clock=anyio.current_time)
-        self._upstream = Upstream.from_url(base_url, http, headers, probe_path)
+        super().__init__(keys, base_url, config, http=http, headers=headers, probe_path=probe_path)
         self._pool: h11pool.ConnectionPool | None = None
         self._closed = False
         self._tasks: anyio.abc.TaskGroup | None = None
@@ -241,19 +241,6 @@ class AsyncClient:
         self._probes = _Waiter()
         self._driver.deadline_changed = self._timer.wake
         self._driver.probe_ready = self._probes.wake
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **options: Any) -> Self:
-        """Keys from ``OPENROUTER_KEYS``, ``OPENROUTER_API_KEY`` and
-        ``OPENROUTER_API_KEY_1..N``; base URL from ``OPENROUTER_BASE_URL`` if set."""
-        env = os.environ if environ is None else environ
-        if "base_url" not in options and env.get("OPENROUTER_BASE_URL"):
-            options["base_url"] = env["OPENROUTER_BASE_URL"]
-        return cls(keys_from_env(env), **options)
-
-    def __repr__(self) -> str:
-        keys = list(self._driver.secrets)
-        return f"<{type(self).__name__} {self._upstream.url} keys={keys}>"
 
     @property
     def driver(self) -> Driver:
@@ -481,7 +468,7 @@ class AsyncClient:
     ) -> Any:
         """``POST /chat/completions``; the parsed JSON body. Raises
         ``UpstreamError`` for an error answer, ``NoKeyAvailable`` if no key."""
-        payload = {"model": model, "messages": list(messages), **params}
+        payload = chat_payload(model, messages, params)
         response = await self.request(
             "POST",
             "/chat/completions",

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -27,14 +26,14 @@ from typing import Any, Self
 import httpcore
 
 from ..core import Deliver, PoolConfig, Probe, Reject, Send
-from ._driver import OPENROUTER_URL, Driver, Slot, StreamAccountant, keys_from_env
+from ._base import ClientBase, chat_payload
+from ._driver import OPENROUTER_URL, Driver, Slot, StreamAccountant
 from ._http import (
     TRANSPORT_ERRORS,
     HTTPOptions,
     LineDecoder,
     Response,
     ResponseHead,
-    Upstream,
     decode_headers,
     encode_body,
     failure_reason,
@@ -138,7 +137,7 @@ class StreamResponse(ResponseHead):
                     client._driver.close(self._request_id, ended=False)
 
 
-class Client:
+class Client(ClientBase):
     """Calls an OpenAI-compatible API through a pool of keys, with failover.
 
     ``with Client(keys) as client:`` runs the pool's timer and its probes on
@@ -167,8 +166,7 @@ class Client:
         headers: Mapping[str, str] | None = None,
         probe_path: str = "/key",
     ) -> None:
-        self._driver = Driver(keys, config)
-        self._upstream = Upstream.from_url(base_url, http, headers, probe_path)
+        super().__init__(keys, base_url, config, http=http, headers=headers, probe_path=probe_path)
         self._lock = threading.RLock()
         self._timer = threading.Condition(self._lock)
         self._pool: httpcore.ConnectionPool | None = None
@@ -177,19 +175,6 @@ class Client:
         self._stopped: str | None = None  # why waiting requests must give up
         self._driver.deadline_changed = self._timer.notify
         self._driver.probe_ready = self._timer.notify
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **options: Any) -> Self:
-        """Keys from ``OPENROUTER_KEYS``, ``OPENROUTER_API_KEY`` and
-        ``OPENROUTER_API_KEY_1..N``; base URL from ``OPENROUTER_BASE_URL`` if set."""
-        env = os.environ if environ is None else environ
-        if "base_url" not in options and env.get("OPENROUTER_BASE_URL"):
-            options["base_url"] = env["OPENROUTER_BASE_URL"]
-        return cls(keys_from_env(env), **options)
-
-    def __repr__(self) -> str:
-        keys = list(self._driver.secrets)
-        return f"<{type(self).__name__} {self._upstream.url} keys={keys}>"
 
     @property
     def driver(self) -> Driver:
@@ -428,7 +413,7 @@ class Client:
     ) -> Any:
         """``POST /chat/completions``; the parsed JSON body. Raises
         ``UpstreamError`` for an error answer, ``NoKeyAvailable`` if no key."""
-        payload = {"model": model, "messages": list(messages), **params}
+        payload = chat_payload(model, messages, params)
         response = self.request(
             "POST",
             "/chat/completions",
