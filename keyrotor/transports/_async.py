@@ -314,8 +314,16 @@ class AsyncClient(ClientBase):
         (a success, or an error no other key would fix). Raises
         ``NoKeyAvailable`` when no key can serve in time.
         """
-        response = await self._open(
-            method, path, json, content, headers, pin, session, group, timeout
+        response = await self.send(
+            method,
+            path,
+            json=json,
+            content=content,
+            headers=headers,
+            pin=pin,
+            session=session,
+            group=group,
+            timeout=timeout,
         )
         try:
             body = await response.aread()
@@ -341,27 +349,38 @@ class AsyncClient(ClientBase):
 
         Leaving the block early cancels the upstream request and frees the key.
         """
-        response = await self._open(
-            method, path, json, content, headers, pin, session, group, timeout
+        response = await self.send(
+            method,
+            path,
+            json=json,
+            content=content,
+            headers=headers,
+            pin=pin,
+            session=session,
+            group=group,
+            timeout=timeout,
         )
         try:
             yield response
         finally:
             await response.aclose()
 
-    async def _open(
+    async def send(
         self,
         method: str,
         path: str,
-        json: Any,
-        content: bytes | None,
-        headers: Mapping[str, str] | None,
-        pin: str | int | None,
-        session: str | None,
-        group: str | None,
-        timeout: float | None,
+        *,
+        json: Any = None,
+        content: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+        pin: str | int | None = None,
+        session: str | None = None,
+        group: str | None = None,
+        timeout: float | None = None,
     ) -> StreamResponse:
-        """Start a request in the pool and carry it out until one is delivered."""
+        """Like ``stream``, without the block: the delivered response, whose body
+        the caller reads and which the caller must ``aclose()`` (the proxy hands
+        it to its server, which closes it when the client is done or gone)."""
         body = encode_body(json, content)
         merged = self._upstream.merge_headers(headers)
         waiter = _Waiter()

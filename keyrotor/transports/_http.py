@@ -195,22 +195,24 @@ def request_headers(
     *,
     frame: bool = True,
 ) -> list[tuple[bytes, bytes]]:
-    """Headers for one attempt: Host, the key's Authorization, the body's
+    """Headers for one attempt: Host, the key's Authorization, the caller's
+    own (minus Authorization, Host and hop-by-hop headers), then the body's
     length (unless ``frame`` is False: the h11 pool frames bodies itself) and
-    type, then the caller's own (minus Authorization, Host and hop-by-hop
-    headers)."""
+    type (JSON unless the caller gave one)."""
     headers = [(b"Host", host), (b"Authorization", b"Bearer " + secret.encode("ascii"))]
-    has_body = body is not None
-    if body is not None:
-        if frame:
-            headers.append((b"Content-Length", str(len(body)).encode()))
-        headers.append((b"Content-Type", b"application/json"))
+    typed = False
     items = extra.items() if isinstance(extra, Mapping) else (extra or ())
     for name, value in items:
         lower = name.lower()
-        if lower in _HOP_BY_HOP or (has_body and lower == "content-type"):
+        if lower in _HOP_BY_HOP:
             continue
+        typed = typed or lower == "content-type"
         headers.append((name.encode("latin-1"), value.encode("latin-1")))
+    if body is not None:
+        if frame:
+            headers.append((b"Content-Length", str(len(body)).encode()))
+        if not typed:
+            headers.append((b"Content-Type", b"application/json"))
     return headers
 
 

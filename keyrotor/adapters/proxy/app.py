@@ -1,0 +1,198 @@
+"""The proxy's application: OpenAI-compatible routes in front of the pool.
+
+``ProxyApp`` answers one ``Request`` with one ``Response`` (``types.py``); the
+h11 server (``server.py``) and, later, an ASGI front carry them over HTTP. The
+pool and its failover live in the async transport's client, shared by every
+request.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from ...transports._async import AsyncClient, StreamResponse
+from ...transports.errors import NoKeyAvailable, TransportError
+from .metrics import ProxyCounters, render
+from .types import Request, Response
+
+__all__ = ["ProxyApp"]
+
+# Caller headers passed upstream (OpenRouter's app attribution and content
+# negotiation); everything else, the caller's Authorization first, stays here.
+_FORWARDED = frozenset(
+    {"http-referer", "x-title", "x-openrouter-title", "content-type", "accept", "user-agent"}
+)
+# Upstream headers not passed back: framing is the server's, and the upstream's
+# connection handling is not the caller's business.
+_DROPPED = frozenset(
+    {"connection", "keep-alive", "transfer-encoding", "content-length", "date", "server"}
+)
+_JSON = ("content-type", "application/json")
+_REJECT_TYPES = {429: "rate_limit_error", 502: "upstream_error", 503: "service_unavailable"}
+
+
+def error_body(message: str, kind: str, code: str | int | None = None) -> bytes:
+    """An OpenAI-shaped error body."""
+    error = {"message": message, "type": kind, "param": None, "code": code}
+    return json.dumps({"error": error}).encode()
+
+
+class ProxyApp:
+    """Routes: ``/v1/*`` forwarded through the pool; ``/status``, ``/metrics``,
+    ``/healthz``. Everything else is a 404 in the OpenAI error shape.
+
+    Per request, a caller may pin a key with ``X-Keyrotor-Key: ALIAS`` (or an
+    index) and keep a session on one key with ``X-Keyrotor-Session: ID``.
+    """
+
+    def __init__(
+        self,
+        client: AsyncClient,
+        *,
+        routing_note: bool = False,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._client = client
+        self._routing_note = routing_note
+        self._clock = clock
+        self.counters = ProxyCounters()
+        self.started = clock()
+
+    async def __call__(self, request: Request) -> Response:
+        path = request.path
+        if path.startswith("/v1/"):
+            response = await self._forward(request)
+        elif path == "/status" and request.method == "GET":
+            response = self._json(200, self.status())
+        elif path == "/metrics" and request.method == "GET":
+            text = render(self._client.status(), self.counters)
+            response = Response(
+                status=200,
+                headers=[("content-type", "text/plain; version=0.0.4; charset=utf-8")],
+                body=text.encode(),
+            )
+        elif path == "/healthz" and request.method == "GET":
+            usable = self._client.status()["health"]
+            ok = usable["healthy"] + usable["recovering"] > 0
+            response = self._json(200, {"ok": True, "usable_keys": ok})
+        else:
+            response = Response(
+                status=404,
+                headers=[_JSON],
+                body=error_body(f"no route {request.method} {path}", "invalid_request_error"),
+            )
+        self.counters.by_status[response.status] += 1
+        return response
+
+    def status(self) -> dict[str, Any]:
+        """Seed 004's status shape plus per-key detail (aliases, never secrets)."""
+        status = self._client.status()
+        status["uptime"] = round(self._clock() - self.started, 3)
+        status["stats"]["failovers"] = self.counters.failovers
+        status["stats"]["streamErrors"] = self.counters.stream_errors
+        return status
+
+    @staticmethod
+    def _json(status: int, payload: Any) -> Response:
+        return Response(status=status, headers=[_JSON], body=json.dumps(payload).encode())
+
+    async def _forward(self, request: Request) -> Response:
+        headers = {k: v for k, v in request.headers if k in _FORWARDED}
+        asked = request.header("x-keyrotor-key")
+        pin: str | int | None = int(asked) if asked is not None and asked.isdigit() else asked
+        body = request.body
+        try:
+            upstream = await self._client.send(
+                request.method,
+                request.target[3:],  # "/v1/chat/completions?x" -> "/chat/completions?x"
+                content=body if body or request.method in ("POST", "PUT", "PATCH") else None,
+                headers=headers,
+                pin=pin,
+                session=request.header("x-keyrotor-session"),
+            )
+        except NoKeyAvailable as exc:
+            retry = (
+                [] if exc.retry_after is None else [("retry-after", str(round(exc.retry_after)))]
+            )
+            return Response(
+                status=exc.status,
+                headers=[_JSON, *retry],
+                body=error_body(
+                    f"no API key can serve this request now ({exc.reason})",
+                    _REJECT_TYPES.get(exc.status, "service_unavailable"),
+                    exc.status,
+                ),
+                log={"outcome": "rejected"},
+            )
+        if upstream.attempts > 1:
+            self.counters.failovers += 1
+        out_headers = [(k, v) for k, v in upstream.headers.items() if k not in _DROPPED]
+        out_headers += [
+            ("x-keyrotor-key", upstream.key),
+            ("x-keyrotor-attempts", str(upstream.attempts)),
+        ]
+        log = {
+            "key": upstream.key,
+            "attempts": upstream.attempts,
+            "upstream_status": upstream.status_code,
+        }
+        if "event-stream" in upstream.headers.get("content-type", ""):
+            return Response(
+                status=upstream.status_code,
+                headers=out_headers,
+                body=_Relay(upstream, self.counters),
+                aclose=upstream.aclose,
+                log=log,
+            )
+        try:
+            content = await upstream.aread()
+        finally:
+            await upstream.aclose()
+        if self._routing_note and upstream.is_success:
+            content = _with_routing(content, upstream)
+        return Response(status=upstream.status_code, headers=out_headers, body=content, log=log)
+
+
+def _with_routing(content: bytes, upstream: StreamResponse) -> bytes:
+    """Seed 004's routing note: ``_routing`` added to a JSON object body."""
+    try:
+        payload = json.loads(content)
+    except ValueError:
+        return content
+    if not isinstance(payload, dict):
+        return content
+    payload["_routing"] = {"key": upstream.key, "attempts": upstream.attempts}
+    return json.dumps(payload).encode()
+
+
+class _Relay:
+    """A delivered SSE stream, chunk by chunk as it arrives. If the upstream
+    breaks off after output has started, the stream ends with an OpenAI-shaped
+    error event (the caller already has part of the answer: no silent retry)."""
+
+    __slots__ = ("_chunks", "_counters", "_done")
+
+    def __init__(self, upstream: StreamResponse, counters: ProxyCounters) -> None:
+        self._chunks = upstream.aiter_bytes()
+        self._counters = counters
+        self._done = False
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            return await anext(self._chunks)
+        except StopAsyncIteration:
+            self._done = True
+            raise
+        except TransportError:
+            self._done = True
+            self._counters.stream_errors += 1
+            event = error_body("the upstream stream broke off", "upstream_error", 502)
+            return b"data: " + event + b"\n\n"

@@ -1,0 +1,144 @@
+"""``GET /metrics``: the pool and the proxy in the Prometheus text format (0.0.4).
+
+Written by hand: a dozen metric families do not need a library, and the
+exposition rules that matter (HELP/TYPE once per family, escaped label values,
+``_total`` counters, a final newline) are tested.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+from typing import Any
+
+from ...core import KeyState
+
+__all__ = ["ProxyCounters", "render"]
+
+
+class ProxyCounters:
+    """Counts the proxy keeps beside the pool's own statistics."""
+
+    __slots__ = ("by_status", "failovers", "stream_errors")
+
+    def __init__(self) -> None:
+        self.by_status: Counter[int] = Counter()
+        self.failovers = 0  # responses that took more than one attempt
+        self.stream_errors = 0  # streams that ended with an error event
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _labels(**labels: Any) -> str:
+    if not labels:
+        return ""
+    inner = ",".join(f'{name}="{_escape(str(value))}"' for name, value in labels.items())
+    return "{" + inner + "}"
+
+
+def _family(
+    name: str, kind: str, help_text: str, samples: Iterable[tuple[dict[str, Any], float]]
+) -> list[str]:
+    lines = [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+    lines += [f"{name}{_labels(**labels)} {_number(value)}" for labels, value in samples]
+    return lines
+
+
+def _number(value: float) -> str:
+    if isinstance(value, int) or float(value).is_integer():
+        return str(int(value))
+    return repr(float(value))
+
+
+def render(status: dict[str, Any], counters: ProxyCounters) -> str:
+    """The exposition text for ``status`` (the driver's ``status()``) and ``counters``."""
+    keys = status["keys"]
+    stats = status["stats"]
+    lines: list[str] = []
+    lines += _family(
+        "keyrotor_key_state",
+        "gauge",
+        "1 for the state each key is in.",
+        (
+            ({"key": k["alias"], "state": state.value}, int(k["state"] == state.value))
+            for k in keys
+            for state in KeyState
+        ),
+    )
+    lines += _family(
+        "keyrotor_key_in_flight",
+        "gauge",
+        "Requests in flight on each key.",
+        (({"key": k["alias"]}, k["in_flight"]) for k in keys),
+    )
+    lines += _family(
+        "keyrotor_key_requests_total",
+        "counter",
+        "Attempts sent on each key.",
+        (({"key": k["alias"]}, k["requests"]) for k in keys),
+    )
+    lines += _family(
+        "keyrotor_key_successes_total",
+        "counter",
+        "2xx answers on each key.",
+        (({"key": k["alias"]}, k["successes"]) for k in keys),
+    )
+    lines += _family(
+        "keyrotor_key_errors_total",
+        "counter",
+        "Error answers on each key, by class.",
+        (
+            ({"key": k["alias"], "class": name}, count)
+            for k in keys
+            for name, count in k["errors"].items()
+        ),
+    )
+    lines += _family(
+        "keyrotor_key_spend_usd_total",
+        "counter",
+        "Spend on each key, in USD, as reported by the upstream.",
+        (({"key": k["alias"]}, k["spend"]) for k in keys),
+    )
+    lines += _family(
+        "keyrotor_key_tokens_total",
+        "counter",
+        "Tokens on each key, by kind.",
+        (
+            ({"key": k["alias"], "kind": kind}, k[f"{kind}_tokens"])
+            for k in keys
+            for kind in ("prompt", "completion")
+        ),
+    )
+    lines += _family(
+        "keyrotor_pool_requests_total",
+        "counter",
+        "Requests through the pool, by outcome.",
+        (({"outcome": outcome}, stats[outcome]) for outcome in ("delivered", "rejected")),
+    )
+    lines += _family(
+        "keyrotor_pool_queued",
+        "gauge",
+        "Requests waiting for a key.",
+        [({}, stats["queued"])],
+    )
+    lines += _family(
+        "keyrotor_proxy_responses_total",
+        "counter",
+        "Responses the proxy sent, by status.",
+        (({"status": code}, count) for code, count in sorted(counters.by_status.items())),
+    )
+    lines += _family(
+        "keyrotor_proxy_failovers_total",
+        "counter",
+        "Responses that needed more than one attempt (failover the caller never saw).",
+        [({}, counters.failovers)],
+    )
+    lines += _family(
+        "keyrotor_proxy_stream_errors_total",
+        "counter",
+        "Streams that ended with an error event after output had started.",
+        [({}, counters.stream_errors)],
+    )
+    return "\n".join(lines) + "\n"
