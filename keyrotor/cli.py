@@ -20,16 +20,65 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     demo.add_argument("--requests", type=int, default=40, help="requests to send (default 40)")
     demo.add_argument("--color", action="store_true", help="colour the output")
+    demo.add_argument(
+        "--core",
+        action="store_true",
+        help="run the scenario through the core alone, on a virtual clock (no proxy)",
+    )
+    serve = commands.add_parser(
+        "serve", help="run the OpenAI-compatible proxy in front of the key pool"
+    )
+    serve.add_argument(
+        "--config", metavar="FILE", help="TOML configuration (docs/configuration.md)"
+    )
+    serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to listen on (default 8080)")
+    serve.add_argument("--upstream", metavar="URL", help="upstream base URL (default OpenRouter's)")
     args = parser.parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
     if args.command == "demo":
         if args.requests < 1:
             parser.error("--requests must be at least 1")
+        if not args.core:
+            try:
+                from .adapters.proxy.demo import run_demo
+            except ImportError as exc:  # installed without the proxy extra
+                print(
+                    f"keyrotor demo: the live proxy demo needs `pip install 'keyrotor[proxy]'` "
+                    f"({exc.name} is missing); running the core-only demo instead.\n",
+                    file=sys.stderr,
+                )
+            else:
+                live = run_demo(sys.stdout, requests=args.requests, color=args.color)
+                return 0 if live["error"] == 0 else 1
         from .demo import run
 
         outcome = run(sys.stdout, requests=args.requests, color=args.color)
         return 0 if outcome["error"] == 0 and outcome["rejected"] == 0 else 1
     parser.print_help()
     return 2
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import os
+
+    from .adapters.config import ConfigError, load_config
+
+    overrides = {
+        name: value
+        for name, value in (("host", args.host), ("port", args.port), ("upstream", args.upstream))
+        if value is not None
+    }
+    try:
+        config = load_config(args.config, os.environ, overrides)
+    except ConfigError as exc:
+        print(f"keyrotor serve: {exc}", file=sys.stderr)
+        return 2
+    from .adapters.proxy.main import run
+
+    run(config)
+    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

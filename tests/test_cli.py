@@ -33,7 +33,7 @@ def test_demo_is_deterministic() -> None:
 
 
 def test_cli_demo_exit_status_and_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["demo", "--requests", "5"]) == 0
+    assert main(["demo", "--core", "--requests", "5"]) == 0
     assert "5 of 5 requests delivered" in capsys.readouterr().out
     with pytest.raises(SystemExit) as info:
         main(["demo", "--requests", "0"])
@@ -43,7 +43,7 @@ def test_cli_demo_exit_status_and_bad_arguments(capsys: pytest.CaptureFixture[st
 
 def test_console_script_runs() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "keyrotor.cli", "demo", "--requests", "3", "--color"],
+        [sys.executable, "-m", "keyrotor.cli", "demo", "--core", "--requests", "3", "--color"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -51,3 +51,22 @@ def test_console_script_runs() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "\x1b[32mdelivered" in result.stdout
+
+
+def test_live_proxy_demo_answers_every_request_and_shows_recovery() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "keyrotor.cli", "demo", "--requests", "40"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "40 of 40 requests answered 200 through the proxy" in out
+    assert "key bravo    healthy -> failed" in out
+    assert "key charlie  healthy -> depleted" in out
+    assert "key delta    healthy -> rate_limited" in out
+    assert "after 2 attempts" in out
+    assert "recovering -> healthy" in out
+    assert "sk-or-v1-demo" not in out + result.stderr

@@ -1,0 +1,704 @@
+"""Configuration of ``keyrotor serve``: a TOML file, the environment, command-line overrides.
+
+Precedence, highest first: ``overrides`` (the command line) > the file > the
+environment (``OPENROUTER_BASE_URL``) > defaults. Keys are the exception: the
+file's ``[[keys]]`` and the environment's keys are united. Every problem is one
+``ConfigError`` naming where it is (file, table, option) and the fix; no secret
+ever appears in an error or a repr. The reference is docs/configuration.md.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import Any, NoReturn
+from urllib.parse import urlsplit
+
+import attrs
+
+from ..core import POLICIES, KeySpec, PoolConfig, PoolError
+from ..transports._driver import OPENROUTER_URL, keys_from_env, mask
+from ..transports._http import HTTPOptions
+from ..transports.errors import ConfigurationError
+
+__all__ = ["LOG_FORMATS", "SERVER_DEFAULTS", "ConfigError", "ProxyConfig", "load_config"]
+
+SERVER_DEFAULTS: Mapping[str, Any] = MappingProxyType(
+    {
+        "host": "127.0.0.1",
+        "port": 8080,
+        "max_header_bytes": 65536,
+        "max_body_bytes": 10485760,
+        "header_timeout": 10.0,
+        "body_timeout": 30.0,
+        "idle_timeout": 75.0,
+        "grace_period": 30.0,
+        "max_connections": 10000,
+    }
+)
+"""The proxy server's options (its ``ServerOptions`` fields) and their defaults."""
+
+LOG_FORMATS = ("json", "text")
+
+# Kinds of values: what TOML type an option takes.
+_INT = "an integer"
+_FLOAT = "a number"
+_BOOL = "true or false"
+_STR = "a string"
+_NEVER = 'a number, or false / "never"'
+
+_TOP_KINDS = {"upstream": _STR, "routing_note": _BOOL, "log_format": _STR}
+_TABLES = ("server", "http", "pool", "headers", "keys")
+_SERVER_KINDS = {
+    name: _STR if name == "host" else _INT if isinstance(value, int) else _FLOAT
+    for name, value in SERVER_DEFAULTS.items()
+}
+_HTTP_KINDS = {
+    field.name: _INT if field.name == "max_connections" else _FLOAT
+    for field in attrs.fields(HTTPOptions)
+}
+_POOL_KINDS = {
+    "policy": _STR,
+    "weight_by": _STR,
+    "seed": _INT,
+    "max_attempts": _INT,
+    "queue_limit": _INT,
+    "queue_timeout": _FLOAT,
+    "rate_limit_cooldown": _FLOAT,
+    "in_flight_budget_cooldown": _FLOAT,
+    "degraded_cooldown": _FLOAT,
+    "error_window": _FLOAT,
+    "error_min_requests": _INT,
+    "error_threshold": _FLOAT,
+    "min_healthy": _INT,
+    "probe_interval": _FLOAT,
+    "recheck_interval": _NEVER,
+    "latency_alpha": _FLOAT,
+    "latency_explore": _FLOAT,
+    "affinity_vnodes": _INT,
+}
+_KEY_KINDS = {
+    "weight": _FLOAT,
+    "account": _STR,
+    "max_in_flight": _INT,
+    "rpm": _FLOAT,
+    "tpm": _FLOAT,
+    "budget": _FLOAT,
+    "budget_window": _FLOAT,
+    "credits": _FLOAT,
+}
+_KEY_OPTIONS = ("alias", "secret", "secret_env", *_KEY_KINDS)
+_SET_BY_KEYROTOR = frozenset(
+    {"authorization", "host", "content-length", "connection", "transfer-encoding", "keep-alive"}
+)
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_LOOKS_SECRET = re.compile(r"sk-[A-Za-z0-9_-]{8,}")
+_ENV_HELP = (
+    "set OPENROUTER_KEYS (comma-separated), OPENROUTER_API_KEY or OPENROUTER_API_KEY_1, _2, ..."
+)
+_REDACT_FROM = 6  # shorter "secrets" (test fakes) would garble messages, not hide anything
+_PROBE_KEY = KeySpec(key_id="probe")
+_TRUE = frozenset({"true", "yes", "on", "1"})
+_FALSE = frozenset({"false", "no", "off", "0"})
+
+
+class ConfigError(Exception):
+    """The configuration is wrong; the message says where and how to fix it.
+
+    Attributes:
+        source: the file's path, ``"command line"``, ``"environment"``, or
+            ``"configuration"`` (no file, nothing more precise).
+        where: the table and option (``"[pool] policy"``), or ``""``.
+        fix: what to do instead.
+    """
+
+    def __init__(self, message: str, *, source: str = "", where: str = "", fix: str = "") -> None:
+        self.source = source
+        self.where = where
+        self.fix = fix
+        text = f"{source}: {message}" if source else message
+        super().__init__(f"{text}; fix: {fix}" if fix and fix not in text else text)
+
+
+@attrs.frozen(kw_only=True)
+class ProxyConfig:
+    """Everything ``keyrotor serve`` needs, checked.
+
+    Attributes:
+        keys: alias -> secret (the file's keys, then the environment's ``env1``, ...).
+        pool: the pool's options; its key ids are the aliases.
+        upstream: base URL of the OpenAI-compatible upstream.
+        http: connection pooling and timeouts to the upstream.
+        server: the proxy server's options (``SERVER_DEFAULTS``' names, all set).
+        headers: sent upstream on every request (``HTTP-Referer``, ``X-Title``).
+        routing_note: add a ``_routing`` object to non-streaming JSON bodies.
+        log_format: ``"json"`` or ``"text"``.
+    """
+
+    keys: dict[str, str]
+    pool: PoolConfig
+    upstream: str = OPENROUTER_URL
+    http: HTTPOptions = attrs.Factory(HTTPOptions)
+    server: dict[str, Any] = attrs.Factory(lambda: dict(SERVER_DEFAULTS))
+    headers: dict[str, str] = attrs.Factory(dict)
+    routing_note: bool = False
+    log_format: str = "json"
+
+    def __repr__(self) -> str:
+        keys = ", ".join(f"{alias!r}: {mask(secret)!r}" for alias, secret in self.keys.items())
+        return (
+            f"ProxyConfig(keys={{{keys}}}, pool={self.pool!r}, upstream={self.upstream!r}, "
+            f"http={self.http!r}, server={self.server!r}, headers={self.headers!r}, "
+            f"routing_note={self.routing_note!r}, log_format={self.log_format!r})"
+        )
+
+
+def load_config(
+    path: str | os.PathLike[str] | None,
+    environ: Mapping[str, str],
+    overrides: Mapping[str, Any] | None = None,
+) -> ProxyConfig:
+    """Read the TOML file at ``path`` (None: no file), add the keys of ``environ``
+    and apply ``overrides`` (command-line values; a None value is ignored).
+
+    Override names are the top-level options (``upstream``, ``routing_note``,
+    ``log_format``), the ``[server]`` options bare (``host``, ``port``, ...), or
+    ``"table.option"`` for any table (``"pool.policy"``, ``"http.connect"``,
+    ``"headers.X-Title"``); string values are converted to the option's type.
+    Raises ``ConfigError``.
+    """
+    return _Loader(path, environ).load(overrides or {})
+
+
+class _Loader:
+    """One load: the sources, and the secrets to keep out of every message."""
+
+    def __init__(self, path: str | os.PathLike[str] | None, environ: Mapping[str, str]) -> None:
+        self.path = None if path is None else os.fspath(path)
+        self.source = self.path or "configuration"
+        self.environ = environ
+        self.secrets: set[str] = set()
+
+    # ------------------------------------------------------------ errors
+
+    def fail(self, message: str, *, where: str = "", fix: str = "", source: str = "") -> NoReturn:
+        """Raise a ``ConfigError`` with every known secret masked out."""
+        raise ConfigError(
+            self.redact(message), source=source or self.source, where=where, fix=self.redact(fix)
+        )
+
+    def redact(self, text: str) -> str:
+        for secret in sorted(self.secrets, key=len, reverse=True):
+            if len(secret) >= _REDACT_FROM:
+                text = text.replace(secret, mask(secret))
+        return _LOOKS_SECRET.sub(lambda m: mask(m.group()), text)
+
+    def unknown(self, where: str, name: str, known: list[str], source: str = "") -> NoReturn:
+        """An option nobody knows: suggest the closest known one."""
+        what = f"{where} {name}".strip()
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        if close:
+            self.fail(
+                f"unknown option {what}; did you mean {close[0]}?",
+                where=where,
+                fix=f"did you mean {close[0]}?",
+                source=source,
+            )
+        self.fail(
+            f"unknown option {what}",
+            where=where,
+            fix=f"remove it; the options here are {', '.join(known)}",
+            source=source,
+        )
+
+    # ------------------------------------------------------------ the load
+
+    def load(self, overrides: Mapping[str, Any]) -> ProxyConfig:
+        data = self.read() if self.path is not None else {}
+        self.collect_secrets(data)
+        for name in data:
+            if name not in _TOP_KINDS and name not in _TABLES:
+                self.unknown("", name, [*_TOP_KINDS, *_TABLES])
+        tables = {name: self.table(data, name) for name in ("server", "http", "pool", "headers")}
+        tables[""] = {name: data[name] for name in _TOP_KINDS if name in data}
+        given = self.split_overrides(overrides)
+
+        top: dict[str, Any] = {}
+        for name, kind in _TOP_KINDS.items():
+            for source, raw, coerce in self.layers(tables[""], given[""], name):
+                top[name] = self.check(raw, kind, name, source, coerce)
+                if name == "upstream":
+                    self.check_url(top[name], name, source)
+                elif name == "log_format":
+                    self.check_choice(top[name], LOG_FORMATS, name, source)
+        if "upstream" not in top and self.environ.get("OPENROUTER_BASE_URL", "").strip():
+            top["upstream"] = self.environ["OPENROUTER_BASE_URL"].strip()
+            self.check_url(top["upstream"], "OPENROUTER_BASE_URL", "environment")
+
+        server = dict(SERVER_DEFAULTS)
+        for name in self.names("server", tables, given, _SERVER_KINDS):
+            for source, raw, coerce in self.layers(tables["server"], given["server"], name):
+                server[name] = self.server_value(name, raw, source, coerce)
+
+        http: dict[str, Any] = {}
+        for name in self.names("http", tables, given, _HTTP_KINDS):
+            for source, raw, coerce in self.layers(tables["http"], given["http"], name):
+                where = f"[http] {name}"
+                http[name] = self.check(raw, _HTTP_KINDS[name], where, source, coerce)
+                self.build(HTTPOptions, {name: http[name]}, where, source)
+
+        pool: dict[str, Any] = {}
+        for name in self.names("pool", tables, given, _POOL_KINDS):
+            for source, raw, coerce in self.layers(tables["pool"], given["pool"], name):
+                where = f"[pool] {name}"
+                pool[name] = self.check(raw, _POOL_KINDS[name], where, source, coerce)
+                self.build(PoolConfig, {"keys": [_PROBE_KEY], name: pool[name]}, where, source)
+
+        headers: dict[str, str] = {}
+        for source, table in ((self.source, tables["headers"]), ("command line", given["headers"])):
+            for name, raw in table.items():
+                headers[name] = self.header(name, raw, source)
+
+        keys, specs = self.keys(data.get("keys", []))
+        return ProxyConfig(
+            keys=keys,
+            pool=self.build(PoolConfig, {"keys": specs, **pool}, "[pool]", self.source),
+            upstream=top.get("upstream", OPENROUTER_URL),
+            http=HTTPOptions(**http),
+            server=server,
+            headers=headers,
+            routing_note=top.get("routing_note", False),
+            log_format=top.get("log_format", "json"),
+        )
+
+    def read(self) -> dict[str, Any]:
+        assert self.path is not None
+        try:
+            with open(self.path, "rb") as file:
+                raw = file.read()
+        except OSError as exc:
+            self.fail(
+                f"cannot read the configuration file: {exc.strerror or type(exc).__name__}",
+                fix="check the path given to --config and that the file is readable",
+            )
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            self.fail(
+                f"the file is not UTF-8 text (bad byte at offset {exc.start})",
+                fix="save the file as UTF-8",
+            )
+        try:
+            return tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            self.fail(f"invalid TOML: {exc}", fix="correct the TOML syntax there")
+
+    def collect_secrets(self, data: dict[str, Any]) -> None:
+        """Learn every secret first, so that no later message can show one."""
+        entries = data.get("keys")
+        for entry in entries if isinstance(entries, list) else ():
+            if not isinstance(entry, dict):
+                continue
+            if isinstance(entry.get("secret"), str):
+                self.secrets.add(entry["secret"])
+            name = entry.get("secret_env")
+            if isinstance(name, str) and self.environ.get(name):
+                self.secrets.add(self.environ[name])
+                self.secrets.add(self.environ[name].strip())
+        self.secrets.update(self.env_keys(data))
+        self.secrets.discard("")
+
+    def env_keys(self, data: dict[str, Any]) -> list[str]:
+        """The environment's keys, less the variables a ``secret_env`` names."""
+        entries = data.get("keys")
+        claimed = {
+            entry.get("secret_env")
+            for entry in (entries if isinstance(entries, list) else ())
+            if isinstance(entry, dict)
+        }
+        environ = {name: value for name, value in self.environ.items() if name not in claimed}
+        try:
+            return keys_from_env(environ)
+        except ConfigurationError:
+            return []
+
+    def table(self, data: dict[str, Any], name: str) -> dict[str, Any]:
+        value = data.get(name, {})
+        if not isinstance(value, dict):
+            self.fail(
+                f"{name} must be a table, got {_describe(value)}",
+                where=f"[{name}]",
+                fix=f"write the options under a [{name}] line",
+            )
+        return value
+
+    def split_overrides(self, overrides: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+        """Overrides by table (``""``: top level); None values dropped."""
+        given: dict[str, dict[str, Any]] = {
+            t: {} for t in ("", "server", "http", "pool", "headers")
+        }
+        for name, value in overrides.items():
+            if value is None:
+                continue
+            table, dot, option = name.partition(".")
+            if dot and table in given and table:
+                given[table][option] = value
+            elif not dot and name in _TOP_KINDS:
+                given[""][name] = value
+            elif not dot and name in _SERVER_KINDS:
+                given["server"][name] = value
+            else:
+                known = [*_TOP_KINDS, *_SERVER_KINDS, "headers.NAME"]
+                known += [f"{t}.{o}" for t, kinds in _TABLE_KINDS.items() for o in kinds]
+                self.unknown("override", name, known, source="command line")
+        return given
+
+    def names(
+        self,
+        table: str,
+        tables: dict[str, dict[str, Any]],
+        given: dict[str, dict[str, Any]],
+        kinds: Mapping[str, str],
+    ) -> list[str]:
+        """The options set for ``table``, each checked to exist."""
+        for source, names in ((self.source, tables[table]), ("command line", given[table])):
+            for name in names:
+                if name not in kinds:
+                    self.unknown(f"[{table}]", name, list(kinds), source=source)
+        return [name for name in kinds if name in tables[table] or name in given[table]]
+
+    def layers(
+        self, file: Mapping[str, Any], cli: Mapping[str, Any], name: str
+    ) -> list[tuple[str, Any, bool]]:
+        """(source, value, coerce strings) of ``name``, lowest precedence first."""
+        found = []
+        if name in file:
+            found.append((self.source, file[name], False))
+        if name in cli:
+            found.append(("command line", cli[name], True))
+        return found
+
+    # ------------------------------------------------------------ values
+
+    def check(self, value: Any, kind: str, where: str, source: str, coerce: bool) -> Any:
+        """``value`` as ``kind`` (ints widened to float for numbers), or fail."""
+        if coerce and isinstance(value, str) and kind != _STR:
+            value = _parse(value, kind)
+        expected = kind
+        if kind == _NEVER:
+            if value is False or value == "never":
+                return None
+            kind = _FLOAT
+        ok = {
+            _INT: isinstance(value, int) and not isinstance(value, bool),
+            _FLOAT: isinstance(value, (int, float)) and not isinstance(value, bool),
+            _BOOL: isinstance(value, bool),
+            _STR: isinstance(value, str),
+        }[kind]
+        if not ok:
+            unquote = " (write it without quotes)" if isinstance(value, str) and not coerce else ""
+            self.fail(
+                f"{where} must be {expected}, got {_describe(value)}{unquote}",
+                where=where,
+                fix=f"set {where.rsplit(' ', 1)[-1]} to {expected}",
+                source=source,
+            )
+        return float(value) if kind == _FLOAT else value
+
+    def build(
+        self, cls: Callable[..., Any], kwargs: dict[str, Any], where: str, source: str
+    ) -> Any:
+        """``cls(**kwargs)``, its ``PoolError`` or ``ConfigurationError`` wrapped."""
+        try:
+            return cls(**kwargs)
+        except (PoolError, ConfigurationError) as exc:
+            name = where.rsplit(" ", 1)[-1]
+            value = kwargs.get(name)
+            hint = ""
+            if isinstance(value, str) and name in ("policy", "weight_by"):
+                choices = POLICIES if name == "policy" else ("weight", "credits")
+                close = difflib.get_close_matches(value, choices, n=1)
+                hint = f"; did you mean {close[0]}?" if close else ""
+            fix = "" if isinstance(exc, PoolError) else f"set {name} to a number more than zero"
+            self.fail(f"{where} is invalid: {exc}{hint}", where=where, source=source, fix=fix)
+
+    def server_value(self, name: str, raw: Any, source: str, coerce: bool) -> Any:
+        where = f"[server] {name}"
+        value = self.check(raw, _SERVER_KINDS[name], where, source, coerce)
+        if name == "host":
+            if any(c.isspace() for c in value):
+                self.fail(
+                    f"{where} must be a host name or address, got {value!r}",
+                    where=where,
+                    fix='set host = "127.0.0.1" (this machine) or "0.0.0.0" (every interface)',
+                    source=source,
+                )
+        elif name == "port":
+            if not 0 <= value <= 65535:
+                self.fail(
+                    f"{where} must be from 0 to 65535, got {value}",
+                    where=where,
+                    fix="choose a free TCP port such as 8080 (0: any free port)",
+                    source=source,
+                )
+        elif name == "grace_period" and value == 0:
+            pass  # shut down without waiting for requests in flight
+        elif value <= 0 or not math.isfinite(value):
+            bound = "zero or more" if name == "grace_period" else "more than zero"
+            self.fail(
+                f"{where} must be {bound}, got {value}",
+                where=where,
+                fix=f"set {name} to a positive {'integer' if isinstance(value, int) else 'number'}"
+                f" (default {SERVER_DEFAULTS[name]})",
+                source=source,
+            )
+        return value
+
+    def check_url(self, url: str, where: str, source: str) -> None:
+        """An upstream base URL: http(s), a host, no credentials, no query."""
+        try:
+            parts = urlsplit(url)
+            hostname = parts.hostname
+        except ValueError:  # a malformed [IPv6] host
+            hostname = None
+        if hostname is None or parts.scheme not in ("http", "https"):
+            problem = "must be an http(s) URL"
+        elif parts.username is not None or parts.password is not None:
+            problem = "must not hold a user or password (keys go in [[keys]])"
+        elif parts.query or parts.fragment:
+            problem = "must not have a query or fragment"
+        else:
+            return
+        shown = "" if "@" in url else f", got {url!r}"
+        self.fail(
+            f"{where} {problem}{shown}",
+            where=where,
+            source=source,
+            fix=f'set {where} to the base URL, such as "{OPENROUTER_URL}"',
+        )
+
+    def check_choice(self, value: str, choices: tuple[str, ...], where: str, source: str) -> None:
+        if value not in choices:
+            close = difflib.get_close_matches(value, choices, n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            self.fail(
+                f"{where} must be one of {', '.join(choices)}, got {value!r}{hint}",
+                where=where,
+                source=source,
+                fix=f'set {where} = "{choices[0]}"',
+            )
+
+    def header(self, name: str, raw: Any, source: str) -> str:
+        where = f"[headers] {name}"
+        if not _TOKEN.match(name):
+            self.fail(
+                f"{where} is not a valid header name",
+                where=where,
+                source=source,
+                fix="use letters, digits and -, such as X-Title",
+            )
+        if name.lower() in _SET_BY_KEYROTOR:
+            self.fail(
+                f"{where} is set by keyrotor itself",
+                where=where,
+                source=source,
+                fix=f"remove {name}; keys go in [[keys]]",
+            )
+        value = self.check(raw, _STR, where, source, False)
+        if any(c in "\r\n\0" for c in value) or not value.isprintable() or not _latin1(value):
+            self.fail(
+                f"{where} has characters a header cannot carry",
+                where=where,
+                source=source,
+                fix="use printable Latin-1 text on one line",
+            )
+        return str(value)
+
+    # ------------------------------------------------------------ keys
+
+    def keys(self, entries: Any) -> tuple[dict[str, str], list[KeySpec]]:
+        """alias -> secret and the specs: the file's keys, then the environment's."""
+        if not isinstance(entries, list):
+            self.fail(
+                "keys must be an array of tables",
+                where="[[keys]]",
+                fix="write [[keys]] (double brackets) above each key",
+            )
+        keys: dict[str, str] = {}
+        origin: dict[str, str] = {}  # alias -> where it was given
+        owner: dict[str, str] = {}  # secret -> alias
+        specs: list[KeySpec] = []
+
+        def add(alias: str, secret: str, where: str) -> None:
+            if secret in owner:
+                other = owner[secret]
+                self.fail(
+                    f"the same secret is given for {other!r} ({origin[other]}) and "
+                    f"{alias!r} ({where})",
+                    where=where,
+                    fix=f"list each key once: remove {alias!r} or {other!r}",
+                )
+            keys[alias], origin[alias], owner[secret] = secret, where, alias
+
+        for index, entry in enumerate(entries, 1):
+            alias, secret, spec = self.key_entry(index, entry)
+            if alias in keys:
+                self.fail(
+                    f"[[keys]] #{index} alias {alias!r} is already used by {origin[alias]}",
+                    where=f"[[keys]] #{index} alias",
+                    fix="give every key its own alias",
+                )
+            add(alias, secret, f"[[keys]] #{index}")
+            specs.append(spec)
+        for index, secret in enumerate(self.env_keys({"keys": entries}), 1):
+            alias = f"env{index}"
+            if alias in keys:
+                self.fail(
+                    f"{origin[alias]} alias {alias!r} is also the name of a key from the "
+                    "environment",
+                    where=f"{origin[alias]} alias",
+                    fix="rename the file's key: env1, env2, ... name the environment's keys",
+                )
+            if not _valid_secret(secret):
+                self.fail(
+                    f"the environment's key {alias} has whitespace or non-ASCII characters",
+                    source="environment",
+                    fix="copy the key again into OPENROUTER_KEYS / OPENROUTER_API_KEY*",
+                )
+            add(alias, secret, "the environment")
+            specs.append(KeySpec(key_id=alias))
+        if not keys:
+            where = (
+                f"add [[keys]] to {self.path}" if self.path else "pass --config FILE with [[keys]]"
+            )
+            self.fail(f"no API keys: {where} or {_ENV_HELP}", fix=f"{where} or {_ENV_HELP}")
+        return keys, specs
+
+    def key_entry(self, index: int, entry: Any) -> tuple[str, str, KeySpec]:
+        """(alias, secret, spec) of the ``index``-th ``[[keys]]`` table."""
+        where = f"[[keys]] #{index}"
+        if not isinstance(entry, dict):
+            self.fail(
+                f"{where} must be a table, got {_describe(entry)}",
+                where=where,
+                fix='write [[keys]] then alias = "..." and secret_env = "..." on their own lines',
+            )
+        for name in entry:
+            if name not in _KEY_OPTIONS:
+                self.unknown(where, name, list(_KEY_OPTIONS))
+        if "alias" not in entry:
+            self.fail(
+                f"{where} has no alias",
+                where=where,
+                fix='add alias = "main" (a short name shown in logs and status)',
+            )
+        alias = self.check(entry["alias"], _STR, f"{where} alias", self.source, False)
+        if alias in self.secrets:
+            self.fail(
+                f"{where} alias is a secret",
+                where=f"{where} alias",
+                fix="use a short name as alias and put the key in secret_env",
+            )
+        self.build(KeySpec, {"key_id": alias}, f"{where} alias", self.source)
+        where = f"{where} ({alias})"
+        secret = self.secret(entry, where)
+        fields: dict[str, Any] = {}
+        for name, kind in _KEY_KINDS.items():
+            if name in entry:
+                value = self.check(entry[name], kind, f"{where} {name}", self.source, False)
+                self.build(KeySpec, {"key_id": alias, name: value}, f"{where} {name}", self.source)
+                fields[name] = value
+        return alias, secret, KeySpec(key_id=alias, **fields)
+
+    def secret(self, entry: dict[str, Any], where: str) -> str:
+        """The secret of a ``[[keys]]`` table: ``secret`` or ``secret_env``."""
+        if ("secret" in entry) == ("secret_env" in entry):
+            given = "both secret and secret_env" if "secret" in entry else "no secret"
+            self.fail(
+                f"{where} has {given}",
+                where=where,
+                fix='give exactly one: secret_env = "ENV_VAR" (keeps the key out of the '
+                'file) or secret = "..."',
+            )
+        if "secret" in entry:
+            secret = self.check(entry["secret"], _STR, f"{where} secret", self.source, False)
+            if not _valid_secret(secret):
+                self.fail(
+                    f"{where} secret is empty or has whitespace or non-ASCII characters",
+                    where=f"{where} secret",
+                    fix="copy the key again",
+                )
+            return str(secret)
+        name = self.check(entry["secret_env"], _STR, f"{where} secret_env", self.source, False)
+        if not _ENV_NAME.match(name):
+            self.fail(
+                f"{where} secret_env must name an environment variable",
+                where=f"{where} secret_env",
+                fix='write the variable\'s name, such as secret_env = "OPENROUTER_KEY_MAIN"'
+                " (the key itself goes in that variable)",
+            )
+        value = self.environ.get(name, "").strip()
+        if not value:
+            self.fail(
+                f"{where} secret_env: the environment variable {name} is not set",
+                where=f"{where} secret_env",
+                fix=f"export {name}=<the key> before starting keyrotor",
+            )
+        if not _valid_secret(value):
+            self.fail(
+                f"{where}: the key in {name} has whitespace or non-ASCII characters",
+                where=f"{where} secret_env",
+                fix=f"copy the key into {name} again",
+            )
+        return value
+
+
+_TABLE_KINDS = {"server": _SERVER_KINDS, "http": _HTTP_KINDS, "pool": _POOL_KINDS}
+
+
+def _parse(text: str, kind: str) -> Any:
+    """A command-line string as ``kind``; unchanged when it does not parse."""
+    word = text.strip().lower()
+    try:
+        if kind == _INT:
+            return int(word)
+        if kind in (_FLOAT, _NEVER):
+            return "never" if word in ("never", "none", "false") else float(word)
+    except ValueError:
+        return text
+    if kind == _BOOL and word in _TRUE | _FALSE:
+        return word in _TRUE
+    return text
+
+
+def _describe(value: Any) -> str:
+    """A value's TOML type (a string's content is never shown: it may be a secret)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "a table"
+    return f"a {type(value).__name__}"
+
+
+def _valid_secret(secret: str) -> bool:
+    return bool(secret) and secret.isascii() and secret.isprintable() and " " not in secret
+
+
+def _latin1(text: str) -> bool:
+    try:
+        text.encode("latin-1")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -1,0 +1,751 @@
+"""The proxy's HTTP/1.1 front: h11 on trio, serving an ``App`` (``types.py``).
+
+    port = await nursery.start(serve, app, ServerOptions(port=0))   # in a trio program
+    run(app, ServerOptions(port=8080), log=print)                    # or blocking, until a signal
+
+One task per connection runs the loop of h11's ``examples/trio-server.py``: read
+a request head and its whole body, call the application, write the response,
+start the next cycle. Keep-alive, pipelining (requests are answered in order),
+``Connection: close``, HTTP/1.0 peers and ``Expect: 100-continue`` come from h11.
+
+Responses: a bytes body is sent with ``Content-Length`` in one write; an async
+iterator body is sent chunked (close-delimited to HTTP/1.0 peers), each chunk
+written as soon as it is yielded (SSE is never buffered). The application's
+``content-length`` and ``transfer-encoding`` headers are dropped: the server
+frames the body. Added headers: ``date`` (cached per second) and ``x-request-id``.
+
+While the application computes or streams a response, a watcher task keeps
+reading the socket: bytes it reads belong to the next pipelined request and go
+to h11's buffer (up to ``max_header_bytes``; past that it stops reading and lets
+TCP push back); EOF or a reset means the client went away, and the application
+call or its stream is cancelled. ``Response.aclose`` is called exactly once for
+every response the application returned (sent in full, client gone, error,
+shutdown), shielded, bounded by ``CLEANUP_TIMEOUT``; an iterator body that has
+an ``aclose`` (an async generator) is closed first the same way. A client that
+half-closes its side after sending a request counts as gone.
+
+Errors never reach the client as a traceback. A malformed request (garbage,
+invalid headers, bad chunked framing) gets 400, a head larger than
+``max_header_bytes`` 431, a body larger than ``max_body_bytes`` 413 (before any
+of it is read when ``Content-Length`` says so): a small JSON body
+``{"error": {"message": ..., "type": "invalid_request_error"}}``, then the
+connection is closed (our side shut down first, then the rest of the request
+drained briefly, so the client reads the answer rather than a reset). An
+application exception before the response head gets 500, same shape, type
+``server_error``, no details; the connection stays usable. An exception in a
+stream after the head is sent can only end the connection (the client sees a
+truncated chunked body).
+
+Timeouts (``ServerOptions``): the first request's head must arrive whole within
+``header_timeout`` of the accept; a kept-alive connection waits ``idle_timeout``
+for the next request's first byte, then ``header_timeout`` for the rest of its
+head; each read of a body, and each write (a client that reads nothing),
+``body_timeout``. Timeouts close the connection without an answer.
+
+Connections beyond ``max_connections`` are accepted and closed at once (no
+answer), so clients fail fast instead of waiting in the listen backlog; a
+warning is logged at most once a second.
+
+Shutdown (``shutdown`` set): the listening sockets are closed at once (new
+connections are refused), idle keep-alive connections are closed, requests in
+flight (and their streams) may finish for ``grace_period`` and are answered
+with ``Connection: close``; then whatever is left is cancelled and every
+connection closed. Cancelling ``serve`` skips the grace period.
+
+Logging: ``log`` (optional) gets one dict per request: ``request_id``,
+``method``, ``path`` (never the query string), ``status`` (499 when the client
+went away before the head was sent, 0 when cancelled by shutdown), ``duration_ms``,
+``bytes_out``, ``client``, ``outcome`` when it did not end normally
+(``client_gone``, ``app_error``, ``stream_error``, ``write_timeout``,
+``cancelled``), then the fields of ``Response.log`` (they never override the
+server's). Server events are dicts with an ``event`` key (``bad_request``,
+``app_error``, ``stream_error``, ``aclose_error``, ``connection_limit``,
+``accept_error``, ``connection_error``). Headers and bodies are never logged.
+A ``log`` that raises is ignored.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import json
+import secrets
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import suppress
+from email.utils import formatdate
+from http import HTTPStatus
+from typing import Any, Final
+
+import attrs
+import h11
+import trio
+
+from .types import App, Request, Response
+
+__all__ = ["CLEANUP_TIMEOUT", "ServerOptions", "run", "serve"]
+
+Log = Callable[[dict[str, Any]], None]
+
+CLEANUP_TIMEOUT: Final = 5.0
+"""Seconds a shielded ``Response.aclose`` (or a stream's ``aclose``) may take."""
+
+_RECEIVE_SIZE: Final = 65536
+_LINGER_SECONDS: Final = 1.0
+_LINGER_BYTES: Final = 1 << 20
+_SMALL_BODY: Final = 65536  # below this, head and body go out in one write
+_IO_ERRORS: Final = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+_ACCEPT_RESOURCE_ERRORS: Final = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+)
+_FRAMING_HEADERS: Final = frozenset({"content-length", "transfer-encoding"})
+_REASONS: Final = {status.value: status.phrase.encode("ascii") for status in HTTPStatus}
+_NO_BODY_STATUSES: Final = frozenset({204, 304})
+
+_CONTENT_TYPE_JSON: Final = (b"content-type", b"application/json")
+_CONNECTION_CLOSE: Final = (b"connection", b"close")
+
+
+def _error_body(message: str, kind: str = "invalid_request_error") -> bytes:
+    return json.dumps({"error": {"message": message, "type": kind}}).encode()
+
+
+_BODY_500: Final = _error_body("Internal server error", "server_error")
+
+# --------------------------------------------------------------------------- options
+
+
+def _positive(instance: Any, attribute: attrs.Attribute[Any], value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ValueError(f"ServerOptions.{attribute.name} must be a number > 0, not {value!r}")
+
+
+def _not_negative(instance: Any, attribute: attrs.Attribute[Any], value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+        raise ValueError(f"ServerOptions.{attribute.name} must be a number >= 0, not {value!r}")
+
+
+def _positive_int(instance: Any, attribute: attrs.Attribute[Any], value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"ServerOptions.{attribute.name} must be an int >= 1, not {value!r}")
+
+
+def _port(instance: Any, attribute: attrs.Attribute[Any], value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
+        raise ValueError(f"ServerOptions.port must be an int in 0..65535 (0: any), not {value!r}")
+
+
+def _host(instance: Any, attribute: attrs.Attribute[Any], value: str) -> None:
+    if not isinstance(value, str):
+        raise TypeError(f"ServerOptions.host must be a str ('' for every interface): {value!r}")
+
+
+@attrs.frozen(kw_only=True)
+class ServerOptions:
+    """Where to listen, limits (bytes, connections) and timeouts (seconds), checked when built.
+
+    - ``host``/``port``: the address to bind (``port=0``: any free port, reported by
+      ``serve``; ``host=""``: every interface).
+    - ``max_header_bytes``: a larger request head gets 431; ``max_body_bytes``: a
+      larger body (declared or chunked) gets 413; both close the connection.
+    - ``header_timeout``: a request head must arrive whole within this (slowloris);
+      ``body_timeout``: the longest wait for a body read or a response write;
+      ``idle_timeout``: a kept-alive connection without a request is closed after this.
+    - ``grace_period``: on shutdown, how long requests in flight may still run.
+    - ``max_connections``: connections beyond this are accepted and closed at once.
+    """
+
+    host: str = attrs.field(default="127.0.0.1", validator=_host)
+    port: int = attrs.field(default=8080, validator=_port)
+    max_header_bytes: int = attrs.field(default=64 * 1024, validator=_positive_int)
+    max_body_bytes: int = attrs.field(default=10 * 1024 * 1024, validator=_positive_int)
+    header_timeout: float = attrs.field(default=10.0, validator=_positive)
+    body_timeout: float = attrs.field(default=30.0, validator=_positive)
+    idle_timeout: float = attrs.field(default=75.0, validator=_positive)
+    grace_period: float = attrs.field(default=30.0, validator=_not_negative)
+    max_connections: int = attrs.field(default=10_000, validator=_positive_int)
+
+
+# --------------------------------------------------------------------------- helpers
+
+_date_second = -1
+_date_value = b""
+
+
+def _date() -> bytes:
+    """The ``Date`` header value, formatted once per second."""
+    global _date_second, _date_value
+    now = time.time()
+    second = int(now)
+    if second != _date_second:
+        _date_value = formatdate(now, usegmt=True).encode("ascii")
+        _date_second = second
+    return _date_value
+
+
+def _reason(exc: BaseException) -> str:
+    """h11's error message up to its first colon: h11 quotes offending bytes after it."""
+    return str(exc).split(":", 1)[0][:100]
+
+
+class _Reject(Exception):
+    """A request the server answers itself with an error, then closes."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class _WriteTimeout(Exception):
+    """The client read nothing for ``body_timeout``."""
+
+
+class _Incoming:
+    """A request head h11 parsed, before its body is read."""
+
+    __slots__ = ("event", "method", "target")
+
+    def __init__(self, event: h11.Request) -> None:
+        self.event = event
+        self.method = event.method.decode("latin-1")
+        self.target = event.target.decode("latin-1")
+
+    def head_size(self) -> int:
+        """The head's size in bytes, give or take optional whitespace."""
+        event = self.event
+        size = len(event.method) + len(event.target) + 14  # " " " HTTP/1.1\r\n" "\r\n"
+        for name, value in event.headers:
+            size += len(name) + len(value) + 4
+        return size
+
+
+# --------------------------------------------------------------------------- server
+
+
+class _Server:
+    """Shared state of one ``serve`` call: options, live connections, drain flag."""
+
+    def __init__(self, app: App, options: ServerOptions, log: Log | None) -> None:
+        self.app = app
+        self.options = options
+        self.log = log
+        self.connections: set[_Connection] = set()
+        self.draining = False
+        self.id_prefix = secrets.token_hex(3)
+        self.ids = itertools.count(1)
+        self.nursery: trio.Nursery | None = None
+        self.rejected = 0
+        self.rejected_logged_at = -1.0
+
+    def emit(self, line: dict[str, Any]) -> None:
+        if self.log is not None:
+            with suppress(Exception):  # a broken logger must not break serving
+                self.log(line)
+
+    async def accept_loop(self, listener: trio.SocketListener) -> None:
+        assert self.nursery is not None
+        limit = self.options.max_connections
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno not in _ACCEPT_RESOURCE_ERRORS:
+                    raise
+                self.emit({"event": "accept_error", "error": errno.errorcode.get(exc.errno, "")})
+                await trio.sleep(0.1)
+                continue
+            if len(self.connections) >= limit:
+                stream.socket.close()
+                self._note_rejected()
+                continue
+            self.nursery.start_soon(_Connection(self, stream).run)
+
+    def _note_rejected(self) -> None:
+        self.rejected += 1
+        now = trio.current_time()
+        if now - self.rejected_logged_at >= 1.0:
+            self.emit(
+                {
+                    "event": "connection_limit",
+                    "max_connections": self.options.max_connections,
+                    "rejected": self.rejected,
+                }
+            )
+            self.rejected = 0
+            self.rejected_logged_at = now
+
+    def start_draining(self) -> None:
+        """Stop keeping connections alive and close the idle ones now."""
+        self.draining = True
+        for connection in self.connections:
+            if connection.idle_scope is not None:
+                connection.idle_scope.cancel()
+
+
+class _Connection:
+    """One client connection: h11's server loop plus the client-gone watcher."""
+
+    __slots__ = (
+        "bytes_out",
+        "client",
+        "gone",
+        "h11",
+        "idle_scope",
+        "server",
+        "started",
+        "stream",
+    )
+
+    def __init__(self, server: _Server, stream: trio.SocketStream) -> None:
+        self.server = server
+        self.stream = stream
+        self.h11 = h11.Connection(
+            h11.SERVER, max_incomplete_event_size=server.options.max_header_bytes
+        )
+        try:
+            peer = stream.socket.getpeername()
+            host = peer[0]
+            self.client = f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
+        except (OSError, IndexError, TypeError):
+            self.client = ""
+        self.idle_scope: trio.CancelScope | None = None
+        self.gone = False
+        self.bytes_out = 0
+        self.started = trio.current_time()
+
+    async def run(self) -> None:
+        server = self.server
+        server.connections.add(self)
+        try:
+            first = True
+            while True:
+                incoming = await self._receive_head(first)
+                if incoming is None:
+                    return
+                first = False
+                if not await self._exchange(incoming) or server.draining:
+                    return
+                conn = self.h11
+                if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+                    return  # Connection: close, or an HTTP/1.0 peer
+                conn.start_next_cycle()
+        except h11.RemoteProtocolError as exc:
+            if not self.gone:
+                reason = _reason(exc)
+                server.emit(
+                    {
+                        "event": "bad_request",
+                        "status": exc.error_status_hint,
+                        "reason": reason,
+                        "client": self.client,
+                    }
+                )
+                if exc.error_status_hint == 431:
+                    limit = server.options.max_header_bytes
+                    message = f"Request head too large (limit {limit} bytes)"
+                else:
+                    message = f"Malformed HTTP request ({reason})"
+                await self._refuse(exc.error_status_hint, message, None)
+        except (*_IO_ERRORS, _WriteTimeout):
+            pass
+        except Exception as exc:  # a bug here must not take the server down
+            server.emit(
+                {"event": "connection_error", "error": type(exc).__name__, "client": self.client}
+            )
+        finally:
+            server.connections.discard(self)
+            await trio.aclose_forcefully(self.stream)
+
+    # ----------------------------------------------------------------- reading
+
+    async def _receive(self) -> None:
+        """Read once from the socket into h11 (EOF included)."""
+        data = await self.stream.receive_some(_RECEIVE_SIZE)
+        if not data:
+            self.gone = True
+        self.h11.receive_data(data)
+
+    async def _receive_head(self, first: bool) -> _Incoming | None:
+        """The next request head, or None to close quietly (EOF, timeout, drain)."""
+        conn = self.h11
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            if self.server.draining:
+                return None
+            options = self.server.options
+            deadline = self.started + options.header_timeout if first else None
+            if first or not conn.trailing_data[0]:
+                # Nothing of the request yet: an idle wait, which shutdown may end.
+                idle = deadline or trio.current_time() + options.idle_timeout
+                with trio.CancelScope(deadline=idle) as scope:
+                    self.idle_scope = scope
+                    try:
+                        await self._receive()
+                    finally:
+                        self.idle_scope = None
+                if scope.cancelled_caught:
+                    return None
+            if deadline is None:
+                deadline = trio.current_time() + options.header_timeout
+            with trio.CancelScope(deadline=deadline):
+                while (event := conn.next_event()) is h11.NEED_DATA:
+                    await self._receive()
+        if type(event) is h11.Request:
+            return _Incoming(event)
+        return None  # ConnectionClosed, or the head timed out
+
+    async def _receive_body(self, incoming: _Incoming) -> bytes | None:
+        """The whole request body, or None to close quietly (EOF, timeout)."""
+        conn = self.h11
+        options = self.server.options
+        limit = options.max_body_bytes
+        for name, value in incoming.event.headers:
+            if name == b"content-length" and int(value) > limit:
+                raise _Reject(413, f"Request body too large (limit {limit} bytes)")
+        if conn.they_are_waiting_for_100_continue:
+            await self._write(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
+        chunks: list[bytes | bytearray] = []
+        size = 0
+        while True:
+            event = conn.next_event()
+            if type(event) is h11.Data:
+                data = event.data
+                size += len(data)
+                if size > limit:
+                    raise _Reject(413, f"Request body too large (limit {limit} bytes)")
+                chunks.append(data)
+            elif type(event) is h11.EndOfMessage:
+                return b"".join(chunks)
+            elif event is h11.NEED_DATA:
+                with trio.move_on_after(options.body_timeout) as scope:
+                    await self._receive()
+                if scope.cancelled_caught:
+                    return None
+            else:
+                return None
+
+    # ----------------------------------------------------------------- writing
+
+    async def _write(self, data: bytes) -> None:
+        """Send, giving up (``_WriteTimeout``) after ``body_timeout`` without progress."""
+        with trio.move_on_after(self.server.options.body_timeout) as scope:
+            await self.stream.send_all(data)
+        if scope.cancelled_caught:
+            raise _WriteTimeout
+        self.bytes_out += len(data)
+
+    async def _refuse(self, status: int, message: str, request_id: str | None) -> None:
+        """Answer an error ourselves and close: shut our side, drain the rest briefly."""
+        conn = self.h11
+        if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return
+        body = _error_body(message)
+        headers = [
+            _CONTENT_TYPE_JSON,
+            (b"content-length", b"%d" % len(body)),
+            _CONNECTION_CLOSE,
+            (b"date", _date()),
+        ]
+        if request_id is not None:
+            headers.append((b"x-request-id", request_id.encode("ascii")))
+        try:
+            head = conn.send(
+                h11.Response(status_code=status, headers=headers, reason=_REASONS.get(status, b""))
+            )
+            await self._write(head + body)
+            await self.stream.send_eof()
+            with trio.move_on_after(_LINGER_SECONDS):
+                drained = 0
+                while drained < _LINGER_BYTES:
+                    data = await self.stream.receive_some(_RECEIVE_SIZE)
+                    if not data:
+                        break
+                    drained += len(data)
+        except (*_IO_ERRORS, h11.LocalProtocolError, _WriteTimeout):
+            pass
+
+    # ----------------------------------------------------------------- one exchange
+
+    async def _exchange(self, incoming: _Incoming) -> bool:
+        """Read the body, run the application, answer. True: the connection may be reused."""
+        server = self.server
+        start = trio.current_time()
+        request_id = f"{server.id_prefix}{next(server.ids):x}"
+        self.bytes_out = 0
+        try:
+            if incoming.head_size() > server.options.max_header_bytes:
+                # h11 checks incomplete heads only: one that came whole in one read is here.
+                limit = server.options.max_header_bytes
+                raise _Reject(431, f"Request head too large (limit {limit} bytes)")
+            body = await self._receive_body(incoming)
+        except _Reject as reject:
+            await self._refuse(reject.status, reject.message, request_id)
+            self._log(incoming, request_id, reject.status, start, None, None)
+            return False
+        if body is None:
+            return False
+        request = Request(
+            method=incoming.method,
+            target=incoming.target,
+            headers=[
+                (name.decode("latin-1"), value.decode("latin-1"))
+                for name, value in incoming.event.headers
+            ],
+            body=body,
+            client=self.client,
+            request_id=request_id,
+        )
+        response: Response | None = None
+        status = 0
+        outcome: str | None = "cancelled"
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._watch, nursery.cancel_scope)
+                try:
+                    try:
+                        answer = await server.app(request)
+                        if not isinstance(answer, Response):
+                            raise TypeError(f"the app returned {type(answer).__name__}")
+                        response = answer
+                    except Exception as exc:
+                        self._app_error("app_error", request_id, exc)
+                        status, outcome = 500, "app_error"
+                        await self._send_error_500(incoming, request_id)
+                    else:
+                        status = response.status
+                        status, outcome = await self._send(incoming, request_id, response)
+                except (*_IO_ERRORS, _WriteTimeout) as exc:
+                    outcome = "write_timeout" if isinstance(exc, _WriteTimeout) else "client_gone"
+                nursery.cancel_scope.cancel()
+        finally:
+            if self.gone and outcome == "cancelled":
+                outcome = "client_gone"
+            if self.bytes_out == 0 and outcome in ("client_gone", "cancelled"):
+                status = 499 if outcome == "client_gone" else 0
+            if response is not None and response.aclose is not None:
+                await self._cleanup(response.aclose, "aclose_error", request_id)
+            self._log(incoming, request_id, status, start, outcome, response)
+        return outcome is None or outcome == "app_error"
+
+    async def _watch(self, cancel_scope: trio.CancelScope) -> None:
+        """Read on while the response is made: EOF or reset cancels ``cancel_scope``.
+
+        Bytes read are the next pipelined request's and go to h11's buffer; after
+        ``max_header_bytes`` of them the watch stops (TCP pushes back).
+        """
+        budget = self.server.options.max_header_bytes
+        try:
+            while budget > 0:
+                data = await self.stream.receive_some(_RECEIVE_SIZE)
+                if not data:
+                    break
+                self.h11.receive_data(data)
+                budget -= len(data)
+            else:
+                return
+        except _IO_ERRORS:
+            pass
+        self.gone = True
+        cancel_scope.cancel()
+
+    def _head(
+        self, request_id: str, status: int, headers: list[tuple[bytes, bytes]]
+    ) -> h11.Response:
+        """The response head event (h11 validates it here, before anything is sent)."""
+        headers.append((b"date", _date()))
+        headers.append((b"x-request-id", request_id.encode("ascii")))
+        if self.server.draining:
+            headers.append(_CONNECTION_CLOSE)
+        return h11.Response(status_code=status, headers=headers, reason=_REASONS.get(status, b""))
+
+    async def _send(
+        self, incoming: _Incoming, request_id: str, response: Response
+    ) -> tuple[int, str | None]:
+        """Send ``response``: the status sent and the outcome (None: sent in full)."""
+        status = response.status
+        body = response.body
+        try:
+            headers = [
+                (name.encode("latin-1"), value.encode("latin-1"))
+                for name, value in response.headers
+                if name.lower() not in _FRAMING_HEADERS
+            ]
+            if isinstance(body, bytes | bytearray | memoryview):
+                body = bytes(body)
+                if status not in _NO_BODY_STATUSES:
+                    headers.append((b"content-length", b"%d" % len(body)))
+            else:
+                body = body.__aiter__()
+            head = self._head(request_id, status, headers)
+        except (ValueError, TypeError, AttributeError, h11.LocalProtocolError) as exc:
+            # A head h11 refuses (bad status or header): nothing is sent yet.
+            self._app_error("app_error", request_id, exc)
+            await self._send_error_500(incoming, request_id)
+            return 500, "app_error"
+        if isinstance(body, bytes):
+            await self._send_whole(incoming, head, body)
+            return status, None
+        return status, await self._stream(incoming, head, body, request_id)
+
+    async def _send_error_500(self, incoming: _Incoming, request_id: str) -> None:
+        headers = [_CONTENT_TYPE_JSON, (b"content-length", b"%d" % len(_BODY_500))]
+        await self._send_whole(incoming, self._head(request_id, 500, headers), _BODY_500)
+
+    async def _send_whole(self, incoming: _Incoming, head: h11.Response, body: bytes) -> None:
+        """Send a head and a ``Content-Length`` body (none for HEAD, 204, 304)."""
+        conn = self.h11
+        if incoming.method == "HEAD" or head.status_code in _NO_BODY_STATUSES:
+            body = b""
+        data = conn.send(head)
+        if body:
+            conn.send(h11.Data(data=body))  # bookkeeping: the body bytes go out as they are
+        conn.send(h11.EndOfMessage())
+        if len(body) < _SMALL_BODY:
+            await self._write(data + body)
+        else:
+            await self._write(data)
+            await self._write(body)
+
+    async def _stream(
+        self, incoming: _Incoming, head: h11.Response, body: AsyncIterator[bytes], request_id: str
+    ) -> str | None:
+        """Send a chunked body, each chunk as it comes: the outcome (None: sent in full)."""
+        conn = self.h11
+        try:
+            await self._write(conn.send(head))
+            if incoming.method != "HEAD" and head.status_code not in _NO_BODY_STATUSES:
+                while True:
+                    try:
+                        chunk = await body.__anext__()
+                        if not chunk:
+                            continue
+                        data = conn.send(h11.Data(data=chunk))
+                    except StopAsyncIteration:
+                        break
+                    except Exception as exc:  # the stream failed, or yielded no bytes
+                        self._app_error("stream_error", request_id, exc)
+                        return "stream_error"
+                    await self._write(data)
+            await self._write(conn.send(h11.EndOfMessage()))
+            return None
+        finally:
+            aclose = getattr(body, "aclose", None)
+            if aclose is not None:
+                await self._cleanup(aclose, "stream_close_error", request_id)
+
+    # ----------------------------------------------------------------- cleanup and logs
+
+    async def _cleanup(
+        self, aclose: Callable[[], Awaitable[object]], event: str, request_id: str
+    ) -> None:
+        """Await ``aclose()`` shielded from cancellation, at most ``CLEANUP_TIMEOUT``."""
+        with trio.move_on_after(CLEANUP_TIMEOUT, shield=True) as scope:
+            try:
+                await aclose()
+            except Exception as exc:
+                self._app_error(event, request_id, exc)
+        if scope.cancelled_caught:
+            self.server.emit({"event": event, "request_id": request_id, "error": "timeout"})
+
+    def _app_error(self, event: str, request_id: str, exc: BaseException) -> None:
+        self.server.emit(
+            {
+                "event": event,
+                "request_id": request_id,
+                "error": f"{type(exc).__name__}: {exc}"[:500],
+            }
+        )
+
+    def _log(
+        self,
+        incoming: _Incoming,
+        request_id: str,
+        status: int,
+        start: float,
+        outcome: str | None,
+        response: Response | None,
+    ) -> None:
+        if self.server.log is None:
+            return
+        line: dict[str, Any] = {
+            "request_id": request_id,
+            "method": incoming.method,
+            "path": incoming.target.split("?", 1)[0],
+            "status": status,
+            "duration_ms": round((trio.current_time() - start) * 1000, 3),
+            "bytes_out": self.bytes_out,
+            "client": self.client,
+        }
+        if outcome is not None:
+            line["outcome"] = outcome
+        if response is not None and response.log:
+            for key, value in response.log.items():
+                line.setdefault(key, value)
+        self.server.emit(line)
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+async def serve(
+    app: App,
+    options: ServerOptions,
+    *,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+    shutdown: trio.Event | None = None,
+    log: Log | None = None,
+) -> None:
+    """Serve ``app`` until ``shutdown`` is set (then drain gracefully) or until cancelled.
+
+    Reports the bound port through ``task_status``:
+    ``port = await nursery.start(serve, app, options)``.
+    """
+    listeners = await trio.open_tcp_listeners(options.port, host=options.host or None)
+    server = _Server(app, options, log)
+    try:
+        async with trio.open_nursery() as connections:
+            server.nursery = connections
+            async with trio.open_nursery() as acceptors:
+                for listener in listeners:
+                    acceptors.start_soon(server.accept_loop, listener)
+                task_status.started(listeners[0].socket.getsockname()[1])
+                if shutdown is None:
+                    await trio.sleep_forever()
+                await shutdown.wait()
+                acceptors.cancel_scope.cancel()
+            for listener in listeners:
+                listener.socket.close()
+            server.start_draining()
+            connections.cancel_scope.deadline = trio.current_time() + options.grace_period
+    finally:
+        for listener in listeners:
+            listener.socket.close()
+
+
+def run(app: App, options: ServerOptions, *, log: Log | None = None) -> None:
+    """Serve ``app`` (blocking) until SIGINT or SIGTERM, then shut down gracefully.
+
+    A second signal during the grace period stops at once.
+    """
+
+    async def main() -> None:
+        shutdown = trio.Event()
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+
+                async def on_signals() -> None:
+                    async for signum in signals:
+                        if shutdown.is_set():
+                            nursery.cancel_scope.cancel()
+                            return
+                        if log is not None:
+                            log({"event": "shutdown", "signal": signal.Signals(signum).name})
+                        shutdown.set()
+
+                nursery.start_soon(on_signals)
+                await serve(app, options, shutdown=shutdown, log=log)
+                nursery.cancel_scope.cancel()
+
+    trio.run(main)

@@ -1,0 +1,213 @@
+"""The proxy end to end: the official openai SDK as the client, faulty keys mixed in,
+and `keyrotor serve` started as a subprocess the way a user would."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import anyio
+import httpx
+import openai
+import pytest
+import trio
+
+from keyrotor.adapters.config import load_config
+from keyrotor.adapters.proxy.main import run_proxy
+from keyrotor.testing import (
+    Credits,
+    FakeUpstream,
+    Invalid,
+    Ok,
+    RateLimit,
+    Scenario,
+    SlowStream,
+)
+
+SECRETS = {
+    "ok1": "sk-or-v1-e2e-ok1-00000000000000000001",
+    "bad": "sk-or-v1-e2e-bad-00000000000000000002",
+    "poor": "sk-or-v1-e2e-poor-0000000000000000003",
+    "busy": "sk-or-v1-e2e-busy-0000000000000000004",
+    "ok2": "sk-or-v1-e2e-ok2-00000000000000000005",
+}
+MODEL = "openai/gpt-4o-mini"
+
+
+def scenario() -> Scenario:
+    sc = Scenario()
+    behaviours = {
+        "ok1": Ok(),
+        "bad": Invalid(),
+        "poor": Credits(0.0),
+        "busy": RateLimit(limit=1, window=60),
+        "ok2": SlowStream(chunk_delay=0.005),
+    }
+    for alias, behaviour in behaviours.items():
+        sc.add(SECRETS[alias], behaviour, alias=alias)
+    return sc
+
+
+class ProxyThread:
+    """The proxy on its own trio loop in a thread, for blocking test code."""
+
+    def __init__(self, upstream: str, log: list[dict[str, Any]]) -> None:
+        environ = {"OPENROUTER_KEYS": ",".join(SECRETS.values())}
+        self.config = load_config(None, environ, {"upstream": upstream, "port": 0})
+        self._log = log
+        self._ready: queue.Queue[Any] = queue.Queue()
+        self._thread = threading.Thread(target=trio.run, args=(self._main,), daemon=True)
+
+    async def _main(self) -> None:
+        self._shutdown = trio.Event()
+        self._token = trio.lowlevel.current_trio_token()
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(
+                lambda task_status: run_proxy(
+                    self.config,
+                    log=self._log.append,
+                    shutdown=self._shutdown,
+                    task_status=task_status,
+                )
+            )
+            self._ready.put(port)
+
+    def __enter__(self) -> str:
+        self._thread.start()
+        port = self._ready.get(timeout=10)
+        return f"http://127.0.0.1:{port}"
+
+    def __exit__(self, *exc: object) -> None:
+        trio.from_thread.run_sync(self._shutdown.set, trio_token=self._token)
+        self._thread.join(timeout=10)
+        assert not self._thread.is_alive()
+
+
+@pytest.fixture
+def proxy_url() -> Iterator[tuple[str, FakeUpstream, list[dict[str, Any]]]]:
+    log: list[dict[str, Any]] = []
+    with (
+        FakeUpstream.running_in_thread(scenario()) as upstream,
+        ProxyThread(upstream.url, log) as url,
+    ):
+        yield url, upstream, log
+
+
+def test_openai_sdk_sync_and_streaming_see_no_error(proxy_url: Any) -> None:
+    url, upstream, log = proxy_url
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="caller-token", max_retries=0)
+    answers = [
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
+        for _ in range(8)
+    ]
+    assert all(a.choices[0].message.content for a in answers)
+    for _ in range(3):
+        stream = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], stream=True
+        )
+        text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+        assert text
+    status = httpx.get(f"{url}/status").json()
+    states = {k["alias"]: k["state"] for k in status["keys"]}
+    assert sorted(states.values()).count("healthy") >= 2
+    assert {"failed", "depleted", "rate_limited"} <= set(states.values())
+    # The caller's own token never went upstream; the pool's keys did.
+    assert all(entry.key in SECRETS for entry in upstream.log)
+    text = json.dumps(log) + json.dumps(status) + httpx.get(f"{url}/metrics").text
+    for secret in SECRETS.values():
+        assert secret not in text
+    access = [line for line in log if line.get("path") == "/v1/chat/completions"]
+    assert len(access) == 11 and all(line["status"] == 200 for line in access)
+
+
+def test_openai_sdk_async_in_parallel(proxy_url: Any) -> None:
+    url, _, _ = proxy_url
+
+    async def main() -> list[str]:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="caller-token", max_retries=0)
+        results: list[str] = []
+
+        async def one() -> None:
+            answer = await client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "hi"}]
+            )
+            results.append(answer.choices[0].message.content or "")
+
+        async with anyio.create_task_group() as tasks:
+            for _ in range(10):
+                tasks.start_soon(one)
+        await client.close()
+        return results
+
+    results = anyio.run(main)
+    assert len(results) == 10 and all(results)
+
+
+def test_keyrotor_serve_as_a_subprocess(tmp_path: Any) -> None:
+    with FakeUpstream.running_in_thread(scenario()) as upstream:
+        env = {**os.environ, "OPENROUTER_KEYS": ",".join(SECRETS.values())}
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "keyrotor.cli",
+                "serve",
+                "--port",
+                "0",
+                "--upstream",
+                upstream.url,
+            ],
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert proc.stderr is not None
+            listening = json.loads(proc.stderr.readline())
+            assert listening["event"] == "listening"
+            url = listening["url"]
+            reply = httpx.post(
+                f"{url}/v1/chat/completions",
+                json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]},
+                timeout=10,
+            )
+            assert reply.status_code == 200
+            assert httpx.get(f"{url}/healthz").json()["ok"] is True
+            assert "keyrotor_key_state" in httpx.get(f"{url}/metrics").text
+            assert httpx.get(f"{url}/status").json()["totalKeys"] == 5
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=20) == 0
+            rest = proc.stderr.read()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            if proc.stderr is not None:
+                proc.stderr.close()
+    assert '"event":"shutdown"' in rest
+    for secret in SECRETS.values():
+        assert secret not in rest
+
+
+def test_keyrotor_serve_without_keys_exits_2_with_a_clear_message() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENROUTER")}
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "keyrotor.cli", "serve", "--port", "0"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert "OPENROUTER_KEYS" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert time.monotonic() - started < 30
