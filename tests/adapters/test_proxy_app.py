@@ -181,3 +181,19 @@ async def test_status_metrics_healthz_and_404_hold_no_secret() -> None:
         if not line.startswith("#"):
             assert re.match(r'^[a-z_]+(\{[a-z_]+="[^"]*"(,[a-z_]+="[^"]*")*\})? \S+$', line), line
     assert exposition.endswith("\n")
+
+
+async def test_total_cost_today_restarts_at_midnight_utc() -> None:
+    now = [86_400.0 * 20_000 + 3_600]
+    async with FakeUpstream(scenario(good=Ok())).serve() as server:
+        async with AsyncClient({"good": SECRETS["good"]}, server.url) as client:
+            app = ProxyApp(client, clock=lambda: now[0])
+            await body_of(await app(post("/v1/chat/completions", CHAT)))
+            first = app.status()["stats"]
+            now[0] += 86_400  # the next day
+            after_midnight = app.status()["stats"]
+            await body_of(await app(post("/v1/chat/completions", CHAT)))
+            later = app.status()["stats"]
+    assert first["totalCostToday"] == pytest.approx(first["totalCost"]) and first["totalCost"] > 0
+    assert after_midnight["totalCostToday"] == 0
+    assert later["totalCostToday"] == pytest.approx(later["totalCost"] - first["totalCost"])

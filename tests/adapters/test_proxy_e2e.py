@@ -20,8 +20,9 @@ import openai
 import pytest
 import trio
 
-from keyrotor.adapters.config import load_config
+from keyrotor.adapters.config import ProxyConfig
 from keyrotor.adapters.proxy.main import run_proxy
+from keyrotor.core import KeySpec, PoolConfig
 from keyrotor.testing import (
     Credits,
     FakeUpstream,
@@ -60,8 +61,12 @@ class ProxyThread:
     """The proxy on its own trio loop in a thread, for blocking test code."""
 
     def __init__(self, upstream: str, log: list[dict[str, Any]]) -> None:
-        environ = {"OPENROUTER_KEYS": ",".join(SECRETS.values())}
-        self.config = load_config(None, environ, {"upstream": upstream, "port": 0})
+        self.config = ProxyConfig(
+            keys=dict(SECRETS),
+            pool=PoolConfig(keys=[KeySpec(key_id=alias) for alias in SECRETS]),
+            upstream=upstream,
+            server={"host": "127.0.0.1", "port": 0},
+        )
         self._log = log
         self._ready: queue.Queue[Any] = queue.Queue()
         self._thread = threading.Thread(target=trio.run, args=(self._main,), daemon=True)
@@ -211,3 +216,25 @@ def test_keyrotor_serve_without_keys_exits_2_with_a_clear_message() -> None:
     assert "OPENROUTER_KEYS" in result.stderr
     assert "Traceback" not in result.stderr
     assert time.monotonic() - started < 30
+
+
+def test_client_leaving_mid_stream_cancels_the_upstream_request(proxy_url: Any) -> None:
+    url, upstream, _ = proxy_url
+    body = json.dumps({"model": MODEL, "messages": [], "stream": True, "max_tokens": 400}).encode()
+    pinned = {"x-keyrotor-key": "ok2"}  # the slow streamer: 400 chunks 5 ms apart
+    with httpx.Client(timeout=10) as client:
+        with client.stream(
+            "POST", f"{url}/v1/chat/completions", content=body, headers=pinned
+        ) as response:
+            assert response.headers["x-keyrotor-key"] == "ok2"
+            first = next(response.iter_raw())  # output has started, then the caller leaves
+        assert first
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        status = httpx.get(f"{url}/status").json()
+        if status["stats"]["inFlight"] == 0 and upstream.stats("ok2").disconnects:
+            break
+        time.sleep(0.05)
+    assert status["stats"]["inFlight"] == 0
+    assert upstream.stats("ok2").disconnects == 1  # the upstream request was cancelled
+    assert upstream.stats("ok2").in_flight == 0

@@ -60,6 +60,8 @@ class ProxyApp:
         self._clock = clock
         self.counters = ProxyCounters()
         self.started = clock()
+        self._day = int(self.started // 86_400)  # the UTC day, for totalCostToday
+        self._spend_before_today = 0.0
 
     async def __call__(self, request: Request) -> Response:
         path = request.path
@@ -90,7 +92,13 @@ class ProxyApp:
     def status(self) -> dict[str, Any]:
         """Seed 004's status shape plus per-key detail (aliases, never secrets)."""
         status = self._client.status()
-        status["uptime"] = round(self._clock() - self.started, 3)
+        now = self._clock()
+        total = status["stats"]["totalCost"]
+        day = int(now // 86_400)
+        if day != self._day:  # midnight UTC passed since the last look
+            self._day, self._spend_before_today = day, total
+        status["stats"]["totalCostToday"] = total - self._spend_before_today
+        status["uptime"] = round(now - self.started, 3)
         status["stats"]["failovers"] = self.counters.failovers
         status["stats"]["streamErrors"] = self.counters.stream_errors
         return status
