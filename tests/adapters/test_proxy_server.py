@@ -603,8 +603,8 @@ async def test_a_head_sent_byte_by_byte_is_cut_off_at_header_timeout() -> None:
                     for byte in data[:-1]:  # never complete, ~2.5 s if left alone
                         try:
                             await raw.send(bytes([byte]))
-                        except trio.BrokenResourceError:
-                            return
+                        except (trio.BrokenResourceError, trio.ClosedResourceError):
+                            return  # the server cut us off (or we saw it and closed)
                         await trio.sleep(0.02)
 
                 nursery.start_soon(drip)
