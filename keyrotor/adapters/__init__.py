@@ -1,0 +1,1 @@
+"""What wraps the transports for operators: the proxy and its configuration."""

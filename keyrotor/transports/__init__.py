@@ -1,0 +1,3 @@
+"""Clients that drive the core over real HTTP: import ``Client`` from
+``keyrotor.transports.sync``, ``keyrotor.transports.asyncio`` or
+``keyrotor.transports.trio`` (see docs/transports.md)."""
