@@ -1,0 +1,1190 @@
+"""Load benchmark of ``keyrotor serve`` against the fake upstream, on loopback.
+
+    .venv/bin/python -m benchmarks.proxy_load [--rate 200] [--duration 10]
+        [--concurrency 32] [--rounds 1] [--no-stream]
+
+Starts two child processes on 127.0.0.1, each in its own session (so that a
+Ctrl-C on the terminal reaches the benchmark only) and with a parent-death signal
+(so that they go away even if the benchmark is killed):
+
+- the fake upstream, ``python -m keyrotor.testing.fake_upstream --port 0
+  --scenario open`` (the first line of its stdout is its base URL);
+- the proxy, ``python -m keyrotor.cli serve --host 127.0.0.1 --port 0 --upstream
+  URL`` with ``OPENROUTER_KEYS`` set to 4 fake secrets (if ``--port 0`` does not
+  work, a free port is picked and passed); ready when ``GET /healthz`` answers 200.
+
+The load generator runs in this process: trio + h11, many keep-alive
+connections, one request per connection at a time, no HTTP client library. Two
+modes, each for ``--duration`` seconds:
+
+1. open loop at ``--rate`` requests/s: request ``i`` is due at ``start + i/rate``
+   and is sent then, on an idle pooled connection (a new one is opened when none
+   is idle, up to ``--max-connections``), whatever happened to earlier requests.
+   Latency runs from the *scheduled* time to the last body byte, so queueing in
+   the generator or the server is counted (no coordinated omission). The
+   generator sleeps until 1 ms before a due time and yields to the scheduler for
+   the rest (a poll timeout is rounded up to the millisecond: a bare sleep would
+   add up to 1 ms to every sample); the notes give its dispatch lag;
+2. closed loop: ``--concurrency`` connections, each sending back to back; the
+   result is requests/s. Latency runs from send to last byte.
+
+Both run against the fake upstream directly (``<url>/chat/completions``) and
+through the proxy (``/v1/chat/completions``), interleaved (A B, then A B again
+with ``--rounds 2``), for non-streaming and streaming (``"stream": true``, the SSE
+body read to ``data: [DONE]``) requests. A request counts as ok when the status is
+200 and the body is complete; anything else (status, truncated stream, reset,
+timeout after 10 s) is an error, counted by kind.
+
+Other options: ``--warmup`` (untimed seconds per target and body before the
+first round, 1), ``--prewarm`` and ``--max-connections`` (open loop: connections
+opened before the clock starts, 16, and the cap, 256), ``--upstream-only`` (no
+proxy: the generator and the fake alone). A default run takes about 90 s.
+
+The report (markdown, on stdout; progress on stderr) has one row per run, the proxy's added latency
+(through the proxy minus alone, same mode, percentiles of the samples of every
+round), the CPU used by each process during each run, and the proxy's resident
+memory after each run (``VmRSS``) and at its peak (``VmHWM``), then a summary of
+the proxy's log (statuses, retries, its own slowest requests and when). If ``litellm`` is
+importable, its proxy is measured the same way (4 deployments of the model, one
+per fake key); otherwise one line says it was skipped.
+
+Only 127.0.0.1 is contacted. Every child is stopped on exit, on errors, on Ctrl-C
+and on SIGTERM. The generator's garbage collector is paused while a run is
+measured (and collected between runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import http.client
+import importlib.metadata
+import importlib.util
+import json
+import math
+import os
+import platform
+import select
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import IO, Any, Literal
+from urllib.parse import urlsplit
+
+import h11
+import trio
+
+ROOT = Path(__file__).resolve().parents[1]
+LOOPBACK = "127.0.0.1"
+MODEL = "openai/gpt-4o-mini"
+FAKE_KEYS = tuple(f"sk-or-v1-fake-proxy-load-{i}" for i in range(4))  # "open" takes any
+DONE = b"data: [DONE]\n\n"
+REQUEST_TIMEOUT = 10.0  # per request, from its scheduled (open) or send (closed) time
+STARTUP_TIMEOUT = 30.0
+STOP_TIMEOUT = 5.0
+CONNECT_TIMEOUT = 5.0
+RECEIVE_SIZE = 65536
+SPIN = 0.001  # open loop: last stretch before a due time spent yielding, not sleeping
+MB = 1024 * 1024
+MICRO = "\u00b5"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+# Never hand the children a real key, a real upstream or an HTTP proxy.
+SCRUBBED_ENV = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
+
+Mode = Literal["open", "closed"]
+
+
+class BenchError(RuntimeError):
+    """Something the benchmark cannot go on with (a child that does not start...)."""
+
+
+class ResponseError(Exception):
+    """A complete exchange whose answer is not a success (status, truncated stream)."""
+
+
+# --------------------------------------------------------------------------- endpoints
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """``POST`` target on 127.0.0.1."""
+
+    host: str
+    port: int
+    path: str
+
+    @classmethod
+    def parse(cls, url: str) -> Endpoint:
+        parts = urlsplit(url)
+        if parts.scheme != "http" or parts.hostname != LOOPBACK or parts.port is None:
+            raise BenchError(f"refusing a URL that is not http://{LOOPBACK}:PORT/...: {url!r}")
+        return cls(parts.hostname, parts.port, parts.path or "/")
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}{self.path}"
+
+
+def chat_body(*, stream: bool) -> bytes:
+    body: dict[str, Any] = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+    if stream:
+        body["stream"] = True
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+@dataclass(frozen=True)
+class RequestSpec:
+    """One prepared request, built once per run: h11 validates an event when it is
+    constructed, so the same (immutable) events are sent again and again."""
+
+    endpoint: Endpoint
+    streaming: bool
+    request: h11.Request
+    data: h11.Data
+    end: h11.EndOfMessage
+
+    @classmethod
+    def build(cls, endpoint: Endpoint, *, streaming: bool) -> RequestSpec:
+        body = chat_body(stream=streaming)
+        headers = [
+            (b"host", f"{endpoint.host}:{endpoint.port}".encode()),
+            (b"authorization", b"Bearer " + FAKE_KEYS[0].encode()),
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+        ]
+        if streaming:
+            headers.append((b"accept", b"text/event-stream"))
+        request = h11.Request(method=b"POST", target=endpoint.path, headers=headers)
+        return cls(endpoint, streaming, request, h11.Data(data=body), h11.EndOfMessage())
+
+
+# --------------------------------------------------------------------------- h11 client
+
+
+class Connection:
+    """One keep-alive HTTP/1.1 connection: h11 over a trio socket stream."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.h11 = h11.Connection(h11.CLIENT)
+        self.closed = False
+
+    @classmethod
+    async def open(cls, endpoint: Endpoint) -> Connection:
+        with trio.fail_after(CONNECT_TIMEOUT):
+            stream = await trio.open_tcp_stream(endpoint.host, endpoint.port)
+        return cls(stream)  # trio sets TCP_NODELAY on its socket streams
+
+    @property
+    def reusable(self) -> bool:
+        return (
+            not self.closed and self.h11.our_state is h11.IDLE and self.h11.their_state is h11.IDLE
+        )
+
+    def close(self) -> None:
+        """Close now (synchronous, so it is safe in ``finally`` under cancellation)."""
+        if not self.closed:
+            self.closed = True
+            self.stream.socket.close()
+
+    async def exchange(self, spec: RequestSpec) -> None:
+        """Send one request and read its response to the end.
+
+        Raises ``ResponseError`` for a complete non-success answer (the connection
+        stays usable if HTTP allows), anything else for a transport failure.
+        """
+        conn = self.h11
+        data = (conn.send(spec.request) or b"") + (conn.send(spec.data) or b"")
+        data += conn.send(spec.end) or b""
+        await self.stream.send_all(data)
+        status = 0
+        tail = b""
+        first = b""
+        while True:
+            event: Any = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(await self.stream.receive_some(RECEIVE_SIZE))
+                continue
+            kind = type(event)
+            if kind is h11.Data:
+                chunk = bytes(event.data)
+                tail = (tail + chunk)[-len(DONE) :]
+                if status != 200 and len(first) < 300:
+                    first += chunk
+            elif kind is h11.Response:
+                status = event.status_code
+            elif kind is h11.EndOfMessage:
+                break
+            elif kind is h11.ConnectionClosed:
+                raise ConnectionResetError("connection closed by the server mid-response")
+            elif kind is not h11.InformationalResponse:
+                raise h11.RemoteProtocolError(f"unexpected {event!r}")
+        if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+            conn.start_next_cycle()
+        if status != 200:
+            raise ResponseError(f"HTTP {status}", first[:300].decode("utf-8", "replace"))
+        if spec.streaming and tail != DONE:
+            raise ResponseError("stream without data: [DONE]", tail.decode("utf-8", "replace"))
+
+
+TRANSPORT_ERRORS = (
+    OSError,
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+    trio.TooSlowError,
+    h11.ProtocolError,
+)
+
+
+class ConnectionPool:
+    """Idle connections (LIFO) and a cap on how many exist at once."""
+
+    def __init__(self, endpoint: Endpoint, limit: int) -> None:
+        self.endpoint = endpoint
+        self.slots = trio.Semaphore(limit)
+        self.idle: list[Connection] = []
+        self.opened = 0
+        self.stale = 0  # idle connections found closed by the server, replaced
+        self.peak_busy = 0
+        self.busy = 0
+
+    async def prewarm(self, count: int) -> None:
+        for _ in range(count):
+            self.idle.append(await Connection.open(self.endpoint))
+            self.opened += 1
+
+    async def acquire(self) -> Connection:
+        await self.slots.acquire()
+        try:
+            conn = self.idle.pop() if self.idle else None
+            while conn is not None and conn.stream.socket.is_readable():
+                # An idle connection with something to read has been closed by the
+                # server (as httpcore does, check before reuse rather than fail).
+                conn.close()
+                self.stale += 1
+                conn = self.idle.pop() if self.idle else None
+            if conn is None:
+                conn = await Connection.open(self.endpoint)
+                self.opened += 1
+        except BaseException:
+            self.slots.release()
+            raise
+        self.busy += 1
+        self.peak_busy = max(self.peak_busy, self.busy)
+        return conn
+
+    def release(self, conn: Connection) -> None:
+        self.busy -= 1
+        if conn.reusable:
+            self.idle.append(conn)
+        else:
+            conn.close()
+        self.slots.release()
+
+    def close(self) -> None:
+        for conn in self.idle:
+            conn.close()
+        self.idle.clear()
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+@dataclass
+class RunResult:
+    """What one run (target, mode, streaming, round) measured."""
+
+    target: str
+    mode: Mode
+    streaming: bool
+    round: int
+    latencies: list[float] = field(default_factory=list)  # seconds, successes only
+    errors: Counter[str] = field(default_factory=Counter)
+    error_samples: dict[str, str] = field(default_factory=dict)
+    lags: list[float] = field(default_factory=list)  # open loop: dispatch - scheduled
+    wall: float = 0.0  # first scheduled/sent to last completion
+    connections: int = 0
+    stale: int = 0
+    peak_busy: int = 0
+    cpu: dict[str, float] = field(default_factory=dict)  # process -> CPU seconds
+    rss_after: dict[str, tuple[int, int]] = field(default_factory=dict)  # VmRSS, VmHWM
+    span: tuple[float, float] = (0.0, 0.0)  # wall clock (time.time) around the run
+
+    @property
+    def ok(self) -> int:
+        return len(self.latencies)
+
+    @property
+    def error_count(self) -> int:
+        return sum(self.errors.values())
+
+    @property
+    def rps(self) -> float:
+        return self.ok / self.wall if self.wall > 0 else 0.0
+
+    def record_error(self, kind: str, detail: str = "") -> None:
+        self.errors[kind] += 1
+        if kind not in self.error_samples:
+            self.error_samples[kind] = detail
+
+
+async def _one(spec: RequestSpec, pool: ConnectionPool, started: float, result: RunResult) -> float:
+    """One request on a pooled connection; returns its completion time."""
+    conn: Connection | None = None
+    try:
+        with trio.move_on_at(started + REQUEST_TIMEOUT) as scope:
+            conn = await pool.acquire()
+            await conn.exchange(spec)
+            result.latencies.append(trio.current_time() - started)
+        if scope.cancelled_caught:
+            result.record_error("timeout", f"no complete answer within {REQUEST_TIMEOUT:.0f} s")
+    except ResponseError as exc:
+        result.record_error(exc.args[0], exc.args[1] if len(exc.args) > 1 else "")
+    except TRANSPORT_ERRORS as exc:
+        result.record_error(type(exc).__name__, str(exc)[:200])
+        if conn is not None:
+            conn.close()
+    finally:
+        if conn is not None:
+            pool.release(conn)
+    return trio.current_time()
+
+
+async def open_loop(
+    spec: RequestSpec,
+    result: RunResult,
+    *,
+    rate: float,
+    duration: float,
+    prewarm: int,
+    max_connections: int,
+) -> None:
+    pool = ConnectionPool(spec.endpoint, max_connections)
+    try:
+        await pool.prewarm(prewarm)
+        count = max(1, round(rate * duration))
+        interval = 1.0 / rate
+        start = trio.current_time() + 0.05
+        last = start
+
+        async def request(scheduled: float) -> None:
+            nonlocal last
+            result.lags.append(trio.current_time() - scheduled)
+            last = max(last, await _one(spec, pool, scheduled, result))
+
+        # The kernel rounds poll timeouts up to the millisecond, so a plain sleep
+        # wakes up to 1 ms late (and phase-locks there at a steady rate): sleep
+        # until shortly before, then yield to the scheduler until the due time.
+        spin = min(SPIN, interval / 4)
+        async with trio.open_nursery() as nursery:
+            for i in range(count):
+                scheduled = start + i * interval
+                if scheduled - trio.current_time() > spin:
+                    await trio.sleep_until(scheduled - spin)
+                while trio.current_time() < scheduled:
+                    await trio.lowlevel.checkpoint()
+                nursery.start_soon(request, scheduled)
+        result.wall = last - start
+        result.connections = pool.opened
+        result.stale = pool.stale
+        result.peak_busy = pool.peak_busy
+    finally:
+        pool.close()
+
+
+async def closed_loop(
+    spec: RequestSpec, result: RunResult, *, concurrency: int, duration: float
+) -> None:
+    pool = ConnectionPool(spec.endpoint, concurrency)
+    try:
+        await pool.prewarm(concurrency)
+        start = trio.current_time()
+        stop = start + duration
+        last = start
+
+        async def worker() -> None:
+            nonlocal last
+            while trio.current_time() < stop:
+                last = max(last, await _one(spec, pool, trio.current_time(), result))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(concurrency):
+                nursery.start_soon(worker)
+        result.wall = last - start
+        result.connections = pool.opened
+        result.stale = pool.stale
+        result.peak_busy = pool.peak_busy
+    finally:
+        pool.close()
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    """Linux: SIGTERM the child if the benchmark dies without cleaning up."""
+    with suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _child_env(extra: dict[str, str]) -> dict[str, str]:
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith(("OPENROUTER_", "OPENAI_", "LITELLM_"))
+        and name.lower() not in SCRUBBED_ENV
+    }
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+@dataclass
+class Child:
+    """A child process whose stderr goes to a temporary file."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    log: IO[bytes]
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log_text(self) -> str:
+        # pread: the child shares this file's offset (its stderr is a dup of it),
+        # so seeking here would make its next lines overwrite earlier ones.
+        fd = self.log.fileno()
+        return os.pread(fd, os.fstat(fd).st_size, 0).decode("utf-8", "replace")
+
+    def log_tail(self, lines: int = 20) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+    def stop(self) -> None:
+        proc = self.proc
+        try:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=STOP_TIMEOUT)
+                except subprocess.TimeoutExpired:
+                    print(
+                        f"{self.name}: no exit {STOP_TIMEOUT:.0f} s after SIGTERM, killing",
+                        file=sys.stderr,
+                    )
+                    proc.kill()
+                    proc.wait()
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        finally:
+            if proc.stdout is not None:
+                proc.stdout.close()
+
+
+@contextmanager
+def child(name: str, cmd: list[str], env: dict[str, str], *, stdout: bool) -> Iterator[Child]:
+    """Run ``cmd``; stop it (SIGTERM, then SIGKILL) on exit, whatever happens."""
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE if stdout else subprocess.DEVNULL,
+            stderr=log,
+            start_new_session=True,  # a terminal Ctrl-C reaches the benchmark only
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+        )
+        proc_child = Child(name, proc, log)
+        try:
+            yield proc_child
+        finally:
+            proc_child.stop()
+
+
+def start_upstream(stack: ExitStack) -> tuple[Child, str]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "keyrotor.testing.fake_upstream",
+        "--host",
+        LOOPBACK,
+        "--port",
+        "0",
+        "--scenario",
+        "open",
+    ]
+    upstream = stack.enter_context(child("fake upstream", cmd, _child_env({}), stdout=True))
+    stdout = upstream.proc.stdout
+    assert stdout is not None
+    ready, _, _ = select.select([stdout], [], [], STARTUP_TIMEOUT)
+    line = stdout.readline().decode().strip() if ready else ""
+    if not line:
+        raise BenchError(f"the fake upstream did not start:\n{upstream.log_tail()}")
+    Endpoint.parse(line)  # loopback check
+    return upstream, line.rstrip("/")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((LOOPBACK, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def http_get_status(host: str, port: int, path: str) -> int | None:
+    conn = http.client.HTTPConnection(host, port, timeout=1.0)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        response.read()
+        return response.status
+    except (OSError, http.client.HTTPException):
+        return None
+    finally:
+        conn.close()
+
+
+def _listening_port(log: str) -> int | None:
+    for line in log.splitlines():
+        with suppress(ValueError, TypeError, AttributeError):
+            record = json.loads(line)
+            if record.get("event") == "listening":
+                port = Endpoint.parse(str(record["url"]) + "/").port
+                return port
+    return None
+
+
+def wait_ready(
+    proxy: Child, port: int | None, health: str, timeout: float = STARTUP_TIMEOUT
+) -> int | None:
+    """Poll until ``GET health`` answers 200; the port comes from the ``listening``
+    log line when ``port`` is None. Returns the port, or None if the process died
+    or did not become ready in time."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proxy.proc.poll() is not None:
+            return None
+        if port is None:
+            port = _listening_port(proxy.log_text())
+        if port is not None and http_get_status(LOOPBACK, port, health) == 200:
+            return port
+        time.sleep(0.05)
+    return None
+
+
+def start_keyrotor(stack: ExitStack, upstream_url: str) -> tuple[Child, Endpoint]:
+    env = _child_env({"OPENROUTER_KEYS": ",".join(FAKE_KEYS)})
+    base = [sys.executable, "-m", "keyrotor.cli", "serve", "--host", LOOPBACK]
+    attempts: list[str] = []
+    for port in (0, free_port()):
+        cmd = [*base, "--port", str(port), "--upstream", upstream_url]
+        with ExitStack() as attempt:
+            proxy = attempt.enter_context(child("keyrotor proxy", cmd, env, stdout=False))
+            ready = wait_ready(proxy, None if port == 0 else port, "/healthz")
+            if ready is not None:
+                stack.enter_context(attempt.pop_all())  # the outer stack stops it now
+                return proxy, Endpoint(LOOPBACK, ready, "/v1/chat/completions")
+            attempts.append(
+                f"--port {port}: exit status {proxy.proc.poll()}, log:\n{proxy.log_tail()}"
+            )
+        print(f"keyrotor proxy not ready with --port {port}", file=sys.stderr, flush=True)
+    raise BenchError("the keyrotor proxy did not become ready:\n" + "\n".join(attempts))
+
+
+LITELLM_CONFIG = """\
+model_list:
+{deployments}
+litellm_settings:
+  telemetry: false
+"""
+LITELLM_DEPLOYMENT = """\
+  - model_name: {model}
+    litellm_params:
+      model: openai/{model}
+      api_base: {base}
+      api_key: {key}
+"""
+
+
+def start_litellm(stack: ExitStack, upstream_url: str) -> tuple[Child, Endpoint]:
+    """LiteLLM's proxy with 4 deployments of MODEL, one per fake key (not exercised
+    where litellm is not installed)."""
+    config = Path(stack.enter_context(tempfile.TemporaryDirectory())) / "litellm.yaml"
+    deployments = "".join(
+        LITELLM_DEPLOYMENT.format(model=MODEL, base=upstream_url, key=key) for key in FAKE_KEYS
+    )
+    config.write_text(LITELLM_CONFIG.format(deployments=deployments))
+    port = free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "litellm.proxy.proxy_cli",
+        "--config",
+        str(config),
+        "--host",
+        LOOPBACK,
+        "--port",
+        str(port),
+    ]
+    env = _child_env({"LITELLM_LOCAL_MODEL_COST_MAP": "True"})  # no download at start
+    proxy = stack.enter_context(child("litellm proxy", cmd, env, stdout=False))
+    if wait_ready(proxy, port, "/health/liveliness", timeout=90.0) is None:
+        raise BenchError(f"LiteLLM's proxy did not become ready:\n{proxy.log_tail()}")
+    return proxy, Endpoint(LOOPBACK, port, "/v1/chat/completions")
+
+
+# --------------------------------------------------------------------------- /proc
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (0.0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of stat
+
+
+def memory(pid: int) -> tuple[int, int]:
+    """(VmRSS, VmHWM) in bytes, (0, 0) if the process is gone."""
+    values = {"VmRSS:": 0, "VmHWM:": 0}
+    with suppress(OSError), open(f"/proc/{pid}/status") as f:
+        for line in f:
+            parts = line.split()  # "VmRSS:\t   12345 kB"
+            if parts and parts[0] in values:
+                values[parts[0]] = int(parts[1]) * 1024
+    return values["VmRSS:"], values["VmHWM:"]
+
+
+# --------------------------------------------------------------------------- orchestration
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    endpoint: Endpoint
+    pid: int | None  # the proxy's process, None for the upstream alone
+
+
+@dataclass
+class Options:
+    rate: float
+    duration: float
+    concurrency: int
+    rounds: int
+    streaming: tuple[bool, ...]
+    warmup: float
+    prewarm: int
+    max_connections: int
+
+
+def run_trio(fn: Callable[[], Awaitable[None]]) -> None:
+    """``trio.run``, with a Ctrl-C or SIGTERM that struck inside a nursery raised
+    bare (not inside an exception group), so that the caller's cleanup and exit
+    status are those of an interrupted benchmark."""
+    try:
+        trio.run(fn)
+    except BaseExceptionGroup as group:
+        for kind in (KeyboardInterrupt, SystemExit):
+            match, _ = group.split(kind)
+            if match is not None:
+                first: BaseException = match
+                while isinstance(first, BaseExceptionGroup):
+                    first = first.exceptions[0]
+                raise first from None
+        raise
+
+
+def measure(
+    target: Target,
+    mode: Mode,
+    streaming: bool,
+    rnd: int,
+    options: Options,
+    pids: dict[str, int],
+) -> RunResult:
+    result = RunResult(target.name, mode, streaming, rnd)
+    spec = RequestSpec.build(target.endpoint, streaming=streaming)
+    runner: Callable[[], Awaitable[None]]
+    if mode == "open":
+
+        async def runner() -> None:
+            await open_loop(
+                spec,
+                result,
+                rate=options.rate,
+                duration=options.duration,
+                prewarm=options.prewarm,
+                max_connections=options.max_connections,
+            )
+    else:
+
+        async def runner() -> None:
+            await closed_loop(
+                spec, result, concurrency=options.concurrency, duration=options.duration
+            )
+
+    gc.collect()
+    gc.disable()
+    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    gen_before = time.process_time()
+    wall_start = time.time()
+    try:
+        run_trio(runner)
+    except TRANSPORT_ERRORS as exc:  # the connections opened before the clock starts
+        raise BenchError(f"{target.name}: cannot open connections: {exc!r}") from exc
+    finally:
+        gc.enable()
+    result.cpu = {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
+    result.cpu["generator"] = time.process_time() - gen_before
+    result.span = (wall_start, time.time())
+    for name, pid in pids.items():
+        if name != "upstream":
+            result.rss_after[name] = memory(pid)
+    return result
+
+
+def warm_up(target: Target, options: Options) -> None:
+    """Untimed closed-loop traffic; fails early if the target answers nothing."""
+    for streaming in options.streaming:
+        result = RunResult(target.name, "closed", streaming, 0)
+        spec = RequestSpec.build(target.endpoint, streaming=streaming)
+
+        async def runner(spec: RequestSpec = spec, result: RunResult = result) -> None:
+            await closed_loop(spec, result, concurrency=8, duration=options.warmup)
+
+        try:
+            run_trio(runner)
+        except TRANSPORT_ERRORS as exc:
+            raise BenchError(f"{target.name}: cannot open connections: {exc!r}") from exc
+        if result.ok == 0:
+            kinds = "; ".join(
+                f"{k} x{n}: {result.error_samples[k]!r}" for k, n in result.errors.items()
+            )
+            raise BenchError(
+                f"{target.name} ({'stream' if streaming else 'json'}) answered no request "
+                f"successfully during warm-up: {kinds or 'nothing sent'}"
+            )
+        print(
+            f"  warm-up {target.name} ({'stream' if streaming else 'json'}): {result.ok} ok, "
+            f"{result.error_count} errors",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+# --------------------------------------------------------------------------- report
+
+
+def pct(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile of sorted ``values`` (seconds), ``nan`` if empty."""
+    if not values:
+        return math.nan
+    return values[min(len(values) - 1, max(0, math.ceil(q * len(values)) - 1))]
+
+
+def ms(seconds: float) -> str:
+    return "-" if math.isnan(seconds) else f"{seconds * 1000:.2f}"
+
+
+def mode_label(mode: Mode, options: Options) -> str:
+    return f"open {options.rate:g} rps" if mode == "open" else f"closed {options.concurrency}"
+
+
+def stream_label(streaming: bool) -> str:
+    return "stream" if streaming else "json"
+
+
+def runs_table(results: list[RunResult], options: Options, proc_names: list[str]) -> list[str]:
+    cpu_names = ["generator", *proc_names]
+    header = (
+        "| target | mode | body | round | ok | errors | rps | p50 ms | p90 ms | p99 ms | max ms "
+        f"| CPU % ({' / '.join(cpu_names)}) |"
+    )
+    lines = [header, "|" + "---|" * 12]
+    for r in results:
+        lat = sorted(r.latencies)
+        cpu = " / ".join(
+            f"{100 * r.cpu.get(name, 0.0) / r.wall:.0f}" if r.wall else "-" for name in cpu_names
+        )
+        lines.append(
+            f"| {r.target} | {mode_label(r.mode, options)} | {stream_label(r.streaming)} "
+            f"| {r.round} | {r.ok} | {r.error_count} | {r.rps:.0f} | {ms(pct(lat, 0.5))} "
+            f"| {ms(pct(lat, 0.9))} | {ms(pct(lat, 0.99))} | {ms(lat[-1] if lat else math.nan)} "
+            f"| {cpu} |"
+        )
+    return lines
+
+
+def added_table(results: list[RunResult], options: Options, baseline: str) -> list[str]:
+    lines = [
+        "| through | mode | body | p50 alone | p50 through | **added p50** | p99 alone "
+        "| p99 through | **added p99** | rps alone | rps through |",
+        "|" + "---|" * 11,
+    ]
+    pooled: dict[tuple[str, Mode, bool], list[float]] = {}
+    rps: dict[tuple[str, Mode, bool], list[float]] = {}
+    for r in results:
+        key = (r.target, r.mode, r.streaming)
+        pooled.setdefault(key, []).extend(r.latencies)
+        rps.setdefault(key, []).append(r.rps)
+    for (name, mode, streaming), values in pooled.items():
+        if name == baseline:
+            continue
+        alone = sorted(pooled.get((baseline, mode, streaming), []))
+        through = sorted(values)
+        a50, a99 = pct(alone, 0.5), pct(alone, 0.99)
+        t50, t99 = pct(through, 0.5), pct(through, 0.99)
+        lines.append(
+            f"| {name} | {mode_label(mode, options)} | {stream_label(streaming)} | {ms(a50)} "
+            f"| {ms(t50)} | **{ms(t50 - a50)}** | {ms(a99)} | {ms(t99)} | **{ms(t99 - a99)}** "
+            f"| {statistics.median(rps.get((baseline, mode, streaming), [math.nan])):.0f} "
+            f"| {statistics.median(rps[(name, mode, streaming)]):.0f} |"
+        )
+    return lines
+
+
+def memory_table(
+    results: list[RunResult], proxies: list[Target], start: dict[str, tuple[int, int]]
+) -> list[str]:
+    names = [t.name for t in proxies]
+    cols = " | ".join(f"{n}: VmRSS / VmHWM MB | {n}: requests so far" for n in names)
+    lines = [f"| after run | {cols} |", "|---|" + "---|---|" * len(names)]
+    served: Counter[str] = Counter()
+    row = " | ".join(
+        f"{start[n][0] / MB:.1f} / {start[n][1] / MB:.1f} | {served[n]}" for n in names
+    )
+    lines.append(f"| start (after warm-up) | {row} |")
+    for r in results:
+        served[r.target] += r.ok + r.error_count
+        row = " | ".join(
+            f"{r.rss_after[n][0] / MB:.1f} / {r.rss_after[n][1] / MB:.1f} | {served[n]}"
+            for n in names
+        )
+        lines.append(
+            f"| {r.target}, {r.mode}, {stream_label(r.streaming)}, round {r.round} | {row} |"
+        )
+    return lines
+
+
+def notes(results: list[RunResult], options: Options) -> list[str]:
+    lines = []
+    for r in results:
+        parts = []
+        if r.mode == "open":
+            lags = sorted(r.lags)
+            parts.append(
+                f"dispatch lag p50 {ms(pct(lags, 0.5))} / p99 {ms(pct(lags, 0.99))} / max "
+                f"{ms(lags[-1] if lags else math.nan)} ms"
+            )
+        parts.append(f"{r.connections} connections opened, at most {r.peak_busy} busy")
+        if r.stale:
+            parts.append(
+                f"{r.stale} idle connections found closed by the server before reuse "
+                "(replaced, not counted as errors)"
+            )
+        done = r.ok + r.error_count
+        if done:
+            per = ", ".join(f"{name} {1e6 * cpu / done:.0f}" for name, cpu in r.cpu.items())
+            parts.append(f"CPU per request ({MICRO}s): {per}")
+        for kind, count in r.errors.most_common():
+            parts.append(f"error {kind} x{count} (first: {r.error_samples[kind]!r})")
+        lines.append(
+            f"- {r.target}, {mode_label(r.mode, options)}, {stream_label(r.streaming)}, "
+            f"round {r.round}: " + "; ".join(parts)
+        )
+    return lines
+
+
+def proxy_log_summary(
+    proxy: Child, target: str, results: list[RunResult], options: Options
+) -> list[str]:
+    """What the proxy said on stderr: events, per-request statuses and retries, its
+    own view of request durations (and when the slowest happened), and the first
+    unusual lines verbatim."""
+    slowest: list[tuple[float, float]] = []  # (duration s, ts)
+    events: Counter[str] = Counter()
+    statuses: Counter[str] = Counter()
+    upstream: Counter[str] = Counter()
+    retried = 0
+    durations: list[float] = []
+    unusual: list[str] = []
+    for line in proxy.log_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict):
+            events["(not JSON)"] += 1
+            if len(unusual) < 5:
+                unusual.append(line[:300])
+            continue
+        if "event" in record:
+            event = str(record["event"])
+            events[event] += 1
+            if event != "listening" and len(unusual) < 5:
+                unusual.append(line[:300])
+            continue
+        events["(request)"] += 1
+        statuses[str(record.get("status"))] += 1
+        if "upstream_status" in record:
+            upstream[str(record["upstream_status"])] += 1
+        if isinstance(record.get("attempts"), int) and record["attempts"] > 1:
+            retried += 1
+        if record.get("method") == "POST" and isinstance(record.get("duration_ms"), int | float):
+            durations.append(float(record["duration_ms"]) / 1000)
+            if isinstance(record.get("ts"), int | float):
+                slowest.append((durations[-1], float(record["ts"])))
+        if record.get("status") != 200 and len(unusual) < 5:
+            unusual.append(line[:300])
+    durations.sort()
+    out = [
+        f"- {proxy.name} log ({sum(events.values())} lines): "
+        + ", ".join(f"{e} x{n}" for e, n in events.most_common())
+        + (f"; statuses {dict(statuses)}" if statuses else "")
+        + (f"; upstream statuses {dict(upstream)}" if upstream else "")
+        + f"; {retried} requests with more than one attempt"
+        + (
+            f"; its own duration_ms for POSTs: p50 {ms(pct(durations, 0.5))}, "
+            f"p99 {ms(pct(durations, 0.99))}, max {ms(durations[-1])} ms"
+            if durations
+            else ""
+        )
+    ]
+    for duration, ts in sorted(slowest, reverse=True)[:3]:
+        during = next(
+            (
+                f"{r.target}, {mode_label(r.mode, options)}, {stream_label(r.streaming)}, "
+                f"round {r.round}, ended {ts - r.span[0]:.1f} s into the run"
+                for r in results
+                if r.target == target and r.span[0] <= ts <= r.span[1] + 0.5
+            ),
+            "warm-up or between runs",
+        )
+        out.append(f"  - slow in the proxy's log: {ms(duration)} ms, logged during {during}")
+    out += [f"  - unusual: `{line}`" for line in unusual]
+    return out
+
+
+def _versions() -> str:
+    found = []
+    for name in ("trio", "h11"):
+        try:
+            found.append(f"{name} {importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            found.append(f"{name} (not installed)")
+    return ", ".join(found)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.proxy_load",
+        description="Open- and closed-loop load through keyrotor's proxy vs the fake upstream.",
+    )
+    parser.add_argument("--rate", type=float, default=200.0, help="open-loop requests/s (200)")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per run (10)")
+    parser.add_argument("--concurrency", type=int, default=32, help="closed-loop connections (32)")
+    parser.add_argument("--rounds", type=int, default=1, help="interleaved repetitions (1)")
+    parser.add_argument("--no-stream", action="store_true", help="non-streaming requests only")
+    parser.add_argument(
+        "--warmup", type=float, default=1.0, help="untimed seconds per target and body (1)"
+    )
+    parser.add_argument(
+        "--prewarm", type=int, default=16, help="open loop: connections opened before (16)"
+    )
+    parser.add_argument(
+        "--max-connections", type=int, default=256, help="open loop: connection cap (256)"
+    )
+    parser.add_argument(
+        "--upstream-only",
+        action="store_true",
+        help="measure the fake upstream alone (no proxy)",
+    )
+    return parser
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)  # unwinds through every child's cleanup
+
+
+def _command(args: argparse.Namespace) -> str:
+    parts = [
+        ".venv/bin/python -m benchmarks.proxy_load",
+        f"--rate {args.rate:g}",
+        f"--duration {args.duration:g}",
+        f"--concurrency {args.concurrency}",
+        f"--rounds {args.rounds}",
+    ]
+    if args.no_stream:
+        parts.append("--no-stream")
+    if args.upstream_only:
+        parts.append("--upstream-only")
+    return " ".join(parts)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if not (
+        0 < args.rate <= 20000
+        and 0 < args.duration <= 600
+        and 1 <= args.concurrency <= 1024
+        and 1 <= args.rounds <= 20
+        and 0 < args.warmup <= 60
+        and 0 <= args.prewarm <= args.max_connections <= 4096
+    ):
+        print(
+            "error: need 0 < rate <= 20000, 0 < duration <= 600, 1 <= concurrency <= 1024, "
+            "1 <= rounds <= 20, 0 < warmup <= 60, 0 <= prewarm <= max-connections <= 4096",
+            file=sys.stderr,
+        )
+        return 2
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    options = Options(
+        rate=args.rate,
+        duration=args.duration,
+        concurrency=args.concurrency,
+        rounds=args.rounds,
+        streaming=(False,) if args.no_stream else (False, True),
+        warmup=args.warmup,
+        prewarm=args.prewarm,
+        max_connections=args.max_connections,
+    )
+    litellm_found = importlib.util.find_spec("litellm") is not None
+    load_before = os.getloadavg()
+    started = time.perf_counter()
+    with ExitStack() as stack:
+        upstream, upstream_url = start_upstream(stack)
+        print(f"fake upstream pid {upstream.pid} at {upstream_url}", file=sys.stderr, flush=True)
+        baseline = "upstream alone"
+        targets = [Target(baseline, Endpoint.parse(upstream_url + "/chat/completions"), None)]
+        proxies: list[tuple[Target, Child]] = []
+        if not args.upstream_only:
+            proxy, endpoint = start_keyrotor(stack, upstream_url)
+            print(f"keyrotor proxy pid {proxy.pid} at {endpoint.url}", file=sys.stderr, flush=True)
+            proxies.append((Target("through keyrotor", endpoint, proxy.pid), proxy))
+            if litellm_found:
+                lproxy, lendpoint = start_litellm(stack, upstream_url)
+                print(f"litellm pid {lproxy.pid} at {lendpoint.url}", file=sys.stderr, flush=True)
+                proxies.append((Target("through LiteLLM", lendpoint, lproxy.pid), lproxy))
+        targets += [t for t, _ in proxies]
+        pids = {"upstream": upstream.pid, **{t.name: t.pid for t, _ in proxies if t.pid}}
+
+        for target in targets:
+            warm_up(target, options)
+        start_memory = {t.name: memory(t.pid) for t, _ in proxies if t.pid}
+
+        results: list[RunResult] = []
+        for rnd in range(1, options.rounds + 1):
+            for streaming in options.streaming:
+                for mode in ("open", "closed"):
+                    for target in targets:
+                        r = measure(target, mode, streaming, rnd, options, pids)
+                        results.append(r)
+                        lat = sorted(r.latencies)
+                        print(
+                            f"round {rnd}/{options.rounds} {target.name}, "
+                            f"{mode_label(mode, options)}, {stream_label(streaming)}: "
+                            f"{r.ok} ok, {r.error_count} errors, {r.rps:.0f} rps, "
+                            f"p50 {ms(pct(lat, 0.5))} ms, p99 {ms(pct(lat, 0.99))} ms",
+                            file=sys.stderr,
+                            flush=True,
+                        )
+                        for proc in [upstream, *(c for _, c in proxies)]:
+                            if proc.proc.poll() is not None:
+                                raise BenchError(
+                                    f"{proc.name} exited during the run:\n{proc.log_tail()}"
+                                )
+        elapsed = time.perf_counter() - started
+        load_after = os.getloadavg()
+
+        out = [
+            "## Proxy load (loopback, fake upstream in its own process)",
+            "",
+            f"- command: `{_command(args)}`",
+            f"- Python {platform.python_version()} on {platform.machine()}, "
+            f"{os.cpu_count()} CPUs; generator {_versions()} (one process, one trio thread); "
+            f"run time {elapsed:.0f} s; load average {load_before[0]:.2f} before, "
+            f"{load_after[0]:.2f} after.",
+            f"- request: `POST` `{chat_body(stream=False).decode()}` (streaming: plus "
+            '`"stream":true`, SSE read to `data: [DONE]`); upstream alone at '
+            f"`{targets[0].endpoint.url}`"
+            + "".join(f", {t.name} at `{t.endpoint.url}`" for t, _ in proxies)
+            + f"; {len(FAKE_KEYS)} fake keys.",
+            f"- open loop: {options.rate:g} requests/s for {options.duration:g} s, latency from "
+            f"the scheduled send time to the last body byte, up to {options.max_connections} "
+            f"connections ({options.prewarm} opened beforehand). Closed loop: "
+            f"{options.concurrency} keep-alive connections back to back for "
+            f"{options.duration:g} s, latency from send to last byte. rps = successes / (first "
+            "send to last completion). Errors: any non-200, incomplete stream, reset, or no "
+            f"answer within {REQUEST_TIMEOUT:.0f} s.",
+            "- CPU %: CPU time of each process during the run over its wall time (100 = one core).",
+            "",
+            "### Runs",
+            "",
+            *runs_table(results, options, list(pids)),
+            "",
+        ]
+        if proxies:
+            out += [
+                "### Added latency (through the proxy minus the upstream alone, same mode)",
+                "",
+                "Percentiles of all rounds' samples; the difference of two p99s is not the "
+                "p99 of a difference, but it is what a caller sees. Target (design.md): "
+                "p50 <= 1 ms, p99 <= 5 ms at 200 rps.",
+                "",
+                *added_table(results, options, baseline),
+                "",
+                "### Proxy memory (/proc/PID/status)",
+                "",
+                *memory_table(results, [t for t, _ in proxies], start_memory),
+                "",
+            ]
+            for target, proc in proxies:
+                rss, hwm = memory(proc.pid)
+                out.append(
+                    f"- {target.name}: peak RSS (VmHWM) {hwm / MB:.1f} MB, RSS now "
+                    f"{rss / MB:.1f} MB (target <= 80 MB)."
+                )
+        else:
+            out.append("- no proxy measured (--upstream-only).")
+        out.append(
+            "- LiteLLM: measured above."
+            if litellm_found and proxies
+            else "- LiteLLM: skipped (litellm is not importable in this environment)."
+            if not litellm_found
+            else "- LiteLLM: skipped (--upstream-only)."
+        )
+        out += ["", "### Notes per run", "", *notes(results, options)]
+        for target, proc in proxies:
+            out += proxy_log_summary(proc, target.name, results, options)
+        print("\n".join(out), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        raise SystemExit(main())
+    except KeyboardInterrupt:  # every child is stopped by then
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
