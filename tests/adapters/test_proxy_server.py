@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 import re
+import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
@@ -279,6 +282,24 @@ async def test_pipelined_requests_are_answered_in_order() -> None:
 
 
 @pytest.mark.trio
+async def test_requests_pipelined_while_the_app_computes_wait_their_turn() -> None:
+    async def app(request: Request) -> Response:
+        if request.path == "/slow":
+            await trio.sleep(0.1)
+        return await echo(request)
+
+    with trio.fail_after(5):
+        async with running(app, max_header_bytes=1024) as port:
+            raw = await Raw.connect(port)
+            await raw.send(raw_request("GET", "/slow"))
+            await trio.sleep(0.02)  # the app is busy: these are read by the watching reader
+            await raw.send(b"".join(raw_request("GET", f"/{n}") for n in range(40)))
+            bodies = [(await raw.response()).body for _ in range(41)]
+            await raw.aclose()
+    assert bodies == [b"GET /slow "] + [f"GET /{n} ".encode() for n in range(40)]
+
+
+@pytest.mark.trio
 async def test_connection_close_and_http_1_0_are_honoured() -> None:
     async def app(request: Request) -> Response:
         if request.path == "/stream":
@@ -443,6 +464,32 @@ async def test_client_gone_while_the_app_computes_cancels_the_app() -> None:
 
 
 @pytest.mark.trio
+async def test_a_stream_that_fails_truncates_the_body_and_acloses_once() -> None:
+    closer = Closer()
+    lines: list[dict[str, Any]] = []
+
+    async def app(request: Request) -> Response:
+        async def failing() -> AsyncIterator[bytes]:
+            yield b"partial"
+            raise RuntimeError("upstream broke")
+
+        return Response(status=200, body=failing(), aclose=closer)
+
+    with trio.fail_after(5):
+        async with running(app, log=lines.append) as port:
+            raw = await Raw.connect(port)
+            await raw.send(raw_request("GET", "/"))
+            await raw.head()
+            assert await raw.chunk() == b"partial"
+            with pytest.raises(EOFError):  # no terminating chunk: the client sees the break
+                await raw.chunk()
+            await raw.aclose()
+    assert closer.calls == 1
+    assert [line.get("event") for line in lines] == ["stream_error", None]
+    assert lines[-1]["outcome"] == "stream_error"
+
+
+@pytest.mark.trio
 async def test_a_client_that_reads_nothing_is_dropped_after_body_timeout() -> None:
     closer = Closer()
 
@@ -496,6 +543,18 @@ async def test_malformed_requests_get_400_json_and_close(data: bytes) -> None:
     assert error["type"] == "invalid_request_error"
     assert "Traceback" not in error["message"] and "garbage" not in error["message"]
     assert any(line.get("event") == "bad_request" for line in lines)
+
+
+@pytest.mark.trio
+async def test_connect_gets_405() -> None:
+    with trio.fail_after(5):
+        async with running(echo) as port:
+            raw = await Raw.connect(port)
+            await raw.send(b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n")
+            reply = await raw.response()
+            assert await raw.closed()
+    assert reply.status == 405
+    assert error_of(reply)["type"] == "invalid_request_error"
 
 
 @pytest.mark.trio
@@ -736,8 +795,49 @@ async def test_after_the_grace_period_an_endless_stream_is_cancelled_and_aclosed
         await raw.aclose()
     assert 0.15 <= elapsed < 1.0
     assert closer.calls == 1
-    (line,) = lines
+    (line,) = [line for line in lines if "event" not in line]
     assert (line["status"], line["outcome"]) == (200, "cancelled")
+    events = [line["event"] for line in lines if "event" in line]
+    assert events == ["draining", "grace_period_expired"]
+
+
+@pytest.mark.trio
+async def test_run_serves_until_sigterm_then_returns() -> None:
+    code = (
+        "import json\n"
+        "from keyrotor.adapters.proxy.server import ServerOptions, run\n"
+        "from keyrotor.adapters.proxy.types import Response\n"
+        "async def app(request):\n"
+        "    return Response(status=200, body=b'ok')\n"
+        "run(app, ServerOptions(port=0), log=lambda line: print(json.dumps(line), flush=True))\n"
+        "print('returned', flush=True)\n"
+    )
+    with trio.fail_after(10):
+        process = await trio.lowlevel.open_process(
+            [sys.executable, "-c", code], stdout=subprocess.PIPE
+        )
+        assert process.stdout is not None
+        output = Raw(process.stdout)  # type: ignore[arg-type]
+        try:
+            listening = json.loads(await output._until(b"\n"))
+            assert listening["event"] == "listening"
+            raw = await Raw.connect(listening["port"])
+            await raw.send(raw_request("GET", "/"))
+            assert (await raw.response()).body == b"ok"
+            await raw.aclose()
+            process.send_signal(signal.SIGTERM)
+            rest = (await output.rest()).decode()
+            assert await process.wait() == 0
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+            await process.stdout.aclose()
+    *lines, last = rest.splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [record["path"] for record in records if "event" not in record] == ["/"]
+    assert [record["event"] for record in records if "event" in record] == ["shutdown", "draining"]
+    assert last == "returned"
 
 
 # --------------------------------------------------------------------------- logging
@@ -842,3 +942,17 @@ def _load_check(seconds: float = 3.0, connections: int = 32) -> None:
 
 if __name__ == "__main__":
     _load_check()
+
+
+@pytest.mark.trio
+async def test_a_fresh_connection_may_wait_past_header_timeout_before_its_first_request() -> None:
+    # Clients and load balancers open connections ahead of time: only the
+    # idle timeout applies until the first byte of a request arrives.
+    with trio.fail_after(5):
+        async with running(echo, header_timeout=0.2, idle_timeout=3.0) as port:
+            raw = await Raw.connect(port)
+            await trio.sleep(0.5)
+            await raw.send(raw_request("GET", "/"))
+            reply = await raw.response()
+            await raw.aclose()
+    assert reply.status == 200

@@ -3,10 +3,12 @@
     port = await nursery.start(serve, app, ServerOptions(port=0))   # in a trio program
     run(app, ServerOptions(port=8080), log=print)                    # or blocking, until a signal
 
-One task per connection runs the loop of h11's ``examples/trio-server.py``: read
-a request head and its whole body, call the application, write the response,
-start the next cycle. Keep-alive, pipelining (requests are answered in order),
-``Connection: close``, HTTP/1.0 peers and ``Expect: 100-continue`` come from h11.
+Each connection runs the loop of h11's ``examples/trio-server.py`` split over
+two tasks that live as long as the connection: the reader reads a request head
+and its whole body and hands the request over; the worker calls the application,
+writes the response and starts the next cycle. Keep-alive, pipelining (requests
+are answered in order), ``Connection: close``, HTTP/1.0 peers and
+``Expect: 100-continue`` come from h11.
 
 Responses: a bytes body is sent with ``Content-Length`` in one write; an async
 iterator body is sent chunked (close-delimited to HTTP/1.0 peers), each chunk
@@ -14,18 +16,20 @@ written as soon as it is yielded (SSE is never buffered). The application's
 ``content-length`` and ``transfer-encoding`` headers are dropped: the server
 frames the body. Added headers: ``date`` (cached per second) and ``x-request-id``.
 
-While the application computes or streams a response, a watcher task keeps
-reading the socket: bytes it reads belong to the next pipelined request and go
-to h11's buffer (up to ``max_header_bytes``; past that it stops reading and lets
-TCP push back); EOF or a reset means the client went away, and the application
-call or its stream is cancelled. ``Response.aclose`` is called exactly once for
+While the worker computes or streams a response, the reader keeps reading the
+socket: bytes it reads belong to the next pipelined request and go to h11's
+buffer (up to ``max_header_bytes``; past that it stops reading until the
+response is done and lets TCP push back); EOF or a reset means the client went
+away, and the application call or its stream is cancelled. When the response is
+done, that same pending read becomes the keep-alive wait for the next request,
+so a request costs no new task and no cancellation. ``Response.aclose`` is called exactly once for
 every response the application returned (sent in full, client gone, error,
 shutdown), shielded, bounded by ``CLEANUP_TIMEOUT``; an iterator body that has
 an ``aclose`` (an async generator) is closed first the same way. A client that
 half-closes its side after sending a request counts as gone.
 
 Errors never reach the client as a traceback. A malformed request (garbage,
-invalid headers, bad chunked framing) gets 400, a head larger than
+invalid headers, bad chunked framing) gets 400, ``CONNECT`` 405, a head larger than
 ``max_header_bytes`` 431, a body larger than ``max_body_bytes`` 413 (before any
 of it is read when ``Content-Length`` says so): a small JSON body
 ``{"error": {"message": ..., "type": "invalid_request_error"}}``, then the
@@ -36,10 +40,9 @@ application exception before the response head gets 500, same shape, type
 stream after the head is sent can only end the connection (the client sees a
 truncated chunked body).
 
-Timeouts (``ServerOptions``): the first request's head must arrive whole within
-``header_timeout`` of the accept; a kept-alive connection waits ``idle_timeout``
-for the next request's first byte, then ``header_timeout`` for the rest of its
-head; each read of a body, and each write (a client that reads nothing),
+Timeouts (``ServerOptions``): a connection, fresh or kept alive, waits
+``idle_timeout`` for a request's first byte, then ``header_timeout`` for the
+rest of its head (slowloris); each read of a body, and each write (a client that reads nothing),
 ``body_timeout``. Timeouts close the connection without an answer.
 
 Connections beyond ``max_connections`` are accepted and closed at once (no
@@ -57,11 +60,15 @@ Logging: ``log`` (optional) gets one dict per request: ``request_id``,
 went away before the head was sent, 0 when cancelled by shutdown), ``duration_ms``,
 ``bytes_out``, ``client``, ``outcome`` when it did not end normally
 (``client_gone``, ``app_error``, ``stream_error``, ``write_timeout``,
-``cancelled``), then the fields of ``Response.log`` (they never override the
+``protocol_error``, ``cancelled``), then the fields of ``Response.log`` (they never override the
 server's). Server events are dicts with an ``event`` key (``bad_request``,
-``app_error``, ``stream_error``, ``aclose_error``, ``connection_limit``,
-``accept_error``, ``connection_error``). Headers and bodies are never logged.
-A ``log`` that raises is ignored.
+``app_error``, ``stream_error``, ``protocol_error``, ``aclose_error``, ``stream_close_error``,
+``connection_limit``, ``accept_error``, ``connection_error``, ``draining``,
+``grace_period_expired``; ``run`` adds ``listening``, ``shutdown``,
+``stopping_now``). Headers and bodies are never logged; the application's
+exceptions are (type and message, cut at 500 characters), h11's parse errors
+only up to their first colon (h11 quotes the offending bytes after it). A
+``log`` that raises is ignored.
 """
 
 from __future__ import annotations
@@ -149,7 +156,8 @@ class ServerOptions:
       ``serve``; ``host=""``: every interface).
     - ``max_header_bytes``: a larger request head gets 431; ``max_body_bytes``: a
       larger body (declared or chunked) gets 413; both close the connection.
-    - ``header_timeout``: a request head must arrive whole within this (slowloris);
+    - ``header_timeout``: a request head must arrive whole within this of its
+      first byte (slowloris);
       ``body_timeout``: the longest wait for a body read or a response write;
       ``idle_timeout``: a kept-alive connection without a request is closed after this.
     - ``grace_period``: on shutdown, how long requests in flight may still run.
@@ -260,7 +268,9 @@ class _Server:
                 stream.socket.close()
                 self._note_rejected()
                 continue
-            self.nursery.start_soon(_Connection(self, stream).run)
+            connection = _Connection(self, stream)
+            self.connections.add(connection)  # counted now: a burst of accepts sees it
+            self.nursery.start_soon(connection.run)
 
     def _note_rejected(self) -> None:
         self.rejected += 1
@@ -285,17 +295,33 @@ class _Server:
 
 
 class _Connection:
-    """One client connection: h11's server loop plus the client-gone watcher."""
+    """One client connection: a reader (this task) and a worker (one more task).
+
+    The reader parses request heads and bodies and hands each request to the
+    worker; while the worker runs the application and writes the response, the
+    reader keeps reading: bytes are the next pipelined request's (h11 buffers
+    them); EOF or a reset means the client went away: the reader returns, which
+    cancels the worker and its request. When the response is done, that same
+    read becomes the keep-alive wait for the next request, so the common path
+    costs no task and no cancellation per request.
+    """
 
     __slots__ = (
+        "busy",
         "bytes_out",
         "client",
+        "closing",
         "gone",
         "h11",
         "idle_scope",
+        "nursery",
+        "pending",
+        "reader_lot",
         "server",
         "started",
         "stream",
+        "watch_scope",
+        "worker_lot",
     )
 
     def __init__(self, server: _Server, stream: trio.SocketStream) -> None:
@@ -310,27 +336,77 @@ class _Connection:
             self.client = f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
         except (OSError, IndexError, TypeError):
             self.client = ""
-        self.idle_scope: trio.CancelScope | None = None
-        self.gone = False
+        self.nursery: trio.Nursery | None = None
+        self.pending: tuple[Request, float] | None = None  # for the worker
+        self.busy = False  # a request is with the worker
+        self.closing = False  # the worker ends the connection
+        self.gone = False  # the client closed or reset the connection
         self.bytes_out = 0
-        self.started = trio.current_time()
+        self.worker_lot = trio.lowlevel.ParkingLot()
+        self.reader_lot = trio.lowlevel.ParkingLot()
+        self.watch_scope: trio.CancelScope | None = None
+        self.idle_scope: trio.CancelScope | None = None  # cancelled by shutdown
 
     async def run(self) -> None:
-        server = self.server
-        server.connections.add(self)
         try:
-            first = True
+            async with trio.open_nursery() as nursery:
+                self.nursery = nursery
+                nursery.start_soon(self._worker)
+                try:
+                    await self._reader()
+                finally:
+                    nursery.cancel_scope.cancel()
+        except Exception as exc:  # e.g. an app's exception group mixed with our cancellation
+            self._bug(exc)
+        finally:
+            self.server.connections.discard(self)
+            await trio.aclose_forcefully(self.stream)
+
+    # ----------------------------------------------------------------- the reader
+
+    async def _reader(self) -> None:
+        """Read requests and hand them to the worker until the connection should end."""
+        server = self.server
+        try:
             while True:
-                incoming = await self._receive_head(first)
+                incoming = await self._receive_head()
                 if incoming is None:
                     return
-                first = False
-                if not await self._exchange(incoming) or server.draining:
+                start = trio.current_time()
+                request_id = f"{server.id_prefix}{next(server.ids):x}"
+                try:
+                    if incoming.head_size() > server.options.max_header_bytes:
+                        # h11 only bounds incomplete heads: this one came whole in one read.
+                        limit = server.options.max_header_bytes
+                        raise _Reject(431, f"Request head too large (limit {limit} bytes)")
+                    if incoming.method == "CONNECT":
+                        raise _Reject(405, "CONNECT is not supported: this is not a forward proxy")
+                    body = await self._receive_body(incoming)
+                except _Reject as reject:
+                    self.bytes_out = 0
+                    await self._refuse(reject.status, reject.message, request_id)
+                    self._log(incoming.method, incoming.target, request_id, reject.status, start)
                     return
-                conn = self.h11
-                if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
-                    return  # Connection: close, or an HTTP/1.0 peer
-                conn.start_next_cycle()
+                if body is None:
+                    return
+                self.pending = (
+                    Request(
+                        method=incoming.method,
+                        target=incoming.target,
+                        headers=[
+                            (name.decode("latin-1"), value.decode("latin-1"))
+                            for name, value in incoming.event.headers
+                        ],
+                        body=body,
+                        client=self.client,
+                        request_id=request_id,
+                    ),
+                    start,
+                )
+                self.busy = True
+                self.worker_lot.unpark()
+                if not await self._watch() or self.closing:
+                    return
         except h11.RemoteProtocolError as exc:
             if not self.gone:
                 reason = _reason(exc)
@@ -351,14 +427,7 @@ class _Connection:
         except (*_IO_ERRORS, _WriteTimeout):
             pass
         except Exception as exc:  # a bug here must not take the server down
-            server.emit(
-                {"event": "connection_error", "error": type(exc).__name__, "client": self.client}
-            )
-        finally:
-            server.connections.discard(self)
-            await trio.aclose_forcefully(self.stream)
-
-    # ----------------------------------------------------------------- reading
+            self._bug(exc)
 
     async def _receive(self) -> None:
         """Read once from the socket into h11 (EOF included)."""
@@ -367,7 +436,7 @@ class _Connection:
             self.gone = True
         self.h11.receive_data(data)
 
-    async def _receive_head(self, first: bool) -> _Incoming | None:
+    async def _receive_head(self) -> _Incoming | None:
         """The next request head, or None to close quietly (EOF, timeout, drain)."""
         conn = self.h11
         event = conn.next_event()
@@ -375,10 +444,11 @@ class _Connection:
             if self.server.draining:
                 return None
             options = self.server.options
-            deadline = self.started + options.header_timeout if first else None
-            if first or not conn.trailing_data[0]:
+            if not conn.trailing_data[0]:
                 # Nothing of the request yet: an idle wait, which shutdown may end.
-                idle = deadline or trio.current_time() + options.idle_timeout
+                # A fresh connection waits like a kept-alive one: clients and load
+                # balancers open connections ahead of their first request.
+                idle = trio.current_time() + options.idle_timeout
                 with trio.CancelScope(deadline=idle) as scope:
                     self.idle_scope = scope
                     try:
@@ -387,8 +457,7 @@ class _Connection:
                         self.idle_scope = None
                 if scope.cancelled_caught:
                     return None
-            if deadline is None:
-                deadline = trio.current_time() + options.header_timeout
+            deadline = trio.current_time() + options.header_timeout
             with trio.CancelScope(deadline=deadline):
                 while (event := conn.next_event()) is h11.NEED_DATA:
                     await self._receive()
@@ -425,6 +494,200 @@ class _Connection:
                     return None
             else:
                 return None
+
+    async def _watch(self) -> bool:
+        """Read while the worker answers; then wait for the next request's first bytes.
+
+        True: bytes of the next request are in h11's buffer. False: the client went
+        away (its request, if any, is cancelled), or the keep-alive wait timed out
+        or was ended by shutdown. Past ``max_header_bytes`` of pipelined bytes the
+        reader stops reading until the worker is done.
+        """
+        conn = self.h11
+        budget = self.server.options.max_header_bytes
+        while True:
+            if self.busy and budget <= 0:
+                await self.reader_lot.park()
+                if not self.busy:
+                    return True
+            with trio.CancelScope() as scope:
+                self.watch_scope = scope
+                try:
+                    data = await self.stream.receive_some(_RECEIVE_SIZE)
+                except _IO_ERRORS:
+                    data = b""
+            self.watch_scope = self.idle_scope = None
+            if scope.cancelled_caught:
+                # The worker woke us for pipelined bytes; else idle timeout or shutdown.
+                return bool(conn.trailing_data[0])
+            if not data:
+                self.gone = True  # returning cancels the worker, and its request with it
+                return False
+            conn.receive_data(data)
+            if not self.busy:
+                return True
+            budget -= len(data)
+
+    # ----------------------------------------------------------------- the worker
+
+    async def _worker(self) -> None:
+        """Answer the requests the reader hands over, one at a time."""
+        assert self.nursery is not None
+        conn = self.h11
+        try:
+            while True:
+                while self.pending is None:
+                    await self.worker_lot.park()
+                request, start = self.pending
+                self.pending = None
+                keep = await self._respond(request, start)
+                if (
+                    keep
+                    and not self.server.draining
+                    and conn.our_state is h11.DONE
+                    and conn.their_state is h11.DONE
+                ):
+                    conn.start_next_cycle()
+                    self.busy = False
+                    self._wake_reader()
+                else:  # Connection: close, HTTP/1.0, an error, or shutdown
+                    self.closing = True
+                    self.busy = False
+                    self.nursery.cancel_scope.cancel()
+                    return
+        except Exception as exc:  # a bug here must not take the server down
+            self._bug(exc)
+            self.nursery.cancel_scope.cancel()
+
+    def _wake_reader(self) -> None:
+        """The response is done: the reader's read becomes the keep-alive wait."""
+        if self.reader_lot:
+            self.reader_lot.unpark_all()
+        elif self.watch_scope is not None:
+            if self.h11.trailing_data[0]:
+                self.watch_scope.cancel()  # a pipelined request is waiting in the buffer
+            else:
+                self.watch_scope.deadline = trio.current_time() + self.server.options.idle_timeout
+                self.idle_scope = self.watch_scope
+
+    async def _respond(self, request: Request, start: float) -> bool:
+        """Run the application and send its answer. True: the connection may be reused."""
+        self.bytes_out = 0
+        response: Response | None = None
+        status = 0
+        outcome: str | None = "cancelled"
+        try:
+            try:
+                answer = await self.server.app(request)
+                if not isinstance(answer, Response):
+                    raise TypeError(f"the app returned {type(answer).__name__}")
+                response = answer
+            except Exception as exc:
+                self._app_error("app_error", request.request_id, exc)
+                status, outcome = 500, "app_error"
+                await self._send_error_500(request)
+            else:
+                status = response.status
+                status, outcome = await self._send(request, response)
+        except (*_IO_ERRORS, _WriteTimeout) as exc:
+            outcome = "write_timeout" if isinstance(exc, _WriteTimeout) else "client_gone"
+        except h11.LocalProtocolError as exc:  # h11 refused what we sent: end the connection
+            self._app_error("protocol_error", request.request_id, exc)
+            outcome = "protocol_error"
+        finally:
+            if self.gone and outcome == "cancelled":
+                outcome = "client_gone"
+            if self.bytes_out == 0 and outcome in ("client_gone", "cancelled"):
+                status = 499 if outcome == "client_gone" else 0
+            if response is not None and response.aclose is not None:
+                await self._cleanup(response.aclose, "aclose_error", request.request_id)
+            self._log(
+                request.method, request.target, request.request_id, status, start, outcome, response
+            )
+        return outcome is None or outcome == "app_error"
+
+    def _head(
+        self, request_id: str, status: int, headers: list[tuple[bytes, bytes]]
+    ) -> h11.Response:
+        """The response head event (h11 validates it here, before anything is sent)."""
+        headers.append((b"date", _date()))
+        headers.append((b"x-request-id", request_id.encode("ascii")))
+        if self.server.draining:
+            headers.append(_CONNECTION_CLOSE)
+        return h11.Response(status_code=status, headers=headers, reason=_REASONS.get(status, b""))
+
+    async def _send(self, request: Request, response: Response) -> tuple[int, str | None]:
+        """Send ``response``: the status sent and the outcome (None: sent in full)."""
+        status = response.status
+        body = response.body
+        try:
+            headers = [
+                (name.encode("latin-1"), value.encode("latin-1"))
+                for name, value in response.headers
+                if name.lower() not in _FRAMING_HEADERS
+            ]
+            if isinstance(body, bytes | bytearray | memoryview):
+                body = bytes(body)
+                if status not in _NO_BODY_STATUSES:
+                    headers.append((b"content-length", b"%d" % len(body)))
+            else:
+                body = body.__aiter__()
+            head = self._head(request.request_id, status, headers)
+        except (ValueError, TypeError, AttributeError, h11.LocalProtocolError) as exc:
+            # A head h11 refuses (bad status or header): nothing is sent yet.
+            self._app_error("app_error", request.request_id, exc)
+            await self._send_error_500(request)
+            return 500, "app_error"
+        if isinstance(body, bytes):
+            await self._send_whole(request, head, body)
+            return status, None
+        return status, await self._stream(request, head, body)
+
+    async def _send_error_500(self, request: Request) -> None:
+        headers = [_CONTENT_TYPE_JSON, (b"content-length", b"%d" % len(_BODY_500))]
+        await self._send_whole(request, self._head(request.request_id, 500, headers), _BODY_500)
+
+    async def _send_whole(self, request: Request, head: h11.Response, body: bytes) -> None:
+        """Send a head and a ``Content-Length`` body (none for HEAD, 204, 304)."""
+        conn = self.h11
+        if request.method == "HEAD" or head.status_code in _NO_BODY_STATUSES:
+            body = b""
+        data = conn.send(head)
+        if body:
+            conn.send(h11.Data(data=body))  # bookkeeping: the body bytes go out as they are
+        conn.send(h11.EndOfMessage())
+        if len(body) < _SMALL_BODY:
+            await self._write(data + body)
+        else:
+            await self._write(data)
+            await self._write(body)
+
+    async def _stream(
+        self, request: Request, head: h11.Response, body: AsyncIterator[bytes]
+    ) -> str | None:
+        """Send a chunked body, each chunk as it comes: the outcome (None: sent in full)."""
+        conn = self.h11
+        try:
+            await self._write(conn.send(head))
+            if request.method != "HEAD" and head.status_code not in _NO_BODY_STATUSES:
+                while True:
+                    try:
+                        chunk = await body.__anext__()
+                        if not chunk:
+                            continue
+                        data = conn.send(h11.Data(data=chunk))
+                    except StopAsyncIteration:
+                        break
+                    except Exception as exc:  # the stream failed, or yielded no bytes
+                        self._app_error("stream_error", request.request_id, exc)
+                        return "stream_error"
+                    await self._write(data)
+            await self._write(conn.send(h11.EndOfMessage()))
+            return None
+        finally:
+            aclose = getattr(body, "aclose", None)
+            if aclose is not None:
+                await self._cleanup(aclose, "stream_close_error", request.request_id)
 
     # ----------------------------------------------------------------- writing
 
@@ -466,175 +729,6 @@ class _Connection:
         except (*_IO_ERRORS, h11.LocalProtocolError, _WriteTimeout):
             pass
 
-    # ----------------------------------------------------------------- one exchange
-
-    async def _exchange(self, incoming: _Incoming) -> bool:
-        """Read the body, run the application, answer. True: the connection may be reused."""
-        server = self.server
-        start = trio.current_time()
-        request_id = f"{server.id_prefix}{next(server.ids):x}"
-        self.bytes_out = 0
-        try:
-            if incoming.head_size() > server.options.max_header_bytes:
-                # h11 checks incomplete heads only: one that came whole in one read is here.
-                limit = server.options.max_header_bytes
-                raise _Reject(431, f"Request head too large (limit {limit} bytes)")
-            body = await self._receive_body(incoming)
-        except _Reject as reject:
-            await self._refuse(reject.status, reject.message, request_id)
-            self._log(incoming, request_id, reject.status, start, None, None)
-            return False
-        if body is None:
-            return False
-        request = Request(
-            method=incoming.method,
-            target=incoming.target,
-            headers=[
-                (name.decode("latin-1"), value.decode("latin-1"))
-                for name, value in incoming.event.headers
-            ],
-            body=body,
-            client=self.client,
-            request_id=request_id,
-        )
-        response: Response | None = None
-        status = 0
-        outcome: str | None = "cancelled"
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._watch, nursery.cancel_scope)
-                try:
-                    try:
-                        answer = await server.app(request)
-                        if not isinstance(answer, Response):
-                            raise TypeError(f"the app returned {type(answer).__name__}")
-                        response = answer
-                    except Exception as exc:
-                        self._app_error("app_error", request_id, exc)
-                        status, outcome = 500, "app_error"
-                        await self._send_error_500(incoming, request_id)
-                    else:
-                        status = response.status
-                        status, outcome = await self._send(incoming, request_id, response)
-                except (*_IO_ERRORS, _WriteTimeout) as exc:
-                    outcome = "write_timeout" if isinstance(exc, _WriteTimeout) else "client_gone"
-                nursery.cancel_scope.cancel()
-        finally:
-            if self.gone and outcome == "cancelled":
-                outcome = "client_gone"
-            if self.bytes_out == 0 and outcome in ("client_gone", "cancelled"):
-                status = 499 if outcome == "client_gone" else 0
-            if response is not None and response.aclose is not None:
-                await self._cleanup(response.aclose, "aclose_error", request_id)
-            self._log(incoming, request_id, status, start, outcome, response)
-        return outcome is None or outcome == "app_error"
-
-    async def _watch(self, cancel_scope: trio.CancelScope) -> None:
-        """Read on while the response is made: EOF or reset cancels ``cancel_scope``.
-
-        Bytes read are the next pipelined request's and go to h11's buffer; after
-        ``max_header_bytes`` of them the watch stops (TCP pushes back).
-        """
-        budget = self.server.options.max_header_bytes
-        try:
-            while budget > 0:
-                data = await self.stream.receive_some(_RECEIVE_SIZE)
-                if not data:
-                    break
-                self.h11.receive_data(data)
-                budget -= len(data)
-            else:
-                return
-        except _IO_ERRORS:
-            pass
-        self.gone = True
-        cancel_scope.cancel()
-
-    def _head(
-        self, request_id: str, status: int, headers: list[tuple[bytes, bytes]]
-    ) -> h11.Response:
-        """The response head event (h11 validates it here, before anything is sent)."""
-        headers.append((b"date", _date()))
-        headers.append((b"x-request-id", request_id.encode("ascii")))
-        if self.server.draining:
-            headers.append(_CONNECTION_CLOSE)
-        return h11.Response(status_code=status, headers=headers, reason=_REASONS.get(status, b""))
-
-    async def _send(
-        self, incoming: _Incoming, request_id: str, response: Response
-    ) -> tuple[int, str | None]:
-        """Send ``response``: the status sent and the outcome (None: sent in full)."""
-        status = response.status
-        body = response.body
-        try:
-            headers = [
-                (name.encode("latin-1"), value.encode("latin-1"))
-                for name, value in response.headers
-                if name.lower() not in _FRAMING_HEADERS
-            ]
-            if isinstance(body, bytes | bytearray | memoryview):
-                body = bytes(body)
-                if status not in _NO_BODY_STATUSES:
-                    headers.append((b"content-length", b"%d" % len(body)))
-            else:
-                body = body.__aiter__()
-            head = self._head(request_id, status, headers)
-        except (ValueError, TypeError, AttributeError, h11.LocalProtocolError) as exc:
-            # A head h11 refuses (bad status or header): nothing is sent yet.
-            self._app_error("app_error", request_id, exc)
-            await self._send_error_500(incoming, request_id)
-            return 500, "app_error"
-        if isinstance(body, bytes):
-            await self._send_whole(incoming, head, body)
-            return status, None
-        return status, await self._stream(incoming, head, body, request_id)
-
-    async def _send_error_500(self, incoming: _Incoming, request_id: str) -> None:
-        headers = [_CONTENT_TYPE_JSON, (b"content-length", b"%d" % len(_BODY_500))]
-        await self._send_whole(incoming, self._head(request_id, 500, headers), _BODY_500)
-
-    async def _send_whole(self, incoming: _Incoming, head: h11.Response, body: bytes) -> None:
-        """Send a head and a ``Content-Length`` body (none for HEAD, 204, 304)."""
-        conn = self.h11
-        if incoming.method == "HEAD" or head.status_code in _NO_BODY_STATUSES:
-            body = b""
-        data = conn.send(head)
-        if body:
-            conn.send(h11.Data(data=body))  # bookkeeping: the body bytes go out as they are
-        conn.send(h11.EndOfMessage())
-        if len(body) < _SMALL_BODY:
-            await self._write(data + body)
-        else:
-            await self._write(data)
-            await self._write(body)
-
-    async def _stream(
-        self, incoming: _Incoming, head: h11.Response, body: AsyncIterator[bytes], request_id: str
-    ) -> str | None:
-        """Send a chunked body, each chunk as it comes: the outcome (None: sent in full)."""
-        conn = self.h11
-        try:
-            await self._write(conn.send(head))
-            if incoming.method != "HEAD" and head.status_code not in _NO_BODY_STATUSES:
-                while True:
-                    try:
-                        chunk = await body.__anext__()
-                        if not chunk:
-                            continue
-                        data = conn.send(h11.Data(data=chunk))
-                    except StopAsyncIteration:
-                        break
-                    except Exception as exc:  # the stream failed, or yielded no bytes
-                        self._app_error("stream_error", request_id, exc)
-                        return "stream_error"
-                    await self._write(data)
-            await self._write(conn.send(h11.EndOfMessage()))
-            return None
-        finally:
-            aclose = getattr(body, "aclose", None)
-            if aclose is not None:
-                await self._cleanup(aclose, "stream_close_error", request_id)
-
     # ----------------------------------------------------------------- cleanup and logs
 
     async def _cleanup(
@@ -658,21 +752,28 @@ class _Connection:
             }
         )
 
+    def _bug(self, exc: BaseException) -> None:
+        self.server.emit(
+            {"event": "connection_error", "error": type(exc).__name__, "client": self.client}
+        )
+
     def _log(
         self,
-        incoming: _Incoming,
+        method: str,
+        target: str,
         request_id: str,
         status: int,
         start: float,
-        outcome: str | None,
-        response: Response | None,
+        outcome: str | None = None,
+        response: Response | None = None,
     ) -> None:
+        """The access log line of one request."""
         if self.server.log is None:
             return
         line: dict[str, Any] = {
             "request_id": request_id,
-            "method": incoming.method,
-            "path": incoming.target.split("?", 1)[0],
+            "method": method,
+            "path": target.split("?", 1)[0],
             "status": status,
             "duration_ms": round((trio.current_time() - start) * 1000, 3),
             "bytes_out": self.bytes_out,
@@ -700,7 +801,8 @@ async def serve(
     """Serve ``app`` until ``shutdown`` is set (then drain gracefully) or until cancelled.
 
     Reports the bound port through ``task_status``:
-    ``port = await nursery.start(serve, app, options)``.
+    ``port = await nursery.start(serve, app, options)``. With ``port=0`` give a
+    single ``host``: each address of a name may get a different port.
     """
     listeners = await trio.open_tcp_listeners(options.port, host=options.host or None)
     server = _Server(app, options, log)
@@ -716,9 +818,12 @@ async def serve(
                 await shutdown.wait()
                 acceptors.cancel_scope.cancel()
             for listener in listeners:
-                listener.socket.close()
+                listener.socket.close()  # new connections are refused from now on
+            server.emit({"event": "draining", "connections": len(server.connections)})
             server.start_draining()
             connections.cancel_scope.deadline = trio.current_time() + options.grace_period
+        if connections.cancel_scope.cancelled_caught:
+            server.emit({"event": "grace_period_expired"})
     finally:
         for listener in listeners:
             listener.socket.close()
@@ -727,25 +832,33 @@ async def serve(
 def run(app: App, options: ServerOptions, *, log: Log | None = None) -> None:
     """Serve ``app`` (blocking) until SIGINT or SIGTERM, then shut down gracefully.
 
-    A second signal during the grace period stops at once.
+    Logs ``{"event": "listening", "host", "port"}`` once bound. A second signal
+    during the grace period stops at once.
     """
+
+    def emit(line: dict[str, Any]) -> None:
+        if log is not None:
+            with suppress(Exception):
+                log(line)
 
     async def main() -> None:
         shutdown = trio.Event()
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
 
-                async def on_signals() -> None:
-                    async for signum in signals:
-                        if shutdown.is_set():
-                            nursery.cancel_scope.cancel()
-                            return
-                        if log is not None:
-                            log({"event": "shutdown", "signal": signal.Signals(signum).name})
-                        shutdown.set()
+                async def serve_then_stop(task_status: trio.TaskStatus[int]) -> None:
+                    await serve(app, options, task_status=task_status, shutdown=shutdown, log=log)
+                    nursery.cancel_scope.cancel()
 
-                nursery.start_soon(on_signals)
-                await serve(app, options, shutdown=shutdown, log=log)
-                nursery.cancel_scope.cancel()
+                port = await nursery.start(serve_then_stop)
+                emit({"event": "listening", "host": options.host, "port": port})
+                async for signum in signals:
+                    name = signal.Signals(signum).name
+                    if shutdown.is_set():
+                        emit({"event": "stopping_now", "signal": name})
+                        nursery.cancel_scope.cancel()
+                        break
+                    emit({"event": "shutdown", "signal": name})
+                    shutdown.set()
 
     trio.run(main)
