@@ -25,7 +25,7 @@ def test_keys_from_env_in_the_seeds_order_without_duplicates() -> None:
 
 
 def test_mask_shows_only_a_prefix_and_the_last_four() -> None:
-    secret = "sk-or-v1-0123456789abcdef0123456789abcdef"
+    secret = "sk-or-v1-fake-0123456789abcdef-0123456789abcdef"
     shown = mask(secret)
     assert shown.endswith("cdef") and shown.startswith("sk-or-v1")
     assert "0123456789" not in shown
