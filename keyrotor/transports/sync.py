@@ -302,6 +302,38 @@ class Client(ClientBase):
         Leaving the block early drops the upstream request and frees the key.
         ``timeout`` bounds the wait for a key, not the HTTP exchange.
         """
+        response = self.send(
+            method,
+            path,
+            json=json,
+            content=content,
+            headers=headers,
+            pin=pin,
+            session=session,
+            group=group,
+            timeout=timeout,
+        )
+        try:
+            yield response
+        finally:
+            response.close()
+
+    def send(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        content: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+        pin: str | int | None = None,
+        session: str | None = None,
+        group: str | None = None,
+        timeout: float | None = None,
+    ) -> StreamResponse:
+        """Like ``stream``, without the block: the delivered response, whose body
+        the caller reads and which the caller must ``close()`` (the twin of the
+        async client's ``send``; the httpx transport hands it to httpx)."""
         body = encode_body(json, content)
         merged = self._upstream.merge_headers(headers)
         self._http()
@@ -311,11 +343,7 @@ class Client(ClientBase):
             request_id, slot = driver.open(
                 waiter.notify, pin=pin, session=session, group=group, timeout=timeout
             )
-        response = self._attempts(request_id, slot, waiter, method, path, body, merged)
-        try:
-            yield response
-        finally:
-            response.close()
+        return self._attempts(request_id, slot, waiter, method, path, body, merged)
 
     def _attempts(
         self,

@@ -1,0 +1,261 @@
+"""httpx transports that send through the pool: the openai SDK on keyrotor, in-process.
+
+    import httpx, openai
+    from keyrotor.adapters.httpx import AsyncPoolTransport
+    from keyrotor.transports.asyncio import Client
+
+    async with Client.from_env() as pool:
+        sdk = openai.AsyncOpenAI(
+            base_url="http://keyrotor/v1",  # any host: nothing connects to it
+            api_key="placeholder",  # never sent: the pool adds its key's Authorization
+            http_client=httpx.AsyncClient(transport=AsyncPoolTransport(pool)),
+            max_retries=1,
+        )
+        answer = await sdk.chat.completions.create(model=..., messages=[...])
+        await sdk.close()
+
+``PoolTransport`` is the same for the blocking ``keyrotor.transports.sync.Client``
+and ``openai.OpenAI(http_client=httpx.Client(transport=PoolTransport(pool)))``.
+
+What is forwarded: the method, the path and query *relative to* ``prefix``
+(``"/v1"``: ``http://keyrotor/v1/chat/completions`` goes upstream as
+``/chat/completions``), the body, and the caller's headers minus
+Authorization, Host, Content-Length, Accept-Encoding (the pool reads bodies to
+account usage, so they stay uncompressed) and hop-by-hop headers. The SDK's
+``api_key`` therefore never leaves the process. The response is streamed as it
+arrives, with ``x-keyrotor-key`` (the alias that served it) and
+``x-keyrotor-attempts`` added; closing it (the SDK does, also when a stream is
+left early) cancels the upstream request and frees the key.
+
+When no key can serve (``NoKeyAvailable``) the transport answers like the
+proxy would: its status (429 every key rate limited, 503 none usable, 502 every
+attempt failed), ``retry-after`` when known, and an OpenAI-shaped error body,
+so the SDK raises its usual ``RateLimitError`` / ``InternalServerError``. Other
+client errors (the pool not open, closed mid-request) become
+``httpx.ConnectError``, and a body that breaks off after delivery becomes
+``httpx.ReadError``: the SDK's ``APIConnectionError``.
+
+Retries: keyrotor fails over *inside* one SDK call (up to the pool's
+``max_attempts``, on other keys), so the SDK's own retries only ever see what
+the pool could not fix: typically every key busy, a 429 with ``retry-after``,
+which the SDK honours before it tries again. Use ``max_retries=0`` to get that
+429 at once, or 1-2 to ride out a short rate-limit window; there is no double
+counting, since each SDK retry is a new, independent pool request. The SDK's
+``timeout`` bounds the HTTP exchange as usual; the wait for a free key is the
+pool's ``queue_timeout`` (or the transport's ``timeout`` argument).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterator
+from typing import TYPE_CHECKING
+
+import httpx
+
+from ..transports.errors import KeyrotorError, NoKeyAvailable, TransportError
+
+if TYPE_CHECKING:
+    from ..transports._async import AsyncClient, StreamResponse
+    from ..transports.sync import Client
+    from ..transports.sync import StreamResponse as SyncStreamResponse
+
+__all__ = ["AsyncPoolTransport", "PoolTransport"]
+
+# Request headers that stay here: the pool sets its own key, host and framing.
+_REQUEST_DROPPED = frozenset(
+    {
+        "authorization",
+        "host",
+        "content-length",
+        "accept-encoding",
+        "connection",
+        "keep-alive",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+# Response headers not passed back: the upstream connection's framing.
+_RESPONSE_DROPPED = frozenset({"connection", "keep-alive", "transfer-encoding"})
+_REJECT_TYPES = {429: "rate_limit_error", 502: "upstream_error", 503: "service_unavailable"}
+
+
+def _relative_path(request: httpx.Request, prefix: str) -> str:
+    """``/v1/chat/completions?x=1`` -> ``/chat/completions?x=1`` (prefix ``/v1``)."""
+    target = request.url.raw_path.decode("ascii")
+    if prefix:
+        path = target.split("?", 1)[0]
+        if path == prefix or path.startswith(prefix + "/"):
+            target = target[len(prefix) :]
+            if not target.startswith("/"):
+                target = "/" + target
+    return target
+
+
+def _forwarded_headers(request: httpx.Request) -> dict[str, str]:
+    """The caller's headers minus credentials, host, framing and hop-by-hop."""
+    headers: dict[str, str] = {}
+    for name, value in request.headers.multi_items():
+        lower = name.lower()
+        if lower in _REQUEST_DROPPED:
+            continue
+        headers[lower] = f"{headers[lower]}, {value}" if lower in headers else value
+    return headers
+
+
+def _content(request: httpx.Request, body: bytes) -> bytes | None:
+    return body if body or request.method in ("POST", "PUT", "PATCH") else None
+
+
+def _response_headers(
+    upstream: StreamResponse | SyncStreamResponse,
+) -> list[tuple[str, str]]:
+    headers = [(k, v) for k, v in upstream.headers.items() if k not in _RESPONSE_DROPPED]
+    headers += [
+        ("x-keyrotor-key", upstream.key),
+        ("x-keyrotor-attempts", str(upstream.attempts)),
+    ]
+    return headers
+
+
+def _rejected(exc: NoKeyAvailable, request: httpx.Request) -> httpx.Response:
+    """``NoKeyAvailable`` as the answer the proxy would give: status,
+    ``retry-after`` and an OpenAI-shaped error body."""
+    headers = [("content-type", "application/json")]
+    if exc.retry_after is not None:
+        headers.append(("retry-after", str(max(0, round(exc.retry_after)))))
+    error = {
+        "message": f"no API key can serve this request now ({exc.reason})",
+        "type": _REJECT_TYPES.get(exc.status, "service_unavailable"),
+        "param": None,
+        "code": exc.status,
+    }
+    return httpx.Response(
+        exc.status,
+        headers=headers,
+        content=json.dumps({"error": error}).encode(),
+        request=request,
+    )
+
+
+class _AsyncBody(httpx.AsyncByteStream):
+    """A delivered body for httpx: chunks as they arrive; ``aclose`` frees the key."""
+
+    # Its own iterator rather than an async generator: a stream left early
+    # leaves nothing for the garbage collector to finalize on the event loop.
+
+    def __init__(self, upstream: StreamResponse, request: httpx.Request) -> None:
+        self._upstream = upstream
+        self._request = request
+        self._chunks = upstream.aiter_bytes()
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            return await anext(self._chunks)
+        except TransportError as exc:
+            raise httpx.ReadError(str(exc), request=self._request) from exc
+
+    async def aclose(self) -> None:
+        await self._upstream.aclose()
+
+
+class _SyncBody(httpx.SyncByteStream):
+    """The blocking twin of ``_AsyncBody``."""
+
+    def __init__(self, upstream: SyncStreamResponse, request: httpx.Request) -> None:
+        self._upstream = upstream
+        self._request = request
+
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            yield from self._upstream.iter_bytes()
+        except TransportError as exc:
+            raise httpx.ReadError(str(exc), request=self._request) from exc
+
+    def close(self) -> None:
+        self._upstream.close()
+
+
+class AsyncPoolTransport(httpx.AsyncBaseTransport):
+    """Sends httpx requests through a keyrotor ``AsyncClient`` (asyncio or trio).
+
+    The caller opens the client (``async with``) and keeps it open while the
+    transport is used; closing the transport does not close the client.
+
+    Args:
+        client: the pool's async client.
+        prefix: the path prefix of the base URL the SDK was given, stripped
+            before forwarding (``""``: forward paths as they are).
+        timeout: longest wait for a key (``None``: the pool's ``queue_timeout``).
+    """
+
+    def __init__(
+        self, client: AsyncClient, *, prefix: str = "/v1", timeout: float | None = None
+    ) -> None:
+        self._client = client
+        self._prefix = prefix.rstrip("/")
+        self._timeout = timeout
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        body = await request.aread()
+        try:
+            upstream = await self._client.send(
+                request.method,
+                _relative_path(request, self._prefix),
+                content=_content(request, body),
+                headers=_forwarded_headers(request),
+                timeout=self._timeout,
+            )
+        except NoKeyAvailable as exc:
+            return _rejected(exc, request)
+        except KeyrotorError as exc:
+            raise httpx.ConnectError(str(exc), request=request) from exc
+        return httpx.Response(
+            upstream.status_code,
+            headers=_response_headers(upstream),
+            stream=_AsyncBody(upstream, request),
+            request=request,
+        )
+
+
+class PoolTransport(httpx.BaseTransport):
+    """Sends httpx requests through a blocking keyrotor ``Client``.
+
+    Same arguments and behaviour as ``AsyncPoolTransport``; the client must be
+    open (``with Client(...) as client:``) while the transport is used.
+    """
+
+    def __init__(
+        self, client: Client, *, prefix: str = "/v1", timeout: float | None = None
+    ) -> None:
+        self._client = client
+        self._prefix = prefix.rstrip("/")
+        self._timeout = timeout
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        body = request.read()
+        try:
+            upstream = self._client.send(
+                request.method,
+                _relative_path(request, self._prefix),
+                content=_content(request, body),
+                headers=_forwarded_headers(request),
+                timeout=self._timeout,
+            )
+        except NoKeyAvailable as exc:
+            return _rejected(exc, request)
+        except KeyrotorError as exc:
+            raise httpx.ConnectError(str(exc), request=request) from exc
+        return httpx.Response(
+            upstream.status_code,
+            headers=_response_headers(upstream),
+            stream=_SyncBody(upstream, request),
+            request=request,
+        )
