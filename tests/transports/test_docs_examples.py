@@ -1,4 +1,5 @@
-"""The examples in docs/transports.md run as written, against the fake upstream."""
+"""The examples in docs/transports.md and docs/embedding.md run as written,
+against the fake upstream."""
 
 from __future__ import annotations
 
@@ -13,8 +14,14 @@ import pytest
 
 from keyrotor.testing import FakeUpstream, Scenario
 
-DOC = pathlib.Path(__file__).parents[2] / "docs" / "transports.md"
-EXAMPLES = re.findall(r"### (\w+)\n\n```python\n(.*?)```", DOC.read_text("utf-8"), re.S)
+DOCS = pathlib.Path(__file__).parents[2] / "docs"
+EXAMPLES = [
+    (f"{doc}:{name}", code)
+    for doc in ("transports.md", "embedding.md")
+    for name, code in re.findall(
+        r"### (\w+)\n\n```python\n(.*?)```", (DOCS / doc).read_text("utf-8"), re.S
+    )
+]
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +31,14 @@ def upstream() -> Iterator[FakeUpstream]:
 
 
 def test_every_transport_has_an_example() -> None:
-    assert [name for name, _ in EXAMPLES] == ["sync", "asyncio", "trio"]
+    assert [name for name, _ in EXAMPLES] == [
+        "transports.md:sync",
+        "transports.md:asyncio",
+        "transports.md:trio",
+        "embedding.md:httpx",
+        "embedding.md:asgi",
+        "embedding.md:core",
+    ]
 
 
 @pytest.mark.parametrize(("name", "code"), EXAMPLES, ids=[name for name, _ in EXAMPLES])
