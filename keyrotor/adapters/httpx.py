@@ -47,13 +47,13 @@ pool's ``queue_timeout`` (or the transport's ``timeout`` argument).
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING
 
 import httpx
 
 from ..transports.errors import KeyrotorError, NoKeyAvailable, TransportError
+from .proxy.app import delivered_headers, rejection
 
 if TYPE_CHECKING:
     from ..transports._async import AsyncClient, StreamResponse
@@ -81,7 +81,6 @@ _REQUEST_DROPPED = frozenset(
 )
 # Response headers not passed back: the upstream connection's framing.
 _RESPONSE_DROPPED = frozenset({"connection", "keep-alive", "transfer-encoding"})
-_REJECT_TYPES = {429: "rate_limit_error", 502: "upstream_error", 503: "service_unavailable"}
 
 
 def _relative_path(request: httpx.Request, prefix: str) -> str:
@@ -111,35 +110,10 @@ def _content(request: httpx.Request, body: bytes) -> bytes | None:
     return body if body or request.method in ("POST", "PUT", "PATCH") else None
 
 
-def _response_headers(
-    upstream: StreamResponse | SyncStreamResponse,
-) -> list[tuple[str, str]]:
-    headers = [(k, v) for k, v in upstream.headers.items() if k not in _RESPONSE_DROPPED]
-    headers += [
-        ("x-keyrotor-key", upstream.key),
-        ("x-keyrotor-attempts", str(upstream.attempts)),
-    ]
-    return headers
-
-
 def _rejected(exc: NoKeyAvailable, request: httpx.Request) -> httpx.Response:
-    """``NoKeyAvailable`` as the answer the proxy would give: status,
-    ``retry-after`` and an OpenAI-shaped error body."""
-    headers = [("content-type", "application/json")]
-    if exc.retry_after is not None:
-        headers.append(("retry-after", str(max(0, round(exc.retry_after)))))
-    error = {
-        "message": f"no API key can serve this request now ({exc.reason})",
-        "type": _REJECT_TYPES.get(exc.status, "service_unavailable"),
-        "param": None,
-        "code": exc.status,
-    }
-    return httpx.Response(
-        exc.status,
-        headers=headers,
-        content=json.dumps({"error": error}).encode(),
-        request=request,
-    )
+    """``NoKeyAvailable`` as the answer the proxy would give."""
+    status, headers, body = rejection(exc)
+    return httpx.Response(status, headers=headers, content=body, request=request)
 
 
 class _AsyncBody(httpx.AsyncByteStream):
@@ -219,7 +193,7 @@ class AsyncPoolTransport(httpx.AsyncBaseTransport):
             raise httpx.ConnectError(str(exc), request=request) from exc
         return httpx.Response(
             upstream.status_code,
-            headers=_response_headers(upstream),
+            headers=delivered_headers(upstream, _RESPONSE_DROPPED),
             stream=_AsyncBody(upstream, request),
             request=request,
         )
@@ -255,7 +229,7 @@ class PoolTransport(httpx.BaseTransport):
             raise httpx.ConnectError(str(exc), request=request) from exc
         return httpx.Response(
             upstream.status_code,
-            headers=_response_headers(upstream),
+            headers=delivered_headers(upstream, _RESPONSE_DROPPED),
             stream=_SyncBody(upstream, request),
             request=request,
         )

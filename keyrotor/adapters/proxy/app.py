@@ -14,11 +14,12 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from ...transports._async import AsyncClient, StreamResponse
+from ...transports._http import ResponseHead
 from ...transports.errors import NoKeyAvailable, TransportError
 from .metrics import ProxyCounters, render
 from .types import Request, Response
 
-__all__ = ["ProxyApp"]
+__all__ = ["ProxyApp", "delivered_headers", "error_body", "rejection"]
 
 # Caller headers passed upstream (OpenRouter's app attribution and content
 # negotiation); everything else, the caller's Authorization first, stays here.
@@ -38,6 +39,31 @@ def error_body(message: str, kind: str, code: str | int | None = None) -> bytes:
     """An OpenAI-shaped error body."""
     error = {"message": message, "type": kind, "param": None, "code": code}
     return json.dumps({"error": error}).encode()
+
+
+def rejection(exc: NoKeyAvailable) -> tuple[int, list[tuple[str, str]], bytes]:
+    """The answer when no key can serve: its status, ``retry-after`` when a key
+    is expected back, and an OpenAI-shaped body (the proxy and the httpx
+    transports both answer this way)."""
+    headers = [_JSON]
+    if exc.retry_after is not None:
+        headers.append(("retry-after", str(max(0, round(exc.retry_after)))))
+    body = error_body(
+        f"no API key can serve this request now ({exc.reason})",
+        _REJECT_TYPES.get(exc.status, "service_unavailable"),
+        exc.status,
+    )
+    return exc.status, headers, body
+
+
+def delivered_headers(
+    upstream: ResponseHead, dropped: frozenset[str] = _DROPPED
+) -> list[tuple[str, str]]:
+    """The upstream's headers minus ``dropped``, plus which key served the
+    response and after how many attempts."""
+    headers = [(k, v) for k, v in upstream.headers.items() if k not in dropped]
+    headers += [("x-keyrotor-key", upstream.key), ("x-keyrotor-attempts", str(upstream.attempts))]
+    return headers
 
 
 class ProxyApp:
@@ -122,26 +148,13 @@ class ProxyApp:
                 session=request.header("x-keyrotor-session"),
             )
         except NoKeyAvailable as exc:
-            retry = (
-                [] if exc.retry_after is None else [("retry-after", str(round(exc.retry_after)))]
-            )
+            status, reply_headers, reply = rejection(exc)
             return Response(
-                status=exc.status,
-                headers=[_JSON, *retry],
-                body=error_body(
-                    f"no API key can serve this request now ({exc.reason})",
-                    _REJECT_TYPES.get(exc.status, "service_unavailable"),
-                    exc.status,
-                ),
-                log={"outcome": "rejected"},
+                status=status, headers=reply_headers, body=reply, log={"outcome": "rejected"}
             )
         if upstream.attempts > 1:
             self.counters.failovers += 1
-        out_headers = [(k, v) for k, v in upstream.headers.items() if k not in _DROPPED]
-        out_headers += [
-            ("x-keyrotor-key", upstream.key),
-            ("x-keyrotor-attempts", str(upstream.attempts)),
-        ]
+        out_headers = delivered_headers(upstream)
         log = {
             "key": upstream.key,
             "attempts": upstream.attempts,
