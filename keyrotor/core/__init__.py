@@ -30,6 +30,7 @@ from .events import (
     RequestStarted,
     ResponseFinished,
     ResponseReceived,
+    SpendRecorded,
     Tick,
     TransportFailed,
 )
@@ -68,6 +69,7 @@ __all__ = [
     "ResponseReceived",
     "Send",
     "Signal",
+    "SpendRecorded",
     "Tick",
     "TransportFailed",
     "Verdict",

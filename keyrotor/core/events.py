@@ -25,6 +25,7 @@ __all__ = [
     "RequestCancelled",
     "RequestStarted",
     "ResponseFinished",
+    "SpendRecorded",
     "ResponseReceived",
     "Tick",
     "TransportFailed",
@@ -190,6 +191,26 @@ class KeyMarked:
     reason: str = "operator"
 
 
+@attrs.frozen(kw_only=True)
+class SpendRecorded:
+    """Spend made outside this pool's own requests, for its budgets and credits.
+
+    Restored from a ledger after a restart, or (later) reported by another
+    instance sharing the key. ``at`` is when it was spent (monotonic, may lie
+    before ``now``; default ``now``): a budget with a ``budget_window`` counts
+    it only if it falls inside the window still running at ``now``, and a
+    window opened by it starts at ``at``. Lifetime budgets and ``credits``
+    always count it.
+    """
+
+    now: float
+    key_id: str
+    cost: float
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    at: float | None = None
+
+
 Event = (
     RequestStarted
     | ResponseReceived
@@ -202,5 +223,6 @@ Event = (
     | KeyAdded
     | KeyRemoved
     | KeyMarked
+    | SpendRecorded
 )
 """Every event ``Pool.handle`` accepts."""

@@ -40,6 +40,7 @@ from .events import (
     Event,
     KeyAdded,
     KeyMarked,
+    SpendRecorded,
     KeyRemoved,
     ProbeFinished,
     ProbeRequested,
@@ -173,6 +174,7 @@ class Pool:
             KeyAdded: self._on_key_added,
             KeyRemoved: self._on_key_removed,
             KeyMarked: self._on_key_marked,
+            SpendRecorded: self._on_spend_recorded,
         }
 
     # ------------------------------------------------------------------ API
@@ -706,6 +708,26 @@ class Pool:
             self._drain(out)
         return out
 
+    def _on_spend_recorded(self, event: SpendRecorded) -> list[Decision]:
+        self._check_time(event)
+        key = self._key(event.key_id, event)
+        cost, at = event.cost, event.at
+        if not (math.isfinite(cost) and cost >= 0) or (at is not None and not math.isfinite(at)):
+            raise PoolError(
+                "spend must be a finite cost >= 0 at a finite time",
+                event=event,
+                fix="pass cost >= 0 and at=None or a monotonic time",
+            )
+        out: list[Decision] = []
+        self._advance(event, out)
+        key.prompt_tokens += event.prompt_tokens
+        key.completion_tokens += event.completion_tokens
+        if cost:
+            self._spend(key, cost, event.now, out, event.now if at is None else min(at, event.now))
+        if self._wake:
+            self._drain(out)
+        return out
+
     # ---------------------------------------------------------------- keys
 
     def _add_key(self, spec: KeySpec) -> None:
@@ -1142,7 +1164,10 @@ class Pool:
             return  # no evidence it is this key rather than the upstream
         self._transition(key, Signal.ERROR_RATE, now, now + config.degraded_cooldown, reason, out)
 
-    def _spend(self, key: KeyRecord, cost: float, now: float, out: list[Decision]) -> None:
+    def _spend(
+        self, key: KeyRecord, cost: float, now: float, out: list[Decision], at: float | None = None
+    ) -> None:
+        """Charge ``cost`` spent at ``at`` (default ``now``) to the key's credits and budget."""
         spec = key.spec
         old_weight = self._weight(key) if self._weighted is not None else 0.0
         key.spend += cost
@@ -1150,13 +1175,21 @@ class Pool:
             self._weighted.reweigh(key, old_weight, self._weight(key))
         if spec.budget is not None:
             window = spec.budget_window
-            if window is not None and (
-                key.budget_start is None or now >= key.budget_start + window
-            ):
-                key.budget_start = now
-                key.budget_spend = 0.0
-            key.budget_spend += cost
-            if key.budget_spend >= spec.budget:
+            if at is None:
+                at = now
+            if window is not None:
+                start = key.budget_start
+                if at + window <= now:
+                    counted = False  # spent in a window that has ended
+                elif start is None or now >= start + window:
+                    key.budget_start, key.budget_spend, counted = at, 0.0, True
+                else:  # the running window; an earlier spend opened it earlier
+                    key.budget_start, counted = min(start, at), True
+            else:
+                counted = True
+            if counted:
+                key.budget_spend += cost
+            if counted and key.budget_spend >= spec.budget:
                 until = (
                     None
                     if window is None or key.budget_start is None

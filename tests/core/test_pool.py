@@ -24,6 +24,7 @@ from keyrotor.core import (
     ResponseFinished,
     ResponseReceived,
     Send,
+    SpendRecorded,
     Tick,
     TransportFailed,
 )
@@ -829,6 +830,56 @@ def test_lifetime_budget_depletes_for_good() -> None:
         out = finish(pool, rid, 0.0, cost=cost)
     assert changes(out) == [("a", "healthy", "depleted")]
     assert pool.statistics().keys[0].until is None
+
+
+def test_recorded_spend_in_the_running_window_counts_toward_the_budget() -> None:
+    # After a restart: 0.8 spent at t=-50 (before this process) in a 100 s window.
+    pool = make_pool(
+        specs=[KeySpec(key_id="a", budget=1.0, budget_window=100.0), KeySpec(key_id="b")]
+    )
+    out = pool.handle(SpendRecorded(key_id="a", now=0.0, cost=0.8, at=-50.0, prompt_tokens=7))
+    assert changes(out) == []
+    assert pool.statistics().keys[0].spend == pytest.approx(0.8)
+    assert pool.statistics().keys[0].prompt_tokens == 7
+    start(pool, "r1", 1.0, pin="a")
+    respond(pool, "r1", 1.0, 200)
+    out = finish(pool, "r1", 2.0, cost=0.3)
+    assert changes(out) == [("a", "healthy", "depleted")]
+    # The window opened by the recorded spend ends at -50 + 100.
+    assert pool.statistics().keys[0].until == pytest.approx(50.0)
+
+
+def test_recorded_spend_from_an_ended_window_counts_only_toward_lifetime_spend() -> None:
+    pool = make_pool(
+        specs=[
+            KeySpec(key_id="a", budget=1.0, budget_window=100.0),
+            KeySpec(key_id="b", budget=1.0),
+            KeySpec(key_id="c", credits=2.0),
+        ]
+    )
+    assert pool.handle(SpendRecorded(key_id="a", now=500.0, cost=5.0, at=0.0)) == []
+    assert pool.state_of("a") is KeyState.HEALTHY
+    assert pool.statistics().keys[0].spend == pytest.approx(5.0)
+    out = pool.handle(SpendRecorded(key_id="b", now=500.0, cost=1.0, at=0.0))
+    assert changes(out) == [("b", "healthy", "depleted")]  # lifetime budget: for good
+    assert pool.statistics().keys[1].until is None
+    pool.handle(SpendRecorded(key_id="c", now=500.0, cost=1.5))
+    out = pool.handle(SpendRecorded(key_id="c", now=501.0, cost=0.5))
+    assert changes(out) == [("c", "healthy", "depleted")]
+
+
+def test_recorded_spend_rejects_bad_values_and_unknown_keys() -> None:
+    pool = make_pool("a")
+    before = json.dumps(pool.snapshot())
+    for event in (
+        SpendRecorded(key_id="a", now=0.0, cost=-1.0),
+        SpendRecorded(key_id="a", now=0.0, cost=float("nan")),
+        SpendRecorded(key_id="a", now=0.0, cost=1.0, at=float("-inf")),
+        SpendRecorded(key_id="zz", now=0.0, cost=1.0),
+    ):
+        with pytest.raises(PoolError):
+            pool.handle(event)
+    assert json.dumps(pool.snapshot()) == before
 
 
 def test_tpm_estimate_is_corrected_by_the_real_count() -> None:

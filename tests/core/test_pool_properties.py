@@ -22,6 +22,7 @@ from keyrotor.core import (
     Deliver,
     KeyAdded,
     KeyMarked,
+    SpendRecorded,
     KeyRemoved,
     KeySpec,
     KeyState,
@@ -108,6 +109,8 @@ class PoolMachine(RuleBasedStateMachine):
                 max_in_flight=limits[i],
                 account=accounts[i],
                 rpm=120.0 if i == 4 else None,
+                budget=2.0 if i == 1 else None,
+                budget_window=100.0 if i == 1 else None,
             )
             for i in range(n_keys)
         ]
@@ -337,6 +340,12 @@ class PoolMachine(RuleBasedStateMachine):
         until = self.now + 10.0 if state is KeyState.RATE_LIMITED else None
         self.not_before.pop(key, None)  # an operator's word overrides Retry-After
         self.feed(KeyMarked(key_id=key, state=state, until=until, now=self.now))
+
+    @rule(data=st.data(), cost=st.sampled_from([0.0, 0.5, 3.0]), ago=st.sampled_from([0, 50, 500]))
+    def recorded_spend(self, data: st.DataObject, cost: float, ago: int) -> None:
+        keys = sorted(set(self.state) - self.removed)
+        key = data.draw(st.sampled_from(keys))
+        self.feed(SpendRecorded(key_id=key, now=self.now, cost=cost, at=self.now - ago))
 
     @rule()
     def add_key(self) -> None:
