@@ -110,7 +110,8 @@ class PoolConfig:
     """Every option of a pool. Defaults follow the seed documents.
 
     Choosing a key:
-        keys: the keys (at least one; ids unique).
+        keys: the keys (ids unique). A pool may start empty (keys added at
+            runtime with ``KeyAdded``); until then every request is rejected.
         policy: ``round_robin`` (default), ``weighted`` (smooth, by ``weight`` or
             remaining credits), ``least_busy``, ``latency`` (peak EWMA with
             exploration) or ``affinity`` (consistent hashing on a session key).
@@ -161,10 +162,6 @@ class PoolConfig:
     affinity_vnodes: int = 16
 
     def __attrs_post_init__(self) -> None:
-        if not self.keys:
-            raise PoolError(
-                "a pool needs at least one key", fix="pass keys=[KeySpec(key_id=...), ...]"
-            )
         seen: set[str] = set()
         for spec in self.keys:
             if not isinstance(spec, KeySpec):

@@ -3,13 +3,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Self
 
-from ..core import PoolConfig
+from ..core import KeySpec, KeyState, PoolConfig
 from ._driver import OPENROUTER_URL, Driver, keys_from_env
 from ._http import HTTPOptions, Upstream
+from .errors import ConfigurationError
 
 __all__ = ["ClientBase", "chat_payload"]
 
@@ -52,6 +54,45 @@ class ClientBase:
         if "base_url" not in options and env.get("OPENROUTER_BASE_URL"):
             options["base_url"] = env["OPENROUTER_BASE_URL"]
         return cls(keys_from_env(env), **options)
+
+    # ------------------------------------------------------ keys at runtime
+    # Raise ``ConfigurationError`` (unknown or duplicate alias, a bad secret)
+    # or ``keyrotor.core.PoolError`` (a state the pool refuses), never with a
+    # secret in the message.
+
+    def add_key(self, alias: str, secret: str, **spec: Any) -> None:
+        """Add a key to the running pool; ``spec``: ``KeySpec``'s options
+        (``weight``, ``account``, ``max_in_flight``, ``rpm``, ``tpm``,
+        ``budget``, ``budget_window``, ``credits``)."""
+        key = KeySpec(key_id=alias, **spec)
+        with self._guard():
+            self._driver.add_key(secret, key)
+
+    def remove_key(self, alias: str) -> None:
+        """Remove a key: requests on it finish, no new ones start."""
+        with self._guard():
+            self._driver.remove_key(alias)
+
+    def mark_key(self, alias: str, state: KeyState | str, *, duration: float | None = None) -> None:
+        """Set a key's state as an operator: ``healthy`` (after a refund),
+        ``disabled``, ``depleted``, ``failed``, or ``rate_limited`` /
+        ``degraded`` for ``duration`` seconds."""
+        try:
+            key_state = KeyState(state)
+        except ValueError:
+            names = ", ".join(s.value for s in KeyState)
+            raise ConfigurationError(f"unknown state {state!r}; states are {names}") from None
+        with self._guard():
+            self._driver.mark_key(alias, key_state, duration)
+
+    def probe_keys(self, alias: str | None = None) -> None:
+        """Probe one key now, or every key that is not disabled."""
+        with self._guard():
+            self._driver.probe_keys(alias)
+
+    def _guard(self) -> contextlib.AbstractContextManager[Any]:
+        """Held around calls into the driver (the blocking client's lock)."""
+        return contextlib.nullcontext()
 
     def __repr__(self) -> str:
         keys = list(self._driver.secrets)

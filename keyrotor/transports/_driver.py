@@ -19,12 +19,17 @@ from ..core import (
     Decision,
     Deliver,
     Event,
+    KeyAdded,
+    KeyMarked,
+    KeyRemoved,
     KeySpec,
+    KeyState,
     KeyStateChanged,
     Pool,
     PoolConfig,
     Probe,
     ProbeFinished,
+    ProbeRequested,
     Reject,
     RequestCancelled,
     RequestStarted,
@@ -112,7 +117,7 @@ class Driver:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
-        secrets = _aliases(keys)
+        secrets = _aliases(keys, empty_ok=config is not None)
         if config is None:
             config = PoolConfig(keys=[KeySpec(key_id=alias) for alias in secrets])
         configured = {spec.key_id for spec in config.keys}
@@ -293,6 +298,45 @@ class Driver:
         """Time passed: feed ``Tick`` now."""
         self.feed(Tick(now=self.now()))
 
+    # ------------------------------------------------------ keys at runtime
+
+    def add_key(self, secret: str, spec: KeySpec) -> None:
+        """Add a key (``spec.key_id`` is its alias) to the running pool."""
+        alias = spec.key_id
+        if alias in self.secrets or alias in self.pool.key_ids():
+            raise ConfigurationError(f"a key with alias {alias!r} is already in the pool")
+        _aliases({alias: secret}, empty_ok=False)  # the secret's own checks
+        if secret in self.secrets.values():
+            owner = next(a for a, s in self.secrets.items() if s == secret)
+            raise ConfigurationError(f"this secret is already in the pool as {owner!r}")
+        self.feed(KeyAdded(now=self.now(), key=spec))
+        self.secrets[alias] = secret
+
+    def remove_key(self, alias: str) -> None:
+        """Remove a key: its requests in flight finish, no new ones start."""
+        self._known(alias)
+        self.feed(KeyRemoved(now=self.now(), key_id=alias))
+        del self.secrets[alias]
+
+    def mark_key(
+        self, alias: str, state: KeyState, duration: float | None = None, reason: str = "operator"
+    ) -> None:
+        """Set a key's state (``duration``: seconds until it may be used again)."""
+        self._known(alias)
+        now = self.now()
+        until = None if duration is None else now + duration
+        self.feed(KeyMarked(now=now, key_id=alias, state=state, until=until, reason=reason))
+
+    def probe_keys(self, alias: str | None = None) -> None:
+        """Probe one key, or every key that is not disabled."""
+        if alias is not None:
+            self._known(alias)
+        self.feed(ProbeRequested(now=self.now(), key_id=alias))
+
+    def _known(self, alias: str) -> None:
+        if alias not in self.secrets:
+            raise ConfigurationError(f"no key with alias {alias!r} in the pool")
+
     # -------------------------------------------------------------- status
 
     def status(self) -> dict[str, Any]:
@@ -328,8 +372,11 @@ class Driver:
         }
 
 
-def _aliases(keys: Mapping[str, str] | Iterable[str]) -> dict[str, str]:
-    """alias -> secret; plain secrets get aliases ``key1``, ``key2``, ..."""
+def _aliases(keys: Mapping[str, str] | Iterable[str], empty_ok: bool) -> dict[str, str]:
+    """alias -> secret; plain secrets get aliases ``key1``, ``key2``, ...
+
+    No keys is a mistake unless a ``PoolConfig`` says so (an empty pool that
+    gets its keys at runtime, from an operator)."""
     if isinstance(keys, Mapping):
         pairs = dict(keys)
     else:
@@ -337,7 +384,7 @@ def _aliases(keys: Mapping[str, str] | Iterable[str]) -> dict[str, str]:
         if any(not isinstance(s, str) for s in secrets):
             raise ConfigurationError("keys must be strings (the secrets) or an alias->secret map")
         pairs = {f"key{i}": secret for i, secret in enumerate(secrets, 1)}
-    if not pairs:
+    if not pairs and not empty_ok:
         raise ConfigurationError("no keys given: pass at least one API key")
     if len(set(pairs.values())) != len(pairs):
         raise ConfigurationError("the same secret is given twice")

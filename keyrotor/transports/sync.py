@@ -190,6 +190,9 @@ class Client(ClientBase):
         """The lock that guards every call into the driver."""
         return self._lock
 
+    def _guard(self) -> threading.RLock:
+        return self._lock
+
     # ------------------------------------------------------------ lifecycle
 
     def __enter__(self) -> Self:

@@ -679,10 +679,19 @@ def test_finished_request_cannot_be_finished_again() -> None:
         finish(pool, "r1", 1.0)
 
 
+@pytest.mark.parametrize("policy", ["round_robin", "weighted", "least_busy", "latency", "affinity"])
+def test_an_empty_pool_rejects_until_a_key_is_added(policy: str) -> None:
+    pool = Pool(PoolConfig(keys=[], policy=policy))  # type: ignore[arg-type]
+    out = pool.handle(RequestStarted(request_id="r1", now=0.0, session="s"))
+    assert [type(d) for d in out] == [Reject] and out[0].status == 503
+    pool.handle(KeyAdded(now=1.0, key=KeySpec(key_id="a")))
+    out = pool.handle(RequestStarted(request_id="r2", now=1.0, session="s"))
+    assert out == [Send(request_id="r2", key_id="a", attempt=1)]
+
+
 @pytest.mark.parametrize(
     ("build", "match"),
     [
-        (lambda: PoolConfig(keys=[]), "at least one key"),
         (lambda: PoolConfig(keys=[KeySpec(key_id="a")], policy="random"), "unknown policy"),
         (lambda: KeySpec(key_id="a", weight=-1), "weight"),
         (lambda: KeySpec(key_id="a", weight=float("inf")), "weight"),

@@ -97,3 +97,34 @@ def test_odd_bodies_account_nothing(body: bytes) -> None:
     accountant.feed(body)
     accountant.close()
     assert accountant.cost == 0.0
+
+
+def test_keys_are_added_marked_probed_and_removed_at_runtime() -> None:
+    from keyrotor.core import KeySpec, KeyState, PoolConfig, Probe
+
+    driver = Driver({}, PoolConfig(keys=[]), clock=lambda: 5.0)
+    changes: list[tuple[str, str]] = []
+    driver.on_state_change.append(lambda c: changes.append((c.key_id, c.new.value)))
+    driver.add_key("test-secret-one", KeySpec(key_id="one", weight=2.0))
+    assert driver.pool.key_ids() == ["one"] and driver.secrets == {"one": "test-secret-one"}
+    with pytest.raises(ConfigurationError, match="already in the pool as 'one'") as info:
+        driver.add_key("test-secret-one", KeySpec(key_id="two"))
+    assert "test-secret-one" not in str(info.value)
+    with pytest.raises(ConfigurationError, match="already in the pool"):
+        driver.add_key("test-secret-two", KeySpec(key_id="one"))
+    with pytest.raises(ConfigurationError, match="whitespace"):
+        driver.add_key("bad secret", KeySpec(key_id="two"))
+    assert driver.pool.key_ids() == ["one"]
+
+    driver.mark_key("one", KeyState.RATE_LIMITED, 30.0)
+    assert changes == [("one", "rate_limited")]
+    assert driver.pool.statistics().keys[0].until == 35.0
+    driver.mark_key("one", KeyState.HEALTHY)
+    driver.probe_keys("one")
+    assert [p.key_id for p in driver.probes if isinstance(p, Probe)] == ["one"]
+    with pytest.raises(ConfigurationError, match="no key with alias 'nope'"):
+        driver.mark_key("nope", KeyState.DISABLED)
+    driver.remove_key("one")
+    assert driver.pool.key_ids() == [] and driver.secrets == {}
+    with pytest.raises(ConfigurationError, match="no key"):
+        driver.remove_key("one")
