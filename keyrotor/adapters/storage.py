@@ -1,0 +1,869 @@
+"""The proxy's state on disk: one SQLite file (stdlib ``sqlite3``, WAL mode).
+
+What is kept:
+
+- ``keys``: keys added through the admin API. The secret is encrypted with
+  Fernet (AES-128-CBC + HMAC-SHA256) under ``KEYROTOR_SECRET_KEY``; a keyed
+  fingerprint (HMAC-SHA256) detects a secret stored twice without revealing it.
+- ``states``: each key's health state, its ``until`` and when it changed, in
+  wall-clock Unix seconds (the caller converts from the core's monotonic clock).
+- ``ledger``: spend per key per UTC day (requests, tokens, cost). Rows outlive
+  their key: removing a key keeps its history.
+- ``meta``: the schema version, the per-file salt for passphrases and a check
+  token that tells a wrong ``KEYROTOR_SECRET_KEY`` at open.
+
+Writes. Admin changes (``add_key``, ``remove_key``) are committed before they
+return; call them from a worker thread. Hot-path records (``record_state``,
+``record_spend``) append to an in-memory batch under a lock (O(1), never
+blocking on the disk, never raising); a writer thread commits the batch every
+``flush_interval`` seconds (100 ms by default) in ONE transaction.
+
+Durability. Every flush is one transaction and WAL keeps the file consistent
+whatever happens, so a ``kill -9`` (or a crash) loses at most the records of
+the last ``flush_interval`` plus the flush running at that moment (about
+100 ms of state changes and spend by default) and never corrupts the file.
+``close()`` flushes everything. A power loss can also lose the last
+transactions (see ``synchronous=NORMAL`` below), never consistency.
+
+Failures. When a flush fails (disk full, database locked, read-only file, I/O
+error) the batch stays in memory and is retried on the next flush; each
+distinct error is logged once, ``health()`` reports it (``ok`` False until a
+flush succeeds again) and the caller keeps serving. At most ``max_pending``
+entries wait in memory; beyond that the oldest state rows, then the oldest
+days' spend, are dropped (and counted).
+
+Without a secret key nothing secret can be stored (``SecretsLocked``, whose
+message says how to set the variable); keys stored earlier are not loaded:
+``load()`` lists their aliases in ``Loaded.skipped`` and logs one warning, so
+the caller decides whether to start without them. States and spend need no key.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import hashlib
+import hmac
+import itertools
+import json
+import logging
+import os
+import sqlite3
+import stat
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+if TYPE_CHECKING:
+    from cryptography.fernet import Fernet
+
+__all__ = [
+    "SECRET_KEY_ENV",
+    "LedgerRow",
+    "Loaded",
+    "SecretsLocked",
+    "StateStore",
+    "StorageError",
+    "StoredKey",
+    "StoredState",
+    "default_state_path",
+    "secret_key_from_env",
+]
+
+SCHEMA_VERSION = 1
+SECRET_KEY_ENV = "KEYROTOR_SECRET_KEY"
+STATE_ENV = "KEYROTOR_STATE"
+HOW_TO_SET_KEY = (
+    f"export {SECRET_KEY_ENV}=$(python -c "
+    '"from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())")'
+)
+_CHECK_PLAINTEXT = b"keyrotor state file check v1"
+_MIN_PASSPHRASE = 16
+_DAY = 86400
+
+
+class StorageError(Exception):
+    """The state file cannot be used; the message names the path and the fix, never a secret."""
+
+
+class SecretsLocked(StorageError):
+    """A secret was to be stored without ``KEYROTOR_SECRET_KEY``."""
+
+
+@attrs.frozen
+class StoredKey:
+    """A key added through the admin API; ``spec``: ``KeySpec`` fields other than ``key_id``."""
+
+    alias: str
+    secret: str = attrs.field(repr=False)
+    spec: dict[str, Any]
+    added_at: float
+
+
+@attrs.frozen
+class StoredState:
+    """A key's last health state; times are wall-clock Unix seconds."""
+
+    alias: str
+    state: str
+    until: float | None
+    reason: str
+    changed_at: float
+
+
+@attrs.frozen
+class LedgerRow:
+    """Spend of one key on one UTC day (``YYYY-MM-DD``)."""
+
+    alias: str
+    day: str
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost: float
+
+
+@attrs.frozen
+class Loaded:
+    """Everything needed at start; ``skipped``: stored keys not loaded (no secret key)."""
+
+    keys: list[StoredKey]
+    states: dict[str, StoredState]
+    ledger: list[LedgerRow]
+    skipped: list[str] = attrs.field(factory=list)
+
+
+def secret_key_from_env(environ: Mapping[str, str] = os.environ) -> str | None:
+    """``KEYROTOR_SECRET_KEY`` without surrounding blanks, or None when unset or empty."""
+    return environ.get(SECRET_KEY_ENV, "").strip() or None
+
+
+def default_state_path(environ: Mapping[str, str] = os.environ) -> Path:
+    """``$KEYROTOR_STATE``, else the platform's per-user data directory + ``keyrotor/state.db``.
+
+    Linux and others: ``$XDG_DATA_HOME`` or ``~/.local/share``; macOS:
+    ``~/Library/Application Support``; Windows: ``%LOCALAPPDATA%``.
+    """
+    if environ.get(STATE_ENV):
+        return Path(environ[STATE_ENV]).expanduser()
+    home = Path(environ["HOME"]) if environ.get("HOME") else Path.home()
+    if environ.get("XDG_DATA_HOME"):
+        base = Path(environ["XDG_DATA_HOME"])
+    elif sys.platform == "darwin":
+        base = home / "Library" / "Application Support"
+    elif sys.platform == "win32" and environ.get("LOCALAPPDATA"):
+        base = Path(environ["LOCALAPPDATA"])
+    else:
+        base = home / ".local" / "share"
+    return base / "keyrotor" / "state.db"
+
+
+class _Spend:
+    __slots__ = ("completion_tokens", "cost", "prompt_tokens", "requests")
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.cost = 0.0
+
+    def add(self, other: _Spend) -> None:
+        self.requests += other.requests
+        self.prompt_tokens += other.prompt_tokens
+        self.completion_tokens += other.completion_tokens
+        self.cost += other.cost
+
+
+_StateRow = tuple[str, float | None, str, float]  # state, until, reason, changed_at
+
+
+class _Batch:
+    """Records not committed yet: last state per alias (oldest first), spend per (alias, day)."""
+
+    __slots__ = ("spend", "states")
+
+    def __init__(self) -> None:
+        self.states: dict[str, _StateRow] = {}
+        self.spend: dict[tuple[str, str], _Spend] = {}
+
+    def __len__(self) -> int:
+        return len(self.states) + len(self.spend)
+
+    def merge(self, newer: _Batch) -> None:
+        for alias, row in newer.states.items():
+            self.states.pop(alias, None)  # keep the dict ordered by recency
+            self.states[alias] = row
+        for where, spend in newer.spend.items():
+            mine = self.spend.get(where)
+            if mine is None:
+                self.spend[where] = spend
+            else:
+                mine.add(spend)
+
+
+def _utc_day(t: float) -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime(t))
+
+
+def _cipher(secret_key: str, salt: bytes, path: Path) -> tuple[Fernet, bytes]:
+    """A Fernet for ``secret_key`` (a Fernet key, or a passphrase of 16+ characters
+    stretched with scrypt and the file's salt) and the key for fingerprints."""
+    try:
+        from cryptography.fernet import Fernet
+        from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+    except ImportError:  # pragma: no cover - cryptography is a dependency of the proxy
+        raise StorageError(
+            f"storing keys in {path} needs the 'cryptography' package: pip install cryptography"
+        ) from None
+    key = secret_key.strip()
+    raw: bytes | None = None
+    if len(key) == 44:
+        try:
+            raw = base64.urlsafe_b64decode(key)
+        except (ValueError, binascii.Error):
+            raw = None
+    if raw is None or len(raw) != 32:
+        if len(key) < _MIN_PASSPHRASE:
+            raise StorageError(
+                f"{SECRET_KEY_ENV} is too short: use a Fernet key ({HOW_TO_SET_KEY}) "
+                f"or a passphrase of at least {_MIN_PASSPHRASE} characters"
+            )
+        raw = Scrypt(salt=salt, length=32, n=2**14, r=8, p=1).derive(key.encode())
+    fingerprint_key = hmac.new(raw, b"keyrotor fingerprint v1", hashlib.sha256).digest()
+    return Fernet(base64.urlsafe_b64encode(raw)), fingerprint_key
+
+
+def _prepare(path: Path) -> None:
+    """Create missing parent directories (0o700) and the file (0o600) before SQLite writes."""
+    try:
+        missing = [p for p in reversed(path.parents) if not p.exists()]
+        for directory in missing:
+            directory.mkdir(mode=0o700)
+        if not path.exists():
+            with contextlib.suppress(FileExistsError):
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except OSError as exc:
+        raise StorageError(
+            f"cannot create the state file {path}: {exc.strerror}; make its directory writable "
+            f"by this user or set {STATE_ENV} to another path"
+        ) from None
+
+
+def _private(path: Path, log: Callable[[str], None]) -> None:
+    """Make the file and its -wal/-shm companions owner-only if they are not."""
+    for name in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        try:
+            mode = stat.S_IMODE(name.stat().st_mode)
+            if mode & 0o077:
+                os.chmod(name, mode & 0o700)
+                log(f"keyrotor storage: {name} was readable by others; made it owner-only")
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log(f"keyrotor storage: cannot restrict permissions of {name}: {exc.strerror}")
+
+
+class StateStore:
+    """The state file, open. Build with ``StateStore.open``; ``close()`` when done.
+
+    One connection, used under one lock by the writer thread and by admin
+    calls (so they never race each other for SQLite's lock); the hot path only
+    takes a short lock on the in-memory batch.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        conn: sqlite3.Connection,
+        *,
+        cipher: Fernet | None,
+        fingerprint_key: bytes | None,
+        flush_interval: float,
+        log: Callable[[str], None],
+        wall_clock: Callable[[], float],
+        max_pending: int,
+        recent: dict[tuple[str, str], _Spend],
+        recent_since: str,
+    ) -> None:
+        self.path = path
+        self._conn: sqlite3.Connection | None = conn
+        self._cipher = cipher
+        self._fingerprint_key = fingerprint_key
+        self._interval = flush_interval
+        self._log = log
+        self._clock = wall_clock
+        self._max_pending = max_pending
+        self._db_lock = threading.Lock()  # the connection and ``_unsaved``
+        self._pending_lock = threading.Lock()  # ``_pending``; also taken to change ``_unsaved``
+        self._pending = _Batch()  # recorded since the last flush began
+        self._unsaved = _Batch()  # taken by a flush, not committed yet (kept on failure)
+        self._recent = recent  # committed spend of recent days (``ledger()`` without the disk)
+        self._recent_since = recent_since
+        self._day_cache = (0.0, 0.0, "")
+        self._ok = True
+        self._last_error: str | None = None
+        self._last_error_at: float | None = None
+        self._logged: set[str] = set()
+        self._failed_writes = 0
+        self._dropped = 0
+        self._last_flush: float | None = None
+        self._closed = False
+        self._stop = threading.Event()
+        self._writer = threading.Thread(target=self._run, name="keyrotor-storage", daemon=True)
+
+    # -- opening -----------------------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        path: str | Path,
+        *,
+        secret_key: str | None,
+        flush_interval: float = 0.1,
+        log: Callable[[str], None] | None = None,
+        wall_clock: Callable[[], float] = time.time,
+        busy_timeout: float = 5.0,
+        max_pending: int = 100_000,
+    ) -> StateStore:
+        """Open (or create) the state file at ``path`` and start the writer thread.
+
+        ``secret_key``: a Fernet key or a passphrase of 16+ characters (``None``:
+        secrets can be neither stored nor loaded). ``busy_timeout``: how long a
+        write waits for another process holding the file. Raises ``StorageError``
+        (a wrong key, a newer schema, not a state file, an unusable path).
+        """
+        path = Path(path).expanduser().absolute()
+        emit = log or logging.getLogger(__name__).warning
+        _prepare(path)
+        try:
+            conn = sqlite3.connect(
+                str(path), timeout=busy_timeout, isolation_level=None, check_same_thread=False
+            )
+        except sqlite3.Error as exc:
+            raise _open_error(path, exc) from None
+        try:
+            cipher, fingerprint_key, recent, since = _setup(conn, path, secret_key, wall_clock)
+        except sqlite3.Error as exc:
+            conn.close()
+            raise _open_error(path, exc) from None
+        except BaseException:
+            conn.close()
+            raise
+        _private(path, emit)
+        store = cls(
+            path,
+            conn,
+            cipher=cipher,
+            fingerprint_key=fingerprint_key,
+            flush_interval=flush_interval,
+            log=emit,
+            wall_clock=wall_clock,
+            max_pending=max_pending,
+            recent=recent,
+            recent_since=since,
+        )
+        store._writer.start()
+        return store
+
+    def __enter__(self) -> StateStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<StateStore {str(self.path)!r}>"
+
+    def has_secrets_key(self) -> bool:
+        """Whether secrets can be stored and loaded (``KEYROTOR_SECRET_KEY`` was given)."""
+        return self._cipher is not None
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def load(self) -> Loaded:
+        """Everything in the file (after flushing what is pending). Blocking."""
+        self.flush()
+        with self._db_lock:
+            conn = self._connection()
+            try:
+                key_rows = conn.execute(
+                    "SELECT alias, secret, spec, added_at FROM keys ORDER BY added_at, alias"
+                ).fetchall()
+                state_rows = conn.execute(
+                    "SELECT alias, state, until, reason, changed_at FROM states ORDER BY alias"
+                ).fetchall()
+                ledger_rows = conn.execute(
+                    "SELECT alias, day, requests, prompt_tokens, completion_tokens, cost "
+                    "FROM ledger ORDER BY day, alias"
+                ).fetchall()
+            except sqlite3.Error as exc:
+                raise StorageError(f"cannot read {self.path}: {exc}") from None
+        keys: list[StoredKey] = []
+        skipped: list[str] = []
+        for alias, token, spec, added_at in key_rows:
+            secret = self._decrypt(alias, token)
+            if secret is None:
+                skipped.append(alias)
+            else:
+                keys.append(StoredKey(alias, secret, json.loads(spec), added_at))
+        if skipped and self._cipher is None:
+            self._log(
+                f"keyrotor storage: {len(skipped)} key(s) stored in {self.path} are not loaded "
+                f"because {SECRET_KEY_ENV} is not set; set it to the key they were stored with"
+            )
+        states = {row[0]: StoredState(*row) for row in state_rows}
+        return Loaded(keys, states, [LedgerRow(*row) for row in ledger_rows], skipped)
+
+    def _decrypt(self, alias: str, token: bytes) -> str | None:
+        if self._cipher is None:
+            return None
+        from cryptography.fernet import InvalidToken
+
+        try:
+            return self._cipher.decrypt(token).decode()
+        except (InvalidToken, UnicodeDecodeError):
+            self._log(f"keyrotor storage: the secret of key {alias!r} in {self.path} is damaged")
+            return None
+
+    def ledger(self, day: str | None = None) -> list[LedgerRow]:
+        """Spend on ``day`` (UTC ``YYYY-MM-DD``; default today), committed and pending.
+
+        Today and yesterday come from memory (never waiting on the disk); older
+        days read the file and may block.
+        """
+        day = day or self._day(self._clock())
+        totals: dict[str, _Spend] = {}
+
+        def add(source: Mapping[tuple[str, str], _Spend]) -> None:
+            for (alias, when), spend in source.items():
+                if when == day:
+                    totals.setdefault(alias, _Spend()).add(spend)
+
+        if day >= self._recent_since:
+            with self._pending_lock:
+                for source in (self._recent, self._unsaved.spend, self._pending.spend):
+                    add(source)
+        else:
+            with self._db_lock:
+                try:
+                    rows = self._connection().execute(
+                        "SELECT alias, requests, prompt_tokens, completion_tokens, cost "
+                        "FROM ledger WHERE day = ?",
+                        (day,),
+                    )
+                    for alias, *values in rows:
+                        spend = totals.setdefault(alias, _Spend())
+                        spend.requests, spend.prompt_tokens, spend.completion_tokens = values[:3]
+                        spend.cost = values[3]
+                except sqlite3.Error as exc:
+                    raise StorageError(f"cannot read {self.path}: {exc}") from None
+                with self._pending_lock:
+                    add(self._unsaved.spend)
+                    add(self._pending.spend)
+        return [
+            LedgerRow(a, day, s.requests, s.prompt_tokens, s.completion_tokens, s.cost)
+            for a, s in sorted(totals.items())
+        ]
+
+    def health(self) -> dict[str, Any]:
+        """JSON-able health for ``/status``."""
+        return {
+            "path": str(self.path),
+            "ok": self._ok,
+            "last_error": self._last_error,
+            "last_error_at": self._last_error_at,
+            "failed_writes": self._failed_writes,
+            "dropped": self._dropped,
+            "pending": len(self._pending) + len(self._unsaved),
+            "last_flush": self._last_flush,
+            "flush_interval": self._interval,
+            "secrets": self._cipher is not None,
+        }
+
+    def integrity_check(self) -> str:
+        """``PRAGMA integrity_check``: ``"ok"`` for a sound file."""
+        with self._db_lock:
+            rows = self._connection().execute("PRAGMA integrity_check").fetchall()
+        return "\n".join(str(row[0]) for row in rows)
+
+    # -- admin changes (blocking, committed on return) ---------------------------------------
+
+    def add_key(self, alias: str, secret: str, spec: Mapping[str, Any]) -> None:
+        """Store a key; raises ``SecretsLocked`` without a secret key, ``StorageError`` when
+        the alias or the secret is already stored or the write fails."""
+        if self._cipher is None or self._fingerprint_key is None:
+            raise SecretsLocked(
+                f"cannot store key {alias!r}: {SECRET_KEY_ENV} is not set, and secrets are only "
+                f"stored encrypted. Set it (and keep it: it is needed to read {self.path} "
+                f"again), then restart: {HOW_TO_SET_KEY}"
+            )
+        if not alias or not secret:
+            raise StorageError("a key needs a non-empty alias and secret")
+        try:
+            spec_json = json.dumps(dict(spec), sort_keys=True, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise StorageError(f"the spec of key {alias!r} is not JSON data: {exc}") from None
+        token = self._cipher.encrypt(secret.encode())
+        fingerprint = hmac.new(self._fingerprint_key, secret.encode(), hashlib.sha256).hexdigest()
+        row = None
+        with self._db_lock:
+            conn = self._connection()
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                row = conn.execute(
+                    "SELECT alias, alias = ? FROM keys WHERE alias = ? OR fingerprint = ?",
+                    (alias, alias, fingerprint),
+                ).fetchone()
+                if row is None:
+                    conn.execute(
+                        "INSERT INTO keys (alias, fingerprint, secret, spec, added_at) "
+                        "VALUES (?, ?, ?, ?, ?)",
+                        (alias, fingerprint, token, spec_json, self._clock()),
+                    )
+                conn.execute("COMMIT" if row is None else "ROLLBACK")
+            except sqlite3.Error as exc:
+                _rollback(conn)
+                raise StorageError(
+                    f"cannot store key {alias!r} in {self.path}: {exc}; check the disk and "
+                    "the file's permissions"
+                ) from None
+        if row is not None:
+            raise StorageError(
+                f"key {alias!r} is already stored in {self.path}: remove it first or choose "
+                "another alias"
+                if row[1]
+                else f"this secret is already stored in {self.path} as key {row[0]!r}"
+            )
+
+    def remove_key(self, alias: str) -> bool:
+        """Forget a stored key and its state (its ledger rows stay); False if not stored."""
+        with self._db_lock:
+            conn = self._connection()
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                removed = conn.execute("DELETE FROM keys WHERE alias = ?", (alias,)).rowcount > 0
+                if removed:
+                    conn.execute("DELETE FROM states WHERE alias = ?", (alias,))
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                _rollback(conn)
+                raise StorageError(f"cannot remove key {alias!r} from {self.path}: {exc}") from None
+            if removed:
+                with self._pending_lock:
+                    self._pending.states.pop(alias, None)
+                    self._unsaved.states.pop(alias, None)
+        return removed
+
+    # -- hot path (never blocks on the disk, never raises) ------------------------------------
+
+    def record_state(self, alias: str, state: str, until: float | None, reason: str) -> None:
+        """Remember a key's state (wall-clock ``until``); the last one per alias wins."""
+        if self._closed:
+            return
+        row = (state, until, reason, self._clock())
+        with self._pending_lock:
+            states = self._pending.states
+            states.pop(alias, None)
+            states[alias] = row
+
+    def record_spend(
+        self,
+        alias: str,
+        *,
+        requests: int = 1,
+        prompt_tokens: int = 0,
+        completion_tokens: int = 0,
+        cost: float = 0.0,
+        at: float | None = None,
+    ) -> None:
+        """Add spend to the ledger of ``alias`` on the UTC day of ``at`` (default now)."""
+        if self._closed:
+            return
+        try:
+            day = self._day(self._clock() if at is None else at)
+        except (ValueError, OverflowError, OSError):
+            self._warn_once(f"keyrotor storage: record_spend ignored an invalid time {at!r}")
+            return
+        with self._pending_lock:
+            spend = self._pending.spend.get((alias, day))
+            if spend is None:
+                spend = self._pending.spend[(alias, day)] = _Spend()
+            spend.requests += requests
+            spend.prompt_tokens += prompt_tokens
+            spend.completion_tokens += completion_tokens
+            spend.cost += cost
+
+    def _day(self, t: float) -> str:
+        start, end, day = self._day_cache
+        if start <= t < end:
+            return day
+        start = t - t % _DAY
+        day = _utc_day(start)
+        self._day_cache = (start, start + _DAY, day)
+        return day
+
+    # -- flushing ----------------------------------------------------------------------------
+
+    def flush(self) -> bool:
+        """Commit everything pending now (blocking); False if it stays pending (see ``health``)."""
+        with self._db_lock:
+            if self._conn is None:
+                return not (self._pending or self._unsaved)
+            with self._pending_lock:
+                if not self._unsaved:
+                    self._unsaved, self._pending = self._pending, _Batch()
+                elif self._pending:
+                    self._unsaved.merge(self._pending)
+                    self._pending = _Batch()
+            batch = self._unsaved
+            if not batch:
+                return True
+            try:
+                self._write_batch(self._conn, batch)
+            except Exception as exc:
+                self._fail(exc)
+                self._bound()
+                return False
+            with self._pending_lock:
+                for where, spend in batch.spend.items():
+                    if where[1] >= self._recent_since:
+                        self._recent.setdefault(where, _Spend()).add(spend)
+                self._unsaved = _Batch()
+            self._succeeded()
+            return True
+
+    def _write_batch(self, conn: sqlite3.Connection, batch: _Batch) -> None:
+        """Write ``batch`` in one transaction."""
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany(
+                "INSERT OR REPLACE INTO states (alias, state, until, reason, changed_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                [(alias, *row) for alias, row in batch.states.items()],
+            )
+            conn.executemany(
+                "INSERT INTO ledger (alias, day, requests, prompt_tokens, completion_tokens, cost) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (alias, day) DO UPDATE SET "
+                "requests = requests + excluded.requests, "
+                "prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
+                "completion_tokens = completion_tokens + excluded.completion_tokens, "
+                "cost = cost + excluded.cost",
+                [
+                    (a, d, s.requests, s.prompt_tokens, s.completion_tokens, s.cost)
+                    for (a, d), s in batch.spend.items()
+                ],
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            _rollback(conn)
+            raise
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                self.flush()
+            except Exception as exc:  # pragma: no cover - flush handles its own errors
+                self._fail(exc)
+
+    def _warn_once(self, message: str) -> None:
+        if message not in self._logged:
+            self._logged.add(message)
+            self._log(message)
+
+    def _fail(self, exc: BaseException) -> None:
+        error = f"{type(exc).__name__}: {exc}"
+        self._ok = False
+        self._failed_writes += 1
+        self._last_error = error
+        self._last_error_at = self._clock()
+        self._warn_once(
+            f"keyrotor storage: cannot write {self.path}: {error}; keeping "
+            f"{len(self._unsaved) + len(self._pending)} records in memory and retrying every "
+            f"{self._interval:g}s; the proxy keeps serving"
+        )
+
+    def _succeeded(self) -> None:
+        self._last_flush = self._clock()
+        if not self._ok:
+            self._ok = True
+            self._logged.clear()
+            self._log(f"keyrotor storage: writing to {self.path} works again")
+        since = _utc_day(self._last_flush - _DAY)  # yesterday: older days leave memory
+        if since > self._recent_since:
+            with self._pending_lock:
+                self._recent = {k: v for k, v in self._recent.items() if k[1] >= since}
+                self._recent_since = since
+
+    def _bound(self) -> None:
+        """Keep at most ``max_pending`` records waiting: drop the oldest states, then old days."""
+        with self._pending_lock:
+            batch = self._unsaved
+            before = len(batch)
+            excess = before - self._max_pending
+            if excess <= 0:
+                return
+            for alias in list(itertools.islice(batch.states, excess)):
+                del batch.states[alias]
+            excess = len(batch) - self._max_pending
+            for where in sorted(batch.spend, key=lambda w: w[1])[: max(excess, 0)]:
+                del batch.spend[where]
+            dropped = before - len(batch)
+        self._dropped += dropped
+        self._log(
+            f"keyrotor storage: {self.path} is not writable and more than {self._max_pending} "
+            f"records are waiting; dropped the {dropped} oldest"
+        )
+
+    def close(self) -> None:
+        """Flush, stop the writer thread and close the file; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        if self._writer.is_alive() and self._writer is not threading.current_thread():
+            self._writer.join()
+        if not self.flush():
+            self._log(
+                f"keyrotor storage: {len(self._unsaved)} records could not be written to "
+                f"{self.path} at shutdown and are lost"
+            )
+        with self._db_lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise StorageError(f"the state file {self.path} is closed")
+        return self._conn
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    if conn.in_transaction:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+
+
+def _open_error(path: Path, exc: sqlite3.Error) -> StorageError:
+    text = str(exc)
+    if "not a database" in text:
+        return StorageError(
+            f"{path} is not a keyrotor state file (not an SQLite database): move it away or "
+            f"set {STATE_ENV} to another path"
+        )
+    return StorageError(
+        f"cannot open the state file {path}: {text}; check that it is on a local disk and "
+        f"readable and writable by this user, or set {STATE_ENV} to another path"
+    )
+
+
+_SCHEMA = """
+CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE keys (
+    alias TEXT PRIMARY KEY,
+    fingerprint TEXT NOT NULL UNIQUE,
+    secret BLOB NOT NULL,
+    spec TEXT NOT NULL,
+    added_at REAL NOT NULL
+);
+CREATE TABLE states (
+    alias TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    until REAL,
+    reason TEXT NOT NULL,
+    changed_at REAL NOT NULL
+);
+CREATE TABLE ledger (
+    alias TEXT NOT NULL,
+    day TEXT NOT NULL,
+    requests INTEGER NOT NULL,
+    prompt_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    cost REAL NOT NULL,
+    PRIMARY KEY (alias, day)
+) WITHOUT ROWID;
+"""
+
+
+def _setup(
+    conn: sqlite3.Connection, path: Path, secret_key: str | None, wall_clock: Callable[[], float]
+) -> tuple[Fernet | None, bytes | None, dict[tuple[str, str], _Spend], str]:
+    """Configure the connection, create or check the schema, check the secret key."""
+    mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+    if mode != "wal":
+        raise StorageError(
+            f"the state file {path} cannot use WAL mode (journal mode {mode!r}); put it on a "
+            f"local disk or set {STATE_ENV} to another path"
+        )
+    # In WAL mode synchronous=NORMAL syncs only at checkpoints: a commit is one write() to
+    # the WAL, so the writer stays cheap. It is still safe against a process crash or kill -9
+    # (committed transactions are in the OS cache) and never corrupts the file; a power loss
+    # may undo the last commits, which for health and spend is an acceptable trade.
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    meta = _read_meta(conn, path)
+    if meta is None:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            meta = _read_meta(conn, path)
+            if meta is None:
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                meta = {"schema_version": str(SCHEMA_VERSION), "salt": os.urandom(16).hex()}
+                conn.executemany("INSERT INTO meta VALUES (?, ?)", meta.items())
+            conn.execute("COMMIT")
+        finally:
+            _rollback(conn)
+    version = int(meta.get("schema_version", "0"))
+    if version > SCHEMA_VERSION:
+        raise StorageError(
+            f"{path} was written by a newer keyrotor (schema version {version}; this one reads "
+            f"up to {SCHEMA_VERSION}): upgrade keyrotor, or set {STATE_ENV} to another path"
+        )
+    cipher = fingerprint_key = None
+    if secret_key:
+        cipher, fingerprint_key = _cipher(secret_key, bytes.fromhex(meta["salt"]), path)
+        if "check" in meta:
+            from cryptography.fernet import InvalidToken
+
+            try:
+                ok = cipher.decrypt(meta["check"].encode()) == _CHECK_PLAINTEXT
+            except InvalidToken:
+                ok = False
+            if not ok:
+                raise StorageError(
+                    f"{SECRET_KEY_ENV} does not decrypt the keys stored in {path}: set it to the "
+                    f"key they were stored with, or set {STATE_ENV} to another path"
+                )
+        else:
+            check = cipher.encrypt(_CHECK_PLAINTEXT).decode()
+            conn.execute("INSERT INTO meta VALUES ('check', ?)", (check,))
+    since = _utc_day(wall_clock() - _DAY)
+    recent: dict[tuple[str, str], _Spend] = {}
+    for alias, day, *values in conn.execute(
+        "SELECT alias, day, requests, prompt_tokens, completion_tokens, cost FROM ledger "
+        "WHERE day >= ?",
+        (since,),
+    ):
+        spend = recent[(alias, day)] = _Spend()
+        spend.requests, spend.prompt_tokens, spend.completion_tokens, spend.cost = values
+    return cipher, fingerprint_key, recent, since
+
+
+def _read_meta(conn: sqlite3.Connection, path: Path) -> dict[str, str] | None:
+    tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    if "meta" not in tables:
+        if tables:
+            raise StorageError(
+                f"{path} is an SQLite database but not a keyrotor state file: move it away or "
+                f"set {STATE_ENV} to another path"
+            )
+        return None
+    return dict(conn.execute("SELECT name, value FROM meta").fetchall())
