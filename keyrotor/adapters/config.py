@@ -26,7 +26,15 @@ from ..transports._driver import OPENROUTER_URL, keys_from_env, mask
 from ..transports._http import HTTPOptions
 from ..transports.errors import ConfigurationError
 
-__all__ = ["LOG_FORMATS", "SERVER_DEFAULTS", "ConfigError", "ProxyConfig", "load_config"]
+__all__ = [
+    "LOG_FORMATS",
+    "LOOPBACK",
+    "SERVER_DEFAULTS",
+    "ConfigError",
+    "ProxyConfig",
+    "default_state_path",
+    "load_config",
+]
 
 SERVER_DEFAULTS: Mapping[str, Any] = MappingProxyType(
     {
@@ -51,9 +59,17 @@ _FLOAT = "a number"
 _BOOL = "true or false"
 _STR = "a string"
 _NEVER = 'a number, or false / "never"'
+_STRS = "an array of strings"
 
 _TOP_KINDS = {"upstream": _STR, "routing_note": _BOOL, "log_format": _STR}
-_TABLES = ("server", "http", "pool", "headers", "keys")
+_TABLES = ("server", "http", "pool", "headers", "auth", "state", "keys")
+_AUTH_KINDS = {"admin_token": _STR, "client_tokens": _STRS, "token_ttl": _FLOAT}
+_STATE_KINDS = {"enabled": _BOOL, "path": _STR, "flush_interval": _FLOAT}
+_AUTH_DEFAULTS: Mapping[str, Any] = MappingProxyType({"token_ttl": 3600.0})
+_STATE_DEFAULTS: Mapping[str, Any] = MappingProxyType({"enabled": True, "flush_interval": 0.1})
+_MIN_TOKEN = 16
+_TOKEN_HELP = "generate one with: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
+LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 _SERVER_KINDS = {
     name: _STR if name == "host" else _INT if isinstance(value, int) else _FLOAT
     for name, value in SERVER_DEFAULTS.items()
@@ -139,6 +155,13 @@ class ProxyConfig:
         headers: sent upstream on every request (``HTTP-Referer``, ``X-Title``).
         routing_note: add a ``_routing`` object to non-streaming JSON bodies.
         log_format: ``"json"`` or ``"text"``.
+        admin_token: the token of ``/admin/*`` (None: the admin API is off).
+        client_tokens: the tokens callers of ``/v1/*`` present (empty: open,
+            which the loader allows on a loopback address only).
+        token_ttl: lifetime of the bearer tokens ``POST /auth/token`` issues.
+        state_path: the SQLite state file (None: nothing is kept).
+        state_flush: seconds between batched writes of state and spend.
+        secret_key: ``KEYROTOR_SECRET_KEY``, which encrypts stored secrets.
     """
 
     keys: dict[str, str]
@@ -149,14 +172,35 @@ class ProxyConfig:
     headers: dict[str, str] = attrs.Factory(dict)
     routing_note: bool = False
     log_format: str = "json"
+    admin_token: str | None = None
+    client_tokens: tuple[str, ...] = ()
+    token_ttl: float = 3600.0
+    state_path: str | None = None
+    state_flush: float = 0.1
+    secret_key: str | None = None
 
     def __repr__(self) -> str:
         keys = ", ".join(f"{alias!r}: {mask(secret)!r}" for alias, secret in self.keys.items())
         return (
             f"ProxyConfig(keys={{{keys}}}, pool={self.pool!r}, upstream={self.upstream!r}, "
             f"http={self.http!r}, server={self.server!r}, headers={self.headers!r}, "
-            f"routing_note={self.routing_note!r}, log_format={self.log_format!r})"
+            f"routing_note={self.routing_note!r}, log_format={self.log_format!r}, "
+            f"admin_token={'set' if self.admin_token else None}, "
+            f"client_tokens={len(self.client_tokens)}, token_ttl={self.token_ttl!r}, "
+            f"state_path={self.state_path!r}, state_flush={self.state_flush!r}, "
+            f"secret_key={'set' if self.secret_key else None})"
         )
+
+
+def default_state_path(environ: Mapping[str, str]) -> str:
+    """``$KEYROTOR_STATE``, else ``$XDG_DATA_HOME/keyrotor/state.db``, else
+    ``~/.local/share/keyrotor/state.db``."""
+    if environ.get("KEYROTOR_STATE", "").strip():
+        return environ["KEYROTOR_STATE"].strip()
+    base = environ.get("XDG_DATA_HOME", "").strip() or os.path.join(
+        os.path.expanduser("~"), ".local", "share"
+    )
+    return os.path.join(base, "keyrotor", "state.db")
 
 
 def load_config(
@@ -225,7 +269,10 @@ class _Loader:
         for name in data:
             if name not in _TOP_KINDS and name not in _TABLES:
                 self.unknown("", name, [*_TOP_KINDS, *_TABLES])
-        tables = {name: self.table(data, name) for name in ("server", "http", "pool", "headers")}
+        tables = {
+            name: self.table(data, name)
+            for name in ("server", "http", "pool", "headers", "auth", "state")
+        }
         tables[""] = {name: data[name] for name in _TOP_KINDS if name in data}
         given = self.split_overrides(overrides)
 
@@ -265,7 +312,30 @@ class _Loader:
             for name, raw in table.items():
                 headers[name] = self.header(name, raw, source)
 
-        keys, specs = self.keys(data.get("keys", []))
+        auth = dict(_AUTH_DEFAULTS)
+        for name in self.names("auth", tables, given, _AUTH_KINDS):
+            for source, raw, coerce in self.layers(tables["auth"], given["auth"], name):
+                auth[name] = self.check(raw, _AUTH_KINDS[name], f"[auth] {name}", source, coerce)
+        state = dict(_STATE_DEFAULTS)
+        for name in self.names("state", tables, given, _STATE_KINDS):
+            for source, raw, coerce in self.layers(tables["state"], given["state"], name):
+                state[name] = self.check(raw, _STATE_KINDS[name], f"[state] {name}", source, coerce)
+        admin, clients = self.tokens(auth, server["host"])
+        for where, value in (
+            ("[auth] token_ttl", auth["token_ttl"]),
+            ("[state] flush_interval", state["flush_interval"]),
+        ):
+            if not (value > 0 and math.isfinite(value)):
+                self.fail(
+                    f"{where} must be more than zero, got {value}",
+                    where=where,
+                    fix=f"set {where.split()[-1]} to a positive number of seconds",
+                )
+        state_path = None
+        if state["enabled"]:
+            state_path = state.get("path") or default_state_path(self.environ)
+
+        keys, specs = self.keys(data.get("keys", []), empty_ok=state_path is not None)
         return ProxyConfig(
             keys=keys,
             pool=self.build(PoolConfig, {"keys": specs, **pool}, "[pool]", self.source),
@@ -275,7 +345,45 @@ class _Loader:
             headers=headers,
             routing_note=top.get("routing_note", False),
             log_format=top.get("log_format", "json"),
+            admin_token=admin,
+            client_tokens=clients,
+            token_ttl=auth["token_ttl"],
+            state_path=state_path,
+            state_flush=state["flush_interval"],
+            secret_key=self.environ.get("KEYROTOR_SECRET_KEY", "").strip() or None,
         )
+
+    def tokens(self, auth: dict[str, Any], host: str) -> tuple[str | None, tuple[str, ...]]:
+        """The admin token and the client tokens: the file's (or the command
+        line's) and the environment's, each checked."""
+        env_admin = self.environ.get("KEYROTOR_ADMIN_TOKEN", "").strip()
+        admin = auth.get("admin_token") or env_admin or None
+        env_clients = self.environ.get("KEYROTOR_CLIENT_TOKENS", "")
+        clients = [*auth.get("client_tokens", []), *env_clients.split(",")]
+        clients = list(dict.fromkeys(t.strip() for t in clients if t.strip()))
+        named = [("admin token", admin)] if admin else []
+        named += [(f"client token #{i}", token) for i, token in enumerate(clients, 1)]
+        for what, token in named:
+            if len(token) < _MIN_TOKEN or not _valid_secret(token):
+                self.fail(
+                    f"the {what} is shorter than {_MIN_TOKEN} characters or has whitespace",
+                    where="[auth]",
+                    fix=f"use a long random token; {_TOKEN_HELP}",
+                )
+        if admin in clients:
+            self.fail(
+                "the admin token is also a client token",
+                where="[auth]",
+                fix="give the admin API a token of its own",
+            )
+        if not clients and host not in LOOPBACK:
+            self.fail(
+                f"listening on {host} without client tokens would open the pool's keys to "
+                "the network",
+                where="[auth] client_tokens",
+                fix="set KEYROTOR_CLIENT_TOKENS (or [auth] client_tokens), or listen on 127.0.0.1",
+            )
+        return admin, tuple(clients)
 
     def read(self) -> dict[str, Any]:
         assert self.path is not None
@@ -312,6 +420,18 @@ class _Loader:
                 self.secrets.add(self.environ[name])
                 self.secrets.add(self.environ[name].strip())
         self.secrets.update(self.env_keys(data))
+        auth = data.get("auth")
+        if isinstance(auth, dict):
+            if isinstance(auth.get("admin_token"), str):
+                self.secrets.add(auth["admin_token"])
+            tokens = auth.get("client_tokens")
+            if isinstance(tokens, list):
+                self.secrets.update(t for t in tokens if isinstance(t, str))
+        for name in ("KEYROTOR_ADMIN_TOKEN", "KEYROTOR_SECRET_KEY"):
+            self.secrets.add(self.environ.get(name, "").strip())
+        self.secrets.update(
+            t.strip() for t in self.environ.get("KEYROTOR_CLIENT_TOKENS", "").split(",")
+        )
         self.secrets.discard("")
 
     def env_keys(self, data: dict[str, Any]) -> list[str]:
@@ -341,7 +461,7 @@ class _Loader:
     def split_overrides(self, overrides: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         """Overrides by table (``""``: top level); None values dropped."""
         given: dict[str, dict[str, Any]] = {
-            t: {} for t in ("", "server", "http", "pool", "headers")
+            t: {} for t in ("", "server", "http", "pool", "headers", "auth", "state")
         }
         for name, value in overrides.items():
             if value is None:
@@ -388,7 +508,9 @@ class _Loader:
 
     def check(self, value: Any, kind: str, where: str, source: str, coerce: bool) -> Any:
         """``value`` as ``kind`` (ints widened to float for numbers), or fail."""
-        if coerce and isinstance(value, str) and kind != _STR:
+        if coerce and isinstance(value, str) and kind == _STRS:
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        elif coerce and isinstance(value, str) and kind != _STR:
             value = _parse(value, kind)
         expected = kind
         if kind == _NEVER:
@@ -400,6 +522,7 @@ class _Loader:
             _FLOAT: isinstance(value, (int, float)) and not isinstance(value, bool),
             _BOOL: isinstance(value, bool),
             _STR: isinstance(value, str),
+            _STRS: isinstance(value, list) and all(isinstance(v, str) for v in value),
         }[kind]
         if not ok:
             unquote = " (write it without quotes)" if isinstance(value, str) and not coerce else ""
@@ -522,8 +645,9 @@ class _Loader:
 
     # ------------------------------------------------------------ keys
 
-    def keys(self, entries: Any) -> tuple[dict[str, str], list[KeySpec]]:
-        """alias -> secret and the specs: the file's keys, then the environment's."""
+    def keys(self, entries: Any, empty_ok: bool) -> tuple[dict[str, str], list[KeySpec]]:
+        """alias -> secret and the specs: the file's keys, then the environment's.
+        None at all is an error unless ``empty_ok`` (the state file may hold keys)."""
         if not isinstance(entries, list):
             self.fail(
                 "keys must be an array of tables",
@@ -573,7 +697,7 @@ class _Loader:
                 )
             add(alias, secret, "the environment")
             specs.append(KeySpec(key_id=alias))
-        if not keys:
+        if not keys and not empty_ok:
             where = (
                 f"add [[keys]] to {self.path}" if self.path else "pass --config FILE with [[keys]]"
             )
@@ -659,7 +783,13 @@ class _Loader:
         return value
 
 
-_TABLE_KINDS = {"server": _SERVER_KINDS, "http": _HTTP_KINDS, "pool": _POOL_KINDS}
+_TABLE_KINDS = {
+    "server": _SERVER_KINDS,
+    "http": _HTTP_KINDS,
+    "pool": _POOL_KINDS,
+    "auth": _AUTH_KINDS,
+    "state": _STATE_KINDS,
+}
 
 
 def _parse(text: str, kind: str) -> Any:

@@ -148,7 +148,7 @@ class StreamResponse(ResponseHead):
         try:
             await self._response.aclose()  # frees its slot first; closes shielded
         finally:
-            self._client._driver.finish(self._request_id, self._accountant, failure)
+            self._client._driver.finish(self._request_id, self.key, self._accountant, failure)
 
     async def aclose(self) -> None:
         """Stop reading: the upstream request is cancelled and the key freed."""

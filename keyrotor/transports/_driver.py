@@ -105,7 +105,8 @@ class Driver:
 
     ``feed`` hands an event to the pool and routes each decision: request
     decisions to the request's ``Slot``, probes to ``probes``, state changes to
-    the ``on_state_change`` callbacks. ``deadline_changed`` tells the timer task
+    the ``on_state_change`` callbacks (``on_finished`` hears of each delivered
+    body's end: the key and its usage, for a spend ledger). ``deadline_changed`` tells the timer task
     to look at ``next_deadline()`` again.
     """
 
@@ -133,6 +134,7 @@ class Driver:
         self.slots: dict[str, Slot] = {}
         self.probes: deque[Probe] = deque()
         self.on_state_change: list[Callable[[KeyStateChanged], None]] = []
+        self.on_finished: list[Callable[[str, StreamAccountant], None]] = []
         self.deadline_changed: Callable[[], None] = _nothing
         self.probe_ready: Callable[[], None] = _nothing
         self._ids = itertools.count(1)
@@ -242,13 +244,21 @@ class Driver:
         self.feed(TransportFailed(request_id=request_id, now=self.now(), reason=reason))
 
     def finish(
-        self, request_id: str, accountant: StreamAccountant, failure: str | None = None
+        self,
+        request_id: str,
+        key_id: str,
+        accountant: StreamAccountant,
+        failure: str | None = None,
     ) -> None:
-        """The delivered body ended (its usage is in ``accountant``), or broke
-        off (``failure``, a ``TransportFailed`` reason); the request is done."""
+        """The delivered body (served by ``key_id``) ended, its usage in
+        ``accountant``, or broke off (``failure``, a ``TransportFailed``
+        reason); the request is done. ``on_finished`` callbacks hear of a
+        body that ended."""
         try:
             if failure is None:
                 a = accountant
+                for callback in self.on_finished:
+                    callback(key_id, a)
                 self.feed(
                     ResponseFinished(
                         request_id=request_id,

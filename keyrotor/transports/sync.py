@@ -123,7 +123,7 @@ class StreamResponse(ResponseHead):
             self._response.close()
         finally:
             with client._lock:
-                client._driver.finish(self._request_id, self._accountant, failure)
+                client._driver.finish(self._request_id, self.key, self._accountant, failure)
 
     def close(self) -> None:
         """Stop reading: the upstream request is dropped and the key freed."""

@@ -27,7 +27,9 @@ S1 = "sk-or-v1-" + "a1b2c3d4" * 8
 S2 = "sk-or-v1-" + "e5f6a7b8" * 8
 S3 = "sk-or-v1-" + "c9d0e1f2" * 8
 S4 = "sk-or-v1-" + "13572468" * 8
-SECRETS = (S1, S2, S3, S4)
+T_ADMIN = "admin-token-" + "0a1b2c3d" * 3
+T_CLIENT = "client-token-" + "4e5f6a7b" * 3
+SECRETS = (S1, S2, S3, S4, T_ADMIN, T_CLIENT)
 
 POOL_FIELDS = {f.name for f in attrs.fields(PoolConfig)} - {"keys"}
 HTTP_FIELDS = {f.name for f in attrs.fields(HTTPOptions)}
@@ -112,6 +114,15 @@ affinity_vnodes = 4
 "HTTP-Referer" = "https://example.com"
 "X-Title" = "Tests"
 
+[auth]
+admin_token = "{T_ADMIN}"
+client_tokens = ["{T_CLIENT}"]
+token_ttl = 600
+
+[state]
+path = "state/keyrotor.db"
+flush_interval = 0.5
+
 [[keys]]
 alias = "main"
 secret = "{S1}"
@@ -136,6 +147,12 @@ def test_full_file_lands_every_option_where_it_belongs() -> None:
     assert config.upstream == "http://127.0.0.1:9999/v1"
     assert config.routing_note is True
     assert config.log_format == "text"
+    assert (config.admin_token, config.client_tokens, config.token_ttl) == (
+        T_ADMIN,
+        (T_CLIENT,),
+        600.0,
+    )
+    assert (config.state_path, config.state_flush) == ("state/keyrotor.db", 0.5)
     assert config.server == {
         "host": "0.0.0.0",
         "port": 9001,
@@ -211,7 +228,8 @@ def test_the_full_file_sets_every_option_there_is() -> None:
 
 
 def test_server_host_may_be_empty_and_grace_period_zero_as_the_server_allows() -> None:
-    config = load('[server]\nhost = ""\ngrace_period = 0', {"OPENROUTER_KEYS": S1})
+    environ = {"OPENROUTER_KEYS": S1, "KEYROTOR_CLIENT_TOKENS": T_CLIENT}
+    config = load('[server]\nhost = ""\ngrace_period = 0', environ)
     assert (config.server["host"], config.server["grace_period"]) == ("", 0.0)
 
 
@@ -267,6 +285,53 @@ def test_upstream_precedence_override_then_file_then_environment_then_default() 
     assert overridden.upstream == "http://cli/v1"
 
 
+def test_tokens_from_the_environment_and_the_file_are_united() -> None:
+    other = "client-token-" + "9" * 20
+    environ = {
+        "OPENROUTER_KEYS": S1,
+        "KEYROTOR_ADMIN_TOKEN": T_ADMIN,
+        "KEYROTOR_CLIENT_TOKENS": f"{T_CLIENT}, {other},",
+        "KEYROTOR_SECRET_KEY": "a-secret-key-for-storage",
+    }
+    config = load(f'[auth]\nclient_tokens = ["{T_CLIENT}"]', environ)
+    assert config.admin_token == T_ADMIN
+    assert config.client_tokens == (T_CLIENT, other)
+    assert config.secret_key == "a-secret-key-for-storage"
+    for text in (repr(config), str(config)):
+        assert_no_secret(text)
+        assert other not in text and "a-secret-key-for-storage" not in text
+
+
+def test_state_defaults_to_the_users_data_directory_and_can_be_turned_off() -> None:
+    env = {"OPENROUTER_KEYS": S1}
+    assert load("", {**env, "XDG_DATA_HOME": "/data"}).state_path == "/data/keyrotor/state.db"
+    assert load("", {**env, "KEYROTOR_STATE": "/x/s.db"}).state_path == "/x/s.db"
+    assert load("", env, {"state.path": "here.db"}).state_path == "here.db"
+    assert load("[state]\nenabled = false", env).state_path is None
+    # With the state on, the stored keys may be all there is: no error here.
+    assert load("", {}).keys == {}
+
+
+@pytest.mark.parametrize(
+    ("text", "environ", "match"),
+    [
+        ('[auth]\nadmin_token = "short"', {}, "admin token is shorter than 16"),
+        ("", {"KEYROTOR_CLIENT_TOKENS": "abc"}, "client token #1 is shorter than 16"),
+        (f'[auth]\nadmin_token = "{T_CLIENT}"', {"KEYROTOR_CLIENT_TOKENS": T_CLIENT}, "also a"),
+        ('[server]\nhost = "0.0.0.0"', {}, "without client tokens"),
+        ("[auth]\nclient_tokens = 3", {}, "must be an array of strings"),
+        ("[auth]\ntoken_ttl = 0", {}, "token_ttl must be more than zero"),
+        ("[state]\nflush_interval = -1", {}, "flush_interval must be more than zero"),
+        ("[state]\nfile = 'x'", {}, "unknown option \\[state\\] file"),
+    ],
+)
+def test_auth_and_state_errors(text: str, environ: dict[str, str], match: str) -> None:
+    with pytest.raises(ConfigError, match=match) as info:
+        load(text, {"OPENROUTER_KEYS": S1, **environ})
+    assert "short" not in str(info.value).replace("shorter", "")
+    assert_no_secret(str(info.value))
+
+
 def test_overrides_win_over_the_file_and_none_means_not_given() -> None:
     text = (
         '[server]\nport = 9001\nhost = "0.0.0.0"\n'
@@ -282,8 +347,11 @@ def test_overrides_win_over_the_file_and_none_means_not_given() -> None:
         "headers.X-Title": "cli",
         "log_format": "text",
         "routing_note": True,
+        "auth.client_tokens": f" {T_CLIENT} ,",
+        "state.enabled": "false",
     }
     config = load(text, {"OPENROUTER_KEYS": S1}, overrides)
+    assert (config.client_tokens, config.state_path) == ((T_CLIENT,), None)
     assert (config.server["port"], config.server["host"]) == (9002, "0.0.0.0")
     assert (config.server["max_connections"], config.server["max_body_bytes"]) == (7, 100)
     assert config.pool.policy == "least_busy"
@@ -672,7 +740,7 @@ ERRORS: list[tuple[str, str | None, dict[str, str], dict[str, Any], str]] = [
     ),
     (
         "no keys in the file nor the environment",
-        "[pool]\nseed = 1",
+        "[pool]\nseed = 1\n[state]\nenabled = false",
         {},
         {},
         f"keyrotor.toml: no API keys: add [[keys]] to keyrotor.toml or {ENV_HELP}",
@@ -681,7 +749,7 @@ ERRORS: list[tuple[str, str | None, dict[str, str], dict[str, Any], str]] = [
         "no keys and no file",
         None,
         {"OPENROUTER_KEYS": " , "},
-        {},
+        {"state.enabled": "false"},
         f"configuration: no API keys: pass --config FILE with [[keys]] or {ENV_HELP}",
     ),
     (
@@ -909,8 +977,10 @@ def test_the_docs_example_and_tables_name_every_option() -> None:
     assert set(data["http"]) == HTTP_FIELDS
     assert set(data["pool"]) == POOL_FIELDS
     assert set().union(*data["keys"]) == KEY_FIELDS | {"alias", "secret_env"}
+    assert set(data["state"]) == {"enabled", "flush_interval"}  # path: commented out
     documented = set(re.findall(r"^\| `(\w+)` \|", DOC.read_text("utf-8"), re.M))
     everything = set(SERVER_DEFAULTS) | HTTP_FIELDS | POOL_FIELDS | KEY_FIELDS
+    everything |= {"admin_token", "client_tokens", "token_ttl", "enabled", "path"}
     assert everything | {"upstream", "routing_note", "log_format", "alias", "secret"} <= documented
 
 
