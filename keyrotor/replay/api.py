@@ -1,0 +1,122 @@
+"""The Python API: ``replay(source, policy=..., ...) -> Report``."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from ..core import POLICIES, KeySpec
+from .engine import pool_keys, simulate
+from .report import Report, summarize
+from .scenarios import Scenario
+from .trace import Trace, load_trace
+from .upstream import UpstreamModel, load_upstream_model
+
+__all__ = ["replay"]
+
+Source = Scenario | Trace | str | os.PathLike[str]
+
+
+def _resolve(
+    source: Source, upstream: UpstreamModel | str | os.PathLike[str] | None
+) -> tuple[str, Trace, UpstreamModel, dict[str, Any], bool]:
+    """(name, trace, model, options, recorded-by-default) for a source."""
+    if isinstance(upstream, str | os.PathLike):
+        upstream = load_upstream_model(upstream)
+    if isinstance(source, Scenario):
+        return (
+            source.name,
+            source.trace,
+            upstream or source.model,
+            dict(source.options),
+            False,
+        )
+    if isinstance(source, Trace):
+        trace, name = source, source.header.scenario or "trace"
+    else:
+        trace, name = load_trace(source), os.path.basename(os.fspath(source))
+    recorded = upstream is None and trace.header.source != "synthetic"
+    return name, trace, upstream or UpstreamModel(), dict(trace.header.options), recorded
+
+
+def replay(
+    source: Source,
+    policy: str | Sequence[str] = "round_robin",
+    *,
+    keys: int | Sequence[KeySpec] | None = None,
+    seed: int = 0,
+    upstream: UpstreamModel | str | os.PathLike[str] | None = None,
+    options: Mapping[str, Any] | None = None,
+    recorded: bool | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+    timeline_keys: int = 0,
+) -> Report:
+    """Replay a scenario, a trace or a trace file with one or more policies.
+
+    Args:
+        source: a :class:`Scenario` (``scenarios.build(name)``), a :class:`Trace`
+            or the path of a trace file.
+        policy: a policy name, a list of them, or ``"all"``.
+        keys: the number of keys (see :func:`engine.pool_keys`) or the
+            ``KeySpec`` list itself; default: the trace header's keys.
+        seed: seeds the pool and the simulated upstream.
+        upstream: an :class:`UpstreamModel` or the path of one (JSON or TOML);
+            default: the scenario's own, or for recorded traces (source
+            ``proxy``/``transport``) the recorded answers.
+        options: ``PoolConfig`` fields on top of the trace's or scenario's.
+        recorded: force (True) or refuse (False) re-issuing recorded answers.
+        progress: ``progress(policy, done, total)`` during each run.
+        timeline_keys: collect per-key load over time for this many keys (plots).
+
+    Every policy runs on a fresh pool and upstream with the same seed.
+    """
+    name, trace, model, base_options, recorded_default = _resolve(source, upstream)
+    policies = (
+        list(POLICIES) if policy == "all" else [policy] if isinstance(policy, str) else list(policy)
+    )
+    for p in policies:
+        if p not in POLICIES:
+            raise ValueError(f"unknown policy {p!r}; choose from {', '.join(POLICIES)} or all")
+    if not policies:
+        raise ValueError("no policy to replay")
+    specs = (
+        list(keys)
+        if keys is not None and not isinstance(keys, int)
+        else pool_keys(trace.header, model, keys)
+    )
+    pool_options = {**base_options, **dict(options or {})}
+    for reserved in ("keys", "policy", "seed"):
+        pool_options.pop(reserved, None)
+    use_recorded = recorded if recorded is not None else (recorded_default or model.recorded)
+    results: dict[str, dict[str, Any]] = {}
+    runs = {}
+    elapsed = {}
+    for p in policies:
+        tick = None if progress is None else (lambda done, total, p=p: progress(p, done, total))
+        started = time.perf_counter()
+        run = simulate(
+            trace,
+            model,
+            policy=p,
+            seed=seed,
+            keys=specs,
+            options=pool_options,
+            recorded=use_recorded,
+            progress=tick,
+            timeline_keys=timeline_keys,
+        )
+        elapsed[p] = time.perf_counter() - started
+        runs[p] = run
+        results[p] = summarize(run)
+    source_info = {
+        "name": name,
+        "requests": len(trace.records),
+        "duration": round(trace.duration, 6),
+        "keys": len(specs),
+        "seed": seed,
+        "upstream": "recorded" if use_recorded else "simulated",
+        "options": {k: pool_options[k] for k in sorted(pool_options)},
+    }
+    return Report(source=source_info, results=results, runs=runs, elapsed=elapsed)
