@@ -1,0 +1,627 @@
+"""The state file: what survives a restart, secrets at rest, failures, kill -9."""
+
+from __future__ import annotations
+
+import base64
+import os
+import pathlib
+import re
+import signal
+import sqlite3
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from cryptography.fernet import Fernet
+
+from keyrotor.adapters.storage import (
+    LedgerRow,
+    SecretsLocked,
+    StateStore,
+    StorageError,
+    StoredState,
+    default_state_path,
+    secret_key_from_env,
+)
+
+DAY0 = 1_700_000_000.0  # 2023-11-14 22:13:20 UTC
+SECRET_A = "test-secret-alpha-" + "0123456789abcdef" * 3
+SECRET_B = "test-secret-bravo-" + "fedcba9876543210" * 3
+PASSPHRASE = "correct horse battery staple"
+
+
+class Clock:
+    """A wall clock the test moves."""
+
+    def __init__(self, now: float = DAY0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def key() -> str:
+    return Fernet.generate_key().decode()
+
+
+@pytest.fixture
+def logs() -> list[str]:
+    return []
+
+
+@pytest.fixture
+def opened(logs: list[str]) -> Iterator[Callable[..., StateStore]]:
+    """``opened(path, **options)``: a store closed after the test. Flushes only when asked."""
+    stores: list[StateStore] = []
+
+    def open_(path: pathlib.Path, **options: Any) -> StateStore:
+        options.setdefault("secret_key", None)
+        options.setdefault("flush_interval", 3600.0)
+        options.setdefault("log", logs.append)
+        store = StateStore.open(path, **options)
+        stores.append(store)
+        return store
+
+    yield open_
+    for store in stores:
+        store.close()
+
+
+def reopen(store: StateStore, opened: Callable[..., StateStore], **options: Any) -> StateStore:
+    store.close()
+    return opened(store.path, **options)
+
+
+def mode(path: pathlib.Path | str) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+# -- what survives a restart ---------------------------------------------------------------
+
+
+def test_keys_states_and_ledger_survive_a_restart(
+    tmp_path: pathlib.Path, key: str, opened: Callable[..., StateStore]
+) -> None:
+    clock = Clock()
+    store = opened(tmp_path / "state.db", secret_key=key, wall_clock=clock)
+    store.add_key("a", SECRET_A, {"weight": 2.0, "budget": 5.0, "budget_window": 86400.0})
+    clock.now += 1
+    store.add_key("b", SECRET_B, {})
+    store.record_state("a", "depleted", None, "402 no credits")
+    store.record_state("b", "rate_limited", DAY0 + 60, "429 retry-after 60")
+    store.record_spend("a", prompt_tokens=10, completion_tokens=5, cost=0.25)
+    store.close()
+
+    store = opened(store.path, secret_key=key, wall_clock=clock)
+    loaded = store.load()
+    assert [(k.alias, k.secret, k.spec, k.added_at) for k in loaded.keys] == [
+        ("a", SECRET_A, {"weight": 2.0, "budget": 5.0, "budget_window": 86400.0}, DAY0),
+        ("b", SECRET_B, {}, DAY0 + 1),
+    ]
+    assert loaded.states == {
+        "a": StoredState("a", "depleted", None, "402 no credits", DAY0 + 1),
+        "b": StoredState("b", "rate_limited", DAY0 + 60, "429 retry-after 60", DAY0 + 1),
+    }
+    assert loaded.ledger == [LedgerRow("a", "2023-11-14", 1, 10, 5, 0.25)]
+    assert loaded.skipped == []
+    assert SECRET_A not in repr(loaded)
+
+    # A removed key stays removed, with its state; its spend history stays.
+    assert store.remove_key("a") is True
+    assert store.remove_key("a") is False
+    store.record_spend("b")
+    loaded = reopen(store, opened, secret_key=key, wall_clock=clock).load()
+    assert [k.alias for k in loaded.keys] == ["b"]
+    assert list(loaded.states) == ["b"]
+    assert [(row.alias, row.requests) for row in loaded.ledger] == [("a", 1), ("b", 1)]
+
+
+def test_the_ledger_adds_up_within_and_across_batches_and_days(
+    tmp_path: pathlib.Path, opened: Callable[..., StateStore]
+) -> None:
+    clock = Clock()
+    store = opened(tmp_path / "state.db", wall_clock=clock)
+    for _ in range(3):
+        store.record_spend("a", prompt_tokens=10, completion_tokens=1, cost=0.5)
+    store.record_spend("b", requests=2, cost=1.0)
+    today = [
+        LedgerRow("a", "2023-11-14", 3, 30, 3, 1.5),
+        LedgerRow("b", "2023-11-14", 2, 0, 0, 1.0),
+    ]
+    assert store.ledger() == today  # pending counts before the flush...
+    assert store.health()["pending"] == 2
+    assert store.flush() is True
+    assert store.ledger() == today  # ...and is not counted twice after it
+    assert store.health()["pending"] == 0
+
+    store.record_spend("a", prompt_tokens=1, cost=0.25)  # a second batch adds to the first
+    store.record_spend("a", at=DAY0 + 86400)  # the next UTC day
+    store.record_spend("a", at=DAY0 - 86400 * 3)  # an old day (read from the file)
+    assert store.ledger("2023-11-14")[0] == LedgerRow("a", "2023-11-14", 4, 31, 3, 1.75)
+    assert store.ledger("2023-11-11") == [LedgerRow("a", "2023-11-11", 1, 0, 0, 0.0)]
+    store.flush()
+    assert store.ledger("2023-11-11") == [LedgerRow("a", "2023-11-11", 1, 0, 0, 0.0)]
+    assert store.ledger("2023-11-15") == [LedgerRow("a", "2023-11-15", 1, 0, 0, 0.0)]
+
+    # Two days later "today" moves on: the old days are read from the file, unchanged.
+    clock.now += 2 * 86400
+    store.record_spend("b", cost=2.0)
+    store.flush()
+    assert store.ledger() == [LedgerRow("b", "2023-11-16", 1, 0, 0, 2.0)]
+    assert store.ledger("2023-11-14")[0] == LedgerRow("a", "2023-11-14", 4, 31, 3, 1.75)
+
+    loaded = reopen(store, opened, wall_clock=clock).load()
+    assert [(r.alias, r.day, r.requests, r.cost) for r in loaded.ledger] == [
+        ("a", "2023-11-11", 1, 0.0),
+        ("a", "2023-11-14", 4, 1.75),
+        ("b", "2023-11-14", 2, 1.0),
+        ("a", "2023-11-15", 1, 0.0),
+        ("b", "2023-11-16", 1, 2.0),
+    ]
+
+
+def test_the_last_state_recorded_wins(
+    tmp_path: pathlib.Path, opened: Callable[..., StateStore]
+) -> None:
+    clock = Clock()
+    store = opened(tmp_path / "state.db", wall_clock=clock)
+    store.record_state("a", "rate_limited", DAY0 + 30, "429")
+    clock.now += 1
+    store.record_state("a", "degraded", DAY0 + 90, "errors")
+    store.record_state("b", "failed", None, "401")
+    store.flush()
+    assert store.load().states["a"] == StoredState("a", "degraded", DAY0 + 90, "errors", DAY0 + 1)
+    clock.now += 1
+    store.record_state("a", "healthy", None, "recovered")  # a later batch replaces it
+    store.record_state("a", "depleted", None, "402")
+    loaded = reopen(store, opened, wall_clock=clock).load()
+    assert loaded.states["a"] == StoredState("a", "depleted", None, "402", DAY0 + 2)
+    assert loaded.states["b"].state == "failed"
+
+
+def test_the_writer_thread_flushes_on_its_own(
+    tmp_path: pathlib.Path, opened: Callable[..., StateStore]
+) -> None:
+    store = opened(tmp_path / "state.db", flush_interval=0.02)
+    store.record_spend("a", cost=1.0)
+    store.record_state("a", "rate_limited", 123.0, "429")
+    deadline = time.monotonic() + 5
+    while store.health()["last_flush"] is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with sqlite3.connect(store.path) as other:
+        assert other.execute("SELECT requests, cost FROM ledger").fetchall() == [(1, 1.0)]
+        assert other.execute("SELECT state FROM states").fetchall() == [("rate_limited",)]
+    other.close()
+
+
+def test_the_file_is_in_wal_mode_with_normal_sync(
+    tmp_path: pathlib.Path, opened: Callable[..., StateStore]
+) -> None:
+    store = opened(tmp_path / "state.db")
+    assert store._conn is not None
+    assert store._conn.execute("PRAGMA synchronous").fetchone() == (1,)  # NORMAL
+    store.close()
+    with sqlite3.connect(store.path) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)  # kept in the file
+        assert db.execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone() == (
+            "1",
+        )
+    db.close()
+
+
+def test_close_flushes_and_is_idempotent(
+    tmp_path: pathlib.Path, opened: Callable[..., StateStore]
+) -> None:
+    store = opened(tmp_path / "state.db")
+    store.record_spend("a")
+    store.close()
+    store.close()
+    store.record_spend("a")  # after close: ignored, no exception
+    with pytest.raises(StorageError, match="closed"):
+        store.load()
+    assert opened(store.path).load().ledger[0].requests == 1
+
+
+# -- secrets at rest -----------------------------------------------------------------------
+
+
+def test_the_file_and_its_directory_are_owner_only(
+    tmp_path: pathlib.Path,
+    key: str,
+    opened: Callable[..., StateStore],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    path = tmp_path / "made" / "for" / "state.db"
+    connect = sqlite3.connect
+    seen: list[int] = []
+
+    def spy(database: str, *args: Any, **kwargs: Any) -> sqlite3.Connection:
+        seen.append(mode(database))  # the file exists, owner-only, before SQLite opens it
+        return connect(database, *args, **kwargs)
+
+    monkeypatch.setattr(sqlite3, "connect", spy)
+    old = os.umask(0)  # even with a permissive umask
+    try:
+        store = opened(path, secret_key=key)
+    finally:
+        os.umask(old)
+    monkeypatch.undo()
+    assert seen == [0o600]
+    store.add_key("a", SECRET_A, {})
+    store.record_spend("a")
+    store.flush()
+    assert mode(tmp_path / "made") == 0o700
+    assert mode(tmp_path / "made" / "for") == 0o700
+    for name in (path, f"{path}-wal", f"{path}-shm"):
+        assert mode(name) == 0o600, name
+
+
+def test_an_existing_world_readable_file_is_made_owner_only(
+    tmp_path: pathlib.Path, opened: Callable[..., StateStore], logs: list[str]
+) -> None:
+    path = tmp_path / "state.db"
+    path.touch(mode=0o644)
+    os.chmod(path, 0o644)
+    opened(path)
+    assert mode(path) == 0o600
+    assert any("owner-only" in line for line in logs)
+
+
+def printable_runs(data: bytes, least: int = 6) -> list[bytes]:
+    """What ``strings`` would show."""
+    return re.findall(rb"[\x20-\x7e]{%d,}" % least, data)
+
+
+def test_secrets_are_not_in_the_file_in_plain_text(
+    tmp_path: pathlib.Path, key: str, opened: Callable[..., StateStore]
+) -> None:
+    secret = "test-secret-" + os.urandom(24).hex()
+    path = tmp_path / "state.db"
+    store = opened(path, secret_key=key)
+    store.add_key("visible-alias", secret, {"weight": 1.0})
+    forms = [
+        secret.encode(),
+        secret.encode("utf-16-le"),
+        base64.b64encode(secret.encode()),
+        base64.urlsafe_b64encode(secret.encode()),
+        secret.encode().hex().encode(),
+    ]
+    chunks = [secret[i : i + 12].encode() for i in range(len(secret) - 12)]
+
+    def scan() -> None:
+        files = [p for p in tmp_path.iterdir() if p.name.startswith("state.db")]
+        everything = b"".join(p.read_bytes() for p in files)
+        assert b"visible-alias" in everything  # the scan sees plain text when there is some
+        for form in forms:
+            assert form not in everything
+        for run in printable_runs(everything):
+            assert not any(chunk in run for chunk in chunks), run
+
+    scan()  # with the -wal and -shm files
+    store.close()  # checkpointed into the main file
+    scan()
+    store = opened(path, secret_key=key)
+    assert store.load().keys[0].secret == secret
+
+
+def test_without_the_secret_key_secrets_are_neither_stored_nor_loaded(
+    tmp_path: pathlib.Path, key: str, opened: Callable[..., StateStore], logs: list[str]
+) -> None:
+    path = tmp_path / "state.db"
+    store = opened(path, secret_key=key)
+    store.add_key("a", SECRET_A, {})
+    store.record_state("a", "depleted", None, "402")
+    store = reopen(store, opened, secret_key=None)
+    assert store.has_secrets_key() is False
+    with pytest.raises(SecretsLocked) as raised:
+        store.add_key("b", SECRET_B, {})
+    message = str(raised.value)
+    assert "KEYROTOR_SECRET_KEY" in message
+    assert "export KEYROTOR_SECRET_KEY=$(python -c" in message
+    assert "Fernet.generate_key().decode()" in message
+    assert SECRET_B not in message
+    loaded = store.load()  # the key is skipped, with a warning; states still load
+    assert (loaded.keys, loaded.skipped) == ([], ["a"])
+    assert loaded.states["a"].state == "depleted"
+    assert any("KEYROTOR_SECRET_KEY is not set" in line for line in logs)
+    # Removing needs no key, and the key is back with the right secret key.
+    store = reopen(store, opened, secret_key=key)
+    assert store.has_secrets_key() is True
+    assert [k.secret for k in store.load().keys] == [SECRET_A]
+
+
+def test_a_wrong_secret_key_is_refused_at_open(
+    tmp_path: pathlib.Path, key: str, opened: Callable[..., StateStore]
+) -> None:
+    path = tmp_path / "state.db"
+    opened(path, secret_key=key).close()
+    for wrong in (Fernet.generate_key().decode(), PASSPHRASE):
+        with pytest.raises(StorageError) as raised:
+            opened(path, secret_key=wrong)
+        assert f"KEYROTOR_SECRET_KEY does not decrypt the keys stored in {path}" in str(
+            raised.value
+        )
+        assert wrong not in str(raised.value)
+
+
+def test_a_passphrase_works_like_a_fernet_key_with_a_salt_per_file(
+    tmp_path: pathlib.Path, opened: Callable[..., StateStore]
+) -> None:
+    store = opened(tmp_path / "one.db", secret_key=PASSPHRASE)
+    store.add_key("a", SECRET_A, {})
+    store = reopen(store, opened, secret_key=PASSPHRASE)
+    assert [k.secret for k in store.load().keys] == [SECRET_A]
+    store.close()
+    with pytest.raises(StorageError, match="does not decrypt"):
+        opened(store.path, secret_key=PASSPHRASE + "!")
+    with pytest.raises(StorageError, match="at least 16 characters"):
+        opened(tmp_path / "two.db", secret_key="short")
+    opened(tmp_path / "three.db", secret_key=PASSPHRASE).close()
+
+    def salt(name: str) -> str:
+        with sqlite3.connect(tmp_path / name) as db:
+            value: str = db.execute("SELECT value FROM meta WHERE name = 'salt'").fetchone()[0]
+        db.close()
+        return value
+
+    assert len(bytes.fromhex(salt("one.db"))) == 16
+    assert salt("one.db") != salt("three.db")
+
+
+def test_an_alias_or_a_secret_is_stored_once(
+    tmp_path: pathlib.Path, key: str, opened: Callable[..., StateStore]
+) -> None:
+    store = opened(tmp_path / "state.db", secret_key=key)
+    store.add_key("a", SECRET_A, {})
+    with pytest.raises(StorageError, match="key 'a' is already stored") as raised:
+        store.add_key("a", SECRET_B, {})
+    assert SECRET_B not in str(raised.value)
+    with pytest.raises(
+        StorageError, match=r"this secret is already stored .* as key 'a'"
+    ) as raised:
+        store.add_key("b", SECRET_A, {})
+    assert SECRET_A not in str(raised.value)
+    with pytest.raises(StorageError, match="not JSON data"):
+        store.add_key("c", SECRET_B, {"weight": object()})
+    assert [k.alias for k in store.load().keys] == ["a"]
+
+
+# -- files that are not ours ----------------------------------------------------------------
+
+
+def test_a_newer_schema_is_refused(
+    tmp_path: pathlib.Path, opened: Callable[..., StateStore]
+) -> None:
+    path = tmp_path / "state.db"
+    opened(path).close()
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE meta SET value = '99' WHERE name = 'schema_version'")
+    db.close()
+    with pytest.raises(StorageError, match=r"newer keyrotor \(schema version 99.*upgrade"):
+        opened(path)
+
+
+def test_files_that_are_not_state_files_are_refused(
+    tmp_path: pathlib.Path, opened: Callable[..., StateStore]
+) -> None:
+    garbage = tmp_path / "notes.txt"
+    garbage.write_bytes(b"just some notes, not a database\n" * 200)
+    with pytest.raises(StorageError, match=r"not an SQLite database.*KEYROTOR_STATE"):
+        opened(garbage)
+    assert garbage.read_bytes().startswith(b"just some notes")
+
+    other = tmp_path / "other.db"
+    with sqlite3.connect(other) as db:
+        db.execute("CREATE TABLE t (x)")
+    db.close()
+    with pytest.raises(StorageError, match="not a keyrotor state file"):
+        opened(other)
+
+    with pytest.raises(StorageError, match="cannot open the state file"):
+        opened(tmp_path)  # a directory
+    with pytest.raises(StorageError, match="cannot create the state file"):
+        opened(garbage / "state.db")  # under a file
+
+
+# -- failures while serving -----------------------------------------------------------------
+
+
+def test_a_failing_disk_is_reported_and_writing_resumes(
+    tmp_path: pathlib.Path,
+    opened: Callable[..., StateStore],
+    logs: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    store = opened(tmp_path / "state.db")
+
+    def broken(*args: object) -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(store, "_write_batch", broken)
+    store.record_spend("a", cost=1.0)
+    store.record_state("a", "rate_limited", 100.0, "429")
+    assert store.flush() is False
+    store.record_spend("a", cost=1.0)  # the hot path never raises
+    assert store.flush() is False
+    health = store.health()
+    assert health["ok"] is False
+    assert health["failed_writes"] == 2
+    assert "disk I/O error" in health["last_error"]
+    assert health["pending"] == 2
+    assert [line for line in logs if "disk I/O error" in line] == logs[-1:]  # logged once
+    assert store.ledger()[0].requests == 2  # /status still counts what waits
+
+    monkeypatch.undo()
+    assert store.flush() is True
+    health = store.health()
+    assert (health["ok"], health["pending"]) == (True, 0)
+    assert "works again" in logs[-1]
+    loaded = reopen(store, opened).load()
+    assert (loaded.ledger[0].requests, loaded.ledger[0].cost) == (2, 2.0)
+    assert loaded.states["a"].state == "rate_limited"
+
+
+def test_a_full_disk_keeps_the_batch_until_there_is_room(
+    tmp_path: pathlib.Path, opened: Callable[..., StateStore], logs: list[str]
+) -> None:
+    store = opened(tmp_path / "state.db")
+    conn = store._conn
+    assert conn is not None
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    conn.execute(f"PRAGMA max_page_count = {pages}")  # SQLite's own "disk full"
+    for i in range(500):
+        store.record_state(f"key-{i}", "rate_limited", 1.0, "429 too many requests")
+    assert store.flush() is False
+    assert "database or disk is full" in store.health()["last_error"]
+    assert store.health()["pending"] == 500
+    conn.execute("PRAGMA max_page_count = 1073741823")
+    assert store.flush() is True
+    assert len(reopen(store, opened).load().states) == 500
+
+
+def test_a_database_locked_by_another_process_delays_writes_but_not_records(
+    tmp_path: pathlib.Path, key: str, opened: Callable[..., StateStore]
+) -> None:
+    store = opened(tmp_path / "state.db", secret_key=key, busy_timeout=0.5, flush_interval=0.01)
+    other = sqlite3.connect(store.path, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        store.record_spend("a")
+        deadline = time.monotonic() + 5  # the writer thread is now waiting for the lock
+        while store.health()["ok"] and time.monotonic() < deadline:
+            started = time.perf_counter()
+            for _ in range(1000):
+                store.record_spend("a")
+                store.record_state("a", "healthy", None, "")
+            assert time.perf_counter() - started < 0.25  # never waits for the disk
+            time.sleep(0.01)
+        assert "database is locked" in store.health()["last_error"]
+        with pytest.raises(StorageError, match=r"cannot store key 'a'.*database is locked"):
+            store.add_key("a", SECRET_A, {})
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    recorded = store.ledger()[0].requests
+    assert store.flush() is True
+    assert store.health()["ok"] is True
+    assert store.load().ledger[0].requests == recorded
+
+
+def test_what_waits_in_memory_is_bounded(
+    tmp_path: pathlib.Path,
+    opened: Callable[..., StateStore],
+    logs: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    store = opened(tmp_path / "state.db", max_pending=5)
+
+    def broken(*args: object) -> None:
+        raise sqlite3.OperationalError("attempt to write a readonly database")
+
+    monkeypatch.setattr(store, "_write_batch", broken)
+    for i in range(8):
+        store.record_state(f"k{i}", "healthy", None, "")
+    store.record_state("k1", "failed", None, "401")  # k1 is now the newest
+    store.record_spend("k0")
+    assert store.flush() is False
+    assert store.health()["pending"] == 5
+    assert store.health()["dropped"] == 4
+    monkeypatch.undo()
+    store.flush()
+    loaded = store.load()
+    assert sorted(loaded.states) == ["k1", "k5", "k6", "k7"]  # the oldest states went first
+    assert loaded.ledger[0].requests == 1  # spend outlived them
+    assert any("dropped the 4 oldest" in line for line in logs)
+
+
+# -- kill -9 --------------------------------------------------------------------------------
+
+CHILD = textwrap.dedent(
+    """
+    import sqlite3, sys, time
+    from keyrotor.adapters.storage import StateStore
+
+    store = StateStore.open(sys.argv[1], secret_key=sys.argv[2], flush_interval=0.05)
+    store.add_key("a", sys.argv[3], {"weight": 1.0})
+    reader = sqlite3.connect(sys.argv[1])  # sees only what is committed
+    recorded = 0
+    report = time.monotonic()
+    while True:
+        for _ in range(50):
+            recorded += 1
+            store.record_spend("a", prompt_tokens=2, cost=0.001)
+            store.record_state(f"k{recorded % 7}", "rate_limited", time.time() + 30, "429")
+        now = time.monotonic()
+        if now >= report:
+            committed = reader.execute("SELECT coalesce(sum(requests), 0) FROM ledger")
+            print(committed.fetchone()[0], recorded, now, flush=True)
+            report = now + 0.01
+    """
+)
+
+
+def test_kill_9_under_load_loses_at_most_the_last_batches_and_never_the_file(
+    tmp_path: pathlib.Path, key: str, opened: Callable[..., StateStore]
+) -> None:
+    path = tmp_path / "state.db"
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(path), key, SECRET_A],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None
+        lines = [child.stdout.readline()]  # running
+        killed_at = time.monotonic() + 0.5
+        while time.monotonic() < killed_at:
+            lines.append(child.stdout.readline())
+        os.kill(child.pid, signal.SIGKILL)
+        rest, _ = child.communicate(timeout=10)
+    finally:
+        if child.poll() is None:  # pragma: no cover - only if the test itself failed
+            child.kill()
+            child.wait()
+    assert child.returncode == -signal.SIGKILL
+    reports = [line.split() for line in lines + rest.splitlines()]
+    reports = [(int(c), int(r), float(t)) for c, r, t in (x for x in reports if len(x) == 3)]
+    committed = max(c for c, _, _ in reports)
+    assert committed > 0  # the writer thread flushed while the child ran
+
+    store = opened(path, secret_key=key)
+    assert store.integrity_check() == "ok"
+    loaded = store.load()
+    assert [k.secret for k in loaded.keys] == [SECRET_A]
+    assert len(loaded.states) == 7
+    survived = sum(row.requests for row in loaded.ledger)
+    assert survived >= committed  # nothing committed was lost
+    # What was recorded well before the end (6 flush intervals) was flushed.
+    last = reports[-1][2]
+    assert survived >= max((r for _, r, t in reports if t <= last - 0.3), default=0)
+
+
+# -- where the file lives -------------------------------------------------------------------
+
+
+def test_default_state_path() -> None:
+    assert default_state_path({"KEYROTOR_STATE": "/srv/k.db", "HOME": "/h"}) == pathlib.Path(
+        "/srv/k.db"
+    )
+    assert default_state_path({"XDG_DATA_HOME": "/x", "HOME": "/h"}) == pathlib.Path(
+        "/x/keyrotor/state.db"
+    )
+    expected = {
+        "darwin": "/h/Library/Application Support/keyrotor/state.db",
+    }.get(sys.platform, "/h/.local/share/keyrotor/state.db")
+    assert default_state_path({"HOME": "/h", "KEYROTOR_STATE": ""}) == pathlib.Path(expected)
+
+
+def test_secret_key_from_env() -> None:
+    assert secret_key_from_env({}) is None
+    assert secret_key_from_env({"KEYROTOR_SECRET_KEY": "  "}) is None
+    assert secret_key_from_env({"KEYROTOR_SECRET_KEY": " abc\n"}) == "abc"
