@@ -538,7 +538,7 @@ class StateStore:
                 f"key {alias!r} is already stored in {self.path}: remove it first or choose "
                 "another alias"
                 if row[1]
-                else f"this secret is already stored in {self.path} as {row[0]!r}"
+                else f"this secret is already stored in {self.path} as key {row[0]!r}"
             )
 
     def remove_key(self, alias: str) -> bool:
