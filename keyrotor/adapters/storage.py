@@ -333,10 +333,14 @@ class StateStore:
     ) -> StateStore:
         """Open (or create) the state file at ``path`` and start the writer thread.
 
-        ``secret_key``: a Fernet key or a passphrase of 16+ characters (``None``:
-        secrets can be neither stored nor loaded). ``busy_timeout``: how long a
-        write waits for another process holding the file. Raises ``StorageError``
-        (a wrong key, a newer schema, not a state file, an unusable path).
+        ``secret_key``: a Fernet key (44 characters of urlsafe base64 decoding to
+        32 bytes), else a passphrase of 16+ characters stretched with scrypt and
+        the file's salt; ``None``: secrets can be neither stored nor loaded.
+        ``busy_timeout``: how long a write waits for another process holding the
+        file. ``max_pending``: records kept in memory while writes fail. Raises
+        ``StorageError`` (a wrong key, a newer schema, not a state file, an
+        unusable path). ``load().states`` holds every alias recorded, including
+        keys from the configuration file.
         """
         path = Path(path).expanduser().absolute()
         emit = log or logging.getLogger(__name__).warning
