@@ -34,7 +34,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (default 8080)")
     serve.add_argument("--upstream", metavar="URL", help="upstream base URL (default OpenRouter's)")
+    from .replay.cli import add_parser as add_replay_parser
+
+    add_replay_parser(commands)
     args = parser.parse_args(argv)
+    if args.command == "replay":
+        from .replay.cli import run as run_replay
+
+        return run_replay(args)
     if args.command == "serve":
         return _serve(args)
     if args.command == "demo":

@@ -260,6 +260,8 @@ _ROWS: list[tuple[str, tuple[str, ...], str]] = [
     ("time to first byte p50", ("time_to_first_byte", "p50"), "s"),
     ("time to first byte p99", ("time_to_first_byte", "p99"), "s"),
     ("", (), ""),
+    ("batches all on distinct keys", ("groups", "all_distinct"), "int"),
+    ("", (), ""),
     ("spend total (USD)", ("spend", "total"), "usd"),
     ("  least spent by a key", ("spend", "min_key"), "usd"),
     ("  most spent by a key", ("spend", "max_key"), "usd"),

@@ -284,7 +284,7 @@ def seed001(keys: int | None, requests: int | None, seed: int) -> Scenario:
             )
     model = _model(latency={"kind": "fixed", "value": 0.5})
     model.failures = [
-        FailureWindow(key="key-4", start=0.0, end=10.0, status=429, retry_after=None),
+        FailureWindow(key="key-4", start=0.0, end=10.0, status=429, retry_after=0.0),
         FailureWindow(key="key-5", start=0.0, end=20.0, status=401),
         FailureWindow(key="key-6", start=0.0, end=20.0, status=401),
     ]
@@ -292,7 +292,8 @@ def seed001(keys: int | None, requests: int | None, seed: int) -> Scenario:
     return _scenario(
         "seed001",
         "seed 001: batches of 7 parallel operations over 7 keys, of which 4, then 5, then 7 "
-        "are usable: key-4 rate limited until t=10 s, key-5 and key-6 revoked until t=20 s; "
+        "are usable: key-4 rate limited until t=10 s (no Retry-After), key-5 and key-6 revoked "
+        "until t=20 s; "
         "they recover in batch probes (min_healthy=7)",
         _keys(n),
         records,

@@ -149,7 +149,7 @@ class FailureWindow:
     of :data:`FAILURE_KINDS` (no response: a transport failure after
     ``after`` seconds, default 30 for ``timeout``, else the error latency).
     ``retry_after`` (429 only) is sent as ``Retry-After``; default: the time
-    left until ``end``. ``error`` is a code put in the error body (e.g.
+    left until ``end``; 0 sends none. ``error`` is a code put in the error body (e.g.
     ``free-models-per-min`` makes a 429 account-wide).
     """
 
@@ -576,7 +576,7 @@ class SimulatedUpstream:
         headers = None
         if status == 429:
             wait = window.retry_after if window.retry_after is not None else window.end - now
-            if math.isfinite(wait):
+            if math.isfinite(wait) and wait > 0:
                 headers = {"retry-after": str(max(1, math.ceil(wait)))}
         message = window.error or {401: "User not found.", 402: "Insufficient credits"}.get(
             status, f"Error {status}"
@@ -595,7 +595,7 @@ class SimulatedUpstream:
             if window.start <= now < window.end:
                 status = window.status
                 if isinstance(status, str):
-                    return None, window.after or self.probe_latency, None
+                    return None, None, window.after or self.probe_latency
                 if status in (401, 403) or status >= 500:
                     return status, _error_body(status, "probe failed"), self.probe_latency
         if key.balance is not None and key.balance <= 0:
