@@ -34,6 +34,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (default 8080)")
     serve.add_argument("--upstream", metavar="URL", help="upstream base URL (default OpenRouter's)")
+    state = serve.add_mutually_exclusive_group()
+    state.add_argument(
+        "--state",
+        metavar="PATH",
+        help="the state file: keys added at runtime, health, spend "
+        "(default $KEYROTOR_STATE, else the user's data directory)",
+    )
+    state.add_argument(
+        "--no-state", action="store_true", help="keep nothing: a purely in-memory run"
+    )
+    from .adapters.keys_cli import add_parser as add_keys_parser
+
+    add_keys_parser(commands)
     from .replay.cli import add_parser as add_replay_parser
 
     add_replay_parser(commands)
@@ -44,6 +57,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_replay(args)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "keys":
+        from .adapters.keys_cli import run as run_keys
+
+        return run_keys(args)
     if args.command == "demo":
         if args.requests < 1:
             parser.error("--requests must be at least 1")
@@ -74,7 +91,13 @@ def _serve(args: argparse.Namespace) -> int:
 
     overrides = {
         name: value
-        for name, value in (("host", args.host), ("port", args.port), ("upstream", args.upstream))
+        for name, value in (
+            ("host", args.host),
+            ("port", args.port),
+            ("upstream", args.upstream),
+            ("state.path", args.state),
+            ("state.enabled", False if args.no_state else None),
+        )
         if value is not None
     }
     try:
@@ -83,8 +106,13 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"keyrotor serve: {exc}", file=sys.stderr)
         return 2
     from .adapters.proxy.main import run
+    from .adapters.storage import StorageError
 
-    run(config)
+    try:
+        run(config)
+    except (ConfigError, StorageError) as exc:
+        print(f"keyrotor serve: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 from hypothesis import settings
 
@@ -11,3 +13,15 @@ from hypothesis import settings
 settings.register_profile("ci", derandomize=True, print_blob=True)
 settings.register_profile("dev", print_blob=True)
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
+
+# `keyrotor serve` keeps state in the user's data directory by default: a test
+# run (and the processes it starts) must never touch the real one.
+_DATA_HOME = tempfile.mkdtemp(prefix="keyrotor-tests-")
+os.environ["XDG_DATA_HOME"] = _DATA_HOME
+os.environ.pop("KEYROTOR_STATE", None)
+for _name in ("KEYROTOR_ADMIN_TOKEN", "KEYROTOR_CLIENT_TOKENS", "KEYROTOR_SECRET_KEY"):
+    os.environ.pop(_name, None)
+
+
+def pytest_unconfigure() -> None:
+    shutil.rmtree(_DATA_HOME, ignore_errors=True)

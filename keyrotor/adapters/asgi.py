@@ -36,7 +36,7 @@ from urllib.parse import quote
 import anyio
 
 from .config import ProxyConfig
-from .proxy.app import ProxyApp, error_body
+from .proxy.app import error_body
 from .proxy.types import App, Request, Response
 
 __all__ = ["CLEANUP_TIMEOUT", "MAX_BODY_BYTES", "ASGIApp"]
@@ -110,17 +110,10 @@ class ASGIApp:
         if self._app is not None:
             raise RuntimeError("this ASGIApp is already running")
         # Deferred: the client pulls in the transports (anyio, h11).
-        from ..transports._async import AsyncClient
+        from .proxy.runtime import open_app
 
-        async with AsyncClient(
-            config.keys, config.upstream, config.pool, http=config.http, headers=config.headers
-        ) as client:
-            log = self._log
-            if log is not None:
-                client.driver.on_state_change.append(
-                    lambda change: log({"event": "key_state", **change.to_json()})
-                )
-            app = ProxyApp(client, routing_note=config.routing_note)
+        log = self._log if self._log is not None else _no_log
+        async with open_app(config, log) as app:
             self._app = app
             try:
                 yield app
@@ -302,3 +295,7 @@ async def _send_json(send: Send, status: int, body: bytes) -> None:
 async def _send_too_large(send: Send, limit: int) -> None:
     message = f"Request body too large (limit {limit} bytes)"
     await _send_json(send, 413, error_body(message, "invalid_request_error", 413))
+
+
+def _no_log(record: dict[str, Any]) -> None:
+    pass

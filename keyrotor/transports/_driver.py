@@ -105,9 +105,9 @@ class Driver:
 
     ``feed`` hands an event to the pool and routes each decision: request
     decisions to the request's ``Slot``, probes to ``probes``, state changes to
-    the ``on_state_change`` callbacks (``on_finished`` hears of each delivered
-    body's end: the key and its usage, for a spend ledger). ``deadline_changed`` tells the timer task
-    to look at ``next_deadline()`` again.
+    the ``on_state_change`` callbacks. ``on_finished`` hears of each delivered
+    body's end (the key and its usage, for a spend ledger). ``deadline_changed``
+    tells the timer task to look at ``next_deadline()`` again.
     """
 
     def __init__(

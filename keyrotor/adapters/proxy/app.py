@@ -11,13 +11,18 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ...transports._async import AsyncClient, StreamResponse
 from ...transports._http import ResponseHead
 from ...transports.errors import NoKeyAvailable, TransportError
+from .admin import Admin
+from .auth import Auth, Role
 from .metrics import ProxyCounters, render
 from .types import Request, Response
+
+if TYPE_CHECKING:
+    from ..storage import StateStore
 
 __all__ = ["ProxyApp", "delivered_headers", "error_body", "rejection"]
 
@@ -68,7 +73,12 @@ def delivered_headers(
 
 class ProxyApp:
     """Routes: ``/v1/*`` forwarded through the pool; ``/status``, ``/metrics``,
-    ``/healthz``. Everything else is a 404 in the OpenAI error shape.
+    ``/healthz``; ``/admin/*`` and ``POST /auth/token`` (docs/operations.md).
+    Everything else is a 404 in the OpenAI error shape.
+
+    With client tokens (``auth``), ``/v1/*``, ``/status``, ``/metrics`` and
+    ``/auth/token`` need one (or the admin token); ``/admin/*`` always needs
+    the admin token; ``/healthz`` is open.
 
     Per request, a caller may pin a key with ``X-Keyrotor-Key: ALIAS`` (or an
     index) and keep a session on one key with ``X-Keyrotor-Session: ID``.
@@ -80,10 +90,16 @@ class ProxyApp:
         *,
         routing_note: bool = False,
         clock: Callable[[], float] = time.time,
+        auth: Auth | None = None,
+        admin: Admin | None = None,
+        store: StateStore | None = None,
     ) -> None:
         self._client = client
         self._routing_note = routing_note
         self._clock = clock
+        self._auth = auth or Auth()
+        self._admin = admin
+        self._store = store
         self.counters = ProxyCounters()
         self.started = clock()
         self._day = int(self.started // 86_400)  # the UTC day, for totalCostToday
@@ -91,8 +107,19 @@ class ProxyApp:
 
     async def __call__(self, request: Request) -> Response:
         path = request.path
-        if path.startswith("/v1/"):
+        refusal = self._refusal(request, path)
+        if refusal is not None:
+            response = refusal
+        elif path.startswith("/v1/"):
             response = await self._forward(request)
+        elif path.startswith("/admin/"):
+            assert self._admin is not None
+            response = await self._admin(request)
+        elif path == "/auth/token" and request.method == "POST":
+            token, ttl = self._auth.issue()
+            response = self._json(
+                200, {"access_token": token, "token_type": "bearer", "expires_in": ttl}
+            )
         elif path == "/status" and request.method == "GET":
             response = self._json(200, self.status())
         elif path == "/metrics" and request.method == "GET":
@@ -115,6 +142,32 @@ class ProxyApp:
         self.counters.by_status[response.status] += 1
         return response
 
+    def _refusal(self, request: Request, path: str) -> Response | None:
+        """The 401/403/404 answer when the caller may not use ``path``."""
+        if path == "/healthz":
+            return None
+        auth = self._auth
+        if path.startswith("/admin/"):
+            if self._admin is None or not auth.admin_enabled:
+                return _refuse(
+                    403, "the admin API is off: set KEYROTOR_ADMIN_TOKEN and restart", "admin_off"
+                )
+            role = auth.role(request)
+            if role is Role.ADMIN:
+                return None
+            if role is Role.CLIENT:
+                return _refuse(403, "this token may not use the admin API", "forbidden")
+            return _refuse(401, "the admin API needs the admin token", "invalid_api_key")
+        if path == "/auth/token" and auth.open:
+            return _refuse(
+                404, "no client tokens are configured, so there is no token to exchange", None
+            )
+        if auth.open or auth.role(request) is not Role.NONE:
+            return None
+        return _refuse(
+            401, "missing or wrong token: send Authorization: Bearer <token>", "invalid_api_key"
+        )
+
     def status(self) -> dict[str, Any]:
         """Seed 004's status shape plus per-key detail (aliases, never secrets)."""
         status = self._client.status()
@@ -123,7 +176,11 @@ class ProxyApp:
         day = int(now // 86_400)
         if day != self._day:  # midnight UTC passed since the last look
             self._day, self._spend_before_today = day, total
-        status["stats"]["totalCostToday"] = total - self._spend_before_today
+        if self._store is not None:  # the ledger also knows what was spent before a restart
+            status["stats"]["totalCostToday"] = sum(row.cost for row in self._store.ledger())
+            status["storage"] = self._store.health()
+        else:
+            status["stats"]["totalCostToday"] = total - self._spend_before_today
         status["uptime"] = round(now - self.started, 3)
         status["stats"]["failovers"] = self.counters.failovers
         status["stats"]["streamErrors"] = self.counters.stream_errors
@@ -175,6 +232,16 @@ class ProxyApp:
         if self._routing_note and upstream.is_success:
             content = _with_routing(content, upstream)
         return Response(status=upstream.status_code, headers=out_headers, body=content, log=log)
+
+
+def _refuse(status: int, message: str, code: str | None) -> Response:
+    headers = [_JSON]
+    if status == 401:
+        headers.append(("www-authenticate", 'Bearer realm="keyrotor"'))
+    kind = "authentication_error" if status == 401 else "permission_error"
+    if status == 404:
+        kind = "invalid_request_error"
+    return Response(status=status, headers=headers, body=error_body(message, kind, code))
 
 
 def _with_routing(content: bytes, upstream: StreamResponse) -> bytes:

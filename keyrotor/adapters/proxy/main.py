@@ -7,15 +7,16 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import trio
 
-from ...core import KeyStateChanged
-from ...transports._async import AsyncClient
 from ..config import ProxyConfig
-from .app import ProxyApp
+from .runtime import open_app, open_store, plan
 from .server import ServerOptions, serve
+
+if TYPE_CHECKING:
+    from ..storage import StateStore
 
 __all__ = ["json_logger", "run", "run_proxy"]
 
@@ -43,18 +44,15 @@ async def run_proxy(
     *,
     log: Callable[[dict[str, Any]], None],
     shutdown: trio.Event,
+    store: StateStore | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``config`` until ``shutdown`` is set; ``task_status`` gets the port."""
-    async with AsyncClient(
-        config.keys, config.upstream, config.pool, http=config.http, headers=config.headers
-    ) as client:
+    """Serve ``config`` until ``shutdown`` is set; ``task_status`` gets the port.
 
-        def state_changed(change: KeyStateChanged) -> None:
-            log({"event": "key_state", **change.to_json()})
-
-        client.driver.on_state_change.append(state_changed)
-        app = ProxyApp(client, routing_note=config.routing_note)
+    ``store``: the state file, already open (``run`` opens it first so that a
+    problem with it stops the start with one clear line); closed at the end.
+    """
+    async with open_app(config, log, store) as app:
         options = ServerOptions(**config.server)
         async with trio.open_nursery() as nursery:
             port = await nursery.start(
@@ -62,20 +60,45 @@ async def run_proxy(
                     app, options, task_status=task_status, shutdown=shutdown, log=log
                 )
             )
+            status = app.status()
             log(
                 {
                     "event": "listening",
                     "url": f"http://{options.host}:{port}",
                     "upstream": config.upstream,
-                    "keys": list(config.keys),
+                    "keys": [k["alias"] for k in status["keys"]],
+                    "state": config.state_path,
+                    "client_tokens": len(config.client_tokens),
+                    "admin_api": config.admin_token is not None,
                 }
             )
+            if not config.client_tokens:
+                log(
+                    {
+                        "event": "warning",
+                        "message": "no client tokens: anyone who can connect to "
+                        f"{options.host}:{port} may use the pool (set KEYROTOR_CLIENT_TOKENS)",
+                    }
+                )
+            if not status["keys"]:
+                log({"event": "warning", "message": "no keys yet: add one with keyrotor keys add"})
             task_status.started(port)
 
 
 def run(config: ProxyConfig, stream: TextIO = sys.stderr) -> None:
-    """Block serving ``config``; SIGINT or SIGTERM shuts down gracefully."""
+    """Block serving ``config``; SIGINT or SIGTERM shuts down gracefully.
+
+    Raises ``StorageError`` or ``ConfigError`` before serving when the state
+    file cannot be used or there is no key to start with.
+    """
     log = json_logger(stream, config.log_format)
+    store = open_store(config, log)
+    try:
+        plan(config, store, lambda record: None)  # fails now, not inside the event loop
+    except BaseException:
+        if store is not None:
+            store.close()
+        raise
 
     async def main() -> None:
         shutdown = trio.Event()
@@ -83,11 +106,9 @@ def run(config: ProxyConfig, stream: TextIO = sys.stderr) -> None:
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 await nursery.start(
                     lambda task_status: run_proxy(
-                        config, log=log, shutdown=shutdown, task_status=task_status
+                        config, log=log, shutdown=shutdown, store=store, task_status=task_status
                     )
                 )
-                if config.server.get("host") not in ("127.0.0.1", "localhost", "::1"):
-                    log({"event": "warning", "message": "listening beyond loopback"})
                 async for signum in signals:
                     log({"event": "shutdown", "signal": signal.Signals(signum).name})
                     shutdown.set()

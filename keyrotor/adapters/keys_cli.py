@@ -1,0 +1,193 @@
+"""``keyrotor keys ...``: the admin API of a running proxy, from the command line.
+
+The proxy's address comes from ``--url`` (or ``KEYROTOR_URL``, default
+``http://127.0.0.1:8080``), the admin token from ``KEYROTOR_ADMIN_TOKEN``.
+Secrets never go on the command line (where ``ps`` and shell history would
+keep them): ``keys add`` reads the key from the variable ``--secret-env``
+names, or from standard input (without echo on a terminal). Standard library
+only (``urllib``): the proxy is usually on this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from typing import Any, TextIO
+
+__all__ = ["add_parser", "run"]
+
+DEFAULT_URL = "http://127.0.0.1:8080"
+_STATES = ("healthy", "enabled", "disabled", "rate_limited", "degraded", "depleted", "failed")
+
+
+class _Refused(Exception):
+    """The proxy answered with an error (or could not be reached)."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def add_parser(commands: Any) -> None:
+    """Add ``keys`` and its subcommands to the ``keyrotor`` parser."""
+    keys = commands.add_parser(
+        "keys",
+        help="add, remove, list, mark or probe keys of a running proxy (its admin API)",
+        description="Talks to a running `keyrotor serve` through its admin API. "
+        "The admin token comes from KEYROTOR_ADMIN_TOKEN.",
+    )
+    keys.add_argument(
+        "--url", help=f"the proxy's address (default $KEYROTOR_URL, else {DEFAULT_URL})"
+    )
+    actions = keys.add_subparsers(dest="action", metavar="ACTION", required=True)
+    listing = actions.add_parser("list", help="every key: alias, state, source, counters")
+    listing.add_argument("--json", action="store_true", help="print the admin API's JSON")
+    add = actions.add_parser("add", help="add a key (read from --secret-env or standard input)")
+    add.add_argument("--alias", help="its name in logs and status (default: key-<hash>)")
+    add.add_argument(
+        "--secret-env", metavar="VAR", help="read the key from this environment variable"
+    )
+    add.add_argument("--weight", type=float)
+    add.add_argument("--account", help="keys of one account share account-wide limits")
+    add.add_argument("--max-in-flight", type=int)
+    add.add_argument("--rpm", type=float, help="known requests-per-minute limit")
+    add.add_argument("--tpm", type=float, help="known tokens-per-minute limit")
+    add.add_argument("--budget", type=float, help="spend limit in USD")
+    add.add_argument("--budget-window", type=float, help="seconds the budget applies to")
+    add.add_argument("--credits", type=float, help="known balance in USD")
+    remove = actions.add_parser("remove", help="remove a key (requests on it finish)")
+    remove.add_argument("alias")
+    mark = actions.add_parser("mark", help="set a key's state (healthy after a refund, ...)")
+    mark.add_argument("alias")
+    mark.add_argument("state", choices=_STATES)
+    mark.add_argument(
+        "--duration", type=float, help="seconds, for rate_limited and degraded (and depleted)"
+    )
+    probe = actions.add_parser("probe", help="probe one key, or every key")
+    probe.add_argument("alias", nargs="?")
+
+
+def run(
+    args: argparse.Namespace,
+    environ: Mapping[str, str] = os.environ,
+    stdin: TextIO = sys.stdin,
+    stdout: TextIO = sys.stdout,
+    stderr: TextIO = sys.stderr,
+) -> int:
+    """Carry out ``keyrotor keys ACTION``; 0 on success, 1 refused, 2 unusable."""
+    url = (args.url or environ.get("KEYROTOR_URL") or DEFAULT_URL).rstrip("/")
+    token = environ.get("KEYROTOR_ADMIN_TOKEN", "").strip()
+    if not token:
+        print("keyrotor keys: set KEYROTOR_ADMIN_TOKEN to the proxy's admin token", file=stderr)
+        return 2
+    try:
+        if args.action == "list":
+            keys = _call(url, token, "GET", "/admin/keys")["keys"]
+            if args.json:
+                print(json.dumps(keys, indent=2), file=stdout)
+            else:
+                _table(keys, stdout)
+        elif args.action == "add":
+            secret = _secret(args, environ, stdin)
+            body: dict[str, Any] = {"key": secret, "alias": args.alias}
+            for name in ("weight", "account", "max_in_flight", "rpm", "tpm", "budget"):
+                body[name] = getattr(args, name)
+            body["budget_window"], body["credits"] = args.budget_window, args.credits
+            added = _call(
+                url, token, "POST", "/admin/keys", {k: v for k, v in body.items() if v is not None}
+            )
+            kept = "stored in the state file" if added.get("stored") else "in memory only"
+            print(f"added {added['alias']} ({added['masked']}), {kept}", file=stdout)
+        elif args.action == "remove":
+            done = _call(url, token, "DELETE", f"/admin/keys/{_quote(args.alias)}")
+            note = (
+                " (it is configured: it returns at the next start)"
+                if done.get("returns_at_restart")
+                else ""
+            )
+            print(
+                f"removed {args.alias}; {done['in_flight']} request(s) on it finish{note}",
+                file=stdout,
+            )
+        elif args.action == "mark":
+            body = {"state": args.state}
+            if args.duration is not None:
+                body["duration"] = args.duration
+            key = _call(url, token, "POST", f"/admin/keys/{_quote(args.alias)}/state", body)
+            print(f"{key['alias']} is {key['state']}", file=stdout)
+        else:
+            target = {"alias": args.alias} if args.alias else {}
+            probing = _call(url, token, "POST", "/admin/probe", target)["probing"]
+            print(f"probing {', '.join(probing) or 'no key'}", file=stdout)
+    except _Refused as exc:
+        print(f"keyrotor keys {args.action}: {exc}", file=stderr)
+        return exc.code
+    return 0
+
+
+def _secret(args: argparse.Namespace, environ: Mapping[str, str], stdin: TextIO) -> str:
+    if args.secret_env:
+        value = environ.get(args.secret_env, "").strip()
+        if not value:
+            raise _Refused(f"the environment variable {args.secret_env} is empty or not set", 2)
+        return value
+    value = getpass.getpass("API key (not echoed): ") if stdin.isatty() else stdin.readline()
+    value = value.strip()
+    if not value:
+        raise _Refused("no key given: pipe it on standard input or use --secret-env VAR", 2)
+    return value
+
+
+def _quote(alias: str) -> str:
+    from urllib.parse import quote
+
+    return quote(alias, safe="")
+
+
+def _call(url: str, token: str, method: str, path: str, body: Any = None) -> Any:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url + path, data=data, method=method)
+    request.add_header("authorization", f"Bearer {token}")
+    if data is not None:
+        request.add_header("content-type", "application/json")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        with exc:
+            try:
+                message = json.loads(exc.read())["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                message = exc.reason
+        raise _Refused(f"the proxy answered {exc.code}: {message}", 1) from None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise _Refused(f"cannot reach the proxy at {url}: {reason}", 2) from None
+
+
+def _table(keys: list[dict[str, Any]], out: TextIO) -> None:
+    rows = [("ALIAS", "STATE", "SOURCE", "IN FLIGHT", "REQUESTS", "SPEND $", "KEY")]
+    for key in keys:
+        state = key["state"] + (f" ({key['until_in']:.0f}s)" if key.get("until_in") else "")
+        rows.append(
+            (
+                key["alias"],
+                state,
+                key.get("source", ""),
+                str(key["in_flight"]),
+                str(key["requests"]),
+                f"{key['spend']:.4f}",
+                key.get("masked", ""),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print(
+            "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip(), file=out
+        )

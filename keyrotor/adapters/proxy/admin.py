@@ -1,0 +1,275 @@
+"""The admin API (``/admin/*``): keys added, removed, marked and probed at runtime.
+
+Every change takes effect at once on the running pool. Keys added here are
+stored (secret encrypted) in the state file when there is one, before they
+join the pool, so an answer of 201 means the key survives a restart. No
+answer, log line or error ever holds a secret. docs/operations.md is the
+reference, with curl examples.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import anyio.to_thread
+
+from ...core import KeySpec, KeyState, PoolError
+from ...transports._async import AsyncClient
+from ...transports.errors import ConfigurationError
+from .types import Request, Response
+
+if TYPE_CHECKING:
+    from ..storage import StateStore
+
+__all__ = ["KEY_OPTIONS", "Admin"]
+
+_JSON = ("content-type", "application/json")
+_NUMBERS = ("weight", "rpm", "tpm", "budget", "budget_window", "credits")
+KEY_OPTIONS = ("key", "alias", "account", "max_in_flight", *_NUMBERS)
+"""The fields of ``POST /admin/keys``."""
+_MARKABLE = ("healthy", "disabled", "rate_limited", "degraded", "depleted", "failed")
+_KEY_PATH = re.compile(r"^/admin/keys/([^/]+)(/state)?$")
+
+
+class AdminError(Exception):
+    """A request the admin API refuses: its status and message (never a secret)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Admin:
+    """Answers ``/admin/*`` requests whose caller holds the admin token.
+
+    ``sources`` tells where each key came from (``config``, ``environment``,
+    ``api``): keys of the file or the environment come back at the next start
+    even when removed here. ``log`` gets one record per change.
+    """
+
+    def __init__(
+        self,
+        client: AsyncClient,
+        store: StateStore | None,
+        sources: dict[str, str],
+        log: Callable[[dict[str, Any]], None] = lambda record: None,
+    ) -> None:
+        self._client = client
+        self._store = store
+        self.sources = sources
+        self._log = log
+        self._lock = anyio.Lock()  # one change at a time: check, store, then pool
+        self._specs: dict[str, KeySpec] = {}  # keys added here (config keys: pool.config)
+
+    async def __call__(self, request: Request) -> Response:
+        try:
+            return await self._route(request)
+        except AdminError as exc:
+            return _answer(exc.status, {"error": {"message": str(exc), "code": exc.status}})
+
+    async def _route(self, request: Request) -> Response:
+        path, method = request.path.rstrip("/") or "/", request.method
+        if path == "/admin/keys":
+            if method == "GET":
+                return _answer(200, {"keys": self.list_keys()})
+            if method == "POST":
+                return await self._add(request)
+            raise AdminError(405, f"{method} {path}: use GET or POST")
+        if path == "/admin/probe":
+            if method != "POST":
+                raise AdminError(405, f"{method} {path}: use POST")
+            body = _json_object(request.body, allow_empty=True)
+            alias = body.get("alias")
+            if alias is not None and not isinstance(alias, str):
+                raise AdminError(400, "alias must be a string (or absent: probe every key)")
+            self._call(self._client.probe_keys, alias)
+            targets = [alias] if alias else self._client.driver.pool.key_ids()
+            self._log({"event": "admin", "action": "probe", "keys": targets})
+            return _answer(202, {"probing": targets})
+        match = _KEY_PATH.match(path)
+        if match is None:
+            raise AdminError(404, f"no admin route {method} {path}")
+        alias, state = match.group(1), match.group(2)
+        if state:
+            if method != "POST":
+                raise AdminError(405, f"{method} {path}: use POST")
+            return self._mark(alias, _json_object(request.body))
+        if method == "DELETE":
+            return await self._remove(alias)
+        if method == "GET":
+            return _answer(200, self._entry(alias))
+        raise AdminError(405, f"{method} {path}: use GET or DELETE")
+
+    # ---------------------------------------------------------------- views
+
+    def list_keys(self) -> list[dict[str, Any]]:
+        """Every key: alias, masked form, source, options, state and counters."""
+        specs = {s.key_id: s for s in self._client.driver.pool.config.keys}
+        specs.update(self._specs)
+        out = []
+        for item in self._client.status()["keys"]:
+            alias = item["alias"]
+            spec = specs.get(alias)
+            options = {}
+            if spec is not None:
+                options = {
+                    name: getattr(spec, name)
+                    for name in ("weight", "account", "max_in_flight", *_NUMBERS[1:])
+                    if getattr(spec, name) is not None
+                }
+            out.append({**item, "source": self.sources.get(alias, "api"), "options": options})
+        return out
+
+    def _entry(self, alias: str) -> dict[str, Any]:
+        for item in self.list_keys():
+            if item["alias"] == alias:
+                return item
+        raise AdminError(404, f"no key with alias {alias!r}")
+
+    # ------------------------------------------------------------- changes
+
+    async def _add(self, request: Request) -> Response:
+        body = _json_object(request.body)
+        unknown = sorted(set(body) - set(KEY_OPTIONS))
+        if unknown:
+            raise AdminError(
+                400, f"unknown field(s) {', '.join(unknown)}; fields are {', '.join(KEY_OPTIONS)}"
+            )
+        secret = body.get("key")
+        if not isinstance(secret, str) or not secret.strip():
+            raise AdminError(400, 'field "key" (the API key) is required and must be a string')
+        secret = secret.strip()
+        alias = body.get("alias")
+        if alias is None:  # a stable name that reveals nothing of the key
+            alias = "key-" + hashlib.sha256(secret.encode()).hexdigest()[:8]
+        if not isinstance(alias, str):
+            raise AdminError(400, "alias must be a string")
+        spec = {name: body[name] for name in KEY_OPTIONS[2:] if body.get(name) is not None}
+        for name, value in spec.items():
+            if name == "account":
+                ok = isinstance(value, str)
+            elif name == "max_in_flight":
+                ok = isinstance(value, int) and not isinstance(value, bool)
+            else:
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+                ok = ok and math.isfinite(value)
+            if not ok:
+                kind = {"account": "a string", "max_in_flight": "an integer"}.get(name, "a number")
+                raise AdminError(400, f"{name} must be {kind}")
+        async with self._lock:
+            driver = self._client.driver
+            # Everything the pool would refuse, refused before anything is stored.
+            try:
+                key_spec = KeySpec(key_id=alias, **spec)
+            except PoolError as exc:
+                raise AdminError(400, _safe(str(exc), secret)) from None
+            if alias in driver.secrets or alias in driver.pool.key_ids():
+                raise AdminError(409, f"a key with alias {alias!r} is already in the pool")
+            if secret in driver.secrets.values():
+                owner = next(a for a, s in driver.secrets.items() if s == secret)
+                raise AdminError(409, f"this key is already in the pool as {owner!r}")
+            stored = False
+            if self._store is not None:
+                from ..storage import SecretsLocked, StorageError
+
+                try:
+                    await anyio.to_thread.run_sync(self._store.add_key, alias, secret, spec)
+                except SecretsLocked as exc:
+                    raise AdminError(409, str(exc)) from None
+                except StorageError as exc:
+                    raise AdminError(409 if "already" in str(exc) else 503, str(exc)) from None
+                stored = True
+            try:
+                self._call(self._client.add_key, alias, secret, **spec)
+            except AdminError:
+                if stored:
+                    assert self._store is not None
+                    await anyio.to_thread.run_sync(self._store.remove_key, alias)
+                raise
+            self.sources[alias] = "api"
+            self._specs[alias] = key_spec
+        self._log({"event": "admin", "action": "add", "key": alias, "stored": stored})
+        return _answer(201, {**self._entry(alias), "stored": stored})
+
+    async def _remove(self, alias: str) -> Response:
+        async with self._lock:
+            entry = self._entry(alias)
+            self._call(self._client.remove_key, alias)
+            stored = False
+            if self._store is not None and self.sources.get(alias, "api") == "api":
+                from ..storage import StorageError
+
+                try:
+                    stored = await anyio.to_thread.run_sync(self._store.remove_key, alias)
+                except StorageError as exc:
+                    self._log({"event": "storage_error", "message": str(exc)})
+            source = self.sources.pop(alias, "api")
+            self._specs.pop(alias, None)
+        self._log({"event": "admin", "action": "remove", "key": alias})
+        return _answer(
+            200,
+            {
+                "alias": alias,
+                "removed": True,
+                "in_flight": entry["in_flight"],  # they finish; no new ones start
+                "unstored": stored,
+                "returns_at_restart": source != "api",
+            },
+        )
+
+    def _mark(self, alias: str, body: dict[str, Any]) -> Response:
+        state = body.get("state")
+        if state == "enabled":
+            state = "healthy"
+        if state not in _MARKABLE:
+            raise AdminError(400, f"state must be one of {', '.join(_MARKABLE)}")
+        duration = body.get("duration")
+        if duration is not None and (
+            not isinstance(duration, (int, float))
+            or isinstance(duration, bool)
+            or not (0 < duration < math.inf)
+        ):
+            raise AdminError(400, "duration must be a number of seconds more than zero")
+        if state in ("rate_limited", "degraded") and duration is None:
+            raise AdminError(400, f"marking a key {state} needs a duration in seconds")
+        self._entry(alias)  # 404 first
+        self._call(self._client.mark_key, alias, KeyState(state), duration=duration)
+        self._log({"event": "admin", "action": "mark", "key": alias, "state": state})
+        return _answer(200, self._entry(alias))
+
+    @staticmethod
+    def _call(method: Callable[..., None], *args: Any, **kwargs: Any) -> None:
+        """A client call, its refusal as a 4xx answer."""
+        try:
+            method(*args, **kwargs)
+        except ConfigurationError as exc:
+            status = 404 if "no key with alias" in str(exc) else 409
+            raise AdminError(status, str(exc)) from None
+        except PoolError as exc:
+            raise AdminError(409, str(exc)) from None
+
+
+def _answer(status: int, payload: Any) -> Response:
+    return Response(status=status, headers=[_JSON], body=json.dumps(payload).encode())
+
+
+def _json_object(body: bytes, allow_empty: bool = False) -> dict[str, Any]:
+    if allow_empty and not body.strip():
+        return {}
+    try:
+        value = json.loads(body)
+    except ValueError:
+        raise AdminError(400, "the body must be a JSON object") from None
+    if not isinstance(value, dict):
+        raise AdminError(400, "the body must be a JSON object")
+    return value
+
+
+def _safe(message: str, secret: str) -> str:
+    return message.replace(secret, "<the key>") if secret else message

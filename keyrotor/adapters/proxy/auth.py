@@ -1,0 +1,107 @@
+"""Who may call the proxy: client tokens, the admin token, short-lived tokens.
+
+Tokens are kept as SHA-256 digests and compared with ``hmac.compare_digest``
+against every configured token (no early exit), so neither the comparison nor
+its timing tells how much of a guess was right. ``POST /auth/token`` (seed
+004) exchanges a client token for a bearer token that expires after
+``ttl`` seconds; issued tokens live in memory only, so a restart revokes them.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import secrets
+import time
+from collections.abc import Callable, Iterable
+
+from .types import Request
+
+__all__ = ["Auth", "Role"]
+
+_MAX_ISSUED = 100_000  # live issued tokens at most; the oldest go first
+
+
+class Role(enum.Enum):
+    """What a request's bearer token makes its caller."""
+
+    NONE = "none"  # no token, or a wrong one
+    CLIENT = "client"
+    ADMIN = "admin"
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+
+
+def bearer(request: Request) -> str | None:
+    """The token of an ``Authorization: Bearer ...`` header, if any."""
+    value = request.header("authorization")
+    if value is None:
+        return None
+    scheme, _, token = value.strip().partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
+
+
+class Auth:
+    """The configured tokens and the tokens issued by ``issue``.
+
+    ``open`` is True when no client token is configured: ``/v1/*`` then needs
+    no token (the configuration allows that on a loopback address only).
+    """
+
+    def __init__(
+        self,
+        client_tokens: Iterable[str] = (),
+        admin_token: str | None = None,
+        ttl: float = 3600.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._clients = [_digest(t) for t in client_tokens]
+        self._admin = _digest(admin_token) if admin_token else None
+        self._issued: dict[bytes, float] = {}  # digest -> expiry (clock time)
+        self.ttl = ttl
+        self._clock = clock
+
+    @property
+    def open(self) -> bool:
+        """No client token is configured: anyone who can connect may call."""
+        return not self._clients
+
+    @property
+    def admin_enabled(self) -> bool:
+        """An admin token is configured (else the admin API is off)."""
+        return self._admin is not None
+
+    def role(self, request: Request) -> Role:
+        """What the request's bearer token makes its caller."""
+        token = bearer(request)
+        if token is None:
+            return Role.NONE
+        digest = _digest(token)
+        if self._admin is not None and hmac.compare_digest(digest, self._admin):
+            return Role.ADMIN
+        matched = False
+        for known in self._clients:  # every one compared: no early exit
+            matched |= hmac.compare_digest(digest, known)
+        if matched:
+            return Role.CLIENT
+        expiry = self._issued.get(digest)
+        if expiry is not None:
+            if expiry > self._clock():
+                return Role.CLIENT
+            del self._issued[digest]
+        return Role.NONE
+
+    def issue(self) -> tuple[str, float]:
+        """A fresh bearer token and its lifetime in seconds."""
+        now = self._clock()
+        if len(self._issued) >= _MAX_ISSUED:
+            self._issued = {d: e for d, e in self._issued.items() if e > now}
+            while len(self._issued) >= _MAX_ISSUED:
+                del self._issued[next(iter(self._issued))]
+        token = "krt_" + secrets.token_urlsafe(32)
+        self._issued[_digest(token)] = now + self.ttl
+        return token, self.ttl

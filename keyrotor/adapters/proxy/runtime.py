@@ -1,0 +1,193 @@
+"""One running proxy: the state file, the pool's client and the application.
+
+``open_app`` is shared by the h11 server (``main.py``) and the ASGI front: it
+opens the state file, starts the pool on the configured keys plus the stored
+ones, puts back what the file remembers (health states with their
+until-times, today's spend), records every state change and every finished
+request's spend while serving, and builds ``ProxyApp`` with its tokens and the
+admin API. On exit the state file is flushed and closed.
+
+Clocks: the core runs on the monotonic clock, the file on wall-clock Unix
+time. A stored until-time ``u`` becomes ``mono_now + (u - wall_now)``, and
+back the same way.
+"""
+
+from __future__ import annotations
+
+import calendar
+import contextlib
+import re
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+from ...core import KeySpec, KeyState, KeyStateChanged, PoolConfig, SpendRecorded
+from ...transports._async import AsyncClient
+from ...transports._driver import Driver, StreamAccountant
+from ..config import ConfigError, ProxyConfig
+from .admin import Admin
+from .app import ProxyApp
+from .auth import Auth
+
+if TYPE_CHECKING:
+    from ..storage import Loaded, StateStore
+
+__all__ = ["Startup", "open_app", "open_store", "plan", "record", "restore"]
+
+Log = Callable[[dict[str, Any]], None]
+_COOLING = frozenset({KeyState.RATE_LIMITED, KeyState.DEGRADED})
+_ENV_ALIAS = re.compile(r"^env\d+$")  # the loader's names for the environment's keys
+_KEPT = frozenset({KeyState.DEPLETED, KeyState.FAILED, KeyState.DISABLED, *_COOLING})
+
+
+def open_store(config: ProxyConfig, log: Log) -> StateStore | None:
+    """The state file of ``config`` (None with ``--no-state``). Raises
+    ``StorageError`` when it cannot be used."""
+    if config.state_path is None:
+        return None
+    from ..storage import StateStore
+
+    return StateStore.open(
+        config.state_path,
+        secret_key=config.secret_key,
+        flush_interval=config.state_flush,
+        log=lambda message: log({"event": "storage", "message": message}),
+    )
+
+
+@attrs.frozen
+class Startup:
+    """The keys to start with: secrets, the pool's config, where each came from."""
+
+    keys: dict[str, str]
+    pool: PoolConfig
+    sources: dict[str, str]
+    loaded: Loaded | None
+
+
+def plan(config: ProxyConfig, store: StateStore | None, log: Log) -> Startup:
+    """The configured keys plus the stored ones (a stored key whose alias or
+    secret the configuration also has is skipped, with a warning)."""
+    keys = dict(config.keys)
+    sources = {a: "environment" if _ENV_ALIAS.match(a) else "config" for a in keys}
+    specs = list(config.pool.keys)
+    loaded = store.load() if store is not None else None
+    for stored in loaded.keys if loaded is not None else ():
+        if stored.alias in keys or stored.secret in keys.values():
+            log(
+                {
+                    "event": "warning",
+                    "message": f"stored key {stored.alias!r} is also configured; using the "
+                    "configured one",
+                }
+            )
+            continue
+        try:
+            specs.append(KeySpec(key_id=stored.alias, **stored.spec))
+        except (TypeError, ValueError) as exc:
+            log({"event": "warning", "message": f"stored key {stored.alias!r} skipped: {exc}"})
+            continue
+        keys[stored.alias] = stored.secret
+        sources[stored.alias] = "api"
+    if not keys and not config.admin_token:
+        skipped = (
+            f" ({len(loaded.skipped)} stored key(s) need KEYROTOR_SECRET_KEY)"
+            if (loaded is not None and loaded.skipped)
+            else ""
+        )
+        raise ConfigError(
+            f"no API keys{skipped}: add [[keys]] to a --config file, set OPENROUTER_KEYS, or set "
+            "KEYROTOR_ADMIN_TOKEN to start empty and add keys with `keyrotor keys add`"
+        )
+    return Startup(keys, attrs.evolve(config.pool, keys=specs), sources, loaded)
+
+
+def restore(driver: Driver, loaded: Loaded, wall_now: float | None = None) -> None:
+    """Put back the stored health states and spend (call before serving)."""
+    wall = driver.wall_clock() if wall_now is None else wall_now
+    now = driver.now()
+    present = set(driver.pool.key_ids())
+    for alias, saved in sorted(loaded.states.items()):
+        state = KeyState(saved.state)
+        if alias not in present or state not in _KEPT:
+            continue
+        until = None if saved.until is None else now + (saved.until - wall)
+        if until is not None and until <= now:
+            continue  # its time is up: it starts healthy
+        if until is None and state in _COOLING:
+            continue
+        driver.mark_key(alias, state, None if until is None else until - now, "restored")
+    for row in loaded.ledger:
+        if row.alias not in present or not (row.cost or row.prompt_tokens):
+            continue
+        day_start = calendar.timegm(time.strptime(row.day, "%Y-%m-%d"))
+        driver.feed(
+            SpendRecorded(
+                now=now,
+                key_id=row.alias,
+                cost=row.cost,
+                prompt_tokens=row.prompt_tokens,
+                completion_tokens=row.completion_tokens,
+                at=now + min(day_start - wall, 0.0),
+            )
+        )
+
+
+def record(driver: Driver, store: StateStore) -> None:
+    """Write every state change and every finished request's spend to ``store``."""
+
+    def state_changed(change: KeyStateChanged) -> None:
+        wall = driver.wall_clock()
+        until = None if change.until is None else wall + (change.until - change.now)
+        store.record_state(change.key_id, change.new.value, until, change.reason)
+
+    def finished(key_id: str, usage: StreamAccountant) -> None:
+        store.record_spend(
+            key_id,
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            cost=usage.cost,
+        )
+
+    driver.on_state_change.append(state_changed)
+    driver.on_finished.append(finished)
+
+
+@contextlib.asynccontextmanager
+async def open_app(
+    config: ProxyConfig, log: Log, store: StateStore | None = None
+) -> AsyncIterator[ProxyApp]:
+    """The application serving ``config`` for the block's duration.
+
+    ``store``: an already open state file (closed here at the end); None opens
+    the one ``config`` names, if any.
+    """
+    if store is None:
+        store = open_store(config, log)
+    try:
+        startup = plan(config, store, log)
+        async with AsyncClient(
+            startup.keys,
+            config.upstream,
+            startup.pool,
+            http=config.http,
+            headers=config.headers,
+        ) as client:
+            driver = client.driver
+            if startup.loaded is not None:
+                restore(driver, startup.loaded)
+            driver.on_state_change.append(
+                lambda change: log({"event": "key_state", **change.to_json()})
+            )
+            if store is not None:
+                record(driver, store)
+            admin = Admin(client, store, startup.sources, log) if config.admin_token else None
+            auth = Auth(config.client_tokens, config.admin_token, config.token_ttl)
+            yield ProxyApp(
+                client, routing_note=config.routing_note, auth=auth, admin=admin, store=store
+            )
+    finally:
+        if store is not None:
+            store.close()
