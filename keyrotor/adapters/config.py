@@ -25,6 +25,7 @@ from ..core import POLICIES, KeySpec, PoolConfig, PoolError
 from ..transports._driver import OPENROUTER_URL, keys_from_env, mask
 from ..transports._http import HTTPOptions
 from ..transports.errors import ConfigurationError
+from .storage import default_state_path, secret_key_from_env
 
 __all__ = [
     "LOG_FORMATS",
@@ -32,7 +33,6 @@ __all__ = [
     "SERVER_DEFAULTS",
     "ConfigError",
     "ProxyConfig",
-    "default_state_path",
     "load_config",
 ]
 
@@ -192,17 +192,6 @@ class ProxyConfig:
         )
 
 
-def default_state_path(environ: Mapping[str, str]) -> str:
-    """``$KEYROTOR_STATE``, else ``$XDG_DATA_HOME/keyrotor/state.db``, else
-    ``~/.local/share/keyrotor/state.db``."""
-    if environ.get("KEYROTOR_STATE", "").strip():
-        return environ["KEYROTOR_STATE"].strip()
-    base = environ.get("XDG_DATA_HOME", "").strip() or os.path.join(
-        os.path.expanduser("~"), ".local", "share"
-    )
-    return os.path.join(base, "keyrotor", "state.db")
-
-
 def load_config(
     path: str | os.PathLike[str] | None,
     environ: Mapping[str, str],
@@ -333,7 +322,7 @@ class _Loader:
                 )
         state_path = None
         if state["enabled"]:
-            state_path = state.get("path") or default_state_path(self.environ)
+            state_path = state.get("path") or str(default_state_path(self.environ))
 
         keys, specs = self.keys(data.get("keys", []), empty_ok=state_path is not None)
         return ProxyConfig(
@@ -350,7 +339,7 @@ class _Loader:
             token_ttl=auth["token_ttl"],
             state_path=state_path,
             state_flush=state["flush_interval"],
-            secret_key=self.environ.get("KEYROTOR_SECRET_KEY", "").strip() or None,
+            secret_key=secret_key_from_env(self.environ),
         )
 
     def tokens(self, auth: dict[str, Any], host: str) -> tuple[str | None, tuple[str, ...]]:
