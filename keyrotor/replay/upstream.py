@@ -177,7 +177,8 @@ class FailureWindow:
                 f"{', '.join(FAILURE_KINDS)}, got {status!r}"
             )
         start = _num(item, "start", where, default=0.0)
-        end = _num(item, "end", where, default=math.inf)
+        end = _num(item, "end", where)
+        end = math.inf if end is None else end
         if end <= start:
             raise UpstreamModelError(f"{where}.end: must be after start ({start})")
         error = item.get("error")
