@@ -1,0 +1,320 @@
+"""The admin API and access control, in process: keys added, listed, marked,
+probed and removed while traffic flows; tokens checked; no secret ever returned."""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import trio
+
+from keyrotor.adapters.config import ProxyConfig
+from keyrotor.adapters.proxy.auth import Auth, Role
+from keyrotor.adapters.proxy.main import run_proxy
+from keyrotor.adapters.proxy.types import Request
+from keyrotor.core import KeySpec, PoolConfig
+from keyrotor.testing import Credits, FakeUpstream, Ok, Scenario
+
+ADMIN = "admin-token-" + "a1" * 12
+CLIENT = "client-token-" + "c3" * 12
+SECRETS = {
+    "one": "sk-or-v1-admin-one-" + "1" * 24,
+    "two": "sk-or-v1-admin-two-" + "2" * 24,
+}
+NEW = "sk-or-v1-admin-new-" + "3" * 24  # added at runtime
+POOR = "sk-or-v1-admin-poor-" + "4" * 24  # added at runtime, no credits
+ALL_SECRETS = (*SECRETS.values(), NEW, POOR, ADMIN, CLIENT)
+MODEL = "openai/gpt-4o-mini"
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+
+
+def scenario() -> Scenario:
+    sc = Scenario()
+    for alias, secret in SECRETS.items():
+        sc.add(secret, Ok(), alias=alias)
+    sc.add(NEW, Ok(), alias="new")
+    sc.add(POOR, Credits(0.0), alias="poor")
+    return sc
+
+
+class Proxy:
+    """``run_proxy`` on its own trio loop in a thread."""
+
+    def __init__(self, config: ProxyConfig, log: list[dict[str, Any]]) -> None:
+        self.config = config
+        self.log = log
+        self._ready: queue.Queue[int] = queue.Queue()
+        self._thread = threading.Thread(target=trio.run, args=(self._main,), daemon=True)
+
+    async def _main(self) -> None:
+        self._shutdown = trio.Event()
+        self._token = trio.lowlevel.current_trio_token()
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(
+                lambda task_status: run_proxy(
+                    self.config,
+                    log=self.log.append,
+                    shutdown=self._shutdown,
+                    task_status=task_status,
+                )
+            )
+            self._ready.put(port)
+
+    def __enter__(self) -> str:
+        self._thread.start()
+        return f"http://127.0.0.1:{self._ready.get(timeout=10)}"
+
+    def __exit__(self, *exc: object) -> None:
+        trio.from_thread.run_sync(self._shutdown.set, trio_token=self._token)
+        self._thread.join(timeout=10)
+        assert not self._thread.is_alive()
+
+
+def make_config(upstream: str, **options: Any) -> ProxyConfig:
+    return ProxyConfig(
+        keys=dict(SECRETS),
+        pool=PoolConfig(keys=[KeySpec(key_id=alias) for alias in SECRETS]),
+        upstream=upstream,
+        server={"host": "127.0.0.1", "port": 0},
+        **options,
+    )
+
+
+@pytest.fixture
+def proxy() -> Iterator[tuple[str, FakeUpstream, list[dict[str, Any]]]]:
+    log: list[dict[str, Any]] = []
+    with FakeUpstream.running_in_thread(scenario()) as upstream:
+        config = make_config(upstream.url, admin_token=ADMIN, client_tokens=(CLIENT,))
+        with Proxy(config, log) as url:
+            yield url, upstream, log
+
+
+def admin(token: str = ADMIN) -> dict[str, str]:
+    return {"authorization": f"Bearer {token}"}
+
+
+def assert_no_secret(text: str) -> None:
+    for secret in ALL_SECRETS:
+        assert secret not in text
+        assert secret[-12:] not in text  # not even a long tail of one
+
+
+def test_keys_are_added_listed_marked_probed_and_removed_while_traffic_flows(
+    proxy: Any,
+) -> None:
+    url, upstream, log = proxy
+    seen: list[str] = []  # every body and header the proxy answered
+    stop = threading.Event()
+    served: list[str] = []
+    errors: list[Any] = []
+
+    def traffic() -> None:
+        with httpx.Client(base_url=url, headers=admin(CLIENT), timeout=10) as http:
+            while not stop.is_set():
+                reply = http.post("/v1/chat/completions", json=CHAT)
+                if reply.status_code == 200:
+                    served.append(reply.headers["x-keyrotor-key"])
+                else:
+                    errors.append((reply.status_code, reply.text))
+
+    worker = threading.Thread(target=traffic)
+    worker.start()
+    try:
+        with httpx.Client(base_url=url, headers=admin(), timeout=10) as http:
+
+            def call(method: str, path: str, **kw: Any) -> httpx.Response:
+                reply = http.request(method, path, **kw)
+                seen.append(reply.text + json.dumps(dict(reply.headers)))
+                return reply
+
+            listed = call("GET", "/admin/keys").json()["keys"]
+            assert [(k["alias"], k["state"], k["source"]) for k in listed] == [
+                ("one", "healthy", "config"),
+                ("two", "healthy", "config"),
+            ]
+            added = call("POST", "/admin/keys", json={"key": NEW, "alias": "new", "weight": 2})
+            assert added.status_code == 201, added.text
+            body = added.json()
+            assert (body["alias"], body["state"], body["source"]) == ("new", "healthy", "api")
+            assert body["options"] == {"weight": 2.0} and body["stored"] is False
+            # Without an alias: a stable name derived from (not showing) the key.
+            poor = call("POST", "/admin/keys", json={"key": POOR, "max_in_flight": 2})
+            assert poor.status_code == 201 and poor.json()["alias"].startswith("key-")
+            poor_alias = poor.json()["alias"]
+            for _ in range(200):  # the new keys take traffic at once
+                if "new" in served and upstream.stats("poor").requests:
+                    break
+                pause(0.01)
+            assert "new" in served
+            # The key without credits answered 402 and was set aside, invisibly.
+            for _ in range(200):
+                if call("GET", f"/admin/keys/{poor_alias}").json()["state"] == "depleted":
+                    break
+                pause(0.01)
+            assert call("GET", f"/admin/keys/{poor_alias}").json()["state"] == "depleted"
+
+            # Duplicates are refused, naming the alias, never the key.
+            again = call("POST", "/admin/keys", json={"key": NEW, "alias": "other"})
+            assert again.status_code == 409 and "'new'" in again.text
+            assert call("POST", "/admin/keys", json={"key": "x y"}).status_code == 409
+            bad = call("POST", "/admin/keys", json={"key": NEW[:-1] + "9", "wieght": 1})
+            assert bad.status_code == 400 and "wieght" in bad.text
+
+            marked = call("POST", "/admin/keys/one/state", json={"state": "disabled"})
+            assert marked.status_code == 200 and marked.json()["state"] == "disabled"
+            before = upstream.stats("one").requests
+            pause(0.2)
+            assert upstream.stats("one").requests == before  # no new traffic
+            cooling = call(
+                "POST", "/admin/keys/two/state", json={"state": "rate_limited", "duration": 60}
+            ).json()
+            assert cooling["state"] == "rate_limited" and 59 < cooling["until_in"] <= 60
+            enabled = call("POST", "/admin/keys/one/state", json={"state": "enabled"})
+            assert enabled.json()["state"] == "healthy"
+            assert call("POST", "/admin/keys/one/state", json={"state": "x"}).status_code == 400
+            needs = call("POST", "/admin/keys/two/state", json={"state": "degraded"})
+            assert needs.status_code == 400 and "duration" in needs.text
+
+            probes_before = upstream.stats("poor").probes
+            probing = call("POST", "/admin/probe", json={})
+            assert probing.status_code == 202
+            assert set(probing.json()["probing"]) == {"one", "two", "new", poor_alias}
+            for _ in range(200):
+                if upstream.stats("poor").probes > probes_before:
+                    break
+                pause(0.01)
+            assert upstream.stats("poor").probes > probes_before
+            one = call("POST", "/admin/probe", json={"alias": "one"})
+            assert one.status_code == 202 and one.json()["probing"] == ["one"]
+            assert call("POST", "/admin/probe", json={"alias": "zz"}).status_code == 404
+
+            removed = call("DELETE", "/admin/keys/new")
+            assert removed.status_code == 200
+            assert removed.json()["removed"] is True
+            assert removed.json()["returns_at_restart"] is False
+            pause(0.05)
+            count = upstream.stats("new").requests
+            pause(0.2)
+            assert upstream.stats("new").requests == count  # nothing new on it
+            assert call("DELETE", "/admin/keys/new").status_code == 404
+            assert call("GET", "/admin/keys/new").status_code == 404
+            listed = call("GET", "/admin/keys").json()["keys"]
+            assert [k["alias"] for k in listed] == ["one", "two", poor_alias]
+            assert call("PUT", "/admin/keys").status_code == 405
+            assert call("GET", "/admin/nothing").status_code == 404
+            status = call("GET", "/status")
+            assert status.status_code == 200
+    finally:
+        stop.set()
+        worker.join(timeout=10)
+    assert served and not errors  # every caller served, through every change
+    for text in seen + [json.dumps(record) for record in log]:
+        assert_no_secret(text)
+    actions = [r["action"] for r in log if r.get("event") == "admin"]
+    assert actions == ["add", "add", "mark", "mark", "mark", "probe", "probe", "remove"]
+
+
+def pause(seconds: float) -> None:
+    threading.Event().wait(seconds)
+
+
+@pytest.mark.parametrize(
+    ("path", "method"),
+    [("/admin/keys", "GET"), ("/admin/keys", "POST"), ("/admin/probe", "POST")],
+)
+def test_admin_endpoints_refuse_missing_wrong_and_client_tokens(
+    proxy: Any, path: str, method: str
+) -> None:
+    url, _, _ = proxy
+    with httpx.Client(base_url=url, timeout=10) as http:
+        missing = http.request(method, path, json={"key": NEW})
+        assert missing.status_code == 401
+        assert missing.headers["www-authenticate"].startswith("Bearer")
+        wrong = http.request(method, path, json={"key": NEW}, headers=admin(ADMIN[:-1] + "x"))
+        assert wrong.status_code == 401
+        as_client = http.request(method, path, json={"key": NEW}, headers=admin(CLIENT))
+        assert as_client.status_code == 403
+        basic = http.request(method, path, headers={"authorization": f"Basic {ADMIN}"})
+        assert basic.status_code == 401
+        listed = http.get("/admin/keys", headers=admin()).json()["keys"]
+        assert [k["alias"] for k in listed] == ["one", "two"]  # nothing was added
+
+
+def test_clients_need_a_token_and_may_exchange_it_for_a_short_lived_one(proxy: Any) -> None:
+    url, _, _ = proxy
+    refused = openai.OpenAI(base_url=f"{url}/v1", api_key="not-a-token", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        refused.chat.completions.create(**CHAT)  # type: ignore[call-overload]
+    good = openai.OpenAI(base_url=f"{url}/v1", api_key=CLIENT, max_retries=0)
+    reply = good.chat.completions.create(**CHAT)  # type: ignore[call-overload]
+    assert reply.choices[0].message.content
+    with httpx.Client(base_url=url, timeout=10) as http:
+        assert http.get("/status").status_code == 401
+        assert http.get("/metrics").status_code == 401
+        assert http.get("/healthz").status_code == 200
+        assert http.get("/status", headers=admin(CLIENT)).status_code == 200
+        assert http.post("/auth/token").status_code == 401
+        issued = http.post("/auth/token", headers=admin(CLIENT)).json()
+        assert issued["token_type"] == "bearer" and issued["expires_in"] == 3600.0
+        token = issued["access_token"]
+        assert token.startswith("krt_") and token != CLIENT
+    short = openai.OpenAI(base_url=f"{url}/v1", api_key=token, max_retries=0)
+    assert short.chat.completions.create(**CHAT).choices  # type: ignore[call-overload]
+
+
+def test_the_admin_api_is_off_without_an_admin_token_and_v1_open_without_client_tokens() -> None:
+    with FakeUpstream.running_in_thread(scenario()) as upstream:
+        log: list[dict[str, Any]] = []
+        with Proxy(make_config(upstream.url), log) as url, httpx.Client(base_url=url) as http:
+            off = http.get("/admin/keys", headers=admin())
+            assert off.status_code == 403 and "KEYROTOR_ADMIN_TOKEN" in off.text
+            assert http.post("/v1/chat/completions", json=CHAT).status_code == 200
+            assert http.get("/status").status_code == 200
+            assert http.post("/auth/token").status_code == 404
+    warnings = [r["message"] for r in log if r.get("event") == "warning"]
+    assert any("no client tokens" in w for w in warnings)
+
+
+def test_an_empty_pool_with_an_admin_token_starts_and_takes_keys() -> None:
+    with FakeUpstream.running_in_thread(scenario()) as upstream:
+        config = ProxyConfig(
+            keys={},
+            pool=PoolConfig(keys=[]),
+            upstream=upstream.url,
+            server={"host": "127.0.0.1", "port": 0},
+            admin_token=ADMIN,
+        )
+        log: list[dict[str, Any]] = []
+        with Proxy(config, log) as url, httpx.Client(base_url=url) as http:
+            empty = http.post("/v1/chat/completions", json=CHAT)
+            assert empty.status_code == 503 and empty.json()["error"]["message"]
+            added = http.post("/admin/keys", json={"key": NEW, "alias": "new"}, headers=admin())
+            assert added.status_code == 201
+            reply = http.post("/v1/chat/completions", json=CHAT)
+            assert reply.status_code == 200 and reply.headers["x-keyrotor-key"] == "new"
+    assert any("no keys yet" in r.get("message", "") for r in log)
+
+
+def test_tokens_compare_in_constant_time_and_issued_ones_expire() -> None:
+    now = [0.0]
+    auth = Auth([CLIENT], ADMIN, ttl=10.0, clock=lambda: now[0])
+
+    def role(value: str | None) -> Role:
+        headers = [] if value is None else [("authorization", value)]
+        return auth.role(Request(method="GET", target="/", headers=headers, body=b""))
+
+    assert role(f"Bearer {ADMIN}") is Role.ADMIN
+    assert role(f"bearer  {CLIENT} ") is Role.CLIENT
+    assert role(f"Bearer {CLIENT[:-1]}") is Role.NONE
+    assert role(None) is Role.NONE and role("Bearer") is Role.NONE
+    token, ttl = auth.issue()
+    assert ttl == 10.0 and role(f"Bearer {token}") is Role.CLIENT
+    now[0] = 10.5
+    assert role(f"Bearer {token}") is Role.NONE  # expired, and forgotten
+    assert not Auth().admin_enabled and Auth().open and not auth.open
