@@ -321,6 +321,11 @@ _RECORD_FIELDS: Final = frozenset(
 )
 
 
+def _key_dicts(keys: Iterable[dict[str, Any] | str]) -> list[dict[str, Any]]:
+    """Key descriptions as dicts (a bare alias means ``{"key_id": alias}``)."""
+    return [{"key_id": k} if isinstance(k, str) else dict(k) for k in keys]
+
+
 @attrs.define(kw_only=True, slots=True)
 class TraceHeader:
     """The first line of a trace: what produced it, and the keys (aliases only).
@@ -334,7 +339,7 @@ class TraceHeader:
     """
 
     source: str = "synthetic"
-    keys: list[dict[str, Any]] = attrs.field(factory=list)
+    keys: list[dict[str, Any]] = attrs.field(factory=list, converter=_key_dicts)
     scenario: str | None = None
     options: dict[str, Any] = attrs.field(factory=dict)
 
