@@ -45,6 +45,9 @@ EPOCH: Final = 1_767_225_600.0
 FAILURE_KINDS: Final = ("timeout", "reset", "connect")
 """Failure window kinds that answer with no response (a transport failure)."""
 
+_SPENT: Final = 1e-12
+"""A balance at or below this is spent (float sums of prices leave dust)."""
+
 Answer = tuple[int | None, float, Any, Any, str | None, float, float]
 """(status or None, delay until the answer, headers, body, failure reason,
 body duration after the headers, cost)."""
@@ -502,10 +505,10 @@ class SimulatedUpstream:
             if window.start <= now < window.end:
                 return self._fail(key, window, now)
         account = key.account
-        if key.balance is not None and key.balance <= 0:
+        if key.balance is not None and key.balance <= _SPENT:
             body = _error_body(402, "Insufficient credits: key limit reached")
             return (402, key.error_latency(), None, body, None, 0.0, 0.0)
-        if account is not None and account.balance is not None and account.balance <= 0:
+        if account is not None and account.balance is not None and account.balance <= _SPENT:
             body = _error_body(402, "Insufficient credits", "openrouter_credits")
             return (402, key.error_latency(), None, body, None, 0.0, 0.0)
         if account is not None and account.rpm is not None:
@@ -599,10 +602,10 @@ class SimulatedUpstream:
                     return None, None, window.after or self.probe_latency
                 if status in (401, 403) or status >= 500:
                     return status, _error_body(status, "probe failed"), self.probe_latency
-        if key.balance is not None and key.balance <= 0:
+        if key.balance is not None and key.balance <= _SPENT:
             return 200, {"data": {"limit_remaining": 0}}, self.probe_latency
         account = key.account
-        if account is not None and account.balance is not None and account.balance <= 0:
+        if account is not None and account.balance is not None and account.balance <= _SPENT:
             data = {"total_credits": 1.0, "total_usage": 1.0 - account.balance}
             return 200, {"data": data}, self.probe_latency
         return 200, {"data": {"limit_remaining": key.balance}}, self.probe_latency
