@@ -274,10 +274,23 @@ def simulate(
                     if group is not None:
                         groups.setdefault(group, []).append(index[d.key_id])
                     duration = ans[5]
+                    idx = index[d.key_id]
                     if duration > 0.0:
-                        heappush(heap, (now + duration, seq(), _FINISH, rid, index[d.key_id]))
-                    else:
-                        finish(rid, st, index[d.key_id], now)
+                        heappush(heap, (now + duration, seq(), _FINISH, rid, idx))
+                    else:  # the body came with the headers: finish now (finish(), inlined)
+                        del open_[rid]
+                        rec = st[_REC]
+                        cost = ans[6]
+                        served[idx] += 1
+                        spend[idx] += cost
+                        _RF_ID(rf, rid)
+                        _RF_NOW(rf, now)
+                        _RF_COST(rf, cost)
+                        _RF_PROMPT(rf, rec.prompt_tokens)
+                        _RF_COMPLETION(rf, rec.completion_tokens)
+                        more = handle(rf)
+                        if more:
+                            process(more, now)
                 else:
                     name = str(d.status)
                     client_errors[name] = client_errors.get(name, 0) + 1
@@ -325,8 +338,12 @@ def simulate(
         _RF_COST(rf, cost)
         _RF_PROMPT(rf, rec.prompt_tokens)
         _RF_COMPLETION(rf, rec.completion_tokens)
-        process(handle(rf), now)
+        more = handle(rf)
+        if more:
+            process(more, now)
 
+    set_id, set_now, set_pin, set_fallback, set_session, set_group, set_deadline = _RS
+    set_tokens = _RS_TOKENS
     inf = math.inf
     i = 0
     next_arrival = records[0].t if total else inf
@@ -413,15 +430,15 @@ def simulate(
             rid = f"r{i}"
             i += 1
             next_arrival = records[i].t if i < total else inf
-            ev = _new(RequestStarted)
-            _RS[0](ev, rid)
-            _RS[1](ev, now)
-            _RS[2](ev, None)
-            _RS[3](ev, True)
-            _RS[4](ev, rec.session)
-            _RS[5](ev, rec.group)
-            _RS[6](ev, None)
-            _RS_TOKENS(ev, rec.prompt_tokens + rec.completion_tokens)
+            ev = _new(RequestStarted)  # RequestStarted(...) without the keyword __init__
+            set_id(ev, rid)
+            set_now(ev, now)
+            set_pin(ev, None)
+            set_fallback(ev, True)
+            set_session(ev, rec.session)
+            set_group(ev, rec.group)
+            set_deadline(ev, None)
+            set_tokens(ev, rec.prompt_tokens + rec.completion_tokens)
             open_[rid] = [rec, now, now, 0.0, now, 0.0, 0, 0, None]
             if rec.cancel_after is not None:
                 heappush(heap, (now + rec.cancel_after, seq(), _CANCEL, rid))
