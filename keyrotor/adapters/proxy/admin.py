@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.to_thread
+import attrs
 
 from ...core import KeySpec, KeyState, PoolError
 from ...transports._async import AsyncClient
@@ -117,11 +118,11 @@ class Admin:
             alias = item["alias"]
             spec = specs.get(alias)
             options = {}
-            if spec is not None:
+            if spec is not None:  # the options set, not the defaults
                 options = {
-                    name: getattr(spec, name)
-                    for name in ("weight", "account", "max_in_flight", *_NUMBERS[1:])
-                    if getattr(spec, name) is not None
+                    f.name: getattr(spec, f.name)
+                    for f in attrs.fields(KeySpec)
+                    if f.name != "key_id" and getattr(spec, f.name) != f.default
                 }
             out.append({**item, "source": self.sources.get(alias, "api"), "options": options})
         return out

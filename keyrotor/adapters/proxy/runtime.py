@@ -107,22 +107,22 @@ def plan(config: ProxyConfig, store: StateStore | None, log: Log) -> Startup:
 def restore(driver: Driver, loaded: Loaded, wall_now: float | None = None) -> None:
     """Put back the stored health states and spend (call before serving)."""
     wall = driver.wall_clock() if wall_now is None else wall_now
-    now = driver.now()
+    offset = driver.now() - wall  # wall-clock time + offset = the pool's clock
     present = set(driver.pool.key_ids())
     for alias, saved in sorted(loaded.states.items()):
         state = KeyState(saved.state)
         if alias not in present or state not in _KEPT:
             continue
-        until = None if saved.until is None else now + (saved.until - wall)
-        if until is not None and until <= now:
+        now = driver.now()
+        left = None if saved.until is None else saved.until + offset - now
+        if (left is not None and left <= 0) or (left is None and state in _COOLING):
             continue  # its time is up: it starts healthy
-        if until is None and state in _COOLING:
-            continue
-        driver.mark_key(alias, state, None if until is None else until - now, "restored")
+        driver.mark_key(alias, state, left, "restored")
     for row in loaded.ledger:
         if row.alias not in present or not (row.cost or row.prompt_tokens):
             continue
-        day_start = calendar.timegm(time.strptime(row.day, "%Y-%m-%d"))
+        now = driver.now()
+        day_start = calendar.timegm(time.strptime(row.day, "%Y-%m-%d")) + offset
         driver.feed(
             SpendRecorded(
                 now=now,
@@ -130,7 +130,7 @@ def restore(driver: Driver, loaded: Loaded, wall_now: float | None = None) -> No
                 cost=row.cost,
                 prompt_tokens=row.prompt_tokens,
                 completion_tokens=row.completion_tokens,
-                at=now + min(day_start - wall, 0.0),
+                at=min(day_start, now),
             )
         )
 
