@@ -318,3 +318,57 @@ def test_tokens_compare_in_constant_time_and_issued_ones_expire() -> None:
     now[0] = 10.5
     assert role(f"Bearer {token}") is Role.NONE  # expired, and forgotten
     assert not Auth().admin_enabled and Auth().open and not auth.open
+
+
+def test_a_failing_state_file_is_reported_and_the_proxy_keeps_serving(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sqlite3
+
+    from keyrotor.adapters.proxy.runtime import open_store
+
+    def broken(*args: Any) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    log: list[dict[str, Any]] = []
+    with FakeUpstream.running_in_thread(scenario()) as upstream:
+        config = make_config(upstream.url, state_path=str(tmp_path / "state.db"), state_flush=0.05)
+        store = open_store(config, log.append)
+        assert store is not None
+        monkeypatch.setattr(store, "_write_batch", broken)
+        with StoreProxy(config, log, store) as url, httpx.Client(base_url=url) as http:
+            for _ in range(5):
+                assert http.post("/v1/chat/completions", json=CHAT).status_code == 200
+            pause(0.2)  # a few flushes, all failing
+            storage = http.get("/status").json()["storage"]
+            assert storage["ok"] is False and "disk is full" in storage["last_error"]
+            assert storage["pending"] > 0  # kept in memory for the next try
+            assert http.get("/status").json()["stats"]["totalCostToday"] > 0
+            monkeypatch.undo()  # the disk has room again
+            pause(0.2)
+            assert http.get("/status").json()["storage"]["ok"] is True
+    logged = [r["message"] for r in log if r.get("event") == "storage"]
+    assert len([m for m in logged if "disk is full" in m]) == 1  # once, not per flush
+
+
+class StoreProxy(Proxy):
+    """``run_proxy`` given an already open state file."""
+
+    def __init__(self, config: ProxyConfig, log: list[dict[str, Any]], store: Any) -> None:
+        super().__init__(config, log)
+        self.store = store
+
+    async def _main(self) -> None:
+        self._shutdown = trio.Event()
+        self._token = trio.lowlevel.current_trio_token()
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(
+                lambda task_status: run_proxy(
+                    self.config,
+                    log=self.log.append,
+                    shutdown=self._shutdown,
+                    store=self.store,
+                    task_status=task_status,
+                )
+            )
+            self._ready.put(port)
