@@ -47,7 +47,7 @@ __all__ = ["RunResult", "pool_keys", "simulate"]
 
 _ANSWER, _FINISH, _PROBE, _CANCEL = 0, 1, 2, 3
 # Request state slots (a list per request in flight).
-_REC, _ARRIVAL, _READY, _QWAIT, _SENT, _ERR, _ATTEMPT, _FAILED, _ANS = range(9)
+_REC, _ARRIVAL, _READY, _QWAIT, _SENT, _ERR, _ATTEMPT, _FAILED, _ANS, _WAITED, _FWAIT = range(11)
 
 _USABLE = (KeyState.HEALTHY, KeyState.RECOVERING)
 _HEALTHY = KeyState.HEALTHY
@@ -66,6 +66,21 @@ _RF_NOW = ResponseFinished.__dict__["now"].__set__
 _RF_COST = ResponseFinished.__dict__["cost"].__set__
 _RF_PROMPT = ResponseFinished.__dict__["prompt_tokens"].__set__
 _RF_COMPLETION = ResponseFinished.__dict__["completion_tokens"].__set__
+
+
+def _any_usable(pool: Pool, specs: Sequence[KeySpec]) -> bool:
+    """Could some key take a request now? (Healthy under its in-flight limit, or
+    recovering with no trial in flight; keys paced by rpm/tpm count as busy.)"""
+    for spec, key in zip(specs, pool.statistics().keys, strict=False):
+        if spec.rpm is not None or spec.tpm is not None:
+            continue
+        if key.state is _HEALTHY and (
+            spec.max_in_flight is None or key.in_flight < spec.max_in_flight
+        ):
+            return True
+        if key.state is KeyState.RECOVERING and not key.in_flight:
+            return True
+    return False
 
 
 def pool_keys(header: TraceHeader, model: UpstreamModel, keys: int | None = None) -> list[KeySpec]:
@@ -125,6 +140,9 @@ class RunResult:
     failover_extra: list[float] = attrs.field(factory=list)
     failover_overhead: list[float] = attrs.field(factory=list)
     failover_error_rtt: list[float] = attrs.field(factory=list)
+    failover_immediate: list[float] = attrs.field(factory=list)
+    failover_waited_no_key: int = 0
+    failover_waited_key_usable: int = 0
     end_time: float = 0.0
     state_changes: list[tuple[float, int, str]] = attrs.field(factory=list)
     load: dict[int, list[int]] = attrs.field(factory=dict)
@@ -184,6 +202,8 @@ def simulate(
     fo_extra: list[float] = []
     fo_overhead: list[float] = []
     fo_err: list[float] = []
+    fo_immediate: list[float] = []  # added latency beyond error round trips, no wait
+    fo_waited = [0, 0]  # failed over into the queue: no key usable / a key usable
     state_changes: list[tuple[float, int, str]] = []
     groups: dict[str, list[int]] = {}
     bucket = (trace.duration or 1.0) / timeline_buckets
@@ -248,10 +268,12 @@ def simulate(
                 if timeline and idx in load:
                     load[idx][int(now / bucket)] += 1
                 wait = now - st[_READY]
+                attempt = d.attempt
                 if wait > 0.0:
                     st[_QWAIT] += wait
+                    if attempt > 1:
+                        st[_FWAIT] += wait
                 st[_SENT] = now
-                attempt = d.attempt
                 st[_ATTEMPT] = attempt
                 ans = send_upstream(d.key_id, now, st[_REC], attempt)
                 heappush(heap, (now + ans[1], seq(), _ANSWER, rid, attempt, idx, ans))
@@ -264,10 +286,14 @@ def simulate(
                     arrival = st[_ARRIVAL]
                     ttfb.append(now - arrival)
                     if st[_FAILED]:
-                        extra = st[_SENT] - arrival
-                        fo_extra.append(extra)
+                        fo_extra.append(st[_ERR] + st[_FWAIT])
                         fo_err.append(st[_ERR])
-                        fo_overhead.append(extra - st[_ERR])
+                        fo_overhead.append(st[_FWAIT])
+                        waited = st[_WAITED]
+                        if waited:
+                            fo_waited[waited - 1] += 1
+                        else:
+                            fo_immediate.append(st[_FWAIT])
                     if st[_QWAIT]:
                         queue_waits.append(st[_QWAIT])
                     group = st[_REC].group
@@ -406,6 +432,13 @@ def simulate(
                     elif first_fail[idx] is not None and episode[idx] is None:
                         clear_failure(idx)
                     decisions = handle(event)
+                    if status is None or status >= 300:
+                        statuses[name] = statuses.get(name, 0) + 1
+                        process(decisions, now)
+                        if rid in open_ and st[_SENT] != now and not st[_WAITED]:
+                            # failed over into the queue: could any key have taken it?
+                            st[_WAITED] = 2 if _any_usable(pool, specs) else 1
+                        continue
                 statuses[name] = statuses.get(name, 0) + 1
                 process(decisions, now)
             elif kind == _FINISH:
@@ -439,7 +472,7 @@ def simulate(
             set_group(ev, rec.group)
             set_deadline(ev, None)
             set_tokens(ev, rec.prompt_tokens + rec.completion_tokens)
-            open_[rid] = [rec, now, now, 0.0, now, 0.0, 0, 0, None]
+            open_[rid] = [rec, now, now, 0.0, now, 0.0, 0, 0, None, 0, 0.0]
             if rec.cancel_after is not None:
                 heappush(heap, (now + rec.cancel_after, seq(), _CANCEL, rid))
             process(handle(ev), now)
@@ -472,6 +505,9 @@ def simulate(
     result.failover_extra = fo_extra
     result.failover_overhead = fo_overhead
     result.failover_error_rtt = fo_err
+    result.failover_immediate = fo_immediate
+    result.failover_waited_no_key = fo_waited[0]
+    result.failover_waited_key_usable = fo_waited[1]
     result.end_time = now
     result.groups = groups
     result.state_changes = state_changes

@@ -101,11 +101,19 @@ def summarize(run: RunResult) -> dict[str, Any]:
         "failover": {
             "episodes": len(episodes),
             "sends_after_failure": sum(e["sends_after_failure"] for e in episodes),
+            "sends_after_blame": sum(
+                e["sends_after_failure"]
+                for e in episodes
+                if not e["reason"].startswith(("http_5", "transport_"))
+            ),
             "latency": _dist(latencies),
             "affected_requests": len(run.failover_extra),
             "added_latency": _dist(run.failover_extra),
             "error_round_trip": _dist(run.failover_error_rtt),
             "added_beyond_error_round_trips": _dist(run.failover_overhead),
+            "failed_over_at_once": len(run.failover_immediate),
+            "waited_no_key_usable": run.failover_waited_no_key,
+            "waited_while_a_key_was_usable": run.failover_waited_key_usable,
         },
         "recovery": {
             "recovered": len(recovered),
@@ -243,11 +251,15 @@ _ROWS: list[tuple[str, tuple[str, ...], str]] = [
     ("", (), ""),
     ("failover episodes", ("failover", "episodes"), "int"),
     ("  sends after failure", ("failover", "sends_after_failure"), "int"),
+    ("  sends after 429/401/402", ("failover", "sends_after_blame"), "int"),
     ("  failover latency max", ("failover", "latency", "max"), "s"),
     ("  affected requests", ("failover", "affected_requests"), "int"),
     ("  added latency p50", ("failover", "added_latency", "p50"), "s"),
     ("  added latency max", ("failover", "added_latency", "max"), "s"),
     ("  beyond error RTTs, max", ("failover", "added_beyond_error_round_trips", "max"), "s"),
+    ("  failed over at once", ("failover", "failed_over_at_once"), "int"),
+    ("  waited: no key usable", ("failover", "waited_no_key_usable"), "int"),
+    ("  waited: a key usable (0)", ("failover", "waited_while_a_key_was_usable"), "int"),
     ("keys recovered", ("recovery", "recovered"), "int"),
     ("  not recovered by the end", ("recovery", "not_recovered"), "int"),
     ("  time to recover p50", ("recovery", "time_to_recover", "p50"), "s"),
