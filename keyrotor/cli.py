@@ -34,6 +34,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (default 8080)")
     serve.add_argument("--upstream", metavar="URL", help="upstream base URL (default OpenRouter's)")
+    serve.add_argument(
+        "--record",
+        metavar="FILE",
+        help="write a trace of the traffic to FILE, for `keyrotor replay` (docs/replay.md)",
+    )
     state = serve.add_mutually_exclusive_group()
     state.add_argument(
         "--state",
@@ -95,6 +100,7 @@ def _serve(args: argparse.Namespace) -> int:
             ("host", args.host),
             ("port", args.port),
             ("upstream", args.upstream),
+            ("record", args.record),
             ("state.path", args.state),
             ("state.enabled", False if args.no_state else None),
         )

@@ -61,7 +61,7 @@ _STR = "a string"
 _NEVER = 'a number, or false / "never"'
 _STRS = "an array of strings"
 
-_TOP_KINDS = {"upstream": _STR, "routing_note": _BOOL, "log_format": _STR}
+_TOP_KINDS = {"upstream": _STR, "routing_note": _BOOL, "log_format": _STR, "record": _STR}
 _TABLES = ("server", "http", "pool", "headers", "auth", "state", "keys")
 _AUTH_KINDS = {"admin_token": _STR, "client_tokens": _STRS, "token_ttl": _FLOAT}
 _STATE_KINDS = {"enabled": _BOOL, "path": _STR, "flush_interval": _FLOAT}
@@ -162,6 +162,7 @@ class ProxyConfig:
         state_path: the SQLite state file (None: nothing is kept).
         state_flush: seconds between batched writes of state and spend.
         secret_key: ``KEYROTOR_SECRET_KEY``, which encrypts stored secrets.
+        record: write a trace of the traffic to this file (docs/replay.md).
     """
 
     keys: dict[str, str]
@@ -178,6 +179,7 @@ class ProxyConfig:
     state_path: str | None = None
     state_flush: float = 0.1
     secret_key: str | None = None
+    record: str | None = None
 
     def __repr__(self) -> str:
         keys = ", ".join(f"{alias!r}: {mask(secret)!r}" for alias, secret in self.keys.items())
@@ -188,7 +190,7 @@ class ProxyConfig:
             f"admin_token={'set' if self.admin_token else None}, "
             f"client_tokens={len(self.client_tokens)}, token_ttl={self.token_ttl!r}, "
             f"state_path={self.state_path!r}, state_flush={self.state_flush!r}, "
-            f"secret_key={'set' if self.secret_key else None})"
+            f"secret_key={'set' if self.secret_key else None}, record={self.record!r})"
         )
 
 
@@ -340,6 +342,7 @@ class _Loader:
             state_path=state_path,
             state_flush=state["flush_interval"],
             secret_key=secret_key_from_env(self.environ),
+            record=top.get("record"),
         )
 
     def tokens(self, auth: dict[str, Any], host: str) -> tuple[str | None, tuple[str, ...]]:

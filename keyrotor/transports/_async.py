@@ -283,6 +283,7 @@ class AsyncClient(ClientBase):
         self._closed = True
         for slot in list(self._driver.slots.values()):
             slot.wake()
+        self._stop_recording()
         if self._pool is not None:
             pool, self._pool = self._pool, None
             with anyio.CancelScope(shield=True):
@@ -385,7 +386,7 @@ class AsyncClient(ClientBase):
         merged = self._upstream.merge_headers(headers)
         waiter = _Waiter()
         request_id, slot = self._driver.open(
-            waiter.wake, pin=pin, session=session, group=group, timeout=timeout
+            waiter.wake, pin=pin, session=session, group=group, timeout=timeout, body=body
         )
         return await self._attempts(request_id, slot, waiter, method, path, body, merged)
 

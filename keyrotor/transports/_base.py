@@ -6,12 +6,16 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 from ..core import KeySpec, KeyState, PoolConfig
 from ._driver import OPENROUTER_URL, Driver, keys_from_env
 from ._http import HTTPOptions, Upstream
-from .errors import ConfigurationError
+from .errors import ConfigurationError, KeyrotorError
+
+if TYPE_CHECKING:
+    from ..replay.record import TraceRecorder
+    from ..replay.trace import TraceWriter
 
 __all__ = ["ClientBase", "chat_payload"]
 
@@ -89,6 +93,29 @@ class ClientBase:
         """Probe one key now, or every key that is not disabled."""
         with self._guard():
             self._driver.probe_keys(alias)
+
+    # ------------------------------------------------------------ recording
+
+    def record(
+        self, target: str | os.PathLike[str] | TraceWriter, *, source: str = "transport"
+    ) -> TraceRecorder:
+        """Record the traffic from now on as a trace (docs/replay.md): one
+        JSON line per finished request, no prompt text, no secret. Recording
+        stops when the client closes."""
+        from ..replay.record import TraceRecorder
+
+        with self._guard():
+            driver = self._driver
+            if driver.recorder is not None:
+                raise KeyrotorError("this client is already recording a trace")
+            driver.recorder = TraceRecorder(target, driver.pool.config, driver.now(), source)
+            return driver.recorder
+
+    def _stop_recording(self) -> None:
+        with self._guard():
+            recorder, self._driver.recorder = self._driver.recorder, None
+        if recorder is not None:
+            recorder.close()
 
     def _guard(self) -> contextlib.AbstractContextManager[Any]:
         """Held around calls into the driver (the blocking client's lock)."""

@@ -13,7 +13,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..core import (
     Decision,
@@ -41,6 +41,9 @@ from ..core import (
 )
 from ._http import parse_json
 from .errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from ..replay.record import TraceRecorder
 
 __all__ = [
     "OPENROUTER_URL",
@@ -135,6 +138,7 @@ class Driver:
         self.probes: deque[Probe] = deque()
         self.on_state_change: list[Callable[[KeyStateChanged], None]] = []
         self.on_finished: list[Callable[[str, StreamAccountant], None]] = []
+        self.recorder: TraceRecorder | None = None  # keyrotor.replay.record
         self.deadline_changed: Callable[[], None] = _nothing
         self.probe_ready: Callable[[], None] = _nothing
         self._ids = itertools.count(1)
@@ -151,6 +155,8 @@ class Driver:
     def feed(self, event: Event) -> list[Decision]:
         """Hand ``event`` to the pool and route the decisions."""
         decisions = self.pool.handle(event)
+        if self.recorder is not None:
+            self.recorder.observe(event, decisions)
         for decision in decisions:
             if isinstance(decision, (Send, Deliver, Reject)):
                 slot = self.slots.get(decision.request_id)
@@ -178,8 +184,10 @@ class Driver:
         group: str | None = None,
         timeout: float | None = None,
         tokens: int = 0,
+        body: bytes | None = None,
     ) -> tuple[str, Slot]:
-        """Start a request: a fresh id, its slot, and the pool told about it."""
+        """Start a request: a fresh id, its slot, and the pool told about it
+        (``body`` only for a recorder, which notes its model)."""
         request_id = f"q{next(self._ids)}"
         slot = Slot(wake)
         self.slots[request_id] = slot
@@ -200,6 +208,8 @@ class Driver:
         except BaseException:
             del self.slots[request_id]
             raise
+        if self.recorder is not None:
+            self.recorder.describe(request_id, body)
         return request_id, slot
 
     def close(self, request_id: str, *, ended: bool) -> None:

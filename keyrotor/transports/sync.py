@@ -236,6 +236,7 @@ class Client(ClientBase):
                 driver.probe_finished(driver.probes.popleft().key_id, None)
         if pool is not None:
             pool.close()
+        self._stop_recording()
 
     def _stop(self, why: str) -> None:
         """Stop the timer and wake every waiting request (lock held)."""
@@ -344,7 +345,7 @@ class Client(ClientBase):
         with self._lock:
             waiter = threading.Condition(self._lock)
             request_id, slot = driver.open(
-                waiter.notify, pin=pin, session=session, group=group, timeout=timeout
+                waiter.notify, pin=pin, session=session, group=group, timeout=timeout, body=body
             )
         return self._attempts(request_id, slot, waiter, method, path, body, merged)
 

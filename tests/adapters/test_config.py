@@ -981,7 +981,10 @@ def test_the_docs_example_and_tables_name_every_option() -> None:
     documented = set(re.findall(r"^\| `(\w+)` \|", DOC.read_text("utf-8"), re.M))
     everything = set(SERVER_DEFAULTS) | HTTP_FIELDS | POOL_FIELDS | KEY_FIELDS
     everything |= {"admin_token", "client_tokens", "token_ttl", "enabled", "path"}
-    assert everything | {"upstream", "routing_note", "log_format", "alias", "secret"} <= documented
+    assert (
+        everything | {"upstream", "routing_note", "log_format", "record", "alias", "secret"}
+        <= documented
+    )
 
 
 def test_the_docs_error_examples_are_the_loaders_own_messages() -> None:

@@ -176,6 +176,8 @@ async def open_app(
             headers=config.headers,
         ) as client:
             driver = client.driver
+            if config.record is not None:
+                client.record(config.record, source="proxy")
             if startup.loaded is not None:
                 restore(driver, startup.loaded)
             driver.on_state_change.append(

@@ -1,0 +1,191 @@
+"""Recording live traffic as a trace: what a transport's driver sees, one line per request.
+
+A ``TraceRecorder`` watches every event the driver feeds the pool and every
+decision that comes back, and writes one ``TraceRecord`` when a request ends:
+its arrival, model and streaming flag (read from the request body's ``model``
+and ``stream`` fields, nothing else of it), session and group, each attempt's
+key, status or failure, latency and allow-listed rate-limit headers, the error
+body's machine code, and the tokens and cost of the delivered answer. Never a
+prompt, never a secret: keys appear by alias.
+
+Attach one with ``Client(..., record="traffic.jsonl")`` or ``keyrotor serve
+--record FILE``. Times come from the driver's monotonic clock, relative to the
+recorder's start.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from ..core import (
+    Decision,
+    Deliver,
+    Event,
+    PoolConfig,
+    Reject,
+    RequestCancelled,
+    RequestStarted,
+    ResponseFinished,
+    ResponseReceived,
+    Send,
+    TransportFailed,
+)
+from .trace import Attempt, TraceHeader, TraceRecord, TraceWriter, clean_code, clean_headers
+
+__all__ = ["TraceRecorder", "error_code"]
+
+_KEY_FIELDS = ("account", "weight", "rpm", "tpm", "max_in_flight", "credits", "budget")
+
+
+def error_code(body: Any) -> str | None:
+    """The machine code of an error body: OpenRouter's ``metadata.limit_source``,
+    else ``error.code`` or ``error.type``; never the message."""
+    if isinstance(body, bytes | str):
+        try:
+            body = json.loads(body)
+        except ValueError:
+            return None
+    error = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(error, dict):
+        return None
+    metadata = error.get("metadata")
+    if isinstance(metadata, dict) and clean_code(metadata.get("limit_source")):
+        return str(metadata["limit_source"])
+    for name in ("code", "type"):
+        value = error.get(name)
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)
+        if clean_code(value):
+            return str(value)
+    return None
+
+
+class _Open:
+    """A request on its way: what the trace record will say."""
+
+    __slots__ = ("arrival", "delivered_at", "record", "sent_at")
+
+    def __init__(self, event: RequestStarted, origin: float) -> None:
+        self.arrival = event.now
+        self.record = TraceRecord(
+            t=event.now - origin, session=event.session, group=event.group, outcome="error"
+        )
+        self.sent_at = event.now
+        self.delivered_at: float | None = None
+
+
+class TraceRecorder:
+    """Turns a driver's events and decisions into trace records.
+
+    ``observe(event, decisions)`` after every ``Pool.handle``; ``describe``
+    with the request body once the request is open; ``close`` at the end.
+    Not thread-safe on its own: the driver calls it under its own lock.
+    """
+
+    def __init__(
+        self,
+        target: str | os.PathLike[str] | TraceWriter,
+        config: PoolConfig,
+        origin: float,
+        source: str = "transport",
+    ) -> None:
+        if isinstance(target, TraceWriter):
+            self.writer = target
+        else:
+            keys = [
+                {"key_id": spec.key_id}
+                | {n: getattr(spec, n) for n in _KEY_FIELDS if getattr(spec, n) is not None}
+                for spec in config.keys
+            ]
+            header = TraceHeader(source=source, keys=keys, options={"policy": config.policy})
+            self.writer = TraceWriter(target, header)
+        self._origin = origin
+        self._open: dict[str, _Open] = {}
+
+    def describe(self, request_id: str, body: bytes | None) -> None:
+        """Note the model and the streaming flag of a request's JSON body."""
+        pending = self._open.get(request_id)
+        if pending is None or not body or b'"model"' not in body:
+            return
+        try:
+            payload = json.loads(body)
+        except ValueError:
+            return
+        if isinstance(payload, dict):
+            model = payload.get("model")
+            pending.record.model = model if isinstance(model, str) else None
+            pending.record.stream = payload.get("stream") is True
+
+    def observe(self, event: Event, decisions: Sequence[Decision]) -> None:
+        """One ``Pool.handle`` call: the event, then the decisions it gave."""
+        if isinstance(event, RequestStarted):
+            self._open[event.request_id] = _Open(event, self._origin)
+        elif isinstance(event, ResponseReceived | TransportFailed):
+            self._answered(event)
+        elif isinstance(event, ResponseFinished):
+            pending = self._open.get(event.request_id)
+            if pending is not None:
+                record = pending.record
+                record.prompt_tokens = event.prompt_tokens
+                record.completion_tokens = event.completion_tokens
+                record.cost = event.cost
+                if record.attempts and pending.delivered_at is not None:
+                    record.attempts[-1].duration = event.now - pending.delivered_at
+                self._end(event.request_id, "delivered")
+        elif isinstance(event, RequestCancelled):
+            pending = self._open.get(event.request_id)
+            if pending is not None:
+                pending.record.cancel_after = event.now - pending.arrival
+                self._end(event.request_id, "cancelled")
+        for decision in decisions:
+            if isinstance(decision, Send):
+                pending = self._open.get(decision.request_id)
+                if pending is not None:
+                    pending.sent_at = event.now
+                    pending.record.attempts.append(
+                        Attempt(key=decision.key_id, t=event.now - pending.arrival, status=None)
+                    )
+            elif isinstance(decision, Deliver):
+                pending = self._open.get(decision.request_id)
+                if pending is not None:
+                    pending.delivered_at = event.now
+            elif isinstance(decision, Reject):
+                self._end(decision.request_id, "rejected")
+
+    def _answered(self, event: ResponseReceived | TransportFailed) -> None:
+        """An attempt's answer, or its failure (before or after delivery)."""
+        pending = self._open.get(event.request_id)
+        if pending is None or not pending.record.attempts:
+            return
+        attempt = pending.record.attempts[-1]
+        if isinstance(event, ResponseReceived):
+            attempt.status = event.status
+            attempt.latency = event.now - pending.sent_at
+            attempt.headers = clean_headers(event.headers)
+            if event.status >= 400:
+                attempt.error = error_code(event.body)
+        elif pending.delivered_at is None:
+            attempt.status, attempt.reason = None, event.reason
+            attempt.latency = event.now - pending.sent_at
+        else:  # the delivered body broke off
+            attempt.duration = event.now - pending.delivered_at
+            self._end(event.request_id, "error")
+
+    def close(self) -> None:
+        """Write what is still open as cancelled (the client is closing) and close."""
+        for request_id in list(self._open):
+            self._end(request_id, "cancelled")
+        self.writer.close()
+
+    def _end(self, request_id: str, outcome: str) -> None:
+        pending = self._open.pop(request_id, None)
+        if pending is None:
+            return
+        record = pending.record
+        record.outcome = outcome  # type: ignore[assignment]
+        if outcome == "delivered" and record.attempts and record.attempts[-1].status is None:
+            record.attempts[-1].status = 200
+        self.writer.write(record)
