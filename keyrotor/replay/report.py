@@ -94,6 +94,7 @@ def summarize(run: RunResult) -> dict[str, Any]:
         "fairness": {
             "healthy_keys": len(healthy),
             "jain": _r(jain_index(shares)),
+            "jain_all_keys": _r(jain_index([float(x) for x in run.sends])),
             "max_min_ratio": _r(max(shares) / min(shares)) if shares and min(shares) > 0 else None,
             "min_share": _r(min(positive) / sum(shares)) if positive else None,
             "max_share": _r(max(shares) / sum(shares)) if positive else None,
@@ -247,6 +248,7 @@ _ROWS: list[tuple[str, tuple[str, ...], str]] = [
     ("", (), ""),
     ("fairness: healthy keys", ("fairness", "healthy_keys"), "int"),
     ("  Jain's index", ("fairness", "jain"), "f4"),
+    ("  Jain's index, all keys", ("fairness", "jain_all_keys"), "f4"),
     ("  max/min share", ("fairness", "max_min_ratio"), "f3"),
     ("", (), ""),
     ("failover episodes", ("failover", "episodes"), "int"),
