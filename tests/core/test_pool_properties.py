@@ -22,7 +22,6 @@ from keyrotor.core import (
     Deliver,
     KeyAdded,
     KeyMarked,
-    SpendRecorded,
     KeyRemoved,
     KeySpec,
     KeyState,
@@ -38,6 +37,7 @@ from keyrotor.core import (
     ResponseFinished,
     ResponseReceived,
     Send,
+    SpendRecorded,
     Tick,
     TransportFailed,
 )
