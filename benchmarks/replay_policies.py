@@ -128,12 +128,28 @@ def core_ceiling(requests: int, policy: str) -> float:
     return requests / (time.perf_counter() - started)
 
 
+def event_build(count: int = 100_000) -> float:
+    """Seconds to build one frozen event with its keyword constructor: the
+    machine's yardstick (design.md's targets assume about 1 µs)."""
+    ids = [f"e{i}" for i in range(count)]
+    gc.collect()
+    started = time.perf_counter()
+    for rid in ids:
+        RequestStarted(request_id=rid, now=1.0)
+    return (time.perf_counter() - started) / count
+
+
 def speed(requests: int, rounds: int, seed: int) -> None:
     scenario = build_scenario("steady", keys=4, requests=requests, seed=seed)
     specs = pool_keys(scenario.trace.header, scenario.model)
+    build = statistics.median(event_build() for _ in range(rounds))
     print(f"## Replay speed: steady, 4 keys, {requests:,} requests, median of {rounds} rounds\n")
-    print("| policy | replay (simulated requests/s) | core alone (requests/s) | replay / core |")
-    print("|---|---:|---:|---:|")
+    print(f"One frozen event build: {build * 1e6:.2f} µs in this run.\n")
+    print(
+        "| policy | replay (simulated requests/s) | µs per request | = event builds "
+        "| core alone (requests/s) | replay / core |"
+    )
+    print("|---|---:|---:|---:|---:|---:|")
     for policy in POLICIES:
         replayed = []
         alone = []
@@ -144,7 +160,10 @@ def speed(requests: int, rounds: int, seed: int) -> None:
             replayed.append(requests / (time.perf_counter() - started))
             alone.append(core_ceiling(min(requests, 30_000), policy))
         r, c = statistics.median(replayed), statistics.median(alone)
-        print(f"| {policy} | {r:,.0f} | {c:,.0f} | {r / c:.2f} |")
+        print(
+            f"| {policy} | {r:,.0f} | {1e6 / r:.1f} | {1 / r / build:.1f} "
+            f"| {c:,.0f} | {r / c:.2f} |"
+        )
     print()
 
 
