@@ -180,6 +180,8 @@ def simulate(
     use_recorded = model.recorded if recorded is None else recorded
     upstream = (RecordedUpstream if use_recorded else SimulatedUpstream)(model, ids, seed)
     send_upstream = upstream.send
+    plain = [upstream.plain_latency(key_id) for key_id in ids]
+    stream_rate = upstream.stream_rate
     records = trace.records
     total = len(records)
     n_keys = len(ids)
@@ -507,7 +509,20 @@ def simulate(
                 idx = index[d.key_id]  # the common case, process() inlined
                 if first_fail[idx] is None:
                     sends[idx] += 1
-                    ans = send_upstream(d.key_id, now, rec, 1)
+                    draw = plain[idx]
+                    if draw is not None:  # send_upstream(), inlined for a plain key
+                        cost = rec.cost
+                        ans = (
+                            200,
+                            draw(),
+                            None,
+                            None,
+                            None,
+                            rec.completion_tokens / stream_rate if rec.stream else 0.0,
+                            upstream.cost(rec) if cost is None else cost,
+                        )
+                    else:
+                        ans = send_upstream(d.key_id, now, rec, 1)
                     state[_ATTEMPT] = 1
                     heappush(heap, (now + ans[1], seq(), _ANSWER, rid, 1, idx, ans))
                 else:

@@ -492,6 +492,13 @@ class SimulatedUpstream:
             )
         self.accounts = accounts
 
+    def plain_latency(self, key_id: str) -> Sampler | None:
+        """The key's latency sampler if every answer of the key is a 200 (no
+        limits, balance or failure window): callers may then build the answer
+        themselves, as ``send`` would (``recorded`` upstreams: None)."""
+        key = self.keys[key_id]
+        return key.latency if key.simple and not self.recorded else None
+
     def cost(self, record: TraceRecord) -> float:
         """What serving ``record`` costs: its recorded cost, else by the model's prices."""
         if record.cost is not None:
