@@ -121,7 +121,7 @@ def pacing(requests: int, seed: int) -> None:
     )
     print("|---:|---|---|---:|---:|---:|---:|---:|")
     for keys in (4, 100):
-        count = max(requests, 30 * keys)
+        count = max(requests, 250 * keys)  # several minutes of virtual time
         for name, known in (("pacing", "yes (rpm=60)"), ("rate_limited", "no")):
             report = replay(build_scenario(name, keys=keys, requests=count, seed=seed), "all")
             for policy, m in report.results.items():
