@@ -12,6 +12,9 @@ Ctrl-C on the terminal reaches the benchmark only) and with a parent-death signa
 - the proxy, ``python -m keyrotor.cli serve --host 127.0.0.1 --port 0 --upstream
   URL`` with ``OPENROUTER_KEYS`` set to 4 fake secrets (if ``--port 0`` does not
   work, a free port is picked and passed); ready when ``GET /healthz`` answers 200.
+  Its state file lives in a temporary directory (``--state file``, the default,
+  as ``keyrotor serve`` runs); ``--state none`` runs it ``--no-state`` and
+  ``--state both`` measures the two side by side.
 
 The load generator runs in this process: trio + h11, many keep-alive
 connections, one request per connection at a time, no HTTP client library. Two
@@ -586,9 +589,16 @@ def wait_ready(
     return None
 
 
-def start_keyrotor(stack: ExitStack, upstream_url: str) -> tuple[Child, Endpoint]:
+def start_keyrotor(stack: ExitStack, upstream_url: str, state: bool) -> tuple[Child, Endpoint]:
+    """The proxy with its state file in a fresh temporary directory (``state``),
+    or ``--no-state``."""
     env = _child_env({"OPENROUTER_KEYS": ",".join(FAKE_KEYS)})
     base = [sys.executable, "-m", "keyrotor.cli", "serve", "--host", LOOPBACK]
+    if state:
+        folder = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        base += ["--state", str(folder / "state.db")]
+    else:
+        base.append("--no-state")
     attempts: list[str] = []
     for port in (0, free_port()):
         cmd = [*base, "--port", str(port), "--upstream", upstream_url]
@@ -1005,6 +1015,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--rounds", type=int, default=1, help="interleaved repetitions (1)")
     parser.add_argument("--no-stream", action="store_true", help="non-streaming requests only")
     parser.add_argument(
+        "--state",
+        choices=("file", "none", "both"),
+        default="file",
+        help="the proxy keeps its state file (in a temporary directory; the default, as "
+        "`keyrotor serve` does), runs --no-state, or both side by side",
+    )
+    parser.add_argument(
         "--warmup", type=float, default=1.0, help="untimed seconds per target and body (1)"
     )
     parser.add_argument(
@@ -1077,9 +1094,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         targets = [Target(baseline, Endpoint.parse(upstream_url + "/chat/completions"), None)]
         proxies: list[tuple[Target, Child]] = []
         if not args.upstream_only:
-            proxy, endpoint = start_keyrotor(stack, upstream_url)
-            print(f"keyrotor proxy pid {proxy.pid} at {endpoint.url}", file=sys.stderr, flush=True)
-            proxies.append((Target("through keyrotor", endpoint, proxy.pid), proxy))
+            for state in {"file": (True,), "none": (False,), "both": (True, False)}[args.state]:
+                proxy, endpoint = start_keyrotor(stack, upstream_url, state)
+                name = "through keyrotor" if state else "through keyrotor --no-state"
+                print(f"{name}: pid {proxy.pid} at {endpoint.url}", file=sys.stderr, flush=True)
+                proxies.append((Target(name, endpoint, proxy.pid), proxy))
             if litellm_found:
                 lproxy, lendpoint = start_litellm(stack, upstream_url)
                 print(f"litellm pid {lproxy.pid} at {lendpoint.url}", file=sys.stderr, flush=True)

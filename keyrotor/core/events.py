@@ -25,8 +25,8 @@ __all__ = [
     "RequestCancelled",
     "RequestStarted",
     "ResponseFinished",
-    "SpendRecorded",
     "ResponseReceived",
+    "SpendRecorded",
     "Tick",
     "TransportFailed",
 ]

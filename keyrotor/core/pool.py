@@ -40,7 +40,6 @@ from .events import (
     Event,
     KeyAdded,
     KeyMarked,
-    SpendRecorded,
     KeyRemoved,
     ProbeFinished,
     ProbeRequested,
@@ -48,6 +47,7 @@ from .events import (
     RequestStarted,
     ResponseFinished,
     ResponseReceived,
+    SpendRecorded,
     Tick,
     TransportFailed,
 )

@@ -4,7 +4,6 @@ probed and removed while traffic flows; tokens checked; no secret ever returned.
 from __future__ import annotations
 
 import json
-import queue
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -12,14 +11,14 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import trio
 
 from keyrotor.adapters.config import ProxyConfig
 from keyrotor.adapters.proxy.auth import Auth, Role
-from keyrotor.adapters.proxy.main import run_proxy
 from keyrotor.adapters.proxy.types import Request
 from keyrotor.core import KeySpec, PoolConfig
 from keyrotor.testing import Credits, FakeUpstream, Ok, Scenario
+
+from .proxy_thread import ProxyThread as Proxy
 
 ADMIN = "admin-token-" + "a1" * 12
 CLIENT = "client-token-" + "c3" * 12
@@ -41,39 +40,6 @@ def scenario() -> Scenario:
     sc.add(NEW, Ok(), alias="new")
     sc.add(POOR, Credits(0.0), alias="poor")
     return sc
-
-
-class Proxy:
-    """``run_proxy`` on its own trio loop in a thread."""
-
-    def __init__(self, config: ProxyConfig, log: list[dict[str, Any]]) -> None:
-        self.config = config
-        self.log = log
-        self._ready: queue.Queue[int] = queue.Queue()
-        self._thread = threading.Thread(target=trio.run, args=(self._main,), daemon=True)
-
-    async def _main(self) -> None:
-        self._shutdown = trio.Event()
-        self._token = trio.lowlevel.current_trio_token()
-        async with trio.open_nursery() as nursery:
-            port = await nursery.start(
-                lambda task_status: run_proxy(
-                    self.config,
-                    log=self.log.append,
-                    shutdown=self._shutdown,
-                    task_status=task_status,
-                )
-            )
-            self._ready.put(port)
-
-    def __enter__(self) -> str:
-        self._thread.start()
-        return f"http://127.0.0.1:{self._ready.get(timeout=10)}"
-
-    def __exit__(self, *exc: object) -> None:
-        trio.from_thread.run_sync(self._shutdown.set, trio_token=self._token)
-        self._thread.join(timeout=10)
-        assert not self._thread.is_alive()
 
 
 def make_config(upstream: str, **options: Any) -> ProxyConfig:
@@ -162,7 +128,11 @@ def test_keys_are_added_listed_marked_probed_and_removed_while_traffic_flows(
             # Duplicates are refused, naming the alias, never the key.
             again = call("POST", "/admin/keys", json={"key": NEW, "alias": "other"})
             assert again.status_code == 409 and "'new'" in again.text
-            assert call("POST", "/admin/keys", json={"key": "x y"}).status_code == 409
+            assert call("POST", "/admin/keys", json={"key": "x y"}).status_code == 400
+            assert call("POST", "/admin/keys", json={"key": 5}).status_code == 400
+            assert call("POST", "/admin/keys", content=b"[1]").status_code == 400
+            assert call("POST", "/admin/keys", json={"key": NEW, "weight": -1}).status_code == 400
+            assert call("POST", "/admin/keys", json={"key": NEW, "alias": "a b"}).status_code == 400
             bad = call("POST", "/admin/keys", json={"key": NEW[:-1] + "9", "wieght": 1})
             assert bad.status_code == 400 and "wieght" in bad.text
 
@@ -336,7 +306,7 @@ def test_a_failing_state_file_is_reported_and_the_proxy_keeps_serving(
         store = open_store(config, log.append)
         assert store is not None
         monkeypatch.setattr(store, "_write_batch", broken)
-        with StoreProxy(config, log, store) as url, httpx.Client(base_url=url) as http:
+        with Proxy(config, log, store) as url, httpx.Client(base_url=url) as http:
             for _ in range(5):
                 assert http.post("/v1/chat/completions", json=CHAT).status_code == 200
             pause(0.2)  # a few flushes, all failing
@@ -349,26 +319,3 @@ def test_a_failing_state_file_is_reported_and_the_proxy_keeps_serving(
             assert http.get("/status").json()["storage"]["ok"] is True
     logged = [r["message"] for r in log if r.get("event") == "storage"]
     assert len([m for m in logged if "disk is full" in m]) == 1  # once, not per flush
-
-
-class StoreProxy(Proxy):
-    """``run_proxy`` given an already open state file."""
-
-    def __init__(self, config: ProxyConfig, log: list[dict[str, Any]], store: Any) -> None:
-        super().__init__(config, log)
-        self.store = store
-
-    async def _main(self) -> None:
-        self._shutdown = trio.Event()
-        self._token = trio.lowlevel.current_trio_token()
-        async with trio.open_nursery() as nursery:
-            port = await nursery.start(
-                lambda task_status: run_proxy(
-                    self.config,
-                    log=self.log.append,
-                    shutdown=self._shutdown,
-                    store=self.store,
-                    task_status=task_status,
-                )
-            )
-            self._ready.put(port)

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -18,10 +16,8 @@ import anyio
 import httpx
 import openai
 import pytest
-import trio
 
 from keyrotor.adapters.config import ProxyConfig
-from keyrotor.adapters.proxy.main import run_proxy
 from keyrotor.core import KeySpec, PoolConfig
 from keyrotor.testing import (
     Credits,
@@ -32,6 +28,8 @@ from keyrotor.testing import (
     Scenario,
     SlowStream,
 )
+
+from .proxy_thread import ProxyThread
 
 SECRETS = {
     "ok1": "sk-or-v1-e2e-ok1-00000000000000000001",
@@ -57,43 +55,13 @@ def scenario() -> Scenario:
     return sc
 
 
-class ProxyThread:
-    """The proxy on its own trio loop in a thread, for blocking test code."""
-
-    def __init__(self, upstream: str, log: list[dict[str, Any]]) -> None:
-        self.config = ProxyConfig(
-            keys=dict(SECRETS),
-            pool=PoolConfig(keys=[KeySpec(key_id=alias) for alias in SECRETS]),
-            upstream=upstream,
-            server={"host": "127.0.0.1", "port": 0},
-        )
-        self._log = log
-        self._ready: queue.Queue[Any] = queue.Queue()
-        self._thread = threading.Thread(target=trio.run, args=(self._main,), daemon=True)
-
-    async def _main(self) -> None:
-        self._shutdown = trio.Event()
-        self._token = trio.lowlevel.current_trio_token()
-        async with trio.open_nursery() as nursery:
-            port = await nursery.start(
-                lambda task_status: run_proxy(
-                    self.config,
-                    log=self._log.append,
-                    shutdown=self._shutdown,
-                    task_status=task_status,
-                )
-            )
-            self._ready.put(port)
-
-    def __enter__(self) -> str:
-        self._thread.start()
-        port = self._ready.get(timeout=10)
-        return f"http://127.0.0.1:{port}"
-
-    def __exit__(self, *exc: object) -> None:
-        trio.from_thread.run_sync(self._shutdown.set, trio_token=self._token)
-        self._thread.join(timeout=10)
-        assert not self._thread.is_alive()
+def config(upstream: str) -> ProxyConfig:
+    return ProxyConfig(
+        keys=dict(SECRETS),
+        pool=PoolConfig(keys=[KeySpec(key_id=alias) for alias in SECRETS]),
+        upstream=upstream,
+        server={"host": "127.0.0.1", "port": 0},
+    )
 
 
 @pytest.fixture
@@ -101,7 +69,7 @@ def proxy_url() -> Iterator[tuple[str, FakeUpstream, list[dict[str, Any]]]]:
     log: list[dict[str, Any]] = []
     with (
         FakeUpstream.running_in_thread(scenario()) as upstream,
-        ProxyThread(upstream.url, log) as url,
+        ProxyThread(config(upstream.url), log) as url,
     ):
         yield url, upstream, log
 

@@ -146,6 +146,8 @@ class Admin:
         if not isinstance(secret, str) or not secret.strip():
             raise AdminError(400, 'field "key" (the API key) is required and must be a string')
         secret = secret.strip()
+        if not (secret.isascii() and secret.isprintable()) or " " in secret:
+            raise AdminError(400, 'field "key" has whitespace or characters no API key has')
         alias = body.get("alias")
         if alias is None:  # a stable name that reveals nothing of the key
             alias = "key-" + hashlib.sha256(secret.encode()).hexdigest()[:8]
