@@ -436,7 +436,10 @@ class AsyncClient(ClientBase):
         driver = self._driver
         upstream = self._upstream
         pool = self._http()
-        secret = driver.secrets[send.key_id]
+        secret = driver.secrets.get(send.key_id)
+        if secret is None:  # removed after it was chosen: another key
+            driver.failed(request_id, "key_removed")
+            return None
         try:
             response = await pool.request(
                 method.encode("ascii"),

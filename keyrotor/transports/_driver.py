@@ -61,11 +61,15 @@ Routed = Send | Deliver | Reject
 
 
 def mask(secret: str) -> str:
-    """A short form of a secret that is safe to show: ``sk-or-v1-…1a2b``."""
-    if len(secret) <= 12:
+    """A short form of a secret that is safe to show: ``sk-or-v1-…1a2b``.
+
+    At most the prefix up to the last dash of the first 10 characters (the
+    key's kind, as ``sk-or-v1-``) and the last 4; nothing of a short secret."""
+    if len(secret) < 20:
         return "…"
-    head = secret[: secret.rfind("-") + 1] if "-" in secret[:12] else secret[:3]
-    return f"{head[:10]}…{secret[-4:]}"
+    start = secret[:10]
+    head = start[: start.rfind("-") + 1] if "-" in start else secret[:3]
+    return f"{head}…{secret[-4:]}"
 
 
 def keys_from_env(environ: Mapping[str, str]) -> list[str]:

@@ -255,3 +255,18 @@ async def test_client_outside_its_block_says_how_to_use_it() -> None:
     client = Client(keys("good"), "http://127.0.0.1:9/api/v1")
     with pytest.raises(Exception, match="async with"):
         await client.chat(model=MODEL, messages=HI)
+
+
+async def test_a_key_removed_after_it_was_chosen_fails_over_instead_of_erroring(
+    mixed: FakeUpstream,
+) -> None:
+    keys = {"good": SECRETS["good"], "good2": SECRETS["good2"]}
+    async with Client(keys, mixed.url) as client:
+        # The race: the pool chose "good" for a request, then an operator removed
+        # it before the request's task looked up its secret.
+        del client.driver.secrets["good"]
+        reply = await client.request(
+            "POST", "/chat/completions", json={"model": MODEL, "messages": HI}, pin="good"
+        )
+        assert reply.status_code == 200 and reply.key == "good2" and reply.attempts == 2
+        assert mixed.stats("good").requests == 0  # nothing was sent with it

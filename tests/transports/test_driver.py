@@ -30,6 +30,10 @@ def test_mask_shows_only_a_prefix_and_the_last_four() -> None:
     assert shown.endswith("cdef") and shown.startswith("sk-or-v1")
     assert "0123456789" not in shown
     assert mask("short") == "…"
+    assert mask("ab-cdefghi-jk") == "…"  # short: nothing of it
+    # A dash late in the secret never widens the prefix shown.
+    assert mask("abcdefghijklmnopqrs-tuvwxyz0123") == "abc…0123"
+    assert mask("sk-ant-api03-" + "x" * 30 + "wxyz") == "sk-ant-…wxyz"
 
 
 @pytest.mark.parametrize(

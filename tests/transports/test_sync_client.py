@@ -442,3 +442,14 @@ def test_no_secret_in_reprs_errors_or_status() -> None:
         for alias in behaviours:
             assert secret(alias) not in text
             assert f"SECRET{alias.upper()}" not in text
+
+
+def test_a_key_removed_after_it_was_chosen_fails_over_instead_of_erroring() -> None:
+    with running({"a": Ok(), "b": Ok()}) as (client, server):
+        with client.lock:  # the race: chosen by the pool, then removed by an operator
+            del client.driver.secrets["a"]
+        reply = client.request(
+            "POST", "/chat/completions", json={"model": MODEL, "messages": MESSAGES}, pin="a"
+        )
+        assert (reply.status_code, reply.key, reply.attempts) == (200, "b", 2)
+        assert server.stats("a").requests == 0
