@@ -418,6 +418,7 @@ def simulate(
                         and not st[_QWAIT]
                         and rec.group is None
                         and type(decisions[0]) is Deliver
+                        and decisions[0].request_id == rid
                     ):  # the common case: process() and the body's end inlined
                         ok200 += 1
                         counters_delivered += 1
@@ -505,7 +506,12 @@ def simulate(
             if rec.cancel_after is not None:
                 heappush(heap, (now + rec.cancel_after, seq(), _CANCEL, rid))
             decisions = handle(ev)
-            if len(decisions) == 1 and type(d := decisions[0]) is Send and not timeline:
+            if (
+                len(decisions) == 1
+                and type(d := decisions[0]) is Send
+                and d.request_id == rid
+                and not timeline
+            ):
                 idx = index[d.key_id]  # the common case, process() inlined
                 if first_fail[idx] is None:
                     sends[idx] += 1

@@ -162,6 +162,7 @@ key_model = st.fixed_dictionaries(
     keys=st.dictionaries(st.sampled_from(["key-0", "key-1", "key-2"]), key_model),
     policy=st.sampled_from(POLICIES),
     max_in_flight=st.one_of(st.none(), st.integers(min_value=1, max_value=3)),
+    known_rpm=st.one_of(st.none(), st.sampled_from([6.0, 60.0])),
     queue_timeout=st.sampled_from([0.0, 1.0, 30.0]),
     seed=st.integers(min_value=0, max_value=3),
 )
@@ -171,10 +172,12 @@ def test_replay_never_loses_a_request(
     keys: dict[str, dict[str, object]],
     policy: str,
     max_in_flight: int | None,
+    known_rpm: float | None,
     queue_timeout: float,
     seed: int,
 ) -> None:
-    """Every arrival ends exactly once: served, a client error, or cancelled."""
+    """Every arrival ends exactly once: served, a client error, or cancelled
+    (pacing and in-flight limits make requests queue and drain on arrivals)."""
     records = [
         TraceRecord(
             t=t,
@@ -201,6 +204,7 @@ def test_replay_never_loses_a_request(
         KeySpec(
             key_id=f"key-{i}",
             max_in_flight=max_in_flight,
+            rpm=known_rpm,
             account=keys.get(f"key-{i}", {}).get("account"),
         )  # type: ignore[arg-type]
         for i in range(3)
@@ -221,3 +225,16 @@ def test_replay_never_loses_a_request(
     assert stats["in_flight"] == 0 and stats["queued"] == 0
     assert stats["rejected"] + stats["cancelled"] + stats["delivered"] >= len(records) - 0
     assert stats["rejected"] == result.rejected
+
+
+def test_an_arrival_that_drains_another_request_loses_nothing() -> None:
+    """Regression: r2 arrives when the pacing timer is due (t=1.0): its arrival
+    sends r1 while r2 waits. The engine must answer r1, not take that Send for r2's."""
+    records = [TraceRecord(t=0.0), TraceRecord(t=0.1), TraceRecord(t=1.0)]
+    result = simulate(
+        Trace(TraceHeader(), records),
+        UpstreamModel.from_json({"latency": 0.2}),
+        keys=[KeySpec(key_id="paced", rpm=60)],
+    )
+    assert (result.served, result.lost) == (3, 0)
+    assert result.queue_waits == [0.9, 1.0]  # r1 waits until 1.0, r2 until 2.0
