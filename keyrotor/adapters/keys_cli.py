@@ -19,6 +19,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Mapping
 from typing import Any, TextIO
+from urllib.parse import quote, urlsplit
 
 __all__ = ["add_parser", "run"]
 
@@ -86,6 +87,13 @@ def run(
     if not token:
         print("keyrotor keys: set KEYROTOR_ADMIN_TOKEN to the proxy's admin token", file=stderr)
         return 2
+    parts = urlsplit(url)
+    if parts.scheme == "http" and parts.hostname not in ("127.0.0.1", "localhost", "::1"):
+        print(
+            f"keyrotor keys: warning: {url} is plain HTTP beyond this machine; the admin token "
+            "(and any key added) cross the network unencrypted: use https",
+            file=stderr,
+        )
     try:
         if args.action == "list":
             keys = _call(url, token, "GET", "/admin/keys")["keys"]
@@ -145,9 +153,17 @@ def _secret(args: argparse.Namespace, environ: Mapping[str, str], stdin: TextIO)
 
 
 def _quote(alias: str) -> str:
-    from urllib.parse import quote
-
     return quote(alias, safe="")
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """The admin token goes to the proxy named, never where a redirect points."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirects)
 
 
 def _call(url: str, token: str, method: str, path: str, body: Any = None) -> Any:
@@ -157,7 +173,7 @@ def _call(url: str, token: str, method: str, path: str, body: Any = None) -> Any
     if data is not None:
         request.add_header("content-type", "application/json")
     try:
-        with urllib.request.urlopen(request, timeout=30) as response:
+        with _OPENER.open(request, timeout=30) as response:
             return json.loads(response.read() or b"{}")
     except urllib.error.HTTPError as exc:
         with exc:

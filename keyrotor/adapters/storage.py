@@ -65,6 +65,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SECRET_KEY_ENV",
+    "AlreadyStored",
     "LedgerRow",
     "Loaded",
     "SecretsLocked",
@@ -94,6 +95,10 @@ class StorageError(Exception):
 
 class SecretsLocked(StorageError):
     """A secret was to be stored without ``KEYROTOR_SECRET_KEY``."""
+
+
+class AlreadyStored(StorageError):
+    """The alias or the secret of a key to store is stored already."""
 
 
 @attrs.frozen
@@ -538,7 +543,7 @@ class StateStore:
                     "the file's permissions"
                 ) from None
         if row is not None:
-            raise StorageError(
+            raise AlreadyStored(
                 f"key {alias!r} is already stored in {self.path}: remove it first or choose "
                 "another alias"
                 if row[1]
@@ -675,9 +680,11 @@ class StateStore:
             except Exception as exc:  # pragma: no cover - flush handles its own errors
                 self._fail(exc)
 
-    def _warn_once(self, message: str) -> None:
-        if message not in self._logged:
-            self._logged.add(message)
+    def _warn_once(self, message: str, kind: str | None = None) -> None:
+        """Log ``message`` unless one of its ``kind`` (default: itself) was logged."""
+        kind = message if kind is None else kind
+        if kind not in self._logged:
+            self._logged.add(kind)
             self._log(message)
 
     def _fail(self, exc: BaseException) -> None:
@@ -689,7 +696,8 @@ class StateStore:
         self._warn_once(
             f"keyrotor storage: cannot write {self.path}: {error}; keeping "
             f"{len(self._unsaved) + len(self._pending)} records in memory and retrying every "
-            f"{self._interval:g}s; the proxy keeps serving"
+            f"{self._interval:g}s; the proxy keeps serving",
+            kind=error,
         )
 
     def _succeeded(self) -> None:

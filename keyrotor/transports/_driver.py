@@ -324,17 +324,23 @@ class Driver:
 
     # ------------------------------------------------------ keys at runtime
 
+    def check_new_key(self, alias: str, secret: str) -> None:
+        """Raise ``ConfigurationError`` unless ``add_key`` would take this key."""
+        if alias in self.secrets or any(k.key_id == alias for k in self.pool.statistics().keys):
+            raise ConfigurationError(
+                f"a key with alias {alias!r} is already in the pool (or still finishing its "
+                "requests after its removal: try again when they have ended)"
+            )
+        _aliases({alias: secret}, empty_ok=False)  # the secret's own checks
+        for owner, known in self.secrets.items():
+            if known == secret:
+                raise ConfigurationError(f"this secret is already in the pool as {owner!r}")
+
     def add_key(self, secret: str, spec: KeySpec) -> None:
         """Add a key (``spec.key_id`` is its alias) to the running pool."""
-        alias = spec.key_id
-        if alias in self.secrets or alias in self.pool.key_ids():
-            raise ConfigurationError(f"a key with alias {alias!r} is already in the pool")
-        _aliases({alias: secret}, empty_ok=False)  # the secret's own checks
-        if secret in self.secrets.values():
-            owner = next(a for a, s in self.secrets.items() if s == secret)
-            raise ConfigurationError(f"this secret is already in the pool as {owner!r}")
+        self.check_new_key(spec.key_id, secret)
         self.feed(KeyAdded(now=self.now(), key=spec))
-        self.secrets[alias] = secret
+        self.secrets[spec.key_id] = secret
 
     def remove_key(self, alias: str) -> None:
         """Remove a key: its requests in flight finish, no new ones start."""

@@ -4,6 +4,7 @@ probed and removed while traffic flows; tokens checked; no secret ever returned.
 from __future__ import annotations
 
 import json
+import socket
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -236,6 +237,20 @@ def test_clients_need_a_token_and_may_exchange_it_for_a_short_lived_one(proxy: A
         assert token.startswith("krt_") and token != CLIENT
     short = openai.OpenAI(base_url=f"{url}/v1", api_key=token, max_retries=0)
     assert short.chat.completions.create(**CHAT).choices  # type: ignore[call-overload]
+    with httpx.Client(base_url=url, timeout=10) as http:
+        # A short-lived token cannot renew itself, nor reach the admin API.
+        assert http.post("/auth/token", headers=admin(token)).status_code == 403
+        assert http.get("/admin/keys", headers=admin(token)).status_code == 403
+        # A pool key must not reach other upstream paths.
+        for path in ("/v1/%2e%2e/key", "/v1//key", "/v1/a/%2E/b", "/v1/a\\..\\key"):
+            assert http.get(path, headers=admin(CLIENT)).status_code == 400, path
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as raw:  # no client normalizing
+        raw.sendall(
+            f"GET /v1/../../key HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {CLIENT}\r\n"
+            "Connection: close\r\n\r\n".encode()
+        )
+        assert raw.recv(100).startswith(b"HTTP/1.1 400 ")
 
 
 def test_the_admin_api_is_off_without_an_admin_token_and_v1_open_without_client_tokens() -> None:
@@ -284,7 +299,7 @@ def test_tokens_compare_in_constant_time_and_issued_ones_expire() -> None:
     assert role(f"Bearer {CLIENT[:-1]}") is Role.NONE
     assert role(None) is Role.NONE and role("Bearer") is Role.NONE
     token, ttl = auth.issue()
-    assert ttl == 10.0 and role(f"Bearer {token}") is Role.CLIENT
+    assert ttl == 10.0 and role(f"Bearer {token}") is Role.ISSUED
     now[0] = 10.5
     assert role(f"Bearer {token}") is Role.NONE  # expired, and forgotten
     assert not Auth().admin_enabled and Auth().open and not auth.open

@@ -15,6 +15,7 @@ import math
 import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
 
 import anyio
 import anyio.to_thread
@@ -89,18 +90,28 @@ class Admin:
             alias = body.get("alias")
             if alias is not None and not isinstance(alias, str):
                 raise AdminError(400, "alias must be a string (or absent: probe every key)")
+            if alias is not None:
+                self._entry(alias)  # 404 for an unknown key
             self._call(self._client.probe_keys, alias)
-            targets = [alias] if alias else self._client.driver.pool.key_ids()
+            targets = (
+                [alias]
+                if alias
+                else [
+                    k["alias"]
+                    for k in self._client.status()["keys"]
+                    if k["state"] != "disabled" and not k["removing"]
+                ]
+            )
             self._log({"event": "admin", "action": "probe", "keys": targets})
             return _answer(202, {"probing": targets})
         match = _KEY_PATH.match(path)
         if match is None:
             raise AdminError(404, f"no admin route {method} {path}")
-        alias, state = match.group(1), match.group(2)
+        alias, state = unquote(match.group(1)), match.group(2)
         if state:
             if method != "POST":
                 raise AdminError(405, f"{method} {path}: use POST")
-            return self._mark(alias, _json_object(request.body))
+            return await self._mark(alias, _json_object(request.body))
         if method == "DELETE":
             return await self._remove(alias)
         if method == "GET":
@@ -165,55 +176,56 @@ class Admin:
             if not ok:
                 kind = {"account": "a string", "max_in_flight": "an integer"}.get(name, "a number")
                 raise AdminError(400, f"{name} must be {kind}")
-        async with self._lock:
-            driver = self._client.driver
-            # Everything the pool would refuse, refused before anything is stored.
-            try:
-                key_spec = KeySpec(key_id=alias, **spec)
-            except PoolError as exc:
-                raise AdminError(400, _safe(str(exc), secret)) from None
-            if alias in driver.secrets or alias in driver.pool.key_ids():
-                raise AdminError(409, f"a key with alias {alias!r} is already in the pool")
-            if secret in driver.secrets.values():
-                owner = next(a for a, s in driver.secrets.items() if s == secret)
-                raise AdminError(409, f"this key is already in the pool as {owner!r}")
-            stored = False
-            if self._store is not None:
-                from ..storage import SecretsLocked, StorageError
+        try:
+            key_spec = KeySpec(key_id=alias, **spec)
+        except PoolError as exc:
+            raise AdminError(400, _safe(str(exc), secret)) from None
+        # Shielded: a caller who leaves must not cut a change between the
+        # state file and the pool in half.
+        with anyio.CancelScope(shield=True):
+            async with self._lock:
+                # Everything the pool would refuse, refused before anything is stored.
+                self._call(self._client.driver.check_new_key, alias, secret)
+                stored = False
+                if self._store is not None:
+                    from ..storage import AlreadyStored, SecretsLocked, StorageError
 
+                    try:
+                        await anyio.to_thread.run_sync(self._store.add_key, alias, secret, spec)
+                    except (SecretsLocked, AlreadyStored) as exc:
+                        raise AdminError(409, str(exc)) from None
+                    except StorageError as exc:
+                        raise AdminError(503, str(exc)) from None
+                    stored = True
                 try:
-                    await anyio.to_thread.run_sync(self._store.add_key, alias, secret, spec)
-                except SecretsLocked as exc:
-                    raise AdminError(409, str(exc)) from None
-                except StorageError as exc:
-                    raise AdminError(409 if "already" in str(exc) else 503, str(exc)) from None
-                stored = True
-            try:
-                self._call(self._client.add_key, alias, secret, **spec)
-            except AdminError:
-                if stored:
-                    assert self._store is not None
-                    await anyio.to_thread.run_sync(self._store.remove_key, alias)
-                raise
-            self.sources[alias] = "api"
-            self._specs[alias] = key_spec
+                    self._call(self._client.add_key, alias, secret, **spec)
+                except AdminError:
+                    if stored:
+                        assert self._store is not None
+                        await anyio.to_thread.run_sync(self._store.remove_key, alias)
+                    raise
+                self.sources[alias] = "api"
+                self._specs[alias] = key_spec
         self._log({"event": "admin", "action": "add", "key": alias, "stored": stored})
         return _answer(201, {**self._entry(alias), "stored": stored})
 
     async def _remove(self, alias: str) -> Response:
-        async with self._lock:
-            entry = self._entry(alias)
-            self._call(self._client.remove_key, alias)
-            stored = False
-            if self._store is not None and self.sources.get(alias, "api") == "api":
-                from ..storage import StorageError
+        with anyio.CancelScope(shield=True):
+            async with self._lock:
+                entry = self._entry(alias)
+                if entry["removing"]:
+                    raise AdminError(404, f"key {alias!r} is already removed")
+                source = self.sources.get(alias, "api")
+                stored = False
+                if self._store is not None and source == "api":  # the file first
+                    from ..storage import StorageError
 
-                try:
-                    stored = await anyio.to_thread.run_sync(self._store.remove_key, alias)
-                except StorageError as exc:
-                    self._log({"event": "storage_error", "message": str(exc)})
-            source = self.sources.pop(alias, "api")
-            self._specs.pop(alias, None)
+                    try:
+                        stored = await anyio.to_thread.run_sync(self._store.remove_key, alias)
+                    except StorageError as exc:
+                        raise AdminError(503, f"{exc}; the key stays in the pool") from None
+                self._call(self._client.remove_key, alias)
+                self._specs.pop(alias, None)
         self._log({"event": "admin", "action": "remove", "key": alias})
         return _answer(
             200,
@@ -226,7 +238,7 @@ class Admin:
             },
         )
 
-    def _mark(self, alias: str, body: dict[str, Any]) -> Response:
+    async def _mark(self, alias: str, body: dict[str, Any]) -> Response:
         state = body.get("state")
         if state == "enabled":
             state = "healthy"
@@ -241,19 +253,23 @@ class Admin:
             raise AdminError(400, "duration must be a number of seconds more than zero")
         if state in ("rate_limited", "degraded") and duration is None:
             raise AdminError(400, f"marking a key {state} needs a duration in seconds")
-        self._entry(alias)  # 404 first
+        if self._entry(alias)["removing"]:
+            raise AdminError(404, f"key {alias!r} is removed")
         self._call(self._client.mark_key, alias, KeyState(state), duration=duration)
+        stored = False
+        if self._store is not None:  # committed before the answer, like every admin change
+            with anyio.CancelScope(shield=True):
+                stored = await anyio.to_thread.run_sync(self._store.flush)
         self._log({"event": "admin", "action": "mark", "key": alias, "state": state})
-        return _answer(200, self._entry(alias))
+        return _answer(200, {**self._entry(alias), "stored": stored})
 
     @staticmethod
     def _call(method: Callable[..., None], *args: Any, **kwargs: Any) -> None:
         """A client call, its refusal as a 4xx answer."""
         try:
             method(*args, **kwargs)
-        except ConfigurationError as exc:
-            status = 404 if "no key with alias" in str(exc) else 409
-            raise AdminError(status, str(exc)) from None
+        except ConfigurationError as exc:  # unknown aliases are answered 404 before this
+            raise AdminError(409, str(exc)) from None
         except PoolError as exc:
             raise AdminError(409, str(exc)) from None
 

@@ -9,6 +9,7 @@ request.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
@@ -37,6 +38,8 @@ _DROPPED = frozenset(
     {"connection", "keep-alive", "transfer-encoding", "content-length", "date", "server"}
 )
 _JSON = ("content-type", "application/json")
+# "." and ".." segments (also percent-encoded), "//" and backslashes in a /v1/ path.
+_ESCAPES = re.compile(r"(^|/)(\.|%2e){1,2}(/|$)|//|\\|%5c", re.IGNORECASE)
 _REJECT_TYPES = {429: "rate_limit_error", 502: "upstream_error", 503: "service_unavailable"}
 
 
@@ -155,14 +158,19 @@ class ProxyApp:
             role = auth.role(request)
             if role is Role.ADMIN:
                 return None
-            if role is Role.CLIENT:
+            if role in (Role.CLIENT, Role.ISSUED):
                 return _refuse(403, "this token may not use the admin API", "forbidden")
             return _refuse(401, "the admin API needs the admin token", "invalid_api_key")
         if path == "/auth/token" and auth.open:
             return _refuse(
                 404, "no client tokens are configured, so there is no token to exchange", None
             )
-        if auth.open or auth.role(request) is not Role.NONE:
+        if auth.open:
+            return None
+        role = auth.role(request)
+        if role is Role.ISSUED and path == "/auth/token":
+            return _refuse(403, "a short-lived token cannot be exchanged again", "forbidden")
+        if role is not Role.NONE:
             return None
         return _refuse(
             401, "missing or wrong token: send Authorization: Bearer <token>", "invalid_api_key"
@@ -191,6 +199,14 @@ class ProxyApp:
         return Response(status=status, headers=[_JSON], body=json.dumps(payload).encode())
 
     async def _forward(self, request: Request) -> Response:
+        if _ESCAPES.search(request.path):  # a pool key must not reach other upstream paths
+            return Response(
+                status=400,
+                headers=[_JSON],
+                body=error_body(
+                    "the path may not hold '..', '.' or empty segments", "invalid_request_error"
+                ),
+            )
         headers = {k: v for k, v in request.headers if k in _FORWARDED}
         asked = request.header("x-keyrotor-key")
         pin: str | int | None = int(asked) if asked is not None and asked.isdigit() else asked

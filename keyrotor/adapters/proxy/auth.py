@@ -27,6 +27,7 @@ class Role(enum.Enum):
     """What a request's bearer token makes its caller."""
 
     NONE = "none"  # no token, or a wrong one
+    ISSUED = "issued"  # a short-lived token from ``issue``: a client that cannot mint more
     CLIENT = "client"
     ADMIN = "admin"
 
@@ -91,7 +92,7 @@ class Auth:
         expiry = self._issued.get(digest)
         if expiry is not None:
             if expiry > self._clock():
-                return Role.CLIENT
+                return Role.ISSUED
             del self._issued[digest]
         return Role.NONE
 

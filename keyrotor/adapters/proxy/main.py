@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 import trio
 
 from ..config import ProxyConfig
-from .runtime import open_app, open_store, plan
+from .runtime import Startup, open_app, open_store, plan
 from .server import ServerOptions, serve
 
 if TYPE_CHECKING:
@@ -45,6 +45,7 @@ async def run_proxy(
     log: Callable[[dict[str, Any]], None],
     shutdown: trio.Event,
     store: StateStore | None = None,
+    startup: Startup | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``config`` until ``shutdown`` is set; ``task_status`` gets the port.
@@ -52,7 +53,7 @@ async def run_proxy(
     ``store``: the state file, already open (``run`` opens it first so that a
     problem with it stops the start with one clear line); closed at the end.
     """
-    async with open_app(config, log, store) as app:
+    async with open_app(config, log, store, startup) as app:
         options = ServerOptions(**config.server)
         async with trio.open_nursery() as nursery:
             port = await nursery.start(
@@ -94,7 +95,7 @@ def run(config: ProxyConfig, stream: TextIO = sys.stderr) -> None:
     log = json_logger(stream, config.log_format)
     store = open_store(config, log)
     try:
-        plan(config, store, lambda record: None)  # fails now, not inside the event loop
+        startup = plan(config, store, log)  # fails now, not inside the event loop
     except BaseException:
         if store is not None:
             store.close()
@@ -106,7 +107,12 @@ def run(config: ProxyConfig, stream: TextIO = sys.stderr) -> None:
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 await nursery.start(
                     lambda task_status: run_proxy(
-                        config, log=log, shutdown=shutdown, store=store, task_status=task_status
+                        config,
+                        log=log,
+                        shutdown=shutdown,
+                        store=store,
+                        startup=startup,
+                        task_status=task_status,
                     )
                 )
                 async for signum in signals:

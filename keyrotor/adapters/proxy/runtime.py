@@ -61,7 +61,7 @@ def open_store(config: ProxyConfig, log: Log) -> StateStore | None:
 class Startup:
     """The keys to start with: secrets, the pool's config, where each came from."""
 
-    keys: dict[str, str]
+    keys: dict[str, str] = attrs.field(repr=False)  # secrets
     pool: PoolConfig
     sources: dict[str, str]
     loaded: Loaded | None
@@ -119,7 +119,7 @@ def restore(driver: Driver, loaded: Loaded, wall_now: float | None = None) -> No
             continue  # its time is up: it starts healthy
         driver.mark_key(alias, state, left, "restored")
     for row in loaded.ledger:
-        if row.alias not in present or not (row.cost or row.prompt_tokens):
+        if row.alias not in present or not (row.cost or row.prompt_tokens or row.completion_tokens):
             continue
         now = driver.now()
         day_start = calendar.timegm(time.strptime(row.day, "%Y-%m-%d")) + offset
@@ -157,17 +157,21 @@ def record(driver: Driver, store: StateStore) -> None:
 
 @contextlib.asynccontextmanager
 async def open_app(
-    config: ProxyConfig, log: Log, store: StateStore | None = None
+    config: ProxyConfig,
+    log: Log,
+    store: StateStore | None = None,
+    startup: Startup | None = None,
 ) -> AsyncIterator[ProxyApp]:
     """The application serving ``config`` for the block's duration.
 
     ``store``: an already open state file (closed here at the end); None opens
-    the one ``config`` names, if any.
+    the one ``config`` names, if any. ``startup``: ``plan``'s answer, if known.
     """
     if store is None:
         store = open_store(config, log)
     try:
-        startup = plan(config, store, log)
+        if startup is None:
+            startup = plan(config, store, log)
         async with AsyncClient(
             startup.keys,
             config.upstream,
@@ -178,11 +182,11 @@ async def open_app(
             driver = client.driver
             if config.record is not None:
                 client.record(config.record, source="proxy")
-            if startup.loaded is not None:
-                restore(driver, startup.loaded)
             driver.on_state_change.append(
                 lambda change: log({"event": "key_state", **change.to_json()})
             )
+            if startup.loaded is not None:
+                restore(driver, startup.loaded)
             if store is not None:
                 record(driver, store)
             admin = Admin(client, store, startup.sources, log) if config.admin_token else None
