@@ -10,7 +10,7 @@ written once::
     #                         uvicorn and hypercorn do)
     from keyrotor.adapters.asgi import ASGIApp
     from keyrotor.adapters.config import load_config
-    app = ASGIApp.from_config(load_config("keyrotor.toml", os.environ))
+    app = ASGIApp.from_config(load_config("keyrotor.toml", os.environ))  # with client tokens
 
 ``from_config`` builds the pool's ``AsyncClient`` (whose task group runs the
 pool's timer and probes) and the ``ProxyApp`` at lifespan startup and closes
@@ -35,7 +35,7 @@ from urllib.parse import quote
 
 import anyio
 
-from .config import ProxyConfig
+from .config import ConfigError, ProxyConfig
 from .proxy.app import error_body
 from .proxy.types import App, Request, Response
 
@@ -79,11 +79,31 @@ class ASGIApp:
 
     @classmethod
     def from_config(
-        cls, config: ProxyConfig, *, log: Log | None = None, max_body_bytes: int = MAX_BODY_BYTES
+        cls,
+        config: ProxyConfig,
+        *,
+        log: Log | None = None,
+        max_body_bytes: int = MAX_BODY_BYTES,
+        allow_open: bool = False,
     ) -> ASGIApp:
         """An application that builds its client and ``ProxyApp`` from ``config``
         at lifespan startup (or in ``running()``) and closes them at shutdown.
-        ``log`` (optional) gets one dict per key state change."""
+        ``log`` (optional) gets one dict per key state change.
+
+        Without client tokens anyone who reaches the app may spend the pool's
+        keys, and an ASGI app cannot see which address its server listens on:
+        that takes ``allow_open=True`` (for a server on a loopback address, or
+        behind a front that authenticates callers itself). Raises ``ConfigError``.
+        """
+        if not config.client_tokens and not allow_open:
+            raise ConfigError(
+                "the configuration has no client tokens, so anyone who reaches this app may use "
+                "the pool",
+                source="configuration",
+                where="[auth] client_tokens",
+                fix="set KEYROTOR_CLIENT_TOKENS (or [auth] client_tokens), or pass "
+                "allow_open=True when the server listens on a loopback address only",
+            )
         asgi = cls(max_body_bytes=max_body_bytes)
         asgi._config = config
         asgi._log = log

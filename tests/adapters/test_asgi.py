@@ -312,7 +312,7 @@ async def test_lifespan_builds_and_closes_the_client_from_config() -> None:
             upstream=server.url,
         )
         records: list[dict[str, Any]] = []
-        asgi = ASGIApp.from_config(config, log=records.append)
+        asgi = ASGIApp.from_config(config, log=records.append, allow_open=True)
         to_app, app_inbox = anyio.create_memory_object_stream[Message](4)
         app_outbox, from_app = anyio.create_memory_object_stream[Message](4)
 
@@ -340,7 +340,7 @@ async def test_lifespan_builds_and_closes_the_client_from_config() -> None:
 
 async def test_a_startup_failure_is_reported_to_the_server() -> None:
     config = ProxyConfig(keys={"a": "sk-a"}, pool=PoolConfig(keys=[KeySpec(key_id="a")]))
-    asgi = ASGIApp.from_config(config)
+    asgi = ASGIApp.from_config(config, allow_open=True)
     sent: list[Message] = []
     incoming = [{"type": "lifespan.startup"}]
 
@@ -398,7 +398,7 @@ async def test_running_is_the_lifespan_for_a_parent_app() -> None:
             pool=PoolConfig(keys=[KeySpec(key_id="good")]),
             upstream=server.url,
         )
-        asgi = ASGIApp.from_config(config)
+        asgi = ASGIApp.from_config(config, allow_open=True)
         async with asgi.running() as app, http_client(asgi) as http:
             response = await http.post("/v1/chat/completions", content=CHAT)
             with pytest.raises(RuntimeError, match="already running"):
@@ -429,7 +429,7 @@ config = ProxyConfig(
     pool=PoolConfig(keys=[KeySpec(key_id="bad"), KeySpec(key_id="good")]),
     upstream=url,
 )
-app = ASGIApp.from_config(config)
+app = ASGIApp.from_config(config, allow_open=True)
 if name == "uvicorn":
     import uvicorn
 
@@ -472,3 +472,19 @@ def test_a_real_asgi_server_serves_the_proxy() -> None:
             process.wait(10)
     assert response.status_code == 200
     assert response.headers["x-keyrotor-attempts"] == "2"
+
+
+def test_from_config_refuses_an_open_pool_unless_told_it_is_private() -> None:
+    from keyrotor.adapters.config import ConfigError
+
+    config = ProxyConfig(
+        keys={"a": "test-secret-for-asgi-0001"}, pool=PoolConfig(keys=[KeySpec(key_id="a")])
+    )
+    with pytest.raises(ConfigError, match="no client tokens") as info:
+        ASGIApp.from_config(config)
+    assert "allow_open=True" in str(info.value) and "test-secret" not in str(info.value)
+    assert ASGIApp.from_config(config, allow_open=True).app is None
+    tokens = ProxyConfig(
+        keys=config.keys, pool=config.pool, client_tokens=("client-token-" + "7" * 20,)
+    )
+    assert ASGIApp.from_config(tokens).app is None
