@@ -321,6 +321,8 @@ class StateStore:
         self._closed = False
         self._stop = threading.Event()
         self._writer = threading.Thread(target=self._run, name="keyrotor-storage", daemon=True)
+        self._lock_fd: int | None = None  # held while open: one process per file
+        self._salt = b""
 
     # -- opening -----------------------------------------------------------------------------
 
@@ -350,19 +352,24 @@ class StateStore:
         path = Path(path).expanduser().absolute()
         emit = log or logging.getLogger(__name__).warning
         _prepare(path)
+        lock = _lock(path)
         try:
             conn = sqlite3.connect(
                 str(path), timeout=busy_timeout, isolation_level=None, check_same_thread=False
             )
         except sqlite3.Error as exc:
+            os.close(lock)
             raise _open_error(path, exc) from None
         try:
             cipher, fingerprint_key, recent, since = _setup(conn, path, secret_key, wall_clock)
+            salt = bytes.fromhex(_read_meta(conn, path)["salt"])  # type: ignore[index]
         except sqlite3.Error as exc:
             conn.close()
+            os.close(lock)
             raise _open_error(path, exc) from None
         except BaseException:
             conn.close()
+            os.close(lock)
             raise
         _private(path, emit)
         store = cls(
@@ -377,6 +384,7 @@ class StateStore:
             recent=recent,
             recent_since=since,
         )
+        store._lock_fd, store._salt = lock, salt
         store._writer.start()
         return store
 
@@ -571,6 +579,80 @@ class StateStore:
 
     # -- hot path (never blocks on the disk, never raises) ------------------------------------
 
+    def bind(self, secrets: Mapping[str, str]) -> list[str]:
+        """Tie each alias to the key it names now (a salted SHA-256 of the secret).
+
+        An alias that named another key before (a rotated secret, environment
+        keys in another order, an alias reused for a new key) loses its stored
+        state, and its spend history moves to ``ALIAS~XXXXXXXX`` (8 hex digits
+        of the old fingerprint), so the new key inherits neither. Returns those
+        aliases. Blocking and durable; call at start and when a key is added.
+        """
+        marks = {
+            alias: hashlib.sha256(b"keyrotor binding v1" + self._salt + secret.encode()).hexdigest()
+            for alias, secret in secrets.items()
+        }
+        self.flush()  # pending records belong to the keys as they were
+        moved: dict[str, str] = {}
+        with self._db_lock:
+            conn = self._connection()
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                for alias, mark in marks.items():
+                    row = conn.execute(
+                        "SELECT fingerprint FROM bindings WHERE alias = ?", (alias,)
+                    ).fetchone()
+                    if row is not None and row[0] == mark:
+                        continue
+                    if row is not None:
+                        moved[alias] = retired = f"{alias}~{row[0][:8]}"
+                        conn.execute("DELETE FROM states WHERE alias = ?", (alias,))
+                        conn.execute(
+                            "INSERT INTO ledger SELECT ?, day, requests, prompt_tokens, "
+                            "completion_tokens, cost FROM ledger WHERE alias = ? "
+                            "ON CONFLICT (alias, day) DO UPDATE SET "
+                            "requests = requests + excluded.requests, "
+                            "prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
+                            "completion_tokens = completion_tokens + excluded.completion_tokens, "
+                            "cost = cost + excluded.cost",
+                            (retired, alias),
+                        )
+                        conn.execute("DELETE FROM ledger WHERE alias = ?", (alias,))
+                    conn.execute(
+                        "INSERT OR REPLACE INTO bindings VALUES (?, ?, ?)",
+                        (alias, mark, self._clock()),
+                    )
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                _rollback(conn)
+                raise StorageError(
+                    f"cannot record the keys' identities in {self.path}: {exc}"
+                ) from None
+        if moved:
+            with self._pending_lock:
+                for (alias, day), spend in list(self._recent.items()):
+                    if alias in moved:
+                        del self._recent[(alias, day)]
+                        self._recent.setdefault((moved[alias], day), _Spend()).add(spend)
+        return sorted(moved)
+
+    def forget_keys(self) -> int:
+        """Delete every stored key (and the secret key's check), for when
+        ``KEYROTOR_SECRET_KEY`` is lost: states and spend stay, the keys are
+        added again under a new secret key. Returns how many were deleted."""
+        with self._db_lock:
+            conn = self._connection()
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                count = conn.execute("DELETE FROM keys").rowcount
+                conn.execute("DELETE FROM meta WHERE name = 'check'")
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                _rollback(conn)
+                raise StorageError(f"cannot delete the keys stored in {self.path}: {exc}") from None
+        self._cipher = self._fingerprint_key = None  # the old check is gone: reopen to store
+        return count
+
     def record_state(self, alias: str, state: str, until: float | None, reason: str) -> None:
         """Remember a key's state (wall-clock ``until``); the last one per alias wins."""
         if self._closed:
@@ -749,6 +831,9 @@ class StateStore:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the lock
+            self._lock_fd = None
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
@@ -760,6 +845,30 @@ def _rollback(conn: sqlite3.Connection) -> None:
     if conn.in_transaction:
         with contextlib.suppress(sqlite3.Error):
             conn.execute("ROLLBACK")
+
+
+def _lock(path: Path) -> int:
+    """An exclusive lock on ``PATH.lock`` (its descriptor), or ``StorageError``
+    when another process holds it: two proxies on one file would each keep their
+    own idea of today's spend and overwrite each other's states."""
+    lock_path = Path(f"{path}.lock")
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise StorageError(f"cannot create {lock_path}: {exc.strerror}") from None
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: no advisory locks here
+        return fd
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise StorageError(
+            f"another keyrotor process is using the state file {path}: give each proxy its "
+            f"own --state PATH (or stop the other one)"
+        ) from None
+    return fd
 
 
 def _open_error(path: Path, exc: sqlite3.Error) -> StorageError:
@@ -801,6 +910,15 @@ CREATE TABLE ledger (
     PRIMARY KEY (alias, day)
 ) WITHOUT ROWID;
 """
+# Which key each alias named when its state and spend were recorded (a salted
+# SHA-256 of the secret): an alias that names another key later starts afresh.
+_BINDINGS = """
+CREATE TABLE IF NOT EXISTS bindings (
+    alias TEXT PRIMARY KEY,
+    fingerprint TEXT NOT NULL,
+    since REAL NOT NULL
+)
+"""
 
 
 def _setup(
@@ -839,6 +957,7 @@ def _setup(
             f"{path} was written by a newer keyrotor (schema version {version}; this one reads "
             f"up to {SCHEMA_VERSION}): upgrade keyrotor, or set {STATE_ENV} to another path"
         )
+    conn.execute(_BINDINGS)
     cipher = fingerprint_key = None
     if secret_key:
         cipher, fingerprint_key = _cipher(secret_key, bytes.fromhex(meta["salt"]), path)
@@ -879,3 +998,30 @@ def _read_meta(conn: sqlite3.Connection, path: Path) -> dict[str, str] | None:
             )
         return None
     return dict(conn.execute("SELECT name, value FROM meta").fetchall())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m keyrotor.adapters.storage forget-keys [PATH]``: delete the stored
+    keys of a state file whose ``KEYROTOR_SECRET_KEY`` is lost (stop the proxy first)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m keyrotor.adapters.storage")
+    commands = parser.add_subparsers(dest="command", required=True)
+    forget = commands.add_parser(
+        "forget-keys", help="delete the stored keys, keep states and spend"
+    )
+    forget.add_argument("path", nargs="?", help="the state file (default: as keyrotor serve)")
+    args = parser.parse_args(argv)
+    path = args.path or default_state_path()
+    try:
+        with StateStore.open(path, secret_key=None) as store:
+            count = store.forget_keys()
+    except StorageError as exc:
+        print(f"keyrotor storage: {exc}", file=sys.stderr)
+        return 2
+    print(f"deleted {count} stored key(s) from {path}; add them again with keyrotor keys add")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -191,6 +191,8 @@ class Admin:
                     from ..storage import AlreadyStored, SecretsLocked, StorageError
 
                     try:
+                        # A reused alias: the new key inherits none of the old one's record.
+                        await anyio.to_thread.run_sync(self._store.bind, {alias: secret})
                         await anyio.to_thread.run_sync(self._store.add_key, alias, secret, spec)
                     except (SecretsLocked, AlreadyStored) as exc:
                         raise AdminError(409, str(exc)) from None

@@ -38,6 +38,7 @@ __all__ = ["Startup", "open_app", "open_store", "plan", "record", "restore"]
 
 Log = Callable[[dict[str, Any]], None]
 _COOLING = frozenset({KeyState.RATE_LIMITED, KeyState.DEGRADED})
+_DAY = 86_400.0
 _ENV_ALIAS = re.compile(r"^env\d+$")  # the loader's names for the environment's keys
 _KEPT = frozenset({KeyState.DEPLETED, KeyState.FAILED, KeyState.DISABLED, *_COOLING})
 
@@ -91,6 +92,23 @@ def plan(config: ProxyConfig, store: StateStore | None, log: Log) -> Startup:
             continue
         keys[stored.alias] = stored.secret
         sources[stored.alias] = "api"
+    if store is not None and loaded is not None:
+        moved = store.bind(keys)
+        for alias in moved:
+            log(
+                {
+                    "event": "warning",
+                    "message": f"key {alias!r} names another key than before: its stored state "
+                    "and spend are not carried over (the history is kept under "
+                    f"{alias}~<8 hex digits>)",
+                }
+            )
+        if moved:
+            loaded = attrs.evolve(
+                loaded,
+                states={a: s for a, s in loaded.states.items() if a not in moved},
+                ledger=[row for row in loaded.ledger if row.alias not in moved],
+            )
     if not keys and not config.admin_token:
         skipped = (
             f" ({len(loaded.skipped)} stored key(s) need KEYROTOR_SECRET_KEY)"
@@ -105,7 +123,12 @@ def plan(config: ProxyConfig, store: StateStore | None, log: Log) -> Startup:
 
 
 def restore(driver: Driver, loaded: Loaded, wall_now: float | None = None) -> None:
-    """Put back the stored health states and spend (call before serving)."""
+    """Put back the stored health states and spend (call before serving).
+
+    Spend counts again toward budgets and credits as far as it falls in the
+    key's running budget window, or (no window) today, UTC: older spend is
+    history. A key depleted earlier stays so through its restored state.
+    """
     wall = driver.wall_clock() if wall_now is None else wall_now
     offset = driver.now() - wall  # wall-clock time + offset = the pool's clock
     present = set(driver.pool.key_ids())
@@ -118,11 +141,17 @@ def restore(driver: Driver, loaded: Loaded, wall_now: float | None = None) -> No
         if (left is not None and left <= 0) or (left is None and state in _COOLING):
             continue  # its time is up: it starts healthy
         driver.mark_key(alias, state, left, "restored")
+    windows = {spec.key_id: spec.budget_window for spec in driver.pool.config.keys}
+    today = calendar.timegm((*time.gmtime(wall)[:3], 0, 0, 0))
     for row in loaded.ledger:
         if row.alias not in present or not (row.cost or row.prompt_tokens or row.completion_tokens):
             continue
+        day_start = float(calendar.timegm(time.strptime(row.day, "%Y-%m-%d")))
+        window = windows.get(row.alias)
+        if day_start + _DAY <= wall - (window or 0.0) or (window is None and day_start < today):
+            continue  # spent before the running window (or before today): history
         now = driver.now()
-        day_start = calendar.timegm(time.strptime(row.day, "%Y-%m-%d")) + offset
+        day_start += offset
         driver.feed(
             SpendRecorded(
                 now=now,

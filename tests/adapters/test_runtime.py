@@ -1,0 +1,108 @@
+"""What the proxy puts back at start from the state file: the right key's
+state, the right window of spend; and one process per file."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from keyrotor.adapters.config import ProxyConfig
+from keyrotor.adapters.proxy.runtime import plan, restore
+from keyrotor.adapters.storage import StateStore, StorageError
+from keyrotor.core import KeySpec, KeyState, PoolConfig
+from keyrotor.transports._driver import Driver
+
+A = "test-secret-aaaaaaaaaaaaaaaaaaaaaaaa"
+B = "test-secret-bbbbbbbbbbbbbbbbbbbbbbbb"
+DAY = 86_400.0
+
+
+def config(keys: dict[str, str], specs: list[KeySpec] | None = None) -> ProxyConfig:
+    specs = specs or [KeySpec(key_id=alias) for alias in keys]
+    return ProxyConfig(keys=keys, pool=PoolConfig(keys=specs), state_path="unused")
+
+
+def start(cfg: ProxyConfig, store: StateStore, log: list[dict[str, Any]]) -> Driver:
+    startup = plan(cfg, store, log.append)
+    driver = Driver(startup.keys, startup.pool)
+    assert startup.loaded is not None
+    restore(driver, startup.loaded)
+    return driver
+
+
+def test_a_state_follows_the_key_not_the_alias(tmp_path: Path) -> None:
+    log: list[dict[str, Any]] = []
+    with StateStore.open(tmp_path / "s.db", secret_key=None) as store:
+        plan(config({"env1": A, "env2": B}), store, log.append)  # binds env1=A, env2=B
+        store.record_state("env1", "disabled", None, "operator")
+        store.record_spend("env1", cost=3.0)
+        # Same keys, same aliases: the state comes back.
+        driver = start(config({"env1": A, "env2": B}), store, log)
+        assert driver.pool.state_of("env1") is KeyState.DISABLED
+        # The environment's keys in the other order: env1 is now B, a healthy key.
+        driver = start(config({"env1": B, "env2": A}), store, log)
+        assert driver.pool.state_of("env1") is KeyState.HEALTHY
+        assert driver.pool.statistics().keys[0].spend == 0.0
+        assert any("names another key" in r.get("message", "") for r in log)
+        # Its history is kept under a retired name, not lost.
+        retired = [row for row in store.ledger() if row.alias.startswith("env1~")]
+        assert len(retired) == 1 and retired[0].cost == pytest.approx(3.0)
+
+
+def test_spend_is_restored_for_the_running_window_only(tmp_path: Path) -> None:
+    now = time.time()
+    clock = [now - 2 * DAY]  # the spend happened two days ago, then today
+    specs = [
+        KeySpec(key_id="daily", credits=10.0),  # no window: today's spend only
+        KeySpec(key_id="weekly", budget=10.0, budget_window=7 * DAY),
+    ]
+    cfg = config({"daily": A, "weekly": B}, specs)
+    with StateStore.open(tmp_path / "s.db", secret_key=None, wall_clock=lambda: clock[0]) as store:
+        plan(cfg, store, lambda record: None)
+        for alias in ("daily", "weekly"):
+            store.record_spend(alias, cost=12.0)  # old: more than the credits
+        clock[0] = now
+        for alias in ("daily", "weekly"):
+            store.record_spend(alias, cost=1.5)
+        driver = start(cfg, store, [])
+    spend = {k.key_id: k.spend for k in driver.pool.statistics().keys}
+    assert spend == {"daily": pytest.approx(1.5), "weekly": pytest.approx(13.5)}
+    # The refunded key is not depleted again by last month's spend...
+    assert driver.pool.state_of("daily") is KeyState.HEALTHY
+    # ...while the weekly budget, spent within its window, is.
+    assert driver.pool.state_of("weekly") is KeyState.DEPLETED
+
+
+def test_one_process_per_state_file(tmp_path: Path) -> None:
+    with StateStore.open(tmp_path / "s.db", secret_key=None):
+        with pytest.raises(StorageError, match="another keyrotor process is using"):
+            StateStore.open(tmp_path / "s.db", secret_key=None)
+    StateStore.open(tmp_path / "s.db", secret_key=None).close()  # free again once closed
+
+
+def test_a_lost_secret_key_is_recovered_by_forgetting_the_stored_keys(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from cryptography.fernet import Fernet
+
+    path = tmp_path / "s.db"
+    with StateStore.open(path, secret_key=Fernet.generate_key().decode()) as store:
+        store.add_key("donor", A, {"rpm": 20.0})
+        store.record_spend("donor", cost=2.0)
+        store.record_state("donor", "depleted", None, "upstream")
+    new_key = Fernet.generate_key().decode()
+    with pytest.raises(StorageError, match="does not decrypt"):
+        StateStore.open(path, secret_key=new_key)
+    done = subprocess.run(
+        [sys.executable, "-m", "keyrotor.adapters.storage", "forget-keys", str(path)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0 and "deleted 1 stored key(s)" in done.stdout
+    with StateStore.open(path, secret_key=new_key) as store:  # the new key works now
+        loaded = store.load()
+        assert loaded.keys == [] and [r.cost for r in loaded.ledger] == [2.0]
+        store.add_key("donor", A, {})  # and the key can be stored again
