@@ -3,6 +3,12 @@
 ``now`` is monotonic seconds (any origin, never going backwards). Events are
 small frozen value objects; the pool checks them against its state when they
 are handled (not when built, to keep the hot path cheap).
+
+The pool keeps the ``RequestStarted`` it is given (its request's pin, session,
+group and token estimate are read from it later, and ``KeyAdded``'s spec) and
+no other event: once ``handle`` returns, a driver may reuse the object of any
+other event (the replay engine recycles one ``ResponseReceived`` and one
+``ResponseFinished`` for speed). A test holds the pool to this.
 """
 
 from __future__ import annotations

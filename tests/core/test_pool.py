@@ -914,3 +914,27 @@ def test_a_200_reported_inside_a_stream_changes_nothing() -> None:
     start(pool, "r1", 0.0)
     respond(pool, "r1", 0.0, 200)
     assert finish(pool, "r1", 0.1, error_status=200) == []
+
+
+def test_the_pool_keeps_no_event_but_request_started_so_drivers_may_reuse_them() -> None:
+    import gc
+    import weakref
+
+    pool = make_pool("a", "b")
+    start(pool, "r1", 0.0)
+    start(pool, "r2", 0.0)
+    events = [
+        ResponseReceived(request_id="r1", now=0.1, status=429, retry_after=5.0),  # fails over
+        ResponseReceived(request_id="r1", now=0.2, status=200),
+        ResponseFinished(request_id="r1", now=0.3, cost=0.1, prompt_tokens=3),
+        TransportFailed(request_id="r2", now=0.3, reason="reset"),
+        RequestCancelled(request_id="r2", now=0.4),
+        Tick(now=6.0),
+        SpendRecorded(key_id="a", now=6.0, cost=0.1),
+    ]
+    refs = [weakref.ref(event) for event in events]
+    for event in events:
+        pool.handle(event)
+    del events, event
+    gc.collect()
+    assert [ref() for ref in refs] == [None] * len(refs)
