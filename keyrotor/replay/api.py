@@ -7,7 +7,9 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from ..core import POLICIES, KeySpec
+import attrs
+
+from ..core import POLICIES, KeySpec, PoolConfig, PoolError
 from .engine import pool_keys, simulate
 from .report import Report, summarize
 from .scenarios import Scenario
@@ -39,6 +41,21 @@ def _resolve(
         trace, name = load_trace(source), os.path.basename(os.fspath(source))
     recorded = upstream is None and trace.header.source != "synthetic"
     return name, trace, upstream or UpstreamModel(), dict(trace.header.options), recorded
+
+
+def _check_options(options: Mapping[str, Any], specs: Sequence[KeySpec]) -> None:
+    """``ValueError`` naming an unknown ``PoolConfig`` option or a bad value."""
+    known = sorted({f.name for f in attrs.fields(PoolConfig)} - {"keys", "policy", "seed"})
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ValueError(
+            f"unknown pool option(s) {', '.join(map(repr, unknown))}; the options are "
+            + ", ".join(known)
+        )
+    try:
+        PoolConfig(keys=list(specs), **options)
+    except (PoolError, TypeError) as exc:
+        raise ValueError(f"bad pool option: {exc}") from None
 
 
 def replay(
@@ -89,6 +106,7 @@ def replay(
     pool_options = {**base_options, **dict(options or {})}
     for reserved in ("keys", "policy", "seed"):
         pool_options.pop(reserved, None)
+    _check_options(pool_options, specs)
     use_recorded = recorded if recorded is not None else (recorded_default or model.recorded)
     results: dict[str, dict[str, Any]] = {}
     runs = {}

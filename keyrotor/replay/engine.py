@@ -225,14 +225,15 @@ def simulate(
         first = first_fail[idx]
         if first is None:
             first_fail[idx] = now
-            episode[idx] = [now, now, reason, 0, None]
-        else:  # first failure, out of service, reason, sends since the failure, last one
-            episode[idx] = [first, now, reason, fail_sends[idx], fail_last[idx]]
+            episode[idx] = [now, now, reason, 0, None, 0]
+        else:  # first failure, out of service, reason, sends since the failure, last one,
+            # and sends while out of service (the core must never make one)
+            episode[idx] = [first, now, reason, fail_sends[idx], fail_last[idx], 0]
 
     def episode_close(idx: int, now: float | None) -> None:
         ep = episode[idx]
         assert ep is not None
-        start, out_at, reason, after, last = ep
+        start, out_at, reason, after, last, out_sends = ep
         episodes.append(
             {
                 "key": ids[idx],
@@ -240,6 +241,7 @@ def simulate(
                 "first_failure": start,
                 "out_of_service": out_at,
                 "sends_after_failure": after,
+                "sends_out_of_service": out_sends,
                 "failover_latency": 0.0 if last is None else last - start,
                 "time_to_recover": None if now is None else now - start,
             }
@@ -267,8 +269,9 @@ def simulate(
                     elif unusable[idx]:  # out of service: the core must never do this
                         ep[3] += 1
                         ep[4] = now
-                if timeline and idx in load:
-                    load[idx][int(now / bucket)] += 1
+                        ep[5] += 1
+                if timeline and idx in load:  # sends after the last arrival: the last bucket
+                    load[idx][min(int(now / bucket), timeline_buckets + 1)] += 1
                 wait = now - st[_READY]
                 attempt = d.attempt
                 if wait > 0.0:

@@ -16,6 +16,7 @@ recorder's start.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -38,11 +39,22 @@ from .trace import Attempt, TraceHeader, TraceRecord, TraceWriter, clean_code, c
 __all__ = ["TraceRecorder", "error_code"]
 
 _KEY_FIELDS = ("account", "weight", "rpm", "tpm", "max_in_flight", "credits", "budget")
+# The pool options the traffic ran with, so a replay runs the same way by default.
+_OPTIONS = (
+    "policy",
+    "max_attempts",
+    "queue_limit",
+    "queue_timeout",
+    "rate_limit_cooldown",
+    "min_healthy",
+    "seed",
+)
 
 
 def error_code(body: Any) -> str | None:
     """The machine code of an error body: OpenRouter's ``metadata.limit_source``,
-    else ``error.code`` or ``error.type``; never the message."""
+    else ``error.code`` or ``error.type``, when it is a short code without
+    spaces (never a message, which may name people or quote a prompt)."""
     if isinstance(body, bytes | str):
         try:
             body = json.loads(body)
@@ -80,8 +92,9 @@ class _Open:
 class TraceRecorder:
     """Turns a driver's events and decisions into trace records.
 
-    ``observe(event, decisions)`` after every ``Pool.handle``; ``describe``
-    with the request body once the request is open; ``close`` at the end.
+    ``describe(body)`` with a request's body just before its ``RequestStarted``
+    is handled, ``observe(event, decisions)`` after every ``Pool.handle``,
+    ``close`` at the end.
     Not thread-safe on its own: the driver calls it under its own lock.
     """
 
@@ -91,6 +104,7 @@ class TraceRecorder:
         config: PoolConfig,
         origin: float,
         source: str = "transport",
+        hash_labels: bool = True,
     ) -> None:
         if isinstance(target, TraceWriter):
             self.writer = target
@@ -100,15 +114,17 @@ class TraceRecorder:
                 | {n: getattr(spec, n) for n in _KEY_FIELDS if getattr(spec, n) is not None}
                 for spec in config.keys
             ]
-            header = TraceHeader(source=source, keys=keys, options={"policy": config.policy})
-            self.writer = TraceWriter(target, header)
+            options = {name: getattr(config, name) for name in _OPTIONS}
+            header = TraceHeader(source=source, keys=keys, options=options)
+            self.writer = TraceWriter(target, header, hash_labels=hash_labels)
         self._origin = origin
         self._open: dict[str, _Open] = {}
+        self._next: tuple[str | None, bool] = (None, False)  # the next request's model, stream
 
-    def describe(self, request_id: str, body: bytes | None) -> None:
-        """Note the model and the streaming flag of a request's JSON body."""
-        pending = self._open.get(request_id)
-        if pending is None or not body or b'"model"' not in body:
+    def describe(self, body: bytes | None) -> None:
+        """Note the model and the streaming flag of the next request's JSON body."""
+        self._next = (None, False)
+        if not body or b'"model"' not in body:
             return
         try:
             payload = json.loads(body)
@@ -116,13 +132,15 @@ class TraceRecorder:
             return
         if isinstance(payload, dict):
             model = payload.get("model")
-            pending.record.model = model if isinstance(model, str) else None
-            pending.record.stream = payload.get("stream") is True
+            ok = isinstance(model, str) and len(model) <= 256 and model.isprintable()
+            self._next = (model if ok else None, payload.get("stream") is True)
 
     def observe(self, event: Event, decisions: Sequence[Decision]) -> None:
         """One ``Pool.handle`` call: the event, then the decisions it gave."""
         if isinstance(event, RequestStarted):
-            self._open[event.request_id] = _Open(event, self._origin)
+            opened = self._open[event.request_id] = _Open(event, self._origin)
+            opened.record.model, opened.record.stream = self._next
+            self._next = (None, False)
         elif isinstance(event, ResponseReceived | TransportFailed):
             self._answered(event)
         elif isinstance(event, ResponseFinished):
@@ -131,7 +149,7 @@ class TraceRecorder:
                 record = pending.record
                 record.prompt_tokens = event.prompt_tokens
                 record.completion_tokens = event.completion_tokens
-                record.cost = event.cost
+                record.cost = event.cost if math.isfinite(event.cost) else None
                 if record.attempts and pending.delivered_at is not None:
                     record.attempts[-1].duration = event.now - pending.delivered_at
                 self._end(event.request_id, "delivered")
@@ -186,6 +204,10 @@ class TraceRecorder:
             return
         record = pending.record
         record.outcome = outcome  # type: ignore[assignment]
-        if outcome == "delivered" and record.attempts and record.attempts[-1].status is None:
-            record.attempts[-1].status = 200
+        if outcome == "delivered" and record.attempts:
+            final = record.attempts[-1]
+            if final.status is None:
+                final.status = 200
+            elif final.status >= 400:  # an error answer, delivered as such
+                record.outcome = "error"
         self.writer.write(record)

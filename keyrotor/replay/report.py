@@ -96,14 +96,14 @@ def summarize(run: RunResult) -> dict[str, Any]:
             "jain": _r(jain_index(shares)),
             "jain_all_keys": _r(jain_index([float(x) for x in run.sends])),
             "max_min_ratio": _r(max(shares) / min(shares)) if shares and min(shares) > 0 else None,
-            "min_share": _r(min(positive) / sum(shares)) if positive else None,
+            "min_share": _r(min(shares) / sum(shares)) if positive else None,
             "max_share": _r(max(shares) / sum(shares)) if positive else None,
         },
         "failover": {
             "episodes": len(episodes),
             "sends_after_failure": sum(e["sends_after_failure"] for e in episodes),
-            "sends_after_blame": sum(
-                e["sends_after_failure"]
+            "sends_after_blame": sum(  # sends while out of service after a 429/401/402
+                e["sends_out_of_service"]
                 for e in episodes
                 if not e["reason"].startswith(("http_5", "transport_"))
             ),

@@ -86,7 +86,7 @@ KEY_FIELDS: Final = (
 """Fields a header's key description may hold (the ``KeySpec`` fields); others are dropped."""
 
 _ALIAS: Final = re.compile(r"^[A-Za-z0-9._:@+-]{1,128}$")
-_CODE: Final = re.compile(r"^[A-Za-z0-9._:/ -]{1,64}$")
+_CODE: Final = re.compile(r"^[A-Za-z0-9._:/-]{1,64}$")  # no spaces: no sentences
 _SECRET_LIKE: Final = re.compile(r"^(?:sk|rk|pk|key)[-_][A-Za-z0-9_-]{16,}$|^[A-Za-z0-9_-]{40,}$")
 
 
@@ -94,9 +94,11 @@ class TraceError(ValueError):
     """A trace file or record is invalid. The message names the line and the field."""
 
 
-def hash_label(value: str) -> str:
-    """A short stable stand-in for a session or group label (16 hex digits of BLAKE2b)."""
-    return hashlib.blake2b(value.encode(), digest_size=8).hexdigest()
+def hash_label(value: str, key: bytes = b"") -> str:
+    """A short stand-in for a session or group label: 16 hex digits of BLAKE2b,
+    keyed with ``key`` (a writer draws a random one, so labels stay consistent
+    within its trace and cannot be guessed back from it)."""
+    return hashlib.blake2b(value.encode(), digest_size=8, key=key).hexdigest()
 
 
 def _check_alias(value: object, where: str) -> str:
@@ -438,7 +440,8 @@ class TraceWriter:
     written. Use as a context manager, or call ``close()``.
 
     ``hash_labels=True`` replaces sessions and groups by :func:`hash_label`
-    (they are the caller's own labels and may identify people).
+    under a random key drawn per writer (they are the caller's own labels and
+    may identify people); ``label_key`` fixes that key instead.
     """
 
     def __init__(
@@ -447,9 +450,11 @@ class TraceWriter:
         header: TraceHeader | None = None,
         *,
         hash_labels: bool = False,
+        label_key: bytes | None = None,
     ) -> None:
         self._lock = threading.Lock()
         self._hash = hash_labels
+        self._label_key = os.urandom(16) if label_key is None else label_key
         if isinstance(target, str | os.PathLike):
             self._file: IO[str] = open(target, "w", encoding="utf-8", buffering=1)  # noqa: SIM115
             self._owned = True
@@ -466,7 +471,7 @@ class TraceWriter:
         if self._hash:
             for name in ("session", "group"):
                 if name in data:
-                    data[name] = hash_label(data[name])
+                    data[name] = hash_label(data[name], self._label_key)
         line = _dumps(data) + "\n"
         with self._lock:
             if self._closed:

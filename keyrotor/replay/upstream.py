@@ -74,6 +74,14 @@ def _num(data: Mapping[str, Any], name: str, where: str, *, default: float | Non
     return value
 
 
+def _limit(data: Mapping[str, Any], name: str, where: str) -> Any:
+    """A rate limit: absent, or a number more than zero."""
+    value = _num(data, name, where)
+    if value == 0:
+        raise UpstreamModelError(f"{where}.{name}: expected a number more than zero, got 0")
+    return value
+
+
 def _known(data: object, fields: tuple[str, ...], where: str) -> Mapping[str, Any]:
     if not isinstance(data, Mapping):
         raise UpstreamModelError(f"{where}: expected a table/object, got {type(data).__name__}")
@@ -107,6 +115,8 @@ def check_latency(spec: object, where: str) -> dict[str, Any]:
         _num(data, name, where)
     if kind == "uniform" and data["high"] < data["low"]:
         raise UpstreamModelError(f"{where}.high: must be at least low")
+    if kind == "lognormal" and data["sigma"] > 10:
+        raise UpstreamModelError(f"{where}.sigma: at most 10, got {data['sigma']!r}")
     return dict(data)
 
 
@@ -240,8 +250,8 @@ class KeyModel:
         error_latency = item.get("error_latency")
         return cls(
             account=account,
-            rpm=_num(item, "rpm", where),
-            tpm=_num(item, "tpm", where),
+            rpm=_limit(item, "rpm", where),
+            tpm=_limit(item, "tpm", where),
             credits=_num(item, "credits", where),
             latency=None if latency is None else check_latency(latency, f"{where}.latency"),
             error_latency=None
@@ -311,7 +321,7 @@ class UpstreamModel:
             raise UpstreamModelError(f"{where}.accounts: expected a table of account names")
         for name, account in accounts.items():
             fields = _known(account, ("rpm", "credits"), f"{where}.accounts.{name}")
-            _num(fields, "rpm", f"{where}.accounts.{name}")
+            _limit(fields, "rpm", f"{where}.accounts.{name}")
             _num(fields, "credits", f"{where}.accounts.{name}")
         failures = item.get("failures", [])
         if not isinstance(failures, list):

@@ -97,18 +97,26 @@ class ClientBase:
     # ------------------------------------------------------------ recording
 
     def record(
-        self, target: str | os.PathLike[str] | TraceWriter, *, source: str = "transport"
+        self,
+        target: str | os.PathLike[str] | TraceWriter,
+        *,
+        source: str = "transport",
+        hash_labels: bool = True,
     ) -> TraceRecorder:
         """Record the traffic from now on as a trace (docs/replay.md): one
-        JSON line per finished request, no prompt text, no secret. Recording
-        stops when the client closes."""
+        JSON line per finished request, no prompt text, no secret; sessions and
+        groups replaced by keyed hashes unless ``hash_labels=False``. Recording
+        stops when the client closes, or on a write error (the traffic goes on;
+        the driver's ``on_recording_error`` hears of it)."""
         from ..replay.record import TraceRecorder
 
         with self._guard():
             driver = self._driver
             if driver.recorder is not None:
                 raise KeyrotorError("this client is already recording a trace")
-            driver.recorder = TraceRecorder(target, driver.pool.config, driver.now(), source)
+            driver.recorder = TraceRecorder(
+                target, driver.pool.config, driver.now(), source, hash_labels
+            )
             return driver.recorder
 
     def _stop_recording(self) -> None:

@@ -7,6 +7,7 @@ client; everything that can be decided here is decided here, once.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -143,6 +144,7 @@ class Driver:
         self.on_state_change: list[Callable[[KeyStateChanged], None]] = []
         self.on_finished: list[Callable[[str, StreamAccountant], None]] = []
         self.recorder: TraceRecorder | None = None  # keyrotor.replay.record
+        self.on_recording_error: Callable[[str], None] = _nothing_said
         self.deadline_changed: Callable[[], None] = _nothing
         self.probe_ready: Callable[[], None] = _nothing
         self._ids = itertools.count(1)
@@ -160,7 +162,7 @@ class Driver:
         """Hand ``event`` to the pool and route the decisions."""
         decisions = self.pool.handle(event)
         if self.recorder is not None:
-            self.recorder.observe(event, decisions)
+            self._record(self.recorder.observe, event, decisions)
         for decision in decisions:
             if isinstance(decision, (Send, Deliver, Reject)):
                 slot = self.slots.get(decision.request_id)
@@ -197,6 +199,8 @@ class Driver:
         self.slots[request_id] = slot
         now = self.now()
         deadline = None if timeout is None else now + timeout
+        if self.recorder is not None:
+            self._record(self.recorder.describe, body)
         try:
             self.feed(
                 RequestStarted(
@@ -212,8 +216,6 @@ class Driver:
         except BaseException:
             del self.slots[request_id]
             raise
-        if self.recorder is not None:
-            self.recorder.describe(request_id, body)
         return request_id, slot
 
     def close(self, request_id: str, *, ended: bool) -> None:
@@ -322,6 +324,19 @@ class Driver:
         """Time passed: feed ``Tick`` now."""
         self.feed(Tick(now=self.now()))
 
+    def _record(self, method: Callable[..., None], *args: Any) -> None:
+        """A recorder call; a failure (a full disk...) stops the recording, never
+        the traffic, and is reported through ``on_recording_error``."""
+        try:
+            method(*args)
+        except Exception as exc:
+            recorder, self.recorder = self.recorder, None
+            message = f"recording stopped: {type(exc).__name__}: {exc}"
+            with contextlib.suppress(Exception):
+                if recorder is not None:
+                    recorder.writer.close()
+            self.on_recording_error(message)
+
     # ------------------------------------------------------ keys at runtime
 
     def check_new_key(self, alias: str, secret: str) -> None:
@@ -425,6 +440,10 @@ def _aliases(keys: Mapping[str, str] | Iterable[str], empty_ok: bool) -> dict[st
 
 
 def _nothing() -> None:
+    pass
+
+
+def _nothing_said(message: str) -> None:
     pass
 
 

@@ -4,6 +4,7 @@ secret, and replays."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ from pathlib import Path
 import httpx
 import openai
 
+from keyrotor.core import KeySpec, PoolConfig
 from keyrotor.replay import load_trace, replay
 from keyrotor.testing import FakeUpstream, Invalid, Ok, RateLimit, Scenario
 from keyrotor.transports.sync import Client
@@ -91,7 +93,9 @@ def test_keyrotor_serve_records_a_trace_that_replays(tmp_path: Path) -> None:
     chats = [r for r in records if r.model == MODEL]
     assert len(chats) == 7
     streamed = [r for r in chats if r.stream]
-    assert len(streamed) == 1 and streamed[0].session == "user-42"
+    assert len(streamed) == 1
+    session = streamed[0].session  # a keyed hash, not the caller's label
+    assert session is not None and len(session) == 16 and "user-42" not in text
     served = [r.attempts[-1].key for r in chats]
     assert served.count("busy") == 1 and served.count("good") == 6  # busy's one allowed
     for record in chats:
@@ -127,7 +131,8 @@ def test_a_transport_records_too_and_stops_when_closed(tmp_path: Path) -> None:
     check_private(text)
     trace = load_trace(trace_file)
     assert trace.header.source == "transport"
-    assert [r.group for r in trace.records] == ["batch-1"] * 4
+    groups = {r.group for r in trace.records}  # one label, hashed the same way each time
+    assert len(groups) == 1 and "batch-1" not in groups and "batch-1" not in text
     assert all(r.attempts[-1].status == 200 for r in trace.records)
     assert {r.attempts[-1].key for r in trace.records} == {"good", "busy"}
     assert sum(len(r.attempts) for r in trace.records) > 4  # the failovers are in it
@@ -144,4 +149,42 @@ def test_error_codes_come_from_metadata_never_from_the_message() -> None:
     assert error_code({"error": {"code": 429, "message": "x"}}) == "429"
     assert error_code({"error": {"type": "rate_limit_error"}}) == "rate_limit_error"
     assert error_code({"error": {"code": "a message with; punctuation!"}}) is None
+    assert error_code({"error": {"code": "Your account john doe is suspended"}}) is None
     assert error_code(b"not json") is None and error_code(None) is None
+
+
+def test_a_failing_recording_stops_itself_and_never_the_traffic(tmp_path: Path) -> None:
+    heard: list[str] = []
+    with FakeUpstream.running_in_thread(scenario()) as upstream:
+        with Client({"good": SECRETS["good"]}, upstream.url) as client:
+            recorder = client.record(tmp_path / "t.jsonl")
+
+            def full_disk(record: object) -> None:
+                raise OSError(28, "No space left on device")
+
+            recorder.writer.write = full_disk  # type: ignore[method-assign]
+            client.driver.on_recording_error = heard.append
+            for _ in range(3):
+                reply = client.request(
+                    "POST", "/chat/completions", json={"model": MODEL, "messages": []}
+                )
+                assert reply.status_code == 200
+            assert client.driver.recorder is None
+            assert client.status()["stats"]["inFlight"] == 0
+    assert len(heard) == 1 and "No space left on device" in heard[0]
+
+
+def test_a_request_rejected_at_once_is_recorded_with_its_model(tmp_path: Path) -> None:
+    from keyrotor.transports.errors import KeyrotorError
+
+    with FakeUpstream.running_in_thread(scenario()) as upstream:
+        config = PoolConfig(keys=[KeySpec(key_id="bad")], queue_timeout=0.2)
+        with Client({"bad": SECRETS["bad"]}, upstream.url, config) as client:
+            client.record(tmp_path / "t.jsonl")
+            for _ in range(2):  # the first revokes the only key; the second finds none
+                with contextlib.suppress(KeyrotorError):
+                    client.request("POST", "/chat/completions", json={"model": MODEL})
+    records = load_trace(tmp_path / "t.jsonl").records
+    assert [r.model for r in records] == [MODEL, MODEL]
+    assert records[-1].outcome == "rejected" and records[-1].attempts == []
+    assert records[0].attempts[0].status == 401

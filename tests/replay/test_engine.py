@@ -242,3 +242,22 @@ def test_an_arrival_that_drains_another_request_loses_nothing() -> None:
     )
     assert (result.served, result.lost) == (3, 0)
     assert result.queue_waits == [0.9, 1.0]  # r1 waits until 1.0, r2 until 2.0
+
+
+def test_sends_before_a_key_is_blamed_are_not_counted_as_sends_after_blame() -> None:
+    """Regression: 503s (the key is still in service: an upstream fault) and then
+    429s from the same key. Only sends while the key is out of service count."""
+    records = [TraceRecord(t=0.1 * i) for i in range(300)]
+    model = UpstreamModel.from_json(
+        {
+            "latency": 0.05,
+            "failures": [
+                {"key": "key-1", "start": 0.0, "end": 0.5, "status": 503},
+                {"key": "key-1", "start": 0.5, "end": 20.0, "status": 429},
+            ],
+        }
+    )
+    report = replay(Trace(TraceHeader(), records), "round_robin", keys=4, upstream=model)
+    failover = report.results["round_robin"]["failover"]
+    assert failover["sends_after_failure"] > 0  # the sends between the 503s and the 429
+    assert failover["sends_after_blame"] == 0  # none once the 429 took the key out

@@ -79,6 +79,7 @@ def test_failover_on_a_three_request_trace() -> None:
             "first_failure": 0.25,
             "out_of_service": 0.25,
             "sends_after_failure": 0,
+            "sends_out_of_service": 0,
             "failover_latency": 0.0,
             "time_to_recover": None,
         }

@@ -131,7 +131,7 @@ def test_writer_keeps_only_allowed_headers_and_fields() -> None:
             )
         ],
     )
-    with TraceWriter(out, header, hash_labels=True) as writer:
+    with TraceWriter(out, header, hash_labels=True, label_key=b"k") as writer:
         writer.write(record)
         writer.write(TraceRecord(t=1.0, session="alice@example.com", group="g"))
     text = out.getvalue()
@@ -143,7 +143,8 @@ def test_writer_keeps_only_allowed_headers_and_fields() -> None:
         "x-ratelimit-reset": "1767225600000",
     }
     assert "error" not in lines[1]["attempts"][0]
-    assert lines[2]["session"] == hash_label("alice@example.com")
+    assert lines[2]["session"] == hash_label("alice@example.com", b"k")
+    assert hash_label("alice@example.com", b"other") != lines[2]["session"]
     assert set(ALLOWED_HEADERS) >= {"retry-after", "x-ratelimit-remaining"}
 
 

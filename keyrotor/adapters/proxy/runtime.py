@@ -211,6 +211,9 @@ async def open_app(
             driver = client.driver
             if config.record is not None:
                 client.record(config.record, source="proxy")
+                driver.on_recording_error = lambda message: log(
+                    {"event": "warning", "message": message}
+                )
             driver.on_state_change.append(
                 lambda change: log({"event": "key_state", **change.to_json()})
             )
