@@ -22,6 +22,9 @@ from ..core import POLICIES, PoolError
 __all__ = ["add_parser", "main", "run"]
 
 
+MAX_REQUESTS = 10_000_000  # about two minutes of replay at 100,000 per second
+
+
 def add_parser(commands: Any) -> argparse.ArgumentParser:
     """Register ``replay`` on a ``parser.add_subparsers()`` object."""
     parser: argparse.ArgumentParser = commands.add_parser(
@@ -148,11 +151,13 @@ def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         )
     if args.keys is not None and args.keys < 1:
         raise UsageError("--keys must be at least 1")
-    if args.requests is not None and args.requests < 1:
-        raise UsageError("--requests must be at least 1")
+    if args.requests is not None and not 1 <= args.requests <= MAX_REQUESTS:
+        raise UsageError(f"--requests must be from 1 to {MAX_REQUESTS:,}")
+    if args.scenario == "seed001" and args.keys is not None:
+        raise UsageError("seed001 is seed 001's 7 keys: --keys does not apply to it")
     if args.requests is not None and args.scenario is None:
         raise UsageError("--requests applies to --scenario only")
-    policies = args.policy or ["round_robin"]
+    policies = list(dict.fromkeys(args.policy or ["round_robin"]))  # each once
     if "all" in policies:
         policies = list(POLICIES)
     for policy in policies:
@@ -175,7 +180,7 @@ def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     report = replay(
         source,
         policies,
-        keys=args.keys if args.scenario is None or args.scenario != "seed001" else None,
+        keys=args.keys,
         seed=args.seed,
         upstream=args.upstream_model,
         options=options,

@@ -53,6 +53,23 @@ _USABLE = (KeyState.HEALTHY, KeyState.RECOVERING)
 _HEALTHY = KeyState.HEALTHY
 
 _new = object.__new__
+# The engine builds RequestStarted through its slots and reuses one
+# ResponseReceived and one ResponseFinished (the core keeps neither:
+# keyrotor/core/events.py). Fail at import, not with a half-built event, if
+# those classes ever gain a field this code does not set.
+_SET = {
+    RequestStarted: (
+        "request_id", "now", "pin", "pin_fallback", "session", "group", "deadline", "tokens"
+    ),
+    ResponseReceived: ("request_id", "now", "status", "retry_after", "headers", "body", "wall_time"),
+    ResponseFinished: (
+        "request_id", "now", "cost", "prompt_tokens", "completion_tokens", "error_status",
+        "error_body",
+    ),
+}  # fmt: skip
+for _cls, _names in _SET.items():
+    if tuple(f.name for f in attrs.fields(_cls)) != _names:  # pragma: no cover
+        raise ImportError(f"keyrotor.replay.engine does not know {_cls.__name__}'s fields")
 _RS = [
     RequestStarted.__dict__[name].__set__
     for name in ("request_id", "now", "pin", "pin_fallback", "session", "group", "deadline")

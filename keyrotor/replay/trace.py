@@ -193,13 +193,18 @@ class Attempt:
         )
         key = _check_alias(_required(data, "key", where), f"{where}.key")
         status = data.get("status")
-        if status is not None and (not _is_int(status) or not 100 <= status <= 599):
+        if status is not None and (not _is_int(status) or not 200 <= status <= 599):
             raise TraceError(
-                f"{where}.status: expected an HTTP status (100-599) or null, got {status!r}"
+                f"{where}.status: expected a final HTTP status (200-599) or null, got {status!r}"
             )
         reason = data.get("reason")
         if reason is not None and clean_code(reason) is None:
             raise TraceError(f"{where}.reason: expected a short code or null, got {reason!r}")
+        if status is None and reason is None:
+            raise TraceError(
+                f"{where}.reason: an attempt without a status needs the transport failure "
+                "(timeout, connect, reset, ...)"
+            )
         headers = data.get("headers", {})
         if not isinstance(headers, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
@@ -370,7 +375,7 @@ class TraceHeader:
                 f"{where}: not a keyrotor trace (line 1 must be "
                 f'{{"type": "header", "format": "{FORMAT}", ...}})'
             )
-        if data.get("version") != VERSION:
+        if not _is_int(data.get("version")) or data.get("version") != VERSION:
             raise TraceError(
                 f"{where}.version: this keyrotor reads version {VERSION}, "
                 f"got {data.get('version')!r}"

@@ -189,11 +189,19 @@ HEADER = '{"type":"header","format":"keyrotor-trace","version":1,"source":"proxy
         ('{"type":"request","t":1,"prompt_tokens":1.5}', "t.jsonl:2.prompt_tokens"),
         (
             '{"type":"request","t":1,"attempts":[{"key":"k","status":999}]}',
-            "t.jsonl:2.attempts[0].status: expected an HTTP status",
+            "t.jsonl:2.attempts[0].status: expected a final HTTP status",
         ),
         (
             '{"type":"request","t":1,"attempts":[{"status":200}]}',
             "t.jsonl:2.attempts[0].key: missing",
+        ),
+        (
+            '{"type":"request","t":1,"attempts":[{"key":"k","status":101}]}',
+            "t.jsonl:2.attempts[0].status: expected a final HTTP status",
+        ),
+        (
+            '{"type":"request","t":1,"attempts":[{"key":"k","status":null}]}',
+            "t.jsonl:2.attempts[0].reason: an attempt without a status needs",
         ),
         (
             '{"type":"request","t":1,"attempts":[{"key":"bad key"}]}',
