@@ -61,7 +61,9 @@ _SET = {
     RequestStarted: (
         "request_id", "now", "pin", "pin_fallback", "session", "group", "deadline", "tokens"
     ),
-    ResponseReceived: ("request_id", "now", "status", "retry_after", "headers", "body", "wall_time"),
+    ResponseReceived: (
+        "request_id", "now", "status", "retry_after", "headers", "body", "wall_time"
+    ),
     ResponseFinished: (
         "request_id", "now", "cost", "prompt_tokens", "completion_tokens", "error_status",
         "error_body",
@@ -152,7 +154,6 @@ class RunResult:
     final_states: list[str] = attrs.field(factory=list)
     episodes: list[dict[str, Any]] = attrs.field(factory=list)
     queue_waits: list[float] = attrs.field(factory=list)
-    queued_requests: int = 0
     ttfb: list[float] = attrs.field(factory=list)
     failover_extra: list[float] = attrs.field(factory=list)
     failover_overhead: list[float] = attrs.field(factory=list)
@@ -325,20 +326,8 @@ def simulate(
                     idx = index[d.key_id]
                     if duration > 0.0:
                         heappush(heap, (now + duration, seq(), _FINISH, rid, idx))
-                    else:  # the body came with the headers: finish now (finish(), inlined)
-                        del open_[rid]
-                        rec = st[_REC]
-                        cost = ans[6]
-                        served[idx] += 1
-                        spend[idx] += cost
-                        _RF_ID(rf, rid)
-                        _RF_NOW(rf, now)
-                        _RF_COST(rf, cost)
-                        _RF_PROMPT(rf, rec.prompt_tokens)
-                        _RF_COMPLETION(rf, rec.completion_tokens)
-                        more = handle(rf)
-                        if more:
-                            process(more, now)
+                    else:  # the body came with the headers: finish now
+                        finish(rid, st, idx, now)
                 else:
                     name = str(d.status)
                     client_errors[name] = client_errors.get(name, 0) + 1
@@ -439,7 +428,7 @@ def simulate(
                         and rec.group is None
                         and type(decisions[0]) is Deliver
                         and decisions[0].request_id == rid
-                    ):  # the common case: process() and the body's end inlined
+                    ):  # the common case: process() and finish() inlined (the hot path)
                         ok200 += 1
                         counters_delivered += 1
                         ttfb.append(now - st[_ARRIVAL])
