@@ -107,6 +107,15 @@ def replay(
     for reserved in ("keys", "policy", "seed"):
         pool_options.pop(reserved, None)
     _check_options(pool_options, specs)
+    ids = {spec.key_id for spec in specs}
+    named = {w.key for w in model.failures} | set(model.keys)
+    strangers = sorted(named - ids - {"*"})
+    if strangers:
+        some = ", ".join(sorted(ids)[:8]) + (", ..." if len(ids) > 8 else "")
+        raise ValueError(
+            f"the upstream model names key(s) {', '.join(map(repr, strangers))} that the pool "
+            f"does not have (its keys: {some})"
+        )
     use_recorded = recorded if recorded is not None else (recorded_default or model.recorded)
     results: dict[str, dict[str, Any]] = {}
     runs = {}

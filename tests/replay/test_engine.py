@@ -261,3 +261,11 @@ def test_sends_before_a_key_is_blamed_are_not_counted_as_sends_after_blame() -> 
     failover = report.results["round_robin"]["failover"]
     assert failover["sends_after_failure"] > 0  # the sends between the 503s and the 429
     assert failover["sends_after_blame"] == 0  # none once the 429 took the key out
+
+
+def test_an_upstream_model_naming_a_key_the_pool_lacks_is_an_error() -> None:
+    import pytest
+
+    model = UpstreamModel.from_json({"failures": [{"key": "kye-1", "start": 0, "status": 503}]})
+    with pytest.raises(ValueError, match="names key\\(s\\) 'kye-1' that the pool does not have"):
+        replay(Trace(TraceHeader(), [TraceRecord(t=0.0)]), keys=2, upstream=model)
