@@ -21,7 +21,8 @@ blocking on the disk, never raising); a writer thread commits the batch every
 Durability. Every flush is one transaction and WAL keeps the file consistent
 whatever happens, so a ``kill -9`` (or a crash) loses at most the records of
 the last ``flush_interval`` plus the flush running at that moment (about
-100 ms of state changes and spend by default) and never corrupts the file.
+100 ms of state changes and spend by default; more only if a saturated
+machine starves the writer thread) and never corrupts the file.
 ``close()`` flushes everything. A power loss can also lose the last
 transactions (see ``synchronous=NORMAL`` below), never consistency.
 
