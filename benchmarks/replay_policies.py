@@ -24,14 +24,9 @@ import statistics
 import time
 from typing import Any
 
+from benchmarks.core_cycle import make_pool, time_event_build, time_handle
 from keyrotor.core import (
     POLICIES,
-    KeySpec,
-    Pool,
-    PoolConfig,
-    RequestStarted,
-    ResponseFinished,
-    ResponseReceived,
 )
 from keyrotor.replay import build_scenario, pool_keys, replay, simulate
 
@@ -104,45 +99,15 @@ def compare(plan: list[tuple[str, int, int]], seed: int) -> None:
 
 
 def core_ceiling(requests: int, policy: str) -> float:
-    """Requests per second through the core alone (4 keys, events prebuilt)."""
-    pool = Pool(PoolConfig(keys=[KeySpec(key_id=f"key-{i}") for i in range(4)], policy=policy))  # type: ignore[arg-type]
-    sessions = [f"s{i % 64}" for i in range(requests)]
-    events = []
-    for i in range(requests):
-        rid = f"r{i}"
-        now = i * 0.01
-        events.append(
-            (
-                RequestStarted(request_id=rid, now=now, session=sessions[i], tokens=300),
-                ResponseReceived(request_id=rid, now=now + 0.005, status=200),
-                ResponseFinished(request_id=rid, now=now + 0.005, cost=1e-4),
-            )
-        )
-    handle = pool.handle
-    gc.collect()
-    started = time.perf_counter()
-    for a, b, c in events:
-        handle(a)
-        handle(b)
-        handle(c)
-    return requests / (time.perf_counter() - started)
-
-
-def event_build(count: int = 100_000) -> float:
-    """Seconds to build one frozen event with its keyword constructor: the
-    machine's yardstick (design.md's targets assume about 1 µs)."""
-    ids = [f"e{i}" for i in range(count)]
-    gc.collect()
-    started = time.perf_counter()
-    for rid in ids:
-        RequestStarted(request_id=rid, now=1.0)
-    return (time.perf_counter() - started) / count
+    """Requests per second through the core alone (4 keys, events prebuilt):
+    ``benchmarks.core_cycle``'s cycle."""
+    return 1.0 / time_handle(make_pool(policy, 4), requests, 0.0, policy)
 
 
 def speed(requests: int, rounds: int, seed: int) -> None:
     scenario = build_scenario("steady", keys=4, requests=requests, seed=seed)
     specs = pool_keys(scenario.trace.header, scenario.model)
-    build = statistics.median(event_build() for _ in range(rounds))
+    build = statistics.median(time_event_build(100_000, 1.0) for _ in range(rounds))
     print(f"## Replay speed: steady, 4 keys, {requests:,} requests, median of {rounds} rounds\n")
     print(f"One frozen event build: {build * 1e6:.2f} µs in this run.\n")
     print(
