@@ -436,9 +436,8 @@ class AsyncClient(ClientBase):
         driver = self._driver
         upstream = self._upstream
         pool = self._http()
-        secret = driver.secrets.get(send.key_id)
-        if secret is None:  # removed after it was chosen: another key
-            driver.failed(request_id, "key_removed")
+        secret = driver.secret_for(request_id, send)
+        if secret is None:
             return None
         try:
             response = await pool.request(

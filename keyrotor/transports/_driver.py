@@ -255,6 +255,14 @@ class Driver:
                 return decision
         return None
 
+    def secret_for(self, request_id: str, send: Send) -> str | None:
+        """The secret to carry out ``send`` with; None when its key was removed
+        after the pool chose it (the attempt is then failed over to another key)."""
+        secret = self.secrets.get(send.key_id)
+        if secret is None:
+            self.failed(request_id, "key_removed")
+        return secret
+
     def failed(self, request_id: str, reason: str) -> None:
         """An attempt got no answer (``reason``: ``connect``, ``timeout``, ...)."""
         self.feed(TransportFailed(request_id=request_id, now=self.now(), reason=reason))

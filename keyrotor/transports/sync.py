@@ -375,9 +375,8 @@ class Client(ClientBase):
                         driver.close(request_id, ended=True)
                         raise NoKeyAvailable(decision.status, decision.retry_after, decision.reason)
                     assert isinstance(decision, Send)
-                    secret = driver.secrets.get(decision.key_id)
-                    if secret is None:  # removed after it was chosen: another key
-                        driver.failed(request_id, "key_removed")
+                    secret = driver.secret_for(request_id, decision)
+                    if secret is None:
                         continue
                 opened = self._send_one(request_id, decision, secret, method, path, body, headers)
                 if opened is not None:
