@@ -5,14 +5,43 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
-__all__ = ["main"]
+__all__ = ["ArgumentParser", "main", "version"]
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """An ``argparse`` parser whose usage errors are one line on stderr, exit status 2.
+
+    Subcommand parsers inherit the class, so ``keyrotor serve --port abc`` says
+    ``keyrotor serve: argument --port: invalid int value: 'abc'; see keyrotor
+    serve --help`` instead of a usage block.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message}; see {self.prog} --help\n")
+
+
+def version() -> str:
+    """The installed package's version (``keyrotor.__version__`` when not installed)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("keyrotor")
+    except PackageNotFoundError:  # pragma: no cover - run from a source tree
+        from . import __version__
+
+        return __version__
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``keyrotor`` console script."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="keyrotor", description="Pool many LLM API keys behind one client or proxy."
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"keyrotor {version()}", help="print the version"
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     demo = commands.add_parser(
@@ -68,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_keys(args)
     if args.command == "demo":
         if args.requests < 1:
-            parser.error("--requests must be at least 1")
+            demo.error("--requests must be at least 1")
         if not args.core:
             try:
                 from .adapters.proxy.demo import run_demo
@@ -86,6 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         outcome = run(sys.stdout, requests=args.requests, color=args.color)
         return 0 if outcome["error"] == 0 and outcome["rejected"] == 0 else 1
     parser.print_help()
+    print("keyrotor: no command given; choose one of demo, serve, keys, replay", file=sys.stderr)
     return 2
 
 

@@ -178,6 +178,26 @@ class ASGIApp:
         if app is None:
             await _send_json(send, 503, error_body(_NOT_STARTED, "service_unavailable", 503))
             return
+        client = scope.get("client")
+        request = Request(
+            method=scope["method"],
+            target=_target(scope),
+            headers=[
+                (name.decode("latin-1").lower(), value.decode("latin-1"))
+                for name, value in scope.get("headers", ())
+            ],
+            body=b"",
+            client=f"{client[0]}:{client[1]}" if client else "",
+        )
+        admit = getattr(app, "admit", None)
+        if admit is not None:  # the token, from the head: no body is read for a refusal
+            refusal = admit(request)
+            if refusal is not None:
+                head, with_body = _head(request, refusal)
+                await send(head)
+                await _send_body(send, refusal.body, with_body)
+                return
+            request.admitted = True
         declared = _header(scope, b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
             await _send_too_large(send, self.max_body_bytes)
@@ -198,17 +218,7 @@ class ASGIApp:
             parts.append(part)
             if not message.get("more_body", False):
                 break
-        client = scope.get("client")
-        request = Request(
-            method=scope["method"],
-            target=_target(scope),
-            headers=[
-                (name.decode("latin-1").lower(), value.decode("latin-1"))
-                for name, value in scope.get("headers", ())
-            ],
-            body=b"".join(parts),
-            client=f"{client[0]}:{client[1]}" if client else "",
-        )
+        request.body = b"".join(parts)
 
         response: Response | None = None
         error: Exception | None = None

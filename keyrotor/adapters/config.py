@@ -10,9 +10,11 @@ ever appears in an error or a repr. The reference is docs/configuration.md.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import math
 import os
 import re
+import socket
 import tomllib
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
@@ -45,8 +47,11 @@ SERVER_DEFAULTS: Mapping[str, Any] = MappingProxyType(
         "header_timeout": 10.0,
         "body_timeout": 30.0,
         "idle_timeout": 75.0,
+        "request_timeout": 60.0,
         "grace_period": 30.0,
         "max_connections": 10000,
+        "max_unproven": 1000,
+        "max_unproven_per_address": 64,
     }
 )
 """The proxy server's options (its ``ServerOptions`` fields) and their defaults."""
@@ -75,7 +80,7 @@ _SERVER_KINDS = {
     for name, value in SERVER_DEFAULTS.items()
 }
 _HTTP_KINDS = {
-    field.name: _INT if field.name == "max_connections" else _FLOAT
+    field.name: _INT if field.name.startswith("max_connections") else _FLOAT
     for field in attrs.fields(HTTPOptions)
 }
 _POOL_KINDS = {
@@ -91,6 +96,7 @@ _POOL_KINDS = {
     "error_window": _FLOAT,
     "error_min_requests": _INT,
     "error_threshold": _FLOAT,
+    "timeout_strikes": _INT,
     "min_healthy": _INT,
     "probe_interval": _FLOAT,
     "recheck_interval": _NEVER,
@@ -115,6 +121,8 @@ _SET_BY_KEYROTOR = frozenset(
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _LOOKS_SECRET = re.compile(r"sk-[A-Za-z0-9_-]{8,}")
+_HOST_LABEL = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?$")
+_HOST_FIX = 'set host = "127.0.0.1" (this machine) or "0.0.0.0" (every interface)'
 _ENV_HELP = (
     "set OPENROUTER_KEYS (comma-separated), OPENROUTER_API_KEY or OPENROUTER_API_KEY_1, _2, ..."
 )
@@ -547,13 +555,9 @@ class _Loader:
         where = f"[server] {name}"
         value = self.check(raw, _SERVER_KINDS[name], where, source, coerce)
         if name == "host":
-            if any(c.isspace() for c in value):
-                self.fail(
-                    f"{where} must be a host name or address, got {value!r}",
-                    where=where,
-                    fix='set host = "127.0.0.1" (this machine) or "0.0.0.0" (every interface)',
-                    source=source,
-                )
+            problem = _host_problem(value)
+            if problem is not None:
+                self.fail(f"{where} {problem}", where=where, fix=_HOST_FIX, source=source)
         elif name == "port":
             if not 0 <= value <= 65535:
                 self.fail(
@@ -812,6 +816,41 @@ def _describe(value: Any) -> str:
     if isinstance(value, dict):
         return "a table"
     return f"a {type(value).__name__}"
+
+
+def _host_problem(host: str) -> str | None:
+    """Why the server cannot listen on ``host`` (None: it can try).
+
+    Checked before the client-token rule, so that a mistyped address is
+    reported as such. An IP address is taken as is (whether this machine has
+    it shows when binding); a name must be well formed and resolve, as the
+    server resolves it. Names under ``.invalid`` never resolve (RFC 6761): no
+    lookup is made for them.
+    """
+    if host == "":
+        return None  # every interface
+    if any(c.isspace() for c in host):
+        return f"must be a host name or address, got {host!r}"
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        ipaddress.ip_address(bare)
+    except ValueError:
+        pass
+    else:
+        return None if bare == host else f"takes an IPv6 address without brackets: {bare!r}"
+    labels = host.removesuffix(".").split(".")
+    if ":" in host or all(label.isdigit() for label in labels):
+        return f"is not a valid IP address: {host!r}"
+    if len(host) > 253 or not all(_HOST_LABEL.match(label) for label in labels):
+        return f"is not a valid host name or address: {host!r}"
+    if labels[-1].lower() == "invalid":
+        return f"cannot be resolved: {host!r} is under the reserved .invalid domain"
+    try:
+        socket.getaddrinfo(host, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (OSError, UnicodeError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        return f"cannot be resolved: {host!r} ({reason})"
+    return None
 
 
 def _valid_secret(secret: str) -> bool:

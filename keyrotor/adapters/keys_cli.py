@@ -19,7 +19,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Mapping
 from typing import Any, TextIO
-from urllib.parse import quote, urlsplit
+from urllib.parse import SplitResult, quote, urlsplit
 
 __all__ = ["add_parser", "run"]
 
@@ -77,17 +77,29 @@ def add_parser(commands: Any) -> None:
 def run(
     args: argparse.Namespace,
     environ: Mapping[str, str] = os.environ,
-    stdin: TextIO = sys.stdin,
-    stdout: TextIO = sys.stdout,
-    stderr: TextIO = sys.stderr,
+    stdin: TextIO | None = None,
+    stdout: TextIO | None = None,
+    stderr: TextIO | None = None,
 ) -> int:
-    """Carry out ``keyrotor keys ACTION``; 0 on success, 1 refused, 2 unusable."""
+    """Carry out ``keyrotor keys ACTION``; 0 on success, 1 refused, 2 unusable.
+
+    The streams default to ``sys``'s at the time of the call."""
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+    stderr = stderr or sys.stderr
     url = (args.url or environ.get("KEYROTOR_URL") or DEFAULT_URL).rstrip("/")
+    given = "--url" if args.url else "KEYROTOR_URL" if environ.get("KEYROTOR_URL") else "the URL"
+    parts = _proxy_url(url)
+    if parts is None:
+        print(
+            f"keyrotor keys: {given} {url!r} is not an http(s) URL; fix: give the proxy's "
+            f"address, such as {DEFAULT_URL}",
+            file=stderr,
+        )
+        return 2
     token = environ.get("KEYROTOR_ADMIN_TOKEN", "").strip()
     if not token:
         print("keyrotor keys: set KEYROTOR_ADMIN_TOKEN to the proxy's admin token", file=stderr)
         return 2
-    parts = urlsplit(url)
     if parts.scheme == "http" and parts.hostname not in ("127.0.0.1", "localhost", "::1"):
         print(
             f"keyrotor keys: warning: {url} is plain HTTP beyond this machine; the admin token "
@@ -96,11 +108,13 @@ def run(
         )
     try:
         if args.action == "list":
-            keys = _call(url, token, "GET", "/admin/keys")["keys"]
-            if args.json:
-                print(json.dumps(keys, indent=2), file=stdout)
+            listing = _call(url, token, "GET", "/admin/keys")
+            if not isinstance(listing.get("keys"), list):
+                raise _Refused(f"{url} did not answer as keyrotor's admin API; check {given}", 2)
+            if args.json:  # the answer of GET /admin/keys, as it came
+                print(json.dumps(listing, indent=2), file=stdout)
             else:
-                _table(keys, stdout)
+                _table(listing["keys"], stdout)
         elif args.action == "add":
             secret = _secret(args, environ, stdin)
             body: dict[str, Any] = {"key": secret, "alias": args.alias}
@@ -136,7 +150,26 @@ def run(
     except _Refused as exc:
         print(f"keyrotor keys {args.action}: {exc}", file=stderr)
         return exc.code
+    except (KeyError, TypeError, ValueError):  # an answer without the fields the API has
+        print(
+            f"keyrotor keys {args.action}: {url} did not answer as keyrotor's admin API; "
+            f"check {given}",
+            file=stderr,
+        )
+        return 2
     return 0
+
+
+def _proxy_url(url: str) -> SplitResult | None:
+    """``url`` split, if it is an http(s) URL with a host and a valid port."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError when out of range
+    except ValueError:
+        return None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return None
+    return parts
 
 
 def _secret(args: argparse.Namespace, environ: Mapping[str, str], stdin: TextIO) -> str:
@@ -174,7 +207,9 @@ def _call(url: str, token: str, method: str, path: str, body: Any = None) -> Any
         request.add_header("content-type", "application/json")
     try:
         with _OPENER.open(request, timeout=30) as response:
-            return json.loads(response.read() or b"{}")
+            answer = json.loads(response.read() or b"{}")
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise _Refused(f"{url} did not answer as keyrotor's admin API (not JSON)", 2) from None
     except urllib.error.HTTPError as exc:
         with exc:
             try:
@@ -185,6 +220,9 @@ def _call(url: str, token: str, method: str, path: str, body: Any = None) -> Any
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
         raise _Refused(f"cannot reach the proxy at {url}: {reason}", 2) from None
+    if not isinstance(answer, dict):
+        raise _Refused(f"{url} did not answer as keyrotor's admin API (not a JSON object)", 2)
+    return answer
 
 
 def _table(keys: list[dict[str, Any]], out: TextIO) -> None:

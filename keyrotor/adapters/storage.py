@@ -1004,9 +1004,9 @@ def _read_meta(conn: sqlite3.Connection, path: Path) -> dict[str, str] | None:
 def main(argv: list[str] | None = None) -> int:
     """``python -m keyrotor.adapters.storage forget-keys [PATH]``: delete the stored
     keys of a state file whose ``KEYROTOR_SECRET_KEY`` is lost (stop the proxy first)."""
-    import argparse
+    from ..cli import ArgumentParser  # usage errors as one line, exit status 2
 
-    parser = argparse.ArgumentParser(prog="python -m keyrotor.adapters.storage")
+    parser = ArgumentParser(prog="python -m keyrotor.adapters.storage")
     commands = parser.add_subparsers(dest="command", required=True)
     forget = commands.add_parser(
         "forget-keys", help="delete the stored keys, keep states and spend"
@@ -1014,6 +1014,14 @@ def main(argv: list[str] | None = None) -> int:
     forget.add_argument("path", nargs="?", help="the state file (default: as keyrotor serve)")
     args = parser.parse_args(argv)
     path = args.path or default_state_path()
+    if not os.path.isfile(path):  # a mistyped path must not become a new, empty state file
+        what = "is not a file" if os.path.exists(path) else "does not exist"
+        print(
+            f"keyrotor storage: the state file {path} {what}; fix: give the path of the "
+            "state file keyrotor serve uses (its --state, else $KEYROTOR_STATE)",
+            file=sys.stderr,
+        )
+        return 2
     try:
         with StateStore.open(path, secret_key=None) as store:
             count = store.forget_keys()

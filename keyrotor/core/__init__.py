@@ -34,11 +34,12 @@ from .events import (
     Tick,
     TransportFailed,
 )
-from .pool import SNAPSHOT_VERSION, Pool
+from .pool import NOT_THE_KEYS_FAULT, SNAPSHOT_VERSION, Pool
 from .states import TRANSITIONS, USABLE_STATES, KeyState, Signal, next_state
 from .statistics import KeyStatistics, PoolStatistics
 
 __all__ = [
+    "NOT_THE_KEYS_FAULT",
     "POLICIES",
     "SNAPSHOT_VERSION",
     "TRANSITIONS",

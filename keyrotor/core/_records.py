@@ -104,6 +104,8 @@ class KeyRecord:
         "spend",
         "state",
         "successes",
+        "timeout_since",
+        "timeouts",
         "tok_at",
         "trial",
         "until",
@@ -137,6 +139,8 @@ class KeyRecord:
         self.budget_start: float | None = None
         self.budget_spend = 0.0
         self.window = Window()
+        self.timeouts = 0  # attempts timed out in a row (a hanging key)
+        self.timeout_since = 0.0  # when the first of them was sent
         self.ewma = 0.0
         self.pace_at: float | None = None  # rpm pacing: earliest next send
         self.tok_at: float | None = None  # tpm pacing: tokens paid up to this time
@@ -180,10 +184,14 @@ class KeyRecord:
         "vr",
         "vd",
     )
+    _ADDED = (("timeouts", 0), ("timeout_since", 0.0))
+    """Fields newer than the snapshot format: a snapshot without them restores."""
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {"spec": self.spec.to_json(), "serial": self.serial}
         for name in self._SAVED:
+            data[name] = getattr(self, name)
+        for name, _ in self._ADDED:
             data[name] = getattr(self, name)
         data["state"] = self.state.value
         data["errors"] = list(self.errors)
@@ -195,6 +203,8 @@ class KeyRecord:
         key = cls(KeySpec(**data["spec"]), data["serial"])
         for name in cls._SAVED:
             setattr(key, name, data[name])
+        for name, default in cls._ADDED:
+            setattr(key, name, data.get(name, default))
         key.state = KeyState(data["state"])
         key.plain = key.plain and not key.removed
         key.errors = list(data["errors"])

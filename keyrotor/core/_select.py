@@ -292,6 +292,12 @@ class HashRing:
         self._points = array("Q", (p for p, _ in pairs))
         self._owner = array("Q", (s for _, s in pairs))
 
+    def home(self, session: str) -> KeyRecord:
+        """The session's own key: the owner of the first point clockwise."""
+        points = self._points
+        i = bisect.bisect_left(points, stable_hash(session, self._salt)) % len(points)
+        return self._keys[self._owner[i]]
+
     def pick(self, session: str, usable: Usable, avoid: Collection[str] | None) -> KeyRecord | None:
         """The first usable key clockwise from the session's hash."""
         points = self._points

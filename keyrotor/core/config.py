@@ -135,6 +135,10 @@ class PoolConfig:
         error_min_requests: a key is judged only after this many requests in it.
         error_threshold: error share above which a key is degraded, when the
             rest of the pool is below it (the key *alone* keeps failing).
+        timeout_strikes: attempts on one key that time out in a row, while
+            another key answered since the first of them was sent, degrade the
+            key at once (a hanging key); a timed-out half-open trial does so
+            alone. ``0``: timeouts only count in the error window.
         min_healthy: below this many usable keys, probe every cooling key.
         probe_interval: least time between two probes of one key.
         recheck_interval: failed and depleted keys are probed this often
@@ -154,6 +158,7 @@ class PoolConfig:
     error_window: float = 60.0
     error_min_requests: int = 5
     error_threshold: float = 0.5
+    timeout_strikes: int = 2
     min_healthy: int = 1
     probe_interval: float = 30.0
     recheck_interval: float | None = 900.0
@@ -184,7 +189,7 @@ class PoolConfig:
             )
         for name in ("max_attempts", "affinity_vnodes"):
             _integer(self, name, minimum=1)
-        for name in ("queue_limit", "error_min_requests", "min_healthy"):
+        for name in ("queue_limit", "error_min_requests", "timeout_strikes", "min_healthy"):
             _integer(self, name, minimum=0)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise PoolError(f"PoolConfig.seed must be an integer, got {self.seed!r}")

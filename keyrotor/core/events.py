@@ -118,8 +118,11 @@ class TransportFailed:
     """The attempt failed without a response (or its body broke off).
 
     ``reason`` is one of ``connect``, ``timeout``, ``reset``, ``protocol`` or
-    any short text; all count as upstream faults, never as the key's fault
-    alone.
+    any short text; these count as upstream faults in the key's error window,
+    and ``timeout`` also as a strike against a key that hangs while others
+    answer (``PoolConfig.timeout_strikes``). ``busy`` (the key's own connection
+    limit was full), ``pool`` (no connection slot came free) and
+    ``key_removed`` fail the attempt over without blaming the key.
     """
 
     request_id: str

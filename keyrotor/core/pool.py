@@ -71,6 +71,10 @@ _COOLING = frozenset({KeyState.RATE_LIMITED, KeyState.DEGRADED, KeyState.DEPLETE
 _PROBE_WHEN_SHORT = frozenset(
     {KeyState.RATE_LIMITED, KeyState.DEGRADED, KeyState.DEPLETED, KeyState.FAILED}
 )
+NOT_THE_KEYS_FAULT = frozenset({"busy", "pool", "key_removed"})
+"""``TransportFailed`` reasons that fail the attempt over without blaming its key:
+the key's own connection limit was full (``busy``), no connection slot came free
+in the shared HTTP pool (``pool``), the key was removed before the send."""
 _RECHECKED = frozenset({KeyState.DEPLETED, KeyState.FAILED})
 
 # Timer kinds, in the order they fire at one instant.
@@ -132,6 +136,9 @@ class Pool:
         self._rng = random.Random(config.seed)
         self._started = self._delivered = self._rejected = self._cancelled = 0
         self._orphan_probes: set[str] = set()
+        self._last_answer = -math.inf  # when any key last answered (a hanging key's evidence)
+        self._hopeless_check = False  # a key stopped being able to come back: recheck the queue
+        self._sessions: HashRing | None = None  # session -> home key, for non-affinity policies
         self._dying: dict[str, KeyRecord] = {}  # removed, draining in-flight requests
         policy = config.policy
         self._weighted: WeightedSelector | None = None
@@ -266,6 +273,7 @@ class Pool:
             "rng": list(self._rng.getstate()[1]),
             "wake": self._wake,
             "last_short_scan": self._last_short_scan,
+            "last_answer": None if self._last_answer == -math.inf else self._last_answer,
             "orphan_probes": sorted(self._orphan_probes),
         }
 
@@ -313,6 +321,8 @@ class Pool:
         pool._orphan_probes = set(data["orphan_probes"])
         pool._wake = data["wake"]
         pool._last_short_scan = data["last_short_scan"]
+        last_answer = data.get("last_answer")
+        pool._last_answer = -math.inf if last_answer is None else last_answer
         pool._timers = []
         for item in data["requests"]:
             req = RequestRecord.from_json(item)
@@ -421,6 +431,18 @@ class Pool:
         req = RequestRecord(event)
         requests[request_id] = req
         self._started += 1
+        if event.pin is not None and not event.pin_fallback and self._pinned(event.pin) is None:
+            self._forget(req)
+            out.append(
+                Reject(
+                    request_id=request_id,
+                    status=400,
+                    retry_after=None,
+                    reason=f"the pinned key {event.pin!r} is not in the pool",
+                )
+            )
+            self._rejected += 1
+            return out
         if self._queued:
             self._enqueue(req, out)  # FIFO: do not overtake waiting requests
             self._drain(out)
@@ -430,8 +452,7 @@ class Pool:
             self._assign(req, key, out)
         else:
             self._enqueue(req, out)
-        if self._wake:
-            self._drain(out)
+        self._settle(out)
         return out
 
     def _on_response(self, event: ResponseReceived) -> list[Decision]:
@@ -445,6 +466,9 @@ class Pool:
             self._run_timers(now, out)
         key = req.key
         assert key is not None
+        self._last_answer = now
+        if key.timeouts:
+            key.timeouts = 0  # it answers: not hanging
         status = event.status
         if 200 <= status < 300 and event.headers is None and event.retry_after is None:
             if key.state is _HEALTHY and not self._latency:  # the common case, inline
@@ -473,8 +497,7 @@ class Pool:
             req.state = DELIVERED
             out.append(make_deliver(req.request_id, key.key_id, req.attempt, status))
             self._delivered += 1
-        if self._wake:
-            self._drain(out)
+        self._settle(out)
         return out
 
     def _on_finished(self, event: ResponseFinished) -> list[Decision]:
@@ -506,8 +529,7 @@ class Pool:
         if event.error_status is not None:
             verdict = classify_response(event.error_status, None, event.error_body)
             self._judge(key, verdict, None, out)
-        if self._wake:
-            self._drain(out)
+        self._settle(out)
         return out
 
     def _on_transport_failed(self, event: TransportFailed) -> list[Decision]:
@@ -516,8 +538,12 @@ class Pool:
         self._advance(event, out)
         key = req.key
         assert key is not None
-        key.errors[ERROR_INDEX["transport"]] += 1
-        self._fault(key, event.now, f"transport_{event.reason}", out)
+        reason = event.reason
+        if reason not in NOT_THE_KEYS_FAULT:
+            key.errors[ERROR_INDEX["transport"]] += 1
+            self._fault(key, event.now, f"transport_{reason}", out)
+            if reason == "timeout" and req.state == SENT:
+                self._timed_out(key, req, out)
         if req.state == SENT and req.attempt < self._max_attempts:
             self._fail_over(req, key, out)
         elif req.state == SENT:
@@ -537,8 +563,7 @@ class Pool:
             # The body broke off after delivery: nothing to retry.
             self._release(req)
             self._forget(req)
-        if self._wake:
-            self._drain(out)
+        self._settle(out)
         return out
 
     def _on_cancelled(self, event: RequestCancelled) -> list[Decision]:
@@ -553,16 +578,14 @@ class Pool:
             self._release(req)
         self._forget(req)
         self._cancelled += 1
-        if self._wake:
-            self._drain(out)
+        self._settle(out)
         return out
 
     def _on_tick(self, event: Tick) -> list[Decision]:
         self._check_time(event)
         out: list[Decision] = []
         self._advance(event, out)
-        if self._wake:
-            self._drain(out)
+        self._settle(out)
         return out
 
     def _on_probe_finished(self, event: ProbeFinished) -> list[Decision]:
@@ -585,6 +608,7 @@ class Pool:
         self._advance(event, out)
         now = event.now
         key.probing = False
+        self._hopeless_check = True
         if event.status is not None:
             verdict = classify_probe(
                 event.status, event.headers, event.body, wall_time=event.wall_time
@@ -606,8 +630,7 @@ class Pool:
             elif kind in (Verdict.INVALID, Verdict.DEPLETED, Verdict.RATE_LIMITED):
                 self._judge(key, verdict, None, out)
         self._schedule_probe(key, now)
-        if self._wake:
-            self._drain(out)
+        self._settle(out)
         return out
 
     def _on_probe_requested(self, event: ProbeRequested) -> list[Decision]:
@@ -639,10 +662,8 @@ class Pool:
         self._advance(event, out)
         self._orphan_probes.discard(spec.key_id)
         self._add_key(spec)
-        if self._ring is not None:
-            self._ring.rebuild(self._order)
-        if self._wake:
-            self._drain(out)
+        self._rebuild_rings()
+        self._settle(out)
         return out
 
     def _on_key_removed(self, event: KeyRemoved) -> list[Decision]:
@@ -668,13 +689,14 @@ class Pool:
         if self._weighted is not None:
             self._weighted.total_weight -= self._weight(key)
         self._select.size_hint -= 1
-        if self._ring is not None:
-            self._ring.rebuild(self._order)
+        self._rebuild_rings()
         if key.in_flight:
             self._dying[key.key_id] = key
         else:
             del self._by_serial[key.serial]
         self._check_short(event.now, out)
+        self._hopeless_check = True
+        self._settle(out)
         return out
 
     def _on_key_marked(self, event: KeyMarked) -> list[Decision]:
@@ -704,8 +726,7 @@ class Pool:
             key, signal, event.now, until, event.reason, out, hard=True, force_until=True
         )
         self._check_short(event.now, out)
-        if self._wake:
-            self._drain(out)
+        self._settle(out)
         return out
 
     def _on_spend_recorded(self, event: SpendRecorded) -> list[Decision]:
@@ -724,8 +745,7 @@ class Pool:
         key.completion_tokens += event.completion_tokens
         if cost:
             self._spend(key, cost, event.now, out, event.now if at is None else min(at, event.now))
-        if self._wake:
-            self._drain(out)
+        self._settle(out)
         return out
 
     # ---------------------------------------------------------------- keys
@@ -801,7 +821,12 @@ class Pool:
             members = self._groups.get(event.group)
             if members:
                 avoid = set(members) | set(avoid or ())
-        elif avoid is None and event.pin is None and not self._plain_pick_needs_request:
+        elif (
+            avoid is None
+            and event.pin is None
+            and event.session is None
+            and not self._plain_pick_needs_request
+        ):
             return self._select.pick(self._usable_fn, self._drop_fn, None)
         if event.pin is not None:
             key = self._pinned(event.pin)
@@ -816,15 +841,31 @@ class Pool:
 
     def _pick_policy(self, req: RequestRecord, avoid: Collection[str] | None) -> KeyRecord | None:
         session = req.event.session
-        if self._ring is not None and session is not None:
-            key = self._ring.pick(session, self._usable, avoid)
-            if key is not None:
-                return key
+        if session is not None:
+            if self._ring is not None:
+                key = self._ring.pick(session, self._usable, avoid)
+                if key is not None:
+                    return key
+            elif self._order:
+                # Other policies: the session's home key while it is usable (its
+                # prompt cache), the policy's choice otherwise.
+                if self._sessions is None:
+                    self._sessions = HashRing(self._config.affinity_vnodes, self._config.seed)
+                    self._sessions.rebuild(self._order)
+                key = self._sessions.home(session)
+                if self._usable(key) and not (avoid and key.key_id in avoid):
+                    return key
         if self._explore and self._rng.random() < self._explore:
             key = self._order[self._rng.randrange(len(self._order))]
             if self._usable(key) and not (avoid and key.key_id in avoid):
                 return key
         return self._select.pick(self._usable_fn, self._drop_fn, avoid)
+
+    def _rebuild_rings(self) -> None:
+        """The key set changed: place the keys on the hash rings again."""
+        if self._ring is not None:
+            self._ring.rebuild(self._order)
+        self._sessions = None  # rebuilt when the next session asks
 
     def _pinned(self, pin: str | int) -> KeyRecord | None:
         if isinstance(pin, int):
@@ -968,6 +1009,30 @@ class Pool:
             self._assign(req, key, out)
         if skipped:
             queue.extendleft(reversed(skipped))
+
+    def _settle(self, out: list[Decision]) -> None:
+        """The end of every handler: serve the queue if a key may have come free,
+        and reject at once what no key can serve before its deadline."""
+        if self._wake:
+            self._drain(out)
+        if self._hopeless_check:
+            self._hopeless_check = False
+            if self._queued:
+                self._reject_hopeless(out)
+
+    def _reject_hopeless(self, out: list[Decision]) -> None:
+        """Reject the waiting requests that no key can serve before their deadline
+        (failed and depleted keys with no known return, probes over): waiting
+        the whole queue timeout would only delay the same answer."""
+        now = self._now
+        earliest = self._earliest(now)
+        if earliest is not None and earliest <= now:
+            return
+        for req in self._queue:
+            if req.state == QUEUED and (earliest is None or earliest > req.deadline):
+                self._queued -= 1
+                why = "no key is usable" if earliest is None else "no key is usable in time"
+                self._reject(req, earliest, why, out)
 
     def _earliest(self, now: float) -> float | None:
         """Earliest time a key may be usable again: ``now`` if some key only
@@ -1164,6 +1229,26 @@ class Pool:
             return  # no evidence it is this key rather than the upstream
         self._transition(key, Signal.ERROR_RATE, now, now + config.degraded_cooldown, reason, out)
 
+    def _timed_out(self, key: KeyRecord, req: RequestRecord, out: list[Decision]) -> None:
+        """An attempt on ``key`` got no answer in time. A key that hangs while
+        others answer is degraded after ``timeout_strikes`` in a row (a trial at
+        once), however little traffic the other keys had: one answer from any
+        other key since the first timed-out attempt was sent is the evidence."""
+        if key.timeouts == 0:
+            key.timeout_since = req.sent_at
+        key.timeouts += 1
+        strikes = self._config.timeout_strikes
+        if (
+            strikes
+            and key.state in USABLE_STATES
+            and (key.timeouts >= strikes or key.state is _RECOVERING)
+            and self._last_answer > key.timeout_since
+        ):
+            key.timeouts = 0
+            now = self._now
+            until = now + self._config.degraded_cooldown
+            self._transition(key, Signal.ERROR_RATE, now, until, "transport_timeouts", out)
+
     def _spend(
         self, key: KeyRecord, cost: float, now: float, out: list[Decision], at: float | None = None
     ) -> None:
@@ -1259,6 +1344,7 @@ class Pool:
             key.probe_due = None
             self._refresh(key)
         else:
+            self._hopeless_check = True
             self._schedule_probe(key, now)
 
     # -------------------------------------------------------------- probes

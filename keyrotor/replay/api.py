@@ -76,8 +76,9 @@ def replay(
         source: a :class:`Scenario` (``scenarios.build(name)``), a :class:`Trace`
             or the path of a trace file.
         policy: a policy name, a list of them, or ``"all"``.
-        keys: the number of keys (see :func:`engine.pool_keys`) or the
-            ``KeySpec`` list itself; default: the trace header's keys.
+        keys: the number of keys, always named ``key-0``, ``key-1``, ...
+            (see :func:`engine.pool_keys`), or the ``KeySpec`` list itself;
+            default: the trace header's keys under their own aliases.
         seed: seeds the pool and the simulated upstream.
         upstream: an :class:`UpstreamModel` or the path of one (JSON or TOML);
             default: the scenario's own, or for recorded traces (source
@@ -112,9 +113,18 @@ def replay(
     strangers = sorted(named - ids - {"*"})
     if strangers:
         some = ", ".join(sorted(ids)[:8]) + (", ..." if len(ids) > 8 else "")
+        if isinstance(keys, int):
+            naming = f"--keys {keys} names them key-0 to key-{keys - 1}"
+            fix = "name only those keys in the model"
+        elif keys is None:
+            naming = "the trace's own aliases"
+            fix = "name those in the model, or pass --keys N (which names them key-0, key-1, ...)"
+        else:
+            naming = "the KeySpecs given"
+            fix = "name those in the model"
         raise ValueError(
             f"the upstream model names key(s) {', '.join(map(repr, strangers))} that the pool "
-            f"does not have (its keys: {some})"
+            f"does not have (its keys: {some}; {naming}); fix: {fix}"
         )
     use_recorded = recorded if recorded is not None else (recorded_default or model.recorded)
     results: dict[str, dict[str, Any]] = {}

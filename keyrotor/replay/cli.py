@@ -210,7 +210,9 @@ def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m keyrotor.replay.cli``: the same as ``keyrotor replay``."""
-    parser = argparse.ArgumentParser(prog="keyrotor replay")
+    from ..cli import ArgumentParser  # usage errors as one line, exit status 2
+
+    parser = ArgumentParser(prog="keyrotor replay")
     configure(parser)
     return run(parser.parse_args(argv))
 

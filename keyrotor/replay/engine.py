@@ -105,10 +105,13 @@ def _any_usable(pool: Pool, specs: Sequence[KeySpec]) -> bool:
 def pool_keys(header: TraceHeader, model: UpstreamModel, keys: int | None = None) -> list[KeySpec]:
     """The pool's keys for a replay.
 
-    The trace header's keys (cycled with fresh aliases ``key-<i>`` when ``keys``
-    asks for more or fewer); without them, the upstream model's named keys;
-    else ``keys`` (default 4) plain keys ``key-0``, ``key-1``, ... A key's
-    ``account`` comes from the header, else from the upstream model.
+    Without ``keys``: the trace header's keys under their own aliases; without
+    them, the upstream model's named keys; else 4 plain keys ``key-0`` ..
+    ``key-3``. With ``keys`` (a count), always ``keys`` keys named ``key-0``,
+    ``key-1``, ... (whatever the header calls them, even when the count is the
+    header's), their options cycled from the header's keys (or the model's
+    named keys). A key's ``account`` comes from the header, else from the
+    upstream model.
     """
     base = [dict(k) for k in header.keys]
     if not base and model.keys:
@@ -116,9 +119,8 @@ def pool_keys(header: TraceHeader, model: UpstreamModel, keys: int | None = None
     if keys is not None:
         if keys < 1:
             raise ValueError("keys must be at least 1")
-        if len(base) != keys:
-            template = base or [{}]
-            base = [{**template[i % len(template)], "key_id": f"key-{i}"} for i in range(keys)]
+        template = base or [{}]
+        base = [{**template[i % len(template)], "key_id": f"key-{i}"} for i in range(keys)]
     elif not base:
         base = [{"key_id": f"key-{i}"} for i in range(4)]
     specs = []

@@ -3,14 +3,18 @@
     python -m keyrotor.testing.fake_upstream --port 0 --scenario demo
 
 prints the base URL (``http://127.0.0.1:PORT/api/v1``) as the first line of
-stdout, then serves until SIGINT or SIGTERM. It binds to loopback only. The
-scenario's keys (aliases and behaviours, never the secrets) go to stderr; the
-``demo`` secrets are the fake values of ``keyrotor.testing.DEMO_KEYS``.
+stdout, then the line that starts the proxy in front of it with the scenario's
+fake keys (``OPENROUTER_KEYS=... keyrotor serve --upstream URL``), then serves
+until SIGINT or SIGTERM. It binds to loopback only. The scenario's keys
+(aliases and behaviours) go to stderr; the ``demo`` secrets are the fake
+values of ``keyrotor.testing.DEMO_KEYS``. Bad input (a busy port, a host that
+is not loopback) is one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import signal
 import sys
 from collections.abc import Sequence
@@ -20,12 +24,24 @@ import anyio
 from .scenarios import SCENARIOS, Scenario, scenario
 from .server import FakeUpstream, KeyStats, LogEntry, ServerStats
 
-__all__ = ["FakeUpstream", "KeyStats", "LogEntry", "ServerStats", "main"]
+__all__ = ["FakeUpstream", "KeyStats", "LogEntry", "ServerStats", "main", "serve_command"]
+
+PROG = "python -m keyrotor.testing.fake_upstream"
+_OPEN_KEYS = ("sk-or-v1-fake-open-1", "sk-or-v1-fake-open-2")  # any key works on `open`
+
+
+def serve_command(scenario: Scenario, url: str) -> str:
+    """The shell line that runs ``keyrotor serve`` in front of the fake upstream
+    at ``url``, with the scenario's (fake) keys; any key works on ``open``."""
+    keys = ",".join(scenario.keys) or ",".join(_OPEN_KEYS)
+    return f"OPENROUTER_KEYS={keys} keyrotor serve --upstream {url}"
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m keyrotor.testing.fake_upstream",
+    from ..cli import ArgumentParser  # usage errors as one line, exit status 2
+
+    parser = ArgumentParser(
+        prog=PROG,
         description="A scripted, OpenRouter-compatible fake upstream on 127.0.0.1.",
     )
     parser.add_argument("--host", default="127.0.0.1", help="loopback address (default 127.0.0.1)")
@@ -57,7 +73,12 @@ async def _serve(server: FakeUpstream, name: str) -> None:
             if name in ("demo", "healthy"):
                 where = "DEMO_KEYS" if name == "demo" else "healthy_secret(i)"
                 print(f"  (fake secrets: keyrotor.testing.{where})", file=sys.stderr)
-            sys.stderr.flush()
+            print(
+                "fake upstream: to run the proxy in front of it with these fake keys, paste:",
+                file=sys.stderr,
+                flush=True,
+            )
+            print(serve_command(sc, server.url), flush=True)
             async for signum in signals:
                 print(f"fake upstream: {signal.Signals(signum).name}, stopping", file=sys.stderr)
                 break
@@ -65,14 +86,38 @@ async def _serve(server: FakeUpstream, name: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the fake upstream until SIGINT/SIGTERM; returns the exit status."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port must be from 0 to 65535 (0: any free port), got {args.port}")
+    if args.keys < 1:
+        parser.error(f"--keys must be at least 1, got {args.keys}")
     try:
         server = FakeUpstream(_build(args.scenario, args.keys), host=args.host, port=args.port)
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"{PROG}: {exc}; fix: use --host 127.0.0.1", file=sys.stderr)
         return 2
-    anyio.run(_serve, server, args.scenario, backend=args.backend)
+    try:
+        anyio.run(_serve, server, args.scenario, backend=args.backend)
+    except (OSError, BaseExceptionGroup) as exc:
+        error = _sole(exc)
+        if not isinstance(error, OSError):
+            raise
+        where = f"[{args.host}]:{args.port}" if ":" in args.host else f"{args.host}:{args.port}"
+        if error.errno == errno.EADDRINUSE:
+            problem, fix = "address already in use", "choose another --port (0: any free port)"
+        else:
+            problem, fix = (error.strerror or str(error)), "check --host and --port"
+        print(f"{PROG}: cannot listen on {where}: {problem}; fix: {fix}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _sole(exc: BaseException) -> BaseException:
+    """The one exception inside nested single-member exception groups (or ``exc``)."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
 
 
 if __name__ == "__main__":

@@ -47,9 +47,15 @@ PROBE_ERRORS: tuple[type[Exception], ...] = (*TRANSPORT_ERRORS, KeyrotorError)
 
 
 def failure_reason(exc: BaseException) -> str:
-    """The core's ``TransportFailed.reason`` for an error of the h11 pool."""
+    """The core's ``TransportFailed.reason`` for an error of the h11 pool. A wait
+    for a connection slot is ``busy`` (the key's own share was full) or ``pool``
+    (every slot was taken): neither is blamed on the key."""
     if isinstance(exc, h11pool.ConnectError):
         return "connect"
+    if isinstance(exc, h11pool.TagBusy):
+        return "busy"
+    if isinstance(exc, h11pool.PoolTimeout):
+        return "pool"
     if isinstance(exc, TimeoutError):
         return "timeout"
     if isinstance(exc, h11pool.RemoteProtocolError):
@@ -122,7 +128,7 @@ class StreamResponse(ResponseHead):
         if self._done:
             return None
         prefetched = self._prefetched
-        if prefetched is not None:  # an error answer, read to classify it
+        if prefetched is not None:  # read already: an error answer, or a whole one
             self._prefetched = None
             if prefetched:
                 self._accountant.feed(prefetched)
@@ -257,6 +263,7 @@ class AsyncClient(ClientBase):
                 write=options.write,
                 pool=options.pool,
                 max_connections=options.max_connections,
+                max_per_tag=options.max_connections_per_key,
                 keepalive_expiry=options.keepalive_expiry,
             )
         )
@@ -360,6 +367,7 @@ class AsyncClient(ClientBase):
             session=session,
             group=group,
             timeout=timeout,
+            buffer=False,
         )
         try:
             yield response
@@ -378,17 +386,31 @@ class AsyncClient(ClientBase):
         session: str | None = None,
         group: str | None = None,
         timeout: float | None = None,
+        buffer: bool = True,
+        pin_fallback: bool = True,
     ) -> StreamResponse:
         """Like ``stream``, without the block: the delivered response, whose body
         the caller reads and which the caller must ``aclose()`` (the proxy hands
-        it to its server, which closes it when the client is done or gone)."""
+        it to its server, which closes it when the client is done or gone).
+
+        ``buffer``: a successful answer that is not an SSE stream is read whole
+        before it is delivered, so a body that breaks off fails over to another
+        key like a missing answer (``stream`` passes False). ``pin_fallback``:
+        whether a pinned key that is missing or unusable may be replaced
+        (False: ``NoKeyAvailable`` with status 400 for an unknown key)."""
         body = encode_body(json, content)
         merged = self._upstream.merge_headers(headers)
         waiter = _Waiter()
         request_id, slot = self._driver.open(
-            waiter.wake, pin=pin, session=session, group=group, timeout=timeout, body=body
+            waiter.wake,
+            pin=pin,
+            pin_fallback=pin_fallback,
+            session=session,
+            group=group,
+            timeout=timeout,
+            body=body,
         )
-        return await self._attempts(request_id, slot, waiter, method, path, body, merged)
+        return await self._attempts(request_id, slot, waiter, method, path, body, merged, buffer)
 
     async def _attempts(
         self,
@@ -399,6 +421,7 @@ class AsyncClient(ClientBase):
         path: str,
         body: bytes | None,
         headers: Mapping[str, str],
+        buffer: bool,
     ) -> StreamResponse:
         """Carry out the pool's decisions for one request until one is delivered."""
         driver = self._driver
@@ -415,7 +438,9 @@ class AsyncClient(ClientBase):
                     driver.close(request_id, ended=True)
                     raise NoKeyAvailable(decision.status, decision.retry_after, decision.reason)
                 assert isinstance(decision, Send)
-                opened = await self._send_one(request_id, decision, method, path, body, headers)
+                opened = await self._send_one(
+                    request_id, decision, method, path, body, headers, buffer
+                )
                 if opened is not None:
                     return opened
         except BaseException:
@@ -431,6 +456,7 @@ class AsyncClient(ClientBase):
         path: str,
         body: bytes | None,
         headers: Mapping[str, str],
+        buffer: bool,
     ) -> StreamResponse | None:
         """One attempt: returns the delivered response, or None to go on."""
         driver = self._driver
@@ -439,14 +465,16 @@ class AsyncClient(ClientBase):
         secret = driver.secret_for(request_id, send)
         if secret is None:
             return None
+        options = upstream.options
         try:
             response = await pool.request(
                 method.encode("ascii"),
                 upstream.url_for(path),
                 request_headers(upstream.host, secret, headers, body, frame=False),
                 body,
-                read_timeout=upstream.options.idle,
-                head_timeout=upstream.options.first_byte,
+                read_timeout=options.idle,
+                head_timeout=options.first_byte_for(body),
+                tag=send.key_id,
             )
         except TRANSPORT_ERRORS as exc:
             driver.failed(request_id, failure_reason(exc))
@@ -454,20 +482,29 @@ class AsyncClient(ClientBase):
         try:
             status = response.status
             response_headers = decode_headers(response.headers)
-            error_body = None
+            read_first = None
             if status >= 300:
+                read_first = MAX_ERROR_BODY  # an error answer: read to classify it
+            elif buffer and "event-stream" not in response_headers.get("content-type", ""):
+                read_first = 0  # a whole answer: a body that breaks off fails over
+            prefetched = None
+            if read_first is not None:
                 try:
-                    error_body = await response.aread(limit=MAX_ERROR_BODY)
+                    prefetched = await response.aread(limit=read_first or None)
                 except TRANSPORT_ERRORS as exc:
                     await response.aclose()
                     driver.failed(request_id, failure_reason(exc))
                     return None
             deliver = driver.received(
-                request_id, send.attempt, status, response_headers, error_body
+                request_id,
+                send.attempt,
+                status,
+                response_headers,
+                prefetched if status >= 300 else None,
             )
             if deliver is not None:
                 return StreamResponse(
-                    self, request_id, response, deliver, response_headers, error_body
+                    self, request_id, response, deliver, response_headers, prefetched
                 )
         except BaseException:
             await response.aclose()  # cancellation-safe: the pool shields its closing

@@ -53,11 +53,16 @@ class ClientBase:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **options: Any) -> Self:
         """Keys from ``OPENROUTER_KEYS``, ``OPENROUTER_API_KEY`` and
-        ``OPENROUTER_API_KEY_1..N``; base URL from ``OPENROUTER_BASE_URL`` if set."""
+        ``OPENROUTER_API_KEY_1..N``; base URL from ``OPENROUTER_BASE_URL`` if set.
+
+        The keys are named ``env1``, ``env2``, ... in that order, as ``keyrotor
+        serve`` names the same environment's keys, so status, logs and traces
+        of the client and the proxy agree."""
         env = os.environ if environ is None else environ
         if "base_url" not in options and env.get("OPENROUTER_BASE_URL"):
             options["base_url"] = env["OPENROUTER_BASE_URL"]
-        return cls(keys_from_env(env), **options)
+        keys = {f"env{i}": secret for i, secret in enumerate(keys_from_env(env), 1)}
+        return cls(keys, **options)
 
     # ------------------------------------------------------ keys at runtime
     # Raise ``ConfigurationError`` (unknown or duplicate alias, a bad secret)

@@ -19,7 +19,11 @@ A request that finds every slot taken waits up to ``pool`` seconds, first come
 first served; a freed slot or idle connection is handed directly to the first
 waiter, and a waiter that is cancelled or times out with it in hand gives it
 back at once (no await), so cancellation can never leak a slot (the flaw of
-encode/httpcore#1093). Idle connections expire after ``keepalive_expiry``
+encode/httpcore#1093). A request may carry a ``tag`` (the transports pass the key it is sent with):
+with ``max_per_tag`` set, requests of one tag hold at most that many slots at
+once, so one tag's stuck requests cannot take every slot; a request over its
+tag's share waits up to ``pool`` seconds for one of them, then fails with
+``TagBusy``. Idle connections expire after ``keepalive_expiry``
 seconds; an idle connection whose socket is readable (the server closed it, or
 sent something unasked) is closed and replaced before any byte is sent on it.
 
@@ -74,6 +78,7 @@ __all__ = [
     "ReadTimeout",
     "RemoteProtocolError",
     "Response",
+    "TagBusy",
     "WriteError",
     "WriteTimeout",
 ]
@@ -116,6 +121,10 @@ class PoolTimeout(HTTPError, TimeoutError):
     """No connection slot came free within ``PoolOptions.pool`` seconds."""
 
 
+class TagBusy(PoolTimeout):
+    """The request's tag held its ``max_per_tag`` slots for ``pool`` seconds."""
+
+
 class RemoteProtocolError(HTTPError):
     """The server broke HTTP/1.1: garbage, a truncated body, or it closed the
     connection without a response."""
@@ -148,6 +157,11 @@ def _at_least_one(instance: Any, attribute: Attribute[Any], value: int) -> None:
         raise ValueError(f"PoolOptions.{attribute.name} must be an int >= 1, not {value!r}")
 
 
+def _none_or_at_least_one(instance: Any, attribute: Attribute[Any], value: int | None) -> None:
+    if value is not None:
+        _at_least_one(instance, attribute, value)
+
+
 def _ssl_or_none(instance: Any, attribute: Attribute[Any], value: object) -> None:
     if value is not None and not isinstance(value, ssl.SSLContext):
         raise TypeError(f"PoolOptions.ssl_context must be an ssl.SSLContext or None: {value!r}")
@@ -160,6 +174,8 @@ class PoolOptions:
     - ``connect``: TCP connect plus TLS handshake; ``write``: sending a request;
       ``pool``: waiting for a free slot. The read timeout is per request.
     - ``max_connections``: open connections in all origins together.
+    - ``max_per_tag``: slots one request tag may hold at once (``None``: no limit
+      but ``max_connections``).
     - ``keepalive_expiry``: idle connections older than this are closed
       (``0``: never reuse a connection).
     - ``ssl_context``: for ``https``; ``None`` = ``ssl.create_default_context()``
@@ -170,6 +186,7 @@ class PoolOptions:
     write: float = field(default=10.0, validator=_positive)
     pool: float = field(default=10.0, validator=_positive)
     max_connections: int = field(default=10, validator=_at_least_one)
+    max_per_tag: int | None = field(default=None, validator=_none_or_at_least_one)
     keepalive_expiry: float = field(default=30.0, validator=_not_negative)
     ssl_context: ssl.SSLContext | None = field(default=None, validator=_ssl_or_none)
 
@@ -277,6 +294,16 @@ class _Connection:
         self.readable = _readability_check(stream.extra(SocketAttribute.raw_socket, None))
 
 
+class _Share:
+    """One tag's slots: how many its requests hold, and who waits for one."""
+
+    __slots__ = ("held", "waiters")
+
+    def __init__(self) -> None:
+        self.held = 0
+        self.waiters: deque[anyio.Event] = deque()
+
+
 class _Waiter:
     __slots__ = ("event", "grant")
 
@@ -304,6 +331,7 @@ class ConnectionPool:
         self._waiters: deque[_Waiter] = deque()
         self._ssl_context = self._options.ssl_context
         self._closed = False
+        self._shares: dict[object, _Share] = {}  # tags holding or waiting for slots
 
     @property
     def options(self) -> PoolOptions:
@@ -366,6 +394,7 @@ class ConnectionPool:
         *,
         read_timeout: float | None,
         head_timeout: float | None = None,
+        tag: object = None,
     ) -> Response:
         """Send a request and wait for the response head; read the body from the
         ``Response`` and ``aclose`` it.
@@ -375,10 +404,29 @@ class ConnectionPool:
         must not frame the body themselves. ``read_timeout`` bounds every wait for
         data (``None``: no bound); ``head_timeout``, if given, bounds the wait for
         the first byte of the response instead (a model's time to first token).
+        ``tag``: counted against ``max_per_tag`` until the response is closed.
         Raises ``HTTPError`` subclasses.
         """
         origin, target, authority = _split_url(url)
         event = _request_event(method, target, authority, headers, body)
+        if tag is None or self._options.max_per_tag is None:
+            return await self._request(origin, event, body, read_timeout, head_timeout, None)
+        await self._take(tag)
+        try:
+            return await self._request(origin, event, body, read_timeout, head_timeout, tag)
+        except BaseException:
+            self._give(tag)
+            raise
+
+    async def _request(
+        self,
+        origin: Origin,
+        event: h11.Request,
+        body: bytes | None,
+        read_timeout: float | None,
+        head_timeout: float | None,
+        tag: object,
+    ) -> Response:
         conn = await self._checkout(origin)
         retried = False
         while True:
@@ -401,7 +449,7 @@ class ConnectionPool:
             except BaseException:
                 await self._discard(conn)
                 raise
-            return Response(self, conn, head, read_timeout)
+            return Response(self, conn, head, read_timeout, tag)
 
     async def _exchange(
         self,
@@ -461,6 +509,46 @@ class ConnectionPool:
             )
             raise ReadTimeout(f"no response data for {waited} s")
         raise WriteTimeout(f"sending the request took more than {self._options.write} s")
+
+    # ------------------------------------------------------------------ tags
+
+    async def _take(self, tag: object) -> None:
+        """Hold one of ``tag``'s ``max_per_tag`` slots, waiting up to ``pool`` s."""
+        share = self._shares.get(tag)
+        if share is None:
+            share = self._shares[tag] = _Share()
+        limit = self._options.max_per_tag
+        assert limit is not None
+        if share.held < limit and not share.waiters:
+            share.held += 1
+            return
+        granted = anyio.Event()
+        share.waiters.append(granted)
+        try:
+            with anyio.move_on_after(self._options.pool):
+                await granted.wait()
+        except BaseException:  # cancelled: give back what we may have been handed
+            if granted.is_set():
+                self._give(tag)
+            else:
+                share.waiters.remove(granted)
+            raise
+        if not granted.is_set():
+            share.waiters.remove(granted)
+            raise TagBusy(
+                f"this tag's {limit} connection slots stayed busy for {self._options.pool} s "
+                "(max_per_tag)"
+            )
+
+    def _give(self, tag: object) -> None:
+        """A request of ``tag`` is done: hand its slot to the next waiter, or free it."""
+        share = self._shares[tag]
+        if share.waiters:
+            share.waiters.popleft().set()  # handed over: still held
+            return
+        share.held -= 1
+        if not share.held:
+            del self._shares[tag]
 
     # ------------------------------------------------------------------ slots
 
@@ -654,7 +742,7 @@ class Response:
     read to the end, or when reading fails.
     """
 
-    __slots__ = ("_conn", "_pool", "_read_timeout", "headers", "status")
+    __slots__ = ("_conn", "_pool", "_read_timeout", "_tag", "headers", "status")
 
     def __init__(
         self,
@@ -662,12 +750,21 @@ class Response:
         conn: _Connection,
         head: h11.Response,
         read_timeout: float | None,
+        tag: object = None,
     ) -> None:
         self.status: int = head.status_code
         self.headers: list[tuple[bytes, bytes]] = list(head.headers)
         self._pool = pool
         self._conn: _Connection | None = conn
         self._read_timeout = read_timeout
+        self._tag = tag
+
+    def _detach(self) -> None:
+        """The response no longer holds its connection: free its tag's slot."""
+        self._conn = None
+        tag, self._tag = self._tag, None
+        if tag is not None:
+            self._pool._give(tag)
 
     def __repr__(self) -> str:
         state = "open" if self._conn is not None else "closed"
@@ -709,7 +806,7 @@ class Response:
         conn = self._conn
         if conn is None:
             return
-        self._conn = None
+        self._detach()
         if _drain_buffered(conn.h11) and self._pool._recycle(conn):
             return
         await self._pool._discard(conn)
@@ -725,7 +822,7 @@ class Response:
                 if type(event) is h11.Data:
                     return bytes(event.data)
                 if type(event) is h11.EndOfMessage:
-                    self._conn = None
+                    self._detach()
                     if not self._pool._recycle(conn):
                         await self._pool._discard(conn)
                     return None
@@ -733,11 +830,11 @@ class Response:
                     raise RemoteProtocolError(f"unexpected {event!r} in a response body")
                 h.receive_data(await _receive(conn.stream, self._read_timeout))
         except h11.RemoteProtocolError as exc:
-            self._conn = None
+            self._detach()
             await self._pool._discard(conn)
             raise RemoteProtocolError(f"invalid response body: {exc}") from exc
         except BaseException:
-            self._conn = None
+            self._detach()
             await self._pool._discard(conn)
             raise
 

@@ -35,6 +35,7 @@ __all__ = [
     "read_bounded",
     "request_headers",
     "split_url",
+    "wants_stream",
 ]
 
 MAX_ERROR_BODY = 1 << 20
@@ -61,24 +62,34 @@ class HTTPOptions:
 
     Attributes:
         connect: to open a connection (TCP and TLS).
-        first_byte: from sending a request to its response's headers (the async
+        first_byte: from sending a request to its response's headers, for a
+            request that is not a stream; past it the attempt fails over to
+            another key and counts as a timeout against its key (the async
             clients; the sync client has no way to cancel a blocking call, so
             there ``idle``, httpcore's per-read timeout, bounds the wait for
             the first byte too).
+        first_byte_stream: the same for a stream (``"stream": true`` in the
+            body): the time to the stream's first byte.
         idle: between two chunks of a body (streams included).
         write: to send a request.
         pool: to wait for a free connection.
         max_connections: connections kept to the upstream at most.
+        max_connections_per_key: connections one key's requests may hold at
+            once (the async clients), so that a key whose requests hang cannot
+            take the others' slots; a request over it waits up to ``pool``
+            seconds, then fails over without blame.
         keepalive_expiry: idle connections are closed after this long.
         probe_timeout: a whole probe (``GET /key``).
     """
 
     connect: float = 10.0
     first_byte: float = 120.0
+    first_byte_stream: float = 60.0
     idle: float = 120.0
     write: float = 30.0
     pool: float = 30.0
     max_connections: int = 200
+    max_connections_per_key: int = 100
     keepalive_expiry: float = 30.0
     probe_timeout: float = 15.0
 
@@ -89,6 +100,10 @@ class HTTPOptions:
                 raise ConfigurationError(
                     f"HTTPOptions.{field.name} must be positive, got {value!r}"
                 )
+
+    def first_byte_for(self, body: bytes | None) -> float:
+        """The first-byte deadline of a request with ``body``."""
+        return self.first_byte_stream if wants_stream(body) else self.first_byte
 
     def timeouts(self) -> dict[str, float]:
         """httpcore's per-request timeout extension (the async clients enforce
@@ -176,6 +191,15 @@ class Upstream:
             headers=request_headers(self.host, secret, self.headers, None),
             extensions={"timeout": self.options.probe_timeouts()},
         )
+
+
+def wants_stream(body: bytes | None) -> bool:
+    """Whether a JSON request body asks for a stream (``"stream": true``); a
+    substring test first, so most bodies are never parsed."""
+    if not body or b'"stream"' not in body:
+        return False
+    payload = parse_json(body)
+    return isinstance(payload, dict) and payload.get("stream") is True
 
 
 def encode_body(json_body: Any, content: bytes | None) -> bytes | None:
@@ -274,6 +298,8 @@ def failure_reason(exc: BaseException) -> str:
     builtin ``TimeoutError`` of a first-byte deadline)."""
     if isinstance(exc, (httpcore.ConnectError, httpcore.ConnectTimeout)):
         return "connect"
+    if isinstance(exc, httpcore.PoolTimeout):
+        return "pool"  # no connection slot came free: not the key's fault
     if isinstance(exc, (httpcore.TimeoutException, TimeoutError)):
         return "timeout"
     if isinstance(exc, (httpcore.RemoteProtocolError, httpcore.LocalProtocolError)):

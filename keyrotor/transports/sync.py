@@ -88,7 +88,7 @@ class StreamResponse(ResponseHead):
         if self._done:
             return
         accountant = self._accountant
-        if self._prefetched is not None:  # an error answer, read to classify it
+        if self._prefetched is not None:  # read already: an error answer, or a whole one
             accountant.feed(self._prefetched)
             if self._prefetched:
                 yield self._prefetched
@@ -316,6 +316,7 @@ class Client(ClientBase):
             session=session,
             group=group,
             timeout=timeout,
+            buffer=False,
         )
         try:
             yield response
@@ -334,10 +335,15 @@ class Client(ClientBase):
         session: str | None = None,
         group: str | None = None,
         timeout: float | None = None,
+        buffer: bool = True,
     ) -> StreamResponse:
         """Like ``stream``, without the block: the delivered response, whose body
         the caller reads and which the caller must ``close()`` (the twin of the
-        async client's ``send``; the httpx transport hands it to httpx)."""
+        async client's ``send``; the httpx transport hands it to httpx).
+
+        ``buffer``: a successful answer that is not an SSE stream is read whole
+        before it is delivered, so a body that breaks off fails over to another
+        key like a missing answer (``stream`` passes False)."""
         body = encode_body(json, content)
         merged = self._upstream.merge_headers(headers)
         self._http()
@@ -347,7 +353,7 @@ class Client(ClientBase):
             request_id, slot = driver.open(
                 waiter.notify, pin=pin, session=session, group=group, timeout=timeout, body=body
             )
-        return self._attempts(request_id, slot, waiter, method, path, body, merged)
+        return self._attempts(request_id, slot, waiter, method, path, body, merged, buffer)
 
     def _attempts(
         self,
@@ -358,6 +364,7 @@ class Client(ClientBase):
         path: str,
         body: bytes | None,
         headers: Mapping[str, str],
+        buffer: bool,
     ) -> StreamResponse:
         """Carry out the pool's decisions for one request until one is delivered."""
         driver = self._driver
@@ -378,7 +385,9 @@ class Client(ClientBase):
                     secret = driver.secret_for(request_id, decision)
                     if secret is None:
                         continue
-                opened = self._send_one(request_id, decision, secret, method, path, body, headers)
+                opened = self._send_one(
+                    request_id, decision, secret, method, path, body, headers, buffer
+                )
                 if opened is not None:
                     return opened
         except BaseException:
@@ -396,6 +405,7 @@ class Client(ClientBase):
         path: str,
         body: bytes | None,
         headers: Mapping[str, str],
+        buffer: bool,
     ) -> StreamResponse | None:
         """One attempt: returns the delivered response, or None to go on."""
         driver = self._driver
@@ -409,22 +419,29 @@ class Client(ClientBase):
         try:
             status = response.status
             response_headers = decode_headers(response.headers)
-            error_body = None
-            if status >= 300:
-                try:
-                    error_body = read_bounded(response)
-                except TRANSPORT_ERRORS as exc:
-                    response.close()
-                    with self._lock:
-                        driver.failed(request_id, failure_reason(exc))
-                    return None
+            prefetched = None
+            try:
+                if status >= 300:  # an error answer: read to classify it
+                    prefetched = read_bounded(response)
+                elif buffer and "event-stream" not in response_headers.get("content-type", ""):
+                    # A whole answer: a body that breaks off fails over.
+                    prefetched = b"".join(response.iter_stream())
+            except TRANSPORT_ERRORS as exc:
+                response.close()
+                with self._lock:
+                    driver.failed(request_id, failure_reason(exc))
+                return None
             with self._lock:
                 deliver = driver.received(
-                    request_id, send.attempt, status, response_headers, error_body
+                    request_id,
+                    send.attempt,
+                    status,
+                    response_headers,
+                    prefetched if status >= 300 else None,
                 )
             if deliver is not None:
                 return StreamResponse(
-                    self, request_id, response, deliver, response_headers, error_body
+                    self, request_id, response, deliver, response_headers, prefetched
                 )
         except BaseException:
             response.close()

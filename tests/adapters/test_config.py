@@ -77,16 +77,21 @@ max_body_bytes = 2000
 header_timeout = 1.5
 body_timeout = 2.5
 idle_timeout = 3.5
+request_timeout = 4.5
 grace_period = 4
 max_connections = 50
+max_unproven = 20
+max_unproven_per_address = 5
 
 [http]
 connect = 1.0
 first_byte = 2.0
+first_byte_stream = 1.5
 idle = 3.0
 write = 4.0
 pool = 5.0
 max_connections = 6
+max_connections_per_key = 3
 keepalive_expiry = 7.0
 probe_timeout = 8.0
 
@@ -103,6 +108,7 @@ degraded_cooldown = 120.0
 error_window = 30.0
 error_min_requests = 9
 error_threshold = 0.25
+timeout_strikes = 3
 min_healthy = 2
 probe_interval = 11.0
 recheck_interval = 600.0
@@ -161,17 +167,22 @@ def test_full_file_lands_every_option_where_it_belongs() -> None:
         "header_timeout": 1.5,
         "body_timeout": 2.5,
         "idle_timeout": 3.5,
+        "request_timeout": 4.5,
         "grace_period": 4.0,
         "max_connections": 50,
+        "max_unproven": 20,
+        "max_unproven_per_address": 5,
     }
     assert isinstance(config.server["grace_period"], float)
     assert config.http == HTTPOptions(
         connect=1.0,
         first_byte=2.0,
+        first_byte_stream=1.5,
         idle=3.0,
         write=4.0,
         pool=5.0,
         max_connections=6,
+        max_connections_per_key=3,
         keepalive_expiry=7.0,
         probe_timeout=8.0,
     )
@@ -202,6 +213,7 @@ def test_full_file_lands_every_option_where_it_belongs() -> None:
         error_window=30.0,
         error_min_requests=9,
         error_threshold=0.25,
+        timeout_strikes=3,
         min_healthy=2,
         probe_interval=11.0,
         recheck_interval=600.0,
@@ -247,6 +259,44 @@ def test_environment_keys_only_with_every_default() -> None:
     assert config.http == HTTPOptions()
     assert config.upstream == OPENROUTER_URL
     assert (config.headers, config.routing_note, config.log_format) == ({}, False, "json")
+
+
+def test_the_proxy_and_the_client_name_the_environments_keys_alike() -> None:
+    from keyrotor.transports.sync import Client
+
+    environ = {
+        "OPENROUTER_API_KEY_10": S4,
+        "OPENROUTER_API_KEY_2": S3,
+        "OPENROUTER_API_KEY": S2,
+        "OPENROUTER_KEYS": f"{S1},{S2}",  # S2 twice: dropped the second time, by both
+    }
+    config = load_config(None, environ, {"state.enabled": False})
+    with Client.from_env(environ) as client:
+        assert (
+            client.driver.secrets == config.keys == {"env1": S1, "env2": S2, "env3": S3, "env4": S4}
+        )
+        assert [k["alias"] for k in client.status()["keys"]] == ["env1", "env2", "env3", "env4"]
+
+
+def test_a_host_name_is_resolved_before_the_token_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    looked_up = []
+
+    def getaddrinfo(host: str, *args: Any, **kwargs: Any) -> Any:
+        looked_up.append(host)
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    error = error_of(None, ENV, {"host": "proxy.internal"})  # no client tokens either
+    assert str(error) == (
+        "command line: [server] host cannot be resolved: 'proxy.internal' (Name or service not "
+        'known); fix: set host = "127.0.0.1" (this machine) or "0.0.0.0" (every interface)'
+    )
+    assert looked_up == ["proxy.internal"]
+    for address in ("127.0.0.1", "::", "0.0.0.0", ""):  # addresses are never looked up
+        load_config(None, {**ENV, "KEYROTOR_CLIENT_TOKENS": T_CLIENT}, {"host": address})
+    assert looked_up == ["proxy.internal"]
 
 
 def test_an_empty_file_and_environment_keys() -> None:
@@ -404,7 +454,8 @@ ERRORS: list[tuple[str, str | None, dict[str, str], dict[str, Any], str]] = [
         ENV,
         {},
         "keyrotor.toml: unknown option [http] zzz; fix: remove it; the options here are connect, "
-        "first_byte, idle, write, pool, max_connections, keepalive_expiry, probe_timeout",
+        "first_byte, first_byte_stream, idle, write, pool, max_connections, "
+        "max_connections_per_key, keepalive_expiry, probe_timeout",
     ),
     (
         "unknown key option",
@@ -549,6 +600,40 @@ ERRORS: list[tuple[str, str | None, dict[str, str], dict[str, Any], str]] = [
         ENV,
         {},
         "keyrotor.toml: [server] host must be a host name or address, got 'local host'; "
+        'fix: set host = "127.0.0.1" (this machine) or "0.0.0.0" (every interface)',
+    ),
+    (
+        "host an impossible IPv4 address, reported before the token rule",
+        None,
+        ENV,
+        {"host": "999.1.1.1"},
+        "command line: [server] host is not a valid IP address: '999.1.1.1'; "
+        'fix: set host = "127.0.0.1" (this machine) or "0.0.0.0" (every interface)',
+    ),
+    (
+        "host a name that cannot resolve (no lookup for .invalid), before the token rule",
+        None,
+        ENV,
+        {"host": "no.such.host.invalid"},
+        "command line: [server] host cannot be resolved: 'no.such.host.invalid' is under the "
+        'reserved .invalid domain; fix: set host = "127.0.0.1" (this machine) or "0.0.0.0" '
+        "(every interface)",
+    ),
+    (
+        "host a malformed name",
+        '[server]\nhost = "proxy..example.com"',
+        ENV,
+        {},
+        "keyrotor.toml: [server] host is not a valid host name or address: "
+        '\'proxy..example.com\'; fix: set host = "127.0.0.1" (this machine) or "0.0.0.0" '
+        "(every interface)",
+    ),
+    (
+        "host an IPv6 address in brackets",
+        '[server]\nhost = "[::1]"',
+        ENV,
+        {},
+        "keyrotor.toml: [server] host takes an IPv6 address without brackets: '::1'; "
         'fix: set host = "127.0.0.1" (this machine) or "0.0.0.0" (every interface)',
     ),
     (

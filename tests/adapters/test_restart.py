@@ -280,8 +280,8 @@ def test_keys_command_line_against_a_running_proxy(tmp: Path, upstream: FakeUpst
         assert set(rows) == {"ok", "poor", "busy", "extra"} and rows["extra"][1] == "healthy"
         marked = keys("mark", "busy", "rate_limited", "--duration", "120")
         assert marked.returncode == 0 and marked.stdout.strip() == "busy is rate_limited"
-        as_json = json.loads(keys("list", "--json").stdout)
-        assert {k["alias"]: k["state"] for k in as_json}["busy"] == "rate_limited"
+        as_json = json.loads(keys("list", "--json").stdout)  # GET /admin/keys' shape
+        assert {k["alias"]: k["state"] for k in as_json["keys"]}["busy"] == "rate_limited"
         assert keys("probe", "ok").stdout.strip() == "probing ok"
         removed = keys("remove", "extra")
         assert removed.returncode == 0 and "removed extra" in removed.stdout

@@ -343,13 +343,15 @@ def test_a_thread_runtime_drives_the_pool_through_failures_and_recovery() -> Non
     assert sum(1 for s, p in upstream.calls if s == "sk-revoked" and p == "/chat") >= 1
 
 
-def test_a_request_no_key_can_serve_is_rejected_at_its_deadline() -> None:
-    config = PoolConfig(keys=[KeySpec(key_id="bad")], queue_timeout=0.1)
-    embedded = ThreadedPool(config, {"bad": "sk-revoked"}, FakeUpstream(), log=lambda c: None)
+def test_a_request_no_key_can_serve_is_rejected_once_the_probe_confirms() -> None:
+    config = PoolConfig(keys=[KeySpec(key_id="bad")], queue_timeout=60.0)
+    upstream = FakeUpstream()
+    embedded = ThreadedPool(config, {"bad": "sk-revoked"}, upstream, log=lambda c: None)
     started = time.monotonic()
     try:
-        # The 401 fails the only key; the request waits for a key until its
-        # deadline, which the timer's Tick enforces.
+        # The 401 fails the only key and a probe confirms it: the request waits
+        # for that probe (the key might come back), then is rejected at once
+        # rather than at its 60 s deadline (issue 11, item 3).
         with pytest.raises(Rejected) as rejected:
             embedded.request("/chat", b"{}")
         waited = time.monotonic() - started
@@ -357,6 +359,7 @@ def test_a_request_no_key_can_serve_is_rejected_at_its_deadline() -> None:
     finally:
         embedded.close()
     assert rejected.value.status == 503 and rejected.value.retry_after is None
-    assert 0.1 <= waited < 2
+    assert ("sk-revoked", "/key") in upstream.calls
+    assert waited < 60.0  # not the deadline: the old behaviour waited all of it
     assert stats.in_flight == 0 and stats.rejected == 1
     assert stats.keys[0].state is KeyState.FAILED

@@ -367,11 +367,11 @@ def test_from_env_reads_the_seeds_variables() -> None:
     }
     client = Client.from_env(env)
     assert client.driver.secrets == {
-        "key1": "sk-a",
-        "key2": "sk-b",
-        "key3": "sk-c",
-        "key4": "sk-d",
-        "key5": "sk-e",
+        "env1": "sk-a",
+        "env2": "sk-b",
+        "env3": "sk-c",
+        "env4": "sk-d",
+        "env5": "sk-e",
     }
     assert "http://127.0.0.1:9/api/v1" in repr(client)
     assert "openrouter.ai" in repr(Client.from_env({"OPENROUTER_API_KEY": "sk-only"}))

@@ -38,9 +38,19 @@ _DROPPED = frozenset(
     {"connection", "keep-alive", "transfer-encoding", "content-length", "date", "server"}
 )
 _JSON = ("content-type", "application/json")
-# "." and ".." segments (also percent-encoded), "//" and backslashes in a /v1/ path.
-_ESCAPES = re.compile(r"(^|/)(\.|%2e){1,2}(/|$)|//|\\|%5c", re.IGNORECASE)
-_REJECT_TYPES = {429: "rate_limit_error", 502: "upstream_error", 503: "service_unavailable"}
+# "." and ".." segments (also percent-encoded), "//", backslashes and encoded
+# slashes in a /v1/ path: an upstream that decodes them would route elsewhere.
+_ESCAPES = re.compile(r"(^|/)(\.|%2e){1,2}(/|$)|//|\\|%5c|%2f", re.IGNORECASE)
+# OpenRouter's account endpoints: what the pool key itself is, what its account
+# has, its keys. The pool answers ``/key`` itself; the rest is never forwarded.
+_KEY_INFO = frozenset({"/v1/key", "/v1/auth/key"})
+_ACCOUNT = re.compile(r"^/v1/(keys|credits|auth|activity)(/|$)", re.IGNORECASE)
+_REJECT_TYPES = {
+    400: "invalid_request_error",
+    429: "rate_limit_error",
+    502: "upstream_error",
+    503: "service_unavailable",
+}
 
 
 def error_body(message: str, kind: str, code: str | int | None = None) -> bytes:
@@ -54,13 +64,18 @@ def rejection(exc: NoKeyAvailable) -> tuple[int, list[tuple[str, str]], bytes]:
     is expected back, and an OpenAI-shaped body (the proxy and the httpx
     transports both answer this way)."""
     headers = [_JSON]
-    if exc.retry_after is not None:
+    if exc.status == 400:  # the caller's own request (a pinned key that does not exist)
+        message = exc.reason
+    elif exc.retry_after is not None:
         headers.append(("retry-after", str(max(0, round(exc.retry_after)))))
-    body = error_body(
-        f"no API key can serve this request now ({exc.reason})",
-        _REJECT_TYPES.get(exc.status, "service_unavailable"),
-        exc.status,
-    )
+        message = f"no API key can serve this request now ({exc.reason})"
+    else:
+        message = (
+            f"no API key can serve this request now ({exc.reason}), and none is expected "
+            "back on its own: the keys are failed, depleted or disabled (see /status), "
+            "so there is no Retry-After"
+        )
+    body = error_body(message, _REJECT_TYPES.get(exc.status, "service_unavailable"), exc.status)
     return exc.status, headers, body
 
 
@@ -84,7 +99,12 @@ class ProxyApp:
     the admin token; ``/healthz`` is open.
 
     Per request, a caller may pin a key with ``X-Keyrotor-Key: ALIAS`` (or an
-    index) and keep a session on one key with ``X-Keyrotor-Session: ID``.
+    index; ``X-Keyrotor-Fallback: false`` forbids another key, and an unknown
+    one is then a 400) and keep a session on one key with
+    ``X-Keyrotor-Session: ID`` (under every policy). ``x-keyrotor-pin`` in the
+    answer says whether the pin was honoured, or why another key served.
+    ``GET /v1/key`` is answered by the pool itself; OpenRouter's account
+    endpoints (``/v1/keys``, ``/v1/credits``, ``/v1/auth/...``) are refused.
     """
 
     def __init__(
@@ -108,9 +128,17 @@ class ProxyApp:
         self._day = int(self.started // 86_400)  # the UTC day, for totalCostToday
         self._spend_before_today = 0.0
 
+    def admit(self, request: Request) -> Response | None:
+        """The refusal of a request from its head alone (no body read yet): the
+        server calls it first, so a caller without a token costs no memory."""
+        refusal = self._refusal(request, request.path)
+        if refusal is not None:
+            self.counters.by_status[refusal.status] += 1
+        return refusal
+
     async def __call__(self, request: Request) -> Response:
         path = request.path
-        refusal = self._refusal(request, path)
+        refusal = None if request.admitted else self._refusal(request, path)
         if refusal is not None:
             response = refusal
         elif path.startswith("/v1/"):
@@ -133,9 +161,9 @@ class ProxyApp:
                 body=text.encode(),
             )
         elif path == "/healthz" and request.method == "GET":
-            usable = self._client.status()["health"]
-            ok = usable["healthy"] + usable["recovering"] > 0
-            response = self._json(200, {"ok": True, "usable_keys": ok})
+            health = self._client.status()["health"]
+            usable = health["healthy"] + health["recovering"]
+            response = self._json(200, {"ok": True, "usable_keys": usable})
         else:
             response = Response(
                 status=404,
@@ -194,22 +222,64 @@ class ProxyApp:
         status["stats"]["streamErrors"] = self.counters.stream_errors
         return status
 
+    def _pin_note(self, pin: str | int, served_by: str) -> str:
+        """``x-keyrotor-pin``: ``honoured``, or ``fallback: ...`` and why."""
+        pool = self._client.driver.pool
+        ids = pool.key_ids()
+        if isinstance(pin, int):
+            if not 0 <= pin < len(ids):
+                return f"fallback: no key at index {pin}"
+            pin = ids[pin]
+        if pin == served_by:
+            return "honoured"
+        if pin not in ids:
+            return "fallback: unknown key"
+        state = pool.state_of(pin).value
+        if state in ("healthy", "recovering"):
+            return f"fallback: {pin} was busy or failed this request"
+        return f"fallback: {pin} is {state}"
+
+    def _key_info(self) -> dict[str, Any]:
+        """``GET /v1/key`` in OpenRouter's shape, for the pool as a whole (what
+        its keys spent through keyrotor); nothing of any one key or account."""
+        status = self._client.status()
+        usable = status["health"]["healthy"] + status["health"]["recovering"]
+        return {
+            "data": {
+                "label": f"keyrotor pool ({status['totalKeys']} keys, {usable} usable)",
+                "usage": status["stats"]["totalCost"],
+                "limit": None,
+                "limit_remaining": None,
+                "is_free_tier": False,
+                "keyrotor": {"totalKeys": status["totalKeys"], "usableKeys": usable},
+            }
+        }
+
     @staticmethod
     def _json(status: int, payload: Any) -> Response:
         return Response(status=status, headers=[_JSON], body=json.dumps(payload).encode())
 
     async def _forward(self, request: Request) -> Response:
-        if _ESCAPES.search(request.path):  # a pool key must not reach other upstream paths
-            return Response(
-                status=400,
-                headers=[_JSON],
-                body=error_body(
-                    "the path may not hold '..', '.' or empty segments", "invalid_request_error"
-                ),
+        path = request.path
+        if _ESCAPES.search(path):  # a pool key must not reach other upstream paths
+            return _invalid(
+                "the path may not hold '..', '.', empty segments or encoded slashes or backslashes"
+            )
+        if path.rstrip("/") in _KEY_INFO and request.method == "GET":
+            return self._json(200, self._key_info())
+        if _ACCOUNT.match(path):
+            return _refuse(
+                403,
+                f"{path} manages the pool keys' accounts and is not forwarded; "
+                "see GET /v1/key and /status for the pool's own view",
+                "forbidden",
             )
         headers = {k: v for k, v in request.headers if k in _FORWARDED}
         asked = request.header("x-keyrotor-key")
         pin: str | int | None = int(asked) if asked is not None and asked.isdigit() else asked
+        fallback = (request.header("x-keyrotor-fallback") or "true").strip().lower()
+        if fallback not in _BOOLEANS:
+            return _invalid("X-Keyrotor-Fallback must be true or false")
         body = request.body
         try:
             upstream = await self._client.send(
@@ -218,6 +288,7 @@ class ProxyApp:
                 content=body if body or request.method in ("POST", "PUT", "PATCH") else None,
                 headers=headers,
                 pin=pin,
+                pin_fallback=_BOOLEANS[fallback],
                 session=request.header("x-keyrotor-session"),
             )
         except NoKeyAvailable as exc:
@@ -228,6 +299,8 @@ class ProxyApp:
         if upstream.attempts > 1:
             self.counters.failovers += 1
         out_headers = delivered_headers(upstream)
+        if pin is not None:
+            out_headers.append(("x-keyrotor-pin", self._pin_note(pin, upstream.key)))
         log = {
             "key": upstream.key,
             "attempts": upstream.attempts,
@@ -248,6 +321,13 @@ class ProxyApp:
         if self._routing_note and upstream.is_success:
             content = _with_routing(content, upstream)
         return Response(status=upstream.status_code, headers=out_headers, body=content, log=log)
+
+
+_BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+def _invalid(message: str) -> Response:
+    return Response(status=400, headers=[_JSON], body=error_body(message, "invalid_request_error"))
 
 
 def _refuse(status: int, message: str, code: str | None) -> Response:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -11,7 +13,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import trio
 
-from ..config import ProxyConfig
+from ..config import ConfigError, ProxyConfig
 from .runtime import Startup, open_app, open_store, plan
 from .server import ServerOptions, serve
 
@@ -56,11 +58,14 @@ async def run_proxy(
     async with open_app(config, log, store, startup) as app:
         options = ServerOptions(**config.server)
         async with trio.open_nursery() as nursery:
-            port = await nursery.start(
-                lambda task_status: serve(
-                    app, options, task_status=task_status, shutdown=shutdown, log=log
+            try:
+                port = await nursery.start(
+                    lambda task_status: serve(
+                        app, options, task_status=task_status, shutdown=shutdown, log=log
+                    )
                 )
-            )
+            except OSError as exc:  # before listening: only the bind can fail this way
+                raise listen_error(options.host, options.port, exc) from None
             status = app.status()
             log(
                 {
@@ -86,11 +91,42 @@ async def run_proxy(
             task_status.started(port)
 
 
+def listen_error(host: str, port: int, exc: OSError) -> ConfigError:
+    """A failed bind (or name lookup) of ``host``:``port`` as one clear line."""
+    where = f"[{host}]:{port}" if ":" in host else f"{host or '*'}:{port}"
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    if isinstance(exc, socket.gaierror):
+        problem = f"cannot resolve the address {host!r} ({reason})"
+        fix = "set --host to an address of this machine: 127.0.0.1 (this machine) or 0.0.0.0"
+    elif exc.errno == errno.EADDRINUSE:
+        problem = "address already in use"
+        fix = "choose another --port, or stop the process using it"
+    elif exc.errno == errno.EACCES:
+        problem = "permission denied"
+        fix = "choose a --port from 1024 up (lower ones need privileges)"
+    elif exc.errno == errno.EADDRNOTAVAIL:
+        problem = "no network interface of this machine has that address"
+        fix = "set --host to 127.0.0.1 (this machine) or 0.0.0.0 (every interface)"
+    else:
+        problem = reason[:1].lower() + reason[1:]
+        fix = "check --host and --port"
+    return ConfigError(f"cannot listen on {where}: {problem}", fix=fix)
+
+
+def _sole(exc: BaseException) -> BaseException:
+    """The one exception inside nested single-member exception groups (or ``exc``)."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
 def run(config: ProxyConfig, stream: TextIO = sys.stderr) -> None:
     """Block serving ``config``; SIGINT or SIGTERM shuts down gracefully.
 
     Raises ``StorageError`` or ``ConfigError`` before serving when the state
-    file cannot be used or there is no key to start with.
+    file cannot be used or there is no key to start with, and ``ConfigError``
+    when the address cannot be listened on (busy port, unknown host) or the
+    ``--record`` file cannot be written. The state file is closed in every case.
     """
     log = json_logger(stream, config.log_format)
     store = open_store(config, log)
@@ -120,4 +156,20 @@ def run(config: ProxyConfig, stream: TextIO = sys.stderr) -> None:
                     shutdown.set()
                     break
 
-    trio.run(main)
+    from ..storage import StorageError
+
+    try:
+        trio.run(main)
+    except (BaseExceptionGroup, OSError) as exc:  # trio's nurseries wrap what tasks raise
+        sole = _sole(exc)
+        if isinstance(sole, (ConfigError, StorageError)):
+            raise sole from None
+        if isinstance(sole, OSError) and config.record and sole.filename == config.record:
+            raise ConfigError(
+                f"cannot write the trace file {config.record}: {sole.strerror or sole}",
+                fix="give --record a path in an existing directory this user may write to",
+            ) from None
+        raise
+    finally:
+        if store is not None:
+            store.close()  # idempotent: normally open_app closed it already

@@ -76,6 +76,7 @@ from __future__ import annotations
 import errno
 import itertools
 import json
+import math
 import secrets
 import signal
 import time
@@ -107,6 +108,7 @@ _ACCEPT_RESOURCE_ERRORS: Final = frozenset(
     {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 )
 _FRAMING_HEADERS: Final = frozenset({"content-length", "transfer-encoding"})
+_FRAMING_NAMES: Final = frozenset({b"content-length", b"transfer-encoding"})
 _REASONS: Final = {status.value: status.phrase.encode("ascii") for status in HTTPStatus}
 _NO_BODY_STATUSES: Final = frozenset({204, 304})
 
@@ -161,7 +163,14 @@ class ServerOptions:
       ``body_timeout``: the longest wait for a body read or a response write;
       ``idle_timeout``: a kept-alive connection without a request is closed after this.
     - ``grace_period``: on shutdown, how long requests in flight may still run.
+    - ``request_timeout``: a request's head and body must arrive whole within
+      this of its first byte (a slow body cannot hold a connection for ever).
     - ``max_connections``: connections beyond this are accepted and closed at once.
+    - ``max_unproven``: connections that have not yet sent a request the app
+      admitted (see ``App.admit`` in ``types.py``), at once; beyond, new
+      connections are accepted and closed, so unauthorised ones can never take
+      the slots of clients that proved themselves.
+    - ``max_unproven_per_address``: the same, per client address.
     """
 
     host: str = attrs.field(default="127.0.0.1", validator=_host)
@@ -171,8 +180,11 @@ class ServerOptions:
     header_timeout: float = attrs.field(default=10.0, validator=_positive)
     body_timeout: float = attrs.field(default=30.0, validator=_positive)
     idle_timeout: float = attrs.field(default=75.0, validator=_positive)
+    request_timeout: float = attrs.field(default=60.0, validator=_positive)
     grace_period: float = attrs.field(default=30.0, validator=_not_negative)
     max_connections: int = attrs.field(default=10_000, validator=_positive_int)
+    max_unproven: int = attrs.field(default=1_000, validator=_positive_int)
+    max_unproven_per_address: int = attrs.field(default=64, validator=_positive_int)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -190,6 +202,14 @@ def _date() -> bytes:
         _date_value = formatdate(now, usegmt=True).encode("ascii")
         _date_second = second
     return _date_value
+
+
+def _address(stream: trio.SocketStream) -> str:
+    """The client's address (no port), for per-address limits."""
+    try:
+        return str(stream.socket.getpeername()[0])
+    except (OSError, IndexError, TypeError):
+        return ""
 
 
 def _reason(exc: BaseException) -> str:
@@ -220,6 +240,18 @@ class _Incoming:
         self.method = event.method.decode("latin-1")
         self.target = event.target.decode("latin-1")
 
+    def check(self, max_header_bytes: int) -> None:
+        """Refuse a head the server must not serve (``_Reject``)."""
+        if self.head_size() > max_header_bytes:
+            # h11 only bounds incomplete heads: this one came whole in one read.
+            raise _Reject(431, f"Request head too large (limit {max_header_bytes} bytes)")
+        if self.method == "CONNECT":
+            raise _Reject(405, "CONNECT is not supported: this is not a forward proxy")
+        framing = {name for name, _ in self.event.headers if name in _FRAMING_NAMES}
+        if len(framing) > 1:
+            # RFC 9112 section 6.3: a message with both may be a smuggling attempt.
+            raise _Reject(400, "Content-Length and Transfer-Encoding together: send one of them")
+
     def head_size(self) -> int:
         """The head's size in bytes, give or take optional whitespace."""
         event = self.event
@@ -246,6 +278,9 @@ class _Server:
         self.nursery: trio.Nursery | None = None
         self.rejected = 0
         self.rejected_logged_at = -1.0
+        self.admit: Callable[[Request], Response | None] | None = getattr(app, "admit", None)
+        self.unproven: dict[str, int] = {}  # client address -> connections not yet admitted
+        self.unproven_total = 0
 
     def emit(self, line: dict[str, Any]) -> None:
         if self.log is not None:
@@ -264,13 +299,29 @@ class _Server:
                 self.emit({"event": "accept_error", "error": errno.errorcode.get(exc.errno, "")})
                 await trio.sleep(0.1)
                 continue
-            if len(self.connections) >= limit:
+            address = _address(stream)
+            if (
+                len(self.connections) >= limit
+                or self.unproven_total >= self.options.max_unproven
+                or self.unproven.get(address, 0) >= self.options.max_unproven_per_address
+            ):
                 stream.socket.close()
                 self._note_rejected()
                 continue
-            connection = _Connection(self, stream)
+            connection = _Connection(self, stream, address)
             self.connections.add(connection)  # counted now: a burst of accepts sees it
+            self.unproven[address] = self.unproven.get(address, 0) + 1
+            self.unproven_total += 1
             self.nursery.start_soon(connection.run)
+
+    def proven(self, address: str) -> None:
+        """A connection from ``address`` sent a request the app admitted (or ended)."""
+        left = self.unproven[address] - 1
+        if left:
+            self.unproven[address] = left
+        else:
+            del self.unproven[address]
+        self.unproven_total -= 1
 
     def _note_rejected(self) -> None:
         self.rejected += 1
@@ -280,6 +331,7 @@ class _Server:
                 {
                     "event": "connection_limit",
                     "max_connections": self.options.max_connections,
+                    "unproven": self.unproven_total,
                     "rejected": self.rejected,
                 }
             )
@@ -307,6 +359,7 @@ class _Connection:
     """
 
     __slots__ = (
+        "address",
         "busy",
         "bytes_out",
         "client",
@@ -316,7 +369,9 @@ class _Connection:
         "idle_scope",
         "nursery",
         "pending",
+        "proven",
         "reader_lot",
+        "request_deadline",
         "server",
         "started",
         "stream",
@@ -324,9 +379,12 @@ class _Connection:
         "worker_lot",
     )
 
-    def __init__(self, server: _Server, stream: trio.SocketStream) -> None:
+    def __init__(self, server: _Server, stream: trio.SocketStream, address: str = "") -> None:
         self.server = server
         self.stream = stream
+        self.address = address
+        self.proven = False  # a request of this connection was admitted
+        self.request_deadline = math.inf  # the head and body must be in by then
         self.h11 = h11.Connection(
             h11.SERVER, max_incomplete_event_size=server.options.max_header_bytes
         )
@@ -360,6 +418,9 @@ class _Connection:
             self._bug(exc)
         finally:
             self.server.connections.discard(self)
+            if not self.proven:
+                self.proven = True
+                self.server.proven(self.address)
             await trio.aclose_forcefully(self.stream)
 
     # ----------------------------------------------------------------- the reader
@@ -374,35 +435,43 @@ class _Connection:
                     return
                 start = trio.current_time()
                 request_id = f"{server.id_prefix}{next(server.ids):x}"
+                request = Request(
+                    method=incoming.method,
+                    target=incoming.target,
+                    headers=[
+                        (name.decode("latin-1"), value.decode("latin-1"))
+                        for name, value in incoming.event.headers
+                    ],
+                    body=b"",
+                    client=self.client,
+                    request_id=request_id,
+                )
                 try:
-                    if incoming.head_size() > server.options.max_header_bytes:
-                        # h11 only bounds incomplete heads: this one came whole in one read.
-                        limit = server.options.max_header_bytes
-                        raise _Reject(431, f"Request head too large (limit {limit} bytes)")
-                    if incoming.method == "CONNECT":
-                        raise _Reject(405, "CONNECT is not supported: this is not a forward proxy")
+                    incoming.check(server.options.max_header_bytes)
+                    if server.admit is not None:
+                        refusal = server.admit(request)  # from the head: no body read yet
+                        if refusal is not None:
+                            await self._refuse_with(refusal, request_id)
+                            self._log(
+                                incoming.method, incoming.target, request_id, refusal.status, start
+                            )
+                            return
+                        request.admitted = True
+                    if not self.proven:
+                        self.proven = True
+                        server.proven(self.address)
                     body = await self._receive_body(incoming)
                 except _Reject as reject:
                     self.bytes_out = 0
                     await self._refuse(reject.status, reject.message, request_id)
                     self._log(incoming.method, incoming.target, request_id, reject.status, start)
+                    if reject.status == 408:
+                        server.emit({"event": "request_timeout", "client": self.client})
                     return
                 if body is None:
                     return
-                self.pending = (
-                    Request(
-                        method=incoming.method,
-                        target=incoming.target,
-                        headers=[
-                            (name.decode("latin-1"), value.decode("latin-1"))
-                            for name, value in incoming.event.headers
-                        ],
-                        body=body,
-                        client=self.client,
-                        request_id=request_id,
-                    ),
-                    start,
-                )
+                request.body = body
+                self.pending = (request, start)
                 self.busy = True
                 self.worker_lot.unpark()
                 if not await self._watch() or self.closing:
@@ -457,10 +526,15 @@ class _Connection:
                         self.idle_scope = None
                 if scope.cancelled_caught:
                     return None
-            deadline = trio.current_time() + options.header_timeout
-            with trio.CancelScope(deadline=deadline):
+            now = trio.current_time()
+            self.request_deadline = now + options.request_timeout
+            with trio.CancelScope(
+                deadline=now + min(options.header_timeout, options.request_timeout)
+            ):
                 while (event := conn.next_event()) is h11.NEED_DATA:
                     await self._receive()
+        else:  # the whole head was in the buffer already (pipelined)
+            self.request_deadline = trio.current_time() + self.server.options.request_timeout
         if type(event) is h11.Request:
             return _Incoming(event)
         return None  # ConnectionClosed, or the head timed out
@@ -488,10 +562,17 @@ class _Connection:
             elif type(event) is h11.EndOfMessage:
                 return b"".join(chunks)
             elif event is h11.NEED_DATA:
-                with trio.move_on_after(options.body_timeout) as scope:
+                now = trio.current_time()
+                deadline = min(now + options.body_timeout, self.request_deadline)
+                with trio.CancelScope(deadline=deadline) as scope:
                     await self._receive()
                 if scope.cancelled_caught:
-                    return None
+                    raise _Reject(
+                        408,
+                        "Request body not received in time (body_timeout "
+                        f"{options.body_timeout} s between reads, request_timeout "
+                        f"{options.request_timeout} s in all)",
+                    )
             else:
                 return None
 
@@ -701,12 +782,34 @@ class _Connection:
 
     async def _refuse(self, status: int, message: str, request_id: str | None) -> None:
         """Answer an error ourselves and close: shut our side, drain the rest briefly."""
+        await self._close_with(status, [_CONTENT_TYPE_JSON], _error_body(message), request_id)
+
+    async def _refuse_with(self, response: Response, request_id: str) -> None:
+        """Send the app's refusal of a request head (its body unread), then close."""
+        body = response.body if isinstance(response.body, bytes) else b""
+        headers = [
+            (name.encode("latin-1"), value.encode("latin-1"))
+            for name, value in response.headers
+            if name.lower() not in _FRAMING_HEADERS and name.lower() != "connection"
+        ]
+        self.bytes_out = 0
+        await self._close_with(response.status, headers, body, request_id)
+
+    async def _close_with(
+        self,
+        status: int,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+        request_id: str | None,
+    ) -> None:
+        """Send one whole answer with ``Connection: close``, shut our side, and
+        drain what the client still sends for a moment (so it reads the answer,
+        not a reset); nothing read is kept."""
         conn = self.h11
         if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
-        body = _error_body(message)
         headers = [
-            _CONTENT_TYPE_JSON,
+            *headers,
             (b"content-length", b"%d" % len(body)),
             _CONNECTION_CLOSE,
             (b"date", _date()),

@@ -26,6 +26,7 @@ class Request:
         body: the request body.
         client: the peer, ``host:port`` (for logs).
         request_id: a short id the server assigns (for logs and ``x-request-id``).
+        admitted: the server already had the app ``admit`` this request's head.
     """
 
     method: str
@@ -34,6 +35,7 @@ class Request:
     body: bytes
     client: str = ""
     request_id: str = ""
+    admitted: bool = False
 
     @property
     def path(self) -> str:
@@ -69,4 +71,10 @@ class Response:
 
 App = Callable[[Request], Awaitable[Response]]
 """The application: a request in, a response out. It may raise; the server
-answers 500 then (without details) and logs the error."""
+answers 500 then (without details) and logs the error.
+
+An application may also have ``admit(request) -> Response | None``: called
+with the request's head (``body`` empty) before any body byte is read; a
+Response is sent as the answer and the connection closed, the body never read
+(a missing token costs the server no memory). Until a connection has had a
+request admitted, it counts against the server's ``max_unproven`` limits."""
