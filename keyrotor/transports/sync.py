@@ -273,7 +273,7 @@ class Client(ClientBase):
         (a success, or an error no other key would fix). Raises
         ``NoKeyAvailable`` when no key can serve in time.
         """
-        with self.stream(
+        response = self.send(
             method,
             path,
             json=json,
@@ -283,8 +283,11 @@ class Client(ClientBase):
             session=session,
             group=group,
             timeout=timeout,
-        ) as response:
+        )
+        try:
             body = response.read()
+        finally:
+            response.close()
         return response.to_response(body)
 
     @contextmanager

@@ -293,7 +293,8 @@ class PoolMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def transport_failure(self, data: st.DataObject) -> None:
         rid = data.draw(st.sampled_from(sorted(r for r, k in self.live.items() if k is not None)))
-        self.feed(TransportFailed(request_id=rid, now=self.now, reason="reset"))
+        reason = data.draw(st.sampled_from(["reset", "timeout", "connect", "busy", "pool"]))
+        self.feed(TransportFailed(request_id=rid, now=self.now, reason=reason))
 
     @precondition(lambda self: bool(self.live))
     @rule(data=st.data())
