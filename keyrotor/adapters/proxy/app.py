@@ -13,6 +13,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
 
 from ...transports._async import AsyncClient, StreamResponse
 from ...transports._http import ResponseHead
@@ -43,8 +44,10 @@ _JSON = ("content-type", "application/json")
 _ESCAPES = re.compile(r"(^|/)(\.|%2e){1,2}(/|$)|//|\\|%5c|%2f", re.IGNORECASE)
 # OpenRouter's account endpoints: what the pool key itself is, what its account
 # has, its keys. The pool answers ``/key`` itself; the rest is never forwarded.
+# Matched on the path percent-decoded and lower-cased: an upstream that decodes
+# "%6bey" or folds case must not reach them either.
 _KEY_INFO = frozenset({"/v1/key", "/v1/auth/key"})
-_ACCOUNT = re.compile(r"^/v1/(keys|credits|auth|activity)(/|$)", re.IGNORECASE)
+_ACCOUNT = re.compile(r"^/v1/(keys?|credits|auth|activity)(/|$)")
 _REJECT_TYPES = {
     400: "invalid_request_error",
     429: "rate_limit_error",
@@ -261,13 +264,15 @@ class ProxyApp:
 
     async def _forward(self, request: Request) -> Response:
         path = request.path
-        if _ESCAPES.search(path):  # a pool key must not reach other upstream paths
+        plain = unquote(path).lower()
+        if _ESCAPES.search(path) or _ESCAPES.search(plain):
+            # A pool key must not reach other upstream paths.
             return _invalid(
                 "the path may not hold '..', '.', empty segments or encoded slashes or backslashes"
             )
-        if path.rstrip("/") in _KEY_INFO and request.method == "GET":
+        if plain.rstrip("/") in _KEY_INFO and request.method == "GET":
             return self._json(200, self._key_info())
-        if _ACCOUNT.match(path):
+        if _ACCOUNT.match(plain):
             return _refuse(
                 403,
                 f"{path} manages the pool keys' accounts and is not forwarded; "
