@@ -47,6 +47,7 @@ from .proxy_load import (
     memory,
     ms,
     pct,
+    run_main,
     run_trio,
     wait_ready,
 )
@@ -68,6 +69,7 @@ __all__ = [
     "ms",
     "pct",
     "raise_nofile_limit",
+    "run_main",
     "run_trio",
     "run_trio_until_signal",
     "start_proxy",

@@ -1198,12 +1198,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def run_main(main: Callable[[], int]) -> None:
+    """A benchmark's entry point: exit codes 130 on Ctrl-C, 1 with one line on a
+    ``BenchError`` (every child is stopped by then)."""
     try:
         raise SystemExit(main())
-    except KeyboardInterrupt:  # every child is stopped by then
+    except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         raise SystemExit(130) from None
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    run_main(main)

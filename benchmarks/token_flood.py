@@ -82,6 +82,7 @@ from ._harness import (
     ms,
     pct,
     raise_nofile_limit,
+    run_main,
     run_trio,
     run_trio_until_signal,
     start_proxy,
@@ -855,11 +856,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        raise SystemExit(main())
-    except KeyboardInterrupt:  # every child is stopped by then
-        print("interrupted", file=sys.stderr)
-        raise SystemExit(130) from None
-    except BenchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(1) from None
+    run_main(main)
