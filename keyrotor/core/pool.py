@@ -51,7 +51,16 @@ from .events import (
     Tick,
     TransportFailed,
 )
-from .states import USABLE_STATES, KeyState, Signal, next_state
+from .policy import FAILURES, REASON_DEFAULTS, VERDICTS, Cooldown, failure_rule
+from .states import (
+    COOLING_STATES,
+    PROBED_WHEN_SHORT,
+    RECHECKED_STATES,
+    USABLE_STATES,
+    KeyState,
+    Signal,
+    next_state,
+)
 from .statistics import KeyStatistics, PoolStatistics
 
 __all__ = ["SNAPSHOT_VERSION", "Pool"]
@@ -67,29 +76,18 @@ _INF = math.inf
 _HEALTHY = KeyState.HEALTHY
 _RECOVERING = KeyState.RECOVERING
 _RATE_LIMITED = KeyState.RATE_LIMITED
-_COOLING = frozenset({KeyState.RATE_LIMITED, KeyState.DEGRADED, KeyState.DEPLETED})
-_PROBE_WHEN_SHORT = frozenset(
-    {KeyState.RATE_LIMITED, KeyState.DEGRADED, KeyState.DEPLETED, KeyState.FAILED}
-)
-NOT_THE_KEYS_FAULT = frozenset({"busy", "pool", "key_removed"})
-"""``TransportFailed`` reasons that fail the attempt over without blaming its key:
-the key's own connection limit was full (``busy``), no connection slot came free
-in the shared HTTP pool (``pool``), the key was removed before the send."""
-_RECHECKED = frozenset({KeyState.DEPLETED, KeyState.FAILED})
+_COOLING = COOLING_STATES
+_PROBE_WHEN_SHORT = PROBED_WHEN_SHORT
+_RECHECKED = RECHECKED_STATES
+NOT_THE_KEYS_FAULT = frozenset(reason for reason, rule in FAILURES.items() if not rule.blamed)
+"""``TransportFailed`` reasons that fail the attempt over without blaming its key
+(``policy.FAILURES``)."""
 
 # Timer kinds, in the order they fire at one instant.
 _T_COOLDOWN, _T_PACE, _T_PROBE, _T_DEADLINE = 0, 1, 2, 3
 
 # Verdicts after which the attempt is retried on another key.
-_RETRY = frozenset(
-    {
-        Verdict.RATE_LIMITED,
-        Verdict.DEPLETED,
-        Verdict.INVALID,
-        Verdict.UPSTREAM_FAULT,
-        Verdict.TRY_ANOTHER_KEY,
-    }
-)
+_RETRY = frozenset(verdict for verdict, rule in VERDICTS.items() if rule.fails_over)
 _MARK_SIGNALS = {
     KeyState.HEALTHY: Signal.MARK_HEALTHY,
     KeyState.DISABLED: Signal.MARK_DISABLED,
@@ -539,10 +537,11 @@ class Pool:
         key = req.key
         assert key is not None
         reason = event.reason
-        if reason not in NOT_THE_KEYS_FAULT:
+        failure = failure_rule(reason)
+        if failure.blamed:
             key.errors[ERROR_INDEX["transport"]] += 1
             self._fault(key, event.now, f"transport_{reason}", out)
-            if reason == "timeout" and req.state == SENT:
+            if failure.strike and req.state == SENT:
                 self._timed_out(key, req, out)
         if req.state == SENT and req.attempt < self._max_attempts:
             self._fail_over(req, key, out)
@@ -627,7 +626,7 @@ class Pool:
                         out,
                         hard=True,
                     )
-            elif kind in (Verdict.INVALID, Verdict.DEPLETED, Verdict.RATE_LIMITED):
+            elif VERDICTS[kind].from_probe:
                 self._judge(key, verdict, None, out)
         self._schedule_probe(key, now)
         self._settle(out)
@@ -1156,39 +1155,52 @@ class Pool:
         req: RequestRecord | None,
         out: list[Decision],
     ) -> None:
-        """Apply a classified answer to the key's health (and its account's)."""
+        """Apply a classified answer to the key's health (and its account's), as
+        ``policy.VERDICTS`` says."""
         now = self._now
-        kind = verdict.verdict
-        if kind is Verdict.SUCCESS:
+        rule = VERDICTS[verdict.verdict]
+        signal = rule.signal
+        if signal is Signal.SUCCESS:
             if req is not None:
                 self._succeeded(req, key, out)
-            if verdict.cooldown:
+            if verdict.cooldown:  # Cooldown.SIGNAL: an exhausted bucket
                 self._cool(key, Signal.RATE_LIMITED, now + verdict.cooldown, True, verdict, out)
             return
-        key.errors[ERROR_INDEX[kind.value]] += 1
-        reason = verdict.reason or kind.value
-        if kind is Verdict.RATE_LIMITED:
-            hard = verdict.cooldown is not None
-            if hard:
-                until = now + verdict.cooldown  # type: ignore[operator]
-            elif "in_flight" in reason:
-                until = now + self._config.in_flight_budget_cooldown
-            else:
-                until = now + self._config.rate_limit_cooldown
-            self._cool(key, Signal.RATE_LIMITED, until, hard, verdict, out)
-        elif kind is Verdict.DEPLETED:
-            self._cool(key, Signal.DEPLETED, None, False, verdict, out)
-        elif kind is Verdict.INVALID:
-            old = key.state
-            self._transition(key, Signal.INVALID, now, None, reason, out)
-            if old is not key.state and not key.probing and req is not None:
-                self._probe(key, now, "confirm_invalid", out)  # false 401s happen
-        elif kind is Verdict.UPSTREAM_FAULT:
+        assert rule.counts_as is not None
+        key.errors[ERROR_INDEX[rule.counts_as]] += 1
+        reason = verdict.reason or verdict.verdict.value
+        if rule.cooldown is Cooldown.WINDOW:
             self._fault(key, now, reason, out)
-        elif key.state is _RECOVERING and kind in (Verdict.CALLER_ERROR, Verdict.UPSTREAM_BUSY):
+        elif signal is not None:
+            until: float | None = None
+            hard = False
+            if rule.cooldown is Cooldown.SIGNAL_OR_DEFAULT:
+                rest = verdict.cooldown
+                hard = rest is not None
+                if rest is None:
+                    rest = self._default_cooldown(rule.default, reason)
+                until = now + rest
+            old = key.state
+            if rule.account_wide:
+                self._cool(key, signal, until, hard, verdict, out)
+            else:
+                self._transition(key, signal, now, until, reason, out)
+            if rule.confirm_probe and old is not key.state and not key.probing and req is not None:
+                self._probe(key, now, "confirm_" + signal.value, out)  # false 401s happen
+        elif rule.passes_trial and key.state is _RECOVERING:
             # The key authenticated and was served: the trial succeeded.
             self._transition(key, Signal.SUCCESS, now, None, "trial_ok", out)
         self._check_short(now, out)
+
+    def _default_cooldown(self, field: str | None, reason: str) -> float:
+        """The configured cooldown of a verdict without the upstream's own time."""
+        for text, special in REASON_DEFAULTS:
+            if text in reason:
+                field = special
+                break
+        assert field is not None
+        value: float = getattr(self._config, field)
+        return value
 
     def _cool(
         self,

@@ -8,8 +8,23 @@ is generated from this table by :func:`mermaid_diagram`.
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
+from typing import Final
 
-__all__ = ["TRANSITIONS", "USABLE_STATES", "KeyState", "Signal", "next_state"]
+import attrs
+
+__all__ = [
+    "COOLING_STATES",
+    "PROBED_WHEN_SHORT",
+    "RECHECKED_STATES",
+    "STATES",
+    "TRANSITIONS",
+    "USABLE_STATES",
+    "KeyState",
+    "Signal",
+    "StateRule",
+    "next_state",
+]
 
 
 class KeyState(enum.Enum):
@@ -64,8 +79,47 @@ class Signal(enum.Enum):
     """Operator: the key is invalid."""
 
 
-USABLE_STATES = frozenset({KeyState.HEALTHY, KeyState.RECOVERING})
+@attrs.frozen
+class StateRule:
+    """What a key in one state implies."""
+
+    usable: bool
+    """It may be chosen for a request."""
+    cools: bool
+    """An ``until`` time ends it (``cooldown_ended``), when it has one."""
+    probed_when_short: bool
+    """Probed when fewer than ``min_healthy`` keys are usable (unless its time came
+    from the upstream)."""
+    rechecked: bool
+    """Probed every ``recheck_interval``."""
+
+
+STATES: Final[Mapping[KeyState, StateRule]] = {
+    KeyState.HEALTHY: StateRule(usable=True, cools=False, probed_when_short=False, rechecked=False),
+    KeyState.RATE_LIMITED: StateRule(
+        usable=False, cools=True, probed_when_short=True, rechecked=False
+    ),
+    KeyState.DEGRADED: StateRule(usable=False, cools=True, probed_when_short=True, rechecked=False),
+    KeyState.DEPLETED: StateRule(usable=False, cools=True, probed_when_short=True, rechecked=True),
+    KeyState.FAILED: StateRule(usable=False, cools=False, probed_when_short=True, rechecked=True),
+    KeyState.DISABLED: StateRule(
+        usable=False, cools=False, probed_when_short=False, rechecked=False
+    ),
+    KeyState.RECOVERING: StateRule(
+        usable=True, cools=False, probed_when_short=False, rechecked=False
+    ),
+}
+"""Key state -> what it implies. Every state has a row."""
+
+
+USABLE_STATES = frozenset(state for state, rule in STATES.items() if rule.usable)
 """States in which a key may be chosen for a request."""
+COOLING_STATES = frozenset(state for state, rule in STATES.items() if rule.cools)
+"""States an ``until`` time ends (``cooldown_ended``)."""
+PROBED_WHEN_SHORT = frozenset(state for state, rule in STATES.items() if rule.probed_when_short)
+"""States probed when fewer than ``min_healthy`` keys are usable."""
+RECHECKED_STATES = frozenset(state for state, rule in STATES.items() if rule.rechecked)
+"""States probed every ``recheck_interval``."""
 
 _H, _RL, _DG, _DP, _F, _D, _R = (
     KeyState.HEALTHY,

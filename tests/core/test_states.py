@@ -85,3 +85,18 @@ def test_docs_diagram_is_generated_from_the_table() -> None:
         "docs/state-machine.md is stale: regenerate the diagram with "
         "`python -m keyrotor.core.states` and paste it into the mermaid block"
     )
+
+
+def test_the_policy_tables_cover_everything_and_are_in_the_docs() -> None:
+    from keyrotor.core.classify import Verdict
+    from keyrotor.core.policy import FAILURES, VERDICTS, failure_rule, markdown_tables
+    from keyrotor.core.states import STATES, KeyState
+
+    assert set(VERDICTS) == set(Verdict)
+    assert set(STATES) == set(KeyState)
+    assert failure_rule("something new").blamed  # unknown reasons are blamed
+    assert {r for r, rule in FAILURES.items() if not rule.blamed} == {"busy", "pool", "key_removed"}
+    doc = pathlib.Path(__file__).parents[2] / "docs" / "state-machine.md"
+    assert markdown_tables() in doc.read_text(encoding="utf-8"), (
+        "docs/state-machine.md is stale: regenerate its policy tables with markdown_tables()"
+    )
