@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import attrs
+
 from hypothesis import HealthCheck, assume, given, note, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -127,6 +129,9 @@ class PoolMachine(RuleBasedStateMachine):
         )
         self.pool = Pool(self.config)
         self.twin = Pool(self.config)
+        # Fed every plain 2xx with empty headers instead of none: the general
+        # path, where the pool takes its fast path for a plain 2xx.
+        self.general = Pool(self.config)
         # Mirror, from decisions only.
         self.state = {s.key_id: KeyState.HEALTHY.value for s in specs}
         self.limit = {s.key_id: s.max_in_flight for s in specs}
@@ -143,6 +148,10 @@ class PoolMachine(RuleBasedStateMachine):
     def feed(self, event: Any) -> list[Decision]:
         out = self.pool.handle(event)
         assert self.twin.handle(event) == out, "restored pool diverged from its twin"
+        slow = event
+        if isinstance(event, ResponseReceived) and event.headers is None:
+            slow = attrs.evolve(event, headers={})
+        assert self.general.handle(slow) == out, "the plain-2xx fast path differs"
         self.events.append(event)
         self.outputs.append(out)
         note(f"{event!r} -> {out!r}")
