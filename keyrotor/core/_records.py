@@ -296,3 +296,18 @@ class RequestRecord:
         req.trial = data["trial"]
         req.tried = data["tried"]
         return req
+
+
+# Timer kinds, in the order they fire at one instant.
+T_COOLDOWN, T_PACE, T_PROBE, T_DEADLINE = 0, 1, 2, 3
+
+
+def pacing_ready(key: KeyRecord, now: float) -> float | None:
+    """When pacing lets ``key`` send again, if pacing is what holds it back."""
+    ready = None
+    if key.pace_at is not None and key.pace_at > now:
+        ready = key.pace_at
+    if key.tok_at is not None and key.tok_at > now + 60.0:
+        tok_ready = key.tok_at - 60.0
+        ready = tok_ready if ready is None else max(ready, tok_ready)
+    return ready

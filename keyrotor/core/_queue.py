@@ -1,0 +1,207 @@
+"""Waiting requests and timers: the FIFO queue, deadlines, honest rejections."""
+
+from __future__ import annotations
+
+from heapq import heappop, heappush
+
+from ._fields import PoolFields
+from ._records import (
+    QUEUED,
+    RequestRecord,
+)
+from ._records import (
+    T_COOLDOWN as _T_COOLDOWN,
+)
+from ._records import (
+    T_DEADLINE as _T_DEADLINE,
+)
+from ._records import (
+    T_PACE as _T_PACE,
+)
+from ._records import (
+    pacing_ready as _pacing_ready,
+)
+from .decisions import Decision, Reject
+from .states import (
+    COOLING_STATES,
+    PROBED_WHEN_SHORT,
+    RECHECKED_STATES,
+    USABLE_STATES,
+    KeyState,
+    Signal,
+)
+
+_RATE_LIMITED = KeyState.RATE_LIMITED
+_COOLING = COOLING_STATES
+_PROBE_WHEN_SHORT = PROBED_WHEN_SHORT
+_RECHECKED = RECHECKED_STATES
+
+
+class RequestQueue(PoolFields):
+    """The part of ``Pool`` that makes requests wait for a key and fires timers."""
+
+    def _enqueue(self, req: RequestRecord, out: list[Decision]) -> None:
+        """Wait for a key, or reject at once if waiting cannot help."""
+        now = self._now
+        req.state = QUEUED
+        req.key = None
+        if not req.serial:
+            event = req.event
+            deadline = event.deadline
+            req.deadline = event.now + self._queue_timeout if deadline is None else deadline
+            self._request_serial = req.serial = self._request_serial + 1
+        earliest = self._earliest(now)
+        if self._queued >= self._config.queue_limit:
+            self._reject(req, earliest, "queue full", out)
+        elif req.deadline <= now:
+            self._reject(req, earliest, "no key is usable before the deadline", out)
+        elif earliest is None:
+            self._reject(req, None, "no key is usable", out)
+        elif earliest is not None and earliest > req.deadline:
+            self._reject(req, earliest, "no key is usable before the deadline", out)
+        else:
+            self._queue.append(req)
+            self._queued += 1
+            heappush(self._timers, (req.deadline, _T_DEADLINE, req.serial, req.request_id))
+
+    def _drain(self, out: list[Decision]) -> None:
+        """Serve waiting requests, first come first served, while keys are free."""
+        self._wake = False
+        queue = self._queue
+        skipped: list[RequestRecord] = []
+        while queue:
+            req = queue[0]
+            if req.state != QUEUED:
+                queue.popleft()
+                continue
+            key = self._pick(req)
+            if key is None:
+                if req.event.pin is not None and not req.event.pin_fallback:
+                    skipped.append(queue.popleft())  # waits for its own key only
+                    continue
+                break
+            queue.popleft()
+            self._queued -= 1
+            self._assign(req, key, out)
+        if skipped:
+            queue.extendleft(reversed(skipped))
+
+    def _settle(self, out: list[Decision]) -> None:
+        """The end of every handler: serve the queue if a key may have come free,
+        and reject at once what no key can serve before its deadline."""
+        if self._wake:
+            self._drain(out)
+        if self._hopeless_check:
+            self._hopeless_check = False
+            if self._queued:
+                self._reject_hopeless(out)
+
+    def _reject_hopeless(self, out: list[Decision]) -> None:
+        """Reject the waiting requests that no key can serve before their deadline
+        (failed and depleted keys with no known return, probes over): waiting
+        the whole queue timeout would only delay the same answer."""
+        now = self._now
+        earliest = self._earliest(now)
+        if earliest is not None and earliest <= now:
+            return
+        for req in self._queue:
+            if req.state == QUEUED and (earliest is None or earliest > req.deadline):
+                self._queued -= 1
+                why = "no key is usable" if earliest is None else "no key is usable in time"
+                self._reject(req, earliest, why, out)
+
+    def _earliest(self, now: float) -> float | None:
+        """Earliest time a key may be usable again: ``now`` if some key only
+        waits on load or pacing, ``None`` if no key will come back on its own."""
+        best: float | None = None
+        for key in self._order:
+            if key.state in USABLE_STATES:
+                limit = key.max_in_flight
+                if key.trial or (limit is not None and key.in_flight >= limit):
+                    return now  # frees whenever a response comes back
+                when = _pacing_ready(key, now)
+                if when is None:
+                    return now
+            elif key.probing:
+                return now
+            elif key.until is not None and key.state in _COOLING:
+                when = key.until
+            else:
+                continue
+            if best is None or when < best:
+                best = when
+        return best
+
+    def _reject(
+        self, req: RequestRecord, earliest: float | None, why: str, out: list[Decision]
+    ) -> None:
+        now = self._now
+        live = [k for k in self._order if k.state is not KeyState.DISABLED]
+        all_limited = (
+            not self._available and bool(live) and all(k.state is _RATE_LIMITED for k in live)
+        )
+        retry_after = None if earliest is None else max(earliest - now, 0.0)
+        self._forget(req)
+        out.append(
+            Reject(
+                request_id=req.request_id,
+                status=429 if all_limited else 503,
+                retry_after=retry_after,
+                reason=why,
+            )
+        )
+        self._rejected += 1
+
+    # -------------------------------------------------------------- timers
+
+    def _timer_valid(self, timer: tuple[float, int, int, str]) -> bool:
+        when, kind, serial, request_id = timer
+        if kind == _T_DEADLINE:
+            req = self._requests.get(request_id)
+            return (
+                req is not None
+                and req.serial == serial
+                and req.state == QUEUED
+                and req.deadline == when
+            )
+        key = self._by_serial.get(serial)
+        if key is None or key.removed:
+            return False
+        if kind == _T_COOLDOWN:
+            return key.until == when and key.state in _COOLING
+        if kind == _T_PACE:
+            return key.pace_timer == when
+        return key.probe_due == when
+
+    def _run_timers(self, now: float, out: list[Decision]) -> None:
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            timer = heappop(timers)
+            if not self._timer_valid(timer):
+                continue
+            when, kind, serial, request_id = timer
+            if kind == _T_DEADLINE:
+                if self._wake:
+                    self._drain(out)
+                req = self._requests[request_id]
+                if req.state == QUEUED:
+                    self._queued -= 1
+                    self._reject(req, self._earliest(when), "waited past its deadline", out)
+                continue
+            key = self._by_serial[serial]
+            if kind == _T_COOLDOWN:
+                self._transition(key, Signal.COOLDOWN_ENDED, when, None, "cooldown_ended", out)
+            elif kind == _T_PACE:
+                key.pace_timer = None
+                self._refresh(key)
+            else:
+                key.probe_due = None
+                if not key.probing and (
+                    key.state in _RECHECKED
+                    or (
+                        key.state in _PROBE_WHEN_SHORT
+                        and not key.hard_until
+                        and self._available < self._config.min_healthy
+                    )
+                ):
+                    self._probe(key, when, "recheck", out)
