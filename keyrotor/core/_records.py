@@ -10,7 +10,13 @@ import math
 from typing import Any
 
 from .config import KeySpec
-from .events import RequestStarted
+from .events import (
+    RequestCancelled,
+    RequestStarted,
+    ResponseFinished,
+    ResponseReceived,
+    TransportFailed,
+)
 from .states import KeyState
 
 # Error classes counted per key, in the order of ``_Key.errors``.
@@ -215,6 +221,28 @@ class KeyRecord:
 # Request states.
 QUEUED, SENT, DELIVERED = 0, 1, 2
 _STATE_NAMES = {QUEUED: "queued", SENT: "sent", DELIVERED: "delivered"}
+
+REQUEST_LIFECYCLE: dict[type, dict[int, str]] = {
+    RequestStarted: {-1: "sent on a key, queued, or rejected"},
+    ResponseReceived: {
+        SENT: "delivered; or sent again on another key, queued, or rejected (a failover)",
+    },
+    TransportFailed: {
+        SENT: "sent again on another key, queued, or rejected with a 502",
+        DELIVERED: "ended: its body broke off",
+    },
+    ResponseFinished: {DELIVERED: "ended"},
+    RequestCancelled: {QUEUED: "ended", SENT: "ended", DELIVERED: "ended"},
+}
+"""The request lifecycle: for each event about a request, the request states it
+may meet (-1: none yet) and where each leads. ``Pool`` checks an event against
+this table in one place and refuses any other pair with ``PoolError``; a
+deadline that passes while queued rejects the request (its ``Tick``)."""
+
+
+def describe_state(state: int) -> str:
+    """A request state's name (``new`` before its ``RequestStarted``)."""
+    return _STATE_NAMES.get(state, "new")
 
 
 class RequestRecord:

@@ -20,6 +20,7 @@ from typing import Final
 
 import attrs
 
+from ._records import REQUEST_LIFECYCLE, describe_state
 from .classify import Verdict
 from .states import STATES, Signal
 
@@ -154,7 +155,7 @@ def _yes(flag: bool) -> str:
 
 
 def markdown_tables() -> str:
-    """The three tables as Markdown, for ``docs/state-machine.md``."""
+    """The tables as Markdown, for ``docs/state-machine.md``."""
     lines = [
         "| verdict | counts as | signal | cooldown | account-wide | fails over | probe "
         "| passes a trial | from a probe |",
@@ -188,4 +189,8 @@ def markdown_tables() -> str:
             f"| `{state.value}` | {_yes(implies.usable)} | {_yes(implies.cools)} | "
             f"{_yes(implies.probed_when_short)} | {_yes(implies.rechecked)} |"
         )
+    lines += ["", "| request event | meets a request that is | which then is |", "|---|---|---|"]
+    for event, moves in REQUEST_LIFECYCLE.items():
+        for met, outcome in moves.items():
+            lines.append(f"| `{event.__name__}` | {describe_state(met)} | {outcome} |")
     return "\n".join(lines) + "\n"

@@ -30,6 +30,7 @@ from ._records import (
     DELIVERED,
     ERROR_INDEX,
     QUEUED,
+    REQUEST_LIFECYCLE,
     SENT,
     KeyRecord,
     RequestRecord,
@@ -249,7 +250,9 @@ class Pool(KeyChoice, RequestQueue, KeyHealth, Snapshots):
                 fix="feed events in order, with now from one monotonic clock",
             )
 
-    def _request(self, event: Any, *states: int) -> RequestRecord:
+    def _request(self, event: Any) -> RequestRecord:
+        """The request ``event`` is about, if the lifecycle table lets the event
+        meet the request's state."""
         self._check_time(event)
         req = self._requests.get(event.request_id)
         if req is None:
@@ -259,7 +262,7 @@ class Pool(KeyChoice, RequestQueue, KeyHealth, Snapshots):
                 state="the pool holds no such request (never started, or already ended)",
                 fix="send RequestStarted first, and no event after a request has ended",
             )
-        if req.state not in states:
+        if req.state not in REQUEST_LIFECYCLE[type(event)]:
             raise PoolError(
                 f"{type(event).__name__} does not fit the request's state",
                 event=event,
@@ -330,7 +333,7 @@ class Pool(KeyChoice, RequestQueue, KeyHealth, Snapshots):
         req = self._requests.get(event.request_id)
         now = event.now
         if req is None or req.state != SENT or not (self._now <= now < _INF):
-            req = self._request(event, SENT)
+            req = self._request(event)
         out: list[Decision] = []
         self._now = now
         if self._timers and self._timers[0][0] <= now:
@@ -375,7 +378,7 @@ class Pool(KeyChoice, RequestQueue, KeyHealth, Snapshots):
         req = self._requests.get(event.request_id)
         now = event.now
         if req is None or req.state != DELIVERED or not (self._now <= now < _INF):
-            req = self._request(event, DELIVERED)
+            req = self._request(event)
         out: list[Decision] = []
         self._now = now
         if self._timers and self._timers[0][0] <= now:
@@ -404,7 +407,7 @@ class Pool(KeyChoice, RequestQueue, KeyHealth, Snapshots):
         return out
 
     def _on_transport_failed(self, event: TransportFailed) -> list[Decision]:
-        req = self._request(event, SENT, DELIVERED)
+        req = self._request(event)
         out: list[Decision] = []
         self._advance(event, out)
         key = req.key
@@ -439,7 +442,7 @@ class Pool(KeyChoice, RequestQueue, KeyHealth, Snapshots):
         return out
 
     def _on_cancelled(self, event: RequestCancelled) -> list[Decision]:
-        req = self._request(event, QUEUED, SENT, DELIVERED)
+        req = self._request(event)
         out: list[Decision] = []
         self._advance(event, out)
         if self._requests.get(req.request_id) is not req:

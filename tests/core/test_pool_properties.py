@@ -6,7 +6,6 @@ import json
 from typing import Any
 
 import attrs
-
 from hypothesis import HealthCheck, assume, given, note, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
