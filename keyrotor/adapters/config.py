@@ -24,8 +24,7 @@ from urllib.parse import urlsplit
 import attrs
 
 from ..core import POLICIES, KeySpec, PoolConfig, PoolError
-from ..transports._driver import OPENROUTER_URL, keys_from_env, mask
-from ..transports._http import HTTPOptions
+from ..transports.api import OPENROUTER_URL, HTTPOptions, keys_from_env, mask
 from ..transports.errors import ConfigurationError
 from .storage import default_state_path, secret_key_from_env
 

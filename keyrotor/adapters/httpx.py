@@ -56,7 +56,7 @@ from ..transports.errors import KeyrotorError, NoKeyAvailable, TransportError
 from .proxy.app import delivered_headers, rejection
 
 if TYPE_CHECKING:
-    from ..transports._async import AsyncClient, StreamResponse
+    from ..transports.api import AsyncClient, StreamResponse
     from ..transports.sync import Client
     from ..transports.sync import StreamResponse as SyncStreamResponse
 

@@ -22,7 +22,7 @@ import anyio.to_thread
 import attrs
 
 from ...core import KeySpec, KeyState, PoolError
-from ...transports._async import AsyncClient
+from ...transports.api import AsyncClient
 from ...transports.errors import ConfigurationError
 from .types import Request, Response
 

@@ -15,8 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
-from ...transports._async import AsyncClient, StreamResponse
-from ...transports._http import ResponseHead
+from ...transports.api import AsyncClient, ResponseHead, StreamResponse
 from ...transports.errors import NoKeyAvailable, TransportError
 from .admin import Admin
 from .auth import Auth, Role

@@ -18,7 +18,7 @@ import trio
 
 from ...core import KeySpec, PoolConfig
 from ...testing import Credits, FakeUpstream, Flaky, Invalid, Ok, RateLimit, Scenario
-from ...transports import _h11pool as h11pool
+from ...transports.api import ConnectionPool
 from ..config import ProxyConfig
 from .main import run_proxy
 
@@ -98,7 +98,7 @@ async def _demo(out: TextIO, requests: int, interval: float, color: bool) -> dic
             for alias, (_, _, note) in KEYS.items():
                 print(f"  {alias:<8} {note}", file=out)
             print(file=out)
-            async with h11pool.ConnectionPool() as client:
+            async with ConnectionPool() as client:
                 for i in range(1, requests + 1):
                     stream = i % 4 == 0
                     body = json.dumps(

@@ -24,8 +24,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from ...core import KeySpec, KeyState, KeyStateChanged, PoolConfig, SpendRecorded
-from ...transports._async import AsyncClient
-from ...transports._driver import Driver, StreamAccountant
+from ...transports.api import AsyncClient, Driver, StreamAccountant
 from ..config import ConfigError, ProxyConfig
 from .admin import Admin
 from .app import ProxyApp
