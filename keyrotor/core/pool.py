@@ -216,6 +216,16 @@ class Pool(KeyChoice, RequestQueue, KeyHealth, Snapshots):
         """The current state of a key."""
         return self._key(key_id, None).state
 
+    def usable_now(self) -> bool:
+        """Could some key take a request at ``pool.now``, by the rules the pool
+        picks with? (Healthy, or recovering with no trial in flight; under its
+        ``max_in_flight``; its ``rpm``/``tpm`` pacing due.) A request's pin,
+        group and session rules are not applied. Read-only: no timer fires and
+        nothing changes; feed ``Tick`` first to bring the pool to a later time.
+        """
+        usable = self._usable
+        return any(usable(key) for key in self._order)
+
     def statistics(self) -> PoolStatistics:
         """A frozen picture of the pool: per key and in total (JSON via ``to_json``)."""
         keys = tuple(KeyStatistics.from_record(k) for k in [*self._order, *self._dying.values()])

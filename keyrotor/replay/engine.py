@@ -4,7 +4,10 @@ A heap of (virtual time, sequence, kind, ...) holds upstream answers, body
 ends, probe answers and cancellations; arrivals come from the trace in order.
 Before each step the engine feeds ``Tick`` at ``pool.next_deadline()`` when that
 comes first. No sleeping, no sockets, no wall clock: the same trace, model and
-seed give the same decisions and the same numbers.
+seed give the same decisions and the same numbers. ``simulate`` runs one
+``_Replay`` (setup, the event loop, answers, finishing, timers, the pool's
+decisions, collecting the metrics); what the engine needs to know about the
+pool it asks the pool (``Pool.usable_now``), never re-derives.
 
 Hot path notes (the target is 100,000 simulated requests per second for a
 4-key pool): a successful answer and a body end are fed through two event
@@ -85,21 +88,6 @@ _RF_NOW = ResponseFinished.__dict__["now"].__set__
 _RF_COST = ResponseFinished.__dict__["cost"].__set__
 _RF_PROMPT = ResponseFinished.__dict__["prompt_tokens"].__set__
 _RF_COMPLETION = ResponseFinished.__dict__["completion_tokens"].__set__
-
-
-def _any_usable(pool: Pool, specs: Sequence[KeySpec]) -> bool:
-    """Could some key take a request now? (Healthy under its in-flight limit, or
-    recovering with no trial in flight; keys paced by rpm/tpm count as busy.)"""
-    for spec, key in zip(specs, pool.statistics().keys, strict=False):
-        if spec.rpm is not None or spec.tpm is not None:
-            continue
-        if key.state is _HEALTHY and (
-            spec.max_in_flight is None or key.in_flight < spec.max_in_flight
-        ):
-            return True
-        if key.state is KeyState.RECOVERING and not key.in_flight:
-            return True
-    return False
 
 
 def pool_keys(header: TraceHeader, model: UpstreamModel, keys: int | None = None) -> list[KeySpec]:
@@ -192,232 +180,218 @@ def simulate(
     every 4,096 arrivals; ``timeline_keys`` keys (in pool order) get their
     sends counted in ``timeline_buckets`` time buckets, for plots.
     """
-    specs = list(keys) if keys is not None else pool_keys(trace.header, model)
-    config = PoolConfig(keys=specs, policy=policy, seed=seed, **dict(options or {}))  # type: ignore[arg-type]
-    pool = Pool(config)
-    ids = [s.key_id for s in specs]
-    index = {key_id: i for i, key_id in enumerate(ids)}
-    use_recorded = model.recorded if recorded is None else recorded
-    upstream = (RecordedUpstream if use_recorded else SimulatedUpstream)(model, ids, seed)
-    send_upstream = upstream.send
-    plain = [upstream.plain_latency(key_id) for key_id in ids]
-    stream_rate = upstream.stream_rate
-    records = trace.records
-    total = len(records)
-    n_keys = len(ids)
-    result = RunResult(policy=policy, keys=ids, requests=total)
-    sends = [0] * n_keys
-    served = [0] * n_keys
-    spend = [0.0] * n_keys
-    r429 = [0] * n_keys
-    unusable = [False] * n_keys
-    ever_unhealthy = [False] * n_keys
-    first_fail: list[float | None] = [None] * n_keys
-    fail_sends = [0] * n_keys  # sends since the key's first failure (before it is out)
-    fail_last: list[float | None] = [None] * n_keys
-    episode: list[list[Any] | None] = [None] * n_keys
-    episodes: list[dict[str, Any]] = []
-    statuses: dict[str, int] = {}
-    client_errors: dict[str, int] = {}
-    queue_waits: list[float] = []
-    ttfb: list[float] = []
-    fo_extra: list[float] = []
-    fo_overhead: list[float] = []
-    fo_err: list[float] = []
-    fo_immediate: list[float] = []  # added latency beyond error round trips, no wait
-    fo_waited = [0, 0]  # failed over into the queue: no key usable / a key usable
-    state_changes: list[tuple[float, int, str]] = []
-    groups: dict[str, list[int]] = {}
-    bucket = (trace.duration or 1.0) / timeline_buckets
-    load = {i: [0] * (timeline_buckets + 2) for i in range(min(timeline_keys, n_keys))}
-    timeline = bool(load)
-    counters = {"delivered": 0, "rejected": 0, "cancelled": 0, "probes": 0}
+    replay = _Replay(
+        trace,
+        model,
+        policy=policy,
+        seed=seed,
+        keys=keys,
+        options=options,
+        recorded=recorded,
+        timeline_keys=timeline_keys,
+        timeline_buckets=timeline_buckets,
+    )
+    replay.run(progress)
+    return replay.collect()
 
-    handle = pool.handle
-    next_deadline = pool.next_deadline
-    heap: list[tuple[Any, ...]] = []
-    seq = count().__next__
-    open_: dict[str, list[Any]] = {}
-    rr = ResponseReceived(request_id="", now=0.0, status=200)
-    rf = ResponseFinished(request_id="", now=0.0)
 
-    def episode_open(idx: int, now: float, reason: str) -> None:
-        first = first_fail[idx]
-        if first is None:
-            first_fail[idx] = now
-            episode[idx] = [now, now, reason, 0, None, 0]
-        else:  # first failure, out of service, reason, sends since the failure, last one,
-            # and sends while out of service (the core must never make one)
-            episode[idx] = [first, now, reason, fail_sends[idx], fail_last[idx], 0]
+class _Replay:
+    """One replay of a trace with one policy, in parts.
 
-    def episode_close(idx: int, now: float | None) -> None:
-        ep = episode[idx]
-        assert ep is not None
-        start, out_at, reason, after, last, out_sends = ep
-        episodes.append(
-            {
-                "key": ids[idx],
-                "reason": reason,
-                "first_failure": start,
-                "out_of_service": out_at,
-                "sends_after_failure": after,
-                "sends_out_of_service": out_sends,
-                "failover_latency": 0.0 if last is None else last - start,
-                "time_to_recover": None if now is None else now - start,
-            }
-        )
-        episode[idx] = None
+    - setup (``__init__``): the pool, the upstream model, the metrics' flat lists;
+    - :meth:`run`, the event loop: the next of an arrival, a heap item (an
+      answer, a body end, a probe answer, a cancellation) or a ``Tick`` at
+      ``pool.next_deadline()``. It holds the two hot paths inlined (an arrival
+      sent at once to a plain key; a 200 delivered with its body, on a request
+      that never failed or waited) and hands everything else to the parts below;
+    - answers (:meth:`_answer`: errors, transport failures, other statuses),
+      finishing (:meth:`_finish`), timers (:meth:`_tick`, :meth:`_probe_answered`,
+      :meth:`_cancel`);
+    - the pool's decisions (:meth:`_decide` and one method per decision), which
+      keep the metrics, and the failure episodes (:meth:`_episode_open`, ...);
+    - :meth:`collect`: the ``RunResult``.
 
-    def clear_failure(idx: int) -> None:
-        first_fail[idx] = None
-        fail_sends[idx] = 0
-        fail_last[idx] = None
+    Per request in flight, a list indexed by the ``_REC`` .. ``_FWAIT`` slots.
+    """
 
-    def process(decisions: list[Any], now: float) -> None:
-        for d in decisions:
-            tp = type(d)
-            if tp is Send:
-                rid = d.request_id
-                st = open_[rid]
-                idx = index[d.key_id]
-                sends[idx] += 1
-                if first_fail[idx] is not None:  # sent to a key that has failed
-                    ep = episode[idx]
-                    if ep is None:  # failing, not yet out of service (5xx, timeouts)
-                        fail_sends[idx] += 1
-                        fail_last[idx] = now
-                    elif unusable[idx]:  # out of service: the core must never do this
-                        ep[3] += 1
-                        ep[4] = now
-                        ep[5] += 1
-                if timeline and idx in load:  # sends after the last arrival: the last bucket
-                    load[idx][min(int(now / bucket), timeline_buckets + 1)] += 1
-                wait = now - st[_READY]
-                attempt = d.attempt
-                if wait > 0.0:
-                    st[_QWAIT] += wait
-                    if attempt > 1:
-                        st[_FWAIT] += wait
-                st[_SENT] = now
-                st[_ATTEMPT] = attempt
-                ans = send_upstream(d.key_id, now, st[_REC], attempt)
-                heappush(heap, (now + ans[1], seq(), _ANSWER, rid, attempt, idx, ans))
-            elif tp is Deliver:
-                rid = d.request_id
-                st = open_[rid]
-                ans = st[_ANS]
-                counters["delivered"] += 1
-                if 200 <= d.status < 300:
-                    arrival = st[_ARRIVAL]
-                    ttfb.append(now - arrival)
-                    if st[_FAILED]:
-                        fo_extra.append(st[_ERR] + st[_FWAIT])
-                        fo_err.append(st[_ERR])
-                        fo_overhead.append(st[_FWAIT])
-                        waited = st[_WAITED]
-                        if waited:
-                            fo_waited[waited - 1] += 1
-                        else:
-                            fo_immediate.append(st[_FWAIT])
-                    if st[_QWAIT]:
-                        queue_waits.append(st[_QWAIT])
-                    group = st[_REC].group
-                    if group is not None:
-                        groups.setdefault(group, []).append(index[d.key_id])
-                    duration = ans[5]
-                    idx = index[d.key_id]
-                    if duration > 0.0:
-                        heappush(heap, (now + duration, seq(), _FINISH, rid, idx))
-                    else:  # the body came with the headers: finish now
-                        finish(rid, st, idx, now)
-                else:
-                    name = str(d.status)
-                    client_errors[name] = client_errors.get(name, 0) + 1
-                    del open_[rid]
-                    _RF_ID(rf, rid)
-                    _RF_NOW(rf, now)
-                    _RF_COST(rf, 0.0)
-                    _RF_PROMPT(rf, 0)
-                    _RF_COMPLETION(rf, 0)
-                    process(handle(rf), now)
-            elif tp is KeyStateChanged:
-                idx = index[d.key_id]
-                new = d.new
-                state_changes.append((now, idx, new.value))
-                if new in _USABLE:
-                    unusable[idx] = False
-                    if new is _HEALTHY and episode[idx] is not None:
-                        episode_close(idx, now)
-                        clear_failure(idx)
-                else:
-                    unusable[idx] = True
-                    if episode[idx] is None:
-                        episode_open(idx, now, d.reason)
-                if new is not _HEALTHY:
-                    ever_unhealthy[idx] = True
-            elif tp is Reject:
-                rid = d.request_id
-                st = open_.pop(rid)
-                counters["rejected"] += 1
-                name = str(d.status)
-                client_errors[name] = client_errors.get(name, 0) + 1
-            elif tp is Probe:
-                counters["probes"] += 1
-                status, body, delay = upstream.probe(d.key_id, now)
-                heappush(heap, (now + delay, seq(), _PROBE, d.key_id, status, body))
+    __slots__ = (
+        "bucket",
+        "client_errors",
+        "counts",
+        "end_time",
+        "episode",
+        "episodes",
+        "ever_unhealthy",
+        "fail_last",
+        "fail_sends",
+        "first_fail",
+        "fo_err",
+        "fo_extra",
+        "fo_immediate",
+        "fo_overhead",
+        "fo_waited",
+        "groups",
+        "handle",
+        "heap",
+        "ids",
+        "index",
+        "load",
+        "ok200",
+        "open",
+        "plain",
+        "policy",
+        "pool",
+        "queue_waits",
+        "r429",
+        "records",
+        "rf",
+        "rr",
+        "send_upstream",
+        "sends",
+        "seq",
+        "served",
+        "spend",
+        "state_changes",
+        "statuses",
+        "timeline",
+        "timeline_buckets",
+        "ttfb",
+        "unusable",
+        "upstream",
+    )
 
-    def finish(rid: str, st: list[Any], idx: int, now: float) -> None:
-        del open_[rid]
-        rec = st[_REC]
-        cost = st[_ANS][6]
-        served[idx] += 1
-        spend[idx] += cost
-        _RF_ID(rf, rid)
-        _RF_NOW(rf, now)
-        _RF_COST(rf, cost)
-        _RF_PROMPT(rf, rec.prompt_tokens)
-        _RF_COMPLETION(rf, rec.completion_tokens)
-        more = handle(rf)
-        if more:
-            process(more, now)
+    def __init__(
+        self,
+        trace: Trace,
+        model: UpstreamModel,
+        *,
+        policy: str,
+        seed: int,
+        keys: Sequence[KeySpec] | None,
+        options: Mapping[str, Any] | None,
+        recorded: bool | None,
+        timeline_keys: int,
+        timeline_buckets: int,
+    ) -> None:
+        # The pool and the simulated (or recorded) upstream.
+        specs = list(keys) if keys is not None else pool_keys(trace.header, model)
+        config = PoolConfig(keys=specs, policy=policy, seed=seed, **dict(options or {}))  # type: ignore[arg-type]
+        self.policy = policy
+        self.pool = pool = Pool(config)
+        self.handle = pool.handle
+        self.ids = ids = [s.key_id for s in specs]
+        self.index = {key_id: i for i, key_id in enumerate(ids)}
+        use_recorded = model.recorded if recorded is None else recorded
+        upstream = (RecordedUpstream if use_recorded else SimulatedUpstream)(model, ids, seed)
+        self.upstream = upstream
+        self.send_upstream = upstream.send
+        self.plain = [upstream.plain_latency(key_id) for key_id in ids]
+        self.records = trace.records
+        # The event heap, the requests in flight, the two reused events.
+        self.heap: list[tuple[Any, ...]] = []
+        self.seq = count().__next__
+        self.open: dict[str, list[Any]] = {}
+        self.rr = ResponseReceived(request_id="", now=0.0, status=200)
+        self.rf = ResponseFinished(request_id="", now=0.0)
+        # The metrics: per key (index of ``ids``), per request, in total.
+        n_keys = len(ids)
+        self.sends = [0] * n_keys
+        self.served = [0] * n_keys
+        self.spend = [0.0] * n_keys
+        self.r429 = [0] * n_keys
+        self.unusable = [False] * n_keys
+        self.ever_unhealthy = [False] * n_keys
+        self.first_fail: list[float | None] = [None] * n_keys
+        self.fail_sends = [0] * n_keys  # sends since the key's first failure (before it is out)
+        self.fail_last: list[float | None] = [None] * n_keys
+        self.episode: list[list[Any] | None] = [None] * n_keys
+        self.episodes: list[dict[str, Any]] = []
+        self.statuses: dict[str, int] = {}
+        self.client_errors: dict[str, int] = {}
+        self.queue_waits: list[float] = []
+        self.ttfb: list[float] = []
+        self.fo_extra: list[float] = []
+        self.fo_overhead: list[float] = []
+        self.fo_err: list[float] = []
+        self.fo_immediate: list[float] = []  # added latency beyond error round trips, no wait
+        self.fo_waited = [0, 0]  # failed over into the queue: no key usable / a key usable
+        self.state_changes: list[tuple[float, int, str]] = []
+        self.groups: dict[str, list[int]] = {}
+        self.timeline_buckets = timeline_buckets
+        self.bucket = (trace.duration or 1.0) / timeline_buckets
+        self.load = {i: [0] * (timeline_buckets + 2) for i in range(min(timeline_keys, n_keys))}
+        self.timeline = bool(self.load)
+        # delivered, rejected, cancelled, probes (the hot paths count theirs in run())
+        self.counts = [0, 0, 0, 0]
+        self.ok200 = 0  # 200s delivered on the hot path (added to statuses["200"] at the end)
+        self.end_time = 0.0
 
-    set_id, set_now, set_pin, set_fallback, set_session, set_group, set_deadline = _RS
-    set_tokens = _RS_TOKENS
-    inf = math.inf
-    ok200 = 0  # answers and deliveries counted on the inlined path
-    counters_delivered = 0
-    i = 0
-    next_arrival = records[0].t if total else inf
-    now = 0.0
-    step = 4096
-    while True:
-        t_heap = heap[0][0] if heap else inf
-        upcoming = next_arrival if next_arrival < t_heap else t_heap
-        deadline = next_deadline()
-        if deadline is not None and deadline < upcoming:
-            if upcoming == inf and not open_:
+    # ------------------------------------------------------------ event loop
+
+    def run(self, progress: Callable[[int, int], None] | None) -> None:
+        """Feed the whole trace, then every answer, body end and timer it leads to."""
+        pool = self.pool
+        handle = self.handle
+        next_deadline = pool.next_deadline
+        heap = self.heap
+        seq = self.seq
+        open_ = self.open
+        rr = self.rr
+        rf = self.rf
+        records = self.records
+        index = self.index
+        plain = self.plain
+        upstream = self.upstream
+        send_upstream = self.send_upstream
+        stream_rate = upstream.stream_rate
+        first_fail = self.first_fail
+        episode = self.episode
+        sends = self.sends
+        served = self.served
+        spend = self.spend
+        ttfb = self.ttfb
+        timeline = self.timeline
+        decide = self._decide
+        answer = self._answer
+        tick = self._tick
+        set_id, set_now, set_pin, set_fallback, set_session, set_group, set_deadline = _RS
+        set_tokens = _RS_TOKENS
+        total = len(records)
+        inf = math.inf
+        ok200 = 0  # answers and deliveries counted on the hot path
+        i = 0
+        next_arrival = records[0].t if total else inf
+        now = 0.0
+        step = 4096
+        while True:
+            t_heap = heap[0][0] if heap else inf
+            upcoming = next_arrival if next_arrival < t_heap else t_heap
+            deadline = next_deadline()
+            if deadline is not None and deadline < upcoming:
+                if upcoming == inf and not open_:
+                    break
+                now = deadline
+                tick(now)
+                continue
+            if upcoming == inf or (i >= total and not open_):
                 break
-            now = deadline
-            process(handle(Tick(now=now)), now)
-            continue
-        if upcoming == inf or (i >= total and not open_):
-            break
-        if t_heap <= next_arrival:
-            item = heappop(heap)
-            now = item[0]
-            kind = item[2]
-            if kind == _ANSWER:
-                rid = item[3]
-                st = open_.get(rid)
-                if st is None or st[_ATTEMPT] != item[4]:
-                    continue  # cancelled meanwhile
-                ans = item[6]
-                st[_ANS] = ans
-                status = ans[0]
-                idx = item[5]
-                if status == 200 and ans[2] is None:
+            if t_heap <= next_arrival:
+                item = heappop(heap)
+                now = item[0]
+                kind = item[2]
+                if kind == _ANSWER:
+                    rid = item[3]
+                    st = open_.get(rid)
+                    if st is None or st[_ATTEMPT] != item[4]:
+                        continue  # cancelled meanwhile
+                    ans = item[6]
+                    st[_ANS] = ans
+                    idx = item[5]
+                    if ans[0] != 200 or ans[2] is not None:
+                        answer(rid, st, idx, ans, now)
+                        continue
                     if first_fail[idx] is not None and episode[idx] is None:
-                        clear_failure(idx)
+                        self._clear_failure(idx)
                     _RR_ID(rr, rid)
                     _RR_NOW(rr, now)
                     decisions = handle(rr)
@@ -430,9 +404,8 @@ def simulate(
                         and rec.group is None
                         and type(decisions[0]) is Deliver
                         and decisions[0].request_id == rid
-                    ):  # the common case: process() and finish() inlined (the hot path)
+                    ):  # the hot path: _deliver() and _finish() inlined
                         ok200 += 1
-                        counters_delivered += 1
                         ttfb.append(now - st[_ARRIVAL])
                         del open_[rid]
                         cost = ans[6]
@@ -445,86 +418,46 @@ def simulate(
                         _RF_COMPLETION(rf, rec.completion_tokens)
                         more = handle(rf)
                         if more:
-                            process(more, now)
+                            decide(more, now)
                         continue
-                    name = "200"
+                    statuses = self.statuses
+                    statuses["200"] = statuses.get("200", 0) + 1
+                    decide(decisions, now)
+                elif kind == _FINISH:
+                    rid = item[3]
+                    st = open_.get(rid)
+                    if st is not None:
+                        self._finish(rid, st, item[4], now)
+                elif kind == _PROBE:
+                    self._probe_answered(item, now)
                 else:
-                    if status is None:
-                        name = f"no_response_{ans[4]}"
-                        event: Any = TransportFailed(request_id=rid, now=now, reason=ans[4])
-                    else:
-                        name = str(status)
-                        event = ResponseReceived(
-                            request_id=rid,
-                            now=now,
-                            status=status,
-                            headers=ans[2],
-                            body=ans[3],
-                            wall_time=EPOCH + now,
-                        )
-                    if status is None or status >= 300:
-                        if first_fail[idx] is None:
-                            first_fail[idx] = now
-                        st[_ERR] += now - st[_SENT]
-                        st[_FAILED] += 1
-                        st[_READY] = now
-                        if status == 429:
-                            r429[idx] += 1
-                    elif first_fail[idx] is not None and episode[idx] is None:
-                        clear_failure(idx)
-                    decisions = handle(event)
-                    if status is None or status >= 300:
-                        statuses[name] = statuses.get(name, 0) + 1
-                        process(decisions, now)
-                        if rid in open_ and st[_SENT] != now and not st[_WAITED]:
-                            # failed over into the queue: could any key have taken it?
-                            st[_WAITED] = 2 if _any_usable(pool, specs) else 1
-                        continue
-                statuses[name] = statuses.get(name, 0) + 1
-                process(decisions, now)
-            elif kind == _FINISH:
-                rid = item[3]
-                st = open_.get(rid)
-                if st is not None:
-                    finish(rid, st, item[4], now)
-            elif kind == _PROBE:
-                process(
-                    handle(ProbeFinished(key_id=item[3], now=now, status=item[4], body=item[5])),
-                    now,
-                )
-            else:
-                rid = item[3]
-                if rid in open_:
-                    del open_[rid]
-                    counters["cancelled"] += 1
-                    process(handle(RequestCancelled(request_id=rid, now=now)), now)
-        else:
-            rec = records[i]
-            now = next_arrival
-            rid = f"r{i}"
-            i += 1
-            next_arrival = records[i].t if i < total else inf
-            ev = _new(RequestStarted)  # RequestStarted(...) without the keyword __init__
-            set_id(ev, rid)
-            set_now(ev, now)
-            set_pin(ev, None)
-            set_fallback(ev, True)
-            set_session(ev, rec.session)
-            set_group(ev, rec.group)
-            set_deadline(ev, None)
-            set_tokens(ev, rec.prompt_tokens + rec.completion_tokens)
-            open_[rid] = state = [rec, now, now, 0.0, now, 0.0, 0, 0, None, 0, 0.0]
-            if rec.cancel_after is not None:
-                heappush(heap, (now + rec.cancel_after, seq(), _CANCEL, rid))
-            decisions = handle(ev)
-            if (
-                len(decisions) == 1
-                and type(d := decisions[0]) is Send
-                and d.request_id == rid
-                and not timeline
-            ):
-                idx = index[d.key_id]  # the common case, process() inlined
-                if first_fail[idx] is None:
+                    self._cancel(item[3], now)
+            else:  # an arrival
+                rec = records[i]
+                now = next_arrival
+                rid = f"r{i}"
+                i += 1
+                next_arrival = records[i].t if i < total else inf
+                ev = _new(RequestStarted)  # RequestStarted(...) without the keyword __init__
+                set_id(ev, rid)
+                set_now(ev, now)
+                set_pin(ev, None)
+                set_fallback(ev, True)
+                set_session(ev, rec.session)
+                set_group(ev, rec.group)
+                set_deadline(ev, None)
+                set_tokens(ev, rec.prompt_tokens + rec.completion_tokens)
+                open_[rid] = state = [rec, now, now, 0.0, now, 0.0, 0, 0, None, 0, 0.0]
+                if rec.cancel_after is not None:
+                    heappush(heap, (now + rec.cancel_after, seq(), _CANCEL, rid))
+                decisions = handle(ev)
+                if (
+                    len(decisions) == 1
+                    and type(d := decisions[0]) is Send
+                    and d.request_id == rid
+                    and not timeline
+                    and first_fail[idx := index[d.key_id]] is None
+                ):  # the hot path: _send() inlined
                     sends[idx] += 1
                     draw = plain[idx]
                     if draw is not None:  # send_upstream(), inlined for a plain key
@@ -543,54 +476,276 @@ def simulate(
                     state[_ATTEMPT] = 1
                     heappush(heap, (now + ans[1], seq(), _ANSWER, rid, 1, idx, ans))
                 else:
-                    process(decisions, now)
-            else:
-                process(decisions, now)
-            if progress is not None and i % step == 0:
-                progress(i, total)
-    if progress is not None:
-        progress(total, total)
+                    decide(decisions, now)
+                if progress is not None and i % step == 0:
+                    progress(i, total)
+        if progress is not None:
+            progress(total, total)
+        self.ok200 += ok200
+        self.end_time = now
 
-    for idx in range(n_keys):
-        if episode[idx] is not None:
-            episode_close(idx, None)
-    if ok200:
-        statuses["200"] = statuses.get("200", 0) + ok200
-    stats = pool.statistics()
-    result.delivered = counters["delivered"] + counters_delivered
-    result.rejected = counters["rejected"]
-    result.cancelled = counters["cancelled"]
-    result.probes = counters["probes"]
-    result.served = sum(served)
-    result.lost = len(open_)
-    result.client_errors = client_errors
-    result.upstream_statuses = statuses
-    result.sends = sends
-    result.served_by_key = served
-    result.spend = spend
-    result.upstream_429 = r429
-    result.ever_unhealthy = ever_unhealthy
-    result.final_states = [k.state.value for k in stats.keys]
-    result.episodes = episodes
-    result.queue_waits = queue_waits
-    result.ttfb = ttfb
-    result.failover_extra = fo_extra
-    result.failover_overhead = fo_overhead
-    result.failover_error_rtt = fo_err
-    result.failover_immediate = fo_immediate
-    result.failover_waited_no_key = fo_waited[0]
-    result.failover_waited_key_usable = fo_waited[1]
-    result.end_time = now
-    result.groups = groups
-    result.state_changes = state_changes
-    result.load = load
-    result.bucket = bucket
-    result.pool_statistics = {
-        "started": stats.started,
-        "delivered": stats.delivered,
-        "rejected": stats.rejected,
-        "cancelled": stats.cancelled,
-        "in_flight": stats.in_flight,
-        "queued": stats.queued,
-    }
-    return result
+    # ----------------------------------------------------- answers and timers
+
+    def _answer(self, rid: str, st: list[Any], idx: int, ans: tuple[Any, ...], now: float) -> None:
+        """An upstream answer off the hot path: an error status, no answer at
+        all (a transport failure), or a success with headers or another 2xx."""
+        status = ans[0]
+        if status is None:
+            name = f"no_response_{ans[4]}"
+            event: Any = TransportFailed(request_id=rid, now=now, reason=ans[4])
+        else:
+            name = str(status)
+            event = ResponseReceived(
+                request_id=rid,
+                now=now,
+                status=status,
+                headers=ans[2],
+                body=ans[3],
+                wall_time=EPOCH + now,
+            )
+        first_fail = self.first_fail
+        failed = status is None or status >= 300
+        if failed:
+            if first_fail[idx] is None:
+                first_fail[idx] = now
+            st[_ERR] += now - st[_SENT]
+            st[_FAILED] += 1
+            st[_READY] = now
+            if status == 429:
+                self.r429[idx] += 1
+        elif first_fail[idx] is not None and self.episode[idx] is None:
+            self._clear_failure(idx)
+        decisions = self.handle(event)
+        statuses = self.statuses
+        statuses[name] = statuses.get(name, 0) + 1
+        self._decide(decisions, now)
+        if failed and rid in self.open and st[_SENT] != now and not st[_WAITED]:
+            # failed over into the queue: could any key have taken it?
+            st[_WAITED] = 2 if self.pool.usable_now() else 1
+
+    def _finish(self, rid: str, st: list[Any], idx: int, now: float) -> None:
+        """A delivered answer's body ended: the request is served."""
+        del self.open[rid]
+        rec = st[_REC]
+        cost = st[_ANS][6]
+        self.served[idx] += 1
+        self.spend[idx] += cost
+        rf = self.rf
+        _RF_ID(rf, rid)
+        _RF_NOW(rf, now)
+        _RF_COST(rf, cost)
+        _RF_PROMPT(rf, rec.prompt_tokens)
+        _RF_COMPLETION(rf, rec.completion_tokens)
+        more = self.handle(rf)
+        if more:
+            self._decide(more, now)
+
+    def _tick(self, now: float) -> None:
+        """The pool's next deadline came before any other event."""
+        self._decide(self.handle(Tick(now=now)), now)
+
+    def _probe_answered(self, item: tuple[Any, ...], now: float) -> None:
+        self._decide(
+            self.handle(ProbeFinished(key_id=item[3], now=now, status=item[4], body=item[5])),
+            now,
+        )
+
+    def _cancel(self, rid: str, now: float) -> None:
+        """The caller gives up (``cancel_after``), if the request is still open."""
+        if rid in self.open:
+            del self.open[rid]
+            self.counts[2] += 1
+            self._decide(self.handle(RequestCancelled(request_id=rid, now=now)), now)
+
+    # ------------------------------------------------------------- decisions
+
+    def _decide(self, decisions: list[Any], now: float) -> None:
+        """Carry out the pool's decisions, in order, keeping the metrics."""
+        for d in decisions:
+            tp = type(d)
+            if tp is Send:
+                self._send(d, now)
+            elif tp is Deliver:
+                self._deliver(d, now)
+            elif tp is KeyStateChanged:
+                self._key_state_changed(d, now)
+            elif tp is Reject:
+                del self.open[d.request_id]
+                self.counts[1] += 1
+                name = str(d.status)
+                self.client_errors[name] = self.client_errors.get(name, 0) + 1
+            elif tp is Probe:
+                self.counts[3] += 1
+                status, body, delay = self.upstream.probe(d.key_id, now)
+                heappush(self.heap, (now + delay, self.seq(), _PROBE, d.key_id, status, body))
+
+    def _send(self, d: Send, now: float) -> None:
+        rid = d.request_id
+        st = self.open[rid]
+        idx = self.index[d.key_id]
+        self.sends[idx] += 1
+        if self.first_fail[idx] is not None:  # sent to a key that has failed
+            ep = self.episode[idx]
+            if ep is None:  # failing, not yet out of service (5xx, timeouts)
+                self.fail_sends[idx] += 1
+                self.fail_last[idx] = now
+            elif self.unusable[idx]:  # out of service: the core must never do this
+                ep[3] += 1
+                ep[4] = now
+                ep[5] += 1
+        load = self.load
+        if self.timeline and idx in load:  # sends after the last arrival: the last bucket
+            load[idx][min(int(now / self.bucket), self.timeline_buckets + 1)] += 1
+        wait = now - st[_READY]
+        attempt = d.attempt
+        if wait > 0.0:
+            st[_QWAIT] += wait
+            if attempt > 1:
+                st[_FWAIT] += wait
+        st[_SENT] = now
+        st[_ATTEMPT] = attempt
+        ans = self.send_upstream(d.key_id, now, st[_REC], attempt)
+        heappush(self.heap, (now + ans[1], self.seq(), _ANSWER, rid, attempt, idx, ans))
+
+    def _deliver(self, d: Deliver, now: float) -> None:
+        rid = d.request_id
+        st = self.open[rid]
+        ans = st[_ANS]
+        self.counts[0] += 1
+        if 200 <= d.status < 300:
+            self.ttfb.append(now - st[_ARRIVAL])
+            if st[_FAILED]:
+                self.fo_extra.append(st[_ERR] + st[_FWAIT])
+                self.fo_err.append(st[_ERR])
+                self.fo_overhead.append(st[_FWAIT])
+                waited = st[_WAITED]
+                if waited:
+                    self.fo_waited[waited - 1] += 1
+                else:
+                    self.fo_immediate.append(st[_FWAIT])
+            if st[_QWAIT]:
+                self.queue_waits.append(st[_QWAIT])
+            group = st[_REC].group
+            if group is not None:
+                self.groups.setdefault(group, []).append(self.index[d.key_id])
+            duration = ans[5]
+            idx = self.index[d.key_id]
+            if duration > 0.0:
+                heappush(self.heap, (now + duration, self.seq(), _FINISH, rid, idx))
+            else:  # the body came with the headers: finish now
+                self._finish(rid, st, idx, now)
+        else:  # an error answer delivered: the caller has it, the key is free
+            name = str(d.status)
+            self.client_errors[name] = self.client_errors.get(name, 0) + 1
+            del self.open[rid]
+            rf = self.rf
+            _RF_ID(rf, rid)
+            _RF_NOW(rf, now)
+            _RF_COST(rf, 0.0)
+            _RF_PROMPT(rf, 0)
+            _RF_COMPLETION(rf, 0)
+            self._decide(self.handle(rf), now)
+
+    def _key_state_changed(self, d: KeyStateChanged, now: float) -> None:
+        idx = self.index[d.key_id]
+        new = d.new
+        self.state_changes.append((now, idx, new.value))
+        if new in _USABLE:
+            self.unusable[idx] = False
+            if new is _HEALTHY and self.episode[idx] is not None:
+                self._episode_close(idx, now)
+                self._clear_failure(idx)
+        else:
+            self.unusable[idx] = True
+            if self.episode[idx] is None:
+                self._episode_open(idx, now, d.reason)
+        if new is not _HEALTHY:
+            self.ever_unhealthy[idx] = True
+
+    # -------------------------------------------------------------- episodes
+
+    def _episode_open(self, idx: int, now: float, reason: str) -> None:
+        first = self.first_fail[idx]
+        if first is None:
+            self.first_fail[idx] = now
+            self.episode[idx] = [now, now, reason, 0, None, 0]
+        else:  # first failure, out of service, reason, sends since the failure, last one,
+            # and sends while out of service (the core must never make one)
+            self.episode[idx] = [first, now, reason, self.fail_sends[idx], self.fail_last[idx], 0]
+
+    def _episode_close(self, idx: int, now: float | None) -> None:
+        ep = self.episode[idx]
+        assert ep is not None
+        start, out_at, reason, after, last, out_sends = ep
+        self.episodes.append(
+            {
+                "key": self.ids[idx],
+                "reason": reason,
+                "first_failure": start,
+                "out_of_service": out_at,
+                "sends_after_failure": after,
+                "sends_out_of_service": out_sends,
+                "failover_latency": 0.0 if last is None else last - start,
+                "time_to_recover": None if now is None else now - start,
+            }
+        )
+        self.episode[idx] = None
+
+    def _clear_failure(self, idx: int) -> None:
+        self.first_fail[idx] = None
+        self.fail_sends[idx] = 0
+        self.fail_last[idx] = None
+
+    # --------------------------------------------------------------- metrics
+
+    def collect(self) -> RunResult:
+        """The run's ``RunResult`` (call once, after :meth:`run`)."""
+        for idx in range(len(self.ids)):
+            if self.episode[idx] is not None:
+                self._episode_close(idx, None)
+        statuses = self.statuses
+        if self.ok200:
+            statuses["200"] = statuses.get("200", 0) + self.ok200
+        stats = self.pool.statistics()
+        delivered, rejected, cancelled, probes = self.counts
+        return RunResult(
+            policy=self.policy,
+            keys=self.ids,
+            requests=len(self.records),
+            delivered=delivered + self.ok200,
+            served=sum(self.served),
+            client_errors=self.client_errors,
+            rejected=rejected,
+            cancelled=cancelled,
+            lost=len(self.open),
+            upstream_statuses=statuses,
+            probes=probes,
+            sends=self.sends,
+            served_by_key=self.served,
+            spend=self.spend,
+            upstream_429=self.r429,
+            ever_unhealthy=self.ever_unhealthy,
+            final_states=[k.state.value for k in stats.keys],
+            episodes=self.episodes,
+            queue_waits=self.queue_waits,
+            ttfb=self.ttfb,
+            failover_extra=self.fo_extra,
+            failover_overhead=self.fo_overhead,
+            failover_error_rtt=self.fo_err,
+            failover_immediate=self.fo_immediate,
+            failover_waited_no_key=self.fo_waited[0],
+            failover_waited_key_usable=self.fo_waited[1],
+            end_time=self.end_time,
+            state_changes=self.state_changes,
+            load=self.load,
+            bucket=self.bucket,
+            pool_statistics={
+                "started": stats.started,
+                "delivered": stats.delivered,
+                "rejected": stats.rejected,
+                "cancelled": stats.cancelled,
+                "in_flight": stats.in_flight,
+                "queued": stats.queued,
+            },
+            groups=self.groups,
+        )

@@ -269,3 +269,30 @@ def test_an_upstream_model_naming_a_key_the_pool_lacks_is_an_error() -> None:
     model = UpstreamModel.from_json({"failures": [{"key": "kye-1", "start": 0, "status": 503}]})
     with pytest.raises(ValueError, match="names key\\(s\\) 'kye-1' that the pool does not have"):
         replay(Trace(TraceHeader(), [TraceRecord(t=0.0)]), keys=2, upstream=model)
+
+
+def test_a_failover_that_waits_is_judged_by_the_pools_own_query() -> None:
+    """key-1 answers 429 and r1 fails over while key-0 cannot take it: r0's
+    stream holds its one slot (max_in_flight), or its rpm pacing is not due.
+    Either way r1 waits with no key usable, as ``Pool.usable_now`` says."""
+    model = UpstreamModel.from_json(
+        {
+            "latency": 0.05,
+            "stream_rate": 10.0,
+            "failures": [{"key": "key-1", "start": 0.0, "end": 100.0, "status": 429}],
+        }
+    )
+    for spec in (KeySpec(key_id="key-0", max_in_flight=1), KeySpec(key_id="key-0", rpm=6)):
+        records = [
+            TraceRecord(t=0.0, stream=True, completion_tokens=10),  # key-0 for 1 s
+            TraceRecord(t=0.1),  # key-1: 429, waits for key-0
+        ]
+        result = simulate(
+            Trace(TraceHeader(), records),
+            model,
+            keys=[spec, KeySpec(key_id="key-1")],
+        )
+        assert (result.served, result.lost) == (2, 0), spec
+        assert result.upstream_429 == [0, 1], spec
+        assert result.failover_waited_no_key == 1, spec
+        assert result.failover_waited_key_usable == 0, spec
