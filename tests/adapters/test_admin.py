@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -21,15 +21,20 @@ from keyrotor.testing import Credits, FakeUpstream, Ok, Scenario
 
 from .proxy_thread import ProxyThread as Proxy
 
-ADMIN = "admin-token-" + "a1" * 12
-CLIENT = "client-token-" + "c3" * 12
+# The fake secrets end in letters no number can hold (no digit, no e/E, not
+# even a hex digit): a tail of one found in an answer is a leak, never a float
+# such as a successRate of 1/3 = 0.3333333333333333, a cost or a hex request id.
+ADMIN = "admin-token-" + "qz" * 12
+CLIENT = "client-token-" + "wy" * 12
 SECRETS = {
-    "one": "sk-or-v1-admin-one-" + "1" * 24,
-    "two": "sk-or-v1-admin-two-" + "2" * 24,
+    "one": "sk-or-v1-admin-one-" + "jk" * 12,
+    "two": "sk-or-v1-admin-two-" + "mn" * 12,
 }
-NEW = "sk-or-v1-admin-new-" + "3" * 24  # added at runtime
-POOR = "sk-or-v1-admin-poor-" + "4" * 24  # added at runtime, no credits
+NEW = "sk-or-v1-admin-new-" + "pr" * 12  # added at runtime
+POOR = "sk-or-v1-admin-poor-" + "st" * 12  # added at runtime, no credits
 ALL_SECRETS = (*SECRETS.values(), NEW, POOR, ADMIN, CLIENT)
+NUMBER_CHARACTERS = set("0123456789.+-abcdefABCDEF")
+assert all(not set(secret[-12:]) & NUMBER_CHARACTERS for secret in ALL_SECRETS)
 MODEL = "openai/gpt-4o-mini"
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
 
@@ -72,6 +77,22 @@ def assert_no_secret(text: str) -> None:
         assert secret[-12:] not in text  # not even a long tail of one
 
 
+def eventually(check: Callable[[], bool], what: str) -> None:
+    """Wait until ``check()`` holds; the 30 s are a hang guard, not a bound."""
+    for _ in range(3000):
+        if check():
+            return
+        pause(0.01)
+    raise AssertionError(f"never happened: {what}")
+
+
+def in_flight(status: Callable[[], httpx.Response], alias: str) -> int:
+    """The key's requests in flight as ``/status`` lists them (a removed key
+    stays listed, removing, while its requests finish; then 0)."""
+    keys = status().json()["keys"]
+    return next((int(key["in_flight"]) for key in keys if key["alias"] == alias), 0)
+
+
 def test_keys_are_added_listed_marked_probed_and_removed_while_traffic_flows(
     proxy: Any,
 ) -> None:
@@ -90,6 +111,11 @@ def test_keys_are_added_listed_marked_probed_and_removed_while_traffic_flows(
                 else:
                     errors.append((reply.status_code, reply.text))
 
+    def more_served(n: int) -> None:
+        """Wait until the traffic thread has been answered ``n`` more times."""
+        mark = len(served)
+        eventually(lambda: len(served) >= mark + n or bool(errors), f"{n} more served")
+
     worker = threading.Thread(target=traffic)
     worker.start()
     try:
@@ -99,6 +125,9 @@ def test_keys_are_added_listed_marked_probed_and_removed_while_traffic_flows(
                 reply = http.request(method, path, **kw)
                 seen.append(reply.text + json.dumps(dict(reply.headers)))
                 return reply
+
+            def get_status() -> httpx.Response:
+                return call("GET", "/status")  # its answers are checked for secrets too
 
             listed = call("GET", "/admin/keys").json()["keys"]
             assert [(k["alias"], k["state"], k["source"]) for k in listed] == [
@@ -114,17 +143,15 @@ def test_keys_are_added_listed_marked_probed_and_removed_while_traffic_flows(
             poor = call("POST", "/admin/keys", json={"key": POOR, "max_in_flight": 2})
             assert poor.status_code == 201 and poor.json()["alias"].startswith("key-")
             poor_alias = poor.json()["alias"]
-            for _ in range(200):  # the new keys take traffic at once
-                if "new" in served and upstream.stats("poor").requests:
-                    break
-                pause(0.01)
-            assert "new" in served
+            eventually(  # the new keys take traffic at once
+                lambda: "new" in served and upstream.stats("poor").requests > 0,
+                "the new keys took traffic",
+            )
             # The key without credits answered 402 and was set aside, invisibly.
-            for _ in range(200):
-                if call("GET", f"/admin/keys/{poor_alias}").json()["state"] == "depleted":
-                    break
-                pause(0.01)
-            assert call("GET", f"/admin/keys/{poor_alias}").json()["state"] == "depleted"
+            eventually(
+                lambda: call("GET", f"/admin/keys/{poor_alias}").json()["state"] == "depleted",
+                "the key without credits was set aside",
+            )
 
             # Duplicates are refused, naming the alias, never the key.
             again = call("POST", "/admin/keys", json={"key": NEW, "alias": "other"})
@@ -139,8 +166,11 @@ def test_keys_are_added_listed_marked_probed_and_removed_while_traffic_flows(
 
             marked = call("POST", "/admin/keys/one/state", json={"state": "disabled"})
             assert marked.status_code == 200 and marked.json()["state"] == "disabled"
+            # Requests sent to it before may still be on their way to the upstream:
+            # count from when none is left in flight, then let 20 more be served.
+            eventually(lambda: in_flight(get_status, "one") == 0, "one's requests ended")
             before = upstream.stats("one").requests
-            pause(0.2)
+            more_served(20)
             assert upstream.stats("one").requests == before  # no new traffic
             cooling = call(
                 "POST", "/admin/keys/two/state", json={"state": "rate_limited", "duration": 60}
@@ -156,11 +186,7 @@ def test_keys_are_added_listed_marked_probed_and_removed_while_traffic_flows(
             probing = call("POST", "/admin/probe", json={})
             assert probing.status_code == 202
             assert set(probing.json()["probing"]) == {"one", "two", "new", poor_alias}
-            for _ in range(200):
-                if upstream.stats("poor").probes > probes_before:
-                    break
-                pause(0.01)
-            assert upstream.stats("poor").probes > probes_before
+            eventually(lambda: upstream.stats("poor").probes > probes_before, "a probe of poor")
             one = call("POST", "/admin/probe", json={"alias": "one"})
             assert one.status_code == 202 and one.json()["probing"] == ["one"]
             assert call("POST", "/admin/probe", json={"alias": "zz"}).status_code == 404
@@ -169,9 +195,9 @@ def test_keys_are_added_listed_marked_probed_and_removed_while_traffic_flows(
             assert removed.status_code == 200
             assert removed.json()["removed"] is True
             assert removed.json()["returns_at_restart"] is False
-            pause(0.05)
+            eventually(lambda: in_flight(get_status, "new") == 0, "new's requests ended")
             count = upstream.stats("new").requests
-            pause(0.2)
+            more_served(20)
             assert upstream.stats("new").requests == count  # nothing new on it
             assert call("DELETE", "/admin/keys/new").status_code == 404
             assert call("GET", "/admin/keys/new").status_code == 404
@@ -324,13 +350,19 @@ def test_a_failing_state_file_is_reported_and_the_proxy_keeps_serving(
         with Proxy(config, log, store) as url, httpx.Client(base_url=url) as http:
             for _ in range(5):
                 assert http.post("/v1/chat/completions", json=CHAT).status_code == 200
-            pause(0.2)  # a few flushes, all failing
+            eventually(  # the next flush fails (then every one after it)
+                lambda: http.get("/status").json()["storage"]["ok"] is False, "a failed flush"
+            )
+            failed = http.get("/status").json()["storage"]["failed_writes"]
+            eventually(  # a few more, all failing (and logged once, below)
+                lambda: http.get("/status").json()["storage"]["failed_writes"] >= failed + 3,
+                "three more failed flushes",
+            )
             storage = http.get("/status").json()["storage"]
             assert storage["ok"] is False and "disk is full" in storage["last_error"]
             assert storage["pending"] > 0  # kept in memory for the next try
             assert http.get("/status").json()["stats"]["totalCostToday"] > 0
             monkeypatch.undo()  # the disk has room again
-            pause(0.2)
-            assert http.get("/status").json()["storage"]["ok"] is True
+            eventually(lambda: http.get("/status").json()["storage"]["ok"] is True, "a flush")
     logged = [r["message"] for r in log if r.get("event") == "storage"]
     assert len([m for m in logged if "disk is full" in m]) == 1  # once, not per flush

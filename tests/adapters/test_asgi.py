@@ -216,14 +216,15 @@ async def test_a_disconnect_mid_stream_stops_it_and_frees_the_key() -> None:
                     exchange.hang_up.set()
 
             exchange.on_send = leave_after_two_chunks
-            started = time.monotonic()
-            with anyio.fail_after(5):
+            with anyio.fail_after(20):  # a hang guard only: the whole stream is 25 s
                 await ASGIApp(ProxyApp(client))(
                     scope("POST", "/v1/chat/completions"), exchange.receive, exchange.send
                 )
-            elapsed = time.monotonic() - started
-            status = client.status()
-    assert elapsed < 2
+                status = client.status()
+                # The upstream saw its client leave: the stream was cut, not run out.
+                while server.stats("good").disconnects == 0:
+                    await anyio.sleep(0.01)
+    assert server.stats("good").by_status == {200: 1}
     assert 2 <= len(exchange.bodies) <= 3
     assert all(m.get("more_body") for m in exchange.bodies)  # never finished
     assert status["stats"]["inFlight"] == 0
@@ -457,7 +458,7 @@ def test_a_real_asgi_server_serves_the_proxy() -> None:
         process = subprocess.Popen([sys.executable, "-c", _SERVE, *args], env=env)
         try:
             with httpx.Client(base_url=f"http://127.0.0.1:{port}") as http:
-                deadline = time.monotonic() + 10
+                deadline = time.monotonic() + 30  # a start-up guard, not a bound
                 while True:
                     try:
                         if http.get("/healthz").status_code == 200:

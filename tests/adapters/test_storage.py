@@ -12,6 +12,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -489,17 +490,45 @@ def test_a_database_locked_by_another_process_delays_writes_but_not_records(
     tmp_path: pathlib.Path, key: str, opened: Callable[..., StateStore]
 ) -> None:
     store = opened(tmp_path / "state.db", secret_key=key, busy_timeout=0.5, flush_interval=0.01)
+    conn = store._conn
+    assert conn is not None
+    # Records never wait for the disk: hold the writer thread inside a write (as
+    # a disk that does not answer would) and record 2000 times meanwhile. A record
+    # that waited for the write would only go on once the write gave up (the
+    # guard below, 30 s): the order of events shows it, not a measured time.
+    in_write, let_go, write_over = threading.Event(), threading.Event(), threading.Event()
+    caller = threading.get_ident()
+
+    def stuck_disk(statement: str) -> None:
+        writer = threading.get_ident() != caller
+        if statement == "BEGIN IMMEDIATE" and writer and not let_go.is_set():
+            in_write.set()
+            let_go.wait(30)
+            write_over.set()
+
+    with store._db_lock:  # not while the writer thread uses the connection
+        conn.set_trace_callback(stuck_disk)
+    store.record_spend("a")
+    assert in_write.wait(30), "the writer thread never wrote"
+    for _ in range(1000):
+        store.record_spend("a")
+        store.record_state("a", "healthy", None, "")
+    assert not write_over.is_set()  # all recorded while the write was still stuck
+    let_go.set()
+    assert store.flush() is True  # the write went on; the records are all there
+    with store._db_lock:
+        conn.set_trace_callback(None)
+    assert sum(row.requests for row in store.load().ledger) == 1001
+
     other = sqlite3.connect(store.path, isolation_level=None)
     try:
         other.execute("BEGIN IMMEDIATE")
         store.record_spend("a")
-        deadline = time.monotonic() + 5  # the writer thread is now waiting for the lock
+        deadline = time.monotonic() + 30  # the writer thread is now waiting for the lock
         while store.health()["ok"] and time.monotonic() < deadline:
-            started = time.perf_counter()
             for _ in range(1000):
                 store.record_spend("a")
                 store.record_state("a", "healthy", None, "")
-            assert time.perf_counter() - started < 0.25  # never waits for the disk
             time.sleep(0.01)
         assert "database is locked" in store.health()["last_error"]
         with pytest.raises(StorageError, match=r"cannot store key 'a'.*database is locked"):
@@ -578,9 +607,15 @@ def test_kill_9_under_load_loses_at_most_the_last_batches_and_never_the_file(
     try:
         assert child.stdout is not None
         lines = [child.stdout.readline()]  # running
-        killed_at = time.monotonic() + 0.5
-        while time.monotonic() < killed_at:
+        # Kill it once the writer thread has committed (and the child has gone on
+        # recording for a while): an event to wait for, not a time to guess.
+        guard = time.monotonic() + 60  # a hang guard only
+        while True:
             lines.append(child.stdout.readline())
+            report = lines[-1].split()
+            if len(lines) > 30 and len(report) == 3 and int(report[0]) > 0:
+                break
+            assert time.monotonic() < guard, "the writer thread never committed"
         os.kill(child.pid, signal.SIGKILL)
         rest, _ = child.communicate(timeout=10)
     finally:

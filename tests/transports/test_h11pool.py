@@ -8,15 +8,17 @@ import random
 import shutil
 import ssl
 import subprocess
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import anyio
 import anyio.abc
 import pytest
+import trio
+import trio.testing
 from anyio.abc import SocketAttribute
 from anyio.streams.tls import TLSListener
 
@@ -49,8 +51,24 @@ from keyrotor.transports._h11pool import (
 
 
 @pytest.fixture(params=["asyncio", "trio"])
-def anyio_backend(request: pytest.FixtureRequest) -> str:
+def anyio_backend(request: pytest.FixtureRequest) -> str | tuple[str, dict[str, Any]]:
+    if request.param == VIRTUAL_TRIO:
+        # trio on a MockClock that jumps to the next deadline whenever every task
+        # waits: timeouts fire at exact virtual times, whatever the machine's load.
+        return ("trio", {"clock": trio.testing.MockClock(autojump_threshold=0)})
     return str(request.param)
+
+
+VIRTUAL_TRIO = "trio-mock-clock"
+# For the tests that check when a timeout fired: on asyncio only that it fired.
+with_virtual_trio = pytest.mark.parametrize(
+    "anyio_backend", ["asyncio", VIRTUAL_TRIO], indirect=True
+)
+
+
+def virtual(anyio_backend: str | tuple[str, dict[str, Any]]) -> bool:
+    """Whether the test runs on trio's MockClock (its times are then exact)."""
+    return isinstance(anyio_backend, tuple)
 
 
 KEY = "sk-or-v1-test"
@@ -272,23 +290,50 @@ async def test_request_head_has_host_and_content_length_and_keeps_callers_header
 
 
 @pytest.mark.anyio
-async def test_sse_stream_arrives_chunk_by_chunk() -> None:
+async def test_sse_stream_is_read_to_its_end_and_the_connection_reused() -> None:
     async with upstream() as server, ConnectionPool() as pool:
         response = await post(pool, server, SLOW_STREAM, stream=True, read_timeout=1.0)
         assert (b"content-type", b"text/event-stream") in response.headers
-        arrivals: list[float] = []
-        chunks: list[bytes] = []
-        start = time.perf_counter()
-        async for chunk in response.aiter_bytes():
-            assert isinstance(chunk, bytes)
-            arrivals.append(time.perf_counter() - start)
-            chunks.append(chunk)
-        body = b"".join(chunks)
-        assert body.endswith(b"data: [DONE]\n\n")
-        assert len(chunks) >= 8  # one per event, not one blob at the end
-        assert arrivals[0] < arrivals[-1] - 0.2
+        chunks = [chunk async for chunk in response.aiter_bytes()]
+        assert all(isinstance(chunk, bytes) for chunk in chunks)
+        assert b"".join(chunks).endswith(b"data: [DONE]\n\n")
         assert_quiet(pool, open_=1)  # read to its end: back in the pool
         await response.aclose()  # idempotent, nothing left to do
+        assert_quiet(pool, open_=1)
+
+
+@pytest.mark.anyio
+async def test_sse_stream_arrives_chunk_by_chunk() -> None:
+    # Lockstep: the server sends event n + 1 only once the caller holds event n.
+    # A pool that waited for more bytes (or the whole body) before handing any
+    # over would wait forever (the fail_after below is only a hang guard).
+    events = [b"data: %d\n\n" % n for n in range(5)]
+    received: list[bytes] = []
+    caught_up = [anyio.Event() for _ in events]
+
+    async def lockstep(stream: anyio.abc.ByteStream, server: RawServer) -> None:
+        await read_head(stream, bytearray())
+        await stream.send(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+            b"transfer-encoding: chunked\r\n\r\n"
+        )
+        for event, handed_over in zip(events, caught_up, strict=True):
+            await stream.send(b"%x\r\n%s\r\n" % (len(event), event))
+            await handed_over.wait()
+        await stream.send(b"0\r\n\r\n")
+        await never_answer(stream, server)  # keep the connection open
+
+    async with raw_server(lockstep) as server, ConnectionPool() as pool:
+        with anyio.fail_after(30):
+            response = await pool.request(b"GET", server.url + "/sse", [], read_timeout=30)
+            chunks: list[bytes] = []
+            async for chunk in response.aiter_bytes():
+                chunks.append(chunk)
+                received.append(chunk)
+                for n in range(b"".join(received).count(b"\n\n")):
+                    caught_up[n].set()
+        assert b"".join(chunks) == b"".join(events)
+        assert len(chunks) >= len(events)  # never two events in one chunk
         assert_quiet(pool, open_=1)
 
 
@@ -317,15 +362,18 @@ async def test_connection_close_from_the_server_is_honoured() -> None:
 
 
 @pytest.mark.anyio
-async def test_keepalive_expiry() -> None:
+@with_virtual_trio
+async def test_keepalive_expiry(anyio_backend: str | tuple[str, dict[str, Any]]) -> None:
     options = PoolOptions(keepalive_expiry=0.05)
     async with upstream() as server, ConnectionPool(options) as pool:
         await post_read(pool, server)
         await post_read(pool, server)
-        assert server.totals().connections == 1
-        await anyio.sleep(0.1)
+        reused = server.totals().connections
+        if virtual(anyio_backend):  # back to back in virtual time: reused
+            assert reused == 1
+        await anyio.sleep(0.1)  # at least 0.1 s, however loaded the machine
         await post_read(pool, server)
-        assert server.totals().connections == 2
+        assert server.totals().connections == reused + 1  # the expired one was not reused
         assert_quiet(pool, open_=1)
 
 
@@ -426,15 +474,18 @@ async def test_idle_connection_of_another_origin_is_closed_for_a_new_one() -> No
 
 
 @pytest.mark.anyio
-async def test_pool_timeout() -> None:
+@with_virtual_trio
+async def test_pool_timeout(anyio_backend: str | tuple[str, dict[str, Any]]) -> None:
     options = PoolOptions(max_connections=1, pool=0.2)
     async with upstream() as server, ConnectionPool(options) as pool:
         held = await post(pool, server, SLOW_STREAM, stream=True)
-        start = time.perf_counter()
+        start = anyio.current_time()
+        # The slot is never freed: without the timeout this would wait forever.
         with pytest.raises(PoolTimeout) as caught:
             await post_read(pool, server)
         assert isinstance(caught.value, TimeoutError)
-        assert 0.15 < time.perf_counter() - start < 2.0
+        if virtual(anyio_backend):
+            assert anyio.current_time() - start == pytest.approx(0.2)  # virtual time
         assert pool.stats() == {"open": 1, "idle": 0, "busy": 1, "connecting": 0, "waiting": 0}
         await held.aclose()  # not read to its end: closed, the slot is free
         assert_quiet(pool, open_=0)
@@ -446,13 +497,19 @@ async def test_pool_timeout() -> None:
 
 
 @pytest.mark.anyio
-async def test_read_timeout_waiting_for_the_response_head() -> None:
+@with_virtual_trio
+async def test_read_timeout_waiting_for_the_response_head(
+    anyio_backend: str | tuple[str, dict[str, Any]],
+) -> None:
     async with upstream() as server, ConnectionPool() as pool:
-        start = time.perf_counter()
+        start = anyio.current_time()
+        # The head comes after 5 s: a ReadTimeout means the 0.2 s one fired first.
         with pytest.raises(ReadTimeout) as caught:
             await post(pool, server, SLOW_HEAD, read_timeout=0.2)
         assert isinstance(caught.value, TimeoutError)
-        assert 0.15 < time.perf_counter() - start < 2.0
+        assert server.stats(SLOW_HEAD).by_status == {200: 1}  # decided, not yet answered
+        if virtual(anyio_backend):
+            assert anyio.current_time() - start == pytest.approx(0.2)  # virtual time
         assert_quiet(pool, open_=0)
         await post_read(pool, server)
 
