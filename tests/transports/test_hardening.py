@@ -5,6 +5,7 @@ not blamed on a key."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 import anyio
 import pytest
@@ -44,6 +45,13 @@ def chat(stream: bool = False) -> bytes:
     return json.dumps({"model": MODEL, "messages": HI, "stream": stream}).encode()
 
 
+async def eventually(condition: Callable[[], bool]) -> None:
+    """Wait until ``condition`` holds (a guard of 10 s turns a hang into a failure)."""
+    with anyio.fail_after(10):
+        while not condition():
+            await anyio.sleep(0.005)
+
+
 def head(secret: str) -> list[tuple[bytes, bytes]]:
     return [(b"authorization", b"Bearer " + secret.encode())]
 
@@ -72,7 +80,7 @@ async def test_a_tag_holds_at_most_its_share_and_other_tags_go_on() -> None:
             tasks.start_soon(stuck)
             tasks.start_soon(stuck)
             await started.wait()
-            await anyio.sleep(0.05)  # both have their slots and wait for an answer
+            await eventually(lambda: server.stats("hang").in_flight == 2)  # both at the upstream
             with pytest.raises(TagBusy):
                 await pool.request(
                     b"POST", url, head(SECRETS["hang"]), chat(), read_timeout=None, tag="hang"
@@ -107,7 +115,7 @@ async def test_a_waiter_gets_the_slot_its_tag_frees() -> None:
 
             async with anyio.create_task_group() as tasks:
                 tasks.start_soon(second)
-                await anyio.sleep(0.05)
+                await eventually(lambda: bool(pool._shares["k"].waiters))
                 assert results == []  # waits: its tag's one slot is held
                 await first.aread()  # the body ends: the slot passes on
             assert results == [200]
