@@ -16,16 +16,25 @@ import openai
 
 from keyrotor.core import KeySpec, PoolConfig
 from keyrotor.replay import load_trace, replay
-from keyrotor.testing import FakeUpstream, Invalid, Ok, RateLimit, Scenario
+from keyrotor.testing import FakeClock, FakeUpstream, Invalid, Ok, RateLimit, Scenario
 from keyrotor.transports.sync import Client
 
 SECRETS = {
-    "good": "sk-or-v1-record-good-" + "1" * 24,
-    "bad": "sk-or-v1-record-bad-" + "2" * 24,
-    "busy": "sk-or-v1-record-busy-" + "3" * 24,
+    # Tails of letters no number or hex id holds: a leak check must not match the
+    # digits of an unrounded float (1/9 = 0.1111...).
+    "good": "sk-or-v1-record-good-" + "q" * 24,
+    "bad": "sk-or-v1-record-bad-" + "w" * 24,
+    "busy": "sk-or-v1-record-busy-" + "z" * 24,
 }
 MODEL = "openai/gpt-4o-mini"
 PROMPT = "a prompt that must never be recorded"
+
+
+def fake_clock() -> FakeClock:
+    """The fake upstream's clock, stopped at the start of busy's 60 s window (windows
+    are aligned on the clock): on the wall clock a run across a minute's end could
+    let busy answer 200 twice."""
+    return FakeClock(start=1_700_000_040.0)  # a multiple of 60
 
 
 def scenario() -> Scenario:
@@ -47,7 +56,7 @@ def test_keyrotor_serve_records_a_trace_that_replays(tmp_path: Path) -> None:
     toml = "".join(f'[[keys]]\nalias = "{a}"\nsecret_env = "KEY_{a.upper()}"\n' for a in SECRETS)
     (tmp_path / "k.toml").write_text(toml)
     env = {**os.environ, **{f"KEY_{a.upper()}": s for a, s in SECRETS.items()}}
-    with FakeUpstream.running_in_thread(scenario()) as upstream:
+    with FakeUpstream.running_in_thread(scenario(), clock=fake_clock()) as upstream:
         proc = subprocess.Popen(
             [
                 sys.executable, "-m", "keyrotor.cli", "serve", "--port", "0", "--no-state",
@@ -114,7 +123,7 @@ def test_keyrotor_serve_records_a_trace_that_replays(tmp_path: Path) -> None:
 
 def test_a_transport_records_too_and_stops_when_closed(tmp_path: Path) -> None:
     trace_file = tmp_path / "client.jsonl"
-    with FakeUpstream.running_in_thread(scenario()) as upstream:
+    with FakeUpstream.running_in_thread(scenario(), clock=fake_clock()) as upstream:
         with Client(SECRETS, upstream.url) as client:
             recorder = client.record(trace_file)
             for _ in range(4):
@@ -155,7 +164,7 @@ def test_error_codes_come_from_metadata_never_from_the_message() -> None:
 
 def test_a_failing_recording_stops_itself_and_never_the_traffic(tmp_path: Path) -> None:
     heard: list[str] = []
-    with FakeUpstream.running_in_thread(scenario()) as upstream:
+    with FakeUpstream.running_in_thread(scenario(), clock=fake_clock()) as upstream:
         with Client({"good": SECRETS["good"]}, upstream.url) as client:
             recorder = client.record(tmp_path / "t.jsonl")
 
@@ -177,7 +186,7 @@ def test_a_failing_recording_stops_itself_and_never_the_traffic(tmp_path: Path) 
 def test_a_request_rejected_at_once_is_recorded_with_its_model(tmp_path: Path) -> None:
     from keyrotor.transports.errors import KeyrotorError
 
-    with FakeUpstream.running_in_thread(scenario()) as upstream:
+    with FakeUpstream.running_in_thread(scenario(), clock=fake_clock()) as upstream:
         config = PoolConfig(keys=[KeySpec(key_id="bad")], queue_timeout=0.2)
         with Client({"bad": SECRETS["bad"]}, upstream.url, config) as client:
             client.record(tmp_path / "t.jsonl")
