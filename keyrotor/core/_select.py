@@ -199,6 +199,13 @@ class WeightedSelector:
                 entry = heappop(pending)
                 heappush(eligible, (entry[3].vd, entry[1], entry[2], entry[3]))
             if not eligible:
+                # Entries of keys re-filed or taken out since are dropped first: a
+                # stale release time must not move virtual time (a restored pool,
+                # whose heaps hold no stale entries, would then pick differently).
+                while pending and (
+                    pending[0][2] != pending[0][3].ver or not pending[0][3].in_sched
+                ):
+                    heappop(pending)
                 if not pending:
                     break
                 # Work conserving: nothing released yet (keys were out), so

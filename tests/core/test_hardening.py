@@ -265,3 +265,39 @@ def test_removing_another_key_does_not_move_a_session() -> None:
         pool.handle(KeyRemoved(key_id=other, now=1.0 + n))
         assert _send(pool, f"r-{other}", 1.2 + n, session="s").key_id == home
         _ok(pool, f"r-{other}", 1.3 + n)
+
+
+def test_a_restored_weighted_pool_keeps_virtual_time_in_step() -> None:
+    """Found by the property test once sessions bypassed the selector under
+    ``weighted``: a removed key's stale release time in the original's heap moved
+    virtual time on a jump, which the restored pool (no stale entries) did not."""
+    from keyrotor.core import KeyAdded, KeyRemoved, KeySpec, PoolConfig, RequestCancelled
+
+    config = PoolConfig(keys=[KeySpec(key_id="k0")], policy="weighted", max_attempts=2)
+    first = [
+        *(KeyAdded(now=0.0, key=KeySpec(key_id=k)) for k in ("n2", "n3", "n4")),
+        KeyRemoved(now=0.0, key_id="k0"),
+        RequestStarted(request_id="r1", now=0.0),
+        KeyRemoved(now=0.0, key_id="n2"),
+        ResponseReceived(request_id="r1", now=0.0, status=200),
+        TransportFailed(request_id="r1", now=0.0, reason="reset"),
+        RequestStarted(request_id="r3", now=0.0),
+        ResponseReceived(request_id="r3", now=0.0, status=401),
+        KeyAdded(now=0.0, key=KeySpec(key_id="n5")),
+        RequestCancelled(request_id="r3", now=0.0),
+        RequestStarted(request_id="r4", now=0.0),
+        KeyRemoved(now=0.0, key_id="n4"),
+    ]
+    second = [
+        RequestCancelled(request_id="r4", now=0.0),
+        RequestStarted(request_id="r5", now=0.0, session="s1"),
+        RequestStarted(request_id="r6", now=0.0, pin=1),
+        TransportFailed(request_id="r5", now=0.0, reason="reset"),
+    ]
+    pool = Pool(config)
+    for event in first:
+        pool.handle(event)
+    twin = Pool.restore(json.loads(json.dumps(pool.snapshot())))
+    for event in second:
+        assert pool.handle(event) == twin.handle(event)
+    assert pool.snapshot() == twin.snapshot()
