@@ -41,6 +41,7 @@ from .proxy_load import (
     STARTUP_TIMEOUT,
     BenchError,
     Child,
+    Connection,
     _child_env,
     child,
     free_port,
@@ -314,36 +315,21 @@ class Reply:
     end_at: float  # trio clock, last body byte received
 
 
-class HTTPConnection:
-    """One keep-alive HTTP/1.1 connection: h11 over a trio socket stream."""
-
-    def __init__(self, stream: trio.SocketStream) -> None:
-        self.stream = stream
-        self.h11 = h11.Connection(h11.CLIENT)
-        self.closed = False
+class HTTPConnection(Connection):
+    """``proxy_load``'s keep-alive h11 connection, opened from an optional source
+    address, whose ``request`` returns the whole answer with its timings."""
 
     @classmethod
-    async def open(
+    async def connect(
         cls, port: int, *, source: str | None = None, timeout: float = 5.0
     ) -> HTTPConnection:
         with trio.fail_after(timeout):
             stream = await trio.open_tcp_stream(LOOPBACK, port, local_address=source)
         return cls(stream)
 
-    @property
-    def reusable(self) -> bool:
-        conn = self.h11
-        return not self.closed and conn.our_state is h11.IDLE and conn.their_state is h11.IDLE
-
     def stale(self) -> bool:
         """An idle connection with something to read was closed by the server."""
         return self.closed or self.stream.socket.is_readable()
-
-    def close(self) -> None:
-        """Close now (synchronous: safe in ``finally`` under cancellation)."""
-        if not self.closed:
-            self.closed = True
-            self.stream.socket.close()
 
     async def request(
         self, method: str, target: str, headers: Sequence[tuple[str, str]], body: bytes = b""

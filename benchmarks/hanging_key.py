@@ -150,7 +150,7 @@ class Pool:
                 break
             conn.close()
         else:
-            conn = await HTTPConnection.open(self.port)
+            conn = await HTTPConnection.connect(self.port)
             self.opened += 1
         self.busy += 1
         self.peak_busy = max(self.peak_busy, self.busy)

@@ -392,7 +392,7 @@ async def authorised_client(
                         if conn is None or not conn.reusable or conn.stale():
                             if conn is not None:
                                 conn.close()
-                            conn = await HTTPConnection.open(port, timeout=timeout)
+                            conn = await HTTPConnection.connect(port, timeout=timeout)
                             run.connections += 1
                         reply = await conn.request("POST", "/v1/chat/completions", headers, body)
                     run.statuses[str(reply.status)] += 1
@@ -428,7 +428,7 @@ async def sample_for(pid: int, seconds: float, into: list[tuple[float, int]]) ->
 
 async def warm_up(port: int, token: str) -> None:
     """A few authorised requests (they must succeed) and a tokenless one (it must get 401)."""
-    conn = await HTTPConnection.open(port)
+    conn = await HTTPConnection.connect(port)
     try:
         body = chat_body()
         with trio.fail_after(30):

@@ -482,15 +482,12 @@ class AsyncClient(ClientBase):
         try:
             status = response.status
             response_headers = decode_headers(response.headers)
-            read_first = None
-            if status >= 300:
-                read_first = MAX_ERROR_BODY  # an error answer: read to classify it
-            elif buffer and "event-stream" not in response_headers.get("content-type", ""):
-                read_first = 0  # a whole answer: a body that breaks off fails over
+            error = status >= 300  # read (a bounded part) to classify it
+            whole = buffer and "event-stream" not in response_headers.get("content-type", "")
             prefetched = None
-            if read_first is not None:
+            if error or whole:  # a whole answer: a body that breaks off fails over
                 try:
-                    prefetched = await response.aread(limit=read_first or None)
+                    prefetched = await response.aread(limit=MAX_ERROR_BODY if error else None)
                 except TRANSPORT_ERRORS as exc:
                     await response.aclose()
                     driver.failed(request_id, failure_reason(exc))
@@ -500,7 +497,7 @@ class AsyncClient(ClientBase):
                 send.attempt,
                 status,
                 response_headers,
-                prefetched if status >= 300 else None,
+                prefetched if error else None,
             )
             if deliver is not None:
                 return StreamResponse(

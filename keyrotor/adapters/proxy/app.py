@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
+from ...core import USABLE_STATES
 from ...transports.api import AsyncClient, ResponseHead, StreamResponse
 from ...transports.errors import NoKeyAvailable, TransportError
 from .admin import Admin
@@ -163,8 +164,7 @@ class ProxyApp:
                 body=text.encode(),
             )
         elif path == "/healthz" and request.method == "GET":
-            health = self._client.status()["health"]
-            usable = health["healthy"] + health["recovering"]
+            usable = _usable_keys(self._client.status())
             response = self._json(200, {"ok": True, "usable_keys": usable})
         else:
             response = Response(
@@ -236,16 +236,16 @@ class ProxyApp:
             return "honoured"
         if pin not in ids:
             return "fallback: unknown key"
-        state = pool.state_of(pin).value
-        if state in ("healthy", "recovering"):
+        state = pool.state_of(pin)
+        if state in USABLE_STATES:
             return f"fallback: {pin} was busy or failed this request"
-        return f"fallback: {pin} is {state}"
+        return f"fallback: {pin} is {state.value}"
 
     def _key_info(self) -> dict[str, Any]:
         """``GET /v1/key`` in OpenRouter's shape, for the pool as a whole (what
         its keys spent through keyrotor); nothing of any one key or account."""
         status = self._client.status()
-        usable = status["health"]["healthy"] + status["health"]["recovering"]
+        usable = _usable_keys(status)
         return {
             "data": {
                 "label": f"keyrotor pool ({status['totalKeys']} keys, {usable} usable)",
@@ -325,6 +325,11 @@ class ProxyApp:
         if self._routing_note and upstream.is_success:
             content = _with_routing(content, upstream)
         return Response(status=upstream.status_code, headers=out_headers, body=content, log=log)
+
+
+def _usable_keys(status: dict[str, Any]) -> int:
+    """Keys in a usable state, from ``status()``'s count per state."""
+    return sum(status["health"][state.value] for state in USABLE_STATES)
 
 
 _BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
