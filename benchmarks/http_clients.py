@@ -78,6 +78,7 @@ from urllib.parse import urlsplit
 
 import anyio
 import anyio.abc
+import anyio.from_thread
 import h11
 import httpcore
 import httpx
@@ -893,6 +894,48 @@ class H11Socket(_Bodies):
         self._abort()
 
 
+class H11PoolPortal(_Bodies):
+    """keyrotor's async pool called from a plain thread through an anyio
+    ``BlockingPortal`` (asyncio): what the blocking client would cost if it
+    ran on the async client's HTTP stack. One hop per request, the fewest a
+    whole-body call could take (a streamed body needs one per chunk more).
+    Measured only: the checks below are the async pool's own."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self._portal_cm = anyio.from_thread.start_blocking_portal("asyncio")
+        self.portal = self._portal_cm.__enter__()
+        self.inner = self.portal.call(H11PoolAsync, settings)
+
+    def post(self) -> None:
+        self.portal.call(self.inner.post)
+
+    def stream(self) -> None:
+        self.portal.call(self.inner.stream)
+
+    @contextmanager
+    def open_stream(self, secret: str, body: bytes) -> Iterator[SyncResponse]:
+        opened = self.portal.wrap_async_context_manager(self.inner.open_stream(secret, body))
+        with opened as response:
+            chunks = response.chunks
+
+            async def next_chunk() -> bytes | None:
+                return await anext(chunks, None)
+
+            def read() -> Iterator[bytes]:
+                while (chunk := self.portal.call(next_chunk)) is not None:
+                    yield chunk
+
+            yield SyncResponse(response.status, response.local_port, read())
+
+    def connections(self) -> list[Any] | None:
+        return self.inner.connections()
+
+    def close(self) -> None:
+        self.portal.call(self.inner.aclose)
+        self._portal_cm.__exit__(None, None, None)
+
+
 # --------------------------------------------------------------------------- cases
 
 
@@ -904,6 +947,7 @@ class Case:
     make_sync: Callable[[Settings], SyncBench] | None = None
     floor: bool = False
     pooled: bool = True
+    checked: bool = True
 
 
 CASES: tuple[Case, ...] = (
@@ -919,6 +963,7 @@ CASES: tuple[Case, ...] = (
     Case("httpx.Client", "sync", make_sync=HttpxSync),
     Case("httpcore.ConnectionPool", "sync", make_sync=HttpcoreSync),
     Case("bare h11 + socket", "sync", make_sync=H11Socket, floor=True, pooled=False),
+    Case("keyrotor _h11pool via portal", "sync", make_sync=H11PoolPortal, checked=False),
 )
 
 
@@ -1402,7 +1447,7 @@ def run_checks(upstream_backend: str) -> str:
     ]
     with FakeUpstream.running_in_thread(check_scenario(), backend=upstream_backend) as server:
         target = Target.parse(server.url)
-        for case in CASES:
+        for case in (case for case in CASES if case.checked):
             print(f"  check: {case.client} ({case.backend})", file=sys.stderr, flush=True)
             if case.make_sync is not None:
                 r = check_sync(case.make_sync, server, target, case.pooled)

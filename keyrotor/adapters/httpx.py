@@ -48,19 +48,19 @@ pool's ``queue_timeout`` (or the transport's ``timeout`` argument).
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
-from typing import TYPE_CHECKING
+from typing import Any, Generic, TypeVar
 
 import httpx
 
+from ..transports.api import AsyncClient, ResponseHead, StreamResponse
 from ..transports.errors import KeyrotorError, NoKeyAvailable, TransportError
+from ..transports.sync import Client
+from ..transports.sync import StreamResponse as SyncStreamResponse
 from .proxy.app import delivered_headers, rejection
 
-if TYPE_CHECKING:
-    from ..transports.api import AsyncClient, StreamResponse
-    from ..transports.sync import Client
-    from ..transports.sync import StreamResponse as SyncStreamResponse
-
 __all__ = ["AsyncPoolTransport", "PoolTransport"]
+
+C = TypeVar("C")
 
 # Request headers that stay here: the pool sets its own key, host and framing.
 _REQUEST_DROPPED = frozenset(
@@ -106,14 +106,23 @@ def _forwarded_headers(request: httpx.Request) -> dict[str, str]:
     return headers
 
 
-def _content(request: httpx.Request, body: bytes) -> bytes | None:
-    return body if body or request.method in ("POST", "PUT", "PATCH") else None
-
-
-def _rejected(exc: NoKeyAvailable, request: httpx.Request) -> httpx.Response:
-    """``NoKeyAvailable`` as the answer the proxy would give."""
+def _refused(exc: KeyrotorError, request: httpx.Request) -> httpx.Response:
+    """``NoKeyAvailable`` as the answer the proxy would give; another client
+    error (the pool not open, closed mid-request) as ``httpx.ConnectError``."""
+    if not isinstance(exc, NoKeyAvailable):
+        raise httpx.ConnectError(str(exc), request=request) from exc
     status, headers, body = rejection(exc)
     return httpx.Response(status, headers=headers, content=body, request=request)
+
+
+def _answer(
+    upstream: ResponseHead,
+    stream: httpx.SyncByteStream | httpx.AsyncByteStream,
+    request: httpx.Request,
+) -> httpx.Response:
+    """The delivered response for httpx, its body read from ``stream``."""
+    headers = delivered_headers(upstream, _RESPONSE_DROPPED)
+    return httpx.Response(upstream.status_code, headers=headers, stream=stream, request=request)
 
 
 class _AsyncBody(httpx.AsyncByteStream):
@@ -157,7 +166,27 @@ class _SyncBody(httpx.SyncByteStream):
         self._upstream.close()
 
 
-class AsyncPoolTransport(httpx.AsyncBaseTransport):
+class _Forwarding(Generic[C]):
+    """What both transports share: their arguments and the request they forward."""
+
+    def __init__(self, client: C, *, prefix: str = "/v1", timeout: float | None = None) -> None:
+        self._client = client
+        self._prefix = prefix.rstrip("/")
+        self._timeout = timeout
+
+    def _forward(self, request: httpx.Request, body: bytes) -> dict[str, Any]:
+        """``send``'s arguments: the path relative to the prefix, the caller's
+        headers minus what stays here, the body (None for a bodiless GET)."""
+        return {
+            "method": request.method,
+            "path": _relative_path(request, self._prefix),
+            "content": body if body or request.method in ("POST", "PUT", "PATCH") else None,
+            "headers": _forwarded_headers(request),
+            "timeout": self._timeout,
+        }
+
+
+class AsyncPoolTransport(_Forwarding[AsyncClient], httpx.AsyncBaseTransport):
     """Sends httpx requests through a keyrotor ``AsyncClient`` (asyncio or trio).
 
     The caller opens the client (``async with``) and keeps it open while the
@@ -170,66 +199,24 @@ class AsyncPoolTransport(httpx.AsyncBaseTransport):
         timeout: longest wait for a key (``None``: the pool's ``queue_timeout``).
     """
 
-    def __init__(
-        self, client: AsyncClient, *, prefix: str = "/v1", timeout: float | None = None
-    ) -> None:
-        self._client = client
-        self._prefix = prefix.rstrip("/")
-        self._timeout = timeout
-
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        body = await request.aread()
         try:
-            upstream = await self._client.send(
-                request.method,
-                _relative_path(request, self._prefix),
-                content=_content(request, body),
-                headers=_forwarded_headers(request),
-                timeout=self._timeout,
-            )
-        except NoKeyAvailable as exc:
-            return _rejected(exc, request)
+            upstream = await self._client.send(**self._forward(request, await request.aread()))
         except KeyrotorError as exc:
-            raise httpx.ConnectError(str(exc), request=request) from exc
-        return httpx.Response(
-            upstream.status_code,
-            headers=delivered_headers(upstream, _RESPONSE_DROPPED),
-            stream=_AsyncBody(upstream, request),
-            request=request,
-        )
+            return _refused(exc, request)
+        return _answer(upstream, _AsyncBody(upstream, request), request)
 
 
-class PoolTransport(httpx.BaseTransport):
+class PoolTransport(_Forwarding[Client], httpx.BaseTransport):
     """Sends httpx requests through a blocking keyrotor ``Client``.
 
     Same arguments and behaviour as ``AsyncPoolTransport``; the client must be
     open (``with Client(...) as client:``) while the transport is used.
     """
 
-    def __init__(
-        self, client: Client, *, prefix: str = "/v1", timeout: float | None = None
-    ) -> None:
-        self._client = client
-        self._prefix = prefix.rstrip("/")
-        self._timeout = timeout
-
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        body = request.read()
         try:
-            upstream = self._client.send(
-                request.method,
-                _relative_path(request, self._prefix),
-                content=_content(request, body),
-                headers=_forwarded_headers(request),
-                timeout=self._timeout,
-            )
-        except NoKeyAvailable as exc:
-            return _rejected(exc, request)
+            upstream = self._client.send(**self._forward(request, request.read()))
         except KeyrotorError as exc:
-            raise httpx.ConnectError(str(exc), request=request) from exc
-        return httpx.Response(
-            upstream.status_code,
-            headers=delivered_headers(upstream, _RESPONSE_DROPPED),
-            stream=_SyncBody(upstream, request),
-            request=request,
-        )
+            return _refused(exc, request)
+        return _answer(upstream, _SyncBody(upstream, request), request)

@@ -2,34 +2,54 @@
 
 ``keyrotor.transports.asyncio.Client`` and ``keyrotor.transports.trio.Client``
 are this class. Everything that can be decided is decided by the ``Driver``
-(and the core behind it); this module only sends, waits and sleeps.
+(and the core behind it) and by the steps of ``_exchange``, which the blocking
+client shares; this module only carries the steps out on keyrotor's h11 pool:
+it sends, reads, waits and sleeps.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
-from contextlib import asynccontextmanager
-from typing import Any, Self
+from contextlib import asynccontextmanager, suppress
+from typing import Any, Self, TypeVar, Unpack
 
 import anyio
 
-from ..core import Deliver, PoolConfig, Probe, Reject, Send
+from ..core import PoolConfig, Probe
 from . import _h11pool as h11pool
-from ._base import ClientBase, chat_payload
-from ._driver import OPENROUTER_URL, Driver, Slot, StreamAccountant
+from ._base import ClientBase
+from ._driver import OPENROUTER_URL, Driver
+from ._exchange import (
+    WAIT,
+    Close,
+    Delivered,
+    Failed,
+    NextChunk,
+    Open,
+    Opened,
+    Read,
+    RequestOptions,
+    Steps,
+    StreamBody,
+    attempts,
+    chat_options,
+    first_error,
+    outgoing,
+    route,
+)
+from ._exchange import probe as probe_steps
 from ._http import (
-    MAX_ERROR_BODY,
     HTTPOptions,
     LineDecoder,
     Response,
-    ResponseHead,
     decode_headers,
-    encode_body,
     json_or_raise,
     request_headers,
 )
-from .errors import KeyrotorError, NoKeyAvailable, TransportError
+from .errors import KeyrotorError
+
+T = TypeVar("T")
 
 # An attempt failed without an answer: report TransportFailed and fail over.
 # LocalProtocolError is not here: HTTP refuses the caller's own request.
@@ -40,10 +60,6 @@ TRANSPORT_ERRORS: tuple[type[Exception], ...] = (
     h11pool.RemoteProtocolError,
     TimeoutError,  # the pool's timeouts, and our first-byte deadline
 )
-
-
-PROBE_ERRORS: tuple[type[Exception], ...] = (*TRANSPORT_ERRORS, KeyrotorError)
-"""A probe that ends with one of these got no answer (``status=None``)."""
 
 
 def failure_reason(exc: BaseException) -> str:
@@ -82,7 +98,7 @@ class _Waiter:
         self._event = anyio.Event()
 
 
-class StreamResponse(ResponseHead):
+class StreamResponse(StreamBody):
     """A delivered response whose body is read as it arrives.
 
     Iterate ``aiter_bytes()`` or ``aiter_lines()``; usage in the last SSE
@@ -90,22 +106,9 @@ class StreamResponse(ResponseHead):
     A body that breaks off raises ``TransportError``.
     """
 
-    def __init__(
-        self,
-        client: AsyncClient,
-        request_id: str,
-        response: h11pool.Response,
-        deliver: Deliver,
-        headers: dict[str, str],
-        prefetched: bytes | None = None,
-    ) -> None:
-        super().__init__(deliver, headers)
+    def __init__(self, client: AsyncClient, request_id: str, delivered: Delivered) -> None:
+        super().__init__(client._driver, request_id, delivered)
         self._client = client
-        self._prefetched = prefetched
-        self._request_id = request_id
-        self._response = response
-        self._accountant = StreamAccountant(headers.get("content-type", ""))
-        self._done = False
 
     def aiter_bytes(self) -> AsyncIterator[bytes]:
         """The body, chunk by chunk as the upstream sends it.
@@ -121,49 +124,15 @@ class StreamResponse(ResponseHead):
 
     async def aread(self) -> bytes:
         """The rest of the body at once."""
-        return b"".join([chunk async for chunk in self.aiter_bytes()])
-
-    async def _next_chunk(self) -> bytes | None:
-        """The next piece of the body, or None at its end (accounted then)."""
-        if self._done:
-            return None
-        prefetched = self._prefetched
-        if prefetched is not None:  # read already: an error answer, or a whole one
-            self._prefetched = None
-            if prefetched:
-                self._accountant.feed(prefetched)
-                return prefetched
-            chunk = None
-        else:
-            try:
-                chunk = await anext(self._response, None)
-            except TRANSPORT_ERRORS as exc:
-                await self._end(failure=failure_reason(exc))
-                raise TransportError(f"the response body broke off ({exc})") from exc
-        if chunk is None:
-            self._accountant.close()
-            await self._end()
-            return None
-        self._accountant.feed(chunk)
-        return chunk
-
-    async def _end(self, failure: str | None = None) -> None:
-        if self._done:
-            return
-        self._done = True
-        try:
-            await self._response.aclose()  # frees its slot first; closes shielded
-        finally:
-            self._client._driver.finish(self._request_id, self.key, self._accountant, failure)
+        return await self._client._run(self._rest())
 
     async def aclose(self) -> None:
         """Stop reading: the upstream request is cancelled and the key freed."""
         if not self._done:
-            self._done = True
-            try:
-                await self._response.aclose()
-            finally:
-                self._client._driver.close(self._request_id, ended=False)
+            await self._client._run(self._closing())
+
+    async def _chunk(self) -> bytes | None:
+        return await self._client._run(self._next_chunk())
 
 
 class _Chunks:
@@ -178,7 +147,7 @@ class _Chunks:
         return self
 
     async def __anext__(self) -> bytes:
-        chunk = await self._response._next_chunk()
+        chunk = await self._response._chunk()
         if chunk is None:
             raise StopAsyncIteration
         return chunk
@@ -201,7 +170,7 @@ class _Lines:
         while not self._ready:
             if self._decoder is None:
                 raise StopAsyncIteration
-            chunk = await self._response._next_chunk()
+            chunk = await self._response._chunk()
             if chunk is None:
                 self._ready.extend(self._decoder.flush())
                 self._decoder = None
@@ -303,36 +272,16 @@ class AsyncClient(ClientBase):
 
     # ------------------------------------------------------------- requests
 
-    async def request(
-        self,
-        method: str,
-        path: str,
-        *,
-        json: Any = None,
-        content: bytes | None = None,
-        headers: Mapping[str, str] | None = None,
-        pin: str | int | None = None,
-        session: str | None = None,
-        group: str | None = None,
-        timeout: float | None = None,
-    ) -> Response:
+    async def request(self, method: str, path: str, **options: Unpack[RequestOptions]) -> Response:
         """Send a request through the pool and read the whole response.
 
         Failover is invisible: the response is the first one the pool delivers
         (a success, or an error no other key would fix). Raises
-        ``NoKeyAvailable`` when no key can serve in time.
+        ``NoKeyAvailable`` when no key can serve in time. Options: ``json`` or
+        ``content``, ``headers``, ``pin``, ``session``, ``group``, ``timeout``
+        (``RequestOptions``).
         """
-        response = await self.send(
-            method,
-            path,
-            json=json,
-            content=content,
-            headers=headers,
-            pin=pin,
-            session=session,
-            group=group,
-            timeout=timeout,
-        )
+        response = await self.send(method, path, **options)
         try:
             body = await response.aread()
         finally:
@@ -341,34 +290,13 @@ class AsyncClient(ClientBase):
 
     @asynccontextmanager
     async def stream(
-        self,
-        method: str,
-        path: str,
-        *,
-        json: Any = None,
-        content: bytes | None = None,
-        headers: Mapping[str, str] | None = None,
-        pin: str | int | None = None,
-        session: str | None = None,
-        group: str | None = None,
-        timeout: float | None = None,
+        self, method: str, path: str, **options: Unpack[RequestOptions]
     ) -> AsyncIterator[StreamResponse]:
         """Like ``request``, but the body is read as it arrives (for SSE).
 
         Leaving the block early cancels the upstream request and frees the key.
         """
-        response = await self.send(
-            method,
-            path,
-            json=json,
-            content=content,
-            headers=headers,
-            pin=pin,
-            session=session,
-            group=group,
-            timeout=timeout,
-            buffer=False,
-        )
+        response = await self.send(method, path, buffer=False, **options)
         try:
             yield response
         finally:
@@ -379,15 +307,9 @@ class AsyncClient(ClientBase):
         method: str,
         path: str,
         *,
-        json: Any = None,
-        content: bytes | None = None,
-        headers: Mapping[str, str] | None = None,
-        pin: str | int | None = None,
-        session: str | None = None,
-        group: str | None = None,
-        timeout: float | None = None,
         buffer: bool = True,
         pin_fallback: bool = True,
+        **options: Unpack[RequestOptions],
     ) -> StreamResponse:
         """Like ``stream``, without the block: the delivered response, whose body
         the caller reads and which the caller must ``aclose()`` (the proxy hands
@@ -397,117 +319,15 @@ class AsyncClient(ClientBase):
         before it is delivered, so a body that breaks off fails over to another
         key like a missing answer (``stream`` passes False). ``pin_fallback``:
         whether a pinned key that is missing or unusable may be replaced
-        (False: ``NoKeyAvailable`` with status 400 for an unknown key)."""
-        body = encode_body(json, content)
-        merged = self._upstream.merge_headers(headers)
+        (False: an unknown key is refused, ``NoKeyAvailable`` with status 400;
+        an unusable one is waited for)."""
+        request = outgoing(self._upstream, method, path, options)
         waiter = _Waiter()
         request_id, slot = self._driver.open(
-            waiter.wake,
-            pin=pin,
-            pin_fallback=pin_fallback,
-            session=session,
-            group=group,
-            timeout=timeout,
-            body=body,
+            waiter.wake, pin_fallback=pin_fallback, body=request.body, **route(options)
         )
-        return await self._attempts(request_id, slot, waiter, method, path, body, merged, buffer)
-
-    async def _attempts(
-        self,
-        request_id: str,
-        slot: Slot,
-        waiter: _Waiter,
-        method: str,
-        path: str,
-        body: bytes | None,
-        headers: Mapping[str, str],
-        buffer: bool,
-    ) -> StreamResponse:
-        """Carry out the pool's decisions for one request until one is delivered."""
-        driver = self._driver
-        ended = False
-        try:
-            while True:
-                while not slot.decisions:
-                    if self._closed:
-                        raise KeyrotorError("the client was closed while the request waited")
-                    await waiter.wait()
-                decision = slot.decisions.popleft()
-                if isinstance(decision, Reject):
-                    ended = True
-                    driver.close(request_id, ended=True)
-                    raise NoKeyAvailable(decision.status, decision.retry_after, decision.reason)
-                assert isinstance(decision, Send)
-                opened = await self._send_one(
-                    request_id, decision, method, path, body, headers, buffer
-                )
-                if opened is not None:
-                    return opened
-        except BaseException:
-            if not ended:
-                driver.close(request_id, ended=False)
-            raise
-
-    async def _send_one(
-        self,
-        request_id: str,
-        send: Send,
-        method: str,
-        path: str,
-        body: bytes | None,
-        headers: Mapping[str, str],
-        buffer: bool,
-    ) -> StreamResponse | None:
-        """One attempt: returns the delivered response, or None to go on."""
-        driver = self._driver
-        upstream = self._upstream
-        pool = self._http()
-        secret = driver.secret_for(request_id, send)
-        if secret is None:
-            return None
-        options = upstream.options
-        try:
-            response = await pool.request(
-                method.encode("ascii"),
-                upstream.url_for(path),
-                request_headers(upstream.host, secret, headers, body, frame=False),
-                body,
-                read_timeout=options.idle,
-                head_timeout=options.first_byte_for(body),
-                tag=send.key_id,
-            )
-        except TRANSPORT_ERRORS as exc:
-            driver.failed(request_id, failure_reason(exc))
-            return None
-        try:
-            status = response.status
-            response_headers = decode_headers(response.headers)
-            error = status >= 300  # read (a bounded part) to classify it
-            whole = buffer and "event-stream" not in response_headers.get("content-type", "")
-            prefetched = None
-            if error or whole:  # a whole answer: a body that breaks off fails over
-                try:
-                    prefetched = await response.aread(limit=MAX_ERROR_BODY if error else None)
-                except TRANSPORT_ERRORS as exc:
-                    await response.aclose()
-                    driver.failed(request_id, failure_reason(exc))
-                    return None
-            deliver = driver.received(
-                request_id,
-                send.attempt,
-                status,
-                response_headers,
-                prefetched if error else None,
-            )
-            if deliver is not None:
-                return StreamResponse(
-                    self, request_id, response, deliver, response_headers, prefetched
-                )
-        except BaseException:
-            await response.aclose()  # cancellation-safe: the pool shields its closing
-            raise
-        await response.aclose()  # a failed attempt: drop it, the pool has decided
-        return None
+        steps = attempts(self._driver, request_id, slot, request, buffer)
+        return StreamResponse(self, request_id, await self._run(steps, waiter))
 
     # ------------------------------------------------------------ chat API
 
@@ -516,34 +336,19 @@ class AsyncClient(ClientBase):
         *,
         model: str,
         messages: Sequence[Mapping[str, Any]],
-        pin: str | int | None = None,
-        session: str | None = None,
-        group: str | None = None,
-        timeout: float | None = None,
         **params: Any,
     ) -> Any:
         """``POST /chat/completions``; the parsed JSON body. Raises
-        ``UpstreamError`` for an error answer, ``NoKeyAvailable`` if no key."""
-        payload = chat_payload(model, messages, params)
-        response = await self.request(
-            "POST",
-            "/chat/completions",
-            json=payload,
-            pin=pin,
-            session=session,
-            group=group,
-            timeout=timeout,
-        )
-        return json_or_raise(response)
+        ``UpstreamError`` for an error answer, ``NoKeyAvailable`` if no key.
+        ``pin``, ``session``, ``group`` and ``timeout`` are the pool's; other
+        ``params`` go into the body."""
+        options = chat_options(model, messages, params)
+        return json_or_raise(await self.request("POST", "/chat/completions", **options))
 
     async def parallel_chat(self, requests: Sequence[Mapping[str, Any]]) -> list[Any]:
         """Run chat requests at once, each on its own key while enough keys
         are usable (seed 000's ``parallelChat``). Raises the first error."""
-        results = await self.parallel_chat_partial(requests)
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
-        return results
+        return first_error(await self.parallel_chat_partial(requests))
 
     async def parallel_chat_partial(
         self, requests: Sequence[Mapping[str, Any]]
@@ -589,29 +394,67 @@ class AsyncClient(ClientBase):
                 tasks.start_soon(self._probe, driver.probes.popleft())
 
     async def _probe(self, probe: Probe) -> None:
-        driver = self._driver
-        upstream = self._upstream
-        status: int | None = None
-        headers: dict[str, str] | None = None
-        body: bytes | None = None
-        secret = driver.secrets.get(probe.key_id)
+        # A probe cut short (its deadline, the client closing) counts as no answer.
+        # (The client closing raises KeyrotorError: answered as no answer too.)
+        with anyio.move_on_after(self._upstream.options.probe_timeout), suppress(KeyrotorError):
+            await self._run(probe_steps(self._driver, probe.key_id))
+
+    # ------------------------------------------------------ carrying out steps
+
+    async def _run(self, steps: Steps[T], waiter: _Waiter | None = None) -> T:
+        """Carry out ``steps`` (``_exchange``) until it returns: each step's
+        result is sent back in, its exception thrown in."""
+        value: Any = None
+        error: BaseException | None = None
+        while True:
+            try:
+                step = steps.send(value) if error is None else steps.throw(error)
+            except StopIteration as stop:
+                return stop.value  # type: ignore[no-any-return]
+            value = error = None
+            try:
+                if step is WAIT:
+                    if self._closed:
+                        raise KeyrotorError("the client was closed while the request waited")
+                    assert waiter is not None
+                    await waiter.wait()
+                else:
+                    value = await self._step(step)
+            except BaseException as exc:
+                error = exc
+
+    async def _step(self, step: Open | Read | NextChunk | Close) -> Any:
+        """One step's I/O on the h11 pool; no answer is ``Failed``."""
+        if isinstance(step, Close):
+            await step.handle.aclose()  # cancellation-safe: the pool shields its closing
+            return None
         try:
-            if secret is not None:
-                with anyio.fail_after(upstream.options.probe_timeout):
-                    response = await self._http().request(
-                        b"GET",
-                        upstream.url_for(upstream.probe_path),
-                        request_headers(upstream.host, secret, upstream.headers, None),
-                        read_timeout=upstream.options.probe_timeout,
-                    )
-                    try:
-                        body = await response.aread(limit=MAX_ERROR_BODY)
-                    finally:
-                        await response.aclose()
-                status, headers = response.status, decode_headers(response.headers)
-        except PROBE_ERRORS:
-            status = None
-        finally:
-            # Always answered, even when the client closes mid-probe: a key
-            # left "probing" would never be probed again.
-            driver.probe_finished(probe.key_id, status, headers, body)
+            if isinstance(step, NextChunk):
+                return await anext(step.handle, None)
+            if isinstance(step, Read):
+                return await step.handle.aread(limit=step.limit)
+            response = await self._open(step)
+        except TRANSPORT_ERRORS as exc:
+            return Failed(failure_reason(exc), exc)
+        return Opened(response, response.status, decode_headers(response.headers))
+
+    async def _open(self, step: Open) -> h11pool.Response:
+        upstream = self._upstream
+        options = upstream.options
+        request = step.request
+        if request is None:  # the key's probe
+            return await self._http().request(
+                b"GET",
+                upstream.url_for(upstream.probe_path),
+                request_headers(upstream.host, step.secret, upstream.headers, None),
+                read_timeout=options.probe_timeout,
+            )
+        return await self._http().request(
+            request.method.encode("ascii"),
+            upstream.url_for(request.path),
+            request_headers(upstream.host, step.secret, request.headers, request.body, frame=False),
+            request.body,
+            read_timeout=options.idle,
+            head_timeout=options.first_byte_for(request.body),
+            tag=step.key_id,
+        )

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Self
 
 from ..core import KeySpec, KeyState, PoolConfig
@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from ..replay.record import TraceRecorder
     from ..replay.trace import TraceWriter
 
-__all__ = ["ClientBase", "chat_payload"]
+__all__ = ["ClientBase"]
 
 
 class ClientBase:
@@ -137,10 +137,3 @@ class ClientBase:
     def __repr__(self) -> str:
         keys = list(self._driver.secrets)
         return f"<{type(self).__name__} {self._upstream.url} keys={keys}>"
-
-
-def chat_payload(
-    model: str, messages: Sequence[Mapping[str, Any]], params: Mapping[str, Any]
-) -> dict[str, Any]:
-    """The ``/chat/completions`` body."""
-    return {"model": model, "messages": list(messages), **params}

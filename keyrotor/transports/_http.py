@@ -26,7 +26,6 @@ __all__ = [
     "Response",
     "ResponseHead",
     "Upstream",
-    "aread_bounded",
     "decode_headers",
     "encode_body",
     "failure_reason",
@@ -258,39 +257,17 @@ def parse_json(body: bytes) -> Any:
         return None
 
 
-def read_bounded(response: httpcore.Response) -> bytes:
-    """An (error) body, read up to about ``MAX_ERROR_BODY`` bytes."""
-    collector = _Bounded()
-    for chunk in response.iter_stream():
-        if collector.add(chunk):
+def read_bounded(chunks: Iterable[bytes], limit: int | None) -> bytes:
+    """A body read to its end, or until about ``limit`` bytes (an error body
+    read to classify it)."""
+    parts: list[bytes] = []
+    size = 0
+    for chunk in chunks:
+        parts.append(chunk)
+        size += len(chunk)
+        if limit is not None and size >= limit:
             break
-    return collector.body()
-
-
-async def aread_bounded(response: httpcore.Response) -> bytes:
-    """``read_bounded`` for an async response."""
-    collector = _Bounded()
-    async for chunk in response.aiter_stream():
-        if collector.add(chunk):
-            break
-    return collector.body()
-
-
-class _Bounded:
-    __slots__ = ("parts", "size")
-
-    def __init__(self) -> None:
-        self.parts: list[bytes] = []
-        self.size = 0
-
-    def add(self, chunk: bytes) -> bool:
-        """Keep ``chunk``; True once the bound is reached."""
-        self.parts.append(chunk)
-        self.size += len(chunk)
-        return self.size >= MAX_ERROR_BODY
-
-    def body(self) -> bytes:
-        return b"".join(self.parts)
+    return b"".join(parts)
 
 
 def failure_reason(exc: BaseException) -> str:

@@ -21,26 +21,45 @@ import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Any, Self
+from typing import Any, Self, TypeVar, Unpack
 
 import httpcore
 
-from ..core import Deliver, PoolConfig, Probe, Reject, Send
-from ._base import ClientBase, chat_payload
-from ._driver import OPENROUTER_URL, Driver, Slot, StreamAccountant
+from ..core import PoolConfig, Probe
+from ._base import ClientBase
+from ._driver import OPENROUTER_URL, Driver
+from ._exchange import (
+    WAIT,
+    Close,
+    Delivered,
+    Failed,
+    NextChunk,
+    Open,
+    Opened,
+    Read,
+    RequestOptions,
+    Steps,
+    StreamBody,
+    attempts,
+    chat_options,
+    first_error,
+    outgoing,
+    route,
+)
+from ._exchange import probe as probe_steps
 from ._http import (
     TRANSPORT_ERRORS,
     HTTPOptions,
     LineDecoder,
     Response,
-    ResponseHead,
     decode_headers,
-    encode_body,
     failure_reason,
     json_or_raise,
     read_bounded,
 )
-from .errors import KeyrotorError, NoKeyAvailable, TransportError, UpstreamError
+from .errors import KeyrotorError, NoKeyAvailable, UpstreamError
+
+T = TypeVar("T")
 
 __all__ = [
     "Client",
@@ -58,7 +77,7 @@ PROBE_THREADS = 4
 """Probes run at once, at most (each a cheap ``GET /key``)."""
 
 
-class StreamResponse(ResponseHead):
+class StreamResponse(StreamBody):
     """A delivered response whose body is read as it arrives.
 
     Iterate ``iter_bytes()`` or ``iter_lines()``; usage in the last SSE chunk
@@ -66,42 +85,15 @@ class StreamResponse(ResponseHead):
     that breaks off raises ``TransportError``.
     """
 
-    def __init__(
-        self,
-        client: Client,
-        request_id: str,
-        response: httpcore.Response,
-        deliver: Deliver,
-        headers: dict[str, str],
-        prefetched: bytes | None = None,
-    ) -> None:
-        super().__init__(deliver, headers)
+    def __init__(self, client: Client, request_id: str, delivered: Delivered) -> None:
+        super().__init__(client._driver, request_id, delivered)
         self._client = client
-        self._prefetched = prefetched
-        self._request_id = request_id
-        self._response = response
-        self._accountant = StreamAccountant(headers.get("content-type", ""))
-        self._done = False
 
     def iter_bytes(self) -> Iterator[bytes]:
         """The body, chunk by chunk as the upstream sends it."""
-        if self._done:
-            return
-        accountant = self._accountant
-        if self._prefetched is not None:  # read already: an error answer, or a whole one
-            accountant.feed(self._prefetched)
-            if self._prefetched:
-                yield self._prefetched
-        else:
-            try:
-                for chunk in self._response.iter_stream():
-                    accountant.feed(chunk)
-                    yield chunk
-            except TRANSPORT_ERRORS as exc:
-                self._end(failure=failure_reason(exc))
-                raise TransportError(f"the response body broke off ({exc})") from exc
-        accountant.close()
-        self._end()
+        run = self._client._run
+        while (chunk := run(self._next_chunk())) is not None:
+            yield chunk
 
     def iter_lines(self) -> Iterator[str]:
         """The body as text lines (SSE ``data:`` and comment lines included)."""
@@ -112,29 +104,22 @@ class StreamResponse(ResponseHead):
 
     def read(self) -> bytes:
         """The rest of the body at once."""
-        return b"".join(self.iter_bytes())
-
-    def _end(self, failure: str | None = None) -> None:
-        if self._done:
-            return
-        self._done = True
-        client = self._client
-        try:
-            self._response.close()
-        finally:
-            with client._lock:
-                client._driver.finish(self._request_id, self.key, self._accountant, failure)
+        return self._client._run(self._rest())
 
     def close(self) -> None:
         """Stop reading: the upstream request is dropped and the key freed."""
         if not self._done:
-            self._done = True
-            client = self._client
-            try:
-                self._response.close()
-            finally:
-                with client._lock:
-                    client._driver.close(self._request_id, ended=False)
+            self._client._run(self._closing())
+
+
+class _Body:
+    """An httpcore response and the one iterator its body is read through."""
+
+    __slots__ = ("chunks", "response")
+
+    def __init__(self, response: httpcore.Response) -> None:
+        self.response = response
+        self.chunks = response.iter_stream()
 
 
 class Client(ClientBase):
@@ -254,36 +239,16 @@ class Client(ClientBase):
 
     # ------------------------------------------------------------- requests
 
-    def request(
-        self,
-        method: str,
-        path: str,
-        *,
-        json: Any = None,
-        content: bytes | None = None,
-        headers: Mapping[str, str] | None = None,
-        pin: str | int | None = None,
-        session: str | None = None,
-        group: str | None = None,
-        timeout: float | None = None,
-    ) -> Response:
+    def request(self, method: str, path: str, **options: Unpack[RequestOptions]) -> Response:
         """Send a request through the pool and read the whole response.
 
         Failover is invisible: the response is the first one the pool delivers
         (a success, or an error no other key would fix). Raises
-        ``NoKeyAvailable`` when no key can serve in time.
+        ``NoKeyAvailable`` when no key can serve in time. Options: ``json`` or
+        ``content``, ``headers``, ``pin``, ``session``, ``group``, ``timeout``
+        (``RequestOptions``).
         """
-        response = self.send(
-            method,
-            path,
-            json=json,
-            content=content,
-            headers=headers,
-            pin=pin,
-            session=session,
-            group=group,
-            timeout=timeout,
-        )
+        response = self.send(method, path, **options)
         try:
             body = response.read()
         finally:
@@ -292,35 +257,14 @@ class Client(ClientBase):
 
     @contextmanager
     def stream(
-        self,
-        method: str,
-        path: str,
-        *,
-        json: Any = None,
-        content: bytes | None = None,
-        headers: Mapping[str, str] | None = None,
-        pin: str | int | None = None,
-        session: str | None = None,
-        group: str | None = None,
-        timeout: float | None = None,
+        self, method: str, path: str, **options: Unpack[RequestOptions]
     ) -> Iterator[StreamResponse]:
         """Like ``request``, but the body is read as it arrives (for SSE).
 
         Leaving the block early drops the upstream request and frees the key.
         ``timeout`` bounds the wait for a key, not the HTTP exchange.
         """
-        response = self.send(
-            method,
-            path,
-            json=json,
-            content=content,
-            headers=headers,
-            pin=pin,
-            session=session,
-            group=group,
-            timeout=timeout,
-            buffer=False,
-        )
+        response = self.send(method, path, buffer=False, **options)
         try:
             yield response
         finally:
@@ -331,126 +275,29 @@ class Client(ClientBase):
         method: str,
         path: str,
         *,
-        json: Any = None,
-        content: bytes | None = None,
-        headers: Mapping[str, str] | None = None,
-        pin: str | int | None = None,
-        session: str | None = None,
-        group: str | None = None,
-        timeout: float | None = None,
         buffer: bool = True,
+        pin_fallback: bool = True,
+        **options: Unpack[RequestOptions],
     ) -> StreamResponse:
         """Like ``stream``, without the block: the delivered response, whose body
-        the caller reads and which the caller must ``close()`` (the twin of the
-        async client's ``send``; the httpx transport hands it to httpx).
+        the caller reads and which the caller must ``close()`` (the httpx
+        transport hands it to httpx).
 
         ``buffer``: a successful answer that is not an SSE stream is read whole
         before it is delivered, so a body that breaks off fails over to another
-        key like a missing answer (``stream`` passes False)."""
-        body = encode_body(json, content)
-        merged = self._upstream.merge_headers(headers)
+        key like a missing answer (``stream`` passes False). ``pin_fallback``:
+        whether a pinned key that is missing or unusable may be replaced
+        (False: an unknown key is refused, ``NoKeyAvailable`` with status 400;
+        an unusable one is waited for)."""
+        request = outgoing(self._upstream, method, path, options)
         self._http()
-        driver = self._driver
         with self._lock:
             waiter = threading.Condition(self._lock)
-            request_id, slot = driver.open(
-                waiter.notify, pin=pin, session=session, group=group, timeout=timeout, body=body
+            request_id, slot = self._driver.open(
+                waiter.notify, pin_fallback=pin_fallback, body=request.body, **route(options)
             )
-        return self._attempts(request_id, slot, waiter, method, path, body, merged, buffer)
-
-    def _attempts(
-        self,
-        request_id: str,
-        slot: Slot,
-        waiter: threading.Condition,
-        method: str,
-        path: str,
-        body: bytes | None,
-        headers: Mapping[str, str],
-        buffer: bool,
-    ) -> StreamResponse:
-        """Carry out the pool's decisions for one request until one is delivered."""
-        driver = self._driver
-        ended = False
-        try:
-            while True:
-                with self._lock:
-                    while not slot.decisions:
-                        if self._stopped is not None:
-                            raise KeyrotorError(self._stopped)
-                        waiter.wait()
-                    decision = slot.decisions.popleft()
-                    if isinstance(decision, Reject):
-                        ended = True
-                        driver.close(request_id, ended=True)
-                        raise NoKeyAvailable(decision.status, decision.retry_after, decision.reason)
-                    assert isinstance(decision, Send)
-                    secret = driver.secret_for(request_id, decision)
-                    if secret is None:
-                        continue
-                opened = self._send_one(
-                    request_id, decision, secret, method, path, body, headers, buffer
-                )
-                if opened is not None:
-                    return opened
-        except BaseException:
-            if not ended:
-                with self._lock:
-                    driver.close(request_id, ended=False)
-            raise
-
-    def _send_one(
-        self,
-        request_id: str,
-        send: Send,
-        secret: str,
-        method: str,
-        path: str,
-        body: bytes | None,
-        headers: Mapping[str, str],
-        buffer: bool,
-    ) -> StreamResponse | None:
-        """One attempt: returns the delivered response, or None to go on."""
-        driver = self._driver
-        request = self._upstream.request(method, path, secret, headers, body)
-        try:
-            response = self._http().handle_request(request)
-        except TRANSPORT_ERRORS as exc:
-            with self._lock:
-                driver.failed(request_id, failure_reason(exc))
-            return None
-        try:
-            status = response.status
-            response_headers = decode_headers(response.headers)
-            prefetched = None
-            try:
-                if status >= 300:  # an error answer: read to classify it
-                    prefetched = read_bounded(response)
-                elif buffer and "event-stream" not in response_headers.get("content-type", ""):
-                    # A whole answer: a body that breaks off fails over.
-                    prefetched = b"".join(response.iter_stream())
-            except TRANSPORT_ERRORS as exc:
-                response.close()
-                with self._lock:
-                    driver.failed(request_id, failure_reason(exc))
-                return None
-            with self._lock:
-                deliver = driver.received(
-                    request_id,
-                    send.attempt,
-                    status,
-                    response_headers,
-                    prefetched if status >= 300 else None,
-                )
-            if deliver is not None:
-                return StreamResponse(
-                    self, request_id, response, deliver, response_headers, prefetched
-                )
-        except BaseException:
-            response.close()
-            raise
-        response.close()  # a failed attempt: drop it, the pool has decided
-        return None
+        steps = attempts(self._driver, request_id, slot, request, buffer)
+        return StreamResponse(self, request_id, self._run(steps, waiter))
 
     # ------------------------------------------------------------ chat API
 
@@ -459,34 +306,19 @@ class Client(ClientBase):
         *,
         model: str,
         messages: Sequence[Mapping[str, Any]],
-        pin: str | int | None = None,
-        session: str | None = None,
-        group: str | None = None,
-        timeout: float | None = None,
         **params: Any,
     ) -> Any:
         """``POST /chat/completions``; the parsed JSON body. Raises
-        ``UpstreamError`` for an error answer, ``NoKeyAvailable`` if no key."""
-        payload = chat_payload(model, messages, params)
-        response = self.request(
-            "POST",
-            "/chat/completions",
-            json=payload,
-            pin=pin,
-            session=session,
-            group=group,
-            timeout=timeout,
-        )
-        return json_or_raise(response)
+        ``UpstreamError`` for an error answer, ``NoKeyAvailable`` if no key.
+        ``pin``, ``session``, ``group`` and ``timeout`` are the pool's; other
+        ``params`` go into the body."""
+        options = chat_options(model, messages, params)
+        return json_or_raise(self.request("POST", "/chat/completions", **options))
 
     def parallel_chat(self, requests: Sequence[Mapping[str, Any]]) -> list[Any]:
         """Run chat requests at once, each on its own key while enough keys
         are usable (seed 000's ``parallelChat``). Raises the first error."""
-        results = self.parallel_chat_partial(requests)
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
-        return results
+        return first_error(self.parallel_chat_partial(requests))
 
     def parallel_chat_partial(
         self, requests: Sequence[Mapping[str, Any]]
@@ -549,28 +381,67 @@ class Client(ClientBase):
                 executor.submit(self._probe, probe).add_done_callback(_log_failure)
 
     def _probe(self, probe: Probe) -> None:
-        driver = self._driver
-        upstream = self._upstream
-        status: int | None = None
-        headers: dict[str, str] | None = None
-        body: bytes | None = None
-        try:
+        self._run(probe_steps(self._driver, probe.key_id))
+
+    # ------------------------------------------------------ carrying out steps
+
+    def _run(self, steps: Steps[T], waiter: threading.Condition | None = None) -> T:
+        """Carry out ``steps`` (``_exchange``) until it returns: each step's
+        result is sent back in, its exception thrown in. The generator runs
+        (and waits for decisions) with the lock held; the I/O runs without."""
+        value: Any = None
+        error: BaseException | None = None
+        while True:
             with self._lock:
-                secret = driver.secrets.get(probe.key_id)
-                pool = None if self._stopped is not None else self._pool
-            if secret is not None and pool is not None:
-                try:
-                    response = pool.handle_request(upstream.probe(secret))
+                while True:
                     try:
-                        body = read_bounded(response)
-                    finally:
-                        response.close()
-                    status, headers = response.status, decode_headers(response.headers)
-                except TRANSPORT_ERRORS:
-                    status = None
-        finally:
-            with self._lock:
-                driver.probe_finished(probe.key_id, status, headers, body)
+                        step = steps.send(value) if error is None else steps.throw(error)
+                    except StopIteration as stop:
+                        return stop.value  # type: ignore[no-any-return]
+                    value = error = None
+                    if step is not WAIT:
+                        break
+                    try:
+                        if self._stopped is not None:
+                            raise KeyrotorError(self._stopped)
+                        assert waiter is not None
+                        waiter.wait()
+                    except BaseException as exc:
+                        error = exc
+            try:
+                value = self._step(step)
+            except BaseException as exc:
+                error = exc
+
+    def _step(self, step: Open | Read | NextChunk | Close) -> Any:
+        """One step's I/O on httpcore; no answer is ``Failed``."""
+        if isinstance(step, Close):
+            step.handle.response.close()
+            return None
+        try:
+            if isinstance(step, NextChunk):
+                return next(step.handle.chunks, None)
+            if isinstance(step, Read):
+                return read_bounded(step.handle.chunks, step.limit)
+            body = _Body(self._open(step))
+        except TRANSPORT_ERRORS as exc:
+            return Failed(failure_reason(exc), exc)
+        response = body.response
+        return Opened(body, response.status, decode_headers(response.headers))
+
+    def _open(self, step: Open) -> httpcore.Response:
+        upstream = self._upstream
+        request = step.request
+        if request is None:  # the key's probe; none once the client is closing
+            pool = None if self._stopped is not None else self._pool
+            if pool is None:
+                raise httpcore.ConnectError("the client is closing")
+            return pool.handle_request(upstream.probe(step.secret))
+        return self._http().handle_request(
+            upstream.request(
+                request.method, request.path, step.secret, request.headers, request.body
+            )
+        )
 
 
 def _log_failure(future: Future[None]) -> None:

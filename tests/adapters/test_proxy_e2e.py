@@ -134,7 +134,13 @@ def test_openai_sdk_async_in_parallel(proxy_url: Any) -> None:
 
 def test_keyrotor_serve_as_a_subprocess(tmp_path: Any) -> None:
     with FakeUpstream.running_in_thread(scenario(), clock=fake_clock()) as upstream:
-        env = {**os.environ, "OPENROUTER_KEYS": ",".join(SECRETS.values())}
+        # Its own data directory: the default state file of another test (with
+        # other secrets under these aliases) would make it start with a warning.
+        env = {
+            **os.environ,
+            "OPENROUTER_KEYS": ",".join(SECRETS.values()),
+            "XDG_DATA_HOME": str(tmp_path),
+        }
         proc = subprocess.Popen(
             [
                 sys.executable,

@@ -158,3 +158,48 @@ def test_the_script_exercises_failover_and_passthrough(runs: dict[str, Any]) -> 
     # The invalid key saw one request and one probe, nothing more.
     assert [k for k in run["keys_seen"] if k[0] == "bad"] == [("bad", "/chat/completions", 401)]
     assert run["probes"] == [("bad", 401)]
+
+
+def chat_and_strict_pin_sync() -> list[Any]:
+    with FakeUpstream.running_in_thread(scenario(), clock=FakeClock(1_000.0)) as server:
+        with sync.Client(SECRETS, server.url, CONFIG) as client:
+            answer = client.chat(model=MODEL, messages=HI, pin="good", max_tokens=3, session="s")
+            body = {"model": MODEL, "messages": HI}
+            try:
+                client.send("POST", "/chat/completions", json=body, pin="gone", pin_fallback=False)
+            except KeyrotorError as exc:
+                refused = outcome(exc)
+            return [answer, server.log[-1].key, refused, client.status()["stats"]["inFlight"]]
+
+
+def chat_and_strict_pin_async(backend: str) -> list[Any]:
+    async def main() -> list[Any]:
+        async with FakeUpstream(scenario(), clock=FakeClock(1_000.0)).serve() as server:
+            async with AsyncClient(SECRETS, server.url, CONFIG) as client:
+                answer = await client.chat(
+                    model=MODEL, messages=HI, pin="good", max_tokens=3, session="s"
+                )
+                body = {"model": MODEL, "messages": HI}
+                try:
+                    await client.send(
+                        "POST", "/chat/completions", json=body, pin="gone", pin_fallback=False
+                    )
+                except KeyrotorError as exc:
+                    refused = outcome(exc)
+                return [answer, server.log[-1].key, refused, client.status()["stats"]["inFlight"]]
+
+    return anyio.run(main, backend=backend)
+
+
+@pytest.mark.parametrize("transport", ["sync", "asyncio", "trio"])
+def test_chat_routes_by_its_pool_options_and_sends_the_rest(transport: str) -> None:
+    """``chat``'s ``pin``/``session`` go to the pool, ``max_tokens`` into the
+    body; ``send(pin_fallback=False)`` refuses an unknown key with a 400."""
+    if transport == "sync":
+        answer, key, refused, in_flight = chat_and_strict_pin_sync()
+    else:
+        answer, key, refused, in_flight = chat_and_strict_pin_async(transport)
+    assert key == "good"
+    assert answer["usage"]["completion_tokens"] == 3  # max_tokens reached the upstream
+    assert refused == ("error", "NoKeyAvailable", 400)
+    assert in_flight == 0
