@@ -4,7 +4,8 @@ Every import counts: module level, inside functions, under ``TYPE_CHECKING``;
 relative imports are resolved. The rules:
 
 1. ``keyrotor.core`` imports nothing of keyrotor outside ``keyrotor.core``, and
-   nothing outside the standard library but ``attrs``.
+   nothing outside the standard library but ``attrs``; the same for the
+   upstream model, ``keyrotor.upstream``.
 2. ``keyrotor.transports`` imports no ``keyrotor.adapters`` and no
    ``keyrotor.replay`` at import time. Inside a function (recording loads
    ``keyrotor.replay`` on demand) or under ``TYPE_CHECKING`` is allowed.
@@ -134,14 +135,15 @@ def _reaches_private(imp: Import, package: str) -> bool:
 # -------------------------------------------------------------------- rules
 
 
-def core_violations(imports: list[Import]) -> list[Import]:
-    """Rule 1: the core imports only itself, the standard library and attrs."""
+def core_violations(imports: list[Import], package: str = "keyrotor.core") -> list[Import]:
+    """Rule 1: the core (and the upstream model) imports only itself, the
+    standard library and attrs."""
     bad = []
     for imp in imports:
-        if not _within(imp.path.removesuffix(".py").replace("/", "."), "keyrotor.core"):
+        if not _within(imp.path.removesuffix(".py").replace("/", "."), package):
             continue
         top = imp.module.split(".")[0]
-        if _within(imp.module, "keyrotor.core"):
+        if _within(imp.module, package):
             continue
         if top == "keyrotor" or (top not in STDLIB and top != "attrs"):
             bad.append(imp)
@@ -184,14 +186,23 @@ def imports() -> list[Import]:
     found = package_imports()
     files = {imp.path for imp in found}
     # Not a vacuous walk: every layer is there.
-    for folder in ("core", "transports", "adapters", "adapters/proxy", "replay", "testing"):
+    for folder in (
+        "core",
+        "transports",
+        "adapters",
+        "adapters/proxy",
+        "replay",
+        "testing",
+        "upstream",
+    ):
         assert any(path.startswith(f"keyrotor/{folder}/") for path in files), folder
     return found
 
 
-def test_core_imports_only_itself_the_stdlib_and_attrs(imports: list[Import]) -> None:
-    bad = core_violations(imports)
-    assert not bad, _report("keyrotor.core imports outside itself, the stdlib and attrs", bad)
+@pytest.mark.parametrize("package", ["keyrotor.core", "keyrotor.upstream"])
+def test_core_imports_only_itself_the_stdlib_and_attrs(imports: list[Import], package: str) -> None:
+    bad = core_violations(imports, package)
+    assert not bad, _report(f"{package} imports outside itself, the stdlib and attrs", bad)
 
 
 def test_transports_import_no_adapter_and_no_replay_at_import_time(

@@ -18,13 +18,24 @@ import math
 import os
 import random
 import tomllib
-from collections import deque
 from collections.abc import Callable, Mapping
 from statistics import NormalDist
 from typing import Any, Final
 
 import attrs
 
+from ..upstream.behaviours import (
+    Behaviour,
+    Call,
+    Chain,
+    Credits,
+    Hang,
+    Ok,
+    Reply,
+    error_document,
+    key_data,
+)
+from ..upstream.windows import TRANSPORT_FAILURES, Outage, SlidingRateLimit, TokenRateLimit
 from .trace import TraceRecord
 
 __all__ = [
@@ -43,11 +54,8 @@ __all__ = [
 EPOCH: Final = 1_767_225_600.0
 """Unix time of virtual time 0 (2026-01-01 00:00 UTC): the wall clock of a replay."""
 
-FAILURE_KINDS: Final = ("timeout", "reset", "connect")
+FAILURE_KINDS: Final = TRANSPORT_FAILURES
 """Failure window kinds that answer with no response (a transport failure)."""
-
-_SPENT: Final = 1e-12
-"""A balance at or below this is spent (float sums of prices leave dust)."""
 
 Answer = tuple[int | None, float, Any, Any, str | None, float, float]
 """(status or None, delay until the answer, headers, body, failure reason,
@@ -217,6 +225,17 @@ class FailureWindow:
             retry_after=_num(item, "retry_after", where),
             error=error,
             after=_num(item, "after", where),
+        )
+
+    def behaviour(self) -> Outage:
+        """The window as the upstream model runs it (for the keys it names)."""
+        return Outage(
+            start=self.start,
+            end=self.end,
+            status=self.status,
+            retry_after=self.retry_after,
+            error=self.error,
+            after=self.after,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -400,68 +419,42 @@ def load_upstream_model(path: str | os.PathLike[str]) -> UpstreamModel:
 # ---------------------------------------------------------------- simulation
 
 
-class _Account:
-    __slots__ = ("balance", "log", "name", "rpm")
-
-    def __init__(self, name: str, rpm: float | None, credits: float | None) -> None:
-        self.name = name
-        self.rpm = rpm
-        self.balance = credits
-        self.log: deque[float] = deque()
-
-
 class _Key:
-    __slots__ = (
-        "account",
-        "balance",
-        "error_latency",
-        "failures",
-        "latency",
-        "log",
-        "rpm",
-        "simple",
-        "tok_log",
-        "tok_sum",
-        "tpm",
-    )
+    __slots__ = ("behaviour", "error_latency", "latency", "simple", "usage")
 
     def __init__(
-        self,
-        spec: KeyModel,
-        account: _Account | None,
-        latency: Sampler,
-        error_latency: Sampler,
-        failures: list[FailureWindow],
+        self, behaviour: Behaviour | None, latency: Sampler, error_latency: Sampler
     ) -> None:
-        self.account = account
-        self.rpm = spec.rpm
-        self.tpm = spec.tpm
-        self.balance = spec.credits
+        self.behaviour = behaviour
         self.latency = latency
         self.error_latency = error_latency
-        self.failures = failures
-        self.log: deque[float] = deque()
-        self.tok_log: deque[tuple[float, int]] = deque()
-        self.tok_sum = 0
-        self.simple = (
-            self.rpm is None
-            and self.tpm is None
-            and self.balance is None
-            and not failures
-            and (account is None or (account.rpm is None and account.balance is None))
+        self.simple = behaviour is None  # every answer a 200
+        self.usage = 0.0
+
+
+def _account_parts(fields: Mapping[str, float]) -> list[Behaviour]:
+    """An account's shared balance and per-minute limit (free-model style)."""
+    parts: list[Behaviour] = []
+    if fields.get("credits") is not None:
+        parts.append(Credits(float(fields["credits"]), limit_source="openrouter_credits"))
+    if fields.get("rpm") is not None:
+        parts.append(
+            SlidingRateLimit(
+                fields["rpm"],
+                message="Rate limit exceeded: free-models-per-min",
+                limit_source="free-models-per-min",
+            )
         )
-
-
-def _error_body(status: int, message: str, source: str | None = None) -> dict[str, Any]:
-    error: dict[str, Any] = {"code": status, "message": message}
-    if source is not None:
-        error["metadata"] = {"limit_source": source}
-    return {"error": error}
+    return parts
 
 
 class SimulatedUpstream:
     """A seeded simulated upstream for the keys ``key_ids``.
 
+    Every key is a chain of the behaviours of ``keyrotor.upstream`` (the model
+    the fake HTTP server runs too): its failure windows (``Outage``), its own
+    balance, its account's balance and per-minute limit (instances shared by the
+    account's keys), its ``rpm`` and its ``tpm``, asked in that order.
     ``send(key_id, now, record, attempt)`` answers one attempt sent at ``now``
     (see :data:`Answer`); ``probe(key_id, now)`` answers a probe with
     ``(status, body, delay)``. State (windows, balances) advances with each call.
@@ -477,30 +470,51 @@ class SimulatedUpstream:
         prices = model.prices
         self.price_prompt = prices.get("prompt", 0.0)
         self.price_completion = prices.get("completion", 0.0)
-        accounts: dict[str, _Account] = {}
-        for name, fields in model.accounts.items():
-            accounts[name] = _Account(name, fields.get("rpm"), fields.get("credits"))
+        accounts = {name: _account_parts(f) for name, f in model.accounts.items()}
         default_latency = make_sampler(model.latency, rng)
         default_error = make_sampler(model.error_latency, rng)
         self.keys: dict[str, _Key] = {}
         for key_id in key_ids:
             spec = model.for_key(key_id)
-            account = None
+            parts: list[Behaviour] = [
+                f.behaviour() for f in model.failures if f.key in (key_id, "*")
+            ]
+            if spec.credits is not None:
+                parts.append(Credits(float(spec.credits), limit_source="openrouter_key_limit"))
             if spec.account is not None:
-                account = accounts.get(spec.account)
-                if account is None:
-                    account = accounts[spec.account] = _Account(spec.account, None, None)
-            failures = [f for f in model.failures if f.key in (key_id, "*")]
+                parts.extend(accounts.get(spec.account, ()))
+            if spec.rpm is not None:
+                parts.append(SlidingRateLimit(spec.rpm))
+            if spec.tpm is not None:
+                parts.append(TokenRateLimit(spec.tpm))
             self.keys[key_id] = _Key(
-                spec,
-                account,
+                Chain(*parts) if parts else None,
                 default_latency if spec.latency is None else make_sampler(spec.latency, rng),
                 default_error
                 if spec.error_latency is None
                 else make_sampler(spec.error_latency, rng),
-                failures,
             )
-        self.accounts = accounts
+
+    def behaviour(self, key_id: str) -> Behaviour:
+        """What ``key_id`` answers with (``Ok()`` for a key without limits): the
+        fake HTTP server runs the same instances (``scenario``)."""
+        return self.keys[key_id].behaviour or Ok()
+
+    def scenario(self, secrets: Mapping[str, str]) -> Any:
+        """A ``keyrotor.testing.Scenario`` serving this model's behaviours over HTTP
+        (alias -> secret in ``secrets``), at the model's prices, with its clock's
+        time 0 at :data:`EPOCH`. It shares this upstream's state."""
+        from ..testing import Scenario
+
+        scenario = Scenario(
+            prompt_price=self.price_prompt,
+            completion_price=self.price_completion,
+            models=(),
+            epoch=EPOCH,
+        )
+        for alias, secret in secrets.items():
+            scenario.add(secret, self.behaviour(alias), alias=alias)
+        return scenario
 
     def plain_latency(self, key_id: str) -> Sampler | None:
         """The key's latency sampler if every answer of the key is a 200 (no
@@ -521,143 +535,52 @@ class SimulatedUpstream:
     def send(self, key_id: str, now: float, record: TraceRecord, attempt: int) -> Answer:
         """Answer one attempt of ``record`` sent on ``key_id`` at ``now``."""
         key = self.keys[key_id]
-        if key.simple:
-            duration = record.completion_tokens / self.stream_rate if record.stream else 0.0
-            cost = record.cost
-            if cost is None:
-                cost = self.cost(record)
-            return (200, key.latency(), None, None, None, duration, cost)
-        return self._send_limited(key, now, record)
-
-    def _send_limited(self, key: _Key, now: float, record: TraceRecord) -> Answer:
-        for window in key.failures:
-            if window.start <= now < window.end:
-                return self._fail(key, window, now)
-        account = key.account
-        if key.balance is not None and key.balance <= _SPENT:
-            body = _error_body(402, "Insufficient credits: key limit reached")
-            return (402, key.error_latency(), None, body, None, 0.0, 0.0)
-        if account is not None and account.balance is not None and account.balance <= _SPENT:
-            body = _error_body(402, "Insufficient credits", "openrouter_credits")
-            return (402, key.error_latency(), None, body, None, 0.0, 0.0)
-        if account is not None and account.rpm is not None:
-            wait = _window_wait(account.log, account.rpm, now)
-            if wait is not None:
-                body = _error_body(
-                    429, "Rate limit exceeded: free-models-per-min", "free-models-per-min"
-                )
-                return (
-                    429,
-                    key.error_latency(),
-                    _limit_headers(account.rpm, wait, now),
-                    body,
-                    None,
-                    0.0,
-                    0.0,
-                )
-        if key.rpm is not None:
-            wait = _window_wait(key.log, key.rpm, now)
-            if wait is not None:
-                body = _error_body(429, "Rate limit exceeded")
-                return (
-                    429,
-                    key.error_latency(),
-                    _limit_headers(key.rpm, wait, now),
-                    body,
-                    None,
-                    0.0,
-                    0.0,
-                )
-        tokens = record.prompt_tokens + record.completion_tokens
-        if key.tpm is not None:
-            tok_log = key.tok_log
-            while tok_log and tok_log[0][0] <= now - 60.0:
-                key.tok_sum -= tok_log.popleft()[1]
-            if tok_log and key.tok_sum + tokens > key.tpm:
-                wait = tok_log[0][0] + 60.0 - now
-                body = _error_body(429, "Rate limit exceeded: tokens per minute")
-                return (
-                    429,
-                    key.error_latency(),
-                    _limit_headers(key.tpm, wait, now),
-                    body,
-                    None,
-                    0.0,
-                    0.0,
-                )
-            tok_log.append((now, tokens))
-            key.tok_sum += tokens
-        if key.rpm is not None:
-            key.log.append(now)
-        if account is not None and account.rpm is not None:
-            account.log.append(now)
-        cost = self.cost(record)
-        if key.balance is not None:
-            key.balance -= cost
-        if account is not None and account.balance is not None:
-            account.balance -= cost
         duration = record.completion_tokens / self.stream_rate if record.stream else 0.0
-        return (200, key.latency(), None, None, None, duration, cost)
-
-    def _fail(self, key: _Key, window: FailureWindow, now: float) -> Answer:
-        status = window.status
-        if isinstance(status, str):
-            after = window.after
-            if after is None:
-                after = 30.0 if status == "timeout" else key.error_latency()
-            return (None, after, None, None, status, 0.0, 0.0)
-        headers = None
-        if status == 429:
-            wait = window.retry_after if window.retry_after is not None else window.end - now
-            if math.isfinite(wait) and wait > 0:
-                headers = {"retry-after": str(max(1, math.ceil(wait)))}
-        message = window.error or {401: "User not found.", 402: "Insufficient credits"}.get(
-            status, f"Error {status}"
+        behaviour = key.behaviour
+        if behaviour is None:
+            return (200, key.latency(), None, None, None, duration, self.cost(record))
+        call = Call(
+            endpoint="/chat/completions",
+            model=record.model or "",
+            stream=record.stream,
+            prompt_tokens=record.prompt_tokens,
+            completion_tokens=record.completion_tokens,
+            cost=self.cost(record),
+            now=now,
+            epoch=EPOCH,
         )
-        body = _error_body(status, message, window.error)
-        return (status, key.error_latency(), headers, body, None, 0.0, 0.0)
+        outcome = behaviour.decide(call)
+        if outcome is None:
+            call.commit()
+            key.usage += call.cost
+            return (200, key.latency(), None, None, None, duration, call.cost)
+        if isinstance(outcome, Reply):
+            headers = {name.lower(): value for name, value in outcome.headers} or None
+            return (outcome.status, key.error_latency(), headers, outcome.document, None, 0.0, 0.0)
+        if isinstance(outcome, Hang):
+            after = 30.0 if outcome.after is None else outcome.after
+            return (None, after, None, None, "timeout", 0.0, 0.0)
+        after = key.error_latency() if outcome.after is None else outcome.after
+        return (None, after, None, None, outcome.reason, 0.0, 0.0)
 
     def probe(self, key_id: str, now: float) -> tuple[int | None, Any, float]:
         """Answer a probe (OpenRouter ``GET /key``): (status, body, delay).
 
-        Probes are free and never rate limited; a revoked key answers 401, a
-        spent key reports ``limit_remaining`` 0, a spent account its usage.
-        """
+        Probes are free and never rate limited; a revoked key answers 401; the
+        body's ``limit_remaining`` is the key's balance (else its account's)."""
         key = self.keys[key_id]
-        for window in key.failures:
-            if window.start <= now < window.end:
-                status = window.status
-                if isinstance(status, str):
-                    return None, None, window.after or self.probe_latency
-                if status in (401, 403) or status >= 500:
-                    return status, _error_body(status, "probe failed"), self.probe_latency
-        if key.balance is not None and key.balance <= _SPENT:
-            return 200, {"data": {"limit_remaining": 0}}, self.probe_latency
-        account = key.account
-        if account is not None and account.balance is not None and account.balance <= _SPENT:
-            data = {"total_credits": 1.0, "total_usage": 1.0 - account.balance}
-            return 200, {"data": data}, self.probe_latency
-        return 200, {"data": {"limit_remaining": key.balance}}, self.probe_latency
-
-
-def _window_wait(log: deque[float], limit: float, now: float) -> float | None:
-    """Seconds until a sliding 60 s window with ``limit`` requests has room, or None."""
-    horizon = now - 60.0
-    while log and log[0] <= horizon:
-        log.popleft()
-    if len(log) >= limit:
-        return log[0] + 60.0 - now
-    return None
-
-
-def _limit_headers(limit: float, wait: float, now: float) -> dict[str, str]:
-    reset_ms = int((EPOCH + now + wait) * 1000.0)
-    return {
-        "retry-after": str(max(1, math.ceil(wait))),
-        "x-ratelimit-limit": str(int(limit)),
-        "x-ratelimit-remaining": "0",
-        "x-ratelimit-reset": str(reset_ms),
-    }
+        delay = self.probe_latency
+        behaviour = key.behaviour
+        if behaviour is None:
+            return 200, {"data": key_data(key_id, key.usage)}, delay
+        outcome = behaviour.probe(Call(endpoint="/key", now=now, epoch=EPOCH))
+        if outcome is None:
+            data = key_data(key_id, key.usage)
+            behaviour.describe(data)
+            return 200, {"data": data}, delay
+        if isinstance(outcome, Reply):
+            return outcome.status, outcome.document, delay
+        return None, None, outcome.after or delay
 
 
 class RecordedUpstream(SimulatedUpstream):
@@ -678,7 +601,8 @@ class RecordedUpstream(SimulatedUpstream):
         headers = rec.headers or None
         body = None
         if status is not None and status >= 300:
-            body = _error_body(status, rec.error or f"Error {status}", rec.error)
+            metadata = None if rec.error is None else {"limit_source": rec.error}
+            body = error_document(status, rec.error or f"Error {status}", metadata)
         cost = self.cost(record) if status is not None and 200 <= status < 300 else 0.0
         return (status, rec.latency, headers, body, rec.reason, rec.duration, cost)
 

@@ -11,7 +11,7 @@ Sync code: ``with FakeUpstream.running_in_thread(scenario) as server:``.
 Command line: ``python -m keyrotor.testing.fake_upstream --port 0 --scenario demo``.
 """
 
-from .behaviours import (
+from ..upstream.behaviours import (
     AccountRateLimit,
     Behaviour,
     Call,

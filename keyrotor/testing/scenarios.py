@@ -13,7 +13,7 @@ from typing import Any
 
 from attrs import define, field, frozen
 
-from .behaviours import (
+from ..upstream.behaviours import (
     AccountRateLimit,
     Behaviour,
     Credits,
@@ -128,6 +128,10 @@ class Scenario:
     - ``default_completion_tokens``: content chunks when ``max_tokens`` is absent.
     - ``comment_every``: an ``: OPENROUTER PROCESSING`` comment before the first
       chunk and after every that many content chunks (0: none).
+    - ``epoch``: the clock reading that behaviours see as time 0 (``Call.now``
+      is the clock minus ``epoch``, ``Call.epoch`` is ``epoch``): a replay
+      model's failure windows and limits, in seconds from the replay's start,
+      run unchanged on a clock that starts at ``epoch``.
     """
 
     keys: dict[str, Behaviour] = field(factory=dict, converter=dict)
@@ -140,6 +144,7 @@ class Scenario:
     completion_price: float = 0.000002
     comment_every: int = 4
     provider_name: str = "FakeProvider"
+    epoch: float = 0.0
 
     def add(
         self, secret: str, behaviour: Behaviour | None = None, *, alias: str | None = None

@@ -27,13 +27,14 @@ import h11
 from anyio.abc import SocketAttribute, SocketListener
 from attrs import field, frozen
 
-from .behaviours import (
+from ..upstream.behaviours import (
     Behaviour,
     Call,
     Drop,
     Hang,
     MidStreamError,
     Reply,
+    key_data,
 )
 from .clock import Clock, wall_clock
 from .scenarios import Scenario
@@ -689,7 +690,10 @@ class FakeUpstream:
                 outcome = _UNKNOWN_KEY
             elif path == "/key":
                 c.probes += 1
-                call = Call(endpoint=path, now=self.clock(), in_flight=c.in_flight)
+                epoch = scenario.epoch
+                call = Call(
+                    endpoint=path, now=self.clock() - epoch, epoch=epoch, in_flight=c.in_flight
+                )
                 outcome = behaviour.probe(call)
                 if outcome is None:
                     outcome = self._key_info(secret, behaviour, c)
@@ -715,9 +719,7 @@ class FakeUpstream:
         self.log.append(LogEntry(scenario.alias(secret), path, status))
         if outcome is None and call is not None:
             c.cost += call.cost
-            if call.charges:
-                for credits in call.charges:
-                    credits.charge(call.cost)
+            call.commit()
 
         # Answer.
         in_flight = c.in_flight = c.in_flight + 1
@@ -781,7 +783,8 @@ class FakeUpstream:
             prompt_tokens=prompt,
             completion_tokens=completion,
             cost=round(prompt * prompt_price + completion * completion_price, 12),
-            now=self.clock(),
+            now=self.clock() - scenario.epoch,
+            epoch=scenario.epoch,
             in_flight=c.in_flight,
         )
 
@@ -818,27 +821,7 @@ class FakeUpstream:
 
     def _key_info(self, secret: str, behaviour: Behaviour, c: _Counters) -> Reply:
         alias = self._scenario.aliases.get(secret)
-        usage = round(c.cost, 12)
-        data: dict[str, Any] = {
-            "label": alias if alias is not None else "fake-key",
-            "limit": None,
-            "limit_remaining": None,
-            "limit_reset": None,
-            "include_byok_in_limit": False,
-            "usage": usage,
-            "usage_daily": usage,
-            "usage_weekly": usage,
-            "usage_monthly": usage,
-            "byok_usage": 0,
-            "byok_usage_daily": 0,
-            "byok_usage_weekly": 0,
-            "byok_usage_monthly": 0,
-            "is_free_tier": False,
-            "is_management_key": False,
-            "is_provisioning_key": False,
-            "expires_at": None,
-            "rate_limit": {"requests": -1, "interval": "10s", "note": "deprecated"},
-        }
+        data = key_data(alias if alias is not None else "fake-key", c.cost)
         behaviour.describe(data)
         return Reply(200, body={"data": data})
 

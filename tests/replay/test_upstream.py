@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from keyrotor.core import Verdict, classify_response
+from keyrotor.core import Verdict, classify_probe, classify_response
 from keyrotor.replay import (
     SimulatedUpstream,
     TraceRecord,
@@ -67,7 +67,9 @@ def test_credits_run_out_then_402_and_probe_says_so() -> None:
     status, _, _, body, *_ = sim.send("k", 2.0, REC, 1)
     assert status == 402
     assert classify_response(402, None, body).verdict is Verdict.DEPLETED
-    assert sim.probe("k", 3.0)[:2] == (200, {"data": {"limit_remaining": 0}})
+    status, body, _ = sim.probe("k", 3.0)  # GET /key as the fake server answers it
+    assert status == 200 and body["data"]["limit_remaining"] == pytest.approx(0.0)
+    assert classify_probe(status, None, body).verdict is Verdict.DEPLETED
 
 
 def test_failure_windows() -> None:

@@ -53,7 +53,7 @@ from keyrotor.testing import (
     healthy_secret,
     scenario,
 )
-from keyrotor.testing.behaviours import Call
+from keyrotor.upstream.behaviours import Call
 
 REPO = Path(__file__).resolve().parents[2]
 SECRET = "sk-or-v1-test-secret-aaaaaaaaaaaaaaaaaaaa"

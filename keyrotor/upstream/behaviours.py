@@ -1,7 +1,9 @@
-"""Per-key behaviours of the fake upstream: small, stateful, composable.
+"""What a key of the upstream answers: small, stateful, composable behaviours.
 
-A scenario maps each bearer secret to one ``Behaviour``. For every generation
-request (``/chat/completions``, ``/completions``, ``/embeddings``) the server
+This is keyrotor's one model of OpenRouter. The fake HTTP server
+(``keyrotor.testing``) and the replay simulator (``keyrotor.replay``) both
+answer through it, so a scenario behaves the same in both. For every generation
+request (``/chat/completions``, ``/completions``, ``/embeddings``) the caller
 builds a ``Call`` and asks the key's behaviour to ``decide`` it:
 
 - ``None`` means "no objection": the request succeeds (possibly changed by
@@ -22,8 +24,11 @@ account-wide window (OpenRouter's free-model limits are per account).
 Combine with ``Chain(a, b, ...)`` (the first objection wins, in order, so put
 limits that sit in front first) and script exact responses with
 ``Sequence([...], then=...)``. Nothing here reads the wall clock or a global
-random generator: time is ``Call.now`` (from the server's injected clock) and
+random generator: time is ``Call.now`` (the server's injected clock, or the
+simulator's virtual time, ``Call.epoch`` seconds after the Unix epoch) and
 randomness, when asked for, is a ``random.Random(seed)`` owned by the behaviour.
+A request is counted by a limit and charged only once every behaviour has let it
+through (``Call.on_success``, run by ``Call.commit``).
 """
 
 from __future__ import annotations
@@ -62,6 +67,8 @@ __all__ = [
     "Truncate",
     "UpstreamRateLimited",
     "error_body",
+    "error_document",
+    "key_data",
     "status_line",
 ]
 
@@ -102,7 +109,9 @@ def _dumps(obj: object) -> bytes:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def error_body(code: int, message: str, metadata: Mapping[str, Any] | None = None) -> bytes:
+def error_document(
+    code: int, message: str, metadata: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """OpenRouter's error body: ``{"error":{"code":..,"message":..,"metadata":{..}}}``.
 
     ``metadata`` is left out when ``None``.
@@ -110,7 +119,12 @@ def error_body(code: int, message: str, metadata: Mapping[str, Any] | None = Non
     error: dict[str, Any] = {"code": code, "message": message}
     if metadata is not None:
         error["metadata"] = dict(metadata)
-    return _dumps({"error": error})
+    return {"error": error}
+
+
+def error_body(code: int, message: str, metadata: Mapping[str, Any] | None = None) -> bytes:
+    """``error_document`` encoded as JSON."""
+    return _dumps(error_document(code, message, metadata))
 
 
 class Call:
@@ -119,19 +133,22 @@ class Call:
     Read-only for behaviours: ``endpoint`` (e.g. ``"/chat/completions"``),
     ``model``, ``stream``, ``body`` (the parsed JSON request), ``prompt_tokens``,
     ``completion_tokens`` (= content chunks), ``cost`` (USD, deterministic),
-    ``now`` (the server clock) and ``in_flight`` (this key's other requests in
-    flight). Modifiers set ``latency``, ``chunk_delay``, ``stream_error`` and
-    ``cut_after``; ``charge_on_success`` registers who pays if it succeeds.
+    ``now`` (the clock, in seconds), ``epoch`` (the Unix time of ``now`` 0,
+    for the epoch times of rate-limit headers) and ``in_flight`` (this key's
+    other requests in flight). Modifiers set ``latency``, ``chunk_delay``,
+    ``stream_error`` and ``cut_after``; ``on_success`` registers what happens if
+    the request is let through (a limit counting it, a balance charged).
     """
 
     __slots__ = (
         "body",
-        "charges",
         "chunk_delay",
+        "commits",
         "completion_tokens",
         "cost",
         "cut_after",
         "endpoint",
+        "epoch",
         "in_flight",
         "latency",
         "model",
@@ -152,6 +169,7 @@ class Call:
         completion_tokens: int = 0,
         cost: float = 0.0,
         now: float = 0.0,
+        epoch: float = 0.0,
         in_flight: int = 0,
     ) -> None:
         self.endpoint = endpoint
@@ -162,25 +180,62 @@ class Call:
         self.completion_tokens = completion_tokens
         self.cost = cost
         self.now = now
+        self.epoch = epoch
         self.in_flight = in_flight
         self.latency = 0.0
         self.chunk_delay = 0.0
         self.stream_error: MidStreamError | None = None
         self.cut_after: int | None = None
-        self.charges: list[Credits] | None = None
+        self.commits: list[Callable[[], None]] | None = None
+
+    def on_success(self, commit: Callable[[], None]) -> None:
+        """Run ``commit`` if every behaviour lets this call through."""
+        if self.commits is None:
+            self.commits = [commit]
+        else:
+            self.commits.append(commit)
 
     def charge_on_success(self, credits: Credits) -> None:
-        """Charge ``self.cost`` to ``credits`` if this call is answered with 200."""
-        if self.charges is None:
-            self.charges = [credits]
-        else:
-            self.charges.append(credits)
+        """Charge ``self.cost`` to ``credits`` if this call is let through."""
+        self.on_success(lambda: credits.charge(self.cost))
+
+    def commit(self) -> None:
+        """The call was let through: count it and charge it (``on_success``)."""
+        if self.commits is not None:
+            for commit in self.commits:
+                commit()
 
     def __repr__(self) -> str:
         return (
             f"Call(endpoint={self.endpoint!r}, model={self.model!r}, stream={self.stream!r}, "
             f"completion_tokens={self.completion_tokens!r}, cost={self.cost!r}, now={self.now!r})"
         )
+
+
+def key_data(label: str, usage: float) -> dict[str, Any]:
+    """The ``data`` of a ``GET /key`` answer before the key's behaviour
+    ``describe``s it: no limit, ``usage`` USD spent so far."""
+    usage = round(usage, 12)
+    return {
+        "label": label,
+        "limit": None,
+        "limit_remaining": None,
+        "limit_reset": None,
+        "include_byok_in_limit": False,
+        "usage": usage,
+        "usage_daily": usage,
+        "usage_weekly": usage,
+        "usage_monthly": usage,
+        "byok_usage": 0,
+        "byok_usage_daily": 0,
+        "byok_usage_weekly": 0,
+        "byok_usage_monthly": 0,
+        "is_free_tier": False,
+        "is_management_key": False,
+        "is_provisioning_key": False,
+        "expires_at": None,
+        "rate_limit": {"requests": -1, "interval": "10s", "note": "deprecated"},
+    }
 
 
 class Behaviour:
@@ -242,6 +297,7 @@ class Reply(Behaviour):
     metadata: Mapping[str, Any] | None = None
     headers: tuple[tuple[str, str], ...] = field(default=(), converter=_normalize_headers)
     body: Mapping[str, Any] | bytes | str | None = None
+    document: Any = field(init=False, repr=False, eq=False)
     payload: bytes = field(init=False, repr=False, eq=False)
     head: bytes = field(init=False, repr=False, eq=False)
     closes: bool = field(init=False, repr=False, eq=False)
@@ -249,15 +305,19 @@ class Reply(Behaviour):
     def __attrs_post_init__(self) -> None:
         if not 200 <= self.status <= 599 or self.status in (204, 304):
             raise ValueError(f"Reply status must be 200..599 (not 204/304), not {self.status!r}")
+        document: Any = None
         if self.body is None:
             message = self.message if self.message is not None else default_message(self.status)
-            payload = error_body(self.status, message, self.metadata)
+            document = error_document(self.status, message, self.metadata)
+            payload = _dumps(document)
         elif isinstance(self.body, bytes):
             payload = self.body
         elif isinstance(self.body, str):
             payload = self.body.encode()
         else:
+            document = self.body
             payload = _dumps(self.body)
+        object.__setattr__(self, "document", document)
         object.__setattr__(self, "payload", payload)
         lines = [
             status_line(self.status),
@@ -287,7 +347,11 @@ class Reply(Behaviour):
 
 @frozen
 class Hang(Behaviour):
-    """Never answer; the server waits until the client goes away (or shutdown)."""
+    """Never answer; the server waits until the client goes away (or shutdown).
+
+    ``after``: when the simulator's client gives up (a ``timeout``); None: 30 s."""
+
+    after: float | None = None
 
     def decide(self, call: Call) -> Outcome | None:
         return self
@@ -295,7 +359,14 @@ class Hang(Behaviour):
 
 @frozen
 class Drop(Behaviour):
-    """Close the connection without sending any response."""
+    """Close the connection without sending any response.
+
+    ``reason``: what the simulator's client sees (``"reset"``, or
+    ``"connect"``: refused before the request went out), ``after`` seconds
+    after sending (None: the key's error latency)."""
+
+    reason: Literal["reset", "connect"] = "reset"
+    after: float | None = None
 
     def decide(self, call: Call) -> Outcome | None:
         return self
@@ -338,6 +409,9 @@ class Invalid(Behaviour):
 
 # --------------------------------------------------------------------------- credits
 
+
+SPENT = 1e-12
+"""A balance at or below this is spent (float sums of prices leave dust)."""
 
 _CREDITS_MESSAGES = {
     "openrouter_credits": (
@@ -389,7 +463,7 @@ class Credits(Behaviour):
         self._reply = Reply(402, message, {"limit_source": self.limit_source})
 
     def decide(self, call: Call) -> Outcome | None:
-        if self.balance <= 0:
+        if self.balance <= SPENT:
             return self._reply
         if self.preauthorize and call.cost > self.balance:
             affordable = int(call.completion_tokens * self.balance / call.cost)
@@ -431,7 +505,7 @@ class RateLimit(Behaviour):
     Windows are aligned on multiples of ``window`` in clock time: the window
     holding ``now`` ends at ``(floor(now / window) + 1) * window``. Requests past
     the limit get 429 with ``Retry-After`` (seconds to the window's end, rounded
-    up), ``X-RateLimit-Limit``/``-Remaining``/``-Reset`` (epoch milliseconds)
+    up), ``X-RateLimit-Limit``/``-Remaining``/``-Reset`` (Unix milliseconds)
     and the same three in ``error.metadata.headers``. Refused requests do not
     count. Share one instance between secrets for an account-wide limit.
     ``message`` may contain ``{model}``.
@@ -465,7 +539,7 @@ class RateLimit(Behaviour):
             self._count += 1
             return None
         end = (index + 1) * self.window
-        reset_ms = str(round(end * 1000))
+        reset_ms = str(round((call.epoch + end) * 1000))
         rate_headers = {
             "X-RateLimit-Limit": str(self.limit),
             "X-RateLimit-Remaining": "0",
