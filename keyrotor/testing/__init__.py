@@ -36,7 +36,7 @@ from ..upstream.behaviours import (
     UpstreamRateLimited,
     error_body,
 )
-from .clock import Clock, FakeClock, wall_clock
+from .clock import WINDOW_START, Clock, FakeClock, wall_clock
 from .scenarios import (
     DEFAULT_MODELS,
     DEMO_KEYS,
@@ -52,6 +52,7 @@ __all__ = [
     "DEFAULT_MODELS",
     "DEMO_KEYS",
     "SCENARIOS",
+    "WINDOW_START",
     "AccountRateLimit",
     "Behaviour",
     "Call",

@@ -19,6 +19,13 @@ Clock = Callable[[], float]
 """Any callable returning the current time in seconds since the Unix epoch."""
 
 
+WINDOW_START = 1_699_920_000.0
+"""A Unix time that is a whole day (so a whole hour, minute, 30 s ...):
+``FakeClock(WINDOW_START)`` starts every ``RateLimit`` window at its beginning,
+and a clock that is not advanced never rolls one over mid-test (the real
+clock can, which makes a test that counts on a window flaky)."""
+
+
 def wall_clock() -> float:
     """The real time, in seconds since the Unix epoch (``time.time()``)."""
     return time.time()

@@ -16,7 +16,16 @@ from keyrotor.adapters.config import ProxyConfig
 from keyrotor.adapters.proxy.app import ProxyApp
 from keyrotor.adapters.proxy.main import run_proxy
 from keyrotor.core import KeySpec, PoolConfig
-from keyrotor.testing import FakeUpstream, Invalid, Ok, RateLimit, Reply, Scenario
+from keyrotor.testing import (
+    WINDOW_START,
+    FakeClock,
+    FakeUpstream,
+    Invalid,
+    Ok,
+    RateLimit,
+    Reply,
+    Scenario,
+)
 from keyrotor.transports._async import AsyncClient
 
 SECRETS = {
@@ -55,7 +64,7 @@ def config(upstream: str) -> ProxyConfig:
 @asynccontextmanager
 async def front(kind: str) -> AsyncIterator[httpx.AsyncClient]:
     """An httpx client talking to the proxy through the ``kind`` front."""
-    async with FakeUpstream(scenario()).serve() as upstream:
+    async with FakeUpstream(scenario(), clock=FakeClock(WINDOW_START)).serve() as upstream:
         cfg = config(upstream.url)
         if kind == "h11":
             shutdown = trio.Event()

@@ -17,7 +17,16 @@ from keyrotor.adapters.httpx import (
     _forwarded_headers,
     _relative_path,
 )
-from keyrotor.testing import Credits, FakeUpstream, Invalid, Ok, RateLimit, Scenario
+from keyrotor.testing import (
+    WINDOW_START,
+    Credits,
+    FakeClock,
+    FakeUpstream,
+    Invalid,
+    Ok,
+    RateLimit,
+    Scenario,
+)
 from keyrotor.transports._async import AsyncClient
 from keyrotor.transports.sync import Client
 
@@ -74,7 +83,7 @@ def assert_only_pool_keys(server: FakeUpstream) -> None:
 
 @pytest.fixture
 async def upstream() -> AsyncIterator[FakeUpstream]:
-    async with FakeUpstream(faulty()).serve() as server:
+    async with FakeUpstream(faulty(), clock=FakeClock(WINDOW_START)).serve() as server:
         yield server
 
 
@@ -191,7 +200,7 @@ async def test_async_stream_closed_early_frees_the_key(
 @pytest.mark.anyio
 async def test_async_no_key_is_the_sdks_rate_limit_error() -> None:
     async with (
-        FakeUpstream(only_limited()).serve() as server,
+        FakeUpstream(only_limited(), clock=FakeClock(WINDOW_START)).serve() as server,
         AsyncClient({"busy": SECRETS["busy"]}, base_url=server.url) as pool,
     ):
         http = httpx.AsyncClient(transport=AsyncPoolTransport(pool))
@@ -231,7 +240,7 @@ async def test_async_closed_pool_is_a_connection_error(upstream: FakeUpstream) -
 @pytest.fixture
 def sync_pool() -> Iterator[tuple[Client, FakeUpstream]]:
     with (
-        FakeUpstream.running_in_thread(faulty()) as server,
+        FakeUpstream.running_in_thread(faulty(), clock=FakeClock(WINDOW_START)) as server,
         Client(dict(SECRETS), base_url=server.url) as client,
     ):
         yield client, server
@@ -266,7 +275,7 @@ def test_sync_sdk_sees_no_error_through_faulty_keys(
 
 def test_sync_no_key_is_the_sdks_rate_limit_error() -> None:
     with (
-        FakeUpstream.running_in_thread(only_limited()) as server,
+        FakeUpstream.running_in_thread(only_limited(), clock=FakeClock(WINDOW_START)) as server,
         Client({"busy": SECRETS["busy"]}, base_url=server.url) as pool,
         openai.OpenAI(
             base_url=BASE,

@@ -12,6 +12,8 @@ from keyrotor.adapters.proxy.app import ProxyApp
 from keyrotor.adapters.proxy.types import Request, Response
 from keyrotor.core import KeySpec, PoolConfig
 from keyrotor.testing import (
+    WINDOW_START,
+    FakeClock,
     FakeUpstream,
     Invalid,
     Ok,
@@ -123,7 +125,9 @@ async def test_stream_that_breaks_off_ends_with_an_error_event() -> None:
 
 
 async def test_no_key_gives_429_with_retry_after_in_openai_shape() -> None:
-    async with FakeUpstream(scenario(busy=RateLimit(limit=0, window=30))).serve() as server:
+    async with FakeUpstream(
+        scenario(busy=RateLimit(limit=0, window=30)), clock=FakeClock(WINDOW_START)
+    ).serve() as server:
         async for app in proxy(server, "busy"):
             response = await app(post("/v1/chat/completions", CHAT))
             payload = json.loads(await body_of(response))

@@ -20,7 +20,7 @@ import httpx
 import pytest
 from cryptography.fernet import Fernet
 
-from keyrotor.testing import Credits, FakeClock, FakeUpstream, Ok, RateLimit, Scenario
+from keyrotor.testing import WINDOW_START, Credits, FakeClock, FakeUpstream, Ok, RateLimit, Scenario
 
 ADMIN = "admin-token-" + "5e" * 12
 SECRETS = {
@@ -29,7 +29,6 @@ SECRETS = {
     "busy": "sk-or-v1-restart-busy-" + "3" * 24,
 }
 EXTRA = "sk-or-v1-restart-extra-" + "4" * 24  # added through the admin API
-WINDOW_START = 1_700_000_400.0  # a multiple of busy's 600 s window
 MODEL = "openai/gpt-4o-mini"
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
 CONFIG = "".join(

@@ -10,7 +10,9 @@ import pytest
 
 from keyrotor.core import KeySpec, PoolConfig
 from keyrotor.testing import (
+    WINDOW_START,
     Credits,
+    FakeClock,
     FakeUpstream,
     Hang,
     Invalid,
@@ -55,7 +57,7 @@ async def mixed() -> AsyncIterator[FakeUpstream]:
     sc = scenario(
         good=Ok(), bad=Invalid(), poor=Credits(0.0), busy=RateLimit(limit=1, window=60), good2=Ok()
     )
-    async with FakeUpstream(sc).serve() as server:
+    async with FakeUpstream(sc, clock=FakeClock(WINDOW_START)).serve() as server:
         yield server
 
 
@@ -205,7 +207,7 @@ async def test_parallel_chat_partial_returns_errors_beside_results() -> None:
 
 async def test_every_key_rate_limited_raises_with_retry_after() -> None:
     sc = scenario(busy=RateLimit(limit=0, window=30))
-    async with FakeUpstream(sc).serve() as server:
+    async with FakeUpstream(sc, clock=FakeClock(WINDOW_START)).serve() as server:
         async with Client(keys("busy"), server.url) as client:
             with pytest.raises(NoKeyAvailable) as info:
                 await client.chat(model=MODEL, messages=HI, timeout=1.0)
