@@ -5,7 +5,7 @@ relative imports are resolved. The rules:
 
 1. ``keyrotor.core`` imports nothing of keyrotor outside ``keyrotor.core``, and
    nothing outside the standard library but ``attrs``; the same for the
-   upstream model, ``keyrotor.upstream``.
+   upstream model, ``keyrotor.upstream``, and the catalog and costs, ``keyrotor.models``.
 2. ``keyrotor.transports`` imports no ``keyrotor.adapters`` and no
    ``keyrotor.replay`` at import time. Inside a function (recording loads
    ``keyrotor.replay`` on demand) or under ``TYPE_CHECKING`` is allowed.
@@ -199,7 +199,7 @@ def imports() -> list[Import]:
     return found
 
 
-@pytest.mark.parametrize("package", ["keyrotor.core", "keyrotor.upstream"])
+@pytest.mark.parametrize("package", ["keyrotor.core", "keyrotor.upstream", "keyrotor.models"])
 def test_core_imports_only_itself_the_stdlib_and_attrs(imports: list[Import], package: str) -> None:
     bad = core_violations(imports, package)
     assert not bad, _report(f"{package} imports outside itself, the stdlib and attrs", bad)

@@ -57,7 +57,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import attrs
 
@@ -72,13 +72,13 @@ __all__ = [
     "SecretsLocked",
     "StateStore",
     "StorageError",
+    "StoredCatalog",
     "StoredKey",
     "StoredState",
     "default_state_path",
     "secret_key_from_env",
 ]
 
-SCHEMA_VERSION = 1
 SECRET_KEY_ENV = "KEYROTOR_SECRET_KEY"
 STATE_ENV = "KEYROTOR_STATE"
 HOW_TO_SET_KEY = (
@@ -133,6 +133,16 @@ class LedgerRow:
     prompt_tokens: int
     completion_tokens: int
     cost: float
+
+
+@attrs.frozen
+class StoredCatalog:
+    """A provider's last fetched ``/models`` document, as the state file keeps it."""
+
+    provider: str
+    document: Any
+    etag: str | None
+    fetched_at: float
 
 
 @attrs.frozen
@@ -559,6 +569,48 @@ class StateStore:
                 else f"this secret is already stored in {self.path} as key {row[0]!r}"
             )
 
+    def save_catalog(
+        self, provider: str, document: Mapping[str, Any], etag: str | None, fetched_at: float
+    ) -> None:
+        """Keep ``provider``'s catalog (its ``/models`` JSON ``document``), the
+        one a restart serves until a refresh succeeds. Raises ``StorageError``."""
+        text = json.dumps(document, separators=(",", ":"), allow_nan=False)
+        with self._db_lock:
+            conn = self._connection()
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                conn.execute(
+                    "INSERT OR REPLACE INTO catalogs (provider, document, etag, fetched_at) "
+                    "VALUES (?, ?, ?, ?)",
+                    (provider, text, etag, fetched_at),
+                )
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                _rollback(conn)
+                raise StorageError(
+                    f"cannot store the {provider!r} catalog in {self.path}: {exc}; check the "
+                    "disk and the file's permissions"
+                ) from None
+
+    def catalogs(self) -> dict[str, StoredCatalog]:
+        """The stored catalogs by provider (a document that no longer parses as
+        JSON is left out: the next fetch replaces it)."""
+        with self._db_lock:
+            rows = (
+                self._connection()
+                .execute("SELECT provider, document, etag, fetched_at FROM catalogs")
+                .fetchall()
+            )
+        stored = {}
+        for provider, text, etag, fetched_at in rows:
+            try:
+                document = json.loads(text)
+            except ValueError:
+                self._log(f"the stored {provider!r} catalog is not JSON; it will be fetched anew")
+                continue
+            stored[provider] = StoredCatalog(provider, document, etag, fetched_at)
+        return stored
+
     def remove_key(self, alias: str) -> bool:
         """Forget a stored key and its state (its ledger rows stay); False if not stored."""
         with self._db_lock:
@@ -885,41 +937,117 @@ def _open_error(path: Path, exc: sqlite3.Error) -> StorageError:
     )
 
 
-_SCHEMA = """
-CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE keys (
-    alias TEXT PRIMARY KEY,
-    fingerprint TEXT NOT NULL UNIQUE,
-    secret BLOB NOT NULL,
-    spec TEXT NOT NULL,
-    added_at REAL NOT NULL
-);
-CREATE TABLE states (
-    alias TEXT PRIMARY KEY,
-    state TEXT NOT NULL,
-    until REAL,
-    reason TEXT NOT NULL,
-    changed_at REAL NOT NULL
-);
-CREATE TABLE ledger (
-    alias TEXT NOT NULL,
-    day TEXT NOT NULL,
-    requests INTEGER NOT NULL,
-    prompt_tokens INTEGER NOT NULL,
-    completion_tokens INTEGER NOT NULL,
-    cost REAL NOT NULL,
-    PRIMARY KEY (alias, day)
-) WITHOUT ROWID;
-"""
-# Which key each alias named when its state and spend were recorded (a salted
-# SHA-256 of the secret): an alias that names another key later starts afresh.
-_BINDINGS = """
-CREATE TABLE IF NOT EXISTS bindings (
-    alias TEXT PRIMARY KEY,
-    fingerprint TEXT NOT NULL,
-    since REAL NOT NULL
+@attrs.frozen
+class _Migration:
+    """One step of the state file's schema: ``statements`` take a file at
+    ``version - 1`` to ``version`` (run in one transaction, never edited once
+    released: a change is a new step)."""
+
+    version: int
+    what: str
+    statements: tuple[str, ...]
+
+
+MIGRATIONS: Final = (
+    _Migration(
+        1,
+        "keys, their last states and the daily spend ledger",
+        (
+            "CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
+            """CREATE TABLE keys (
+                alias TEXT PRIMARY KEY,
+                fingerprint TEXT NOT NULL UNIQUE,
+                secret BLOB NOT NULL,
+                spec TEXT NOT NULL,
+                added_at REAL NOT NULL
+            )""",
+            """CREATE TABLE states (
+                alias TEXT PRIMARY KEY,
+                state TEXT NOT NULL,
+                until REAL,
+                reason TEXT NOT NULL,
+                changed_at REAL NOT NULL
+            )""",
+            """CREATE TABLE ledger (
+                alias TEXT NOT NULL,
+                day TEXT NOT NULL,
+                requests INTEGER NOT NULL,
+                prompt_tokens INTEGER NOT NULL,
+                completion_tokens INTEGER NOT NULL,
+                cost REAL NOT NULL,
+                PRIMARY KEY (alias, day)
+            ) WITHOUT ROWID""",
+        ),
+    ),
+    # Which key each alias named when its state and spend were recorded (a salted
+    # SHA-256 of the secret): an alias that names another key later starts afresh.
+    # Releases before versioned migrations created it on open: IF NOT EXISTS.
+    _Migration(
+        2,
+        "which key each alias named",
+        (
+            """CREATE TABLE IF NOT EXISTS bindings (
+                alias TEXT PRIMARY KEY,
+                fingerprint TEXT NOT NULL,
+                since REAL NOT NULL
+            )""",
+        ),
+    ),
+    _Migration(
+        3,
+        "the providers' model catalogs (the last one fetched of each)",
+        (
+            """CREATE TABLE catalogs (
+                provider TEXT PRIMARY KEY,
+                document TEXT NOT NULL,
+                etag TEXT,
+                fetched_at REAL NOT NULL
+            )""",
+        ),
+    ),
 )
-"""
+"""The schema's history, oldest first: ``PRAGMA user_version`` says how many
+steps a file has had, and opening it runs the others, each in its own
+transaction (so a crash leaves the file at a step, never between two)."""
+
+SCHEMA_VERSION: Final = MIGRATIONS[-1].version
+
+
+def _version(conn: sqlite3.Connection, path: Path) -> int:
+    """The steps the file has had (files written before versioned migrations
+    have ``user_version`` 0 and say it in ``meta``)."""
+    version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    if version:
+        return version
+    meta = _read_meta(conn, path)
+    return 0 if meta is None else int(meta.get("schema_version", "1"))
+
+
+def _migrate(conn: sqlite3.Connection, path: Path) -> None:
+    """Bring the file to ``SCHEMA_VERSION``, one step per transaction."""
+    while (version := _version(conn, path)) < SCHEMA_VERSION:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            version = _version(conn, path)  # another process may have gone first
+            if version < SCHEMA_VERSION:
+                step = MIGRATIONS[version]
+                for statement in step.statements:
+                    conn.execute(statement)
+                if step.version == 1:
+                    conn.execute("INSERT INTO meta VALUES ('salt', ?)", (os.urandom(16).hex(),))
+                conn.execute(
+                    "INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)",
+                    (str(step.version),),
+                )
+                conn.execute(f"PRAGMA user_version = {step.version:d}")
+            conn.execute("COMMIT")
+        finally:
+            _rollback(conn)
+    if version > SCHEMA_VERSION:
+        raise StorageError(
+            f"{path} was written by a newer keyrotor (schema version {version}; this one reads "
+            f"up to {SCHEMA_VERSION}): upgrade keyrotor, or set {STATE_ENV} to another path"
+        )
 
 
 def _setup(
@@ -938,27 +1066,9 @@ def _setup(
     # may undo the last commits, which for health and spend is an acceptable trade.
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute("PRAGMA foreign_keys=ON")
+    _migrate(conn, path)
     meta = _read_meta(conn, path)
-    if meta is None:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            meta = _read_meta(conn, path)
-            if meta is None:
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
-                meta = {"schema_version": str(SCHEMA_VERSION), "salt": os.urandom(16).hex()}
-                conn.executemany("INSERT INTO meta VALUES (?, ?)", meta.items())
-            conn.execute("COMMIT")
-        finally:
-            _rollback(conn)
-    version = int(meta.get("schema_version", "0"))
-    if version > SCHEMA_VERSION:
-        raise StorageError(
-            f"{path} was written by a newer keyrotor (schema version {version}; this one reads "
-            f"up to {SCHEMA_VERSION}): upgrade keyrotor, or set {STATE_ENV} to another path"
-        )
-    conn.execute(_BINDINGS)
+    assert meta is not None  # the first step wrote it
     cipher = fingerprint_key = None
     if secret_key:
         cipher, fingerprint_key = _cipher(secret_key, bytes.fromhex(meta["salt"]), path)

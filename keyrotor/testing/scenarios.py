@@ -9,6 +9,7 @@ request's cost deterministic. Built-in scenarios: ``Scenario.demo()``,
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from decimal import Decimal
 from typing import Any
 
 from attrs import define, field, frozen
@@ -36,7 +37,11 @@ __all__ = [
 @frozen
 class Model:
     """One entry of the ``GET /models`` catalog. Prices are USD decimal strings
-    per token (``"0.0000006"`` = $0.60 per million tokens), as OpenRouter sends."""
+    (``"0.0000006"`` = $0.60 per million tokens), as OpenRouter sends: per token
+    for ``prompt``, ``completion``, ``internal_reasoning``, ``input_cache_read``
+    and ``input_cache_write`` (None: not listed), per request, image and web
+    search for ``request``, ``image`` and ``web_search``. ``"-1"`` prompt and
+    completion mark a variable-priced router."""
 
     id: str
     name: str
@@ -45,44 +50,80 @@ class Model:
     context_length: int = 128_000
     modality: str = "text->text"
     request: str = "0"
+    image: str = "0"
+    web_search: str = "0"
+    internal_reasoning: str | None = None
+    input_cache_read: str | None = None
+    input_cache_write: str | None = None
+    max_completion_tokens: int | None = 16_384
+    supported_parameters: tuple[str, ...] = ("max_tokens", "temperature", "stream", "stop")
+    input_modalities: tuple[str, ...] = ("text",)
+    created: int = 1_700_000_000
+    expiration_date: str | None = None
 
     def prices(self) -> tuple[float, float]:
         """(prompt, completion) USD per token, as floats."""
         return float(self.prompt), float(self.completion)
 
-    def to_json(self, created: int = 1_700_000_000) -> dict[str, Any]:
+    def cost(
+        self, prompt: int, completion: int, *, cached: int = 0, reasoning: int = 0, images: int = 0
+    ) -> float:
+        """What the fake charges (``usage.cost``), in exact decimal arithmetic
+        rounded to 12 places: cached prompt tokens at ``input_cache_read``,
+        reasoning tokens (part of ``completion``) at ``internal_reasoning``,
+        each at the prompt or completion price when the model lists none; plus
+        ``request`` once and ``image`` per input image. A variable price is 0."""
+        if self.prompt == "-1":
+            return 0.0
+        read = Decimal(self.input_cache_read or self.prompt)
+        think = Decimal(self.internal_reasoning or self.completion)
+        total = (
+            Decimal(self.prompt) * (prompt - cached)
+            + read * cached
+            + Decimal(self.completion) * (completion - reasoning)
+            + think * reasoning
+            + Decimal(self.request)
+            + Decimal(self.image) * images
+        )
+        return float(round(total, 12))
+
+    def to_json(self) -> dict[str, Any]:
         """The model in OpenRouter's ``/models`` shape."""
+        pricing = {
+            "prompt": self.prompt,
+            "completion": self.completion,
+            "request": self.request,
+            "image": self.image,
+            "web_search": self.web_search,
+        }
+        for name in ("internal_reasoning", "input_cache_read", "input_cache_write"):
+            value = getattr(self, name)
+            if value is not None:
+                pricing[name] = value
         return {
             "id": self.id,
             "canonical_slug": self.id.split(":", 1)[0],
             "name": self.name,
-            "created": created,
+            "created": self.created,
             "description": f"{self.name} (served by keyrotor's fake upstream).",
             "context_length": self.context_length,
             "architecture": {
                 "modality": self.modality,
-                "input_modalities": ["text"],
+                "input_modalities": list(self.input_modalities),
                 "output_modalities": ["embeddings" if "embedding" in self.modality else "text"],
                 "tokenizer": "Other",
                 "instruct_type": None,
             },
-            "pricing": {
-                "prompt": self.prompt,
-                "completion": self.completion,
-                "request": self.request,
-                "image": "0",
-                "web_search": "0",
-                "internal_reasoning": "0",
-            },
+            "pricing": pricing,
             "top_provider": {
                 "context_length": self.context_length,
-                "max_completion_tokens": 16_384,
+                "max_completion_tokens": self.max_completion_tokens,
                 "is_moderated": False,
             },
             "per_request_limits": None,
-            "supported_parameters": ["max_tokens", "temperature", "stream", "stop"],
+            "supported_parameters": list(self.supported_parameters),
             "default_parameters": {},
-            "expiration_date": None,
+            "expiration_date": self.expiration_date,
         }
 
 

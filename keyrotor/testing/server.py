@@ -37,7 +37,7 @@ from ..upstream.behaviours import (
     key_data,
 )
 from .clock import Clock, wall_clock
-from .scenarios import Scenario
+from .scenarios import Model, Scenario
 
 __all__ = ["FakeUpstream", "KeyStats", "LogEntry", "ServerStats"]
 
@@ -93,9 +93,9 @@ _TEXT_CHUNK = (
 )
 _USAGE = (
     b'{"prompt_tokens":%d,"completion_tokens":%d,"total_tokens":%d,"cost":%s,"is_byok":false,'
-    b'"prompt_tokens_details":{"cached_tokens":0,"cache_write_tokens":0},'
+    b'"prompt_tokens_details":{"cached_tokens":%d,"cache_write_tokens":0},'
     b'"cost_details":{"upstream_inference_cost":null},'
-    b'"completion_tokens_details":{"reasoning_tokens":0}}'
+    b'"completion_tokens_details":{"reasoning_tokens":%d}}'
 )
 
 _JSON_HEAD = (
@@ -295,6 +295,23 @@ def _prompt_tokens(endpoint: str, body: Mapping[str, Any]) -> int:
     return max(1, (chars + 3) // 4)
 
 
+def _cache_and_images(messages: list[Any], prompt: int, entry: Model) -> tuple[int, int]:
+    """(cached prompt tokens, input images) of a chat request: half the prompt
+    is read from the cache when a content part asks for caching
+    (``cache_control``) and the model has a cache price; every ``image_url``
+    part is an image."""
+    cache = images = 0
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list):
+            for part in content:
+                if isinstance(part, dict):
+                    cache = cache or "cache_control" in part
+                    images += part.get("type") == "image_url"
+    cached = prompt // 2 if cache and entry.input_cache_read is not None else 0
+    return cached, images
+
+
 def _embedding(text: str) -> list[float]:
     seed = zlib.crc32(text.encode())
     out = []
@@ -344,7 +361,7 @@ class FakeUpstream:
         self._errors: list[BaseException] = []
         self._seq = 0
         self._path_cache: dict[bytes, str] = {}
-        self._prices: dict[str, tuple[float, float]] = {}
+        self._entries: dict[str, Model | None] = {}
         self._model_json: dict[str, bytes] = {}
         self._models_reply: Reply | None = None
         self._content_cache: dict[int, bytes] = {}
@@ -774,43 +791,52 @@ class FakeUpstream:
             else:
                 return None
         prompt = _prompt_tokens(path, data)
-        prompt_price, completion_price = self._price(model)
-        return Call(
+        entry = self._entry(model)
+        cached = reasoning = images = 0
+        if entry is None:
+            if model.endswith(":free"):
+                cost = 0.0
+            else:
+                prices = scenario.prompt_price, scenario.completion_price
+                cost = round(prompt * prices[0] + completion * prices[1], 12)
+        else:
+            messages = data.get("messages")
+            if isinstance(messages, list):
+                cached, images = _cache_and_images(messages, prompt, entry)
+            if "reasoning" in data and "reasoning" in entry.supported_parameters:
+                reasoning = completion // 2
+            cost = entry.cost(prompt, completion, cached=cached, reasoning=reasoning, images=images)
+        call = Call(
             endpoint=path,
             model=model,
             stream=stream,
             body=data,
             prompt_tokens=prompt,
             completion_tokens=completion,
-            cost=round(prompt * prompt_price + completion * completion_price, 12),
+            cost=cost,
             now=self.clock() - scenario.epoch,
             epoch=scenario.epoch,
             in_flight=c.in_flight,
         )
+        call.cached_tokens = cached
+        call.reasoning_tokens = reasoning
+        return call
 
     # ------------------------------------------------------------------ catalog
 
     def _invalidate_catalog(self) -> None:
-        self._prices.clear()
+        self._entries.clear()
         self._model_json.clear()
         self._models_reply = None
 
-    def _price(self, model: str) -> tuple[float, float]:
-        price = self._prices.get(model)
-        if price is None:
-            scenario = self._scenario
-            for m in scenario.models:
-                if m.id == model:
-                    price = m.prices()
-                    break
-            else:
-                if model.endswith(":free"):
-                    price = (0.0, 0.0)
-                else:
-                    price = (scenario.prompt_price, scenario.completion_price)
-            if len(self._prices) < _MAX_PATH_CACHE:
-                self._prices[model] = price
-        return price
+    def _entry(self, model: str) -> Model | None:
+        """The catalog's entry for ``model`` (None: not in the catalog)."""
+        if model in self._entries:
+            return self._entries[model]
+        entry = next((m for m in self._scenario.models if m.id == model), None)
+        if len(self._entries) < _MAX_PATH_CACHE:
+            self._entries[model] = entry
+        return entry
 
     def _models(self) -> Reply:
         reply = self._models_reply
@@ -845,7 +871,8 @@ class FakeUpstream:
     @staticmethod
     def _usage(call: Call) -> bytes:
         p, n = call.prompt_tokens, call.completion_tokens
-        return _USAGE % (p, n, p + n, repr(call.cost).encode())
+        cost = repr(call.cost).encode()
+        return _USAGE % (p, n, p + n, cost, call.cached_tokens, call.reasoning_tokens)
 
     @staticmethod
     def _error_json(err: MidStreamError) -> bytes:

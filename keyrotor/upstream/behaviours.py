@@ -132,7 +132,8 @@ class Call:
 
     Read-only for behaviours: ``endpoint`` (e.g. ``"/chat/completions"``),
     ``model``, ``stream``, ``body`` (the parsed JSON request), ``prompt_tokens``,
-    ``completion_tokens`` (= content chunks), ``cost`` (USD, deterministic),
+    ``completion_tokens`` (= content chunks; ``reasoning_tokens`` of them
+    reasoning), ``cached_tokens`` (of the prompt), ``cost`` (USD, deterministic),
     ``now`` (the clock, in seconds), ``epoch`` (the Unix time of ``now`` 0,
     for the epoch times of rate-limit headers) and ``in_flight`` (this key's
     other requests in flight). Modifiers set ``latency``, ``chunk_delay``,
@@ -142,6 +143,7 @@ class Call:
 
     __slots__ = (
         "body",
+        "cached_tokens",
         "chunk_delay",
         "commits",
         "completion_tokens",
@@ -154,6 +156,7 @@ class Call:
         "model",
         "now",
         "prompt_tokens",
+        "reasoning_tokens",
         "stream",
         "stream_error",
     )
@@ -182,6 +185,8 @@ class Call:
         self.now = now
         self.epoch = epoch
         self.in_flight = in_flight
+        self.cached_tokens = 0
+        self.reasoning_tokens = 0
         self.latency = 0.0
         self.chunk_delay = 0.0
         self.stream_error: MidStreamError | None = None

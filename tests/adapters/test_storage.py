@@ -6,6 +6,7 @@ import base64
 import os
 import pathlib
 import re
+import shutil
 import signal
 import sqlite3
 import stat
@@ -20,11 +21,14 @@ from typing import Any
 import pytest
 from cryptography.fernet import Fernet
 
+from keyrotor.adapters import storage
 from keyrotor.adapters.storage import (
+    SCHEMA_VERSION,
     LedgerRow,
     SecretsLocked,
     StateStore,
     StorageError,
+    StoredCatalog,
     StoredState,
     default_state_path,
     secret_key_from_env,
@@ -210,8 +214,9 @@ def test_the_file_is_in_wal_mode_with_normal_sync(
     store.close()
     with sqlite3.connect(store.path) as db:
         assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)  # kept in the file
+        assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
         assert db.execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone() == (
-            "1",
+            str(SCHEMA_VERSION),
         )
     db.close()
 
@@ -402,7 +407,7 @@ def test_a_newer_schema_is_refused(
     path = tmp_path / "state.db"
     opened(path).close()
     with sqlite3.connect(path) as db:
-        db.execute("UPDATE meta SET value = '99' WHERE name = 'schema_version'")
+        db.execute("PRAGMA user_version = 99")
     db.close()
     with pytest.raises(StorageError, match=r"newer keyrotor \(schema version 99.*upgrade"):
         opened(path)
@@ -659,3 +664,86 @@ def test_secret_key_from_env() -> None:
     assert secret_key_from_env({}) is None
     assert secret_key_from_env({"KEYROTOR_SECRET_KEY": "  "}) is None
     assert secret_key_from_env({"KEYROTOR_SECRET_KEY": " abc\n"}) == "abc"
+
+
+# -- versioned migrations ------------------------------------------------------------------
+
+BEFORE_MIGRATIONS = pathlib.Path(__file__).parent / "data" / "state-before-migrations.db"
+BEFORE_MIGRATIONS_KEY = "hW5g9Qm3R0c2Qm1u8cH3xJ7S9bL4pV2nZ6tY1wE5aUk="  # a test key, not a secret
+FIXTURE_SECRETS = {
+    "alpha": "sk-or-v1-fixture-alpha-jkjkjkjkjkjkjkjkjkjk",
+    "beta": "sk-or-v1-fixture-beta-mnmnmnmnmnmnmnmnmnmn",
+    "env1": "sk-or-v1-fixture-env-pqpqpqpqpqpqpqpqpqpq",
+}
+
+
+def test_a_file_of_the_release_before_migrations_is_upgraded_with_nothing_lost(
+    tmp_path: pathlib.Path, opened: Callable[..., StateStore]
+) -> None:
+    """The fixture was written by the last release without versioned migrations
+    (schema 1 in ``meta``, ``user_version`` 0): two stored keys, three bound
+    aliases, two states and the spend of two days."""
+    path = tmp_path / "state.db"
+    shutil.copy(BEFORE_MIGRATIONS, path)
+    store = opened(path, secret_key=BEFORE_MIGRATIONS_KEY, wall_clock=Clock(1_764_892_900.0))
+    loaded = store.load()
+    assert {k.alias: (k.secret, k.spec) for k in loaded.keys} == {
+        "alpha": (FIXTURE_SECRETS["alpha"], {"weight": 2}),
+        "beta": (FIXTURE_SECRETS["beta"], {}),
+    }
+    assert loaded.states["alpha"].state == "rate_limited"
+    assert loaded.states["alpha"].until == 1_764_892_860.0
+    assert loaded.states["alpha"].reason == "free-models-per-min"
+    assert (loaded.states["env1"].state, loaded.states["env1"].until) == ("failed", None)
+    spend = {(row.alias, row.day): (row.requests, row.cost) for row in loaded.ledger}
+    assert spend == {("alpha", "2025-12-05"): (3, 0.0125), ("env1", "2025-12-04"): (1, 0.002)}
+    assert store.bind(FIXTURE_SECRETS) == []  # every alias still names its key
+    # The new step's table is there and usable.
+    store.save_catalog("openrouter", {"data": []}, 'W/"1"', 1_764_892_900.0)
+    assert store.catalogs() == {
+        "openrouter": StoredCatalog("openrouter", {"data": []}, 'W/"1"', 1_764_892_900.0)
+    }
+    store.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+    db.close()
+
+
+def test_a_failed_step_leaves_the_file_at_the_step_before_and_a_retry_finishes(
+    tmp_path: pathlib.Path,
+    opened: Callable[..., StateStore],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    path = tmp_path / "state.db"
+    shutil.copy(BEFORE_MIGRATIONS, path)
+    broken = storage.MIGRATIONS[-1]
+    bad = storage._Migration(broken.version, broken.what, ("CREATE TABLE keys (x)",))
+    monkeypatch.setattr(storage, "MIGRATIONS", (*storage.MIGRATIONS[:-1], bad))
+    with pytest.raises(StorageError):
+        opened(path, secret_key=BEFORE_MIGRATIONS_KEY)
+    with sqlite3.connect(path) as db:  # every step before the failed one is kept
+        assert db.execute("PRAGMA user_version").fetchone() == (broken.version - 1,)
+    db.close()
+    monkeypatch.undo()
+    store = opened(path, secret_key=BEFORE_MIGRATIONS_KEY)
+    assert [k.alias for k in store.load().keys] == ["alpha", "beta"]
+    assert store.catalogs() == {}
+
+
+def test_the_schema_history_is_numbered_in_order() -> None:
+    assert [step.version for step in storage.MIGRATIONS] == list(range(1, SCHEMA_VERSION + 1))
+
+
+def test_a_stored_catalog_that_is_damaged_is_skipped_with_a_log_line(
+    tmp_path: pathlib.Path, opened: Callable[..., StateStore], logs: list[str]
+) -> None:
+    store = opened(tmp_path / "state.db")
+    store.save_catalog("a", {"data": [{"id": "x/y"}]}, None, 1.0)
+    store.save_catalog("b", {"data": []}, None, 2.0)
+    store.close()
+    with sqlite3.connect(store.path) as db:
+        db.execute("UPDATE catalogs SET document = '{oops' WHERE provider = 'b'")
+    db.close()
+    again = opened(store.path)
+    assert list(again.catalogs()) == ["a"]
+    assert any("'b' catalog is not JSON" in line for line in logs)

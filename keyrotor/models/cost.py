@@ -1,0 +1,162 @@
+"""Cost to the cent: an estimate before a request, the spend after it.
+
+Before: ``estimate(pricing, messages, max_tokens)`` counts prompt tokens with
+``estimate_tokens`` (no tokenizer download: about 4 characters a token, plus
+OpenAI's per-message framing) and prices them, with the completion's ceiling
+when ``max_tokens`` is known.
+
+After: ``spend(pricing, usage)`` is the answer's ``usage.cost`` when the
+upstream reports one (OpenRouter does, in USD), else the cost computed from
+``usage`` by ``usage_cost``:
+
+- prompt tokens not read from or written to the cache x ``prompt``;
+- ``prompt_tokens_details.cached_tokens`` x ``input_cache_read`` and
+  ``cache_write_tokens`` x ``input_cache_write`` (the prompt price when the
+  catalog gives none);
+- ``completion_tokens`` x ``completion``, except
+  ``completion_tokens_details.reasoning_tokens``, billed at
+  ``internal_reasoning`` when the catalog has that price;
+- ``request`` once, ``image`` per input image, ``web_search`` per search.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import attrs
+
+from .catalog import Pricing
+
+__all__ = ["Estimate", "count_images", "estimate", "estimate_tokens", "spend", "usage_cost"]
+
+CHARS_PER_TOKEN = 4
+"""The estimator's rate: English text runs at about 4 characters a token."""
+
+MESSAGE_TOKENS = 4
+"""Tokens of framing per chat message (role and separators, as OpenAI counts them)."""
+
+REPLY_TOKENS = 3
+"""Tokens that prime the reply (``<|start|>assistant<|message|>``)."""
+
+
+def _text(content: object) -> Iterable[str]:
+    if isinstance(content, str):
+        yield content
+    elif isinstance(content, list):
+        for part in content:
+            if isinstance(part, Mapping) and isinstance(part.get("text"), str):
+                yield part["text"]
+
+
+def estimate_tokens(messages: Iterable[Mapping[str, Any]]) -> int:
+    """Prompt tokens of chat ``messages``: their text (string contents and
+    ``text`` parts, names and tool-call arguments) at ``CHARS_PER_TOKEN``,
+    rounded up, plus ``MESSAGE_TOKENS`` per message and ``REPLY_TOKENS``."""
+    chars = 0
+    count = 0
+    for message in messages:
+        count += 1
+        if not isinstance(message, Mapping):
+            continue
+        chars += sum(len(text) for text in _text(message.get("content")))
+        name = message.get("name")
+        if isinstance(name, str):
+            chars += len(name)
+        calls = message.get("tool_calls")
+        if isinstance(calls, list):
+            for call in calls:
+                function = call.get("function") if isinstance(call, Mapping) else None
+                if isinstance(function, Mapping):
+                    chars += len(str(function.get("name", ""))) + len(
+                        str(function.get("arguments", ""))
+                    )
+    return -(-chars // CHARS_PER_TOKEN) + count * MESSAGE_TOKENS + REPLY_TOKENS
+
+
+def count_images(messages: Iterable[Mapping[str, Any]]) -> int:
+    """Input images in chat ``messages`` (``image_url`` parts)."""
+    images = 0
+    for message in messages:
+        content = message.get("content") if isinstance(message, Mapping) else None
+        if isinstance(content, list):
+            images += sum(
+                1
+                for part in content
+                if isinstance(part, Mapping) and part.get("type") == "image_url"
+            )
+    return images
+
+
+@attrs.frozen
+class Estimate:
+    """A request's cost before it is sent: ``low`` prices the prompt alone
+    (and per-request charges), ``high`` adds ``max_tokens`` of completion
+    (None when the request sets no ceiling); both None for unknown prices."""
+
+    prompt_tokens: int
+    max_tokens: int | None
+    low: float | None
+    high: float | None
+
+
+def estimate(
+    pricing: Pricing, messages: Iterable[Mapping[str, Any]], max_tokens: int | None = None
+) -> Estimate:
+    """What a chat request may cost at ``pricing``."""
+    messages = list(messages)
+    tokens = estimate_tokens(messages)
+    if not pricing.known or pricing.variable:
+        return Estimate(tokens, max_tokens, None, None)
+    low = tokens * pricing.prompt + pricing.request + count_images(messages) * pricing.image
+    high = None if max_tokens is None else low + max_tokens * pricing.completion
+    return Estimate(tokens, max_tokens, low, high)
+
+
+def _count(data: object, name: str) -> int:
+    value = data.get(name) if isinstance(data, Mapping) else None
+    return value if type(value) is int and value > 0 else 0
+
+
+def usage_cost(
+    pricing: Pricing, usage: Mapping[str, Any], *, images: int = 0, web_searches: int = 0
+) -> float | None:
+    """USD for an answer's ``usage`` at ``pricing`` (None when the price is
+    unknown or variable). See the module's docstring for the rules."""
+    if not pricing.known or pricing.variable:
+        return None
+    prompt = _count(usage, "prompt_tokens")
+    completion = _count(usage, "completion_tokens")
+    details = usage.get("prompt_tokens_details")
+    cached = _count(details, "cached_tokens")
+    written = _count(details, "cache_write_tokens")
+    reasoning = min(_count(usage.get("completion_tokens_details"), "reasoning_tokens"), completion)
+    fresh = max(0, prompt - cached - written)
+    read_price = pricing.prompt if pricing.input_cache_read is None else pricing.input_cache_read
+    write_price = pricing.prompt if pricing.input_cache_write is None else pricing.input_cache_write
+    think_price = (
+        pricing.completion if pricing.internal_reasoning is None else pricing.internal_reasoning
+    )
+    return (
+        fresh * pricing.prompt
+        + cached * read_price
+        + written * write_price
+        + (completion - reasoning) * pricing.completion
+        + reasoning * think_price
+        + pricing.request
+        + images * pricing.image
+        + web_searches * pricing.web_search
+    )
+
+
+def spend(
+    pricing: Pricing | None, usage: Mapping[str, Any], *, images: int = 0, web_searches: int = 0
+) -> float | None:
+    """What an answer cost: ``usage.cost`` when the upstream reports it, else
+    ``usage_cost`` at ``pricing`` (None: unknown)."""
+    reported = usage.get("cost")
+    if isinstance(reported, int | float) and not isinstance(reported, bool) and reported >= 0:
+        return float(reported)
+    if pricing is None:
+        return None
+    return usage_cost(pricing, usage, images=images, web_searches=web_searches)
