@@ -84,7 +84,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .replay.cli import add_parser as add_replay_parser
 
     add_replay_parser(commands)
+    from .adapters.models_cli import add_parser as add_models_parser
+
+    add_models_parser(commands)
     args = parser.parse_args(argv)
+    if args.command == "models":
+        from .adapters.models_cli import run as run_models
+
+        return run_models(args)
     if args.command == "replay":
         from .replay.cli import run as run_replay
 
@@ -115,7 +122,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         outcome = run(sys.stdout, requests=args.requests, color=args.color)
         return 0 if outcome["error"] == 0 and outcome["rejected"] == 0 else 1
     parser.print_help()
-    print("keyrotor: no command given; choose one of demo, serve, keys, replay", file=sys.stderr)
+    print(
+        "keyrotor: no command given; choose one of demo, serve, keys, models, replay",
+        file=sys.stderr,
+    )
     return 2
 
 

@@ -66,11 +66,15 @@ _NEVER = 'a number, or false / "never"'
 _STRS = "an array of strings"
 
 _TOP_KINDS = {"upstream": _STR, "routing_note": _BOOL, "log_format": _STR, "record": _STR}
-_TABLES = ("server", "http", "pool", "headers", "auth", "state", "keys")
+_TABLES = ("server", "http", "pool", "headers", "auth", "state", "catalog", "keys")
 _AUTH_KINDS = {"admin_token": _STR, "client_tokens": _STRS, "token_ttl": _FLOAT}
 _STATE_KINDS = {"enabled": _BOOL, "path": _STR, "flush_interval": _FLOAT}
 _AUTH_DEFAULTS: Mapping[str, Any] = MappingProxyType({"token_ttl": 3600.0})
 _STATE_DEFAULTS: Mapping[str, Any] = MappingProxyType({"enabled": True, "flush_interval": 0.1})
+_CATALOG_KINDS = {"enabled": _BOOL, "refresh_interval": _FLOAT}
+_CATALOG_DEFAULTS: Mapping[str, Any] = MappingProxyType(
+    {"enabled": True, "refresh_interval": 3600.0}
+)
 _MIN_TOKEN = 16
 _TOKEN_HELP = "generate one with: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
 LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
@@ -170,6 +174,9 @@ class ProxyConfig:
         state_flush: seconds between batched writes of state and spend.
         secret_key: ``KEYROTOR_SECRET_KEY``, which encrypts stored secrets.
         record: write a trace of the traffic to this file (docs/replay.md).
+        catalog_refresh: seconds between fetches of the upstream's model
+            catalog (``GET /models``), which ``/v1/models`` serves (None: off,
+            ``/v1/models`` is forwarded).
     """
 
     keys: dict[str, str]
@@ -187,6 +194,7 @@ class ProxyConfig:
     state_flush: float = 0.1
     secret_key: str | None = None
     record: str | None = None
+    catalog_refresh: float | None = 3600.0
 
     def __repr__(self) -> str:
         keys = ", ".join(f"{alias!r}: {mask(secret)!r}" for alias, secret in self.keys.items())
@@ -197,7 +205,8 @@ class ProxyConfig:
             f"admin_token={'set' if self.admin_token else None}, "
             f"client_tokens={len(self.client_tokens)}, token_ttl={self.token_ttl!r}, "
             f"state_path={self.state_path!r}, state_flush={self.state_flush!r}, "
-            f"secret_key={'set' if self.secret_key else None}, record={self.record!r})"
+            f"secret_key={'set' if self.secret_key else None}, record={self.record!r}, "
+            f"catalog_refresh={self.catalog_refresh!r})"
         )
 
 
@@ -269,7 +278,7 @@ class _Loader:
                 self.unknown("", name, [*_TOP_KINDS, *_TABLES])
         tables = {
             name: self.table(data, name)
-            for name in ("server", "http", "pool", "headers", "auth", "state")
+            for name in ("server", "http", "pool", "headers", "auth", "state", "catalog")
         }
         tables[""] = {name: data[name] for name in _TOP_KINDS if name in data}
         given = self.split_overrides(overrides)
@@ -318,10 +327,16 @@ class _Loader:
         for name in self.names("state", tables, given, _STATE_KINDS):
             for source, raw, coerce in self.layers(tables["state"], given["state"], name):
                 state[name] = self.check(raw, _STATE_KINDS[name], f"[state] {name}", source, coerce)
+        catalog = dict(_CATALOG_DEFAULTS)
+        for name in self.names("catalog", tables, given, _CATALOG_KINDS):
+            for source, raw, coerce in self.layers(tables["catalog"], given["catalog"], name):
+                where = f"[catalog] {name}"
+                catalog[name] = self.check(raw, _CATALOG_KINDS[name], where, source, coerce)
         admin, clients = self.tokens(auth, server["host"])
         for where, value in (
             ("[auth] token_ttl", auth["token_ttl"]),
             ("[state] flush_interval", state["flush_interval"]),
+            ("[catalog] refresh_interval", catalog["refresh_interval"]),
         ):
             if not (value > 0 and math.isfinite(value)):
                 self.fail(
@@ -350,6 +365,7 @@ class _Loader:
             state_flush=state["flush_interval"],
             secret_key=secret_key_from_env(self.environ),
             record=top.get("record"),
+            catalog_refresh=catalog["refresh_interval"] if catalog["enabled"] else None,
         )
 
     def tokens(self, auth: dict[str, Any], host: str) -> tuple[str | None, tuple[str, ...]]:
@@ -460,7 +476,7 @@ class _Loader:
     def split_overrides(self, overrides: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         """Overrides by table (``""``: top level); None values dropped."""
         given: dict[str, dict[str, Any]] = {
-            t: {} for t in ("", "server", "http", "pool", "headers", "auth", "state")
+            t: {} for t in ("", "server", "http", "pool", "headers", "auth", "state", "catalog")
         }
         for name, value in overrides.items():
             if value is None:
@@ -784,6 +800,7 @@ _TABLE_KINDS = {
     "pool": _POOL_KINDS,
     "auth": _AUTH_KINDS,
     "state": _STATE_KINDS,
+    "catalog": _CATALOG_KINDS,
 }
 
 

@@ -21,6 +21,7 @@ from ..upstream.behaviours import (
     Invalid,
     Ok,
     RateLimit,
+    Reply,
 )
 
 __all__ = [
@@ -169,6 +170,9 @@ class Scenario:
     - ``default_completion_tokens``: content chunks when ``max_tokens`` is absent.
     - ``comment_every``: an ``: OPENROUTER PROCESSING`` comment before the first
       chunk and after every that many content chunks (0: none).
+    - ``catalog_etag``: ``GET /models`` sends an ``ETag`` and answers 304 to
+      an ``If-None-Match`` that matches it; ``models_reply``: answer
+      ``GET /models`` with this instead (a failing catalog fetch).
     - ``epoch``: the clock reading that behaviours see as time 0 (``Call.now``
       is the clock minus ``epoch``, ``Call.epoch`` is ``epoch``): a replay
       model's failure windows and limits, in seconds from the replay's start,
@@ -186,6 +190,8 @@ class Scenario:
     comment_every: int = 4
     provider_name: str = "FakeProvider"
     epoch: float = 0.0
+    catalog_etag: bool = True
+    models_reply: Reply | None = None
 
     def add(
         self, secret: str, behaviour: Behaviour | None = None, *, alias: str | None = None

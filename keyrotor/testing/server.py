@@ -13,6 +13,7 @@ with the bytes the client already pipelined.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import json
 import zlib
@@ -364,6 +365,8 @@ class FakeUpstream:
         self._entries: dict[str, Model | None] = {}
         self._model_json: dict[str, bytes] = {}
         self._models_reply: Reply | None = None
+        self._not_modified: Reply | None = None
+        self._models_etag: bytes | None = None
         self._content_cache: dict[int, bytes] = {}
         self._port: int | None = None
         self._state = "new"  # new -> running -> closed
@@ -670,9 +673,12 @@ class FakeUpstream:
         path = self._normalize(request.target)
         keep = http11 = request.http_version == b"1.1"
         secret: str | None = None
+        if_none_match: bytes | None = None
         for raw_name, value in request.headers.raw_items():
             name = raw_name.lower()
-            if name == b"authorization":
+            if name == b"if-none-match":
+                if_none_match = value
+            elif name == b"authorization":
                 if value[:7].lower() == b"bearer ":
                     secret = value[7:].strip().decode("latin-1") or None
             elif name == b"connection" and b"close" in value.lower():
@@ -698,7 +704,7 @@ class FakeUpstream:
         elif request.method != expected:
             outcome = _METHOD_NOT_ALLOWED[expected]
         elif path == "/models":
-            outcome = self._models()
+            outcome = self._models(if_none_match)
         elif secret is None:
             outcome = _NO_AUTH
         else:
@@ -827,7 +833,7 @@ class FakeUpstream:
     def _invalidate_catalog(self) -> None:
         self._entries.clear()
         self._model_json.clear()
-        self._models_reply = None
+        self._models_reply = self._not_modified = None
 
     def _entry(self, model: str) -> Model | None:
         """The catalog's entry for ``model`` (None: not in the catalog)."""
@@ -838,11 +844,24 @@ class FakeUpstream:
             self._entries[model] = entry
         return entry
 
-    def _models(self) -> Reply:
+    def _models(self, if_none_match: bytes | None) -> Reply:
+        """``GET /models``: the catalog with an ``ETag`` (304 when the caller
+        already has it), or the scenario's ``models_reply``."""
+        scenario = self._scenario
+        if scenario.models_reply is not None:
+            return scenario.models_reply
         reply = self._models_reply
         if reply is None:
-            data = {"data": [m.to_json() for m in self._scenario.models]}
-            reply = self._models_reply = Reply(200, body=data)
+            data = {"data": [m.to_json() for m in scenario.models]}
+            payload = json.dumps(data, separators=(",", ":")).encode()
+            etag = f'"{hashlib.sha256(payload).hexdigest()[:20]}"'
+            tag = (("etag", etag),) if scenario.catalog_etag else ()
+            reply = self._models_reply = Reply(200, body=payload, headers=tag)
+            self._not_modified = Reply(304, body=b"", headers=tag)
+            self._models_etag = etag.encode() if scenario.catalog_etag else None
+        not_modified = self._not_modified
+        if if_none_match is not None and if_none_match == self._models_etag and not_modified:
+            return not_modified
         return reply
 
     def _key_info(self, secret: str, behaviour: Behaviour, c: _Counters) -> Reply:

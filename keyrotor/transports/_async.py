@@ -47,7 +47,7 @@ from ._http import (
     json_or_raise,
     request_headers,
 )
-from .errors import KeyrotorError
+from .errors import KeyrotorError, TransportError
 
 T = TypeVar("T")
 
@@ -328,6 +328,30 @@ class AsyncClient(ClientBase):
         )
         steps = attempts(self._driver, request_id, slot, request, buffer)
         return StreamResponse(self, request_id, await self._run(steps, waiter))
+
+    async def get_public(self, path: str, *, headers: Mapping[str, str] | None = None) -> Response:
+        """``GET path`` on the upstream with no key, outside the pool (no
+        failover, nothing accounted, no key's rate limit used): for public
+        endpoints such as OpenRouter's ``/models``. The answer's ``key`` is
+        ``""``. Raises ``TransportError`` when none comes."""
+        upstream = self._upstream
+        options = upstream.options
+        raw = request_headers(upstream.host, None, upstream.merge_headers(headers), None)
+        try:
+            response = await self._http().request(
+                b"GET",
+                upstream.url_for(path),
+                raw,
+                read_timeout=options.idle,
+                head_timeout=options.first_byte,
+            )
+            try:
+                body = await response.aread()
+            finally:
+                await response.aclose()
+        except TRANSPORT_ERRORS as exc:
+            raise TransportError(f"GET {path}: no answer ({failure_reason(exc)})") from exc
+        return Response(response.status, decode_headers(response.headers), body, "", 1)
 
     # ------------------------------------------------------------ chat API
 

@@ -212,17 +212,19 @@ def encode_body(json_body: Any, content: bytes | None) -> bytes | None:
 
 def request_headers(
     host: bytes,
-    secret: str,
+    secret: str | None,
     extra: Mapping[str, str] | Iterable[tuple[str, str]] | None,
     body: bytes | None,
     *,
     frame: bool = True,
 ) -> list[tuple[bytes, bytes]]:
-    """Headers for one attempt: Host, the key's Authorization, the caller's
-    own (minus Authorization, Host and hop-by-hop headers), then the body's
-    length (unless ``frame`` is False: the h11 pool frames bodies itself) and
-    type (JSON unless the caller gave one)."""
-    headers = [(b"Host", host), (b"Authorization", b"Bearer " + secret.encode("ascii"))]
+    """Headers for one attempt: Host, the key's Authorization (none when
+    ``secret`` is None), the caller's own (minus Authorization, Host and
+    hop-by-hop headers), then the body's length (unless ``frame`` is False: the
+    h11 pool frames bodies itself) and type (JSON unless the caller gave one)."""
+    headers = [(b"Host", host)]
+    if secret is not None:
+        headers.append((b"Authorization", b"Bearer " + secret.encode("ascii")))
     typed = False
     items = extra.items() if isinstance(extra, Mapping) else (extra or ())
     for name, value in items:

@@ -308,8 +308,15 @@ class Reply(Behaviour):
     closes: bool = field(init=False, repr=False, eq=False)
 
     def __attrs_post_init__(self) -> None:
-        if not 200 <= self.status <= 599 or self.status in (204, 304):
-            raise ValueError(f"Reply status must be 200..599 (not 204/304), not {self.status!r}")
+        if (
+            not 200 <= self.status <= 599
+            or self.status == 204
+            or (self.status == 304 and self.body != b"")
+        ):
+            raise ValueError(
+                "Reply status must be 200..599 (not 204; 304 only with body=b''), "
+                f"not {self.status!r}"
+            )
         document: Any = None
         if self.body is None:
             message = self.message if self.message is not None else default_message(self.status)

@@ -25,6 +25,7 @@ from .types import Request, Response
 
 if TYPE_CHECKING:
     from ..storage import StateStore
+    from .catalog import CatalogService
 
 __all__ = ["ProxyApp", "delivered_headers", "error_body", "rejection"]
 
@@ -48,6 +49,7 @@ _ESCAPES = re.compile(r"(^|/)(\.|%2e){1,2}(/|$)|//|\\|%5c|%2f", re.IGNORECASE)
 # "%6bey" or folds case must not reach them either.
 _KEY_INFO = frozenset({"/v1/key", "/v1/auth/key"})
 _ACCOUNT = re.compile(r"^/v1/(keys?|credits|auth|activity)(/|$)")
+_MODELS = re.compile(r"^/v1/models(/|$)")
 _REJECT_TYPES = {
     400: "invalid_request_error",
     429: "rate_limit_error",
@@ -119,8 +121,10 @@ class ProxyApp:
         auth: Auth | None = None,
         admin: Admin | None = None,
         store: StateStore | None = None,
+        catalog: CatalogService | None = None,
     ) -> None:
         self._client = client
+        self._catalog = catalog
         self._routing_note = routing_note
         self._clock = clock
         self._auth = auth or Auth()
@@ -220,9 +224,35 @@ class ProxyApp:
         else:
             status["stats"]["totalCostToday"] = total - self._spend_before_today
         status["uptime"] = round(now - self.started, 3)
+        if self._catalog is not None:
+            status["catalog"] = self._catalog.status()
         status["stats"]["failovers"] = self.counters.failovers
         status["stats"]["streamErrors"] = self.counters.stream_errors
         return status
+
+    async def _models(self, model_id: str) -> Response:
+        """``/v1/models`` and ``/v1/models/{id}`` from the catalog (no upstream call)."""
+        assert self._catalog is not None
+        catalog = await self._catalog.ready()
+        if catalog is None:
+            return _refuse(
+                503,
+                "the model catalog is not loaded yet: "
+                f"{self._catalog.last_error or 'the first fetch is running'} (see /status)",
+                "catalog_unavailable",
+            )
+        if not model_id:
+            body = self._catalog.models_body(catalog)
+        else:
+            found = self._catalog.model_body(catalog, model_id)
+            if found is None:
+                return _refuse(
+                    404,
+                    f"the model {model_id!r} is not in the catalog (GET /v1/models lists it)",
+                    "model_not_found",
+                )
+            body = found
+        return Response(status=200, headers=[_JSON], body=body)
 
     def _pin_note(self, pin: str | int, served_by: str) -> str:
         """``x-keyrotor-pin``: ``honoured``, or ``fallback: ...`` and why."""
@@ -263,6 +293,10 @@ class ProxyApp:
 
     async def _forward(self, request: Request) -> Response:
         path = request.path
+        if self._catalog is not None and request.method == "GET" and _MODELS.match(path):
+            # Answered here, never forwarded: an id may hold an encoded slash
+            # (the SDKs send "openai%2Fgpt-4o").
+            return await self._models(unquote(path)[len("/v1/models") :].strip("/"))
         plain = unquote(path).lower()
         if _ESCAPES.search(path) or _ESCAPES.search(plain):
             # A pool key must not reach other upstream paths.

@@ -21,6 +21,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
+import anyio
 import attrs
 
 from ...core import KeySpec, KeyState, KeyStateChanged, PoolConfig, SpendRecorded
@@ -29,6 +30,7 @@ from ..config import ConfigError, ProxyConfig
 from .admin import Admin
 from .app import ProxyApp
 from .auth import Auth
+from .catalog import CatalogService
 
 if TYPE_CHECKING:
     from ..storage import Loaded, StateStore
@@ -222,9 +224,25 @@ async def open_app(
                 record(driver, store)
             admin = Admin(client, store, startup.sources, log) if config.admin_token else None
             auth = Auth(config.client_tokens, config.admin_token, config.token_ttl)
-            yield ProxyApp(
-                client, routing_note=config.routing_note, auth=auth, admin=admin, store=store
+            catalog = None
+            if config.catalog_refresh is not None:
+                catalog = CatalogService(
+                    client, refresh=config.catalog_refresh, store=store, log=log
+                )
+                catalog.restore()
+            app = ProxyApp(
+                client,
+                routing_note=config.routing_note,
+                auth=auth,
+                admin=admin,
+                store=store,
+                catalog=catalog,
             )
+            async with anyio.create_task_group() as tasks:
+                if catalog is not None:
+                    tasks.start_soon(catalog.run)
+                yield app
+                tasks.cancel_scope.cancel()
     finally:
         if store is not None:
             store.close()

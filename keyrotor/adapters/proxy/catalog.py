@@ -1,0 +1,190 @@
+"""The upstream's model catalog, kept by the proxy: ``/v1/models`` without an upstream call.
+
+``CatalogService`` serves the last catalog it has: the state file's at start
+(so a restart answers at once), then the one it fetches (``GET /models``,
+a public endpoint on OpenRouter: no key is used, with ``If-None-Match`` when the
+upstream sent an ``ETag``)
+at start and every ``refresh`` seconds. A fetch that fails, or brings a
+document that is no catalog, keeps the catalog it had and says why in
+``/status``; a good one replaces it and is written to the state file.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import attrs
+
+from ...models import Catalog, CatalogError, parse_catalog
+from ...transports.api import AsyncClient
+from ...transports.errors import KeyrotorError
+
+if TYPE_CHECKING:
+    from ..storage import StateStore
+
+__all__ = ["CatalogService"]
+
+
+class CatalogService:
+    """The proxy's catalog of ``provider``'s models (see the module's docstring).
+
+    ``log`` receives ``catalog`` events (``refreshed``, ``unchanged``,
+    ``failed``, ``restored``) as JSON-able dicts."""
+
+    def __init__(
+        self,
+        client: AsyncClient,
+        *,
+        refresh: float,
+        store: StateStore | None = None,
+        log: Callable[[dict[str, Any]], None] = lambda event: None,
+        clock: Callable[[], float] = time.time,
+        provider: str = "openrouter",
+    ) -> None:
+        self._client = client
+        self._refresh = refresh
+        self._store = store
+        self._log = log
+        self._clock = clock
+        self.provider = provider
+        self.catalog: Catalog | None = None
+        self.source: str | None = None  # "state file" or "upstream"
+        self.last_error: str | None = None
+        self.last_attempt: float | None = None
+        self._lock = anyio.Lock()
+        self._encoded: tuple[Catalog, bytes, dict[str, bytes]] | None = None
+
+    # ------------------------------------------------------------ loading
+
+    def restore(self) -> None:
+        """Serve the state file's catalog until a fetch brings a newer one."""
+        if self._store is None:
+            return
+        stored = self._store.catalogs().get(self.provider)
+        if stored is None:
+            return
+        try:
+            catalog = parse_catalog(
+                stored.document, self.provider, etag=stored.etag, fetched_at=stored.fetched_at
+            )
+        except CatalogError as exc:
+            self._log({"event": "catalog", "outcome": "unreadable", "error": str(exc)})
+            return
+        self.catalog, self.source = catalog, "state file"
+        self._log({"event": "catalog", "outcome": "restored", "models": len(catalog)})
+
+    async def refresh(self) -> bool:
+        """Fetch the catalog now (one fetch at a time); whether it is current."""
+        async with self._lock:
+            return await self._fetch()
+
+    async def _fetch(self) -> bool:
+        now = self.last_attempt = self._clock()
+        old = self.catalog
+        headers = {"If-None-Match": old.etag} if old is not None and old.etag else None
+        try:
+            # OpenRouter's catalog is public: no key is spent on it (providers
+            # whose /models needs a key will fetch through the pool).
+            response = await self._client.get_public("/models", headers=headers)
+        except KeyrotorError as exc:
+            return self._failed(f"no answer from the upstream: {exc}")
+        if response.status_code == 304 and old is not None:
+            self.catalog = attrs.evolve(old, fetched_at=now)
+            self.last_error = None
+            self._log({"event": "catalog", "outcome": "unchanged", "models": len(old)})
+            return True
+        if response.status_code != 200:
+            return self._failed(f"the upstream answered {response.status_code} to GET /models")
+        try:
+            catalog = parse_catalog(
+                response.content,
+                self.provider,
+                etag=response.headers.get("etag"),
+                fetched_at=now,
+            )
+        except CatalogError as exc:
+            return self._failed(str(exc))
+        if not catalog.models:
+            return self._failed("the upstream's catalog has no model that parses")
+        self.catalog, self.source, self.last_error = catalog, "upstream", None
+        if self._store is not None:
+            try:
+                self._store.save_catalog(self.provider, catalog.to_json(), catalog.etag, now)
+            except Exception as exc:  # the catalog still serves; the file is the operator's
+                self._log({"event": "warning", "message": f"catalog not stored: {exc}"})
+        self._log(
+            {
+                "event": "catalog",
+                "outcome": "refreshed",
+                "models": len(catalog),
+                "problems": list(catalog.problems[:5]),
+            }
+        )
+        return True
+
+    def _failed(self, why: str) -> bool:
+        self.last_error = why
+        kept = "none" if self.catalog is None else f"{len(self.catalog)} models kept"
+        self._log({"event": "catalog", "outcome": "failed", "error": why, "kept": kept})
+        return False
+
+    async def run(self) -> None:
+        """Fetch now, then every ``refresh`` seconds, for as long as it runs."""
+        while True:
+            await self.refresh()
+            await anyio.sleep(self._refresh)
+
+    async def ready(self) -> Catalog | None:
+        """The catalog, fetched first if there is none yet (None: still none)."""
+        if self.catalog is None:
+            async with self._lock:
+                if self.catalog is None:
+                    await self._fetch()
+        return self.catalog
+
+    # ------------------------------------------------------------ answers
+
+    def models_body(self, catalog: Catalog) -> bytes:
+        """``GET /v1/models``: OpenAI's list shape, OpenRouter's fields kept."""
+        return self._encode(catalog)[1]
+
+    def model_body(self, catalog: Catalog, model_id: str) -> bytes | None:
+        """``GET /v1/models/{id}`` (None: no such model)."""
+        return self._encode(catalog)[2].get(model_id)
+
+    def _encode(self, catalog: Catalog) -> tuple[Catalog, bytes, dict[str, bytes]]:
+        encoded = self._encoded
+        if encoded is None or encoded[0] is not catalog:
+            entries = [_openai_shape(model.raw) for model in catalog.models]
+            whole = json.dumps({"object": "list", "data": entries}).encode()
+            one = {entry["id"]: json.dumps(entry).encode() for entry in entries}
+            encoded = self._encoded = (catalog, whole, one)
+        return encoded
+
+    def status(self) -> dict[str, Any]:
+        """The catalog in ``/status``."""
+        catalog = self.catalog
+        return {
+            "provider": self.provider,
+            "models": 0 if catalog is None else len(catalog),
+            "source": self.source,
+            "fetchedAt": None if catalog is None else catalog.fetched_at,
+            "lastAttempt": self.last_attempt,
+            "lastError": self.last_error,
+            "problems": [] if catalog is None else list(catalog.problems),
+            "refreshInterval": self._refresh,
+        }
+
+
+def _openai_shape(raw: Any) -> dict[str, Any]:
+    """An upstream model entry with OpenAI's ``object`` and ``owned_by`` added."""
+    entry = dict(raw)
+    entry.setdefault("object", "model")
+    entry.setdefault("owned_by", str(entry["id"]).split("/", 1)[0])
+    if not isinstance(entry.get("created"), int):
+        entry["created"] = 0
+    return entry
