@@ -54,7 +54,12 @@ class KeyHealth(PoolFields):
             alpha = self._config.latency_alpha
             latency = now - req.sent_at
             key.ewma = latency if key.successes == 1 else key.ewma + alpha * (latency - key.ewma)
-            # No rescore here: the release that follows files the new score.
+            # Filed now, not at the release (which waits for the body's end):
+            # a heap entry must always hold its key's current score, or a pool
+            # restored from a snapshot (its heap rebuilt from the fields) would
+            # pick in another order than the original.
+            if key.in_sched:
+                self._select.rescore(key)
         if key.state is _RECOVERING:
             self._transition(key, Signal.SUCCESS, now, None, "trial_ok", out)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 
@@ -938,3 +939,32 @@ def test_the_pool_keeps_no_event_but_request_started_so_drivers_may_reuse_them()
     del events, event
     gc.collect()
     assert [ref() for ref in refs] == [None] * len(refs)
+
+
+def test_a_restored_latency_pool_picks_like_the_original_mid_response() -> None:
+    """Found by the stateful property test: a 2xx updates the key's latency
+    EWMA before its body ends; the heap entry must be refiled then, or a pool
+    restored in between (its heap rebuilt from the fields) picks differently."""
+    specs = [KeySpec(key_id=k) for k in ("k0", "k1", "n3", "n4", "n5")]
+    config = PoolConfig(keys=specs, policy="latency", max_attempts=2, min_healthy=0)
+    pool, twin = Pool(config), Pool(config)
+
+    def feed(event: Any) -> list[Any]:
+        out = pool.handle(event)
+        assert twin.handle(event) == out
+        return out
+
+    def restore() -> Pool:
+        restored = Pool.restore(json.loads(json.dumps(pool.snapshot())))
+        assert restored.snapshot() == twin.snapshot()
+        return restored
+
+    assert sends(feed(RequestStarted(request_id="r1", now=0.0)))[0].key_id == "k0"
+    feed(KeyMarked(now=0.0, key_id="k0", state=KeyState.DEPLETED, reason="operator"))
+    feed(ResponseReceived(request_id="r1", now=0.3, status=200))  # the body still runs
+    feed(RequestStarted(request_id="r2", now=0.3))
+    pool = restore()
+    feed(ResponseReceived(request_id="r2", now=0.3, status=401))
+    for request_id in ("r3", "r4", "r5"):
+        feed(RequestStarted(request_id=request_id, now=0.3))
+    pool = restore()
