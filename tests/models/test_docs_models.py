@@ -1,0 +1,28 @@
+"""The Python examples of docs/models.md run as written."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import pathlib
+import re
+
+import pytest
+
+DOC = pathlib.Path(__file__).parents[2] / "docs" / "models.md"
+EXAMPLES = re.findall(r"### (\w+)\n\n```python\n(.*?)```", DOC.read_text("utf-8"), re.S)
+
+
+def test_the_doc_has_its_examples() -> None:
+    assert [name for name, _ in EXAMPLES] == ["catalog"]
+
+
+@pytest.mark.parametrize(("name", "code"), EXAMPLES, ids=[name for name, _ in EXAMPLES])
+def test_an_example_runs(name: str, code: str) -> None:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(code, f"docs/models.md:{name}", "exec"), {})
+    lines = out.getvalue().splitlines()
+    assert re.fullmatch(r"320 models, \d+ free with 100k\+ context", lines[0])
+    assert re.fullmatch(r"\d+ prompt tokens, \$0\.0\d+ to \$0\.0\d+", lines[1])
+    assert lines[2].startswith("spent $0.0000")
