@@ -75,6 +75,7 @@ class CatalogService:
             self._log({"event": "catalog", "outcome": "unreadable", "error": str(exc)})
             return
         self.catalog, self.source = catalog, "state file"
+        self._encode(catalog)
         self._log({"event": "catalog", "outcome": "restored", "models": len(catalog)})
 
     async def refresh(self) -> bool:
@@ -111,6 +112,7 @@ class CatalogService:
         if not catalog.models:
             return self._failed("the upstream's catalog has no model that parses")
         self.catalog, self.source, self.last_error = catalog, "upstream", None
+        self._encode(catalog)  # here, not on the first /v1/models after it
         if self._store is not None:
             try:
                 self._store.save_catalog(self.provider, catalog.to_json(), catalog.etag, now)
