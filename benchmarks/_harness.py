@@ -24,6 +24,7 @@ import os
 import resource
 import select
 import signal
+import statistics
 import sys
 import tempfile
 import time
@@ -88,6 +89,16 @@ TRANSPORT_ERRORS = (
     h11.ProtocolError,
     EOFError,
 )
+
+
+def median_time(call: Callable[[], Any], n: int) -> float:
+    """Median seconds per call over ``n`` calls of ``call``, each timed alone."""
+    times = []
+    for _ in range(n):
+        started = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
 
 
 def child_env(extra: Mapping[str, str]) -> dict[str, str]:

@@ -22,27 +22,16 @@ import argparse
 import json
 import statistics
 import time
-from collections.abc import Callable
-from typing import Any
 
 import trio
 
+from benchmarks._harness import median_time
 from keyrotor.adapters.proxy.app import ProxyApp
 from keyrotor.adapters.proxy.catalog import CatalogService
 from keyrotor.adapters.proxy.types import Request
 from keyrotor.models import parse_catalog
 from keyrotor.testing.catalogs import realistic_models
 from keyrotor.transports.api import AsyncClient
-
-
-def timed(call: Callable[[], Any], n: int) -> float:
-    """Median seconds per call over ``n`` calls (each timed alone)."""
-    times = []
-    for _ in range(n):
-        started = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
 
 
 async def answers(document: bytes, n: int) -> tuple[float, float, float]:
@@ -81,8 +70,8 @@ def main() -> None:
         "one model": [],
     }
     for _ in range(args.rounds):
-        rows["json.loads"].append(timed(lambda: json.loads(document), args.per_round))
-        rows["import"].append(timed(lambda: parse_catalog(document), args.per_round))
+        rows["json.loads"].append(median_time(lambda: json.loads(document), args.per_round))
+        rows["import"].append(median_time(lambda: parse_catalog(document), args.per_round))
         first, later, one = trio.run(answers, document, args.per_round)
         rows["encode"].append(first)
         rows["answer"].append(later)

@@ -29,6 +29,7 @@ from typing import Any
 
 import anyio
 
+from benchmarks._harness import median_time
 from benchmarks.transport_overhead import BODY, SECRETS, start_upstream
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,15 +52,6 @@ def import_base(revision: str, into: Path) -> Any:
         )
     sys.path.insert(0, str(into))
     return importlib.import_module("keyrotor_base")
-
-
-def timed(call: Callable[[], Any], n: int) -> float:
-    times = []
-    for _ in range(n):
-        started = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times) * 1e6
 
 
 async def atimed(call: Callable[[], Any], n: int) -> float:
@@ -96,10 +88,10 @@ def run_sync(classes: dict[str, Any], url: str, n: int, rounds: int) -> dict[str
             return lambda: clients[side].request("POST", "/chat/completions", content=BODY)
 
         for side in clients:
-            timed(call(side), WARMUP)
+            median_time(call(side), WARMUP)
         for index in range(rounds):
             for side in ("base", "tree") if index % 2 == 0 else ("tree", "base"):
-                results[side].append(timed(call(side), n))
+                results[side].append(median_time(call(side), n))
     return results
 
 

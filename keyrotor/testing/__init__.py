@@ -36,6 +36,7 @@ from ..upstream.behaviours import (
     UpstreamRateLimited,
     error_body,
 )
+from .catalogs import realistic_models
 from .clock import WINDOW_START, Clock, FakeClock, wall_clock
 from .scenarios import (
     DEFAULT_MODELS,
@@ -85,6 +86,7 @@ __all__ = [
     "UpstreamRateLimited",
     "error_body",
     "healthy_secret",
+    "realistic_models",
     "scenario",
     "wall_clock",
 ]
