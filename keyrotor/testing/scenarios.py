@@ -18,6 +18,8 @@ from ..upstream.behaviours import (
     AccountRateLimit,
     Behaviour,
     Credits,
+    Drop,
+    Hang,
     Invalid,
     Ok,
     RateLimit,
@@ -191,7 +193,7 @@ class Scenario:
     provider_name: str = "FakeProvider"
     epoch: float = 0.0
     catalog_etag: bool = True
-    models_reply: Reply | None = None
+    models_reply: Reply | Hang | Drop | None = None
 
     def add(
         self, secret: str, behaviour: Behaviour | None = None, *, alias: str | None = None

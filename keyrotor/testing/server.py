@@ -844,7 +844,7 @@ class FakeUpstream:
             self._entries[model] = entry
         return entry
 
-    def _models(self, if_none_match: bytes | None) -> Reply:
+    def _models(self, if_none_match: bytes | None) -> Reply | Hang | Drop:
         """``GET /models``: the catalog with an ``ETag`` (304 when the caller
         already has it), or the scenario's ``models_reply``."""
         scenario = self._scenario

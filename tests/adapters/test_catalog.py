@@ -13,9 +13,10 @@ import openai
 import pytest
 
 from keyrotor.adapters.config import load_config
+from keyrotor.adapters.proxy import catalog as catalog_module
 from keyrotor.adapters.proxy.catalog import CatalogService
 from keyrotor.adapters.storage import StateStore
-from keyrotor.testing import FakeUpstream, Reply, Scenario
+from keyrotor.testing import FakeUpstream, Hang, Reply, Scenario
 from keyrotor.testing.catalogs import realistic_models
 from keyrotor.transports.api import AsyncClient
 
@@ -90,6 +91,17 @@ def test_with_no_catalog_at_all_models_is_a_clear_503() -> None:
     assert answer.status_code == 503
     error = answer.json()["error"]
     assert error["code"] == "catalog_unavailable" and "500" in error["message"]
+
+
+def test_a_hanging_first_fetch_gives_a_503_after_a_bounded_wait(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(catalog_module, "READY_WAIT", 0.2)
+    with FakeUpstream.running_in_thread(scenario(models_reply=Hang())) as server:
+        with ProxyThread(config(server.url), []) as url:
+            answer = httpx.get(f"{url}/v1/models", timeout=30)
+    assert answer.status_code == 503
+    assert "the first fetch is running" in answer.json()["error"]["message"]
 
 
 def test_the_catalog_can_be_turned_off_and_models_is_forwarded() -> None:

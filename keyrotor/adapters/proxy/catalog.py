@@ -28,6 +28,10 @@ if TYPE_CHECKING:
 
 __all__ = ["CatalogService"]
 
+READY_WAIT = 10.0
+"""How long a ``/v1/models`` request waits for a first catalog (a fetch in
+progress, or its own) before it is answered 503."""
+
 
 class CatalogService:
     """The proxy's catalog of ``provider``'s models (see the module's docstring).
@@ -141,11 +145,13 @@ class CatalogService:
             await anyio.sleep(self._refresh)
 
     async def ready(self) -> Catalog | None:
-        """The catalog, fetched first if there is none yet (None: still none)."""
+        """The catalog, fetched first if there is none yet (None: still none
+        after waiting at most ``READY_WAIT`` seconds for a fetch)."""
         if self.catalog is None:
-            async with self._lock:
-                if self.catalog is None:
-                    await self._fetch()
+            with anyio.move_on_after(READY_WAIT):
+                async with self._lock:
+                    if self.catalog is None:
+                        await self._fetch()
         return self.catalog
 
     # ------------------------------------------------------------ answers
