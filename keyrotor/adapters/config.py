@@ -31,8 +31,10 @@ from .storage import default_state_path, secret_key_from_env
 __all__ = [
     "LOG_FORMATS",
     "LOOPBACK",
+    "PROVIDER_KINDS",
     "SERVER_DEFAULTS",
     "ConfigError",
+    "Provider",
     "ProxyConfig",
     "load_config",
 ]
@@ -66,7 +68,7 @@ _NEVER = 'a number, or false / "never"'
 _STRS = "an array of strings"
 
 _TOP_KINDS = {"upstream": _STR, "routing_note": _BOOL, "log_format": _STR, "record": _STR}
-_TABLES = ("server", "http", "pool", "headers", "auth", "state", "catalog", "keys")
+_TABLES = ("server", "http", "pool", "headers", "auth", "state", "catalog", "keys", "providers")
 _AUTH_KINDS = {"admin_token": _STR, "client_tokens": _STRS, "token_ttl": _FLOAT}
 _STATE_KINDS = {"enabled": _BOOL, "path": _STR, "flush_interval": _FLOAT}
 _AUTH_DEFAULTS: Mapping[str, Any] = MappingProxyType({"token_ttl": 3600.0})
@@ -117,7 +119,10 @@ _KEY_KINDS = {
     "budget_window": _FLOAT,
     "credits": _FLOAT,
 }
-_KEY_OPTIONS = ("alias", "secret", "secret_env", *_KEY_KINDS)
+_KEY_OPTIONS = ("alias", "secret", "secret_env", "provider", *_KEY_KINDS)
+_PROVIDER_OPTIONS = ("name", "upstream", "kind", "models")
+PROVIDER_KINDS = ("openai-compatible", "openrouter")
+_PROVIDER_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
 _SET_BY_KEYROTOR = frozenset(
     {"authorization", "host", "content-length", "connection", "transfer-encoding", "keep-alive"}
 )
@@ -154,6 +159,29 @@ class ConfigError(Exception):
 
 
 @attrs.frozen(kw_only=True)
+class Provider:
+    """An upstream beside the main one, with its own keys (``[[providers]]``).
+
+    A request goes to it when its model is in ``models`` (sent as it is) or
+    starts with ``name/`` (sent without that prefix); its keys never serve
+    another upstream, nor the main one's keys it."""
+
+    name: str
+    upstream: str
+    kind: str
+    models: frozenset[str]
+    keys: dict[str, str]
+    pool: PoolConfig
+
+    def __repr__(self) -> str:
+        keys = ", ".join(f"{alias!r}: {mask(secret)!r}" for alias, secret in self.keys.items())
+        return (
+            f"Provider(name={self.name!r}, upstream={self.upstream!r}, kind={self.kind!r}, "
+            f"models={sorted(self.models)!r}, keys={{{keys}}})"
+        )
+
+
+@attrs.frozen(kw_only=True)
 class ProxyConfig:
     """Everything ``keyrotor serve`` needs, checked.
 
@@ -174,6 +202,8 @@ class ProxyConfig:
         state_flush: seconds between batched writes of state and spend.
         secret_key: ``KEYROTOR_SECRET_KEY``, which encrypts stored secrets.
         record: write a trace of the traffic to this file (docs/replay.md).
+        providers: the other upstreams, each with its own keys
+            (``[[providers]]``; ``keys`` and ``pool`` are the main upstream's).
         catalog_refresh: seconds between fetches of the upstream's model
             catalog (``GET /models``), which ``/v1/models`` serves (None: off,
             ``/v1/models`` is forwarded).
@@ -195,6 +225,7 @@ class ProxyConfig:
     secret_key: str | None = None
     record: str | None = None
     catalog_refresh: float | None = 3600.0
+    providers: tuple[Provider, ...] = ()
 
     def __repr__(self) -> str:
         keys = ", ".join(f"{alias!r}: {mask(secret)!r}" for alias, secret in self.keys.items())
@@ -206,7 +237,7 @@ class ProxyConfig:
             f"client_tokens={len(self.client_tokens)}, token_ttl={self.token_ttl!r}, "
             f"state_path={self.state_path!r}, state_flush={self.state_flush!r}, "
             f"secret_key={'set' if self.secret_key else None}, record={self.record!r}, "
-            f"catalog_refresh={self.catalog_refresh!r})"
+            f"catalog_refresh={self.catalog_refresh!r}, providers={list(self.providers)!r})"
         )
 
 
@@ -348,7 +379,26 @@ class _Loader:
         if state["enabled"]:
             state_path = state.get("path") or str(default_state_path(self.environ))
 
-        keys, specs = self.keys(data.get("keys", []), empty_ok=state_path is not None)
+        declared = self.providers(data.get("providers", []))
+        keys, specs, by_provider = self.keys(
+            data.get("keys", []), empty_ok=state_path is not None, providers=declared
+        )
+        providers = tuple(
+            Provider(
+                name=name,
+                upstream=upstream,
+                kind=kind,
+                models=models,
+                keys=by_provider[name][0],
+                pool=self.build(
+                    PoolConfig,
+                    {"keys": by_provider[name][1], **pool},
+                    f"[[providers]] {name!r}",
+                    self.source,
+                ),
+            )
+            for name, (upstream, kind, models) in declared.items()
+        )
         return ProxyConfig(
             keys=keys,
             pool=self.build(PoolConfig, {"keys": specs, **pool}, "[pool]", self.source),
@@ -366,7 +416,66 @@ class _Loader:
             secret_key=secret_key_from_env(self.environ),
             record=top.get("record"),
             catalog_refresh=catalog["refresh_interval"] if catalog["enabled"] else None,
+            providers=providers,
         )
+
+    def providers(self, entries: Any) -> dict[str, tuple[str, str, frozenset[str]]]:
+        """name -> (upstream, kind, models) of the ``[[providers]]`` tables, checked."""
+        if not isinstance(entries, list):
+            self.fail(
+                "providers must be an array of tables",
+                where="[[providers]]",
+                fix="write [[providers]] (double brackets) above each provider",
+            )
+        declared: dict[str, tuple[str, str, frozenset[str]]] = {}
+        claimed: dict[str, str] = {}  # model -> provider
+        for index, entry in enumerate(entries, 1):
+            where = f"[[providers]] #{index}"
+            if not isinstance(entry, dict):
+                self.fail(f"{where} must be a table, got {_describe(entry)}", where=where)
+            for name in entry:
+                if name not in _PROVIDER_OPTIONS:
+                    self.unknown(where, name, list(_PROVIDER_OPTIONS))
+            for required in ("name", "upstream"):
+                if required not in entry:
+                    self.fail(
+                        f"{where} has no {required}",
+                        where=where,
+                        fix='give it name = "openai" and upstream = "https://api.openai.com/v1"',
+                    )
+            name = self.check(entry["name"], _STR, f"{where} name", self.source, False)
+            if not _PROVIDER_NAME.match(name):
+                self.fail(
+                    f"{where} name {name!r} must be lower-case letters, digits, '-', '_' or '.'",
+                    where=f"{where} name",
+                    fix='use a short name such as "openai": requests name its models "openai/..."',
+                )
+            if name in declared:
+                self.fail(
+                    f"{where} name {name!r} is already used by another provider",
+                    where=f"{where} name",
+                    fix="give every provider its own name",
+                )
+            where = f"{where} ({name})"
+            upstream = self.check(entry["upstream"], _STR, f"{where} upstream", self.source, False)
+            self.check_url(upstream, f"{where} upstream", self.source)
+            kind = self.check(
+                entry.get("kind", "openai-compatible"), _STR, f"{where} kind", self.source, False
+            )
+            self.check_choice(kind, PROVIDER_KINDS, f"{where} kind", self.source)
+            models = self.check(
+                entry.get("models", []), _STRS, f"{where} models", self.source, False
+            )
+            for model in models:
+                if model in claimed:
+                    self.fail(
+                        f"{where} models: {model!r} is also claimed by provider {claimed[model]!r}",
+                        where=f"{where} models",
+                        fix="list each model under one provider only",
+                    )
+                claimed[model] = name
+            declared[name] = (upstream, kind, frozenset(models))
+        return declared
 
     def tokens(self, auth: dict[str, Any], host: str) -> tuple[str | None, tuple[str, ...]]:
         """The admin token and the client tokens: the file's (or the command
@@ -656,9 +765,20 @@ class _Loader:
 
     # ------------------------------------------------------------ keys
 
-    def keys(self, entries: Any, empty_ok: bool) -> tuple[dict[str, str], list[KeySpec]]:
-        """alias -> secret and the specs: the file's keys, then the environment's.
-        None at all is an error unless ``empty_ok`` (the state file may hold keys)."""
+    def keys(
+        self,
+        entries: Any,
+        empty_ok: bool,
+        providers: Mapping[str, Any] | None = None,
+    ) -> tuple[dict[str, str], list[KeySpec], dict[str, tuple[dict[str, str], list[KeySpec]]]]:
+        """alias -> secret and the specs of the main upstream: the file's keys,
+        then the environment's; and the same per provider (``provider = "..."``).
+        None at all is an error unless ``empty_ok`` (the state file may hold
+        keys); a provider without keys is always one."""
+        providers = providers or {}
+        by_provider: dict[str, tuple[dict[str, str], list[KeySpec]]] = {
+            name: ({}, []) for name in providers
+        }
         if not isinstance(entries, list):
             self.fail(
                 "keys must be an array of tables",
@@ -683,17 +803,39 @@ class _Loader:
 
         for index, entry in enumerate(entries, 1):
             alias, secret, spec = self.key_entry(index, entry)
-            if alias in keys:
+            if alias in origin:
                 self.fail(
                     f"[[keys]] #{index} alias {alias!r} is already used by {origin[alias]}",
                     where=f"[[keys]] #{index} alias",
                     fix="give every key its own alias",
                 )
+            provider = entry.get("provider")
+            if provider is None:
+                add(alias, secret, f"[[keys]] #{index}")
+                specs.append(spec)
+                continue
+            if provider not in by_provider:
+                known = ", ".join(sorted(by_provider)) or "none"
+                self.fail(
+                    f"[[keys]] #{index} ({alias}) provider {provider!r} is not declared "
+                    f"(declared: {known})",
+                    where=f"[[keys]] #{index} provider",
+                    fix="add a [[providers]] table with that name, or remove provider = ...",
+                )
             add(alias, secret, f"[[keys]] #{index}")
-            specs.append(spec)
+            del keys[alias]  # add() checked the secret and the alias; it belongs elsewhere
+            by_provider[provider][0][alias] = secret
+            by_provider[provider][1].append(spec)
+        for name, (provider_keys, _) in by_provider.items():
+            if not provider_keys:
+                self.fail(
+                    f"provider {name!r} has no keys",
+                    where="[[providers]]",
+                    fix=f'add [[keys]] with provider = "{name}" (and secret_env = "...")',
+                )
         for index, secret in enumerate(self.env_keys({"keys": entries}), 1):
             alias = f"env{index}"
-            if alias in keys:
+            if alias in origin:
                 self.fail(
                     f"{origin[alias]} alias {alias!r} is also the name of a key from the "
                     "environment",
@@ -708,12 +850,12 @@ class _Loader:
                 )
             add(alias, secret, "the environment")
             specs.append(KeySpec(key_id=alias))
-        if not keys and not empty_ok:
+        if not keys and not empty_ok and not by_provider:
             where = (
                 f"add [[keys]] to {self.path}" if self.path else "pass --config FILE with [[keys]]"
             )
             self.fail(f"no API keys: {where} or {_ENV_HELP}", fix=f"{where} or {_ENV_HELP}")
-        return keys, specs
+        return keys, specs, by_provider
 
     def key_entry(self, index: int, entry: Any) -> tuple[str, str, KeySpec]:
         """(alias, secret, spec) of the ``index``-th ``[[keys]]`` table."""

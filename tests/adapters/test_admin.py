@@ -248,8 +248,10 @@ def test_clients_need_a_token_and_may_exchange_it_for_a_short_lived_one(proxy: A
     refused = openai.OpenAI(base_url=f"{url}/v1", api_key="not-a-token", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         refused.chat.completions.create(**CHAT)  # type: ignore[call-overload]
+    refused.close()
     good = openai.OpenAI(base_url=f"{url}/v1", api_key=CLIENT, max_retries=0)
     reply = good.chat.completions.create(**CHAT)  # type: ignore[call-overload]
+    good.close()
     assert reply.choices[0].message.content
     with httpx.Client(base_url=url, timeout=10) as http:
         assert http.get("/status").status_code == 401
@@ -263,6 +265,7 @@ def test_clients_need_a_token_and_may_exchange_it_for_a_short_lived_one(proxy: A
         assert token.startswith("krt_") and token != CLIENT
     short = openai.OpenAI(base_url=f"{url}/v1", api_key=token, max_retries=0)
     assert short.chat.completions.create(**CHAT).choices  # type: ignore[call-overload]
+    short.close()
     with httpx.Client(base_url=url, timeout=10) as http:
         # A short-lived token cannot renew itself, nor reach the admin API.
         assert http.post("/auth/token", headers=admin(token)).status_code == 403

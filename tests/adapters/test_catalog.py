@@ -48,11 +48,11 @@ def test_the_openai_sdk_lists_and_retrieves_models_without_an_upstream_call() ->
     log: list[dict[str, Any]] = []
     with FakeUpstream.running_in_thread(scenario()) as server:
         with ProxyThread(config(server.url), log) as url:
-            sdk = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
-            listed = list(sdk.models.list())
-            one = sdk.models.retrieve("anthropic/claude-3.5-haiku-mini")
-            with pytest.raises(openai.NotFoundError, match="not in the catalog"):
-                sdk.models.retrieve("nobody/nothing")
+            with openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0) as sdk:
+                listed = list(sdk.models.list())
+                one = sdk.models.retrieve("anthropic/claude-3.5-haiku-mini")
+                with pytest.raises(openai.NotFoundError, match="not in the catalog"):
+                    sdk.models.retrieve("nobody/nothing")
             status = httpx.get(f"{url}/status").json()
     assert len(listed) == 320
     assert {m.id for m in listed} == {m.id for m in realistic_models()}

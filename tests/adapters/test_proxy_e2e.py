@@ -96,6 +96,7 @@ def test_openai_sdk_sync_and_streaming_see_no_error(proxy_url: Any) -> None:
         )
         text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
         assert text
+    client.close()
     status = httpx.get(f"{url}/status").json()
     states = {k["alias"]: k["state"] for k in status["keys"]}
     assert sorted(states.values()).count("healthy") >= 2

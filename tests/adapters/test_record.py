@@ -83,6 +83,7 @@ def test_keyrotor_serve_records_a_trace_that_replays(tmp_path: Path) -> None:
                 extra_headers={"x-keyrotor-session": "user-42"},
             )
             assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            client.close()
             models = httpx.get(f"{url}/v1/models")  # from the catalog: no pool request
             assert models.status_code == 200 and models.json()["data"]
             proc.send_signal(signal.SIGTERM)

@@ -26,6 +26,7 @@ from .types import Request, Response
 if TYPE_CHECKING:
     from ..storage import StateStore
     from .catalog import CatalogService
+    from .providers import Routes
 
 __all__ = ["ProxyApp", "delivered_headers", "error_body", "rejection"]
 
@@ -122,9 +123,11 @@ class ProxyApp:
         admin: Admin | None = None,
         store: StateStore | None = None,
         catalog: CatalogService | None = None,
+        routes: Routes | None = None,
     ) -> None:
         self._client = client
         self._catalog = catalog
+        self._routes = routes
         self._routing_note = routing_note
         self._clock = clock
         self._auth = auth or Auth()
@@ -226,6 +229,8 @@ class ProxyApp:
         status["uptime"] = round(now - self.started, 3)
         if self._catalog is not None:
             status["catalog"] = self._catalog.status()
+        if self._routes is not None:
+            status["providers"] = self._routes.status()
         status["stats"]["failovers"] = self.counters.failovers
         status["stats"]["streamErrors"] = self.counters.stream_errors
         return status
@@ -254,9 +259,10 @@ class ProxyApp:
             body = found
         return Response(status=200, headers=[_JSON], body=body)
 
-    def _pin_note(self, pin: str | int, served_by: str) -> str:
+    @staticmethod
+    def _pin_note(client: AsyncClient, pin: str | int, served_by: str) -> str:
         """``x-keyrotor-pin``: ``honoured``, or ``fallback: ...`` and why."""
-        pool = self._client.driver.pool
+        pool = client.driver.pool
         ids = pool.key_ids()
         if isinstance(pin, int):
             if not 0 <= pin < len(ids):
@@ -319,8 +325,14 @@ class ProxyApp:
         if fallback not in _BOOLEANS:
             return _invalid("X-Keyrotor-Fallback must be true or false")
         body = request.body
+        client = self._client
+        if self._routes is not None and body:
+            routed = self._routes.pick(body)
+            if routed is not None:  # another provider's model: its own keys
+                client = self._routes.clients[routed[0]]
+                body = routed[1]
         try:
-            upstream = await self._client.send(
+            upstream = await client.send(
                 request.method,
                 request.target[3:],  # "/v1/chat/completions?x" -> "/chat/completions?x"
                 content=body if body or request.method in ("POST", "PUT", "PATCH") else None,
@@ -338,7 +350,7 @@ class ProxyApp:
             self.counters.failovers += 1
         out_headers = delivered_headers(upstream)
         if pin is not None:
-            out_headers.append(("x-keyrotor-pin", self._pin_note(pin, upstream.key)))
+            out_headers.append(("x-keyrotor-pin", self._pin_note(client, pin, upstream.key)))
         log = {
             "key": upstream.key,
             "attempts": upstream.attempts,

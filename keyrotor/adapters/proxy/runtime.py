@@ -31,6 +31,7 @@ from .admin import Admin
 from .app import ProxyApp
 from .auth import Auth
 from .catalog import CatalogService
+from .providers import Routes
 
 if TYPE_CHECKING:
     from ..storage import Loaded, StateStore
@@ -165,6 +166,15 @@ def restore(driver: Driver, loaded: Loaded, wall_now: float | None = None) -> No
         )
 
 
+def _state_logger(log: Log, provider: str) -> Callable[[KeyStateChanged], None]:
+    """Logs a provider's key state changes, naming the provider."""
+
+    def logged(change: KeyStateChanged) -> None:
+        log({"event": "key_state", "provider": provider, **change.to_json()})
+
+    return logged
+
+
 def record(driver: Driver, store: StateStore) -> None:
     """Write every state change and every finished request's spend to ``store``."""
 
@@ -230,19 +240,42 @@ async def open_app(
                     client, refresh=config.catalog_refresh, store=store, log=log
                 )
                 catalog.restore()
-            app = ProxyApp(
-                client,
-                routing_note=config.routing_note,
-                auth=auth,
-                admin=admin,
-                store=store,
-                catalog=catalog,
-            )
-            async with anyio.create_task_group() as tasks:
-                if catalog is not None:
-                    tasks.start_soon(catalog.run)
-                yield app
-                tasks.cancel_scope.cancel()
+            async with contextlib.AsyncExitStack() as stack:
+                routes = None
+                if config.providers:
+                    clients = {}
+                    for provider in config.providers:
+                        other = await stack.enter_async_context(
+                            AsyncClient(
+                                provider.keys,
+                                provider.upstream,
+                                provider.pool,
+                                http=config.http,
+                                headers=config.headers,
+                            )
+                        )
+                        other.driver.on_state_change.append(_state_logger(log, provider.name))
+                        if startup.loaded is not None:
+                            restore(other.driver, startup.loaded)
+                        if store is not None:
+                            record(other.driver, store)
+                        clients[provider.name] = other
+                    claimed = {m: p.name for p in config.providers for m in p.models}
+                    routes = Routes(clients, claimed)
+                app = ProxyApp(
+                    client,
+                    routing_note=config.routing_note,
+                    auth=auth,
+                    admin=admin,
+                    store=store,
+                    catalog=catalog,
+                    routes=routes,
+                )
+                async with anyio.create_task_group() as tasks:
+                    if catalog is not None:
+                        tasks.start_soon(catalog.run)
+                    yield app
+                    tasks.cancel_scope.cancel()
     finally:
         if store is not None:
             store.close()

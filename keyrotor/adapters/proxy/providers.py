@@ -1,0 +1,63 @@
+"""Which upstream a request goes to: the main one, or a ``[[providers]]`` one.
+
+A request's model decides (docs/models.md): a model a provider lists in
+``models`` goes there as it is; ``name/model`` goes to the provider called
+``name`` as ``model`` (the prefix taken off, the body rewritten); anything
+else goes to the main upstream unchanged. Each provider has its own client,
+so its keys never serve another upstream.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+
+from ...transports.api import AsyncClient
+
+__all__ = ["Routes"]
+
+
+@attrs.frozen
+class Routes:
+    """The providers' clients by name, and the models they claim by name."""
+
+    clients: Mapping[str, AsyncClient]
+    claimed: Mapping[str, str]
+
+    def route(self, model: str) -> tuple[str, str] | None:
+        """(provider, the model as it names it), or None for the main upstream."""
+        name = self.claimed.get(model)
+        if name is not None:
+            return name, model
+        prefix, slash, rest = model.partition("/")
+        if slash and rest and prefix in self.clients:
+            return prefix, rest
+        return None
+
+    def pick(self, body: bytes) -> tuple[str, bytes] | None:
+        """The provider of a JSON request ``body`` and the body to send it
+        (None: the main upstream, the body as it is)."""
+        if b'"model"' not in body:
+            return None
+        try:
+            data: Any = json.loads(body)
+        except ValueError:
+            return None
+        model = data.get("model") if isinstance(data, dict) else None
+        if not isinstance(model, str):
+            return None
+        routed = self.route(model)
+        if routed is None:
+            return None
+        name, upstream_model = routed
+        if upstream_model != model:
+            data["model"] = upstream_model
+            body = json.dumps(data, separators=(",", ":")).encode()
+        return name, body
+
+    def status(self) -> dict[str, Any]:
+        """Each provider's pool at a glance, for ``/status``."""
+        return {name: client.status() for name, client in self.clients.items()}

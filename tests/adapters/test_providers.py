@@ -1,0 +1,170 @@
+"""Several providers in one proxy: a request's model picks the upstream, and a
+provider's keys never serve another."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import openai
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from keyrotor.adapters.config import ConfigError, load_config
+from keyrotor.adapters.proxy.app import ProxyApp
+from keyrotor.adapters.proxy.providers import Routes
+from keyrotor.adapters.proxy.types import Request
+from keyrotor.testing import FakeUpstream, Scenario
+from keyrotor.transports.api import AsyncClient
+
+from .proxy_thread import ProxyThread
+
+MAIN = {"m1": "sk-or-v1-main-one-jkjkjkjkjkjkjkjk", "m2": "sk-or-v1-main-two-jkjkjkjkjkjkjkjk"}
+OTHER = {"o1": "sk-other-one-mnmnmnmnmnmnmnmnmnmn", "o2": "sk-other-two-mnmnmnmnmnmnmnmnmnmn"}
+
+
+def fake(secrets: dict[str, str]) -> Scenario:
+    scenario = Scenario()
+    for alias, secret in secrets.items():
+        scenario.add(secret, alias=alias)
+    return scenario
+
+
+def write_config(tmp_path: Path, main_url: str, other_url: str, extra: str = "") -> Path:
+    keys = "".join(
+        f'[[keys]]\nalias = "{alias}"\nsecret_env = "KEY_{alias.upper()}"\n{provider}\n'
+        for secrets, provider in ((MAIN, ""), (OTHER, 'provider = "other"'))
+        for alias in secrets
+    )
+    path = tmp_path / "keyrotor.toml"
+    path.write_text(
+        f'upstream = "{main_url}"\n[state]\nenabled = false\n'
+        f'[[providers]]\nname = "other"\nupstream = "{other_url}"\n'
+        f'models = ["special-model"]\n{extra}\n{keys}'
+    )
+    return path
+
+
+def environ() -> dict[str, str]:
+    return {f"KEY_{alias.upper()}": secret for alias, secret in {**MAIN, **OTHER}.items()}
+
+
+def test_requests_go_to_the_provider_their_model_names(tmp_path: Path) -> None:
+    with (
+        FakeUpstream.running_in_thread(fake(MAIN)) as main,
+        FakeUpstream.running_in_thread(fake(OTHER)) as other,
+    ):
+        config = load_config(write_config(tmp_path, main.url, other.url), environ(), {"port": 0})
+        assert [p.name for p in config.providers] == ["other"]
+        assert set(config.keys) == set(MAIN) and set(config.providers[0].keys) == set(OTHER)
+        with ProxyThread(config, []) as url:
+            hi = [{"role": "user", "content": "hi"}]
+            with openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0) as sdk:
+                served = {
+                    model: sdk.chat.completions.create(model=model, messages=hi).model  # type: ignore[arg-type]
+                    for model in ("openai/gpt-4o-mini", "other/gpt-x", "special-model")
+                }
+            status = httpx.get(f"{url}/status").json()
+    # The prefix is taken off for the provider; a claimed model goes as it is.
+    assert served == {
+        "openai/gpt-4o-mini": "openai/gpt-4o-mini",
+        "other/gpt-x": "gpt-x",
+        "special-model": "special-model",
+    }
+    chats = [(e.key, e.path) for e in main.log if e.path == "/chat/completions"]
+    assert [key for key, _ in chats] == ["m1"]
+    assert sorted(e.key for e in other.log if e.path == "/chat/completions") == ["o1", "o2"]
+    assert set(status["providers"]) == {"other"}
+    assert {k["alias"] for k in status["providers"]["other"]["keys"]} == set(OTHER)
+    assert {k["alias"] for k in status["keys"]} == set(MAIN)
+
+
+@pytest.mark.parametrize(
+    ("extra", "keys_for", "message"),
+    [
+        ("", {"other": []}, "provider 'other' has no keys"),
+        ('[[providers]]\nname = "other"\nupstream = "http://127.0.0.1:9"\n', None, "already used"),
+        (
+            '[[providers]]\nname = "third"\nupstream = "http://127.0.0.1:9"\n'
+            'models = ["special-model"]\n[[keys]]\nalias = "t1"\nsecret = "sk-third-000000"\n'
+            'provider = "third"\n',
+            None,
+            "'special-model' is also claimed by provider 'other'",
+        ),
+        ('[[providers]]\nname = "Bad Name"\nupstream = "http://x"\n', None, "lower-case"),
+        ('[[providers]]\nname = "x"\nupstream = "http://x"\nkind = "soap"\n', None, "kind"),
+        ('[[providers]]\nname = "x"\n', None, "has no upstream"),
+        ('[[providers]]\nname = "x"\nupstream = "ftp://x"\n', None, r"http\(s\) URL"),
+        ('[[providers]]\nname = "x"\nupstream = "http://x"\ncolor = 1\n', None, "unknown option"),
+    ],
+)
+def test_bad_providers_are_one_clear_error(
+    tmp_path: Path, extra: str, keys_for: Any, message: str
+) -> None:
+    path = write_config(tmp_path, "http://127.0.0.1:1", "http://127.0.0.1:2", extra)
+    if keys_for is not None:  # the provider's keys taken away
+        text = path.read_text().replace('provider = "other"', "")
+        text = text.replace('alias = "o1"', 'alias = "x1"').replace('alias = "o2"', 'alias = "x2"')
+        path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path, environ(), {})
+
+
+def test_a_key_naming_an_undeclared_provider_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "k.toml"
+    path.write_text('[[keys]]\nalias = "a"\nsecret = "sk-aaaaaaaaaaaaaaaa"\nprovider = "nowhere"\n')
+    with pytest.raises(ConfigError, match="provider 'nowhere' is not declared"):
+        load_config(path, {}, {})
+
+
+MODELS = st.sampled_from(
+    [
+        "openai/gpt-4o-mini",
+        "other/gpt-x",
+        "other/",
+        "other",
+        "otherx/y",
+        "/other",
+        "special-model",
+        "special-model-2",
+        "Other/gpt",
+    ]
+)
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.lists(MODELS, min_size=1, max_size=6))
+def test_a_key_of_one_provider_never_reaches_another(models: list[str]) -> None:
+    async def main() -> tuple[list[Any], list[Any]]:
+        async with (
+            FakeUpstream(fake(MAIN)).serve() as main_server,
+            FakeUpstream(fake(OTHER)).serve() as other_server,
+            AsyncClient(MAIN, main_server.url) as main_client,
+            AsyncClient(OTHER, other_server.url) as other_client,
+        ):
+            routes = Routes({"other": other_client}, {"special-model": "other"})
+            app = ProxyApp(main_client, routes=routes)
+            for model in models:
+                body = json.dumps({"model": model, "messages": [{"role": "user", "content": "x"}]})
+                request = Request(
+                    method="POST",
+                    target="/v1/chat/completions",
+                    headers=[("content-type", "application/json")],
+                    body=body.encode(),
+                )
+                answer = await app(request)
+                assert answer.status == 200
+            return list(main_server.log), list(other_server.log)
+
+    main_log, other_log = anyio.run(main)
+    assert {e.key for e in main_log} <= set(MAIN)
+    assert {e.key for e in other_log} <= set(OTHER)
+    expected_other = sum(
+        1 for m in models if m == "special-model" or (m.startswith("other/") and m != "other/")
+    )
+    assert len(other_log) == expected_other
+    assert len(main_log) == len(models) - expected_other
