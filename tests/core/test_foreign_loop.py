@@ -289,7 +289,12 @@ def test_a_thread_runtime_drives_the_pool_through_failures_and_recovery() -> Non
     changes: list[tuple[str, str, str]] = []
     # Generous: nothing here should wait for it (a caller that did is Rejected,
     # which fails the test), but a loaded machine must not turn it into one.
-    config = PoolConfig(keys=[KeySpec(key_id=k) for k in SECRETS], queue_timeout=30.0)
+    # One attempt per key: with the default 3, a caller whose attempts met the
+    # dropped connection, the 429 and the 401 in turn (an interleaving a loaded
+    # machine produced) rightly got the last answer, the 401.
+    config = PoolConfig(
+        keys=[KeySpec(key_id=k) for k in SECRETS], queue_timeout=30.0, max_attempts=len(SECRETS)
+    )
     embedded = ThreadedPool(
         config,
         SECRETS,
