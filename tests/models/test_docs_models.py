@@ -26,3 +26,22 @@ def test_an_example_runs(name: str, code: str) -> None:
     assert re.fullmatch(r"320 models, \d+ free with 100k\+ context", lines[0])
     assert re.fullmatch(r"\d+ prompt tokens, \$0\.0\d+ to \$0\.0\d+", lines[1])
     assert lines[2].startswith("spent $0.0000")
+
+
+def test_the_providers_example_is_a_valid_configuration(tmp_path: pathlib.Path) -> None:
+    from keyrotor.adapters.config import load_config
+
+    section = DOC.read_text("utf-8").split("## Several providers in one proxy", 1)[1]
+    toml = re.search(r"```toml\n(.*?)```", section, re.S)
+    assert toml is not None
+    path = tmp_path / "keyrotor.toml"
+    path.write_text(toml.group(1) + "[state]\nenabled = false\n")
+    environ = {"OPENROUTER_KEY_MAIN": "sk-or-v1-doc-main-000", "OPENAI_KEY_1": "sk-doc-openai-000"}
+    config = load_config(path, environ, {})
+    (provider,) = config.providers
+    assert (provider.name, provider.kind, set(provider.models)) == (
+        "openai",
+        "openai-compatible",
+        {"gpt-4o-mini"},
+    )
+    assert set(config.keys) == {"or-main"} and set(provider.keys) == {"oa-1"}
