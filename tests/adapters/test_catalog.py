@@ -14,9 +14,12 @@ import pytest
 
 from keyrotor.adapters.config import load_config
 from keyrotor.adapters.proxy import catalog as catalog_module
+from keyrotor.adapters.proxy.app import ProxyApp
 from keyrotor.adapters.proxy.catalog import CatalogService
+from keyrotor.adapters.proxy.model_health import model_of
+from keyrotor.adapters.proxy.types import Request
 from keyrotor.adapters.storage import StateStore
-from keyrotor.testing import FakeUpstream, Hang, Reply, Scenario
+from keyrotor.testing import Custom, FakeUpstream, Hang, Reply, Scenario
 from keyrotor.testing.catalogs import realistic_models
 from keyrotor.transports.api import AsyncClient
 
@@ -154,3 +157,35 @@ async def test_an_upstream_without_etag_is_fetched_whole_each_time() -> None:
                     tasks.cancel_scope.cancel()
     assert upstream_models(server)[:3] == [200, 200, 200]
     assert service.catalog is not None and service.catalog.etag is None
+
+
+def test_model_of_reads_the_model_without_parsing_the_body() -> None:
+    assert model_of(b'{"model": "openai/gpt-4o", "messages": []}') == "openai/gpt-4o"
+    assert model_of(b'{"messages":[],"model":"a\\"b"}') == 'a\\"b'
+    assert model_of(b"") is None and model_of(b'{"messages": []}') is None
+    assert model_of(b'{"model": 5}') is None
+
+
+@pytest.mark.anyio
+async def test_model_health_is_observed_per_model_and_leaves_keys_alone() -> None:
+    def decide(call: Any) -> Any:
+        if call.model == "down/model":
+            return Reply(404, "No endpoints found for down/model.")
+        return None
+
+    keys = Scenario().add(SECRET, Custom(decide), alias="k")
+    async with FakeUpstream(keys).serve() as server:
+        async with AsyncClient({"k": SECRET}, server.url) as client:
+            app = ProxyApp(client)
+            for model in ("up/model", "down/model", "down/model", "up/model"):
+                body = json.dumps({"model": model, "messages": []}).encode()
+                request = Request(
+                    method="POST", target="/v1/chat/completions", headers=[], body=body
+                )
+                await app(request)
+            models = app.status()["models"]
+            state = client.status()["keys"][0]["state"]
+    assert models["down/model"]["unavailable"] == 2 and models["down/model"]["errorShare"] == 1.0
+    assert models["down/model"]["lastError"] == 404 and models["down/model"]["ttfbMs"] is None
+    assert models["up/model"]["ok"] == 2 and models["up/model"]["ttfbMs"] is not None
+    assert state == "healthy"  # a model without endpoints is not the key's fault

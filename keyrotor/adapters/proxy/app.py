@@ -21,6 +21,7 @@ from ...transports.errors import NoKeyAvailable, TransportError
 from .admin import Admin
 from .auth import Auth, Role
 from .metrics import ProxyCounters, render
+from .model_health import ModelHealth, model_of
 from .types import Request, Response
 
 if TYPE_CHECKING:
@@ -128,6 +129,7 @@ class ProxyApp:
         self._client = client
         self._catalog = catalog
         self._routes = routes
+        self.models = ModelHealth()
         self._routing_note = routing_note
         self._clock = clock
         self._auth = auth or Auth()
@@ -231,6 +233,7 @@ class ProxyApp:
             status["catalog"] = self._catalog.status()
         if self._routes is not None:
             status["providers"] = self._routes.status()
+        status["models"] = self.models.status()
         status["stats"]["failovers"] = self.counters.failovers
         status["stats"]["streamErrors"] = self.counters.stream_errors
         return status
@@ -325,12 +328,14 @@ class ProxyApp:
         if fallback not in _BOOLEANS:
             return _invalid("X-Keyrotor-Fallback must be true or false")
         body = request.body
+        model = model_of(body)
         client = self._client
         if self._routes is not None and body:
             routed = self._routes.pick(body)
             if routed is not None:  # another provider's model: its own keys
                 client = self._routes.clients[routed[0]]
                 body = routed[1]
+        started = client.driver.now()
         try:
             upstream = await client.send(
                 request.method,
@@ -346,6 +351,8 @@ class ProxyApp:
             return Response(
                 status=status, headers=reply_headers, body=reply, log={"outcome": "rejected"}
             )
+        if model is not None:
+            self.models.record(model, upstream.status_code, client.driver.now() - started)
         if upstream.attempts > 1:
             self.counters.failovers += 1
         out_headers = delivered_headers(upstream)

@@ -1,0 +1,92 @@
+"""What the proxy sees of each model, kept apart from key health.
+
+Per model named in a request: requests, answers by class, the "model is not
+available" answers (404: no endpoints, deprecated, free variant ended; 503:
+no provider available), and the time to the answer's head (an EWMA and the
+last value). It only observes: keys are judged by the core alone. A model's
+404s (no endpoints, deprecated) are caller errors there and leave the key
+alone; its 5xx answers still count in the key's error window, until routing
+(the next step) treats a model that is down as the model's fault and passes
+over it, reading these figures.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+__all__ = ["ModelHealth", "model_of"]
+
+_MODEL = re.compile(rb'"model"\s*:\s*"((?:[^"\\]|\\.){1,200})"')
+MAX_MODELS = 1000
+"""Distinct models tracked; later ones are counted under ``"(other)"``."""
+ALPHA = 0.2
+"""Weight of the newest time in the EWMA."""
+UNAVAILABLE = frozenset({404, 503})
+
+
+def model_of(body: bytes) -> str | None:
+    """The ``model`` of a JSON request body (a bounded scan, no full parse)."""
+    if not body:
+        return None
+    found = _MODEL.search(body)
+    if found is None:
+        return None
+    try:
+        return found.group(1).decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+class _Row:
+    __slots__ = ("errors", "last_error", "last_ttfb", "ok", "requests", "ttfb", "unavailable")
+
+    def __init__(self) -> None:
+        self.requests = self.ok = self.errors = self.unavailable = 0
+        self.ttfb: float | None = None
+        self.last_ttfb: float | None = None
+        self.last_error: int | None = None
+
+
+class ModelHealth:
+    """Per-model counters and times (``record`` per delivered answer)."""
+
+    def __init__(self, limit: int = MAX_MODELS) -> None:
+        self._rows: dict[str, _Row] = {}
+        self._limit = limit
+
+    def record(self, model: str, status: int, ttfb: float) -> None:
+        """An answer with ``status`` whose head came ``ttfb`` seconds after the request."""
+        row = self._rows.get(model)
+        if row is None:
+            if len(self._rows) >= self._limit:
+                model = "(other)"
+                row = self._rows.get(model)
+            if row is None:
+                row = self._rows[model] = _Row()
+        row.requests += 1
+        if status < 300:
+            row.ok += 1
+            row.ttfb = ttfb if row.ttfb is None else row.ttfb + ALPHA * (ttfb - row.ttfb)
+            row.last_ttfb = ttfb
+        else:
+            row.errors += 1
+            row.last_error = status
+            if status in UNAVAILABLE:
+                row.unavailable += 1
+
+    def status(self) -> dict[str, Any]:
+        """For ``/status``: per model, counts, error share and times in ms."""
+        return {
+            model: {
+                "requests": row.requests,
+                "ok": row.ok,
+                "errors": row.errors,
+                "unavailable": row.unavailable,
+                "errorShare": round(row.errors / row.requests, 4),
+                "ttfbMs": None if row.ttfb is None else round(row.ttfb * 1000, 1),
+                "lastTtfbMs": None if row.last_ttfb is None else round(row.last_ttfb * 1000, 1),
+                "lastError": row.last_error,
+            }
+            for model, row in sorted(self._rows.items())
+        }
