@@ -518,7 +518,7 @@ def child(name: str, cmd: list[str], env: dict[str, str], *, stdout: bool) -> It
             proc_child.stop()
 
 
-def start_upstream(stack: ExitStack) -> tuple[Child, str]:
+def start_upstream(stack: ExitStack, catalog: str = "default") -> tuple[Child, str]:
     cmd = [
         sys.executable,
         "-m",
@@ -530,6 +530,8 @@ def start_upstream(stack: ExitStack) -> tuple[Child, str]:
         "--scenario",
         "open",
     ]
+    if catalog != "default":  # an older fake upstream knows no --catalog
+        cmd += ["--catalog", catalog]
     upstream = stack.enter_context(child("fake upstream", cmd, _child_env({}), stdout=True))
     stdout = upstream.proc.stdout
     assert stdout is not None
@@ -1035,6 +1037,12 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="measure the fake upstream alone (no proxy)",
     )
+    parser.add_argument(
+        "--catalog",
+        default="default",
+        choices=["default", "realistic"],
+        help="the fake upstream's /models: 4 models, or 320 (the proxy loads it at start)",
+    )
     return parser
 
 
@@ -1054,6 +1062,8 @@ def _command(args: argparse.Namespace) -> str:
         parts.append("--no-stream")
     if args.upstream_only:
         parts.append("--upstream-only")
+    if args.catalog != "default":
+        parts.append(f"--catalog {args.catalog}")
     return " ".join(parts)
 
 
@@ -1088,7 +1098,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     load_before = os.getloadavg()
     started = time.perf_counter()
     with ExitStack() as stack:
-        upstream, upstream_url = start_upstream(stack)
+        upstream, upstream_url = start_upstream(stack, args.catalog)
         print(f"fake upstream pid {upstream.pid} at {upstream_url}", file=sys.stderr, flush=True)
         baseline = "upstream alone"
         targets = [Target(baseline, Endpoint.parse(upstream_url + "/chat/completions"), None)]

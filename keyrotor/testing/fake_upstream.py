@@ -55,6 +55,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--backend", default="asyncio", choices=["asyncio", "trio"], help="event loop"
     )
+    parser.add_argument(
+        "--catalog",
+        default="default",
+        choices=["default", "realistic"],
+        help="the /models catalog: 4 models, or realistic_models() (320)",
+    )
     return parser
 
 
@@ -93,7 +99,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.keys < 1:
         parser.error(f"--keys must be at least 1, got {args.keys}")
     try:
-        server = FakeUpstream(_build(args.scenario, args.keys), host=args.host, port=args.port)
+        built = _build(args.scenario, args.keys)
+        if args.catalog == "realistic":
+            from .catalogs import realistic_models
+
+            built.models = realistic_models()
+        server = FakeUpstream(built, host=args.host, port=args.port)
     except ValueError as exc:
         print(f"{PROG}: {exc}; fix: use --host 127.0.0.1", file=sys.stderr)
         return 2
