@@ -10,6 +10,7 @@ ever appears in an error or a repr. The reference is docs/configuration.md.
 from __future__ import annotations
 
 import difflib
+import hashlib
 import ipaddress
 import math
 import os
@@ -33,10 +34,12 @@ __all__ = [
     "LOOPBACK",
     "PROVIDER_KINDS",
     "SERVER_DEFAULTS",
+    "Budget",
     "ConfigError",
     "Provider",
     "ProxyConfig",
     "load_config",
+    "token_name",
 ]
 
 SERVER_DEFAULTS: Mapping[str, Any] = MappingProxyType(
@@ -68,7 +71,19 @@ _NEVER = 'a number, or false / "never"'
 _STRS = "an array of strings"
 
 _TOP_KINDS = {"upstream": _STR, "routing_note": _BOOL, "log_format": _STR, "record": _STR}
-_TABLES = ("server", "http", "pool", "headers", "auth", "state", "catalog", "keys", "providers")
+_TABLES = (
+    "server",
+    "http",
+    "pool",
+    "headers",
+    "auth",
+    "state",
+    "catalog",
+    "keys",
+    "providers",
+    "clients",
+    "budgets",
+)
 _AUTH_KINDS = {"admin_token": _STR, "client_tokens": _STRS, "token_ttl": _FLOAT}
 _STATE_KINDS = {"enabled": _BOOL, "path": _STR, "flush_interval": _FLOAT}
 _AUTH_DEFAULTS: Mapping[str, Any] = MappingProxyType({"token_ttl": 3600.0})
@@ -121,6 +136,9 @@ _KEY_KINDS = {
 }
 _KEY_OPTIONS = ("alias", "secret", "secret_env", "provider", *_KEY_KINDS)
 _PROVIDER_OPTIONS = ("name", "upstream", "kind", "models")
+_CLIENT_OPTIONS = ("name", "token", "token_env")
+_BUDGET_OPTIONS = ("client", "model", "budget", "budget_window")
+_CLIENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 PROVIDER_KINDS = ("openai-compatible", "openrouter")
 _PROVIDER_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
 _SET_BY_KEYROTOR = frozenset(
@@ -181,6 +199,24 @@ class Provider:
         )
 
 
+@attrs.frozen
+class Budget:
+    """A spend limit in USD on a client token's or a model's requests
+    (``scope`` ``client`` or ``model``), per ``window`` seconds (None: for
+    ever); from ``[[budgets]]``."""
+
+    scope: str
+    name: str
+    limit: float
+    window: float | None = None
+
+
+def token_name(token: str) -> str:
+    """The name a client token without a ``[[clients]]`` name goes by in the
+    ledger: ``token-`` and 8 hex digits of its SHA-256 (not the token)."""
+    return "token-" + hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+
+
 @attrs.frozen(kw_only=True)
 class ProxyConfig:
     """Everything ``keyrotor serve`` needs, checked.
@@ -207,6 +243,9 @@ class ProxyConfig:
         catalog_refresh: seconds between fetches of the upstream's model
             catalog (``GET /models``), which ``/v1/models`` serves (None: off,
             ``/v1/models`` is forwarded).
+        client_names: client token -> its name in the ledger (``[[clients]]``
+            names, else ``token_name``); every client token has one.
+        budgets: the spend limits per client token and per model.
     """
 
     keys: dict[str, str]
@@ -226,6 +265,8 @@ class ProxyConfig:
     record: str | None = None
     catalog_refresh: float | None = 3600.0
     providers: tuple[Provider, ...] = ()
+    client_names: dict[str, str] = attrs.Factory(dict)
+    budgets: tuple[Budget, ...] = ()
 
     def __repr__(self) -> str:
         keys = ", ".join(f"{alias!r}: {mask(secret)!r}" for alias, secret in self.keys.items())
@@ -237,7 +278,8 @@ class ProxyConfig:
             f"client_tokens={len(self.client_tokens)}, token_ttl={self.token_ttl!r}, "
             f"state_path={self.state_path!r}, state_flush={self.state_flush!r}, "
             f"secret_key={'set' if self.secret_key else None}, record={self.record!r}, "
-            f"catalog_refresh={self.catalog_refresh!r}, providers={list(self.providers)!r})"
+            f"catalog_refresh={self.catalog_refresh!r}, providers={list(self.providers)!r}, "
+            f"clients={sorted(self.client_names.values())!r}, budgets={list(self.budgets)!r})"
         )
 
 
@@ -363,7 +405,11 @@ class _Loader:
             for source, raw, coerce in self.layers(tables["catalog"], given["catalog"], name):
                 where = f"[catalog] {name}"
                 catalog[name] = self.check(raw, _CATALOG_KINDS[name], where, source, coerce)
-        admin, clients = self.tokens(auth, server["host"])
+        named = self.clients(data.get("clients", []))
+        admin, clients = self.tokens(auth, server["host"], list(named.values()))
+        client_names = {token: token_name(token) for token in clients}
+        client_names.update((token, name) for name, token in named.items())
+        budgets = self.budgets(data.get("budgets", []), set(client_names.values()))
         for where, value in (
             ("[auth] token_ttl", auth["token_ttl"]),
             ("[state] flush_interval", state["flush_interval"]),
@@ -417,25 +463,130 @@ class _Loader:
             record=top.get("record"),
             catalog_refresh=catalog["refresh_interval"] if catalog["enabled"] else None,
             providers=providers,
+            client_names=client_names,
+            budgets=budgets,
         )
 
-    def providers(self, entries: Any) -> dict[str, tuple[str, str, frozenset[str]]]:
-        """name -> (upstream, kind, models) of the ``[[providers]]`` tables, checked."""
+    def entries(self, entries: Any, table: str, options: tuple[str, ...]) -> list[dict[str, Any]]:
+        """The tables of an array ``[[table]]``, each with known options only."""
         if not isinstance(entries, list):
             self.fail(
-                "providers must be an array of tables",
-                where="[[providers]]",
-                fix="write [[providers]] (double brackets) above each provider",
+                f"{table} must be an array of tables",
+                where=f"[[{table}]]",
+                fix=f"write [[{table}]] (double brackets) above each entry",
             )
-        declared: dict[str, tuple[str, str, frozenset[str]]] = {}
-        claimed: dict[str, str] = {}  # model -> provider
         for index, entry in enumerate(entries, 1):
-            where = f"[[providers]] #{index}"
+            where = f"[[{table}]] #{index}"
             if not isinstance(entry, dict):
                 self.fail(f"{where} must be a table, got {_describe(entry)}", where=where)
             for name in entry:
-                if name not in _PROVIDER_OPTIONS:
-                    self.unknown(where, name, list(_PROVIDER_OPTIONS))
+                if name not in options:
+                    self.unknown(where, name, list(options))
+        return entries
+
+    def clients(self, entries: Any) -> dict[str, str]:
+        """name -> token of the ``[[clients]]`` tables, checked (the tokens
+        themselves are checked with the others by ``tokens``)."""
+        named: dict[str, str] = {}
+        for index, entry in enumerate(self.entries(entries, "clients", _CLIENT_OPTIONS), 1):
+            where = f"[[clients]] #{index}"
+            if "name" not in entry:
+                self.fail(f"{where} has no name", where=where, fix='give it name = "ci"')
+            name = self.check(entry["name"], _STR, f"{where} name", self.source, False)
+            if not _CLIENT_NAME.match(name) or name.startswith("token-"):
+                self.fail(
+                    f"{where} name {name!r} must be up to 64 letters, digits, '.', '_', '@' "
+                    "or '-' and not start with 'token-'",
+                    where=f"{where} name",
+                    fix='use a short name such as "ci" or "alice"',
+                )
+            if name in named:
+                self.fail(
+                    f"{where} name {name!r} is already used by another client",
+                    where=f"{where} name",
+                    fix="give every client its own name",
+                )
+            where = f"{where} ({name})"
+            if ("token" in entry) == ("token_env" in entry):
+                self.fail(
+                    f"{where} needs exactly one of token and token_env",
+                    where=where,
+                    fix='write token_env = "ENV_VAR" (keeps the token out of the file)',
+                )
+            if "token" in entry:
+                token = self.check(entry["token"], _STR, f"{where} token", self.source, False)
+                token = token.strip()
+            else:
+                env = self.check(entry["token_env"], _STR, f"{where} token_env", self.source, False)
+                token = self.environ.get(env, "").strip() if _ENV_NAME.match(env) else ""
+                if not token:
+                    self.fail(
+                        f"{where} token_env: the environment variable {env!r} is not set",
+                        where=f"{where} token_env",
+                        fix=f"export {env}=<the token> before starting keyrotor ({_TOKEN_HELP})",
+                    )
+            if token in named.values():
+                self.fail(
+                    f"{where} has the token of another client",
+                    where=where,
+                    fix="give every client its own token",
+                )
+            named[name] = token
+        return named
+
+    def budgets(self, entries: Any, clients: set[str]) -> tuple[Budget, ...]:
+        """The ``[[budgets]]`` tables, checked (``clients``: the known client names)."""
+        budgets: dict[tuple[str, str], Budget] = {}
+        for index, entry in enumerate(self.entries(entries, "budgets", _BUDGET_OPTIONS), 1):
+            where = f"[[budgets]] #{index}"
+            scopes = [scope for scope in ("client", "model") if scope in entry]
+            if len(scopes) != 1:
+                self.fail(
+                    f"{where} needs exactly one of client and model",
+                    where=where,
+                    fix='write client = "ci" (a [[clients]] name) or model = "openai/gpt-4o"',
+                )
+            scope = scopes[0]
+            name = self.check(entry[scope], _STR, f"{where} {scope}", self.source, False)
+            if scope == "client" and name not in clients:
+                known = ", ".join(sorted(clients)) or "none"
+                self.fail(
+                    f"{where} client {name!r} is not a client (known: {known})",
+                    where=f"{where} client",
+                    fix="name the client in [[clients]] (name and token_env) and use that name",
+                )
+            if not name:
+                self.fail(f"{where} {scope} is empty", where=f"{where} {scope}")
+            if (scope, name) in budgets:
+                self.fail(
+                    f"{where}: {scope} {name!r} has a budget already",
+                    where=where,
+                    fix="give each client and model one budget",
+                )
+            if "budget" not in entry:
+                self.fail(f"{where} has no budget", where=where, fix="write budget = 10.0 (USD)")
+            limit = self.check(entry["budget"], _FLOAT, f"{where} budget", self.source, False)
+            window = entry.get("budget_window")
+            if window is not None:
+                window = self.check(window, _FLOAT, f"{where} budget_window", self.source, False)
+            for option, value in (("budget", limit), ("budget_window", window)):
+                if value is not None and not (value > 0 and math.isfinite(value)):
+                    self.fail(
+                        f"{where} {option} must be more than zero, got {value}",
+                        where=f"{where} {option}",
+                        fix="USD for budget, seconds for budget_window (86400: a day)",
+                    )
+            budgets[(scope, name)] = Budget(
+                scope, name, float(limit), None if window is None else float(window)
+            )
+        return tuple(budgets.values())
+
+    def providers(self, entries: Any) -> dict[str, tuple[str, str, frozenset[str]]]:
+        """name -> (upstream, kind, models) of the ``[[providers]]`` tables, checked."""
+        declared: dict[str, tuple[str, str, frozenset[str]]] = {}
+        claimed: dict[str, str] = {}  # model -> provider
+        for index, entry in enumerate(self.entries(entries, "providers", _PROVIDER_OPTIONS), 1):
+            where = f"[[providers]] #{index}"
             for required in ("name", "upstream"):
                 if required not in entry:
                     self.fail(
@@ -449,6 +600,12 @@ class _Loader:
                     f"{where} name {name!r} must be lower-case letters, digits, '-', '_' or '.'",
                     where=f"{where} name",
                     fix='use a short name such as "openai": requests name its models "openai/..."',
+                )
+            if name == "main":
+                self.fail(
+                    f"{where} name 'main' is the main upstream's name in the spend ledger",
+                    where=f"{where} name",
+                    fix="give the provider another name",
                 )
             if name in declared:
                 self.fail(
@@ -477,13 +634,15 @@ class _Loader:
             declared[name] = (upstream, kind, frozenset(models))
         return declared
 
-    def tokens(self, auth: dict[str, Any], host: str) -> tuple[str | None, tuple[str, ...]]:
-        """The admin token and the client tokens: the file's (or the command
-        line's) and the environment's, each checked."""
+    def tokens(
+        self, auth: dict[str, Any], host: str, listed: list[str]
+    ) -> tuple[str | None, tuple[str, ...]]:
+        """The admin token and the client tokens: ``[[clients]]``' (``listed``),
+        the file's (or the command line's) and the environment's, each checked."""
         env_admin = self.environ.get("KEYROTOR_ADMIN_TOKEN", "").strip()
         admin = auth.get("admin_token") or env_admin or None
         env_clients = self.environ.get("KEYROTOR_CLIENT_TOKENS", "")
-        clients = [*auth.get("client_tokens", []), *env_clients.split(",")]
+        clients = [*listed, *auth.get("client_tokens", []), *env_clients.split(",")]
         clients = list(dict.fromkeys(t.strip() for t in clients if t.strip()))
         named = [("admin token", admin)] if admin else []
         named += [(f"client token #{i}", token) for i, token in enumerate(clients, 1)]
@@ -551,6 +710,14 @@ class _Loader:
             tokens = auth.get("client_tokens")
             if isinstance(tokens, list):
                 self.secrets.update(t for t in tokens if isinstance(t, str))
+        clients = data.get("clients")
+        for entry in clients if isinstance(clients, list) else ():
+            if isinstance(entry, dict):
+                if isinstance(entry.get("token"), str):
+                    self.secrets.add(entry["token"])
+                env = entry.get("token_env")
+                if isinstance(env, str) and self.environ.get(env):
+                    self.secrets.update((self.environ[env], self.environ[env].strip()))
         for name in ("KEYROTOR_ADMIN_TOKEN", "KEYROTOR_SECRET_KEY"):
             self.secrets.add(self.environ.get(name, "").strip())
         self.secrets.update(

@@ -9,6 +9,9 @@ What is kept:
   wall-clock Unix seconds (the caller converts from the core's monotonic clock).
 - ``ledger``: spend per key per UTC day (requests, tokens, cost). Rows outlive
   their key: removing a key keeps its history.
+- ``usage``: the same spend per provider, per model and per client token
+  (``scope`` ``provider``, ``model`` or ``client`` and a name) per UTC day.
+- ``catalogs``: each provider's last fetched model catalog.
 - ``meta``: the schema version, the per-file salt for passphrases and a check
   token that tells a wrong ``KEYROTOR_SECRET_KEY`` at open.
 
@@ -66,6 +69,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SECRET_KEY_ENV",
+    "USAGE_SCOPES",
     "AlreadyStored",
     "LedgerRow",
     "Loaded",
@@ -75,6 +79,7 @@ __all__ = [
     "StoredCatalog",
     "StoredKey",
     "StoredState",
+    "UsageRow",
     "default_state_path",
     "secret_key_from_env",
 ]
@@ -136,6 +141,23 @@ class LedgerRow:
 
 
 @attrs.frozen
+class UsageRow:
+    """Spend of one provider, model or client token (``scope``) on one UTC day."""
+
+    scope: str
+    name: str
+    day: str
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost: float
+
+
+USAGE_SCOPES: Final = ("provider", "model", "client")
+"""What the ``usage`` ledger keeps spend per, besides keys."""
+
+
+@attrs.frozen
 class StoredCatalog:
     """A provider's last fetched ``/models`` document, as the state file keeps it."""
 
@@ -153,6 +175,7 @@ class Loaded:
     states: dict[str, StoredState]
     ledger: list[LedgerRow]
     skipped: list[str] = attrs.field(factory=list)
+    usage: list[UsageRow] = attrs.field(factory=list)
 
 
 def secret_key_from_env(environ: Mapping[str, str] = os.environ) -> str | None:
@@ -200,27 +223,33 @@ _StateRow = tuple[str, float | None, str, float]  # state, until, reason, change
 
 
 class _Batch:
-    """Records not committed yet: last state per alias (oldest first), spend per (alias, day)."""
+    """Records not committed yet: last state per alias (oldest first), spend
+    per (alias, day) and per (scope, name, day)."""
 
-    __slots__ = ("spend", "states")
+    __slots__ = ("spend", "states", "usage")
 
     def __init__(self) -> None:
         self.states: dict[str, _StateRow] = {}
         self.spend: dict[tuple[str, str], _Spend] = {}
+        self.usage: dict[tuple[str, str, str], _Spend] = {}
 
     def __len__(self) -> int:
-        return len(self.states) + len(self.spend)
+        return len(self.states) + len(self.spend) + len(self.usage)
 
     def merge(self, newer: _Batch) -> None:
         for alias, row in newer.states.items():
             self.states.pop(alias, None)  # keep the dict ordered by recency
             self.states[alias] = row
-        for where, spend in newer.spend.items():
-            mine = self.spend.get(where)
-            if mine is None:
-                self.spend[where] = spend
-            else:
-                mine.add(spend)
+        _merge(self.spend, newer.spend)
+        _merge(self.usage, newer.usage)
+
+
+def _merge(mine: dict[Any, _Spend], newer: Mapping[Any, _Spend]) -> None:
+    for where, spend in newer.items():
+        if where in mine:
+            mine[where].add(spend)
+        else:
+            mine[where] = spend
 
 
 def _utc_day(t: float) -> str:
@@ -430,6 +459,10 @@ class StateStore:
                     "SELECT alias, day, requests, prompt_tokens, completion_tokens, cost "
                     "FROM ledger ORDER BY day, alias"
                 ).fetchall()
+                usage_rows = conn.execute(
+                    "SELECT scope, name, day, requests, prompt_tokens, completion_tokens, cost "
+                    "FROM usage ORDER BY day, scope, name"
+                ).fetchall()
             except sqlite3.Error as exc:
                 raise StorageError(f"cannot read {self.path}: {exc}") from None
         keys: list[StoredKey] = []
@@ -446,7 +479,13 @@ class StateStore:
                 f"because {SECRET_KEY_ENV} is not set; set it to the key they were stored with"
             )
         states = {row[0]: StoredState(*row) for row in state_rows}
-        return Loaded(keys, states, [LedgerRow(*row) for row in ledger_rows], skipped)
+        return Loaded(
+            keys,
+            states,
+            [LedgerRow(*row) for row in ledger_rows],
+            skipped,
+            [UsageRow(*row) for row in usage_rows],
+        )
 
     def _decrypt(self, alias: str, token: bytes) -> str | None:
         if self._cipher is None:
@@ -743,6 +782,36 @@ class StateStore:
             spend.completion_tokens += completion_tokens
             spend.cost += cost
 
+    def record_usage(
+        self,
+        names: Mapping[str, str],
+        *,
+        requests: int = 1,
+        prompt_tokens: int = 0,
+        completion_tokens: int = 0,
+        cost: float = 0.0,
+        at: float | None = None,
+    ) -> None:
+        """Add one answer's spend to the ``usage`` ledger of each ``scope: name``
+        in ``names`` (``USAGE_SCOPES``) on the UTC day of ``at`` (default now)."""
+        if self._closed or not names:
+            return
+        try:
+            day = self._day(self._clock() if at is None else at)
+        except (ValueError, OverflowError, OSError):
+            self._warn_once(f"keyrotor storage: record_usage ignored an invalid time {at!r}")
+            return
+        with self._pending_lock:
+            usage = self._pending.usage
+            for scope, name in names.items():
+                spend = usage.get((scope, name, day))
+                if spend is None:
+                    spend = usage[(scope, name, day)] = _Spend()
+                spend.requests += requests
+                spend.prompt_tokens += prompt_tokens
+                spend.completion_tokens += completion_tokens
+                spend.cost += cost
+
     def _day(self, t: float) -> str:
         start, end, day = self._day_cache
         if start <= t < end:
@@ -803,6 +872,19 @@ class StateStore:
                     for (a, d), s in batch.spend.items()
                 ],
             )
+            conn.executemany(
+                "INSERT INTO usage (scope, name, day, requests, prompt_tokens, "
+                "completion_tokens, cost) VALUES (?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (scope, name, day) DO UPDATE SET "
+                "requests = requests + excluded.requests, "
+                "prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
+                "completion_tokens = completion_tokens + excluded.completion_tokens, "
+                "cost = cost + excluded.cost",
+                [
+                    (scope, n, d, s.requests, s.prompt_tokens, s.completion_tokens, s.cost)
+                    for (scope, n, d), s in batch.usage.items()
+                ],
+            )
             conn.execute("COMMIT")
         except BaseException:
             _rollback(conn)
@@ -860,6 +942,9 @@ class StateStore:
             excess = len(batch) - self._max_pending
             for where in sorted(batch.spend, key=lambda w: w[1])[: max(excess, 0)]:
                 del batch.spend[where]
+            excess = len(batch) - self._max_pending
+            for place in sorted(batch.usage, key=lambda w: w[2])[: max(excess, 0)]:
+                del batch.usage[place]
             dropped = before - len(batch)
         self._dropped += dropped
         self._log(
@@ -1003,6 +1088,22 @@ MIGRATIONS: Final = (
                 etag TEXT,
                 fetched_at REAL NOT NULL
             )""",
+        ),
+    ),
+    _Migration(
+        4,
+        "spend per provider, per model and per client token, per UTC day",
+        (
+            """CREATE TABLE usage (
+                scope TEXT NOT NULL,
+                name TEXT NOT NULL,
+                day TEXT NOT NULL,
+                requests INTEGER NOT NULL,
+                prompt_tokens INTEGER NOT NULL,
+                completion_tokens INTEGER NOT NULL,
+                cost REAL NOT NULL,
+                PRIMARY KEY (scope, name, day)
+            ) WITHOUT ROWID""",
         ),
     ),
 )

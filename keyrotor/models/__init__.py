@@ -6,7 +6,16 @@ answer's ``usage`` (``cost``). Like the core, it depends on attrs only.
 """
 
 from .catalog import PRICE_FIELDS, Catalog, CatalogError, ModelInfo, Pricing, parse_catalog
-from .cost import Estimate, estimate, estimate_tokens, spend, usage_cost
+from .cost import (
+    Estimate,
+    Price,
+    estimate,
+    estimate_tokens,
+    price_answer,
+    pricer,
+    spend,
+    usage_cost,
+)
 
 __all__ = [
     "PRICE_FIELDS",
@@ -14,10 +23,13 @@ __all__ = [
     "CatalogError",
     "Estimate",
     "ModelInfo",
+    "Price",
     "Pricing",
     "estimate",
     "estimate_tokens",
     "parse_catalog",
+    "price_answer",
+    "pricer",
     "spend",
     "usage_cost",
 ]

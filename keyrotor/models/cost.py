@@ -21,14 +21,28 @@ upstream reports one (OpenRouter does, in USD), else the cost computed from
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import json
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import attrs
 
-from .catalog import Pricing
+from .catalog import Catalog, Pricing
 
-__all__ = ["Estimate", "count_images", "estimate", "estimate_tokens", "spend", "usage_cost"]
+__all__ = [
+    "Estimate",
+    "Price",
+    "count_images",
+    "estimate",
+    "estimate_tokens",
+    "price_answer",
+    "pricer",
+    "spend",
+    "usage_cost",
+]
+
+Price = Callable[[bytes | None, Mapping[str, Any]], float | None]
+"""A price hook: (the request's body, the answer's ``usage``) -> USD or None."""
 
 CHARS_PER_TOKEN = 4
 """The estimator's rate: English text runs at about 4 characters a token."""
@@ -160,3 +174,35 @@ def spend(
     if pricing is None:
         return None
     return usage_cost(pricing, usage, images=images, web_searches=web_searches)
+
+
+def price_answer(
+    catalog: Catalog | None, body: bytes | None, usage: Mapping[str, Any]
+) -> float | None:
+    """USD for the answer to the JSON request ``body`` whose ``usage`` is
+    given, at ``catalog``'s pricing of the request's ``model`` (its input
+    images counted); None when the body names no model the catalog prices."""
+    if catalog is None or not body:
+        return None
+    try:
+        request = json.loads(body)
+    except ValueError:
+        return None
+    model = request.get("model") if isinstance(request, dict) else None
+    info = catalog.get(model) if isinstance(model, str) else None
+    if info is None:
+        return None
+    messages = request.get("messages")
+    images = count_images(messages) if isinstance(messages, list) else 0
+    return usage_cost(info.pricing, usage, images=images)
+
+
+def pricer(catalog: Catalog | Callable[[], Catalog | None]) -> Price:
+    """A ``Driver.price`` hook pricing answers at ``catalog`` (or at what a
+    function returns each time, for a catalog that is refreshed)."""
+    current = catalog if callable(catalog) else (lambda: catalog)
+
+    def price(body: bytes | None, usage: Mapping[str, Any]) -> float | None:
+        return price_answer(current(), body, usage)
+
+    return price

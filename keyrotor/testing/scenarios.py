@@ -175,6 +175,8 @@ class Scenario:
     - ``catalog_etag``: ``GET /models`` sends an ``ETag`` and answers 304 to
       an ``If-None-Match`` that matches it; ``models_reply``: answer
       ``GET /models`` with this instead (a failing catalog fetch).
+    - ``report_cost``: answers carry ``usage.cost`` (OpenRouter's do; False:
+      like OpenAI's, tokens only).
     - ``epoch``: the clock reading that behaviours see as time 0 (``Call.now``
       is the clock minus ``epoch``, ``Call.epoch`` is ``epoch``): a replay
       model's failure windows and limits, in seconds from the replay's start,
@@ -194,6 +196,7 @@ class Scenario:
     epoch: float = 0.0
     catalog_etag: bool = True
     models_reply: Reply | Hang | Drop | None = None
+    report_cost: bool = True
 
     def add(
         self, secret: str, behaviour: Behaviour | None = None, *, alias: str | None = None

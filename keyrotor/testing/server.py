@@ -887,11 +887,13 @@ class FakeUpstream:
             encoded = self._content_cache[n] = json.dumps(text).encode()
         return encoded
 
-    @staticmethod
-    def _usage(call: Call) -> bytes:
+    def _usage(self, call: Call) -> bytes:
         p, n = call.prompt_tokens, call.completion_tokens
         cost = repr(call.cost).encode()
-        return _USAGE % (p, n, p + n, cost, call.cached_tokens, call.reasoning_tokens)
+        usage = _USAGE % (p, n, p + n, cost, call.cached_tokens, call.reasoning_tokens)
+        if not self._scenario.report_cost:
+            usage = usage.replace(b'"cost":%s,' % cost, b"", 1)
+        return usage
 
     @staticmethod
     def _error_json(err: MidStreamError) -> bytes:

@@ -101,11 +101,12 @@ class Slot:
     called with the driver's lock held (if any) and must not block.
     """
 
-    __slots__ = ("decisions", "wake")
+    __slots__ = ("body", "decisions", "wake")
 
-    def __init__(self, wake: Callable[[], None]) -> None:
+    def __init__(self, wake: Callable[[], None], body: bytes | None = None) -> None:
         self.decisions: deque[Routed] = deque()
         self.wake = wake
+        self.body = body  # kept for ``Driver.price`` only
 
 
 class Driver:
@@ -116,6 +117,12 @@ class Driver:
     the ``on_state_change`` callbacks. ``on_finished`` hears of each delivered
     body's end (the key and its usage, for a spend ledger). ``deadline_changed``
     tells the timer task to look at ``next_deadline()`` again.
+
+    ``price`` (None: off) prices an answer whose ``usage`` reports no cost
+    (OpenAI-compatible upstreams): called with the request's body and that
+    ``usage``, it returns USD (or None: unknown), which then counts toward
+    the key's budget and reaches ``on_finished`` as the accountant's ``cost``.
+    ``keyrotor.models.pricer(catalog)`` makes one from a model catalog.
     """
 
     def __init__(
@@ -143,6 +150,7 @@ class Driver:
         self.probes: deque[Probe] = deque()
         self.on_state_change: list[Callable[[KeyStateChanged], None]] = []
         self.on_finished: list[Callable[[str, StreamAccountant], None]] = []
+        self.price: Callable[[bytes | None, Mapping[str, Any]], float | None] | None = None
         self.recorder: TraceRecorder | None = None  # keyrotor.replay.record
         self.on_recording_error: Callable[[str], None] = _nothing_said
         self.deadline_changed: Callable[[], None] = _nothing
@@ -196,7 +204,7 @@ class Driver:
         """Start a request: a fresh id, its slot, and the pool told about it
         (``body`` only for a recorder, which notes its model)."""
         request_id = f"q{next(self._ids)}"
-        slot = Slot(wake)
+        slot = Slot(wake, body if self.price is not None else None)
         self.slots[request_id] = slot
         now = self.now()
         deadline = None if timeout is None else now + timeout
@@ -283,6 +291,8 @@ class Driver:
         try:
             if failure is None:
                 a = accountant
+                if self.price is not None and a.usage is not None and not a.priced:
+                    self._price(request_id, a)
                 for callback in self.on_finished:
                     callback(key_id, a)
                 self.feed(
@@ -300,6 +310,18 @@ class Driver:
                 self.failed(request_id, failure)
         finally:
             self.close(request_id, ended=True)
+
+    def _price(self, request_id: str, accountant: StreamAccountant) -> None:
+        """``accountant.cost`` from ``price`` (left as it is when that fails)."""
+        assert self.price is not None and accountant.usage is not None
+        slot = self.slots.get(request_id)
+        try:
+            cost = self.price(None if slot is None else slot.body, accountant.usage)
+        except Exception as exc:
+            self.on_recording_error(f"keyrotor: the price hook failed: {type(exc).__name__}")
+            return
+        if cost is not None and math.isfinite(cost) and cost >= 0:
+            accountant.cost = cost
 
     def probe_finished(
         self,
@@ -521,6 +543,7 @@ class StreamAccountant:
         "error_body",
         "error_status",
         "prompt_tokens",
+        "usage",
     )
 
     MAX_JSON = 8 << 20
@@ -530,6 +553,7 @@ class StreamAccountant:
         self.cost = 0.0
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        self.usage: dict[str, Any] | None = None  # the last ``usage`` object seen
         self.error_status: int | None = None
         self.error_body: Any = None
         self._sse = "event-stream" in content_type
@@ -557,12 +581,21 @@ class StreamAccountant:
         if self._body is not None:
             body = b"".join(self._body)
             self._body = None
-            self.cost, self.prompt_tokens, self.completion_tokens = usage_of(
-                {"usage": _usage_object(body)}
-            )
+            self._account({"usage": _usage_object(body)})
         elif self._tail:
             self._line(self._tail)
             self._tail = b""
+
+    def _account(self, payload: dict[str, Any]) -> None:
+        self.cost, self.prompt_tokens, self.completion_tokens = usage_of(payload)
+        usage = payload["usage"]
+        self.usage = usage if isinstance(usage, dict) else None
+
+    @property
+    def priced(self) -> bool:
+        """The answer's ``usage`` reported its cost (OpenRouter's do)."""
+        usage = self.usage
+        return usage is not None and _number(usage.get("cost")) is not None
 
     def _line(self, line: bytes) -> None:
         if not line.startswith(b"data:") or (b'"usage"' not in line and b'"error"' not in line):
@@ -574,7 +607,7 @@ class StreamAccountant:
         if not isinstance(payload, dict):
             return
         if isinstance(payload.get("usage"), dict):
-            self.cost, self.prompt_tokens, self.completion_tokens = usage_of(payload)
+            self._account(payload)
         error = payload.get("error")
         if isinstance(error, dict):
             code = _number(error.get("code"))

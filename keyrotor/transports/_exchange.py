@@ -287,6 +287,14 @@ class StreamBody(ResponseHead):
         self._prefetched = delivered.prefetched
         self._accountant = StreamAccountant(delivered.headers.get("content-type", ""))
         self._done = False
+        self._ended = False
+
+    @property
+    def usage(self) -> StreamAccountant | None:
+        """What the answer used (``cost``, ``prompt_tokens``,
+        ``completion_tokens``, the raw ``usage``) once its body was read to
+        the end; None before that, or when it broke off or was closed early."""
+        return self._accountant if self._ended else None
 
     def _next_chunk(self) -> Steps[bytes | None]:
         """The next piece of the body, or None at its end (accounted then)."""
@@ -304,6 +312,7 @@ class StreamBody(ResponseHead):
             chunk = read
         if chunk is None:
             self._accountant.close()
+            self._ended = True
             yield from self._end()
             return None
         self._accountant.feed(chunk)

@@ -100,6 +100,7 @@ def test_requests_go_to_the_provider_their_model_names(tmp_path: Path) -> None:
         ('[[providers]]\nname = "x"\n', None, "has no upstream"),
         ('[[providers]]\nname = "x"\nupstream = "ftp://x"\n', None, r"http\(s\) URL"),
         ('[[providers]]\nname = "x"\nupstream = "http://x"\ncolor = 1\n', None, "unknown option"),
+        ('[[providers]]\nname = "main"\nupstream = "http://x"\n', None, "main upstream's name"),
     ],
 )
 def test_bad_providers_are_one_clear_error(

@@ -66,7 +66,11 @@ def fake_clock() -> FakeClock:
 def config(upstream: str) -> ProxyConfig:
     return ProxyConfig(
         keys=dict(SECRETS),
-        pool=PoolConfig(keys=[KeySpec(key_id=alias) for alias in SECRETS]),
+        # One attempt per key: three of the five keys fail at first, and parallel
+        # requests sent before the pool heard of it may meet all three in turn.
+        pool=PoolConfig(
+            keys=[KeySpec(key_id=alias) for alias in SECRETS], max_attempts=len(SECRETS)
+        ),
         upstream=upstream,
         server={"host": "127.0.0.1", "port": 0},
     )

@@ -45,3 +45,24 @@ def test_the_providers_example_is_a_valid_configuration(tmp_path: pathlib.Path) 
         {"gpt-4o-mini"},
     )
     assert set(config.keys) == {"or-main"} and set(provider.keys) == {"oa-1"}
+
+
+def test_the_budgets_example_is_a_valid_configuration(tmp_path: pathlib.Path) -> None:
+    from keyrotor.adapters.config import Budget, load_config
+
+    section = DOC.read_text("utf-8").split("## Spend and budgets", 1)[1]
+    toml = re.search(r"```toml\n(.*?)```", section, re.S)
+    assert toml is not None
+    path = tmp_path / "keyrotor.toml"
+    path.write_text(toml.group(1) + "[state]\nenabled = false\n")
+    environ = {
+        "OPENROUTER_API_KEY": "sk-or-v1-doc-main-000",
+        "KEYROTOR_TOKEN_CI": "ci-token-0123456789abcdef",
+        "KEYROTOR_TOKEN_ALICE": "alice-token-0123456789abcdef",
+    }
+    config = load_config(path, environ, {})
+    assert sorted(config.client_names.values()) == ["alice", "ci"]
+    assert config.budgets == (
+        Budget("client", "ci", 5.0, 86400.0),
+        Budget("model", "anthropic/claude-opus-4", 20.0, 604800.0),
+    )

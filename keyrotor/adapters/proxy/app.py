@@ -9,6 +9,7 @@ request.
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from collections.abc import AsyncIterator, Callable
@@ -22,6 +23,7 @@ from .admin import Admin
 from .auth import Auth, Role
 from .metrics import ProxyCounters, render
 from .model_health import ModelHealth, model_of
+from .spend import MAIN_PROVIDER, Refusal, SpendBook
 from .types import Request, Response
 
 if TYPE_CHECKING:
@@ -125,8 +127,10 @@ class ProxyApp:
         store: StateStore | None = None,
         catalog: CatalogService | None = None,
         routes: Routes | None = None,
+        spend: SpendBook | None = None,
     ) -> None:
         self._client = client
+        self.spend = spend or SpendBook()
         self._catalog = catalog
         self._routes = routes
         self.models = ModelHealth()
@@ -159,7 +163,7 @@ class ProxyApp:
             assert self._admin is not None
             response = await self._admin(request)
         elif path == "/auth/token" and request.method == "POST":
-            token, ttl = self._auth.issue()
+            token, ttl = self._auth.issue(self._auth.identify(request)[1])
             response = self._json(
                 200, {"access_token": token, "token_type": "bearer", "expires_in": ttl}
             )
@@ -234,6 +238,7 @@ class ProxyApp:
         if self._routes is not None:
             status["providers"] = self._routes.status()
         status["models"] = self.models.status()
+        status["spend"] = self.spend.status()
         status["stats"]["failovers"] = self.counters.failovers
         status["stats"]["streamErrors"] = self.counters.stream_errors
         return status
@@ -329,12 +334,21 @@ class ProxyApp:
             return _invalid("X-Keyrotor-Fallback must be true or false")
         body = request.body
         model = model_of(body)
+        caller = None if self._auth.open else self._auth.identify(request)[1]
+        spend = self.spend
+        if caller in spend.budgeted_clients or model in spend.budgeted_models:
+            catalog = None if self._catalog is None else self._catalog.catalog
+            refused = spend.refusal(caller, model, body, catalog)
+            if refused is not None:
+                return _over_budget(refused)
         client = self._client
+        provider = MAIN_PROVIDER
         if self._routes is not None and body:
             routed = self._routes.pick(body)
             if routed is not None:  # another provider's model: its own keys
-                client = self._routes.clients[routed[0]]
-                body = routed[1]
+                provider, body = routed
+                client = self._routes.clients[provider]
+        charged = {"provider": provider, "model": model, "client": caller}
         started = client.driver.now()
         try:
             upstream = await client.send(
@@ -367,7 +381,7 @@ class ProxyApp:
             return Response(
                 status=upstream.status_code,
                 headers=out_headers,
-                body=_Relay(upstream, self.counters),
+                body=_Relay(upstream, self.counters, lambda: spend.charge(charged, upstream.usage)),
                 aclose=upstream.aclose,
                 log=log,
             )
@@ -375,6 +389,7 @@ class ProxyApp:
             content = await upstream.aread()
         finally:
             await upstream.aclose()
+        spend.charge(charged, upstream.usage)
         if self._routing_note and upstream.is_success:
             content = _with_routing(content, upstream)
         return Response(status=upstream.status_code, headers=out_headers, body=content, log=log)
@@ -390,6 +405,14 @@ _BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "
 
 def _invalid(message: str) -> Response:
     return Response(status=400, headers=[_JSON], body=error_body(message, "invalid_request_error"))
+
+
+def _over_budget(refused: Refusal) -> Response:
+    headers = [_JSON]
+    if refused.retry_after is not None:
+        headers.append(("retry-after", str(math.ceil(refused.retry_after))))
+    body = error_body(refused.message, "insufficient_quota", "budget_exceeded")
+    return Response(status=429, headers=headers, body=body, log={"outcome": "over_budget"})
 
 
 def _refuse(status: int, message: str, code: str | None) -> Response:
@@ -419,12 +442,15 @@ class _Relay:
     breaks off after output has started, the stream ends with an OpenAI-shaped
     error event (the caller already has part of the answer: no silent retry)."""
 
-    __slots__ = ("_chunks", "_counters", "_done")
+    __slots__ = ("_chunks", "_counters", "_done", "_ended")
 
-    def __init__(self, upstream: StreamResponse, counters: ProxyCounters) -> None:
+    def __init__(
+        self, upstream: StreamResponse, counters: ProxyCounters, ended: Callable[[], None]
+    ) -> None:
         self._chunks = upstream.aiter_bytes()
         self._counters = counters
         self._done = False
+        self._ended = ended  # called once the whole stream went through
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self
@@ -436,6 +462,7 @@ class _Relay:
             return await anext(self._chunks)
         except StopAsyncIteration:
             self._done = True
+            self._ended()
             raise
         except TransportError:
             self._done = True

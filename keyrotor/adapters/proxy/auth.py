@@ -14,8 +14,9 @@ import hashlib
 import hmac
 import secrets
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
+from ..config import token_name
 from .types import Request
 
 __all__ = ["Auth", "Role"]
@@ -51,6 +52,8 @@ class Auth:
 
     ``open`` is True when no client token is configured: ``/v1/*`` then needs
     no token (the configuration allows that on a loopback address only).
+    ``names``: client token -> the name its spend is recorded under (default:
+    ``token_name``); a token issued by ``issue`` spends under its issuer's.
     """
 
     def __init__(
@@ -59,10 +62,14 @@ class Auth:
         admin_token: str | None = None,
         ttl: float = 3600.0,
         clock: Callable[[], float] = time.monotonic,
+        names: Mapping[str, str] | None = None,
     ) -> None:
-        self._clients = [_digest(t) for t in client_tokens]
+        tokens = list(client_tokens)
+        names = names or {}
+        self._clients = [_digest(t) for t in tokens]
+        self._names = [names.get(t) or token_name(t) for t in tokens]
         self._admin = _digest(admin_token) if admin_token else None
-        self._issued: dict[bytes, float] = {}  # digest -> expiry (clock time)
+        self._issued: dict[bytes, tuple[float, str | None]] = {}  # digest -> (expiry, issuer)
         self.ttl = ttl
         self._clock = clock
 
@@ -78,31 +85,38 @@ class Auth:
 
     def role(self, request: Request) -> Role:
         """What the request's bearer token makes its caller."""
+        return self.identify(request)[0]
+
+    def identify(self, request: Request) -> tuple[Role, str | None]:
+        """What the request's bearer token makes its caller, and the name its
+        spend goes under (``admin`` for the admin token; None: no client)."""
         token = bearer(request)
         if token is None:
-            return Role.NONE
+            return Role.NONE, None
         digest = _digest(token)
         if self._admin is not None and hmac.compare_digest(digest, self._admin):
-            return Role.ADMIN
-        matched = False
-        for known in self._clients:  # every one compared: no early exit
-            matched |= hmac.compare_digest(digest, known)
-        if matched:
-            return Role.CLIENT
-        expiry = self._issued.get(digest)
-        if expiry is not None:
-            if expiry > self._clock():
-                return Role.ISSUED
+            return Role.ADMIN, "admin"
+        matched = None
+        for index, known in enumerate(self._clients):  # every one compared: no early exit
+            if hmac.compare_digest(digest, known):
+                matched = index
+        if matched is not None:
+            return Role.CLIENT, self._names[matched]
+        issued = self._issued.get(digest)
+        if issued is not None:
+            if issued[0] > self._clock():
+                return Role.ISSUED, issued[1]
             del self._issued[digest]
-        return Role.NONE
+        return Role.NONE, None
 
-    def issue(self) -> tuple[str, float]:
-        """A fresh bearer token and its lifetime in seconds."""
+    def issue(self, issuer: str | None = None) -> tuple[str, float]:
+        """A fresh bearer token and its lifetime in seconds; its spend goes
+        under ``issuer`` (the name of the client token that asked)."""
         now = self._clock()
         if len(self._issued) >= _MAX_ISSUED:
-            self._issued = {d: e for d, e in self._issued.items() if e > now}
+            self._issued = {d: e for d, e in self._issued.items() if e[0] > now}
             while len(self._issued) >= _MAX_ISSUED:
                 del self._issued[next(iter(self._issued))]
         token = "krt_" + secrets.token_urlsafe(32)
-        self._issued[_digest(token)] = now + self.ttl
+        self._issued[_digest(token)] = (now + self.ttl, issuer)
         return token, self.ttl

@@ -25,6 +25,7 @@ import anyio
 import attrs
 
 from ...core import KeySpec, KeyState, KeyStateChanged, PoolConfig, SpendRecorded
+from ...models import pricer
 from ...transports.api import AsyncClient, Driver, StreamAccountant
 from ..config import ConfigError, ProxyConfig
 from .admin import Admin
@@ -32,6 +33,7 @@ from .app import ProxyApp
 from .auth import Auth
 from .catalog import CatalogService
 from .providers import Routes
+from .spend import SpendBook
 
 if TYPE_CHECKING:
     from ..storage import Loaded, StateStore
@@ -233,13 +235,20 @@ async def open_app(
             if store is not None:
                 record(driver, store)
             admin = Admin(client, store, startup.sources, log) if config.admin_token else None
-            auth = Auth(config.client_tokens, config.admin_token, config.token_ttl)
+            names = config.client_names
+            auth = Auth(config.client_tokens, config.admin_token, config.token_ttl, names=names)
+            spend = SpendBook(config.budgets, store)
+            if startup.loaded is not None:
+                spend.restore(startup.loaded.usage)
             catalog = None
             if config.catalog_refresh is not None:
                 catalog = CatalogService(
                     client, refresh=config.catalog_refresh, store=store, log=log
                 )
                 catalog.restore()
+                service = catalog
+                # Answers without usage.cost (OpenAI-compatible upstreams) priced from it.
+                driver.price = pricer(lambda: service.catalog)
             async with contextlib.AsyncExitStack() as stack:
                 routes = None
                 if config.providers:
@@ -270,6 +279,7 @@ async def open_app(
                     store=store,
                     catalog=catalog,
                     routes=routes,
+                    spend=spend,
                 )
                 async with anyio.create_task_group() as tasks:
                     if catalog is not None:
