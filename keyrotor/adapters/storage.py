@@ -213,10 +213,21 @@ class _Spend:
         self.cost = 0.0
 
     def add(self, other: _Spend) -> None:
-        self.requests += other.requests
-        self.prompt_tokens += other.prompt_tokens
-        self.completion_tokens += other.completion_tokens
-        self.cost += other.cost
+        self.count(other.requests, other.prompt_tokens, other.completion_tokens, other.cost)
+
+    def count(self, requests: int, prompt_tokens: int, completion_tokens: int, cost: float) -> None:
+        self.requests += requests
+        self.prompt_tokens += prompt_tokens
+        self.completion_tokens += completion_tokens
+        self.cost += cost
+
+
+def _slot(spends: dict[Any, _Spend], where: Any) -> _Spend:
+    """The spend at ``where``, created empty if there is none."""
+    spend = spends.get(where)
+    if spend is None:
+        spend = spends[where] = _Spend()
+    return spend
 
 
 _StateRow = tuple[str, float | None, str, float]  # state, until, reason, changed_at
@@ -766,21 +777,13 @@ class StateStore:
         at: float | None = None,
     ) -> None:
         """Add spend to the ledger of ``alias`` on the UTC day of ``at`` (default now)."""
-        if self._closed:
-            return
-        try:
-            day = self._day(self._clock() if at is None else at)
-        except (ValueError, OverflowError, OSError):
-            self._warn_once(f"keyrotor storage: record_spend ignored an invalid time {at!r}")
+        day = self._day_of(at, "record_spend")
+        if day is None:
             return
         with self._pending_lock:
-            spend = self._pending.spend.get((alias, day))
-            if spend is None:
-                spend = self._pending.spend[(alias, day)] = _Spend()
-            spend.requests += requests
-            spend.prompt_tokens += prompt_tokens
-            spend.completion_tokens += completion_tokens
-            spend.cost += cost
+            _slot(self._pending.spend, (alias, day)).count(
+                requests, prompt_tokens, completion_tokens, cost
+            )
 
     def record_usage(
         self,
@@ -794,23 +797,24 @@ class StateStore:
     ) -> None:
         """Add one answer's spend to the ``usage`` ledger of each ``scope: name``
         in ``names`` (``USAGE_SCOPES``) on the UTC day of ``at`` (default now)."""
-        if self._closed or not names:
-            return
-        try:
-            day = self._day(self._clock() if at is None else at)
-        except (ValueError, OverflowError, OSError):
-            self._warn_once(f"keyrotor storage: record_usage ignored an invalid time {at!r}")
+        day = self._day_of(at, "record_usage")
+        if day is None or not names:
             return
         with self._pending_lock:
-            usage = self._pending.usage
             for scope, name in names.items():
-                spend = usage.get((scope, name, day))
-                if spend is None:
-                    spend = usage[(scope, name, day)] = _Spend()
-                spend.requests += requests
-                spend.prompt_tokens += prompt_tokens
-                spend.completion_tokens += completion_tokens
-                spend.cost += cost
+                _slot(self._pending.usage, (scope, name, day)).count(
+                    requests, prompt_tokens, completion_tokens, cost
+                )
+
+    def _day_of(self, at: float | None, caller: str) -> str | None:
+        """The UTC day of ``at`` (default now); None when closed or ``at`` is no time."""
+        if self._closed:
+            return None
+        try:
+            return self._day(self._clock() if at is None else at)
+        except (ValueError, OverflowError, OSError):
+            self._warn_once(f"keyrotor storage: {caller} ignored an invalid time {at!r}")
+            return None
 
     def _day(self, t: float) -> str:
         start, end, day = self._day_cache

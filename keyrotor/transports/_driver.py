@@ -121,7 +121,8 @@ class Driver:
     ``price`` (None: off) prices an answer whose ``usage`` reports no cost
     (OpenAI-compatible upstreams): called with the request's body and that
     ``usage``, it returns USD (or None: unknown), which then counts toward
-    the key's budget and reaches ``on_finished`` as the accountant's ``cost``.
+    the key's budget and reaches ``on_finished`` as the accountant's ``cost``
+    (a hook that raises leaves the cost at 0, said to ``on_recording_error``).
     ``keyrotor.models.pricer(catalog)`` makes one from a model catalog.
     """
 

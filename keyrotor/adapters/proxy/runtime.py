@@ -222,11 +222,12 @@ async def open_app(
             headers=config.headers,
         ) as client:
             driver = client.driver
+            # The recorder's and the price hook's problems, as warnings.
+            driver.on_recording_error = lambda message: log(
+                {"event": "warning", "message": message}
+            )
             if config.record is not None:
                 client.record(config.record, source="proxy")
-                driver.on_recording_error = lambda message: log(
-                    {"event": "warning", "message": message}
-                )
             driver.on_state_change.append(
                 lambda change: log({"event": "key_state", **change.to_json()})
             )
