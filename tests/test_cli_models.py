@@ -90,8 +90,16 @@ def test_a_saved_document_and_a_state_file(
     store = StateStore.open(tmp_path / "state.db", secret_key=None)
     store.save_catalog("openrouter", {"data": [m.to_json() for m in MODELS[:7]]}, None, 1.0)
     code, out, _ = listing(capsys, "--state", str(tmp_path / "state.db"), "--json")
-    store.close()  # read while the store (a running proxy) holds the file
     assert code == 0 and len(json.loads(out)) == 7
+    # A provider's catalog (fetched later) lists its models as requests name them.
+    theirs = {"data": [{"id": "gpt-x", "created": 1}, {"id": "gpt-y", "created": 2}]}
+    store.save_catalog("provider/other", theirs, None, 2.0)
+    code, out, _ = listing(capsys, "--state", str(tmp_path / "state.db"), "--json")
+    store.close()  # read while the store (a running proxy) holds the file
+    ids = [model["id"] for model in json.loads(out)]
+    assert code == 0 and len(ids) == 9 and {"other/gpt-x", "other/gpt-y"} <= set(ids)
+    code, out, _ = listing(capsys, "--state", str(tmp_path / "state.db"), "--provider", "other")
+    assert code == 0 and "other/gpt-x" in out and MODELS[0].id not in out
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+import attrs
+
 from ..models import Catalog, CatalogError, ModelInfo, parse_catalog
 from ..transports.api import OPENROUTER_URL
 from .storage import default_state_path
@@ -153,24 +155,42 @@ def _parse(document: bytes | Any, where: str) -> Catalog:
 
 
 def _stored(path: str) -> Catalog:
+    """The state file's catalogs: the main upstream's, with each provider's
+    models named as requests name them (``provider/model``)."""
     if not Path(path).exists():
         raise _Failed(f"no state file at {path}; give its path with --state PATH", 2)
     try:
         db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
         try:
-            row = db.execute(
-                "SELECT document, etag, fetched_at FROM catalogs ORDER BY fetched_at DESC"
-            ).fetchone()
+            rows = db.execute(
+                "SELECT provider, document, etag, fetched_at FROM catalogs ORDER BY fetched_at DESC"
+            ).fetchall()
         finally:
             db.close()
     except sqlite3.Error as exc:
         raise _Failed(
             f"{path} holds no catalog ({exc}); run `keyrotor serve` once to fetch one", 2
         ) from None
-    if row is None:
+    main = next((row for row in rows if not row[0].startswith(_PROVIDER_ROW)), None)
+    if main is None:
         raise _Failed(f"{path} holds no catalog yet; run `keyrotor serve` once to fetch one", 2)
-    catalog = _parse(row[0], path)
-    return Catalog(catalog.provider, catalog.models, row[1], row[2], catalog.problems)
+    catalog = _parse(main[1], path)
+    models = list(catalog.models)
+    for stored_as, document, _, _ in sorted(rows):
+        if stored_as.startswith(_PROVIDER_ROW):
+            name = stored_as[len(_PROVIDER_ROW) :]
+            try:
+                theirs = parse_catalog(document, name, priced=False)
+            except CatalogError:
+                continue  # the proxy fetches it anew; the main catalog still lists
+            models += [
+                attrs.evolve(m, id=f"{name}/{m.id}", raw={**m.raw, "id": f"{name}/{m.id}"})
+                for m in theirs.models
+            ]
+    return Catalog(catalog.provider, tuple(models), main[2], main[3], catalog.problems)
+
+
+_PROVIDER_ROW = "provider/"  # a [[providers]] catalog's row in the state file
 
 
 def select(catalog: Catalog, args: argparse.Namespace) -> list[ModelInfo]:

@@ -4,6 +4,8 @@ provider's keys never serve another."""
 from __future__ import annotations
 
 import json
+import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,7 @@ from keyrotor.adapters.config import ConfigError, load_config
 from keyrotor.adapters.proxy.app import ProxyApp
 from keyrotor.adapters.proxy.providers import Routes
 from keyrotor.adapters.proxy.types import Request
-from keyrotor.testing import FakeUpstream, Scenario
+from keyrotor.testing import FakeUpstream, Model, Scenario
 from keyrotor.transports.api import AsyncClient
 
 from .proxy_thread import ProxyThread
@@ -53,6 +55,14 @@ def environ() -> dict[str, str]:
     return {f"KEY_{alias.upper()}": secret for alias, secret in {**MAIN, **OTHER}.items()}
 
 
+def wait_for_catalog(url: str, models: int = 1) -> None:
+    """Until the provider's catalog (fetched at start, beside everything else) is in."""
+    deadline = time.monotonic() + 30  # a hang guard only
+    while httpx.get(f"{url}/status").json()["catalog"]["providers"]["other"]["models"] < models:
+        assert time.monotonic() < deadline, "the provider's catalog never came"
+        time.sleep(0.02)
+
+
 def test_requests_go_to_the_provider_their_model_names(tmp_path: Path) -> None:
     with (
         FakeUpstream.running_in_thread(fake(MAIN)) as main,
@@ -62,6 +72,7 @@ def test_requests_go_to_the_provider_their_model_names(tmp_path: Path) -> None:
         assert [p.name for p in config.providers] == ["other"]
         assert set(config.keys) == set(MAIN) and set(config.providers[0].keys) == set(OTHER)
         with ProxyThread(config, []) as url:
+            wait_for_catalog(url)
             hi = [{"role": "user", "content": "hi"}]
             with openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0) as sdk:
                 served = {
@@ -69,6 +80,7 @@ def test_requests_go_to_the_provider_their_model_names(tmp_path: Path) -> None:
                     for model in ("openai/gpt-4o-mini", "other/gpt-x", "special-model")
                 }
             status = httpx.get(f"{url}/status").json()
+            metrics = httpx.get(f"{url}/metrics").text
     # The prefix is taken off for the provider; a claimed model goes as it is.
     assert served == {
         "openai/gpt-4o-mini": "openai/gpt-4o-mini",
@@ -81,6 +93,11 @@ def test_requests_go_to_the_provider_their_model_names(tmp_path: Path) -> None:
     assert set(status["providers"]) == {"other"}
     assert {k["alias"] for k in status["providers"]["other"]["keys"]} == set(OTHER)
     assert {k["alias"] for k in status["keys"]} == set(MAIN)
+    # /metrics: the main upstream's keys as before, a provider's with its name.
+    assert 'keyrotor_key_state{key="m1",state="healthy"} 1' in metrics
+    sent = re.findall(r'keyrotor_key_requests_total\{provider="other",key="o\d"\} (\d+)', metrics)
+    delivered = 'keyrotor_pool_requests_total{provider="other",outcome="delivered"} 3'
+    assert sum(map(int, sent)) == 3 and delivered in metrics  # two chats and its catalog
 
 
 @pytest.mark.parametrize(
@@ -169,3 +186,38 @@ def test_a_key_of_one_provider_never_reaches_another(models: list[str]) -> None:
     )
     assert len(other_log) == expected_other
     assert len(main_log) == len(models) - expected_other
+
+
+def test_each_providers_catalog_is_listed_under_request_names_and_prices_its_answers(
+    tmp_path: Path,
+) -> None:
+    theirs = (
+        Model("special-model", "Special", "0.000001", "0.000002"),
+        Model("gpt-x", "GPT X", "0.000003", "0.000004"),
+    )
+    other_scenario = fake(OTHER)
+    other_scenario.models, other_scenario.report_cost = theirs, False
+    with (
+        FakeUpstream.running_in_thread(fake(MAIN)) as main,
+        FakeUpstream.running_in_thread(other_scenario) as other,
+    ):
+        config = load_config(write_config(tmp_path, main.url, other.url), environ(), {"port": 0})
+        with ProxyThread(config, []) as url:
+            wait_for_catalog(url, 2)
+            with openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0) as sdk:
+                ids = {m.id for m in sdk.models.list()}
+                assert sdk.models.retrieve("other/gpt-x").id == "other/gpt-x"
+                hi = [{"role": "user", "content": "hi"}]
+                sdk.chat.completions.create(model="other/gpt-x", messages=hi)  # type: ignore[arg-type]
+            status = httpx.get(f"{url}/status").json()
+    # The claimed model under its own name, the other as other/...; the main catalog's too.
+    assert {"special-model", "other/gpt-x", "openai/gpt-4o-mini"} <= ids
+    assert "other/special-model" not in ids
+    # An OpenAI-compatible /models needs a key: one of its own pool's; the main one's is public.
+    fetched = [e.key for e in other.log if e.path == "/models"]
+    assert fetched and set(fetched) <= set(OTHER)
+    assert {e.key for e in main.log if e.path == "/models"} == {None}
+    # Its answers report no cost: priced from its catalog.
+    charged = sum(other.stats(alias).cost for alias in OTHER)
+    assert charged > 0
+    assert status["spend"]["providers"]["other"]["cost"] == pytest.approx(charged, rel=1e-9)

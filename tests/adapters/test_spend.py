@@ -95,11 +95,11 @@ def test_the_estimated_prompt_counts_before_the_request_is_sent() -> None:
     ahead = 1007 * paid.pricing.prompt + paid.pricing.request  # 4000 chars / 4 + framing
     book = SpendBook([Budget("client", "alice", 2 * ahead)], clock=Clock())
     book.charge({"client": "alice"}, answer(1.5 * ahead))  # room for half the prompt
-    refused = book.refusal("alice", paid.id, long.encode(), catalog)
+    refused = book.refusal("alice", paid.id, long.encode(), paid)
     assert refused is not None and refused.ahead == pytest.approx(ahead)
     assert "estimated" in refused.message
     short = json.dumps({"model": paid.id, "messages": HI}).encode()
-    assert book.refusal("alice", paid.id, short, catalog) is None
+    assert book.refusal("alice", paid.id, short, paid) is None
     assert book.refusal("alice", paid.id, long.encode(), None) is None  # no prices: spend only
 
 

@@ -28,7 +28,7 @@ from .types import Request, Response
 
 if TYPE_CHECKING:
     from ..storage import StateStore
-    from .catalog import CatalogService
+    from .catalog import Catalogs
     from .providers import Routes
 
 __all__ = ["ProxyApp", "delivered_headers", "error_body", "rejection"]
@@ -125,7 +125,7 @@ class ProxyApp:
         auth: Auth | None = None,
         admin: Admin | None = None,
         store: StateStore | None = None,
-        catalog: CatalogService | None = None,
+        catalog: Catalogs | None = None,
         routes: Routes | None = None,
         spend: SpendBook | None = None,
     ) -> None:
@@ -170,7 +170,8 @@ class ProxyApp:
         elif path == "/status" and request.method == "GET":
             response = self._json(200, self.status())
         elif path == "/metrics" and request.method == "GET":
-            text = render(self._client.status(), self.counters)
+            providers = None if self._routes is None else self._routes.status()
+            text = render(self._client.status(), self.counters, providers)
             response = Response(
                 status=200,
                 headers=[("content-type", "text/plain; version=0.0.4; charset=utf-8")],
@@ -245,19 +246,19 @@ class ProxyApp:
 
     async def _models(self, model_id: str) -> Response:
         """``/v1/models`` and ``/v1/models/{id}`` from the catalog (no upstream call)."""
-        assert self._catalog is not None
-        catalog = await self._catalog.ready()
-        if catalog is None:
+        catalogs = self._catalog
+        assert catalogs is not None
+        if not await catalogs.ready():
             return _refuse(
                 503,
                 "the model catalog is not loaded yet: "
-                f"{self._catalog.last_error or 'the first fetch is running'} (see /status)",
+                f"{catalogs.main.last_error or 'the first fetch is running'} (see /status)",
                 "catalog_unavailable",
             )
         if not model_id:
-            body = self._catalog.models_body(catalog)
+            body = catalogs.models_body()
         else:
-            found = self._catalog.model_body(catalog, model_id)
+            found = catalogs.model_body(model_id)
             if found is None:
                 return _refuse(
                     404,
@@ -337,8 +338,8 @@ class ProxyApp:
         caller = None if self._auth.open else self._auth.identify(request)[1]
         spend = self.spend
         if caller in spend.budgeted_clients or model in spend.budgeted_models:
-            catalog = None if self._catalog is None else self._catalog.catalog
-            refused = spend.refusal(caller, model, body, catalog)
+            info = None if self._catalog is None or model is None else self._catalog.get(model)
+            refused = spend.refusal(caller, model, body, info)
             if refused is not None:
                 return _over_budget(refused)
         client = self._client

@@ -1,32 +1,38 @@
-"""The upstream's model catalog, kept by the proxy: ``/v1/models`` without an upstream call.
+"""The upstreams' model catalogs, kept by the proxy: ``/v1/models`` without an upstream call.
 
-``CatalogService`` serves the last catalog it has: the state file's at start
+``CatalogService`` keeps one provider's catalog: the state file's at start
 (so a restart answers at once), then the one it fetches (``GET /models``,
-a public endpoint on OpenRouter: no key is used, with ``If-None-Match`` when the
-upstream sent an ``ETag``)
-at start and every ``refresh`` seconds. A fetch that fails, or brings a
-document that is no catalog, keeps the catalog it had and says why in
-``/status``; a good one replaces it and is written to the state file.
+with ``If-None-Match`` when the upstream sent an ``ETag``) at start and every
+``refresh`` seconds. OpenRouter's ``/models`` is public, so no key is used for
+it; an OpenAI-compatible provider's is fetched through its pool, with a key,
+and its models have prices only if the upstream lists them. A fetch that
+fails, or brings a document that is no catalog, keeps the catalog it had and
+says why in ``/status``; a good one replaces it and is written to the state file.
+
+``Catalogs`` merges the main upstream's catalog with the ``[[providers]]``'
+under the names requests use for their models (``Routes``): a provider's
+model is ``provider/model``, or its bare id when the provider claims it.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import attrs
 
-from ...models import Catalog, CatalogError, parse_catalog
+from ...models import Catalog, CatalogError, ModelInfo, parse_catalog
 from ...transports.api import AsyncClient
 from ...transports.errors import KeyrotorError
 
 if TYPE_CHECKING:
     from ..storage import StateStore
+    from .providers import Routes
 
-__all__ = ["CatalogService"]
+__all__ = ["CatalogService", "Catalogs"]
 
 READY_WAIT = 10.0
 """How long a ``/v1/models`` request waits for a first catalog (a fetch in
@@ -48,13 +54,17 @@ class CatalogService:
         log: Callable[[dict[str, Any]], None] = lambda event: None,
         clock: Callable[[], float] = time.time,
         provider: str = "openrouter",
+        public: bool = True,
+        stored_as: str | None = None,
     ) -> None:
         self._client = client
+        self._public = public  # OpenRouter's: fetched with no key, every model priced
         self._refresh = refresh
         self._store = store
         self._log = log
         self._clock = clock
         self.provider = provider
+        self._stored_as = stored_as or provider  # its row in the state file's catalogs
         self.catalog: Catalog | None = None
         self.source: str | None = None  # "state file" or "upstream"
         self.last_error: str | None = None
@@ -68,12 +78,16 @@ class CatalogService:
         """Serve the state file's catalog until a fetch brings a newer one."""
         if self._store is None:
             return
-        stored = self._store.catalogs().get(self.provider)
+        stored = self._store.catalogs().get(self._stored_as)
         if stored is None:
             return
         try:
             catalog = parse_catalog(
-                stored.document, self.provider, etag=stored.etag, fetched_at=stored.fetched_at
+                stored.document,
+                self.provider,
+                priced=self._public,
+                etag=stored.etag,
+                fetched_at=stored.fetched_at,
             )
         except CatalogError as exc:
             self._log({"event": "catalog", "outcome": "unreadable", "error": str(exc)})
@@ -92,9 +106,10 @@ class CatalogService:
         old = self.catalog
         headers = {"If-None-Match": old.etag} if old is not None and old.etag else None
         try:
-            # OpenRouter's catalog is public: no key is spent on it (providers
-            # whose /models needs a key will fetch through the pool).
-            response = await self._client.get_public("/models", headers=headers)
+            if self._public:  # no key is spent on it
+                response = await self._client.get_public("/models", headers=headers)
+            else:  # a key of the provider's pool, with failover
+                response = await self._client.request("GET", "/models", headers=headers)
         except KeyrotorError as exc:
             return self._failed(f"no answer from the upstream: {exc}")
         if response.status_code == 304 and old is not None:
@@ -108,6 +123,7 @@ class CatalogService:
             catalog = parse_catalog(
                 response.content,
                 self.provider,
+                priced=self._public,
                 etag=response.headers.get("etag"),
                 fetched_at=now,
             )
@@ -119,7 +135,7 @@ class CatalogService:
         self._encode(catalog)  # here, not on the first /v1/models after it
         if self._store is not None:
             try:
-                self._store.save_catalog(self.provider, catalog.to_json(), catalog.etag, now)
+                self._store.save_catalog(self._stored_as, catalog.to_json(), catalog.etag, now)
             except Exception as exc:  # the catalog still serves; the file is the operator's
                 self._log({"event": "warning", "message": f"catalog not stored: {exc}"})
         self._log(
@@ -196,3 +212,87 @@ def _openai_shape(raw: Any) -> dict[str, Any]:
     if not isinstance(entry.get("created"), int):
         entry["created"] = 0
     return entry
+
+
+class Catalogs:
+    """The main upstream's catalog and the providers', as requests name models.
+
+    ``providers``: a ``CatalogService`` per ``[[providers]]`` name; ``routes``
+    (with them) says which upstream a model name goes to, so a main-catalog
+    model whose name goes to a provider (``openai/...`` with a provider
+    called ``openai``) is left out: the provider's own entry stands for it."""
+
+    def __init__(
+        self,
+        main: CatalogService,
+        providers: Mapping[str, CatalogService] | None = None,
+        routes: Routes | None = None,
+    ) -> None:
+        self.main = main
+        self.providers = dict(providers or {})
+        self._routes = routes
+        self._merged: tuple[tuple[int, ...], bytes, dict[str, bytes]] | None = None
+
+    def services(self) -> list[CatalogService]:
+        return [self.main, *self.providers.values()]
+
+    async def run(self) -> None:
+        """Keep every catalog fresh, for as long as it runs."""
+        async with anyio.create_task_group() as tasks:
+            for service in self.services():
+                tasks.start_soon(service.run)
+
+    async def ready(self) -> bool:
+        """Whether the main catalog is there (fetched first if need be; the
+        providers' serve what they have)."""
+        return await self.main.ready() is not None
+
+    def get(self, model: str) -> ModelInfo | None:
+        """The model a request naming ``model`` would reach, if a catalog lists it."""
+        routed = None if self._routes is None else self._routes.route(model)
+        if routed is not None:
+            catalog = self.providers[routed[0]].catalog if routed[0] in self.providers else None
+            return None if catalog is None else catalog.get(routed[1])
+        catalog = self.main.catalog
+        return None if catalog is None else catalog.get(model)
+
+    def models_body(self) -> bytes:
+        """``GET /v1/models``: every model a request can name."""
+        return self._encode()[1]
+
+    def model_body(self, model_id: str) -> bytes | None:
+        """``GET /v1/models/{id}`` (None: no such model)."""
+        return self._encode()[2].get(model_id)
+
+    def _encode(self) -> tuple[tuple[int, ...], bytes, dict[str, bytes]]:
+        main = self.main.catalog
+        if not self.providers and main is not None:  # one upstream: its own cache
+            whole, one = self.main._encode(main)[1:]
+            return (), whole, one
+        identity = tuple(id(s.catalog) for s in self.services())
+        if self._merged is not None and self._merged[0] == identity:
+            return self._merged
+        entries = []
+        routes = self._routes
+        for model in () if main is None else main.models:
+            if routes is None or routes.route(model.id) is None:
+                entries.append(_openai_shape(model.raw))
+        for name, service in self.providers.items():
+            catalog = service.catalog
+            for model in () if catalog is None else catalog.models:
+                entry = _openai_shape(model.raw)
+                claimed = routes is not None and routes.claimed.get(model.id) == name
+                entry["id"] = model.id if claimed else f"{name}/{model.id}"
+                entry["keyrotor_provider"] = name
+                entries.append(entry)
+        whole = json.dumps({"object": "list", "data": entries}).encode()
+        one = {entry["id"]: json.dumps(entry).encode() for entry in entries}
+        self._merged = (identity, whole, one)
+        return self._merged
+
+    def status(self) -> dict[str, Any]:
+        """The main catalog in ``/status`` (as before), with the providers' under ``providers``."""
+        status = self.main.status()
+        if self.providers:
+            status["providers"] = {name: s.status() for name, s in self.providers.items()}
+        return status

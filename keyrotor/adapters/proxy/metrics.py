@@ -8,7 +8,7 @@ exposition rules that matter (HELP/TYPE once per family, escaped label values,
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ...core import KeyState
@@ -52,18 +52,24 @@ def _number(value: float) -> str:
     return repr(float(value))
 
 
-def render(status: dict[str, Any], counters: ProxyCounters) -> str:
-    """The exposition text for ``status`` (the driver's ``status()``) and ``counters``."""
-    keys = status["keys"]
-    stats = status["stats"]
+def render(
+    status: dict[str, Any],
+    counters: ProxyCounters,
+    providers: Mapping[str, dict[str, Any]] | None = None,
+) -> str:
+    """The exposition text for ``status`` (the driver's ``status()``) and
+    ``counters``; the keys and pools of ``providers`` (name -> their
+    ``status()``) carry a ``provider`` label, the main upstream's none."""
+    pools = [({}, status), *(({"provider": name}, s) for name, s in (providers or {}).items())]
+    keys = [({**where, "key": k["alias"]}, k) for where, s in pools for k in s["keys"]]
     lines: list[str] = []
     lines += _family(
         "keyrotor_key_state",
         "gauge",
         "1 for the state each key is in.",
         (
-            ({"key": k["alias"], "state": state.value}, int(k["state"] == state.value))
-            for k in keys
+            ({**key, "state": state.value}, int(k["state"] == state.value))
+            for key, k in keys
             for state in KeyState
         ),
     )
@@ -71,43 +77,39 @@ def render(status: dict[str, Any], counters: ProxyCounters) -> str:
         "keyrotor_key_in_flight",
         "gauge",
         "Requests in flight on each key.",
-        (({"key": k["alias"]}, k["in_flight"]) for k in keys),
+        ((key, k["in_flight"]) for key, k in keys),
     )
     lines += _family(
         "keyrotor_key_requests_total",
         "counter",
         "Attempts sent on each key.",
-        (({"key": k["alias"]}, k["requests"]) for k in keys),
+        ((key, k["requests"]) for key, k in keys),
     )
     lines += _family(
         "keyrotor_key_successes_total",
         "counter",
         "2xx answers on each key.",
-        (({"key": k["alias"]}, k["successes"]) for k in keys),
+        ((key, k["successes"]) for key, k in keys),
     )
     lines += _family(
         "keyrotor_key_errors_total",
         "counter",
         "Error answers on each key, by class.",
-        (
-            ({"key": k["alias"], "class": name}, count)
-            for k in keys
-            for name, count in k["errors"].items()
-        ),
+        (({**key, "class": name}, count) for key, k in keys for name, count in k["errors"].items()),
     )
     lines += _family(
         "keyrotor_key_spend_usd_total",
         "counter",
         "Spend on each key, in USD, as reported by the upstream.",
-        (({"key": k["alias"]}, k["spend"]) for k in keys),
+        ((key, k["spend"]) for key, k in keys),
     )
     lines += _family(
         "keyrotor_key_tokens_total",
         "counter",
         "Tokens on each key, by kind.",
         (
-            ({"key": k["alias"], "kind": kind}, k[f"{kind}_tokens"])
-            for k in keys
+            ({**key, "kind": kind}, k[f"{kind}_tokens"])
+            for key, k in keys
             for kind in ("prompt", "completion")
         ),
     )
@@ -115,13 +117,17 @@ def render(status: dict[str, Any], counters: ProxyCounters) -> str:
         "keyrotor_pool_requests_total",
         "counter",
         "Requests through the pool, by outcome.",
-        (({"outcome": outcome}, stats[outcome]) for outcome in ("delivered", "rejected")),
+        (
+            ({**where, "outcome": outcome}, s["stats"][outcome])
+            for where, s in pools
+            for outcome in ("delivered", "rejected")
+        ),
     )
     lines += _family(
         "keyrotor_pool_queued",
         "gauge",
         "Requests waiting for a key.",
-        [({}, stats["queued"])],
+        ((where, s["stats"]["queued"]) for where, s in pools),
     )
     lines += _family(
         "keyrotor_proxy_responses_total",

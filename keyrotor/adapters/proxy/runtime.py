@@ -27,11 +27,11 @@ import attrs
 from ...core import KeySpec, KeyState, KeyStateChanged, PoolConfig, SpendRecorded
 from ...models import pricer
 from ...transports.api import AsyncClient, Driver, StreamAccountant
-from ..config import ConfigError, ProxyConfig
+from ..config import ConfigError, Provider, ProxyConfig
 from .admin import Admin
 from .app import ProxyApp
 from .auth import Auth
-from .catalog import CatalogService
+from .catalog import Catalogs, CatalogService
 from .providers import Routes
 from .spend import SpendBook
 
@@ -241,15 +241,8 @@ async def open_app(
             spend = SpendBook(config.budgets, store)
             if startup.loaded is not None:
                 spend.restore(startup.loaded.usage)
-            catalog = None
-            if config.catalog_refresh is not None:
-                catalog = CatalogService(
-                    client, refresh=config.catalog_refresh, store=store, log=log
-                )
-                catalog.restore()
-                service = catalog
-                # Answers without usage.cost (OpenAI-compatible upstreams) priced from it.
-                driver.price = pricer(lambda: service.catalog)
+            main_catalog = _catalog(config, client, store, log)
+            provider_catalogs: dict[str, CatalogService] = {}
             async with contextlib.AsyncExitStack() as stack:
                 routes = None
                 if config.providers:
@@ -270,8 +263,14 @@ async def open_app(
                         if store is not None:
                             record(other.driver, store)
                         clients[provider.name] = other
+                        service = _catalog(config, other, store, log, provider)
+                        if service is not None:
+                            provider_catalogs[provider.name] = service
                     claimed = {m: p.name for p in config.providers for m in p.models}
                     routes = Routes(clients, claimed)
+                catalog = None
+                if main_catalog is not None:
+                    catalog = Catalogs(main_catalog, provider_catalogs, routes)
                 app = ProxyApp(
                     client,
                     routing_note=config.routing_note,
@@ -290,3 +289,30 @@ async def open_app(
     finally:
         if store is not None:
             store.close()
+
+
+def _catalog(
+    config: ProxyConfig,
+    client: AsyncClient,
+    store: StateStore | None,
+    log: Log,
+    provider: Provider | None = None,
+) -> CatalogService | None:
+    """The catalog of the main upstream (or of ``provider``), restored from
+    the state file, and its client's price hook for answers without
+    ``usage.cost``; None when catalogs are off."""
+    if config.catalog_refresh is None:
+        return None
+    options: dict[str, Any] = {}
+    if provider is not None:
+        options = {
+            "provider": provider.name,
+            "public": provider.kind == "openrouter",
+            "stored_as": f"provider/{provider.name}",
+        }
+    service = CatalogService(
+        client, refresh=config.catalog_refresh, store=store, log=log, **options
+    )
+    service.restore()
+    client.driver.price = pricer(lambda: service.catalog)
+    return service

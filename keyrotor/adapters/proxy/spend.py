@@ -25,7 +25,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from ...models import Catalog, estimate
+from ...models import ModelInfo, estimate
 from ..config import Budget
 
 if TYPE_CHECKING:
@@ -138,18 +138,18 @@ class SpendBook:
         self._windows = {where: _Window(b.window) for where, b in self._budgets.items()}
         self._store = store
         self._clock = clock
-        self._day = self._today()
+        self._day = ""
+        self._day_end = 0.0  # when ``_day`` ends (a float compare per charge, not a strftime)
         self._totals: dict[str, dict[str, _Total]] = {"provider": {}, "model": {}, "client": {}}
+        self._roll(clock())
         self.budgeted_models = frozenset(n for s, n in self._budgets if s == "model")
         self.budgeted_clients = frozenset(n for s, n in self._budgets if s == "client")
-
-    def _today(self) -> str:
-        return time.strftime("%Y-%m-%d", time.gmtime(self._clock()))
 
     def restore(self, rows: Iterable[UsageRow]) -> None:
         """Put back stored spend: today's totals, and what falls in each budget's
         window (a day's spend counts as of that day's end, or now for today)."""
         now = self._clock()
+        self._roll(now)
         for row in rows:
             if row.day == self._day:
                 counts = (row.requests, row.prompt_tokens, row.completion_tokens, row.cost)
@@ -170,12 +170,12 @@ class SpendBook:
         client: str | None,
         model: str | None,
         body: bytes = b"",
-        catalog: Catalog | None = None,
+        info: ModelInfo | None = None,
     ) -> Refusal | None:
         """The budget that stops a request of ``client`` for ``model`` (None: send it).
 
-        With a ``catalog`` that prices the model, the request's estimated
-        prompt cost counts too (its JSON ``body`` parsed only then)."""
+        With the model's catalog entry (``info``) and its prices, the request's
+        estimated prompt cost counts too (its JSON ``body`` parsed only then)."""
         budgets = [
             self._budgets[where]
             for where in (("client", client), ("model", model))
@@ -184,7 +184,7 @@ class SpendBook:
         if not budgets:
             return None
         now = self._clock()
-        ahead = self._estimate(model, body, catalog)
+        ahead = self._estimate(body, info)
         for budget in budgets:
             window = self._windows[(budget.scope, budget.name)]
             spent = window.spent(now)
@@ -195,9 +195,8 @@ class SpendBook:
         return None
 
     @staticmethod
-    def _estimate(model: str | None, body: bytes, catalog: Catalog | None) -> float:
+    def _estimate(body: bytes, info: ModelInfo | None) -> float:
         """The request's estimated prompt cost in USD (0 when unknown)."""
-        info = None if catalog is None or model is None else catalog.get(model)
         if info is None or not body:
             return 0.0
         try:
@@ -218,11 +217,14 @@ class SpendBook:
         named = {scope: name for scope, name in names.items() if name is not None}
         cost = usage.cost
         now = self._clock()
+        self._roll(now)
+        windows = self._windows
         for scope, name in named.items():
             self._total(scope, name, 1, usage.prompt_tokens, usage.completion_tokens, cost)
-            window = self._windows.get((scope, name))
-            if window is not None:
-                window.add(now, cost)
+            if windows:
+                window = windows.get((scope, name))
+                if window is not None:
+                    window.add(now, cost)
         if self._store is not None:
             self._store.record_usage(
                 named,
@@ -232,18 +234,18 @@ class SpendBook:
                 at=now,
             )
 
-    def _roll(self) -> None:
+    def _roll(self, now: float) -> None:
         """Start today's totals afresh once midnight UTC has passed."""
-        today = self._today()
-        if today != self._day:
-            self._day = today
-            for totals in self._totals.values():
-                totals.clear()
+        if now < self._day_end:
+            return
+        start = now - now % _DAY
+        self._day, self._day_end = time.strftime("%Y-%m-%d", time.gmtime(start)), start + _DAY
+        for totals in self._totals.values():
+            totals.clear()
 
     def _total(
         self, scope: str, name: str, requests: int, prompt: int, completion: int, cost: float
     ) -> None:
-        self._roll()
         totals = self._totals.get(scope)
         if totals is None:
             return
@@ -260,7 +262,7 @@ class SpendBook:
     def status(self) -> dict[str, Any]:
         """Today's spend per provider, model and client, and every budget's state."""
         now = self._clock()
-        self._roll()
+        self._roll(now)
         out: dict[str, Any] = {"day": self._day}
         for scope, totals in self._totals.items():
             out[scope + "s"] = {name: t.to_json() for name, t in sorted(totals.items())}
