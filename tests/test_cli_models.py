@@ -8,12 +8,16 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
+from keyrotor.adapters.config import load_config
 from keyrotor.adapters.storage import StateStore
 from keyrotor.cli import main
 from keyrotor.testing import FakeUpstream, Reply, Scenario
 from keyrotor.testing.catalogs import realistic_models
+
+from .adapters.proxy_thread import ProxyThread
 
 MODELS = realistic_models()
 
@@ -105,7 +109,9 @@ def test_a_saved_document_and_a_state_file(
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--sort", "latency"], "--sort must be one of price, context, created, name"),
+        (["--sort", "fastest"], "--sort must be one of price, context, created, name, latency"),
+        (["--sort", "latency"], "--sort latency needs --proxy URL"),
+        (["--proxy", "127.0.0.1:8080"], "--proxy must be an http:// or https:// URL"),
         (["--min-context", "-1"], "--min-context must be 0 or more"),
         (["--limit", "0"], "--limit must be at least 1"),
         (["--upstream", "ftp://x"], "--upstream must be an http:// or https:// URL"),
@@ -143,3 +149,32 @@ def test_the_console_script_runs_it(upstream: str) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert len(done.stdout.splitlines()) == 5 and "3 of 320 models" in done.stderr
+
+
+def test_a_running_proxy_lists_its_catalog_sorted_by_the_latency_it_observed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    secret, token = "sk-or-v1-cli-proxy-jkjkjkjkjkjkjkjk", "cli-client-token-0123456789"
+    environ = {"OPENROUTER_API_KEY": secret, "KEYROTOR_CLIENT_TOKENS": token}
+    used = [MODELS[5].id, MODELS[9].id]
+    with FakeUpstream.running_in_thread(Scenario(models=MODELS).add(secret)) as server:
+        config = load_config(
+            None, environ, {"upstream": server.url, "port": 0, "state.enabled": False}
+        )
+        with ProxyThread(config, []) as url:
+            auth = {"authorization": f"Bearer {token}"}
+            for model in used:
+                body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+                assert httpx.post(f"{url}/v1/chat/completions", json=body, headers=auth).is_success
+            code, _, err = listing(capsys, "--proxy", url)  # no token
+            assert code == 1 and "answered 401" in err and "KEYROTOR_TOKEN" in err
+            monkeypatch.setenv("KEYROTOR_TOKEN", token)
+            code, out, err = listing(capsys, "--proxy", f"{url}/v1", "--sort", "latency", "--json")
+    assert code == 0, err
+    entries = json.loads(out)
+    assert len(entries) == len(MODELS)
+    observed = entries[:2]
+    assert {e["id"] for e in observed} == set(used)
+    assert observed[0]["keyrotor_ttfb_ms"] <= observed[1]["keyrotor_ttfb_ms"]
+    rest = [e["id"] for e in entries[2:]]
+    assert rest == sorted(rest) and all("keyrotor_ttfb_ms" not in e for e in entries[2:])

@@ -3,8 +3,10 @@
 The catalog comes from the upstream's public ``GET /models`` (``--upstream``,
 else ``OPENROUTER_BASE_URL``, else OpenRouter's), from the catalog a proxy
 stored in its state file (``--state [PATH]``, read-only: works while the proxy
-runs and offline), or from a saved ``/models`` document (``--file``). Standard
-library only for the fetch (``urllib``), like ``keyrotor keys``.
+runs and offline), from a running proxy (``--proxy URL``: its merged catalog,
+and the time to first byte it observed per model, for ``--sort latency``), or
+from a saved ``/models`` document (``--file``). Standard library only for the
+fetch (``urllib``), like ``keyrotor keys``.
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ from .storage import default_state_path
 
 __all__ = ["add_parser", "run"]
 
-SORTS = ("price", "context", "created", "name")
+SORTS = ("price", "context", "created", "name", "latency")
+TOKEN_ENV = "KEYROTOR_TOKEN"
+"""The bearer token ``--proxy`` sends (a client token), from the environment."""
 WIDTH = 80
 
 
@@ -58,6 +62,12 @@ def add_parser(commands: Any) -> None:
         help="read the catalog a proxy stored in its state file (default path: as serve's)",
     )
     source.add_argument("--file", metavar="FILE", help="read a saved /models JSON document")
+    source.add_argument(
+        "--proxy",
+        metavar="URL",
+        help="ask a running keyrotor proxy (its catalog and observed latencies; "
+        f"token: ${TOKEN_ENV})",
+    )
     models.add_argument("--search", metavar="TEXT", help="only ids or names containing TEXT")
     models.add_argument("--free", action="store_true", help="only free models")
     models.add_argument("--min-context", type=int, metavar="N", help="only N tokens or more")
@@ -87,15 +97,23 @@ def run(
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
     environ = os.environ if environ is None else environ
+    latency: dict[str, float] = {}
     try:
         _check(args)
-        catalog = _load(args, environ)
+        if args.proxy is not None:
+            catalog, latency = _from_proxy(args.proxy, environ)
+        else:
+            catalog = _load(args, environ)
     except _Failed as exc:
         print(f"keyrotor models: {exc}", file=err)
         return exc.code
-    chosen = select(catalog, args)
+    chosen = select(catalog, args, latency)
     if args.json:
-        json.dump([dict(model.raw) for model in chosen], out, indent=2)
+        entries = [dict(model.raw) for model in chosen]
+        for entry in entries:
+            if entry["id"] in latency:
+                entry["keyrotor_ttfb_ms"] = latency[entry["id"]]
+        json.dump(entries, out, indent=2)
         out.write("\n")
     else:
         out.write(table(chosen))
@@ -108,10 +126,9 @@ def run(
 
 def _check(args: argparse.Namespace) -> None:
     if args.sort not in SORTS:
-        hint = ""
-        if args.sort == "latency":
-            hint = " (observed latencies are kept by a running proxy, not by this listing)"
-        raise _Failed(f"--sort must be one of {', '.join(SORTS)}, not {args.sort!r}{hint}", 2)
+        raise _Failed(f"--sort must be one of {', '.join(SORTS)}, not {args.sort!r}", 2)
+    if args.sort == "latency" and args.proxy is None:
+        raise _Failed("--sort latency needs --proxy URL: a running proxy observes the latencies", 2)
     if args.min_context is not None and args.min_context < 0:
         raise _Failed(f"--min-context must be 0 or more, not {args.min_context}", 2)
     if args.limit is not None and args.limit < 1:
@@ -128,23 +145,49 @@ def _load(args: argparse.Namespace, environ: Mapping[str, str]) -> Catalog:
     if args.state is not None:
         return _stored(args.state or str(default_state_path(environ)))
     base = args.upstream or environ.get("OPENROUTER_BASE_URL", "").strip() or OPENROUTER_URL
-    url = base.rstrip("/") + "/models"
-    if not url.startswith(("http://", "https://")):
-        raise _Failed(f"--upstream must be an http:// or https:// URL, not {base!r}", 2)
-    request = urllib.request.Request(url, headers={"Accept": "application/json"})
+    url = _url(base, "/models", "--upstream")
+    document = _get(url, {}, "check --upstream, or read a stored catalog with --state")
+    return _parse(document, url)
+
+
+def _from_proxy(base: str, environ: Mapping[str, str]) -> tuple[Catalog, dict[str, float]]:
+    """A running proxy's catalog (``/v1/models``) and the time to first byte
+    it observed per model (``/status``), in ms."""
+    token = environ.get(TOKEN_ENV, "").strip()
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    fix = f"check --proxy and, if the proxy has client tokens, ${TOKEN_ENV}"
+    base = base.rstrip("/")
+    base = base[: -len("/v1")] if base.endswith("/v1") else base  # its OpenAI base URL given
+    url = _url(base, "/v1/models", "--proxy")
+    try:
+        catalog = parse_catalog(_get(url, headers, fix), "keyrotor", priced=False)
+    except CatalogError as exc:
+        raise _Failed(f"{url}: {exc}", 2) from None
+    try:
+        models = json.loads(_get(_url(base, "/status", "--proxy"), headers, fix))["models"]
+        latency = {m: float(row["ttfbMs"]) for m, row in models.items() if row["ttfbMs"]}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise _Failed(f"{base} answered /status without per-model figures; {fix}", 2) from None
+    return catalog, latency
+
+
+def _url(base: str, path: str, option: str) -> str:
+    if not base.startswith(("http://", "https://")):
+        raise _Failed(f"{option} must be an http:// or https:// URL, not {base!r}", 2)
+    return base.rstrip("/") + path
+
+
+def _get(url: str, headers: Mapping[str, str], fix: str) -> bytes:
+    """GET ``url`` (exit 1 when it cannot be read)."""
+    request = urllib.request.Request(url, headers={"Accept": "application/json", **headers})
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
-            document = response.read()
+            return bytes(response.read())
     except urllib.error.HTTPError as exc:
-        raise _Failed(f"{url} answered {exc.code}; check --upstream", 1) from None
+        raise _Failed(f"{url} answered {exc.code}; {fix}", 1) from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
-        raise _Failed(
-            f"cannot reach {url} ({reason}); check --upstream, or read a stored catalog "
-            "with --state",
-            1,
-        ) from None
-    return _parse(document, url)
+        raise _Failed(f"cannot reach {url} ({reason}); {fix}", 1) from None
 
 
 def _parse(document: bytes | Any, where: str) -> Catalog:
@@ -193,8 +236,11 @@ def _stored(path: str) -> Catalog:
 _PROVIDER_ROW = "provider/"  # a [[providers]] catalog's row in the state file
 
 
-def select(catalog: Catalog, args: argparse.Namespace) -> list[ModelInfo]:
-    """The catalog's models that pass the filters of ``args``, in its order."""
+def select(
+    catalog: Catalog, args: argparse.Namespace, latency: Mapping[str, float] | None = None
+) -> list[ModelInfo]:
+    """The catalog's models that pass the filters of ``args``, in the order it
+    asks (``latency``: observed ms per model id, for ``--sort latency``)."""
     wanted = [p.strip() for p in (args.supports or "").split(",") if p.strip()]
     text = (args.search or "").lower()
     provider = args.provider
@@ -213,7 +259,11 @@ def select(catalog: Catalog, args: argparse.Namespace) -> list[ModelInfo]:
         )
 
     chosen = [model for model in catalog.models if keep(model)]
-    chosen.sort(key=_SORT_KEYS[args.sort])
+    if args.sort == "latency":  # fastest first; models never observed last, by id
+        seen = latency or {}
+        chosen.sort(key=lambda m: (0, seen[m.id], m.id) if m.id in seen else (1, 0.0, m.id))
+    else:
+        chosen.sort(key=_SORT_KEYS[args.sort])
     return chosen if args.limit is None else chosen[: args.limit]
 
 

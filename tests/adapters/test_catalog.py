@@ -189,3 +189,37 @@ async def test_model_health_is_observed_per_model_and_leaves_keys_alone() -> Non
     assert models["down/model"]["lastError"] == 404 and models["down/model"]["ttfbMs"] is None
     assert models["up/model"]["ok"] == 2 and models["up/model"]["ttfbMs"] is not None
     assert state == "healthy"  # a model without endpoints is not the key's fault
+
+
+@pytest.mark.anyio
+async def test_a_model_that_is_down_on_every_key_cools_none_of_them() -> None:
+    """503 "model unavailable" on every key for one model, mixed with a model
+    that works: the keys' errors look alike, so none is blamed (a key is
+    degraded only when it alone keeps failing)."""
+
+    def decide(call: Any) -> Any:
+        if call.model == "down/model":
+            return Reply(503, "No instances available for down/model.")
+        return None
+
+    secrets = {f"k{i}": f"sk-or-v1-model-down-{i}-jkjkjkjkjkjkjkjk" for i in range(4)}
+    keys = Scenario()
+    for alias, secret in secrets.items():
+        keys.add(secret, Custom(decide), alias=alias)
+    async with FakeUpstream(keys).serve() as server:
+        async with AsyncClient(secrets, server.url) as client:
+            app = ProxyApp(client)
+            statuses = []
+            for i in range(200):
+                model = "down/model" if i % 2 else "up/model"
+                body = json.dumps({"model": model, "messages": []}).encode()
+                request = Request(
+                    method="POST", target="/v1/chat/completions", headers=[], body=body
+                )
+                statuses.append((model, (await app(request)).status))
+            models = app.status()["models"]
+            states = {k["alias"]: k["state"] for k in client.status()["keys"]}
+    assert {s for m, s in statuses if m == "up/model"} == {200}
+    assert {s for m, s in statuses if m == "down/model"} == {503}
+    assert models["down/model"]["unavailable"] == 100
+    assert states == dict.fromkeys(secrets, "healthy")
