@@ -54,6 +54,7 @@ def add_parser(commands: Any) -> None:
     add.add_argument(
         "--secret-env", metavar="VAR", help="read the key from this environment variable"
     )
+    add.add_argument("--provider", help="a [[providers]] name (default: the main upstream)")
     add.add_argument("--weight", type=float)
     add.add_argument("--account", help="keys of one account share account-wide limits")
     add.add_argument("--max-in-flight", type=int)
@@ -117,7 +118,7 @@ def run(
                 _table(listing["keys"], stdout)
         elif args.action == "add":
             secret = _secret(args, environ, stdin)
-            body: dict[str, Any] = {"key": secret, "alias": args.alias}
+            body: dict[str, Any] = {"key": secret, "alias": args.alias, "provider": args.provider}
             for name in ("weight", "account", "max_in_flight", "rpm", "tpm", "budget"):
                 body[name] = getattr(args, name)
             body["budget_window"], body["credits"] = args.budget_window, args.credits
@@ -226,12 +227,13 @@ def _call(url: str, token: str, method: str, path: str, body: Any = None) -> Any
 
 
 def _table(keys: list[dict[str, Any]], out: TextIO) -> None:
-    rows = [("ALIAS", "STATE", "SOURCE", "IN FLIGHT", "REQUESTS", "SPEND $", "KEY")]
+    rows = [("ALIAS", "PROVIDER", "STATE", "SOURCE", "IN FLIGHT", "REQUESTS", "SPEND $", "KEY")]
     for key in keys:
         state = key["state"] + (f" ({key['until_in']:.0f}s)" if key.get("until_in") else "")
         rows.append(
             (
                 key["alias"],
+                key.get("provider", "main"),
                 state,
                 key.get("source", ""),
                 str(key["in_flight"]),

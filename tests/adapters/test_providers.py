@@ -221,3 +221,71 @@ def test_each_providers_catalog_is_listed_under_request_names_and_prices_its_ans
     charged = sum(other.stats(alias).cost for alias in OTHER)
     assert charged > 0
     assert status["spend"]["providers"]["other"]["cost"] == pytest.approx(charged, rel=1e-9)
+
+
+def test_the_admin_api_adds_lists_marks_and_removes_a_providers_keys_across_restarts(
+    tmp_path: Path,
+) -> None:
+    admin = "admin-token-" + "pq" * 12
+    extra = "sk-other-three-mnmnmnmnmnmnmnmnmn"
+    env = {
+        **environ(),
+        "KEYROTOR_ADMIN_TOKEN": admin,
+        "KEYROTOR_SECRET_KEY": "hW5g9Qm3R0c2Qm1u8cH3xJ7S9bL4pV2nZ6tY1wE5aUk=",
+    }
+    other_scenario = fake(OTHER).add(extra, alias="o3")
+    auth = {"authorization": f"Bearer {admin}"}
+    with (
+        FakeUpstream.running_in_thread(fake(MAIN)) as main,
+        FakeUpstream.running_in_thread(other_scenario) as other,
+    ):
+        path = write_config(tmp_path, main.url, other.url)
+        path.write_text(path.read_text().replace("enabled = false", f'path = "{tmp_path}/s.db"'))
+
+        def serve() -> ProxyThread:
+            return ProxyThread(load_config(path, env, {"port": 0}), [])
+
+        with serve() as url:
+            admin_api = httpx.Client(base_url=url, headers=auth)
+            added = admin_api.post(
+                "/admin/keys", json={"key": extra, "alias": "o3", "provider": "other", "rpm": 60}
+            )
+            assert added.status_code == 201, added.text
+            assert (added.json()["provider"], added.json()["stored"]) == ("other", True)
+            refused = [
+                admin_api.post("/admin/keys", json={"key": "sk-x-" + "k" * 20, "provider": "nope"}),
+                admin_api.post("/admin/keys", json={"key": "sk-y-" + "k" * 20, "alias": "o1"}),
+            ]
+            assert [r.status_code for r in refused] == [400, 409]
+            assert "not configured" in refused[0].text and "another provider" in refused[1].text
+            listed = {
+                k["alias"]: k["provider"] for k in admin_api.get("/admin/keys").json()["keys"]
+            }
+            assert listed == {
+                "m1": "main",
+                "m2": "main",
+                "o1": "other",
+                "o2": "other",
+                "o3": "other",
+            }
+            for alias in ("o1", "o2"):  # only o3 left to serve the provider
+                marked = admin_api.post(f"/admin/keys/{alias}/state", json={"state": "disabled"})
+                assert marked.json()["state"] == "disabled"
+            hi = [{"role": "user", "content": "hi"}]
+            answer = httpx.post(
+                f"{url}/v1/chat/completions", json={"model": "other/x", "messages": hi}
+            )
+            assert answer.headers["x-keyrotor-key"] == "o3"
+            admin_api.close()
+        with serve() as url:  # the stored key comes back in its provider's pool
+            admin_api = httpx.Client(base_url=url, headers=auth)
+            keys = {k["alias"]: k for k in admin_api.get("/admin/keys").json()["keys"]}
+            assert (keys["o3"]["provider"], keys["o3"]["source"]) == ("other", "api")
+            assert keys["o3"]["options"] == {"rpm": 60.0}
+            assert admin_api.delete("/admin/keys/o3").json()["unstored"] is True
+            assert admin_api.post("/admin/probe", json={"alias": "o3"}).status_code == 404
+            admin_api.close()
+        with serve() as url:
+            listed = httpx.get(f"{url}/admin/keys", headers=auth).json()["keys"]
+            assert "o3" not in {k["alias"] for k in listed}
+    assert extra not in (tmp_path / "s.db").read_bytes().decode("latin-1")

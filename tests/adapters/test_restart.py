@@ -297,7 +297,10 @@ def test_keys_command_line_against_a_running_proxy(tmp: Path, upstream: FakeUpst
         listed = keys("list")
         assert listed.returncode == 0
         rows = {line.split()[0]: line.split() for line in listed.stdout.splitlines()[1:]}
-        assert set(rows) == {"ok", "poor", "busy", "extra"} and rows["extra"][1] == "healthy"
+        assert set(rows) == {"ok", "poor", "busy", "extra"} and rows["extra"][1:3] == [
+            "main",
+            "healthy",
+        ]
         marked = keys("mark", "busy", "rate_limited", "--duration", "120")
         assert marked.returncode == 0 and marked.stdout.strip() == "busy is rate_limited"
         as_json = json.loads(keys("list", "--json").stdout)  # GET /admin/keys' shape

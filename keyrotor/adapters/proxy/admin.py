@@ -13,7 +13,7 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
@@ -33,8 +33,11 @@ __all__ = ["KEY_OPTIONS", "Admin"]
 
 _JSON = ("content-type", "application/json")
 _NUMBERS = ("weight", "rpm", "tpm", "budget", "budget_window", "credits")
-KEY_OPTIONS = ("key", "alias", "account", "max_in_flight", *_NUMBERS)
+_SPEC_OPTIONS = ("account", "max_in_flight", *_NUMBERS)
+KEY_OPTIONS = ("key", "alias", "provider", *_SPEC_OPTIONS)
 """The fields of ``POST /admin/keys``."""
+MAIN = "main"
+"""The main upstream's name in the admin API (``[[providers]]`` have their own)."""
 _MARKABLE = ("healthy", "disabled", "rate_limited", "degraded", "depleted", "failed")
 _KEY_PATH = re.compile(r"^/admin/keys/([^/]+)(/state)?$")
 
@@ -61,8 +64,9 @@ class Admin:
         store: StateStore | None,
         sources: dict[str, str],
         log: Callable[[dict[str, Any]], None] = lambda record: None,
+        providers: Mapping[str, AsyncClient] | None = None,
     ) -> None:
-        self._client = client
+        self._clients = {MAIN: client, **(providers or {})}
         self._store = store
         self.sources = sources
         self._log = log
@@ -91,17 +95,17 @@ class Admin:
             if alias is not None and not isinstance(alias, str):
                 raise AdminError(400, "alias must be a string (or absent: probe every key)")
             if alias is not None:
-                self._entry(alias)  # 404 for an unknown key
-            self._call(self._client.probe_keys, alias)
-            targets = (
-                [alias]
-                if alias
-                else [
-                    k["alias"]
-                    for k in self._client.status()["keys"]
-                    if k["state"] != "disabled" and not k["removing"]
-                ]
-            )
+                self._call(self._owner(alias).probe_keys, alias)  # 404 for an unknown key
+                targets = [alias]
+            else:
+                targets = []
+                for client in self._clients.values():
+                    self._call(client.probe_keys, None)
+                    targets += [
+                        k["alias"]
+                        for k in client.status()["keys"]
+                        if k["state"] != "disabled" and not k["removing"]
+                    ]
             self._log({"event": "admin", "action": "probe", "keys": targets})
             return _answer(202, {"probing": targets})
         match = _KEY_PATH.match(path)
@@ -121,22 +125,34 @@ class Admin:
     # ---------------------------------------------------------------- views
 
     def list_keys(self) -> list[dict[str, Any]]:
-        """Every key: alias, masked form, source, options, state and counters."""
-        specs = {s.key_id: s for s in self._client.driver.pool.config.keys}
+        """Every key of every upstream: alias, its provider (``main``: the main
+        upstream), masked form, source, options, state and counters."""
+        specs = {
+            s.key_id: s for client in self._clients.values() for s in client.driver.pool.config.keys
+        }
         specs.update(self._specs)
         out = []
-        for item in self._client.status()["keys"]:
-            alias = item["alias"]
-            spec = specs.get(alias)
-            options = {}
-            if spec is not None:  # the options set, not the defaults
-                options = {
-                    f.name: getattr(spec, f.name)
-                    for f in attrs.fields(KeySpec)
-                    if f.name != "key_id" and getattr(spec, f.name) != f.default
-                }
-            out.append({**item, "source": self.sources.get(alias, "api"), "options": options})
+        for provider, client in self._clients.items():
+            for item in client.status()["keys"]:
+                alias = item["alias"]
+                spec = specs.get(alias)
+                options = {}
+                if spec is not None:  # the options set, not the defaults
+                    options = {
+                        f.name: getattr(spec, f.name)
+                        for f in attrs.fields(KeySpec)
+                        if f.name != "key_id" and getattr(spec, f.name) != f.default
+                    }
+                source = self.sources.get(alias, "api")
+                out.append({**item, "provider": provider, "source": source, "options": options})
         return out
+
+    def _owner(self, alias: str) -> AsyncClient:
+        """The client whose pool has the key ``alias`` (404 when none has)."""
+        for client in self._clients.values():
+            if alias in client.driver.secrets:
+                return client
+        raise AdminError(404, f"no key with alias {alias!r}")
 
     def _entry(self, alias: str) -> dict[str, Any]:
         for item in self.list_keys():
@@ -164,7 +180,12 @@ class Admin:
             alias = "key-" + hashlib.sha256(secret.encode()).hexdigest()[:8]
         if not isinstance(alias, str):
             raise AdminError(400, "alias must be a string")
-        spec = {name: body[name] for name in KEY_OPTIONS[2:] if body.get(name) is not None}
+        provider = body.get("provider") or MAIN
+        if provider not in self._clients:
+            known = ", ".join(self._clients)
+            raise AdminError(400, f"provider {provider!r} is not configured (known: {known})")
+        client = self._clients[provider]
+        spec = {name: body[name] for name in _SPEC_OPTIONS if body.get(name) is not None}
         for name, value in spec.items():
             if name == "account":
                 ok = isinstance(value, str)
@@ -185,7 +206,11 @@ class Admin:
         with anyio.CancelScope(shield=True):
             async with self._lock:
                 # Everything the pool would refuse, refused before anything is stored.
-                self._call(self._client.driver.check_new_key, alias, secret)
+                for other in self._clients.values():
+                    if other is not client and alias in other.driver.secrets:
+                        raise AdminError(409, f"alias {alias!r} is used by another provider's key")
+                self._call(client.driver.check_new_key, alias, secret)
+                stored_spec = spec if provider == MAIN else {**spec, "provider": provider}
                 stored = False
                 if self._store is not None:
                     from ..storage import AlreadyStored, SecretsLocked, StorageError
@@ -193,14 +218,16 @@ class Admin:
                     try:
                         # A reused alias: the new key inherits none of the old one's record.
                         await anyio.to_thread.run_sync(self._store.bind, {alias: secret})
-                        await anyio.to_thread.run_sync(self._store.add_key, alias, secret, spec)
+                        await anyio.to_thread.run_sync(
+                            self._store.add_key, alias, secret, stored_spec
+                        )
                     except (SecretsLocked, AlreadyStored) as exc:
                         raise AdminError(409, str(exc)) from None
                     except StorageError as exc:
                         raise AdminError(503, str(exc)) from None
                     stored = True
                 try:
-                    self._call(self._client.add_key, alias, secret, **spec)
+                    self._call(client.add_key, alias, secret, **spec)
                 except AdminError:
                     if stored:
                         assert self._store is not None
@@ -208,7 +235,15 @@ class Admin:
                     raise
                 self.sources[alias] = "api"
                 self._specs[alias] = key_spec
-        self._log({"event": "admin", "action": "add", "key": alias, "stored": stored})
+        self._log(
+            {
+                "event": "admin",
+                "action": "add",
+                "key": alias,
+                "provider": provider,
+                "stored": stored,
+            }
+        )
         return _answer(201, {**self._entry(alias), "stored": stored})
 
     async def _remove(self, alias: str) -> Response:
@@ -226,7 +261,7 @@ class Admin:
                         stored = await anyio.to_thread.run_sync(self._store.remove_key, alias)
                     except StorageError as exc:
                         raise AdminError(503, f"{exc}; the key stays in the pool") from None
-                self._call(self._client.remove_key, alias)
+                self._call(self._owner(alias).remove_key, alias)
                 self._specs.pop(alias, None)
         self._log({"event": "admin", "action": "remove", "key": alias})
         return _answer(
@@ -257,7 +292,7 @@ class Admin:
             raise AdminError(400, f"marking a key {state} needs a duration in seconds")
         if self._entry(alias)["removing"]:
             raise AdminError(404, f"key {alias!r} is removed")
-        self._call(self._client.mark_key, alias, KeyState(state), duration=duration)
+        self._call(self._owner(alias).mark_key, alias, KeyState(state), duration=duration)
         stored = False
         if self._store is not None:  # committed before the answer, like every admin change
             with anyio.CancelScope(shield=True):

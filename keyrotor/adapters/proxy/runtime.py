@@ -70,6 +70,8 @@ class Startup:
     pool: PoolConfig
     sources: dict[str, str]
     loaded: Loaded | None
+    # Keys added through the admin API to a [[providers]] upstream: name -> alias -> (secret, spec).
+    provider_keys: dict[str, dict[str, tuple[str, KeySpec]]] = attrs.field(factory=dict, repr=False)
 
 
 def plan(config: ProxyConfig, store: StateStore | None, log: Log) -> Startup:
@@ -78,9 +80,24 @@ def plan(config: ProxyConfig, store: StateStore | None, log: Log) -> Startup:
     keys = dict(config.keys)
     sources = {a: "environment" if _ENV_ALIAS.match(a) else "config" for a in keys}
     specs = list(config.pool.keys)
+    providers = {p.name: p for p in config.providers}
+    every = {**keys, **{a: s for p in config.providers for a, s in p.keys.items()}}
+    sources.update((a, "config") for p in config.providers for a in p.keys)
+    provider_keys: dict[str, dict[str, tuple[str, KeySpec]]] = {}
     loaded = store.load() if store is not None else None
     for stored in loaded.keys if loaded is not None else ():
-        if stored.alias in keys or stored.secret in keys.values():
+        options = dict(stored.spec)
+        provider = options.pop("provider", None)
+        if provider is not None and provider not in providers:
+            log(
+                {
+                    "event": "warning",
+                    "message": f"stored key {stored.alias!r} belongs to provider {provider!r}, "
+                    "which is not configured: not loaded (it stays in the state file)",
+                }
+            )
+            continue
+        if stored.alias in every or stored.secret in every.values():
             log(
                 {
                     "event": "warning",
@@ -90,14 +107,19 @@ def plan(config: ProxyConfig, store: StateStore | None, log: Log) -> Startup:
             )
             continue
         try:
-            specs.append(KeySpec(key_id=stored.alias, **stored.spec))
+            spec = KeySpec(key_id=stored.alias, **options)
         except (TypeError, ValueError) as exc:
             log({"event": "warning", "message": f"stored key {stored.alias!r} skipped: {exc}"})
             continue
-        keys[stored.alias] = stored.secret
+        if provider is None:
+            specs.append(spec)
+            keys[stored.alias] = stored.secret
+        else:
+            provider_keys.setdefault(provider, {})[stored.alias] = (stored.secret, spec)
+        every[stored.alias] = stored.secret
         sources[stored.alias] = "api"
     if store is not None and loaded is not None:
-        moved = store.bind(keys)
+        moved = store.bind(every)
         for alias in moved:
             log(
                 {
@@ -123,7 +145,7 @@ def plan(config: ProxyConfig, store: StateStore | None, log: Log) -> Startup:
             f"no API keys{skipped}: add [[keys]] to a --config file, set OPENROUTER_KEYS, or set "
             "KEYROTOR_ADMIN_TOKEN to start empty and add keys with `keyrotor keys add`"
         )
-    return Startup(keys, attrs.evolve(config.pool, keys=specs), sources, loaded)
+    return Startup(keys, attrs.evolve(config.pool, keys=specs), sources, loaded, provider_keys)
 
 
 def restore(driver: Driver, loaded: Loaded, wall_now: float | None = None) -> None:
@@ -235,7 +257,6 @@ async def open_app(
                 restore(driver, startup.loaded)
             if store is not None:
                 record(driver, store)
-            admin = Admin(client, store, startup.sources, log) if config.admin_token else None
             names = config.client_names
             auth = Auth(config.client_tokens, config.admin_token, config.token_ttl, names=names)
             spend = SpendBook(config.budgets, store)
@@ -248,11 +269,17 @@ async def open_app(
                 if config.providers:
                     clients = {}
                     for provider in config.providers:
+                        added = startup.provider_keys.get(provider.name, {})
+                        pool = attrs.evolve(
+                            provider.pool,
+                            keys=[*provider.pool.keys, *(spec for _, spec in added.values())],
+                        )
+                        secrets = {**provider.keys, **{a: s for a, (s, _) in added.items()}}
                         other = await stack.enter_async_context(
                             AsyncClient(
-                                provider.keys,
+                                secrets,
                                 provider.upstream,
-                                provider.pool,
+                                pool,
                                 http=config.http,
                                 headers=config.headers,
                             )
@@ -268,6 +295,10 @@ async def open_app(
                             provider_catalogs[provider.name] = service
                     claimed = {m: p.name for p in config.providers for m in p.models}
                     routes = Routes(clients, claimed)
+                admin = None
+                if config.admin_token:
+                    others = None if routes is None else routes.clients
+                    admin = Admin(client, store, startup.sources, log, providers=others)
                 catalog = None
                 if main_catalog is not None:
                     catalog = Catalogs(main_catalog, provider_catalogs, routes)
