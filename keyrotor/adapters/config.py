@@ -88,7 +88,7 @@ _AUTH_KINDS = {"admin_token": _STR, "client_tokens": _STRS, "token_ttl": _FLOAT}
 _STATE_KINDS = {"enabled": _BOOL, "path": _STR, "flush_interval": _FLOAT}
 _AUTH_DEFAULTS: Mapping[str, Any] = MappingProxyType({"token_ttl": 3600.0})
 _STATE_DEFAULTS: Mapping[str, Any] = MappingProxyType({"enabled": True, "flush_interval": 0.1})
-_CATALOG_KINDS = {"enabled": _BOOL, "refresh_interval": _FLOAT}
+_CATALOG_KINDS = {"enabled": _BOOL, "refresh_interval": _FLOAT, "reject_unknown": _BOOL}
 _CATALOG_DEFAULTS: Mapping[str, Any] = MappingProxyType(
     {"enabled": True, "refresh_interval": 3600.0}
 )
@@ -243,6 +243,9 @@ class ProxyConfig:
         catalog_refresh: seconds between fetches of the upstream's model
             catalog (``GET /models``), which ``/v1/models`` serves (None: off,
             ``/v1/models`` is forwarded).
+        reject_unknown_models: a request for a model no catalog lists is
+            answered 404 here instead of being forwarded (``[catalog]
+            reject_unknown``; off by default: a catalog can lag the upstream).
         client_names: client token -> its name in the ledger (``[[clients]]``
             names, else ``token_name``); every client token has one.
         budgets: the spend limits per client token and per model.
@@ -264,6 +267,7 @@ class ProxyConfig:
     secret_key: str | None = None
     record: str | None = None
     catalog_refresh: float | None = 3600.0
+    reject_unknown_models: bool = False
     providers: tuple[Provider, ...] = ()
     client_names: dict[str, str] = attrs.Factory(dict)
     budgets: tuple[Budget, ...] = ()
@@ -462,6 +466,7 @@ class _Loader:
             secret_key=secret_key_from_env(self.environ),
             record=top.get("record"),
             catalog_refresh=catalog["refresh_interval"] if catalog["enabled"] else None,
+            reject_unknown_models=catalog.get("reject_unknown", False) and catalog["enabled"],
             providers=providers,
             client_names=client_names,
             budgets=budgets,

@@ -223,3 +223,23 @@ async def test_a_model_that_is_down_on_every_key_cools_none_of_them() -> None:
     assert {s for m, s in statuses if m == "down/model"} == {503}
     assert models["down/model"]["unavailable"] == 100
     assert states == dict.fromkeys(secrets, "healthy")
+
+
+def test_unknown_models_are_refused_here_when_asked_and_forwarded_by_default() -> None:
+    with FakeUpstream.running_in_thread(scenario()) as server:
+        for reject in (True, False):
+            with ProxyThread(config(server.url, **{"catalog.reject_unknown": reject}), []) as url:
+                httpx.get(f"{url}/v1/models")  # the catalog is in
+                server.reset_stats()
+                with openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0) as sdk:
+                    hi = [{"role": "user", "content": "hi"}]
+                    known = realistic_models()[3].id
+                    for model in (known, f"{known}:online"):
+                        sdk.chat.completions.create(model=model, messages=hi)  # type: ignore[arg-type]
+                    if reject:
+                        with pytest.raises(openai.NotFoundError, match="not in the catalog"):
+                            sdk.chat.completions.create(model="nobody/nothing", messages=hi)  # type: ignore[arg-type]
+                    else:  # the fake upstream serves any model
+                        sdk.chat.completions.create(model="nobody/nothing", messages=hi)  # type: ignore[arg-type]
+            sent = [entry.path for entry in server.log if entry.path == "/chat/completions"]
+            assert len(sent) == (2 if reject else 3)

@@ -128,7 +128,9 @@ class ProxyApp:
         catalog: Catalogs | None = None,
         routes: Routes | None = None,
         spend: SpendBook | None = None,
+        reject_unknown_models: bool = False,
     ) -> None:
+        self._reject_unknown = reject_unknown_models and catalog is not None
         self._client = client
         self.spend = spend or SpendBook()
         self._catalog = catalog
@@ -268,6 +270,15 @@ class ProxyApp:
             body = found
         return Response(status=200, headers=[_JSON], body=body)
 
+    def _known(self, model: str) -> bool:
+        """Whether a catalog lists ``model`` (a ``:variant`` of a listed model
+        counts, and anything while no catalog is loaded yet)."""
+        catalogs = self._catalog
+        assert catalogs is not None
+        if catalogs.main.catalog is None:
+            return True  # nothing to judge by: the upstream decides
+        return catalogs.get(model) is not None or catalogs.get(model.partition(":")[0]) is not None
+
     @staticmethod
     def _pin_note(client: AsyncClient, pin: str | int, served_by: str) -> str:
         """``x-keyrotor-pin``: ``honoured``, or ``fallback: ...`` and why."""
@@ -335,6 +346,13 @@ class ProxyApp:
             return _invalid("X-Keyrotor-Fallback must be true or false")
         body = request.body
         model = model_of(body)
+        if self._reject_unknown and model is not None and not self._known(model):
+            return _refuse(
+                404,
+                f"the model {model!r} is not in the catalog; GET /v1/models lists the models "
+                "(a model new upstream appears at the next catalog refresh)",
+                "model_not_found",
+            )
         caller = None if self._auth.open else self._auth.identify(request)[1]
         spend = self.spend
         if caller in spend.budgeted_clients or model in spend.budgeted_models:

@@ -309,6 +309,7 @@ async def open_app(
                     admin=admin,
                     store=store,
                     catalog=catalog,
+                    reject_unknown_models=config.reject_unknown_models,
                     routes=routes,
                     spend=spend,
                 )
