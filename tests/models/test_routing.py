@@ -1,0 +1,137 @@
+"""The pure router: routes, filters, context fit, strategies (issue 14, first part)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from keyrotor.models import parse_catalog
+from keyrotor.models.routing import (
+    FREE_ROUTE,
+    STRATEGIES,
+    Filter,
+    Need,
+    Route,
+    decide,
+    need_of,
+)
+from keyrotor.testing.catalogs import realistic_models
+
+CATALOG = parse_catalog({"data": [m.to_json() for m in realistic_models()]})
+FREE = [m for m in CATALOG.models if m.free]
+
+
+def test_the_free_route_takes_free_models_that_fit_and_says_why_others_were_left() -> None:
+    need = Need(prompt_tokens=100_000, max_tokens=4_000)
+    decision = decide(FREE_ROUTE, CATALOG, need)
+    chosen = [decision.model, *decision.fallbacks]
+    assert chosen and all(CATALOG.get(m).free for m in chosen)  # type: ignore[union-attr]
+    assert all((CATALOG.get(m).context_length or 0) >= 104_000 for m in chosen)  # type: ignore[union-attr]
+    small = [m for m in FREE if (m.context_length or 0) < 104_000]
+    assert small  # the catalog has free models too small for this request
+    for model in small:
+        line = f"skipped {model.id}: context {model.context_length:,} < 104,000 needed"
+        assert line in decision.reasons
+    assert decision.confidence == 0.5  # a free price is known, no latency yet
+
+
+def test_fastest_measures_every_model_once_then_takes_the_fastest() -> None:
+    need = Need(prompt_tokens=10)
+    first = decide(FREE_ROUTE, CATALOG, need)
+    every = [first.model, *first.fallbacks]
+    latency = {model: 100.0 + i for i, model in enumerate(every)}
+    del latency[every[-1]]  # one not measured yet: it goes first
+    assert decide(FREE_ROUTE, CATALOG, need, latency).model == every[-1]
+    latency[every[-1]] = 500.0
+    decision = decide(FREE_ROUTE, CATALOG, need, latency)
+    assert decision.model == every[0] and decision.estimated_latency_ms == 100.0
+    assert decision.confidence == 1.0
+
+
+def test_ordered_cheapest_and_model_ids_not_in_the_catalog() -> None:
+    paid = [m for m in CATALOG.models if m.pricing.known and not m.pricing.variable][:6]
+    ids = [m.id for m in paid]
+    need = Need(prompt_tokens=1_000, max_tokens=100)
+    ordered = decide(Route("r", ["nobody/nothing", *ids], "ordered"), CATALOG, need)
+    assert [ordered.model, *ordered.fallbacks] == ids
+    assert ordered.reasons == ("skipped nobody/nothing: not in the catalog",)
+    cheapest = decide(Route("r", ids, "cheapest"), CATALOG, need)
+    costs = [
+        1_000 * m.pricing.prompt + 100 * m.pricing.completion + m.pricing.request for m in paid
+    ]
+    assert [cheapest.model, *cheapest.fallbacks] == [
+        m.id for _, m in sorted(zip(costs, paid, strict=True), key=lambda pair: pair[0])
+    ]
+    assert cheapest.estimated_cost == pytest.approx(min(costs))
+
+
+def test_a_request_that_fits_no_candidate_gets_no_model_and_every_reason() -> None:
+    decision = decide(FREE_ROUTE, CATALOG, Need(prompt_tokens=50_000_000))
+    assert decision.model is None and decision.confidence == 0.0
+    assert len(decision.reasons) == len(FREE)
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        Route("r", ["x"], "random")
+
+
+def test_the_need_of_a_request() -> None:
+    need = need_of(
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [{"type": "image_url"}, {"type": "text", "text": "abcd" * 10}],
+                }
+            ],
+            "max_tokens": 50,
+            "tools": [{"type": "function"}],
+            "stream": True,
+        }
+    )
+    assert (need.max_tokens, need.parameters, need.images) == (50, {"tools"}, 1)
+    assert need.prompt_tokens == 10 + 4 + 3 and need.context == 67
+    assert need_of({"messages": "no"}).max_tokens is None
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    prompt=st.integers(0, 300_000),
+    max_tokens=st.one_of(st.none(), st.integers(1, 100_000)),
+    parameters=st.sets(st.sampled_from(["tools", "response_format", "seed"])),
+    images=st.integers(0, 2),
+    strategy=st.sampled_from(STRATEGIES),
+    free=st.booleans(),
+    min_context=st.one_of(st.none(), st.integers(0, 1_000_000)),
+    max_price=st.one_of(st.none(), st.floats(0, 100)),
+    latency=st.dictionaries(
+        st.sampled_from([m.id for m in CATALOG.models[:40]]), st.floats(1, 5000)
+    ),
+)
+def test_a_chosen_model_always_fits_the_request_and_the_filters(**drawn: Any) -> None:
+    need = Need(drawn["prompt"], drawn["max_tokens"], drawn["parameters"], drawn["images"])
+    route_filter = Filter(
+        free=drawn["free"], min_context=drawn["min_context"], max_price=drawn["max_price"]
+    )
+    route = Route("r", [route_filter], drawn["strategy"])
+    decision = decide(route, CATALOG, need, drawn["latency"])
+    assert decision == decide(route, CATALOG, need, dict(drawn["latency"]))  # deterministic
+    for model_id in [decision.model, *decision.fallbacks] if decision.model else []:
+        model = CATALOG.get(model_id)
+        assert model is not None and route_filter.rejects(model) is None
+        assert model.context_length is None or model.context_length >= need.context
+        assert not need.images or "image" in model.input_modalities
+        assert not model.supported_parameters or model.supports(need.parameters)
+
+
+def test_the_docs_example_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    import pathlib
+    import re
+
+    doc = (pathlib.Path(__file__).parents[2] / "docs" / "routing.md").read_text("utf-8")
+    (code,) = re.findall(r"```python\n(.*?)```", doc, re.S)
+    exec(compile(code, "docs/routing.md", "exec"), {})
+    first, second = capsys.readouterr().out.splitlines()
+    assert first == "True True"
+    assert re.fullmatch(r"skipped \S+:free: context [\d,]+ < 104,007 needed", second)
