@@ -293,6 +293,8 @@ def test_the_proxy_keeps_spend_per_client_model_and_provider_and_enforces_budget
         with ProxyThread(config, []) as url:
             chat(url, ALICE)
             chat(url, ALICE, stream=True)
+            issued = httpx.post(f"{url}/auth/token", headers={"authorization": f"Bearer {ALICE}"})
+            chat(url, issued.json()["access_token"])  # spends under alice, its issuer
             chat(url, BOB, model="openai/gpt-4o")
             with pytest.raises(openai.RateLimitError) as over:  # the model's budget is spent
                 chat(url, ALICE, model="openai/gpt-4o")

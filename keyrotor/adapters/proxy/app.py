@@ -165,7 +165,7 @@ class ProxyApp:
             assert self._admin is not None
             response = await self._admin(request)
         elif path == "/auth/token" and request.method == "POST":
-            token, ttl = self._auth.issue(self._auth.identify(request)[1])
+            token, ttl = self._auth.issue(request.caller)
             response = self._json(
                 200, {"access_token": token, "token_type": "bearer", "expires_in": ttl}
             )
@@ -213,7 +213,7 @@ class ProxyApp:
             )
         if auth.open:
             return None
-        role = auth.role(request)
+        role, request.caller = auth.identify(request)  # checked once, kept for the ledger
         if role is Role.ISSUED and path == "/auth/token":
             return _refuse(403, "a short-lived token cannot be exchanged again", "forbidden")
         if role is not Role.NONE:
@@ -353,7 +353,7 @@ class ProxyApp:
                 "(a model new upstream appears at the next catalog refresh)",
                 "model_not_found",
             )
-        caller = None if self._auth.open else self._auth.identify(request)[1]
+        caller = request.caller
         spend = self.spend
         if caller in spend.budgeted_clients or model in spend.budgeted_models:
             info = None if self._catalog is None or model is None else self._catalog.get(model)

@@ -27,6 +27,8 @@ class Request:
         client: the peer, ``host:port`` (for logs).
         request_id: a short id the server assigns (for logs and ``x-request-id``).
         admitted: the server already had the app ``admit`` this request's head.
+        caller: the name its bearer token spends under, set when the app
+            checked the token (None: no client tokens are configured).
     """
 
     method: str
@@ -36,6 +38,7 @@ class Request:
     client: str = ""
     request_id: str = ""
     admitted: bool = False
+    caller: str | None = None
 
     @property
     def path(self) -> str:
