@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import calendar
 import contextlib
 import hashlib
 import hmac
@@ -74,12 +75,14 @@ __all__ = [
     "LedgerRow",
     "Loaded",
     "SecretsLocked",
+    "Spend",
     "StateStore",
     "StorageError",
     "StoredCatalog",
     "StoredKey",
     "StoredState",
     "UsageRow",
+    "day_start",
     "default_state_path",
     "secret_key_from_env",
 ]
@@ -203,7 +206,9 @@ def default_state_path(environ: Mapping[str, str] = os.environ) -> Path:
     return base / "keyrotor" / "state.db"
 
 
-class _Spend:
+class Spend:
+    """Requests, tokens and USD added up (a ledger row's figures, or today's in ``/status``)."""
+
     __slots__ = ("completion_tokens", "cost", "prompt_tokens", "requests")
 
     def __init__(self) -> None:
@@ -212,7 +217,7 @@ class _Spend:
         self.completion_tokens = 0
         self.cost = 0.0
 
-    def add(self, other: _Spend) -> None:
+    def add(self, other: Spend) -> None:
         self.count(other.requests, other.prompt_tokens, other.completion_tokens, other.cost)
 
     def count(self, requests: int, prompt_tokens: int, completion_tokens: int, cost: float) -> None:
@@ -221,12 +226,20 @@ class _Spend:
         self.completion_tokens += completion_tokens
         self.cost += cost
 
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "requests": self.requests,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "cost": round(self.cost, 9),
+        }
 
-def _slot(spends: dict[Any, _Spend], where: Any) -> _Spend:
+
+def _slot(spends: dict[Any, Spend], where: Any) -> Spend:
     """The spend at ``where``, created empty if there is none."""
     spend = spends.get(where)
     if spend is None:
-        spend = spends[where] = _Spend()
+        spend = spends[where] = Spend()
     return spend
 
 
@@ -241,8 +254,8 @@ class _Batch:
 
     def __init__(self) -> None:
         self.states: dict[str, _StateRow] = {}
-        self.spend: dict[tuple[str, str], _Spend] = {}
-        self.usage: dict[tuple[str, str, str], _Spend] = {}
+        self.spend: dict[tuple[str, str], Spend] = {}
+        self.usage: dict[tuple[str, str, str], Spend] = {}
 
     def __len__(self) -> int:
         return len(self.states) + len(self.spend) + len(self.usage)
@@ -255,7 +268,7 @@ class _Batch:
         _merge(self.usage, newer.usage)
 
 
-def _merge(mine: dict[Any, _Spend], newer: Mapping[Any, _Spend]) -> None:
+def _merge(mine: dict[Any, Spend], newer: Mapping[Any, Spend]) -> None:
     for where, spend in newer.items():
         if where in mine:
             mine[where].add(spend)
@@ -265,6 +278,11 @@ def _merge(mine: dict[Any, _Spend], newer: Mapping[Any, _Spend]) -> None:
 
 def _utc_day(t: float) -> str:
     return time.strftime("%Y-%m-%d", time.gmtime(t))
+
+
+def day_start(day: str) -> float:
+    """The Unix time a ledger's UTC ``day`` (``YYYY-MM-DD``) starts (``ValueError``: no day)."""
+    return float(calendar.timegm(time.strptime(day, "%Y-%m-%d")))
 
 
 def _cipher(secret_key: str, salt: bytes, path: Path) -> tuple[Fernet, bytes]:
@@ -344,7 +362,7 @@ class StateStore:
         log: Callable[[str], None],
         wall_clock: Callable[[], float],
         max_pending: int,
-        recent: dict[tuple[str, str], _Spend],
+        recent: dict[tuple[str, str], Spend],
         recent_since: str,
     ) -> None:
         self.path = path
@@ -516,12 +534,12 @@ class StateStore:
         days read the file and may block.
         """
         day = day or self._day(self._clock())
-        totals: dict[str, _Spend] = {}
+        totals: dict[str, Spend] = {}
 
-        def add(source: Mapping[tuple[str, str], _Spend]) -> None:
+        def add(source: Mapping[tuple[str, str], Spend]) -> None:
             for (alias, when), spend in source.items():
                 if when == day:
-                    totals.setdefault(alias, _Spend()).add(spend)
+                    totals.setdefault(alias, Spend()).add(spend)
 
         if day >= self._recent_since:
             with self._pending_lock:
@@ -536,7 +554,7 @@ class StateStore:
                         (day,),
                     )
                     for alias, *values in rows:
-                        spend = totals.setdefault(alias, _Spend())
+                        spend = totals.setdefault(alias, Spend())
                         spend.requests, spend.prompt_tokens, spend.completion_tokens = values[:3]
                         spend.cost = values[3]
                 except sqlite3.Error as exc:
@@ -736,7 +754,7 @@ class StateStore:
                 for (alias, day), spend in list(self._recent.items()):
                     if alias in moved:
                         del self._recent[(alias, day)]
-                        self._recent.setdefault((moved[alias], day), _Spend()).add(spend)
+                        self._recent.setdefault((moved[alias], day), Spend()).add(spend)
         return sorted(moved)
 
     def forget_keys(self) -> int:
@@ -850,7 +868,7 @@ class StateStore:
             with self._pending_lock:
                 for where, spend in batch.spend.items():
                     if where[1] >= self._recent_since:
-                        self._recent.setdefault(where, _Spend()).add(spend)
+                        self._recent.setdefault(where, Spend()).add(spend)
                 self._unsaved = _Batch()
             self._succeeded()
             return True
@@ -1157,7 +1175,7 @@ def _migrate(conn: sqlite3.Connection, path: Path) -> None:
 
 def _setup(
     conn: sqlite3.Connection, path: Path, secret_key: str | None, wall_clock: Callable[[], float]
-) -> tuple[Fernet | None, bytes | None, dict[tuple[str, str], _Spend], str]:
+) -> tuple[Fernet | None, bytes | None, dict[tuple[str, str], Spend], str]:
     """Configure the connection, create or check the schema, check the secret key."""
     mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
     if mode != "wal":
@@ -1193,13 +1211,13 @@ def _setup(
             check = cipher.encrypt(_CHECK_PLAINTEXT).decode()
             conn.execute("INSERT INTO meta VALUES ('check', ?)", (check,))
     since = _utc_day(wall_clock() - _DAY)
-    recent: dict[tuple[str, str], _Spend] = {}
+    recent: dict[tuple[str, str], Spend] = {}
     for alias, day, *values in conn.execute(
         "SELECT alias, day, requests, prompt_tokens, completion_tokens, cost FROM ledger "
         "WHERE day >= ?",
         (since,),
     ):
-        spend = recent[(alias, day)] = _Spend()
+        spend = recent[(alias, day)] = Spend()
         spend.requests, spend.prompt_tokens, spend.completion_tokens, spend.cost = values
     return cipher, fingerprint_key, recent, since
 

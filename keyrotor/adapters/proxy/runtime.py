@@ -28,6 +28,7 @@ from ...core import KeySpec, KeyState, KeyStateChanged, PoolConfig, SpendRecorde
 from ...models import pricer
 from ...transports.api import AsyncClient, Driver, StreamAccountant
 from ..config import ConfigError, Provider, ProxyConfig
+from ..storage import day_start
 from .admin import Admin
 from .app import ProxyApp
 from .auth import Auth
@@ -172,12 +173,12 @@ def restore(driver: Driver, loaded: Loaded, wall_now: float | None = None) -> No
     for row in loaded.ledger:
         if row.alias not in present or not (row.cost or row.prompt_tokens or row.completion_tokens):
             continue
-        day_start = float(calendar.timegm(time.strptime(row.day, "%Y-%m-%d")))
+        start = day_start(row.day)
         window = windows.get(row.alias)
-        if day_start + _DAY <= wall - (window or 0.0) or (window is None and day_start < today):
+        if start + _DAY <= wall - (window or 0.0) or (window is None and start < today):
             continue  # spent before the running window (or before today): history
         now = driver.now()
-        day_start += offset
+        start += offset
         driver.feed(
             SpendRecorded(
                 now=now,
@@ -185,7 +186,7 @@ def restore(driver: Driver, loaded: Loaded, wall_now: float | None = None) -> No
                 cost=row.cost,
                 prompt_tokens=row.prompt_tokens,
                 completion_tokens=row.completion_tokens,
-                at=min(day_start, now),
+                at=min(start, now),
             )
         )
 

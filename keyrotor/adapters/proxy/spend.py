@@ -17,7 +17,6 @@ what those requests cost.
 
 from __future__ import annotations
 
-import calendar
 import json
 import math
 import time
@@ -27,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from ...models import ModelInfo, estimate
 from ..config import Budget
+from ..storage import Spend, day_start
 
 if TYPE_CHECKING:
     from ...transports.api import StreamAccountant
@@ -86,22 +86,6 @@ class _Window:
         return 0.0
 
 
-class _Total:
-    __slots__ = ("completion_tokens", "cost", "prompt_tokens", "requests")
-
-    def __init__(self) -> None:
-        self.requests = self.prompt_tokens = self.completion_tokens = 0
-        self.cost = 0.0
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "requests": self.requests,
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "cost": round(self.cost, 9),
-        }
-
-
 class Refusal:
     """Why a request is not sent: its budget, spent, and when to come back."""
 
@@ -140,7 +124,7 @@ class SpendBook:
         self._clock = clock
         self._day = ""
         self._day_end = 0.0  # when ``_day`` ends (a float compare per charge, not a strftime)
-        self._totals: dict[str, dict[str, _Total]] = {"provider": {}, "model": {}, "client": {}}
+        self._totals: dict[str, dict[str, Spend]] = {"provider": {}, "model": {}, "client": {}}
         self._roll(clock())
         self.budgeted_models = frozenset(n for s, n in self._budgets if s == "model")
         self.budgeted_clients = frozenset(n for s, n in self._budgets if s == "client")
@@ -158,7 +142,7 @@ class SpendBook:
             if window is None or not row.cost:
                 continue
             try:
-                day_end = float(calendar.timegm(time.strptime(row.day, "%Y-%m-%d"))) + _DAY
+                day_end = day_start(row.day) + _DAY
             except ValueError:
                 continue
             if window.window is not None and day_end <= now - window.window:
@@ -253,11 +237,8 @@ class SpendBook:
         if total is None:
             if len(totals) >= MAX_NAMES:
                 name = "(other)"
-            total = totals.setdefault(name, _Total())
-        total.requests += requests
-        total.prompt_tokens += prompt
-        total.completion_tokens += completion
-        total.cost += cost
+            total = totals.setdefault(name, Spend())
+        total.count(requests, prompt, completion, cost)
 
     def status(self) -> dict[str, Any]:
         """Today's spend per provider, model and client, and every budget's state."""
