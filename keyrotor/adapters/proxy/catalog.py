@@ -184,9 +184,7 @@ class CatalogService:
         encoded = self._encoded
         if encoded is None or encoded[0] is not catalog:
             entries = [_openai_shape(model.raw) for model in catalog.models]
-            whole = json.dumps({"object": "list", "data": entries}).encode()
-            one = {entry["id"]: json.dumps(entry).encode() for entry in entries}
-            encoded = self._encoded = (catalog, whole, one)
+            encoded = self._encoded = (catalog, *_bodies(entries))
         return encoded
 
     def status(self) -> dict[str, Any]:
@@ -202,6 +200,12 @@ class CatalogService:
             "problems": [] if catalog is None else list(catalog.problems),
             "refreshInterval": self._refresh,
         }
+
+
+def _bodies(entries: list[dict[str, Any]]) -> tuple[bytes, dict[str, bytes]]:
+    """The ``/v1/models`` answer for ``entries``, and each entry's own by id."""
+    whole = json.dumps({"object": "list", "data": entries}).encode()
+    return whole, {entry["id"]: json.dumps(entry).encode() for entry in entries}
 
 
 def _openai_shape(raw: Any) -> dict[str, Any]:
@@ -285,9 +289,7 @@ class Catalogs:
                 entry["id"] = model.id if claimed else f"{name}/{model.id}"
                 entry["keyrotor_provider"] = name
                 entries.append(entry)
-        whole = json.dumps({"object": "list", "data": entries}).encode()
-        one = {entry["id"]: json.dumps(entry).encode() for entry in entries}
-        self._merged = (identity, whole, one)
+        self._merged = (identity, *_bodies(entries))
         return self._merged
 
     def status(self) -> dict[str, Any]:
