@@ -6,6 +6,7 @@ import contextlib
 import io
 import pathlib
 import re
+from typing import Any
 
 import pytest
 
@@ -28,16 +29,21 @@ def test_an_example_runs(name: str, code: str) -> None:
     assert lines[2].startswith("spent $0.0000")
 
 
-def test_the_providers_example_is_a_valid_configuration(tmp_path: pathlib.Path) -> None:
+def load_section(heading: str, tmp_path: pathlib.Path, environ: dict[str, str]) -> Any:
+    """The configuration of the first TOML block under ``heading``, loaded without a state file."""
     from keyrotor.adapters.config import load_config
 
-    section = DOC.read_text("utf-8").split("## Several providers in one proxy", 1)[1]
+    section = DOC.read_text("utf-8").split(heading, 1)[1]
     toml = re.search(r"```toml\n(.*?)```", section, re.S)
     assert toml is not None
     path = tmp_path / "keyrotor.toml"
     path.write_text(toml.group(1) + "[state]\nenabled = false\n")
+    return load_config(path, environ, {})
+
+
+def test_the_providers_example_is_a_valid_configuration(tmp_path: pathlib.Path) -> None:
     environ = {"OPENROUTER_KEY_MAIN": "sk-or-v1-doc-main-000", "OPENAI_KEY_1": "sk-doc-openai-000"}
-    config = load_config(path, environ, {})
+    config = load_section("## Several providers in one proxy", tmp_path, environ)
     (provider,) = config.providers
     assert (provider.name, provider.kind, set(provider.models)) == (
         "openai",
@@ -48,19 +54,14 @@ def test_the_providers_example_is_a_valid_configuration(tmp_path: pathlib.Path) 
 
 
 def test_the_budgets_example_is_a_valid_configuration(tmp_path: pathlib.Path) -> None:
-    from keyrotor.adapters.config import Budget, load_config
+    from keyrotor.adapters.config import Budget
 
-    section = DOC.read_text("utf-8").split("## Spend and budgets", 1)[1]
-    toml = re.search(r"```toml\n(.*?)```", section, re.S)
-    assert toml is not None
-    path = tmp_path / "keyrotor.toml"
-    path.write_text(toml.group(1) + "[state]\nenabled = false\n")
     environ = {
         "OPENROUTER_API_KEY": "sk-or-v1-doc-main-000",
         "KEYROTOR_TOKEN_CI": "ci-token-0123456789abcdef",
         "KEYROTOR_TOKEN_ALICE": "alice-token-0123456789abcdef",
     }
-    config = load_config(path, environ, {})
+    config = load_section("## Spend and budgets", tmp_path, environ)
     assert sorted(config.client_names.values()) == ["alice", "ci"]
     assert config.budgets == (
         Budget("client", "ci", 5.0, 86400.0),
