@@ -26,7 +26,7 @@ import attrs
 
 from ..models import Catalog, CatalogError, ModelInfo, parse_catalog
 from ..transports.api import OPENROUTER_URL
-from .storage import default_state_path
+from .storage import PROVIDER_CATALOG, default_state_path
 
 __all__ = ["add_parser", "run"]
 
@@ -214,14 +214,14 @@ def _stored(path: str) -> Catalog:
         raise _Failed(
             f"{path} holds no catalog ({exc}); run `keyrotor serve` once to fetch one", 2
         ) from None
-    main = next((row for row in rows if not row[0].startswith(_PROVIDER_ROW)), None)
+    main = next((row for row in rows if not row[0].startswith(PROVIDER_CATALOG)), None)
     if main is None:
         raise _Failed(f"{path} holds no catalog yet; run `keyrotor serve` once to fetch one", 2)
     catalog = _parse(main[1], path)
     models = list(catalog.models)
     for stored_as, document, _, _ in sorted(rows):
-        if stored_as.startswith(_PROVIDER_ROW):
-            name = stored_as[len(_PROVIDER_ROW) :]
+        if stored_as.startswith(PROVIDER_CATALOG):
+            name = stored_as[len(PROVIDER_CATALOG) :]
             try:
                 theirs = parse_catalog(document, name, priced=False)
             except CatalogError:
@@ -231,9 +231,6 @@ def _stored(path: str) -> Catalog:
                 for m in theirs.models
             ]
     return Catalog(catalog.provider, tuple(models), main[2], main[3], catalog.problems)
-
-
-_PROVIDER_ROW = "provider/"  # a [[providers]] catalog's row in the state file
 
 
 def select(

@@ -69,6 +69,7 @@ if TYPE_CHECKING:
     from cryptography.fernet import Fernet
 
 __all__ = [
+    "PROVIDER_CATALOG",
     "SECRET_KEY_ENV",
     "USAGE_SCOPES",
     "AlreadyStored",
@@ -155,6 +156,10 @@ class UsageRow:
     completion_tokens: int
     cost: float
 
+
+PROVIDER_CATALOG: Final = "provider/"
+"""The ``catalogs`` row of a ``[[providers]]`` upstream is this and its name
+(the main upstream's is ``openrouter``)."""
 
 USAGE_SCOPES: Final = ("provider", "model", "client")
 """What the ``usage`` ledger keeps spend per, besides keys."""

@@ -28,7 +28,7 @@ from ...core import KeySpec, KeyState, KeyStateChanged, PoolConfig, SpendRecorde
 from ...models import pricer
 from ...transports.api import AsyncClient, Driver, StreamAccountant
 from ..config import ConfigError, Provider, ProxyConfig
-from ..storage import day_start
+from ..storage import PROVIDER_CATALOG, day_start
 from .admin import Admin
 from .app import ProxyApp
 from .auth import Auth
@@ -341,7 +341,7 @@ def _catalog(
         options = {
             "provider": provider.name,
             "public": provider.kind == "openrouter",
-            "stored_as": f"provider/{provider.name}",
+            "stored_as": PROVIDER_CATALOG + provider.name,
         }
     service = CatalogService(
         client, refresh=config.catalog_refresh, store=store, log=log, **options
