@@ -32,6 +32,7 @@ from .storage import default_state_path, secret_key_from_env
 __all__ = [
     "LOG_FORMATS",
     "LOOPBACK",
+    "MAIN_PROVIDER",
     "PROVIDER_KINDS",
     "SERVER_DEFAULTS",
     "Budget",
@@ -197,6 +198,11 @@ class Provider:
             f"Provider(name={self.name!r}, upstream={self.upstream!r}, kind={self.kind!r}, "
             f"models={sorted(self.models)!r}, keys={{{keys}}})"
         )
+
+
+MAIN_PROVIDER = "main"
+"""The main upstream's name where providers are named (the spend ledger, the
+admin API); no ``[[providers]]`` may take it."""
 
 
 @attrs.frozen
@@ -606,9 +612,9 @@ class _Loader:
                     where=f"{where} name",
                     fix='use a short name such as "openai": requests name its models "openai/..."',
                 )
-            if name == "main":
+            if name == MAIN_PROVIDER:
                 self.fail(
-                    f"{where} name 'main' is the main upstream's name in the spend ledger",
+                    f"{where} name {name!r} is the main upstream's name in the spend ledger",
                     where=f"{where} name",
                     fix="give the provider another name",
                 )

@@ -24,6 +24,7 @@ import attrs
 from ...core import KeySpec, KeyState, PoolError
 from ...transports.api import AsyncClient
 from ...transports.errors import ConfigurationError
+from ..config import MAIN_PROVIDER
 from .types import Request, Response
 
 if TYPE_CHECKING:
@@ -36,8 +37,6 @@ _NUMBERS = ("weight", "rpm", "tpm", "budget", "budget_window", "credits")
 _SPEC_OPTIONS = ("account", "max_in_flight", *_NUMBERS)
 KEY_OPTIONS = ("key", "alias", "provider", *_SPEC_OPTIONS)
 """The fields of ``POST /admin/keys``."""
-MAIN = "main"
-"""The main upstream's name in the admin API (``[[providers]]`` have their own)."""
 _MARKABLE = ("healthy", "disabled", "rate_limited", "degraded", "depleted", "failed")
 _KEY_PATH = re.compile(r"^/admin/keys/([^/]+)(/state)?$")
 
@@ -66,7 +65,7 @@ class Admin:
         log: Callable[[dict[str, Any]], None] = lambda record: None,
         providers: Mapping[str, AsyncClient] | None = None,
     ) -> None:
-        self._clients = {MAIN: client, **(providers or {})}
+        self._clients = {MAIN_PROVIDER: client, **(providers or {})}
         self._store = store
         self.sources = sources
         self._log = log
@@ -180,7 +179,7 @@ class Admin:
             alias = "key-" + hashlib.sha256(secret.encode()).hexdigest()[:8]
         if not isinstance(alias, str):
             raise AdminError(400, "alias must be a string")
-        provider = body.get("provider") or MAIN
+        provider = body.get("provider") or MAIN_PROVIDER
         if provider not in self._clients:
             known = ", ".join(self._clients)
             raise AdminError(400, f"provider {provider!r} is not configured (known: {known})")
@@ -210,7 +209,7 @@ class Admin:
                     if other is not client and alias in other.driver.secrets:
                         raise AdminError(409, f"alias {alias!r} is used by another provider's key")
                 self._call(client.driver.check_new_key, alias, secret)
-                stored_spec = spec if provider == MAIN else {**spec, "provider": provider}
+                stored_spec = spec if provider == MAIN_PROVIDER else {**spec, "provider": provider}
                 stored = False
                 if self._store is not None:
                     from ..storage import AlreadyStored, SecretsLocked, StorageError

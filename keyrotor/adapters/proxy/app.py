@@ -19,11 +19,12 @@ from urllib.parse import unquote
 from ...core import USABLE_STATES
 from ...transports.api import AsyncClient, ResponseHead, StreamResponse
 from ...transports.errors import NoKeyAvailable, TransportError
+from ..config import MAIN_PROVIDER
 from .admin import Admin
 from .auth import Auth, Role
 from .metrics import ProxyCounters, render
 from .model_health import ModelHealth, model_of
-from .spend import MAIN_PROVIDER, Refusal, SpendBook
+from .spend import Refusal, SpendBook
 from .types import Request, Response
 
 if TYPE_CHECKING:

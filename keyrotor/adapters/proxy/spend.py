@@ -32,10 +32,7 @@ if TYPE_CHECKING:
     from ...transports.api import StreamAccountant
     from ..storage import StateStore, UsageRow
 
-__all__ = ["MAIN_PROVIDER", "MAX_NAMES", "Refusal", "SpendBook"]
-
-MAIN_PROVIDER = "main"
-"""The ledger's name for the main upstream (``[[providers]]`` have their own)."""
+__all__ = ["MAX_NAMES", "Refusal", "SpendBook"]
 
 MAX_NAMES = 1000
 """Names kept per scope in today's totals; spend of more goes under ``(other)``."""
