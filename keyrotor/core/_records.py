@@ -29,6 +29,7 @@ ERROR_CLASSES: tuple[str, ...] = (
     "caller_error",
     "upstream_busy",
     "try_another_key",
+    "model_unavailable",
 )
 ERROR_INDEX = {name: i for i, name in enumerate(ERROR_CLASSES)}
 
@@ -213,7 +214,8 @@ class KeyRecord:
             setattr(key, name, data.get(name, default))
         key.state = KeyState(data["state"])
         key.plain = key.plain and not key.removed
-        key.errors = list(data["errors"])
+        errors = list(data["errors"])  # a snapshot from before a class was added has fewer
+        key.errors = errors + [0] * (len(ERROR_CLASSES) - len(errors))
         key.window.load(data["window"])
         return key
 
@@ -292,6 +294,7 @@ class RequestRecord:
             "session": event.session,
             "group": event.group,
             "tokens": event.tokens,
+            "max_attempts": event.max_attempts,
             "asked_deadline": event.deadline,
             "serial": self.serial,
             "deadline": self.deadline,
@@ -314,6 +317,7 @@ class RequestRecord:
             group=data["group"],
             deadline=data["asked_deadline"],
             tokens=data["tokens"],
+            max_attempts=data.get("max_attempts"),
         )
         req = cls(event)
         req.serial = data["serial"]

@@ -60,6 +60,9 @@ class Verdict(enum.Enum):
     """408, 5xx, overload: retry elsewhere; not the key's fault by itself."""
     TRY_ANOTHER_KEY = "try_another_key"
     """This request is too expensive for this key's balance: retry elsewhere, key unchanged."""
+    MODEL_UNAVAILABLE = "model_unavailable"
+    """The model cannot serve now (no endpoints, deprecated, no provider up): another
+    key won't help, another model may; deliver, key unchanged."""
 
 
 @attrs.frozen(kw_only=True)
@@ -133,6 +136,21 @@ _RULES: Final[Mapping[int, tuple[_Rule, ...]]] = {
     403: (
         _Rule(_V.DEPLETED, ("key limit exceeded", "openrouter_key_limit"), "openrouter_key_limit"),
     ),
+    404: (
+        _Rule(
+            _V.MODEL_UNAVAILABLE,
+            (
+                "no_endpoints",
+                "no endpoints found",
+                "model_deprecated",
+                "has been deprecated",
+                "free_variant_ended",
+                "model_not_found",
+                "model not found",
+                "does not exist",
+            ),
+        ),
+    ),
     429: (
         _Rule(_V.UPSTREAM_BUSY, ("upstream_provider_shared_pool", "capacity_exhausted")),
         _Rule(_V.UPSTREAM_BUSY, ("rate-limited upstream",), "rate_limited_upstream", raw=True),
@@ -178,6 +196,17 @@ _RULES: Final[Mapping[int, tuple[_Rule, ...]]] = {
             ),
         ),
     ),
+    503: (
+        _Rule(
+            _V.MODEL_UNAVAILABLE,
+            (
+                "no instances available",
+                "no provider available",
+                "no available provider",
+                "model_unavailable",
+            ),
+        ),
+    ),
 }
 """Per status, the rules tried in order; the first needle found wins."""
 
@@ -189,7 +218,9 @@ _DEFAULTS: Final[Mapping[int, Verdict]] = {
 }
 """Verdicts when no rule matches; other 3xx/4xx are caller errors, the rest faults."""
 
-_WITH_COOLDOWN: Final = frozenset({_V.RATE_LIMITED, _V.UPSTREAM_BUSY, _V.UPSTREAM_FAULT})
+_WITH_COOLDOWN: Final = frozenset(
+    {_V.RATE_LIMITED, _V.UPSTREAM_BUSY, _V.UPSTREAM_FAULT, _V.MODEL_UNAVAILABLE}
+)
 """Verdicts that carry a cooldown (or retry hint)."""
 
 _SUCCESS: Final = Classification(verdict=_V.SUCCESS)

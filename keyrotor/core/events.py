@@ -61,6 +61,9 @@ class RequestStarted:
             PoolConfig.queue_timeout``).
         tokens: estimated tokens, charged to the key's ``tpm`` pacing until the
             real count arrives in ``ResponseFinished``.
+        max_attempts: this request's attempts, the first included, at most
+            ``PoolConfig.max_attempts`` (None: that limit). A router that
+            tries several models gives each the attempts the others left.
     """
 
     request_id: str
@@ -71,6 +74,7 @@ class RequestStarted:
     group: str | None = None
     deadline: float | None = None
     tokens: int = 0
+    max_attempts: int | None = None
 
 
 @attrs.frozen(kw_only=True)

@@ -111,6 +111,7 @@ VERDICTS: Final[Mapping[Verdict, VerdictRule]] = {
         "upstream_fault", Signal.UPSTREAM_FAULT, Cooldown.WINDOW, fails_over=True
     ),
     _V.TRY_ANOTHER_KEY: VerdictRule("try_another_key", None, Cooldown.NONE, fails_over=True),
+    _V.MODEL_UNAVAILABLE: VerdictRule("model_unavailable", None, Cooldown.NONE, passes_trial=True),
 }
 """Verdict -> what it means. Every verdict has a row."""
 

@@ -260,6 +260,11 @@ class Pool(KeyChoice, RequestQueue, KeyHealth, Snapshots):
                 fix="feed events in order, with now from one monotonic clock",
             )
 
+    def _attempts(self, req: RequestRecord) -> int:
+        """The attempts ``req`` may make: the pool's, or fewer if it asked."""
+        asked = req.event.max_attempts
+        return self._max_attempts if asked is None else min(asked, self._max_attempts)
+
     def _request(self, event: Any) -> RequestRecord:
         """The request ``event`` is about, if the lifecycle table lets the event
         meet the request's state."""
@@ -307,6 +312,13 @@ class Pool(KeyChoice, RequestQueue, KeyHealth, Snapshots):
                 event=event,
                 state=requests[request_id].describe(),
                 fix="give every request in flight its own id",
+            )
+        limit = event.max_attempts
+        if limit is not None and (type(limit) is not int or limit < 1):
+            raise PoolError(
+                f"max_attempts must be a positive integer or None, got {limit!r}",
+                event=event,
+                fix="leave it None for the pool's max_attempts",
             )
         out: list[Decision] = []
         self._now = now
@@ -375,7 +387,7 @@ class Pool(KeyChoice, RequestQueue, KeyHealth, Snapshots):
         ):
             verdict = _with_cooldown(verdict, event.retry_after)
         self._judge(key, verdict, req, out)
-        if verdict.verdict in _RETRY and req.attempt < self._max_attempts:
+        if verdict.verdict in _RETRY and req.attempt < self._attempts(req):
             self._fail_over(req, key, out)
         else:
             req.state = DELIVERED
@@ -429,7 +441,7 @@ class Pool(KeyChoice, RequestQueue, KeyHealth, Snapshots):
             self._fault(key, event.now, f"transport_{reason}", out)
             if failure.strike and req.state == SENT:
                 self._timed_out(key, req, out)
-        if req.state == SENT and req.attempt < self._max_attempts:
+        if req.state == SENT and req.attempt < self._attempts(req):
             self._fail_over(req, key, out)
         elif req.state == SENT:
             # Out of attempts, and no response to deliver: say so honestly.

@@ -18,7 +18,8 @@ class KeyStatistics:
 
     ``requests`` counts attempts sent on the key; ``errors`` counts answers by
     class (``rate_limited``, ``depleted``, ``invalid``, ``upstream_fault``,
-    ``transport``, ``caller_error``, ``upstream_busy``, ``try_another_key``).
+    ``transport``, ``caller_error``, ``upstream_busy``, ``try_another_key``,
+    ``model_unavailable``).
     """
 
     key_id: str

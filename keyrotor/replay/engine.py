@@ -62,7 +62,8 @@ _new = object.__new__
 # those classes ever gain a field this code does not set.
 _SET = {
     RequestStarted: (
-        "request_id", "now", "pin", "pin_fallback", "session", "group", "deadline", "tokens"
+        "request_id", "now", "pin", "pin_fallback", "session", "group", "deadline", "tokens",
+        "max_attempts",
     ),
     ResponseReceived: (
         "request_id", "now", "status", "retry_after", "headers", "body", "wall_time"
@@ -77,8 +78,10 @@ for _cls, _names in _SET.items():
         raise ImportError(f"keyrotor.replay.engine does not know {_cls.__name__}'s fields")
 _RS = [
     RequestStarted.__dict__[name].__set__
-    for name in ("request_id", "now", "pin", "pin_fallback", "session", "group", "deadline")
-]
+    for name in (
+        "request_id", "now", "pin", "pin_fallback", "session", "group", "deadline", "max_attempts"
+    )
+]  # fmt: skip
 _RS_TOKENS = RequestStarted.__dict__["tokens"].__set__
 _RR_ID = ResponseReceived.__dict__["request_id"].__set__
 _RR_NOW = ResponseReceived.__dict__["now"].__set__
@@ -354,7 +357,7 @@ class _Replay:
         decide = self._decide
         answer = self._answer
         tick = self._tick
-        set_id, set_now, set_pin, set_fallback, set_session, set_group, set_deadline = _RS
+        set_id, set_now, set_pin, set_fallback, set_session, set_group, set_deadline, set_max = _RS
         set_tokens = _RS_TOKENS
         total = len(records)
         inf = math.inf
@@ -446,6 +449,7 @@ class _Replay:
                 set_session(ev, rec.session)
                 set_group(ev, rec.group)
                 set_deadline(ev, None)
+                set_max(ev, None)
                 set_tokens(ev, rec.prompt_tokens + rec.completion_tokens)
                 open_[rid] = state = [rec, now, now, 0.0, now, 0.0, 0, 0, None, 0, 0.0]
                 if rec.cancel_after is not None:

@@ -201,6 +201,7 @@ class Driver:
         timeout: float | None = None,
         tokens: int = 0,
         body: bytes | None = None,
+        attempts: int | None = None,
     ) -> tuple[str, Slot]:
         """Start a request: a fresh id, its slot, and the pool told about it
         (``body`` only for a recorder, which notes its model)."""
@@ -222,6 +223,7 @@ class Driver:
                     group=group,
                     deadline=deadline,
                     tokens=tokens,
+                    max_attempts=attempts,
                 )
             )
         except BaseException:

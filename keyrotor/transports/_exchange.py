@@ -67,6 +67,7 @@ class RequestOptions(TypedDict, total=False):
         group: a label whose requests spread over distinct keys.
         timeout: the longest wait for a key, in seconds (``None``: the pool's
             ``queue_timeout``).
+        attempts: this request's attempts, at most the pool's ``max_attempts``.
     """
 
     json: Any
@@ -76,6 +77,7 @@ class RequestOptions(TypedDict, total=False):
     session: str | None
     group: str | None
     timeout: float | None
+    attempts: int | None
 
 
 class _Wait:
@@ -111,7 +113,7 @@ def route(options: RequestOptions) -> dict[str, Any]:
     return {name: options[name] for name in _ROUTING if name in options}  # type: ignore[literal-required]
 
 
-_ROUTING = ("pin", "session", "group", "timeout")
+_ROUTING = ("pin", "session", "group", "timeout", "attempts")
 
 
 def chat_options(

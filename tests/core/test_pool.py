@@ -335,6 +335,30 @@ def test_failover_never_repeats_a_key_while_another_is_usable() -> None:
     assert only(out, Deliver).status == 503
 
 
+def test_a_request_may_ask_for_fewer_attempts_never_more() -> None:
+    pool = make_pool("a", "b", "c", max_attempts=2)
+    start(pool, "r1", 0.0, max_attempts=1)  # a router's last model: one attempt left
+    assert only(respond(pool, "r1", 0.0, 503), Deliver).attempt == 1
+    start(pool, "r2", 0.0, max_attempts=5)  # capped at the pool's 2
+    assert only(respond(pool, "r2", 0.0, 503), Send).attempt == 2
+    assert only(respond(pool, "r2", 0.0, 503), Deliver).attempt == 2
+    before = pool.snapshot()
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(PoolError, match="max_attempts must be a positive integer"):
+            start(pool, "r3", 1.0, max_attempts=bad)
+    assert pool.snapshot() == before
+
+
+def test_a_model_that_is_unavailable_is_delivered_at_once_and_leaves_the_key_alone() -> None:
+    pool = make_pool("a", "b", max_attempts=3)
+    body = {"error": {"code": 503, "message": "No instances available for m/x."}}
+    start(pool, "r1", 0.0)
+    out = respond(pool, "r1", 0.0, 503, body=json.dumps(body).encode())
+    assert only(out, Deliver).attempt == 1  # another key would not help: another model may
+    errors = pool.statistics().keys[0].errors
+    assert errors["model_unavailable"] == 1 and errors["upstream_fault"] == 0
+
+
 def test_single_key_retries_on_itself() -> None:
     pool = make_pool("a", max_attempts=2)
     start(pool, "r1", 0.0)
