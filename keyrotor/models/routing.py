@@ -16,15 +16,38 @@ observed goes first, once, so every candidate gets measured), ``balanced``
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import attrs
 
+from ..core.classify import Verdict, classify_response
 from .catalog import Catalog, ModelInfo
 from .cost import count_images, estimate_tokens
 
-__all__ = ["FREE_ROUTE", "STRATEGIES", "Decision", "Filter", "Need", "Route", "decide", "need_of"]
+__all__ = [
+    "EMPTY",
+    "FREE_ROUTE",
+    "MODEL_FAILURES",
+    "ROUTE_NAME",
+    "STRATEGIES",
+    "TOO_LONG",
+    "UNAVAILABLE",
+    "UNFIT",
+    "Decision",
+    "Filter",
+    "Need",
+    "Route",
+    "Skip",
+    "candidates",
+    "decide",
+    "model_failure",
+    "need_of",
+    "ordered",
+    "route_from_json",
+    "route_to_json",
+]
 
 STRATEGIES = ("ordered", "cheapest", "fastest", "balanced")
 
@@ -90,6 +113,98 @@ class Route:
 FREE_ROUTE = Route("free", (Filter(free=True),), strategy="fastest")
 """Every free model of the catalog that fits the request, fastest first."""
 
+ROUTE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
+"""A route's name: what requests put in ``model``; no ``/``, so that no model
+id of a provider's catalog (``vendor/model``) can take it."""
+_ROUTE_FIELDS = ("name", "candidates", "strategy", "weight")
+_FILTER_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "free": bool,
+    "min_context": int,
+    "max_price": (int, float),
+    "parameters": list,
+    "modalities": list,
+}
+
+
+def route_from_json(data: Any) -> Route:
+    """A route from its JSON (or TOML) form, ``{"name", "candidates",
+    "strategy", "weight"}``; a candidate is a model id or a filter table
+    (``free``, ``min_context``, ``max_price``, ``parameters``,
+    ``modalities``). Raises ``ValueError`` with one line naming the problem."""
+    if not isinstance(data, dict):
+        raise ValueError("a route must be a table with name, candidates and strategy")
+    unknown = sorted(set(data) - set(_ROUTE_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown route field {unknown[0]!r} (known: {', '.join(_ROUTE_FIELDS)})")
+    name = data.get("name")
+    if not isinstance(name, str) or not ROUTE_NAME.match(name):
+        raise ValueError(
+            f"route name {name!r} must be 1-64 letters, digits, '.', '_', ':' or '-' "
+            "(no '/': model ids have one)"
+        )
+    raw = data.get("candidates")
+    if not isinstance(raw, list) or not raw:
+        raise ValueError(
+            f"route {name!r} needs candidates: a list of model ids and filter tables, "
+            'e.g. ["openai/gpt-4o-mini", {free = true, min_context = 32000}]'
+        )
+    found: list[str | Filter] = [_candidate(name, i, c) for i, c in enumerate(raw, 1)]
+    strategy = data.get("strategy", "ordered")
+    weight = data.get("weight", 0.5)
+    if type(weight) not in (int, float) or not 0 <= weight <= 1:
+        raise ValueError(f"route {name!r} weight must be a number from 0 to 1, got {weight!r}")
+    if not isinstance(strategy, str) or strategy not in STRATEGIES:
+        raise ValueError(
+            f"route {name!r} strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}"
+        )
+    return Route(name, tuple(found), strategy, float(weight))
+
+
+def _candidate(route: str, index: int, raw: Any) -> str | Filter:
+    where = f"route {route!r} candidate #{index}"
+    if isinstance(raw, str):
+        if not raw.strip() or raw != raw.strip():
+            raise ValueError(f"{where} must be a model id, got {raw!r}")
+        return raw
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where} must be a model id or a filter table, got {raw!r}")
+    for field, given in raw.items():
+        kind = _FILTER_FIELDS.get(field)
+        if kind is None:
+            known = ", ".join(_FILTER_FIELDS)
+            raise ValueError(f"{where}: unknown filter {field!r} (known: {known})")
+        if (type(given) is bool and kind is not bool) or not isinstance(given, kind):
+            raise ValueError(f"{where}: {field} has the wrong type: {given!r}")
+        value: Any = given
+        if kind is list and not all(isinstance(v, str) for v in value):
+            raise ValueError(f"{where}: {field} must be a list of strings")
+        if field in ("min_context", "max_price") and value < 0:
+            raise ValueError(f"{where}: {field} must not be negative")
+    return Filter(**raw)
+
+
+def route_to_json(route: Route) -> dict[str, Any]:
+    """The JSON form ``route_from_json`` reads."""
+    out: list[Any] = []
+    for candidate in route.candidates:
+        if isinstance(candidate, str):
+            out.append(candidate)
+            continue
+        table: dict[str, Any] = {}
+        for field in _FILTER_FIELDS:
+            value = getattr(candidate, field)
+            if isinstance(value, frozenset):
+                value = sorted(value) if value else None
+            if value not in (None, False):
+                table[field] = value
+        out.append(table)
+    return {
+        "name": route.name,
+        "candidates": out,
+        "strategy": route.strategy,
+        "weight": route.weight,
+    }
+
 
 @attrs.frozen
 class Need:
@@ -124,10 +239,28 @@ def need_of(request: Mapping[str, Any]) -> Need:
 
 
 @attrs.frozen
+class Skip:
+    """Why a model is passed over for now (cooling, free quota spent) and in
+    how many seconds it may serve again (None: not known)."""
+
+    reason: str
+    retry_after: float | None = None
+
+
+EMPTY, TOO_LONG, UNFIT, UNAVAILABLE = "empty", "too_long", "unfit", "unavailable"
+"""Why a decision has no model: the route has no candidate in the catalog; the
+request is longer than every candidate's context; no candidate supports what
+it asks (parameters, images); every candidate that fits is passed over for now."""
+
+
+@attrs.frozen
 class Decision:
     """A route's choice for one request. ``reasons``: one line per candidate
     left out; ``confidence``: 1 when the chosen model's price and latency
-    are both known, 0.5 for one of them, 0.25 for neither (0: no model)."""
+    are both known, 0.5 for one of them, 0.25 for neither (0: no model).
+    Without a model, ``problem`` says why in one line and ``problem_kind``
+    which case it is (``EMPTY``, ``TOO_LONG``, ``UNFIT``, ``UNAVAILABLE``);
+    ``retry_after``: seconds until a candidate passed over serves again."""
 
     route: str
     model: str | None
@@ -136,6 +269,9 @@ class Decision:
     estimated_cost: float | None
     estimated_latency_ms: float | None
     confidence: float
+    problem: str | None = None
+    problem_kind: str | None = None
+    retry_after: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return attrs.asdict(self, recurse=False) | {
@@ -157,15 +293,18 @@ def _cost(model: ModelInfo, need: Need) -> float | None:
     )
 
 
-def _candidates(route: Route, catalog: Catalog, reasons: list[str]) -> list[ModelInfo]:
-    """The route's candidates as catalog models, in order, each once."""
+def candidates(route: Route, catalog: Catalog) -> tuple[tuple[ModelInfo, ...], tuple[str, ...]]:
+    """The route's candidates as catalog models, in order, each once, and one
+    line per model id the catalog does not list. Depends on the route and the
+    catalog only: a caller may keep it until either changes."""
     seen: set[str] = set()
     out: list[ModelInfo] = []
+    missing: list[str] = []
     for candidate in route.candidates:
         if isinstance(candidate, str):
             model = catalog.get(candidate)
             if model is None:
-                reasons.append(f"skipped {candidate}: not in the catalog")
+                missing.append(f"skipped {candidate}: not in the catalog")
             elif model.id not in seen:
                 seen.add(model.id)
                 out.append(model)
@@ -174,7 +313,7 @@ def _candidates(route: Route, catalog: Catalog, reasons: list[str]) -> list[Mode
             if model.id not in seen and candidate.rejects(model) is None:
                 seen.add(model.id)
                 out.append(model)
-    return out
+    return tuple(out), tuple(missing)
 
 
 def _fits(model: ModelInfo, need: Need) -> str | None:
@@ -220,22 +359,47 @@ def decide(
     catalog: Catalog,
     need: Need,
     latency: Mapping[str, float] | None = None,
+    *,
+    unavailable: Mapping[str, Skip] | None = None,
+    no_free: Skip | None = None,
+    found: tuple[tuple[ModelInfo, ...], tuple[str, ...]] | None = None,
 ) -> Decision:
     """The model ``route`` sends a request needing ``need`` to, and its fallbacks.
 
-    ``latency``: observed time to first byte per model id, in ms."""
+    ``latency``: observed time to first byte per model id, in ms;
+    ``unavailable``: models passed over for now (a model cooling after it
+    was down); ``no_free``: set when no account has free quota left, so free
+    models are passed over; ``found``: ``candidates(route, catalog)``, if
+    the caller kept it."""
     latency = latency or {}
-    reasons: list[str] = []
+    unavailable = unavailable or {}
+    models, missing = found if found is not None else candidates(route, catalog)
+    reasons = list(missing)
     fitting = []
-    for model in _candidates(route, catalog, reasons):
+    waits: list[float] = []
+    too_long = unfit = 0
+    for model in models:
         why = _fits(model, need)
-        if why is None:
-            fitting.append(model)
-        else:
+        if why is not None:
+            if why.startswith("context"):
+                too_long += 1
+            else:
+                unfit += 1
             reasons.append(f"skipped {model.id}: {why}")
+            continue
+        skips = [s for s in (no_free if model.free else None, unavailable.get(model.id)) if s]
+        if skips:
+            reasons.extend(f"skipped {model.id}: {skip.reason}" for skip in skips)
+            back = [skip.retry_after for skip in skips]
+            if None not in back:  # back when every reason has passed
+                waits.append(max(b for b in back if b is not None))
+            continue
+        fitting.append(model)
     ranked = _rank(route, fitting, need, latency)
     if not ranked:
-        return Decision(route.name, None, (), tuple(reasons), None, None, 0.0)
+        kind, problem = _problem(route, models, need, too_long, unfit)
+        wait = min(waits) if waits else None
+        return Decision(route.name, None, (), tuple(reasons), None, None, 0.0, problem, kind, wait)
     chosen = ranked[0]
     cost = _cost(chosen, need)
     seen = latency.get(chosen.id)
@@ -249,3 +413,64 @@ def decide(
         seen,
         confidence,
     )
+
+
+def _problem(
+    route: Route, models: tuple[ModelInfo, ...], need: Need, too_long: int, unfit: int
+) -> tuple[str, str]:
+    """(kind, one line) for a decision without a model."""
+    name = f"route {route.name!r}"
+    if not models:
+        return EMPTY, f"no model of the catalog matches {name}'s candidates"
+    if too_long + unfit < len(models):
+        return UNAVAILABLE, f"every candidate of {name} that fits is unavailable for now"
+    if too_long == len(models):
+        largest = max(models, key=lambda m: m.context_length or 0)
+        return TOO_LONG, (
+            f"the request needs about {need.context:,} tokens (prompt and completion), "
+            f"more than any candidate of {name} holds: the largest context is "
+            f"{largest.context_length or 0:,} ({largest.id}); shorten the prompt or max_tokens"
+        )
+    return UNFIT, f"no candidate of {name} supports what the request asks (see reasons)"
+
+
+def ordered(name: str, models: Iterable[str]) -> Route:
+    """The route a request's own ``models`` list makes: those ids, in order."""
+    return Route(name, tuple(models), "ordered")
+
+
+_CONTEXT = (
+    "context length",
+    "context_length",
+    "maximum context",
+    "context window",
+    "prompt is too long",
+    "too many tokens",
+    "reduce the length",
+)
+MODEL_FAILURES = ("unavailable", "busy", "free_limit", "context")
+"""What ``model_failure`` may say: the model has no endpoint or provider up
+now; its provider's shared pool is rate limited; the account's free-model
+limit; the request does not fit its context."""
+
+
+def model_failure(
+    status: int, headers: Mapping[str, str] | None, body: bytes | None
+) -> tuple[str, float | None] | None:
+    """Whether an answer is the model's failure, one that another model may
+    not have: (one of ``MODEL_FAILURES``, the upstream's retry hint in
+    seconds), or None (a success, or the caller's or a key's problem)."""
+    if status < 400:
+        return None
+    verdict = classify_response(status, headers, body)
+    if verdict.verdict is Verdict.MODEL_UNAVAILABLE:
+        return "unavailable", verdict.cooldown
+    if verdict.verdict is Verdict.UPSTREAM_BUSY:
+        return "busy", verdict.cooldown
+    if verdict.verdict is Verdict.RATE_LIMITED and "free" in verdict.reason:
+        return "free_limit", verdict.cooldown
+    if status in (400, 413) and body:
+        text = body[:4096].decode("utf-8", "replace").lower()
+        if any(needle in text for needle in _CONTEXT):
+            return "context", None
+    return None

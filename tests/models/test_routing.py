@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Any
 
 import pytest
@@ -10,13 +12,21 @@ from hypothesis import strategies as st
 
 from keyrotor.models import parse_catalog
 from keyrotor.models.routing import (
+    EMPTY,
     FREE_ROUTE,
     STRATEGIES,
+    TOO_LONG,
+    UNAVAILABLE,
+    UNFIT,
     Filter,
     Need,
     Route,
+    Skip,
     decide,
+    model_failure,
     need_of,
+    route_from_json,
+    route_to_json,
 )
 from keyrotor.testing.catalogs import realistic_models
 
@@ -127,7 +137,6 @@ def test_a_chosen_model_always_fits_the_request_and_the_filters(**drawn: Any) ->
 
 def test_the_docs_example_runs(capsys: pytest.CaptureFixture[str]) -> None:
     import pathlib
-    import re
 
     doc = (pathlib.Path(__file__).parents[2] / "docs" / "routing.md").read_text("utf-8")
     (code,) = re.findall(r"```python\n(.*?)```", doc, re.S)
@@ -135,3 +144,101 @@ def test_the_docs_example_runs(capsys: pytest.CaptureFixture[str]) -> None:
     first, second = capsys.readouterr().out.splitlines()
     assert first == "True True"
     assert re.fullmatch(r"skipped \S+:free: context [\d,]+ < 104,007 needed", second)
+
+
+def test_a_request_too_long_for_every_candidate_names_the_largest_context() -> None:
+    decision = decide(FREE_ROUTE, CATALOG, Need(prompt_tokens=50_000_000))
+    largest = max(FREE, key=lambda m: m.context_length or 0)
+    assert decision.problem_kind == TOO_LONG
+    assert decision.problem is not None
+    assert f"the largest context is {largest.context_length:,} ({largest.id})" in decision.problem
+
+
+def test_no_candidate_in_the_catalog_or_none_supporting_the_request() -> None:
+    empty = decide(Route("r", ["nobody/a", Filter(min_context=10**9)]), CATALOG, Need(10))
+    assert empty.problem_kind == EMPTY and empty.reasons == (
+        "skipped nobody/a: not in the catalog",
+    )
+    plain = [
+        m
+        for m in CATALOG.models
+        if m.supported_parameters and "tools" not in m.supported_parameters
+    ]
+    unfit = decide(Route("r", [plain[0].id]), CATALOG, Need(10, parameters={"tools"}))
+    assert unfit.problem_kind == UNFIT and unfit.reasons == (f"skipped {plain[0].id}: lacks tools",)
+
+
+def test_models_passed_over_for_now_are_skipped_with_the_earliest_return() -> None:
+    first = decide(FREE_ROUTE, CATALOG, Need(10))
+    every = [first.model, *first.fallbacks]
+    down = {every[0]: Skip("cooling for 30 s (503 no instances)", 30.0)}
+    decision = decide(FREE_ROUTE, CATALOG, Need(10), unavailable=down)
+    assert decision.model == every[1]
+    assert f"skipped {every[0]}: cooling for 30 s (503 no instances)" in decision.reasons
+    spent = Skip("free quota of every account spent until 00:00 UTC", 3600.0)
+    none = decide(FREE_ROUTE, CATALOG, Need(10), unavailable=down, no_free=spent)
+    assert none.model is None and none.problem_kind == UNAVAILABLE
+    assert none.retry_after == 3600.0  # free models are back at midnight, cooling or not
+    assert f"skipped {every[0]}: free quota of every account spent until 00:00 UTC" in none.reasons
+    paid = next(m for m in CATALOG.models if not m.free and m.pricing.known)
+    mixed = decide(
+        Route("r", [FREE_ROUTE.candidates[0], paid.id]), CATALOG, Need(10), no_free=spent
+    )
+    assert mixed.model == paid.id  # free quota spent: the route's paid candidate
+
+
+def test_what_an_answer_says_about_the_model() -> None:
+    def body(code: int, message: str, **metadata: Any) -> bytes:
+        return json.dumps(
+            {"error": {"code": code, "message": message, "metadata": metadata}}
+        ).encode()
+
+    assert model_failure(404, None, body(404, "No endpoints found for x/y.")) == (
+        "unavailable",
+        None,
+    )
+    assert model_failure(
+        503, {"retry-after": "7"}, body(503, "No instances available for x/y")
+    ) == (
+        "unavailable",
+        7.0,
+    )
+    shared = body(429, "Provider returned error", limit_source="upstream_provider_shared_pool")
+    assert model_failure(429, None, shared)[0] == "busy"  # type: ignore[index]
+    free = body(429, "Rate limit exceeded: free-models-per-min. ")
+    assert model_failure(429, None, free)[0] == "free_limit"  # type: ignore[index]
+    context = body(400, "This endpoint's maximum context length is 8192 tokens.")
+    assert model_failure(400, None, context) == ("context", None)
+    for status, text in ((400, "Invalid JSON"), (401, "No auth credentials found"), (200, "")):
+        assert model_failure(status, None, body(status, text)) is None
+    assert model_failure(429, None, body(429, "Rate limit exceeded: limit_rpm/x")) is None
+
+
+def test_routes_read_from_json_and_written_back() -> None:
+    data = {
+        "name": "free-fast",
+        "candidates": [
+            "openai/gpt-4o-mini",
+            {"free": True, "min_context": 32000, "parameters": ["tools"]},
+        ],
+        "strategy": "balanced",
+        "weight": 0.25,
+    }
+    route = route_from_json(data)
+    assert route.candidates[1] == Filter(free=True, min_context=32000, parameters={"tools"})
+    assert route_to_json(route) == data
+    assert route_from_json(route_to_json(route)) == route
+    bad = [
+        ({**data, "name": "a/b"}, "route name 'a/b' must be"),
+        ({**data, "candidates": []}, "needs candidates"),
+        ({**data, "candidates": [3]}, "candidate #1 must be a model id or a filter table"),
+        ({**data, "candidates": [{"cheap": True}]}, "unknown filter 'cheap'"),
+        ({**data, "candidates": [{"min_context": "big"}]}, "min_context has the wrong type"),
+        ({**data, "candidates": [{"free": 1}]}, "free has the wrong type"),
+        ({**data, "strategy": "random"}, "strategy must be one of ordered, cheapest"),
+        ({**data, "weight": 2}, "weight must be a number from 0 to 1"),
+        ({**data, "colour": "red"}, "unknown route field 'colour'"),
+    ]
+    for table, message in bad:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            route_from_json(table)

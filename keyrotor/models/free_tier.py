@@ -1,0 +1,173 @@
+"""OpenRouter's free-model limits, kept per account so they are never hit.
+
+Free (``:free``) models allow each *account* 20 requests a minute and 50 a
+day, or 1000 a day once the account bought 10 credits; the day resets at
+00:00 UTC (../shared/upstream-apis.md). More keys of one account add nothing;
+keys of N accounts give N quotas. ``FreeTier`` counts every account's use and
+hands out a request slot only where both limits leave room, so the limit
+answers do not happen: ``take(now)`` names the account to send on (the one
+with the most of its day left) or None, ``wait(now)`` says when a slot opens.
+
+The minute is paced over ``window`` seconds (61 by default: one more than
+the upstream's, so that clock skew and the time a request takes to arrive
+cannot put 21 requests in one of its minutes). Time is Unix time, passed in;
+nothing here reads a clock.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import attrs
+
+from .routing import Skip
+
+__all__ = ["FREE_PER_DAY", "FREE_PER_DAY_WITH_CREDITS", "FREE_PER_MINUTE", "FreeTier"]
+
+FREE_PER_MINUTE = 20
+FREE_PER_DAY = 50
+FREE_PER_DAY_WITH_CREDITS = 1000
+WINDOW = 61.0
+_DAY = 86400.0
+
+
+def utc_day(now: float) -> int:
+    """The UTC day number of Unix time ``now``."""
+    return int(now // _DAY)
+
+
+def _clock_time(seconds: float) -> str:
+    """``HH:MM:SS`` UTC of Unix time ``seconds``."""
+    s = int(seconds % _DAY)
+    return f"{s // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+@attrs.define
+class _Account:
+    name: str
+    per_day: int
+    day: int = -1
+    used: int = 0  # requests on ``day``
+    recent: deque[float] = attrs.Factory(deque)  # times of the requests in the window
+
+    def roll(self, now: float, window: float) -> None:
+        today = utc_day(now)
+        if today != self.day:
+            self.day, self.used = today, 0
+        recent = self.recent
+        while recent and recent[0] <= now - window:
+            recent.popleft()
+
+
+class FreeTier:
+    """Per-account free-model use (see the module's docstring).
+
+    ``accounts``: account name -> its daily limit (``FREE_PER_DAY`` or
+    ``FREE_PER_DAY_WITH_CREDITS``)."""
+
+    def __init__(
+        self,
+        accounts: Mapping[str, int],
+        per_minute: int = FREE_PER_MINUTE,
+        window: float = WINDOW,
+    ) -> None:
+        if per_minute < 1 or not window > 0:
+            raise ValueError(f"per_minute must be >= 1 and window > 0, got {per_minute}, {window}")
+        for name, per_day in accounts.items():
+            if type(per_day) is not int or per_day < 0:
+                raise ValueError(f"account {name!r}: the daily limit must be >= 0, got {per_day!r}")
+        self._accounts = {name: _Account(name, per_day) for name, per_day in accounts.items()}
+        self.per_minute = per_minute
+        self.window = window
+
+    @property
+    def accounts(self) -> list[str]:
+        return list(self._accounts)
+
+    def _open(self, now: float) -> list[_Account]:
+        """The accounts with room now, the most of their day left first."""
+        room = []
+        for account in self._accounts.values():
+            account.roll(now, self.window)
+            if account.used < account.per_day and len(account.recent) < self.per_minute:
+                room.append(account)
+        room.sort(key=lambda a: (a.used - a.per_day, len(a.recent)))
+        return room
+
+    def take(self, now: float, among: Iterable[str] | None = None) -> str | None:
+        """Count one free request now on the account with the most room (only
+        ``among`` those, if given) and name it; None: no account has room."""
+        allowed = None if among is None else set(among)
+        for account in self._open(now):
+            if allowed is None or account.name in allowed:
+                account.used += 1
+                account.recent.append(now)
+                return account.name
+        return None
+
+    def give_back(self, name: str, now: float) -> None:
+        """Uncount a request ``take`` counted that never reached the upstream."""
+        account = self._accounts.get(name)
+        if account is None:
+            return
+        account.roll(now, self.window)
+        if account.used and account.day == utc_day(now):
+            account.used -= 1
+        if account.recent:
+            account.recent.pop()
+
+    def wait(self, now: float) -> float | None:
+        """Seconds until some account has room (0: now); None: no account has a
+        daily quota at all."""
+        waits = []
+        for account in self._accounts.values():
+            account.roll(now, self.window)
+            if account.per_day == 0:
+                continue
+            if account.used >= account.per_day:
+                waits.append((utc_day(now) + 1) * _DAY - now)
+            elif len(account.recent) >= self.per_minute:
+                waits.append(account.recent[0] + self.window - now)
+            else:
+                return 0.0
+        return max(0.0, min(waits)) if waits else None
+
+    def skip(self, now: float) -> Skip | None:
+        """Why free models are passed over now (None: some account has room)."""
+        wait = self.wait(now)
+        if wait == 0.0:
+            return None
+        if wait is None:
+            return Skip("no account has a free-model quota")
+        spent = [a.name for a in self._accounts.values() if a.used >= a.per_day]
+        if len(spent) == len(self._accounts):
+            who = "every account" if len(spent) > 1 else f"account {spent[0]}"
+            return Skip(f"free quota of {who} spent until 00:00 UTC", wait)
+        return Skip(
+            f"free-model pace of {self.per_minute}/min reached on every account until "
+            f"{_clock_time(now + wait)} UTC",
+            wait,
+        )
+
+    def restore(self, used: Mapping[str, int], now: float) -> None:
+        """Put back today's counts (account -> requests) after a restart."""
+        for name, count in used.items():
+            account = self._accounts.get(name)
+            if account is not None:
+                account.roll(now, self.window)
+                account.used = max(account.used, count)
+
+    def status(self, now: float) -> dict[str, Any]:
+        """Per account: today's use and limit, the last window's, for ``/status``."""
+        out = {}
+        for account in self._accounts.values():
+            account.roll(now, self.window)
+            out[account.name] = {
+                "usedToday": account.used,
+                "perDay": account.per_day,
+                "lastMinute": len(account.recent),
+                "perMinute": self.per_minute,
+            }
+        return out
