@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 import attrs
 
 from ..core import POLICIES, KeySpec, PoolConfig, PoolError
+from ..models.routing import FREE_ROUTE, Route, route_from_json
 from ..transports.api import OPENROUTER_URL, HTTPOptions, keys_from_env, mask
 from ..transports.errors import ConfigurationError
 from .storage import default_state_path, secret_key_from_env
@@ -39,6 +40,7 @@ __all__ = [
     "ConfigError",
     "Provider",
     "ProxyConfig",
+    "RoutingOptions",
     "load_config",
     "token_name",
 ]
@@ -80,10 +82,12 @@ _TABLES = (
     "auth",
     "state",
     "catalog",
+    "routing",
     "keys",
     "providers",
     "clients",
     "budgets",
+    "routes",
 )
 _AUTH_KINDS = {"admin_token": _STR, "client_tokens": _STRS, "token_ttl": _FLOAT}
 _STATE_KINDS = {"enabled": _BOOL, "path": _STR, "flush_interval": _FLOAT}
@@ -93,6 +97,12 @@ _CATALOG_KINDS = {"enabled": _BOOL, "refresh_interval": _FLOAT, "reject_unknown"
 _CATALOG_DEFAULTS: Mapping[str, Any] = MappingProxyType(
     {"enabled": True, "refresh_interval": 3600.0}
 )
+_ROUTING_KINDS = {
+    "model_cooldown": _FLOAT,
+    "free_per_minute": _INT,
+    "free_per_day": _INT,
+    "free_wait": _FLOAT,
+}
 _MIN_TOKEN = 16
 _TOKEN_HELP = "generate one with: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
 LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
@@ -217,6 +227,30 @@ class Budget:
     window: float | None = None
 
 
+@attrs.frozen
+class RoutingOptions:
+    """``[routing]``: how routes treat models and free tiers (docs/routing.md).
+
+    Attributes:
+        model_cooldown: seconds a model that answered "unavailable" (no
+            endpoints, no provider up) is passed over by routes, when the
+            upstream gave no Retry-After.
+        free_per_minute: free-model requests per account and minute.
+        free_per_day: free-model requests per account and UTC day (50; 1000
+            for an account that bought 10 credits: list it in ``accounts``).
+        free_wait: seconds a free request may wait for its account's pace
+            before the route moves to its next candidate.
+        accounts: account name -> its daily free-model limit, where it is
+            not ``free_per_day``.
+    """
+
+    model_cooldown: float = 60.0
+    free_per_minute: int = 20
+    free_per_day: int = 50
+    free_wait: float = 5.0
+    accounts: Mapping[str, int] = attrs.Factory(dict)
+
+
 def token_name(token: str) -> str:
     """The name a client token without a ``[[clients]]`` name goes by in the
     ledger: ``token-`` and 8 hex digits of its SHA-256 (not the token)."""
@@ -255,6 +289,9 @@ class ProxyConfig:
         client_names: client token -> its name in the ledger (``[[clients]]``
             names, else ``token_name``); every client token has one.
         budgets: the spend limits per client token and per model.
+        routes: the named routes requests may put in ``model`` (``[[routes]]``;
+            the built-in ``free`` route unless one is called that).
+        routing: ``[routing]``: model cooldowns and free-tier limits.
     """
 
     keys: dict[str, str]
@@ -277,6 +314,8 @@ class ProxyConfig:
     providers: tuple[Provider, ...] = ()
     client_names: dict[str, str] = attrs.Factory(dict)
     budgets: tuple[Budget, ...] = ()
+    routes: tuple[Route, ...] = (FREE_ROUTE,)
+    routing: RoutingOptions = attrs.Factory(RoutingOptions)
 
     def __repr__(self) -> str:
         keys = ", ".join(f"{alias!r}: {mask(secret)!r}" for alias, secret in self.keys.items())
@@ -289,7 +328,8 @@ class ProxyConfig:
             f"state_path={self.state_path!r}, state_flush={self.state_flush!r}, "
             f"secret_key={'set' if self.secret_key else None}, record={self.record!r}, "
             f"catalog_refresh={self.catalog_refresh!r}, providers={list(self.providers)!r}, "
-            f"clients={sorted(self.client_names.values())!r}, budgets={list(self.budgets)!r})"
+            f"clients={sorted(self.client_names.values())!r}, budgets={list(self.budgets)!r}, "
+            f"routes={[r.name for r in self.routes]!r}, routing={self.routing!r})"
         )
 
 
@@ -361,8 +401,10 @@ class _Loader:
                 self.unknown("", name, [*_TOP_KINDS, *_TABLES])
         tables = {
             name: self.table(data, name)
-            for name in ("server", "http", "pool", "headers", "auth", "state", "catalog")
+            for name in ("server", "http", "pool", "headers", "auth", "state", "catalog", "routing")
         }
+        tables["routing"] = dict(tables["routing"])
+        accounts_table = tables["routing"].pop("accounts", {})
         tables[""] = {name: data[name] for name in _TOP_KINDS if name in data}
         given = self.split_overrides(overrides)
 
@@ -415,6 +457,11 @@ class _Loader:
             for source, raw, coerce in self.layers(tables["catalog"], given["catalog"], name):
                 where = f"[catalog] {name}"
                 catalog[name] = self.check(raw, _CATALOG_KINDS[name], where, source, coerce)
+        routing = {}
+        for name in self.names("routing", tables, given, _ROUTING_KINDS):
+            for source, raw, coerce in self.layers(tables["routing"], given["routing"], name):
+                where = f"[routing] {name}"
+                routing[name] = self.check(raw, _ROUTING_KINDS[name], where, source, coerce)
         named = self.clients(data.get("clients", []))
         admin, clients = self.tokens(auth, server["host"], list(named.values()))
         client_names = {token: token_name(token) for token in clients}
@@ -424,6 +471,8 @@ class _Loader:
             ("[auth] token_ttl", auth["token_ttl"]),
             ("[state] flush_interval", state["flush_interval"]),
             ("[catalog] refresh_interval", catalog["refresh_interval"]),
+            ("[routing] model_cooldown", routing.get("model_cooldown", 1.0)),
+            ("[routing] free_per_minute", routing.get("free_per_minute", 1)),
         ):
             if not (value > 0 and math.isfinite(value)):
                 self.fail(
@@ -476,6 +525,10 @@ class _Loader:
             providers=providers,
             client_names=client_names,
             budgets=budgets,
+            routes=self.routes(data.get("routes", []), catalog["enabled"]),
+            routing=RoutingOptions(
+                **routing, accounts=self.accounts(accounts_table, routing, specs)
+            ),
         )
 
     def entries(self, entries: Any, table: str, options: tuple[str, ...]) -> list[dict[str, Any]]:
@@ -591,6 +644,77 @@ class _Loader:
                 scope, name, float(limit), None if window is None else float(window)
             )
         return tuple(budgets.values())
+
+    def routes(self, entries: Any, catalog: bool) -> tuple[Route, ...]:
+        """The ``[[routes]]`` tables, checked, with the built-in ``free`` route
+        unless one of them is called that."""
+        routes: dict[str, Route] = {}
+        for index, entry in enumerate(
+            self.entries(entries, "routes", ("name", "candidates", "strategy", "weight")), 1
+        ):
+            where = f"[[routes]] #{index}"
+            try:
+                route = route_from_json(entry)
+            except ValueError as exc:
+                self.fail(f"{where}: {exc}", where=where, fix="see docs/routing.md for the shape")
+            if route.name in routes:
+                self.fail(
+                    f"{where}: route name {route.name!r} is already used by another route",
+                    where=f"{where} name",
+                    fix="give every route its own name",
+                )
+            routes[route.name] = route
+        if routes and not catalog:
+            self.fail(
+                "[[routes]] choose models from the catalog, "
+                "which [catalog] enabled = false turns off",
+                where="[catalog] enabled",
+                fix="remove enabled = false from [catalog], or remove the [[routes]]",
+            )
+        if not catalog:
+            return ()
+        return (
+            tuple(routes.values()) if FREE_ROUTE.name in routes else (FREE_ROUTE, *routes.values())
+        )
+
+    def accounts(
+        self, table: Any, routing: Mapping[str, Any], specs: list[KeySpec]
+    ) -> dict[str, int]:
+        """``[routing.accounts]``: account -> its daily free-model limit, each
+        the account of a key."""
+        if not isinstance(table, dict):
+            self.fail(
+                f"[routing] accounts must be a table, got {_describe(table)}",
+                where="[routing] accounts",
+                fix="write accounts = { team = 1000 } (account = its free requests per day)",
+            )
+        known = {spec.account for spec in specs if spec.account is not None}
+        out = {}
+        for name, value in table.items():
+            where = f"[routing.accounts] {name}"
+            if name not in known:
+                listed = ", ".join(sorted(known)) or "none"
+                self.fail(
+                    f"{where}: no key has account = {name!r} (accounts of the keys: {listed})",
+                    where=where,
+                    fix='set account = "..." on the account\'s [[keys]], or fix the name',
+                )
+            per_day = self.check(value, _INT, where, self.source, False)
+            if per_day < 0:
+                self.fail(
+                    f"{where} must not be negative, got {per_day}",
+                    where=where,
+                    fix="50 (never bought credits) or 1000 (bought 10 or more)",
+                )
+            out[name] = per_day
+        for name in ("free_per_day", "free_wait"):
+            if routing.get(name, 0) < 0:
+                self.fail(
+                    f"[routing] {name} must not be negative, got {routing[name]}",
+                    where=f"[routing] {name}",
+                    fix="free_per_day: 50 (no credits bought); free_wait: seconds, 0 for none",
+                )
+        return out
 
     def providers(self, entries: Any) -> dict[str, tuple[str, str, frozenset[str]]]:
         """name -> (upstream, kind, models) of the ``[[providers]]`` tables, checked."""
@@ -763,7 +887,18 @@ class _Loader:
     def split_overrides(self, overrides: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         """Overrides by table (``""``: top level); None values dropped."""
         given: dict[str, dict[str, Any]] = {
-            t: {} for t in ("", "server", "http", "pool", "headers", "auth", "state", "catalog")
+            t: {}
+            for t in (
+                "",
+                "server",
+                "http",
+                "pool",
+                "headers",
+                "auth",
+                "state",
+                "catalog",
+                "routing",
+            )
         }
         for name, value in overrides.items():
             if value is None:
@@ -1121,6 +1256,7 @@ _TABLE_KINDS = {
     "auth": _AUTH_KINDS,
     "state": _STATE_KINDS,
     "catalog": _CATALOG_KINDS,
+    "routing": _ROUTING_KINDS,
 }
 
 

@@ -12,8 +12,9 @@ What is kept:
 - ``usage``: the same spend per provider, per model and per client token
   (``scope`` ``provider``, ``model`` or ``client`` and a name) per UTC day.
 - ``catalogs``: each provider's last fetched model catalog.
-- ``meta``: the schema version, the per-file salt for passphrases and a check
-  token that tells a wrong ``KEYROTOR_SECRET_KEY`` at open.
+- ``meta``: the schema version, the per-file salt for passphrases, a check
+  token that tells a wrong ``KEYROTOR_SECRET_KEY`` at open, and the routes
+  set through the admin API (``routes``: a JSON object, name -> route).
 
 Writes. Admin changes (``add_key``, ``remove_key``) are committed before they
 return; call them from a worker thread. Hot-path records (``record_state``,
@@ -184,6 +185,7 @@ class Loaded:
     ledger: list[LedgerRow]
     skipped: list[str] = attrs.field(factory=list)
     usage: list[UsageRow] = attrs.field(factory=list)
+    routes: dict[str, Any] = attrs.field(factory=dict)
 
 
 def secret_key_from_env(environ: Mapping[str, str] = os.environ) -> str | None:
@@ -497,6 +499,7 @@ class StateStore:
                     "SELECT scope, name, day, requests, prompt_tokens, completion_tokens, cost "
                     "FROM usage ORDER BY day, scope, name"
                 ).fetchall()
+                routes_row = conn.execute("SELECT value FROM meta WHERE name = 'routes'").fetchone()
             except sqlite3.Error as exc:
                 raise StorageError(f"cannot read {self.path}: {exc}") from None
         keys: list[StoredKey] = []
@@ -519,7 +522,39 @@ class StateStore:
             [LedgerRow(*row) for row in ledger_rows],
             skipped,
             [UsageRow(*row) for row in usage_rows],
+            self._routes(routes_row),
         )
+
+    def _routes(self, row: tuple[str] | None) -> dict[str, Any]:
+        if row is None:
+            return {}
+        try:
+            routes = json.loads(row[0])
+        except ValueError:
+            routes = None
+        if not isinstance(routes, dict):
+            self._log(f"keyrotor storage: the stored routes in {self.path} are not JSON; ignored")
+            return {}
+        return routes
+
+    def save_routes(self, routes: Mapping[str, Any]) -> None:
+        """Keep the routes set through the admin API (name -> route JSON),
+        replacing those kept before. Blocking; raises ``StorageError``."""
+        text = json.dumps(dict(routes), separators=(",", ":"), allow_nan=False)
+        with self._db_lock:
+            conn = self._connection()
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                conn.execute(
+                    "INSERT OR REPLACE INTO meta (name, value) VALUES ('routes', ?)", (text,)
+                )
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                _rollback(conn)
+                raise StorageError(
+                    f"cannot store the routes in {self.path}: {exc}; check the disk and the "
+                    "file's permissions"
+                ) from None
 
     def _decrypt(self, alias: str, token: bytes) -> str | None:
         if self._cipher is None:

@@ -86,6 +86,17 @@ class FreeTier:
     def accounts(self) -> list[str]:
         return list(self._accounts)
 
+    def set_accounts(self, accounts: Mapping[str, int]) -> None:
+        """The accounts now (keys come and go): new ones start at zero, the
+        others keep their counts, with the daily limit given."""
+        old = self._accounts
+        self._accounts = {
+            name: attrs.evolve(old[name], per_day=per_day)
+            if name in old
+            else _Account(name, per_day)
+            for name, per_day in accounts.items()
+        }
+
     def _open(self, now: float) -> list[_Account]:
         """The accounts with room now, the most of their day left first."""
         room = []
@@ -106,6 +117,14 @@ class FreeTier:
                 account.recent.append(now)
                 return account.name
         return None
+
+    def note(self, name: str, now: float) -> None:
+        """Count a free request sent on ``name`` without ``take`` (room or not)."""
+        account = self._accounts.get(name)
+        if account is not None:
+            account.roll(now, self.window)
+            account.used += 1
+            account.recent.append(now)
 
     def give_back(self, name: str, now: float) -> None:
         """Uncount a request ``take`` counted that never reached the upstream."""

@@ -1,4 +1,5 @@
-"""The admin API (``/admin/*``): keys added, removed, marked and probed at runtime.
+"""The admin API (``/admin/*``): keys added, removed, marked and probed at
+runtime, and routes set and removed.
 
 Every change takes effect at once on the running pool. Keys added here are
 stored (secret encrypted) in the state file when there is one, before they
@@ -22,13 +23,16 @@ import anyio.to_thread
 import attrs
 
 from ...core import KeySpec, KeyState, PoolError
+from ...models.routing import route_from_json, route_to_json
 from ...transports.api import AsyncClient
 from ...transports.errors import ConfigurationError
 from ..config import MAIN_PROVIDER
+from ..storage import StorageError
 from .types import Request, Response
 
 if TYPE_CHECKING:
     from ..storage import StateStore
+    from .router import Router
 
 __all__ = ["KEY_OPTIONS", "Admin"]
 
@@ -39,6 +43,7 @@ KEY_OPTIONS = ("key", "alias", "provider", *_SPEC_OPTIONS)
 """The fields of ``POST /admin/keys``."""
 _MARKABLE = ("healthy", "disabled", "rate_limited", "degraded", "depleted", "failed")
 _KEY_PATH = re.compile(r"^/admin/keys/([^/]+)(/state)?$")
+_ROUTE_PATH = re.compile(r"^/admin/routes/([^/]+)$")
 
 
 class AdminError(Exception):
@@ -64,8 +69,12 @@ class Admin:
         sources: dict[str, str],
         log: Callable[[dict[str, Any]], None] = lambda record: None,
         providers: Mapping[str, AsyncClient] | None = None,
+        router: Router | None = None,
+        stored_routes: Mapping[str, Any] | None = None,
     ) -> None:
         self._clients = {MAIN_PROVIDER: client, **(providers or {})}
+        self._router = router
+        self._stored_routes = dict(stored_routes or {})  # routes set here, as kept
         self._store = store
         self.sources = sources
         self._log = log
@@ -107,6 +116,8 @@ class Admin:
                     ]
             self._log({"event": "admin", "action": "probe", "keys": targets})
             return _answer(202, {"probing": targets})
+        if path == "/admin/routes" or path.startswith("/admin/routes/"):
+            return await self._routes(request, path, method)
         match = _KEY_PATH.match(path)
         if match is None:
             raise AdminError(404, f"no admin route {method} {path}")
@@ -120,6 +131,58 @@ class Admin:
         if method == "GET":
             return _answer(200, self._entry(alias))
         raise AdminError(405, f"{method} {path}: use GET or DELETE")
+
+    async def _routes(self, request: Request, path: str, method: str) -> Response:
+        """``GET /admin/routes``; ``PUT`` and ``DELETE /admin/routes/{name}``."""
+        router = self._router
+        if router is None:
+            raise AdminError(404, "routing is off: it needs the model catalog ([catalog])")
+        if path == "/admin/routes":
+            if method != "GET":
+                raise AdminError(
+                    405, f"{method} {path}: use GET (PUT or DELETE /admin/routes/NAME)"
+                )
+            return _answer(200, router.routes_json())
+        match = _ROUTE_PATH.match(path)
+        if match is None:
+            raise AdminError(404, f"no admin route {method} {path}")
+        name = unquote(match.group(1))
+        async with self._lock:
+            kept = dict(self._stored_routes)
+            if method == "PUT":
+                body = _json_object(request.body)
+                if body.setdefault("name", name) != name:
+                    raise AdminError(
+                        400, f"the body names route {body['name']!r}, the path {name!r}"
+                    )
+                try:
+                    route = route_from_json(body)
+                except ValueError as exc:
+                    raise AdminError(400, str(exc)) from None
+                kept[name] = route_to_json(route)
+                status, action = (
+                    (200, "route_replaced") if name in router.routes else (201, "route_added")
+                )
+            elif method == "DELETE":
+                if name not in router.routes:
+                    known = ", ".join(sorted(router.routes)) or "none"
+                    raise AdminError(404, f"no route {name!r} (routes: {known})")
+                kept.pop(name, None)
+                status, action = 200, "route_removed"
+            else:
+                raise AdminError(405, f"{method} {path}: use PUT or DELETE")
+            if self._store is not None:  # kept first: a 2xx means it survives a restart
+                try:
+                    await anyio.to_thread.run_sync(self._store.save_routes, kept)
+                except StorageError as exc:
+                    raise AdminError(503, str(exc)) from None
+            self._stored_routes = kept
+            if method == "PUT":
+                router.set_route(route)
+            else:
+                router.remove_route(name)
+        self._log({"event": "admin", "action": action, "route": name})
+        return _answer(status, {"route": name, "stored": self._store is not None})
 
     # ---------------------------------------------------------------- views
 

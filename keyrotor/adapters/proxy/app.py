@@ -16,7 +16,11 @@ from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
+import anyio
+import attrs
+
 from ...core import USABLE_STATES
+from ...models.routing import model_failure
 from ...transports.api import AsyncClient, ResponseHead, StreamResponse
 from ...transports.errors import NoKeyAvailable, TransportError
 from ..config import MAIN_PROVIDER
@@ -24,6 +28,7 @@ from .admin import Admin
 from .auth import Auth, Role
 from .metrics import ProxyCounters, render
 from .model_health import ModelHealth, model_of
+from .router import Plan, Refused, Router, is_free
 from .spend import Refusal, SpendBook
 from .types import Request, Response
 
@@ -130,13 +135,15 @@ class ProxyApp:
         routes: Routes | None = None,
         spend: SpendBook | None = None,
         reject_unknown_models: bool = False,
+        router: Router | None = None,
     ) -> None:
         self._reject_unknown = reject_unknown_models and catalog is not None
         self._client = client
         self.spend = spend or SpendBook()
         self._catalog = catalog
         self._routes = routes
-        self.models = ModelHealth()
+        self.models = router.models if router is not None else ModelHealth()
+        self.router = router
         self._routing_note = routing_note
         self._clock = clock
         self._auth = auth or Auth()
@@ -180,6 +187,8 @@ class ProxyApp:
                 headers=[("content-type", "text/plain; version=0.0.4; charset=utf-8")],
                 body=text.encode(),
             )
+        elif path.startswith("/routing/"):
+            response = self._routing(request, path)
         elif path == "/healthz" and request.method == "GET":
             usable = _usable_keys(self._client.status())
             response = self._json(200, {"ok": True, "usable_keys": usable})
@@ -191,6 +200,34 @@ class ProxyApp:
             )
         self.counters.by_status[response.status] += 1
         return response
+
+    def _routing(self, request: Request, path: str) -> Response:
+        """``GET /routing/routes`` and ``POST /routing/recommend`` (nothing sent)."""
+        router = self.router
+        if router is None:
+            return _refuse(404, "routing is off: it needs the model catalog ([catalog])", None)
+        if path == "/routing/routes" and request.method == "GET":
+            return self._json(200, router.routes_json())
+        if path == "/routing/recommend" and request.method == "POST":
+            body = request.body
+            model = model_of(body)
+            if not router.routed(model, body):
+                if model is None:
+                    return _invalid(
+                        "the body must be a chat request with a model, a route or models"
+                    )
+                try:
+                    body = json.dumps({**json.loads(body), "models": [model]}).encode()
+                except (ValueError, TypeError):
+                    return _invalid("the request body is not a JSON object")
+            plan = router.plan(body)
+            if isinstance(plan, Refused):
+                if plan.decision is None:
+                    return _refused(plan)
+                answer = plan.decision.to_json() | {"status": plan.status, "error": plan.message}
+                return self._json(200, answer)
+            return self._json(200, plan.decision.to_json() | {"status": 200})
+        return _refuse(404, f"no route {request.method} {path}", None)
 
     def _refusal(self, request: Request, path: str) -> Response | None:
         """The 401/403/404 answer when the caller may not use ``path``."""
@@ -241,6 +278,8 @@ class ProxyApp:
             status["catalog"] = self._catalog.status()
         if self._routes is not None:
             status["providers"] = self._routes.status()
+        if self.router is not None:
+            status["routing"] = self.router.status()
         status["models"] = self.models.status()
         status["spend"] = self.spend.status()
         status["stats"]["failovers"] = self.counters.failovers
@@ -347,7 +386,13 @@ class ProxyApp:
             return _invalid("X-Keyrotor-Fallback must be true or false")
         body = request.body
         model = model_of(body)
-        if self._reject_unknown and model is not None and not self._known(model):
+        routes = {} if self.router is None else self.router.routes
+        if (
+            self._reject_unknown
+            and model is not None
+            and model not in routes
+            and not self._known(model)
+        ):
             return _refuse(
                 404,
                 f"the model {model!r} is not in the catalog; GET /v1/models lists the models "
@@ -361,43 +406,70 @@ class ProxyApp:
             refused = spend.refusal(caller, model, body, info)
             if refused is not None:
                 return _over_budget(refused)
-        client = self._client
-        provider = MAIN_PROVIDER
+        router = self.router
+        send = _Send(request, headers, pin, _BOOLEANS[fallback])
+        if router is not None and body and request.method == "POST":
+            if router.routed(model, body):
+                assert self._catalog is not None
+                await self._catalog.ready()
+                plan = router.plan(body)
+                if isinstance(plan, Refused):
+                    return _refused(plan)
+                return await self._send_models(send, plan)
+            if model is not None:
+                if is_free(model):
+                    return await self._send_models(send, None, model)
+                unknown = router.unknown(model)
+                if unknown is not None:
+                    return _refused(unknown)
+        client, provider, body = self._upstream(body)
+        charged = {"provider": provider, "model": model, "client": caller}
+        started = client.driver.now()
+        try:
+            upstream = await send.to(client, body)
+        except NoKeyAvailable as exc:
+            return _rejected(exc)
+        if model is not None:
+            self.models.record(model, upstream.status_code, client.driver.now() - started)
+        return await self._deliver(send, client, upstream, charged)
+
+    def _upstream(self, body: bytes) -> tuple[AsyncClient, str, bytes]:
+        """The client a request body's model goes to, its provider's name, and
+        the body as that provider names the model."""
         if self._routes is not None and body:
             routed = self._routes.pick(body)
             if routed is not None:  # another provider's model: its own keys
                 provider, body = routed
-                client = self._routes.clients[provider]
-        charged = {"provider": provider, "model": model, "client": caller}
-        started = client.driver.now()
-        try:
-            upstream = await client.send(
-                request.method,
-                request.target[3:],  # "/v1/chat/completions?x" -> "/chat/completions?x"
-                content=body if body or request.method in ("POST", "PUT", "PATCH") else None,
-                headers=headers,
-                pin=pin,
-                pin_fallback=_BOOLEANS[fallback],
-                session=request.header("x-keyrotor-session"),
-            )
-        except NoKeyAvailable as exc:
-            status, reply_headers, reply = rejection(exc)
-            return Response(
-                status=status, headers=reply_headers, body=reply, log={"outcome": "rejected"}
-            )
-        if model is not None:
-            self.models.record(model, upstream.status_code, client.driver.now() - started)
+                return self._routes.clients[provider], provider, body
+        return self._client, MAIN_PROVIDER, body
+
+    async def _deliver(
+        self,
+        send: _Send,
+        client: AsyncClient,
+        upstream: StreamResponse,
+        charged: dict[str, str | None],
+        extra: list[tuple[str, str]] | None = None,
+        log: dict[str, object] | None = None,
+        content: bytes | None = None,
+    ) -> Response:
+        """The answer to the caller: the upstream's, with keyrotor's headers
+        (``extra`` too), its spend charged once its body has been read."""
         if upstream.attempts > 1:
             self.counters.failovers += 1
         out_headers = delivered_headers(upstream)
-        if pin is not None:
-            out_headers.append(("x-keyrotor-pin", self._pin_note(client, pin, upstream.key)))
+        if extra:
+            out_headers += extra
+        if send.pin is not None:
+            out_headers.append(("x-keyrotor-pin", self._pin_note(client, send.pin, upstream.key)))
         log = {
             "key": upstream.key,
             "attempts": upstream.attempts,
             "upstream_status": upstream.status_code,
+            **(log or {}),
         }
-        if "event-stream" in upstream.headers.get("content-type", ""):
+        spend = self.spend
+        if content is None and "event-stream" in upstream.headers.get("content-type", ""):
             return Response(
                 status=upstream.status_code,
                 headers=out_headers,
@@ -406,13 +478,194 @@ class ProxyApp:
                 log=log,
             )
         try:
-            content = await upstream.aread()
+            if content is None:
+                content = await upstream.aread()
         finally:
             await upstream.aclose()
         spend.charge(charged, upstream.usage)
         if self._routing_note and upstream.is_success:
             content = _with_routing(content, upstream)
         return Response(status=upstream.status_code, headers=out_headers, body=content, log=log)
+
+    async def _send_models(self, send: _Send, plan: Plan | None, model: str = "") -> Response:
+        """Send a routed request (``plan``), or a plain one for a free
+        ``model``, model after model until one answers as a model should: a
+        model that is unavailable, busy, over the free limit or too small for
+        the prompt passes the request to the next, within the pool's attempts.
+        Free models take a slot of an account with room (waiting up to
+        ``free_wait`` for one)."""
+        router = self.router
+        assert router is not None
+        catalog = self._catalog
+        if plan is not None:
+            decision = plan.decision
+            models = [decision.model or "", *decision.fallbacks]
+            route: str | None = plan.route.name
+        else:
+            models, route = [model], None
+        left = self._client.driver.pool.config.max_attempts
+        tried: list[str] = []  # one line per model that did not serve
+        refused: NoKeyAvailable | Refused | None = None
+        done: set[int] = set()  # clients that had no key: their other models won't either
+        outgrown = 0  # the context of a model that found the request too long
+        for index, name in enumerate(models):
+            info = None if catalog is None else catalog.get(name)
+            context = None if info is None else info.context_length
+            if outgrown and context is not None and context <= outgrown:
+                tried.append(
+                    f"{name}: context {context:,} no larger than a model's that was too small"
+                )
+                continue
+            body = send.request.body if plan is None else plan.body_for(name)
+            if name in self.spend.budgeted_models:
+                over = self.spend.refusal(None, name, body, info)
+                if over is not None:
+                    tried.append(f"{name}: {over.message}")
+                    continue
+            client, provider, body = self._upstream(body)
+            if id(client) in done:
+                continue
+            taken = pin = None
+            if is_free(name) and provider == MAIN_PROVIDER and send.pin is None:
+                slot = await self._free_slot()
+                if isinstance(slot, Refused):
+                    tried.append(f"{name}: {slot.message}")
+                    refused = slot
+                    continue
+                taken, pin = slot
+            started = client.driver.now()
+            try:
+                upstream = await send.to(client, body, attempts=left, pin=pin)
+            except NoKeyAvailable as exc:
+                if taken is not None:
+                    router.give_back(taken)
+                tried.append(f"{name}: no key ({exc.reason})")
+                refused = exc
+                done.add(id(client))
+                continue
+            if is_free(name) and provider == MAIN_PROVIDER:
+                router.served_free(taken, upstream.key)
+            status = upstream.status_code
+            self.models.record(name, status, client.driver.now() - started)
+            left -= upstream.attempts
+            content = None
+            if status >= 400 and index + 1 < len(models) and left > 0:
+                content = await upstream.aread()
+                failure = model_failure(status, upstream.headers, content)
+                if failure is not None:
+                    await upstream.aclose()
+                    kind, hint = failure
+                    if kind in ("unavailable", "busy"):
+                        router.cool(name, f"answered {status} ({kind})", hint)
+                    if kind == "context":
+                        outgrown = max(outgrown, context or 0)
+                    tried.append(f"{name}: answered {status} ({kind})")
+                    continue
+            extra = [("x-keyrotor-model", name)]
+            if route is not None:
+                extra.append(("x-keyrotor-route", route))
+            log: dict[str, object] = {"model": name}
+            if route is not None:
+                log["route"] = route
+            if tried:
+                log["tried"] = tried
+                extra.append(("x-keyrotor-fallbacks", str(len(tried))))
+            charged = {"provider": provider, "model": name, "client": send.request.caller}
+            return await self._deliver(send, client, upstream, charged, extra, log, content)
+        if isinstance(refused, NoKeyAvailable):
+            return _rejected(refused)
+        why = "; ".join(tried)
+        if isinstance(refused, Refused) and len(models) == 1:
+            return _refused(attrs.evolve(refused, message=f"{refused.message} ({why})"))
+        retry = refused.retry_after if isinstance(refused, Refused) else None
+        return _refused(
+            Refused(
+                503, f"no model of route {route!r} could serve: {why}", "models_unavailable", retry
+            )
+        )
+
+    async def _free_slot(self) -> tuple[str, str] | Refused:
+        """(account, key) for a free-model request, waiting for the pace up to
+        ``free_wait`` seconds; a 429 ``Refused`` when no account has room."""
+        router = self.router
+        assert router is not None
+        waited = 0.0
+        while True:
+            slot = router.take_free()
+            if slot is not None:
+                return slot
+            wait = router.free_wait()
+            if wait is None or waited + wait > router.options.free_wait:
+                skip = router.free.skip(self._clock())
+                return Refused(
+                    429,
+                    skip.reason if skip else "no account has free-model quota",
+                    "free_quota_exhausted",
+                    None if skip is None else skip.retry_after,
+                )
+            await anyio.sleep(wait + 0.001)
+            waited += wait + 0.001
+
+
+class _Send:
+    """What every attempt of one request shares: the caller's request, the
+    headers passed upstream and the caller's pin."""
+
+    __slots__ = ("headers", "pin", "pin_fallback", "request")
+
+    def __init__(
+        self,
+        request: Request,
+        headers: dict[str, str],
+        pin: str | int | None,
+        pin_fallback: bool,
+    ) -> None:
+        self.request = request
+        self.headers = headers
+        self.pin = pin
+        self.pin_fallback = pin_fallback
+
+    async def to(
+        self,
+        client: AsyncClient,
+        body: bytes,
+        attempts: int | None = None,
+        pin: str | None = None,
+    ) -> StreamResponse:
+        """Send the request with ``body`` through ``client`` (on ``pin``, the
+        free tier's key, if given: another key only if that one cannot)."""
+        request = self.request
+        return await client.send(
+            request.method,
+            request.target[3:],  # "/v1/chat/completions?x" -> "/chat/completions?x"
+            content=body if body or request.method in ("POST", "PUT", "PATCH") else None,
+            headers=self.headers,
+            pin=self.pin if pin is None else pin,
+            pin_fallback=self.pin_fallback if pin is None else True,
+            session=request.header("x-keyrotor-session"),
+            attempts=attempts,
+        )
+
+
+def _rejected(exc: NoKeyAvailable) -> Response:
+    status, reply_headers, reply = rejection(exc)
+    return Response(status=status, headers=reply_headers, body=reply, log={"outcome": "rejected"})
+
+
+def _refused(refused: Refused) -> Response:
+    """A routed request not sent (or sent to no avail): its error, and
+    ``Retry-After`` when a model or a free quota comes back."""
+    headers = [_JSON]
+    if refused.retry_after is not None:
+        headers.append(("retry-after", str(max(1, math.ceil(refused.retry_after)))))
+    kind = {400: "invalid_request_error", 404: "invalid_request_error", 429: "rate_limit_error"}
+    body = error_body(
+        refused.message, kind.get(refused.status, "service_unavailable"), refused.code
+    )
+    log: dict[str, object] = {"outcome": "not_routed", "code": refused.code}
+    if refused.decision is not None:
+        log["route"] = refused.decision.route
+    return Response(status=refused.status, headers=headers, body=body, log=log)
 
 
 def _usable_keys(status: dict[str, Any]) -> int:

@@ -236,6 +236,7 @@ class Catalogs:
         self.providers = dict(providers or {})
         self._routes = routes
         self._merged: tuple[tuple[int, ...], bytes, dict[str, bytes]] | None = None
+        self._one: tuple[tuple[int, ...], Catalog] | None = None
 
     def services(self) -> list[CatalogService]:
         return [self.main, *self.providers.values()]
@@ -259,6 +260,29 @@ class Catalogs:
             return None if catalog is None else catalog.get(routed[1])
         catalog = self.main.catalog
         return None if catalog is None else catalog.get(model)
+
+    def merged(self) -> Catalog | None:
+        """Every model a request can name, as one catalog under those names
+        (the router chooses from it); None before the main catalog is in.
+        Built again only when a catalog was replaced."""
+        main = self.main.catalog
+        if main is None:
+            return None
+        if not self.providers:
+            return main
+        identity = tuple(id(s.catalog) for s in self.services())
+        if self._one is not None and self._one[0] == identity:
+            return self._one[1]
+        routes = self._routes
+        models = [m for m in main.models if routes is None or routes.route(m.id) is None]
+        for name, service in self.providers.items():
+            catalog = service.catalog
+            for model in () if catalog is None else catalog.models:
+                claimed = routes is not None and routes.claimed.get(model.id) == name
+                models.append(model if claimed else attrs.evolve(model, id=f"{name}/{model.id}"))
+        merged = Catalog("merged", tuple(models), fetched_at=main.fetched_at)
+        self._one = (identity, merged)
+        return merged
 
     def models_body(self) -> bytes:
         """``GET /v1/models``: every model a request can name."""

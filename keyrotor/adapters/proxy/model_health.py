@@ -4,10 +4,10 @@ Per model named in a request: requests, answers by class, the "model is not
 available" answers (404: no endpoints, deprecated, free variant ended; 503:
 no provider available), and the time to the answer's head (an EWMA and the
 last value). It only observes: keys are judged by the core alone. A model's
-404s (no endpoints, deprecated) are caller errors there and leave the key
-alone; its 5xx answers still count in the key's error window, until routing
-(the next step) treats a model that is down as the model's fault and passes
-over it, reading these figures.
+"unavailable" answers (404 no endpoints or deprecated, 503 no instances) are
+the core's ``model_unavailable`` verdict: delivered at once, the key left
+alone; a route moves to its next model and cools this one (``router.py``),
+and its ``fastest`` strategy reads ``latency_ms``.
 """
 
 from __future__ import annotations
@@ -54,6 +54,8 @@ class ModelHealth:
     def __init__(self, limit: int = MAX_MODELS) -> None:
         self._rows: dict[str, _Row] = {}
         self._limit = limit
+        self.latency_ms: dict[str, float] = {}
+        """Per model, the EWMA of the time to the answer's head in ms (the router's ``fastest``)."""
 
     def record(self, model: str, status: int, ttfb: float) -> None:
         """An answer with ``status`` whose head came ``ttfb`` seconds after the request."""
@@ -69,6 +71,7 @@ class ModelHealth:
             row.ok += 1
             row.ttfb = ttfb if row.ttfb is None else row.ttfb + ALPHA * (ttfb - row.ttfb)
             row.last_ttfb = ttfb
+            self.latency_ms[model] = row.ttfb * 1000
         else:
             row.errors += 1
             row.last_error = status

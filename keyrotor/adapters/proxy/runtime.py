@@ -18,7 +18,7 @@ import calendar
 import contextlib
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -26,6 +26,7 @@ import attrs
 
 from ...core import KeySpec, KeyState, KeyStateChanged, PoolConfig, SpendRecorded
 from ...models import pricer
+from ...models.routing import route_from_json
 from ...transports.api import AsyncClient, Driver, StreamAccountant
 from ..config import ConfigError, Provider, ProxyConfig
 from ..storage import PROVIDER_CATALOG, day_start
@@ -33,7 +34,9 @@ from .admin import Admin
 from .app import ProxyApp
 from .auth import Auth
 from .catalog import Catalogs, CatalogService
+from .model_health import ModelHealth
 from .providers import Routes
+from .router import Router
 from .spend import SpendBook
 
 if TYPE_CHECKING:
@@ -296,13 +299,28 @@ async def open_app(
                             provider_catalogs[provider.name] = service
                     claimed = {m: p.name for p in config.providers for m in p.models}
                     routes = Routes(clients, claimed)
+                catalog = router = None
+                if main_catalog is not None:
+                    catalog = Catalogs(main_catalog, provider_catalogs, routes)
+                    router = Router(
+                        config.routes, config.routing, catalog, client, ModelHealth(), store=store
+                    )
+                    if startup.loaded is not None:
+                        router.restore(startup.loaded.usage)
+                        _restore_routes(router, startup.loaded.routes, log)
                 admin = None
                 if config.admin_token:
                     others = None if routes is None else routes.clients
-                    admin = Admin(client, store, startup.sources, log, providers=others)
-                catalog = None
-                if main_catalog is not None:
-                    catalog = Catalogs(main_catalog, provider_catalogs, routes)
+                    stored_routes = None if startup.loaded is None else startup.loaded.routes
+                    admin = Admin(
+                        client,
+                        store,
+                        startup.sources,
+                        log,
+                        providers=others,
+                        router=router,
+                        stored_routes=stored_routes,
+                    )
                 app = ProxyApp(
                     client,
                     routing_note=config.routing_note,
@@ -313,6 +331,7 @@ async def open_app(
                     reject_unknown_models=config.reject_unknown_models,
                     routes=routes,
                     spend=spend,
+                    router=router,
                 )
                 async with anyio.create_task_group() as tasks:
                     if catalog is not None:
@@ -322,6 +341,15 @@ async def open_app(
     finally:
         if store is not None:
             store.close()
+
+
+def _restore_routes(router: Router, stored: Mapping[str, Any], log: Log) -> None:
+    """The routes set through the admin API before a restart, over the config's."""
+    for name, data in stored.items():
+        try:
+            router.set_route(route_from_json(data))
+        except ValueError as exc:
+            log({"event": "warning", "message": f"the stored route {name!r} is ignored: {exc}"})
 
 
 def _catalog(

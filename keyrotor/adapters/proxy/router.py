@@ -1,0 +1,387 @@
+"""The proxy's router: which models a request goes to, in which order.
+
+A request is routed when its ``model`` names a route (``[[routes]]``, or the
+built-in ``free``) or when it carries OpenRouter's ``models`` fallback list.
+``Router.plan`` parses it, asks the pure router (``keyrotor.models.routing``)
+for a decision over the merged catalog, with the models cooling after they
+were down and the free tier's state, and returns a ``Plan`` (or a ``Refused``
+saying why not). The proxy then sends the plan's models in order
+(``ProxyApp``), telling the router what each answer said about its model
+(``cool``) and taking a free-tier slot for each free model (``take_free``).
+
+Free models (``:free`` ids) are paced per account (``keyrotor.models.free_tier``)
+on the main upstream's keys, whatever route or none the request came by: the
+router names the key to pin, one of an account with room. Each account's use
+today is written to the state file's ``usage`` ledger (scope ``free``), so a
+restart keeps counting from where it was.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import time
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+from ...core import USABLE_STATES
+from ...models.free_tier import FreeTier, utc_day
+from ...models.routing import (
+    Decision,
+    Need,
+    Route,
+    Skip,
+    candidates,
+    decide,
+    need_of,
+    ordered,
+    route_to_json,
+)
+from ..config import RoutingOptions
+
+if TYPE_CHECKING:
+    from ...models import Catalog, ModelInfo
+    from ...transports.api import AsyncClient
+    from ..storage import StateStore, UsageRow
+    from .catalog import Catalogs
+    from .model_health import ModelHealth
+
+__all__ = ["FREE_SCOPE", "MAX_MODELS", "Plan", "Refused", "Router"]
+
+MAX_MODELS = 16
+"""The most models a request's ``models`` list may name."""
+FREE_SCOPE = "free"
+"""The ``usage`` ledger's scope of free-model requests per account."""
+_ACCOUNTS_EVERY = 10.0
+"""Seconds between looks at which keys the pool holds (keys come and go at runtime)."""
+
+
+@attrs.frozen
+class Refused:
+    """A routed request that is not sent: its status, one line, a code."""
+
+    status: int
+    message: str
+    code: str
+    retry_after: float | None = None
+    decision: Decision | None = None
+
+
+@attrs.define
+class Plan:
+    """A routed request: the route, its decision, and the request's JSON with
+    ``models`` and ``route`` taken out (each model is sent on its own)."""
+
+    route: Route
+    decision: Decision
+    data: dict[str, Any]
+    need: Need
+
+    def body_for(self, model: str) -> bytes:
+        """The request body to send ``model`` (as its upstream names it)."""
+        return json.dumps({**self.data, "model": model}, separators=(",", ":")).encode()
+
+
+def is_free(model: str) -> bool:
+    """Whether ``model`` is an OpenRouter free variant (paced per account)."""
+    return model.endswith(":free")
+
+
+class Router:
+    """Routes, model cooldowns and free-tier pacing (see the module's docstring)."""
+
+    def __init__(
+        self,
+        routes: Iterable[Route],
+        options: RoutingOptions,
+        catalogs: Catalogs,
+        client: AsyncClient,
+        models: ModelHealth,
+        *,
+        store: StateStore | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.routes = {route.name: route for route in routes}
+        self.options = options
+        self._catalogs = catalogs
+        self._client = client
+        self.models = models
+        self._store = store
+        self._clock = clock
+        self._cooling: dict[str, tuple[float, str]] = {}  # model -> (until, why)
+        self._found: dict[str, tuple[int, tuple[tuple[ModelInfo, ...], tuple[str, ...]]]] = {}
+        self.free = FreeTier({}, options.free_per_minute)
+        self._keys: dict[str, list[str]] = {}  # account -> its keys
+        self._account_of: dict[str, str] = {}
+        self._turn: dict[str, int] = {}
+        self._keys_seen = (-1, -_ACCOUNTS_EVERY)  # (key count, when)
+        self._refresh_accounts()
+
+    # ---------------------------------------------------------------- routes
+
+    def set_route(self, route: Route) -> None:
+        self.routes[route.name] = route
+        self._found.pop(route.name, None)
+
+    def remove_route(self, name: str) -> bool:
+        self._found.pop(name, None)
+        return self.routes.pop(name, None) is not None
+
+    def routed(self, model: str | None, body: bytes) -> bool:
+        """Whether a request goes through ``plan`` (cheap: no JSON parsed)."""
+        return (model is not None and model in self.routes) or b'"models"' in body
+
+    def plan(self, body: bytes) -> Plan | Refused:
+        """The plan of a routed request body (see ``routed``)."""
+        try:
+            data: Any = json.loads(body)
+        except ValueError:
+            return Refused(400, "the request body is not JSON", "invalid_json")
+        if not isinstance(data, dict):
+            return Refused(400, "the request body must be a JSON object", "invalid_request")
+        catalog = self._catalogs.merged()
+        if catalog is None:
+            why = self._catalogs.main.last_error or "the first fetch is running"
+            return Refused(
+                503, f"the model catalog is not loaded yet: {why} (see /status)", "no_catalog"
+            )
+        route = self._route_of(data)
+        if isinstance(route, Refused):
+            return route
+        need = need_of(data)
+        decision = self.decide(route, catalog, need)
+        if decision.model is None:
+            return self._refusal(decision, catalog)
+        data.pop("models", None)
+        data.pop("route", None)
+        return Plan(route, decision, data, need)
+
+    def _route_of(self, data: dict[str, Any]) -> Route | Refused:
+        model = data.get("model")
+        models = data.get("models")
+        if "route" in data and data["route"] != "fallback":
+            return Refused(
+                400, f'route must be "fallback" (OpenRouter\'s), got {data["route"]!r}', "bad_route"
+            )
+        if models is None:
+            assert isinstance(model, str)
+            return self.routes[model]
+        if (
+            not isinstance(models, list)
+            or not 1 <= len(models) <= MAX_MODELS
+            or not all(isinstance(m, str) and m.strip() for m in models)
+        ):
+            return Refused(
+                400,
+                f"models must be a list of 1 to {MAX_MODELS} model ids (strings), tried in "
+                f"order; got {json.dumps(models)[:200]}",
+                "invalid_models",
+            )
+        if isinstance(model, str) and model in self.routes:
+            return Refused(
+                400,
+                f"model {model!r} is a route: send either a route or a models list",
+                "invalid_models",
+            )
+        first = [model] if isinstance(model, str) and model not in models else []
+        return ordered("models", [*first, *models])
+
+    def decide(self, route: Route, catalog: Catalog, need: Need) -> Decision:
+        """``route``'s decision for ``need`` now (filter matches kept per catalog)."""
+        now = self._clock()
+        found = self._found.get(route.name)
+        if found is None or found[0] != id(catalog):
+            found = (id(catalog), candidates(route, catalog))
+            if route.name in self.routes:
+                self._found[route.name] = found
+        return decide(
+            route,
+            catalog,
+            need,
+            self.models.latency_ms,
+            unavailable=self.unavailable(now),
+            no_free=self.free.skip(now),
+            found=found[1],
+        )
+
+    def _refusal(self, decision: Decision, catalog: Catalog) -> Refused:
+        kind = decision.problem_kind
+        message = f"{decision.problem}: " + "; ".join(decision.reasons[:8])
+        if kind == "too_long":
+            return Refused(400, message, "context_length_exceeded", decision=decision)
+        if kind == "unfit":
+            return Refused(400, message, "no_model_fits", decision=decision)
+        if kind == "empty":
+            names = [c for c in decision.reasons if "not in the catalog" in c]
+            if names and decision.route == "models":
+                wanted = [line.split()[1].rstrip(":") for line in names]
+                near = sorted({m for w in wanted for m in _near(w, [m.id for m in catalog.models])})
+                hint = f" (models with close names: {', '.join(near)})" if near else ""
+                return Refused(
+                    404,
+                    f"no model of the models list is in the catalog{hint}",
+                    "model_not_found",
+                    decision=decision,
+                )
+            return Refused(503, message, "route_empty", decision=decision)
+        status = 429 if "free quota" in message or "free-model pace" in message else 503
+        code = "free_quota_exhausted" if status == 429 else "models_unavailable"
+        return Refused(status, message, code, decision.retry_after, decision)
+
+    def unknown(self, model: str) -> Refused | None:
+        """A 404 for a ``model`` that looks like a mistyped route (no ``/``, not
+        in the catalog, close to a route's name); None otherwise."""
+        catalog = self._catalogs.merged()
+        if "/" in model or catalog is None or catalog.get(model) is not None:
+            return None
+        near = _near(model, list(self.routes))
+        if not near:
+            return None
+        return Refused(
+            404,
+            f"{model!r} is neither a route nor a model of the catalog; routes close to it: "
+            f"{', '.join(near)} (GET /routing/routes lists them all)",
+            "model_not_found",
+        )
+
+    # ------------------------------------------------------ model health
+
+    def cool(self, model: str, why: str, retry_after: float | None) -> None:
+        """``model`` failed as a model (``why``): pass over it for a while."""
+        seconds = retry_after if retry_after else self.options.model_cooldown
+        until = self._clock() + seconds
+        if until > self._cooling.get(model, (0.0, ""))[0]:
+            self._cooling[model] = (until, why)
+
+    def unavailable(self, now: float) -> dict[str, Skip]:
+        """The models cooling now, and why."""
+        cooling = self._cooling
+        for model in [m for m, (until, _) in cooling.items() if until <= now]:
+            del cooling[model]
+        return {
+            model: Skip(f"{why}; passed over for {until - now:.0f} s more", until - now)
+            for model, (until, why) in cooling.items()
+        }
+
+    # ---------------------------------------------------------- free tier
+
+    def _refresh_accounts(self) -> None:
+        """Learn the main pool's accounts (every ``_ACCOUNTS_EVERY`` s, or when
+        the number of keys changed)."""
+        pool = self._client.driver.pool
+        now = self._clock()
+        count = len(pool.key_ids())
+        if count == self._keys_seen[0] and now - self._keys_seen[1] < _ACCOUNTS_EVERY:
+            return
+        self._keys_seen = (count, now)
+        keys: dict[str, list[str]] = {}
+        for key in pool.statistics().keys:
+            if not key.removing:
+                keys.setdefault(key.account or key.key_id, []).append(key.key_id)
+        self._keys = keys
+        self._account_of = {k: account for account, ks in keys.items() for k in ks}
+        per_day = self.options.accounts
+        self.free.set_accounts(
+            {account: per_day.get(account, self.options.free_per_day) for account in keys}
+        )
+
+    def take_free(self) -> tuple[str, str] | None:
+        """(account, key to pin) for one free-model request now: an account
+        with room and one of its usable keys; None: none has room."""
+        self._refresh_accounts()
+        pool = self._client.driver.pool
+        now = self._clock()
+        usable = [
+            account
+            for account, keys in self._keys.items()
+            if any(pool.state_of(k) in USABLE_STATES for k in keys)
+        ]
+        account = self.free.take(now, usable)
+        if account is None:
+            return None
+        keys = [k for k in self._keys[account] if pool.state_of(k) in USABLE_STATES]
+        turn = self._turn.get(account, 0)
+        self._turn[account] = turn + 1
+        self._record(account, 1, now)
+        return account, keys[turn % len(keys)]
+
+    def served_free(self, taken: str | None, key: str) -> None:
+        """A free-model request reached the upstream on ``key``: if the pool
+        sent it on another account's key than ``taken``, move the count."""
+        account = self._account_of.get(key, key)
+        if account == taken:
+            return
+        now = self._clock()
+        if taken is not None:
+            self.give_back(taken)
+        self.free.note(account, now)
+        self._record(account, 1, now)
+
+    def give_back(self, account: str) -> None:
+        """A slot ``take_free`` gave whose request never reached the upstream."""
+        now = self._clock()
+        self.free.give_back(account, now)
+        self._record(account, -1, now)
+
+    def free_wait(self) -> float | None:
+        """Seconds until an account has room for a free request (None: never today)."""
+        self._refresh_accounts()
+        return self.free.wait(self._clock())
+
+    def _record(self, account: str, requests: int, now: float) -> None:
+        if self._store is not None:
+            self._store.record_usage({FREE_SCOPE: account}, requests=requests, at=now)
+
+    def restore(self, rows: Iterable[UsageRow]) -> None:
+        """Today's free-model use per account, from the state file."""
+        now = self._clock()
+        today = time.strftime("%Y-%m-%d", time.gmtime(utc_day(now) * 86400))
+        used = {r.name: r.requests for r in rows if r.scope == FREE_SCOPE and r.day == today}
+        self.free.restore(used, now)
+
+    # ------------------------------------------------------------ status
+
+    def routes_json(self) -> dict[str, Any]:
+        """``GET /routing/routes``: each route and its candidates now."""
+        catalog = self._catalogs.merged()
+        now = self._clock()
+        cooling = self.unavailable(now)
+        no_free = self.free.skip(now)
+        out = []
+        for route in self.routes.values():
+            entry = route_to_json(route)
+            if catalog is not None:
+                models, missing = candidates(route, catalog)
+                entry["live"] = [
+                    {
+                        "model": m.id,
+                        "context": m.context_length,
+                        "free": m.free,
+                        "available": m.id not in cooling and not (m.free and no_free),
+                        "why": (cooling[m.id].reason if m.id in cooling else None)
+                        or (no_free.reason if m.free and no_free else None),
+                    }
+                    for m in models
+                ]
+                entry["missing"] = list(missing)
+            out.append(entry)
+        return {"routes": out, "catalogLoaded": catalog is not None}
+
+    def status(self) -> dict[str, Any]:
+        """For ``/status``: routes, cooling models, free-tier use per account."""
+        now = self._clock()
+        self._refresh_accounts()
+        return {
+            "routes": sorted(self.routes),
+            "cooling": {
+                m: {"for": round(s.retry_after or 0, 1), "why": s.reason}
+                for m, s in self.unavailable(now).items()
+            },
+            "freeTier": self.free.status(now),
+        }
+
+
+def _near(word: str, names: Iterable[str]) -> list[str]:
+    return difflib.get_close_matches(word, list(names), n=3, cutoff=0.6)
