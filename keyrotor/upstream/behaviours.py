@@ -52,6 +52,7 @@ __all__ = [
     "Custom",
     "Drop",
     "Flaky",
+    "FreeModelLimits",
     "Hang",
     "InFlightBudget",
     "Intermittent",
@@ -583,6 +584,53 @@ class AccountRateLimit(RateLimit):
     message: str = "Rate limit exceeded: free-models-per-min. "
     limit_source: str | None = "openrouter_free_tier_minute"
     retry_after: bool = True
+
+
+@define
+class FreeModelLimits(Behaviour):
+    """OpenRouter's free-model limits of one account: ``per_minute`` requests in
+    each clock minute and ``per_day`` in each UTC day, counting only ``:free``
+    models (paid ones pass). Give the *same instance* to every secret of the
+    account. A request over a limit gets OpenRouter's 429 ("free-models-per-min"
+    or "free-models-per-day", ``X-RateLimit-*`` headers, ``Retry-After``) and
+    ``refused`` counts it: a pool that paces its free requests keeps it at 0.
+    """
+
+    per_minute: int = 20
+    per_day: int = 50
+    refused: int = field(default=0, init=False, eq=False)
+    sent: int = field(default=0, init=False, eq=False)  # free requests let through
+    _minute: RateLimit = field(init=False, repr=False, eq=False)
+    _day: RateLimit = field(init=False, repr=False, eq=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._minute = RateLimit(
+            self.per_minute,
+            60.0,
+            "Rate limit exceeded: free-models-per-min. ",
+            "openrouter_free_tier_minute",
+        )
+        self._day = RateLimit(
+            self.per_day,
+            86400.0,
+            "Rate limit exceeded: free-models-per-day. Add 10 credits to unlock 1000 free "
+            "model requests per day",
+            "openrouter_free_tier_daily",
+        )
+
+    def decide(self, call: Call) -> Outcome | None:
+        if not call.model.endswith(":free"):
+            return None
+        # Windows of Unix time: the day is the UTC day, whatever the clock's zero.
+        shifted = Call(endpoint=call.endpoint, model=call.model, now=call.now + call.epoch)
+        for limit in (self._minute, self._day):
+            if limit.used(shifted.now) >= limit.limit:
+                self.refused += 1
+                return limit.decide(shifted)  # over: its 429, nothing counted
+        self._minute.decide(shifted)
+        self._day.decide(shifted)
+        self.sent += 1
+        return None
 
 
 @define

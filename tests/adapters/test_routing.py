@@ -1,0 +1,338 @@
+"""Routing through the proxy: routes, model fallback, free-tier pacing, the decision on record.
+
+Real processes' worth of parts: the proxy on its own trio loop, the fake
+upstream (OpenRouter's catalog, its model failures and its per-account free
+limits) over loopback, and the official openai SDK as the client.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from keyrotor.adapters.config import load_config
+from keyrotor.testing import Chain, Custom, FakeUpstream, FreeModelLimits, Reply, Scenario
+from keyrotor.testing.catalogs import realistic_models
+
+from .proxy_thread import ProxyThread
+
+HI = [{"role": "user", "content": "hi"}]
+KEYS = {  # alias -> (account, secret)
+    "a1": ("team", "sk-or-v1-routing-a1-jkjkjkjkjkjkjkjkjk"),
+    "a2": ("team", "sk-or-v1-routing-a2-jkjkjkjkjkjkjkjkjk"),
+    "b1": ("solo", "sk-or-v1-routing-b1-jkjkjkjkjkjkjkjkjk"),
+}
+PAID = "openai/gpt-4o-mini"
+
+
+SENT: list[dict[str, Any]] = []
+"""The request bodies the fake upstream got, in order (reset per test)."""
+
+
+@pytest.fixture(autouse=True)
+def _sent() -> None:
+    SENT.clear()
+
+
+def model_failures(down: dict[str, Reply]) -> Custom:
+    """Answers ``down[model]`` for the models listed, lets the others through;
+    notes every body in ``SENT``."""
+
+    def decide(call: Any) -> Reply | None:
+        SENT.append(dict(call.body))
+        return down.get(call.model)
+
+    return Custom(decide)
+
+
+def sent_models() -> list[str]:
+    return [body["model"] for body in SENT]
+
+
+def scenario(
+    down: dict[str, Reply] | None = None, limits: dict[str, FreeModelLimits] | None = None
+) -> Scenario:
+    """Three keys of two accounts, each account with OpenRouter's free limits
+    (``limits`` per account; 1000 a day by default)."""
+    limits = limits or free_limits(per_day=1000)
+    fake = Scenario(models=realistic_models())
+    for alias, (account, secret) in KEYS.items():
+        fake.add(secret, Chain(model_failures(down or {}), limits[account]), alias=alias)
+    return fake
+
+
+def free_limits(per_day: int = 50, per_minute: int = 20) -> dict[str, FreeModelLimits]:
+    return {account: FreeModelLimits(per_minute, per_day) for account, _ in KEYS.values()}
+
+
+def write_config(tmp_path: Path, url: str, extra: str = "", state: bool = False) -> Any:
+    keys = "".join(
+        f'[[keys]]\nalias = "{alias}"\nsecret_env = "KEY_{alias.upper()}"\naccount = "{account}"\n'
+        for alias, (account, _) in KEYS.items()
+    )
+    stored = f'path = "{tmp_path}/state.db"' if state else "enabled = false"
+    path = tmp_path / "keyrotor.toml"
+    path.write_text(f'upstream = "{url}"\n[state]\n{stored}\n{extra}\n{keys}')
+    environ = {f"KEY_{alias.upper()}": secret for alias, (_, secret) in KEYS.items()}
+    return load_config(path, environ, {"port": 0})
+
+
+@pytest.fixture
+def sdk_for() -> Iterator[Any]:
+    clients: list[openai.OpenAI] = []
+
+    def make(url: str) -> openai.OpenAI:
+        clients.append(openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0))
+        return clients[-1]
+
+    yield make
+    for client in clients:
+        client.close()
+
+
+def recommend(url: str, body: dict[str, Any]) -> dict[str, Any]:
+    answer = httpx.post(f"{url}/routing/recommend", json=body)
+    assert answer.status_code == 200, answer.text
+    return answer.json()  # type: ignore[no-any-return]
+
+
+def test_the_free_route_serves_through_models_that_are_down_with_no_error_reaching_the_client(
+    tmp_path: Path, sdk_for: Any
+) -> None:
+    with FakeUpstream.running_in_thread(scenario()) as server:
+        log: list[dict[str, Any]] = []
+        config = write_config(tmp_path, server.url, "[pool]\nmax_attempts = 3")
+        with ProxyThread(config, log) as url:
+            order = recommend(url, {"model": "free", "messages": HI})
+            ranked = [order["model"], *order["fallbacks"]]
+            # The first two in the route's order are down, one more further on.
+            down = {
+                ranked[0]: Reply(503, f"No instances available for {ranked[0]}."),
+                ranked[1]: Reply(404, f"No endpoints found for {ranked[1]}."),
+                ranked[5]: Reply(
+                    429,
+                    "Provider returned error",
+                    {"limit_source": "upstream_provider_shared_pool", "raw": "busy"},
+                ),
+            }
+            server.scenario = scenario(down)
+            sdk = sdk_for(url)
+            served = []
+            for _ in range(30):
+                raw = sdk.chat.completions.with_raw_response.create(model="free", messages=HI)  # type: ignore[arg-type]
+                assert raw.http_response.status_code == 200
+                assert raw.headers["x-keyrotor-route"] == "free"
+                served.append(raw.headers["x-keyrotor-model"])
+            status = httpx.get(f"{url}/status").json()
+    assert not set(served) & set(down)
+    assert set(served) <= set(ranked)
+    first = next(e for e in log if e.get("route") == "free")
+    assert first["model"] == ranked[2] and len(first["tried"]) == 2
+    cooling = status["routing"]["cooling"]
+    assert {ranked[0], ranked[1]} <= set(cooling)
+    assert "answered 503 (unavailable)" in cooling[ranked[0]]["why"]
+    assert {k["alias"]: k["state"] for k in status["keys"]} == dict.fromkeys(KEYS, "healthy")
+    sent = sent_models()
+    assert sent.count(ranked[0]) == 1 and sent.count(ranked[1]) == 1  # cooled after one answer
+
+
+def test_a_stream_that_fails_before_its_first_byte_moves_to_the_next_model(
+    tmp_path: Path, sdk_for: Any
+) -> None:
+    first, second = "qwen/qwen3-large:free", "openai/o3-8b:free"
+    route = f'[[routes]]\nname = "pair"\ncandidates = ["{first}", "{second}"]\n'
+    down = {first: Reply(503, f"No instances available for {first}.")}
+    with FakeUpstream.running_in_thread(scenario(down)) as server:
+        with ProxyThread(write_config(tmp_path, server.url, route), []) as url:
+            sdk = sdk_for(url)
+            with sdk.chat.completions.with_streaming_response.create(
+                model="pair",
+                messages=HI,
+                stream=True,  # type: ignore[arg-type]
+            ) as response:
+                model = response.headers["x-keyrotor-model"]
+                chunks = list(response.parse())
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert model == second and text
+    assert chunks[0].model == second
+
+
+def test_the_decision_headers_and_recommend_agree_with_what_was_done(tmp_path: Path) -> None:
+    route = (
+        '[[routes]]\nname = "cheap-tools"\nstrategy = "cheapest"\n'
+        'candidates = [{ max_price = 5.0, parameters = ["tools"] }]\n'
+    )
+    body = {
+        "model": "cheap-tools",
+        "messages": HI,
+        "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+    }
+    with FakeUpstream.running_in_thread(scenario()) as server:
+        with ProxyThread(write_config(tmp_path, server.url, route), []) as url:
+            decision = recommend(url, body)
+            sent_before = len(SENT)
+            answer = httpx.post(f"{url}/v1/chat/completions", json=body)
+            routes = httpx.get(f"{url}/routing/routes").json()
+    assert len(SENT) == sent_before + 1  # recommend sent nothing
+    assert answer.status_code == 200
+    assert answer.headers["x-keyrotor-model"] == decision["model"] != "cheap-tools"
+    assert answer.headers["x-keyrotor-route"] == "cheap-tools"
+    assert answer.json()["model"] == decision["model"]
+    chosen = next(m for m in realistic_models() if m.id == decision["model"])
+    assert "tools" in chosen.to_json()["supported_parameters"]
+    assert decision["estimated_cost"] == 0.0 and chosen.id.endswith(":free")  # cheapest: free
+    assert decision["confidence"] == 0.5  # price known, latency not yet
+    listed = {r["name"]: r for r in routes["routes"]}
+    assert set(listed) == {"free", "cheap-tools"}
+    assert decision["model"] in [c["model"] for c in listed["cheap-tools"]["live"]]
+
+
+def test_free_requests_are_paced_per_account_and_never_meet_the_limit(
+    tmp_path: Path, sdk_for: Any
+) -> None:
+    """Two accounts (team: two keys; solo: one) of 4 free requests a day each:
+    8 are served, never 12, and the upstream never answers a limit."""
+    limits = free_limits(per_day=4)
+    fake = scenario(limits=limits)
+    extra = (
+        "[routing]\nfree_per_day = 4\n"
+        f'[[routes]]\nname = "free-or-paid"\ncandidates = [{{ free = true }}, "{PAID}"]\n'
+    )
+    with FakeUpstream.running_in_thread(fake) as server:
+        with ProxyThread(write_config(tmp_path, server.url, extra, state=True), []) as url:
+            sdk = sdk_for(url)
+            served = []
+            for _ in range(8):
+                raw = sdk.chat.completions.with_raw_response.create(model="free", messages=HI)  # type: ignore[arg-type]
+                served.append(raw.headers["x-keyrotor-key"])
+            with pytest.raises(
+                openai.RateLimitError, match="free quota of every account spent"
+            ) as caught:
+                sdk.chat.completions.create(model="free", messages=HI)  # type: ignore[arg-type]
+            after = caught.value.response.headers
+            paid = sdk.chat.completions.with_raw_response.create(model="free-or-paid", messages=HI)  # type: ignore[arg-type]
+            plain = httpx.post(
+                f"{url}/v1/chat/completions",
+                json={"model": "openai/o3-8b:free", "messages": HI},
+            )
+            status = httpx.get(f"{url}/status").json()["routing"]["freeTier"]
+        # A restart remembers the day's use.
+        with ProxyThread(write_config(tmp_path, server.url, extra, state=True), []) as url:
+            again = httpx.post(f"{url}/v1/chat/completions", json={"model": "free", "messages": HI})
+    accounts = {alias: account for alias, (account, _) in KEYS.items()}
+    assert sorted(accounts[k] for k in served) == ["solo"] * 4 + ["team"] * 4
+    assert 1 <= int(after["retry-after"]) <= 86400
+    assert paid.headers["x-keyrotor-model"] == PAID  # the route's paid candidate
+    assert plain.status_code == 429  # a free model named directly is paced too
+    assert status["team"]["usedToday"] == 4 and status["solo"]["usedToday"] == 4
+    assert again.status_code == 429
+    assert [limit.refused for limit in limits.values()] == [0, 0]
+    assert [limit.sent for limit in limits.values()] == [4, 4]
+
+
+def test_the_per_minute_pace_waits_for_a_slot_instead_of_meeting_the_limit(tmp_path: Path) -> None:
+    limits = free_limits(per_minute=2)
+    fake = scenario(limits=limits)
+    extra = "[routing]\nfree_per_minute = 2\nfree_wait = 0\n"
+    with FakeUpstream.running_in_thread(fake) as server:
+        with ProxyThread(write_config(tmp_path, server.url, extra), []) as url:
+            statuses = [
+                httpx.post(
+                    f"{url}/v1/chat/completions", json={"model": "free", "messages": HI}
+                ).status_code
+                for _ in range(6)
+            ]
+    assert statuses == [200] * 4 + [429] * 2  # two accounts, two a minute each
+    assert [limit.refused for limit in limits.values()] == [0, 0]
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "message"),
+    [
+        ({"model": "fre", "messages": HI}, 404, "routes close to it: free"),
+        (
+            {"model": "x/y", "models": "x/y", "messages": HI},
+            400,
+            "models must be a list of 1 to 16",
+        ),
+        ({"model": "x/y", "models": [], "messages": HI}, 400, "models must be a list"),
+        ({"models": [1, 2], "messages": HI}, 400, "models must be a list"),
+        ({"model": "free", "models": ["x/y"], "messages": HI}, 400, "is a route"),
+        ({"models": ["x/y"], "route": "cheapest", "messages": HI}, 400, 'route must be "fallback"'),
+        ({"models": ["nobody/nothing-at-al"], "messages": HI}, 404, "no model of the models list"),
+        (
+            {"model": "free", "messages": [{"role": "user", "content": "x" * 8_000_000}]},
+            400,
+            "the largest context is 1,000,000 (",
+        ),
+        ({"model": "empty", "messages": HI}, 503, "no model of the catalog matches route 'empty'"),
+    ],
+)
+def test_bad_routed_requests_get_one_clear_error(
+    tmp_path: Path, body: dict[str, Any], status: int, message: str
+) -> None:
+    extra = '[[routes]]\nname = "empty"\ncandidates = [{ min_context = 1000000000 }]\n'
+    with FakeUpstream.running_in_thread(scenario()) as server:
+        with ProxyThread(write_config(tmp_path, server.url, extra), []) as url:
+            answer = httpx.post(f"{url}/v1/chat/completions", json=body)
+    assert answer.status_code == status
+    error = answer.json()["error"]
+    assert message in error["message"]
+    assert not SENT  # nothing was sent
+
+
+def test_the_models_list_falls_back_in_order_like_openrouters(tmp_path: Path) -> None:
+    first, second = "qwen/qwen3-large:free", PAID
+    down = {first: Reply(404, f"No endpoints found for {first}.")}
+    with FakeUpstream.running_in_thread(scenario(down)) as server:
+        with ProxyThread(write_config(tmp_path, server.url), []) as url:
+            body = {"model": first, "models": [second], "route": "fallback", "messages": HI}
+            answer = httpx.post(f"{url}/v1/chat/completions", json=body)
+    assert answer.status_code == 200 and answer.headers["x-keyrotor-model"] == second
+    assert sent_models() == [first, second]
+    assert all("models" not in s and "route" not in s for s in SENT)  # each model on its own
+
+
+def test_a_context_length_error_moves_to_a_larger_model_only(tmp_path: Path) -> None:
+    small, same, large = "qwen/qwen3-70b:free", "openai/gpt-5-70b:free", "qwen/qwen3-large:free"
+    route = f'[[routes]]\nname = "grow"\ncandidates = ["{small}", "{same}", "{large}"]\n'
+    too_long = Reply(400, "This endpoint's maximum context length is 32768 tokens.")
+    with FakeUpstream.running_in_thread(scenario({small: too_long})) as server:
+        with ProxyThread(write_config(tmp_path, server.url, route), []) as url:
+            answer = httpx.post(
+                f"{url}/v1/chat/completions", json={"model": "grow", "messages": HI}
+            )
+    assert answer.status_code == 200 and answer.headers["x-keyrotor-model"] == large
+    assert sent_models() == [small, large]  # the 32,768-token model of the same size was skipped
+
+
+def test_routes_set_through_the_admin_api_work_at_once_and_survive_a_restart(
+    tmp_path: Path,
+) -> None:
+    admin = {"authorization": "Bearer admin-token-0123456789abcdef"}
+    extra = '[auth]\nadmin_token = "admin-token-0123456789abcdef"\n'
+    route = {"candidates": [PAID], "strategy": "ordered"}
+    with FakeUpstream.running_in_thread(scenario()) as server:
+        with ProxyThread(write_config(tmp_path, server.url, extra, state=True), []) as url:
+            put = httpx.put(f"{url}/admin/routes/mine", json=route, headers=admin)
+            used = httpx.post(f"{url}/v1/chat/completions", json={"model": "mine", "messages": HI})
+            bad = httpx.put(f"{url}/admin/routes/x", json={"candidates": []}, headers=admin)
+            no_token = httpx.put(f"{url}/admin/routes/y", json=route)
+        with ProxyThread(write_config(tmp_path, server.url, extra, state=True), []) as url:
+            listed = httpx.get(f"{url}/admin/routes", headers=admin).json()
+            gone = httpx.delete(f"{url}/admin/routes/mine", headers=admin)
+            missing = httpx.delete(f"{url}/admin/routes/mine", headers=admin)
+        with ProxyThread(write_config(tmp_path, server.url, extra, state=True), []) as url:
+            after = httpx.get(f"{url}/routing/routes").json()
+    assert put.status_code == 201 and put.json() == {"route": "mine", "stored": True}
+    assert used.headers["x-keyrotor-model"] == PAID and used.headers["x-keyrotor-route"] == "mine"
+    assert bad.status_code == 400 and "needs candidates" in bad.json()["error"]["message"]
+    assert no_token.status_code == 401
+    assert "mine" in {r["name"] for r in listed["routes"]}
+    assert gone.status_code == 200 and missing.status_code == 404
+    assert {r["name"] for r in after["routes"]} == {"free"}
