@@ -1079,3 +1079,74 @@ def test_the_docs_error_examples_are_the_loaders_own_messages() -> None:
     assert len(lines) >= 5
     for line in lines:
         assert line in produced
+
+
+def test_routes_and_routing_options_are_read_with_the_built_in_free_route() -> None:
+    text = """
+[routing]
+model_cooldown = 30
+free_per_minute = 10
+free_per_day = 50
+free_wait = 0
+accounts = { acct = 1000 }
+
+[[routes]]
+name = "coding"
+strategy = "balanced"
+weight = 0.25
+candidates = ["openai/gpt-4o-mini", { free = true, min_context = 32000, parameters = ["tools"] }]
+
+[[keys]]
+alias = "k"
+secret_env = "K"
+account = "acct"
+"""
+    config = load(text, {"K": S1})
+    assert [r.name for r in config.routes] == ["free", "coding"]
+    coding = config.routes[1]
+    assert (coding.strategy, coding.weight) == ("balanced", 0.25)
+    assert coding.candidates[0] == "openai/gpt-4o-mini"
+    assert config.routing.model_cooldown == 30.0 and config.routing.free_wait == 0.0
+    assert (config.routing.free_per_minute, config.routing.free_per_day) == (10, 50)
+    assert config.routing.accounts == {"acct": 1000}
+    assert "routes=['free', 'coding']" in repr(config)
+    own_free = load('[[routes]]\nname = "free"\ncandidates = ["a/b"]\n', ENV)
+    assert [r.candidates for r in own_free.routes] == [("a/b",)]  # replaces the built-in one
+    assert load("[catalog]\nenabled = false\n", ENV).routes == ()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            '[[routes]]\nname = "a/b"\ncandidates = ["x/y"]',
+            "[[routes]] #1: route name 'a/b' must be 1-64 letters",
+        ),
+        ('[[routes]]\nname = "r"\ncandidates = []', "[[routes]] #1: route 'r' needs candidates"),
+        (
+            '[[routes]]\nname = "r"\ncandidates = [{ cheap = true }]',
+            "route 'r' candidate #1: unknown filter 'cheap'",
+        ),
+        (
+            '[[routes]]\nname = "r"\ncandidates = ["x/y"]\nstrategy = "random"',
+            "strategy must be one of ordered, cheapest, fastest, balanced",
+        ),
+        (
+            '[[routes]]\nname = "r"\ncandidates = ["x/y"]\n[[routes]]\nname = "r"\ncandidates = ["x/z"]',
+            "[[routes]] #2: route name 'r' is already used by another route",
+        ),
+        (
+            '[catalog]\nenabled = false\n[[routes]]\nname = "r"\ncandidates = ["x/y"]',
+            "[[routes]] choose models from the catalog",
+        ),
+        ("[routing]\nfree_per_day = -1", "[routing] free_per_day must not be negative"),
+        ("[routing]\nfree_per_minute = 0", "[routing] free_per_minute must be more than zero"),
+        ('[routing]\nmodel_cooldown = "x"', "[routing] model_cooldown must be a number"),
+        ("[routing]\naccounts = { nobody = 1000 }", "no key has account = 'nobody'"),
+        ("[routing]\ncolour = 1", "colour"),
+    ],
+)
+def test_bad_routes_and_routing_options_are_one_clear_error(text: str, message: str) -> None:
+    error = error_of(text, ENV, {})
+    assert message in str(error)
+    assert "\n" not in str(error)
