@@ -120,10 +120,13 @@ class TraceRecorder:
         self._origin = origin
         self._open: dict[str, _Open] = {}
         self._next: tuple[str | None, bool] = (None, False)  # the next request's model, stream
+        self._route: str | None = None  # and its route
 
-    def describe(self, body: bytes | None) -> None:
-        """Note the model and the streaming flag of the next request's JSON body."""
+    def describe(self, body: bytes | None, route: str | None = None) -> None:
+        """Note the model and the streaming flag of the next request's JSON body,
+        and the route that chose that model."""
         self._next = (None, False)
+        self._route = route
         if not body or b'"model"' not in body:
             return
         try:
@@ -140,7 +143,8 @@ class TraceRecorder:
         if isinstance(event, RequestStarted):
             opened = self._open[event.request_id] = _Open(event, self._origin)
             opened.record.model, opened.record.stream = self._next
-            self._next = (None, False)
+            opened.record.route = self._route
+            self._next, self._route = (None, False), None
         elif isinstance(event, ResponseReceived | TransportFailed):
             self._answered(event)
         elif isinstance(event, ResponseFinished):

@@ -245,12 +245,15 @@ class TraceRecord:
     outcome: Outcome = "delivered"
     cancel_after: float | None = None
     attempts: list[Attempt] = attrs.field(factory=list)
+    route: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The record as a JSON object (one line of a trace)."""
         data: dict[str, Any] = {"type": "request", "t": _round(self.t)}
         if self.model is not None:
             data["model"] = self.model
+        if self.route is not None:
+            data["route"] = self.route
         data["stream"] = self.stream
         data["prompt_tokens"] = self.prompt_tokens
         data["completion_tokens"] = self.completion_tokens
@@ -307,6 +310,7 @@ class TraceRecord:
             attempts=[
                 Attempt.from_json(a, f"{where}.attempts[{i}]") for i, a in enumerate(attempts)
             ],
+            route=_optional_str(data, "route", where),
         )
 
 
@@ -315,6 +319,7 @@ _RECORD_FIELDS: Final = frozenset(
         "type",
         "t",
         "model",
+        "route",
         "stream",
         "prompt_tokens",
         "completion_tokens",

@@ -202,16 +202,17 @@ class Driver:
         tokens: int = 0,
         body: bytes | None = None,
         attempts: int | None = None,
+        route: str | None = None,
     ) -> tuple[str, Slot]:
         """Start a request: a fresh id, its slot, and the pool told about it
-        (``body`` only for a recorder, which notes its model)."""
+        (``body`` and ``route`` only for a recorder, which notes the model)."""
         request_id = f"q{next(self._ids)}"
         slot = Slot(wake, body if self.price is not None else None)
         self.slots[request_id] = slot
         now = self.now()
         deadline = None if timeout is None else now + timeout
         if self.recorder is not None:
-            self._record(self.recorder.describe, body)
+            self._record(self.recorder.describe, body, route)
         try:
             self.feed(
                 RequestStarted(

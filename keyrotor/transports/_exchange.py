@@ -68,6 +68,8 @@ class RequestOptions(TypedDict, total=False):
         timeout: the longest wait for a key, in seconds (``None``: the pool's
             ``queue_timeout``).
         attempts: this request's attempts, at most the pool's ``max_attempts``.
+        route: the route that chose the request's model (a recorded trace
+            notes it).
     """
 
     json: Any
@@ -78,6 +80,7 @@ class RequestOptions(TypedDict, total=False):
     group: str | None
     timeout: float | None
     attempts: int | None
+    route: str | None
 
 
 class _Wait:
@@ -113,7 +116,7 @@ def route(options: RequestOptions) -> dict[str, Any]:
     return {name: options[name] for name in _ROUTING if name in options}  # type: ignore[literal-required]
 
 
-_ROUTING = ("pin", "session", "group", "timeout", "attempts")
+_ROUTING = ("pin", "session", "group", "timeout", "attempts", "route")
 
 
 def chat_options(

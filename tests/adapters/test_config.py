@@ -1132,7 +1132,8 @@ account = "acct"
             "strategy must be one of ordered, cheapest, fastest, balanced",
         ),
         (
-            '[[routes]]\nname = "r"\ncandidates = ["x/y"]\n[[routes]]\nname = "r"\ncandidates = ["x/z"]',
+            '[[routes]]\nname = "r"\ncandidates = ["x/y"]\n'
+            '[[routes]]\nname = "r"\ncandidates = ["x/z"]',
             "[[routes]] #2: route name 'r' is already used by another route",
         ),
         (

@@ -7,6 +7,7 @@ limits) over loopback, and the official openai SDK as the client.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -70,14 +71,16 @@ def free_limits(per_day: int = 50, per_minute: int = 20) -> dict[str, FreeModelL
     return {account: FreeModelLimits(per_minute, per_day) for account, _ in KEYS.values()}
 
 
-def write_config(tmp_path: Path, url: str, extra: str = "", state: bool = False) -> Any:
+def write_config(
+    tmp_path: Path, url: str, extra: str = "", state: bool = False, top: str = ""
+) -> Any:
     keys = "".join(
         f'[[keys]]\nalias = "{alias}"\nsecret_env = "KEY_{alias.upper()}"\naccount = "{account}"\n'
         for alias, (account, _) in KEYS.items()
     )
     stored = f'path = "{tmp_path}/state.db"' if state else "enabled = false"
     path = tmp_path / "keyrotor.toml"
-    path.write_text(f'upstream = "{url}"\n[state]\n{stored}\n{extra}\n{keys}')
+    path.write_text(f'upstream = "{url}"\n{top}\n[state]\n{stored}\n{extra}\n{keys}')
     environ = {f"KEY_{alias.upper()}": secret for alias, (_, secret) in KEYS.items()}
     return load_config(path, environ, {"port": 0})
 
@@ -336,3 +339,26 @@ def test_routes_set_through_the_admin_api_work_at_once_and_survive_a_restart(
     assert "mine" in {r["name"] for r in listed["routes"]}
     assert gone.status_code == 200 and missing.status_code == 404
     assert {r["name"] for r in after["routes"]} == {"free"}
+
+
+def test_the_recorded_trace_and_the_log_line_say_what_the_route_did(tmp_path: Path) -> None:
+    first, second = "qwen/qwen3-large:free", "openai/o3-8b:free"
+    route = f'[[routes]]\nname = "pair"\ncandidates = ["{first}", "{second}"]\n'
+    trace = tmp_path / "trace.jsonl"
+    down = {first: Reply(503, f"No instances available for {first}.")}
+    log: list[dict[str, Any]] = []
+    with FakeUpstream.running_in_thread(scenario(down)) as server:
+        config = write_config(tmp_path, server.url, route, top=f'record = "{trace}"')
+        with ProxyThread(config, log) as url:
+            answer = httpx.post(
+                f"{url}/v1/chat/completions", json={"model": "pair", "messages": HI}
+            )
+    assert answer.status_code == 200
+    lines = [json.loads(line) for line in trace.read_text().splitlines()]
+    records = [r for r in lines if r["type"] == "request"]
+    assert [(r["route"], r["model"], r["attempts"][0]["status"]) for r in records] == [
+        ("pair", first, 503),
+        ("pair", second, 200),
+    ]
+    access = next(e for e in log if e.get("route") == "pair")
+    assert (access["model"], access["tried"]) == (second, [f"{first}: answered 503 (unavailable)"])

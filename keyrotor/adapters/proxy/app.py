@@ -535,7 +535,7 @@ class ProxyApp:
                 taken, pin = slot
             started = client.driver.now()
             try:
-                upstream = await send.to(client, body, attempts=left, pin=pin)
+                upstream = await send.to(client, body, attempts=left, pin=pin, route=route)
             except NoKeyAvailable as exc:
                 if taken is not None:
                     router.give_back(taken)
@@ -631,6 +631,7 @@ class _Send:
         body: bytes,
         attempts: int | None = None,
         pin: str | None = None,
+        route: str | None = None,
     ) -> StreamResponse:
         """Send the request with ``body`` through ``client`` (on ``pin``, the
         free tier's key, if given: another key only if that one cannot)."""
@@ -644,6 +645,7 @@ class _Send:
             pin_fallback=self.pin_fallback if pin is None else True,
             session=request.header("x-keyrotor-session"),
             attempts=attempts,
+            route=route,
         )
 
 
