@@ -139,8 +139,8 @@ class Endpoint:
         return f"http://{self.host}:{self.port}{self.path}"
 
 
-def chat_body(*, stream: bool) -> bytes:
-    body: dict[str, Any] = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+def chat_body(*, stream: bool, model: str = MODEL) -> bytes:
+    body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
     if stream:
         body["stream"] = True
     return json.dumps(body, separators=(",", ":")).encode()
@@ -158,8 +158,8 @@ class RequestSpec:
     end: h11.EndOfMessage
 
     @classmethod
-    def build(cls, endpoint: Endpoint, *, streaming: bool) -> RequestSpec:
-        body = chat_body(stream=streaming)
+    def build(cls, endpoint: Endpoint, *, streaming: bool, model: str = MODEL) -> RequestSpec:
+        body = chat_body(stream=streaming, model=model)
         headers = [
             (b"host", f"{endpoint.host}:{endpoint.port}".encode()),
             (b"authorization", b"Bearer " + FAKE_KEYS[0].encode()),
@@ -591,13 +591,28 @@ def wait_ready(
     return None
 
 
-def start_keyrotor(stack: ExitStack, upstream_url: str, state: bool) -> tuple[Child, Endpoint]:
+ROUTE = "bench"
+ROUTE_CONFIG = f"""\
+[[routes]]
+name = "{ROUTE}"
+strategy = "cheapest"
+candidates = ["{MODEL}", "anthropic/claude-3.5-haiku"]
+"""
+"""``--route``: the route a second target names, two models of the fake's catalog."""
+
+
+def start_keyrotor(
+    stack: ExitStack, upstream_url: str, state: bool, route: bool = False
+) -> tuple[Child, Endpoint]:
     """The proxy with its state file in a fresh temporary directory (``state``),
-    or ``--no-state``."""
+    or ``--no-state``; with ``route``, a config file holding ``ROUTE_CONFIG``."""
     env = _child_env({"OPENROUTER_KEYS": ",".join(FAKE_KEYS)})
     base = [sys.executable, "-m", "keyrotor.cli", "serve", "--host", LOOPBACK]
+    folder = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+    if route:
+        (folder / "keyrotor.toml").write_text(ROUTE_CONFIG)
+        base += ["--config", str(folder / "keyrotor.toml")]
     if state:
-        folder = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         base += ["--state", str(folder / "state.db")]
     else:
         base.append("--no-state")
@@ -691,6 +706,7 @@ class Target:
     name: str
     endpoint: Endpoint
     pid: int | None  # the proxy's process, None for the upstream alone
+    model: str = MODEL  # what requests put in "model" (a route's name, for --route)
 
 
 @dataclass
@@ -731,7 +747,7 @@ def measure(
     pids: dict[str, int],
 ) -> RunResult:
     result = RunResult(target.name, mode, streaming, rnd)
-    spec = RequestSpec.build(target.endpoint, streaming=streaming)
+    spec = RequestSpec.build(target.endpoint, streaming=streaming, model=target.model)
     runner: Callable[[], Awaitable[None]]
     if mode == "open":
 
@@ -775,7 +791,7 @@ def warm_up(target: Target, options: Options) -> None:
     """Untimed closed-loop traffic; fails early if the target answers nothing."""
     for streaming in options.streaming:
         result = RunResult(target.name, "closed", streaming, 0)
-        spec = RequestSpec.build(target.endpoint, streaming=streaming)
+        spec = RequestSpec.build(target.endpoint, streaming=streaming, model=target.model)
 
         async def runner(spec: RequestSpec = spec, result: RunResult = result) -> None:
             await closed_loop(spec, result, concurrency=8, duration=options.warmup)
@@ -1038,6 +1054,12 @@ def _parser() -> argparse.ArgumentParser:
         help="measure the fake upstream alone (no proxy)",
     )
     parser.add_argument(
+        "--route",
+        action="store_true",
+        help=f"also send requests naming a route ({ROUTE!r}: the cheaper of two models) to "
+        "the same proxy process, interleaved with the plain ones",
+    )
+    parser.add_argument(
         "--catalog",
         default="default",
         choices=["default", "realistic"],
@@ -1064,6 +1086,8 @@ def _command(args: argparse.Namespace) -> str:
         parts.append("--upstream-only")
     if args.catalog != "default":
         parts.append(f"--catalog {args.catalog}")
+    if args.route:
+        parts.append("--route")
     return " ".join(parts)
 
 
@@ -1105,10 +1129,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         proxies: list[tuple[Target, Child]] = []
         if not args.upstream_only:
             for state in {"file": (True,), "none": (False,), "both": (True, False)}[args.state]:
-                proxy, endpoint = start_keyrotor(stack, upstream_url, state)
+                proxy, endpoint = start_keyrotor(stack, upstream_url, state, args.route)
                 name = "through keyrotor" if state else "through keyrotor --no-state"
                 print(f"{name}: pid {proxy.pid} at {endpoint.url}", file=sys.stderr, flush=True)
                 proxies.append((Target(name, endpoint, proxy.pid), proxy))
+                if args.route:  # the same process, requests naming the route
+                    routed = Target(f"{name}, route {ROUTE}", endpoint, proxy.pid, ROUTE)
+                    proxies.append((routed, proxy))
             if litellm_found:
                 lproxy, lendpoint = start_litellm(stack, upstream_url)
                 print(f"litellm pid {lproxy.pid} at {lendpoint.url}", file=sys.stderr, flush=True)

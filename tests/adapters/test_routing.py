@@ -362,3 +362,17 @@ def test_the_recorded_trace_and_the_log_line_say_what_the_route_did(tmp_path: Pa
     ]
     access = next(e for e in log if e.get("route") == "pair")
     assert (access["model"], access["tried"]) == (second, [f"{first}: answered 503 (unavailable)"])
+
+
+def test_only_the_top_level_model_is_replaced(tmp_path: Path) -> None:
+    route = f'[[routes]]\nname = "one"\ncandidates = ["{PAID}"]\n'
+    nested = {"model": "one", "note": "a nested model key"}
+    with FakeUpstream.running_in_thread(scenario()) as server:
+        with ProxyThread(write_config(tmp_path, server.url, route), []) as url:
+            for body in (
+                {"model": "one", "messages": HI},  # the body's bytes, the value spliced
+                {"metadata": nested, "model": "one", "messages": HI},  # encoded again
+            ):
+                assert httpx.post(f"{url}/v1/chat/completions", json=body).status_code == 200
+    assert SENT[0] == {"model": PAID, "messages": HI}
+    assert SENT[1] == {"metadata": nested, "model": PAID, "messages": HI}

@@ -15,9 +15,10 @@ from __future__ import annotations
 import re
 from typing import Any
 
-__all__ = ["ModelHealth", "model_of"]
+__all__ = ["MODEL_PATTERN", "ModelHealth", "model_of"]
 
-_MODEL = re.compile(rb'"model"\s*:\s*"((?:[^"\\]|\\.){1,200})"')
+MODEL_PATTERN = re.compile(rb'"model"\s*:\s*"((?:[^"\\]|\\.){1,200})"')
+"""The first ``"model": "..."`` of a JSON body; group 1 is its value as written."""
 MAX_MODELS = 1000
 """Distinct models tracked; later ones are counted under ``"(other)"``."""
 ALPHA = 0.2
@@ -29,7 +30,7 @@ def model_of(body: bytes) -> str | None:
     """The ``model`` of a JSON request body (a bounded scan, no full parse)."""
     if not body:
         return None
-    found = _MODEL.search(body)
+    found = MODEL_PATTERN.search(body)
     if found is None:
         return None
     try:

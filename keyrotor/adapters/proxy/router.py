@@ -40,6 +40,7 @@ from ...models.routing import (
     route_to_json,
 )
 from ..config import RoutingOptions
+from .model_health import MODEL_PATTERN as _MODEL
 
 if TYPE_CHECKING:
     from ...models import Catalog, ModelInfo
@@ -49,6 +50,9 @@ if TYPE_CHECKING:
     from .model_health import ModelHealth
 
 __all__ = ["FREE_SCOPE", "MAX_MODELS", "Plan", "Refused", "Router"]
+
+Found = tuple[tuple["ModelInfo", ...], tuple[str, ...]]
+"""A route's candidates in a catalog, and the ids it does not list."""
 
 MAX_MODELS = 16
 """The most models a request's ``models`` list may name."""
@@ -72,15 +76,21 @@ class Refused:
 @attrs.define
 class Plan:
     """A routed request: the route, its decision, and the request's JSON with
-    ``models`` and ``route`` taken out (each model is sent on its own)."""
+    ``models`` and ``route`` taken out (each model is sent on its own).
+    ``raw``: the body as it came, with the span of its ``model`` string,
+    when only that needs replacing (a route's name)."""
 
     route: Route
     decision: Decision
     data: dict[str, Any]
     need: Need
+    raw: tuple[bytes, int, int] | None = None
 
     def body_for(self, model: str) -> bytes:
         """The request body to send ``model`` (as its upstream names it)."""
+        if self.raw is not None:  # the caller's bytes, the model's value spliced in
+            body, start, end = self.raw
+            return body[:start] + json.dumps(model)[1:-1].encode() + body[end:]
         return json.dumps({**self.data, "model": model}, separators=(",", ":")).encode()
 
 
@@ -111,7 +121,8 @@ class Router:
         self._store = store
         self._clock = clock
         self._cooling: dict[str, tuple[float, str]] = {}  # model -> (until, why)
-        self._found: dict[str, tuple[int, tuple[tuple[ModelInfo, ...], tuple[str, ...]]]] = {}
+        # Per route: (the catalog's id, its candidates there, whether one is free).
+        self._found: dict[str, tuple[int, Found, bool]] = {}
         self.free = FreeTier({}, options.free_per_minute)
         self._keys: dict[str, list[str]] = {}  # account -> its keys
         self._account_of: dict[str, str] = {}
@@ -154,9 +165,13 @@ class Router:
         decision = self.decide(route, catalog, need)
         if decision.model is None:
             return self._refusal(decision, catalog)
-        data.pop("models", None)
-        data.pop("route", None)
-        return Plan(route, decision, data, need)
+        if "models" in data or "route" in data:
+            data.pop("models", None)
+            data.pop("route", None)
+            return Plan(route, decision, data, need)
+        found = _MODEL.search(body) if body.count(b'"model"') == 1 else None  # surely the top one
+        raw = None if found is None else (body, found.start(1), found.end(1))
+        return Plan(route, decision, data, need, raw)
 
     def _route_of(self, data: dict[str, Any]) -> Route | Refused:
         model = data.get("model")
@@ -191,19 +206,20 @@ class Router:
     def decide(self, route: Route, catalog: Catalog, need: Need) -> Decision:
         """``route``'s decision for ``need`` now (filter matches kept per catalog)."""
         now = self._clock()
-        found = self._found.get(route.name)
-        if found is None or found[0] != id(catalog):
-            found = (id(catalog), candidates(route, catalog))
+        kept = self._found.get(route.name)
+        if kept is None or kept[0] != id(catalog):
+            found = candidates(route, catalog)
+            kept = (id(catalog), found, any(m.free for m in found[0]))
             if route.name in self.routes:
-                self._found[route.name] = found
+                self._found[route.name] = kept
         return decide(
             route,
             catalog,
             need,
             self.models.latency_ms,
-            unavailable=self.unavailable(now),
-            no_free=self.free.skip(now),
-            found=found[1],
+            unavailable=self.unavailable(now) if self._cooling else None,
+            no_free=self.free.skip(now) if kept[2] else None,
+            found=kept[1],
         )
 
     def _refusal(self, decision: Decision, catalog: Catalog) -> Refused:
