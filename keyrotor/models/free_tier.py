@@ -126,6 +126,19 @@ class FreeTier:
             account.used += 1
             account.recent.append(now)
 
+    def limit_met(self, name: str, now: float, daily: bool) -> None:
+        """The upstream answered ``name``'s free request with its limit after
+        all (a tier set too high, another client on the account): count the
+        day (``daily``) or the window as full, so no more are sent until then."""
+        account = self._accounts.get(name)
+        if account is None:
+            return
+        account.roll(now, self.window)
+        if daily:
+            account.used = max(account.used, account.per_day)
+        else:
+            account.recent.extend([now] * max(0, self.per_minute - len(account.recent)))
+
     def give_back(self, name: str, now: float) -> None:
         """Uncount a request ``take`` counted that never reached the upstream."""
         account = self._accounts.get(name)

@@ -3,6 +3,8 @@
     keyrotor replay TRACE [--policy P ...] [--keys N] [--upstream-model FILE]
     keyrotor replay --scenario NAME [--requests N] [--keys N] [--policy all]
     keyrotor replay --scenario list
+    keyrotor replay TRACE --route free --strategy fastest,cheapest,ordered
+    keyrotor replay --scenario free-day --route NAME --routes FILE.toml
 
 The report goes to stdout (text, or ``--json``); it is byte-identical for the
 same input and seed. Speed and progress go to stderr. Bad input exits with
@@ -83,6 +85,30 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--speed", action="store_true", help="print simulated requests per second on stderr"
     )
+    routing = parser.add_argument_group(
+        "routes", "replay through a route instead: strategies side by side (docs/routing.md)"
+    )
+    routing.add_argument(
+        "--route", metavar="NAME", help="the route: 'free', or one of --routes FILE"
+    )
+    routing.add_argument(
+        "--routes", metavar="FILE", help="a TOML file with [[routes]] tables (as the config's)"
+    )
+    routing.add_argument(
+        "--strategy",
+        metavar="LIST",
+        help="comma-separated strategies (ordered, cheapest, fastest, balanced, no-pacing); "
+        "default: the route's own",
+    )
+    routing.add_argument(
+        "--accounts", type=int, default=5, metavar="N", help="accounts with a free quota (5)"
+    )
+    routing.add_argument(
+        "--free-per-day", type=int, default=50, metavar="N", help="free requests per account (50)"
+    )
+    routing.add_argument(
+        "--down", type=float, default=0.05, metavar="SHARE", help="share of models down (0.05)"
+    )
 
 
 class UsageError(Exception):
@@ -142,7 +168,10 @@ def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
         for name, description in describe():
             print(f"{name:<18} {description}", file=out)
+        print(f"{'free-day':<18} with --route: a day of chat traffic for the free tier", file=out)
         return 0
+    if args.route is not None or args.routes is not None or args.strategy is not None:
+        return _run_route(args, out)
     if (args.scenario is None) == (args.trace is None):
         raise UsageError("give a TRACE file or --scenario NAME (--scenario list names them)")
     if args.scenario is not None and args.scenario not in SCENARIOS:
@@ -205,6 +234,61 @@ def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             return 2
         for path in paths:
             print(f"plot: {path}", file=err)
+    return 0
+
+
+def _run_route(args: argparse.Namespace, out: TextIO) -> int:
+    """``--route``: the trace (or the free-day scenario) through a route, per strategy."""
+    import tomllib
+
+    from ..models.routing import FREE_ROUTE, route_from_json
+    from .routes import day_of_free_traffic, replay_route, routes_text
+    from .trace import load_trace
+
+    if args.route is None:
+        raise UsageError("--routes and --strategy need --route NAME ('free', or one of --routes)")
+    routes = {FREE_ROUTE.name: FREE_ROUTE}
+    if args.routes is not None:
+        try:
+            with open(args.routes, "rb") as file:
+                tables = tomllib.load(file).get("routes", [])
+        except tomllib.TOMLDecodeError as exc:
+            raise UsageError(f"{args.routes}: not TOML: {exc}") from None
+        if not isinstance(tables, list):
+            raise UsageError(f"{args.routes}: routes must be [[routes]] tables")
+        for index, table in enumerate(tables, 1):
+            try:
+                route = route_from_json(table)
+            except ValueError as exc:
+                raise UsageError(f"{args.routes}: [[routes]] #{index}: {exc}") from None
+            routes[route.name] = route
+    if args.route not in routes:
+        raise UsageError(f"no route {args.route!r}; routes: {', '.join(routes)}")
+    route = routes[args.route]
+    strategies = [s.strip() for s in (args.strategy or route.strategy).split(",") if s.strip()]
+    if args.accounts < 1 or args.free_per_day < 0 or not 0 <= args.down < 1:
+        raise UsageError("need --accounts >= 1, --free-per-day >= 0 and 0 <= --down < 1")
+    if (args.scenario is None) == (args.trace is None):
+        raise UsageError("give a TRACE file or --scenario free-day")
+    if args.scenario is not None and args.scenario != "free-day":
+        raise UsageError("with --route, the scenario is free-day")
+    if args.scenario is not None:
+        records = day_of_free_traffic(args.requests or 2000, seed=args.seed)
+    else:
+        records = load_trace(args.trace).records
+    rows = replay_route(
+        records,
+        route,
+        strategies,
+        accounts=args.accounts,
+        per_day=args.free_per_day,
+        down=args.down,
+        seed=args.seed,
+    )
+    if args.json:
+        out.write(json.dumps([row.to_json() for row in rows], indent=2) + "\n")
+    else:
+        out.write(routes_text(rows, route, args.accounts, args.free_per_day))
     return 0
 
 

@@ -632,6 +632,9 @@ class FreeModelLimits(Behaviour):
         self.sent += 1
         return None
 
+    def describe(self, data: dict[str, Any]) -> None:
+        data["is_free_tier"] = self.per_day < 1000  # never bought 10 credits
+
 
 @define
 class InFlightBudget(Behaviour):

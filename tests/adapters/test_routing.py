@@ -376,3 +376,39 @@ def test_only_the_top_level_model_is_replaced(tmp_path: Path) -> None:
                 assert httpx.post(f"{url}/v1/chat/completions", json=body).status_code == 200
     assert SENT[0] == {"model": PAID, "messages": HI}
     assert SENT[1] == {"metadata": nested, "model": PAID, "messages": HI}
+
+
+def test_the_docs_configuration_loads_and_its_coding_route_decides_as_shown(tmp_path: Path) -> None:
+    doc = (Path(__file__).parents[2] / "docs" / "routing.md").read_text("utf-8")
+    toml = doc.split("## Routes", 1)[1].split("```toml\n", 1)[1].split("```", 1)[0]
+    path = tmp_path / "keyrotor.toml"
+    with FakeUpstream.running_in_thread(scenario()) as server:
+        path.write_text(f'upstream = "{server.url}"\n{toml}[state]\nenabled = false\n')
+        environ = {"OPENROUTER_KEY_TEAM_1": KEYS["a1"][1], "OPENROUTER_KEY_TEAM_2": KEYS["a2"][1]}
+        config = load_config(path, environ, {"port": 0})
+        assert [r.name for r in config.routes] == ["free", "coding", "fast-vision"]
+        assert config.routing.accounts == {"team": 1000}
+        with ProxyThread(config, []) as url:
+            body = {
+                "model": "coding",
+                "max_tokens": 4000,
+                "messages": [{"role": "user", "content": "x" * 36_000}],
+            }
+            decision = recommend(url, body)
+            vision = recommend(url, {"model": "fast-vision", "messages": HI})
+    models = {m.id: m.to_json() for m in realistic_models()}
+    chosen = models[decision["model"]]
+    assert decision["model"].endswith(":free") and "tools" in chosen["supported_parameters"]
+    assert chosen["context_length"] >= 64000
+    assert decision["fallbacks"][-2:] == ["openai/gpt-4o-mini", "anthropic/claude-3.5-haiku-mini"]
+    assert "image" in models[vision["model"]]["architecture"]["input_modalities"]
+
+
+def test_a_nested_models_key_leaves_a_plain_request_alone(tmp_path: Path) -> None:
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"models": 1}}}]
+    body = {"model": PAID, "messages": HI, "tools": tools}
+    with FakeUpstream.running_in_thread(scenario()) as server:
+        with ProxyThread(write_config(tmp_path, server.url), []) as url:
+            answer = httpx.post(f"{url}/v1/chat/completions", json=body)
+    assert answer.status_code == 200 and "x-keyrotor-route" not in answer.headers
+    assert [body] == SENT

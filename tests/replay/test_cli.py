@@ -22,7 +22,7 @@ def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
 def test_scenario_list_names_every_scenario(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "--scenario", "list")
     assert code == 0
-    assert [line.split()[0] for line in out.splitlines()] == list(SCENARIOS)
+    assert [line.split()[0] for line in out.splitlines()] == [*SCENARIOS, "free-day"]
 
 
 def test_scenario_run_prints_policies_side_by_side(capsys: pytest.CaptureFixture[str]) -> None:

@@ -221,6 +221,8 @@ class ProxyApp:
                 except (ValueError, TypeError):
                     return _invalid("the request body is not a JSON object")
             plan = router.plan(body)
+            if plan is None:
+                return _invalid("the body must be a chat request with a model, a route or models")
             if isinstance(plan, Refused):
                 if plan.decision is None:
                     return _refused(plan)
@@ -415,7 +417,8 @@ class ProxyApp:
                 plan = router.plan(body)
                 if isinstance(plan, Refused):
                     return _refused(plan)
-                return await self._send_models(send, plan)
+                if plan is not None:
+                    return await self._send_models(send, plan)
             if model is not None:
                 if is_free(model):
                     return await self._send_models(send, None, model)
@@ -549,18 +552,21 @@ class ProxyApp:
             self.models.record(name, status, client.driver.now() - started)
             left -= upstream.attempts
             content = None
-            if status >= 400 and index + 1 < len(models) and left > 0:
+            if status >= 400:  # an error body is short, and read already
                 content = await upstream.aread()
                 failure = model_failure(status, upstream.headers, content)
                 if failure is not None:
-                    await upstream.aclose()
                     kind, hint = failure
                     if kind in ("unavailable", "busy"):
                         router.cool(name, f"answered {status} ({kind})", hint)
-                    if kind == "context":
+                    elif kind == "free_limit":
+                        router.limit_met(upstream.key, hint)
+                    elif kind == "context":
                         outgrown = max(outgrown, context or 0)
-                    tried.append(f"{name}: answered {status} ({kind})")
-                    continue
+                    if index + 1 < len(models) and left > 0:
+                        await upstream.aclose()
+                        tried.append(f"{name}: answered {status} ({kind})")
+                        continue
             extra = [("x-keyrotor-model", name)]
             if route is not None:
                 extra.append(("x-keyrotor-route", route))
@@ -574,15 +580,10 @@ class ProxyApp:
             return await self._deliver(send, client, upstream, charged, extra, log, content)
         if isinstance(refused, NoKeyAvailable):
             return _rejected(refused)
-        why = "; ".join(tried)
-        if isinstance(refused, Refused) and len(models) == 1:
-            return _refused(attrs.evolve(refused, message=f"{refused.message} ({why})"))
-        retry = refused.retry_after if isinstance(refused, Refused) else None
-        return _refused(
-            Refused(
-                503, f"no model of route {route!r} could serve: {why}", "models_unavailable", retry
-            )
-        )
+        why = f"no model of route {route!r} could serve: " + "; ".join(tried)
+        if isinstance(refused, Refused):  # out of free quota: 429 until a slot comes
+            return _refused(refused if plan is None else attrs.evolve(refused, message=why))
+        return _refused(Refused(503, why, "models_unavailable"))
 
     async def _free_slot(self) -> tuple[str, str] | Refused:
         """(account, key) for a free-model request, waiting for the pace up to

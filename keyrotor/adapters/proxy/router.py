@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from ...core import USABLE_STATES
-from ...models.free_tier import FreeTier, utc_day
+from ...models.free_tier import FREE_PER_DAY, FREE_PER_DAY_WITH_CREDITS, FreeTier, utc_day
 from ...models.routing import (
     Decision,
     Need,
@@ -39,6 +39,7 @@ from ...models.routing import (
     ordered,
     route_to_json,
 )
+from ...transports.errors import KeyrotorError
 from ..config import RoutingOptions
 from .model_health import MODEL_PATTERN as _MODEL
 
@@ -127,6 +128,7 @@ class Router:
         self._keys: dict[str, list[str]] = {}  # account -> its keys
         self._account_of: dict[str, str] = {}
         self._turn: dict[str, int] = {}
+        self._learned: dict[str, int] = {}  # account -> daily limit, from GET /key
         self._keys_seen = (-1, -_ACCOUNTS_EVERY)  # (key count, when)
         self._refresh_accounts()
 
@@ -144,8 +146,9 @@ class Router:
         """Whether a request goes through ``plan`` (cheap: no JSON parsed)."""
         return (model is not None and model in self.routes) or b'"models"' in body
 
-    def plan(self, body: bytes) -> Plan | Refused:
-        """The plan of a routed request body (see ``routed``)."""
+    def plan(self, body: bytes) -> Plan | Refused | None:
+        """The plan of a routed request body (see ``routed``); None when it is
+        not routed after all (``"models"`` was a nested key)."""
         try:
             data: Any = json.loads(body)
         except ValueError:
@@ -159,7 +162,7 @@ class Router:
                 503, f"the model catalog is not loaded yet: {why} (see /status)", "no_catalog"
             )
         route = self._route_of(data)
-        if isinstance(route, Refused):
+        if route is None or isinstance(route, Refused):
             return route
         need = need_of(data)
         decision = self.decide(route, catalog, need)
@@ -173,7 +176,7 @@ class Router:
         raw = None if found is None else (body, found.start(1), found.end(1))
         return Plan(route, decision, data, need, raw)
 
-    def _route_of(self, data: dict[str, Any]) -> Route | Refused:
+    def _route_of(self, data: dict[str, Any]) -> Route | Refused | None:
         model = data.get("model")
         models = data.get("models")
         if "route" in data and data["route"] != "fallback":
@@ -181,8 +184,7 @@ class Router:
                 400, f'route must be "fallback" (OpenRouter\'s), got {data["route"]!r}', "bad_route"
             )
         if models is None:
-            assert isinstance(model, str)
-            return self.routes[model]
+            return self.routes.get(model) if isinstance(model, str) else None
         if (
             not isinstance(models, list)
             or not 1 <= len(models) <= MAX_MODELS
@@ -298,7 +300,7 @@ class Router:
                 keys.setdefault(key.account or key.key_id, []).append(key.key_id)
         self._keys = keys
         self._account_of = {k: account for account, ks in keys.items() for k in ks}
-        per_day = self.options.accounts
+        per_day = {**self._learned, **self.options.accounts}
         self.free.set_accounts(
             {account: per_day.get(account, self.options.free_per_day) for account in keys}
         )
@@ -334,6 +336,44 @@ class Router:
             self.give_back(taken)
         self.free.note(account, now)
         self._record(account, 1, now)
+
+    def limit_met(self, key: str, retry_after: float | None) -> None:
+        """The upstream answered a free request on ``key`` with the account's
+        free limit: the per-day one (no hint, or more than two minutes) or
+        the per-minute one. The account takes no more until then."""
+        account = self._account_of.get(key, key)
+        daily = retry_after is None or retry_after > 120
+        self.free.limit_met(account, self._clock(), daily)
+
+    async def learn_tiers(self, at_most: int = 200) -> dict[str, int]:
+        """Each account's daily free limit from ``GET /key`` (``is_free_tier``
+        false: it bought credits, 1000 a day; true: 50), asked once with one
+        of its keys, for the accounts ``[routing.accounts]`` does not name (at
+        most ``at_most``). An account whose answer says nothing keeps
+        ``free_per_day``. Returns what was learned."""
+        self._keys_seen = (-1, self._keys_seen[1])  # look at the pool now
+        self._refresh_accounts()
+        learned: dict[str, int] = {}
+        asked = [a for a in self._keys if a not in self.options.accounts][:at_most]
+        for account in asked:
+            try:
+                answer = await self._client.send(
+                    "GET", "/key", pin=self._keys[account][0], pin_fallback=False, attempts=1
+                )
+                try:
+                    body = await answer.aread()
+                finally:
+                    await answer.aclose()
+                data = json.loads(body).get("data") if answer.status_code == 200 else None
+            except (KeyrotorError, ValueError, AttributeError):
+                continue
+            tier = data.get("is_free_tier") if isinstance(data, dict) else None
+            if isinstance(tier, bool):
+                learned[account] = FREE_PER_DAY if tier else FREE_PER_DAY_WITH_CREDITS
+        self._learned.update(learned)
+        self._keys_seen = (-1, self._keys_seen[1])
+        self._refresh_accounts()
+        return learned
 
     def give_back(self, account: str) -> None:
         """A slot ``take_free`` gave whose request never reached the upstream."""
