@@ -74,15 +74,10 @@ _NEVER = 'a number, or false / "never"'
 _STRS = "an array of strings"
 
 _TOP_KINDS = {"upstream": _STR, "routing_note": _BOOL, "log_format": _STR, "record": _STR}
+_PLAIN_TABLES = ("server", "http", "pool", "headers", "auth", "state", "catalog", "routing")
+"""The tables of options (the others are arrays of tables)."""
 _TABLES = (
-    "server",
-    "http",
-    "pool",
-    "headers",
-    "auth",
-    "state",
-    "catalog",
-    "routing",
+    *_PLAIN_TABLES,
     "keys",
     "providers",
     "clients",
@@ -399,10 +394,7 @@ class _Loader:
         for name in data:
             if name not in _TOP_KINDS and name not in _TABLES:
                 self.unknown("", name, [*_TOP_KINDS, *_TABLES])
-        tables = {
-            name: self.table(data, name)
-            for name in ("server", "http", "pool", "headers", "auth", "state", "catalog", "routing")
-        }
+        tables = {name: self.table(data, name) for name in _PLAIN_TABLES}
         tables["routing"] = dict(tables["routing"])
         accounts_table = tables["routing"].pop("accounts", {})
         tables[""] = {name: data[name] for name in _TOP_KINDS if name in data}
@@ -886,20 +878,7 @@ class _Loader:
 
     def split_overrides(self, overrides: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         """Overrides by table (``""``: top level); None values dropped."""
-        given: dict[str, dict[str, Any]] = {
-            t: {}
-            for t in (
-                "",
-                "server",
-                "http",
-                "pool",
-                "headers",
-                "auth",
-                "state",
-                "catalog",
-                "routing",
-            )
-        }
+        given: dict[str, dict[str, Any]] = {t: {} for t in ("", *_PLAIN_TABLES)}
         for name, value in overrides.items():
             if value is None:
                 continue
