@@ -338,8 +338,9 @@ def _rank(
     costs = {m.id: _cost(m, need) for m in models}
     if route.strategy == "cheapest":  # unknown prices last, then the route's order
         return sorted(models, key=lambda m: (costs[m.id] is None, costs[m.id] or 0.0))
-    if route.strategy == "fastest":  # never observed first (measured once), then fastest
-        return sorted(models, key=lambda m: (m.id in latency, latency.get(m.id, 0.0)))
+    if route.strategy == "fastest":  # one never observed first (to measure it), then fastest
+        ranked = sorted(models, key=lambda m: (m.id in latency, latency.get(m.id, 0.0)))
+        return _explore_one(ranked, latency)
     known_costs = [c for c in costs.values() if c is not None]
     top_cost = max(known_costs, default=0.0) or 1.0
     top_latency = max(latency.get(m.id, 0.0) for m in models) or 1.0
@@ -351,7 +352,18 @@ def _rank(
         latency_part = 0.0 if slow is None else slow / top_latency  # unobserved: explore
         return route.weight * latency_part + (1 - route.weight) * cost_part
 
-    return sorted(models, key=score)
+    return _explore_one(sorted(models, key=score), latency)
+
+
+def _explore_one(ranked: list[ModelInfo], latency: Mapping[str, float]) -> list[ModelInfo]:
+    """``ranked`` with its models never observed after the first moved to the
+    end: a request tries at most one unmeasured model (which may be down)
+    before the measured ones, so exploring costs one attempt, not all."""
+    fresh = [m for m in ranked if m.id not in latency]
+    if len(fresh) < 2:
+        return ranked
+    later = {m.id for m in fresh[1:]}
+    return [m for m in ranked if m.id not in later] + fresh[1:]
 
 
 def decide(

@@ -10,8 +10,12 @@ cost in USD and the time to first byte.
 
 The simulated upstream, per model: a time to first byte drawn once from the
 model's id (100 ms to 2 s) plus 2 ms per completion token; a share of models
-(``down``) that answer 503 all day; OpenRouter's free limits enforced per
-account (20 a minute in clock minutes, ``per_day`` a UTC day). Everything is
+(``down``) that answer 503 all day, cooled as the proxy cools them (longer
+for each failure in a row); OpenRouter's free limits enforced per account (20
+a minute in clock minutes, ``per_day`` a UTC day), counting the requests a
+model served; the pool gives back the slot of a request a model could not
+serve, as the proxy does. A free request that finds no account with room is refused
+at once here (the proxy waits up to ``free_wait`` for one). Everything is
 deterministic: the same trace, catalog, route and seed give the same report.
 The pure router (``keyrotor.models.routing``) and free tier
 (``keyrotor.models.free_tier``) decide, as in the proxy; keys are not
@@ -30,15 +34,18 @@ from typing import Any
 import attrs
 
 from ..models import Catalog, parse_catalog
+from ..models.cooling import ModelCooling
 from ..models.free_tier import FREE_PER_DAY, FREE_PER_MINUTE, WINDOW, FreeTier
-from ..models.routing import STRATEGIES, Need, Route, Skip, candidates, decide
+from ..models.routing import STRATEGIES, Need, Route, candidates, decide
 from .trace import TraceRecord
 
 __all__ = ["NO_PACING", "RouteRow", "day_of_free_traffic", "replay_route", "routes_text"]
 
 NO_PACING = "no-pacing"
-"""A pseudo-strategy: ``fastest`` with free requests spread over the accounts
-in turn and no pacing, to show what pacing saves."""
+"""A pseudo-strategy, what plain key rotation does: ``fastest`` with free
+requests sent on the accounts in turn, unpaced, an account's key resting after
+a limit answer until that limit's reset (as the core cools a key on a 429 with
+``X-RateLimit-Reset``); it shows what pacing saves."""
 MODEL_COOLDOWN = 60.0
 PER_TOKEN = 0.002  # seconds per completion token
 DAY = 86400.0
@@ -94,17 +101,20 @@ class _Upstream:
         digest = hashlib.sha256(model.encode()).digest()
         return 0.1 + 1.9 * int.from_bytes(digest[:4], "big") / 2**32
 
-    def free_limit(self, account: str, now: float) -> bool:
-        """Whether a free request of ``account`` now meets a limit (else it counts)."""
+    def free_limit(self, account: str, now: float) -> float | None:
+        """When the limit a free request of ``account`` meets now resets (None:
+        no limit met, the request counts)."""
         minute, day = int(now // 60), int(now // DAY)
         m = self.minute.get(account, (minute, 0))
         d = self.day.get(account, (day, 0))
         m = m if m[0] == minute else (minute, 0)
         d = d if d[0] == day else (day, 0)
-        if m[1] >= FREE_PER_MINUTE or d[1] >= self.per_day[account]:
-            return True
+        if d[1] >= self.per_day[account]:
+            return (day + 1) * DAY
+        if m[1] >= FREE_PER_MINUTE:
+            return (minute + 1) * 60.0
         self.minute[account], self.day[account] = (minute, m[1] + 1), (day, d[1] + 1)
-        return False
+        return None
 
 
 def replay_route(
@@ -154,14 +164,15 @@ def _one(
     tier = FreeTier(dict.fromkeys(accounts, per_day), FREE_PER_MINUTE, WINDOW)
     row = RouteRow(strategy)
     latency: dict[str, float] = {}
-    cooling: dict[str, float] = {}
+    cooling = ModelCooling(MODEL_COOLDOWN)
     turn = 0
+    resting: dict[str, float] = {}  # unpaced: account -> until its limit resets
     found = candidates(route, catalog)
     for record in records:
         now = MIDNIGHT + record.t
         row.requests += 1
         need = Need(record.prompt_tokens, None)
-        unavailable = {m: Skip("down", until - now) for m, until in cooling.items() if until > now}
+        unavailable = cooling.skips(now) if cooling else None
         no_free = tier.skip(now) if paced else None
         decision = decide(
             route, catalog, need, latency, unavailable=unavailable, no_free=no_free, found=found
@@ -183,16 +194,24 @@ def _one(
                     if account is None:
                         continue
                 else:
-                    account, turn = accounts[turn % len(accounts)], turn + 1
+                    awake = [a for a in accounts if resting.get(a, 0.0) <= now]
+                    if not awake:
+                        continue
+                    account, turn = awake[turn % len(awake)], turn + 1
             attempts += 1
             if model in upstream.down:
-                cooling[model] = now + MODEL_COOLDOWN
+                cooling.fail(model, now, "down")
+                if paced and account is not None:
+                    tier.give_back(account, now)
                 row.fallbacks += 1
                 continue
-            if account is not None and upstream.free_limit(account, now):
+            reset = None if account is None else upstream.free_limit(account, now)
+            if account is not None and reset is not None:
+                resting[account] = reset
                 row.limit_answers += 1
                 row.fallbacks += 1
                 continue
+            cooling.ok(model)
             ttfb = upstream.ttfb(model)
             seen = latency.get(model)
             latency[model] = ttfb * 1000 if seen is None else seen + 0.2 * (ttfb * 1000 - seen)

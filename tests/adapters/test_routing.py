@@ -8,6 +8,7 @@ limits) over loopback, and the official openai SDK as the client.
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -138,6 +139,8 @@ def test_the_free_route_serves_through_models_that_are_down_with_no_error_reachi
     assert first["model"] == ranked[2] and len(first["tried"]) == 2
     cooling = status["routing"]["cooling"]
     assert {ranked[0], ranked[1]} <= set(cooling)
+    # A model that could not serve gave its free slot back: 30 served, 30 counted.
+    assert sum(a["usedToday"] for a in status["routing"]["freeTier"].values()) == 30
     assert "answered 503 (unavailable)" in cooling[ranked[0]]["why"]
     assert {k["alias"]: k["state"] for k in status["keys"]} == dict.fromkeys(KEYS, "healthy")
     sent = sent_models()
@@ -254,6 +257,32 @@ def test_the_per_minute_pace_waits_for_a_slot_instead_of_meeting_the_limit(tmp_p
     assert [limit.refused for limit in limits.values()] == [0, 0]
 
 
+def test_an_accounts_tier_is_learned_from_get_key_once_free_models_are_asked_for(
+    tmp_path: Path,
+) -> None:
+    """``team`` bought credits (1000 free requests a day), ``solo`` did not: the
+    proxy asks ``GET /key`` once per account after the first free request,
+    and paces ``team`` at 1000 a day, ``solo`` at the configured 40."""
+    limits = {"team": FreeModelLimits(20, 1000), "solo": FreeModelLimits(20, 50)}
+    extra = "[routing]\nfree_per_day = 40\n"
+    with FakeUpstream.running_in_thread(scenario(limits=limits)) as server:
+        with ProxyThread(write_config(tmp_path, server.url, extra), []) as url:
+            probes_before = sum(server.stats(alias).probes for alias in KEYS)
+            served = httpx.post(
+                f"{url}/v1/chat/completions", json={"model": "free", "messages": HI}
+            )
+            tiers: dict[str, Any] = {}
+            for _ in range(600):  # the learning runs in the background: wait for it
+                tiers = httpx.get(f"{url}/status").json()["routing"]["freeTier"]
+                if tiers.get("team", {}).get("perDay") == 1000:
+                    break
+                threading.Event().wait(0.05)
+            probes = sum(server.stats(alias).probes for alias in KEYS)
+    assert served.status_code == 200 and probes_before == 0
+    assert tiers["team"]["perDay"] == 1000 and tiers["solo"]["perDay"] == 40
+    assert probes == 2  # one GET /key per account, not per key
+
+
 @pytest.mark.parametrize(
     ("body", "status", "message"),
     [
@@ -280,9 +309,21 @@ def test_bad_routed_requests_get_one_clear_error(
     tmp_path: Path, body: dict[str, Any], status: int, message: str
 ) -> None:
     extra = '[[routes]]\nname = "empty"\ncandidates = [{ min_context = 1000000000 }]\n'
+    log: list[dict[str, Any]] = []
     with FakeUpstream.running_in_thread(scenario()) as server:
-        with ProxyThread(write_config(tmp_path, server.url, extra), []) as url:
+        with ProxyThread(write_config(tmp_path, server.url, extra), log) as url:
             answer = httpx.post(f"{url}/v1/chat/completions", json=body)
+            for _ in range(600 if status == 503 else 0):  # the router looks in the background
+                warned = [e["message"] for e in log if "route" in e.get("message", "")]
+                if warned:
+                    assert warned == [
+                        "route 'empty' matches no model of the catalog (320 models): requests "
+                        "to it get 503 until one does; check its candidates (GET /routing/routes)"
+                    ]
+                    break
+                threading.Event().wait(0.05)
+            else:
+                assert status != 503, "no warning of the route that matches nothing"
     assert answer.status_code == status
     error = answer.json()["error"]
     assert message in error["message"]

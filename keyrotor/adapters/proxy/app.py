@@ -559,6 +559,8 @@ class ProxyApp:
                     kind, hint = failure
                     if kind in ("unavailable", "busy"):
                         router.cool(name, f"answered {status} ({kind})", hint)
+                        if is_free(name) and provider == MAIN_PROVIDER:
+                            router.not_counted(upstream.key)
                     elif kind == "free_limit":
                         router.limit_met(upstream.key, hint)
                     elif kind == "context":
@@ -567,6 +569,8 @@ class ProxyApp:
                         await upstream.aclose()
                         tried.append(f"{name}: answered {status} ({kind})")
                         continue
+            else:
+                router.cooling.ok(name)
             extra = [("x-keyrotor-model", name)]
             if route is not None:
                 extra.append(("x-keyrotor-route", route))

@@ -24,15 +24,16 @@ import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
+import anyio
 import attrs
 
 from ...core import USABLE_STATES
-from ...models.free_tier import FREE_PER_DAY, FREE_PER_DAY_WITH_CREDITS, FreeTier, utc_day
+from ...models.cooling import ModelCooling
+from ...models.free_tier import FREE_PER_DAY_WITH_CREDITS, FreeTier, utc_day
 from ...models.routing import (
     Decision,
     Need,
     Route,
-    Skip,
     candidates,
     decide,
     need_of,
@@ -61,6 +62,8 @@ FREE_SCOPE = "free"
 """The ``usage`` ledger's scope of free-model requests per account."""
 _ACCOUNTS_EVERY = 10.0
 """Seconds between looks at which keys the pool holds (keys come and go at runtime)."""
+TIERS_EVERY = 6 * 3600.0
+"""Seconds between two rounds of asking each account's tier (``GET /key``)."""
 
 
 @attrs.frozen
@@ -113,15 +116,17 @@ class Router:
         *,
         store: StateStore | None = None,
         clock: Callable[[], float] = time.time,
+        log: Callable[[dict[str, Any]], None] = lambda record: None,
     ) -> None:
         self.routes = {route.name: route for route in routes}
+        self._log = log
         self.options = options
         self._catalogs = catalogs
         self._client = client
         self.models = models
         self._store = store
         self._clock = clock
-        self._cooling: dict[str, tuple[float, str]] = {}  # model -> (until, why)
+        self.cooling = ModelCooling(options.model_cooldown)
         # Per route: (the catalog's id, its candidates there, whether one is free).
         self._found: dict[str, tuple[int, Found, bool]] = {}
         self.free = FreeTier({}, options.free_per_minute)
@@ -129,6 +134,7 @@ class Router:
         self._account_of: dict[str, str] = {}
         self._turn: dict[str, int] = {}
         self._learned: dict[str, int] = {}  # account -> daily limit, from GET /key
+        self._free_asked = False  # a free model was asked for: learn the tiers
         self._keys_seen = (-1, -_ACCOUNTS_EVERY)  # (key count, when)
         self._refresh_accounts()
 
@@ -219,7 +225,7 @@ class Router:
             catalog,
             need,
             self.models.latency_ms,
-            unavailable=self.unavailable(now) if self._cooling else None,
+            unavailable=self.cooling.skips(now) if self.cooling else None,
             no_free=self.free.skip(now) if kept[2] else None,
             found=kept[1],
         )
@@ -267,21 +273,9 @@ class Router:
     # ------------------------------------------------------ model health
 
     def cool(self, model: str, why: str, retry_after: float | None) -> None:
-        """``model`` failed as a model (``why``): pass over it for a while."""
-        seconds = retry_after if retry_after else self.options.model_cooldown
-        until = self._clock() + seconds
-        if until > self._cooling.get(model, (0.0, ""))[0]:
-            self._cooling[model] = (until, why)
-
-    def unavailable(self, now: float) -> dict[str, Skip]:
-        """The models cooling now, and why."""
-        cooling = self._cooling
-        for model in [m for m, (until, _) in cooling.items() if until <= now]:
-            del cooling[model]
-        return {
-            model: Skip(f"{why}; passed over for {until - now:.0f} s more", until - now)
-            for model, (until, why) in cooling.items()
-        }
+        """``model`` failed as a model (``why``): pass over it for a while,
+        longer for each failure in a row."""
+        self.cooling.fail(model, self._clock(), why, retry_after)
 
     # ---------------------------------------------------------- free tier
 
@@ -308,6 +302,7 @@ class Router:
     def take_free(self) -> tuple[str, str] | None:
         """(account, key to pin) for one free-model request now: an account
         with room and one of its usable keys; None: none has room."""
+        self._free_asked = True
         self._refresh_accounts()
         pool = self._client.driver.pool
         now = self._clock()
@@ -345,9 +340,40 @@ class Router:
         daily = retry_after is None or retry_after > 120
         self.free.limit_met(account, self._clock(), daily)
 
+    async def run(self, every: float = TIERS_EVERY) -> None:
+        """In the background, for as long as the proxy runs: each time the
+        catalog changes, warn in the log of every route it gives no model;
+        once a free model is first asked for, learn the accounts' tiers
+        (``learn_tiers``), and again every ``every`` seconds (keys come and
+        go, accounts buy credits). A pool that never asks for a free model
+        never sends ``GET /key`` for it."""
+        seen: Catalog | None = None
+        learned_at: float | None = None
+        while True:
+            catalog = self._catalogs.merged()
+            if catalog is not None and catalog is not seen:
+                seen = catalog
+                for name in self.empty_routes(catalog):
+                    self._log(
+                        {
+                            "event": "warning",
+                            "message": f"route {name!r} matches no model of the catalog "
+                            f"({len(catalog.models)} models): requests to it get 503 until "
+                            "one does; check its candidates (GET /routing/routes)",
+                        }
+                    )
+            if self._free_asked and (learned_at is None or self._clock() - learned_at >= every):
+                learned_at = self._clock()
+                await self.learn_tiers()
+            await anyio.sleep(1.0)
+
+    def empty_routes(self, catalog: Catalog) -> list[str]:
+        """The routes with no candidate in ``catalog``."""
+        return [name for name, route in self.routes.items() if not candidates(route, catalog)[0]]
+
     async def learn_tiers(self, at_most: int = 200) -> dict[str, int]:
         """Each account's daily free limit from ``GET /key`` (``is_free_tier``
-        false: it bought credits, 1000 a day; true: 50), asked once with one
+        false: it bought credits, 1000 a day; true: ``free_per_day``), asked with one
         of its keys, for the accounts ``[routing.accounts]`` does not name (at
         most ``at_most``). An account whose answer says nothing keeps
         ``free_per_day``. Returns what was learned."""
@@ -369,11 +395,18 @@ class Router:
                 continue
             tier = data.get("is_free_tier") if isinstance(data, dict) else None
             if isinstance(tier, bool):
-                learned[account] = FREE_PER_DAY if tier else FREE_PER_DAY_WITH_CREDITS
+                learned[account] = self.options.free_per_day if tier else FREE_PER_DAY_WITH_CREDITS
         self._learned.update(learned)
         self._keys_seen = (-1, self._keys_seen[1])
         self._refresh_accounts()
         return learned
+
+    def not_counted(self, key: str) -> None:
+        """A free request sent on ``key`` met a model that could not serve (no
+        endpoints, no provider up, a shared pool busy): the upstream counts
+        no such request against the account, so neither does the pool. Were
+        it to, its limit answer fills the account (``limit_met``)."""
+        self.give_back(self._account_of.get(key, key))
 
     def give_back(self, account: str) -> None:
         """A slot ``take_free`` gave whose request never reached the upstream."""
@@ -403,7 +436,7 @@ class Router:
         """``GET /routing/routes``: each route and its candidates now."""
         catalog = self._catalogs.merged()
         now = self._clock()
-        cooling = self.unavailable(now)
+        cooling = self.cooling.skips(now)
         no_free = self.free.skip(now)
         out = []
         for route in self.routes.values():
@@ -433,7 +466,7 @@ class Router:
             "routes": sorted(self.routes),
             "cooling": {
                 m: {"for": round(s.retry_after or 0, 1), "why": s.reason}
-                for m, s in self.unavailable(now).items()
+                for m, s in self.cooling.skips(now).items()
             },
             "freeTier": self.free.status(now),
         }

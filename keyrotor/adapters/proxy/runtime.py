@@ -303,7 +303,13 @@ async def open_app(
                 if main_catalog is not None:
                     catalog = Catalogs(main_catalog, provider_catalogs, routes)
                     router = Router(
-                        config.routes, config.routing, catalog, client, ModelHealth(), store=store
+                        config.routes,
+                        config.routing,
+                        catalog,
+                        client,
+                        ModelHealth(),
+                        store=store,
+                        log=log,
                     )
                     if startup.loaded is not None:
                         router.restore(startup.loaded.usage)
@@ -336,6 +342,8 @@ async def open_app(
                 async with anyio.create_task_group() as tasks:
                     if catalog is not None:
                         tasks.start_soon(catalog.run)
+                    if router is not None:
+                        tasks.start_soon(router.run)
                     yield app
                     tasks.cancel_scope.cancel()
     finally:
