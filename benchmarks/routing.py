@@ -6,7 +6,8 @@ building one small frozen attrs value):
 
 - **attrs value**: ``Need(prompt_tokens=..., max_tokens=...)``, the reference;
 - **10 ids**: ``decide`` over a route of 10 model ids (looked up, fitted, ranked);
-- **free route**: the built-in ``free`` route, a filter over all 320 models;
+- **free route**: the built-in ``free`` route, a filter over all 320 models
+  (scanned every call, and with its candidates kept per catalog, as the proxy does);
 - **need_of**: reading a small chat request's needs (estimate, parameters).
 
 Run:
@@ -22,7 +23,15 @@ import statistics
 
 from benchmarks._harness import median_time
 from keyrotor.models import parse_catalog
-from keyrotor.models.routing import FREE_ROUTE, STRATEGIES, Need, Route, decide, need_of
+from keyrotor.models.routing import (
+    FREE_ROUTE,
+    STRATEGIES,
+    Need,
+    Route,
+    candidates,
+    decide,
+    need_of,
+)
 from keyrotor.testing.catalogs import realistic_models
 
 
@@ -46,6 +55,9 @@ def main() -> None:
             for strategy in STRATEGIES
         },
         "free route (320 models filtered), fastest": lambda: decide(FREE_ROUTE, catalog, need),
+        "free route, candidates kept (the proxy's path)": functools.partial(
+            decide, FREE_ROUTE, catalog, need, found=candidates(FREE_ROUTE, catalog)
+        ),
     }
     results: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(args.rounds):

@@ -229,7 +229,7 @@ class RoutingOptions:
     Attributes:
         model_cooldown: seconds a model that answered "unavailable" (no
             endpoints, no provider up) is passed over by routes, when the
-            upstream gave no Retry-After.
+            upstream gave no Retry-After; doubled for each failure in a row.
         free_per_minute: free-model requests per account and minute.
         free_per_day: free-model requests per account and UTC day (50; 1000
             for an account that bought 10 credits: list it in ``accounts``).

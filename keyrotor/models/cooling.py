@@ -37,10 +37,10 @@ class ModelCooling:
         self._streak[model] = streak
         seconds = retry_after or min(self.cap, self.base * 2 ** min(streak - 1, 30))
         until, _ = self._until.get(model, (0.0, ""))
-        if now + seconds > until:
-            until = now + seconds
-            self._until[model] = (until, why)
-        return until - now
+        if now + seconds <= until:
+            return until - now
+        self._until[model] = (now + seconds, why)
+        return seconds
 
     def ok(self, model: str) -> None:
         """``model`` served: its next failure cools it for ``base`` again."""

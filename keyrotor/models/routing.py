@@ -316,10 +316,10 @@ def candidates(route: Route, catalog: Catalog) -> tuple[tuple[ModelInfo, ...], t
     return tuple(out), tuple(missing)
 
 
-def _fits(model: ModelInfo, need: Need) -> str | None:
-    """Why ``model`` cannot serve ``need`` (None: it can)."""
-    if model.context_length is not None and model.context_length < need.context:
-        return f"context {model.context_length:,} < {need.context:,} needed"
+def _fits(model: ModelInfo, need: Need, context: int) -> str | None:
+    """Why ``model`` cannot serve ``need`` (whose ``context`` is given; None: it can)."""
+    if model.context_length is not None and model.context_length < context:
+        return f"context {model.context_length:,} < {context:,} needed"
     ceiling = model.max_completion_tokens
     if need.max_tokens is not None and ceiling is not None and ceiling < need.max_tokens:
         return f"max completion {ceiling:,} < {need.max_tokens:,} asked"
@@ -335,12 +335,12 @@ def _rank(
 ) -> list[ModelInfo]:
     if route.strategy == "ordered" or not models:
         return models
-    costs = {m.id: _cost(m, need) for m in models}
-    if route.strategy == "cheapest":  # unknown prices last, then the route's order
-        return sorted(models, key=lambda m: (costs[m.id] is None, costs[m.id] or 0.0))
     if route.strategy == "fastest":  # one never observed first (to measure it), then fastest
         ranked = sorted(models, key=lambda m: (m.id in latency, latency.get(m.id, 0.0)))
         return _explore_one(ranked, latency)
+    costs = {m.id: _cost(m, need) for m in models}
+    if route.strategy == "cheapest":  # unknown prices last, then the route's order
+        return sorted(models, key=lambda m: (costs[m.id] is None, costs[m.id] or 0.0))
     known_costs = [c for c in costs.values() if c is not None]
     top_cost = max(known_costs, default=0.0) or 1.0
     top_latency = max(latency.get(m.id, 0.0) for m in models) or 1.0
@@ -390,8 +390,9 @@ def decide(
     fitting = []
     waits: list[float] = []
     too_long = unfit = 0
+    context = need.context
     for model in models:
-        why = _fits(model, need)
+        why = _fits(model, need, context)
         if why is not None:
             if why.startswith("context"):
                 too_long += 1
@@ -399,8 +400,9 @@ def decide(
                 unfit += 1
             reasons.append(f"skipped {model.id}: {why}")
             continue
-        skips = [s for s in (no_free if model.free else None, unavailable.get(model.id)) if s]
-        if skips:
+        cooling = unavailable.get(model.id) if unavailable else None
+        if cooling is not None or (no_free is not None and model.free):
+            skips = [s for s in (no_free if model.free else None, cooling) if s]
             reasons.extend(f"skipped {model.id}: {skip.reason}" for skip in skips)
             back = [skip.retry_after for skip in skips]
             if None not in back:  # back when every reason has passed
@@ -415,7 +417,7 @@ def decide(
     chosen = ranked[0]
     cost = _cost(chosen, need)
     seen = latency.get(chosen.id)
-    confidence = {0: 0.25, 1: 0.5, 2: 1.0}[(cost is not None) + (seen is not None)]
+    confidence = _CONFIDENCE[(cost is not None) + (seen is not None)]
     return Decision(
         route.name,
         chosen.id,
@@ -425,6 +427,9 @@ def decide(
         seen,
         confidence,
     )
+
+
+_CONFIDENCE = (0.25, 0.5, 1.0)  # by how many of price and latency are known
 
 
 def _problem(

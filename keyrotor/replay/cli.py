@@ -254,6 +254,8 @@ def _run_route(args: argparse.Namespace, out: TextIO) -> int:
                 tables = tomllib.load(file).get("routes", [])
         except tomllib.TOMLDecodeError as exc:
             raise UsageError(f"{args.routes}: not TOML: {exc}") from None
+        except OSError as exc:
+            raise UsageError(f"{args.routes}: cannot read ({exc.strerror})") from None
         if not isinstance(tables, list):
             raise UsageError(f"{args.routes}: routes must be [[routes]] tables")
         for index, table in enumerate(tables, 1):
@@ -266,6 +268,10 @@ def _run_route(args: argparse.Namespace, out: TextIO) -> int:
         raise UsageError(f"no route {args.route!r}; routes: {', '.join(routes)}")
     route = routes[args.route]
     strategies = [s.strip() for s in (args.strategy or route.strategy).split(",") if s.strip()]
+    if not strategies:
+        raise UsageError(
+            "--strategy needs one or more of ordered, cheapest, fastest, balanced, no-pacing"
+        )
     if args.accounts < 1 or args.free_per_day < 0 or not 0 <= args.down < 1:
         raise UsageError("need --accounts >= 1, --free-per-day >= 0 and 0 <= --down < 1")
     if (args.scenario is None) == (args.trace is None):

@@ -76,6 +76,8 @@ def test_the_command_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) ->
         (["--route", "free", "--strategy", "random"], "unknown strategy 'random'"),
         (["--route", "free", "--accounts", "0"], "need --accounts >= 1"),
         (["--strategy", "fastest"], "need --route NAME"),
+        (["--route", "free", "--strategy", ","], "--strategy needs one or more"),
+        (["--route", "free", "--routes", str(tmp_path / "none.toml")], "none.toml: cannot read"),
     ):
         assert main(["replay", "--scenario", "free-day", *args]) == 2
         err = capsys.readouterr().err
