@@ -28,6 +28,8 @@ from ..core import POLICIES, KeySpec, PoolConfig, PoolError
 from ..models.routing import FREE_ROUTE, Route, route_from_json
 from ..transports.api import OPENROUTER_URL, HTTPOptions, keys_from_env, mask
 from ..transports.errors import ConfigurationError
+from .alerts import RULE_FIELDS, Rule, rule_from_json
+from .analytics import Retention
 from .storage import default_state_path, secret_key_from_env
 
 __all__ = [
@@ -74,7 +76,18 @@ _NEVER = 'a number, or false / "never"'
 _STRS = "an array of strings"
 
 _TOP_KINDS = {"upstream": _STR, "routing_note": _BOOL, "log_format": _STR, "record": _STR}
-_PLAIN_TABLES = ("server", "http", "pool", "headers", "auth", "state", "catalog", "routing")
+_PLAIN_TABLES = (
+    "server",
+    "http",
+    "pool",
+    "headers",
+    "auth",
+    "state",
+    "catalog",
+    "routing",
+    "analytics",
+    "alerting",
+)
 """The tables of options (the others are arrays of tables)."""
 _TABLES = (
     *_PLAIN_TABLES,
@@ -83,6 +96,7 @@ _TABLES = (
     "clients",
     "budgets",
     "routes",
+    "alerts",
 )
 _AUTH_KINDS = {"admin_token": _STR, "client_tokens": _STRS, "token_ttl": _FLOAT}
 _STATE_KINDS = {"enabled": _BOOL, "path": _STR, "flush_interval": _FLOAT}
@@ -98,6 +112,8 @@ _ROUTING_KINDS = {
     "free_per_day": _INT,
     "free_wait": _FLOAT,
 }
+_ANALYTICS_KINDS = {"minute_days": _FLOAT, "hour_days": _FLOAT, "day_days": _FLOAT}
+_ALERTING_KINDS = {"webhooks": _STRS, "interval": _FLOAT}
 _MIN_TOKEN = 16
 _TOKEN_HELP = "generate one with: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
 LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
@@ -287,6 +303,10 @@ class ProxyConfig:
         routes: the named routes requests may put in ``model`` (``[[routes]]``;
             the built-in ``free`` route unless one is called that).
         routing: ``[routing]``: model cooldowns and free-tier limits.
+        retention: ``[analytics]``: days the analytics rows of each grain are kept.
+        alert_rules: the ``[[alerts]]`` (docs/analytics.md).
+        webhooks: ``[alerting] webhooks``: URLs each alert is POSTed to.
+        alert_interval: ``[alerting] interval``: seconds between looks at the rules.
     """
 
     keys: dict[str, str]
@@ -311,6 +331,10 @@ class ProxyConfig:
     budgets: tuple[Budget, ...] = ()
     routes: tuple[Route, ...] = (FREE_ROUTE,)
     routing: RoutingOptions = attrs.Factory(RoutingOptions)
+    retention: Retention = attrs.Factory(Retention)
+    alert_rules: tuple[Rule, ...] = ()
+    webhooks: tuple[str, ...] = attrs.field(default=(), repr=False)  # may hold tokens
+    alert_interval: float = 10.0
 
     def __repr__(self) -> str:
         keys = ", ".join(f"{alias!r}: {mask(secret)!r}" for alias, secret in self.keys.items())
@@ -454,6 +478,31 @@ class _Loader:
             for source, raw, coerce in self.layers(tables["routing"], given["routing"], name):
                 where = f"[routing] {name}"
                 routing[name] = self.check(raw, _ROUTING_KINDS[name], where, source, coerce)
+        retention = {}
+        for name in self.names("analytics", tables, given, _ANALYTICS_KINDS):
+            for source, raw, coerce in self.layers(tables["analytics"], given["analytics"], name):
+                where = f"[analytics] {name}"
+                value = self.check(raw, _FLOAT, where, source, coerce)
+                if not (value >= 0 and math.isfinite(value)):
+                    self.fail(
+                        f"{where} must be 0 (keep for ever) or more, got {value}",
+                        where=where,
+                        fix="days to keep each grain's rows, e.g. minute_days = 2",
+                    )
+                retention[name] = float(value)
+        alerting: dict[str, Any] = {}
+        for name in self.names("alerting", tables, given, _ALERTING_KINDS):
+            for source, raw, coerce in self.layers(tables["alerting"], given["alerting"], name):
+                where = f"[alerting] {name}"
+                alerting[name] = self.check(raw, _ALERTING_KINDS[name], where, source, coerce)
+        for url in alerting.get("webhooks", []):
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.netloc:
+                self.fail(
+                    "[alerting] webhooks holds a URL that is not http(s)",
+                    where="[alerting] webhooks",
+                    fix='write full URLs, e.g. webhooks = ["https://hooks.example.com/keyrotor"]',
+                )
         named = self.clients(data.get("clients", []))
         admin, clients = self.tokens(auth, server["host"], list(named.values()))
         client_names = {token: token_name(token) for token in clients}
@@ -465,6 +514,7 @@ class _Loader:
             ("[catalog] refresh_interval", catalog["refresh_interval"]),
             ("[routing] model_cooldown", routing.get("model_cooldown", 1.0)),
             ("[routing] free_per_minute", routing.get("free_per_minute", 1)),
+            ("[alerting] interval", alerting.get("interval", 1.0)),
         ):
             if not (value > 0 and math.isfinite(value)):
                 self.fail(
@@ -521,7 +571,29 @@ class _Loader:
             routing=RoutingOptions(
                 **routing, accounts=self.accounts(accounts_table, routing, specs)
             ),
+            retention=Retention(**retention),
+            alert_rules=self.alert_rules(data.get("alerts", [])),
+            webhooks=tuple(alerting.get("webhooks", ())),
+            alert_interval=float(alerting.get("interval", 10.0)),
         )
+
+    def alert_rules(self, entries: Any) -> tuple[Rule, ...]:
+        """The ``[[alerts]]`` tables, checked."""
+        rules: dict[str, Rule] = {}
+        for index, entry in enumerate(self.entries(entries, "alerts", RULE_FIELDS), 1):
+            where = f"[[alerts]] #{index}"
+            try:
+                rule = rule_from_json(entry)
+            except ValueError as exc:
+                self.fail(f"{where}: {exc}", where=where, fix="see docs/analytics.md for the shape")
+            if rule.name in rules:
+                self.fail(
+                    f"{where}: alert name {rule.name!r} is already used",
+                    where=f"{where} name",
+                    fix="give every alert rule its own name",
+                )
+            rules[rule.name] = rule
+        return tuple(rules.values())
 
     def entries(self, entries: Any, table: str, options: tuple[str, ...]) -> list[dict[str, Any]]:
         """The tables of an array ``[[table]]``, each with known options only."""
@@ -1236,6 +1308,8 @@ _TABLE_KINDS = {
     "state": _STATE_KINDS,
     "catalog": _CATALOG_KINDS,
     "routing": _ROUTING_KINDS,
+    "analytics": _ANALYTICS_KINDS,
+    "alerting": _ALERTING_KINDS,
 }
 
 

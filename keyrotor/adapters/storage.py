@@ -54,6 +54,7 @@ import hmac
 import itertools
 import json
 import logging
+import math
 import os
 import sqlite3
 import stat
@@ -65,6 +66,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 import attrs
+
+from . import analytics
+from .analytics import Dims, Rollup
 
 if TYPE_CHECKING:
     from cryptography.fernet import Fernet
@@ -186,6 +190,7 @@ class Loaded:
     skipped: list[str] = attrs.field(factory=list)
     usage: list[UsageRow] = attrs.field(factory=list)
     routes: dict[str, Any] = attrs.field(factory=dict)
+    alerts: list[Any] | None = None  # the alert rules the admin API set (None: none yet)
 
 
 def secret_key_from_env(environ: Mapping[str, str] = os.environ) -> str | None:
@@ -255,17 +260,18 @@ _StateRow = tuple[str, float | None, str, float]  # state, until, reason, change
 
 class _Batch:
     """Records not committed yet: last state per alias (oldest first), spend
-    per (alias, day) and per (scope, name, day)."""
+    per (alias, day) and per (scope, name, day), analytics per (minute, dimensions)."""
 
-    __slots__ = ("spend", "states", "usage")
+    __slots__ = ("rollups", "spend", "states", "usage")
 
     def __init__(self) -> None:
         self.states: dict[str, _StateRow] = {}
         self.spend: dict[tuple[str, str], Spend] = {}
         self.usage: dict[tuple[str, str, str], Spend] = {}
+        self.rollups: dict[tuple[int, Dims], Rollup] = {}
 
     def __len__(self) -> int:
-        return len(self.states) + len(self.spend) + len(self.usage)
+        return len(self.states) + len(self.spend) + len(self.usage) + len(self.rollups)
 
     def merge(self, newer: _Batch) -> None:
         for alias, row in newer.states.items():
@@ -273,9 +279,11 @@ class _Batch:
             self.states[alias] = row
         _merge(self.spend, newer.spend)
         _merge(self.usage, newer.usage)
+        _merge(self.rollups, newer.rollups)
 
 
-def _merge(mine: dict[Any, Spend], newer: Mapping[Any, Spend]) -> None:
+def _merge(mine: dict[Any, Any], newer: Mapping[Any, Any]) -> None:
+    """Add ``newer``'s figures (``Spend`` or ``Rollup``) into ``mine``."""
     for where, spend in newer.items():
         if where in mine:
             mine[where].add(spend)
@@ -399,6 +407,7 @@ class StateStore:
         self._writer = threading.Thread(target=self._run, name="keyrotor-storage", daemon=True)
         self._lock_fd: int | None = None  # held while open: one process per file
         self._salt = b""
+        self.retention = analytics.Retention()  # of the analytics rows (set by the proxy)
 
     # -- opening -----------------------------------------------------------------------------
 
@@ -500,6 +509,7 @@ class StateStore:
                     "FROM usage ORDER BY day, scope, name"
                 ).fetchall()
                 routes_row = conn.execute("SELECT value FROM meta WHERE name = 'routes'").fetchone()
+                alerts_row = conn.execute("SELECT value FROM meta WHERE name = 'alerts'").fetchone()
             except sqlite3.Error as exc:
                 raise StorageError(f"cannot read {self.path}: {exc}") from None
         keys: list[StoredKey] = []
@@ -523,7 +533,22 @@ class StateStore:
             skipped,
             [UsageRow(*row) for row in usage_rows],
             self._routes(routes_row),
+            self._alerts(alerts_row),
         )
+
+    def _alerts(self, row: tuple[str] | None) -> list[Any] | None:
+        if row is None:
+            return None
+        try:
+            rules = json.loads(row[0])
+        except ValueError:
+            rules = None
+        if not isinstance(rules, list):
+            self._log(
+                f"keyrotor storage: the stored alert rules in {self.path} are not JSON; ignored"
+            )
+            return None
+        return rules
 
     def _routes(self, row: tuple[str] | None) -> dict[str, Any]:
         if row is None:
@@ -540,19 +565,24 @@ class StateStore:
     def save_routes(self, routes: Mapping[str, Any]) -> None:
         """Keep the routes set through the admin API (name -> route JSON),
         replacing those kept before. Blocking; raises ``StorageError``."""
-        text = json.dumps(dict(routes), separators=(",", ":"), allow_nan=False)
+        self.save_meta("routes", dict(routes))
+
+    def save_meta(self, name: str, value: Any) -> None:
+        """Keep ``value`` (JSON) under ``name`` in the file's ``meta`` table (the
+        routes and alert rules the admin API sets). Blocking; raises ``StorageError``."""
+        text = json.dumps(value, separators=(",", ":"), allow_nan=False)
         with self._db_lock:
             conn = self._connection()
             try:
                 conn.execute("BEGIN IMMEDIATE")
                 conn.execute(
-                    "INSERT OR REPLACE INTO meta (name, value) VALUES ('routes', ?)", (text,)
+                    "INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)", (name, text)
                 )
                 conn.execute("COMMIT")
             except sqlite3.Error as exc:
                 _rollback(conn)
                 raise StorageError(
-                    f"cannot store the routes in {self.path}: {exc}; check the disk and the "
+                    f"cannot store the {name} in {self.path}: {exc}; check the disk and the "
                     "file's permissions"
                 ) from None
 
@@ -864,6 +894,42 @@ class StateStore:
                     requests, prompt_tokens, completion_tokens, cost
                 )
 
+    def record_answer(
+        self,
+        at: float,
+        dims: Dims,
+        status: int,
+        prompt_tokens: int = 0,
+        completion_tokens: int = 0,
+        cost: float = 0.0,
+        ttfb_ms: float | None = None,
+        total_ms: float | None = None,
+    ) -> None:
+        """Count one delivered answer in the analytics of its minute (``at``)
+        and ``dims`` (key, provider, model, route, client; "" for none)."""
+        if self._closed or not math.isfinite(at):
+            return
+        where = (int(at) - int(at) % 60, dims)
+        with self._pending_lock:
+            rollups = self._pending.rollups
+            slot = rollups.get(where)
+            if slot is None:
+                slot = rollups[where] = Rollup()
+            slot.note(status, prompt_tokens, completion_tokens, cost, ttfb_ms, total_ms)
+
+    def analytics(self, q: analytics.Query, account_of: Callable[[str], str]) -> list[Any]:
+        """The rows of an analytics query, committed and pending (reads the file)."""
+        with self._db_lock:
+            with self._pending_lock:
+                pending: dict[tuple[int, Dims], Rollup] = {}
+                for batch in (self._unsaved, self._pending):
+                    for where, rollup in batch.rollups.items():
+                        pending.setdefault(where, Rollup()).add(rollup)
+            try:
+                return analytics.query(self._connection(), q, account_of, pending)
+            except sqlite3.Error as exc:
+                raise StorageError(f"cannot read {self.path}: {exc}") from None
+
     def _day_of(self, at: float | None, caller: str) -> str | None:
         """The UTC day of ``at`` (default now); None when closed or ``at`` is no time."""
         if self._closed:
@@ -947,6 +1013,8 @@ class StateStore:
                     for (scope, n, d), s in batch.usage.items()
                 ],
             )
+            if batch.rollups:
+                analytics.write(conn, batch.rollups, self.retention, self._clock())
             conn.execute("COMMIT")
         except BaseException:
             _rollback(conn)
@@ -1167,6 +1235,11 @@ MIGRATIONS: Final = (
                 PRIMARY KEY (scope, name, day)
             ) WITHOUT ROWID""",
         ),
+    ),
+    _Migration(
+        5,
+        "analytics: answers per minute, hour and day",
+        analytics.SCHEMA,
     ),
 )
 """The schema's history, oldest first: ``PRAGMA user_version`` says how many

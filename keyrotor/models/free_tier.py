@@ -51,14 +51,19 @@ class _Account:
     day: int = -1
     used: int = 0  # requests on ``day``
     recent: deque[float] = attrs.Factory(deque)  # times of the requests in the window
+    spent_at: float | None = None  # when ``used`` reached ``per_day`` on ``day``
 
     def roll(self, now: float, window: float) -> None:
         today = utc_day(now)
         if today != self.day:
-            self.day, self.used = today, 0
+            self.day, self.used, self.spent_at = today, 0, None
         recent = self.recent
         while recent and recent[0] <= now - window:
             recent.popleft()
+
+    def mark_spent(self, now: float) -> None:
+        if self.spent_at is None and self.used >= self.per_day:
+            self.spent_at = now
 
 
 class FreeTier:
@@ -115,6 +120,7 @@ class FreeTier:
             if allowed is None or account.name in allowed:
                 account.used += 1
                 account.recent.append(now)
+                account.mark_spent(now)
                 return account.name
         return None
 
@@ -125,6 +131,7 @@ class FreeTier:
             account.roll(now, self.window)
             account.used += 1
             account.recent.append(now)
+            account.mark_spent(now)
 
     def limit_met(self, name: str, now: float, daily: bool) -> None:
         """The upstream answered ``name``'s free request with its limit after
@@ -136,6 +143,7 @@ class FreeTier:
         account.roll(now, self.window)
         if daily:
             account.used = max(account.used, account.per_day)
+            account.mark_spent(now)
         else:
             account.recent.extend([now] * max(0, self.per_minute - len(account.recent)))
 
@@ -147,6 +155,8 @@ class FreeTier:
         account.roll(now, self.window)
         if account.used and account.day == utc_day(now):
             account.used -= 1
+            if account.used < account.per_day:
+                account.spent_at = None
         if account.recent:
             account.recent.pop()
 
@@ -201,5 +211,6 @@ class FreeTier:
                 "perDay": account.per_day,
                 "lastMinute": len(account.recent),
                 "perMinute": self.per_minute,
+                "spentAt": account.spent_at,
             }
         return out

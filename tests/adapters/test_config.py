@@ -1151,3 +1151,68 @@ def test_bad_routes_and_routing_options_are_one_clear_error(text: str, message: 
     error = error_of(text, ENV, {})
     assert message in str(error)
     assert "\n" not in str(error)
+
+
+def test_analytics_retention_and_alerts_are_read() -> None:
+    text = """
+[analytics]
+minute_days = 1
+day_days = 400
+
+[alerting]
+webhooks = ["https://hooks.example.com/services/T0/B0/secret-path"]
+interval = 5
+
+[[alerts]]
+name = "spend"
+kind = "spend"
+threshold = 25
+
+[[alerts]]
+name = "errors"
+kind = "error_share"
+scope = "model"
+threshold = 0.5
+window = 600
+"""
+    config = load(text, ENV)
+    assert (config.retention.minute_days, config.retention.hour_days) == (1.0, 90.0)
+    assert config.retention.day_days == 400.0
+    assert [(r.name, r.kind, r.scope, r.threshold) for r in config.alert_rules] == [
+        ("spend", "spend", "total", 25.0),
+        ("errors", "error_share", "model", 0.5),
+    ]
+    assert config.alert_rules[1].window == 600.0 and config.alert_interval == 5.0
+    assert config.webhooks == ("https://hooks.example.com/services/T0/B0/secret-path",)
+    assert "secret-path" not in repr(config)  # a webhook URL may hold a token
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "[analytics]\nminute_days = -1",
+            "[analytics] minute_days must be 0 (keep for ever) or more",
+        ),
+        (
+            '[alerting]\nwebhooks = ["ftp://x"]',
+            "[alerting] webhooks holds a URL that is not http(s)",
+        ),
+        ("[alerting]\ninterval = 0", "[alerting] interval must be more than zero"),
+        ('[[alerts]]\nname = "a"\nkind = "loud"', "[[alerts]] #1: kind must be one of spend"),
+        ('[[alerts]]\nname = "a"\nkind = "spend"', "[[alerts]] #1: threshold must be a number"),
+        (
+            '[[alerts]]\nname = "a"\nkind = "key_failed"\n'
+            '[[alerts]]\nname = "a"\nkind = "key_failed"',
+            "[[alerts]] #2: alert name 'a' is already used",
+        ),
+        (
+            '[[alerts]]\nname = "a"\nkind = "key_failed"\nloud = 1',
+            "unknown option [[alerts]] #1 loud",
+        ),
+    ],
+)
+def test_bad_analytics_and_alert_options_are_one_clear_error(text: str, message: str) -> None:
+    error = error_of(text, ENV, {})
+    assert message in str(error)
+    assert "\n" not in str(error)

@@ -67,11 +67,18 @@ def test_the_pace_and_a_restart() -> None:
     assert skip.retry_after == pytest.approx(56.0)  # the first of the 20 leaves the 61 s window
     tier.give_back("a", MIDNIGHT + 5)  # never reached the upstream
     assert tier.status(MIDNIGHT + 5)["a"] == {
-        "usedToday": 19, "perDay": 50, "lastMinute": 19, "perMinute": 20,
+        "usedToday": 19, "perDay": 50, "lastMinute": 19, "perMinute": 20, "spentAt": None,
     }  # fmt: skip
     again = FreeTier({"a": 50, "b": 50})
     again.restore({"a": 49, "gone": 3}, MIDNIGHT + 10)
     assert [again.take(MIDNIGHT + 10) for _ in range(3)] == ["b", "b", "b"]  # a has 1 left
     assert FreeTier({"a": 0}).skip(MIDNIGHT) is not None
+    two = FreeTier({"a": 2})
+    two.take(MIDNIGHT + 5), two.take(MIDNIGHT + 6)
+    assert two.status(MIDNIGHT + 7)["a"]["spentAt"] == MIDNIGHT + 6  # when the day ran out
+    two.give_back("a", MIDNIGHT + 7)
+    assert two.status(MIDNIGHT + 7)["a"]["spentAt"] is None
+    two.take(MIDNIGHT + 8)
+    assert two.status(MIDNIGHT + 86400)["a"]["spentAt"] is None  # a new day
     with pytest.raises(ValueError, match="daily limit must be >= 0"):
         FreeTier({"a": -1})

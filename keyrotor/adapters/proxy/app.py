@@ -23,6 +23,7 @@ from ...core import USABLE_STATES
 from ...models.routing import model_failure
 from ...transports.api import AsyncClient, ResponseHead, StreamResponse
 from ...transports.errors import NoKeyAvailable, TransportError
+from ..analytics import Dims
 from ..config import MAIN_PROVIDER
 from .admin import Admin
 from .auth import Auth, Role
@@ -31,6 +32,7 @@ from .model_health import ModelHealth, model_of
 from .router import Plan, Refused, Router, is_free
 from .spend import Refusal, SpendBook
 from .types import Request, Response
+from .views import Views
 
 if TYPE_CHECKING:
     from ..storage import StateStore
@@ -136,6 +138,7 @@ class ProxyApp:
         spend: SpendBook | None = None,
         reject_unknown_models: bool = False,
         router: Router | None = None,
+        views: Views | None = None,
     ) -> None:
         self._reject_unknown = reject_unknown_models and catalog is not None
         self._client = client
@@ -153,6 +156,9 @@ class ProxyApp:
         self.started = clock()
         self._day = int(self.started // 86_400)  # the UTC day, for totalCostToday
         self._spend_before_today = 0.0
+        self.views = views or Views(
+            client, self._auth, self.spend, store=store, router=router, status=self.status
+        )
 
     def admit(self, request: Request) -> Response | None:
         """The refusal of a request from its head alone (no body read yet): the
@@ -169,9 +175,27 @@ class ProxyApp:
             response = refusal
         elif path.startswith("/v1/"):
             response = await self._forward(request)
+            if response.status >= 400 and "key" not in response.log and self._store is not None:
+                # refused before any upstream answered (no key, budget, route): count it too
+                model = response.log.get("model") or model_of(request.body)
+                self._store.record_answer(
+                    self._clock(),
+                    (
+                        "",
+                        "",
+                        str(model or ""),
+                        str(response.log.get("route") or ""),
+                        request.caller or "",
+                    ),
+                    response.status,
+                )
+        elif path.startswith("/admin/alerts"):
+            response = await self.views(request, path)
         elif path.startswith("/admin/"):
             assert self._admin is not None
             response = await self._admin(request)
+        elif path.startswith(_VIEWS):
+            response = await self.views(request, path)
         elif path == "/auth/token" and request.method == "POST":
             token, ttl = self._auth.issue(request.caller)
             response = self._json(
@@ -235,6 +259,8 @@ class ProxyApp:
         """The 401/403/404 answer when the caller may not use ``path``."""
         if path == "/healthz":
             return None
+        if path.startswith(_VIEWS):
+            return self.views.allowed(request, path)
         auth = self._auth
         if path.startswith("/admin/"):
             if self._admin is None or not auth.admin_enabled:
@@ -472,12 +498,46 @@ class ProxyApp:
             **(log or {}),
         }
         spend = self.spend
+        ttfb = (time.perf_counter() - send.started) * 1000
+        noted = False
+
+        def note(status: int) -> None:  # once per answer: the analytics' row
+            nonlocal noted
+            if noted:
+                return
+            noted = True
+            self.views.note_answer(upstream.key, charged.get("model") or "", status)
+            if self._store is not None:
+                u = upstream.usage
+                tokens, cost = (0, 0), 0.0
+                if u is not None and u.usage is not None:
+                    tokens, cost = (u.prompt_tokens, u.completion_tokens), u.cost
+                self._store.record_answer(
+                    self._clock(),
+                    _dims(upstream.key, charged, log),
+                    status,
+                    *tokens,
+                    cost,
+                    ttfb,
+                    (time.perf_counter() - send.started) * 1000,
+                )
+
         if content is None and "event-stream" in upstream.headers.get("content-type", ""):
+
+            def ended(whole: bool) -> None:
+                if whole:
+                    spend.charge(charged, upstream.usage)
+                note(upstream.status_code if whole else 502)
+
+            async def aclose() -> None:
+                note(499)  # the caller went away before the stream's end
+                await upstream.aclose()
+
             return Response(
                 status=upstream.status_code,
                 headers=out_headers,
-                body=_Relay(upstream, self.counters, lambda: spend.charge(charged, upstream.usage)),
-                aclose=upstream.aclose,
+                body=_Relay(upstream, self.counters, ended),
+                aclose=aclose,
                 log=log,
             )
         try:
@@ -486,6 +546,7 @@ class ProxyApp:
         finally:
             await upstream.aclose()
         spend.charge(charged, upstream.usage)
+        note(upstream.status_code)
         if self._routing_note and upstream.is_success:
             content = _with_routing(content, upstream)
         return Response(status=upstream.status_code, headers=out_headers, body=content, log=log)
@@ -616,7 +677,7 @@ class _Send:
     """What every attempt of one request shares: the caller's request, the
     headers passed upstream and the caller's pin."""
 
-    __slots__ = ("headers", "pin", "pin_fallback", "request")
+    __slots__ = ("headers", "pin", "pin_fallback", "request", "started")
 
     def __init__(
         self,
@@ -629,6 +690,7 @@ class _Send:
         self.headers = headers
         self.pin = pin
         self.pin_fallback = pin_fallback
+        self.started = time.perf_counter()  # for the analytics' times
 
     async def to(
         self,
@@ -725,12 +787,12 @@ class _Relay:
     __slots__ = ("_chunks", "_counters", "_done", "_ended")
 
     def __init__(
-        self, upstream: StreamResponse, counters: ProxyCounters, ended: Callable[[], None]
+        self, upstream: StreamResponse, counters: ProxyCounters, ended: Callable[[bool], None]
     ) -> None:
         self._chunks = upstream.aiter_bytes()
         self._counters = counters
         self._done = False
-        self._ended = ended  # called once the whole stream went through
+        self._ended = ended  # called once at the end: True when the whole stream went through
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self
@@ -742,10 +804,27 @@ class _Relay:
             return await anext(self._chunks)
         except StopAsyncIteration:
             self._done = True
-            self._ended()
+            self._ended(True)
             raise
         except TransportError:
             self._done = True
+            self._ended(False)
             self._counters.stream_errors += 1
             event = error_body("the upstream stream broke off", "upstream_error", 502)
             return b"data: " + event + b"\n\n"
+
+
+_VIEWS = ("/dashboard", "/analytics/", "/alerts")
+"""The operator's views (``views.Views``): the dashboard, analytics and alerts."""
+
+
+def _dims(key: str, charged: dict[str, str | None], log: dict[str, object]) -> Dims:
+    """An answer's analytics dimensions: key, provider, model, route, client."""
+    route = log.get("route")
+    return (
+        key,
+        charged.get("provider") or "",
+        charged.get("model") or "",
+        route if isinstance(route, str) else "",
+        charged.get("client") or "",
+    )

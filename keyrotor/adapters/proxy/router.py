@@ -458,6 +458,15 @@ class Router:
             out.append(entry)
         return {"routes": out, "catalogLoaded": catalog is not None}
 
+    def catalog(self) -> Catalog | None:
+        """The merged catalog routes choose from (None before the first fetch)."""
+        return self._catalogs.merged()
+
+    def free_status(self) -> dict[str, Any]:
+        """Per account: free-model use today (``FreeTier.status``)."""
+        self._refresh_accounts()
+        return self.free.status(self._clock())
+
     def status(self) -> dict[str, Any]:
         """For ``/status``: routes, cooling models, free-tier use per account."""
         now = self._clock()

@@ -38,6 +38,7 @@ from .model_health import ModelHealth
 from .providers import Routes
 from .router import Router
 from .spend import SpendBook
+from .views import Views
 
 if TYPE_CHECKING:
     from ..storage import Loaded, StateStore
@@ -327,6 +328,25 @@ async def open_app(
                         router=router,
                         stored_routes=stored_routes,
                     )
+                views = Views(
+                    client,
+                    auth,
+                    spend,
+                    store=store,
+                    router=router,
+                    rules=config.alert_rules,
+                    webhooks=config.webhooks,
+                    interval=config.alert_interval,
+                    log=log,
+                )
+                if startup.loaded is not None and startup.loaded.alerts is not None:
+                    views.restore_rules(startup.loaded.alerts)
+                if store is not None:
+                    store.retention = config.retention
+                driver = client.driver
+                driver.on_state_change.append(
+                    lambda change: views.hub.key_changed(change, driver.wall_clock())
+                )
                 app = ProxyApp(
                     client,
                     routing_note=config.routing_note,
@@ -338,12 +358,15 @@ async def open_app(
                     routes=routes,
                     spend=spend,
                     router=router,
+                    views=views,
                 )
+                views.set_status(app.status)
                 async with anyio.create_task_group() as tasks:
                     if catalog is not None:
                         tasks.start_soon(catalog.run)
                     if router is not None:
                         tasks.start_soon(router.run)
+                    tasks.start_soon(views.run)
                     yield app
                     tasks.cancel_scope.cancel()
     finally:

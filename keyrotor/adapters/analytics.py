@@ -1,0 +1,426 @@
+"""Analytics: every answer the proxy delivered, rolled up per minute, hour and day.
+
+The proxy notes each answer (``Rollup.note``) in the state file's pending batch,
+per minute and per (key, provider, model, route, client token): requests,
+errors by class, tokens, cost, and the times to first byte and to the end as
+histograms of 5 % wide buckets (so p50/p95/p99 are exact to 5 %). The storage
+thread writes each minute's rows and adds them to their hour's and day's rows
+(``write``), off the request path. Minute rows are dropped after
+``minute_days``, hour rows after ``hour_days``, day rows after ``day_days``
+(0: kept): the coarser rows still hold what the finer ones did, so old detail
+is compacted, never lost unseen.
+
+``query`` reads them back, grouped by minute, hour or day and by one
+dimension (the account is the key's, looked up when asked), for
+``GET /analytics/usage``, ``/analytics/costs`` and ``/analytics/performance``
+(docs/analytics.md). Times are UTC, in and out.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import attrs
+
+__all__ = [
+    "BY",
+    "GRAINS",
+    "KINDS",
+    "Query",
+    "QueryError",
+    "Retention",
+    "Rollup",
+    "answer",
+    "error_class",
+    "parse_query",
+    "percentile",
+    "query",
+    "to_csv",
+    "write",
+]
+
+GRAINS = {"minute": 60, "hour": 3600, "day": 86400}
+BY = ("key", "account", "provider", "model", "route", "client")
+KINDS = ("usage", "costs", "performance")
+DIMENSIONS = ("key", "provider", "model", "route", "client")
+"""What each row is kept per (the account is the key's, found when asked)."""
+_FACTOR = 1.05  # histogram buckets: each 5 % wider than the last
+_LOG = math.log(_FACTOR)
+MAX_ROWS = 100_000
+"""The most rows one query answers (narrow ``from``/``to`` or group coarser)."""
+
+Dims = tuple[str, str, str, str, str]  # key, provider, model, route, client ("" for none)
+
+
+def error_class(status: int) -> str | None:
+    """The class an answer's status counts under (None: not an error)."""
+    if status < 400:
+        return None
+    if status == 429:
+        return "rate_limited"
+    if status in (401, 403):
+        return "auth"
+    if status == 402:
+        return "credits"
+    if status == 404:
+        return "not_found"
+    if status in (408, 504, 524):
+        return "timeout"
+    if status == 499:
+        return "client_gone"
+    if status >= 500:
+        return "server"
+    return "bad_request"
+
+
+def _bucket(ms: float) -> int:
+    """The histogram bucket of ``ms`` (its upper bound is 1.05 ** bucket ms)."""
+    return 0 if ms <= 1.0 else math.ceil(math.log(ms) / _LOG)
+
+
+def percentile(histogram: Mapping[int, int], q: float) -> float | None:
+    """The ``q`` quantile (0..1) of a histogram, in ms: the upper bound of the
+    bucket holding it (at most 5 % above the exact value); None when empty."""
+    total = sum(histogram.values())
+    if total == 0:
+        return None
+    rank = max(1, math.ceil(q * total))
+    seen = 0
+    for bucket in sorted(histogram):
+        seen += histogram[bucket]
+        if seen >= rank:
+            return round(_FACTOR**bucket, 3)
+    return None  # pragma: no cover - rank <= total
+
+
+def _add_histogram(mine: dict[int, int], other: Mapping[int, int]) -> None:
+    for bucket, count in other.items():
+        mine[bucket] = mine.get(bucket, 0) + count
+
+
+class Rollup:
+    """One row's figures: requests, errors by class, tokens, cost, latencies."""
+
+    __slots__ = ("completion", "cost", "errors", "prompt", "requests", "total", "ttfb")
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.errors: dict[str, int] = {}
+        self.prompt = 0
+        self.completion = 0
+        self.cost = 0.0
+        self.ttfb: dict[int, int] = {}
+        self.total: dict[int, int] = {}
+
+    def note(
+        self,
+        status: int,
+        prompt: int,
+        completion: int,
+        cost: float,
+        ttfb_ms: float | None,
+        total_ms: float | None,
+    ) -> None:
+        """Count one answer."""
+        self.requests += 1
+        kind = error_class(status)
+        if kind is not None:
+            self.errors[kind] = self.errors.get(kind, 0) + 1
+        self.prompt += prompt
+        self.completion += completion
+        self.cost += cost
+        if ttfb_ms is not None:
+            b = _bucket(ttfb_ms)
+            self.ttfb[b] = self.ttfb.get(b, 0) + 1
+        if total_ms is not None:
+            b = _bucket(total_ms)
+            self.total[b] = self.total.get(b, 0) + 1
+
+    def add(self, other: Rollup) -> None:
+        self.requests += other.requests
+        for kind, count in other.errors.items():
+            self.errors[kind] = self.errors.get(kind, 0) + count
+        self.prompt += other.prompt
+        self.completion += other.completion
+        self.cost += other.cost
+        _add_histogram(self.ttfb, other.ttfb)
+        _add_histogram(self.total, other.total)
+
+    @property
+    def error_count(self) -> int:
+        return sum(self.errors.values())
+
+    def columns(self) -> tuple[int, int, str, int, int, float, str, str]:
+        return (
+            self.requests,
+            self.error_count,
+            json.dumps(self.errors, sort_keys=True),
+            self.prompt,
+            self.completion,
+            self.cost,
+            json.dumps(self.ttfb),
+            json.dumps(self.total),
+        )
+
+    @classmethod
+    def from_columns(cls, row: Iterable[Any]) -> Rollup:
+        requests, _errors, by_class, prompt, completion, cost, ttfb, total = row
+        rollup = cls()
+        rollup.requests = requests
+        rollup.errors = json.loads(by_class)
+        rollup.prompt, rollup.completion, rollup.cost = prompt, completion, cost
+        rollup.ttfb = {int(k): v for k, v in json.loads(ttfb).items()}
+        rollup.total = {int(k): v for k, v in json.loads(total).items()}
+        return rollup
+
+
+SCHEMA = (
+    """CREATE TABLE rollups (
+        grain TEXT NOT NULL,
+        start INTEGER NOT NULL,
+        key TEXT NOT NULL,
+        provider TEXT NOT NULL,
+        model TEXT NOT NULL,
+        route TEXT NOT NULL,
+        client TEXT NOT NULL,
+        requests INTEGER NOT NULL,
+        errors INTEGER NOT NULL,
+        errors_by_class TEXT NOT NULL,
+        prompt_tokens INTEGER NOT NULL,
+        completion_tokens INTEGER NOT NULL,
+        cost REAL NOT NULL,
+        ttfb TEXT NOT NULL,
+        total TEXT NOT NULL,
+        PRIMARY KEY (grain, start, key, provider, model, route, client)
+    ) WITHOUT ROWID""",
+)
+"""The state file's ``rollups`` table (a migration of ``storage``)."""
+_FIGURES = "requests, errors, errors_by_class, prompt_tokens, completion_tokens, cost, ttfb, total"
+
+
+@attrs.frozen
+class Retention:
+    """Days each grain's rows are kept (0: for ever)."""
+
+    minute_days: float = 2.0
+    hour_days: float = 90.0
+    day_days: float = 0.0
+
+
+def write(
+    conn: sqlite3.Connection,
+    minutes: Mapping[tuple[int, Dims], Rollup],
+    retention: Retention,
+    now: float,
+) -> None:
+    """Add ``minutes`` (minute start, dimensions -> figures) to the minute,
+    hour and day rows, and drop rows past their retention. Runs inside the
+    caller's transaction."""
+    rows: dict[tuple[str, int, Dims], Rollup] = {}
+    for (start, dims), rollup in minutes.items():
+        for grain, seconds in GRAINS.items():
+            where = (grain, start - start % seconds, dims)
+            slot = rows.get(where)
+            if slot is None:
+                slot = rows[where] = Rollup()
+            slot.add(rollup)
+    select = (
+        f"SELECT {_FIGURES} FROM rollups WHERE grain = ? AND start = ? AND key = ? "
+        "AND provider = ? AND model = ? AND route = ? AND client = ?"
+    )
+    out = []
+    for (grain, start, dims), rollup in rows.items():
+        old = conn.execute(select, (grain, start, *dims)).fetchone()
+        if old is not None:
+            rollup.add(Rollup.from_columns(old))
+        out.append((grain, start, *dims, *rollup.columns()))
+    conn.executemany(
+        "INSERT OR REPLACE INTO rollups (grain, start, key, provider, model, route, client, "
+        f"{_FIGURES}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        out,
+    )
+    for grain, days in (
+        ("minute", retention.minute_days),
+        ("hour", retention.hour_days),
+        ("day", retention.day_days),
+    ):
+        if days > 0:
+            conn.execute(
+                "DELETE FROM rollups WHERE grain = ? AND start < ?", (grain, now - days * 86400)
+            )
+
+
+class QueryError(ValueError):
+    """A query parameter that cannot be used (the message names it and the fix)."""
+
+
+@attrs.frozen
+class Query:
+    """What an ``/analytics/...`` request asks for."""
+
+    kind: str
+    start: int
+    end: int
+    grain: str
+    by: str | None
+    csv: bool = False
+    client: str | None = None  # only this client token's answers (a client asking)
+
+
+def _time(value: str, name: str) -> int:
+    text = value.strip()
+    try:
+        if text.replace(".", "", 1).isdigit():
+            return int(float(text))
+        parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise QueryError(
+            f"{name}={value!r} is no time: give ISO 8601 UTC (2026-12-05T10:00:00Z) or Unix seconds"
+        ) from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return int(parsed.timestamp())
+
+
+def parse_query(kind: str, params: Mapping[str, str], now: float) -> Query:
+    """The ``Query`` of ``/analytics/<kind>?params``; ``QueryError`` if one is bad.
+    Defaults: the last 24 hours, grouped by hour, not by a dimension, JSON."""
+    known = {"from", "to", "group_by", "by", "format"}
+    for name in params:
+        if name not in known:
+            raise QueryError(f"unknown parameter {name!r}; known: {', '.join(sorted(known))}")
+    grain = params.get("group_by", "hour")
+    if grain not in GRAINS:
+        raise QueryError(f"group_by={grain!r}: choose minute, hour or day")
+    by = params.get("by") or None
+    if by is not None and by not in BY:
+        raise QueryError(f"by={by!r}: choose one of {', '.join(BY)}")
+    fmt = params.get("format", "json")
+    if fmt not in ("json", "csv"):
+        raise QueryError(f"format={fmt!r}: choose json or csv")
+    end = _time(params["to"], "to") if "to" in params else math.floor(now) + 1  # now included
+    start = _time(params["from"], "from") if "from" in params else end - 86400
+    if start >= end:
+        raise QueryError("from must be before to")
+    step = GRAINS[grain]
+    start -= start % step
+    if (end - start) // step > MAX_ROWS:
+        raise QueryError(
+            f"{(end - start) // step:,} {grain}s asked for, at most {MAX_ROWS:,}: "
+            "narrow from/to or group_by a coarser grain"
+        )
+    return Query(kind, start, end, grain, by, fmt == "csv")
+
+
+def query(
+    conn: sqlite3.Connection,
+    q: Query,
+    account_of: Callable[[str], str],
+    pending: Mapping[tuple[int, Dims], Rollup] | None = None,
+) -> list[dict[str, Any]]:
+    """The rows ``q`` asks for, oldest first (then by name): from the table
+    and from ``pending`` minutes not written yet."""
+    step = GRAINS[q.grain]
+    groups: dict[tuple[int, str], Rollup] = {}
+
+    def name_of(dims: Dims) -> str:
+        if q.by is None:
+            return ""
+        if q.by == "account":
+            return account_of(dims[0]) if dims[0] else ""
+        return dims[DIMENSIONS.index(q.by)]
+
+    def add(start: int, dims: Dims, rollup: Rollup) -> None:
+        if q.client is not None and dims[4] != q.client:
+            return
+        where = (start - start % step, name_of(dims))
+        slot = groups.get(where)
+        if slot is None:
+            slot = groups[where] = Rollup()
+        slot.add(rollup)
+
+    cursor = conn.execute(
+        f"SELECT start, key, provider, model, route, client, {_FIGURES} FROM rollups "
+        "WHERE grain = ? AND start >= ? AND start < ?",
+        (q.grain, q.start, q.end),
+    )
+    for found in cursor:
+        add(found[0], found[1:6], Rollup.from_columns(found[6:]))
+    for (start, dims), rollup in (pending or {}).items():
+        if q.start <= start - start % step < q.end:
+            add(start, dims, rollup)
+    out = []
+    for (start, name), rollup in sorted(groups.items()):
+        row: dict[str, Any] = {"start": _iso(start)}
+        if q.by is not None:
+            row["name"] = name
+        out.append(row | _figures(q.kind, rollup))
+    return out
+
+
+def _figures(kind: str, r: Rollup) -> dict[str, Any]:
+    if kind == "costs":
+        return {
+            "requests": r.requests,
+            "cost": round(r.cost, 9),
+            "costPerRequest": round(r.cost / r.requests, 9) if r.requests else 0.0,
+        }
+    if kind == "performance":
+        return {
+            "requests": r.requests,
+            "errorShare": round(r.error_count / r.requests, 4) if r.requests else 0.0,
+            **{
+                f"{name}P{int(q * 100)}Ms": percentile(histogram, q)
+                for name, histogram in (("ttfb", r.ttfb), ("total", r.total))
+                for q in (0.5, 0.95, 0.99)
+            },
+        }
+    return {
+        "requests": r.requests,
+        "errors": r.error_count,
+        "errorsByClass": dict(sorted(r.errors.items())),
+        "promptTokens": r.prompt,
+        "completionTokens": r.completion,
+        "cost": round(r.cost, 9),
+    }
+
+
+def _iso(t: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def answer(q: Query, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The JSON document of a query's answer."""
+    return {
+        "from": _iso(q.start),
+        "to": _iso(q.end),
+        "groupBy": q.grain,
+        "by": q.by,
+        "rows": rows,
+    }
+
+
+def to_csv(rows: list[dict[str, Any]]) -> str:
+    """``rows`` as CSV with a header line (errors by class as ``errors_<class>``)."""
+    flat = []
+    for one in rows:
+        item = {k: v for k, v in one.items() if k != "errorsByClass"}
+        for kind, count in one.get("errorsByClass", {}).items():
+            item[f"errors_{kind}"] = count
+        flat.append(item)
+    fields: list[str] = []
+    for item in flat:
+        fields += [k for k in item if k not in fields]
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fields, restval="", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(flat)
+    return out.getvalue()

@@ -1,0 +1,196 @@
+"""Analytics rollups: hand-computed traffic in, the same figures out, per minute,
+hour and day, across a restart and past retention."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from keyrotor.adapters import analytics
+from keyrotor.adapters.analytics import (
+    Query,
+    QueryError,
+    Retention,
+    Rollup,
+    error_class,
+    parse_query,
+    percentile,
+    to_csv,
+)
+from keyrotor.adapters.storage import StateStore
+
+T0 = 1_764_892_800  # 2025-12-05 00:00:00 UTC
+SK = "a-passphrase-of-sixteen-or-more"
+
+
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def open_store(path: Path, clock: Clock, retention: Retention | None = None) -> StateStore:
+    store = StateStore.open(path, secret_key=SK, flush_interval=3600, wall_clock=clock)
+    if retention is not None:
+        store.retention = retention
+    return store
+
+
+def q(kind: str, start: float, end: float, grain: str, by: str | None = None) -> Query:
+    return Query(kind, int(start), int(end), grain, by)
+
+
+@given(st.lists(st.floats(0.5, 600_000), min_size=1, max_size=300))
+def test_percentiles_are_within_five_percent_of_the_exact_ones(values: list[float]) -> None:
+    rollup = Rollup()
+    for v in values:
+        rollup.note(200, 0, 0, 0.0, v, None)
+    exact = sorted(values)
+    for quantile in (0.5, 0.95, 0.99):
+        want = exact[max(1, math.ceil(quantile * len(exact))) - 1]
+        got = percentile(rollup.ttfb, quantile)
+        assert got is not None
+        assert max(want, 1.0) <= got * 1.0001 and got <= max(want, 1.0) * 1.05 + 1e-9
+
+
+def test_error_classes() -> None:
+    assert [error_class(s) for s in (200, 400, 401, 402, 404, 408, 429, 499, 500, 503)] == [
+        None, "bad_request", "auth", "credits", "not_found", "timeout", "rate_limited",
+        "client_gone", "server", "server",
+    ]  # fmt: skip
+    assert percentile({}, 0.5) is None
+
+
+def traffic(store: StateStore, start: float) -> None:
+    """Two hours of hand-counted answers: per minute of the first 90, one
+    answer on k1 / gpt (200, 100+10 tokens, $0.0125, 100 ms first byte, 400 ms
+    in all) and, every 10th minute, a 429 on k2 / claude by client ci."""
+    for minute in range(90):
+        at = start + minute * 60 + 5
+        store.record_answer(at, ("k1", "main", "gpt", "", "web"), 200, 100, 10, 0.0125, 100, 400)
+        if minute % 10 == 0:
+            store.record_answer(at, ("k2", "main", "claude", "free", "ci"), 429, 0, 0, 0.0, 20, 20)
+
+
+def test_hand_computed_traffic_per_minute_hour_and_day(tmp_path: Path) -> None:
+    clock = Clock(T0 + 7200)
+    store = open_store(tmp_path / "s.db", clock)
+    try:
+        traffic(store, T0)
+        # Pending rows are seen before any flush; then the same after one.
+        for _ in range(2):
+            hours = store.analytics(q("usage", T0, T0 + 7200, "hour"), str)
+            assert [(r["start"], r["requests"], r["errors"]) for r in hours] == [
+                ("2025-12-05T00:00:00Z", 66, 6),
+                ("2025-12-05T01:00:00Z", 33, 3),
+            ]
+            assert hours[0]["errorsByClass"] == {"rate_limited": 6}
+            assert hours[0]["cost"] == pytest.approx(60 * 0.0125)
+            assert hours[0]["promptTokens"] == 6000 and hours[0]["completionTokens"] == 600
+            store.flush()
+        minutes = store.analytics(q("usage", T0, T0 + 600, "minute", "model"), str)
+        assert len(minutes) == 11  # 10 minutes of gpt, one of claude
+        assert minutes[0] == {
+            "start": "2025-12-05T00:00:00Z", "name": "claude", "requests": 1, "errors": 1,
+            "errorsByClass": {"rate_limited": 1}, "promptTokens": 0, "completionTokens": 0,
+            "cost": 0.0,
+        }  # fmt: skip
+        days = store.analytics(q("costs", T0, T0 + 86400, "day", "client"), str)
+        assert days == [
+            {"start": "2025-12-05T00:00:00Z", "name": "ci", "requests": 9, "cost": 0.0,
+             "costPerRequest": 0.0},
+            {"start": "2025-12-05T00:00:00Z", "name": "web", "requests": 90,
+             "cost": pytest.approx(1.125), "costPerRequest": pytest.approx(0.0125)},
+        ]  # fmt: skip
+        perf = store.analytics(q("performance", T0, T0 + 86400, "day", "route"), str)
+        free = next(r for r in perf if r["name"] == "free")
+        plain = next(r for r in perf if r["name"] == "")
+        assert free["errorShare"] == 1.0 and plain["errorShare"] == 0.0
+        assert 100 <= plain["ttfbP50Ms"] <= 105 and 400 <= plain["totalP99Ms"] <= 420
+        accounts = store.analytics(
+            q("usage", T0, T0 + 86400, "day", "account"), {"k1": "team", "k2": "team"}.__getitem__
+        )
+        assert [(r["name"], r["requests"]) for r in accounts] == [("team", 99)]
+        mine = store.analytics(Query("usage", T0, T0 + 86400, "day", None, client="ci"), str)
+        assert [r["requests"] for r in mine] == [9]
+    finally:
+        store.close()
+
+
+def test_a_restart_in_the_middle_keeps_every_answer(tmp_path: Path) -> None:
+    clock = Clock(T0 + 7200)
+    store = open_store(tmp_path / "s.db", clock)
+    traffic(store, T0)
+    store.close()  # flushes what is pending
+    again = open_store(tmp_path / "s.db", clock)
+    try:
+        traffic(again, T0)  # the same traffic once more, into the same rows
+        rows = again.analytics(q("usage", T0, T0 + 86400, "day"), str)
+        assert [(r["requests"], r["errors"]) for r in rows] == [(198, 18)]
+        assert rows[0]["cost"] == pytest.approx(2 * 90 * 0.0125)
+    finally:
+        again.close()
+
+
+def test_old_minutes_are_compacted_into_hours_and_days_not_lost(tmp_path: Path) -> None:
+    clock = Clock(T0 + 3 * 86400)  # three days later
+    store = open_store(tmp_path / "s.db", clock, Retention(minute_days=2, hour_days=2.5))
+    try:
+        traffic(store, T0)
+        traffic(store, T0 + 2.9 * 86400)  # recent: its minutes stay
+        store.flush()
+        old_minutes = store.analytics(q("usage", T0, T0 + 7200, "minute"), str)
+        new_minutes = store.analytics(q("usage", T0 + 2.9 * 86400, clock.now, "minute"), str)
+        old_hours = store.analytics(q("usage", T0, T0 + 7200, "hour"), str)
+        days = store.analytics(q("usage", T0, clock.now, "day"), str)
+    finally:
+        store.close()
+    assert old_minutes == [] and old_hours == []  # past retention: dropped
+    assert sum(r["requests"] for r in new_minutes) == 99
+    assert [r["requests"] for r in days] == [99, 99]  # the days still hold both
+
+
+def test_query_parameters_and_their_errors() -> None:
+    now = T0 + 86400
+    q1 = parse_query("usage", {}, now)
+    assert (q1.start, q1.end, q1.grain, q1.by, q1.csv) == (T0, now + 1, "hour", None, False)
+    q2 = parse_query(
+        "costs",
+        {"from": "2025-12-05T10:30:00Z", "to": str(now), "group_by": "day", "by": "model",
+         "format": "csv"},
+        now,
+    )  # fmt: skip
+    assert (q2.start, q2.grain, q2.by, q2.csv) == (T0, "day", "model", True)
+    assert parse_query("usage", {"from": "2025-12-05T01:00:00"}, now).start == T0 + 3600
+    for params, message in (
+        ({"group_by": "week"}, "group_by='week': choose minute, hour or day"),
+        ({"by": "colour"}, "by='colour': choose one of key, account"),
+        ({"from": "yesterday"}, "from='yesterday' is no time: give ISO 8601"),
+        ({"from": str(now), "to": str(now)}, "from must be before to"),
+        ({"format": "xml"}, "format='xml': choose json or csv"),
+        ({"colour": "red"}, "unknown parameter 'colour'"),
+        ({"from": "0", "group_by": "minute"}, "narrow from/to or group_by a coarser grain"),
+    ):
+        with pytest.raises(QueryError) as caught:
+            parse_query("usage", params, now)
+        assert message in str(caught.value)
+
+
+def test_csv_has_a_header_and_a_column_per_error_class() -> None:
+    rows: list[dict[str, Any]] = [
+        {"start": "a", "requests": 2, "errorsByClass": {"auth": 1}, "cost": 0.5},
+        {"start": "b", "requests": 1, "errorsByClass": {"server": 1}, "cost": 0.0},
+    ]
+    assert to_csv(rows).splitlines() == [
+        "start,requests,cost,errors_auth,errors_server",
+        "a,2,0.5,1,",
+        "b,1,0.0,,1",
+    ]
+    assert analytics.answer(q("usage", T0, T0 + 60, "minute"), [])["from"] == "2025-12-05T00:00:00Z"
