@@ -707,6 +707,18 @@ class Target:
     endpoint: Endpoint
     pid: int | None  # the proxy's process, None for the upstream alone
     model: str = MODEL  # what requests put in "model" (a route's name, for --route)
+    dashboards: int = 0  # event streams held open during the run (--dashboard)
+
+
+async def hold_dashboard(endpoint: Endpoint, seen: list[int]) -> None:
+    """One open dashboard: ``GET /dashboard/events`` read for as long as it runs
+    (``seen[0]``: bytes read)."""
+    stream = await trio.open_tcp_stream(endpoint.host, endpoint.port)
+    async with stream:
+        head = f"GET /dashboard/events HTTP/1.1\r\nhost: {endpoint.host}\r\n\r\n"
+        await stream.send_all(head.encode())
+        while data := await stream.receive_some(65536):
+            seen[0] += len(data)
 
 
 @dataclass
@@ -766,6 +778,20 @@ def measure(
             await closed_loop(
                 spec, result, concurrency=options.concurrency, duration=options.duration
             )
+
+    if target.dashboards:
+        load = runner
+        seen = [0]
+
+        async def runner() -> None:
+            async with trio.open_nursery() as nursery:
+                for _ in range(target.dashboards):
+                    nursery.start_soon(hold_dashboard, target.endpoint, seen)
+                await trio.sleep(0.2)  # the streams are open before the load starts
+                await load()
+                nursery.cancel_scope.cancel()
+            if seen[0] == 0:
+                raise BenchError(f"{target.name}: the event streams sent nothing")
 
     gc.collect()
     gc.disable()
@@ -1060,6 +1086,14 @@ def _parser() -> argparse.ArgumentParser:
         "the same proxy process, interleaved with the plain ones",
     )
     parser.add_argument(
+        "--dashboard",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also measure the same proxy process with N dashboards open (each an event "
+        "stream: the pool's status every second), interleaved with the plain runs",
+    )
+    parser.add_argument(
         "--catalog",
         default="default",
         choices=["default", "realistic"],
@@ -1088,6 +1122,8 @@ def _command(args: argparse.Namespace) -> str:
         parts.append(f"--catalog {args.catalog}")
     if args.route:
         parts.append("--route")
+    if args.dashboard:
+        parts.append(f"--dashboard {args.dashboard}")
     return " ".join(parts)
 
 
@@ -1136,6 +1172,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if args.route:  # the same process, requests naming the route
                     routed = Target(f"{name}, route {ROUTE}", endpoint, proxy.pid, ROUTE)
                     proxies.append((routed, proxy))
+                if args.dashboard:  # the same process, dashboards open during the run
+                    watched = Target(
+                        f"{name}, {args.dashboard} dashboards open",
+                        endpoint,
+                        proxy.pid,
+                        dashboards=args.dashboard,
+                    )
+                    proxies.append((watched, proxy))
             if litellm_found:
                 lproxy, lendpoint = start_litellm(stack, upstream_url)
                 print(f"litellm pid {lproxy.pid} at {lendpoint.url}", file=sys.stderr, flush=True)

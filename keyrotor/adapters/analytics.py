@@ -347,8 +347,9 @@ def query(
             slot = groups[where] = Rollup()
         slot.add(rollup)
 
-    cursor = conn.execute(
-        f"SELECT start, key, provider, model, route, client, {_FIGURES} FROM rollups "
+    figures = _FIGURES if q.kind == "performance" else _FIGURES.replace("ttfb, total", "'{}', '{}'")
+    cursor = conn.execute(  # the histograms are read only when the times are asked for
+        f"SELECT start, key, provider, model, route, client, {figures} FROM rollups "
         "WHERE grain = ? AND start >= ? AND start < ?",
         (q.grain, q.start, q.end),
     )

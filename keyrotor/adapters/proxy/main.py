@@ -66,6 +66,12 @@ async def run_proxy(
                 )
             except OSError as exc:  # before listening: only the bind can fail this way
                 raise listen_error(options.host, options.port, exc) from None
+
+            async def end_streams() -> None:
+                await shutdown.wait()
+                app.views.hub.close()
+
+            nursery.start_soon(end_streams)
             status = app.status()
             log(
                 {

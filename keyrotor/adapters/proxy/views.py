@@ -98,6 +98,13 @@ class EventHub:
                 self._subscribers.discard(stream)
                 stream.close()
 
+    def close(self) -> None:
+        """End every event stream (the proxy is shutting down: a stream never
+        ends by itself, and would hold the graceful shutdown to its grace period)."""
+        for stream in self._subscribers:
+            stream.close()
+        self._subscribers.clear()
+
     def subscribe(
         self,
     ) -> tuple[MemoryObjectReceiveStream[tuple[str, Any]], Callable[[], Awaitable[None]]]:
@@ -517,7 +524,10 @@ class Views:
             event = None
             if wait > 0:
                 with anyio.move_on_after(wait):
-                    event = await receive.receive()
+                    try:
+                        event = await receive.receive()
+                    except anyio.EndOfStream:  # closed: the proxy shuts down
+                        return
             if event is not None:
                 yield _frame(*event)
                 continue
