@@ -168,7 +168,8 @@ def test_query_parameters_and_their_errors() -> None:
         now,
     )  # fmt: skip
     assert (q2.start, q2.grain, q2.by, q2.csv) == (T0, "day", "model", True)
-    assert parse_query("usage", {"from": "2025-12-05T01:00:00"}, now).start == T0 + 3600
+    assert parse_query("usage", {"from": "2025-12-05T01:00:00"}, now).start == T0 + 3600  # UTC
+    assert parse_query("usage", {"from": "2025-12-05T03:00:00+02:00"}, now).start == T0 + 3600
     for params, message in (
         ({"group_by": "week"}, "group_by='week': choose minute, hour or day"),
         ({"by": "colour"}, "by='colour': choose one of key, account"),

@@ -489,3 +489,17 @@ def test_from_config_refuses_an_open_pool_unless_told_it_is_private() -> None:
         keys=config.keys, pool=config.pool, client_tokens=("client-token-" + "7" * 20,)
     )
     assert ASGIApp.from_config(tokens).app is None
+
+
+async def test_the_dashboard_and_its_data_are_served_through_asgi_too() -> None:
+    async with upstream(good=Ok()).serve() as server:
+        async with (
+            proxied(server, "good") as client,
+            http_client(ASGIApp(ProxyApp(client))) as http,
+        ):
+            page = await http.get("/dashboard")
+            script = await http.get("/dashboard/dashboard.js")
+            alerts = await http.get("/alerts")
+    assert page.status_code == 200 and b'id="login-token"' in page.content
+    assert script.headers["content-type"].startswith("text/javascript")
+    assert alerts.json()["alerts"] == []  # no token configured: open, like /status
