@@ -78,6 +78,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     state.add_argument(
         "--no-state", action="store_true", help="keep nothing: a purely in-memory run"
     )
+    serve.add_argument(
+        "--shared",
+        metavar="URL",
+        help="share key health with the pool's other processes through Redis "
+        "(redis://host:port/db; docs/scaling.md)",
+    )
     from .adapters.keys_cli import add_parser as add_keys_parser
 
     add_keys_parser(commands)
@@ -143,6 +149,7 @@ def _serve(args: argparse.Namespace) -> int:
             ("record", args.record),
             ("state.path", args.state),
             ("state.enabled", False if args.no_state else None),
+            ("shared.url", args.shared),
         )
         if value is not None
     }

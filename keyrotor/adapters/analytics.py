@@ -338,8 +338,8 @@ def query(
             return account_of(dims[0]) if dims[0] else ""
         return dims[DIMENSIONS.index(q.by)]
 
-    def add(start: int, dims: Dims, rollup: Rollup) -> None:
-        if q.client is not None and dims[4] != q.client:
+    def add(start: int, dims: Dims, rollup: Rollup, checked: bool = False) -> None:
+        if q.client is not None and not checked and dims[4] != q.client:
             return
         where = (start - start % step, name_of(dims))
         slot = groups.get(where)
@@ -347,14 +347,34 @@ def query(
             slot = groups[where] = Rollup()
         slot.add(rollup)
 
-    figures = _FIGURES if q.kind == "performance" else _FIGURES.replace("ttfb, total", "'{}', '{}'")
-    cursor = conn.execute(  # the histograms are read only when the times are asked for
-        f"SELECT start, key, provider, model, route, client, {figures} FROM rollups "
-        "WHERE grain = ? AND start >= ? AND start < ?",
-        (q.grain, q.start, q.end),
-    )
-    for found in cursor:
-        add(found[0], found[1:6], Rollup.from_columns(found[6:]))
+    where = "grain = ? AND start >= ? AND start < ?" + (" AND client = ?" if q.client else "")
+    args: tuple[Any, ...] = (q.grain, q.start, q.end, *((q.client,) if q.client else ()))
+    if q.kind == "performance":  # the histograms are merged here
+        cursor = conn.execute(
+            f"SELECT start, key, provider, model, route, client, {_FIGURES} FROM rollups "
+            f"WHERE {where}",
+            args,
+        )
+        for found in cursor:
+            add(found[0], found[1:6], Rollup.from_columns(found[6:]))
+    else:  # sums in SQL, per period and dimension; errors by class only where there are some
+        column = "key" if q.by in (None, "account") else q.by
+        cursor = conn.execute(
+            f"SELECT start, {column}, SUM(requests), "
+            "group_concat(CASE WHEN errors > 0 THEN errors_by_class END, '|'), "
+            "SUM(prompt_tokens), SUM(completion_tokens), SUM(cost) "
+            f"FROM rollups WHERE {where} GROUP BY start, {column}",
+            args,
+        )
+        for start, name, requests, by_class, prompt, completion, cost in cursor:
+            rollup = Rollup()
+            rollup.requests, rollup.prompt, rollup.completion, rollup.cost = (
+                requests, prompt, completion, cost,
+            )  # fmt: skip
+            for part in by_class.split("|") if by_class else ():
+                for kind, count in json.loads(part).items():
+                    rollup.errors[kind] = rollup.errors.get(kind, 0) + count
+            add(start, _named(column, name), rollup, checked=True)  # the client: in SQL
     for (start, dims), rollup in (pending or {}).items():
         if q.start <= start - start % step < q.end:
             add(start, dims, rollup)
@@ -365,6 +385,13 @@ def query(
             row["name"] = name
         out.append(row | _figures(q.kind, rollup))
     return out
+
+
+def _named(column: str, name: str) -> Dims:
+    """Dimensions holding only ``name`` in ``column`` (a row summed over the rest)."""
+    dims = ["", "", "", "", ""]
+    dims[DIMENSIONS.index(column)] = name
+    return (dims[0], dims[1], dims[2], dims[3], dims[4])
 
 
 def _figures(kind: str, r: Rollup) -> dict[str, Any]:

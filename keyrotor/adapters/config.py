@@ -30,6 +30,7 @@ from ..transports.api import OPENROUTER_URL, HTTPOptions, keys_from_env, mask
 from ..transports.errors import ConfigurationError
 from .alerts import RULE_FIELDS, Rule, rule_from_json
 from .analytics import Retention
+from .shared import parse_url
 from .storage import default_state_path, secret_key_from_env
 
 __all__ = [
@@ -87,6 +88,7 @@ _PLAIN_TABLES = (
     "routing",
     "analytics",
     "alerting",
+    "shared",
 )
 """The tables of options (the others are arrays of tables)."""
 _TABLES = (
@@ -114,6 +116,7 @@ _ROUTING_KINDS = {
 }
 _ANALYTICS_KINDS = {"minute_days": _FLOAT, "hour_days": _FLOAT, "day_days": _FLOAT}
 _ALERTING_KINDS = {"webhooks": _STRS, "interval": _FLOAT}
+_SHARED_KINDS = {"url": _STR, "namespace": _STR}
 _MIN_TOKEN = 16
 _TOKEN_HELP = "generate one with: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
 LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
@@ -307,6 +310,9 @@ class ProxyConfig:
         alert_rules: the ``[[alerts]]`` (docs/analytics.md).
         webhooks: ``[alerting] webhooks``: URLs each alert is POSTed to.
         alert_interval: ``[alerting] interval``: seconds between looks at the rules.
+        shared_url: ``[shared] url``: the Redis other processes of this pool
+            share key health through (docs/scaling.md); None: this process alone.
+        shared_namespace: ``[shared] namespace``: the prefix of this pool's Redis keys.
     """
 
     keys: dict[str, str]
@@ -335,6 +341,8 @@ class ProxyConfig:
     alert_rules: tuple[Rule, ...] = ()
     webhooks: tuple[str, ...] = attrs.field(default=(), repr=False)  # may hold tokens
     alert_interval: float = 10.0
+    shared_url: str | None = attrs.field(default=None, repr=False)  # may hold a password
+    shared_namespace: str = "keyrotor"
 
     def __repr__(self) -> str:
         keys = ", ".join(f"{alias!r}: {mask(secret)!r}" for alias, secret in self.keys.items())
@@ -503,6 +511,24 @@ class _Loader:
                     where="[alerting] webhooks",
                     fix='write full URLs, e.g. webhooks = ["https://hooks.example.com/keyrotor"]',
                 )
+        shared: dict[str, Any] = {}
+        for name in self.names("shared", tables, given, _SHARED_KINDS):
+            for source, raw, coerce in self.layers(tables["shared"], given["shared"], name):
+                where = f"[shared] {name}"
+                shared[name] = self.check(raw, _STR, where, source, coerce)
+        if "url" in shared:
+            try:
+                parse_url(shared["url"])
+            except ValueError as exc:
+                self.fail(
+                    str(exc), where="[shared] url", fix='write url = "redis://127.0.0.1:6379/0"'
+                )
+        if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", shared.get("namespace", "keyrotor")):
+            self.fail(
+                "[shared] namespace must be 1-64 letters, digits, '.', '_', ':' or '-'",
+                where="[shared] namespace",
+                fix='write namespace = "team-pool" (pools that share one Redis need their own)',
+            )
         named = self.clients(data.get("clients", []))
         admin, clients = self.tokens(auth, server["host"], list(named.values()))
         client_names = {token: token_name(token) for token in clients}
@@ -575,6 +601,8 @@ class _Loader:
             alert_rules=self.alert_rules(data.get("alerts", [])),
             webhooks=tuple(alerting.get("webhooks", ())),
             alert_interval=float(alerting.get("interval", 10.0)),
+            shared_url=shared.get("url"),
+            shared_namespace=shared.get("namespace", "keyrotor"),
         )
 
     def alert_rules(self, entries: Any) -> tuple[Rule, ...]:
@@ -1310,6 +1338,7 @@ _TABLE_KINDS = {
     "routing": _ROUTING_KINDS,
     "analytics": _ANALYTICS_KINDS,
     "alerting": _ALERTING_KINDS,
+    "shared": _SHARED_KINDS,
 }
 
 

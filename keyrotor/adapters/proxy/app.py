@@ -35,6 +35,7 @@ from .types import Request, Response
 from .views import Views
 
 if TYPE_CHECKING:
+    from ..shared import SharedHealth
     from ..storage import StateStore
     from .catalog import Catalogs
     from .providers import Routes
@@ -139,6 +140,7 @@ class ProxyApp:
         reject_unknown_models: bool = False,
         router: Router | None = None,
         views: Views | None = None,
+        shared: SharedHealth | None = None,
     ) -> None:
         self._reject_unknown = reject_unknown_models and catalog is not None
         self._client = client
@@ -156,6 +158,7 @@ class ProxyApp:
         self.started = clock()
         self._day = int(self.started // 86_400)  # the UTC day, for totalCostToday
         self._spend_before_today = 0.0
+        self.shared = shared
         self.views = views or Views(
             client, self._auth, self.spend, store=store, router=router, status=self.status
         )
@@ -215,7 +218,10 @@ class ProxyApp:
             response = self._routing(request, path)
         elif path == "/healthz" and request.method == "GET":
             usable = _usable_keys(self._client.status())
-            response = self._json(200, {"ok": True, "usable_keys": usable})
+            health: dict[str, Any] = {"ok": True, "usable_keys": usable}
+            if self.shared is not None:  # still ok without Redis: it serves on its own view
+                health["shared"] = self.shared.connected
+            response = self._json(200, health)
         else:
             response = Response(
                 status=404,
@@ -302,6 +308,8 @@ class ProxyApp:
         else:
             status["stats"]["totalCostToday"] = total - self._spend_before_today
         status["uptime"] = round(now - self.started, 3)
+        if self.shared is not None:
+            status["shared"] = self.shared.status()
         if self._catalog is not None:
             status["catalog"] = self._catalog.status()
         if self._routes is not None:

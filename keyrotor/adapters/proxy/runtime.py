@@ -29,6 +29,7 @@ from ...models import pricer
 from ...models.routing import route_from_json
 from ...transports.api import AsyncClient, Driver, StreamAccountant
 from ..config import ConfigError, Provider, ProxyConfig
+from ..shared import SharedHealth
 from ..storage import PROVIDER_CATALOG, day_start
 from .admin import Admin
 from .app import ProxyApp
@@ -347,6 +348,12 @@ async def open_app(
                 driver.on_state_change.append(
                     lambda change: views.hub.key_changed(change, driver.wall_clock())
                 )
+                shared = None
+                if config.shared_url is not None:
+                    shared = SharedHealth(
+                        config.shared_url, driver, namespace=config.shared_namespace, log=log
+                    )
+                    driver.on_state_change.append(shared.state_changed)
                 app = ProxyApp(
                     client,
                     routing_note=config.routing_note,
@@ -359,6 +366,7 @@ async def open_app(
                     spend=spend,
                     router=router,
                     views=views,
+                    shared=shared,
                 )
                 views.set_status(app.status)
                 async with anyio.create_task_group() as tasks:
@@ -367,6 +375,8 @@ async def open_app(
                     if router is not None:
                         tasks.start_soon(router.run)
                     tasks.start_soon(views.run)
+                    if shared is not None:
+                        tasks.start_soon(shared.run)
                     yield app
                     tasks.cancel_scope.cancel()
     finally:

@@ -1,0 +1,289 @@
+"""Several processes, one pool: key health shared through Redis (docs/scaling.md).
+
+Each process keeps its own pool (the core stays pure and local). What its core
+decides about a key's health leaves as a record, published on a Redis channel
+and kept in a Redis hash (for processes that start or reconnect later); what
+other processes decided arrives as records and enters the core as an event
+(``KeyMarked``, reason ``shared: ...``), subject to fixed rules (``accepts``):
+
+1. a mark by an operator wins over automatic states, both ways;
+2. a cooldown (``rate_limited``, ``degraded``) is taken when the key is usable
+   here, or cooling here until sooner: the later and longer cooldown wins;
+3. ``depleted`` and ``failed`` are taken unless the key is disabled here, and
+   stay until an operator or a probe says the key is healthy;
+4. ``healthy`` is taken only from an operator or a probe; ``recovering`` (each
+   process tries a key again on its own after a cooldown) is never shared.
+
+Records that came from Redis are not published again. The request path never
+waits for Redis: a change is queued (at most ``QUEUE`` records) and sent by a
+background task; when Redis is unreachable each process keeps serving on its
+own view, says so in ``status()`` (``/status``, ``/healthz``, the log),
+reconnects with backoff (0.1 s doubling to 5 s), then reconciles: it reads the
+hash, applies what it missed, and publishes what it queued meanwhile.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+import anyio
+
+from ..core import KeyState
+
+if TYPE_CHECKING:
+    from ..core import KeyStateChanged
+    from ..transports.api import Driver
+
+__all__ = ["PREFIX", "QUEUE", "SharedHealth", "accepts", "parse_url"]
+
+PREFIX = "shared: "
+"""The reason of a state this process took from another one."""
+QUEUE = 10_000
+"""Changes kept while Redis is unreachable (the oldest are dropped beyond)."""
+_COOLING = (KeyState.RATE_LIMITED, KeyState.DEGRADED)
+_USABLE = (KeyState.HEALTHY, KeyState.RECOVERING)
+_AUTHORITY = ("operator", "probe")  # reasons that may say a key is healthy again
+
+
+def parse_url(url: str) -> tuple[str, int, int]:
+    """(host, port, db) of ``redis://host[:port][/db]``; ``ValueError`` naming the fix."""
+    parts = urlsplit(url)
+    if parts.scheme != "redis" or not parts.hostname:
+        raise ValueError(f"the shared state URL must be redis://host:port/db, got {url!r}")
+    try:
+        port = parts.port or 6379
+        db = int(parts.path.strip("/") or 0)
+    except ValueError:
+        raise ValueError(
+            f"the shared state URL must be redis://host:port/db, got {url!r}"
+        ) from None
+    return parts.hostname, port, db
+
+
+def _authoritative(reason: str) -> bool:
+    return any(word in reason for word in _AUTHORITY)
+
+
+def accepts(
+    local: KeyState,
+    local_until: float | None,
+    remote: KeyState,
+    remote_until: float | None,
+    reason: str,
+) -> bool:
+    """Whether a remote record (``remote`` until ``remote_until``, for
+    ``reason``) changes a key that is ``local`` here (until ``local_until``;
+    times on one wall clock). The module's rules, in order."""
+    if remote == local and remote_until == local_until:
+        return False
+    operator = "operator" in reason
+    if local == KeyState.DISABLED and not operator:
+        return False
+    if operator:
+        return remote != KeyState.RECOVERING
+    if remote in _COOLING:
+        if local in _USABLE:
+            return True
+        if local in _COOLING:
+            return (remote_until or 0.0) > (local_until or 0.0)
+        return False  # failed or depleted here stays
+    if remote in (KeyState.DEPLETED, KeyState.FAILED):
+        return local != remote
+    if remote == KeyState.HEALTHY:
+        return _authoritative(reason) and local != KeyState.HEALTHY
+    return False
+
+
+class SharedHealth:
+    """Publishes this process's key state changes and applies the others'."""
+
+    def __init__(
+        self,
+        url: str,
+        driver: Driver,
+        *,
+        namespace: str = "keyrotor",
+        log: Callable[[dict[str, Any]], None] = lambda record: None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.host, self.port, self.db = parse_url(url)
+        self.url = f"redis://{self.host}:{self.port}/{self.db}"  # never a password
+        self._driver = driver
+        self._log = log
+        self._clock = clock
+        self.origin = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        self.channel = f"{namespace}:keys"
+        self.hash = f"{namespace}:state"
+        self._queue: deque[dict[str, Any]] = deque(maxlen=QUEUE)
+        self._wake: anyio.Event | None = None  # set while the sender waits
+        self.connected = False
+        self.since: float | None = None
+        self.last_error: str | None = None
+        self.published = self.applied = self.ignored = self.dropped = 0
+
+    # ------------------------------------------------------------ local -> shared
+
+    def state_changed(self, change: KeyStateChanged) -> None:
+        """A ``Driver.on_state_change`` hook: queue this process's own change."""
+        if change.reason.startswith(PREFIX) or change.new == KeyState.RECOVERING:
+            return
+        wall = self._driver.wall_clock()
+        until = None if change.until is None else wall + (change.until - change.now)
+        if len(self._queue) == self._queue.maxlen:
+            self.dropped += 1
+        self._queue.append(
+            {
+                "key": change.key_id,
+                "state": change.new.value,
+                "until": until,
+                "reason": change.reason,
+                "at": wall,
+                "origin": self.origin,
+            }
+        )
+        if self._wake is not None:
+            self._wake.set()
+
+    # ------------------------------------------------------------ shared -> local
+
+    def apply(self, record: Mapping[str, Any]) -> bool:
+        """Take another process's record into this pool, if the rules say so."""
+        try:
+            alias = record["key"]
+            remote = KeyState(record["state"])
+            until = record.get("until")
+            reason = str(record.get("reason", ""))
+        except (KeyError, ValueError, TypeError):
+            self.ignored += 1
+            return False
+        if record.get("origin") == self.origin:
+            return False
+        driver = self._driver
+        local = next((k for k in driver.pool.statistics().keys if k.key_id == alias), None)
+        if local is None:
+            self.ignored += 1
+            return False
+        now, wall = driver.now(), driver.wall_clock()
+        local_until = None if local.until is None else wall + (local.until - now)
+        if until is not None and until <= wall and remote in _COOLING:
+            self.ignored += 1  # over already
+            return False
+        if not accepts(local.state, local_until, remote, until, reason):
+            self.ignored += 1
+            return False
+        duration = None if until is None else max(0.001, until - wall)
+        if remote in _COOLING and duration is None:
+            duration = 60.0
+        try:
+            driver.mark_key(alias, remote, duration, reason=PREFIX + reason[:200])
+        except Exception as exc:  # a record the core refuses: said once, never fatal
+            self.ignored += 1
+            self.last_error = f"record for {alias!r} refused: {exc}"
+            return False
+        self.applied += 1
+        return True
+
+    # ------------------------------------------------------------ the connection
+
+    async def run(self) -> None:
+        """Stay connected (with backoff), reconcile, publish and listen."""
+        import coredis
+
+        backoff = 0.1
+        while True:
+            client = coredis.Redis(
+                host=self.host, port=self.port, db=self.db, decode_responses=True,
+                connect_timeout=2.0, stream_timeout=10.0,
+            )  # fmt: skip
+            try:
+                async with client:
+                    await client.ping()
+                    await self._reconcile(client)
+                    self._up()
+                    backoff = 0.1
+                    async with anyio.create_task_group() as tasks:
+                        tasks.start_soon(self._send, client)
+                        await self._listen(client)
+                        tasks.cancel_scope.cancel()
+            except Exception as exc:  # unreachable, restarted, timed out: keep serving locally
+                self._down(exc)
+            await anyio.sleep(backoff)
+            backoff = min(5.0, backoff * 2)
+
+    async def _reconcile(self, client: Any) -> None:
+        """Apply what the other processes recorded while this one was away."""
+        stored = await client.hgetall(self.hash)
+        for text in stored.values():
+            try:
+                self.apply(json.loads(text))
+            except ValueError:
+                self.ignored += 1
+
+    async def _send(self, client: Any) -> None:
+        while True:
+            while self._queue:
+                record = self._queue[0]
+                text = json.dumps(record)
+                async with client.pipeline(transaction=False) as pipe:
+                    pipe.hset(self.hash, {record["key"]: text})
+                    pipe.publish(self.channel, text)
+                self._queue.popleft()  # only once Redis has it
+                self.published += 1
+            self._wake = anyio.Event()
+            if not self._queue:
+                await self._wake.wait()
+            self._wake = None
+
+    async def _listen(self, client: Any) -> None:
+        async with client.pubsub(channels=[self.channel]) as pubsub:
+            async for message in pubsub:
+                if message.get("type") != "message":
+                    continue
+                try:
+                    record = json.loads(message["data"])
+                except (ValueError, TypeError):
+                    self.ignored += 1
+                    continue
+                if isinstance(record, dict):
+                    self.apply(record)
+        raise ConnectionError("the subscription ended")
+
+    def _up(self) -> None:
+        if not self.connected:
+            self.connected, self.since = True, self._clock()
+            self._log({"event": "shared", "connected": True, "url": self.url})
+
+    def _down(self, exc: BaseException) -> None:
+        why = f"{type(exc).__name__}: {str(exc)[:200]}"
+        if self.connected or self.since is None:
+            self._log(
+                {
+                    "event": "warning",
+                    "message": f"shared state at {self.url} unreachable ({why}); serving on this "
+                    "process's own view, reconnecting",
+                }
+            )
+        self.connected, self.since, self.last_error = False, self._clock(), why
+
+    def status(self) -> dict[str, Any]:
+        """For ``/status`` and ``/healthz``."""
+        return {
+            "url": self.url,
+            "origin": self.origin,
+            "connected": self.connected,
+            "since": self.since,
+            "lastError": self.last_error,
+            "queued": len(self._queue),
+            "published": self.published,
+            "applied": self.applied,
+            "ignored": self.ignored,
+            "dropped": self.dropped,
+        }
