@@ -359,11 +359,12 @@ def query(
             add(found[0], found[1:6], Rollup.from_columns(found[6:]))
     else:  # sums in SQL, per period and dimension; errors by class only where there are some
         column = "key" if q.by in (None, "account") else q.by
+        name = "''" if q.by is None else column  # not by anything: one sum per period
         cursor = conn.execute(
-            f"SELECT start, {column}, SUM(requests), "
+            f"SELECT start, {name}, SUM(requests), "
             "group_concat(CASE WHEN errors > 0 THEN errors_by_class END, '|'), "
             "SUM(prompt_tokens), SUM(completion_tokens), SUM(cost) "
-            f"FROM rollups WHERE {where} GROUP BY start, {column}",
+            f"FROM rollups WHERE {where} GROUP BY start, {name}",
             args,
         )
         for start, name, requests, by_class, prompt, completion, cost in cursor:

@@ -18,7 +18,8 @@ Records that came from Redis are not published again. The request path never
 waits for Redis: a change is queued (at most ``QUEUE`` records) and sent by a
 background task; when Redis is unreachable each process keeps serving on its
 own view, says so in ``status()`` (``/status``, ``/healthz``, the log),
-reconnects with backoff (0.1 s doubling to 5 s), then reconciles: it reads the
+notices within a second (a PING every 0.5 s), reconnects with backoff (0.1 s
+doubling to 5 s), then reconciles: it reads the
 hash, applies what it missed, and publishes what it queued meanwhile.
 """
 
@@ -48,6 +49,8 @@ PREFIX = "shared: "
 """The reason of a state this process took from another one."""
 QUEUE = 10_000
 """Changes kept while Redis is unreachable (the oldest are dropped beyond)."""
+HEARTBEAT = 0.5
+"""Seconds between PINGs that tell a lost Redis (within twice that)."""
 _COOLING = (KeyState.RATE_LIMITED, KeyState.DEGRADED)
 _USABLE = (KeyState.HEALTHY, KeyState.RECOVERING)
 _AUTHORITY = ("operator", "probe")  # reasons that may say a key is healthy again
@@ -100,6 +103,20 @@ def accepts(
     if remote == KeyState.HEALTHY:
         return _authoritative(reason) and local != KeyState.HEALTHY
     return False
+
+
+def _ours(exc: BaseException) -> Exception:
+    """The error a lost connection raised; anything else (cancellation at
+    shutdown, ^C), even inside an exception group, is raised again."""
+    if isinstance(exc, BaseExceptionGroup):
+        errors, rest = exc.split(Exception)
+        if rest is not None:
+            raise rest from None
+        assert errors is not None
+        return _ours(errors.exceptions[0])
+    if not isinstance(exc, Exception):
+        raise exc
+    return exc
 
 
 class SharedHealth:
@@ -211,10 +228,11 @@ class SharedHealth:
                     backoff = 0.1
                     async with anyio.create_task_group() as tasks:
                         tasks.start_soon(self._send, client)
+                        tasks.start_soon(self._heartbeat, client)
                         await self._listen(client)
                         tasks.cancel_scope.cancel()
-            except Exception as exc:  # unreachable, restarted, timed out: keep serving locally
-                self._down(exc)
+            except BaseException as exc:  # unreachable, restarted, timed out: serve locally
+                self._down(_ours(exc))
             await anyio.sleep(backoff)
             backoff = min(5.0, backoff * 2)
 
@@ -241,6 +259,14 @@ class SharedHealth:
             if not self._queue:
                 await self._wake.wait()
             self._wake = None
+
+    async def _heartbeat(self, client: Any) -> None:
+        """A PING every ``HEARTBEAT`` s: a subscription does not notice a Redis
+        that went away, a PING unanswered in time does."""
+        while True:
+            await anyio.sleep(HEARTBEAT)
+            with anyio.fail_after(HEARTBEAT * 2):
+                await client.ping()
 
     async def _listen(self, client: Any) -> None:
         async with client.pubsub(channels=[self.channel]) as pubsub:
