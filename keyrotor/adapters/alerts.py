@@ -7,6 +7,8 @@ client token, model or account, or one ``subject``), and a ``threshold``:
   fires over the threshold;
 - ``error_share``: errors / answers in the last ``window`` seconds, per key or
   model; fires over the threshold (0..1), with at least ``min_requests`` answers;
+- ``budget``: % of a ``[[budgets]]`` window's limit spent, per client or
+  model budget; fires over the threshold;
 - ``usable_keys``: keys that can take traffic; fires under the threshold;
 - ``free_quota``: % of an account's free-model day left; fires under it;
 - ``key_failed``: a key is ``failed`` (revoked) or ``depleted``; fires while it is.
@@ -38,6 +40,7 @@ __all__ = [
 
 KINDS: Mapping[str, tuple[str, ...]] = {
     "spend": ("total", "key", "client", "model"),
+    "budget": ("client", "model"),
     "error_share": ("key", "model"),
     "usable_keys": ("total",),
     "free_quota": ("account",),
@@ -100,6 +103,7 @@ def rule_from_json(data: Any) -> Rule:
 
 _UNITS = {
     "spend": "USD a day",
+    "budget": "a percentage of the budget spent, 0 to 100 or more",
     "error_share": "a share from 0 to 1",
     "usable_keys": "a number of keys",
     "free_quota": "a percentage left, 0 to 100",
@@ -128,6 +132,7 @@ class Observed:
     spend: Mapping[str, Mapping[str, float]] = attrs.Factory(dict)
     answers: Mapping[float, Mapping[str, Mapping[str, tuple[int, int]]]] = attrs.Factory(dict)
     usable_keys: int = 0
+    budgets: Mapping[str, Mapping[str, float]] = attrs.Factory(dict)  # scope -> name -> % spent
     free_left: Mapping[str, float] = attrs.Factory(dict)
     key_states: Mapping[str, str] = attrs.Factory(dict)
 
@@ -238,6 +243,11 @@ def _values(rule: Rule, seen: Observed, firing: list[str]) -> list[tuple[str, fl
             share = errors / answers if answers else 0.0
             enough = answers >= rule.min_requests
             out.append((name, share, share > rule.threshold if enough else None))
+    elif rule.kind == "budget":
+        spent = seen.budgets.get(rule.scope, {})
+        for name in subjects(spent):
+            value = spent.get(name, 0.0)
+            out.append((name, value, value > rule.threshold))
     elif rule.kind == "usable_keys":
         out.append(("", float(seen.usable_keys), seen.usable_keys < rule.threshold))
     elif rule.kind == "free_quota":
@@ -265,6 +275,9 @@ def _text(rule: Rule, subject: str, value: float, crossed: bool) -> str:
     elif rule.kind == "error_share":
         line = f"errors of {who} are {value:.0%} of its answers in the last {rule.window:.0f} s, "
         line += f"over {t:.0%}" if crossed else f"back under {t:.0%}"
+    elif rule.kind == "budget":
+        line = f"budget of {who} is {value:.0f} % spent in its window, "
+        line += f"over {t:.0f} %" if crossed else f"back under {t:.0f} %"
     elif rule.kind == "usable_keys":
         line = f"{value:.0f} usable keys, " + (
             f"under {t:.0f}" if crossed else f"back to {t:.0f} or more"

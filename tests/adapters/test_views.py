@@ -279,25 +279,31 @@ def test_alert_rules_fire_and_clear_per_subject() -> None:
             ),
             rule_from_json({"name": "free", "kind": "free_quota", "threshold": 10}),
             rule_from_json({"name": "dead", "kind": "key_failed", "subject": "k1"}),
+            rule_from_json({"name": "budget", "kind": "budget", "threshold": 80}),
         ]
     )
     seen = Observed(
         spend={"model": {"a": 2.0, "b": 0.5}},
+        budgets={"client": {"ci": 85.0, "web": 10.0}},
         answers={300.0: {"key": {"k1": (4, 3), "k2": (2, 2)}}},
         free_left={"team": 4.0},
         key_states={"k1": "failed"},
     )
     fired = book.evaluate(seen, 100.0)
     assert sorted((a.rule, a.subject) for a in fired) == [
+        ("budget", "ci"),
         ("dead", "k1"),
         ("errors", "k1"),
         ("free", "team"),
         ("spend", "a"),
     ]  # fmt: skip  (k2 has too few answers to say)
+    assert next(a for a in fired if a.rule == "budget").text == (
+        "budget: budget of client ci is 85 % spent in its window, over 80 %"
+    )
     assert book.evaluate(seen, 110.0) == []  # once
     calm = Observed(spend={"model": {"a": 0.1}}, key_states={"k1": "healthy"})
     cleared = book.evaluate(calm, 120.0)
-    assert sorted(a.rule for a in cleared) == ["dead", "free", "spend"]  # errors: no data now
+    assert sorted(a.rule for a in cleared) == ["budget", "dead", "free", "spend"]  # not errors
     assert book.status()["firing"] == 1
     for data, message in (
         ({"name": "x", "kind": "nope"}, "kind must be one of spend"),

@@ -452,9 +452,15 @@ class Views:
                 per_day = use["perDay"]
                 if per_day:
                     free_left[account] = 100.0 * max(0, per_day - use["usedToday"]) / per_day
+        budgets: dict[str, dict[str, float]] = {}
+        for budget in day.get("budgets", []):
+            if budget["budget"]:
+                share = 100.0 * budget["spent"] / budget["budget"]
+                budgets.setdefault(budget["scope"], {})[budget["name"]] = share
         usable = {s.value for s in USABLE_STATES}
         return Observed(
             spend=spend,
+            budgets=budgets,
             answers={w: self.answers.window(now, w) for w in windows},
             usable_keys=sum(1 for k in keys if k.get("state") in usable),
             free_left=free_left,
