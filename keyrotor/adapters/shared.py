@@ -132,7 +132,8 @@ class SharedHealth:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.host, self.port, self.db = parse_url(url)
-        self.url = f"redis://{self.host}:{self.port}/{self.db}"  # never a password
+        self._password = urlsplit(url).password  # redis://:PASSWORD@host: sent, never shown
+        self.url = f"redis://{self.host}:{self.port}/{self.db}"
         self._driver = driver
         self._log = log
         self._clock = clock
@@ -217,8 +218,8 @@ class SharedHealth:
         backoff = 0.1
         while True:
             client = coredis.Redis(
-                host=self.host, port=self.port, db=self.db, decode_responses=True,
-                connect_timeout=2.0, stream_timeout=10.0,
+                host=self.host, port=self.port, db=self.db, password=self._password,
+                decode_responses=True, connect_timeout=2.0, stream_timeout=10.0,
             )  # fmt: skip
             try:
                 async with client:

@@ -1216,3 +1216,19 @@ def test_bad_analytics_and_alert_options_are_one_clear_error(text: str, message:
     error = error_of(text, ENV, {})
     assert message in str(error)
     assert "\n" not in str(error)
+
+
+def test_the_shared_state_url_is_checked_and_never_shown() -> None:
+    config = load(
+        '[shared]\nurl = "redis://:pw-secret@127.0.0.1:6380/1"\nnamespace = "team"\n', ENV
+    )
+    assert config.shared_url == "redis://:pw-secret@127.0.0.1:6380/1"
+    assert config.shared_namespace == "team" and "pw-secret" not in repr(config)
+    over = load_config(None, ENV, {"shared.url": "redis://10.0.0.2:6379/0"})
+    assert over.shared_url == "redis://10.0.0.2:6379/0"
+    for text, message in (
+        ('[shared]\nurl = "http://x"', "the shared state URL must be redis://host:port/db"),
+        ('[shared]\nnamespace = "a b"', "[shared] namespace must be 1-64 letters"),
+    ):
+        error = error_of(text, ENV, {})
+        assert message in str(error) and "\n" not in str(error)
