@@ -607,21 +607,37 @@ class _Loader:
 
     def alert_rules(self, entries: Any) -> tuple[Rule, ...]:
         """The ``[[alerts]]`` tables, checked."""
-        rules: dict[str, Rule] = {}
-        for index, entry in enumerate(self.entries(entries, "alerts", RULE_FIELDS), 1):
-            where = f"[[alerts]] #{index}"
-            try:
-                rule = rule_from_json(entry)
-            except ValueError as exc:
-                self.fail(f"{where}: {exc}", where=where, fix="see docs/analytics.md for the shape")
-            if rule.name in rules:
-                self.fail(
-                    f"{where}: alert name {rule.name!r} is already used",
-                    where=f"{where} name",
-                    fix="give every alert rule its own name",
-                )
-            rules[rule.name] = rule
+        rules = self.named(
+            entries, "alerts", RULE_FIELDS, rule_from_json, "alert rule", "analytics"
+        )
         return tuple(rules.values())
+
+    def named(
+        self,
+        entries: Any,
+        table: str,
+        fields: tuple[str, ...],
+        parse: Callable[[Any], Any],
+        what: str,
+        doc: str,
+    ) -> dict[str, Any]:
+        """The ``[[table]]`` entries, each read by ``parse`` (its ``ValueError``:
+        one line naming the entry), by their unique ``name``."""
+        found: dict[str, Any] = {}
+        for index, entry in enumerate(self.entries(entries, table, fields), 1):
+            where = f"[[{table}]] #{index}"
+            try:
+                item = parse(entry)
+            except ValueError as exc:
+                self.fail(f"{where}: {exc}", where=where, fix=f"see docs/{doc}.md for the shape")
+            if item.name in found:
+                self.fail(
+                    f"{where}: {what} name {item.name!r} is already used by another {what}",
+                    where=f"{where} name",
+                    fix=f"give every {what} its own name",
+                )
+            found[item.name] = item
+        return found
 
     def entries(self, entries: Any, table: str, options: tuple[str, ...]) -> list[dict[str, Any]]:
         """The tables of an array ``[[table]]``, each with known options only."""
@@ -740,22 +756,10 @@ class _Loader:
     def routes(self, entries: Any, catalog: bool) -> tuple[Route, ...]:
         """The ``[[routes]]`` tables, checked, with the built-in ``free`` route
         unless one of them is called that."""
-        routes: dict[str, Route] = {}
-        for index, entry in enumerate(
-            self.entries(entries, "routes", ("name", "candidates", "strategy", "weight")), 1
-        ):
-            where = f"[[routes]] #{index}"
-            try:
-                route = route_from_json(entry)
-            except ValueError as exc:
-                self.fail(f"{where}: {exc}", where=where, fix="see docs/routing.md for the shape")
-            if route.name in routes:
-                self.fail(
-                    f"{where}: route name {route.name!r} is already used by another route",
-                    where=f"{where} name",
-                    fix="give every route its own name",
-                )
-            routes[route.name] = route
+        fields = ("name", "candidates", "strategy", "weight")
+        routes: dict[str, Route] = self.named(
+            entries, "routes", fields, route_from_json, "route", "routing"
+        )
         if routes and not catalog:
             self.fail(
                 "[[routes]] choose models from the catalog, "

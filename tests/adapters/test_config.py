@@ -1204,7 +1204,7 @@ window = 600
         (
             '[[alerts]]\nname = "a"\nkind = "key_failed"\n'
             '[[alerts]]\nname = "a"\nkind = "key_failed"',
-            "[[alerts]] #2: alert name 'a' is already used",
+            "[[alerts]] #2: alert rule name 'a' is already used by another alert rule",
         ),
         (
             '[[alerts]]\nname = "a"\nkind = "key_failed"\nloud = 1',
