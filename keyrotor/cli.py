@@ -79,6 +79,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--no-state", action="store_true", help="keep nothing: a purely in-memory run"
     )
     serve.add_argument(
+        "--workers",
+        metavar="N",
+        default="1",
+        help="processes serving one port (a number, or auto: the machine's cores); more than "
+        "one needs --shared (docs/scaling.md)",
+    )
+    serve.add_argument(
         "--shared",
         metavar="URL",
         help="share key health with the pool's other processes through Redis "
@@ -158,6 +165,35 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"keyrotor serve: {exc}", file=sys.stderr)
         return 2
+    from .adapters.proxy.workers import supervise, worker_count
+
+    try:
+        workers = worker_count(args.workers)
+    except ValueError as exc:
+        print(f"keyrotor serve: {exc}", file=sys.stderr)
+        return 2
+    if workers > 1:
+        problem = (
+            "--workers needs --shared redis://host:port/db (or [shared] url): without it each "
+            "process would keep its own view of the keys (docs/scaling.md)"
+            if config.shared_url is None
+            else "--workers cannot --record: give each process its own trace, or record with one"
+            if config.record is not None
+            else None
+        )
+        if problem is not None:
+            print(f"keyrotor serve: {problem}", file=sys.stderr)
+            return 2
+        child = [
+            *(["--config", args.config] if args.config else []),
+            *(["--host", args.host] if args.host else []),
+            *(["--upstream", args.upstream] if args.upstream else []),
+            *(["--shared", args.shared] if args.shared else []),
+            *(["--no-state"] if config.state_path is None else []),
+        ]
+        host, port = config.server["host"], config.server["port"]
+        grace = float(config.server["grace_period"])
+        return supervise(child, workers, host, port, config.state_path, grace)
     from .adapters.proxy.main import run
     from .adapters.storage import StorageError
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import time
 from collections.abc import AsyncIterator, Callable
@@ -310,6 +311,7 @@ class ProxyApp:
         status["uptime"] = round(now - self.started, 3)
         if self.shared is not None:
             status["shared"] = self.shared.status()
+            status["process"] = {"pid": os.getpid(), "worker": os.environ.get("KEYROTOR_WORKER")}
         if self._catalog is not None:
             status["catalog"] = self._catalog.status()
         if self._routes is not None:

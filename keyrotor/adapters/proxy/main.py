@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import signal
 import socket
 import sys
@@ -16,6 +17,7 @@ import trio
 from ..config import ConfigError, ProxyConfig
 from .runtime import Startup, open_app, open_store, plan
 from .server import ServerOptions, serve
+from .workers import WORKER_ENV
 
 if TYPE_CHECKING:
     from ..storage import StateStore
@@ -61,7 +63,12 @@ async def run_proxy(
             try:
                 port = await nursery.start(
                     lambda task_status: serve(
-                        app, options, task_status=task_status, shutdown=shutdown, log=log
+                        app,
+                        options,
+                        task_status=task_status,
+                        shutdown=shutdown,
+                        log=log,
+                        reuse_port=WORKER_ENV in os.environ,
                     )
                 )
             except OSError as exc:  # before listening: only the bind can fail this way

@@ -79,6 +79,7 @@ import json
 import math
 import secrets
 import signal
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import suppress
@@ -900,14 +901,21 @@ async def serve(
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     shutdown: trio.Event | None = None,
     log: Log | None = None,
+    reuse_port: bool = False,
 ) -> None:
     """Serve ``app`` until ``shutdown`` is set (then drain gracefully) or until cancelled.
 
     Reports the bound port through ``task_status``:
     ``port = await nursery.start(serve, app, options)``. With ``port=0`` give a
     single ``host``: each address of a name may get a different port.
+    ``reuse_port``: bind with ``SO_REUSEPORT``, so that several processes
+    (``keyrotor serve --workers N``) share the port and the kernel spreads
+    the connections among them.
     """
-    listeners = await trio.open_tcp_listeners(options.port, host=options.host or None)
+    if reuse_port:
+        listeners = await _reuse_port_listeners(options.host, options.port)
+    else:
+        listeners = await trio.open_tcp_listeners(options.port, host=options.host or None)
     server = _Server(app, options, log)
     try:
         async with trio.open_nursery() as connections:
@@ -930,6 +938,32 @@ async def serve(
     finally:
         for listener in listeners:
             listener.socket.close()
+
+
+async def _reuse_port_listeners(host: str, port: int) -> list[trio.SocketListener]:
+    """Listeners on every address of ``host`` bound with ``SO_REUSEPORT``."""
+    reuse = getattr(socket, "SO_REUSEPORT", None)
+    if reuse is None:  # pragma: no cover - Linux, the BSDs and macOS have it
+        raise OSError(errno.ENOPROTOOPT, "SO_REUSEPORT is not available on this platform")
+    infos = await trio.socket.getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    sockets = []
+    try:
+        for family, kind, proto, _, address in infos:
+            sock = trio.socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, reuse, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            await sock.bind(address)
+            sock.listen(socket.SOMAXCONN)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return [trio.SocketListener(sock) for sock in sockets]
 
 
 def run(app: App, options: ServerOptions, *, log: Log | None = None) -> None:
