@@ -69,6 +69,7 @@ import math
 import os
 import platform
 import select
+import shutil
 import signal
 import socket
 import statistics
@@ -601,13 +602,43 @@ candidates = ["{MODEL}", "anthropic/claude-3.5-haiku"]
 """``--route``: the route a second target names, two models of the fake's catalog."""
 
 
+def start_redis(stack: ExitStack) -> str:
+    """Debian's ``redis-server`` on a free loopback port, in a temporary directory."""
+    port = free_port()
+    folder = stack.enter_context(tempfile.TemporaryDirectory())
+    proc = subprocess.Popen(
+        [shutil.which("redis-server") or "redis-server", "--port", str(port), "--bind",
+         LOOPBACK, "--save", "", "--appendonly", "no", "--dir", folder],
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    stack.callback(proc.wait, 10)
+    stack.callback(proc.terminate)
+    for _ in range(200):
+        try:
+            with socket.create_connection((LOOPBACK, port), timeout=0.2) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(8).startswith(b"+PONG"):
+                    return f"redis://{LOOPBACK}:{port}/0"
+        except OSError:
+            time.sleep(0.05)
+    raise BenchError("redis-server did not start")
+
+
 def start_keyrotor(
-    stack: ExitStack, upstream_url: str, state: bool, route: bool = False
+    stack: ExitStack,
+    upstream_url: str,
+    state: bool,
+    route: bool = False,
+    workers: int = 1,
+    shared: str | None = None,
 ) -> tuple[Child, Endpoint]:
     """The proxy with its state file in a fresh temporary directory (``state``),
-    or ``--no-state``; with ``route``, a config file holding ``ROUTE_CONFIG``."""
+    or ``--no-state``; with ``route``, a config file holding ``ROUTE_CONFIG``;
+    ``workers`` processes sharing key health through ``shared`` (Redis)."""
     env = _child_env({"OPENROUTER_KEYS": ",".join(FAKE_KEYS)})
     base = [sys.executable, "-m", "keyrotor.cli", "serve", "--host", LOOPBACK]
+    if shared is not None:
+        base += ["--workers", str(workers), "--shared", shared]
     folder = Path(stack.enter_context(tempfile.TemporaryDirectory()))
     if route:
         (folder / "keyrotor.toml").write_text(ROUTE_CONFIG)
@@ -1086,6 +1117,14 @@ def _parser() -> argparse.ArgumentParser:
         "the same proxy process, interleaved with the plain ones",
     )
     parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="also measure `keyrotor serve --workers N` sharing key health through a "
+        "redis-server started here (needs Debian's redis-server)",
+    )
+    parser.add_argument(
         "--dashboard",
         type=int,
         default=0,
@@ -1124,6 +1163,8 @@ def _command(args: argparse.Namespace) -> str:
         parts.append("--route")
     if args.dashboard:
         parts.append(f"--dashboard {args.dashboard}")
+    if args.workers > 1:
+        parts.append(f"--workers {args.workers}")
     return " ".join(parts)
 
 
@@ -1180,6 +1221,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                         dashboards=args.dashboard,
                     )
                     proxies.append((watched, proxy))
+            if args.workers > 1:  # N processes, their CPU not counted (children of one pid)
+                redis = start_redis(stack)
+                many, endpoint = start_keyrotor(
+                    stack, upstream_url, True, workers=args.workers, shared=redis
+                )
+                name = f"through keyrotor, {args.workers} workers"
+                print(f"{name}: supervisor pid {many.pid} at {endpoint.url}", file=sys.stderr)
+                proxies.append((Target(name, endpoint, None), many))
             if litellm_found:
                 lproxy, lendpoint = start_litellm(stack, upstream_url)
                 print(f"litellm pid {lproxy.pid} at {lendpoint.url}", file=sys.stderr, flush=True)
@@ -1254,10 +1303,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "",
                 "### Proxy memory (/proc/PID/status)",
                 "",
-                *memory_table(results, [t for t, _ in proxies], start_memory),
+                *memory_table(results, [t for t, _ in proxies if t.pid], start_memory),
                 "",
             ]
             for target, proc in proxies:
+                if not target.pid:  # several workers: no one process to look at
+                    continue
                 rss, hwm = memory(proc.pid)
                 out.append(
                     f"- {target.name}: peak RSS (VmHWM) {hwm / MB:.1f} MB, RSS now "

@@ -21,10 +21,7 @@ import argparse
 import json
 import os
 import queue
-import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -34,32 +31,11 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.proxy_load import child, free_port, wait_ready
+from benchmarks.proxy_load import child, free_port, start_redis, wait_ready
 from keyrotor.testing import Custom, FakeUpstream, Ok, Reply, Scenario
 
 KEYS = 40
 CHAT = {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
-
-
-def start_redis(stack: ExitStack) -> str:
-    port = free_port()
-    folder = stack.enter_context(tempfile.TemporaryDirectory())
-    proc = subprocess.Popen(
-        [shutil.which("redis-server") or "redis-server", "--port", str(port), "--bind",
-         "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", folder],
-        stdout=subprocess.DEVNULL,
-    )  # fmt: skip
-    stack.callback(proc.wait, 10)
-    stack.callback(proc.terminate)
-    for _ in range(200):
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
-                s.sendall(b"PING\r\n")
-                if s.recv(8).startswith(b"+PONG"):
-                    return f"redis://127.0.0.1:{port}/0"
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit("redis-server did not start")
 
 
 def start_proxy(stack: ExitStack, upstream: str, redis: str, keys: dict[str, str]) -> str:
