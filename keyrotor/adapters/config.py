@@ -116,7 +116,7 @@ _ROUTING_KINDS = {
 }
 _ANALYTICS_KINDS = {"minute_days": _FLOAT, "hour_days": _FLOAT, "day_days": _FLOAT}
 _ALERTING_KINDS = {"webhooks": _STRS, "interval": _FLOAT}
-_SHARED_KINDS = {"url": _STR, "namespace": _STR}
+_SHARED_KINDS = {"url": _STR, "namespace": _STR, "lease": _FLOAT}
 _MIN_TOKEN = 16
 _TOKEN_HELP = "generate one with: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
 LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
@@ -313,6 +313,8 @@ class ProxyConfig:
         shared_url: ``[shared] url``: the Redis other processes of this pool
             share key health through (docs/scaling.md); None: this process alone.
         shared_namespace: ``[shared] namespace``: the prefix of this pool's Redis keys.
+        shared_lease: ``[shared] lease``: seconds after which the requests in
+            flight of a process that stopped renewing them (it died) stop counting.
     """
 
     keys: dict[str, str]
@@ -343,6 +345,7 @@ class ProxyConfig:
     alert_interval: float = 10.0
     shared_url: str | None = attrs.field(default=None, repr=False)  # may hold a password
     shared_namespace: str = "keyrotor"
+    shared_lease: float = 10.0
 
     def __repr__(self) -> str:
         keys = ", ".join(f"{alias!r}: {mask(secret)!r}" for alias, secret in self.keys.items())
@@ -515,7 +518,7 @@ class _Loader:
         for name in self.names("shared", tables, given, _SHARED_KINDS):
             for source, raw, coerce in self.layers(tables["shared"], given["shared"], name):
                 where = f"[shared] {name}"
-                shared[name] = self.check(raw, _STR, where, source, coerce)
+                shared[name] = self.check(raw, _SHARED_KINDS[name], where, source, coerce)
         if "url" in shared:
             try:
                 parse_url(shared["url"])
@@ -523,6 +526,12 @@ class _Loader:
                 self.fail(
                     str(exc), where="[shared] url", fix='write url = "redis://127.0.0.1:6379/0"'
                 )
+        if not 0.5 <= shared.get("lease", 10.0) <= 3600:
+            self.fail(
+                "[shared] lease must be 0.5 to 3600 seconds",
+                where="[shared] lease",
+                fix="write lease = 10 (a dead process's requests stop counting after it)",
+            )
         if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", shared.get("namespace", "keyrotor")):
             self.fail(
                 "[shared] namespace must be 1-64 letters, digits, '.', '_', ':' or '-'",
@@ -603,6 +612,7 @@ class _Loader:
             alert_interval=float(alerting.get("interval", 10.0)),
             shared_url=shared.get("url"),
             shared_namespace=shared.get("namespace", "keyrotor"),
+            shared_lease=float(shared.get("lease", 10.0)),
         )
 
     def alert_rules(self, entries: Any) -> tuple[Rule, ...]:

@@ -1,4 +1,9 @@
-"""Several processes, one pool: key health shared through Redis (docs/scaling.md).
+"""Several processes, one pool: state shared through Redis (docs/scaling.md).
+
+``SharedState`` keeps this process connected to Redis and shares key health
+itself; the other parts (``SharedPart``: the counters of ``shared_limits``, the
+spend of ``shared_spend``, the processes and models of ``shared_pool``) ride on
+its connection, its subscription and its reconnects.
 
 Each process keeps its own pool (the core stays pure and local). What its core
 decides about a key's health leaves as a record, published on a Redis channel
@@ -32,7 +37,7 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
 import anyio
@@ -43,7 +48,7 @@ if TYPE_CHECKING:
     from ..core import KeyStateChanged
     from ..transports.api import Driver
 
-__all__ = ["PREFIX", "QUEUE", "SharedHealth", "accepts", "parse_url"]
+__all__ = ["PREFIX", "QUEUE", "SharedPart", "SharedState", "accepts", "parse_url"]
 
 PREFIX = "shared: "
 """The reason of a state this process took from another one."""
@@ -119,8 +124,27 @@ def _ours(exc: BaseException) -> Exception:
     return exc
 
 
-class SharedHealth:
-    """Publishes this process's key state changes and applies the others'."""
+class SharedPart(Protocol):
+    """A part of the shared state, on ``SharedState``'s connection: records
+    on its ``channels`` reach their handlers; ``connected`` reconciles after a
+    (re)connect, ``run`` works in the background while connected, and
+    ``disconnected`` hears that Redis went away."""
+
+    name: str
+    channels: Mapping[str, Callable[[dict[str, Any]], None]]
+
+    async def connected(self, client: Any) -> None: ...
+
+    async def run(self, client: Any) -> None: ...
+
+    def disconnected(self) -> None: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+
+class SharedState:
+    """This process's link to Redis: publishes its key state changes, applies
+    the others', and carries the ``parts``."""
 
     def __init__(
         self,
@@ -146,6 +170,8 @@ class SharedHealth:
         self.since: float | None = None
         self.last_error: str | None = None
         self.published = self.applied = self.ignored = self.dropped = 0
+        self.namespace = namespace
+        self.parts: list[SharedPart] = []
 
     # ------------------------------------------------------------ local -> shared
 
@@ -225,14 +251,20 @@ class SharedHealth:
                 async with client:
                     await client.ping()
                     await self._reconcile(client)
+                    for part in self.parts:
+                        await part.connected(client)
                     self._up()
                     backoff = 0.1
                     async with anyio.create_task_group() as tasks:
                         tasks.start_soon(self._send, client)
                         tasks.start_soon(self._heartbeat, client)
+                        for part in self.parts:
+                            tasks.start_soon(part.run, client)
                         await self._listen(client)
                         tasks.cancel_scope.cancel()
             except BaseException as exc:  # unreachable, restarted, timed out: serve locally
+                for part in self.parts:
+                    part.disconnected()
                 self._down(_ours(exc))
             await anyio.sleep(backoff)
             backoff = min(5.0, backoff * 2)
@@ -270,7 +302,10 @@ class SharedHealth:
                 await client.ping()
 
     async def _listen(self, client: Any) -> None:
-        async with client.pubsub(channels=[self.channel]) as pubsub:
+        handlers: dict[str, Callable[[dict[str, Any]], Any]] = {self.channel: self.apply}
+        for part in self.parts:
+            handlers.update(part.channels)
+        async with client.pubsub(channels=list(handlers)) as pubsub:
             async for message in pubsub:
                 if message.get("type") != "message":
                     continue
@@ -279,8 +314,9 @@ class SharedHealth:
                 except (ValueError, TypeError):
                     self.ignored += 1
                     continue
-                if isinstance(record, dict):
-                    self.apply(record)
+                handler = handlers.get(message.get("channel"))
+                if isinstance(record, dict) and handler is not None:
+                    handler(record)
         raise ConnectionError("the subscription ended")
 
     def _up(self) -> None:
@@ -313,4 +349,5 @@ class SharedHealth:
             "applied": self.applied,
             "ignored": self.ignored,
             "dropped": self.dropped,
+            **{part.name: part.status() for part in self.parts},
         }

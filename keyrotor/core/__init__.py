@@ -20,6 +20,7 @@ from .config import POLICIES, KeySpec, Policy, PoolConfig
 from .decisions import Decision, Deliver, KeyStateChanged, Probe, Reject, Send
 from .errors import PoolError
 from .events import (
+    AttemptHeld,
     Event,
     KeyAdded,
     KeyMarked,
@@ -44,6 +45,7 @@ __all__ = [
     "SNAPSHOT_VERSION",
     "TRANSITIONS",
     "USABLE_STATES",
+    "AttemptHeld",
     "Classification",
     "Decision",
     "Deliver",

@@ -11,6 +11,7 @@ from typing import Any
 
 from .config import KeySpec
 from .events import (
+    AttemptHeld,
     RequestCancelled,
     RequestStarted,
     ResponseFinished,
@@ -213,7 +214,7 @@ class KeyRecord:
         for name, default in cls._ADDED:
             setattr(key, name, data.get(name, default))
         key.state = KeyState(data["state"])
-        key.plain = key.plain and not key.removed
+        key.plain = key.plain and not key.removed and key.pace_at is None
         errors = list(data["errors"])  # a snapshot from before a class was added has fewer
         key.errors = errors + [0] * (len(ERROR_CLASSES) - len(errors))
         key.window.load(data["window"])
@@ -233,6 +234,7 @@ REQUEST_LIFECYCLE: dict[type, dict[int, str]] = {
         SENT: "sent again on another key, queued, or rejected with a 502",
         DELIVERED: "ended: its body broke off",
     },
+    AttemptHeld: {SENT: "sent again on another key, or queued (the attempt does not count)"},
     ResponseFinished: {DELIVERED: "ended"},
     RequestCancelled: {QUEUED: "ended", SENT: "ended", DELIVERED: "ended"},
 }

@@ -22,6 +22,7 @@ from .config import KeySpec
 from .states import KeyState
 
 __all__ = [
+    "AttemptHeld",
     "Event",
     "KeyAdded",
     "KeyMarked",
@@ -135,6 +136,20 @@ class TransportFailed:
 
 
 @attrs.frozen(kw_only=True)
+class AttemptHeld:
+    """The driver did not carry out a ``Send``: a limit kept outside this pool
+    (the counters the pool's other processes share: rpm, tpm, in-flight) holds
+    its key until ``until``. The key is paced until then (as its own ``rpm``
+    would) and the request goes to another key, or waits; the attempt does not
+    count toward ``max_attempts``.
+    """
+
+    request_id: str
+    now: float
+    until: float
+
+
+@attrs.frozen(kw_only=True)
 class RequestCancelled:
     """The caller gave up (cancelled, timed out, went away). Frees its key."""
 
@@ -229,6 +244,7 @@ Event = (
     | ResponseReceived
     | ResponseFinished
     | TransportFailed
+    | AttemptHeld
     | RequestCancelled
     | Tick
     | ProbeFinished

@@ -46,6 +46,7 @@ from .decisions import (
 )
 from .errors import PoolError
 from .events import (
+    AttemptHeld,
     Event,
     KeyAdded,
     KeyMarked,
@@ -162,6 +163,7 @@ class Pool(KeyChoice, RequestQueue, KeyHealth, Snapshots):
             ResponseReceived: self._on_response,
             ResponseFinished: self._on_finished,
             TransportFailed: self._on_transport_failed,
+            AttemptHeld: self._on_held,
             RequestCancelled: self._on_cancelled,
             Tick: self._on_tick,
             ProbeFinished: self._on_probe_finished,
@@ -211,6 +213,10 @@ class Pool(KeyChoice, RequestQueue, KeyHealth, Snapshots):
     def key_ids(self) -> list[str]:
         """Ids of the keys in the pool, in configured order (removed ones excluded)."""
         return [k.key_id for k in self._order]
+
+    def key_specs(self) -> dict[str, KeySpec]:
+        """The spec of each key in the pool (removed ones excluded)."""
+        return {k.key_id: k.spec for k in self._order}
 
     def state_of(self, key_id: str) -> KeyState:
         """The current state of a key."""
@@ -460,6 +466,33 @@ class Pool(KeyChoice, RequestQueue, KeyHealth, Snapshots):
             # The body broke off after delivery: nothing to retry.
             self._release(req)
             self._forget(req)
+        self._settle(out)
+        return out
+
+    def _on_held(self, event: AttemptHeld) -> list[Decision]:
+        req = self._request(event)
+        until = event.until
+        if not (event.now < until < _INF):
+            raise PoolError(
+                f"AttemptHeld.until must lie after now, got until={until!r} now={event.now!r}",
+                event=event,
+                fix="hold the key until a later time on the pool's clock",
+            )
+        out: list[Decision] = []
+        self._advance(event, out)
+        key = req.key
+        assert key is not None
+        if key.pace_at is None or key.pace_at < until:
+            key.pace_at = until  # its pacing timer wakes the key (``_drop``)
+        key.plain = False  # selection now checks its pacing
+        key.requests -= 1
+        req.attempt -= 1  # not an attempt: the upstream never saw it
+        self._release(req)
+        nxt = self._pick(req)
+        if nxt is not None:
+            self._assign(req, nxt, out)
+        else:
+            self._enqueue(req, out)
         self._settle(out)
         return out
 

@@ -147,6 +147,24 @@ class FreeTier:
         else:
             account.recent.extend([now] * max(0, self.per_minute - len(account.recent)))
 
+    def limits(self, name: str) -> tuple[int, int, float]:
+        """(per day, per minute, window) of account ``name``."""
+        return self._accounts[name].per_day, self.per_minute, self.window
+
+    def sync(self, name: str, now: float, used: int, free_in: float | None = None) -> None:
+        """What other processes of the pool counted on ``name``: ``used`` requests
+        today at least, and (``free_in``) its minute full for that many seconds."""
+        account = self._accounts.get(name)
+        if account is None:
+            return
+        account.roll(now, self.window)
+        account.used = max(account.used, used)
+        account.mark_spent(now)
+        if free_in is not None and free_in > 0:
+            at = now + free_in - self.window  # leaves the window in ``free_in`` s
+            fill = [at] * max(0, self.per_minute - len(account.recent))
+            account.recent = deque(sorted([*account.recent, *fill]))
+
     def give_back(self, name: str, now: float) -> None:
         """Uncount a request ``take`` counted that never reached the upstream."""
         account = self._accounts.get(name)

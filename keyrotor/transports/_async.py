@@ -22,6 +22,7 @@ from ._base import ClientBase
 from ._driver import OPENROUTER_URL, Driver
 from ._exchange import (
     WAIT,
+    Admit,
     Close,
     Delivered,
     Failed,
@@ -447,8 +448,12 @@ class AsyncClient(ClientBase):
             except BaseException as exc:
                 error = exc
 
-    async def _step(self, step: Open | Read | NextChunk | Close) -> Any:
+    async def _step(self, step: Open | Read | NextChunk | Close | Admit) -> Any:
         """One step's I/O on the h11 pool; no answer is ``Failed``."""
+        if isinstance(step, Admit):
+            gate = self._driver.gate
+            assert gate is not None
+            return await gate.admit(step.request_id, step.key_id, step.tokens)
         if isinstance(step, Close):
             await step.handle.aclose()  # cancellation-safe: the pool shields its closing
             return None

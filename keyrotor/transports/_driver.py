@@ -13,10 +13,11 @@ import json
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Container, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..core import (
+    AttemptHeld,
     Decision,
     Deliver,
     Event,
@@ -101,12 +102,32 @@ class Slot:
     called with the driver's lock held (if any) and must not block.
     """
 
-    __slots__ = ("body", "decisions", "wake")
+    __slots__ = ("body", "decisions", "tokens", "wake")
 
-    def __init__(self, wake: Callable[[], None], body: bytes | None = None) -> None:
+    def __init__(
+        self, wake: Callable[[], None], body: bytes | None = None, tokens: int = 0
+    ) -> None:
         self.decisions: deque[Routed] = deque()
         self.wake = wake
         self.body = body  # kept for ``Driver.price`` only
+        self.tokens = tokens  # the request's estimate, for ``Driver.gate``
+
+
+class Gate(Protocol):
+    """Limits kept outside the pool (the proxy's, shared with its other
+    processes through Redis: ``keyrotor.adapters.shared_limits``). Before an
+    attempt on a key in ``limited``, the async client asks ``admit``: None
+    sends it, a number of seconds holds the key that long (``AttemptHeld``)
+    and the pool decides again. ``release`` hears of every request's end."""
+
+    @property
+    def limited(self) -> Container[str]: ...
+
+    async def admit(self, request_id: str, key_id: str, tokens: int) -> float | None: ...
+
+    def release(self, request_id: str) -> None: ...
+
+    def key_added(self, spec: KeySpec) -> None: ...
 
 
 class Driver:
@@ -154,6 +175,7 @@ class Driver:
         self.price: Callable[[bytes | None, Mapping[str, Any]], float | None] | None = None
         self.recorder: TraceRecorder | None = None  # keyrotor.replay.record
         self.on_recording_error: Callable[[str], None] = _nothing_said
+        self.gate: Gate | None = None  # limits shared with other processes (async client)
         self.deadline_changed: Callable[[], None] = _nothing
         self.probe_ready: Callable[[], None] = _nothing
         self._ids = itertools.count(1)
@@ -207,7 +229,7 @@ class Driver:
         """Start a request: a fresh id, its slot, and the pool told about it
         (``body`` and ``route`` only for a recorder, which notes the model)."""
         request_id = f"q{next(self._ids)}"
-        slot = Slot(wake, body if self.price is not None else None)
+        slot = Slot(wake, body if self.price is not None else None, tokens)
         self.slots[request_id] = slot
         now = self.now()
         deadline = None if timeout is None else now + timeout
@@ -236,6 +258,8 @@ class Driver:
         """The caller is done with the request. If the pool still holds it
         (``ended`` is False: cancelled, timed out, an error), say so."""
         self.slots.pop(request_id, None)
+        if self.gate is not None:
+            self.gate.release(request_id)
         if not ended:
             self.feed(RequestCancelled(request_id=request_id, now=self.now()))
 
@@ -276,6 +300,11 @@ class Driver:
         if secret is None:
             self.failed(request_id, "key_removed")
         return secret
+
+    def held(self, request_id: str, wait: float) -> None:
+        """``Gate.admit`` held the attempt's key for ``wait`` seconds."""
+        now = self.now()
+        self.feed(AttemptHeld(request_id=request_id, now=now, until=now + max(wait, 0.001)))
 
     def failed(self, request_id: str, reason: str) -> None:
         """An attempt got no answer (``reason``: ``connect``, ``timeout``, ...)."""
@@ -392,6 +421,8 @@ class Driver:
         self.check_new_key(spec.key_id, secret)
         self.feed(KeyAdded(now=self.now(), key=spec))
         self.secrets[spec.key_id] = secret
+        if self.gate is not None:
+            self.gate.key_added(spec)
 
     def remove_key(self, alias: str) -> None:
         """Remove a key: its requests in flight finish, no new ones start."""

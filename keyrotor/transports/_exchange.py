@@ -175,6 +175,17 @@ class Close:
 
 
 @attrs.define
+class Admit:
+    """Ask ``Driver.gate`` (limits shared with other processes) whether
+    ``key_id`` may take the attempt now; result: None (yes) or the seconds
+    until it may (the attempt is then held: ``Driver.held``)."""
+
+    request_id: str
+    key_id: str
+    tokens: int
+
+
+@attrs.define
 class Failed:
     """A step got no answer: ``reason`` as ``TransportFailed`` has it."""
 
@@ -212,6 +223,12 @@ def attempts(
                 driver.close(request_id, ended=True)
                 raise NoKeyAvailable(decision.status, decision.retry_after, decision.reason)
             assert isinstance(decision, Send)
+            gate = driver.gate
+            if gate is not None and decision.key_id in gate.limited:
+                wait = yield Admit(request_id, decision.key_id, slot.tokens)
+                if wait is not None:
+                    driver.held(request_id, wait)
+                    continue
             secret = driver.secret_for(request_id, decision)
             if secret is None:
                 continue  # removed after the pool chose it: failed over already

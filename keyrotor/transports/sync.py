@@ -30,6 +30,7 @@ from ._base import ClientBase
 from ._driver import OPENROUTER_URL, Driver
 from ._exchange import (
     WAIT,
+    Admit,
     Close,
     Delivered,
     Failed,
@@ -413,8 +414,10 @@ class Client(ClientBase):
             except BaseException as exc:
                 error = exc
 
-    def _step(self, step: Open | Read | NextChunk | Close) -> Any:
+    def _step(self, step: Open | Read | NextChunk | Close | Admit) -> Any:
         """One step's I/O on httpcore; no answer is ``Failed``."""
+        if isinstance(step, Admit):
+            raise KeyrotorError("limits shared through Driver.gate need the async client")
         if isinstance(step, Close):
             step.handle.response.close()
             return None

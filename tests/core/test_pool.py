@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from keyrotor.core import (
+    AttemptHeld,
     Deliver,
     KeyAdded,
     KeyMarked,
@@ -992,3 +993,28 @@ def test_a_restored_latency_pool_picks_like_the_original_mid_response() -> None:
     for request_id in ("r3", "r4", "r5"):
         feed(RequestStarted(request_id=request_id, now=0.3))
     pool = restore()
+
+
+def test_a_held_attempt_goes_to_another_key_and_does_not_count() -> None:
+    pool = make_pool("a", "b", max_attempts=1)
+    first = only(pool.handle(RequestStarted(request_id="r", now=0.0)), Send)
+    out = pool.handle(AttemptHeld(request_id="r", now=0.0, until=5.0))
+    again = only(out, Send)
+    assert (first.key_id, again.key_id, again.attempt) == ("a", "b", 1)
+    # The held key stays out until 5 s, then takes requests again.
+    assert only(pool.handle(RequestStarted(request_id="s", now=1.0)), Send).key_id == "b"
+    assert only(pool.handle(RequestStarted(request_id="t", now=5.0)), Send).key_id == "a"
+    assert pool.statistics().keys[0].requests == 1  # the held attempt is not counted
+
+
+def test_a_held_request_waits_for_its_only_key_and_bad_holds_are_refused() -> None:
+    pool = make_pool("a")
+    pool.handle(RequestStarted(request_id="r", now=0.0))
+    assert sends(pool.handle(AttemptHeld(request_id="r", now=0.0, until=2.0))) == []
+    assert pool.next_deadline() == 2.0
+    assert only(pool.handle(Tick(now=2.0)), Send).key_id == "a"
+    with pytest.raises(PoolError, match="until must lie after now"):
+        pool.handle(AttemptHeld(request_id="r", now=2.0, until=2.0))
+    pool.handle(ResponseReceived(request_id="r", now=2.1, status=200))
+    with pytest.raises(PoolError, match="does not fit"):
+        pool.handle(AttemptHeld(request_id="r", now=2.2, until=3.0))

@@ -19,6 +19,7 @@ from hypothesis.stateful import (
 
 from keyrotor.core import (
     POLICIES,
+    AttemptHeld,
     Decision,
     Deliver,
     KeyAdded,
@@ -161,7 +162,8 @@ class PoolMachine(RuleBasedStateMachine):
         """Apply the decisions to the mirror, checking each promise on the way."""
         # The event itself closes an attempt, unless the response is delivered.
         if isinstance(
-            event, (ResponseReceived, ResponseFinished, RequestCancelled, TransportFailed)
+            event,
+            (ResponseReceived, ResponseFinished, RequestCancelled, TransportFailed, AttemptHeld),
         ):
             rid = event.request_id
             delivered_now = any(isinstance(d, Deliver) and d.request_id == rid for d in out)
@@ -303,6 +305,16 @@ class PoolMachine(RuleBasedStateMachine):
         rid = data.draw(st.sampled_from(sorted(r for r, k in self.live.items() if k is not None)))
         reason = data.draw(st.sampled_from(["reset", "timeout", "connect", "busy", "pool"]))
         self.feed(TransportFailed(request_id=rid, now=self.now, reason=reason))
+
+    @precondition(lambda self: bool(self.sent()))
+    @rule(data=st.data(), hold=st.sampled_from([0.01, 1.0, 30.0]))
+    def held(self, data: st.DataObject, hold: float) -> None:
+        """A shared limit elsewhere holds the attempt's key: not sent on it before then."""
+        rid = data.draw(st.sampled_from(self.sent()))
+        key = self.live[rid]
+        assert key is not None
+        self.feed(AttemptHeld(request_id=rid, now=self.now, until=self.now + hold))
+        self.not_before[key] = max(self.not_before.get(key, -1.0), self.now + hold)
 
     @precondition(lambda self: bool(self.live))
     @rule(data=st.data())

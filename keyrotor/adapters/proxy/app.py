@@ -36,7 +36,7 @@ from .types import Request, Response
 from .views import Views
 
 if TYPE_CHECKING:
-    from ..shared import SharedHealth
+    from ..shared import SharedState
     from ..storage import StateStore
     from .catalog import Catalogs
     from .providers import Routes
@@ -141,7 +141,7 @@ class ProxyApp:
         reject_unknown_models: bool = False,
         router: Router | None = None,
         views: Views | None = None,
-        shared: SharedHealth | None = None,
+        shared: SharedState | None = None,
     ) -> None:
         self._reject_unknown = reject_unknown_models and catalog is not None
         self._client = client
@@ -669,7 +669,9 @@ class ProxyApp:
         while True:
             slot = router.take_free()
             if slot is not None:
-                return slot
+                if await router.shared_take(slot[0]):
+                    return slot
+                continue  # filled by other processes: another account, or wait
             wait = router.free_wait()
             if wait is None or waited + wait > router.options.free_wait:
                 skip = router.free.skip(self._clock())

@@ -47,6 +47,7 @@ from .model_health import MODEL_PATTERN as _MODEL
 if TYPE_CHECKING:
     from ...models import Catalog, ModelInfo
     from ...transports.api import AsyncClient
+    from ..shared_limits import SharedLimits
     from ..storage import StateStore, UsageRow
     from .catalog import Catalogs
     from .model_health import ModelHealth
@@ -98,6 +99,11 @@ class Plan:
         return json.dumps({**self.data, "model": model}, separators=(",", ":")).encode()
 
 
+def _day_end(now: float) -> float:
+    """When the UTC day of ``now`` ends (Unix s)."""
+    return (utc_day(now) + 1) * 86400.0
+
+
 def is_free(model: str) -> bool:
     """Whether ``model`` is an OpenRouter free variant (paced per account)."""
     return model.endswith(":free")
@@ -130,6 +136,7 @@ class Router:
         # Per route: (the catalog's id, its candidates there, whether one is free).
         self._found: dict[str, tuple[int, Found, bool]] = {}
         self.free = FreeTier({}, options.free_per_minute)
+        self.shared: SharedLimits | None = None  # free counts kept with other processes
         self._keys: dict[str, list[str]] = {}  # account -> its keys
         self._account_of: dict[str, str] = {}
         self._turn: dict[str, int] = {}
@@ -331,6 +338,8 @@ class Router:
             self.give_back(taken)
         self.free.note(account, now)
         self._record(account, 1, now)
+        if self.shared is not None:
+            self.shared.note_free(account, _day_end(now))
 
     def limit_met(self, key: str, retry_after: float | None) -> None:
         """The upstream answered a free request on ``key`` with the account's
@@ -338,7 +347,12 @@ class Router:
         the per-minute one. The account takes no more until then."""
         account = self._account_of.get(key, key)
         daily = retry_after is None or retry_after > 120
-        self.free.limit_met(account, self._clock(), daily)
+        now = self._clock()
+        self.free.limit_met(account, now, daily)
+        if self.shared is not None:
+            per_day, per_minute, _ = self.free.limits(account)
+            amount = per_day if daily else per_minute
+            self.shared.free_limit_met(account, _day_end(now), daily, amount)
 
     async def run(self, every: float = TIERS_EVERY) -> None:
         """In the background, for as long as the proxy runs: each time the
@@ -413,6 +427,28 @@ class Router:
         now = self._clock()
         self.free.give_back(account, now)
         self._record(account, -1, now)
+        if self.shared is not None:
+            self.shared.give_back_free(account, _day_end(now))
+
+    async def shared_take(self, account: str) -> bool:
+        """With other processes (``shared``): count the slot ``take_free`` gave
+        on ``account`` in Redis too. False: the pool's other processes filled
+        the account's day or minute (now known here; the slot is given back)."""
+        if self.shared is None:
+            return True
+        now = self._clock()
+        per_day, per_minute, window = self.free.limits(account)
+        answer = await self.shared.take_free(account, per_day, per_minute, window, _day_end(now))
+        if answer is None:
+            return True  # Redis cannot say: this process's view decides
+        verdict, used, wait = answer
+        if verdict == "ok":
+            self.free.sync(account, now, used)
+            return True
+        self.free.give_back(account, now)
+        self._record(account, -1, now)
+        self.free.sync(account, now, used, wait if verdict == "minute" else None)
+        return False
 
     def free_wait(self) -> float | None:
         """Seconds until an account has room for a free request (None: never today)."""

@@ -29,7 +29,8 @@ from ...models import pricer
 from ...models.routing import route_from_json
 from ...transports.api import AsyncClient, Driver, StreamAccountant
 from ..config import ConfigError, Provider, ProxyConfig
-from ..shared import SharedHealth
+from ..shared import SharedState
+from ..shared_limits import SharedLimits
 from ..storage import PROVIDER_CATALOG, day_start
 from .admin import Admin
 from .app import ProxyApp
@@ -350,10 +351,20 @@ async def open_app(
                 )
                 shared = None
                 if config.shared_url is not None:
-                    shared = SharedHealth(
+                    shared = SharedState(
                         config.shared_url, driver, namespace=config.shared_namespace, log=log
                     )
                     driver.on_state_change.append(shared.state_changed)
+                    limits = SharedLimits(
+                        driver.pool.key_specs(),
+                        origin=shared.origin,
+                        namespace=config.shared_namespace,
+                        lease=config.shared_lease,
+                    )
+                    driver.gate = limits
+                    shared.parts.append(limits)
+                    if router is not None:
+                        router.shared = limits
                 app = ProxyApp(
                     client,
                     routing_note=config.routing_note,

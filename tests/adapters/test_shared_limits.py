@@ -1,0 +1,120 @@
+"""Limits kept in a real Redis by three proxies at once (each its own pool, as
+three processes would be): a key's rpm and its requests in flight hold in total,
+counted by the fake upstream; none of it costs the callers an error."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from keyrotor.adapters.config import ProxyConfig
+from keyrotor.core import KeySpec, PoolConfig
+from keyrotor.testing import Custom, FakeUpstream, Ok, Scenario
+
+from .proxy_thread import ProxyThread
+from .test_shared import SECRETS, RedisServer, needs_redis, redis, wait_until
+
+__all__ = ["redis"]  # the fixture, shared with test_shared
+
+CHAT = {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+pytestmark = [
+    needs_redis,
+    pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
+]
+
+
+def three_proxies(
+    upstream: str, shared: str, namespace: str, k1: KeySpec, **options: Any
+) -> ProxyConfig:
+    specs = [k1, *(KeySpec(key_id=alias) for alias in SECRETS if alias != "k1")]
+    return ProxyConfig(
+        keys=dict(SECRETS),
+        pool=PoolConfig(keys=specs, max_attempts=3),
+        upstream=upstream,
+        server={"host": "127.0.0.1", "port": 0},
+        shared_url=shared,
+        shared_namespace=namespace,
+        **options,
+    )
+
+
+def load(urls: list[str], seconds: float, per_url: int = 2) -> list[int]:
+    """``per_url`` callers per proxy, each sending one request after another."""
+    codes: list[int] = []
+    stop = time.monotonic() + seconds  # how long the load runs, not a bound on speed
+
+    def caller(url: str) -> None:
+        with httpx.Client(timeout=30) as http:
+            while time.monotonic() < stop:
+                codes.append(http.post(f"{url}/v1/chat/completions", json=CHAT).status_code)
+
+    threads = [threading.Thread(target=caller, args=(u,)) for u in urls for _ in range(per_url)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return codes
+
+
+def run_three(
+    redis: RedisServer, tmp_path: Path, k1: KeySpec, k1_behaviour: Custom, seconds: float
+) -> tuple[list[int], FakeUpstream, list[dict[str, Any]]]:
+    fake = Scenario()
+    for alias, secret in SECRETS.items():
+        fake.add(secret, k1_behaviour if alias == "k1" else Ok(), alias=alias)
+    with FakeUpstream.running_in_thread(fake) as upstream:
+        options = three_proxies(upstream.url, redis.url, f"t{tmp_path.name[-6:]}", k1)
+        with ProxyThread(options, []) as a, ProxyThread(options, []) as b:
+            with ProxyThread(options, []) as c:
+                urls = [a, b, c]
+                for url in urls:
+                    wait_until(lambda u=url: httpx.get(f"{u}/status").json()["shared"]["connected"])
+                codes = load(urls, seconds)
+                statuses = [httpx.get(f"{u}/status").json()["shared"] for u in urls]
+    return codes, upstream, statuses
+
+
+def arrivals(times: list[float]) -> Callable[[Any], None]:
+    def note(call: Any) -> None:
+        times.append(time.monotonic())
+
+    return note
+
+
+def test_a_keys_rpm_holds_across_three_processes(redis: RedisServer, tmp_path: Path) -> None:
+    times: list[float] = []
+    interval = 0.25  # rpm 240
+    codes, _, statuses = run_three(
+        redis, tmp_path, KeySpec(key_id="k1", rpm=240), Custom(arrivals(times)), seconds=3.0
+    )
+    assert codes and set(codes) == {200}
+    # The script spaces k1's requests by ``interval`` on Redis's clock; they
+    # reach the upstream at most a second later than that spacing says.
+    span = times[-1] - times[0]
+    assert len(times) <= (span + 1.0) / interval + 1, (len(times), span)
+    assert len(times) >= 3  # k1 was used, paced, not shut out
+    held = sum(s["limits"]["held"] for s in statuses)
+    admitted = sum(s["limits"]["admitted"] for s in statuses)
+    assert admitted == len(times) and held > 0
+    assert all(s["limits"]["local"] == 0 for s in statuses)
+
+
+def test_requests_in_flight_on_a_key_hold_across_three_processes(
+    redis: RedisServer, tmp_path: Path
+) -> None:
+    def slow(call: Any) -> None:
+        call.latency = 0.05
+
+    codes, upstream, statuses = run_three(
+        redis, tmp_path, KeySpec(key_id="k1", max_in_flight=2), Custom(slow), seconds=2.0
+    )
+    assert codes and set(codes) == {200}
+    k1 = upstream.stats("k1")
+    assert k1.requests > 10 and k1.max_in_flight <= 2  # 6 callers, 3 processes, at most 2
+    assert sum(s["limits"]["held"] for s in statuses) > 0
