@@ -131,7 +131,9 @@ class SharedPart(Protocol):
     ``disconnected`` hears that Redis went away."""
 
     name: str
-    channels: Mapping[str, Callable[[dict[str, Any]], None]]
+
+    @property
+    def channels(self) -> Mapping[str, Callable[[dict[str, Any]], None]]: ...
 
     async def connected(self, client: Any) -> None: ...
 

@@ -56,6 +56,7 @@ import json
 import logging
 import math
 import os
+import secrets
 import sqlite3
 import stat
 import sys
@@ -566,6 +567,25 @@ class StateStore:
         """Keep the routes set through the admin API (name -> route JSON),
         replacing those kept before. Blocking; raises ``StorageError``."""
         self.save_meta("routes", dict(routes))
+
+    def instance_id(self) -> str:
+        """This file's id among the processes that share a pool (made once, kept
+        in ``meta``): its spend in Redis is told from the others' after a
+        restart. Blocking; raises ``StorageError``."""
+        with self._db_lock:
+            try:
+                row = (
+                    self._connection()
+                    .execute("SELECT value FROM meta WHERE name = 'instance'")
+                    .fetchone()
+                )
+            except sqlite3.Error as exc:
+                raise StorageError(f"cannot read {self.path}: {exc}") from None
+        if row is not None:
+            return str(json.loads(row[0]))
+        made = secrets.token_hex(6)
+        self.save_meta("instance", made)
+        return made
 
     def save_meta(self, name: str, value: Any) -> None:
         """Keep ``value`` (JSON) under ``name`` in the file's ``meta`` table (the

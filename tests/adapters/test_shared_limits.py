@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from keyrotor.adapters.config import ProxyConfig
+from keyrotor.adapters.config import Budget, ProxyConfig
 from keyrotor.core import KeySpec, PoolConfig
 from keyrotor.testing import Custom, FakeUpstream, Ok, Scenario
 
@@ -30,7 +30,7 @@ pytestmark = [
 
 
 def three_proxies(
-    upstream: str, shared: str, namespace: str, k1: KeySpec, **options: Any
+    upstream: str, shared: str | None, namespace: str, k1: KeySpec, **options: Any
 ) -> ProxyConfig:
     specs = [k1, *(KeySpec(key_id=alias) for alias in SECRETS if alias != "k1")]
     return ProxyConfig(
@@ -118,3 +118,71 @@ def test_requests_in_flight_on_a_key_hold_across_three_processes(
     k1 = upstream.stats("k1")
     assert k1.requests > 10 and k1.max_in_flight <= 2  # 6 callers, 3 processes, at most 2
     assert sum(s["limits"]["held"] for s in statuses) > 0
+
+
+def test_free_tier_days_hold_across_processes(redis: RedisServer, tmp_path: Path) -> None:
+    """Two accounts of 2 free requests a day, two proxies asked in turn: 4 are
+    served in total (each proxy alone would send 4), never a limit answer."""
+    from .test_routing import HI, free_limits, scenario, write_config
+
+    limits = free_limits(per_day=2)
+    extra = (
+        "[routing]\nfree_per_day = 2\n"
+        f'[shared]\nurl = "{redis.url}"\nnamespace = "t{tmp_path.name[-6:]}"\n'
+    )
+    with FakeUpstream.running_in_thread(scenario(limits=limits)) as server:
+        options = write_config(tmp_path, server.url, extra)
+        with ProxyThread(options, []) as a, ProxyThread(options, []) as b:
+            for url in (a, b):
+                wait_until(lambda u=url: httpx.get(f"{u}/status").json()["shared"]["connected"])
+            statuses = [
+                httpx.post(
+                    f"{url}/v1/chat/completions", json={"model": "free", "messages": HI}
+                ).status_code
+                for url in (a, b) * 4
+            ]
+            seen = httpx.get(f"{a}/status").json()["routing"]["freeTier"]
+    assert sorted(statuses) == [200] * 4 + [429] * 4
+    assert [limit.refused for limit in limits.values()] == [0, 0]
+    assert [limit.sent for limit in limits.values()] == [2, 2]
+    assert seen["team"]["usedToday"] == 2 and seen["solo"]["usedToday"] == 2
+
+
+def test_a_budget_holds_in_total_across_three_processes(redis: RedisServer, tmp_path: Path) -> None:
+    """A model's budget of 30 requests' cost, 6 callers on 3 proxies: spend
+    stops near the budget in total (each proxy alone would spend it 3 times):
+    over it by what the callers had in flight (as for one process) and what
+    they sent in the milliseconds before the other processes heard."""
+    fake = Scenario()
+    for alias, secret in SECRETS.items():
+        fake.add(secret, Ok(), alias=alias)
+    with FakeUpstream.running_in_thread(fake) as upstream:
+        with ProxyThread(three_proxies(upstream.url, None, "x", KeySpec(key_id="k1")), []) as one:
+            httpx.post(f"{one}/v1/chat/completions", json=CHAT)
+            each = upstream.stats("k1").cost + upstream.stats("k2").cost + upstream.stats("k3").cost
+        assert each > 0
+        budget = Budget("model", CHAT["model"], 30 * each)
+        options = three_proxies(
+            upstream.url, redis.url, f"t{tmp_path.name[-6:]}", KeySpec(key_id="k1"),
+            budgets=[budget],
+        )  # fmt: skip
+        before = sum(upstream.stats(a).cost for a in SECRETS)
+        with ProxyThread(options, []) as a, ProxyThread(options, []) as b:
+            with ProxyThread(options, []) as c:
+                urls = [a, b, c]
+                for url in urls:
+                    wait_until(lambda u=url: httpx.get(f"{u}/status").json()["shared"]["connected"])
+                codes = load(urls, 2.0)
+                spent = sum(upstream.stats(a).cost for a in SECRETS) - before
+
+                def agreed() -> bool:
+                    seen = [httpx.get(f"{u}/status").json() for u in urls]
+                    return all(
+                        abs(s["stats"]["totalCost"] - spent) < 1e-9
+                        and abs(s["spend"]["budgets"][0]["spent"] - spent) < 1e-9
+                        for s in seen
+                    )
+
+                wait_until(agreed)  # every process sees the whole pool's spend
+    assert codes.count(200) >= 30 and 429 in codes
+    assert spent <= budget.limit + 2 * 6 * each + 1e-12, (spent / each, codes.count(200))

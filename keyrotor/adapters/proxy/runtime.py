@@ -31,6 +31,7 @@ from ...transports.api import AsyncClient, Driver, StreamAccountant
 from ..config import ConfigError, Provider, ProxyConfig
 from ..shared import SharedState
 from ..shared_limits import SharedLimits
+from ..shared_spend import SharedSpend
 from ..storage import PROVIDER_CATALOG, day_start
 from .admin import Admin
 from .app import ProxyApp
@@ -351,18 +352,23 @@ async def open_app(
                 )
                 shared = None
                 if config.shared_url is not None:
-                    shared = SharedState(
-                        config.shared_url, driver, namespace=config.shared_namespace, log=log
-                    )
+                    namespace = config.shared_namespace
+                    shared = SharedState(config.shared_url, driver, namespace=namespace, log=log)
                     driver.on_state_change.append(shared.state_changed)
                     limits = SharedLimits(
                         driver.pool.key_specs(),
                         origin=shared.origin,
-                        namespace=config.shared_namespace,
+                        namespace=namespace,
                         lease=config.shared_lease,
                     )
                     driver.gate = limits
-                    shared.parts.append(limits)
+                    instance = shared.origin.rsplit(":", 1)[-1]
+                    if store is not None:
+                        instance = await anyio.to_thread.run_sync(store.instance_id)
+                    shared.parts += [
+                        limits,
+                        SharedSpend(driver, spend, instance=instance, namespace=namespace),
+                    ]
                     if router is not None:
                         router.shared = limits
                 app = ProxyApp(

@@ -125,6 +125,8 @@ class SpendBook:
         self._roll(clock())
         self.budgeted_models = frozenset(n for s, n in self._budgets if s == "model")
         self.budgeted_clients = frozenset(n for s, n in self._budgets if s == "client")
+        self.on_budgeted: Callable[[str, str, float, float], None] | None = None
+        """Hears (scope, name, cost, at) of each charge to a budget (``shared_spend``)."""
 
     def restore(self, rows: Iterable[UsageRow]) -> None:
         """Put back stored spend: today's totals, and what falls in each budget's
@@ -206,6 +208,8 @@ class SpendBook:
                 window = windows.get((scope, name))
                 if window is not None:
                     window.add(now, cost)
+                    if self.on_budgeted is not None and cost:
+                        self.on_budgeted(scope, name, cost, now)
         if self._store is not None:
             self._store.record_usage(
                 named,
@@ -214,6 +218,17 @@ class SpendBook:
                 cost=cost,
                 at=now,
             )
+
+    def add_remote(self, scope: str, name: str, cost: float, at: float) -> None:
+        """Spend another process of the pool charged to the budget of ``scope:
+        name`` at ``at`` (Unix s): it counts toward the budget here too."""
+        window = self._windows.get((scope, name))
+        if window is None or cost <= 0:
+            return
+        now = self._clock()
+        if window.window is not None and at <= now - window.window:
+            return  # spent before the running window
+        window.add(min(at, now), cost)
 
     def _roll(self, now: float) -> None:
         """Start today's totals afresh once midnight UTC has passed."""
