@@ -252,18 +252,25 @@ class SharedState:
             try:
                 async with client:
                     await client.ping()
-                    await self._reconcile(client)
+                    handlers: dict[str, Callable[[dict[str, Any]], Any]] = {
+                        self.channel: self.apply
+                    }
                     for part in self.parts:
-                        await part.connected(client)
-                    self._up()
-                    backoff = 0.1
-                    async with anyio.create_task_group() as tasks:
-                        tasks.start_soon(self._send, client)
-                        tasks.start_soon(self._heartbeat, client)
+                        handlers.update(part.channels)
+                    # Subscribed before reading what was missed: nothing falls between.
+                    async with client.pubsub(channels=list(handlers)) as pubsub:
+                        await self._reconcile(client)
                         for part in self.parts:
-                            tasks.start_soon(part.run, client)
-                        await self._listen(client)
-                        tasks.cancel_scope.cancel()
+                            await part.connected(client)
+                        self._up()
+                        backoff = 0.1
+                        async with anyio.create_task_group() as tasks:
+                            tasks.start_soon(self._send, client)
+                            tasks.start_soon(self._heartbeat, client)
+                            for part in self.parts:
+                                tasks.start_soon(part.run, client)
+                            await self._listen(pubsub, handlers)
+                            tasks.cancel_scope.cancel()
             except BaseException as exc:  # unreachable, restarted, timed out: serve locally
                 for part in self.parts:
                     part.disconnected()
@@ -303,22 +310,20 @@ class SharedState:
             with anyio.fail_after(HEARTBEAT * 2):
                 await client.ping()
 
-    async def _listen(self, client: Any) -> None:
-        handlers: dict[str, Callable[[dict[str, Any]], Any]] = {self.channel: self.apply}
-        for part in self.parts:
-            handlers.update(part.channels)
-        async with client.pubsub(channels=list(handlers)) as pubsub:
-            async for message in pubsub:
-                if message.get("type") != "message":
-                    continue
-                try:
-                    record = json.loads(message["data"])
-                except (ValueError, TypeError):
-                    self.ignored += 1
-                    continue
-                handler = handlers.get(message.get("channel"))
-                if isinstance(record, dict) and handler is not None:
-                    handler(record)
+    async def _listen(
+        self, pubsub: Any, handlers: Mapping[str, Callable[[dict[str, Any]], Any]]
+    ) -> None:
+        async for message in pubsub:
+            if message.get("type") != "message":
+                continue
+            try:
+                record = json.loads(message["data"])
+            except (ValueError, TypeError):
+                self.ignored += 1
+                continue
+            handler = handlers.get(message.get("channel"))
+            if isinstance(record, dict) and handler is not None:
+                handler(record)
         raise ConnectionError("the subscription ended")
 
     def _up(self) -> None:
@@ -337,6 +342,10 @@ class SharedState:
                 }
             )
         self.connected, self.since, self.last_error = False, self._clock(), why
+
+    def part(self, name: str) -> Any:
+        """The part called ``name`` (None: no such part)."""
+        return next((part for part in self.parts if part.name == name), None)
 
     def status(self) -> dict[str, Any]:
         """For ``/status`` and ``/healthz``."""

@@ -42,6 +42,16 @@ class ModelCooling:
         self._until[model] = (now + seconds, why)
         return seconds
 
+    def hold(self, model: str, until: float, why: str) -> bool:
+        """Pass over ``model`` until ``until`` (another process of the pool saw
+        it fail: ``why``), unless it cools that long already; its streak here
+        is left alone. Whether that changed anything."""
+        current, _ = self._until.get(model, (0.0, ""))
+        if until <= current:
+            return False
+        self._until[model] = (until, why)
+        return True
+
     def ok(self, model: str) -> None:
         """``model`` served: its next failure cools it for ``base`` again."""
         if self._streak:

@@ -77,6 +77,19 @@ def run_three(
                     wait_until(lambda u=url: httpx.get(f"{u}/status").json()["shared"]["connected"])
                 codes = load(urls, seconds)
                 statuses = [httpx.get(f"{u}/status").json()["shared"] for u in urls]
+                # Any process's /status and /metrics show the whole pool.
+                served = codes.count(200)
+                pool = wait_until(
+                    lambda: (
+                        (p := httpx.get(f"{c}/status").json()["pool"])["total"]["delivered"]
+                        >= served
+                        and p
+                    )
+                )
+                metrics = httpx.get(f"{a}/metrics").text
+    assert pool["total"]["processes"] == 3 and len(pool["processes"]) == 3
+    assert "keyrotor_shared_processes 3" in metrics
+    assert metrics.count("keyrotor_shared_in_flight{process=") == 3
     return codes, upstream, statuses
 
 

@@ -209,7 +209,9 @@ class ProxyApp:
             response = self._json(200, self.status())
         elif path == "/metrics" and request.method == "GET":
             providers = None if self._routes is None else self._routes.status()
-            text = render(self._client.status(), self.counters, providers)
+            board = None if self.shared is None else self.shared.part("processes")
+            pool = None if board is None else board.pool()
+            text = render(self._client.status(), self.counters, providers, pool)
             response = Response(
                 status=200,
                 headers=[("content-type", "text/plain; version=0.0.4; charset=utf-8")],
@@ -312,6 +314,9 @@ class ProxyApp:
         if self.shared is not None:
             status["shared"] = self.shared.status()
             status["process"] = {"pid": os.getpid(), "worker": os.environ.get("KEYROTOR_WORKER")}
+            board = self.shared.part("processes")
+            if board is not None:
+                status["pool"] = board.pool()
         if self._catalog is not None:
             status["catalog"] = self._catalog.status()
         if self._routes is not None:
@@ -323,6 +328,19 @@ class ProxyApp:
         status["stats"]["failovers"] = self.counters.failovers
         status["stats"]["streamErrors"] = self.counters.stream_errors
         return status
+
+    def summary(self) -> dict[str, Any]:
+        """This process's figures for the pool's other processes (``ProcessBoard``)."""
+        stats = self._client.driver.pool.statistics()
+        return {
+            "requests": stats.started,
+            "delivered": stats.delivered,
+            "rejected": stats.rejected,
+            "inFlight": stats.in_flight,
+            "queued": stats.queued,
+            "failovers": self.counters.failovers,
+            "responses": {str(code): n for code, n in self.counters.by_status.items()},
+        }
 
     async def _models(self, model_id: str) -> Response:
         """``/v1/models`` and ``/v1/models/{id}`` from the catalog (no upstream call)."""

@@ -56,10 +56,13 @@ def render(
     status: dict[str, Any],
     counters: ProxyCounters,
     providers: Mapping[str, dict[str, Any]] | None = None,
+    pool: dict[str, Any] | None = None,
 ) -> str:
     """The exposition text for ``status`` (the driver's ``status()``) and
     ``counters``; the keys and pools of ``providers`` (name -> their
-    ``status()``) carry a ``provider`` label, the main upstream's none."""
+    ``status()``) carry a ``provider`` label, the main upstream's none. With
+    other processes sharing the pool, ``pool`` (``ProcessBoard.pool()``) adds
+    the ``keyrotor_shared_*`` families: every live process, by ``process``."""
     pools = [({}, status), *(({"provider": name}, s) for name, s in (providers or {}).items())]
     keys = [({**where, "key": k["alias"]}, k) for where, s in pools for k in s["keys"]]
     lines: list[str] = []
@@ -147,4 +150,32 @@ def render(
         "Streams that ended with an error event after output had started.",
         [({}, counters.stream_errors)],
     )
+    if pool is not None:
+        lines += _shared(pool["processes"])
     return "\n".join(lines) + "\n"
+
+
+def _shared(processes: list[dict[str, Any]]) -> list[str]:
+    lines = _family(
+        "keyrotor_shared_processes",
+        "gauge",
+        "Processes sharing this pool that were heard from in the last 5 s.",
+        [({}, len(processes))],
+    )
+    lines += _family(
+        "keyrotor_shared_requests_total",
+        "counter",
+        "Requests through each process of the pool, by outcome.",
+        (
+            ({"process": p["origin"], "outcome": outcome}, p.get(outcome) or 0)
+            for p in processes
+            for outcome in ("delivered", "rejected")
+        ),
+    )
+    lines += _family(
+        "keyrotor_shared_in_flight",
+        "gauge",
+        "Requests in flight in each process of the pool.",
+        (({"process": p["origin"]}, p.get("inFlight") or 0) for p in processes),
+    )
+    return lines

@@ -137,6 +137,7 @@ class Router:
         self._found: dict[str, tuple[int, Found, bool]] = {}
         self.free = FreeTier({}, options.free_per_minute)
         self.shared: SharedLimits | None = None  # free counts kept with other processes
+        self.on_cool: Callable[[str, float, str], None] | None = None  # (model, until, why)
         self._keys: dict[str, list[str]] = {}  # account -> its keys
         self._account_of: dict[str, str] = {}
         self._turn: dict[str, int] = {}
@@ -282,7 +283,10 @@ class Router:
     def cool(self, model: str, why: str, retry_after: float | None) -> None:
         """``model`` failed as a model (``why``): pass over it for a while,
         longer for each failure in a row."""
-        self.cooling.fail(model, self._clock(), why, retry_after)
+        now = self._clock()
+        seconds = self.cooling.fail(model, now, why, retry_after)
+        if self.on_cool is not None:
+            self.on_cool(model, now + seconds, why)
 
     # ---------------------------------------------------------- free tier
 

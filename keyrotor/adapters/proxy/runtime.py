@@ -31,6 +31,7 @@ from ...transports.api import AsyncClient, Driver, StreamAccountant
 from ..config import ConfigError, Provider, ProxyConfig
 from ..shared import SharedState
 from ..shared_limits import SharedLimits
+from ..shared_pool import ProcessBoard, SharedModels
 from ..shared_spend import SharedSpend
 from ..storage import PROVIDER_CATALOG, day_start
 from .admin import Admin
@@ -371,6 +372,9 @@ async def open_app(
                     ]
                     if router is not None:
                         router.shared = limits
+                        models = SharedModels(router.cooling, shared.origin, namespace=namespace)
+                        router.on_cool = models.cooled
+                        shared.parts.append(models)
                 app = ProxyApp(
                     client,
                     routing_note=config.routing_note,
@@ -386,6 +390,10 @@ async def open_app(
                     shared=shared,
                 )
                 views.set_status(app.status)
+                if shared is not None:
+                    shared.parts.append(
+                        ProcessBoard(shared.origin, app.summary, namespace=config.shared_namespace)
+                    )
                 async with anyio.create_task_group() as tasks:
                     if catalog is not None:
                         tasks.start_soon(catalog.run)
