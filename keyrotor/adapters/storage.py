@@ -89,6 +89,7 @@ __all__ = [
     "StoredKey",
     "StoredState",
     "UsageRow",
+    "cipher_for",
     "day_start",
     "default_state_path",
     "secret_key_from_env",
@@ -299,6 +300,12 @@ def _utc_day(t: float) -> str:
 def day_start(day: str) -> float:
     """The Unix time a ledger's UTC ``day`` (``YYYY-MM-DD``) starts (``ValueError``: no day)."""
     return float(calendar.timegm(time.strptime(day, "%Y-%m-%d")))
+
+
+def cipher_for(secret_key: str, salt: bytes) -> Fernet:
+    """A Fernet for ``secret_key`` as the state file takes it (a Fernet key, or a
+    passphrase stretched with ``salt``); ``StorageError`` when it will not do."""
+    return _cipher(secret_key, salt, Path("the shared state"))[0]
 
 
 def _cipher(secret_key: str, salt: bytes, path: Path) -> tuple[Fernet, bytes]:

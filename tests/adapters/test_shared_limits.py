@@ -4,6 +4,8 @@ counted by the fake upstream; none of it costs the callers an error."""
 
 from __future__ import annotations
 
+import json
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -199,3 +201,53 @@ def test_a_budget_holds_in_total_across_three_processes(redis: RedisServer, tmp_
                 wait_until(agreed)  # every process sees the whole pool's spend
     assert codes.count(200) >= 30 and 429 in codes
     assert spent <= budget.limit + 2 * 6 * each + 1e-12, (spent / each, codes.count(200))
+
+
+def test_keys_added_and_removed_at_runtime_reach_every_process(
+    redis: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    admin = "admin-token-" + "x" * 24
+    new_secret = "sk-or-v1-shared-new-" + "jk" * 12
+    monkeypatch.setenv("KEYROTOR_SECRET_KEY", "a passphrase every process of the pool knows")
+    fake = Scenario()
+    for alias, secret in SECRETS.items():
+        fake.add(secret, Ok(), alias=alias)
+    fake.add(new_secret, Ok(), alias="new")
+    auth = {"authorization": f"Bearer {admin}"}
+    with FakeUpstream.running_in_thread(fake) as upstream:
+        namespace = f"t{tmp_path.name[-6:]}"
+        options = three_proxies(
+            upstream.url, redis.url, namespace, KeySpec(key_id="k1"), admin_token=admin
+        )
+        with ProxyThread(options, []) as a, ProxyThread(options, []) as b:
+            for url in (a, b):
+                wait_until(lambda u=url: httpx.get(f"{u}/status").json()["shared"]["connected"])
+            body = {"key": new_secret, "alias": "new", "rpm": 600}
+            added = httpx.post(f"{a}/admin/keys", json=body, headers=auth)
+            assert added.status_code == 201, added.text
+
+            def aliases(url: str) -> set[str]:
+                keys = httpx.get(f"{url}/admin/keys", headers=auth).json()["keys"]
+                return {k["alias"] for k in keys if not k["removing"]}
+
+            wait_until(lambda: "new" in aliases(b))
+            pinned = httpx.post(
+                f"{b}/v1/chat/completions", json=CHAT, headers={"x-keyrotor-key": "new"}
+            )
+            options_b = next(
+                k["options"]
+                for k in httpx.get(f"{b}/admin/keys", headers=auth).json()["keys"]
+                if k["alias"] == "new"
+            )
+            stored = subprocess.run(
+                ["redis-cli", "-p", str(redis.port), "HGETALL", f"{namespace}:keys:added"],
+                capture_output=True, text=True, check=True,
+            ).stdout  # fmt: skip
+            assert httpx.delete(f"{b}/admin/keys/new", headers=auth).status_code == 200
+            wait_until(lambda: "new" not in aliases(a))
+            in_redis = httpx.get(f"{a}/status").json()
+    assert pinned.status_code == 200 and upstream.stats("new").requests == 1
+    assert options_b == {"rpm": 600}
+    assert new_secret not in json.dumps(in_redis)
+    assert '"alias": "new"' in stored and new_secret not in stored  # sealed in Redis
+    assert in_redis["shared"]["keys"]["applied"] == 1  # the removal, from b

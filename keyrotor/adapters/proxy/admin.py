@@ -80,6 +80,9 @@ class Admin:
         self._log = log
         self._lock = anyio.Lock()  # one change at a time: check, store, then pool
         self._specs: dict[str, KeySpec] = {}  # keys added here (config keys: pool.config)
+        # Told of each main-pool key added or removed here (``shared_keys``).
+        self.on_added: Callable[[str, str, Mapping[str, Any]], None] | None = None
+        self.on_removed: Callable[[str], None] | None = None
 
     async def __call__(self, request: Request) -> Response:
         try:
@@ -246,7 +249,6 @@ class Admin:
         if provider not in self._clients:
             known = ", ".join(self._clients)
             raise AdminError(400, f"provider {provider!r} is not configured (known: {known})")
-        client = self._clients[provider]
         spec = {name: body[name] for name in _SPEC_OPTIONS if body.get(name) is not None}
         for name, value in spec.items():
             if name == "account":
@@ -263,6 +265,24 @@ class Admin:
             key_spec = KeySpec(key_id=alias, **spec)
         except PoolError as exc:
             raise AdminError(400, _safe(str(exc), secret)) from None
+        stored = await self.add_key(provider, alias, secret, spec, key_spec)
+        if self.on_added is not None and provider == MAIN_PROVIDER:
+            self.on_added(alias, secret, spec)
+        return _answer(201, {**self._entry(alias), "stored": stored})
+
+    async def add_key(
+        self,
+        provider: str,
+        alias: str,
+        secret: str,
+        spec: Mapping[str, Any],
+        key_spec: KeySpec,
+        via: str = "admin",
+    ) -> bool:
+        """Add a checked key to ``provider``'s pool and the state file (``via``:
+        ``admin``, or ``shared`` when another process of the pool added it).
+        Whether the state file keeps it; ``AdminError`` when refused."""
+        client = self._clients[provider]
         # Shielded: a caller who leaves must not cut a change between the
         # state file and the pool in half.
         with anyio.CancelScope(shield=True):
@@ -304,11 +324,30 @@ class Admin:
                 "key": alias,
                 "provider": provider,
                 "stored": stored,
+                **({"via": via} if via != "admin" else {}),
             }
         )
-        return _answer(201, {**self._entry(alias), "stored": stored})
+        return stored
 
     async def _remove(self, alias: str) -> Response:
+        entry, source, stored = await self.remove_key(alias)
+        if self.on_removed is not None and entry["provider"] == MAIN_PROVIDER:
+            self.on_removed(alias)
+        return _answer(
+            200,
+            {
+                "alias": alias,
+                "removed": True,
+                "in_flight": entry["in_flight"],  # they finish; no new ones start
+                "unstored": stored,
+                "returns_at_restart": source != "api",
+            },
+        )
+
+    async def remove_key(self, alias: str, via: str = "admin") -> tuple[dict[str, Any], str, bool]:
+        """Remove a key from its pool and the state file (``via`` as for
+        ``add_key``): its entry before, where it came from, whether the file
+        forgot it. ``AdminError`` when there is no such key."""
         with anyio.CancelScope(shield=True):
             async with self._lock:
                 entry = self._entry(alias)
@@ -325,17 +364,11 @@ class Admin:
                         raise AdminError(503, f"{exc}; the key stays in the pool") from None
                 self._call(self._owner(alias).remove_key, alias)
                 self._specs.pop(alias, None)
-        self._log({"event": "admin", "action": "remove", "key": alias})
-        return _answer(
-            200,
-            {
-                "alias": alias,
-                "removed": True,
-                "in_flight": entry["in_flight"],  # they finish; no new ones start
-                "unstored": stored,
-                "returns_at_restart": source != "api",
-            },
+        self._log(
+            {"event": "admin", "action": "remove", "key": alias}
+            | ({"via": via} if via != "admin" else {})
         )
+        return entry, source, stored
 
     async def _mark(self, alias: str, body: dict[str, Any]) -> Response:
         state = body.get("state")

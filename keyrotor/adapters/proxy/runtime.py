@@ -30,6 +30,7 @@ from ...models.routing import route_from_json
 from ...transports.api import AsyncClient, Driver, StreamAccountant
 from ..config import ConfigError, Provider, ProxyConfig
 from ..shared import SharedState
+from ..shared_keys import SharedKeys
 from ..shared_limits import SharedLimits
 from ..shared_pool import ProcessBoard, SharedModels
 from ..shared_spend import SharedSpend
@@ -391,9 +392,13 @@ async def open_app(
                 )
                 views.set_status(app.status)
                 if shared is not None:
+                    namespace = config.shared_namespace
                     shared.parts.append(
-                        ProcessBoard(shared.origin, app.summary, namespace=config.shared_namespace)
+                        ProcessBoard(shared.origin, app.summary, namespace=namespace)
                     )
+                    if admin is not None:
+                        keys = SharedKeys(admin, shared.origin, namespace=namespace, log=log)
+                        shared.parts.append(keys)
                 async with anyio.create_task_group() as tasks:
                     if catalog is not None:
                         tasks.start_soon(catalog.run)

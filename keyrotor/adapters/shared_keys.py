@@ -1,0 +1,188 @@
+"""Keys added or removed through one process's admin API, on every process of
+the pool (docs/scaling.md).
+
+An added key travels encrypted: its secret is sealed with Fernet under
+``KEYROTOR_SECRET_KEY`` (the same value on every process; a passphrase is
+stretched with a salt made of the namespace), kept in the Redis hash
+``<namespace>:keys:added`` and published on ``<namespace>:keys:admin``. The
+other processes open it and add the key as their own admin API would (pool,
+state file). A removal is kept in ``<namespace>:keys:removed`` and published the
+same way. A process that (re)connects reads both hashes: it adds the keys it
+lacks and removes those removed meanwhile (only keys added at runtime: keys of
+a process's configuration stay). Without ``KEYROTOR_SECRET_KEY`` nothing is
+shared (said once in the log): a secret never reaches Redis in the clear.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from ..core import KeySpec, PoolError
+from .config import MAIN_PROVIDER
+from .storage import StorageError, cipher_for, secret_key_from_env
+
+if TYPE_CHECKING:
+    from .proxy.admin import Admin
+
+__all__ = ["SharedKeys"]
+
+
+class SharedKeys:
+    """Runtime key changes of this process published; the others' applied."""
+
+    name = "keys"
+
+    def __init__(
+        self,
+        admin: Admin,
+        origin: str,
+        *,
+        namespace: str = "keyrotor",
+        environ: Mapping[str, str] | None = None,
+        log: Callable[[dict[str, Any]], None] = lambda record: None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._admin = admin
+        self.origin = origin
+        self._log = log
+        self._clock = clock
+        self.channel = f"{namespace}:keys:admin"
+        self.channels = {self.channel: self.heard}
+        self._added = f"{namespace}:keys:added"
+        self._removed = f"{namespace}:keys:removed"
+        self._out: deque[tuple[str, str, dict[str, Any]]] = deque(maxlen=10_000)
+        self._in: deque[dict[str, Any]] = deque(maxlen=10_000)
+        self._wake = anyio.Event()
+        self.applied = self.refused = 0
+        self._cipher: Any = None
+        self.why_not: str | None = None
+        key = secret_key_from_env() if environ is None else secret_key_from_env(environ)
+        if key is None:
+            self.why_not = (
+                "keys added through the admin API stay on the process that added them: "
+                "set KEYROTOR_SECRET_KEY (the same on every process) to share them"
+            )
+        else:
+            try:
+                self._cipher = cipher_for(key, f"keyrotor shared keys {namespace}".encode())
+            except StorageError as exc:
+                self.why_not = str(exc)
+        admin.on_added = self.added
+        admin.on_removed = self.removed
+
+    # ------------------------------------------------------ this process
+
+    def added(self, alias: str, secret: str, spec: Mapping[str, Any]) -> None:
+        """The admin API added ``alias`` here: seal and publish it."""
+        if self._cipher is None:
+            return
+        token = self._cipher.encrypt(secret.encode()).decode()
+        record = {"op": "add", "alias": alias, "spec": dict(spec), "token": token}
+        self._send(self._added, alias, record)
+
+    def removed(self, alias: str) -> None:
+        """The admin API removed ``alias`` here."""
+        if self._cipher is not None:
+            self._send(self._removed, alias, {"op": "remove", "alias": alias})
+
+    def _send(self, where: str, alias: str, record: dict[str, Any]) -> None:
+        record |= {"origin": self.origin, "at": self._clock()}
+        self._out.append((where, alias, record))
+        self._wake.set()
+
+    # ------------------------------------------------------ the others
+
+    def heard(self, record: dict[str, Any]) -> None:
+        if record.get("origin") != self.origin and self._cipher is not None:
+            self._in.append(record)
+            self._wake.set()
+
+    async def connected(self, client: Any) -> None:
+        """Take what was added or removed elsewhere while this process was away."""
+        if self._cipher is None:
+            if self.why_not is not None:
+                self._log({"event": "warning", "message": self.why_not})
+                self.why_not = None  # said once
+            return
+        removed = await client.hgetall(self._removed)
+        added = await client.hgetall(self._added)
+        for text in [*added.values(), *removed.values()]:
+            try:
+                record = json.loads(text)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                self._in.append(record)
+        self._wake.set()
+
+    async def run(self, client: Any) -> None:
+        while True:
+            while self._out:
+                where, alias, record = self._out[0]
+                other = self._removed if where == self._added else self._added
+                async with client.pipeline(transaction=False) as pipe:
+                    pipe.hset(where, {alias: json.dumps(record)})
+                    pipe.hdel(other, [alias])
+                    pipe.publish(self.channel, json.dumps(record))
+                self._out.popleft()
+            while self._in:
+                await self._apply(self._in.popleft())
+            self._wake = anyio.Event()
+            if not self._out and not self._in:
+                await self._wake.wait()
+
+    async def _apply(self, record: dict[str, Any]) -> None:
+        from .proxy.admin import AdminError
+
+        alias = record.get("alias")
+        admin = self._admin
+        if not isinstance(alias, str):
+            return
+        entry = next((c for c in admin.list_keys() if c["alias"] == alias), None)
+        try:
+            if record.get("op") == "add" and entry is None:
+                secret = self._cipher.decrypt(str(record["token"]).encode()).decode()
+                spec = dict(record.get("spec") or {})
+                key_spec = KeySpec(key_id=alias, **spec)
+                await admin.add_key(MAIN_PROVIDER, alias, secret, spec, key_spec, "shared")
+            elif (
+                record.get("op") == "remove"
+                and entry is not None
+                and not entry["removing"]
+                and admin.sources.get(alias) == "api"
+            ):
+                await admin.remove_key(alias, "shared")
+            else:
+                return
+        except (AdminError, PoolError, KeyError, TypeError, ValueError) as exc:
+            self.refused += 1
+            self._log({"event": "warning", "message": f"shared key {alias!r} not applied: {exc}"})
+            return
+        except Exception:  # a token sealed under another KEYROTOR_SECRET_KEY
+            self.refused += 1
+            self._log(
+                {
+                    "event": "warning",
+                    "message": f"shared key {alias!r} cannot be opened: is KEYROTOR_SECRET_KEY "
+                    "the same on every process?",
+                }
+            )
+            return
+        self.applied += 1
+
+    def disconnected(self) -> None:
+        """Changes made here while away stay queued."""
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "shared": self._cipher is not None,
+            "queued": len(self._out),
+            "applied": self.applied,
+            "refused": self.refused,
+        }
