@@ -631,10 +631,13 @@ def start_keyrotor(
     route: bool = False,
     workers: int = 1,
     shared: str | None = None,
+    limited: bool = False,
 ) -> tuple[Child, Endpoint]:
     """The proxy with its state file in a fresh temporary directory (``state``),
     or ``--no-state``; with ``route``, a config file holding ``ROUTE_CONFIG``;
-    ``workers`` processes sharing key health through ``shared`` (Redis)."""
+    ``workers`` processes sharing key health through ``shared`` (Redis); with
+    ``limited``, keys with an rpm and a max_in_flight far above the load, so
+    that every attempt asks Redis (one Lua round trip) and none is held."""
     env = _child_env({"OPENROUTER_KEYS": ",".join(FAKE_KEYS)})
     base = [sys.executable, "-m", "keyrotor.cli", "serve", "--host", LOOPBACK]
     if shared is not None:
@@ -642,6 +645,16 @@ def start_keyrotor(
     folder = Path(stack.enter_context(tempfile.TemporaryDirectory()))
     if route:
         (folder / "keyrotor.toml").write_text(ROUTE_CONFIG)
+        base += ["--config", str(folder / "keyrotor.toml")]
+    elif limited:
+        env = _child_env({f"K{i}": key for i, key in enumerate(FAKE_KEYS)})
+        (folder / "keyrotor.toml").write_text(
+            "".join(
+                f'[[keys]]\nalias = "k{i}"\nsecret_env = "K{i}"\nrpm = 6000000\n'
+                "max_in_flight = 100000\n"
+                for i in range(len(FAKE_KEYS))
+            )
+        )
         base += ["--config", str(folder / "keyrotor.toml")]
     if state:
         base += ["--state", str(folder / "state.db")]
@@ -678,9 +691,12 @@ LITELLM_DEPLOYMENT = """\
 """
 
 
-def start_litellm(stack: ExitStack, upstream_url: str) -> tuple[Child, Endpoint]:
-    """LiteLLM's proxy with 4 deployments of MODEL, one per fake key (not exercised
-    where litellm is not installed)."""
+def start_litellm(
+    stack: ExitStack, upstream_url: str, python: str = sys.executable, workers: int = 1
+) -> tuple[Child, Endpoint]:
+    """LiteLLM's proxy with 4 deployments of MODEL, one per fake key, run by
+    ``python`` (a venv with ``litellm[proxy]``), ``workers`` processes (its
+    ``--num_workers``); not exercised where litellm is not installed."""
     config = Path(stack.enter_context(tempfile.TemporaryDirectory())) / "litellm.yaml"
     deployments = "".join(
         LITELLM_DEPLOYMENT.format(model=MODEL, base=upstream_url, key=key) for key in FAKE_KEYS
@@ -688,7 +704,7 @@ def start_litellm(stack: ExitStack, upstream_url: str) -> tuple[Child, Endpoint]
     config.write_text(LITELLM_CONFIG.format(deployments=deployments))
     port = free_port()
     cmd = [
-        sys.executable,
+        python,
         "-m",
         "litellm.proxy.proxy_cli",
         "--config",
@@ -697,8 +713,15 @@ def start_litellm(stack: ExitStack, upstream_url: str) -> tuple[Child, Endpoint]
         LOOPBACK,
         "--port",
         str(port),
+        *(["--num_workers", str(workers)] if workers > 1 else []),
     ]
-    env = _child_env({"LITELLM_LOCAL_MODEL_COST_MAP": "True"})  # no download at start
+    env = _child_env(
+        {
+            "LITELLM_LOCAL_MODEL_COST_MAP": "True",  # no download at start
+            # Loopback and fake keys: recent versions refuse to start without a master key.
+            "LITELLM_DANGEROUSLY_PERMIT_WEAK_OR_UNSET_MASTER_KEY": "true",
+        }
+    )
     proxy = stack.enter_context(child("litellm proxy", cmd, env, stdout=False))
     if wait_ready(proxy, port, "/health/liveliness", timeout=90.0) is None:
         raise BenchError(f"LiteLLM's proxy did not become ready:\n{proxy.log_tail()}")
@@ -1125,6 +1148,19 @@ def _parser() -> argparse.ArgumentParser:
         "redis-server started here (needs Debian's redis-server)",
     )
     parser.add_argument(
+        "--limited",
+        action="store_true",
+        help="with --workers N: also N workers whose keys have an rpm and max_in_flight "
+        "(far above the load), so that every attempt makes one Redis round trip",
+    )
+    parser.add_argument(
+        "--litellm-python",
+        metavar="PATH",
+        help="the python of a separate venv with LiteLLM's proxy (python3 -m venv "
+        "/tmp/litellm && /tmp/litellm/bin/pip install 'litellm[proxy]'): measure it side "
+        "by side (with --workers N: also at N workers); default: litellm in this venv, if any",
+    )
+    parser.add_argument(
         "--dashboard",
         type=int,
         default=0,
@@ -1165,6 +1201,10 @@ def _command(args: argparse.Namespace) -> str:
         parts.append(f"--dashboard {args.dashboard}")
     if args.workers > 1:
         parts.append(f"--workers {args.workers}")
+    if args.limited:
+        parts.append("--limited")
+    if args.litellm_python:
+        parts.append(f"--litellm-python {args.litellm_python}")
     return " ".join(parts)
 
 
@@ -1195,7 +1235,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         prewarm=args.prewarm,
         max_connections=args.max_connections,
     )
-    litellm_found = importlib.util.find_spec("litellm") is not None
+    litellm_python = args.litellm_python or sys.executable
+    litellm_found = (
+        args.litellm_python is not None or importlib.util.find_spec("litellm") is not None
+    )
     load_before = os.getloadavg()
     started = time.perf_counter()
     with ExitStack() as stack:
@@ -1229,10 +1272,24 @@ def main(argv: Sequence[str] | None = None) -> int:
                 name = f"through keyrotor, {args.workers} workers"
                 print(f"{name}: supervisor pid {many.pid} at {endpoint.url}", file=sys.stderr)
                 proxies.append((Target(name, endpoint, None), many))
+                if args.limited:
+                    many, endpoint = start_keyrotor(
+                        stack, upstream_url, True, workers=args.workers, shared=redis, limited=True
+                    )
+                    name += ", shared limits"
+                    print(f"{name}: supervisor pid {many.pid} at {endpoint.url}", file=sys.stderr)
+                    proxies.append((Target(name, endpoint, None), many))
             if litellm_found:
-                lproxy, lendpoint = start_litellm(stack, upstream_url)
+                lproxy, lendpoint = start_litellm(stack, upstream_url, litellm_python)
                 print(f"litellm pid {lproxy.pid} at {lendpoint.url}", file=sys.stderr, flush=True)
                 proxies.append((Target("through LiteLLM", lendpoint, lproxy.pid), lproxy))
+                if args.workers > 1:
+                    lmany, lendpoint = start_litellm(
+                        stack, upstream_url, litellm_python, args.workers
+                    )
+                    name = f"through LiteLLM, {args.workers} workers"
+                    print(f"{name}: pid {lmany.pid} at {lendpoint.url}", file=sys.stderr)
+                    proxies.append((Target(name, lendpoint, None), lmany))
         targets += [t for t, _ in proxies]
         pids = {"upstream": upstream.pid, **{t.name: t.pid for t, _ in proxies if t.pid}}
 

@@ -10,9 +10,17 @@ event for that key arrives. Reported: the time from A's answer reaching the
 client to B's event reaching the client (what the other process lags behind,
 its own event-stream delivery included), and from sending to A.
 
+With ``--rpm SECONDS``: a key's rpm across three processes instead. Keys k0
+(``rpm = 60``) and three plain ones, six callers spread over three ``keyrotor
+serve`` processes for SECONDS; the fake upstream notes when each of k0's
+requests arrives, and the benchmark reports the most of them in any 60 s, once
+with the processes sharing Redis and once without (each process alone), and
+the Redis round trips per request (``/status`` ``shared.limits.roundTrips``).
+
 Run:
 
     python -m benchmarks.shared --rounds 200
+    python -m benchmarks.shared --rpm 70
 """
 
 from __future__ import annotations
@@ -38,13 +46,23 @@ KEYS = 40
 CHAT = {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 
 
-def start_proxy(stack: ExitStack, upstream: str, redis: str, keys: dict[str, str]) -> str:
+def start_proxy(
+    stack: ExitStack,
+    upstream: str,
+    redis: str | None,
+    keys: dict[str, str],
+    options: dict[str, str] | None = None,
+) -> str:
     folder = Path(stack.enter_context(tempfile.TemporaryDirectory()))
     config = folder / "keyrotor.toml"
+    shared = "" if redis is None else f'[shared]\nurl = "{redis}"\n'
     config.write_text(
         f'upstream = "{upstream}"\n[state]\nenabled = false\n[catalog]\nenabled = false\n'
-        f'[shared]\nurl = "{redis}"\n'
-        + "".join(f'[[keys]]\nalias = "{a}"\nsecret_env = "K_{a.upper()}"\n' for a in keys)
+        + shared
+        + "".join(
+            f'[[keys]]\nalias = "{a}"\nsecret_env = "K_{a.upper()}"\n' + (options or {}).get(a, "")
+            for a in keys
+        )
     )
     env = {**os.environ, **{f"K_{a.upper()}": s for a, s in keys.items()}}
     port = free_port()
@@ -66,10 +84,64 @@ def read_events(url: str, found: queue.Queue[tuple[float, dict[str, object]]]) -
                 found.put((time.perf_counter(), json.loads(line[6:])))
 
 
+def rpm_run(seconds: float, shared: bool) -> tuple[int, int, float]:
+    """(most of k0's requests in any 60 s, requests served, round trips per request)."""
+    keys = {f"k{i}": f"sk-or-v1-rpm-{i}-" + "jk" * 12 for i in range(4)}
+    arrivals: list[float] = []
+    fake = Scenario()
+    for alias, secret in keys.items():
+        note = Custom(lambda call: arrivals.append(time.monotonic()))
+        fake.add(secret, note if alias == "k0" else Ok(), alias=alias)
+    served = 0
+    lock = threading.Lock()
+    with ExitStack() as stack:
+        upstream = stack.enter_context(FakeUpstream.running_in_thread(fake))
+        redis = start_redis(stack) if shared else None
+        urls = [
+            start_proxy(stack, upstream.url, redis, keys, {"k0": "rpm = 60\n"}) for _ in range(3)
+        ]
+        time.sleep(1.0)
+        stop = time.monotonic() + seconds
+
+        def caller(url: str) -> None:
+            nonlocal served
+            with httpx.Client(timeout=30) as http:
+                while time.monotonic() < stop:
+                    if http.post(f"{url}/v1/chat/completions", json=CHAT).status_code == 200:
+                        with lock:
+                            served += 1
+
+        threads = [threading.Thread(target=caller, args=(u,)) for u in urls for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        trips = 0
+        if shared:
+            trips = sum(
+                httpx.get(f"{u}/status").json()["shared"]["limits"]["roundTrips"] for u in urls
+            )
+    most = max(
+        (sum(1 for t in arrivals if start <= t < start + 60.0) for start in arrivals), default=0
+    )
+    return most, served, trips / max(served, 1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=200)
+    parser.add_argument("--rpm", type=float, metavar="SECONDS", help="the rpm check instead")
     args = parser.parse_args()
+    if args.rpm:
+        print(f"k0: rpm = 60; 3 processes, 6 callers, {args.rpm:g} s each; loopback")
+        print("| processes | most of k0's requests in any 60 s | requests served | "
+              "Redis round trips per request |")  # fmt: skip
+        print("|---|---:|---:|---:|")
+        for shared in (True, False):
+            most, served, trips = rpm_run(args.rpm, shared)
+            name = "sharing one redis-server" if shared else "each alone (no Redis)"
+            print(f"| {name} | {most} | {served} | {trips:.3f} |")
+        return
     keys = {f"k{i}": f"sk-or-v1-stale-{i}-" + "jk" * 12 for i in range(KEYS)}
     fake = Scenario()
     for alias, secret in keys.items():
