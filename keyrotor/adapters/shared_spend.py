@@ -2,8 +2,9 @@
 (docs/scaling.md).
 
 Each process sums what it spent per key, and per client token or model that
-has a ``[[budgets]]`` window, by minute, and writes the sums (in one pipeline,
-as soon as the last one is back) to its own fields ``<minute>|<instance>`` of
+has a ``[[budgets]]`` window, by minute, and writes the sums (in one pipeline:
+at once when a budget or a key's ``budget``/``credits`` waits for them, else
+every ``LAZY`` s) to its own fields ``<minute>|<instance>`` of
 the Redis hashes ``<namespace>:spend:<scope>:<name>``, then publishes them.
 Another process takes the growth of each field it has not seen yet: a key's
 spend enters its core as ``SpendRecorded`` (key budgets, credits, ``/status``),
@@ -34,11 +35,13 @@ if TYPE_CHECKING:
     from ..transports.api import Driver, StreamAccountant
     from .proxy.spend import SpendBook
 
-__all__ = ["FLUSH", "KEEP", "SharedSpend"]
+__all__ = ["KEEP", "LAZY", "SharedSpend"]
 
-FLUSH = 0.0
-"""Seconds spend is summed before it is added in Redis (one pipeline; under
-load, what is spent while a pipeline is on its way joins the next one)."""
+LAZY = 1.0
+"""Seconds spend that no budget or credit limit waits for is summed before it
+is written (a budgeted client or model, or a key with a ``budget`` or
+``credits``, is written at once: under load, what is spent while a pipeline is
+on its way joins the next one)."""
 KEEP = 2 * 86400
 """Seconds a minute's spend is kept in Redis (and taken at start)."""
 _MINUTE = 60
@@ -70,6 +73,10 @@ class SharedSpend:
         self._dirty: set[tuple[str, str, int]] = set()  # sums not yet in Redis
         self._seen: dict[tuple[str, str, int, str], float] = {}  # others' sums taken
         self._wake: anyio.Event | None = None
+        self._hurry: anyio.Event | None = None
+        self._urgent = False
+        specs = driver.pool.key_specs().values()
+        self._limited = {s.key_id for s in specs if s.budget is not None or s.credits is not None}
         self.taken = 0.0
         driver.on_finished.append(self._finished)
         book.on_budgeted = self.charged
@@ -78,24 +85,35 @@ class SharedSpend:
 
     def _finished(self, key_id: str, usage: StreamAccountant) -> None:
         if usage.cost:
-            self.charged("key", key_id, usage.cost, self._clock())
+            self.charged("key", key_id, usage.cost, self._clock(), key_id in self._limited)
 
-    def charged(self, scope: str, name: str, cost: float, at: float) -> None:
-        """``cost`` USD spent here on ``scope: name`` at ``at`` (Unix s)."""
+    def charged(self, scope: str, name: str, cost: float, at: float, urgent: bool = True) -> None:
+        """``cost`` USD spent here on ``scope: name`` at ``at`` (Unix s); ``urgent``:
+        a limit waits for it (``SpendBook`` hears only of budgeted spend)."""
         where = (scope, name, int(at // _MINUTE) * _MINUTE)
         self._mine[where] = self._mine.get(where, 0.0) + cost
         self._dirty.add(where)
         if self._wake is not None:
             self._wake.set()
+        if urgent:
+            self._urgent = True
+            if self._hurry is not None:
+                self._hurry.set()
 
     async def run(self, client: Any) -> None:
-        """Write the sums that changed, one pipeline after another."""
+        """Write the sums that changed: at once when a limit waits for them, else
+        every ``LAZY`` s."""
         while True:
             if not self._dirty:
                 self._wake = anyio.Event()
                 await self._wake.wait()
                 self._wake = None
-            await anyio.sleep(FLUSH)
+            if not self._urgent:
+                self._hurry = anyio.Event()
+                with anyio.move_on_after(LAZY):
+                    await self._hurry.wait()
+                self._hurry = None
+            self._urgent = False
             batch, self._dirty = self._dirty, set()
             try:
                 await self._write(client, batch)
