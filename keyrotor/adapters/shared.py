@@ -36,8 +36,8 @@ import secrets
 import socket
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 import anyio
@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from ..core import KeyStateChanged
     from ..transports.api import Driver
 
-__all__ = ["PREFIX", "QUEUE", "SharedPart", "SharedState", "accepts", "parse_url"]
+__all__ = ["PREFIX", "QUEUE", "Outbox", "SharedPart", "SharedState", "accepts", "parse_url"]
 
 PREFIX = "shared: "
 """The reason of a state this process took from another one."""
@@ -59,6 +59,7 @@ HEARTBEAT = 0.5
 _COOLING = (KeyState.RATE_LIMITED, KeyState.DEGRADED)
 _USABLE = (KeyState.HEALTHY, KeyState.RECOVERING)
 _AUTHORITY = ("operator", "probe")  # reasons that may say a key is healthy again
+T = TypeVar("T")
 
 
 def parse_url(url: str) -> tuple[str, int, int]:
@@ -124,6 +125,37 @@ def _ours(exc: BaseException) -> Exception:
     return exc
 
 
+class Outbox(Generic[T]):
+    """What a process has to send to Redis, in order, kept while Redis is away
+    (at most ``limit``: the oldest are dropped beyond, counted in ``dropped``)."""
+
+    def __init__(self, limit: int = QUEUE) -> None:
+        self.items: deque[T] = deque(maxlen=limit)
+        self.dropped = 0
+        self._wake: anyio.Event | None = None  # set while ``drain`` waits
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def put(self, item: T) -> None:
+        if len(self.items) == self.items.maxlen:
+            self.dropped += 1
+        self.items.append(item)
+        if self._wake is not None:
+            self._wake.set()
+
+    async def drain(self, send: Callable[[T], Awaitable[Any]]) -> None:
+        """For as long as it runs: ``send`` each item; one leaves only once sent."""
+        while True:
+            while self.items:
+                await send(self.items[0])
+                self.items.popleft()
+            self._wake = anyio.Event()
+            if not self.items:
+                await self._wake.wait()
+            self._wake = None
+
+
 class SharedPart(Protocol):
     """A part of the shared state, on ``SharedState``'s connection: records
     on its ``channels`` reach their handlers; ``connected`` reconciles after a
@@ -166,12 +198,11 @@ class SharedState:
         self.origin = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self.channel = f"{namespace}:keys"
         self.hash = f"{namespace}:state"
-        self._queue: deque[dict[str, Any]] = deque(maxlen=QUEUE)
-        self._wake: anyio.Event | None = None  # set while the sender waits
+        self.outbox: Outbox[dict[str, Any]] = Outbox()
         self.connected = False
         self.since: float | None = None
         self.last_error: str | None = None
-        self.published = self.applied = self.ignored = self.dropped = 0
+        self.published = self.applied = self.ignored = 0
         self.namespace = namespace
         self.parts: list[SharedPart] = []
 
@@ -183,9 +214,7 @@ class SharedState:
             return
         wall = self._driver.wall_clock()
         until = None if change.until is None else wall + (change.until - change.now)
-        if len(self._queue) == self._queue.maxlen:
-            self.dropped += 1
-        self._queue.append(
+        self.outbox.put(
             {
                 "key": change.key_id,
                 "state": change.new.value,
@@ -195,8 +224,6 @@ class SharedState:
                 "origin": self.origin,
             }
         )
-        if self._wake is not None:
-            self._wake.set()
 
     # ------------------------------------------------------------ shared -> local
 
@@ -288,19 +315,14 @@ class SharedState:
                 self.ignored += 1
 
     async def _send(self, client: Any) -> None:
-        while True:
-            while self._queue:
-                record = self._queue[0]
-                text = json.dumps(record)
-                async with client.pipeline(transaction=False) as pipe:
-                    pipe.hset(self.hash, {record["key"]: text})
-                    pipe.publish(self.channel, text)
-                self._queue.popleft()  # only once Redis has it
-                self.published += 1
-            self._wake = anyio.Event()
-            if not self._queue:
-                await self._wake.wait()
-            self._wake = None
+        async def send(record: dict[str, Any]) -> None:
+            text = json.dumps(record)
+            async with client.pipeline(transaction=False) as pipe:
+                pipe.hset(self.hash, {record["key"]: text})
+                pipe.publish(self.channel, text)
+            self.published += 1
+
+        await self.outbox.drain(send)
 
     async def _heartbeat(self, client: Any) -> None:
         """A PING every ``HEARTBEAT`` s: a subscription does not notice a Redis
@@ -355,10 +377,10 @@ class SharedState:
             "connected": self.connected,
             "since": self.since,
             "lastError": self.last_error,
-            "queued": len(self._queue),
+            "queued": len(self.outbox),
             "published": self.published,
             "applied": self.applied,
             "ignored": self.ignored,
-            "dropped": self.dropped,
+            "dropped": self.outbox.dropped,
             **{part.name: part.status() for part in self.parts},
         }

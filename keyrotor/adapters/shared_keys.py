@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections import deque
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +24,7 @@ import anyio
 
 from ..core import KeySpec, PoolError
 from .config import MAIN_PROVIDER
+from .shared import Outbox
 from .storage import StorageError, cipher_for, secret_key_from_env
 
 if TYPE_CHECKING:
@@ -56,9 +56,8 @@ class SharedKeys:
         self.channels = {self.channel: self.heard}
         self._added = f"{namespace}:keys:added"
         self._removed = f"{namespace}:keys:removed"
-        self._out: deque[tuple[str, str, dict[str, Any]]] = deque(maxlen=10_000)
-        self._in: deque[dict[str, Any]] = deque(maxlen=10_000)
-        self._wake = anyio.Event()
+        self._out: Outbox[tuple[str, str, dict[str, Any]]] = Outbox()
+        self._in: Outbox[dict[str, Any]] = Outbox()
         self.applied = self.refused = 0
         self._cipher: Any = None
         self.why_not: str | None = None
@@ -93,15 +92,13 @@ class SharedKeys:
 
     def _send(self, where: str, alias: str, record: dict[str, Any]) -> None:
         record |= {"origin": self.origin, "at": self._clock()}
-        self._out.append((where, alias, record))
-        self._wake.set()
+        self._out.put((where, alias, record))
 
     # ------------------------------------------------------ the others
 
     def heard(self, record: dict[str, Any]) -> None:
         if record.get("origin") != self.origin and self._cipher is not None:
-            self._in.append(record)
-            self._wake.set()
+            self._in.put(record)
 
     async def connected(self, client: Any) -> None:
         """Take what was added or removed elsewhere while this process was away."""
@@ -118,24 +115,20 @@ class SharedKeys:
             except ValueError:
                 continue
             if isinstance(record, dict):
-                self._in.append(record)
-        self._wake.set()
+                self._in.put(record)
 
     async def run(self, client: Any) -> None:
-        while True:
-            while self._out:
-                where, alias, record = self._out[0]
-                other = self._removed if where == self._added else self._added
-                async with client.pipeline(transaction=False) as pipe:
-                    pipe.hset(where, {alias: json.dumps(record)})
-                    pipe.hdel(other, [alias])
-                    pipe.publish(self.channel, json.dumps(record))
-                self._out.popleft()
-            while self._in:
-                await self._apply(self._in.popleft())
-            self._wake = anyio.Event()
-            if not self._out and not self._in:
-                await self._wake.wait()
+        async def publish(change: tuple[str, str, dict[str, Any]]) -> None:
+            where, alias, record = change
+            other = self._removed if where == self._added else self._added
+            async with client.pipeline(transaction=False) as pipe:
+                pipe.hset(where, {alias: json.dumps(record)})
+                pipe.hdel(other, [alias])
+                pipe.publish(self.channel, json.dumps(record))
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(self._in.drain, self._apply)
+            await self._out.drain(publish)
 
     async def _apply(self, record: dict[str, Any]) -> None:
         from .proxy.admin import AdminError

@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections import deque
 from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import Any
 
 import anyio
 
 from ..core import KeySpec
+from .shared import Outbox
 
 __all__ = ["ADMIT", "TIMEOUT", "SharedLimits"]
 
@@ -140,7 +141,7 @@ class SharedLimits:
     kept in Redis for every process (see the module's docstring)."""
 
     name = "limits"
-    channels: Mapping[str, Callable[[dict[str, Any]], None]] = {}
+    channels: Mapping[str, Callable[[dict[str, Any]], None]] = MappingProxyType({})
 
     def __init__(
         self,
@@ -161,8 +162,7 @@ class SharedLimits:
         self._free_take: Any = None
         self._free_fix: Any = None
         self._held: dict[str, tuple[str, str]] = {}  # request -> (in-flight set, member)
-        self._fixes: deque[tuple[str, list[str], list[Any]]] = deque(maxlen=10_000)
-        self._wake: anyio.Event | None = None
+        self._fixes: Outbox[tuple[str, list[str], list[Any]]] = Outbox()
         self._serial = itertools.count(1)
         self._free_mine: dict[str, list[str]] = {}  # account -> this process's members
         self.admitted = self.waits = self.local = self.round_trips = 0
@@ -300,25 +300,18 @@ class SharedLimits:
                 )
 
     async def _sending(self, client: Any) -> None:
-        while True:
-            while self._fixes:
-                kind, keys, args = self._fixes[0]
-                if kind == "zrem":
-                    await client.zrem(keys[0], args)
-                else:
-                    await self._free_fix(keys=keys, args=args)
-                self._fixes.popleft()
-            self._wake = anyio.Event()
-            if not self._fixes:
-                await self._wake.wait()
-            self._wake = None
+        async def send(fix: tuple[str, list[str], list[Any]]) -> None:
+            kind, keys, args = fix
+            if kind == "zrem":
+                await client.zrem(keys[0], args)
+            else:
+                await self._free_fix(keys=keys, args=args)
+
+        await self._fixes.drain(send)
 
     def _fix(self, kind: str, keys: list[str], args: list[Any]) -> None:
-        if self._client is None:
-            return  # Redis away: in-flight leases lapse, free counts stay local
-        self._fixes.append((kind, keys, args))
-        if self._wake is not None:
-            self._wake.set()
+        if self._client is not None:  # Redis away: in-flight leases lapse, free counts stay local
+            self._fixes.put((kind, keys, args))
 
     def status(self) -> dict[str, Any]:
         return {

@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from .shared import Outbox
+
 if TYPE_CHECKING:
     from ..models.cooling import ModelCooling
 
@@ -130,16 +132,12 @@ class SharedModels:
         self._clock = clock
         self.channel = f"{namespace}:models"
         self.channels = {self.channel: self.heard}
-        self._queue: list[dict[str, Any]] = []
-        self._wake: anyio.Event | None = None
+        self.outbox: Outbox[dict[str, Any]] = Outbox(1000)
         self.taken = 0
 
     def cooled(self, model: str, until: float, why: str) -> None:
         """The router's ``on_cool``: ``model`` cools here until ``until`` (Unix s)."""
-        if len(self._queue) < 1000:
-            self._queue.append({"model": model, "until": until, "why": why, "origin": self.origin})
-        if self._wake is not None:
-            self._wake.set()
+        self.outbox.put({"model": model, "until": until, "why": why, "origin": self.origin})
 
     def heard(self, record: dict[str, Any]) -> None:
         if record.get("origin") == self.origin:
@@ -155,17 +153,10 @@ class SharedModels:
         """Cooldowns are short-lived: those missed while away are not fetched."""
 
     async def run(self, client: Any) -> None:
-        while True:
-            while self._queue:
-                await client.publish(self.channel, json.dumps(self._queue[0]))
-                self._queue.pop(0)
-            self._wake = anyio.Event()
-            if not self._queue:
-                await self._wake.wait()
-            self._wake = None
+        await self.outbox.drain(lambda record: client.publish(self.channel, json.dumps(record)))
 
     def disconnected(self) -> None:
-        """Cooldowns decided while away stay queued (at most 1000)."""
+        """Cooldowns decided while away stay in the outbox (at most 1000)."""
 
     def status(self) -> dict[str, Any]:
-        return {"queued": len(self._queue), "taken": self.taken}
+        return {"queued": len(self.outbox), "taken": self.taken}

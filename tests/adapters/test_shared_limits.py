@@ -17,7 +17,7 @@ import pytest
 
 from keyrotor.adapters.config import Budget, ProxyConfig
 from keyrotor.core import KeySpec, PoolConfig
-from keyrotor.testing import Custom, FakeUpstream, Ok, Scenario
+from keyrotor.testing import Custom, FakeUpstream, Ok, Reply, Scenario
 
 from .proxy_thread import ProxyThread
 from .test_shared import SECRETS, RedisServer, needs_redis, redis, wait_until
@@ -251,3 +251,33 @@ def test_keys_added_and_removed_at_runtime_reach_every_process(
     assert new_secret not in json.dumps(in_redis)
     assert '"alias": "new"' in stored and new_secret not in stored  # sealed in Redis
     assert in_redis["shared"]["keys"]["applied"] == 1  # the removal, from b
+
+
+def test_a_model_that_failed_in_one_process_cools_in_the_other(
+    redis: RedisServer, tmp_path: Path
+) -> None:
+    from .test_routing import HI, SENT, scenario, write_config
+
+    extra = f'[shared]\nurl = "{redis.url}"\nnamespace = "t{tmp_path.name[-6:]}"\n'
+    with FakeUpstream.running_in_thread(scenario()) as server:
+        options = write_config(tmp_path, server.url, extra)
+        with ProxyThread(options, []) as a, ProxyThread(options, []) as b:
+            for url in (a, b):
+                wait_until(lambda u=url: httpx.get(f"{u}/status").json()["shared"]["connected"])
+            ranked = httpx.post(f"{a}/routing/recommend", json={"model": "free", "messages": HI})
+            first = ranked.json()["model"]
+            server.scenario = scenario({first: Reply(404, f"No endpoints found for {first}.")})
+            assert (
+                httpx.post(
+                    f"{a}/v1/chat/completions", json={"model": "free", "messages": HI}
+                ).status_code
+                == 200
+            )  # a fell back past the model, and cooled it
+            cooling = wait_until(
+                lambda: first in (c := httpx.get(f"{b}/status").json()["routing"]["cooling"]) and c
+            )
+            SENT.clear()
+            answer = httpx.post(f"{b}/v1/chat/completions", json={"model": "free", "messages": HI})
+    assert cooling[first]["why"].startswith("shared: answered 404")
+    assert answer.status_code == 200 and answer.headers["x-keyrotor-model"] != first
+    assert first not in [body["model"] for body in SENT]  # b never tried it
