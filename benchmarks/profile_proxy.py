@@ -1,0 +1,100 @@
+"""Where the proxy's CPU goes: ``keyrotor serve`` under cProfile, closed-loop load.
+
+The fake upstream in its own process, the proxy (``--no-state`` or with its state
+file, 4 fake keys) run by ``cProfile`` and stopped with SIGTERM after the load
+(it drains and exits; cProfile writes its figures then), the load generator of
+``proxy_load`` (32 keep-alive connections back to back). Prints the CPU of the
+proxy per request (from /proc, the profiler's own cost included: compare runs of
+this script, not with proxy_load) and the functions with the most time of their
+own and in all.
+
+Run:
+
+    python -m benchmarks.profile_proxy --duration 10 --stream
+"""
+
+from __future__ import annotations
+
+import argparse
+import pstats
+import sys
+import tempfile
+from contextlib import ExitStack
+from pathlib import Path
+
+from benchmarks.proxy_load import (
+    FAKE_KEYS,
+    LOOPBACK,
+    Endpoint,
+    Options,
+    Target,
+    _child_env,
+    child,
+    cpu_seconds,
+    free_port,
+    measure,
+    start_upstream,
+    wait_ready,
+    warm_up,
+)
+
+RUN = (
+    "import cProfile, sys; out = sys.argv.pop(1); "
+    "from keyrotor.cli import main; cProfile.run('main()', out)"
+)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument("--stream", action="store_true", help="SSE instead of JSON")
+    parser.add_argument("--state", action="store_true", help="keep a state file (as serve does)")
+    parser.add_argument("--top", type=int, default=30)
+    parser.add_argument("--save", metavar="PATH", help="keep the cProfile figures there")
+    args = parser.parse_args()
+    options = Options(
+        rate=200, duration=args.duration, concurrency=32, rounds=1,
+        streaming=(args.stream,), warmup=1.0, prewarm=16, max_connections=256,
+    )  # fmt: skip
+    with ExitStack() as stack:
+        folder = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        out = folder / "proxy.prof"
+        _, upstream_url = start_upstream(stack)
+        port = free_port()
+        state = ["--state", str(folder / "state.db")] if args.state else ["--no-state"]
+        cmd = [sys.executable, "-c", RUN, str(out), "serve", "--host", LOOPBACK,
+               "--port", str(port), "--upstream", upstream_url, *state]  # fmt: skip
+        env = _child_env({"OPENROUTER_KEYS": ",".join(FAKE_KEYS)})
+        with child("keyrotor proxy (cProfile)", cmd, env, stdout=False) as proxy:
+            if wait_ready(proxy, port, "/healthz") is None:
+                raise SystemExit(f"the proxy did not start:\n{proxy.log_tail()}")
+            target = Target("proxy", Endpoint(LOOPBACK, port, "/v1/chat/completions"), proxy.pid)
+            warm_up(target, options)
+            before = cpu_seconds(proxy.pid)
+            result = measure(target, "closed", args.stream, 1, options, {})
+            used = cpu_seconds(proxy.pid) - before
+        stats = pstats.Stats(str(out))
+        if args.save:
+            stats.dump_stats(args.save)
+    body = "SSE" if args.stream else "JSON"
+    per = used / max(result.ok, 1) * 1e6
+    print(
+        f"{body}, closed loop of 32 for {args.duration:g} s: {result.ok} ok, "
+        f"{result.error_count} errors, {result.rps:.0f} rps under the profiler; "
+        f"{per:.0f} us of proxy CPU per request (profiled)"
+    )
+    total = stats.total_tt  # type: ignore[attr-defined]
+    for key, title in (("tottime", "own time"), ("cumulative", "time in all")):
+        print(f"\n| function ({title}) | calls | own s | all s | own % |")
+        print("|---|---:|---:|---:|---:|")
+        stats.sort_stats(key)
+        for func in stats.fcn_list[: args.top]:  # type: ignore[attr-defined]
+            calls, _, own, cumulative, _ = stats.stats[func]  # type: ignore[attr-defined]
+            where = f"{Path(func[0]).name}:{func[1]} {func[2]}"
+            print(f"| `{where}` | {calls} | {own:.2f} | {cumulative:.2f} | "
+                  f"{own / total * 100:.1f} |")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
