@@ -519,7 +519,11 @@ def child(name: str, cmd: list[str], env: dict[str, str], *, stdout: bool) -> It
             proc_child.stop()
 
 
-def start_upstream(stack: ExitStack, catalog: str = "default") -> tuple[Child, str]:
+def start_upstream(
+    stack: ExitStack, catalog: str = "default", scenario: str = "open"
+) -> tuple[Child, str]:
+    """The fake upstream: ``open`` (any key is healthy), or ``faulty`` (the same,
+    plus ``FAULTY_KEYS``: revoked, out of credits, rate limited, hanging)."""
     cmd = [
         sys.executable,
         "-m",
@@ -529,7 +533,7 @@ def start_upstream(stack: ExitStack, catalog: str = "default") -> tuple[Child, s
         "--port",
         "0",
         "--scenario",
-        "open",
+        scenario,
     ]
     if catalog != "default":  # an older fake upstream knows no --catalog
         cmd += ["--catalog", catalog]
@@ -632,12 +636,15 @@ def start_keyrotor(
     workers: int = 1,
     shared: str | None = None,
     limited: bool = False,
+    faults: bool = False,
 ) -> tuple[Child, Endpoint]:
     """The proxy with its state file in a fresh temporary directory (``state``),
     or ``--no-state``; with ``route``, a config file holding ``ROUTE_CONFIG``;
     ``workers`` processes sharing key health through ``shared`` (Redis); with
     ``limited``, keys with an rpm and a max_in_flight far above the load, so
-    that every attempt asks Redis (one Lua round trip) and none is held."""
+    that every attempt asks Redis (one Lua round trip) and none is held; with
+    ``faults``, the four faulty keys of the ``faulty`` scenario too, and a first
+    byte awaited 2 s (then the attempt fails over)."""
     env = _child_env({"OPENROUTER_KEYS": ",".join(FAKE_KEYS)})
     base = [sys.executable, "-m", "keyrotor.cli", "serve", "--host", LOOPBACK]
     if shared is not None:
@@ -645,6 +652,19 @@ def start_keyrotor(
     folder = Path(stack.enter_context(tempfile.TemporaryDirectory()))
     if route:
         (folder / "keyrotor.toml").write_text(ROUTE_CONFIG)
+        base += ["--config", str(folder / "keyrotor.toml")]
+    elif faults:
+        from keyrotor.testing.scenarios import FAULTY_KEYS  # this revision's fake upstream
+
+        keys = {**{f"k{i}": key for i, key in enumerate(FAKE_KEYS)}, **FAULTY_KEYS}
+        env = _child_env({f"K_{i}": key for i, key in enumerate(keys.values())})
+        (folder / "keyrotor.toml").write_text(
+            "[http]\nfirst_byte = 2.0\nfirst_byte_stream = 2.0\n"
+            + "".join(
+                f'[[keys]]\nalias = "{alias}"\nsecret_env = "K_{i}"\n'
+                for i, alias in enumerate(keys)
+            )
+        )
         base += ["--config", str(folder / "keyrotor.toml")]
     elif limited:
         env = _child_env({f"K{i}": key for i, key in enumerate(FAKE_KEYS)})
@@ -1148,6 +1168,18 @@ def _parser() -> argparse.ArgumentParser:
         "redis-server started here (needs Debian's redis-server)",
     )
     parser.add_argument(
+        "--faults",
+        action="store_true",
+        help="also a proxy whose 4 healthy keys are mixed with 4 faulty ones (revoked, out "
+        "of credits, rate limited, hanging; first byte awaited 2 s): the faults' cost",
+    )
+    parser.add_argument(
+        "--peer",
+        choices=("litellm",),
+        help="measure a peer's proxy side by side: litellm (from this venv, or the python "
+        "given with --litellm-python)",
+    )
+    parser.add_argument(
         "--limited",
         action="store_true",
         help="with --workers N: also N workers whose keys have an rpm and max_in_flight "
@@ -1201,6 +1233,10 @@ def _command(args: argparse.Namespace) -> str:
         parts.append(f"--dashboard {args.dashboard}")
     if args.workers > 1:
         parts.append(f"--workers {args.workers}")
+    if args.faults:
+        parts.append("--faults")
+    if args.peer:
+        parts.append(f"--peer {args.peer}")
     if args.limited:
         parts.append("--limited")
     if args.litellm_python:
@@ -1242,7 +1278,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     load_before = os.getloadavg()
     started = time.perf_counter()
     with ExitStack() as stack:
-        upstream, upstream_url = start_upstream(stack, args.catalog)
+        scenario = "faulty" if args.faults else "open"
+        upstream, upstream_url = start_upstream(stack, args.catalog, scenario)
         print(f"fake upstream pid {upstream.pid} at {upstream_url}", file=sys.stderr, flush=True)
         baseline = "upstream alone"
         targets = [Target(baseline, Endpoint.parse(upstream_url + "/chat/completions"), None)]
@@ -1264,6 +1301,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         dashboards=args.dashboard,
                     )
                     proxies.append((watched, proxy))
+            if args.faults:  # the same proxy's keys plus four faulty ones, a process of its own
+                faulty, endpoint = start_keyrotor(stack, upstream_url, True, faults=True)
+                name = "through keyrotor, 4 faulty keys mixed in"
+                print(f"{name}: pid {faulty.pid} at {endpoint.url}", file=sys.stderr, flush=True)
+                proxies.append((Target(name, endpoint, faulty.pid), faulty))
             if args.workers > 1:  # N processes, their CPU not counted (children of one pid)
                 redis = start_redis(stack)
                 many, endpoint = start_keyrotor(

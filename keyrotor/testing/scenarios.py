@@ -240,6 +240,23 @@ class Scenario:
         return cls(unknown=Ok())
 
     @classmethod
+    def faulty(cls) -> Scenario:
+        """``open`` plus four faulty keys (secrets in ``FAULTY_KEYS``): ``revoked``
+        (401, probes too), ``no-credits`` (402), ``rate-limited`` (5 requests per
+        60 s, then 429 with Retry-After) and ``hanging`` (never answers): the
+        faults a load benchmark mixes into a healthy pool."""
+        sc = cls(unknown=Ok())
+        behaviours: dict[str, Behaviour] = {
+            "revoked": Invalid(),
+            "no-credits": Credits(0.0),
+            "rate-limited": RateLimit(5, 60.0),
+            "hanging": Hang(),
+        }
+        for alias, behaviour in behaviours.items():
+            sc.add(FAULTY_KEYS[alias], behaviour, alias=alias)
+        return sc
+
+    @classmethod
     def demo(cls) -> Scenario:
         """A mixed pool (secrets in ``DEMO_KEYS``, aliases are the keys of it):
 
@@ -288,8 +305,15 @@ DEMO_KEYS: Mapping[str, str] = {
 }
 """Alias -> secret of the ``demo`` scenario (fake secrets, safe to print)."""
 
+FAULTY_KEYS: Mapping[str, str] = {
+    alias: f"sk-or-v1-fake-faulty-{alias}"
+    for alias in ("revoked", "no-credits", "rate-limited", "hanging")
+}
+"""Alias -> secret of the ``faulty`` scenario's faulty keys (fake, safe to print)."""
+
 SCENARIOS: Mapping[str, Callable[[], Scenario]] = {
     "demo": Scenario.demo,
+    "faulty": Scenario.faulty,
     "healthy": Scenario.healthy,
     "open": Scenario.open,
 }
@@ -297,7 +321,7 @@ SCENARIOS: Mapping[str, Callable[[], Scenario]] = {
 
 
 def scenario(name: str) -> Scenario:
-    """A fresh built-in scenario by name (``demo``, ``healthy``, ``open``)."""
+    """A fresh built-in scenario by name (``demo``, ``faulty``, ``healthy``, ``open``)."""
     try:
         factory = SCENARIOS[name]
     except KeyError:
