@@ -1,9 +1,10 @@
-"""What the async client adds over its bare HTTP client, per request.
+"""What each client adds over its bare HTTP client, per request.
 
 Both send the same sequential keep-alive ``POST /chat/completions`` to the
 fake upstream, interleaved round by round in one run:
 
-- **bare**: keyrotor's h11 pool (``_h11pool.ConnectionPool``) alone, one key;
+- **bare**: keyrotor's h11 pool (``_h11pool.ConnectionPool``) alone, one key
+  (backend ``sync``: ``httpcore.ConnectionPool``, the blocking client's stack);
 - **client**: ``keyrotor.transports.<backend>.Client`` with 4 keys: the pool's
   decisions, the driver, usage accounting, the timer and probe tasks.
 
@@ -94,11 +95,46 @@ async def run(url: str, n: int, rounds: int, warmup: int) -> dict[str, list[list
     return results
 
 
+def run_sync(url: str, n: int, rounds: int, warmup: int) -> dict[str, list[list[float]]]:
+    """The blocking client against httpcore alone, the same way."""
+    import httpcore
+
+    from keyrotor.transports.sync import Client
+
+    results: dict[str, list[list[float]]] = {"bare": [], "client": []}
+    headers = [
+        (b"Authorization", b"Bearer " + next(iter(SECRETS.values())).encode()),
+        (b"Content-Type", b"application/json"),
+    ]
+    with httpcore.ConnectionPool() as pool, Client(SECRETS, url) as client:
+
+        def bare() -> None:
+            pool.request("POST", url + "/chat/completions", headers=headers, content=BODY)
+
+        def through_pool() -> None:
+            client.request("POST", "/chat/completions", content=BODY)
+
+        def measure_sync(send: Callable[[], None], count: int) -> list[float]:
+            times = []
+            for _ in range(count):
+                t0 = time.perf_counter()
+                send()
+                times.append(time.perf_counter() - t0)
+            return times
+
+        measure_sync(bare, warmup)
+        measure_sync(through_pool, warmup)
+        for _ in range(rounds):
+            results["bare"].append(measure_sync(bare, n))
+            results["client"].append(measure_sync(through_pool, n))
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--requests", type=int, default=2000, help="requests per round and side")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--backends", nargs="*", default=["asyncio", "trio"])
+    parser.add_argument("--backends", nargs="*", default=["asyncio", "trio", "sync"])
     args = parser.parse_args()
     proc, url = start_upstream()
     try:
@@ -107,7 +143,10 @@ def main() -> None:
         print("| backend | side | p50 µs | p99 µs | rps | added p50 µs | added p99 µs |")
         print("|---|---|---:|---:|---:|---:|---:|")
         for backend in args.backends:
-            results = anyio.run(run, url, args.requests, args.rounds, 200, backend=backend)
+            if backend == "sync":
+                results = run_sync(url, args.requests, args.rounds, 200)
+            else:
+                results = anyio.run(run, url, args.requests, args.rounds, 200, backend=backend)
             summary = {}
             for side, rounds in results.items():
                 p50 = statistics.median(statistics.median(r) for r in rounds) * 1e6

@@ -405,6 +405,9 @@ _SIGNALS: Final[tuple[tuple[str, str | None, _Parser], ...]] = (
     ),
 )
 """(header, its bucket's remaining header or None if it always counts, parser)."""
+LIMIT_HEADER_PREFIXES: Final = ("retry-after", "x-ratelimit", "anthropic-ratelimit")
+"""Every header ``cooldown_from_headers`` reads starts with one of these (lowercase):
+a 2xx without any says nothing of its key's limits."""
 
 
 def _exhausted(remaining: Any) -> bool:

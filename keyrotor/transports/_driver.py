@@ -41,6 +41,7 @@ from ..core import (
     Tick,
     TransportFailed,
 )
+from ..core.classify import LIMIT_HEADER_PREFIXES
 from ._http import parse_json
 from .errors import ConfigurationError
 
@@ -268,13 +269,15 @@ class Driver:
         request_id: str,
         attempt: int,
         status: int,
-        headers: dict[str, str],
+        headers: dict[str, str] | None,
         body: bytes | None,
     ) -> Deliver | None:
         """An attempt's status and headers (and error body) arrived. Returns the
         ``Deliver`` of that attempt, taken from the slot, when the pool hands the
         response to the caller; None when it failed over or the request waits
         (the next decision comes to the slot)."""
+        if 200 <= status < 300 and not _limit_headers(headers):
+            headers = None  # nothing for the core to classify: its fast path
         self.feed(
             ResponseReceived(
                 request_id=request_id,
@@ -482,6 +485,11 @@ class Driver:
             },
             "keys": keys,
         }
+
+
+def _limit_headers(headers: Mapping[str, str] | None) -> bool:
+    """Whether a response's headers (lowercase names) say anything of its key's limits."""
+    return headers is not None and any(name.startswith(LIMIT_HEADER_PREFIXES) for name in headers)
 
 
 def _aliases(keys: Mapping[str, str] | Iterable[str], empty_ok: bool) -> dict[str, str]:

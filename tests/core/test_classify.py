@@ -1109,3 +1109,12 @@ def test_never_raises(
 def test_parsers_never_raise(value: str, wall_time: float | None) -> None:
     for result in (parse_duration(value), parse_retry_after(value, wall_time=wall_time)):
         assert result is None or (math.isfinite(result) and result >= 0)
+
+
+def test_every_limit_header_the_classifier_reads_has_a_known_prefix() -> None:
+    """Drivers pass a 2xx's headers to the core only when one starts with a
+    prefix of ``LIMIT_HEADER_PREFIXES``: a header read here must have one."""
+    from keyrotor.core.classify import _SIGNALS, LIMIT_HEADER_PREFIXES
+
+    names = [name for name, _, _ in _SIGNALS] + [r for _, r, _ in _SIGNALS if r is not None]
+    assert names and all(name.startswith(LIMIT_HEADER_PREFIXES) for name in names)

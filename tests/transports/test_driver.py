@@ -132,3 +132,23 @@ def test_keys_are_added_marked_probed_and_removed_at_runtime() -> None:
     assert driver.pool.key_ids() == [] and driver.secrets == {}
     with pytest.raises(ConfigurationError, match="no key"):
         driver.remove_key("one")
+
+
+def test_a_2xx_reaches_the_core_with_its_headers_only_when_they_speak_of_limits() -> None:
+    """A plain 2xx takes the core's fast path (no headers); one whose bucket is
+    exhausted still cools its key."""
+    clock = [100.0]
+    driver = Driver(["sk-a-0123456789", "sk-b-0123456789"], clock=lambda: clock[0])
+    seen = []
+    original = driver.pool.handle
+    driver.pool.handle = lambda event: (seen.append(event), original(event))[1]  # type: ignore[method-assign]
+    first, slot = driver.open(lambda: None)
+    send = slot.decisions.popleft()
+    assert driver.received(first, send.attempt, 200, {"content-type": "json"}, None) is not None
+    second, slot = driver.open(lambda: None)
+    send = slot.decisions.popleft()
+    exhausted = {"x-ratelimit-remaining": "0", "retry-after": "30"}
+    assert driver.received(second, send.attempt, 200, exhausted, None) is not None
+    answers = [e for e in seen if type(e).__name__ == "ResponseReceived"]
+    assert answers[0].headers is None and answers[1].headers == exhausted
+    assert driver.pool.state_of(send.key_id).value == "rate_limited"
