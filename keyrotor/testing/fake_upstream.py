@@ -32,8 +32,12 @@ _OPEN_KEYS = ("sk-or-v1-fake-open-1", "sk-or-v1-fake-open-2")  # any key works o
 
 def serve_command(scenario: Scenario, url: str) -> str:
     """The shell line that runs ``keyrotor serve`` in front of the fake upstream
-    at ``url``, with the scenario's (fake) keys; any key works on ``open``."""
-    keys = ",".join(scenario.keys) or ",".join(_OPEN_KEYS)
+    at ``url``, with the scenario's (fake) keys; where any key works (``open``,
+    ``faulty``), two healthy ones are added."""
+    listed = list(scenario.keys)
+    if scenario.unknown is not None:
+        listed = [*_OPEN_KEYS, *listed]
+    keys = ",".join(listed)
     return f"OPENROUTER_KEYS={keys} keyrotor serve --upstream {url}"
 
 

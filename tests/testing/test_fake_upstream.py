@@ -930,3 +930,30 @@ def test_command_line_serves_the_demo_until_sigterm() -> None:
         for pipe in (proc.stdout, proc.stderr):
             if pipe is not None:
                 pipe.close()
+
+
+def test_the_faulty_scenario_mixes_four_faults_into_an_open_pool() -> None:
+    from keyrotor.testing.fake_upstream import serve_command
+    from keyrotor.testing.scenarios import FAULTY_KEYS, scenario
+
+    body = {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    with FakeUpstream.running_in_thread(scenario("faulty")) as server:
+
+        def status(secret: str, timeout: float = 10.0) -> int:
+            answer = httpx.post(
+                f"{server.url}/chat/completions",
+                json=body,
+                headers={"authorization": f"Bearer {secret}"},
+                timeout=timeout,
+            )
+            return answer.status_code
+
+        assert status("sk-or-v1-any-key-at-all") == 200
+        assert status(FAULTY_KEYS["revoked"]) == 401
+        assert status(FAULTY_KEYS["no-credits"]) == 402
+        limited = [status(FAULTY_KEYS["rate-limited"]) for _ in range(6)]
+        with pytest.raises(httpx.ReadTimeout):
+            status(FAULTY_KEYS["hanging"], timeout=0.3)
+        line = serve_command(scenario("faulty"), server.url)
+    assert limited == [200] * 5 + [429]
+    assert "sk-or-v1-fake-open-1" in line and FAULTY_KEYS["hanging"] in line
