@@ -281,3 +281,32 @@ def test_a_model_that_failed_in_one_process_cools_in_the_other(
     assert cooling[first]["why"].startswith("shared: answered 404")
     assert answer.status_code == 200 and answer.headers["x-keyrotor-model"] != first
     assert first not in [body["model"] for body in SENT]  # b never tried it
+
+
+def test_spend_heard_from_others_counts_once_and_never_our_own() -> None:
+    """Pure: the growth of another instance's sum is taken once, whatever the
+    order and repeats; a key's into the core, a budget's into its window."""
+    import trio
+
+    from keyrotor.adapters.proxy.spend import SpendBook
+    from keyrotor.adapters.shared_spend import SharedSpend
+    from keyrotor.transports.api import Driver
+
+    async def main() -> tuple[float, float, float]:
+        driver = Driver({"k1": "sk-or-v1-spend-k1-" + "jk" * 10})
+        book = SpendBook([Budget("model", "m", 1.0)], clock=lambda: 1_000_000.0)
+        spend = SharedSpend(driver, book, instance="me", clock=lambda: 1_000_000.0)
+        minute = 999_960
+        for total in (0.25, 0.25, 0.1, 0.5):  # repeated, stale, then grown
+            spend.heard({"instance": "other", "values": [["key", "k1", minute, total]]})
+            spend.heard({"instance": "other", "values": [["model", "m", minute, total]]})
+        spend.heard({"instance": "me", "values": [["key", "k1", minute, 9.0]]})  # our own
+        spend.heard({"instance": "other", "values": [["key", "nope", minute, 1.0]]})  # unknown key
+        spend.heard({"instance": "other", "values": "garbage"})
+        key_spend = driver.pool.statistics().keys[0].spend
+        budget = book.status()["budgets"][0]["spent"]
+        return key_spend, budget, spend.taken
+
+    key_spend, budget, taken = trio.run(main)
+    assert key_spend == pytest.approx(0.5) and budget == pytest.approx(0.5)
+    assert taken == pytest.approx(2.0)  # 0.5 + 0.5 + the unknown key's 1.0 (counted, not applied)
