@@ -175,10 +175,6 @@ class SharedLimits:
         if _limits(spec):
             self.limited.add(spec.key_id)
 
-    def key_removed(self, alias: str) -> None:
-        self._specs.pop(alias, None)
-        self.limited.discard(alias)
-
     async def admit(self, request_id: str, key_id: str, tokens: int) -> float | None:
         """The ``Gate``: None (send, counted in Redis) or seconds to hold ``key_id``."""
         script = self._admit
