@@ -33,6 +33,7 @@ from benchmarks.proxy_load import (
     _child_env,
     child,
     memory,
+    pct,
     start_keyrotor,
 )
 
@@ -139,8 +140,7 @@ def main() -> int:
         rss_after = memory(proxy.pid)[0]
 
     def q(values: list[float], p: float) -> float:
-        ordered = sorted(values)
-        return ordered[min(len(ordered) - 1, int(p * len(ordered)))] * 1e6
+        return pct(sorted(values), p) * 1e6
 
     print(f"{args.requests} streams each way, {args.chunks} chunks {args.gap * 1000:g} ms apart")
     print("| path | chunks | p50 µs | p90 µs | p99 µs |")

@@ -203,7 +203,6 @@ class SharedState:
         self.since: float | None = None
         self.last_error: str | None = None
         self.published = self.applied = self.ignored = 0
-        self.namespace = namespace
         self.parts: list[SharedPart] = []
 
     # ------------------------------------------------------------ local -> shared

@@ -238,6 +238,10 @@ class KeyChoice(PoolFields):
             req.tried = [key.key_id]
         else:
             req.tried.append(key.key_id)
+        self._send_or_queue(req, out)
+
+    def _send_or_queue(self, req: RequestRecord, out: list[Decision]) -> None:
+        """Send ``req`` on the key the policy picks now, or queue it for one."""
         nxt = self._pick(req)
         if nxt is not None:
             self._assign(req, nxt, out)

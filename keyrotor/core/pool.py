@@ -488,11 +488,7 @@ class Pool(KeyChoice, RequestQueue, KeyHealth, Snapshots):
         key.requests -= 1
         req.attempt -= 1  # not an attempt: the upstream never saw it
         self._release(req)
-        nxt = self._pick(req)
-        if nxt is not None:
-            self._assign(req, nxt, out)
-        else:
-            self._enqueue(req, out)
+        self._send_or_queue(req, out)
         self._settle(out)
         return out
 

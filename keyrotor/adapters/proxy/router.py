@@ -429,10 +429,14 @@ class Router:
     def give_back(self, account: str) -> None:
         """A slot ``take_free`` gave whose request never reached the upstream."""
         now = self._clock()
-        self.free.give_back(account, now)
-        self._record(account, -1, now)
+        self._uncount(account, now)
         if self.shared is not None:
             self.shared.give_back_free(account, _day_end(now))
+
+    def _uncount(self, account: str, now: float) -> None:
+        """Take back one free request counted on ``account`` (here and in the state file)."""
+        self.free.give_back(account, now)
+        self._record(account, -1, now)
 
     async def shared_take(self, account: str) -> bool:
         """With other processes (``shared``): count the slot ``take_free`` gave
@@ -449,8 +453,7 @@ class Router:
         if verdict == "ok":
             self.free.sync(account, now, used)
             return True
-        self.free.give_back(account, now)
-        self._record(account, -1, now)
+        self._uncount(account, now)  # Redis counted nothing: nothing to give back there
         self.free.sync(account, now, used, wait if verdict == "minute" else None)
         return False
 

@@ -354,28 +354,10 @@ async def open_app(
                 )
                 shared = None
                 if config.shared_url is not None:
-                    namespace = config.shared_namespace
-                    shared = SharedState(config.shared_url, driver, namespace=namespace, log=log)
-                    driver.on_state_change.append(shared.state_changed)
-                    limits = SharedLimits(
-                        driver.pool.key_specs(),
-                        origin=shared.origin,
-                        namespace=namespace,
-                        lease=config.shared_lease,
+                    shared = SharedState(
+                        config.shared_url, driver, namespace=config.shared_namespace, log=log
                     )
-                    driver.gate = limits
-                    instance = shared.origin.rsplit(":", 1)[-1]
-                    if store is not None:
-                        instance = await anyio.to_thread.run_sync(store.instance_id)
-                    shared.parts += [
-                        limits,
-                        SharedSpend(driver, spend, instance=instance, namespace=namespace),
-                    ]
-                    if router is not None:
-                        router.shared = limits
-                        models = SharedModels(router.cooling, shared.origin, namespace=namespace)
-                        router.on_cool = models.cooled
-                        shared.parts.append(models)
+                    driver.on_state_change.append(shared.state_changed)
                 app = ProxyApp(
                     client,
                     routing_note=config.routing_note,
@@ -392,13 +374,7 @@ async def open_app(
                 )
                 views.set_status(app.status)
                 if shared is not None:
-                    namespace = config.shared_namespace
-                    shared.parts.append(
-                        ProcessBoard(shared.origin, app.summary, namespace=namespace)
-                    )
-                    if admin is not None:
-                        keys = SharedKeys(admin, shared.origin, namespace=namespace, log=log)
-                        shared.parts.append(keys)
+                    await _share(shared, config, driver, app, spend, store, router, admin, log)
                 async with anyio.create_task_group() as tasks:
                     if catalog is not None:
                         tasks.start_soon(catalog.run)
@@ -412,6 +388,41 @@ async def open_app(
     finally:
         if store is not None:
             store.close()
+
+
+async def _share(
+    shared: SharedState,
+    config: ProxyConfig,
+    driver: Driver,
+    app: ProxyApp,
+    spend: SpendBook,
+    store: StateStore | None,
+    router: Router | None,
+    admin: Admin | None,
+    log: Log,
+) -> None:
+    """The parts of the state this process shares with the pool's others
+    (docs/scaling.md), on ``shared``'s connection; before any request."""
+    namespace, origin = config.shared_namespace, shared.origin
+    limits = SharedLimits(
+        driver.pool.key_specs(), origin=origin, namespace=namespace, lease=config.shared_lease
+    )
+    driver.gate = limits
+    instance = origin.rsplit(":", 1)[-1]
+    if store is not None:
+        instance = await anyio.to_thread.run_sync(store.instance_id)
+    shared.parts += [
+        limits,
+        SharedSpend(driver, spend, instance=instance, namespace=namespace),
+        ProcessBoard(origin, app.summary, namespace=namespace),
+    ]
+    if router is not None:
+        router.shared = limits
+        models = SharedModels(router.cooling, origin, namespace=namespace)
+        router.on_cool = models.cooled
+        shared.parts.append(models)
+    if admin is not None:
+        shared.parts.append(SharedKeys(admin, origin, namespace=namespace, log=log))
 
 
 def _restore_routes(router: Router, stored: Mapping[str, Any], log: Log) -> None:
