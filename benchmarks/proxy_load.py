@@ -637,6 +637,7 @@ def start_keyrotor(
     shared: str | None = None,
     limited: bool = False,
     faults: bool = False,
+    parser: str = "auto",
 ) -> tuple[Child, Endpoint]:
     """The proxy with its state file in a fresh temporary directory (``state``),
     or ``--no-state``; with ``route``, a config file holding ``ROUTE_CONFIG``;
@@ -644,38 +645,45 @@ def start_keyrotor(
     ``limited``, keys with an rpm and a max_in_flight far above the load, so
     that every attempt asks Redis (one Lua round trip) and none is held; with
     ``faults``, the four faulty keys of the ``faulty`` scenario too, and a first
-    byte awaited 2 s (then the attempt fails over)."""
+    byte awaited 2 s (then the attempt fails over); ``parser``: the HTTP parser of
+    its server and of its upstream pool (``[server]`` and ``[http] parser``)."""
     env = _child_env({"OPENROUTER_KEYS": ",".join(FAKE_KEYS)})
     base = [sys.executable, "-m", "keyrotor.cli", "serve", "--host", LOOPBACK]
     if shared is not None:
         base += ["--workers", str(workers), "--shared", shared]
     folder = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+    http = f'[http]\nparser = "{parser}"\n'
+    (folder / "keyrotor.toml").write_text(f'[server]\nparser = "{parser}"\n{http}')
+    base += ["--config", str(folder / "keyrotor.toml")]
     if route:
-        (folder / "keyrotor.toml").write_text(ROUTE_CONFIG)
-        base += ["--config", str(folder / "keyrotor.toml")]
+        (folder / "keyrotor.toml").write_text(
+            f'[server]\nparser = "{parser}"\n{http}{ROUTE_CONFIG}'
+        )
     elif faults:
         from keyrotor.testing.scenarios import FAULTY_KEYS  # this revision's fake upstream
 
         keys = {**{f"k{i}": key for i, key in enumerate(FAKE_KEYS)}, **FAULTY_KEYS}
         env = _child_env({f"K_{i}": key for i, key in enumerate(keys.values())})
         (folder / "keyrotor.toml").write_text(
-            "[http]\nfirst_byte = 2.0\nfirst_byte_stream = 2.0\n"
+            f'[server]\nparser = "{parser}"\n'
+            + http
+            + "first_byte = 2.0\nfirst_byte_stream = 2.0\n"
             + "".join(
                 f'[[keys]]\nalias = "{alias}"\nsecret_env = "K_{i}"\n'
                 for i, alias in enumerate(keys)
             )
         )
-        base += ["--config", str(folder / "keyrotor.toml")]
     elif limited:
         env = _child_env({f"K{i}": key for i, key in enumerate(FAKE_KEYS)})
         (folder / "keyrotor.toml").write_text(
-            "".join(
+            f'[server]\nparser = "{parser}"\n'
+            + http
+            + "".join(
                 f'[[keys]]\nalias = "k{i}"\nsecret_env = "K{i}"\nrpm = 6000000\n'
                 "max_in_flight = 100000\n"
                 for i in range(len(FAKE_KEYS))
             )
         )
-        base += ["--config", str(folder / "keyrotor.toml")]
     if state:
         base += ["--state", str(folder / "state.db")]
     else:
@@ -1193,6 +1201,13 @@ def _parser() -> argparse.ArgumentParser:
         "by side (with --workers N: also at N workers); default: litellm in this venv, if any",
     )
     parser.add_argument(
+        "--parser",
+        choices=("auto", "h11", "httptools", "both"),
+        default="auto",
+        help="the proxy's HTTP parser (auto: httptools when installed); both: also a "
+        "proxy on h11 side by side",
+    )
+    parser.add_argument(
         "--dashboard",
         type=int,
         default=0,
@@ -1233,6 +1248,8 @@ def _command(args: argparse.Namespace) -> str:
         parts.append(f"--dashboard {args.dashboard}")
     if args.workers > 1:
         parts.append(f"--workers {args.workers}")
+    if args.parser != "auto":
+        parts.append(f"--parser {args.parser}")
     if args.faults:
         parts.append("--faults")
     if args.peer:
@@ -1285,8 +1302,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         targets = [Target(baseline, Endpoint.parse(upstream_url + "/chat/completions"), None)]
         proxies: list[tuple[Target, Child]] = []
         if not args.upstream_only:
+            parser = "auto" if args.parser == "both" else args.parser
             for state in {"file": (True,), "none": (False,), "both": (True, False)}[args.state]:
-                proxy, endpoint = start_keyrotor(stack, upstream_url, state, args.route)
+                proxy, endpoint = start_keyrotor(
+                    stack, upstream_url, state, args.route, parser=parser
+                )
                 name = "through keyrotor" if state else "through keyrotor --no-state"
                 print(f"{name}: pid {proxy.pid} at {endpoint.url}", file=sys.stderr, flush=True)
                 proxies.append((Target(name, endpoint, proxy.pid), proxy))
@@ -1301,6 +1321,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         dashboards=args.dashboard,
                     )
                     proxies.append((watched, proxy))
+            if args.parser == "both":  # the same proxy on h11, side by side
+                reference, endpoint = start_keyrotor(stack, upstream_url, True, parser="h11")
+                name = "through keyrotor, h11 parser"
+                print(f"{name}: pid {reference.pid} at {endpoint.url}", file=sys.stderr, flush=True)
+                proxies.append((Target(name, endpoint, reference.pid), reference))
             if args.faults:  # the same proxy's keys plus four faulty ones, a process of its own
                 faulty, endpoint = start_keyrotor(stack, upstream_url, True, faults=True)
                 name = "through keyrotor, 4 faulty keys mixed in"

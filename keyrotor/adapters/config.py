@@ -27,6 +27,7 @@ import attrs
 from ..core import POLICIES, KeySpec, PoolConfig, PoolError
 from ..models.routing import FREE_ROUTE, Route, route_from_json
 from ..transports.api import OPENROUTER_URL, HTTPOptions, keys_from_env, mask
+from ..transports.codec import resolve as resolve_parser
 from ..transports.errors import ConfigurationError
 from .alerts import RULE_FIELDS, Rule, rule_from_json
 from .analytics import Retention
@@ -62,6 +63,7 @@ SERVER_DEFAULTS: Mapping[str, Any] = MappingProxyType(
         "max_connections": 10000,
         "max_unproven": 1000,
         "max_unproven_per_address": 64,
+        "parser": "auto",
     }
 )
 """The proxy server's options (its ``ServerOptions`` fields) and their defaults."""
@@ -121,11 +123,15 @@ _MIN_TOKEN = 16
 _TOKEN_HELP = "generate one with: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
 LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 _SERVER_KINDS = {
-    name: _STR if name == "host" else _INT if isinstance(value, int) else _FLOAT
+    name: _STR if isinstance(value, str) else _INT if isinstance(value, int) else _FLOAT
     for name, value in SERVER_DEFAULTS.items()
 }
 _HTTP_KINDS = {
-    field.name: _INT if field.name.startswith("max_connections") else _FLOAT
+    field.name: _STR
+    if field.name == "parser"
+    else _INT
+    if field.name.startswith("max_connections")
+    else _FLOAT
     for field in attrs.fields(HTTPOptions)
 }
 _POOL_KINDS = {
@@ -1078,7 +1084,8 @@ class _Loader:
                 choices = POLICIES if name == "policy" else ("weight", "credits")
                 close = difflib.get_close_matches(value, choices, n=1)
                 hint = f"; did you mean {close[0]}?" if close else ""
-            fix = "" if isinstance(exc, PoolError) else f"set {name} to a number more than zero"
+            numeric = not isinstance(exc, PoolError) and not isinstance(value, str)
+            fix = f"set {name} to a number more than zero" if numeric else ""
             self.fail(f"{where} is invalid: {exc}{hint}", where=where, source=source, fix=fix)
 
     def server_value(self, name: str, raw: Any, source: str, coerce: bool) -> Any:
@@ -1096,6 +1103,11 @@ class _Loader:
                     fix="choose a free TCP port such as 8080 (0: any free port)",
                     source=source,
                 )
+        elif name == "parser":
+            try:
+                resolve_parser(value)
+            except ValueError as exc:
+                self.fail(f"{where}: {exc}", where=where, source=source)
         elif name == "grace_period" and value == 0:
             pass  # shut down without waiting for requests in flight
         elif value <= 0 or not math.isfinite(value):

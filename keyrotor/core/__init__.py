@@ -34,6 +34,9 @@ from .events import (
     SpendRecorded,
     Tick,
     TransportFailed,
+    request_started,
+    response_finished,
+    response_received,
 )
 from .pool import NOT_THE_KEYS_FAULT, SNAPSHOT_VERSION, Pool
 from .states import TRANSITIONS, USABLE_STATES, KeyState, Signal, next_state
@@ -82,4 +85,7 @@ __all__ = [
     "next_state",
     "parse_duration",
     "parse_retry_after",
+    "request_started",
+    "response_finished",
+    "response_received",
 ]

@@ -235,6 +235,7 @@ class AsyncClient(ClientBase):
                 max_connections=options.max_connections,
                 max_per_tag=options.max_connections_per_key,
                 keepalive_expiry=options.keepalive_expiry,
+                parser=options.parser,
             )
         )
         tasks = anyio.create_task_group()

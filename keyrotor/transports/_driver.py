@@ -34,12 +34,12 @@ from ..core import (
     ProbeRequested,
     Reject,
     RequestCancelled,
-    RequestStarted,
-    ResponseFinished,
-    ResponseReceived,
     Send,
     Tick,
     TransportFailed,
+    request_started,
+    response_finished,
+    response_received,
 )
 from ..core.classify import LIMIT_HEADER_PREFIXES
 from ._http import parse_json
@@ -238,16 +238,8 @@ class Driver:
             self._record(self.recorder.describe, body, route)
         try:
             self.feed(
-                RequestStarted(
-                    request_id=request_id,
-                    now=now,
-                    pin=pin,
-                    pin_fallback=pin_fallback,
-                    session=session,
-                    group=group,
-                    deadline=deadline,
-                    tokens=tokens,
-                    max_attempts=attempts,
+                request_started(
+                    request_id, now, pin, pin_fallback, session, group, deadline, tokens, attempts
                 )
             )
         except BaseException:
@@ -279,14 +271,7 @@ class Driver:
         if 200 <= status < 300 and not _limit_headers(headers):
             headers = None  # nothing for the core to classify: its fast path
         self.feed(
-            ResponseReceived(
-                request_id=request_id,
-                now=self.now(),
-                status=status,
-                headers=headers,
-                body=body,
-                wall_time=self.wall_clock(),
-            )
+            response_received(request_id, self.now(), status, headers, body, self.wall_clock())
         )
         slot = self.slots.get(request_id)
         if slot is not None and slot.decisions:
@@ -332,14 +317,14 @@ class Driver:
                 for callback in self.on_finished:
                     callback(key_id, a)
                 self.feed(
-                    ResponseFinished(
-                        request_id=request_id,
-                        now=self.now(),
-                        cost=a.cost,
-                        prompt_tokens=a.prompt_tokens,
-                        completion_tokens=a.completion_tokens,
-                        error_status=a.error_status,
-                        error_body=a.error_body,
+                    response_finished(
+                        request_id,
+                        self.now(),
+                        a.cost,
+                        a.prompt_tokens,
+                        a.completion_tokens,
+                        a.error_status,
+                        a.error_body,
                     )
                 )
             else:

@@ -1,4 +1,4 @@
-"""A small async HTTP/1.1 connection pool: h11 over anyio streams (asyncio and trio).
+"""A small async HTTP/1.1 connection pool: h11 or httptools over anyio streams (asyncio and trio).
 
     async with ConnectionPool(PoolOptions(max_connections=10)) as pool:
         response = await pool.request(b"POST", url, headers, body, read_timeout=30.0)
@@ -38,11 +38,11 @@ idle connection while the request is on its way), where the server has read
 nothing; as in any HTTP/1.1 client, a server that read the request and then
 dropped the connection without a byte of answer would see it twice.
 
-Errors (``HTTPError`` and subclasses) are mapped from anyio, OS, ``ssl`` and h11
+Errors (``HTTPError`` and subclasses) are mapped from anyio, OS, ``ssl`` and the codec
 errors where they happen. Whatever is raised, and at whatever await a task is
 cancelled, the connection involved is closed (shielded from cancellation) and
 its slot freed; nothing half-used is ever put back in the idle set.
-``LocalProtocolError`` for a request h11 refuses is raised before any
+``LocalProtocolError`` for a request the codec refuses is raised before any
 connection is taken.
 """
 
@@ -62,9 +62,11 @@ from urllib.parse import urlsplit
 
 import anyio
 import anyio.abc
-import h11
 from anyio.abc import SocketAttribute
 from attrs import Attribute, field, frozen
+
+from . import codec as http_codec
+from .codec import END, NEED_DATA, BadMessage, BadOutgoing, ResponseHead
 
 __all__ = [
     "ConnectError",
@@ -167,6 +169,10 @@ def _ssl_or_none(instance: Any, attribute: Attribute[Any], value: object) -> Non
         raise TypeError(f"PoolOptions.ssl_context must be an ssl.SSLContext or None: {value!r}")
 
 
+def _parser(instance: Any, attribute: Attribute[Any], value: str) -> None:
+    http_codec.resolve(value)  # ValueError: unknown, or httptools not installed
+
+
 @frozen(kw_only=True)
 class PoolOptions:
     """Limits and timeouts of a ``ConnectionPool`` (seconds), checked when built.
@@ -180,6 +186,8 @@ class PoolOptions:
       (``0``: never reuse a connection).
     - ``ssl_context``: for ``https``; ``None`` = ``ssl.create_default_context()``
       (made once per pool, ALPN ``http/1.1``).
+    - ``parser``: ``"auto"`` (httptools when installed, else h11), ``"h11"`` or
+      ``"httptools"`` (``codec.py``).
     """
 
     connect: float = field(default=10.0, validator=_positive)
@@ -189,6 +197,7 @@ class PoolOptions:
     max_per_tag: int | None = field(default=None, validator=_none_or_at_least_one)
     keepalive_expiry: float = field(default=30.0, validator=_not_negative)
     ssl_context: ssl.SSLContext | None = field(default=None, validator=_ssl_or_none)
+    parser: str = field(default="auto", validator=_parser)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -221,13 +230,14 @@ def _split_url(url: str) -> tuple[Origin, bytes, bytes]:
         ) from None
 
 
-def _request_event(
+def _request_head(
+    codec: Any,
     method: bytes,
     target: bytes,
     authority: bytes,
     headers: list[tuple[bytes, bytes]],
     body: bytes | None,
-) -> h11.Request:
+) -> object:
     out = [(b"host", authority)]
     for item in headers:
         name = item[0].lower()
@@ -242,8 +252,8 @@ def _request_event(
     if body is not None:
         out.append((b"content-length", b"%d" % len(body)))
     try:
-        return h11.Request(method=method, target=target, headers=out)
-    except h11.LocalProtocolError as exc:
+        return codec.prepare(method, target, out)
+    except BadOutgoing as exc:
         raise LocalProtocolError(f"cannot send this request: {exc}") from exc
 
 
@@ -280,14 +290,14 @@ async def _receive(stream: anyio.abc.ByteStream, timeout: float | None) -> bytes
 
 
 class _Connection:
-    """One HTTP/1.1 connection: stream, h11 state, bookkeeping."""
+    """One HTTP/1.1 connection: stream, codec state, bookkeeping."""
 
-    __slots__ = ("expires", "got_bytes", "h11", "origin", "readable", "reused", "stream")
+    __slots__ = ("codec", "expires", "got_bytes", "origin", "readable", "reused", "stream")
 
-    def __init__(self, origin: Origin, stream: anyio.abc.ByteStream) -> None:
+    def __init__(self, origin: Origin, stream: anyio.abc.ByteStream, codec: Any) -> None:
         self.origin = origin
         self.stream = stream
-        self.h11 = h11.Connection(h11.CLIENT)
+        self.codec = codec
         self.expires = 0.0
         self.reused = False  # has served a response before the current request
         self.got_bytes = False  # a byte of the current response arrived
@@ -314,8 +324,6 @@ class _Waiter:
         self.grant: _Connection | Literal["slot", "closed"] | None = None
 
 
-_EOM: Final = h11.EndOfMessage()
-
 # --------------------------------------------------------------------------- pool
 
 
@@ -332,6 +340,7 @@ class ConnectionPool:
         self._ssl_context = self._options.ssl_context
         self._closed = False
         self._shares: dict[object, _Share] = {}  # tags holding or waiting for slots
+        self._codec = http_codec.codecs(self._options.parser)[1]
 
     @property
     def options(self) -> PoolOptions:
@@ -408,7 +417,7 @@ class ConnectionPool:
         Raises ``HTTPError`` subclasses.
         """
         origin, target, authority = _split_url(url)
-        event = _request_event(method, target, authority, headers, body)
+        event = _request_head(self._codec, method, target, authority, headers, body)
         if tag is None or self._options.max_per_tag is None:
             return await self._request(origin, event, body, read_timeout, head_timeout, None)
         await self._take(tag)
@@ -421,7 +430,7 @@ class ConnectionPool:
     async def _request(
         self,
         origin: Origin,
-        event: h11.Request,
+        event: object,
         body: bytes | None,
         read_timeout: float | None,
         head_timeout: float | None,
@@ -454,20 +463,17 @@ class ConnectionPool:
     async def _exchange(
         self,
         conn: _Connection,
-        event: h11.Request,
+        event: object,
         body: bytes | None,
         read_timeout: float | None,
         head_timeout: float | None = None,
-    ) -> h11.Response:
+    ) -> ResponseHead:
         """Send the request on ``conn`` and receive the response head."""
-        h = conn.h11
+        h = conn.codec
         conn.got_bytes = False
         try:
-            data = h.send(event) or b""
-            if body:
-                data += b"".join(h.send_with_data_passthrough(h11.Data(data=body)) or ())
-            data += h.send(_EOM) or b""
-        except h11.LocalProtocolError as exc:
+            data = h.request(event, body)
+        except BadOutgoing as exc:
             raise LocalProtocolError(f"cannot send this request: {exc}") from exc
         stream = conn.stream
         reading = False
@@ -482,7 +488,7 @@ class ConnectionPool:
             try:
                 while True:
                     event_in = h.next_event()
-                    if event_in is h11.NEED_DATA:
+                    if event_in is NEED_DATA:
                         if conn.got_bytes and read_timeout is not None:
                             scope.deadline = anyio.current_time() + read_timeout
                         try:
@@ -497,11 +503,11 @@ class ConnectionPool:
                             )
                         conn.got_bytes = True
                         h.receive_data(chunk)
-                    elif type(event_in) is h11.Response:
+                    elif type(event_in) is ResponseHead:
                         return event_in
-                    elif type(event_in) is not h11.InformationalResponse:
+                    else:
                         raise RemoteProtocolError(f"unexpected {event_in!r} instead of a response")
-            except h11.RemoteProtocolError as exc:
+            except BadMessage as exc:
                 raise RemoteProtocolError(f"invalid response: {exc}") from exc
         if reading:
             waited = (
@@ -664,7 +670,7 @@ class ConnectionPool:
         except BaseException:
             self._release_slot()
             raise
-        conn = _Connection(origin, stream)
+        conn = _Connection(origin, stream, self._codec())
         self._conns.add(conn)
         return conn
 
@@ -700,11 +706,8 @@ class ConnectionPool:
 
     def _recycle(self, conn: _Connection) -> bool:
         """Put ``conn`` back after a complete response, if it can serve another."""
-        h = conn.h11
-        if h.our_state is not h11.DONE or h.their_state is not h11.DONE:
-            return False
-        data, closed = h.trailing_data
-        if data or closed or conn not in self._conns:
+        h = conn.codec
+        if not h.reusable or conn not in self._conns:
             return False
         h.start_next_cycle()
         conn.reused = True
@@ -748,12 +751,12 @@ class Response:
         self,
         pool: ConnectionPool,
         conn: _Connection,
-        head: h11.Response,
+        head: ResponseHead,
         read_timeout: float | None,
         tag: object = None,
     ) -> None:
-        self.status: int = head.status_code
-        self.headers: list[tuple[bytes, bytes]] = list(head.headers)
+        self.status: int = head.status
+        self.headers: list[tuple[bytes, bytes]] = head.headers
         self._pool = pool
         self._conn: _Connection | None = conn
         self._read_timeout = read_timeout
@@ -807,7 +810,7 @@ class Response:
         if conn is None:
             return
         self._detach()
-        if _drain_buffered(conn.h11) and self._pool._recycle(conn):
+        if _drain_buffered(conn.codec) and self._pool._recycle(conn):
             return
         await self._pool._discard(conn)
 
@@ -815,21 +818,21 @@ class Response:
         conn = self._conn
         if conn is None:
             return None
-        h = conn.h11
+        h = conn.codec
         try:
             while True:
                 event = h.next_event()
-                if type(event) is h11.Data:
-                    return bytes(event.data)
-                if type(event) is h11.EndOfMessage:
+                if type(event) is bytes:
+                    return event
+                if event is END:
                     self._detach()
                     if not self._pool._recycle(conn):
                         await self._pool._discard(conn)
                     return None
-                if event is not h11.NEED_DATA:
+                if event is not NEED_DATA:
                     raise RemoteProtocolError(f"unexpected {event!r} in a response body")
                 h.receive_data(await _receive(conn.stream, self._read_timeout))
-        except h11.RemoteProtocolError as exc:
+        except BadMessage as exc:
             self._detach()
             await self._pool._discard(conn)
             raise RemoteProtocolError(f"invalid response body: {exc}") from exc
@@ -839,12 +842,12 @@ class Response:
             raise
 
 
-def _drain_buffered(h: h11.Connection) -> bool:
+def _drain_buffered(h: Any) -> bool:
     """Skip the body data already received; True if the message ended there."""
     try:
         while True:
             event = h.next_event()
-            if type(event) is not h11.Data:
-                return type(event) is h11.EndOfMessage
-    except h11.ProtocolError:
+            if type(event) is not bytes:
+                return event is END
+    except BadMessage:
         return False

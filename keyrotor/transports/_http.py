@@ -16,6 +16,7 @@ import attrs
 import httpcore
 
 from ..core import Deliver
+from . import codec as http_codec
 from .errors import ConfigurationError, UpstreamError
 
 __all__ = [
@@ -79,6 +80,8 @@ class HTTPOptions:
             seconds, then fails over without blame.
         keepalive_expiry: idle connections are closed after this long.
         probe_timeout: a whole probe (``GET /key``).
+        parser: the async clients' HTTP/1.1 parser: ``"auto"`` (httptools when
+            installed, else h11), ``"h11"`` or ``"httptools"``.
     """
 
     connect: float = 10.0
@@ -91,9 +94,16 @@ class HTTPOptions:
     max_connections_per_key: int = 100
     keepalive_expiry: float = 30.0
     probe_timeout: float = 15.0
+    parser: str = "auto"
 
     def __attrs_post_init__(self) -> None:
+        try:
+            http_codec.resolve(self.parser)
+        except ValueError as exc:
+            raise ConfigurationError(f"HTTPOptions.parser: {exc}") from None
         for field in attrs.fields(HTTPOptions):
+            if field.name == "parser":
+                continue
             value = getattr(self, field.name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ConfigurationError(

@@ -82,6 +82,7 @@ grace_period = 4
 max_connections = 50
 max_unproven = 20
 max_unproven_per_address = 5
+parser = "h11"
 
 [http]
 connect = 1.0
@@ -94,6 +95,7 @@ max_connections = 6
 max_connections_per_key = 3
 keepalive_expiry = 7.0
 probe_timeout = 8.0
+parser = "httptools"
 
 [pool]
 policy = "latency"
@@ -172,6 +174,7 @@ def test_full_file_lands_every_option_where_it_belongs() -> None:
         "max_connections": 50,
         "max_unproven": 20,
         "max_unproven_per_address": 5,
+        "parser": "h11",
     }
     assert isinstance(config.server["grace_period"], float)
     assert config.http == HTTPOptions(
@@ -185,6 +188,7 @@ def test_full_file_lands_every_option_where_it_belongs() -> None:
         max_connections_per_key=3,
         keepalive_expiry=7.0,
         probe_timeout=8.0,
+        parser="httptools",
     )
     assert config.pool == PoolConfig(
         keys=[
@@ -373,6 +377,9 @@ def test_state_defaults_to_the_users_data_directory_and_can_be_turned_off() -> N
         ("[auth]\ntoken_ttl = 0", {}, "token_ttl must be more than zero"),
         ("[state]\nflush_interval = -1", {}, "flush_interval must be more than zero"),
         ("[state]\nfile = 'x'", {}, "unknown option \\[state\\] file"),
+        ('[server]\nparser = "fast"', {}, 'unknown HTTP parser .fast.: choose "auto"'),
+        ('[http]\nparser = "llhttp"', {}, 'unknown HTTP parser .llhttp.: choose "auto"'),
+        ("[http]\nparser = 1", {}, "must be a string"),
     ],
 )
 def test_auth_and_state_errors(text: str, environ: dict[str, str], match: str) -> None:
@@ -455,7 +462,7 @@ ERRORS: list[tuple[str, str | None, dict[str, str], dict[str, Any], str]] = [
         {},
         "keyrotor.toml: unknown option [http] zzz; fix: remove it; the options here are connect, "
         "first_byte, first_byte_stream, idle, write, pool, max_connections, "
-        "max_connections_per_key, keepalive_expiry, probe_timeout",
+        "max_connections_per_key, keepalive_expiry, probe_timeout, parser",
     ),
     (
         "unknown key option",

@@ -1,4 +1,4 @@
-"""The proxy's HTTP/1.1 server (h11 on trio) over real loopback sockets.
+"""The proxy's HTTP/1.1 server (on trio) over real loopback sockets, with each parser.
 
 Every test bounds its time with ``trio.fail_after``; timeouts under test are a
 few tenths of a second, and the tests that check when one fired, or sleep to
@@ -31,6 +31,15 @@ from keyrotor.adapters.proxy.types import App, Request, Response
 
 # --------------------------------------------------------------------------- helpers
 
+_PARSER = {"name": "h11"}
+
+
+@pytest.fixture(autouse=True, params=["h11", "httptools"])
+def parser(request: pytest.FixtureRequest) -> str:
+    """Every test runs on both HTTP parsers: h11 (the reference) and httptools."""
+    _PARSER["name"] = request.param
+    return str(request.param)
+
 
 @asynccontextmanager
 async def running(
@@ -44,7 +53,13 @@ async def running(
     unless ``shutdown`` is given, in which case the block waits for ``serve`` to return."""
     async with trio.open_nursery() as nursery:
         port = await nursery.start(
-            partial(serve, app, ServerOptions(port=0, **options), shutdown=shutdown, log=log)
+            partial(
+                serve,
+                app,
+                ServerOptions(port=0, **{"parser": _PARSER["name"], **options}),
+                shutdown=shutdown,
+                log=log,
+            )
         )
         yield port
         if shutdown is None:

@@ -34,6 +34,7 @@ from keyrotor.testing import (
     SlowStream,
     Truncate,
 )
+from keyrotor.transports import codec as http_codec
 from keyrotor.transports._h11pool import (
     ConnectError,
     ConnectionPool,
@@ -48,6 +49,15 @@ from keyrotor.transports._h11pool import (
     Response,
     WriteTimeout,
 )
+from keyrotor.transports.codec import codecs
+
+
+@pytest.fixture(autouse=True, params=["h11", "httptools"])
+def parser(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs on both HTTP parsers: h11 (the reference) and httptools."""
+    chosen = codecs(request.param)
+    monkeypatch.setattr(http_codec, "codecs", lambda name: chosen)
+    return str(request.param)
 
 
 @pytest.fixture(params=["asyncio", "trio"])

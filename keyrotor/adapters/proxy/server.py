@@ -88,9 +88,10 @@ from http import HTTPStatus
 from typing import Any, Final
 
 import attrs
-import h11
 import trio
 
+from ...transports import codec as http_codec
+from ...transports.codec import END, NEED_DATA, BadMessage, BadOutgoing, RequestHead
 from .types import App, Request, Response
 
 __all__ = ["CLEANUP_TIMEOUT", "ServerOptions", "run", "serve"]
@@ -151,6 +152,10 @@ def _host(instance: Any, attribute: attrs.Attribute[Any], value: str) -> None:
         raise TypeError(f"ServerOptions.host must be a str ('' for every interface): {value!r}")
 
 
+def _parser(instance: Any, attribute: attrs.Attribute[Any], value: str) -> None:
+    http_codec.resolve(value)  # ValueError: unknown, or httptools not installed
+
+
 @attrs.frozen(kw_only=True)
 class ServerOptions:
     """Where to listen, limits (bytes, connections) and timeouts (seconds), checked when built.
@@ -172,6 +177,8 @@ class ServerOptions:
       connections are accepted and closed, so unauthorised ones can never take
       the slots of clients that proved themselves.
     - ``max_unproven_per_address``: the same, per client address.
+    - ``parser``: the HTTP/1.1 parser, ``"auto"`` (httptools when installed,
+      else h11), ``"h11"`` or ``"httptools"`` (``transports/_codec.py``).
     """
 
     host: str = attrs.field(default="127.0.0.1", validator=_host)
@@ -186,6 +193,7 @@ class ServerOptions:
     max_connections: int = attrs.field(default=10_000, validator=_positive_int)
     max_unproven: int = attrs.field(default=1_000, validator=_positive_int)
     max_unproven_per_address: int = attrs.field(default=64, validator=_positive_int)
+    parser: str = attrs.field(default="auto", validator=_parser)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -213,11 +221,6 @@ def _address(stream: trio.SocketStream) -> str:
         return ""
 
 
-def _reason(exc: BaseException) -> str:
-    """h11's error message up to its first colon: h11 quotes offending bytes after it."""
-    return str(exc).split(":", 1)[0][:100]
-
-
 class _Reject(Exception):
     """A request the server answers itself with an error, then closes."""
 
@@ -232,11 +235,11 @@ class _WriteTimeout(Exception):
 
 
 class _Incoming:
-    """A request head h11 parsed, before its body is read."""
+    """A request head as parsed, before its body is read."""
 
     __slots__ = ("event", "method", "target")
 
-    def __init__(self, event: h11.Request) -> None:
+    def __init__(self, event: RequestHead) -> None:
         self.event = event
         self.method = event.method.decode("latin-1")
         self.target = event.target.decode("latin-1")
@@ -244,7 +247,7 @@ class _Incoming:
     def check(self, max_header_bytes: int) -> None:
         """Refuse a head the server must not serve (``_Reject``)."""
         if self.head_size() > max_header_bytes:
-            # h11 only bounds incomplete heads: this one came whole in one read.
+            # The parser only bounds incomplete heads: this one came whole in one read.
             raise _Reject(431, f"Request head too large (limit {max_header_bytes} bytes)")
         if self.method == "CONNECT":
             raise _Reject(405, "CONNECT is not supported: this is not a forward proxy")
@@ -282,6 +285,7 @@ class _Server:
         self.admit: Callable[[Request], Response | None] | None = getattr(app, "admit", None)
         self.unproven: dict[str, int] = {}  # client address -> connections not yet admitted
         self.unproven_total = 0
+        self.codec = http_codec.codecs(options.parser)[0]
 
     def emit(self, line: dict[str, Any]) -> None:
         if self.log is not None:
@@ -365,8 +369,8 @@ class _Connection:
         "bytes_out",
         "client",
         "closing",
+        "codec",
         "gone",
-        "h11",
         "idle_scope",
         "nursery",
         "pending",
@@ -386,9 +390,7 @@ class _Connection:
         self.address = address
         self.proven = False  # a request of this connection was admitted
         self.request_deadline = math.inf  # the head and body must be in by then
-        self.h11 = h11.Connection(
-            h11.SERVER, max_incomplete_event_size=server.options.max_header_bytes
-        )
+        self.codec = server.codec(server.options.max_header_bytes)
         try:
             peer = stream.socket.getpeername()
             host = peer[0]
@@ -477,23 +479,23 @@ class _Connection:
                 self.worker_lot.unpark()
                 if not await self._watch() or self.closing:
                     return
-        except h11.RemoteProtocolError as exc:
+        except BadMessage as exc:
             if not self.gone:
-                reason = _reason(exc)
+                reason = exc.reason
                 server.emit(
                     {
                         "event": "bad_request",
-                        "status": exc.error_status_hint,
+                        "status": exc.status,
                         "reason": reason,
                         "client": self.client,
                     }
                 )
-                if exc.error_status_hint == 431:
+                if exc.status == 431:
                     limit = server.options.max_header_bytes
                     message = f"Request head too large (limit {limit} bytes)"
                 else:
                     message = f"Malformed HTTP request ({reason})"
-                await self._refuse(exc.error_status_hint, message, None)
+                await self._refuse(exc.status, message, None)
         except (*_IO_ERRORS, _WriteTimeout):
             pass
         except Exception as exc:  # a bug here must not take the server down
@@ -504,17 +506,17 @@ class _Connection:
         data = await self.stream.receive_some(_RECEIVE_SIZE)
         if not data:
             self.gone = True
-        self.h11.receive_data(data)
+        self.codec.receive_data(data)
 
     async def _receive_head(self) -> _Incoming | None:
         """The next request head, or None to close quietly (EOF, timeout, drain)."""
-        conn = self.h11
+        conn = self.codec
         event = conn.next_event()
-        if event is h11.NEED_DATA:
+        if event is NEED_DATA:
             if self.server.draining:
                 return None
             options = self.server.options
-            if not conn.trailing_data[0]:
+            if not conn.buffered:
                 # Nothing of the request yet: an idle wait, which shutdown may end.
                 # A fresh connection waits like a kept-alive one: clients and load
                 # balancers open connections ahead of their first request.
@@ -532,37 +534,36 @@ class _Connection:
             with trio.CancelScope(
                 deadline=now + min(options.header_timeout, options.request_timeout)
             ):
-                while (event := conn.next_event()) is h11.NEED_DATA:
+                while (event := conn.next_event()) is NEED_DATA:
                     await self._receive()
         else:  # the whole head was in the buffer already (pipelined)
             self.request_deadline = trio.current_time() + self.server.options.request_timeout
-        if type(event) is h11.Request:
+        if isinstance(event, RequestHead):
             return _Incoming(event)
         return None  # ConnectionClosed, or the head timed out
 
     async def _receive_body(self, incoming: _Incoming) -> bytes | None:
         """The whole request body, or None to close quietly (EOF, timeout)."""
-        conn = self.h11
+        conn = self.codec
         options = self.server.options
         limit = options.max_body_bytes
         for name, value in incoming.event.headers:
             if name == b"content-length" and int(value) > limit:
                 raise _Reject(413, f"Request body too large (limit {limit} bytes)")
-        if conn.they_are_waiting_for_100_continue:
-            await self._write(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
-        chunks: list[bytes | bytearray] = []
+        if conn.expects_continue:
+            await self._write(conn.informational_continue())
+        chunks: list[bytes] = []
         size = 0
         while True:
             event = conn.next_event()
-            if type(event) is h11.Data:
-                data = event.data
-                size += len(data)
+            if type(event) is bytes:
+                size += len(event)
                 if size > limit:
                     raise _Reject(413, f"Request body too large (limit {limit} bytes)")
-                chunks.append(data)
-            elif type(event) is h11.EndOfMessage:
-                return b"".join(chunks)
-            elif event is h11.NEED_DATA:
+                chunks.append(event)
+            elif event is END:
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            elif event is NEED_DATA:
                 now = trio.current_time()
                 deadline = min(now + options.body_timeout, self.request_deadline)
                 with trio.CancelScope(deadline=deadline) as scope:
@@ -585,7 +586,7 @@ class _Connection:
         or was ended by shutdown. Past ``max_header_bytes`` of pipelined bytes the
         reader stops reading until the worker is done.
         """
-        conn = self.h11
+        conn = self.codec
         budget = self.server.options.max_header_bytes
         while True:
             if self.busy and budget <= 0:
@@ -601,7 +602,7 @@ class _Connection:
             self.watch_scope = self.idle_scope = None
             if scope.cancelled_caught:
                 # The worker woke us for pipelined bytes; else idle timeout or shutdown.
-                return bool(conn.trailing_data[0])
+                return conn.buffered
             if not data:
                 self.gone = True  # returning cancels the worker, and its request with it
                 return False
@@ -615,7 +616,7 @@ class _Connection:
     async def _worker(self) -> None:
         """Answer the requests the reader hands over, one at a time."""
         assert self.nursery is not None
-        conn = self.h11
+        conn = self.codec
         try:
             while True:
                 while self.pending is None:
@@ -623,12 +624,7 @@ class _Connection:
                 request, start = self.pending
                 self.pending = None
                 keep = await self._respond(request, start)
-                if (
-                    keep
-                    and not self.server.draining
-                    and conn.our_state is h11.DONE
-                    and conn.their_state is h11.DONE
-                ):
+                if keep and not self.server.draining and conn.reusable:
                     conn.start_next_cycle()
                     self.busy = False
                     self._wake_reader()
@@ -646,7 +642,7 @@ class _Connection:
         if self.reader_lot:
             self.reader_lot.unpark_all()
         elif self.watch_scope is not None:
-            if self.h11.trailing_data[0]:
+            if self.codec.buffered:
                 self.watch_scope.cancel()  # a pipelined request is waiting in the buffer
             else:
                 self.watch_scope.deadline = trio.current_time() + self.server.options.idle_timeout
@@ -673,7 +669,7 @@ class _Connection:
                 status, outcome = await self._send(request, response)
         except (*_IO_ERRORS, _WriteTimeout) as exc:
             outcome = "write_timeout" if isinstance(exc, _WriteTimeout) else "client_gone"
-        except h11.LocalProtocolError as exc:  # h11 refused what we sent: end the connection
+        except BadOutgoing as exc:  # the codec refused what we sent: end the connection
             self._app_error("protocol_error", request.request_id, exc)
             outcome = "protocol_error"
         finally:
@@ -688,15 +684,14 @@ class _Connection:
             )
         return outcome is None or outcome == "app_error"
 
-    def _head(
-        self, request_id: str, status: int, headers: list[tuple[bytes, bytes]]
-    ) -> h11.Response:
-        """The response head event (h11 validates it here, before anything is sent)."""
+    def _head(self, request_id: str, status: int, headers: list[tuple[bytes, bytes]]) -> bytes:
+        """The response head's bytes (``BadOutgoing`` for a bad status or header: the
+        codec checks before it commits to anything)."""
         headers.append((b"date", _date()))
         headers.append((b"x-request-id", request_id.encode("ascii")))
         if self.server.draining:
             headers.append(_CONNECTION_CLOSE)
-        return h11.Response(status_code=status, headers=headers, reason=_REASONS.get(status, b""))
+        return self.codec.head(status, _REASONS.get(status, b""), headers)
 
     async def _send(self, request: Request, response: Response) -> tuple[int, str | None]:
         """Send ``response``: the status sent and the outcome (None: sent in full)."""
@@ -715,56 +710,58 @@ class _Connection:
             else:
                 body = body.__aiter__()
             head = self._head(request.request_id, status, headers)
-        except (ValueError, TypeError, AttributeError, h11.LocalProtocolError) as exc:
-            # A head h11 refuses (bad status or header): nothing is sent yet.
+        except (ValueError, TypeError, AttributeError, BadOutgoing) as exc:
+            # A head the codec refuses (bad status or header): nothing is sent yet.
             self._app_error("app_error", request.request_id, exc)
             await self._send_error_500(request)
             return 500, "app_error"
         if isinstance(body, bytes):
-            await self._send_whole(request, head, body)
+            await self._send_whole(request, status, head, body)
             return status, None
-        return status, await self._stream(request, head, body)
+        return status, await self._stream(request, status, head, body)
 
     async def _send_error_500(self, request: Request) -> None:
         headers = [_CONTENT_TYPE_JSON, (b"content-length", b"%d" % len(_BODY_500))]
-        await self._send_whole(request, self._head(request.request_id, 500, headers), _BODY_500)
+        head = self._head(request.request_id, 500, headers)
+        await self._send_whole(request, 500, head, _BODY_500)
 
-    async def _send_whole(self, request: Request, head: h11.Response, body: bytes) -> None:
+    async def _send_whole(self, request: Request, status: int, head: bytes, body: bytes) -> None:
         """Send a head and a ``Content-Length`` body (none for HEAD, 204, 304)."""
-        conn = self.h11
-        if request.method == "HEAD" or head.status_code in _NO_BODY_STATUSES:
+        conn = self.codec
+        if request.method == "HEAD" or status in _NO_BODY_STATUSES:
             body = b""
-        data = conn.send(head)
-        if body:
-            conn.send(h11.Data(data=body))  # bookkeeping: the body bytes go out as they are
-        conn.send(h11.EndOfMessage())
+        elif body:
+            body = conn.data(body)  # a fixed-length body goes out as it is
+        conn.end()  # nothing to send after a fixed-length body
         if len(body) < _SMALL_BODY:
-            await self._write(data + body)
+            await self._write(head + body)
         else:
-            await self._write(data)
+            await self._write(head)
             await self._write(body)
 
     async def _stream(
-        self, request: Request, head: h11.Response, body: AsyncIterator[bytes]
+        self, request: Request, status: int, head: bytes, body: AsyncIterator[bytes]
     ) -> str | None:
         """Send a chunked body, each chunk as it comes: the outcome (None: sent in full)."""
-        conn = self.h11
+        conn = self.codec
         try:
-            await self._write(conn.send(head))
-            if request.method != "HEAD" and head.status_code not in _NO_BODY_STATUSES:
+            await self._write(head)
+            if request.method != "HEAD" and status not in _NO_BODY_STATUSES:
                 while True:
                     try:
                         chunk = await body.__anext__()
                         if not chunk:
                             continue
-                        data = conn.send(h11.Data(data=chunk))
+                        data = conn.data(chunk)
                     except StopAsyncIteration:
                         break
                     except Exception as exc:  # the stream failed, or yielded no bytes
                         self._app_error("stream_error", request.request_id, exc)
                         return "stream_error"
                     await self._write(data)
-            await self._write(conn.send(h11.EndOfMessage()))
+            tail = conn.end()
+            if tail:
+                await self._write(tail)
             return None
         finally:
             aclose = getattr(body, "aclose", None)
@@ -806,8 +803,8 @@ class _Connection:
         """Send one whole answer with ``Connection: close``, shut our side, and
         drain what the client still sends for a moment (so it reads the answer,
         not a reset); nothing read is kept."""
-        conn = self.h11
-        if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+        conn = self.codec
+        if not conn.can_respond:
             return
         headers = [
             *headers,
@@ -818,9 +815,7 @@ class _Connection:
         if request_id is not None:
             headers.append((b"x-request-id", request_id.encode("ascii")))
         try:
-            head = conn.send(
-                h11.Response(status_code=status, headers=headers, reason=_REASONS.get(status, b""))
-            )
+            head = conn.head(status, _REASONS.get(status, b""), headers)
             await self._write(head + body)
             await self.stream.send_eof()
             with trio.move_on_after(_LINGER_SECONDS):
@@ -830,7 +825,7 @@ class _Connection:
                     if not data:
                         break
                     drained += len(data)
-        except (*_IO_ERRORS, h11.LocalProtocolError, _WriteTimeout):
+        except (*_IO_ERRORS, BadOutgoing, _WriteTimeout):
             pass
 
     # ----------------------------------------------------------------- cleanup and logs

@@ -1,0 +1,335 @@
+"""The HTTP/1.1 codecs: h11 (the reference) and httptools must behave alike.
+
+Each test runs on both codecs and asserts what the server and the pool rely
+on; the server's and the pool's own tests also run on both, over sockets.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from keyrotor.transports import _codec_h11, _codec_httptools
+from keyrotor.transports.codec import (
+    CLOSED,
+    END,
+    NEED_DATA,
+    BadMessage,
+    BadOutgoing,
+    RequestHead,
+    ResponseHead,
+    resolve,
+)
+
+SERVERS = {"h11": _codec_h11.ServerCodec, "httptools": _codec_httptools.ServerCodec}
+CLIENTS = {"h11": _codec_h11.ClientCodec, "httptools": _codec_httptools.ClientCodec}
+
+
+@pytest.fixture(params=sorted(SERVERS))
+def server(request: pytest.FixtureRequest) -> Any:
+    return SERVERS[request.param](1000)
+
+
+@pytest.fixture(params=sorted(CLIENTS))
+def client(request: pytest.FixtureRequest) -> Any:
+    return CLIENTS[request.param]()
+
+
+def events(codec: Any, data: bytes = b"") -> list[Any]:
+    """Feed ``data`` (if any), then pull events up to the first NEED_DATA or CLOSED."""
+    if data:
+        codec.receive_data(data)
+    out: list[Any] = []
+    while True:
+        event = codec.next_event()
+        if event is NEED_DATA or event is CLOSED:
+            return out
+        out.append(event)
+        if event is END:
+            return out
+
+
+def summary(items: list[Any]) -> list[Any]:
+    """Heads as tuples, body pieces joined: comparable across codecs."""
+    out: list[Any] = []
+    for item in items:
+        if isinstance(item, RequestHead):
+            out.append((item.method, item.target, list(item.headers), item.http_version))
+        elif isinstance(item, ResponseHead):
+            out.append((item.status, item.headers))
+        elif isinstance(item, bytes):
+            if out and isinstance(out[-1], bytes):
+                out[-1] += item
+            else:
+                out.append(item)
+        else:
+            out.append(item)
+    return out
+
+
+def answer(codec: Any, body: bytes = b"ok", **extra: bytes) -> bytes:
+    headers = [(b"content-length", b"%d" % len(body))]
+    headers += [(name.encode(), value) for name, value in extra.items()]
+    data = codec.head(200, b"OK", headers)
+    data += codec.data(body) if body else b""
+    return data + codec.end()
+
+
+# --------------------------------------------------------------------------- server side
+
+
+def test_pipelined_requests_come_out_in_order_with_their_bodies(server: Any) -> None:
+    server.receive_data(
+        b"POST /a HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\n\r\nabc"
+        b"POST /b HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nxy\r\n0\r\n\r\n"
+    )
+    first = summary(events(server))
+    assert first == [
+        (b"POST", b"/a", [(b"host", b"t"), (b"content-length", b"3")], b"1.1"),
+        b"abc",
+        END,
+    ]
+    answer(server)
+    assert server.reusable and server.buffered
+    server.start_next_cycle()
+    second = summary(events(server))
+    assert second[0][:2] == (b"POST", b"/b") and second[1:] == [b"xy", END]
+    answer(server)
+    assert server.reusable and not server.buffered
+    server.start_next_cycle()
+    assert server.next_event() is NEED_DATA
+
+
+def test_a_head_split_across_reads_is_put_together(server: Any) -> None:
+    got: list[Any] = []
+    for piece in (
+        b"GET /pa",
+        b"th?q=1 HTTP/1.1\r\nHo",
+        b"st: t\r\nX-Lo",
+        b"ng: va",
+        b"lue\r\n\r\n",
+    ):
+        got += events(server, piece)
+    assert summary(got) == [
+        (b"GET", b"/path?q=1", [(b"host", b"t"), (b"x-long", b"value")], b"1.1"),
+        END,
+    ]
+
+
+def test_keep_alive_close_and_http_1_0(server: Any) -> None:
+    events(server, b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+    assert b"connection: close" in answer(server).lower()
+    assert not server.reusable
+
+    old = type(server)(1000)
+    events(old, b"GET / HTTP/1.0\r\n\r\n")
+    head = old.head(200, b"OK", [])  # no length: the body ends with the connection
+    assert b"connection: close" in head.lower() and b"chunked" not in head.lower()
+    assert old.data(b"abc") == b"abc" and old.end() == b""
+    assert not old.reusable
+
+
+def test_a_stream_is_chunked_to_a_1_1_client(server: Any) -> None:
+    events(server, b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+    head = server.head(200, b"OK", [(b"content-type", b"text/event-stream")])
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b"transfer-encoding: chunked" in head.lower() and b"connection" not in head.lower()
+    assert server.data(b"data: 1\n\n") == b"9\r\ndata: 1\n\n\r\n"
+    assert server.end() == b"0\r\n\r\n"
+    assert server.reusable
+
+
+def test_a_head_request_gets_no_body(server: Any) -> None:
+    events(server, b"HEAD / HTTP/1.1\r\nHost: t\r\n\r\n")
+    data = server.head(200, b"OK", [(b"content-length", b"5")])
+    assert server.end() == b""  # the server sends no body to HEAD: nothing missing
+    assert data.endswith(b"\r\n\r\n") and server.reusable
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"GET / HTTP/1.1\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+        b"\x16\x03\x01garbage\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: t\r\nBad Header: x\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: nope\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    ],
+    ids=["no-host", "two-hosts", "garbage", "header", "content-length", "chunk-size"],
+)
+def test_malformed_requests_are_bad_messages_400(server: Any, data: bytes) -> None:
+    with pytest.raises(BadMessage) as caught:
+        events(server, data)
+    assert caught.value.status == 400
+    assert b"garbage" not in caught.value.reason.encode() and "x" not in caught.value.reason[-2:]
+
+
+def test_a_head_that_grows_past_the_limit_is_431(server: Any) -> None:
+    server.receive_data(b"GET / HTTP/1.1\r\nHost: t\r\n")
+    with pytest.raises(BadMessage) as caught:
+        for _ in range(40):
+            assert events(server, b"X-Filler: " + b"y" * 90 + b"\r\n") == []
+    assert caught.value.status == 431
+
+
+def test_eof_between_requests_is_closed_and_inside_one_is_an_error(server: Any) -> None:
+    events(server, b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+    answer(server)
+    server.start_next_cycle()
+    server.receive_data(b"")
+    assert server.next_event() is CLOSED
+
+    cut = type(server)(1000)
+    cut.receive_data(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\nabc")
+    assert summary(events(cut))[1:] == [b"abc"]
+    cut.receive_data(b"")
+    with pytest.raises(BadMessage):
+        cut.next_event()
+
+
+def test_expect_100_continue(server: Any) -> None:
+    server.receive_data(
+        b"POST / HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n"
+    )
+    assert isinstance(server.next_event(), RequestHead)
+    assert server.expects_continue
+    assert server.informational_continue().startswith(b"HTTP/1.1 100 ")
+    assert not server.expects_continue
+    assert summary(events(server, b"hi")) == [b"hi", END]
+
+
+def test_what_we_send_is_checked_before_anything_is_committed(server: Any) -> None:
+    events(server, b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+    for status, headers in [
+        (200, [(b"x-bad", b"a\r\nb")]),
+        (200, [(b"bad name", b"v")]),
+        (200, [(b"x-space", b" padded")]),
+        (99, []),
+    ]:
+        with pytest.raises(BadOutgoing):
+            server.head(status, b"X", headers)
+        assert server.can_respond
+    server.head(200, b"OK", [(b"content-length", b"2")])
+    assert not server.can_respond
+    with pytest.raises(BadOutgoing):
+        server.data(b"too long")
+
+
+def test_an_upgrade_request_is_answered_then_the_connection_ends(server: Any) -> None:
+    server.receive_data(
+        b"GET / HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n"
+    )
+    assert isinstance(server.next_event(), RequestHead)
+    answer(server)
+    assert not server.reusable
+
+
+# --------------------------------------------------------------------------- client side
+
+
+def request(client: Any, method: bytes = b"GET", body: bytes | None = None) -> bytes:
+    headers = [(b"host", b"up")]
+    if body is not None:
+        headers.append((b"content-length", b"%d" % len(body)))
+    return client.request(client.prepare(method, b"/v1/x", headers), body)
+
+
+def test_a_request_is_written_whole(client: Any) -> None:
+    data = request(client, b"POST", b'{"a":1}')
+    assert data.startswith(b"POST /v1/x HTTP/1.1\r\n")
+    assert data.lower().endswith(b"host: up\r\ncontent-length: 7\r\n\r\n" + b'{"a":1}')
+
+
+def test_a_response_its_body_and_reuse(client: Any) -> None:
+    request(client)
+    got = summary(events(client, b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: b\r\n\r\nhel"))
+    assert got == [(200, [(b"content-length", b"5"), (b"x-a", b"b")]), b"hel"]
+    assert summary(events(client, b"lo")) == [b"lo", END]
+    assert client.reusable
+    client.start_next_cycle()
+    request(client)
+    assert summary(events(client, b"HTTP/1.1 204 No Content\r\n\r\n")) == [(204, []), END]
+
+
+def test_interim_responses_are_skipped(client: Any) -> None:
+    request(client, b"POST", b"x")
+    got = summary(
+        events(
+            client, b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+        )
+    )
+    assert got == [(200, [(b"content-length", b"2")]), b"ok", END]
+
+
+def test_chunked_and_read_to_eof_bodies(client: Any) -> None:
+    request(client)
+    got = events(
+        client, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n"
+    )
+    assert summary(got)[1:] == [b"hi", END] and client.reusable
+
+    to_eof = type(client)()
+    request(to_eof)
+    assert summary(events(to_eof, b"HTTP/1.1 200 OK\r\n\r\nall of it"))[1:] == [b"all of it"]
+    to_eof.receive_data(b"")
+    assert to_eof.next_event() is END
+    assert not to_eof.reusable
+
+
+def test_a_head_response_has_no_body(client: Any) -> None:
+    request(client, b"HEAD")
+    got = summary(events(client, b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n"))
+    assert got == [(200, [(b"content-length", b"100")]), END]
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+        b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\n",
+    ],
+    ids=["close", "http-1.0", "unasked-bytes"],
+)
+def test_connections_that_cannot_serve_again_are_not_reused(client: Any, reply: bytes) -> None:
+    request(client)
+    assert summary(events(client, reply))[1:] == [b"ok", END]
+    assert not client.reusable
+
+
+def test_broken_responses_are_bad_messages(client: Any) -> None:
+    request(client)
+    with pytest.raises(BadMessage):
+        events(client, b"garbage\r\n\r\n")
+    cut = type(client)()
+    request(cut)
+    events(cut, b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+    cut.receive_data(b"")
+    with pytest.raises(BadMessage, match="complete"):
+        cut.next_event()
+
+
+@pytest.mark.parametrize(
+    "method, target, headers",
+    [
+        (b"GET", b"/a b", []),
+        (b"G T", b"/", []),
+        (b"GET", b"/", [(b"x", b"a\nb")]),
+        (b"GET", b"/", [(b"x y", b"v")]),
+    ],
+)
+def test_a_bad_request_is_refused_before_anything_is_written(
+    client: Any, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]]
+) -> None:
+    with pytest.raises(BadOutgoing):
+        client.prepare(method, target, [(b"host", b"up"), *headers])
+
+
+def test_parser_names() -> None:
+    assert resolve("h11") == "h11"
+    assert resolve("auto") == "httptools"  # installed with the test extras
+    assert resolve("httptools") == "httptools"
+    with pytest.raises(ValueError, match="choose"):
+        resolve("fast")
