@@ -44,6 +44,36 @@ RUN = (
 )
 
 
+_PARTS = (
+    ("/keyrotor/core/", "keyrotor.core"),
+    ("/keyrotor/transports/_codec", "keyrotor's HTTP codecs (transports/_codec_*)"),
+    ("/keyrotor/transports/", "keyrotor.transports (exchange steps, pool, driver)"),
+    ("/keyrotor/adapters/proxy/server.py", "keyrotor proxy server"),
+    ("/keyrotor/", "keyrotor proxy app and the rest of keyrotor"),
+    ("/h11/", "h11"),
+    ("/httptools/", "httptools"),
+    ("/trio/", "trio"),
+    ("/anyio/", "anyio"),
+    ("/json/", "json"),
+    ("contextlib.py", "contextlib (cancel scopes' context managers)"),
+)
+
+
+def _by_part(stats: pstats.Stats) -> dict[str, float]:
+    """Own time summed by where the code lives; C calls count by their name."""
+    shares: dict[str, float] = {}
+    for func, (_, _, own, _, _) in stats.stats.items():  # type: ignore[attr-defined]
+        filename, _, name = func
+        part = next((label for mark, label in _PARTS if mark in filename), None)
+        if part is None:
+            if "_socket.socket" in name or "select.epoll" in name:
+                part = "system calls (socket send/recv, epoll)"
+            else:
+                part = "other (builtins, stdlib)"
+        shares[part] = shares.get(part, 0.0) + own
+    return shares
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=10.0)
@@ -84,6 +114,9 @@ def main() -> int:
         f"{per:.0f} us of proxy CPU per request (profiled)"
     )
     total = stats.total_tt  # type: ignore[attr-defined]
+    print("\n| code | share of the proxy's own time |\n|---|---:|")
+    for name, own in sorted(_by_part(stats).items(), key=lambda item: -item[1]):
+        print(f"| {name} | {own / total * 100:.1f} % |")
     for key, title in (("tottime", "own time"), ("cumulative", "time in all")):
         print(f"\n| function ({title}) | calls | own s | all s | own % |")
         print("|---|---:|---:|---:|---:|")

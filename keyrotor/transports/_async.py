@@ -227,6 +227,8 @@ class AsyncClient(ClientBase):
 
     async def __aenter__(self) -> Self:
         options = self._upstream.options
+        if self._driver.clock is anyio.current_time:
+            self._driver.clock = h11pool.loop_clock()  # the same clock, asked directly
         self._pool = h11pool.ConnectionPool(
             h11pool.PoolOptions(
                 connect=options.connect,

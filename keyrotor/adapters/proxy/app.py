@@ -14,6 +14,7 @@ import os
 import re
 import time
 from collections.abc import AsyncIterator, Callable
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
@@ -64,6 +65,26 @@ _ESCAPES = re.compile(r"(^|/)(\.|%2e){1,2}(/|$)|//|\\|%5c|%2f", re.IGNORECASE)
 _KEY_INFO = frozenset({"/v1/key", "/v1/auth/key"})
 _ACCOUNT = re.compile(r"^/v1/(keys?|credits|auth|activity)(/|$)")
 _MODELS = re.compile(r"^/v1/models(/|$)")
+
+
+@lru_cache(maxsize=512)
+def _path_kind(path: str) -> tuple[bool, str]:
+    """Whether a request path is the catalog's listing, and what else it is:
+    ``unsafe`` (it could reach other upstream paths), ``key_info`` (an account
+    endpoint too, but answered by the pool for GET), ``account`` (the accounts'
+    own endpoints) or ``forward``. Paths repeat: cached."""
+    plain = unquote(path).lower()
+    if _ESCAPES.search(path) or _ESCAPES.search(plain):
+        kind = "unsafe"
+    elif plain.rstrip("/") in _KEY_INFO:
+        kind = "key_info"
+    elif _ACCOUNT.match(plain):
+        kind = "account"
+    else:
+        kind = "forward"
+    return bool(_MODELS.match(path)), kind
+
+
 _REJECT_TYPES = {
     400: "invalid_request_error",
     429: "rate_limit_error",
@@ -415,19 +436,19 @@ class ProxyApp:
 
     async def _forward(self, request: Request) -> Response:
         path = request.path
-        if self._catalog is not None and request.method == "GET" and _MODELS.match(path):
+        models, kind = _path_kind(path)
+        if models and self._catalog is not None and request.method == "GET":
             # Answered here, never forwarded: an id may hold an encoded slash
             # (the SDKs send "openai%2Fgpt-4o").
             return await self._models(unquote(path)[len("/v1/models") :].strip("/"))
-        plain = unquote(path).lower()
-        if _ESCAPES.search(path) or _ESCAPES.search(plain):
+        if kind == "unsafe":
             # A pool key must not reach other upstream paths.
             return _invalid(
                 "the path may not hold '..', '.', empty segments or encoded slashes or backslashes"
             )
-        if plain.rstrip("/") in _KEY_INFO and request.method == "GET":
+        if kind == "key_info" and request.method == "GET":
             return self._json(200, self._key_info())
-        if _ACCOUNT.match(plain):
+        if kind == "account" or kind == "key_info":  # /v1/key, not with GET: an account's
             return _refuse(
                 403,
                 f"{path} manages the pool keys' accounts and is not forwarded; "
