@@ -92,6 +92,7 @@ import trio
 
 from ...transports import codec as http_codec
 from ...transports.codec import END, NEED_DATA, BadMessage, BadOutgoing, RequestHead
+from .sockets import Stream, accept, close_listener, listen
 from .types import App, Request, Response
 
 __all__ = ["CLEANUP_TIMEOUT", "ServerOptions", "run", "serve"]
@@ -213,14 +214,6 @@ def _date() -> bytes:
     return _date_value
 
 
-def _address(stream: trio.SocketStream) -> str:
-    """The client's address (no port), for per-address limits."""
-    try:
-        return str(stream.socket.getpeername()[0])
-    except (OSError, IndexError, TypeError):
-        return ""
-
-
 class _Reject(Exception):
     """A request the server answers itself with an error, then closes."""
 
@@ -292,25 +285,24 @@ class _Server:
             with suppress(Exception):  # a broken logger must not break serving
                 self.log(line)
 
-    async def accept_loop(self, listener: trio.SocketListener) -> None:
+    async def accept_loop(self, listener: socket.socket) -> None:
         assert self.nursery is not None
         limit = self.options.max_connections
         while True:
             try:
-                stream = await listener.accept()
+                stream, address = await accept(listener)
             except OSError as exc:
                 if exc.errno not in _ACCEPT_RESOURCE_ERRORS:
                     raise
                 self.emit({"event": "accept_error", "error": errno.errorcode.get(exc.errno, "")})
                 await trio.sleep(0.1)
                 continue
-            address = _address(stream)
             if (
                 len(self.connections) >= limit
                 or self.unproven_total >= self.options.max_unproven
                 or self.unproven.get(address, 0) >= self.options.max_unproven_per_address
             ):
-                stream.socket.close()
+                stream.close()
                 self._note_rejected()
                 continue
             connection = _Connection(self, stream, address)
@@ -384,19 +376,19 @@ class _Connection:
         "worker_lot",
     )
 
-    def __init__(self, server: _Server, stream: trio.SocketStream, address: str = "") -> None:
+    def __init__(self, server: _Server, stream: Stream, address: str = "") -> None:
         self.server = server
         self.stream = stream
         self.address = address
         self.proven = False  # a request of this connection was admitted
         self.request_deadline = math.inf  # the head and body must be in by then
         self.codec = server.codec(server.options.max_header_bytes)
-        try:
-            peer = stream.socket.getpeername()
-            host = peer[0]
-            self.client = f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
-        except (OSError, IndexError, TypeError):
+        peer = stream.peer()
+        if peer is None:
             self.client = ""
+        else:
+            host, port = peer
+            self.client = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self.nursery: trio.Nursery | None = None
         self.pending: tuple[Request, float] | None = None  # for the worker
         self.busy = False  # a request is with the worker
@@ -424,7 +416,7 @@ class _Connection:
             if not self.proven:
                 self.proven = True
                 self.server.proven(self.address)
-            await trio.aclose_forcefully(self.stream)
+            self.stream.close()
 
     # ----------------------------------------------------------------- the reader
 
@@ -771,11 +763,15 @@ class _Connection:
     # ----------------------------------------------------------------- writing
 
     async def _write(self, data: bytes) -> None:
-        """Send, giving up (``_WriteTimeout``) after ``body_timeout`` without progress."""
-        with trio.move_on_after(self.server.options.body_timeout) as scope:
-            await self.stream.send_all(data)
-        if scope.cancelled_caught:
-            raise _WriteTimeout
+        """Send: at once if the kernel takes it all (no timer, no scheduler pass),
+        else giving up (``_WriteTimeout``) after ``body_timeout``."""
+        stream = self.stream
+        sent = stream.send_now(data)
+        if sent < len(data):
+            with trio.move_on_after(self.server.options.body_timeout) as scope:
+                await stream.send_rest(data, sent)
+            if scope.cancelled_caught:
+                raise _WriteTimeout
         self.bytes_out += len(data)
 
     async def _refuse(self, status: int, message: str, request_id: str | None) -> None:
@@ -817,7 +813,7 @@ class _Connection:
         try:
             head = conn.head(status, _REASONS.get(status, b""), headers)
             await self._write(head + body)
-            await self.stream.send_eof()
+            self.stream.send_eof()
             with trio.move_on_after(_LINGER_SECONDS):
                 drained = 0
                 while drained < _LINGER_BYTES:
@@ -907,10 +903,7 @@ async def serve(
     (``keyrotor serve --workers N``) share the port and the kernel spreads
     the connections among them.
     """
-    if reuse_port:
-        listeners = await _reuse_port_listeners(options.host, options.port)
-    else:
-        listeners = await trio.open_tcp_listeners(options.port, host=options.host or None)
+    listeners = await listen(options.host, options.port, reuse_port)
     server = _Server(app, options, log)
     try:
         async with trio.open_nursery() as connections:
@@ -918,13 +911,13 @@ async def serve(
             async with trio.open_nursery() as acceptors:
                 for listener in listeners:
                     acceptors.start_soon(server.accept_loop, listener)
-                task_status.started(listeners[0].socket.getsockname()[1])
+                task_status.started(listeners[0].getsockname()[1])
                 if shutdown is None:
                     await trio.sleep_forever()
                 await shutdown.wait()
                 acceptors.cancel_scope.cancel()
             for listener in listeners:
-                listener.socket.close()  # new connections are refused from now on
+                close_listener(listener)  # new connections are refused from now on
             server.emit({"event": "draining", "connections": len(server.connections)})
             server.start_draining()
             connections.cancel_scope.deadline = trio.current_time() + options.grace_period
@@ -932,33 +925,7 @@ async def serve(
             server.emit({"event": "grace_period_expired"})
     finally:
         for listener in listeners:
-            listener.socket.close()
-
-
-async def _reuse_port_listeners(host: str, port: int) -> list[trio.SocketListener]:
-    """Listeners on every address of ``host`` bound with ``SO_REUSEPORT``."""
-    reuse = getattr(socket, "SO_REUSEPORT", None)
-    if reuse is None:  # pragma: no cover - Linux, the BSDs and macOS have it
-        raise OSError(errno.ENOPROTOOPT, "SO_REUSEPORT is not available on this platform")
-    infos = await trio.socket.getaddrinfo(
-        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )
-    sockets = []
-    try:
-        for family, kind, proto, _, address in infos:
-            sock = trio.socket.socket(family, kind, proto)
-            sockets.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setsockopt(socket.SOL_SOCKET, reuse, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            await sock.bind(address)
-            sock.listen(socket.SOMAXCONN)
-    except BaseException:
-        for sock in sockets:
-            sock.close()
-        raise
-    return [trio.SocketListener(sock) for sock in sockets]
+            close_listener(listener)
 
 
 def run(app: App, options: ServerOptions, *, log: Log | None = None) -> None:

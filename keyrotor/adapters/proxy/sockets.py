@@ -1,0 +1,137 @@
+"""The server's sockets: plain non-blocking sockets that trio only waits on.
+
+trio's ``SocketStream`` makes every send and receive a checkpoint, a pass
+through the scheduler even when the kernel had the bytes (or the room for
+them) at once. Here a read or a write goes straight to the socket, and trio is
+asked to wait (``trio.lowlevel.wait_readable`` / ``wait_writable``, its public
+low-level API) only when the kernel says it would block. Every wait is a
+checkpoint, so cancel scopes and timeouts work as before; what is saved is a
+scheduler pass per operation that did not block (docs/benchmarks.md, "The hot
+path"). A task that never waits never yields: the server's loops wait at least
+once per request (the worker for the next request, the reader for bytes).
+
+Errors are the socket's own ``OSError`` (``ConnectionResetError``,
+``BrokenPipeError``...); EOF is ``b""``.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+from contextlib import suppress
+from typing import Final
+
+import trio
+
+__all__ = ["Stream", "accept", "close_listener", "listen"]
+
+_NODELAY: Final = (socket.AF_INET, socket.AF_INET6)
+
+
+class Stream:
+    """One accepted TCP connection."""
+
+    __slots__ = ("sock",)
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        if sock.family in _NODELAY:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = sock
+
+    async def receive_some(self, max_bytes: int) -> bytes:
+        """Up to ``max_bytes`` bytes, waiting for some if none are there; ``b""`` at EOF."""
+        sock = self.sock
+        while True:
+            try:
+                return sock.recv(max_bytes)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(sock)
+
+    def send_now(self, data: bytes) -> int:
+        """Send what the kernel takes now, without waiting: the bytes sent."""
+        try:
+            return self.sock.send(data)
+        except BlockingIOError:
+            return 0
+
+    async def send_rest(self, data: bytes, sent: int) -> None:
+        """Send ``data`` from byte ``sent`` on, waiting for room as needed."""
+        view = memoryview(data)
+        sock = self.sock
+        while sent < len(data):
+            await trio.lowlevel.wait_writable(sock)
+            with suppress(BlockingIOError):
+                sent += sock.send(view[sent:])
+
+    def send_eof(self) -> None:
+        """Shut our side: the client reads EOF after what was sent."""
+        self.sock.shutdown(socket.SHUT_WR)
+
+    def peer(self) -> tuple[str, int] | None:
+        """The client's address and port (None if the connection is gone)."""
+        try:
+            host, port = self.sock.getpeername()[:2]
+        except (OSError, ValueError):
+            return None
+        return str(host), int(port)
+
+    def close(self) -> None:
+        """Close at once; a task waiting on the socket gets ``ClosedResourceError``."""
+        if self.sock.fileno() != -1:
+            trio.lowlevel.notify_closing(self.sock)
+        self.sock.close()
+
+
+async def listen(host: str, port: int, reuse_port: bool = False) -> list[socket.socket]:
+    """Listening sockets on every address of ``host`` (``""``: every interface),
+    as ``trio.open_tcp_listeners`` binds them; with ``reuse_port``, bound with
+    ``SO_REUSEPORT`` so that several processes share the port."""
+    reuse = getattr(socket, "SO_REUSEPORT", None)
+    if reuse_port and reuse is None:  # pragma: no cover - Linux, the BSDs and macOS have it
+        raise OSError(errno.ENOPROTOOPT, "SO_REUSEPORT is not available on this platform")
+    infos = await trio.socket.getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in infos:
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, reuse, 1)  # type: ignore[arg-type]
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(socket.SOMAXCONN)
+            sock.setblocking(False)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+async def accept(listener: socket.socket) -> tuple[Stream, str]:
+    """The next connection and its client's address (no port). Always a checkpoint."""
+    while True:
+        try:
+            sock, address = listener.accept()
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(listener)
+            continue
+        try:
+            await trio.lowlevel.checkpoint()  # a flood of connections must not starve the rest
+        except BaseException:
+            sock.close()
+            raise
+        host = address[0] if isinstance(address, tuple) else ""
+        return Stream(sock), str(host)
+
+
+def close_listener(listener: socket.socket) -> None:
+    """Close a listening socket (new connections are refused from now on)."""
+    if listener.fileno() != -1:
+        trio.lowlevel.notify_closing(listener)
+    listener.close()
