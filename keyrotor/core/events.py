@@ -267,18 +267,40 @@ Event = (
 _new = object.__new__
 
 
-def _setters(cls: type, names: str) -> tuple[Any, ...]:
-    return tuple(cls.__dict__[name].__set__ for name in names.split())
+def _setters(cls: type) -> tuple[Any, ...]:
+    """The slots' setters of a frozen attrs class, in field order."""
+    return tuple(cls.__dict__[field.name].__set__ for field in attrs.fields(cls))
 
 
-_RS = _setters(
-    RequestStarted, "request_id now pin pin_fallback session group deadline tokens max_attempts"
-)
-_RR = _setters(ResponseReceived, "request_id now status retry_after headers body wall_time")
-_RF = _setters(
-    ResponseFinished,
-    "request_id now cost prompt_tokens completion_tokens error_status error_body",
-)
+(
+    _rs_request_id,
+    _rs_now,
+    _rs_pin,
+    _rs_pin_fallback,
+    _rs_session,
+    _rs_group,
+    _rs_deadline,
+    _rs_tokens,
+    _rs_max_attempts,
+) = _setters(RequestStarted)
+(
+    _rr_request_id,
+    _rr_now,
+    _rr_status,
+    _rr_retry_after,
+    _rr_headers,
+    _rr_body,
+    _rr_wall_time,
+) = _setters(ResponseReceived)
+(
+    _rf_request_id,
+    _rf_now,
+    _rf_cost,
+    _rf_prompt,
+    _rf_completion,
+    _rf_error_status,
+    _rf_error_body,
+) = _setters(ResponseFinished)
 
 
 def request_started(
@@ -294,16 +316,15 @@ def request_started(
 ) -> RequestStarted:
     """``RequestStarted(...)``, its fields in order, built fast."""
     event: RequestStarted = _new(RequestStarted)
-    s = _RS
-    s[0](event, request_id)
-    s[1](event, now)
-    s[2](event, pin)
-    s[3](event, pin_fallback)
-    s[4](event, session)
-    s[5](event, group)
-    s[6](event, deadline)
-    s[7](event, tokens)
-    s[8](event, max_attempts)
+    _rs_request_id(event, request_id)
+    _rs_now(event, now)
+    _rs_pin(event, pin)
+    _rs_pin_fallback(event, pin_fallback)
+    _rs_session(event, session)
+    _rs_group(event, group)
+    _rs_deadline(event, deadline)
+    _rs_tokens(event, tokens)
+    _rs_max_attempts(event, max_attempts)
     return event
 
 
@@ -317,14 +338,13 @@ def response_received(
 ) -> ResponseReceived:
     """``ResponseReceived(...)`` (no ``retry_after``), built fast."""
     event: ResponseReceived = _new(ResponseReceived)
-    s = _RR
-    s[0](event, request_id)
-    s[1](event, now)
-    s[2](event, status)
-    s[3](event, None)
-    s[4](event, headers)
-    s[5](event, body)
-    s[6](event, wall_time)
+    _rr_request_id(event, request_id)
+    _rr_now(event, now)
+    _rr_status(event, status)
+    _rr_retry_after(event, None)
+    _rr_headers(event, headers)
+    _rr_body(event, body)
+    _rr_wall_time(event, wall_time)
     return event
 
 
@@ -339,12 +359,11 @@ def response_finished(
 ) -> ResponseFinished:
     """``ResponseFinished(...)``, its fields in order, built fast."""
     event: ResponseFinished = _new(ResponseFinished)
-    s = _RF
-    s[0](event, request_id)
-    s[1](event, now)
-    s[2](event, cost)
-    s[3](event, prompt_tokens)
-    s[4](event, completion_tokens)
-    s[5](event, error_status)
-    s[6](event, error_body)
+    _rf_request_id(event, request_id)
+    _rf_now(event, now)
+    _rf_cost(event, cost)
+    _rf_prompt(event, prompt_tokens)
+    _rf_completion(event, completion_tokens)
+    _rf_error_status(event, error_status)
+    _rf_error_body(event, error_body)
     return event
