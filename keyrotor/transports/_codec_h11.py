@@ -91,7 +91,7 @@ class ServerCodec:
         (or, to a peer that cannot keep the connection, close-delimited)."""
         try:
             return self._h.send(h11.Response(status_code=status, headers=headers, reason=reason))  # type: ignore[return-value]
-        except h11.LocalProtocolError as exc:
+        except (h11.LocalProtocolError, TypeError, ValueError) as exc:
             raise BadOutgoing(str(exc)) from None
 
     def data(self, chunk: bytes) -> bytes:
@@ -121,7 +121,7 @@ class ClientCodec:
         """A checked request head, ready for ``request`` (``BadOutgoing`` if invalid)."""
         try:
             return h11.Request(method=method, target=target, headers=headers)
-        except h11.LocalProtocolError as exc:
+        except (h11.LocalProtocolError, TypeError, ValueError) as exc:
             raise BadOutgoing(str(exc)) from None
 
     def request(self, head: object, body: bytes | None) -> bytes:

@@ -115,7 +115,11 @@ _good_names: set[bytes] = set()
 def check_fields(headers: Sequence[tuple[bytes, bytes]]) -> None:
     """Refuse (``BadOutgoing``) a header name that is not a token or a value
     with control characters or surrounding whitespace."""
-    for name, value in headers:
+    for field in headers:
+        try:
+            name, value = field
+        except (TypeError, ValueError):
+            raise BadOutgoing(f"a header must be a (name, value) pair: {field!r}") from None
         if name not in _good_names:
             if type(name) is not bytes or not TOKEN.fullmatch(name):
                 raise BadOutgoing(f"invalid header name {name!r}")

@@ -207,6 +207,8 @@ def test_what_we_send_is_checked_before_anything_is_committed(server: Any) -> No
         (200, [(b"bad name", b"v")]),
         (200, [(b"x-space", b" padded")]),
         (99, []),
+        (200, [(b"x-list", [b"v"])]),  # unhashable
+        (200, [(b"x", b"v", b"extra")]),
     ]:
         with pytest.raises(BadOutgoing):
             server.head(status, b"X", headers)
