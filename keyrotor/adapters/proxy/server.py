@@ -588,7 +588,7 @@ class _Connection:
             with trio.CancelScope() as scope:
                 self.watch_scope = scope
                 try:
-                    data = await self.stream.receive_some(_RECEIVE_SIZE)
+                    data = await self.stream.receive_some(_RECEIVE_SIZE, wait_first=True)
                 except _IO_ERRORS:
                     data = b""
             self.watch_scope = self.idle_scope = None

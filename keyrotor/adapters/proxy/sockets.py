@@ -39,9 +39,13 @@ class Stream:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock = sock
 
-    async def receive_some(self, max_bytes: int) -> bytes:
-        """Up to ``max_bytes`` bytes, waiting for some if none are there; ``b""`` at EOF."""
+    async def receive_some(self, max_bytes: int, *, wait_first: bool = False) -> bytes:
+        """Up to ``max_bytes`` bytes, waiting for some if none are there; ``b""`` at EOF.
+        ``wait_first``: the caller expects nothing yet (it read all there was):
+        wait before reading, sparing a read that would fail."""
         sock = self.sock
+        if wait_first:
+            await trio.lowlevel.wait_readable(sock)
         while True:
             try:
                 return sock.recv(max_bytes)
