@@ -79,6 +79,7 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--stream", action="store_true", help="SSE instead of JSON")
     parser.add_argument("--state", action="store_true", help="keep a state file (as serve does)")
+    parser.add_argument("--keys", type=int, default=0, help="a pool of N fake keys, not 4")
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--save", metavar="PATH", help="keep the cProfile figures there")
     args = parser.parse_args()
@@ -95,6 +96,16 @@ def main() -> int:
         cmd = [sys.executable, "-c", RUN, str(out), "serve", "--host", LOOPBACK,
                "--port", str(port), "--upstream", upstream_url, *state]  # fmt: skip
         env = _child_env({"OPENROUTER_KEYS": ",".join(FAKE_KEYS)})
+        if args.keys:
+            config = folder / "keyrotor.toml"
+            config.write_text(
+                "".join(
+                    f'[[keys]]\nalias = "k{i}"\nsecret = "sk-or-v1-fake-proxy-load-{i}"\n'
+                    for i in range(args.keys)
+                )
+            )
+            cmd += ["--config", str(config)]
+            env = _child_env({})
         with child("keyrotor proxy (cProfile)", cmd, env, stdout=False) as proxy:
             if wait_ready(proxy, port, "/healthz") is None:
                 raise SystemExit(f"the proxy did not start:\n{proxy.log_tail()}")

@@ -638,6 +638,7 @@ def start_keyrotor(
     limited: bool = False,
     faults: bool = False,
     parser: str = "auto",
+    keys: int = len(FAKE_KEYS),
 ) -> tuple[Child, Endpoint]:
     """The proxy with its state file in a fresh temporary directory (``state``),
     or ``--no-state``; with ``route``, a config file holding ``ROUTE_CONFIG``;
@@ -646,7 +647,8 @@ def start_keyrotor(
     that every attempt asks Redis (one Lua round trip) and none is held; with
     ``faults``, the four faulty keys of the ``faulty`` scenario too, and a first
     byte awaited 2 s (then the attempt fails over); ``parser``: the HTTP parser of
-    its server and of its upstream pool (``[server]`` and ``[http] parser``)."""
+    its server and of its upstream pool (``[server]`` and ``[http] parser``);
+    ``keys``: a pool of that many fake keys (``[[keys]]`` tables) instead of 4."""
     env = _child_env({"OPENROUTER_KEYS": ",".join(FAKE_KEYS)})
     base = [sys.executable, "-m", "keyrotor.cli", "serve", "--host", LOOPBACK]
     if shared is not None:
@@ -684,6 +686,11 @@ def start_keyrotor(
                 for i in range(len(FAKE_KEYS))
             )
         )
+    if keys != len(FAKE_KEYS):
+        env = _child_env({})
+        with (folder / "keyrotor.toml").open("a") as config:
+            for i in range(keys):
+                config.write(f'[[keys]]\nalias = "k{i}"\nsecret = "sk-or-v1-fake-proxy-load-{i}"\n')
     if state:
         base += ["--state", str(folder / "state.db")]
     else:
@@ -1201,6 +1208,13 @@ def _parser() -> argparse.ArgumentParser:
         "by side (with --workers N: also at N workers); default: litellm in this venv, if any",
     )
     parser.add_argument(
+        "--keys",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also a proxy whose pool holds N fake keys (e.g. 10000) instead of 4",
+    )
+    parser.add_argument(
         "--parser",
         choices=("auto", "h11", "httptools", "both"),
         default="auto",
@@ -1250,6 +1264,8 @@ def _command(args: argparse.Namespace) -> str:
         parts.append(f"--workers {args.workers}")
     if args.parser != "auto":
         parts.append(f"--parser {args.parser}")
+    if args.keys:
+        parts.append(f"--keys {args.keys}")
     if args.faults:
         parts.append("--faults")
     if args.peer:
@@ -1268,12 +1284,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         and 0 < args.duration <= 600
         and 1 <= args.concurrency <= 1024
         and 1 <= args.rounds <= 20
+        and 0 <= args.keys <= 100_000
         and 0 < args.warmup <= 60
         and 0 <= args.prewarm <= args.max_connections <= 4096
     ):
         print(
             "error: need 0 < rate <= 20000, 0 < duration <= 600, 1 <= concurrency <= 1024, "
-            "1 <= rounds <= 20, 0 < warmup <= 60, 0 <= prewarm <= max-connections <= 4096",
+            "1 <= rounds <= 20, 0 <= keys <= 100000, 0 < warmup <= 60, "
+            "0 <= prewarm <= max-connections <= 4096",
             file=sys.stderr,
         )
         return 2
@@ -1321,6 +1339,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                         dashboards=args.dashboard,
                     )
                     proxies.append((watched, proxy))
+            if args.keys:  # the same proxy with a pool of many keys, a process of its own
+                many_keys, endpoint = start_keyrotor(
+                    stack, upstream_url, True, parser=parser, keys=args.keys
+                )
+                name = f"through keyrotor, {args.keys:,} keys"
+                print(f"{name}: pid {many_keys.pid} at {endpoint.url}", file=sys.stderr, flush=True)
+                proxies.append((Target(name, endpoint, many_keys.pid), many_keys))
             if args.parser == "both":  # the same proxy on h11, side by side
                 reference, endpoint = start_keyrotor(stack, upstream_url, True, parser="h11")
                 name = "through keyrotor, h11 parser"
