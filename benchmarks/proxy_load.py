@@ -1339,11 +1339,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                         dashboards=args.dashboard,
                     )
                     proxies.append((watched, proxy))
-            if args.keys:  # the same proxy with a pool of many keys, a process of its own
+            for state in {"file": (True,), "none": (False,), "both": (True, False)}[args.state]:
+                if not args.keys:  # the same proxy with a pool of many keys, its own process
+                    break
                 many_keys, endpoint = start_keyrotor(
-                    stack, upstream_url, True, parser=parser, keys=args.keys
+                    stack, upstream_url, state, parser=parser, keys=args.keys
                 )
-                name = f"through keyrotor, {args.keys:,} keys"
+                name = f"through keyrotor, {args.keys:,} keys" + ("" if state else " --no-state")
                 print(f"{name}: pid {many_keys.pid} at {endpoint.url}", file=sys.stderr, flush=True)
                 proxies.append((Target(name, endpoint, many_keys.pid), many_keys))
             if args.parser == "both":  # the same proxy on h11, side by side

@@ -232,6 +232,15 @@ class Pool(KeyChoice, RequestQueue, KeyHealth, Snapshots):
         usable = self._usable
         return any(usable(key) for key in self._order)
 
+    def count_by_state(self) -> dict[str, int]:
+        """How many keys are in each state (every state named, zeros included;
+        keys being removed not counted): ``statistics().count_by_state()``
+        without a picture of every key, for health checks of large pools."""
+        counts = {state.value: 0 for state in KeyState}
+        for key in self._order:
+            counts[key.state.value] += 1
+        return counts
+
     def statistics(self) -> PoolStatistics:
         """A frozen picture of the pool: per key and in total (JSON via ``to_json``)."""
         keys = tuple(KeyStatistics.from_record(k) for k in [*self._order, *self._dying.values()])

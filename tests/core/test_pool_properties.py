@@ -407,6 +407,7 @@ class PoolMachine(RuleBasedStateMachine):
             assert key.in_flight == self.in_flight[key.key_id], key
             assert key.state.value == self.state[key.key_id]
         assert stats.queued == sum(1 for k in self.live.values() if k is None)
+        assert self.pool.count_by_state() == stats.count_by_state()  # the cheap count agrees
 
     def teardown(self) -> None:
         if not hasattr(self, "pool"):

@@ -1,14 +1,17 @@
-"""The proxy's HTTP/1.1 front: h11 on trio, serving an ``App`` (``types.py``).
+"""The proxy's HTTP/1.1 front on trio, serving an ``App`` (``types.py``).
 
     port = await nursery.start(serve, app, ServerOptions(port=0))   # in a trio program
     run(app, ServerOptions(port=8080), log=print)                    # or blocking, until a signal
 
-Each connection runs the loop of h11's ``examples/trio-server.py`` split over
+HTTP/1.1 is parsed and framed by a codec (``transports/codec.py``:
+httptools when installed, else h11; ``ServerOptions.parser``); the sockets are
+plain non-blocking ones that trio only waits on (``sockets.py``). Each
+connection runs the loop of h11's ``examples/trio-server.py`` split over
 two tasks that live as long as the connection: the reader reads a request head
 and its whole body and hands the request over; the worker calls the application,
 writes the response and starts the next cycle. Keep-alive, pipelining (requests
 are answered in order), ``Connection: close``, HTTP/1.0 peers and
-``Expect: 100-continue`` come from h11.
+``Expect: 100-continue`` come from the codec.
 
 Responses: a bytes body is sent with ``Content-Length`` in one write; an async
 iterator body is sent chunked (close-delimited to HTTP/1.0 peers), each chunk
@@ -17,7 +20,7 @@ written as soon as it is yielded (SSE is never buffered). The application's
 frames the body. Added headers: ``date`` (cached per second) and ``x-request-id``.
 
 While the worker computes or streams a response, the reader keeps reading the
-socket: bytes it reads belong to the next pipelined request and go to h11's
+socket: bytes it reads belong to the next pipelined request and go to the codec's
 buffer (up to ``max_header_bytes``; past that it stops reading until the
 response is done and lets TCP push back); EOF or a reset means the client went
 away, and the application call or its stream is cancelled. When the response is
@@ -66,8 +69,8 @@ server's). Server events are dicts with an ``event`` key (``bad_request``,
 ``connection_limit``, ``accept_error``, ``connection_error``, ``draining``,
 ``grace_period_expired``; ``run`` adds ``listening``, ``shutdown``,
 ``stopping_now``). Headers and bodies are never logged; the application's
-exceptions are (type and message, cut at 500 characters), h11's parse errors
-only up to their first colon (h11 quotes the offending bytes after it). A
+exceptions are (type and message, cut at 500 characters), parse errors only
+as the parser's short reason (never the offending bytes). A
 ``log`` that raises is ignored.
 """
 
@@ -179,7 +182,7 @@ class ServerOptions:
       the slots of clients that proved themselves.
     - ``max_unproven_per_address``: the same, per client address.
     - ``parser``: the HTTP/1.1 parser, ``"auto"`` (httptools when installed,
-      else h11), ``"h11"`` or ``"httptools"`` (``transports/_codec.py``).
+      else h11), ``"h11"`` or ``"httptools"`` (``transports/codec.py``).
     """
 
     host: str = attrs.field(default="127.0.0.1", validator=_host)
@@ -348,7 +351,7 @@ class _Connection:
 
     The reader parses request heads and bodies and hands each request to the
     worker; while the worker runs the application and writes the response, the
-    reader keeps reading: bytes are the next pipelined request's (h11 buffers
+    reader keeps reading: bytes are the next pipelined request's (the codec buffers
     them); EOF or a reset means the client went away: the reader returns, which
     cancels the worker and its request. When the response is done, that same
     read becomes the keep-alive wait for the next request, so the common path
@@ -494,7 +497,7 @@ class _Connection:
             self._bug(exc)
 
     async def _receive(self) -> None:
-        """Read once from the socket into h11 (EOF included)."""
+        """Read once from the socket into the codec (EOF included)."""
         data = await self.stream.receive_some(_RECEIVE_SIZE)
         if not data:
             self.gone = True
@@ -573,7 +576,7 @@ class _Connection:
     async def _watch(self) -> bool:
         """Read while the worker answers; then wait for the next request's first bytes.
 
-        True: bytes of the next request are in h11's buffer. False: the client went
+        True: bytes of the next request are in the codec's buffer. False: the client went
         away (its request, if any, is cancelled), or the keep-alive wait timed out
         or was ended by shutdown. Past ``max_header_bytes`` of pipelined bytes the
         reader stops reading until the worker is done.
