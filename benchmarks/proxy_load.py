@@ -664,15 +664,15 @@ def start_keyrotor(
     elif faults:
         from keyrotor.testing.scenarios import FAULTY_KEYS  # this revision's fake upstream
 
-        keys = {**{f"k{i}": key for i, key in enumerate(FAKE_KEYS)}, **FAULTY_KEYS}
-        env = _child_env({f"K_{i}": key for i, key in enumerate(keys.values())})
+        pool = {**{f"k{i}": key for i, key in enumerate(FAKE_KEYS)}, **FAULTY_KEYS}
+        env = _child_env({f"K_{i}": key for i, key in enumerate(pool.values())})
         (folder / "keyrotor.toml").write_text(
             f'[server]\nparser = "{parser}"\n'
             + http
             + "first_byte = 2.0\nfirst_byte_stream = 2.0\n"
             + "".join(
                 f'[[keys]]\nalias = "{alias}"\nsecret_env = "K_{i}"\n'
-                for i, alias in enumerate(keys)
+                for i, alias in enumerate(pool)
             )
         )
     elif limited:
