@@ -278,9 +278,8 @@ async def _close_stream(stream: anyio.abc.ByteStream) -> None:
 
 
 def loop_clock() -> Callable[[], float]:
-    """The running event loop's clock as a plain function: ``anyio.current_time``
-    finds out which loop runs on every call (a tenth of a proxied request's
-    calls to it went there)."""
+    """The running event loop's clock as a plain function (the same clock as
+    ``anyio.current_time``, which finds out which loop runs on every call)."""
     try:
         return asyncio.get_running_loop().time
     except RuntimeError:

@@ -67,12 +67,11 @@ _ACCOUNT = re.compile(r"^/v1/(keys?|credits|auth|activity)(/|$)")
 _MODELS = re.compile(r"^/v1/models(/|$)")
 
 
-@lru_cache(maxsize=512)
 def _path_kind(path: str) -> tuple[bool, str]:
     """Whether a request path is the catalog's listing, and what else it is:
     ``unsafe`` (it could reach other upstream paths), ``key_info`` (an account
     endpoint too, but answered by the pool for GET), ``account`` (the accounts'
-    own endpoints) or ``forward``. Paths repeat: cached."""
+    own endpoints) or ``forward``."""
     plain = unquote(path).lower()
     if _ESCAPES.search(path) or _ESCAPES.search(plain):
         kind = "unsafe"
@@ -83,6 +82,10 @@ def _path_kind(path: str) -> tuple[bool, str]:
     else:
         kind = "forward"
     return bool(_MODELS.match(path)), kind
+
+
+_known_path_kind = lru_cache(maxsize=512)(_path_kind)  # paths repeat; short ones are cached
+_CACHED_PATH = 256
 
 
 _REJECT_TYPES = {
@@ -437,7 +440,7 @@ class ProxyApp:
 
     async def _forward(self, request: Request) -> Response:
         path = request.path
-        models, kind = _path_kind(path)
+        models, kind = (_known_path_kind if len(path) <= _CACHED_PATH else _path_kind)(path)
         if models and self._catalog is not None and request.method == "GET":
             # Answered here, never forwarded: an id may hold an encoded slash
             # (the SDKs send "openai%2Fgpt-4o").

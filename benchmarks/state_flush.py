@@ -1,0 +1,89 @@
+"""What the state file's writer thread spends per request, with few keys and with many.
+
+Each request records what the proxy records for an answer (its analytics row,
+its key's ledger, the usage by provider and model); a flush then writes the
+batch, as the writer thread does every ``flush_interval``. With round robin
+over N keys, a batch of B requests touches min(N, B) keys' rows. Reported:
+µs of flush per request, and the share of it in ``analytics.write`` (the
+minute, hour and day rows, each read back, merged and written). Run:
+
+    python -m benchmarks.state_flush --keys 4 10000 --batch 400
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from keyrotor.adapters import analytics
+from keyrotor.adapters.storage import StateStore
+
+NAMES = {"provider": "main", "model": "openai/gpt-4o-mini"}
+
+
+def run(keys: int, batch: int, batches: int) -> tuple[float, float]:
+    """(µs of flush per request, share of it in analytics.write)."""
+    spent = {"analytics": 0.0}
+    write = analytics.write
+
+    def timed_write(*args: object, **kwargs: object) -> None:
+        start = time.perf_counter()
+        write(*args, **kwargs)  # type: ignore[arg-type]
+        spent["analytics"] += time.perf_counter() - start
+
+    with tempfile.TemporaryDirectory() as folder:
+        store = StateStore.open(Path(folder) / "state.db", secret_key=None, flush_interval=3600)
+        now = time.time()
+        n = 0
+
+        def record(count: int) -> None:
+            nonlocal n
+            for _ in range(count):
+                alias = f"k{n % keys}"
+                n += 1
+                dims = (alias, "main", "openai/gpt-4o-mini", "", "")
+                store.record_answer(now, dims, 200, 10, 20, 0.0001, 5.0, 8.0)
+                store.record_spend(alias, prompt_tokens=10, completion_tokens=20, cost=0.0001)
+                store.record_usage(NAMES, prompt_tokens=10, completion_tokens=20, cost=0.0001)
+
+        for _ in range(max(1, min(keys, 20_000) // batch)):  # every key's rows exist
+            record(batch)
+            store.flush()
+        analytics.write = timed_write  # type: ignore[assignment]
+        try:
+            total = 0.0
+            for _ in range(batches):
+                record(batch)
+                start = time.perf_counter()
+                store.flush()
+                total += time.perf_counter() - start
+        finally:
+            analytics.write = write  # type: ignore[assignment]
+            store.close()
+    requests = batch * batches
+    return total / requests * 1e6, spent["analytics"] / total
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--keys", type=int, nargs="+", default=[4, 10_000])
+    parser.add_argument("--batch", type=int, default=400, help="requests per flush (400)")
+    parser.add_argument("--batches", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    print(f"{args.batch} requests per flush, {args.batches} flushes, median of {args.rounds}\n")
+    print("| keys | flush µs per request | in analytics.write |")
+    print("|---:|---:|---:|")
+    for keys in args.keys:
+        runs = [run(keys, args.batch, args.batches) for _ in range(args.rounds)]
+        per = statistics.median(r[0] for r in runs)
+        share = statistics.median(r[1] for r in runs)
+        print(f"| {keys:,} | {per:.1f} | {share:.0%} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
