@@ -12,7 +12,7 @@ pool it asks the pool (``Pool.usable_now``), never re-derives.
 Hot path notes (the target is 100,000 simulated requests per second for a
 4-key pool): a successful answer and a body end are fed through two event
 objects reused for every request (the core keeps neither), ``RequestStarted``
-is built without its keyword ``__init__``, and metrics are kept in flat lists.
+is built with the core's positional builder, and metrics are kept in flat lists.
 """
 
 from __future__ import annotations
@@ -36,12 +36,12 @@ from ..core import (
     ProbeFinished,
     Reject,
     RequestCancelled,
-    RequestStarted,
     ResponseFinished,
     ResponseReceived,
     Send,
     Tick,
     TransportFailed,
+    request_started,
 )
 from .trace import Trace, TraceHeader
 from .upstream import EPOCH, RecordedUpstream, SimulatedUpstream, UpstreamModel
@@ -55,16 +55,10 @@ _REC, _ARRIVAL, _READY, _QWAIT, _SENT, _ERR, _ATTEMPT, _FAILED, _ANS, _WAITED, _
 _USABLE = (KeyState.HEALTHY, KeyState.RECOVERING)
 _HEALTHY = KeyState.HEALTHY
 
-_new = object.__new__
-# The engine builds RequestStarted through its slots and reuses one
-# ResponseReceived and one ResponseFinished (the core keeps neither:
-# keyrotor/core/events.py). Fail at import, not with a half-built event, if
-# those classes ever gain a field this code does not set.
+# The engine reuses one ResponseReceived and one ResponseFinished (the core
+# keeps neither: keyrotor/core/events.py). Fail at import, not with a
+# half-built event, if those classes ever gain a field this code does not set.
 _SET = {
-    RequestStarted: (
-        "request_id", "now", "pin", "pin_fallback", "session", "group", "deadline", "tokens",
-        "max_attempts",
-    ),
     ResponseReceived: (
         "request_id", "now", "status", "retry_after", "headers", "body", "wall_time"
     ),
@@ -76,13 +70,6 @@ _SET = {
 for _cls, _names in _SET.items():
     if tuple(f.name for f in attrs.fields(_cls)) != _names:  # pragma: no cover
         raise ImportError(f"keyrotor.replay.engine does not know {_cls.__name__}'s fields")
-_RS = [
-    RequestStarted.__dict__[name].__set__
-    for name in (
-        "request_id", "now", "pin", "pin_fallback", "session", "group", "deadline", "max_attempts"
-    )
-]  # fmt: skip
-_RS_TOKENS = RequestStarted.__dict__["tokens"].__set__
 _RR_ID = ResponseReceived.__dict__["request_id"].__set__
 _RR_NOW = ResponseReceived.__dict__["now"].__set__
 _RR_STATUS = ResponseReceived.__dict__["status"].__set__
@@ -357,8 +344,6 @@ class _Replay:
         decide = self._decide
         answer = self._answer
         tick = self._tick
-        set_id, set_now, set_pin, set_fallback, set_session, set_group, set_deadline, set_max = _RS
-        set_tokens = _RS_TOKENS
         total = len(records)
         inf = math.inf
         ok200 = 0  # answers and deliveries counted on the hot path
@@ -441,16 +426,8 @@ class _Replay:
                 rid = f"r{i}"
                 i += 1
                 next_arrival = records[i].t if i < total else inf
-                ev = _new(RequestStarted)  # RequestStarted(...) without the keyword __init__
-                set_id(ev, rid)
-                set_now(ev, now)
-                set_pin(ev, None)
-                set_fallback(ev, True)
-                set_session(ev, rec.session)
-                set_group(ev, rec.group)
-                set_deadline(ev, None)
-                set_max(ev, None)
-                set_tokens(ev, rec.prompt_tokens + rec.completion_tokens)
+                tokens = rec.prompt_tokens + rec.completion_tokens
+                ev = request_started(rid, now, None, True, rec.session, rec.group, None, tokens)
                 open_[rid] = state = [rec, now, now, 0.0, now, 0.0, 0, 0, None, 0, 0.0]
                 if rec.cancel_after is not None:
                     heappush(heap, (now + rec.cancel_after, seq(), _CANCEL, rid))
