@@ -167,6 +167,7 @@ def test_keyrotor_serve_as_a_subprocess(tmp_path: Any) -> None:
             assert proc.stderr is not None
             listening = json.loads(proc.stderr.readline())
             assert listening["event"] == "listening"
+            assert listening["http_parser"] == "httptools"  # "auto", the fast extra installed
             url = listening["url"]
             reply = httpx.post(
                 f"{url}/v1/chat/completions",

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import trio
 
+from ...transports.codec import resolve as resolve_parser
 from ..config import ConfigError, ProxyConfig
 from .runtime import Startup, open_app, open_store, plan
 from .server import ServerOptions, serve
@@ -89,6 +90,7 @@ async def run_proxy(
                     "state": config.state_path,
                     "client_tokens": len(config.client_tokens),
                     "admin_api": config.admin_token is not None,
+                    "http_parser": resolve_parser(options.parser),
                 }
             )
             if not config.client_tokens:
