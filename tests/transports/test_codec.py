@@ -9,6 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from keyrotor.transports import _codec_h11, _codec_httptools
 from keyrotor.transports.codec import (
@@ -335,3 +337,111 @@ def test_parser_names() -> None:
     assert resolve("httptools") == "httptools"
     with pytest.raises(ValueError, match="choose"):
         resolve("fast")
+
+
+# --------------------------------------------------------------------------- both, at random
+
+tokens = st.text(alphabet="abcdefghijklmnopqrstuvwxyz-", min_size=1, max_size=12).filter(
+    lambda s: s not in ("host", "content-length", "transfer-encoding", "connection", "expect")
+)
+values = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789 ,;=/", max_size=20).map(
+    lambda s: s.strip() or "v"
+)
+bodies = st.binary(max_size=300)
+
+
+@st.composite
+def requests(draw: st.DrawFn) -> bytes:
+    method = draw(st.sampled_from(["GET", "POST", "PUT", "DELETE"]))
+    path = "/" + draw(st.text(alphabet="abcdefghij/_-.", max_size=20))
+    headers = [("Host", "t"), *draw(st.lists(st.tuples(tokens, values), max_size=5))]
+    body = draw(bodies) if method != "GET" else b""
+    chunked = bool(body) and draw(st.booleans())
+    if chunked:
+        headers.append(("Transfer-Encoding", "chunked"))
+        cuts = sorted(draw(st.lists(st.integers(0, len(body)), max_size=3)))
+        pieces = [body[a:b] for a, b in zip([0, *cuts], [*cuts, len(body)], strict=True)]
+        framed = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces if p) + b"0\r\n\r\n"
+    else:
+        if body or method != "GET":
+            headers.append(("Content-Length", str(len(body))))
+        framed = body
+    head = f"{method} {path} HTTP/1.1\r\n" + "".join(f"{n}: {v}\r\n" for n, v in headers)
+    return head.encode() + b"\r\n" + framed
+
+
+def split(data: bytes, draw: st.DrawFn) -> list[bytes]:
+    cuts = sorted(set(draw(st.lists(st.integers(1, max(1, len(data) - 1)), max_size=8))))
+    return [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True) if data[a:b]]
+
+
+def serve_all(codec: Any, pieces: list[bytes], count: int) -> list[Any]:
+    """Feed ``pieces`` one by one, answering each request when it is complete."""
+    out: list[Any] = []
+    answered = 0
+    for piece in pieces:
+        codec.receive_data(piece)
+        while answered < count:
+            got = events(codec)
+            out += got
+            if not got or got[-1] is not END:
+                break
+            answer(codec)
+            answered += 1
+            if codec.reusable:
+                codec.start_next_cycle()
+    return summary(out)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(requests(), min_size=1, max_size=4), st.data())
+def test_pipelined_requests_cut_anywhere_parse_the_same_on_both(
+    batch: list[bytes], data: st.DataObject
+) -> None:
+    pieces = split(b"".join(batch), data.draw)
+    h11_events = serve_all(SERVERS["h11"](65536), pieces, len(batch))
+    fast_events = serve_all(SERVERS["httptools"](65536), pieces, len(batch))
+    assert fast_events == h11_events
+    assert h11_events.count(END) == len(batch)
+
+
+@st.composite
+def responses(draw: st.DrawFn) -> tuple[bytes, bytes]:
+    status = draw(st.sampled_from([200, 201, 400, 401, 402, 429, 500, 503]))
+    headers = draw(st.lists(st.tuples(tokens, values), max_size=5))
+    body = draw(bodies)
+    if draw(st.booleans()):
+        headers.append(("Transfer-Encoding", "chunked"))
+        framed = (b"%x\r\n%s\r\n" % (len(body), body) if body else b"") + b"0\r\n\r\n"
+    else:
+        headers.append(("Content-Length", str(len(body))))
+        framed = body
+    head = f"HTTP/1.1 {status} X\r\n" + "".join(f"{n}: {v}\r\n" for n, v in headers)
+    return head.encode() + b"\r\n" + framed, body
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(responses(), min_size=1, max_size=3), st.data())
+def test_responses_cut_anywhere_parse_the_same_on_both(
+    batch: list[tuple[bytes, bytes]], data: st.DataObject
+) -> None:
+    splits = [split(raw, data.draw) for raw, _ in batch]
+    results = {}
+    for name, cls in CLIENTS.items():
+        codec = cls()
+        got: list[Any] = []
+        for pieces in splits:  # one response per request, on a kept-alive connection
+            request(codec, b"POST", b"{}")
+            this: list[Any] = []
+            for piece in pieces:
+                codec.receive_data(piece)
+                this += events(codec)
+                if this and this[-1] is END:
+                    break
+            got += this
+            assert codec.reusable
+            codec.start_next_cycle()
+        results[name] = summary(got)
+    assert results["httptools"] == results["h11"]
+    bodies_seen = [item for item in results["h11"] if isinstance(item, bytes)]
+    assert bodies_seen == [body for _, body in batch if body]
