@@ -1,6 +1,7 @@
 """What the state file's writer thread spends per request, with few keys and with many.
 
-Each request records what the proxy records for an answer (its analytics row,
+Each request records what the proxy records for an answer (its analytics row
+with latencies spread as a model's are and a few errors,
 its key's ledger, the usage by provider and model); a flush then writes the
 batch, as the writer thread does every ``flush_interval``. With round robin
 over N keys, a batch of B requests touches min(N, B) keys' rows. Reported:
@@ -13,6 +14,7 @@ minute, hour and day rows, each read back, merged and written). Run:
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import tempfile
 import time
@@ -38,6 +40,7 @@ def run(keys: int, batch: int, batches: int) -> tuple[float, float]:
         store = StateStore.open(Path(folder) / "state.db", secret_key=None, flush_interval=3600)
         now = time.time()
         n = 0
+        rng = random.Random(17)  # latencies spread as a model's are: 0.2 to 20 s, most near 1
 
         def record(count: int) -> None:
             nonlocal n
@@ -45,7 +48,10 @@ def run(keys: int, batch: int, batches: int) -> tuple[float, float]:
                 alias = f"k{n % keys}"
                 n += 1
                 dims = (alias, "main", "openai/gpt-4o-mini", "", "")
-                store.record_answer(now, dims, 200, 10, 20, 0.0001, 5.0, 8.0)
+                ttfb = rng.lognormvariate(6.5, 0.8)  # ms
+                status = 200 if rng.random() < 0.97 else rng.choice((429, 500, 502))
+                total = ttfb + rng.lognormvariate(7.0, 0.9)
+                store.record_answer(now, dims, status, 10, 20, 0.0001, ttfb, total)
                 store.record_spend(alias, prompt_tokens=10, completion_tokens=20, cost=0.0001)
                 store.record_usage(NAMES, prompt_tokens=10, completion_tokens=20, cost=0.0001)
 

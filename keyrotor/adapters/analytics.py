@@ -19,6 +19,7 @@ dimension (the account is the key's, looked up when asked), for
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import math
@@ -159,15 +160,16 @@ class Rollup:
         return sum(self.errors.values())
 
     def columns(self) -> tuple[int, int, str, int, int, float, str, str]:
+        errors = self.errors
         return (
             self.requests,
-            self.error_count,
-            json.dumps(self.errors, sort_keys=True),
+            sum(errors.values()),
+            json.dumps(errors, sort_keys=True) if errors else "{}",
             self.prompt,
             self.completion,
             self.cost,
-            json.dumps(self.ttfb),
-            json.dumps(self.total),
+            _histogram_text(tuple(self.ttfb.items())),
+            _histogram_text(tuple(self.total.items())),
         )
 
     @classmethod
@@ -175,11 +177,23 @@ class Rollup:
         requests, _errors, by_class, prompt, completion, cost, ttfb, total = row
         rollup = cls()
         rollup.requests = requests
-        rollup.errors = json.loads(by_class)
+        rollup.errors = json.loads(by_class) if by_class != "{}" else {}
         rollup.prompt, rollup.completion, rollup.cost = prompt, completion, cost
-        rollup.ttfb = {int(k): v for k, v in json.loads(ttfb).items()}
-        rollup.total = {int(k): v for k, v in json.loads(total).items()}
+        rollup.ttfb = dict(_histogram_items(ttfb))
+        rollup.total = dict(_histogram_items(total))
         return rollup
+
+
+# A state file's rows hold few distinct histograms (a handful of buckets, small
+# counts): their JSON is read and written through caches (benchmarks/state_flush.py).
+@functools.lru_cache(maxsize=4096)
+def _histogram_text(items: tuple[tuple[int, int], ...]) -> str:
+    return json.dumps(dict(items))
+
+
+@functools.lru_cache(maxsize=4096)
+def _histogram_items(text: str) -> tuple[tuple[int, int], ...]:
+    return tuple((int(bucket), count) for bucket, count in json.loads(text).items())
 
 
 SCHEMA = (

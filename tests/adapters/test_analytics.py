@@ -195,3 +195,35 @@ def test_csv_has_a_header_and_a_column_per_error_class() -> None:
         "b,1,0.0,,1",
     ]
     assert analytics.answer(q("usage", T0, T0 + 60, "minute"), [])["from"] == "2025-12-05T00:00:00Z"
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([200, 200, 200, 400, 401, 402, 429, 500, 503]),
+            st.integers(0, 10_000),
+            st.integers(0, 10_000),
+            st.floats(0, 1, allow_nan=False),
+            st.none() | st.floats(0.1, 600_000, allow_nan=False),
+            st.none() | st.floats(0.1, 600_000, allow_nan=False),
+        ),
+        max_size=30,
+    )
+)
+def test_a_rollup_survives_its_columns(answers: list[Any]) -> None:
+    """What a flush writes (``columns``) reads back (``from_columns``) as it was, through
+    the histogram caches too."""
+    rollup = analytics.Rollup()
+    for answer in answers:
+        rollup.note(*answer)
+    columns = rollup.columns()
+    back = analytics.Rollup.from_columns(columns)
+    assert back.columns() == columns
+    assert (back.requests, back.errors, back.ttfb, back.total) == (
+        rollup.requests,
+        rollup.errors,
+        rollup.ttfb,
+        rollup.total,
+    )
+    back.add(back)  # a read-back rollup is the caller's to change: the cache must not be
+    assert analytics.Rollup.from_columns(columns).columns() == columns
