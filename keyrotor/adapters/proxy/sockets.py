@@ -26,6 +26,16 @@ import trio
 __all__ = ["Stream", "accept", "close_listener", "listen"]
 
 _NODELAY: Final = (socket.AF_INET, socket.AF_INET6)
+# accept() errors about one connection, not the listener (as trio's listener
+# ignores them): a firewall's denial, a client's reset before it was accepted.
+_ONE_CONNECTION_ERRNOS: Final = frozenset(
+    getattr(errno, name)
+    for name in (
+        "EPERM", "ECONNABORTED", "EPROTO", "ENETDOWN", "ENOPROTOOPT", "EHOSTDOWN", "ENONET",
+        "EHOSTUNREACH", "EOPNOTSUPP", "ENETUNREACH",
+    )
+    if hasattr(errno, name)
+)  # fmt: skip
 
 
 class Stream:
@@ -124,6 +134,11 @@ async def accept(listener: socket.socket) -> tuple[Stream, str]:
             sock, address = listener.accept()
         except BlockingIOError:
             await trio.lowlevel.wait_readable(listener)
+            continue
+        except OSError as exc:
+            if exc.errno not in _ONE_CONNECTION_ERRNOS:
+                raise  # resource errors are the caller's (it waits and retries)
+            await trio.lowlevel.checkpoint()
             continue
         try:
             await trio.lowlevel.checkpoint()  # a flood of connections must not starve the rest
