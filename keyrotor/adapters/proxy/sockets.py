@@ -45,8 +45,12 @@ class Stream:
 
     def __init__(self, sock: socket.socket) -> None:
         sock.setblocking(False)
-        if sock.family in _NODELAY:
+        if sock.family in _NODELAY:  # as trio's SocketStream sets them
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            lowat = getattr(socket, "TCP_NOTSENT_LOWAT", None)
+            if lowat is not None:  # a slow reader is seen soon, not after megabytes
+                with suppress(OSError):
+                    sock.setsockopt(socket.IPPROTO_TCP, lowat, 2**14)
         self.sock = sock
 
     async def receive_some(self, max_bytes: int, *, wait_first: bool = False) -> bytes:
