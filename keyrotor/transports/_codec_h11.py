@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Final, cast
 
 import h11
@@ -25,6 +26,11 @@ _Event = RequestHead | bytes | object
 def _reason(exc: BaseException) -> str:
     """h11's message up to its first colon: h11 quotes the offending bytes after it."""
     return str(exc).split(":", 1)[0][:100]
+
+
+def _refused(exc: BaseException) -> BadOutgoing:
+    """h11's refusal without the bytes it quotes (a header value may be a secret)."""
+    return BadOutgoing(re.split(r":| b'| b\"| '", str(exc), maxsplit=1)[0][:100])
 
 
 class ServerCodec:
@@ -92,20 +98,20 @@ class ServerCodec:
         try:
             return self._h.send(h11.Response(status_code=status, headers=headers, reason=reason))  # type: ignore[return-value]
         except (h11.LocalProtocolError, TypeError, ValueError) as exc:
-            raise BadOutgoing(str(exc)) from None
+            raise _refused(exc) from None
 
     def data(self, chunk: bytes) -> bytes:
         """A body piece, framed (a fixed-length body's piece is returned as it is)."""
         try:
             return b"".join(self._h.send_with_data_passthrough(h11.Data(data=chunk)) or ())
         except h11.LocalProtocolError as exc:
-            raise BadOutgoing(str(exc)) from None
+            raise _refused(exc) from None
 
     def end(self) -> bytes:
         try:
             return self._h.send(_EOM) or b""
         except h11.LocalProtocolError as exc:
-            raise BadOutgoing(str(exc)) from None
+            raise _refused(exc) from None
 
 
 class ClientCodec:
@@ -122,7 +128,7 @@ class ClientCodec:
         try:
             return h11.Request(method=method, target=target, headers=headers)
         except (h11.LocalProtocolError, TypeError, ValueError) as exc:
-            raise BadOutgoing(str(exc)) from None
+            raise _refused(exc) from None
 
     def request(self, head: object, body: bytes | None) -> bytes:
         """The bytes of a whole request: ``head`` from ``prepare``, then ``body``."""
@@ -133,7 +139,7 @@ class ClientCodec:
                 data += b"".join(h.send_with_data_passthrough(h11.Data(data=body)) or ())
             return data + (h.send(_EOM) or b"")
         except h11.LocalProtocolError as exc:
-            raise BadOutgoing(str(exc)) from None
+            raise _refused(exc) from None
 
     def receive_data(self, data: bytes) -> None:
         self._h.receive_data(data)

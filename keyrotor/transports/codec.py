@@ -34,7 +34,6 @@ __all__ = [
     "CLOSED",
     "END",
     "NEED_DATA",
-    "PARSERS",
     "TOKEN",
     "BadMessage",
     "BadOutgoing",
@@ -44,9 +43,6 @@ __all__ = [
     "codecs",
     "resolve",
 ]
-
-Parser = Literal["auto", "h11", "httptools"]
-PARSERS: Final = ("auto", "h11", "httptools")
 
 
 class _Marker:
@@ -114,19 +110,24 @@ _good_names: set[bytes] = set()
 
 def check_fields(headers: Sequence[tuple[bytes, bytes]]) -> None:
     """Refuse (``BadOutgoing``) a header name that is not a token or a value
-    with control characters or surrounding whitespace."""
+    with control characters or surrounding whitespace. Messages name the
+    header, never its value (it may be a secret)."""
     for field in headers:
         try:
             name, value = field
         except (TypeError, ValueError):
-            raise BadOutgoing(f"a header must be a (name, value) pair: {field!r}") from None
+            raise BadOutgoing(
+                f"a header must be a (name, value) pair of bytes, not {type(field).__name__}"
+            ) from None
+        if type(name) is not bytes or type(value) is not bytes:
+            raise BadOutgoing("a header's name and value must be bytes")
         if name not in _good_names:
-            if type(name) is not bytes or not TOKEN.fullmatch(name):
-                raise BadOutgoing(f"invalid header name {name!r}")
+            if not TOKEN.fullmatch(name):
+                raise BadOutgoing(f"invalid header name {name[:40]!r}")
             if len(_good_names) < 1024:
                 _good_names.add(name)
-        if type(value) is not bytes or _BAD_VALUE.search(value):
-            raise BadOutgoing(f"invalid value for header {name!r}")
+        if _BAD_VALUE.search(value):
+            raise BadOutgoing(f"invalid value for header {name.decode('latin-1')}")
 
 
 def codecs(parser: str) -> tuple[type[Any], type[Any]]:

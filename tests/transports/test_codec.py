@@ -445,3 +445,17 @@ def test_responses_cut_anywhere_parse_the_same_on_both(
     assert results["httptools"] == results["h11"]
     bodies_seen = [item for item in results["h11"] if isinstance(item, bytes)]
     assert bodies_seen == [body for _, body in batch if body]
+
+
+@pytest.mark.parametrize("name", sorted(SERVERS))
+def test_a_refusal_never_quotes_a_header_value(name: str) -> None:
+    secret = b"sk-or-v1-do-not-log-me"
+    bad = [(b"authorization", b"Bearer " + secret + b"\r\nx: y")]
+    with pytest.raises(BadOutgoing) as caught:
+        CLIENTS[name].prepare(b"POST", b"/v1/x", [(b"host", b"up"), *bad])
+    assert b"do-not-log" not in str(caught.value).encode()
+    server = SERVERS[name](1000)
+    events(server, b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+    with pytest.raises(BadOutgoing) as caught:
+        server.head(200, b"OK", bad)
+    assert b"do-not-log" not in str(caught.value).encode()
