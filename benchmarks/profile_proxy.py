@@ -31,6 +31,7 @@ from benchmarks.proxy_load import (
     _child_env,
     child,
     cpu_seconds,
+    fake_keys_config,
     free_port,
     measure,
     start_upstream,
@@ -98,12 +99,7 @@ def main() -> int:
         env = _child_env({"OPENROUTER_KEYS": ",".join(FAKE_KEYS)})
         if args.keys:
             config = folder / "keyrotor.toml"
-            config.write_text(
-                "".join(
-                    f'[[keys]]\nalias = "k{i}"\nsecret = "sk-or-v1-fake-proxy-load-{i}"\n'
-                    for i in range(args.keys)
-                )
-            )
+            config.write_text(fake_keys_config(args.keys))
             cmd += ["--config", str(config)]
             env = _child_env({})
         with child("keyrotor proxy (cProfile)", cmd, env, stdout=False) as proxy:

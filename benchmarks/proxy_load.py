@@ -92,7 +92,19 @@ import trio
 ROOT = Path(__file__).resolve().parents[1]
 LOOPBACK = "127.0.0.1"
 MODEL = "openai/gpt-4o-mini"
-FAKE_KEYS = tuple(f"sk-or-v1-fake-proxy-load-{i}" for i in range(4))  # "open" takes any
+
+
+def fake_key(i: int) -> str:
+    """The ``i``-th fake secret (the fake upstream's ``open`` scenario takes any)."""
+    return f"sk-or-v1-fake-proxy-load-{i}"
+
+
+def fake_keys_config(count: int) -> str:
+    """``[[keys]]`` tables of ``count`` fake keys (too many for an environment variable)."""
+    return "".join(f'[[keys]]\nalias = "k{i}"\nsecret = "{fake_key(i)}"\n' for i in range(count))
+
+
+FAKE_KEYS = tuple(fake_key(i) for i in range(4))
 DONE = b"data: [DONE]\n\n"
 REQUEST_TIMEOUT = 10.0  # per request, from its scheduled (open) or send (closed) time
 STARTUP_TIMEOUT = 30.0
@@ -654,43 +666,29 @@ def start_keyrotor(
     if shared is not None:
         base += ["--workers", str(workers), "--shared", shared]
     folder = Path(stack.enter_context(tempfile.TemporaryDirectory()))
-    http = f'[http]\nparser = "{parser}"\n'
-    (folder / "keyrotor.toml").write_text(f'[server]\nparser = "{parser}"\n{http}')
-    base += ["--config", str(folder / "keyrotor.toml")]
+    config = f'[server]\nparser = "{parser}"\n[http]\nparser = "{parser}"\n'  # [http] last
     if route:
-        (folder / "keyrotor.toml").write_text(
-            f'[server]\nparser = "{parser}"\n{http}{ROUTE_CONFIG}'
-        )
+        config += ROUTE_CONFIG
     elif faults:
         from keyrotor.testing.scenarios import FAULTY_KEYS  # this revision's fake upstream
 
         pool = {**{f"k{i}": key for i, key in enumerate(FAKE_KEYS)}, **FAULTY_KEYS}
         env = _child_env({f"K_{i}": key for i, key in enumerate(pool.values())})
-        (folder / "keyrotor.toml").write_text(
-            f'[server]\nparser = "{parser}"\n'
-            + http
-            + "first_byte = 2.0\nfirst_byte_stream = 2.0\n"
-            + "".join(
-                f'[[keys]]\nalias = "{alias}"\nsecret_env = "K_{i}"\n'
-                for i, alias in enumerate(pool)
-            )
+        config += "first_byte = 2.0\nfirst_byte_stream = 2.0\n" + "".join(
+            f'[[keys]]\nalias = "{alias}"\nsecret_env = "K_{i}"\n' for i, alias in enumerate(pool)
         )
     elif limited:
         env = _child_env({f"K{i}": key for i, key in enumerate(FAKE_KEYS)})
-        (folder / "keyrotor.toml").write_text(
-            f'[server]\nparser = "{parser}"\n'
-            + http
-            + "".join(
-                f'[[keys]]\nalias = "k{i}"\nsecret_env = "K{i}"\nrpm = 6000000\n'
-                "max_in_flight = 100000\n"
-                for i in range(len(FAKE_KEYS))
-            )
+        config += "".join(
+            f'[[keys]]\nalias = "k{i}"\nsecret_env = "K{i}"\nrpm = 6000000\n'
+            "max_in_flight = 100000\n"
+            for i in range(len(FAKE_KEYS))
         )
     if keys != len(FAKE_KEYS):
         env = _child_env({})
-        with (folder / "keyrotor.toml").open("a") as config:
-            for i in range(keys):
-                config.write(f'[[keys]]\nalias = "k{i}"\nsecret = "sk-or-v1-fake-proxy-load-{i}"\n')
+        config += fake_keys_config(keys)
+    (folder / "keyrotor.toml").write_text(config)
+    base += ["--config", str(folder / "keyrotor.toml")]
     if state:
         base += ["--state", str(folder / "state.db")]
     else:

@@ -163,7 +163,7 @@ class Rollup:
         errors = self.errors
         return (
             self.requests,
-            sum(errors.values()),
+            self.error_count,
             json.dumps(errors, sort_keys=True) if errors else "{}",
             self.prompt,
             self.completion,

@@ -122,18 +122,15 @@ _SHARED_KINDS = {"url": _STR, "namespace": _STR, "lease": _FLOAT}
 _MIN_TOKEN = 16
 _TOKEN_HELP = "generate one with: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
 LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
-_SERVER_KINDS = {
-    name: _STR if isinstance(value, str) else _INT if isinstance(value, int) else _FLOAT
-    for name, value in SERVER_DEFAULTS.items()
-}
-_HTTP_KINDS = {
-    field.name: _STR
-    if field.name == "parser"
-    else _INT
-    if field.name.startswith("max_connections")
-    else _FLOAT
-    for field in attrs.fields(HTTPOptions)
-}
+
+
+def _kind_of(default: Any) -> str:
+    """What TOML type an option takes, from its default."""
+    return _STR if isinstance(default, str) else _INT if isinstance(default, int) else _FLOAT
+
+
+_SERVER_KINDS = {name: _kind_of(value) for name, value in SERVER_DEFAULTS.items()}
+_HTTP_KINDS = {field.name: _kind_of(field.default) for field in attrs.fields(HTTPOptions)}
 _POOL_KINDS = {
     "policy": _STR,
     "weight_by": _STR,

@@ -34,11 +34,16 @@ _IDLE: Final = 0
 _SENDING: Final = 1
 _DONE: Final = 2
 _NO_BODY_STATUSES: Final = frozenset({204, 304})
-_CHUNKED: Final = (b"transfer-encoding", b"chunked")
 _CLOSE: Final = (b"connection", b"close")
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 _LAST_CHUNK: Final = b"0\r\n\r\n"
 _BAD_TARGET: Final = re.compile(rb"[\x00-\x20\x7f]")
+
+
+def _head_lines(first: bytes, headers: list[tuple[bytes, bytes]]) -> list[bytes]:
+    """A head's first line and a line per field (checked by the caller), without
+    the blank line that ends it."""
+    return [first, *(b"%s: %s\r\n" % field for field in headers)]
 
 
 class _Request(RequestHead):
@@ -256,16 +261,12 @@ class ServerCodec:
             elif lower == b"connection" and b"close" in value.lower():
                 close = True
         no_body = status in _NO_BODY_STATUSES or (current is not None and current.method == b"HEAD")
-        lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
-        lines += [b"%s: %s\r\n" % item for item in headers]
-        chunked = False
-        if length < 0 and status not in _NO_BODY_STATUSES:
-            if close:
-                pass  # close-delimited: the body ends when we close
-            else:
-                chunked = True
-                lines.append(b"transfer-encoding: chunked\r\n")
-        if close and (b"connection", b"close") not in headers:
+        lines = _head_lines(b"HTTP/1.1 %d %s\r\n" % (status, reason), headers)
+        # No length: chunked, or to a peer that cannot keep the connection, up to the close.
+        chunked = length < 0 and status not in _NO_BODY_STATUSES and not close
+        if chunked:
+            lines.append(b"transfer-encoding: chunked\r\n")
+        if close and _CLOSE not in headers:
             lines.append(b"connection: close\r\n")
         lines.append(b"\r\n")
         self._close = close
@@ -313,14 +314,12 @@ class ClientCodec:
         "_keep",
         "_parser",
         "_started",
-        "_status",
     )
 
     def __init__(self) -> None:
         self._parser = httptools.HttpResponseParser(self)
         self._events: deque[object] = deque()
         self._headers: list[tuple[bytes, bytes]] = []
-        self._status = 0
         self._head_only = False  # the request is HEAD: no body, whatever the headers say
         self._framed = False  # content-length or chunked: EOF before the end is an error
         self._started = False  # the final response has begun
@@ -337,8 +336,7 @@ class ClientCodec:
         if not target or _BAD_TARGET.search(target):
             raise BadOutgoing(f"invalid target {target!r}")
         check_fields(headers)
-        lines = [b"%s %s HTTP/1.1\r\n" % (method, target)]
-        lines += [b"%s: %s\r\n" % item for item in headers]
+        lines = _head_lines(b"%s %s HTTP/1.1\r\n" % (method, target), headers)
         lines.append(b"\r\n")
         return (method == b"HEAD", b"".join(lines))
 

@@ -95,7 +95,7 @@ import trio
 
 from ...transports import codec as http_codec
 from ...transports.codec import END, NEED_DATA, BadMessage, BadOutgoing, RequestHead
-from .sockets import Stream, accept, close_listener, listen
+from .sockets import Stream, accept, close, listen
 from .types import App, Request, Response
 
 __all__ = ["CLEANUP_TIMEOUT", "ServerOptions", "run", "serve"]
@@ -920,7 +920,7 @@ async def serve(
                 await shutdown.wait()
                 acceptors.cancel_scope.cancel()
             for listener in listeners:
-                close_listener(listener)  # new connections are refused from now on
+                close(listener)  # new connections are refused from now on
             server.emit({"event": "draining", "connections": len(server.connections)})
             server.start_draining()
             connections.cancel_scope.deadline = trio.current_time() + options.grace_period
@@ -928,7 +928,7 @@ async def serve(
             server.emit({"event": "grace_period_expired"})
     finally:
         for listener in listeners:
-            close_listener(listener)
+            close(listener)
 
 
 def run(app: App, options: ServerOptions, *, log: Log | None = None) -> None:

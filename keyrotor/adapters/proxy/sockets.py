@@ -23,7 +23,7 @@ from typing import Final
 
 import trio
 
-__all__ = ["Stream", "accept", "close_listener", "listen"]
+__all__ = ["Stream", "accept", "close", "listen"]
 
 _NODELAY: Final = (socket.AF_INET, socket.AF_INET6)
 # accept() errors about one connection, not the listener (as trio's listener
@@ -96,9 +96,7 @@ class Stream:
 
     def close(self) -> None:
         """Close at once; a task waiting on the socket gets ``ClosedResourceError``."""
-        if self.sock.fileno() != -1:
-            trio.lowlevel.notify_closing(self.sock)
-        self.sock.close()
+        close(self.sock)
 
 
 async def listen(host: str, port: int, reuse_port: bool = False) -> list[socket.socket]:
@@ -153,8 +151,9 @@ async def accept(listener: socket.socket) -> tuple[Stream, str]:
         return Stream(sock), str(host)
 
 
-def close_listener(listener: socket.socket) -> None:
-    """Close a listening socket (new connections are refused from now on)."""
-    if listener.fileno() != -1:
-        trio.lowlevel.notify_closing(listener)
-    listener.close()
+def close(sock: socket.socket) -> None:
+    """Close a socket at once (a listener: new connections are refused from now
+    on); a task waiting on it gets ``ClosedResourceError``. Idempotent."""
+    if sock.fileno() != -1:
+        trio.lowlevel.notify_closing(sock)
+    sock.close()
