@@ -5,8 +5,11 @@ with latencies spread as a model's are and a few errors,
 its key's ledger, the usage by provider and model); a flush then writes the
 batch, as the writer thread does every ``flush_interval``. With round robin
 over N keys, a batch of B requests touches min(N, B) keys' rows. Reported:
-µs of flush per request, and the share of it in ``analytics.write`` (the
-minute, hour and day rows, each read back, merged and written). Run:
+µs of flush per request, and the share of it in ``analytics.write`` (each
+row read back, merged and written); then, once that minute is over, the time
+the following flushes take to roll its min(N, requests) rows up into their
+hour and day rows, and that time spread over a minute of requests at
+``--rate``. Run:
 
     python -m benchmarks.state_flush --keys 4 10000 --batch 400
 """
@@ -26,8 +29,16 @@ from keyrotor.adapters.storage import StateStore
 NAMES = {"provider": "main", "model": "openai/gpt-4o-mini"}
 
 
-def run(keys: int, batch: int, batches: int) -> tuple[float, float]:
-    """(µs of flush per request, share of it in analytics.write)."""
+class Clock:
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def run(keys: int, batch: int, batches: int) -> tuple[float, float, float]:
+    """(µs of flush per request, share of it in analytics.write, ms to roll the minute up)."""
     spent = {"analytics": 0.0}
     write = analytics.write
 
@@ -37,8 +48,11 @@ def run(keys: int, batch: int, batches: int) -> tuple[float, float]:
         spent["analytics"] += time.perf_counter() - start
 
     with tempfile.TemporaryDirectory() as folder:
-        store = StateStore.open(Path(folder) / "state.db", secret_key=None, flush_interval=3600)
-        now = time.time()
+        clock = Clock()
+        store = StateStore.open(
+            Path(folder) / "state.db", secret_key=None, flush_interval=3600, wall_clock=clock
+        )
+        now = clock.now - clock.now % 60  # every answer in one minute
         n = 0
         rng = random.Random(17)  # latencies spread as a model's are: 0.2 to 20 s, most near 1
 
@@ -68,9 +82,18 @@ def run(keys: int, batch: int, batches: int) -> tuple[float, float]:
                 total += time.perf_counter() - start
         finally:
             analytics.write = write  # type: ignore[assignment]
-            store.close()
+        clock.now = now + 60 + analytics.ROLL_AFTER  # the minute is over
+        rolling = 0.0
+        with store._db_lock:
+            conn = store._connection()
+        while analytics.rolled(conn)[0] <= now:  # a flush rolls up ROLL_ROWS rows at a time
+            store.record_spend("k0")
+            start = time.perf_counter()
+            store.flush()
+            rolling += time.perf_counter() - start
+        store.close()
     requests = batch * batches
-    return total / requests * 1e6, spent["analytics"] / total
+    return total / requests * 1e6, spent["analytics"] / total, rolling * 1e3
 
 
 def main() -> int:
@@ -79,15 +102,26 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=400, help="requests per flush (400)")
     parser.add_argument("--batches", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--rate", type=int, default=4000, help="requests/s (4000) the roll-up is over"
+    )
     args = parser.parse_args()
     print(f"{args.batch} requests per flush, {args.batches} flushes, median of {args.rounds}\n")
-    print("| keys | flush µs per request | in analytics.write |")
-    print("|---:|---:|---:|")
+    print(
+        "| keys | flush µs per request | in analytics.write | roll-up of the minute, ms "
+        f"| roll-up µs per request at {args.rate:,}/s | total µs per request |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|")
     for keys in args.keys:
         runs = [run(keys, args.batch, args.batches) for _ in range(args.rounds)]
         per = statistics.median(r[0] for r in runs)
         share = statistics.median(r[1] for r in runs)
-        print(f"| {keys:,} | {per:.1f} | {share:.0%} |")
+        rolling = statistics.median(r[2] for r in runs)
+        spread = rolling * 1e3 / (60 * args.rate)
+        print(
+            f"| {keys:,} | {per:.1f} | {share:.0%} | {rolling:.0f} | {spread:.2f} "
+            f"| {per + spread:.1f} |"
+        )
     return 0
 
 

@@ -4,8 +4,13 @@ The proxy notes each answer (``Rollup.note``) in the state file's pending batch,
 per minute and per (key, provider, model, route, client token): requests,
 errors by class, tokens, cost, and the times to first byte and to the end as
 histograms of 5 % wide buckets (so p50/p95/p99 are exact to 5 %). The storage
-thread writes each minute's rows and adds them to their hour's and day's rows
-(``write``), off the request path. Minute rows are dropped after
+thread adds each flush's minutes to their minute rows (``write``), off the
+request path, and rolls minute rows up into their hour's and day's rows once
+the minute is over (``ROLL_AFTER``), a bounded slice per flush. A cursor in
+``meta`` (``ROLLED``) says which minute rows are rolled up: a query of hours
+or days adds the minute rows past it, so every answer is counted exactly once
+whenever it is asked, and an answer for a minute already rolled up is added to
+all three rows at once. Minute rows are dropped after
 ``minute_days``, hour rows after ``hour_days``, day rows after ``day_days``
 (0: kept): the coarser rows still hold what the finer ones did, so old detail
 is compacted, never lost unseen.
@@ -218,6 +223,26 @@ SCHEMA = (
 )
 """The state file's ``rollups`` table (a migration of ``storage``)."""
 _FIGURES = "requests, errors, errors_by_class, prompt_tokens, completion_tokens, cost, ttfb, total"
+_ROW = "start, key, provider, model, route, client"
+ROLLED = "analytics_rolled"
+"""``meta`` name of the roll-up cursor: the JSON ``[start, key, provider,
+model, route, client]`` of the last minute row added to its hour and day rows
+(rows order by those columns, as the table's key does; ``[t, "", ...]`` with
+``t`` past a minute's start means all of that minute)."""
+ROLL_AFTER = 60
+"""Seconds after a minute ends before its rows are rolled up (answers noted
+later for it are added to its minute, hour and day rows at once)."""
+ROLL_ROWS = 250
+"""The minute rows a flush rolls up, at most (or twice the rows it wrote, if
+more: the roll-up keeps up with any traffic), bounding the writer's time."""
+MIGRATION = (
+    # Rows written before the roll-up cursor were added to all three grains at once.
+    f"INSERT OR REPLACE INTO meta (name, value) SELECT '{ROLLED}', "
+    '\'[\' || (COALESCE(MAX(start), -1) + 1) || \', "", "", "", "", ""]\' '
+    "FROM rollups WHERE grain = 'minute'",
+)
+"""The step of ``storage``'s migrations that starts the roll-up cursor."""
+Cursor = tuple[int, str, str, str, str, str]
 
 
 @attrs.frozen
@@ -235,41 +260,96 @@ def write(
     retention: Retention,
     now: float,
 ) -> None:
-    """Add ``minutes`` (minute start, dimensions -> figures) to the minute,
-    hour and day rows, and drop rows past their retention. Runs inside the
-    caller's transaction."""
-    rows: dict[tuple[str, int, Dims], Rollup] = {}
+    """Add ``minutes`` (minute start, dimensions -> figures) to their minute
+    rows (and to their hour and day rows too if that minute is rolled up
+    already), roll up a slice of the minutes that are over, and drop rows past
+    their retention. Runs inside the caller's transaction."""
+    cursor = rolled(conn)
+    late: dict[tuple[str, int, Dims], Rollup] = {}
     for (start, dims), rollup in minutes.items():
-        for grain, seconds in GRAINS.items():
-            where = (grain, start - start % seconds, dims)
-            slot = rows.get(where)
-            if slot is None:
-                slot = rows[where] = Rollup()
-            slot.add(rollup)
-    select = (
-        f"SELECT {_FIGURES} FROM rollups WHERE grain = ? AND start = ? AND key = ? "
-        "AND provider = ? AND model = ? AND route = ? AND client = ?"
-    )
-    out = []
-    for (grain, start, dims), rollup in rows.items():
-        old = conn.execute(select, (grain, start, *dims)).fetchone()
-        if old is not None:
-            rollup.add(Rollup.from_columns(old))
-        out.append((grain, start, *dims, *rollup.columns()))
-    conn.executemany(
-        "INSERT OR REPLACE INTO rollups (grain, start, key, provider, model, route, client, "
-        f"{_FIGURES}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        out,
-    )
+        if (start, *dims) <= cursor:  # its minute is rolled up: its hour and day too
+            _add_to(late, "hour", start, dims, rollup)
+            _add_to(late, "day", start, dims, rollup)
+    _merge_rows(conn, [(("minute", start, dims), r) for (start, dims), r in minutes.items()])
+    _merge_rows(conn, late.items())
+    cursor = _roll_up(conn, cursor, now, max(ROLL_ROWS, 2 * len(minutes)))
     for grain, days in (
         ("minute", retention.minute_days),
         ("hour", retention.hour_days),
         ("day", retention.day_days),
     ):
         if days > 0:
-            conn.execute(
-                "DELETE FROM rollups WHERE grain = ? AND start < ?", (grain, now - days * 86400)
-            )
+            before = now - days * 86400
+            if grain == "minute":
+                before = min(before, cursor[0])  # never a minute not rolled up
+            conn.execute("DELETE FROM rollups WHERE grain = ? AND start < ?", (grain, before))
+
+
+def rolled(conn: sqlite3.Connection) -> Cursor:
+    """The roll-up cursor (every minute row up to it is in its hour and day rows)."""
+    found = conn.execute("SELECT value FROM meta WHERE name = ?", (ROLLED,)).fetchone()
+    start, *dims = json.loads(found[0]) if found else (0, "", "", "", "", "")
+    return (int(start), *dims)  # type: ignore[return-value]
+
+
+def _add_to(
+    rows: dict[tuple[str, int, Dims], Rollup], grain: str, start: int, dims: Dims, rollup: Rollup
+) -> None:
+    where = (grain, start - start % GRAINS[grain], dims)
+    slot = rows.get(where)
+    if slot is None:
+        slot = rows[where] = Rollup()
+    slot.add(rollup)
+
+
+def _merge_rows(
+    conn: sqlite3.Connection, rows: Iterable[tuple[tuple[str, int, Dims], Rollup]]
+) -> None:
+    """Add ``rows`` to the table's (each read back, merged and written; ``rows``
+    unchanged, so a failed transaction can write them again)."""
+    select = (
+        f"SELECT {_FIGURES} FROM rollups WHERE grain = ? AND start = ? AND key = ? "
+        "AND provider = ? AND model = ? AND route = ? AND client = ?"
+    )
+    out = []
+    for (grain, start, dims), rollup in rows:
+        old = conn.execute(select, (grain, start, *dims)).fetchone()
+        if old is not None:
+            merged = Rollup.from_columns(old)
+            merged.add(rollup)
+            rollup = merged
+        out.append((grain, start, *dims, *rollup.columns()))
+    conn.executemany(
+        f"INSERT OR REPLACE INTO rollups (grain, {_ROW}, {_FIGURES}) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        out,
+    )
+
+
+def _roll_up(conn: sqlite3.Connection, cursor: Cursor, now: float, limit: int) -> Cursor:
+    """Add up to ``limit`` minute rows past ``cursor`` of minutes over for
+    ``ROLL_AFTER`` seconds to their hour and day rows; the cursor after them."""
+    over = int(now) - ROLL_AFTER - 60
+    over -= over % 60  # the last minute that is over
+    if cursor[0] > over:
+        return cursor
+    found = conn.execute(
+        f"SELECT {_ROW}, {_FIGURES} FROM rollups WHERE grain = 'minute' "
+        f"AND ({_ROW}) > (?, ?, ?, ?, ?, ?) AND start <= ? ORDER BY {_ROW} LIMIT ?",
+        (*cursor, over, limit),
+    ).fetchall()
+    rows: dict[tuple[str, int, Dims], Rollup] = {}
+    for row in found:
+        rollup = Rollup.from_columns(row[6:])
+        _add_to(rows, "hour", row[0], row[1:6], rollup)
+        _add_to(rows, "day", row[0], row[1:6], rollup)
+    _merge_rows(conn, rows.items())
+    # The last row rolled up, or all minutes up to ``over`` (past its start, before the next).
+    cursor = found[-1][:6] if len(found) == limit else (over + 1, "", "", "", "", "")
+    conn.execute(
+        "INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)", (ROLLED, json.dumps(cursor))
+    )
+    return cursor
 
 
 class QueryError(ValueError):
@@ -361,35 +441,25 @@ def query(
             slot = groups[where] = Rollup()
         slot.add(rollup)
 
-    where = "grain = ? AND start >= ? AND start < ?" + (" AND client = ?" if q.client else "")
-    args: tuple[Any, ...] = (q.grain, q.start, q.end, *((q.client,) if q.client else ()))
-    if q.kind == "performance":  # the histograms are merged here
-        cursor = conn.execute(
-            f"SELECT start, key, provider, model, route, client, {_FIGURES} FROM rollups "
-            f"WHERE {where}",
-            args,
-        )
-        for found in cursor:
-            add(found[0], found[1:6], Rollup.from_columns(found[6:]))
-    else:  # sums in SQL, per period and dimension; errors by class only where there are some
-        column = "key" if q.by in (None, "account") else q.by
-        name = "''" if q.by is None else column  # not by anything: one sum per period
-        cursor = conn.execute(
-            f"SELECT start, {name}, SUM(requests), "
-            "group_concat(CASE WHEN errors > 0 THEN errors_by_class END, '|'), "
-            "SUM(prompt_tokens), SUM(completion_tokens), SUM(cost) "
-            f"FROM rollups WHERE {where} GROUP BY start, {name}",
-            args,
-        )
-        for start, name, requests, by_class, prompt, completion, cost in cursor:
-            rollup = Rollup()
-            rollup.requests, rollup.prompt, rollup.completion, rollup.cost = (
-                requests, prompt, completion, cost,
-            )  # fmt: skip
-            for part in by_class.split("|") if by_class else ():
-                for kind, count in json.loads(part).items():
-                    rollup.errors[kind] = rollup.errors.get(kind, 0) + count
-            add(start, _named(column, name), rollup, checked=True)  # the client: in SQL
+    client = " AND client = ?" if q.client else ""
+    clients = (q.client,) if q.client else ()
+    sources: list[tuple[str, tuple[Any, ...]]] = [
+        (f"grain = ? AND start >= ? AND start < ?{client}", (q.grain, q.start, q.end, *clients))
+    ]
+    conn.execute("BEGIN")  # one snapshot: no roll-up between reading the rows and the cursor
+    try:
+        if q.grain != "minute":  # and the minute rows not rolled up yet
+            sources.append(
+                (
+                    f"grain = 'minute' AND ({_ROW}) > (?, ?, ?, ?, ?, ?) "
+                    f"AND start >= ? AND start < ?{client}",
+                    (*rolled(conn), q.start, q.end + (-q.end) % step, *clients),
+                )
+            )
+        for where, args in sources:
+            _read(conn, q, where, args, add)
+    finally:
+        conn.execute("COMMIT")
     for (start, dims), rollup in (pending or {}).items():
         if q.start <= start - start % step < q.end:
             add(start, dims, rollup)
@@ -400,6 +470,40 @@ def query(
             row["name"] = name
         out.append(row | _figures(q.kind, rollup))
     return out
+
+
+def _read(
+    conn: sqlite3.Connection,
+    q: Query,
+    where: str,
+    args: tuple[Any, ...],
+    add: Callable[..., None],
+) -> None:
+    """``add`` each row (or, for usage and costs, each sum per period and name) ``where`` holds."""
+    if q.kind == "performance":  # the histograms are merged here
+        cursor = conn.execute(f"SELECT {_ROW}, {_FIGURES} FROM rollups WHERE {where}", args)
+        for found in cursor:
+            add(found[0], found[1:6], Rollup.from_columns(found[6:]))
+        return
+    # sums in SQL, per period and dimension; errors by class only where there are some
+    column = "key" if q.by in (None, "account") else q.by
+    name = "''" if q.by is None else column  # not by anything: one sum per period
+    cursor = conn.execute(
+        f"SELECT start, {name}, SUM(requests), "
+        "group_concat(CASE WHEN errors > 0 THEN errors_by_class END, '|'), "
+        "SUM(prompt_tokens), SUM(completion_tokens), SUM(cost) "
+        f"FROM rollups WHERE {where} GROUP BY start, {name}",
+        args,
+    )
+    for start, name, requests, by_class, prompt, completion, cost in cursor:
+        rollup = Rollup()
+        rollup.requests, rollup.prompt, rollup.completion, rollup.cost = (
+            requests, prompt, completion, cost,
+        )  # fmt: skip
+        for part in by_class.split("|") if by_class else ():
+            for kind, count in json.loads(part).items():
+                rollup.errors[kind] = rollup.errors.get(kind, 0) + count
+        add(start, _named(column, name), rollup, True)  # the client: chosen in SQL
 
 
 def _named(column: str, name: str) -> Dims:

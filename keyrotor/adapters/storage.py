@@ -1040,8 +1040,7 @@ class StateStore:
                     for (scope, n, d), s in batch.usage.items()
                 ],
             )
-            if batch.rollups:
-                analytics.write(conn, batch.rollups, self.retention, self._clock())
+            analytics.write(conn, batch.rollups, self.retention, self._clock())
             conn.execute("COMMIT")
         except BaseException:
             _rollback(conn)
@@ -1267,6 +1266,11 @@ MIGRATIONS: Final = (
         5,
         "analytics: answers per minute, hour and day",
         analytics.SCHEMA,
+    ),
+    _Migration(
+        6,
+        "analytics: minutes rolled up into hours and days once over, not on every flush",
+        analytics.MIGRATION,
     ),
 )
 """The schema's history, oldest first: ``PRAGMA user_version`` says how many

@@ -4,11 +4,12 @@ hour and day, across a restart and past retention."""
 from __future__ import annotations
 
 import math
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from keyrotor.adapters import analytics
@@ -227,3 +228,169 @@ def test_a_rollup_survives_its_columns(answers: list[Any]) -> None:
     )
     back.add(back)  # a read-back rollup is the caller's to change: the cache must not be
     assert analytics.Rollup.from_columns(columns).columns() == columns
+
+
+# -- the roll-up of minutes into hours and days ----------------------------------------------
+
+Answer = tuple[int, str, str, int, float]  # at, key, model, status, ttfb
+
+
+def expected(answers: list[Answer], grain: str, by: str | None) -> dict[tuple[str, str], Any]:
+    """What ``usage`` and ``performance`` must say, counted in Python from the answers."""
+    step = analytics.GRAINS[grain]
+    rows: dict[tuple[str, str], Rollup] = {}
+    for at, key, model, status, ttfb in answers:
+        name = {"key": key, "model": model, None: ""}[by]
+        rows.setdefault((analytics._iso(at - at % step), name), Rollup()).note(
+            status, 1, 2, 0.5, ttfb, None
+        )
+    return {
+        where: (r.requests, r.error_count, r.prompt, r.completion, percentile(r.ttfb, 0.5))
+        for where, r in rows.items()
+    }
+
+
+def seen(store: StateStore, grain: str, by: str | None, end: float) -> dict[tuple[str, str], Any]:
+    usage = store.analytics(q("usage", T0, end, grain, by), str)
+    perf = store.analytics(q("performance", T0, end, grain, by), str)
+    out = {}
+    for u, p in zip(usage, perf, strict=True):
+        assert (u["start"], u.get("name", "")) == (p["start"], p.get("name", ""))
+        out[(u["start"], u.get("name", ""))] = (
+            u["requests"], u["errors"], u["promptTokens"], u["completionTokens"], p["ttfbP50Ms"],
+        )  # fmt: skip
+    return out
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    steps=st.lists(
+        st.tuples(
+            st.integers(0, 300),  # seconds the clock moves on
+            st.integers(-400, 0),  # the answer's time against the clock (late answers too)
+            st.sampled_from(["k1", "k2", "k3"]),
+            st.sampled_from(["gpt", "claude"]),
+            st.sampled_from([200, 200, 429, 500]),
+            st.sampled_from(["", "", "flush", "restart"]),  # then
+        ),
+        min_size=1,
+        max_size=40,
+    ),
+    roll_rows=st.integers(1, 4),
+)
+def test_every_answer_is_counted_once_in_every_grain_while_minutes_roll_up(
+    steps: list[Any], roll_rows: int
+) -> None:
+    """Answers (some for minutes rolled up already) are noted, flushed and the
+    proxy restarted at random while the clock runs: at every moment minutes,
+    hours and days hold each answer exactly once, whichever slice the roll-up
+    is at; then the roll-up catches up."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "s.db"
+        clock = Clock(T0 + 400)
+        store = open_store(path, clock)
+        old, analytics.ROLL_ROWS = analytics.ROLL_ROWS, roll_rows
+        answers: list[Answer] = []
+        try:
+            for move, late, key, model, status, then in steps:
+                clock.now += move
+                ttfb = float(10 + len(answers) % 7 * 50)
+                answers.append((int(clock.now) + late, key, model, status, ttfb))
+                dims = (key, "main", model, "", "")
+                store.record_answer(answers[-1][0], dims, status, 1, 2, 0.5, ttfb, None)
+                if then == "flush":
+                    store.flush()
+                elif then == "restart":
+                    store.close()
+                    store = open_store(path, clock)
+                for grain, by in (("minute", None), ("hour", "key"), ("day", "model")):
+                    assert seen(store, grain, by, clock.now + 1) == expected(answers, grain, by)
+            for _ in range(200):  # the minutes roll up, a slice per flush
+                clock.now += 30
+                answers.append((int(clock.now), "k9", "gpt", 200, 10.0))
+                store.record_answer(clock.now, ("k9", "main", "gpt", "", ""), 200, 1, 2, 0.5, 10.0)
+                store.flush()
+            for grain, by in (("minute", "model"), ("hour", "key"), ("day", None)):
+                assert seen(store, grain, by, clock.now + 1) == expected(answers, grain, by)
+            with store._db_lock:
+                cursor = analytics.rolled(store._connection())
+            assert cursor[0] >= clock.now - analytics.ROLL_AFTER - 120  # caught up
+        finally:
+            analytics.ROLL_ROWS = old
+            store.close()
+
+
+def test_retention_never_drops_a_minute_not_rolled_up(tmp_path: Path) -> None:
+    clock = Clock(T0 + 7200)
+    store = open_store(tmp_path / "s.db", clock, Retention(minute_days=2))
+    saved = analytics.ROLL_ROWS, analytics.ROLL_AFTER
+    try:
+        analytics.ROLL_AFTER = 10**9  # nothing rolled up yet
+        traffic(store, T0)  # 99 answers in 99 minute rows
+        store.flush()
+        clock.now = T0 + 3 * 86400  # three days later, past the minutes' retention
+        analytics.ROLL_ROWS, analytics.ROLL_AFTER = 10, saved[1]
+        store.record_spend("k1")
+        store.flush()  # rolls up the first 10 rows (minutes 0-8) and drops minutes 0-7
+        minutes = store.analytics(q("usage", T0, T0 + 7200, "minute"), str)
+        assert sum(r["requests"] for r in minutes) == 99 - 9
+        for _ in range(9):
+            store.record_spend("k1")  # something to flush: the roll-up goes on
+            store.flush()
+        assert store.analytics(q("usage", T0, T0 + 7200, "minute"), str) == []
+        hours = store.analytics(q("usage", T0, T0 + 7200, "hour"), str)
+        assert [r["requests"] for r in hours] == [66, 33]  # every answer, once
+        traffic(store, T0)
+        store.flush()  # late answers: straight into their minute, hour and day rows
+        hours = store.analytics(q("usage", T0, T0 + 7200, "hour"), str)
+        assert [r["requests"] for r in hours] == [132, 66]
+        days = store.analytics(q("usage", T0, T0 + 86400, "day"), str)
+        assert [r["requests"] for r in days] == [198]
+    finally:
+        analytics.ROLL_ROWS, analytics.ROLL_AFTER = saved
+        store.close()
+
+
+def test_a_file_written_before_the_roll_up_counts_its_minutes_once(tmp_path: Path) -> None:
+    """Schema 5 added each minute to its hour and day at once: the step to 6
+    starts the cursor past those minutes, so none is added twice."""
+    import sqlite3
+
+    clock = Clock(T0 + 7200)
+    store = open_store(tmp_path / "s.db", clock)
+    traffic(store, T0)
+    store.close()
+    db = sqlite3.connect(tmp_path / "s.db", isolation_level=None)
+    figures = (
+        "requests, errors, errors_by_class, prompt_tokens, completion_tokens, cost, ttfb, total"
+    )
+    minutes = db.execute(
+        f"SELECT start, key, provider, model, route, client, {figures} FROM rollups "
+        "WHERE grain = 'minute'"
+    ).fetchall()
+    # What schema 5 wrote: every minute row also added to its hour and day rows at once.
+    db.execute("DELETE FROM rollups WHERE grain != 'minute'")
+    db.execute("DELETE FROM meta WHERE name = ?", (analytics.ROLLED,))
+    db.execute("PRAGMA user_version = 5")
+    db.execute("UPDATE meta SET value = '5' WHERE name = 'schema_version'")
+    rollups: dict[Any, Rollup] = {}
+    for row in minutes:
+        start, dims = row[0], row[1:6]
+        for coarse, step in (("hour", 3600), ("day", 86400)):
+            where = (coarse, start - start % step, *dims)
+            rollups.setdefault(where, Rollup()).add(Rollup.from_columns(row[6:]))
+    db.executemany(
+        f"INSERT INTO rollups (grain, start, key, provider, model, route, client, {figures}) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [(*where, *r.columns()) for where, r in rollups.items()],
+    )
+    db.close()
+    again = open_store(tmp_path / "s.db", clock)  # migrates to 6
+    try:
+        for _ in range(3):
+            hours = again.analytics(q("usage", T0, T0 + 7200, "hour"), str)
+            assert [r["requests"] for r in hours] == [66, 33]
+            again.record_spend("k1")
+            again.flush()  # the roll-up has nothing of schema 5's to add again
+    finally:
+        again.close()
