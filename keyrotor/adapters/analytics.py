@@ -259,20 +259,31 @@ def write(
     minutes: Mapping[tuple[int, Dims], Rollup],
     retention: Retention,
     now: float,
+    known: dict[tuple[str, int, Dims], Rollup] | None = None,
 ) -> None:
     """Add ``minutes`` (minute start, dimensions -> figures) to their minute
     rows (and to their hour and day rows too if that minute is rolled up
     already), roll up a slice of the minutes that are over, and drop rows past
-    their retention. Runs inside the caller's transaction."""
+    their retention. Runs inside the caller's transaction.
+
+    ``known``: the minute rows as committed, kept by the caller between calls
+    and updated here, so that a row is not read back each flush. Sound because
+    a state file has one writer (``storage`` holds its lock); the caller
+    empties it when the transaction does not commit."""
     cursor = rolled(conn)
     late: dict[tuple[str, int, Dims], Rollup] = {}
     for (start, dims), rollup in minutes.items():
         if (start, *dims) <= cursor:  # its minute is rolled up: its hour and day too
             _add_to(late, "hour", start, dims, rollup)
             _add_to(late, "day", start, dims, rollup)
-    _merge_rows(conn, [(("minute", start, dims), r) for (start, dims), r in minutes.items()])
-    _merge_rows(conn, late.items())
+    rows = [(("minute", start, dims), r) for (start, dims), r in minutes.items()]
+    _merge_rows(conn, rows, {} if known is None else known)
+    _merge_rows(conn, late.items(), {})
+    since = cursor[0]
     cursor = _roll_up(conn, cursor, now, max(ROLL_ROWS, 2 * len(minutes)))
+    if known and cursor[0] != since:  # retention may drop minutes before the cursor's
+        for where in [where for where in known if where[1] < cursor[0]]:
+            del known[where]
     for grain, days in (
         ("minute", retention.minute_days),
         ("hour", retention.hour_days),
@@ -303,22 +314,25 @@ def _add_to(
 
 
 def _merge_rows(
-    conn: sqlite3.Connection, rows: Iterable[tuple[tuple[str, int, Dims], Rollup]]
+    conn: sqlite3.Connection,
+    rows: Iterable[tuple[tuple[str, int, Dims], Rollup]],
+    known: dict[tuple[str, int, Dims], Rollup],
 ) -> None:
-    """Add ``rows`` to the table's (each read back, merged and written; ``rows``
-    unchanged, so a failed transaction can write them again)."""
+    """Add ``rows`` (left unchanged, so a failed transaction can write them
+    again) to the table's: each taken from ``known`` or read back, merged,
+    written and kept in ``known``."""
     select = (
         f"SELECT {_FIGURES} FROM rollups WHERE grain = ? AND start = ? AND key = ? "
         "AND provider = ? AND model = ? AND route = ? AND client = ?"
     )
     out = []
-    for (grain, start, dims), rollup in rows:
-        old = conn.execute(select, (grain, start, *dims)).fetchone()
-        if old is not None:
-            merged = Rollup.from_columns(old)
-            merged.add(rollup)
-            rollup = merged
-        out.append((grain, start, *dims, *rollup.columns()))
+    for where, rollup in rows:
+        figures = known.get(where)
+        if figures is None:
+            found = conn.execute(select, (where[0], where[1], *where[2])).fetchone()
+            figures = known[where] = Rollup.from_columns(found) if found else Rollup()
+        figures.add(rollup)
+        out.append((where[0], where[1], *where[2], *figures.columns()))
     conn.executemany(
         f"INSERT OR REPLACE INTO rollups (grain, {_ROW}, {_FIGURES}) "
         "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -343,7 +357,7 @@ def _roll_up(conn: sqlite3.Connection, cursor: Cursor, now: float, limit: int) -
         rollup = Rollup.from_columns(row[6:])
         _add_to(rows, "hour", row[0], row[1:6], rollup)
         _add_to(rows, "day", row[0], row[1:6], rollup)
-    _merge_rows(conn, rows.items())
+    _merge_rows(conn, rows.items(), {})
     # The last row rolled up, or all minutes up to ``over`` (past its start, before the next).
     cursor = found[-1][:6] if len(found) == limit else (over + 1, "", "", "", "", "")
     conn.execute(

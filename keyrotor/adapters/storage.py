@@ -416,6 +416,7 @@ class StateStore:
         self._lock_fd: int | None = None  # held while open: one process per file
         self._salt = b""
         self.retention = analytics.Retention()  # of the analytics rows (set by the proxy)
+        self._minute_rows: dict[Any, Rollup] = {}  # open minutes' rows as committed (analytics)
 
     # -- opening -----------------------------------------------------------------------------
 
@@ -1040,10 +1041,11 @@ class StateStore:
                     for (scope, n, d), s in batch.usage.items()
                 ],
             )
-            analytics.write(conn, batch.rollups, self.retention, self._clock())
+            analytics.write(conn, batch.rollups, self.retention, self._clock(), self._minute_rows)
             conn.execute("COMMIT")
         except BaseException:
             _rollback(conn)
+            self._minute_rows.clear()  # as the file holds them: read back next time
             raise
 
     def _run(self) -> None:

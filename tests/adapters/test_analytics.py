@@ -394,3 +394,36 @@ def test_a_file_written_before_the_roll_up_counts_its_minutes_once(tmp_path: Pat
             again.flush()  # the roll-up has nothing of schema 5's to add again
     finally:
         again.close()
+
+
+def test_a_flush_that_fails_after_writing_the_rows_counts_them_once_when_retried(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rows a flush merged are kept in memory for the next one: a transaction
+    that does not commit must not leave them there (the retry would count twice)."""
+    import sqlite3
+
+    clock = Clock(T0 + 600)
+    store = open_store(tmp_path / "s.db", clock)
+    write = analytics.write
+
+    def write_then_fail(*args: Any) -> None:
+        write(*args)
+        raise sqlite3.OperationalError("disk I/O error")
+
+    try:
+        dims = ("k1", "main", "gpt", "", "")
+        store.record_answer(T0 + 590, dims, 200, 1, 2, 0.5, 100.0, None)
+        assert store.flush()
+        store.record_answer(T0 + 595, dims, 200, 1, 2, 0.5, 100.0, None)
+        monkeypatch.setattr(analytics, "write", write_then_fail)
+        assert not store.flush()  # kept pending, retried
+        monkeypatch.setattr(analytics, "write", write)
+        assert store.flush()
+        store.record_answer(T0 + 598, dims, 200, 1, 2, 0.5, 100.0, None)
+        assert store.flush()
+        for grain in ("minute", "hour"):
+            rows = store.analytics(q("usage", T0, T0 + 601, grain), str)
+            assert [(r["requests"], r["promptTokens"]) for r in rows] == [(3, 3)]
+    finally:
+        store.close()
