@@ -12,9 +12,11 @@ What is kept:
 - ``usage``: the same spend per provider, per model and per client token
   (``scope`` ``provider``, ``model`` or ``client`` and a name) per UTC day.
 - ``catalogs``: each provider's last fetched model catalog.
+- ``rollups``: the analytics of answers per minute, hour and day (``analytics``).
 - ``meta``: the schema version, the per-file salt for passphrases, a check
-  token that tells a wrong ``KEYROTOR_SECRET_KEY`` at open, and the routes
-  set through the admin API (``routes``: a JSON object, name -> route).
+  token that tells a wrong ``KEYROTOR_SECRET_KEY`` at open, the routes
+  set through the admin API (``routes``: a JSON object, name -> route) and
+  the analytics' roll-up cursor.
 
 Writes. Admin changes (``add_key``, ``remove_key``) are committed before they
 return; call them from a worker thread. Hot-path records (``record_state``,
