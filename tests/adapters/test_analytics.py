@@ -334,6 +334,9 @@ def test_retention_never_drops_a_minute_not_rolled_up(tmp_path: Path) -> None:
         store.flush()  # rolls up the first 10 rows (minutes 0-8) and drops minutes 0-7
         minutes = store.analytics(q("usage", T0, T0 + 7200, "minute"), str)
         assert sum(r["requests"] for r in minutes) == 99 - 9
+        for client, count in (("ci", 9), ("web", 90)):  # a client's own, rolled up or not
+            mine = store.analytics(Query("usage", T0, T0 + 86400, "day", None, client=client), str)
+            assert [r["requests"] for r in mine] == [count]
         for _ in range(9):
             store.record_spend("k1")  # something to flush: the roll-up goes on
             store.flush()
