@@ -11,6 +11,7 @@ own and in all.
 Run:
 
     python -m benchmarks.profile_proxy --duration 10 --stream
+    python -m benchmarks.profile_proxy --duration 10 --open 200   # a light load's wake-ups
 """
 
 from __future__ import annotations
@@ -81,11 +82,14 @@ def main() -> int:
     parser.add_argument("--stream", action="store_true", help="SSE instead of JSON")
     parser.add_argument("--state", action="store_true", help="keep a state file (as serve does)")
     parser.add_argument("--keys", type=int, default=0, help="a pool of N fake keys, not 4")
+    parser.add_argument(
+        "--open", type=int, metavar="RPS", help="open loop at RPS requests/s (one client's pace)"
+    )
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--save", metavar="PATH", help="keep the cProfile figures there")
     args = parser.parse_args()
     options = Options(
-        rate=200, duration=args.duration, concurrency=32, rounds=1,
+        rate=args.open or 200, duration=args.duration, concurrency=32, rounds=1,
         streaming=(args.stream,), warmup=1.0, prewarm=16, max_connections=256,
     )  # fmt: skip
     with ExitStack() as stack:
@@ -108,15 +112,17 @@ def main() -> int:
             target = Target("proxy", Endpoint(LOOPBACK, port, "/v1/chat/completions"), proxy.pid)
             warm_up(target, options)
             before = cpu_seconds(proxy.pid)
-            result = measure(target, "closed", args.stream, 1, options, {})
+            mode = "open" if args.open else "closed"
+            result = measure(target, mode, args.stream, 1, options, {})
             used = cpu_seconds(proxy.pid) - before
         stats = pstats.Stats(str(out))
         if args.save:
             stats.dump_stats(args.save)
     body = "SSE" if args.stream else "JSON"
     per = used / max(result.ok, 1) * 1e6
+    loop = f"open loop at {args.open} rps" if args.open else "closed loop of 32"
     print(
-        f"{body}, closed loop of 32 for {args.duration:g} s: {result.ok} ok, "
+        f"{body}, {loop} for {args.duration:g} s: {result.ok} ok, "
         f"{result.error_count} errors, {result.rps:.0f} rps under the profiler; "
         f"{per:.0f} us of proxy CPU per request (profiled)"
     )
