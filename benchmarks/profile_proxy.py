@@ -12,6 +12,7 @@ Run:
 
     python -m benchmarks.profile_proxy --duration 10 --stream
     python -m benchmarks.profile_proxy --duration 10 --open 200   # a light load's wake-ups
+    python -m benchmarks.profile_proxy --duration 10 --route      # requests naming a route
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ from pathlib import Path
 from benchmarks.proxy_load import (
     FAKE_KEYS,
     LOOPBACK,
+    MODEL,
+    ROUTE,
+    ROUTE_CONFIG,
     Endpoint,
     Options,
     Target,
@@ -83,6 +87,9 @@ def main() -> int:
     parser.add_argument("--state", action="store_true", help="keep a state file (as serve does)")
     parser.add_argument("--keys", type=int, default=0, help="a pool of N fake keys, not 4")
     parser.add_argument(
+        "--route", action="store_true", help=f"requests name a route ({ROUTE!r}, proxy_load's)"
+    )
+    parser.add_argument(
         "--open", type=int, metavar="RPS", help="open loop at RPS requests/s (one client's pace)"
     )
     parser.add_argument("--top", type=int, default=30)
@@ -101,15 +108,20 @@ def main() -> int:
         cmd = [sys.executable, "-c", RUN, str(out), "serve", "--host", LOOPBACK,
                "--port", str(port), "--upstream", upstream_url, *state]  # fmt: skip
         env = _child_env({"OPENROUTER_KEYS": ",".join(FAKE_KEYS)})
-        if args.keys:
+        if args.keys or args.route:
             config = folder / "keyrotor.toml"
-            config.write_text(fake_keys_config(args.keys))
+            config.write_text(
+                (ROUTE_CONFIG if args.route else "")
+                + (fake_keys_config(args.keys) if args.keys else "")
+            )
             cmd += ["--config", str(config)]
-            env = _child_env({})
+            if args.keys:
+                env = _child_env({})
         with child("keyrotor proxy (cProfile)", cmd, env, stdout=False) as proxy:
             if wait_ready(proxy, port, "/healthz") is None:
                 raise SystemExit(f"the proxy did not start:\n{proxy.log_tail()}")
-            target = Target("proxy", Endpoint(LOOPBACK, port, "/v1/chat/completions"), proxy.pid)
+            endpoint = Endpoint(LOOPBACK, port, "/v1/chat/completions")
+            target = Target("proxy", endpoint, proxy.pid, ROUTE if args.route else MODEL)
             warm_up(target, options)
             before = cpu_seconds(proxy.pid)
             mode = "open" if args.open else "closed"
