@@ -460,7 +460,9 @@ def query(
     sources: list[tuple[str, tuple[Any, ...]]] = [
         (f"grain = ? AND start >= ? AND start < ?{client}", (q.grain, q.start, q.end, *clients))
     ]
-    conn.execute("BEGIN")  # one snapshot: no roll-up between reading the rows and the cursor
+    began = not conn.in_transaction
+    if began:  # one snapshot: no roll-up between reading the rows and the cursor
+        conn.execute("BEGIN")
     try:
         if q.grain != "minute":  # and the minute rows not rolled up yet
             sources.append(
@@ -473,7 +475,8 @@ def query(
         for where, args in sources:
             _read(conn, q, where, args, add)
     finally:
-        conn.execute("COMMIT")
+        if began:
+            conn.execute("COMMIT")
     for (start, dims), rollup in (pending or {}).items():
         if q.start <= start - start % step < q.end:
             add(start, dims, rollup)
