@@ -25,16 +25,9 @@ from pathlib import Path
 
 from keyrotor.adapters import analytics
 from keyrotor.adapters.storage import StateStore
+from keyrotor.testing.clock import FakeClock
 
 NAMES = {"provider": "main", "model": "openai/gpt-4o-mini"}
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def run(keys: int, batch: int, batches: int) -> tuple[float, float, float]:
@@ -48,11 +41,11 @@ def run(keys: int, batch: int, batches: int) -> tuple[float, float, float]:
         spent["analytics"] += time.perf_counter() - start
 
     with tempfile.TemporaryDirectory() as folder:
-        clock = Clock()
+        now = time.time() // 60 * 60  # every answer in one minute
+        clock = FakeClock(now)
         store = StateStore.open(
             Path(folder) / "state.db", secret_key=None, flush_interval=3600, wall_clock=clock
         )
-        now = clock.now - clock.now % 60  # every answer in one minute
         n = 0
         rng = random.Random(17)  # latencies spread as a model's are: 0.2 to 20 s, most near 1
 
@@ -82,7 +75,7 @@ def run(keys: int, batch: int, batches: int) -> tuple[float, float, float]:
                 total += time.perf_counter() - start
         finally:
             analytics.write = write  # type: ignore[assignment]
-        clock.now = now + 60 + analytics.ROLL_AFTER  # the minute is over
+        clock.advance(60 + analytics.ROLL_AFTER)  # the minute is over
         rolling = 0.0
         with store._db_lock:
             conn = store._connection()

@@ -271,12 +271,13 @@ def write(
     a state file has one writer (``storage`` holds its lock); the caller
     empties it when the transaction does not commit."""
     cursor = rolled(conn)
+    rows = []
     late: dict[tuple[str, int, Dims], Rollup] = {}
     for (start, dims), rollup in minutes.items():
+        rows.append((("minute", start, dims), rollup))
         if (start, *dims) <= cursor:  # its minute is rolled up: its hour and day too
             _add_to(late, "hour", start, dims, rollup)
             _add_to(late, "day", start, dims, rollup)
-    rows = [(("minute", start, dims), r) for (start, dims), r in minutes.items()]
     _merge_rows(conn, rows, {} if known is None else known)
     _merge_rows(conn, late.items(), {})
     since = cursor[0]

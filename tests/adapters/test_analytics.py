@@ -364,9 +364,7 @@ def test_a_file_written_before_the_roll_up_counts_its_minutes_once(tmp_path: Pat
     traffic(store, T0)
     store.close()
     db = sqlite3.connect(tmp_path / "s.db", isolation_level=None)
-    figures = (
-        "requests, errors, errors_by_class, prompt_tokens, completion_tokens, cost, ttfb, total"
-    )
+    figures = analytics._FIGURES
     minutes = db.execute(
         f"SELECT start, key, provider, model, route, client, {figures} FROM rollups "
         "WHERE grain = 'minute'"
