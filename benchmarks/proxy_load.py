@@ -64,6 +64,7 @@ import gc
 import http.client
 import importlib.metadata
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -651,6 +652,7 @@ def start_keyrotor(
     faults: bool = False,
     parser: str = "auto",
     keys: int = len(FAKE_KEYS),
+    python_gc: bool = False,
 ) -> tuple[Child, Endpoint]:
     """The proxy with its state file in a fresh temporary directory (``state``),
     or ``--no-state``; with ``route``, a config file holding ``ROUTE_CONFIG``;
@@ -660,13 +662,17 @@ def start_keyrotor(
     ``faults``, the four faulty keys of the ``faulty`` scenario too, and a first
     byte awaited 2 s (then the attempt fails over); ``parser``: the HTTP parser of
     its server and of its upstream pool (``[server]`` and ``[http] parser``);
-    ``keys``: a pool of that many fake keys (``[[keys]]`` tables) instead of 4."""
+    ``keys``: a pool of that many fake keys (``[[keys]]`` tables) instead of 4;
+    ``python_gc``: ``[server] gc_threshold = 0`` (Python's own collector settings)."""
     env = _child_env({"OPENROUTER_KEYS": ",".join(FAKE_KEYS)})
     base = [sys.executable, "-m", "keyrotor.cli", "serve", "--host", LOOPBACK]
     if shared is not None:
         base += ["--workers", str(workers), "--shared", shared]
     folder = Path(stack.enter_context(tempfile.TemporaryDirectory()))
-    config = f'[server]\nparser = "{parser}"\n[http]\nparser = "{parser}"\n'  # [http] last
+    config = f'[server]\nparser = "{parser}"\n'
+    if python_gc:  # an older proxy knows no gc_threshold: only when asked
+        config += "gc_threshold = 0\n"
+    config += f'[http]\nparser = "{parser}"\n'  # [http] last
     if route:
         config += ROUTE_CONFIG
     elif faults:
@@ -1220,6 +1226,14 @@ def _parser() -> argparse.ArgumentParser:
         "proxy on h11 side by side",
     )
     parser.add_argument(
+        "--gc",
+        choices=("tuned", "python", "both"),
+        default="tuned",
+        help="the proxy's garbage collector: tuned (`[server] gc_threshold`'s default), "
+        "python (gc_threshold = 0: Python's own settings), or both side by side (with "
+        "--keys N, for that pool too)",
+    )
+    parser.add_argument(
         "--dashboard",
         type=int,
         default=0,
@@ -1264,6 +1278,8 @@ def _command(args: argparse.Namespace) -> str:
         parts.append(f"--parser {args.parser}")
     if args.keys:
         parts.append(f"--keys {args.keys}")
+    if args.gc != "tuned":
+        parts.append(f"--gc {args.gc}")
     if args.faults:
         parts.append("--faults")
     if args.peer:
@@ -1319,11 +1335,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         proxies: list[tuple[Target, Child]] = []
         if not args.upstream_only:
             parser = "auto" if args.parser == "both" else args.parser
-            for state in {"file": (True,), "none": (False,), "both": (True, False)}[args.state]:
+            states = {"file": (True,), "none": (False,), "both": (True, False)}[args.state]
+            gcs = {"tuned": (False,), "python": (True,), "both": (False, True)}[args.gc]
+            for state, python_gc in itertools.product(states, gcs):
                 proxy, endpoint = start_keyrotor(
-                    stack, upstream_url, state, args.route, parser=parser
+                    stack, upstream_url, state, args.route, parser=parser, python_gc=python_gc
                 )
                 name = "through keyrotor" if state else "through keyrotor --no-state"
+                name += ", Python's gc" if python_gc else ""
                 print(f"{name}: pid {proxy.pid} at {endpoint.url}", file=sys.stderr, flush=True)
                 proxies.append((Target(name, endpoint, proxy.pid), proxy))
                 if args.route:  # the same process, requests naming the route
@@ -1337,13 +1356,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                         dashboards=args.dashboard,
                     )
                     proxies.append((watched, proxy))
-            for state in {"file": (True,), "none": (False,), "both": (True, False)}[args.state]:
+            for state, python_gc in itertools.product(states, gcs):
                 if not args.keys:  # the same proxy with a pool of many keys, its own process
                     break
                 many_keys, endpoint = start_keyrotor(
-                    stack, upstream_url, state, parser=parser, keys=args.keys
+                    stack, upstream_url, state, parser=parser, keys=args.keys, python_gc=python_gc
                 )
                 name = f"through keyrotor, {args.keys:,} keys" + ("" if state else " --no-state")
+                name += ", Python's gc" if python_gc else ""
                 print(f"{name}: pid {many_keys.pid} at {endpoint.url}", file=sys.stderr, flush=True)
                 proxies.append((Target(name, endpoint, many_keys.pid), many_keys))
             if args.parser == "both":  # the same proxy on h11, side by side

@@ -64,6 +64,7 @@ SERVER_DEFAULTS: Mapping[str, Any] = MappingProxyType(
         "max_unproven": 1000,
         "max_unproven_per_address": 64,
         "parser": "auto",
+        "gc_threshold": 10000,
     }
 )
 """The proxy server's options (its ``ServerOptions`` fields) and their defaults."""
@@ -1105,15 +1106,16 @@ class _Loader:
                 resolve_parser(value)
             except ValueError as exc:
                 self.fail(f"{where}: {exc}", where=where, source=source)
-        elif name == "grace_period" and value == 0:
-            pass  # shut down without waiting for requests in flight
+        elif name in ("grace_period", "gc_threshold") and value == 0:
+            pass  # shut down without waiting; keep Python's own collector settings
         elif value <= 0 or not math.isfinite(value):
-            bound = "zero or more" if name == "grace_period" else "more than zero"
+            bound = "zero or more" if name in ("grace_period", "gc_threshold") else "more than zero"
             self.fail(
                 f"{where} must be {bound}, got {value}",
                 where=where,
                 fix=f"set {name} to a positive {'integer' if isinstance(value, int) else 'number'}"
-                f" (default {SERVER_DEFAULTS[name]})",
+                f" (default {SERVER_DEFAULTS[name]})"
+                + (", or 0 for Python's own settings" if name == "gc_threshold" else ""),
                 source=source,
             )
         return value

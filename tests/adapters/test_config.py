@@ -16,6 +16,7 @@ from keyrotor.adapters.config import (
     ProxyConfig,
     load_config,
 )
+from keyrotor.adapters.proxy.server import ServerOptions
 from keyrotor.core import KeySpec, PoolConfig
 from keyrotor.transports._driver import OPENROUTER_URL, mask
 from keyrotor.transports._http import HTTPOptions
@@ -83,6 +84,7 @@ max_connections = 50
 max_unproven = 20
 max_unproven_per_address = 5
 parser = "h11"
+gc_threshold = 5000
 
 [http]
 connect = 1.0
@@ -175,6 +177,7 @@ def test_full_file_lands_every_option_where_it_belongs() -> None:
         "max_unproven": 20,
         "max_unproven_per_address": 5,
         "parser": "h11",
+        "gc_threshold": 5000,
     }
     assert isinstance(config.server["grace_period"], float)
     assert config.http == HTTPOptions(
@@ -245,8 +248,10 @@ def test_the_full_file_sets_every_option_there_is() -> None:
 
 def test_server_host_may_be_empty_and_grace_period_zero_as_the_server_allows() -> None:
     environ = {"OPENROUTER_KEYS": S1, "KEYROTOR_CLIENT_TOKENS": T_CLIENT}
-    config = load('[server]\nhost = ""\ngrace_period = 0', environ)
+    config = load('[server]\nhost = ""\ngrace_period = 0\ngc_threshold = 0', environ)
     assert (config.server["host"], config.server["grace_period"]) == ("", 0.0)
+    assert config.server["gc_threshold"] == 0  # Python's own collector settings
+    ServerOptions(**config.server)
 
 
 def test_environment_keys_only_with_every_default() -> None:
@@ -658,6 +663,14 @@ ERRORS: list[tuple[str, str | None, dict[str, str], dict[str, Any], str]] = [
         {},
         "keyrotor.toml: [server] grace_period must be zero or more, got -1.0; fix: set "
         "grace_period to a positive number (default 30.0)",
+    ),
+    (
+        "negative gc threshold",
+        "[server]\ngc_threshold = -5",
+        ENV,
+        {},
+        "keyrotor.toml: [server] gc_threshold must be zero or more, got -5; fix: set "
+        "gc_threshold to a positive integer (default 10000), or 0 for Python's own settings",
     ),
     (
         "zero server limit",

@@ -139,6 +139,33 @@ def test_openai_sdk_async_in_parallel(proxy_url: Any) -> None:
     assert len(results) == 10 and all(results)
 
 
+GC_PROBE = """
+import gc, json, sys
+from keyrotor.adapters.proxy.main import tune_gc
+held = [[i] for i in range(1000)]  # built at "startup": frozen with the rest
+tune_gc(int(sys.argv[1]))
+print(json.dumps([gc.get_threshold(), gc.get_freeze_count()]))
+"""
+
+
+@pytest.mark.parametrize("threshold", [0, 5000])
+def test_tune_gc_freezes_startup_and_raises_the_first_threshold(threshold: int) -> None:
+    # In a child: the collector's settings are the whole process's.
+    out = subprocess.run(
+        [sys.executable, "-c", GC_PROBE, str(threshold)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    (first, *rest), frozen = json.loads(out)
+    if threshold:
+        assert (first, rest) == (5000, [10, 10])
+        assert frozen > 1000
+    else:  # Python's own settings, nothing frozen
+        assert (first, frozen) == (700, 0)
+
+
 def test_keyrotor_serve_as_a_subprocess(tmp_path: Any) -> None:
     with FakeUpstream.running_in_thread(scenario(), clock=fake_clock()) as upstream:
         # Its own data directory: the default state file of another test (with
@@ -168,6 +195,7 @@ def test_keyrotor_serve_as_a_subprocess(tmp_path: Any) -> None:
             listening = json.loads(proc.stderr.readline())
             assert listening["event"] == "listening"
             assert listening["http_parser"] == "httptools"  # "auto", the fast extra installed
+            assert listening["gc_threshold"] == 10000  # tuned once listening (main.tune_gc)
             url = listening["url"]
             reply = httpx.post(
                 f"{url}/v1/chat/completions",

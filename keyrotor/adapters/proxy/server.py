@@ -146,6 +146,11 @@ def _positive_int(instance: Any, attribute: attrs.Attribute[Any], value: int) ->
         raise ValueError(f"ServerOptions.{attribute.name} must be an int >= 1, not {value!r}")
 
 
+def _not_negative_int(instance: Any, attribute: attrs.Attribute[Any], value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"ServerOptions.{attribute.name} must be an int >= 0, not {value!r}")
+
+
 def _port(instance: Any, attribute: attrs.Attribute[Any], value: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
         raise ValueError(f"ServerOptions.port must be an int in 0..65535 (0: any), not {value!r}")
@@ -183,6 +188,10 @@ class ServerOptions:
     - ``max_unproven_per_address``: the same, per client address.
     - ``parser``: the HTTP/1.1 parser, ``"auto"`` (httptools when installed,
       else h11), ``"h11"`` or ``"httptools"`` (``transports/codec.py``).
+    - ``gc_threshold``: not the server's but its process's: ``main.run`` (``keyrotor
+      serve``) sets the cyclic garbage collector's first threshold to it once
+      listening, after freezing what startup built (``main.tune_gc``); 0 leaves
+      Python's own settings.
     """
 
     host: str = attrs.field(default="127.0.0.1", validator=_host)
@@ -198,6 +207,7 @@ class ServerOptions:
     max_unproven: int = attrs.field(default=1_000, validator=_positive_int)
     max_unproven_per_address: int = attrs.field(default=64, validator=_positive_int)
     parser: str = attrs.field(default="auto", validator=_parser)
+    gc_threshold: int = attrs.field(default=10_000, validator=_not_negative_int)
 
 
 # --------------------------------------------------------------------------- helpers
