@@ -38,6 +38,9 @@ body read to ``data: [DONE]``) requests. A request counts as ok when the status 
 200 and the body is complete; anything else (status, truncated stream, reset,
 timeout after 10 s) is an error, counted by kind.
 
+``--gc both`` also starts each proxy with ``[server] gc_threshold = 0`` (Python's
+own garbage collector settings) beside the tuned one (``--gc python``: only that).
+
 Other options: ``--warmup`` (untimed seconds per target and body before the
 first round, 1), ``--prewarm`` and ``--max-connections`` (open loop: connections
 opened before the clock starts, 16, and the cap, 256), ``--upstream-only`` (no
