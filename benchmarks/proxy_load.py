@@ -38,8 +38,10 @@ body read to ``data: [DONE]``) requests. A request counts as ok when the status 
 200 and the body is complete; anything else (status, truncated stream, reset,
 timeout after 10 s) is an error, counted by kind.
 
-``--gc both`` also starts each proxy with ``[server] gc_threshold = 0`` (Python's
-own garbage collector settings) beside the tuned one (``--gc python``: only that).
+``--python PATH`` (repeatable) also starts the proxy on another interpreter (a
+venv with this tree installed), side by side with this one. ``--gc both`` also
+starts each proxy with ``[server] gc_threshold = 0`` (Python's own garbage
+collector settings) beside the tuned one (``--gc python``: only that).
 
 Other options: ``--warmup`` (untimed seconds per target and body before the
 first round, 1), ``--prewarm`` and ``--max-connections`` (open loop: connections
@@ -656,6 +658,7 @@ def start_keyrotor(
     parser: str = "auto",
     keys: int = len(FAKE_KEYS),
     python_gc: bool = False,
+    python: str = sys.executable,
 ) -> tuple[Child, Endpoint]:
     """The proxy with its state file in a fresh temporary directory (``state``),
     or ``--no-state``; with ``route``, a config file holding ``ROUTE_CONFIG``;
@@ -666,9 +669,10 @@ def start_keyrotor(
     byte awaited 2 s (then the attempt fails over); ``parser``: the HTTP parser of
     its server and of its upstream pool (``[server]`` and ``[http] parser``);
     ``keys``: a pool of that many fake keys (``[[keys]]`` tables) instead of 4;
-    ``python_gc``: ``[server] gc_threshold = 0`` (Python's own collector settings)."""
+    ``python_gc``: ``[server] gc_threshold = 0`` (Python's own collector settings);
+    ``python``: the interpreter that runs it (a venv with this tree installed)."""
     env = _child_env({"OPENROUTER_KEYS": ",".join(FAKE_KEYS)})
-    base = [sys.executable, "-m", "keyrotor.cli", "serve", "--host", LOOPBACK]
+    base = [python, "-m", "keyrotor.cli", "serve", "--host", LOOPBACK]
     if shared is not None:
         base += ["--workers", str(workers), "--shared", shared]
     folder = Path(stack.enter_context(tempfile.TemporaryDirectory()))
@@ -731,6 +735,22 @@ LITELLM_DEPLOYMENT = """\
       api_base: {base}
       api_key: {key}
 """
+
+
+def python_version(python: str) -> str:
+    """The version of the interpreter at ``python`` ("3.13.0"); ``BenchError`` if it
+    does not run or cannot import this tree's keyrotor."""
+    probe = "import platform, keyrotor.adapters.proxy.main; print(platform.python_version())"
+    try:
+        done = subprocess.run([python, "-c", probe], capture_output=True, text=True, timeout=60)
+    except OSError as exc:
+        raise BenchError(f"--python {python}: cannot run it ({exc.strerror or exc})") from None
+    if done.returncode != 0:
+        raise BenchError(
+            f"--python {python}: cannot import keyrotor (install this tree in its venv: "
+            f"{python} -m pip install -e '.[proxy,fast]'):\n{done.stderr.strip()[-500:]}"
+        )
+    return done.stdout.strip()
 
 
 def start_litellm(
@@ -1229,6 +1249,15 @@ def _parser() -> argparse.ArgumentParser:
         "proxy on h11 side by side",
     )
     parser.add_argument(
+        "--python",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="also the proxy (state file, 4 keys) run by this interpreter, side by side: the "
+        "python of a venv with this tree installed (python3.13 -m venv /tmp/py313 && "
+        "/tmp/py313/bin/pip install -e '.[proxy,fast]'); may be given more than once",
+    )
+    parser.add_argument(
         "--gc",
         choices=("tuned", "python", "both"),
         default="tuned",
@@ -1281,6 +1310,8 @@ def _command(args: argparse.Namespace) -> str:
         parts.append(f"--parser {args.parser}")
     if args.keys:
         parts.append(f"--keys {args.keys}")
+    for python in args.python:
+        parts.append(f"--python {python}")
     if args.gc != "tuned":
         parts.append(f"--gc {args.gc}")
     if args.faults:
@@ -1369,6 +1400,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 name += ", Python's gc" if python_gc else ""
                 print(f"{name}: pid {many_keys.pid} at {endpoint.url}", file=sys.stderr, flush=True)
                 proxies.append((Target(name, endpoint, many_keys.pid), many_keys))
+            for python in args.python:  # the same proxy on another interpreter
+                other, endpoint = start_keyrotor(stack, upstream_url, True, python=python)
+                name = f"through keyrotor, Python {python_version(python)}"
+                print(f"{name}: pid {other.pid} at {endpoint.url}", file=sys.stderr, flush=True)
+                proxies.append((Target(name, endpoint, other.pid), other))
             if args.parser == "both":  # the same proxy on h11, side by side
                 reference, endpoint = start_keyrotor(stack, upstream_url, True, parser="h11")
                 name = "through keyrotor, h11 parser"
