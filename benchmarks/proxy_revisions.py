@@ -3,10 +3,13 @@
 Each run is ``benchmarks.proxy_load --duration 5 --rounds 1 --state none`` started
 in a tree (a ``git worktree`` of a revision: the proxy it starts imports that
 tree's ``keyrotor``), and the figure kept is the closed loop's CPU of the proxy
-per request (its CPU % over its rps), JSON and SSE. Run:
+per request (its CPU % over its rps), JSON and SSE. ``--state file`` keeps the
+proxy's state file; ``--keys N`` measures the proxy with a pool of N keys
+(``proxy_load --keys N --no-stream``: JSON only, and its p99). Run:
 
     git worktree add /tmp/before HEAD~1 && git worktree add /tmp/after HEAD
-    python -m benchmarks.proxy_revisions /tmp/before /tmp/after --rounds 3
+    python -m benchmarks.proxy_revisions /tmp/before /tmp/after --rounds 3 \
+        [--state file] [--keys 10000]
 """
 
 from __future__ import annotations
@@ -17,19 +20,26 @@ import subprocess
 import sys
 
 
-def cpu_per_request(tree: str) -> dict[str, float]:
-    """body -> µs of proxy CPU per request in one proxy_load run in ``tree``."""
-    out = subprocess.run(
-        [sys.executable, "-m", "benchmarks.proxy_load", "--duration", "5", "--rounds", "1",
-         "--state", "none"],
-        cwd=tree, capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
+def cpu_per_request(tree: str, state: str = "none", keys: int = 0) -> dict[str, float]:
+    """body -> µs of proxy CPU per request in one proxy_load run in ``tree``
+    (with ``keys``: "json" and "p99", ms, of the proxy with that many keys)."""
+    command = [sys.executable, "-m", "benchmarks.proxy_load", "--duration", "5", "--rounds", "1",
+               "--state", state]  # fmt: skip
+    name = "through keyrotor" + ("" if state == "file" else " --no-state")
+    column = 2  # the proxy's CPU % follows the generator's and the upstream's
+    if keys:
+        command += ["--keys", str(keys), "--no-stream"]
+        name = f"through keyrotor, {keys:,} keys" + ("" if state == "file" else " --no-state")
+        column = 3  # after the 4-key proxy's
+    out = subprocess.run(command, cwd=tree, capture_output=True, text=True, check=True).stdout
     found = {}
     for line in out.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == 12 and cells[0] == "through keyrotor --no-state" and "closed" in cells[1]:
-            rps, cpu = float(cells[6].replace(",", "")), float(cells[11].split("/")[2])
+        if len(cells) == 12 and cells[0] == name and "closed" in cells[1]:
+            rps, cpu = float(cells[6].replace(",", "")), float(cells[11].split("/")[column])
             found[cells[2]] = cpu / 100 / rps * 1e6
+            if keys:
+                found["p99"] = float(cells[9])
     return found
 
 
@@ -37,19 +47,22 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("trees", nargs=2, metavar="TREE")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--state", choices=("none", "file"), default="none")
+    parser.add_argument("--keys", type=int, default=0, metavar="N")
     args = parser.parse_args()
     runs: dict[str, list[dict[str, float]]] = {tree: [] for tree in args.trees}
     for rnd in range(args.rounds):
         for tree in args.trees:
-            runs[tree].append(cpu_per_request(tree))
+            runs[tree].append(cpu_per_request(tree, args.state, args.keys))
             print(f"round {rnd + 1}: {tree}: {runs[tree][-1]}", file=sys.stderr, flush=True)
     print("| tree | body | µs of proxy CPU per request, each run | median |")
     print("|---|---|---|---:|")
     for tree, results in runs.items():
-        for body in ("json", "stream"):
+        for body in ("json", "stream", "p99"):
             values = [r[body] for r in results if body in r]
             if values:
                 each = " / ".join(f"{v:.0f}" for v in values)
+                body = "p99 ms (JSON)" if body == "p99" else body
                 print(f"| {tree} | {body} | {each} | {statistics.median(values):.0f} |")
     return 0
 
