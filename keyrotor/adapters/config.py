@@ -19,7 +19,7 @@ import socket
 import tomllib
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
-from typing import Any, NoReturn
+from typing import Any, Final, NoReturn
 from urllib.parse import urlsplit
 
 import attrs
@@ -68,6 +68,8 @@ SERVER_DEFAULTS: Mapping[str, Any] = MappingProxyType(
     }
 )
 """The proxy server's options (its ``ServerOptions`` fields) and their defaults."""
+GC_THRESHOLD_MAX: Final = 10_000_000
+"""``[server] gc_threshold`` at most (Python's collector takes a C int; far beyond any use)."""
 
 LOG_FORMATS = ("json", "text")
 
@@ -1107,7 +1109,14 @@ class _Loader:
             except ValueError as exc:
                 self.fail(f"{where}: {exc}", where=where, source=source)
         elif name in ("grace_period", "gc_threshold") and value == 0:
-            pass  # shut down without waiting; keep Python's own collector settings
+            pass  # 0: shut down without waiting; keep Python's own collector settings
+        elif name == "gc_threshold" and value > GC_THRESHOLD_MAX:
+            self.fail(
+                f"{where} must be at most {GC_THRESHOLD_MAX:,}, got {value}",
+                where=where,
+                fix="set gc_threshold to 10000 (the default), or 0 for Python's own settings",
+                source=source,
+            )
         elif value <= 0 or not math.isfinite(value):
             bound = "zero or more" if name in ("grace_period", "gc_threshold") else "more than zero"
             self.fail(

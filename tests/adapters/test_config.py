@@ -252,6 +252,9 @@ def test_server_host_may_be_empty_and_grace_period_zero_as_the_server_allows() -
     assert (config.server["host"], config.server["grace_period"]) == ("", 0.0)
     assert config.server["gc_threshold"] == 0  # Python's own collector settings
     ServerOptions(**config.server)
+    for bad in (-1, 2**31, True, 1.5):  # the server's own check, for code that builds it
+        with pytest.raises(ValueError, match="gc_threshold must be an int in 0..10000000"):
+            ServerOptions(gc_threshold=bad)
 
 
 def test_environment_keys_only_with_every_default() -> None:
@@ -671,6 +674,14 @@ ERRORS: list[tuple[str, str | None, dict[str, str], dict[str, Any], str]] = [
         {},
         "keyrotor.toml: [server] gc_threshold must be zero or more, got -5; fix: set "
         "gc_threshold to a positive integer (default 10000), or 0 for Python's own settings",
+    ),
+    (
+        "gc threshold past a C int",
+        "[server]\ngc_threshold = 3000000000",
+        ENV,
+        {},
+        "keyrotor.toml: [server] gc_threshold must be at most 10,000,000, got 3000000000; fix: "
+        "set gc_threshold to 10000 (the default), or 0 for Python's own settings",
     ),
     (
         "zero server limit",

@@ -146,9 +146,9 @@ def _positive_int(instance: Any, attribute: attrs.Attribute[Any], value: int) ->
         raise ValueError(f"ServerOptions.{attribute.name} must be an int >= 1, not {value!r}")
 
 
-def _not_negative_int(instance: Any, attribute: attrs.Attribute[Any], value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"ServerOptions.{attribute.name} must be an int >= 0, not {value!r}")
+def _gc_threshold(instance: Any, attribute: attrs.Attribute[Any], value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 10_000_000:
+        raise ValueError(f"ServerOptions.gc_threshold must be an int in 0..10000000, not {value!r}")
 
 
 def _port(instance: Any, attribute: attrs.Attribute[Any], value: int) -> None:
@@ -207,7 +207,7 @@ class ServerOptions:
     max_unproven: int = attrs.field(default=1_000, validator=_positive_int)
     max_unproven_per_address: int = attrs.field(default=64, validator=_positive_int)
     parser: str = attrs.field(default="auto", validator=_parser)
-    gc_threshold: int = attrs.field(default=10_000, validator=_not_negative_int)
+    gc_threshold: int = attrs.field(default=10_000, validator=_gc_threshold)
 
 
 # --------------------------------------------------------------------------- helpers
