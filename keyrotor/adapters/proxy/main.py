@@ -36,7 +36,9 @@ def tune_gc(threshold: int) -> None:
     proxied request allocates a few dozen containers that outlive it briefly,
     and with 700 a collection ran every few dozen requests, with a full one
     (tens of ms with 10,000 keys) every few seconds (docs/benchmarks.md,
-    "The garbage collector"). Cycles still get collected, less often.
+    "The garbage collector"). Cycles still get collected, less often; a frozen
+    object that later ends in a cycle (a catalog replaced by a refresh) is not,
+    which bounds what that can keep to what startup built, once.
     """
     if threshold:
         gc.collect()
