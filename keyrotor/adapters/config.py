@@ -70,6 +70,8 @@ SERVER_DEFAULTS: Mapping[str, Any] = MappingProxyType(
 """The proxy server's options (its ``ServerOptions`` fields) and their defaults."""
 GC_THRESHOLD_MAX: Final = 10_000_000
 """``[server] gc_threshold`` at most (Python's collector takes a C int; far beyond any use)."""
+_ZERO_ALLOWED: Final = ("grace_period", "gc_threshold")  # 0: no grace; Python's own collector
+_GC_ZERO: Final = ", or 0 for Python's own settings"
 
 LOG_FORMATS = ("json", "text")
 
@@ -1108,23 +1110,23 @@ class _Loader:
                 resolve_parser(value)
             except ValueError as exc:
                 self.fail(f"{where}: {exc}", where=where, source=source)
-        elif name in ("grace_period", "gc_threshold") and value == 0:
+        elif name in _ZERO_ALLOWED and value == 0:
             pass  # 0: shut down without waiting; keep Python's own collector settings
         elif name == "gc_threshold" and value > GC_THRESHOLD_MAX:
             self.fail(
                 f"{where} must be at most {GC_THRESHOLD_MAX:,}, got {value}",
                 where=where,
-                fix="set gc_threshold to 10000 (the default), or 0 for Python's own settings",
+                fix=f"set gc_threshold to {SERVER_DEFAULTS[name]} (the default){_GC_ZERO}",
                 source=source,
             )
         elif value <= 0 or not math.isfinite(value):
-            bound = "zero or more" if name in ("grace_period", "gc_threshold") else "more than zero"
+            bound = "zero or more" if name in _ZERO_ALLOWED else "more than zero"
             self.fail(
                 f"{where} must be {bound}, got {value}",
                 where=where,
                 fix=f"set {name} to a positive {'integer' if isinstance(value, int) else 'number'}"
                 f" (default {SERVER_DEFAULTS[name]})"
-                + (", or 0 for Python's own settings" if name == "gc_threshold" else ""),
+                + (_GC_ZERO if name == "gc_threshold" else ""),
                 source=source,
             )
         return value
