@@ -24,6 +24,16 @@ return; call them from a worker thread. Hot-path records (``record_state``,
 blocking on the disk, never raising); a writer thread commits the batch every
 ``flush_interval`` seconds (100 ms by default) in ONE transaction.
 
+With ``flush_in_thread=False`` the owner commits the batch instead, calling
+``flush_nowait()`` every ``flush_interval`` from its own thread (the proxy does,
+from its event loop: a writer thread contending for the GIL with the request
+path cost more than the flush itself, measured in docs/benchmarks.md).
+``flush_nowait`` never waits: not for an admin call holding the file (it
+skips), not for another process's write lock (it fails, the batch kept for the
+next one). The thread then only copies the WAL into the file (a checkpoint,
+every ``CHECKPOINT_INTERVAL`` on its own connection), so the disk's ``fsync``
+never blocks the owner.
+
 Durability. Every flush is one transaction and WAL keeps the file consistent
 whatever happens, so a ``kill -9`` (or a crash) loses at most the records of
 the last ``flush_interval`` plus the flush running at that moment (about
@@ -106,6 +116,8 @@ HOW_TO_SET_KEY = (
 _CHECK_PLAINTEXT = b"keyrotor state file check v1"
 _MIN_PASSPHRASE = 16
 _DAY = 86400
+CHECKPOINT_INTERVAL: Final = 1.0
+"""Seconds between WAL checkpoints when the owner flushes (``flush_in_thread=False``)."""
 
 
 class StorageError(Exception):
@@ -389,8 +401,12 @@ class StateStore:
         max_pending: int,
         recent: dict[tuple[str, str], Spend],
         recent_since: str,
+        busy_timeout: float = 5.0,
+        flush_in_thread: bool = True,
     ) -> None:
         self.path = path
+        self._busy_ms = max(0, round(busy_timeout * 1000))
+        self.flush_in_thread = flush_in_thread
         self._conn: sqlite3.Connection | None = conn
         self._cipher = cipher
         self._fingerprint_key = fingerprint_key
@@ -433,6 +449,7 @@ class StateStore:
         wall_clock: Callable[[], float] = time.time,
         busy_timeout: float = 5.0,
         max_pending: int = 100_000,
+        flush_in_thread: bool = True,
     ) -> StateStore:
         """Open (or create) the state file at ``path`` and start the writer thread.
 
@@ -440,7 +457,9 @@ class StateStore:
         32 bytes), else a passphrase of 16+ characters stretched with scrypt and
         the file's salt; ``None``: secrets can be neither stored nor loaded.
         ``busy_timeout``: how long a write waits for another process holding the
-        file. ``max_pending``: records kept in memory while writes fail. Raises
+        file. ``max_pending``: records kept in memory while writes fail.
+        ``flush_in_thread`` False: the caller calls ``flush_nowait()`` every
+        ``flush_interval`` and the thread only checkpoints (see above). Raises
         ``StorageError`` (a wrong key, a newer schema, not a state file, an
         unusable path). ``load().states`` holds every alias recorded, including
         keys from the configuration file.
@@ -479,7 +498,11 @@ class StateStore:
             max_pending=max_pending,
             recent=recent,
             recent_since=since,
+            busy_timeout=busy_timeout,
+            flush_in_thread=flush_in_thread,
         )
+        if not flush_in_thread:
+            conn.execute("PRAGMA wal_autocheckpoint = 0")  # the thread's job (_checkpoints)
         store._lock_fd, store._salt = lock, salt
         store._writer.start()
         return store
@@ -984,30 +1007,53 @@ class StateStore:
     def flush(self) -> bool:
         """Commit everything pending now (blocking); False if it stays pending (see ``health``)."""
         with self._db_lock:
-            if self._conn is None:
-                return not (self._pending or self._unsaved)
-            with self._pending_lock:
-                if not self._unsaved:
-                    self._unsaved, self._pending = self._pending, _Batch()
-                elif self._pending:
-                    self._unsaved.merge(self._pending)
-                    self._pending = _Batch()
-            batch = self._unsaved
-            if not batch:
-                return True
-            try:
-                self._write_batch(self._conn, batch)
-            except Exception as exc:
-                self._fail(exc)
-                self._bound()
-                return False
-            with self._pending_lock:
-                for where, spend in batch.spend.items():
-                    if where[1] >= self._recent_since:
-                        self._recent.setdefault(where, Spend()).add(spend)
-                self._unsaved = _Batch()
-            self._succeeded()
+            return self._flush()
+
+    def flush_nowait(self) -> bool | None:
+        """``flush`` for an owner that must not block (``flush_in_thread=False``):
+        None, doing nothing, while another call holds the file (try again
+        later); False at once when another process holds SQLite's write lock
+        (the batch is kept, as for any failed write)."""
+        if not self._db_lock.acquire(blocking=False):
+            return None
+        conn = self._conn
+        try:
+            if conn is not None:
+                with contextlib.suppress(sqlite3.Error):  # else the write fails, reported there
+                    conn.execute("PRAGMA busy_timeout = 0")
+            return self._flush()
+        finally:
+            if conn is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute(f"PRAGMA busy_timeout = {self._busy_ms:d}")
+            self._db_lock.release()
+
+    def _flush(self) -> bool:
+        """``flush``'s work, under ``_db_lock``."""
+        if self._conn is None:
+            return not (self._pending or self._unsaved)
+        with self._pending_lock:
+            if not self._unsaved:
+                self._unsaved, self._pending = self._pending, _Batch()
+            elif self._pending:
+                self._unsaved.merge(self._pending)
+                self._pending = _Batch()
+        batch = self._unsaved
+        if not batch:
             return True
+        try:
+            self._write_batch(self._conn, batch)
+        except Exception as exc:
+            self._fail(exc)
+            self._bound()
+            return False
+        with self._pending_lock:
+            for where, spend in batch.spend.items():
+                if where[1] >= self._recent_since:
+                    self._recent.setdefault(where, Spend()).add(spend)
+            self._unsaved = _Batch()
+        self._succeeded()
+        return True
 
     def _write_batch(self, conn: sqlite3.Connection, batch: _Batch) -> None:
         """Write ``batch`` in one transaction."""
@@ -1051,11 +1097,35 @@ class StateStore:
             raise
 
     def _run(self) -> None:
+        if not self.flush_in_thread:
+            self._checkpoints()
+            return
         while not self._stop.wait(self._interval):
             try:
                 self.flush()
             except Exception as exc:  # pragma: no cover - flush handles its own errors
                 self._fail(exc)
+
+    def _checkpoints(self) -> None:
+        """Copy the WAL into the file every ``CHECKPOINT_INTERVAL`` (the owner
+        flushes): on a connection of this thread's own, so the ``fsync`` runs
+        here. ``PASSIVE`` never waits for the owner's writes."""
+        conn: sqlite3.Connection | None = None
+        try:
+            while not self._stop.wait(CHECKPOINT_INTERVAL):
+                try:
+                    if conn is None:
+                        conn = sqlite3.connect(str(self.path), isolation_level=None)
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                except sqlite3.Error as exc:
+                    self._warn_once(
+                        f"keyrotor storage: cannot checkpoint {self.path}: {exc}; retrying "
+                        f"every {CHECKPOINT_INTERVAL:g}s",
+                        kind="checkpoint",
+                    )
+        finally:
+            if conn is not None:
+                conn.close()
 
     def _warn_once(self, message: str, kind: str | None = None) -> None:
         """Log ``message`` unless one of its ``kind`` (default: itself) was logged."""

@@ -341,7 +341,10 @@ def test_a_failing_state_file_is_reported_and_the_proxy_keeps_serving(
 
     from keyrotor.adapters.proxy.runtime import open_store
 
+    writers: set[str] = set()
+
     def broken(*args: Any) -> None:
+        writers.add(threading.current_thread().name)
         raise sqlite3.OperationalError("database or disk is full")
 
     log: list[dict[str, Any]] = []
@@ -369,3 +372,5 @@ def test_a_failing_state_file_is_reported_and_the_proxy_keeps_serving(
             eventually(lambda: http.get("/status").json()["storage"]["ok"] is True, "a flush")
     logged = [r["message"] for r in log if r.get("event") == "storage"]
     assert len([m for m in logged if "disk is full" in m]) == 1  # once, not per flush
+    # The proxy's event loop flushes (no writer thread contending for the GIL).
+    assert writers and "keyrotor-storage" not in writers and not store.flush_in_thread

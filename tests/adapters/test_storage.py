@@ -205,6 +205,81 @@ def test_the_writer_thread_flushes_on_its_own(
     other.close()
 
 
+def test_an_owner_that_flushes_commits_and_the_thread_only_checkpoints(
+    tmp_path: pathlib.Path, opened: Callable[..., StateStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    checkpoints = threading.Semaphore(0)  # released by each checkpoint the thread runs
+    connect = sqlite3.connect
+
+    def watched(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        conn = connect(*args, **kwargs)
+        if threading.current_thread().name == "keyrotor-storage":
+            conn.set_trace_callback(
+                lambda sql: checkpoints.release() if "checkpoint" in sql else None
+            )
+        return conn
+
+    monkeypatch.setattr(storage, "CHECKPOINT_INTERVAL", 0.01)
+    monkeypatch.setattr(storage.sqlite3, "connect", watched)
+    store = opened(tmp_path / "state.db", flush_in_thread=False, flush_interval=0.01)
+    assert store._conn is not None
+    assert store._conn.execute("PRAGMA wal_autocheckpoint").fetchone() == (0,)  # not at commit
+    store.record_spend("a", cost=1.0)
+    for _ in range(3):  # three times the flush interval: the thread checkpoints, never flushes
+        assert checkpoints.acquire(timeout=30), "the thread did not checkpoint"
+    assert store.health()["last_flush"] is None
+    other = sqlite3.connect(store.path)
+    assert other.execute("SELECT requests, cost FROM ledger").fetchall() == []
+    assert store.flush_nowait() is True
+    assert other.execute("SELECT requests, cost FROM ledger").fetchall() == [(1, 1.0)]
+    other.close()
+    assert checkpoints.acquire(timeout=30)
+
+
+def test_flush_nowait_waits_neither_for_an_admin_call_nor_for_another_process(
+    tmp_path: pathlib.Path, opened: Callable[..., StateStore]
+) -> None:
+    store = opened(tmp_path / "state.db", flush_in_thread=False, busy_timeout=30.0)
+    conn = store._conn
+    assert conn is not None
+    store.record_spend("a")
+    held, release = threading.Event(), threading.Event()
+
+    def admin_call() -> None:  # as /admin/keys does, in a worker thread
+        with store._db_lock:
+            held.set()
+            release.wait(30)
+
+    admin = threading.Thread(target=admin_call)
+    admin.start()
+    assert held.wait(30)
+    try:  # a flush that waited would get the file after the call's 30 s, and write
+        assert store.flush_nowait() is None
+        assert store.health()["last_flush"] is None
+    finally:
+        release.set()
+        admin.join(30)
+    # Another process holds SQLite's write lock: it fails at once (busy_timeout 0
+    # for the flush, the file's 30 s after it), keeping the batch for the next one.
+    statements: list[str] = []
+    conn.set_trace_callback(statements.append)
+    other = sqlite3.connect(store.path, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        assert store.flush_nowait() is False
+        assert "database is locked" in store.health()["last_error"]
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    conn.set_trace_callback(None)
+    begin = statements.index("BEGIN IMMEDIATE")
+    assert "PRAGMA busy_timeout = 0" in statements[:begin]
+    assert statements[-1] == "PRAGMA busy_timeout = 30000"
+    assert conn.execute("PRAGMA busy_timeout").fetchone() == (30000,)
+    assert store.flush_nowait() is True
+    assert [row.requests for row in store.load().ledger] == [1]
+
+
 def test_the_file_is_in_wal_mode_with_normal_sync(
     tmp_path: pathlib.Path, opened: Callable[..., StateStore]
 ) -> None:

@@ -58,7 +58,8 @@ _KEPT = frozenset({KeyState.DEPLETED, KeyState.FAILED, KeyState.DISABLED, *_COOL
 
 
 def open_store(config: ProxyConfig, log: Log) -> StateStore | None:
-    """The state file of ``config`` (None with ``--no-state``). Raises
+    """The state file of ``config`` (None with ``--no-state``), flushed by
+    ``open_app``'s event loop (``flush_in_thread=False``). Raises
     ``StorageError`` when it cannot be used."""
     if config.state_path is None:
         return None
@@ -69,7 +70,16 @@ def open_store(config: ProxyConfig, log: Log) -> StateStore | None:
         secret_key=config.secret_key,
         flush_interval=config.state_flush,
         log=lambda message: log({"event": "storage", "message": message}),
+        flush_in_thread=False,
     )
+
+
+async def _flush_every(store: StateStore, interval: float) -> None:
+    """Commit the state file's records every ``interval`` from the event loop:
+    no writer thread contending with the request path for the GIL."""
+    while True:
+        await anyio.sleep(interval)
+        store.flush_nowait()
 
 
 @attrs.frozen
@@ -381,6 +391,8 @@ async def open_app(
                     if router is not None:
                         tasks.start_soon(router.run)
                     tasks.start_soon(views.run)
+                    if store is not None and not store.flush_in_thread:
+                        tasks.start_soon(_flush_every, store, config.state_flush)
                     if shared is not None:
                         tasks.start_soon(shared.run)
                     yield app
