@@ -38,7 +38,7 @@ Durability. Every flush is one transaction and WAL keeps the file consistent
 whatever happens, so a ``kill -9`` (or a crash) loses at most the records of
 the last ``flush_interval`` plus the flush running at that moment (about
 100 ms of state changes and spend by default; more only if a saturated
-machine starves the writer thread) and never corrupts the file.
+machine starves the thread that flushes) and never corrupts the file.
 ``close()`` flushes everything. A power loss can also lose the last
 transactions (see ``synchronous=NORMAL`` below), never consistency.
 
@@ -383,9 +383,9 @@ def _private(path: Path, log: Callable[[str], None]) -> None:
 class StateStore:
     """The state file, open. Build with ``StateStore.open``; ``close()`` when done.
 
-    One connection, used under one lock by the writer thread and by admin
-    calls (so they never race each other for SQLite's lock); the hot path only
-    takes a short lock on the in-memory batch.
+    One connection, used under one lock by whoever flushes (the writer thread,
+    or the owner) and by admin calls (so they never race each other for
+    SQLite's lock); the hot path only takes a short lock on the in-memory batch.
     """
 
     def __init__(
