@@ -477,6 +477,8 @@ class StateStore:
             raise _open_error(path, exc) from None
         try:
             cipher, fingerprint_key, recent, since = _setup(conn, path, secret_key, wall_clock)
+            if not flush_in_thread:
+                conn.execute("PRAGMA wal_autocheckpoint = 0")  # the thread's job (_checkpoints)
             salt = bytes.fromhex(_read_meta(conn, path)["salt"])  # type: ignore[index]
         except sqlite3.Error as exc:
             conn.close()
@@ -501,8 +503,6 @@ class StateStore:
             busy_timeout=busy_timeout,
             flush_in_thread=flush_in_thread,
         )
-        if not flush_in_thread:
-            conn.execute("PRAGMA wal_autocheckpoint = 0")  # the thread's job (_checkpoints)
         store._lock_fd, store._salt = lock, salt
         store._writer.start()
         return store
@@ -1016,16 +1016,18 @@ class StateStore:
         (the batch is kept, as for any failed write)."""
         if not self._db_lock.acquire(blocking=False):
             return None
-        conn = self._conn
         try:
-            if conn is not None:
-                with contextlib.suppress(sqlite3.Error):  # else the write fails, reported there
-                    conn.execute("PRAGMA busy_timeout = 0")
-            return self._flush()
-        finally:
-            if conn is not None:
+            conn = self._conn
+            if conn is None or not (self._pending or self._unsaved):
+                return self._flush()  # closed, or nothing to write: no statement
+            with contextlib.suppress(sqlite3.Error):  # else the write fails, reported there
+                conn.execute("PRAGMA busy_timeout = 0")
+            try:
+                return self._flush()
+            finally:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute(f"PRAGMA busy_timeout = {self._busy_ms:d}")
+        finally:
             self._db_lock.release()
 
     def _flush(self) -> bool:

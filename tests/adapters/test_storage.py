@@ -278,6 +278,10 @@ def test_flush_nowait_waits_neither_for_an_admin_call_nor_for_another_process(
     assert conn.execute("PRAGMA busy_timeout").fetchone() == (30000,)
     assert store.flush_nowait() is True
     assert [row.requests for row in store.load().ledger] == [1]
+    statements.clear()  # nothing pending: not a statement
+    conn.set_trace_callback(statements.append)
+    assert store.flush_nowait() is True and statements == []
+    conn.set_trace_callback(None)
 
 
 def test_the_file_is_in_wal_mode_with_normal_sync(
