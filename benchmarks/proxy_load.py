@@ -659,6 +659,7 @@ def start_keyrotor(
     keys: int = len(FAKE_KEYS),
     python_gc: bool = False,
     python: str = sys.executable,
+    flush_in: str | None = None,
 ) -> tuple[Child, Endpoint]:
     """The proxy with its state file in a fresh temporary directory (``state``),
     or ``--no-state``; with ``route``, a config file holding ``ROUTE_CONFIG``;
@@ -670,13 +671,16 @@ def start_keyrotor(
     its server and of its upstream pool (``[server]`` and ``[http] parser``);
     ``keys``: a pool of that many fake keys (``[[keys]]`` tables) instead of 4;
     ``python_gc``: ``[server] gc_threshold = 0`` (Python's own collector settings);
-    ``python``: the interpreter that runs it (a venv with this tree installed)."""
+    ``python``: the interpreter that runs it (a venv with this tree installed);
+    ``flush_in``: ``[state] flush_in`` (None: not written, the default)."""
     env = _child_env({"OPENROUTER_KEYS": ",".join(FAKE_KEYS)})
     base = [python, "-m", "keyrotor.cli", "serve", "--host", LOOPBACK]
     if shared is not None:
         base += ["--workers", str(workers), "--shared", shared]
     folder = Path(stack.enter_context(tempfile.TemporaryDirectory()))
     config = f'[server]\nparser = "{parser}"\n'
+    if flush_in is not None:  # an older proxy knows no flush_in: only when asked
+        config = f'[state]\nflush_in = "{flush_in}"\n' + config
     if python_gc:  # an older proxy knows no gc_threshold: only when asked
         config += "gc_threshold = 0\n"
     config += f'[http]\nparser = "{parser}"\n'  # [http] last

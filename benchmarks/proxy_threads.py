@@ -8,6 +8,7 @@ Run it in a tree (a ``git worktree``) to measure that revision; alternate two
 trees by hand for a comparison::
 
     python -m benchmarks.proxy_threads --keys 10000 --rounds 2          # state file on
+    python -m benchmarks.proxy_threads --keys 10000 --flush-in thread   # its writer thread
     python -m benchmarks.proxy_threads --keys 4 --no-state
 """
 
@@ -42,12 +43,17 @@ def main() -> int:
     parser.add_argument("--no-state", action="store_true", help="no state file")
     parser.add_argument("--duration", type=float, default=8.0, help="seconds a round (8)")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument(
+        "--flush-in", choices=("loop", "thread"), help="[state] flush_in (default: not set)"
+    )
     args = parser.parse_args()
     print("| round | rps | µs of CPU a request | event loop's thread | other threads |")
     print("|---:|---:|---:|---:|---:|")
     with ExitStack() as stack:
         _, url = load.start_upstream(stack)
-        proxy, endpoint = load.start_keyrotor(stack, url, not args.no_state, keys=args.keys)
+        proxy, endpoint = load.start_keyrotor(
+            stack, url, not args.no_state, keys=args.keys, flush_in=args.flush_in
+        )
         pid = proxy.proc.pid
         spec = load.RequestSpec.build(endpoint, streaming=False)
         for round_ in range(args.rounds + 1):  # round 0 warms up

@@ -74,6 +74,8 @@ _ZERO_ALLOWED: Final = ("grace_period", "gc_threshold")  # 0: no grace; Python's
 _GC_ZERO: Final = ", or 0 for Python's own settings"
 
 LOG_FORMATS = ("json", "text")
+STATE_FLUSH_IN = ("loop", "thread")
+"""``[state] flush_in``: who commits the state file's batch (docs/operations.md)."""
 
 # Kinds of values: what TOML type an option takes.
 _INT = "an integer"
@@ -108,9 +110,11 @@ _TABLES = (
     "alerts",
 )
 _AUTH_KINDS = {"admin_token": _STR, "client_tokens": _STRS, "token_ttl": _FLOAT}
-_STATE_KINDS = {"enabled": _BOOL, "path": _STR, "flush_interval": _FLOAT}
+_STATE_KINDS = {"enabled": _BOOL, "path": _STR, "flush_interval": _FLOAT, "flush_in": _STR}
 _AUTH_DEFAULTS: Mapping[str, Any] = MappingProxyType({"token_ttl": 3600.0})
-_STATE_DEFAULTS: Mapping[str, Any] = MappingProxyType({"enabled": True, "flush_interval": 0.1})
+_STATE_DEFAULTS: Mapping[str, Any] = MappingProxyType(
+    {"enabled": True, "flush_interval": 0.1, "flush_in": "loop"}
+)
 _CATALOG_KINDS = {"enabled": _BOOL, "refresh_interval": _FLOAT, "reject_unknown": _BOOL}
 _CATALOG_DEFAULTS: Mapping[str, Any] = MappingProxyType(
     {"enabled": True, "refresh_interval": 3600.0}
@@ -298,6 +302,9 @@ class ProxyConfig:
         token_ttl: lifetime of the bearer tokens ``POST /auth/token`` issues.
         state_path: the SQLite state file (None: nothing is kept).
         state_flush: seconds between batched writes of state and spend.
+        state_flush_in: ``"loop"``: the event loop commits them (the least
+            CPU); ``"thread"``: a writer thread does, so that a disk that
+            stalls (a network volume) never holds the loop.
         secret_key: ``KEYROTOR_SECRET_KEY``, which encrypts stored secrets.
         record: write a trace of the traffic to this file (docs/replay.md).
         providers: the other upstreams, each with its own keys
@@ -338,6 +345,7 @@ class ProxyConfig:
     token_ttl: float = 3600.0
     state_path: str | None = None
     state_flush: float = 0.1
+    state_flush_in: str = "loop"
     secret_key: str | None = None
     record: str | None = None
     catalog_refresh: float | None = 3600.0
@@ -364,6 +372,7 @@ class ProxyConfig:
             f"admin_token={'set' if self.admin_token else None}, "
             f"client_tokens={len(self.client_tokens)}, token_ttl={self.token_ttl!r}, "
             f"state_path={self.state_path!r}, state_flush={self.state_flush!r}, "
+            f"state_flush_in={self.state_flush_in!r}, "
             f"secret_key={'set' if self.secret_key else None}, record={self.record!r}, "
             f"catalog_refresh={self.catalog_refresh!r}, providers={list(self.providers)!r}, "
             f"clients={sorted(self.client_names.values())!r}, budgets={list(self.budgets)!r}, "
@@ -487,6 +496,8 @@ class _Loader:
         for name in self.names("state", tables, given, _STATE_KINDS):
             for source, raw, coerce in self.layers(tables["state"], given["state"], name):
                 state[name] = self.check(raw, _STATE_KINDS[name], f"[state] {name}", source, coerce)
+                if name == "flush_in":
+                    self.check_choice(state[name], STATE_FLUSH_IN, "[state] flush_in", source)
         catalog = dict(_CATALOG_DEFAULTS)
         for name in self.names("catalog", tables, given, _CATALOG_KINDS):
             for source, raw, coerce in self.layers(tables["catalog"], given["catalog"], name):
@@ -603,6 +614,7 @@ class _Loader:
             token_ttl=auth["token_ttl"],
             state_path=state_path,
             state_flush=state["flush_interval"],
+            state_flush_in=state["flush_in"],
             secret_key=secret_key_from_env(self.environ),
             record=top.get("record"),
             catalog_refresh=catalog["refresh_interval"] if catalog["enabled"] else None,

@@ -334,8 +334,9 @@ def test_tokens_compare_in_constant_time_and_issued_ones_expire() -> None:
     assert not Auth().admin_enabled and Auth().open and not auth.open
 
 
+@pytest.mark.parametrize("flush_in", ["loop", "thread"])
 def test_a_failing_state_file_is_reported_and_the_proxy_keeps_serving(
-    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, flush_in: str
 ) -> None:
     import sqlite3
 
@@ -349,7 +350,12 @@ def test_a_failing_state_file_is_reported_and_the_proxy_keeps_serving(
 
     log: list[dict[str, Any]] = []
     with FakeUpstream.running_in_thread(scenario()) as upstream:
-        config = make_config(upstream.url, state_path=str(tmp_path / "state.db"), state_flush=0.05)
+        config = make_config(
+            upstream.url,
+            state_path=str(tmp_path / "state.db"),
+            state_flush=0.05,
+            state_flush_in=flush_in,
+        )
         store = open_store(config, log.append)
         assert store is not None
         monkeypatch.setattr(store, "_write_batch", broken)
@@ -372,5 +378,9 @@ def test_a_failing_state_file_is_reported_and_the_proxy_keeps_serving(
             eventually(lambda: http.get("/status").json()["storage"]["ok"] is True, "a flush")
     logged = [r["message"] for r in log if r.get("event") == "storage"]
     assert len([m for m in logged if "disk is full" in m]) == 1  # once, not per flush
-    # The proxy's event loop flushes (no writer thread contending for the GIL).
-    assert writers and "keyrotor-storage" not in writers and not store.flush_in_thread
+    # By default the proxy's event loop flushes (no writer thread contending for
+    # the GIL); with flush_in = "thread", the store's own thread does.
+    if flush_in == "loop":
+        assert writers and "keyrotor-storage" not in writers and not store.flush_in_thread
+    else:
+        assert writers == {"keyrotor-storage"} and store.flush_in_thread

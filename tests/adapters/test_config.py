@@ -132,6 +132,7 @@ token_ttl = 600
 [state]
 path = "state/keyrotor.db"
 flush_interval = 0.5
+flush_in = "thread"
 
 [[keys]]
 alias = "main"
@@ -163,6 +164,10 @@ def test_full_file_lands_every_option_where_it_belongs() -> None:
         600.0,
     )
     assert (config.state_path, config.state_flush) == ("state/keyrotor.db", 0.5)
+    assert (config.state_flush_in, load("", {"OPENROUTER_KEYS": S1}).state_flush_in) == (
+        "thread",
+        "loop",  # the default
+    )
     assert config.server == {
         "host": "0.0.0.0",
         "port": 9001,
@@ -385,6 +390,12 @@ def test_state_defaults_to_the_users_data_directory_and_can_be_turned_off() -> N
         ("[auth]\ntoken_ttl = 0", {}, "token_ttl must be more than zero"),
         ("[state]\nflush_interval = -1", {}, "flush_interval must be more than zero"),
         ("[state]\nfile = 'x'", {}, "unknown option \\[state\\] file"),
+        (
+            '[state]\nflush_in = "threads"',
+            {},
+            "\\[state\\] flush_in must be one of loop, thread, got 'threads'; did you mean "
+            'thread\\?; fix: set \\[state\\] flush_in = "loop"',
+        ),
         ('[server]\nparser = "fast"', {}, 'unknown HTTP parser .fast.: choose "auto"'),
         ('[http]\nparser = "llhttp"', {}, 'unknown HTTP parser .llhttp.: choose "auto"'),
         ("[http]\nparser = 1", {}, "must be a string"),
@@ -1093,10 +1104,10 @@ def test_the_docs_example_and_tables_name_every_option() -> None:
     assert set(data["http"]) == HTTP_FIELDS
     assert set(data["pool"]) == POOL_FIELDS
     assert set().union(*data["keys"]) == KEY_FIELDS | {"alias", "secret_env"}
-    assert set(data["state"]) == {"enabled", "flush_interval"}  # path: commented out
+    assert set(data["state"]) == {"enabled", "flush_interval", "flush_in"}  # path: commented out
     documented = set(re.findall(r"^\| `(\w+)` \|", DOC.read_text("utf-8"), re.M))
     everything = set(SERVER_DEFAULTS) | HTTP_FIELDS | POOL_FIELDS | KEY_FIELDS
-    everything |= {"admin_token", "client_tokens", "token_ttl", "enabled", "path"}
+    everything |= {"admin_token", "client_tokens", "token_ttl", "enabled", "path", "flush_in"}
     assert (
         everything | {"upstream", "routing_note", "log_format", "record", "alias", "secret"}
         <= documented

@@ -59,8 +59,8 @@ _KEPT = frozenset({KeyState.DEPLETED, KeyState.FAILED, KeyState.DISABLED, *_COOL
 
 def open_store(config: ProxyConfig, log: Log) -> StateStore | None:
     """The state file of ``config`` (None with ``--no-state``), flushed by
-    ``open_app``'s event loop (``flush_in_thread=False``). Raises
-    ``StorageError`` when it cannot be used."""
+    ``open_app``'s event loop, or by its own thread (``[state] flush_in``).
+    Raises ``StorageError`` when it cannot be used."""
     if config.state_path is None:
         return None
     from ..storage import StateStore
@@ -70,7 +70,7 @@ def open_store(config: ProxyConfig, log: Log) -> StateStore | None:
         secret_key=config.secret_key,
         flush_interval=config.state_flush,
         log=lambda message: log({"event": "storage", "message": message}),
-        flush_in_thread=False,
+        flush_in_thread=config.state_flush_in == "thread",
     )
 
 
