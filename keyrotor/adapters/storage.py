@@ -1024,6 +1024,9 @@ class StateStore:
                 conn.execute("PRAGMA busy_timeout = 0")
             try:
                 return self._flush()
+            except Exception as exc:  # a bug here must not reach the owner's event loop
+                self._fail(exc)
+                return False
             finally:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute(f"PRAGMA busy_timeout = {self._busy_ms:d}")

@@ -278,6 +278,11 @@ def test_flush_nowait_waits_neither_for_an_admin_call_nor_for_another_process(
     assert conn.execute("PRAGMA busy_timeout").fetchone() == (30000,)
     assert store.flush_nowait() is True
     assert [row.requests for row in store.load().ledger] == [1]
+    store.record_spend("a")
+    with pytest.MonkeyPatch.context() as patch:  # a bug after the write: reported, not raised
+        patch.setattr(store, "_succeeded", lambda: 1 / 0)
+        assert store.flush_nowait() is False
+    assert "ZeroDivisionError" in store.health()["last_error"]
     statements.clear()  # nothing pending: not a statement
     conn.set_trace_callback(statements.append)
     assert store.flush_nowait() is True and statements == []
