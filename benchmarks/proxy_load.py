@@ -797,10 +797,11 @@ def start_litellm(
 # --------------------------------------------------------------------------- /proc
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (0.0 if it is gone)."""
+def cpu_seconds(pid: int, thread: int | None = None) -> float:
+    """utime + stime of a process, or of one of its threads (0.0 if it is gone)."""
+    path = f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat"
     try:
-        with open(f"/proc/{pid}/stat") as f:
+        with open(path) as f:
             fields = f.read().rsplit(")", 1)[1].split()
     except OSError:
         return 0.0

@@ -25,16 +25,10 @@ from . import proxy_load as load
 
 
 def thread_cpu(pid: int) -> dict[int, float]:
-    """Thread id -> CPU seconds (user + system) of each thread of ``pid``."""
-    seconds = {}
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:  # the thread ended meanwhile
-            continue
-        seconds[int(tid)] = (int(fields[11]) + int(fields[12])) / load.CLK_TCK
-    return seconds
+    """Thread id -> CPU seconds (user + system) of each thread of ``pid``
+    (a thread that ended meanwhile, read as 0.0, is left out)."""
+    seconds = {int(tid): load.cpu_seconds(pid, int(tid)) for tid in os.listdir(f"/proc/{pid}/task")}
+    return {tid: used for tid, used in seconds.items() if used > 0}
 
 
 def main() -> int:
