@@ -1119,8 +1119,9 @@ class StateStore:
         try:
             while not self._stop.wait(CHECKPOINT_INTERVAL):
                 try:
-                    if conn is None:
-                        conn = sqlite3.connect(str(self.path), isolation_level=None)
+                    if conn is None:  # mode=rw: never create a file that has gone
+                        uri = f"{self.path.as_uri()}?mode=rw"
+                        conn = sqlite3.connect(uri, uri=True, isolation_level=None)
                     conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
                 except sqlite3.Error as exc:
                     self._warn_once(

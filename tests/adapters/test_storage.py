@@ -236,6 +236,36 @@ def test_an_owner_that_flushes_commits_and_the_thread_only_checkpoints(
     assert checkpoints.acquire(timeout=30)
 
 
+def test_the_checkpoint_thread_never_creates_a_state_file_that_has_gone(
+    tmp_path: pathlib.Path,
+    opened: Callable[..., StateStore],
+    logs: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    gone = threading.Event()
+    connect = sqlite3.connect
+
+    def after_removal(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        if threading.current_thread().name == "keyrotor-storage":
+            assert gone.wait(30)  # the thread connects only once the file is removed
+        return connect(*args, **kwargs)
+
+    monkeypatch.setattr(storage, "CHECKPOINT_INTERVAL", 0.01)
+    monkeypatch.setattr(storage.sqlite3, "connect", after_removal)
+    path = tmp_path / "state.db"
+    store = opened(path, flush_in_thread=False)
+    for leftover in tmp_path.iterdir():  # removed under the running proxy, its WAL too
+        leftover.unlink()
+    gone.set()
+    deadline = time.monotonic() + 30
+    while not any("cannot checkpoint" in line for line in logs) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert any("cannot checkpoint" in line for line in logs)
+    assert not path.exists()  # not an empty file a restart would take for a new one
+    store.record_spend("a")
+    assert store.flush_nowait() is True  # the open connection goes on as before
+
+
 def test_flush_nowait_waits_neither_for_an_admin_call_nor_for_another_process(
     tmp_path: pathlib.Path, opened: Callable[..., StateStore]
 ) -> None:
