@@ -62,11 +62,11 @@ def main() -> int:
                 raise load.BenchError(f"round {round_}: {result.error_count} errors")
             used = {tid: after[tid] - before.get(tid, 0.0) for tid in after}
             main_thread = used.pop(pid, 0.0)
+            others = sum(used.values())
             per = 1e6 / result.ok
-            total = (main_thread + sum(used.values())) * per
             print(
-                f"| {round_} | {result.rps:,.0f} | {total:.0f} | {main_thread * per:.0f} "
-                f"| {sum(used.values()) * per:.1f} |"
+                f"| {round_} | {result.rps:,.0f} | {(main_thread + others) * per:.0f} "
+                f"| {main_thread * per:.0f} | {others * per:.1f} |"
             )
     return 0
 
