@@ -30,12 +30,14 @@ import argparse
 import asyncio
 import importlib.util
 import itertools
+import json
 import select
 import socket
 import statistics
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
+from functools import partial
 from typing import Any, cast
 from urllib.parse import urlsplit
 
@@ -46,6 +48,7 @@ from . import proxy_load as load
 
 KEYS = tuple(f"sk-or-v1-fake-floor-{i}".encode() for i in range(4))
 RUNTIMES = ("trio", "asyncio", "uvloop")
+RUNGS = ("server", "client")  # keyrotor's server or its client in the trio floor
 _RECEIVE = 65536
 
 
@@ -201,6 +204,115 @@ async def _trio_serve(listener: socket.socket, address: tuple[str, int], base: b
             nursery.start_soon(_trio_connection, caller, address, base, keys)
 
 
+# --------------------------------------------------------------------------- rungs
+
+
+async def _server_rung(address: tuple[str, int], base: bytes) -> None:
+    """keyrotor's proxy server (its reader and worker tasks, timeouts, codec, access
+    log) in front of the floor's upstream half (an app that forwards as the floor does)."""
+    from keyrotor.adapters.proxy.server import ServerOptions, serve
+    from keyrotor.adapters.proxy.types import Request, Response
+
+    host = b"%s:%d" % (address[0].encode(), address[1])
+    keys = itertools.cycle(KEYS)
+    idle: list[socket.socket] = []
+
+    async def app(request: Request) -> Response:
+        upstream = idle.pop() if idle else await _trio_connect(address)
+        path = base + request.target.removeprefix("/v1").encode()
+        body = request.body
+        await _trio_send(upstream, _upstream_head(path, host, next(keys), len(body)) + body)
+        answer = _Message()
+        parser = httptools.HttpResponseParser(answer)
+        while not answer.headers_done:
+            data = await _trio_receive(upstream)
+            if not data:
+                raise OSError("the upstream closed")
+            parser.feed_data(data)
+        headers = [("content-type", answer.content_type.decode())]
+        status = parser.get_status_code()
+        if b"event-stream" not in answer.content_type:
+            while not answer.done:
+                parser.feed_data(await _trio_receive(upstream))
+            idle.append(upstream)
+            return Response(status=status, headers=headers, body=b"".join(answer.body))
+
+        async def chunks() -> Any:
+            while True:
+                while answer.body:
+                    yield answer.body.pop(0)
+                if answer.done:
+                    idle.append(upstream)
+                    return
+                parser.feed_data(await _trio_receive(upstream))
+
+        return Response(status=status, headers=headers, body=chunks())
+
+    options = ServerOptions(host=load.LOOPBACK, port=0)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(partial(serve, app, options, log=_access_log))
+        print(f"http://{load.LOOPBACK}:{port}", flush=True)
+
+
+def _access_log(line: dict[str, Any]) -> None:
+    """The server's log as ``keyrotor serve`` writes it: one JSON line on stderr."""
+    sys.stderr.write(json.dumps(line) + "\n")
+
+
+async def _client_rung(listener: socket.socket, url: str) -> None:
+    """The floor's caller half, with keyrotor's async client (driver, core, pool,
+    exchange steps) sending upstream."""
+    from keyrotor.transports.trio import Client
+
+    aliases = {f"k{i}": key.decode() for i, key in enumerate(KEYS)}
+    headers = {"content-type": "application/json"}
+    async with Client(aliases, base_url=url) as client:
+
+        async def connection(caller: socket.socket) -> None:
+            request = _Message()
+            parser = httptools.HttpRequestParser(request)
+            try:
+                while True:
+                    while not request.done:
+                        data = await _trio_receive(caller)
+                        if not data:
+                            return
+                        parser.feed_data(data)
+                    body = b"".join(request.body)
+                    path = request.url.removeprefix(b"/v1").decode()
+                    request.__init__()  # type: ignore[misc]
+                    answer = await client.send("POST", path, content=body, headers=headers)
+                    try:
+                        content_type = answer.headers.get("content-type", "").encode()
+                        if b"event-stream" not in content_type:
+                            out = await answer.aread()
+                            await _trio_send(
+                                caller, _json_answer(answer.status_code, content_type, out)
+                            )
+                            continue
+                        await _trio_send(caller, _stream_head(answer.status_code, content_type))
+                        async for piece in answer.aiter_bytes():
+                            await _trio_send(caller, _chunk(piece))
+                        await _trio_send(caller, b"0\r\n\r\n")
+                    finally:
+                        await answer.aclose()
+            except OSError:
+                return
+            finally:
+                caller.close()
+
+        async with trio.open_nursery() as nursery:
+            while True:
+                await trio.lowlevel.wait_readable(listener)
+                try:
+                    caller, _ = listener.accept()
+                except BlockingIOError:
+                    continue
+                caller.setblocking(False)
+                caller.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                nursery.start_soon(connection, caller)
+
+
 # --------------------------------------------------------------------------- asyncio
 
 
@@ -321,6 +433,9 @@ def serve(runtime: str, upstream: str) -> None:
         raise SystemExit(f"error: the upstream must be http://{load.LOOPBACK}:PORT/...")
     address = (parts.hostname, parts.port)
     base = (parts.path.rstrip("/")).encode()
+    if runtime == "server":
+        trio.run(_server_rung, address, base)  # it binds, and prints its URL
+        return
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind((load.LOOPBACK, 0))
@@ -329,6 +444,8 @@ def serve(runtime: str, upstream: str) -> None:
     print(f"http://{load.LOOPBACK}:{listener.getsockname()[1]}", flush=True)
     if runtime == "trio":
         trio.run(_trio_serve, listener, address, base)
+    elif runtime == "client":
+        trio.run(_client_rung, listener, upstream)
     elif runtime == "uvloop":
         import uvloop  # type: ignore[import-not-found]
 
@@ -337,18 +454,21 @@ def serve(runtime: str, upstream: str) -> None:
         asyncio.run(_asyncio_serve(listener, address, base))
 
 
+def label(floor: str) -> str:
+    """A floor's name in the report."""
+    return f"trio floor + keyrotor's {floor}" if floor in RUNGS else f"{floor} floor"
+
+
 def start_floor(stack: ExitStack, runtime: str, upstream: str) -> tuple[load.Child, load.Endpoint]:
     cmd = [sys.executable, "-m", "benchmarks.proxy_floor", "serve"]
     cmd += ["--runtime", runtime, "--upstream", upstream]
-    floor = stack.enter_context(
-        load.child(f"{runtime} floor", cmd, load._child_env({}), stdout=True)
-    )
+    floor = stack.enter_context(load.child(label(runtime), cmd, load._child_env({}), stdout=True))
     stdout = floor.proc.stdout
     assert stdout is not None
     ready, _, _ = select.select([stdout], [], [], load.STARTUP_TIMEOUT)
     line = stdout.readline().decode().strip() if ready else ""
     if not line:
-        raise load.BenchError(f"the {runtime} floor did not start:\n{floor.log_tail()}")
+        raise load.BenchError(f"the {label(runtime)} did not start:\n{floor.log_tail()}")
     return floor, load.Endpoint.parse(line + "/v1/chat/completions")
 
 
@@ -359,7 +479,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command")
     child = sub.add_parser("serve", help="run one floor forwarder (started by the benchmark)")
-    child.add_argument("--runtime", choices=RUNTIMES, required=True)
+    child.add_argument("--runtime", choices=RUNTIMES + RUNGS, required=True)
     child.add_argument("--upstream", required=True)
     parser.add_argument("--duration", type=float, default=5.0, help="seconds a run (5)")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds (2)")
@@ -367,7 +487,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--keys", type=int, default=4, help="keyrotor's fake keys (4)")
     parser.add_argument("--no-state", action="store_true", help="keyrotor without state file")
     parser.add_argument(
-        "--runtime", action="append", choices=RUNTIMES, help="floors to run (default: all)"
+        "--runtime",
+        action="append",
+        choices=RUNTIMES + RUNGS,
+        help="floors to run (default: all); server, client: keyrotor's in the trio floor",
     )
     return parser
 
@@ -377,7 +500,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "serve":
         serve(args.runtime, args.upstream)
         return 0
-    runtimes = args.runtime or list(RUNTIMES)
+    runtimes = args.runtime or list(RUNTIMES + RUNGS)
     if "uvloop" in runtimes and importlib.util.find_spec("uvloop") is None:
         print("uvloop is not installed: its floor is skipped", file=sys.stderr)
         runtimes.remove("uvloop")
@@ -401,7 +524,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         targets.append(load.Target("keyrotor", endpoint, proxy.pid))
         for runtime in runtimes:
             floor, endpoint = start_floor(stack, runtime, url)
-            targets.append(load.Target(f"{runtime} floor", endpoint, floor.pid))
+            targets.append(load.Target(label(runtime), endpoint, floor.pid))
         for target in targets:
             load.warm_up(target, options)
         for rnd in range(1, args.rounds + 1):
