@@ -7,8 +7,11 @@ stdout, then the line that starts the proxy in front of it with the scenario's
 fake keys (``OPENROUTER_KEYS=... keyrotor serve --upstream URL``), then serves
 until SIGINT or SIGTERM. It binds to loopback only. The scenario's keys
 (aliases and behaviours) go to stderr; the ``demo`` secrets are the fake
-values of ``keyrotor.testing.DEMO_KEYS``. Bad input (a busy port, a host that
-is not loopback) is one line on stderr and exit status 2.
+values of ``keyrotor.testing.DEMO_KEYS``. With ``--certfile`` and ``--keyfile``
+it serves HTTPS (the URL is ``https://``, the printed line trusts the
+certificate through ``SSL_CERT_FILE``; ``keyrotor.testing.certificates`` makes a
+self-signed one). Bad input (a busy port, a host that is not loopback, half a
+certificate) is one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import errno
 import signal
+import ssl
 import sys
 from collections.abc import Sequence
 
@@ -30,15 +34,17 @@ PROG = "python -m keyrotor.testing.fake_upstream"
 _OPEN_KEYS = ("sk-or-v1-fake-open-1", "sk-or-v1-fake-open-2")  # any key works on `open`
 
 
-def serve_command(scenario: Scenario, url: str) -> str:
+def serve_command(scenario: Scenario, url: str, certfile: str | None = None) -> str:
     """The shell line that runs ``keyrotor serve`` in front of the fake upstream
     at ``url``, with the scenario's (fake) keys; where any key works (``open``,
-    ``faulty``), two healthy ones are added."""
+    ``faulty``), two healthy ones are added. ``certfile``: the HTTPS upstream's
+    self-signed certificate, which the proxy then trusts (``SSL_CERT_FILE``)."""
     listed = list(scenario.keys)
     if scenario.unknown is not None:
         listed = [*_OPEN_KEYS, *listed]
     keys = ",".join(listed)
-    return f"OPENROUTER_KEYS={keys} keyrotor serve --upstream {url}"
+    trust = "" if certfile is None else f"SSL_CERT_FILE={certfile} "
+    return f"{trust}OPENROUTER_KEYS={keys} keyrotor serve --upstream {url}"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -65,14 +71,38 @@ def _parser() -> argparse.ArgumentParser:
         choices=["default", "realistic"],
         help="the /models catalog: 4 models, or realistic_models() (320)",
     )
+    parser.add_argument(
+        "--certfile",
+        help="serve HTTPS with this PEM certificate (chain); needs --keyfile (the URL is https)",
+    )
+    parser.add_argument("--keyfile", help="the PEM private key of --certfile")
     return parser
+
+
+def _tls(certfile: str | None, keyfile: str | None) -> ssl.SSLContext | None:
+    """The server context of ``--certfile``/``--keyfile`` (None: plain HTTP);
+    ``ValueError`` with the problem and its fix."""
+    if certfile is None and keyfile is None:
+        return None
+    if certfile is None or keyfile is None:
+        raise ValueError("--certfile and --keyfile go together; fix: give both, or neither")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(certfile, keyfile)
+    except (OSError, ssl.SSLError) as exc:
+        problem = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ValueError(
+            f"cannot load --certfile {certfile!r} with --keyfile {keyfile!r}: {problem}; "
+            "fix: a PEM certificate and its matching unencrypted PEM key"
+        ) from None
+    return context
 
 
 def _build(name: str, keys: int) -> Scenario:
     return Scenario.healthy(keys) if name == "healthy" else scenario(name)
 
 
-async def _serve(server: FakeUpstream, name: str) -> None:
+async def _serve(server: FakeUpstream, name: str, certfile: str | None) -> None:
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with server.serve():
             print(server.url, flush=True)
@@ -88,7 +118,7 @@ async def _serve(server: FakeUpstream, name: str) -> None:
                 file=sys.stderr,
                 flush=True,
             )
-            print(serve_command(sc, server.url), flush=True)
+            print(serve_command(sc, server.url, certfile), flush=True)
             async for signum in signals:
                 print(f"fake upstream: {signal.Signals(signum).name}, stopping", file=sys.stderr)
                 break
@@ -103,17 +133,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.keys < 1:
         parser.error(f"--keys must be at least 1, got {args.keys}")
     try:
+        context = _tls(args.certfile, args.keyfile)
+    except ValueError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 2
+    try:
         built = _build(args.scenario, args.keys)
         if args.catalog == "realistic":
             from .catalogs import realistic_models
 
             built.models = realistic_models()
-        server = FakeUpstream(built, host=args.host, port=args.port)
+        server = FakeUpstream(built, host=args.host, port=args.port, ssl_context=context)
     except ValueError as exc:
         print(f"{PROG}: {exc}; fix: use --host 127.0.0.1", file=sys.stderr)
         return 2
     try:
-        anyio.run(_serve, server, args.scenario, backend=args.backend)
+        anyio.run(_serve, server, args.scenario, args.certfile, backend=args.backend)
     except (OSError, BaseExceptionGroup) as exc:
         error = _sole(exc)
         if not isinstance(error, OSError):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
+import ssl
 import zlib
 from collections import deque
 from collections.abc import AsyncIterator, Iterator, Mapping
@@ -26,6 +27,7 @@ import anyio
 import anyio.abc
 import h11
 from anyio.abc import SocketAttribute, SocketListener
+from anyio.streams.tls import TLSStream
 from attrs import field, frozen
 
 from ..upstream.behaviours import (
@@ -339,6 +341,8 @@ class FakeUpstream:
     and ``log`` (``LogEntry`` tuples, oldest first, at most ``log_limit``).
     ``clock`` (seconds since the epoch) drives rate-limit windows and
     ``X-RateLimit-Reset``; latency behaviours sleep on the event loop.
+    ``ssl_context`` (a server context with its certificate loaded): HTTPS,
+    and ``url`` starts with ``https://`` (as OpenRouter's does).
     """
 
     def __init__(
@@ -350,12 +354,14 @@ class FakeUpstream:
         port: int = 0,
         log_limit: int | None = 100_000,
         max_body_size: int = 8 * 1024 * 1024,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self._scenario = scenario if scenario is not None else Scenario.healthy()
         self.clock = clock
         self.host = _loopback_host(host)
         self._requested_port = port
         self.max_body_size = max_body_size
+        self.ssl_context = ssl_context
         self.log: deque[LogEntry] = deque(maxlen=log_limit)
         self._counters: dict[str | None, _Counters] = {}
         self._totals = _Totals()
@@ -395,9 +401,10 @@ class FakeUpstream:
 
     @property
     def origin(self) -> str:
-        """``http://127.0.0.1:PORT`` (no path)."""
+        """``http://127.0.0.1:PORT`` (no path; ``https://`` with ``ssl_context``)."""
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        scheme = "http" if self.ssl_context is None else "https"
+        return f"{scheme}://{host}:{self.port}"
 
     @property
     def url(self) -> str:
@@ -559,6 +566,11 @@ class FakeUpstream:
         totals.open_connections += 1
         conn = h11.Connection(h11.SERVER)
         try:
+            if self.ssl_context is not None:
+                context = self.ssl_context
+                stream = await TLSStream.wrap(
+                    stream, server_side=True, ssl_context=context, standard_compatible=False
+                )
             while True:
                 try:
                     event = await self._next_event(conn, stream)

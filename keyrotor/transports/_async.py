@@ -354,7 +354,7 @@ class AsyncClient(ClientBase):
             finally:
                 await response.aclose()
         except TRANSPORT_ERRORS as exc:
-            raise TransportError(f"GET {path}: no answer ({failure_reason(exc)})") from exc
+            raise TransportError(f"GET {path}: no answer ({failure_reason(exc)}: {exc})") from exc
         return Response(response.status, decode_headers(response.headers), body, "", 1)
 
     # ------------------------------------------------------------ chat API

@@ -143,6 +143,23 @@ _IO_ERRORS: Final = (OSError, anyio.BrokenResourceError, anyio.ClosedResourceErr
 _CONNECT_ERRORS: Final = (*_IO_ERRORS, anyio.EndOfStream)
 _RETRYABLE: Final = (WriteError, ReadError, RemoteProtocolError)
 
+
+def _connect_failure(host: str, port: int, exc: BaseException) -> str:
+    """What ``ConnectError`` says: an untrusted TLS certificate by name, with its fix
+    (anyio may wrap the ``ssl`` error, so the chain is searched)."""
+    error: BaseException | None = exc
+    for _ in range(5):
+        if isinstance(error, ssl.SSLCertVerificationError):
+            return (
+                f"the TLS certificate of {host}:{port} is not trusted ({error.verify_message}); "
+                "fix: check the upstream URL, or trust its CA with SSL_CERT_FILE=PATH (a PEM file)"
+            )
+        if error is None:
+            break
+        error = error.__cause__ or error.__context__
+    return f"cannot connect to {host}:{port}: {exc!r}"
+
+
 # --------------------------------------------------------------------------- options
 
 
@@ -683,7 +700,7 @@ class ConnectionPool:
                     else:
                         stream = await anyio.connect_tcp(host, port)
                 except _CONNECT_ERRORS as exc:
-                    raise ConnectError(f"cannot connect to {host}:{port}: {exc!r}") from exc
+                    raise ConnectError(_connect_failure(host, port, exc)) from exc
             if stream is None:
                 raise ConnectTimeout(
                     f"connecting to {host}:{port} took more than {self._options.connect} s"

@@ -29,6 +29,7 @@ from keyrotor.testing import (
     Scenario,
     SlowStream,
 )
+from keyrotor.testing.certificates import openssl_available, self_signed, server_context
 
 from .proxy_thread import ProxyThread
 
@@ -256,3 +257,60 @@ def test_client_leaving_mid_stream_cancels_the_upstream_request(proxy_url: Any) 
     assert status["stats"]["inFlight"] == 0
     assert upstream.stats("ok2").disconnects == 1  # the upstream request was cancelled
     assert upstream.stats("ok2").in_flight == 0
+
+
+def test_keyrotor_serve_on_an_https_upstream_trusted_through_ssl_cert_file(tmp_path: Any) -> None:
+    """An upstream whose certificate the system does not trust (a private CA, a
+    self-signed gateway): trusted through ``SSL_CERT_FILE``; without it, the
+    catalog's log line says which certificate and how to trust it."""
+    if not openssl_available():
+        pytest.skip("HTTPS needs the openssl command to make a certificate")
+    cert, key = self_signed(tmp_path)
+    context = server_context(cert, key)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+    with FakeUpstream.running_in_thread(
+        scenario(), clock=fake_clock(), ssl_context=context
+    ) as upstream:
+        assert upstream.url.startswith("https://")
+        for trusted in (True, False):
+            env = {
+                **{
+                    k: v
+                    for k, v in os.environ.items()
+                    if k not in ("SSL_CERT_FILE", "SSL_CERT_DIR")
+                },
+                "OPENROUTER_KEYS": SECRETS["ok1"],
+                "XDG_DATA_HOME": str(tmp_path / str(trusted)),
+            }
+            if trusted:
+                env["SSL_CERT_FILE"] = str(cert)
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "keyrotor.cli", "serve", "--port", "0", "--no-state",
+                 "--upstream", upstream.url],
+                env=env,
+                stderr=subprocess.PIPE,
+                text=True,
+            )  # fmt: skip
+            try:
+                assert proc.stderr is not None
+                lines = [json.loads(proc.stderr.readline()) for _ in range(3)]
+                url = next(line["url"] for line in lines if line.get("event") == "listening")
+                catalog = next(line for line in lines if line.get("event") == "catalog")
+                reply = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=10)
+                streamed = httpx.post(
+                    f"{url}/v1/chat/completions", json={**body, "stream": True}, timeout=10
+                )
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=20)
+                if proc.stderr is not None:
+                    proc.stderr.close()
+            if trusted:
+                assert catalog["outcome"] == "refreshed" and catalog["models"] == 4, catalog
+                assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] > 0
+                assert streamed.status_code == 200 and "data: [DONE]" in streamed.text
+            else:
+                assert catalog["outcome"] == "failed"
+                assert "is not trusted (self-signed certificate)" in catalog["error"]
+                assert "SSL_CERT_FILE" in catalog["error"]
+                assert reply.status_code == 502 and streamed.status_code == 502

@@ -13,6 +13,7 @@ import os
 import selectors
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -53,6 +54,7 @@ from keyrotor.testing import (
     healthy_secret,
     scenario,
 )
+from keyrotor.testing.certificates import openssl_available, self_signed, server_context
 from keyrotor.upstream.behaviours import Call
 
 REPO = Path(__file__).resolve().parents[2]
@@ -957,3 +959,96 @@ def test_the_faulty_scenario_mixes_four_faults_into_an_open_pool() -> None:
         line = serve_command(scenario("faulty"), server.url)
     assert limited == [200] * 5 + [429]
     assert "sk-or-v1-fake-open-1" in line and FAULTY_KEYS["hanging"] in line
+
+
+# --------------------------------------------------------------------------- HTTPS
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    if not openssl_available():
+        pytest.skip("HTTPS needs the openssl command to make a certificate")
+    return self_signed(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.mark.anyio
+async def test_https_with_a_self_signed_certificate(certificate: tuple[Path, Path]) -> None:
+    cert, key = certificate
+    server = FakeUpstream(one_key(Ok()), ssl_context=server_context(cert, key))
+    trusting = ssl.create_default_context(cafile=str(cert))
+    async with server.serve():
+        assert server.url == f"https://127.0.0.1:{server.port}/api/v1"
+        async with httpx.AsyncClient(base_url=server.url, verify=trusting, timeout=5) as client:
+            answer = await chat(client)
+            streamed = await chat(client, stream=True)
+        assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 8
+        assert streamed.status_code == 200 and sse_events(streamed.text)[-1] == "[DONE]"
+        # A client that does not trust the certificate gets no answer, and the
+        # server goes on serving (the failed handshake is a disconnect, not a bug).
+        async with httpx.AsyncClient(base_url=server.url, timeout=5) as untrusting:
+            with pytest.raises(httpx.ConnectError) as caught:
+                await chat(untrusting)
+        chain: list[BaseException] = []
+        error: BaseException | None = caught.value
+        while error is not None and len(chain) < 10:
+            chain.append(error)
+            error = error.__cause__ or error.__context__
+        assert any(isinstance(e, ssl.SSLCertVerificationError) for e in chain), chain
+        plain = await raw_exchange(server.port, raw_post("/api/v1/chat/completions", b"{}"))
+        assert not plain.startswith(b"HTTP/")  # no HTTP answer in the clear
+        async with httpx.AsyncClient(base_url=server.url, verify=trusting, timeout=5) as client:
+            assert (await chat(client)).status_code == 200
+    assert server.errors == []
+    assert server.totals().disconnects >= 2  # the untrusting client, the plain one
+
+
+def test_command_line_serves_https_and_refuses_half_a_certificate(
+    certificate: tuple[Path, Path], tmp_path: Path
+) -> None:
+    cert, key = certificate
+    base = [sys.executable, "-m", "keyrotor.testing.fake_upstream", "--port", "0"]
+
+    def refused(*extra: str) -> str:
+        done = subprocess.run([*base, *extra], capture_output=True, text=True, timeout=60, cwd=REPO)
+        assert done.returncode == 2 and done.stdout == ""
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+        return done.stderr
+
+    assert "--certfile and --keyfile go together" in refused("--certfile", str(cert))
+    assert "--certfile and --keyfile go together" in refused("--keyfile", str(key))
+    missing = refused("--certfile", str(tmp_path / "nope.pem"), "--keyfile", str(key))
+    assert "cannot load --certfile" in missing and "No such file" in missing
+    mismatched = tmp_path / "other"
+    mismatched.mkdir()
+    _, other_key = self_signed(mismatched)
+    assert "fix: a PEM certificate and its matching" in refused(
+        "--certfile", str(cert), "--keyfile", str(other_key)
+    )
+
+    proc = subprocess.Popen(
+        [*base, "--scenario", "open", "--certfile", str(cert), "--keyfile", str(key)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        cwd=REPO,
+    )
+    try:
+        assert proc.stdout is not None
+        with selectors.DefaultSelector() as sel:
+            sel.register(proc.stdout, selectors.EVENT_READ)
+            assert sel.select(timeout=10), "the CLI printed no URL within 10 s"
+        url = proc.stdout.readline().decode().strip()
+        assert url.startswith("https://127.0.0.1:") and url.endswith("/api/v1")
+        command = proc.stdout.readline().decode()
+        assert command.startswith(f"SSL_CERT_FILE={cert} OPENROUTER_KEYS=")
+        trusting = ssl.create_default_context(cafile=str(cert))
+        with httpx.Client(base_url=url, verify=trusting, timeout=5) as client:
+            reply = client.post("/chat/completions", json=CHAT, headers=auth(SECRET))
+        assert reply.status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()

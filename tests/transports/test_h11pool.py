@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 import ssl
-import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
@@ -34,6 +32,7 @@ from keyrotor.testing import (
     SlowStream,
     Truncate,
 )
+from keyrotor.testing.certificates import openssl_available, self_signed
 from keyrotor.transports import codec as http_codec
 from keyrotor.transports._h11pool import (
     ConnectError,
@@ -782,21 +781,9 @@ def test_tls_context_default_verifies_and_a_given_one_is_used_as_is() -> None:
 @pytest.fixture(scope="module")
 def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A self-signed certificate for 127.0.0.1 and localhost (``openssl`` command)."""
-    openssl = shutil.which("openssl")
-    if openssl is None:
+    if not openssl_available():
         pytest.skip("TLS round trip needs the openssl command to make a certificate")
-    directory = tmp_path_factory.mktemp("tls")
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    options = (
-        "req -x509 -nodes -days 1 -subj /CN=localhost -newkey ec"
-        " -pkeyopt ec_paramgen_curve:prime256v1 -addext subjectAltName=IP:127.0.0.1,DNS:localhost"
-    )
-    subprocess.run(
-        [openssl, *options.split(), "-keyout", str(key), "-out", str(cert)],
-        check=True,
-        capture_output=True,
-    )
-    return cert, key
+    return self_signed(tmp_path_factory.mktemp("tls"))
 
 
 @pytest.mark.anyio
@@ -817,4 +804,9 @@ async def test_tls_round_trip_and_verification(certificate: tuple[Path, Path]) -
             with pytest.raises(ConnectError) as caught:
                 await pool.request(b"GET", server.url + "/", [], read_timeout=5.0)
             assert isinstance(caught.value.__cause__, ssl.SSLCertVerificationError)
+            assert str(caught.value) == (
+                f"the TLS certificate of 127.0.0.1:{server.port} is not trusted (self-signed "
+                "certificate); fix: check the upstream URL, or trust its CA with "
+                "SSL_CERT_FILE=PATH (a PEM file)"
+            )
             assert_quiet(pool, open_=0)
