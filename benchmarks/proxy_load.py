@@ -38,6 +38,10 @@ body read to ``data: [DONE]``) requests. A request counts as ok when the status 
 200 and the body is complete; anything else (status, truncated stream, reset,
 timeout after 10 s) is an error, counted by kind.
 
+``--tls`` also starts a second fake upstream that serves HTTPS (a self-signed
+certificate made with the ``openssl`` command) and the proxy in front of it,
+trusting it through ``SSL_CERT_FILE``: the TLS work OpenRouter's upstream costs.
+
 ``--python PATH`` (repeatable) also starts the proxy on another interpreter (a
 venv with this tree installed), side by side with this one. ``--gc both`` also
 starts each proxy with ``[server] gc_threshold = 0`` (Python's own garbage
@@ -538,10 +542,14 @@ def child(name: str, cmd: list[str], env: dict[str, str], *, stdout: bool) -> It
 
 
 def start_upstream(
-    stack: ExitStack, catalog: str = "default", scenario: str = "open"
+    stack: ExitStack,
+    catalog: str = "default",
+    scenario: str = "open",
+    tls: tuple[Path, Path] | None = None,
 ) -> tuple[Child, str]:
     """The fake upstream: ``open`` (any key is healthy), or ``faulty`` (the same,
-    plus ``FAULTY_KEYS``: revoked, out of credits, rate limited, hanging)."""
+    plus ``FAULTY_KEYS``: revoked, out of credits, rate limited, hanging);
+    ``tls``: (certificate, key) to serve HTTPS with."""
     cmd = [
         sys.executable,
         "-m",
@@ -555,6 +563,8 @@ def start_upstream(
     ]
     if catalog != "default":  # an older fake upstream knows no --catalog
         cmd += ["--catalog", catalog]
+    if tls is not None:
+        cmd += ["--certfile", str(tls[0]), "--keyfile", str(tls[1])]
     upstream = stack.enter_context(child("fake upstream", cmd, _child_env({}), stdout=True))
     stdout = upstream.proc.stdout
     assert stdout is not None
@@ -562,7 +572,7 @@ def start_upstream(
     line = stdout.readline().decode().strip() if ready else ""
     if not line:
         raise BenchError(f"the fake upstream did not start:\n{upstream.log_tail()}")
-    Endpoint.parse(line)  # loopback check
+    Endpoint.parse(line.replace("https://", "http://", 1))  # loopback check
     return upstream, line.rstrip("/")
 
 
@@ -660,6 +670,7 @@ def start_keyrotor(
     python_gc: bool = False,
     python: str = sys.executable,
     flush_in: str | None = None,
+    ca_file: Path | None = None,
 ) -> tuple[Child, Endpoint]:
     """The proxy with its state file in a fresh temporary directory (``state``),
     or ``--no-state``; with ``route``, a config file holding ``ROUTE_CONFIG``;
@@ -672,7 +683,8 @@ def start_keyrotor(
     ``keys``: a pool of that many fake keys (``[[keys]]`` tables) instead of 4;
     ``python_gc``: ``[server] gc_threshold = 0`` (Python's own collector settings);
     ``python``: the interpreter that runs it (a venv with this tree installed);
-    ``flush_in``: ``[state] flush_in`` (None: not written, the default)."""
+    ``flush_in``: ``[state] flush_in`` (None: not written, the default);
+    ``ca_file``: the certificate an HTTPS upstream is trusted by (``SSL_CERT_FILE``)."""
     env = _child_env({"OPENROUTER_KEYS": ",".join(FAKE_KEYS)})
     base = [python, "-m", "keyrotor.cli", "serve", "--host", LOOPBACK]
     if shared is not None:
@@ -704,6 +716,8 @@ def start_keyrotor(
     if keys != len(FAKE_KEYS):
         env = _child_env({})
         config += fake_keys_config(keys)
+    if ca_file is not None:
+        env["SSL_CERT_FILE"] = str(ca_file)
     (folder / "keyrotor.toml").write_text(config)
     base += ["--config", str(folder / "keyrotor.toml")]
     if state:
@@ -1284,6 +1298,13 @@ def _parser() -> argparse.ArgumentParser:
         choices=["default", "realistic"],
         help="the fake upstream's /models: 4 models, or 320 (the proxy loads it at start)",
     )
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="also the proxy in front of a second fake upstream that serves HTTPS (as "
+        "OpenRouter does; a self-signed certificate made with the openssl command, trusted "
+        "through SSL_CERT_FILE), side by side with the plain-HTTP one",
+    )
     return parser
 
 
@@ -1321,6 +1342,8 @@ def _command(args: argparse.Namespace) -> str:
         parts.append(f"--gc {args.gc}")
     if args.faults:
         parts.append("--faults")
+    if args.tls:
+        parts.append("--tls")
     if args.peer:
         parts.append(f"--peer {args.peer}")
     if args.limited:
@@ -1372,6 +1395,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         baseline = "upstream alone"
         targets = [Target(baseline, Endpoint.parse(upstream_url + "/chat/completions"), None)]
         proxies: list[tuple[Target, Child]] = []
+        pids_extra: dict[str, int] = {}  # other upstreams' CPU, reported too
         if not args.upstream_only:
             parser = "auto" if args.parser == "both" else args.parser
             states = {"file": (True,), "none": (False,), "both": (True, False)}[args.state]
@@ -1405,6 +1429,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                 name += ", Python's gc" if python_gc else ""
                 print(f"{name}: pid {many_keys.pid} at {endpoint.url}", file=sys.stderr, flush=True)
                 proxies.append((Target(name, endpoint, many_keys.pid), many_keys))
+            if args.tls:  # the same proxy in front of an HTTPS upstream, its own process
+                from keyrotor.testing.certificates import self_signed
+
+                folder = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+                try:
+                    cert, key = self_signed(folder)
+                except RuntimeError as exc:
+                    raise BenchError(f"--tls: {exc}") from None
+                secure, secure_url = start_upstream(stack, args.catalog, tls=(cert, key))
+                pids_extra["upstream (HTTPS)"] = secure.pid
+                tls_proxy, endpoint = start_keyrotor(stack, secure_url, True, ca_file=cert)
+                name = "through keyrotor, HTTPS upstream"
+                print(f"{name}: pid {tls_proxy.pid} at {endpoint.url}", file=sys.stderr, flush=True)
+                proxies.append((Target(name, endpoint, tls_proxy.pid), tls_proxy))
             for python in args.python:  # the same proxy on another interpreter
                 other, endpoint = start_keyrotor(stack, upstream_url, True, python=python)
                 name = f"through keyrotor, Python {python_version(python)}"
@@ -1447,7 +1485,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                     print(f"{name}: pid {lmany.pid} at {lendpoint.url}", file=sys.stderr)
                     proxies.append((Target(name, lendpoint, None), lmany))
         targets += [t for t, _ in proxies]
-        pids = {"upstream": upstream.pid, **{t.name: t.pid for t, _ in proxies if t.pid}}
+        pids = {
+            "upstream": upstream.pid,
+            **pids_extra,
+            **{t.name: t.pid for t, _ in proxies if t.pid},
+        }
 
         for target in targets:
             warm_up(target, options)
