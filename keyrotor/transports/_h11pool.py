@@ -64,6 +64,7 @@ from urllib.parse import urlsplit
 
 import anyio
 import anyio.abc
+import sniffio
 from anyio.abc import SocketAttribute
 from attrs import Attribute, field, frozen
 
@@ -372,6 +373,7 @@ class ConnectionPool:
         self._idle: deque[_Connection] = deque()  # oldest first
         self._waiters: deque[_Waiter] = deque()
         self._ssl_context = self._options.ssl_context
+        self._direct: bool | None = None  # trio's sockets directly (_direct.py), once known
         self._closed = False
         self._shares: dict[object, _Share] = {}  # tags holding or waiting for slots
         self._codec = http_codec.codecs(self._options.parser)[1]
@@ -688,7 +690,14 @@ class ConnectionPool:
         try:
             with anyio.move_on_after(self._options.connect):
                 try:
-                    if scheme == "https":
+                    if self._direct is None:
+                        self._direct = sniffio.current_async_library() == "trio"
+                    if self._direct:  # trio: the socket itself, trio only waits on it
+                        from . import _direct  # imports trio: not for asyncio's users
+
+                        context = self._tls() if scheme == "https" else None
+                        stream = await _direct.connect(host, port, context, host)
+                    elif scheme == "https":
                         stream = await anyio.connect_tcp(
                             host,
                             port,

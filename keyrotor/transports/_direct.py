@@ -1,0 +1,143 @@
+"""The connection pool's sockets under trio: plain non-blocking sockets (and ``ssl``
+sockets over them) that trio only waits on.
+
+anyio's streams under trio go through trio's ``SocketStream``, which makes every
+send and receive a pass through the scheduler even when the kernel had the bytes
+(or the room for them) at once, and its TLS stream runs OpenSSL through memory
+buffers pumped by Python code on every read and write. Here a read or a write goes
+straight to the socket (for ``https``, an ``ssl.SSLSocket`` in non-blocking mode:
+OpenSSL reads and writes the socket itself), and trio is asked to wait
+(``trio.lowlevel.wait_readable`` / ``wait_writable``, its public low-level API)
+only when the kernel or OpenSSL says it would block. Every wait is a checkpoint,
+so the pool's cancel scopes and deadlines work as they do on anyio's streams.
+The proxy's server does the same on its side (``adapters/proxy/sockets.py``);
+docs/benchmarks.md, "The hot path", has the figures.
+
+``DirectStream`` is an anyio byte stream with what the pool uses of one:
+``send``, ``receive`` (``anyio.EndOfStream`` at EOF), ``aclose`` and the raw
+socket as an extra attribute (for the pool's check of idle connections). Errors are the socket's own
+``OSError`` (``ssl.SSLError`` is one); a socket closed while a task waits on it
+gives that task ``trio.ClosedResourceError`` (``anyio.ClosedResourceError``).
+TCP connections are opened by anyio (name resolution, happy eyeballs), then
+taken over; asyncio keeps anyio's streams throughout.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+from collections.abc import Callable, Mapping
+from contextlib import suppress
+from typing import Any
+
+import anyio
+import anyio.abc
+import trio
+from anyio.abc import SocketAttribute
+
+__all__ = ["DirectStream", "connect"]
+
+
+class DirectStream(anyio.abc.ByteStream):
+    """One client connection, plain or TLS, on a non-blocking socket."""
+
+    __slots__ = ("_sent", "sock")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._sent = False  # a request went out: its answer cannot be there yet
+
+    async def send(self, data: bytes) -> None:
+        """Send all of ``data``, waiting for room (or for OpenSSL) as needed."""
+        sock = self.sock
+        view = memoryview(data)
+        sent = 0
+        while sent < len(data):
+            try:
+                sent += sock.send(view[sent:])
+            except (BlockingIOError, ssl.SSLWantWriteError):
+                await trio.lowlevel.wait_writable(sock)
+            except ssl.SSLWantReadError:
+                await trio.lowlevel.wait_readable(sock)
+        self._sent = True
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        """Up to ``max_bytes`` bytes, waiting for some if none are there;
+        ``anyio.EndOfStream`` once the server closed the connection."""
+        sock = self.sock
+        if self._sent:  # the answer to what was just sent: wait, sparing a failed read
+            self._sent = False
+            await trio.lowlevel.wait_readable(sock)
+        while True:
+            try:
+                data = sock.recv(max_bytes)
+            except (BlockingIOError, ssl.SSLWantReadError):
+                await trio.lowlevel.wait_readable(sock)
+                continue
+            except ssl.SSLWantWriteError:
+                await trio.lowlevel.wait_writable(sock)
+                continue
+            if not data:
+                raise anyio.EndOfStream
+            return data
+
+    async def send_eof(self) -> None:
+        """Not used by the pool (it never half-closes a connection)."""
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        """Close at once (no TLS close_notify: the pool never needs one)."""
+        close(self.sock)
+
+    @property
+    def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
+        """The raw socket (``SocketAttribute.raw_socket``), for the pool's check of
+        idle connections."""
+        return {SocketAttribute.raw_socket: lambda: self.sock}
+
+
+def close(sock: socket.socket) -> None:
+    """Close ``sock``; a task waiting on it gets ``ClosedResourceError``. Idempotent."""
+    if sock.fileno() != -1:
+        trio.lowlevel.notify_closing(sock)
+    sock.close()
+
+
+async def connect(
+    host: str, port: int, context: ssl.SSLContext | None, server_hostname: str
+) -> DirectStream:
+    """A TCP connection opened by anyio, taken over as a non-blocking socket, with
+    the TLS handshake done on it if ``context`` is given. Errors as anyio's
+    ``connect_tcp`` raises them (``OSError``; ``ssl.SSLError`` for the handshake)."""
+    opened = await anyio.connect_tcp(host, port)
+    try:
+        raw: socket.socket = opened.extra(SocketAttribute.raw_socket)
+        sock = socket.socket(raw.family, raw.type, raw.proto, os.dup(raw.fileno()))
+    finally:
+        with anyio.CancelScope(shield=True), suppress(Exception):
+            await opened.aclose()
+    try:
+        sock.setblocking(False)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if context is not None:
+            sock = context.wrap_socket(
+                sock, server_hostname=server_hostname, do_handshake_on_connect=False
+            )
+            await _handshake(sock)
+    except BaseException:
+        close(sock)
+        raise
+    return DirectStream(sock)
+
+
+async def _handshake(sock: ssl.SSLSocket) -> None:
+    while True:
+        try:
+            sock.do_handshake()
+            return
+        except ssl.SSLWantReadError:
+            await trio.lowlevel.wait_readable(sock)
+        except ssl.SSLWantWriteError:
+            await trio.lowlevel.wait_writable(sock)
