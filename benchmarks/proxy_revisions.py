@@ -5,11 +5,12 @@ in a tree (a ``git worktree`` of a revision: the proxy it starts imports that
 tree's ``keyrotor``), and the figure kept is the closed loop's CPU of the proxy
 per request (its CPU % over its rps), JSON and SSE. ``--state file`` keeps the
 proxy's state file; ``--keys N`` measures the proxy with a pool of N keys
-(``proxy_load --keys N --no-stream``: JSON only, and its p99). Run:
+(``proxy_load --keys N --no-stream``: JSON only, and its p99); ``--tls`` the
+proxy in front of an HTTPS upstream (``proxy_load --tls``, its state file on). Run:
 
     git worktree add /tmp/before HEAD~1 && git worktree add /tmp/after HEAD
     python -m benchmarks.proxy_revisions /tmp/before /tmp/after --rounds 3 \
-        [--state file] [--keys 10000]
+        [--state file] [--keys 10000] [--tls]
 """
 
 from __future__ import annotations
@@ -20,9 +21,12 @@ import subprocess
 import sys
 
 
-def cpu_per_request(tree: str, state: str = "none", keys: int = 0) -> dict[str, float]:
+def cpu_per_request(
+    tree: str, state: str = "none", keys: int = 0, tls: bool = False
+) -> dict[str, float]:
     """body -> µs of proxy CPU per request in one proxy_load run in ``tree``
-    (with ``keys``: "json" and "p99", ms, of the proxy with that many keys)."""
+    (with ``keys``: "json" and "p99", ms, of the proxy with that many keys;
+    with ``tls``: of the proxy in front of the HTTPS upstream)."""
     command = [sys.executable, "-m", "benchmarks.proxy_load", "--duration", "5", "--rounds", "1",
                "--state", state]  # fmt: skip
     name = "through keyrotor" + ("" if state == "file" else " --no-state")
@@ -31,6 +35,10 @@ def cpu_per_request(tree: str, state: str = "none", keys: int = 0) -> dict[str, 
         command += ["--keys", str(keys), "--no-stream"]
         name = f"through keyrotor, {keys:,} keys" + ("" if state == "file" else " --no-state")
         column = 3  # after the 4-key proxy's
+    if tls:
+        command.append("--tls")
+        name = "through keyrotor, HTTPS upstream"
+        column = 4  # after the HTTPS upstream's and the plain proxy's
     out = subprocess.run(command, cwd=tree, capture_output=True, text=True, check=True).stdout
     found = {}
     for line in out.splitlines():
@@ -49,11 +57,12 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--state", choices=("none", "file"), default="none")
     parser.add_argument("--keys", type=int, default=0, metavar="N")
+    parser.add_argument("--tls", action="store_true", help="the proxy on an HTTPS upstream")
     args = parser.parse_args()
     runs: dict[str, list[dict[str, float]]] = {tree: [] for tree in args.trees}
     for rnd in range(args.rounds):
         for tree in args.trees:
-            runs[tree].append(cpu_per_request(tree, args.state, args.keys))
+            runs[tree].append(cpu_per_request(tree, args.state, args.keys, args.tls))
             print(f"round {rnd + 1}: {tree}: {runs[tree][-1]}", file=sys.stderr, flush=True)
     print("| tree | body | µs of proxy CPU per request, each run | median |")
     print("|---|---|---|---:|")

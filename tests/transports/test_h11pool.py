@@ -34,6 +34,7 @@ from keyrotor.testing import (
 )
 from keyrotor.testing.certificates import openssl_available, self_signed
 from keyrotor.transports import codec as http_codec
+from keyrotor.transports._direct import DirectStream
 from keyrotor.transports._h11pool import (
     ConnectError,
     ConnectionPool,
@@ -810,3 +811,45 @@ async def test_tls_round_trip_and_verification(certificate: tuple[Path, Path]) -
                 "SSL_CERT_FILE=PATH (a PEM file)"
             )
             assert_quiet(pool, open_=0)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("tls", [False, True], ids=["http", "https"])
+async def test_large_bodies_both_ways_on_the_sockets_of_each_backend(
+    certificate: tuple[Path, Path], tls: bool, anyio_backend: str
+) -> None:
+    """Megabytes each way, so that sends wait for room and reads span many TLS
+    records; under trio the pool holds the sockets itself (``_direct``), under
+    asyncio anyio's streams. The body comes back whole, in order, and the
+    connection serves the next request."""
+    upload = bytes(range(256)) * 4096  # 1 MiB
+    answer = bytes(reversed(range(256))) * 8192  # 2 MiB
+
+    async def echo_size(stream: anyio.abc.ByteStream, server: RawServer) -> None:
+        buffer = bytearray()
+        while True:
+            head = await read_head(stream, buffer)  # reads the body too
+            server.heads.append(head)
+            await stream.send(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(answer))
+            await stream.send(answer)
+
+    cert, key = certificate
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(cert, key)
+    trusting = ssl.create_default_context(cafile=str(cert))
+    async with raw_server(echo_size, server_context if tls else None) as server:
+        async with ConnectionPool(PoolOptions(ssl_context=trusting)) as pool:
+            for _ in range(2):
+                response = await pool.request(
+                    b"POST", server.url + "/", [], upload, read_timeout=10.0
+                )
+                assert response.status == 200
+                assert await response.aread() == answer
+            (conn,) = pool._conns
+            direct = isinstance(conn.stream, DirectStream)
+            assert direct == (anyio_backend == "trio")
+            if direct:
+                assert isinstance(conn.stream.sock, ssl.SSLSocket) == tls
+            assert_quiet(pool, open_=1)
+    assert server.connections == 1
+    assert all(b"content-length: %d" % len(upload) in head for head in server.heads)
