@@ -126,6 +126,20 @@ async def _trio_receive(sock: socket.socket) -> bytes:
             await trio.lowlevel.wait_readable(sock)
 
 
+async def _trio_request(
+    caller: socket.socket, request: _Message, parser: httptools.HttpRequestParser
+) -> tuple[bytes, bytes] | None:
+    """The caller's next request (target, body), or None once it closed."""
+    while not request.done:
+        data = await _trio_receive(caller)
+        if not data:
+            return None
+        parser.feed_data(data)
+    read = request.url, b"".join(request.body)
+    request.__init__()  # type: ignore[misc]
+    return read
+
+
 async def _trio_connect(address: tuple[str, int]) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setblocking(False)
@@ -145,15 +159,9 @@ async def _trio_connection(
     request = _Message()
     parser = httptools.HttpRequestParser(request)
     try:
-        while True:
-            while not request.done:
-                data = await _trio_receive(caller)
-                if not data:
-                    return
-                parser.feed_data(data)
-            body = b"".join(request.body)
-            path = base + request.url.removeprefix(b"/v1")
-            request.__init__()  # type: ignore[misc]
+        while (read := await _trio_request(caller, request, parser)) is not None:
+            url, body = read
+            path = base + url.removeprefix(b"/v1")
             if upstream is None:
                 upstream = await _trio_connect(address)
             await _trio_send(upstream, _upstream_head(path, host, next(keys), len(body)) + body)
@@ -272,15 +280,9 @@ async def _client_rung(listener: socket.socket, url: str) -> None:
             request = _Message()
             parser = httptools.HttpRequestParser(request)
             try:
-                while True:
-                    while not request.done:
-                        data = await _trio_receive(caller)
-                        if not data:
-                            return
-                        parser.feed_data(data)
-                    body = b"".join(request.body)
-                    path = request.url.removeprefix(b"/v1").decode()
-                    request.__init__()  # type: ignore[misc]
+                while (read := await _trio_request(caller, request, parser)) is not None:
+                    url, body = read
+                    path = url.removeprefix(b"/v1").decode()
                     answer = await client.send("POST", path, content=body, headers=headers)
                     try:
                         content_type = answer.headers.get("content-type", "").encode()

@@ -5,8 +5,12 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from pathlib import Path
 
+import pytest
 from hypothesis import settings
+
+from keyrotor.testing.certificates import openssl_available, self_signed
 
 # CI explores the same examples on every run (a red CI must be reproducible);
 # local runs explore new ones each time. Failing examples are kept as tests.
@@ -25,3 +29,12 @@ for _name in ("KEYROTOR_ADMIN_TOKEN", "KEYROTOR_CLIENT_TOKENS", "KEYROTOR_SECRET
 
 def pytest_unconfigure() -> None:
     shutil.rmtree(_DATA_HOME, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A throwaway self-signed certificate for 127.0.0.1 and localhost, and its key
+    (``openssl`` command: .ci/run installs it; without it, HTTPS tests skip)."""
+    if not openssl_available():
+        pytest.skip("HTTPS needs the openssl command to make a certificate")
+    return self_signed(tmp_path_factory.mktemp("tls"))

@@ -29,7 +29,7 @@ from keyrotor.testing import (
     Scenario,
     SlowStream,
 )
-from keyrotor.testing.certificates import openssl_available, self_signed, server_context
+from keyrotor.testing.certificates import server_context
 
 from .proxy_thread import ProxyThread
 
@@ -259,13 +259,13 @@ def test_client_leaving_mid_stream_cancels_the_upstream_request(proxy_url: Any) 
     assert upstream.stats("ok2").in_flight == 0
 
 
-def test_keyrotor_serve_on_an_https_upstream_trusted_through_ssl_cert_file(tmp_path: Any) -> None:
+def test_keyrotor_serve_on_an_https_upstream_trusted_through_ssl_cert_file(
+    tmp_path: Any, certificate: tuple[Any, Any]
+) -> None:
     """An upstream whose certificate the system does not trust (a private CA, a
     self-signed gateway): trusted through ``SSL_CERT_FILE``; without it, the
     catalog's log line says which certificate and how to trust it."""
-    if not openssl_available():
-        pytest.skip("HTTPS needs the openssl command to make a certificate")
-    cert, key = self_signed(tmp_path)
+    cert, key = certificate
     context = server_context(cert, key)
     body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
     with FakeUpstream.running_in_thread(

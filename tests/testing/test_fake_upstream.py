@@ -54,7 +54,7 @@ from keyrotor.testing import (
     healthy_secret,
     scenario,
 )
-from keyrotor.testing.certificates import openssl_available, self_signed, server_context
+from keyrotor.testing.certificates import self_signed, server_context
 from keyrotor.upstream.behaviours import Call
 
 REPO = Path(__file__).resolve().parents[2]
@@ -887,6 +887,15 @@ def test_fake_clock() -> None:
     assert clock() == 200.0
 
 
+def printed_url(proc: subprocess.Popen[bytes]) -> str:
+    """The first line the fake upstream's command prints: its URL."""
+    assert proc.stdout is not None
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        assert sel.select(timeout=10), "the CLI printed no URL within 10 s"
+    return proc.stdout.readline().decode().strip()
+
+
 def test_command_line_serves_the_demo_until_sigterm() -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
@@ -905,11 +914,7 @@ def test_command_line_serves_the_demo_until_sigterm() -> None:
         env=env,
     )
     try:
-        assert proc.stdout is not None
-        with selectors.DefaultSelector() as sel:
-            sel.register(proc.stdout, selectors.EVENT_READ)
-            assert sel.select(timeout=10), "the CLI printed no URL within 10 s"
-        url = proc.stdout.readline().decode().strip()
+        url = printed_url(proc)
         assert url.startswith("http://127.0.0.1:") and url.endswith("/api/v1")
         with httpx.Client(base_url=url, timeout=5) as client:
             healthy = client.post(
@@ -962,13 +967,6 @@ def test_the_faulty_scenario_mixes_four_faults_into_an_open_pool() -> None:
 
 
 # --------------------------------------------------------------------------- HTTPS
-
-
-@pytest.fixture(scope="module")
-def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    if not openssl_available():
-        pytest.skip("HTTPS needs the openssl command to make a certificate")
-    return self_signed(tmp_path_factory.mktemp("tls"))
 
 
 @pytest.mark.anyio
@@ -1032,12 +1030,9 @@ def test_command_line_serves_https_and_refuses_half_a_certificate(
         cwd=REPO,
     )
     try:
-        assert proc.stdout is not None
-        with selectors.DefaultSelector() as sel:
-            sel.register(proc.stdout, selectors.EVENT_READ)
-            assert sel.select(timeout=10), "the CLI printed no URL within 10 s"
-        url = proc.stdout.readline().decode().strip()
+        url = printed_url(proc)
         assert url.startswith("https://127.0.0.1:") and url.endswith("/api/v1")
+        assert proc.stdout is not None
         command = proc.stdout.readline().decode()
         assert command.startswith(f"SSL_CERT_FILE={cert} OPENROUTER_KEYS=")
         trusting = ssl.create_default_context(cafile=str(cert))

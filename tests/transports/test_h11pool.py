@@ -32,7 +32,7 @@ from keyrotor.testing import (
     SlowStream,
     Truncate,
 )
-from keyrotor.testing.certificates import openssl_available, self_signed
+from keyrotor.testing.certificates import server_context
 from keyrotor.transports import codec as http_codec
 from keyrotor.transports._direct import DirectStream
 from keyrotor.transports._h11pool import (
@@ -779,21 +779,12 @@ def test_tls_context_default_verifies_and_a_given_one_is_used_as_is() -> None:
     assert ConnectionPool(PoolOptions(ssl_context=given))._tls() is given
 
 
-@pytest.fixture(scope="module")
-def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.1 and localhost (``openssl`` command)."""
-    if not openssl_available():
-        pytest.skip("TLS round trip needs the openssl command to make a certificate")
-    return self_signed(tmp_path_factory.mktemp("tls"))
-
-
 @pytest.mark.anyio
 async def test_tls_round_trip_and_verification(certificate: tuple[Path, Path]) -> None:
     cert, key = certificate
-    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server_context.load_cert_chain(cert, key)
+    context = server_context(cert, key)
     trusting = ssl.create_default_context(cafile=str(cert))
-    async with raw_server(keep_alive_ok, server_context) as server:
+    async with raw_server(keep_alive_ok, context) as server:
         async with ConnectionPool(PoolOptions(ssl_context=trusting)) as pool:
             for _ in range(3):
                 response = await pool.request(b"GET", server.url + "/", [], read_timeout=5.0)
@@ -834,10 +825,9 @@ async def test_large_bodies_both_ways_on_the_sockets_of_each_backend(
             await stream.send(answer)
 
     cert, key = certificate
-    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server_context.load_cert_chain(cert, key)
+    context = server_context(cert, key)
     trusting = ssl.create_default_context(cafile=str(cert))
-    async with raw_server(echo_size, server_context if tls else None) as server:
+    async with raw_server(echo_size, context if tls else None) as server:
         async with ConnectionPool(PoolOptions(ssl_context=trusting)) as pool:
             for _ in range(2):
                 response = await pool.request(
