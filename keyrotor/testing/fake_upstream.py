@@ -22,9 +22,11 @@ import signal
 import ssl
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import anyio
 
+from .certificates import server_context
 from .scenarios import SCENARIOS, Scenario, scenario
 from .server import FakeUpstream, KeyStats, LogEntry, ServerStats
 
@@ -86,16 +88,14 @@ def _tls(certfile: str | None, keyfile: str | None) -> ssl.SSLContext | None:
         return None
     if certfile is None or keyfile is None:
         raise ValueError("--certfile and --keyfile go together; fix: give both, or neither")
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     try:
-        context.load_cert_chain(certfile, keyfile)
+        return server_context(Path(certfile), Path(keyfile))
     except (OSError, ssl.SSLError) as exc:
         problem = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise ValueError(
             f"cannot load --certfile {certfile!r} with --keyfile {keyfile!r}: {problem}; "
             "fix: a PEM certificate and its matching unencrypted PEM key"
         ) from None
-    return context
 
 
 def _build(name: str, keys: int) -> Scenario:
