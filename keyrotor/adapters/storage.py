@@ -435,6 +435,8 @@ class StateStore:
         self._salt = b""
         self.retention = analytics.Retention()  # of the analytics rows (set by the proxy)
         self._minute_rows: dict[Any, Rollup] = {}  # open minutes' rows as committed (analytics)
+        self._wake: Callable[[], None] | None = None  # ``on_pending``: the owner's flusher
+        self._woken = False  # ``_wake`` was called for the records pending now
 
     # -- opening -----------------------------------------------------------------------------
 
@@ -906,6 +908,7 @@ class StateStore:
             states = self._pending.states
             states.pop(alias, None)
             states[alias] = row
+            self._added()
 
     def record_spend(
         self,
@@ -925,6 +928,7 @@ class StateStore:
             _slot(self._pending.spend, (alias, day)).count(
                 requests, prompt_tokens, completion_tokens, cost
             )
+            self._added()
 
     def record_usage(
         self,
@@ -946,6 +950,7 @@ class StateStore:
                 _slot(self._pending.usage, (scope, name, day)).count(
                     requests, prompt_tokens, completion_tokens, cost
                 )
+            self._added()
 
     def record_answer(
         self,
@@ -969,6 +974,27 @@ class StateStore:
             if slot is None:
                 slot = rollups[where] = Rollup()
             slot.note(status, prompt_tokens, completion_tokens, cost, ttfb_ms, total_ms)
+            self._added()
+
+    def on_pending(self, wake: Callable[[], None] | None) -> None:
+        """Have ``wake()`` called when a record lands while nothing was pending
+        (once until the next flush takes the records; from the recording thread,
+        under the store's lock: it must be quick and must not call the store).
+        An owner that flushes (``flush_in_thread=False``) can then sleep while
+        there is nothing to write, instead of waking every ``flush_interval``."""
+        with self._pending_lock:
+            self._wake = wake
+            self._woken = False
+
+    def pending(self) -> bool:
+        """Whether records wait for a flush (new ones, or a batch a failed flush kept)."""
+        return bool(self._pending or self._unsaved)
+
+    def _added(self) -> None:
+        """A record was added (under ``_pending_lock``): wake the owner's flusher."""
+        if not self._woken and self._wake is not None:
+            self._woken = True
+            self._wake()
 
     def analytics(self, q: analytics.Query, account_of: Callable[[str], str]) -> list[Any]:
         """The rows of an analytics query, committed and pending (reads the file)."""
@@ -1043,6 +1069,7 @@ class StateStore:
             elif self._pending:
                 self._unsaved.merge(self._pending)
                 self._pending = _Batch()
+            self._woken = False  # the next record wakes the flusher again
         batch = self._unsaved
         if not batch:
             return True

@@ -8,9 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
+import trio.testing
 
 from keyrotor.adapters.config import ProxyConfig
-from keyrotor.adapters.proxy.runtime import plan, restore
+from keyrotor.adapters.proxy.runtime import IDLE_LOOK, _flush_every, plan, restore
 from keyrotor.adapters.storage import StateStore, StorageError
 from keyrotor.core import KeySpec, KeyState, PoolConfig
 from keyrotor.transports._driver import Driver
@@ -106,3 +108,39 @@ def test_a_lost_secret_key_is_recovered_by_forgetting_the_stored_keys(tmp_path: 
         loaded = store.load()
         assert loaded.keys == [] and [r.cost for r in loaded.ledger] == [2.0]
         store.add_key("donor", A, {})  # and the key can be stored again
+
+
+@pytest.mark.trio
+async def test_the_flusher_sleeps_while_nothing_is_pending(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """It wakes for a record (and writes it ``interval`` later), not ten times a
+    second for nothing; a record made on another thread, which cannot wake it,
+    is written within ``IDLE_LOOK``."""
+    with StateStore.open(tmp_path / "s.db", secret_key=None, flush_in_thread=False) as store:
+        flushes: list[float] = []
+        flush_nowait = store.flush_nowait
+
+        def counted() -> bool | None:
+            flushes.append(trio.current_time())
+            return flush_nowait()
+
+        store.flush_nowait = counted  # type: ignore[method-assign]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_flush_every, store, 0.1)
+            await trio.sleep(30)  # idle: the old flusher would have run 300 times
+            assert flushes == []
+            start = trio.current_time()
+            store.record_spend("env1", cost=1.0)  # on the loop's thread: wakes it at once
+            await trio.sleep(0.05)
+            assert flushes == [] and store.pending()
+            await trio.sleep(0.1)
+            assert [round(t - start, 3) for t in flushes] == [0.1]
+            assert not store.pending()
+            await trio.to_thread.run_sync(store.record_spend, "env1")
+            start = trio.current_time()
+            await trio.sleep(IDLE_LOOK + 0.2)
+            assert not store.pending() and len(flushes) == 2
+            assert flushes[1] - start <= IDLE_LOOK + 0.1 + 1e-6
+            nursery.cancel_scope.cancel()
+        assert [row.requests for row in store.load().ledger] == [2]

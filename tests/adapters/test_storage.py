@@ -266,6 +266,37 @@ def test_the_checkpoint_thread_never_creates_a_state_file_that_has_gone(
     assert store.flush_nowait() is True  # the open connection goes on as before
 
 
+def test_on_pending_wakes_the_owner_once_a_batch_and_pending_tells_what_waits(
+    tmp_path: pathlib.Path, opened: Callable[..., StateStore]
+) -> None:
+    store = opened(tmp_path / "state.db", flush_in_thread=False)
+    woken: list[int] = []
+    store.on_pending(lambda: woken.append(1))
+    assert not store.pending() and woken == []
+    store.record_state("a", "cooling", None, "429")  # the first record wakes it...
+    store.record_spend("a", cost=0.5)
+    store.record_usage({"client": "c"}, cost=0.5)
+    store.record_answer(1_700_000_000.0, ("a", "", "m", "", ""), 200)
+    assert woken == [1] and store.pending()  # ...the others find it awake
+    assert store.flush_nowait() is True and not store.pending()
+    store.record_answer(1_700_000_000.0, ("a", "", "m", "", ""), 200)
+    assert woken == [1, 1]  # a new batch: woken again
+    conn = store._conn
+    assert conn is not None
+    other = sqlite3.connect(store.path, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        assert store.flush_nowait() is False  # the batch is kept: still pending
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert store.pending()
+    assert store.flush_nowait() is True and not store.pending()
+    store.on_pending(None)
+    store.record_spend("a")
+    assert woken == [1, 1] and store.pending()
+
+
 def test_flush_nowait_waits_neither_for_an_admin_call_nor_for_another_process(
     tmp_path: pathlib.Path, opened: Callable[..., StateStore]
 ) -> None:

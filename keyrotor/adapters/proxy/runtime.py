@@ -17,6 +17,7 @@ from __future__ import annotations
 import calendar
 import contextlib
 import re
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -75,11 +76,33 @@ def open_store(config: ProxyConfig, log: Log) -> StateStore | None:
 
 
 async def _flush_every(store: StateStore, interval: float) -> None:
-    """Commit the state file's records every ``interval`` from the event loop:
-    no writer thread contending with the request path for the GIL."""
-    while True:
-        await anyio.sleep(interval)
-        store.flush_nowait()
+    """Commit the state file's records from the event loop (no writer thread
+    contending with the request path for the GIL), ``interval`` after the first
+    of them. With nothing pending it sleeps until a record comes (an idle proxy
+    does not wake ten times a second for it), or ``IDLE_LOOK`` at most: a record
+    made on another thread cannot wake it, and is written within that."""
+    loop_thread = threading.get_ident()
+    ready = anyio.Event()
+
+    def wake() -> None:  # under the store's lock: must not block
+        if threading.get_ident() == loop_thread:
+            ready.set()
+
+    store.on_pending(wake)
+    try:
+        while True:
+            while not store.pending():
+                with anyio.move_on_after(IDLE_LOOK):
+                    await ready.wait()
+                ready = anyio.Event()
+            await anyio.sleep(interval)
+            store.flush_nowait()
+    finally:
+        store.on_pending(None)
+
+
+IDLE_LOOK = 1.0
+"""Seconds the state file's flusher sleeps at most while nothing is pending."""
 
 
 @attrs.frozen
