@@ -15,9 +15,10 @@ docs/benchmarks.md, "The hot path", has the figures.
 
 ``DirectStream`` is an anyio byte stream with what the pool uses of one:
 ``send``, ``receive`` (``anyio.EndOfStream`` at EOF), ``aclose`` and the raw
-socket as an extra attribute (for the pool's check of idle connections). Errors are the socket's own
-``OSError`` (``ssl.SSLError`` is one); a socket closed while a task waits on it
-gives that task ``trio.ClosedResourceError`` (``anyio.ClosedResourceError``).
+socket as an extra attribute (for the pool's check of idle connections).
+Errors are the socket's own ``OSError`` (``ssl.SSLError`` is one); a socket
+closed while a task waits on it gives that task ``anyio.ClosedResourceError``,
+as anyio's streams do.
 TCP connections are opened by anyio (name resolution, happy eyeballs), then
 taken over; asyncio keeps anyio's streams throughout.
 """
@@ -57,9 +58,9 @@ class DirectStream(anyio.abc.ByteStream):
             try:
                 sent += sock.send(view[sent:])
             except (BlockingIOError, ssl.SSLWantWriteError):
-                await trio.lowlevel.wait_writable(sock)
+                await _writable(sock)
             except ssl.SSLWantReadError:
-                await trio.lowlevel.wait_readable(sock)
+                await _readable(sock)
         self._sent = True
 
     async def receive(self, max_bytes: int = 65536) -> bytes:
@@ -68,15 +69,15 @@ class DirectStream(anyio.abc.ByteStream):
         sock = self.sock
         if self._sent:  # the answer to what was just sent: wait, sparing a failed read
             self._sent = False
-            await trio.lowlevel.wait_readable(sock)
+            await _readable(sock)
         while True:
             try:
                 data = sock.recv(max_bytes)
             except (BlockingIOError, ssl.SSLWantReadError):
-                await trio.lowlevel.wait_readable(sock)
+                await _readable(sock)
                 continue
             except ssl.SSLWantWriteError:
-                await trio.lowlevel.wait_writable(sock)
+                await _writable(sock)
                 continue
             if not data:
                 raise anyio.EndOfStream
@@ -95,6 +96,22 @@ class DirectStream(anyio.abc.ByteStream):
         """The raw socket (``SocketAttribute.raw_socket``), for the pool's check of
         idle connections."""
         return {SocketAttribute.raw_socket: lambda: self.sock}
+
+
+async def _readable(sock: socket.socket) -> None:
+    """Wait until ``sock`` can be read; closed meanwhile: ``anyio.ClosedResourceError``."""
+    try:
+        await trio.lowlevel.wait_readable(sock)
+    except trio.ClosedResourceError as exc:  # the pool catches anyio's, not trio's
+        raise anyio.ClosedResourceError from exc
+
+
+async def _writable(sock: socket.socket) -> None:
+    """Wait until ``sock`` can be written; closed meanwhile: ``anyio.ClosedResourceError``."""
+    try:
+        await trio.lowlevel.wait_writable(sock)
+    except trio.ClosedResourceError as exc:
+        raise anyio.ClosedResourceError from exc
 
 
 def close(sock: socket.socket) -> None:
@@ -138,6 +155,6 @@ async def _handshake(sock: ssl.SSLSocket) -> None:
             sock.do_handshake()
             return
         except ssl.SSLWantReadError:
-            await trio.lowlevel.wait_readable(sock)
+            await _readable(sock)
         except ssl.SSLWantWriteError:
-            await trio.lowlevel.wait_writable(sock)
+            await _writable(sock)

@@ -774,6 +774,33 @@ async def test_pool_aclose_closes_busy_and_idle_connections(
         assert pool.stats() == {"open": 0, "idle": 0, "busy": 0, "connecting": 0, "waiting": 0}
 
 
+@pytest.mark.anyio
+@pytest.mark.parametrize("tls", [False, True], ids=["http", "https"])
+async def test_pool_aclose_while_a_reader_waits_gives_it_a_read_error(
+    tls: bool, certificate: tuple[Path, Path]
+) -> None:
+    """A task waiting for body bytes when the pool closes gets the pool's own
+    ``ReadError``, never a stream library's exception."""
+    served, trusting = tls_pair(certificate) if tls else (None, None)
+    async with upstream(served) as server:
+        pool = ConnectionPool(PoolOptions(ssl_context=trusting))
+        streaming = await post(pool, server, SLOWER_STREAM, stream=True)
+        caught: list[BaseException] = []
+
+        async def read() -> None:
+            try:
+                await streaming.aread()
+            except BaseException as exc:
+                caught.append(exc)
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(read)
+            await anyio.sleep(0.1)  # the reader waits for the next event (every 0.5 s)
+            await pool.aclose()
+        assert len(caught) == 1 and isinstance(caught[0], ReadError), caught
+        await streaming.aclose()
+
+
 # --------------------------------------------------------------------------- options and TLS
 
 
