@@ -34,7 +34,7 @@ from keyrotor.testing import (
 )
 from keyrotor.testing.certificates import server_context
 from keyrotor.transports import codec as http_codec
-from keyrotor.transports._direct import DirectStream
+from keyrotor.transports._direct import YIELD_EVERY, DirectStream
 from keyrotor.transports._h11pool import (
     ConnectError,
     ConnectionPool,
@@ -799,6 +799,42 @@ async def test_pool_aclose_while_a_reader_waits_gives_it_a_read_error(
             await pool.aclose()
         assert len(caught) == 1 and isinstance(caught[0], ReadError), caught
         await streaming.aclose()
+
+
+@pytest.mark.trio
+async def test_a_body_that_keeps_arriving_does_not_hold_the_event_loop() -> None:
+    """The pool's own sockets yield only when they would block; a body whose bytes
+    are always there already still lets the other tasks run every ``YIELD_EVERY``
+    reads (and a read after the request waits, sparing a read that would fail)."""
+
+    class AlwaysData:  # a socket whose peer is faster than its reader
+        reads = 0
+
+        def recv(self, size: int) -> bytes:
+            self.reads += 1
+            return b"x" * size
+
+    fake = AlwaysData()
+    stream = DirectStream(fake)  # type: ignore[arg-type]
+    others = 0
+
+    async def other_task() -> None:
+        nonlocal others
+        while True:
+            others += 1
+            await trio.lowlevel.checkpoint()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(other_task)
+        await trio.lowlevel.checkpoint()  # it has started
+        before = others
+        for _ in range(10 * YIELD_EVERY):
+            assert await stream.receive(1024) == b"x" * 1024
+        # 9 yields in 160 reads: the other task ran about once each (trio orders
+        # each batch at random); with a yield on no read it would not have run.
+        assert others - before >= 5
+        nursery.cancel_scope.cancel()
+    assert fake.reads == 10 * YIELD_EVERY
 
 
 # --------------------------------------------------------------------------- options and TLS
