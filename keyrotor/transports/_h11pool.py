@@ -64,7 +64,6 @@ from urllib.parse import urlsplit
 
 import anyio
 import anyio.abc
-import sniffio
 from anyio.abc import SocketAttribute
 from attrs import Attribute, field, frozen
 
@@ -295,6 +294,12 @@ async def _close_stream(stream: anyio.abc.ByteStream) -> None:
         await stream.aclose()
 
 
+def _in_trio() -> bool:
+    """Whether this runs under trio (whose sockets the pool then holds itself)."""
+    trio = sys.modules.get("trio")
+    return trio is not None and bool(trio.lowlevel.in_trio_run())
+
+
 def loop_clock() -> Callable[[], float]:
     """The running event loop's clock as a plain function (the same clock as
     ``anyio.current_time``, which finds out which loop runs on every call)."""
@@ -302,9 +307,8 @@ def loop_clock() -> Callable[[], float]:
         return asyncio.get_running_loop().time
     except RuntimeError:
         pass
-    trio = sys.modules.get("trio")
-    if trio is not None and trio.lowlevel.in_trio_run():
-        return trio.current_time  # type: ignore[no-any-return]
+    if _in_trio():
+        return sys.modules["trio"].current_time  # type: ignore[no-any-return]
     return anyio.current_time
 
 
@@ -691,7 +695,7 @@ class ConnectionPool:
             with anyio.move_on_after(self._options.connect):
                 try:
                     if self._direct is None:
-                        self._direct = sniffio.current_async_library() == "trio"
+                        self._direct = _in_trio()
                     if self._direct:  # trio: the socket itself, trio only waits on it
                         from . import _direct  # imports trio: not for asyncio's users
 
