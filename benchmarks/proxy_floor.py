@@ -35,7 +35,7 @@ import select
 import socket
 import statistics
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import ExitStack
 from functools import partial
 from typing import Any, cast
@@ -152,7 +152,7 @@ async def _trio_connect(address: tuple[str, int]) -> socket.socket:
 
 
 async def _trio_connection(
-    caller: socket.socket, address: tuple[str, int], base: bytes, keys: Iterator[bytes]
+    caller: socket.socket, *, address: tuple[str, int], base: bytes, keys: Iterator[bytes]
 ) -> None:
     host = b"%s:%d" % (address[0].encode(), address[1])
     upstream: socket.socket | None = None
@@ -200,6 +200,13 @@ async def _trio_connection(
 
 async def _trio_serve(listener: socket.socket, address: tuple[str, int], base: bytes) -> None:
     keys = itertools.cycle(KEYS)
+    await _trio_accept(listener, partial(_trio_connection, address=address, base=base, keys=keys))
+
+
+async def _trio_accept(
+    listener: socket.socket, connection: Callable[[socket.socket], Awaitable[None]]
+) -> None:
+    """Accept connections for ever, each served by ``connection(caller)`` in its task."""
     async with trio.open_nursery() as nursery:
         while True:
             await trio.lowlevel.wait_readable(listener)
@@ -209,7 +216,7 @@ async def _trio_serve(listener: socket.socket, address: tuple[str, int], base: b
                 continue
             caller.setblocking(False)
             caller.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            nursery.start_soon(_trio_connection, caller, address, base, keys)
+            nursery.start_soon(connection, caller)
 
 
 # --------------------------------------------------------------------------- rungs
@@ -303,16 +310,7 @@ async def _client_rung(listener: socket.socket, url: str) -> None:
             finally:
                 caller.close()
 
-        async with trio.open_nursery() as nursery:
-            while True:
-                await trio.lowlevel.wait_readable(listener)
-                try:
-                    caller, _ = listener.accept()
-                except BlockingIOError:
-                    continue
-                caller.setblocking(False)
-                caller.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                nursery.start_soon(connection, caller)
+        await _trio_accept(listener, connection)
 
 
 # --------------------------------------------------------------------------- asyncio
