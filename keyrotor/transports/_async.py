@@ -468,6 +468,10 @@ class AsyncClient(ClientBase):
             response = await self._open(step)
         except TRANSPORT_ERRORS as exc:
             return Failed(failure_reason(exc), exc)
+        except h11pool.HTTPError as exc:
+            if self._closed:  # the pool closed under this step: the client is closing
+                raise KeyrotorError("the client was closed while the request ran") from exc
+            raise
         return Opened(response, response.status, decode_headers(response.headers))
 
     async def _open(self, step: Open) -> h11pool.Response:

@@ -149,6 +149,9 @@ async def connect(
         with anyio.CancelScope(shield=True), suppress(Exception):
             await opened.aclose()
     try:
+        # Cancelled during that close (the client closing): say so before the
+        # caller goes on with a connection it no longer wants.
+        await trio.lowlevel.checkpoint_if_cancelled()
         sock.setblocking(False)
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

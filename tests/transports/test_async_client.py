@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import anyio
 import pytest
 
-from keyrotor.core import KeySpec, PoolConfig
+from keyrotor.core import KeySpec, PoolConfig, Probe
 from keyrotor.testing import (
     WINDOW_START,
     Credits,
@@ -25,7 +25,9 @@ from keyrotor.testing import (
 )
 from keyrotor.transports import asyncio as asyncio_transport
 from keyrotor.transports import trio as trio_transport
+from keyrotor.transports._exchange import Open
 from keyrotor.transports.asyncio import Client, HTTPOptions, NoKeyAvailable, UpstreamError
+from keyrotor.transports.errors import KeyrotorError
 
 pytestmark = pytest.mark.anyio
 
@@ -272,3 +274,24 @@ async def test_a_key_removed_after_it_was_chosen_fails_over_instead_of_erroring(
         )
         assert reply.status_code == 200 and reply.key == "good2" and reply.attempts == 2
         assert mixed.stats("good").requests == 0  # nothing was sent with it
+
+
+async def test_a_pool_closing_under_a_step_is_the_client_closing() -> None:
+    """The client's ``aclose`` marks it closed, then closes its pool, while a probe
+    or a request may be opening a connection: that step raises ``KeyrotorError``
+    (as a request waiting for a key does), never the pool's own error, and a probe
+    ends quietly as one that got no answer."""
+    async with FakeUpstream(scenario(good=Ok())).serve() as server:
+        client = Client({"good": SECRETS["good"]}, base_url=server.url)
+        async with client:
+            pool = client._http()
+            await pool.aclose()  # the pool closes under the next step...
+            client._closed = True  # ...after aclose() marked the client closed
+            with pytest.raises(KeyrotorError, match="closed while the request ran"):
+                await client._step(Open(None, "good", SECRETS["good"]))
+            heard: list[int | None] = []
+            finished = client.driver.probe_finished
+            client.driver.probe_finished = lambda key, status, *rest: heard.append(status)  # type: ignore[method-assign]
+            await client._probe(Probe(key_id="good", reason="test"))
+            client.driver.probe_finished = finished  # type: ignore[method-assign]
+            assert heard == [None]
