@@ -1,7 +1,7 @@
 """The floor under the proxy: the least a Python forwarder can do, beside ``keyrotor serve``.
 
     python -m benchmarks.proxy_floor --duration 5 --rounds 2 [--no-state] [--keys N]
-        [--runtime trio --runtime asyncio --runtime uvloop]
+        [--runtime trio --runtime asyncio --runtime uvloop --runtime server --runtime client]
 
 A *floor* forwarder (``python -m benchmarks.proxy_floor serve --runtime R
 --upstream URL``, started here) does per request only what any key-rotating
@@ -14,6 +14,13 @@ run, a yardstick. ``trio`` waits on plain non-blocking sockets as keyrotor's
 server does, one task per connection; ``asyncio`` and ``uvloop`` are callback
 protocols (as uvicorn's httptools protocol), no task at all (``uvloop`` only if
 it is importable: ``pip install uvloop`` in the venv; skipped otherwise).
+
+Two *rungs* put one of keyrotor's layers into the trio floor: ``server`` is
+keyrotor's proxy server (reader and worker tasks, timeouts, codec, access log)
+in front of the floor's upstream half; ``client`` is the floor's caller half
+sending through keyrotor's trio client (driver, core, connection pool, exchange
+steps, usage read from the answer). What each adds over the trio floor is that
+layer's cost; what keyrotor adds beyond both is its application's.
 
 Each floor and ``keyrotor serve`` (4 keys, state file on unless ``--no-state``)
 run against the same fake upstream with ``proxy_load``'s generator, one after
