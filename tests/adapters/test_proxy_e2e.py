@@ -77,11 +77,23 @@ def config(upstream: str) -> ProxyConfig:
     )
 
 
-@pytest.fixture
-def proxy_url() -> Iterator[tuple[str, FakeUpstream, list[dict[str, Any]]]]:
+@pytest.fixture(params=["http", "https"])
+def proxy_url(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[str, FakeUpstream, list[dict[str, Any]]]]:
+    """The proxy in a thread in front of the fake upstream, over plain HTTP and
+    over HTTPS (as OpenRouter is: a self-signed certificate the proxy trusts
+    through ``SSL_CERT_FILE``)."""
     log: list[dict[str, Any]] = []
+    context = None
+    if request.param == "https":
+        cert, key = request.getfixturevalue("certificate")
+        context = server_context(cert, key)
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))
     with (
-        FakeUpstream.running_in_thread(scenario(), clock=fake_clock()) as upstream,
+        FakeUpstream.running_in_thread(
+            scenario(), clock=fake_clock(), ssl_context=context
+        ) as upstream,
         ProxyThread(config(upstream.url), log) as url,
     ):
         yield url, upstream, log
