@@ -436,7 +436,8 @@ class StateStore:
         self.retention = analytics.Retention()  # of the analytics rows (set by the proxy)
         self._minute_rows: dict[Any, Rollup] = {}  # open minutes' rows as committed (analytics)
         self._wake: Callable[[], None] | None = None  # ``on_pending``: the owner's flusher
-        self._woken = False  # ``_wake`` was called for the records pending now
+        self._woken = False  # the flusher was woken for the records pending now
+        self._stir = threading.Event()  # wakes the writer thread: a first record, or close
 
     # -- opening -----------------------------------------------------------------------------
 
@@ -991,10 +992,13 @@ class StateStore:
         return bool(self._pending or self._unsaved)
 
     def _added(self) -> None:
-        """A record was added (under ``_pending_lock``): wake the owner's flusher."""
-        if not self._woken and self._wake is not None:
+        """A record was added (under ``_pending_lock``): wake the flusher, the
+        writer thread or the owner's, once for the records pending now."""
+        if not self._woken:
             self._woken = True
-            self._wake()
+            self._stir.set()
+            if self._wake is not None:
+                self._wake()
 
     def analytics(self, q: analytics.Query, account_of: Callable[[str], str]) -> list[Any]:
         """The rows of an analytics query, committed and pending (reads the file)."""
@@ -1132,7 +1136,15 @@ class StateStore:
         if not self.flush_in_thread:
             self._checkpoints()
             return
-        while not self._stop.wait(self._interval):
+        while True:
+            if not self.pending():  # asleep until a record (or close) stirs it
+                self._stir.wait()
+                self._stir.clear()
+                if self._stop.is_set():
+                    return
+                continue
+            if self._stop.wait(self._interval):  # the first record's interval
+                return
             try:
                 self.flush()
             except Exception as exc:  # pragma: no cover - flush handles its own errors
@@ -1221,6 +1233,7 @@ class StateStore:
             return
         self._closed = True
         self._stop.set()
+        self._stir.set()
         if self._writer.is_alive() and self._writer is not threading.current_thread():
             self._writer.join()
         if not self.flush():

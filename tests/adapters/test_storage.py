@@ -297,6 +297,36 @@ def test_on_pending_wakes_the_owner_once_a_batch_and_pending_tells_what_waits(
     assert woken == [1, 1] and store.pending()
 
 
+def test_the_writer_thread_sleeps_while_nothing_is_pending(
+    tmp_path: pathlib.Path, opened: Callable[..., StateStore]
+) -> None:
+    """Its flushes follow records (``flush_interval`` after the first one of a
+    batch), not the clock: an idle store's thread does not wake."""
+    store = opened(tmp_path / "state.db", flush_interval=0.02)
+    flushes: list[bool] = []
+    flush = store.flush
+
+    def counted() -> bool:
+        flushes.append(flush())
+        return flushes[-1]
+
+    store.flush = counted  # type: ignore[method-assign]
+    time.sleep(0.3)  # fifteen intervals: a clock-driven writer would have flushed
+    assert flushes == []
+    for alias in ("a", "b"):
+        store.record_spend(alias, cost=1.0)
+        deadline = time.monotonic() + 30  # a hang guard, not a timing bound
+        while store.pending() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not store.pending()
+    assert flushes and all(flushes)
+    time.sleep(0.2)
+    idle = len(flushes)
+    time.sleep(0.3)
+    assert len(flushes) == idle  # asleep again
+    assert sorted(row.alias for row in store.load().ledger) == ["a", "b"]
+
+
 def test_flush_nowait_waits_neither_for_an_admin_call_nor_for_another_process(
     tmp_path: pathlib.Path, opened: Callable[..., StateStore]
 ) -> None:
