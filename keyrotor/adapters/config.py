@@ -301,7 +301,7 @@ class ProxyConfig:
             which the loader allows on a loopback address only).
         token_ttl: lifetime of the bearer tokens ``POST /auth/token`` issues.
         state_path: the SQLite state file (None: nothing is kept).
-        state_flush: seconds between batched writes of state and spend.
+        state_flush: seconds from a record of state or spend to its batched write.
         state_flush_in: ``"loop"``: the event loop commits them (the least
             CPU); ``"thread"``: a writer thread does, so that a disk that
             stalls (a network volume) never holds the loop.

@@ -21,13 +21,15 @@ What is kept:
 Writes. Admin changes (``add_key``, ``remove_key``) are committed before they
 return; call them from a worker thread. Hot-path records (``record_state``,
 ``record_spend``) append to an in-memory batch under a lock (O(1), never
-blocking on the disk, never raising); a writer thread commits the batch every
-``flush_interval`` seconds (100 ms by default) in ONE transaction.
+blocking on the disk, never raising); a writer thread commits the batch
+``flush_interval`` seconds (100 ms by default) after its first record, in ONE
+transaction, and sleeps while nothing is pending.
 
 With ``flush_in_thread=False`` the owner commits the batch instead, calling
-``flush_nowait()`` every ``flush_interval`` from its own thread (the proxy does,
-from its event loop: a writer thread contending for the GIL with the request
-path cost more than the flush itself, measured in docs/benchmarks.md).
+``flush_nowait()`` ``flush_interval`` after the first record, which
+``on_pending`` tells it of (the proxy does, from its event loop: a writer thread
+contending for the GIL with the request path cost more than the flush itself,
+measured in docs/benchmarks.md).
 ``flush_nowait`` never waits: not for an admin call holding the file (it
 skips), not for another process's write lock (it fails, the batch kept for the
 next one). The thread then only copies the WAL into the file (a checkpoint,
@@ -461,8 +463,9 @@ class StateStore:
         the file's salt; ``None``: secrets can be neither stored nor loaded.
         ``busy_timeout``: how long a write waits for another process holding the
         file. ``max_pending``: records kept in memory while writes fail.
-        ``flush_in_thread`` False: the caller calls ``flush_nowait()`` every
-        ``flush_interval`` and the thread only checkpoints (see above). Raises
+        ``flush_in_thread`` False: the caller calls ``flush_nowait()``
+        ``flush_interval`` after a batch's first record (``on_pending``) and the
+        thread only checkpoints (see above). Raises
         ``StorageError`` (a wrong key, a newer schema, not a state file, an
         unusable path). ``load().states`` holds every alias recorded, including
         keys from the configuration file.
@@ -1048,7 +1051,7 @@ class StateStore:
             return None
         try:
             conn = self._conn
-            if conn is None or not (self._pending or self._unsaved):
+            if conn is None or not self.pending():
                 return self._flush()  # closed, or nothing to write: no statement
             with contextlib.suppress(sqlite3.Error):  # else the write fails, reported there
                 conn.execute("PRAGMA busy_timeout = 0")
@@ -1066,7 +1069,7 @@ class StateStore:
     def _flush(self) -> bool:
         """``flush``'s work, under ``_db_lock``."""
         if self._conn is None:
-            return not (self._pending or self._unsaved)
+            return not self.pending()
         with self._pending_lock:
             if not self._unsaved:
                 self._unsaved, self._pending = self._pending, _Batch()
