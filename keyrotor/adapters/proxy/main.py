@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import errno
 import gc
-import json
 import os
 import signal
 import socket
 import sys
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -17,6 +15,7 @@ import trio
 
 from ...transports.codec import resolve as resolve_parser
 from ..config import ConfigError, ProxyConfig
+from .logs import LineLog
 from .runtime import Startup, open_app, open_store, plan
 from .server import ServerOptions, serve
 from .workers import WORKER_ENV
@@ -46,22 +45,9 @@ def tune_gc(threshold: int) -> None:
         gc.set_threshold(threshold, *gc.get_threshold()[1:])
 
 
-def json_logger(stream: TextIO = sys.stderr, fmt: str = "json") -> Callable[[dict[str, Any]], None]:
-    """One line per record on ``stream``: JSON, or ``key=value`` text.
-
-    Records never hold a secret: the server logs no headers or bodies, and the
-    pool knows keys by alias only.
-    """
-
-    def log(record: dict[str, Any]) -> None:
-        record = {"ts": round(time.time(), 3), **record}
-        if fmt == "json":
-            line = json.dumps(record, default=str, separators=(",", ":"))
-        else:
-            line = " ".join(f"{k}={v}" for k, v in record.items())
-        print(line, file=stream, flush=True)
-
-    return log
+def json_logger(stream: TextIO = sys.stderr, fmt: str = "json") -> LineLog:
+    """One line per record on ``stream``: JSON, or ``key=value`` text (``LineLog``)."""
+    return LineLog(stream, fmt)
 
 
 async def run_proxy(
@@ -180,23 +166,24 @@ def run(config: ProxyConfig, stream: TextIO = sys.stderr) -> None:
 
     async def main() -> None:
         shutdown = trio.Event()
-        async with trio.open_nursery() as nursery:
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                await nursery.start(
-                    lambda task_status: run_proxy(
-                        config,
-                        log=log,
-                        shutdown=shutdown,
-                        store=store,
-                        startup=startup,
-                        task_status=task_status,
-                        process=True,
+        with log.batched():
+            async with trio.open_nursery() as nursery:
+                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                    await nursery.start(
+                        lambda task_status: run_proxy(
+                            config,
+                            log=log,
+                            shutdown=shutdown,
+                            store=store,
+                            startup=startup,
+                            task_status=task_status,
+                            process=True,
+                        )
                     )
-                )
-                async for signum in signals:
-                    log({"event": "shutdown", "signal": signal.Signals(signum).name})
-                    shutdown.set()
-                    break
+                    async for signum in signals:
+                        log({"event": "shutdown", "signal": signal.Signals(signum).name})
+                        shutdown.set()
+                        break
 
     from ..storage import StorageError
 
