@@ -521,12 +521,15 @@ class Child:
 
 
 @contextmanager
-def child(name: str, cmd: list[str], env: dict[str, str], *, stdout: bool) -> Iterator[Child]:
-    """Run ``cmd``; stop it (SIGTERM, then SIGKILL) on exit, whatever happens."""
+def child(
+    name: str, cmd: list[str], env: dict[str, str], *, stdout: bool, cwd: Path = ROOT
+) -> Iterator[Child]:
+    """Run ``cmd`` in ``cwd`` (``python -m`` imports that tree's ``keyrotor``); stop it
+    (SIGTERM, then SIGKILL) on exit, whatever happens."""
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(
             cmd,
-            cwd=ROOT,
+            cwd=cwd,
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE if stdout else subprocess.DEVNULL,
@@ -671,6 +674,7 @@ def start_keyrotor(
     python: str = sys.executable,
     flush_in: str | None = None,
     ca_file: Path | None = None,
+    tree: Path = ROOT,
 ) -> tuple[Child, Endpoint]:
     """The proxy with its state file in a fresh temporary directory (``state``),
     or ``--no-state``; with ``route``, a config file holding ``ROUTE_CONFIG``;
@@ -684,7 +688,8 @@ def start_keyrotor(
     ``python_gc``: ``[server] gc_threshold = 0`` (Python's own collector settings);
     ``python``: the interpreter that runs it (a venv with this tree installed);
     ``flush_in``: ``[state] flush_in`` (None: not written, the default);
-    ``ca_file``: the certificate an HTTPS upstream is trusted by (``SSL_CERT_FILE``)."""
+    ``ca_file``: the certificate an HTTPS upstream is trusted by (``SSL_CERT_FILE``);
+    ``tree``: the source tree whose ``keyrotor`` it runs (a ``git worktree``)."""
     env = _child_env({"OPENROUTER_KEYS": ",".join(FAKE_KEYS)})
     base = [python, "-m", "keyrotor.cli", "serve", "--host", LOOPBACK]
     if shared is not None:
@@ -728,7 +733,7 @@ def start_keyrotor(
     for port in (0, free_port()):
         cmd = [*base, "--port", str(port), "--upstream", upstream_url]
         with ExitStack() as attempt:
-            proxy = attempt.enter_context(child("keyrotor proxy", cmd, env, stdout=False))
+            proxy = attempt.enter_context(child("keyrotor proxy", cmd, env, stdout=False, cwd=tree))
             ready = wait_ready(proxy, None if port == 0 else port, "/healthz")
             if ready is not None:
                 stack.enter_context(attempt.pop_all())  # the outer stack stops it now

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from keyrotor.transports._driver import Driver, StreamAccountant, keys_from_env, mask
 from keyrotor.transports.errors import ConfigurationError
@@ -152,3 +154,39 @@ def test_a_2xx_reaches_the_core_with_its_headers_only_when_they_speak_of_limits(
     answers = [e for e in seen if type(e).__name__ == "ResponseReceived"]
     assert answers[0].headers is None and answers[1].headers == exhausted
     assert driver.pool.state_of(send.key_id).value == "rate_limited"
+
+
+_SSE_LINES = st.sampled_from(
+    [
+        b"",
+        b": OPENROUTER PROCESSING",
+        b'data: {"choices":[{"delta":{"content":"hi"}}]}',
+        b'data: {"choices":[{"delta":{"content":"the \\"usage\\" of words"}}]}',
+        b'data: {"choices":[],"usage":{"prompt_tokens":7,"completion_tokens":9,"cost":0.0042}}',
+        b'data: {"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2,"cost":0.5}}\r',
+        b'data: {"error":{"code":429,"message":"rate limited"}}',
+        b'data: {"error":{"code":"oops"},"usage":{"prompt_tokens":3}}',
+        b'event: usage "usage" "error"',
+        b"data: [DONE]",
+        b'data: {"usage": not json',
+        b'data: {"choices":[],"usage":{"cost":1}} \xff',  # not UTF-8: not accounted
+    ]
+)
+
+
+@settings(max_examples=300)
+@given(st.lists(_SSE_LINES, max_size=12), st.lists(st.integers(0, 400), max_size=6))
+def test_a_stream_is_accounted_as_its_lines_one_by_one_whatever_its_chunks(
+    lines: list[bytes], cuts: list[int]
+) -> None:
+    stream = b"\n".join(lines)
+    reference = StreamAccountant("text/event-stream")  # every line through _line, in order
+    for line in stream.split(b"\n"):
+        reference._line(line)
+    accountant = StreamAccountant("text/event-stream")
+    points = sorted({min(cut, len(stream)) for cut in cuts})
+    for start, stop in zip([0, *points], [*points, len(stream)], strict=True):
+        accountant.feed(stream[start:stop])
+    accountant.close()
+    fields = ("cost", "prompt_tokens", "completion_tokens", "usage", "error_status", "error_body")
+    assert [getattr(accountant, f) for f in fields] == [getattr(reference, f) for f in fields]
