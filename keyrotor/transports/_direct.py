@@ -9,13 +9,16 @@ straight to the socket (for ``https``, an ``ssl.SSLSocket`` in non-blocking mode
 OpenSSL reads and writes the socket itself), and trio is asked to wait
 (``trio.lowlevel.wait_readable`` / ``wait_writable``, its public low-level API)
 only when the kernel or OpenSSL says it would block. Every wait is a checkpoint,
-so the pool's cancel scopes and deadlines work as they do on anyio's streams.
+so cancellation works as on anyio's streams; the pool's timeouts are deadlines
+given to ``send_until`` / ``receive_until``, which the run's watchdog task ends
+(``_Watchdog``: one task for every stream, instead of a cancel scope per request).
 The proxy's server does the same on its side (``adapters/proxy/sockets.py``);
 docs/benchmarks.md, "The hot path", has the figures.
 
 ``DirectStream`` is an anyio byte stream with what the pool uses of one:
 ``send``, ``receive`` (``anyio.EndOfStream`` at EOF), ``aclose`` and the raw
-socket as an extra attribute (for the pool's check of idle connections).
+socket as an extra attribute (for the pool's check of idle connections), plus
+``send_until`` and ``receive_until`` (False / None once their deadline passed).
 Errors are the socket's own ``OSError`` (``ssl.SSLError`` is one); a socket
 closed while a task waits on it gives that task ``anyio.ClosedResourceError``,
 as anyio's streams do.
@@ -25,12 +28,13 @@ taken over; asyncio keeps anyio's streams throughout.
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import ssl
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from contextlib import suppress
-from typing import Any
+from typing import Any, Final
 
 import anyio
 import anyio.abc
@@ -49,15 +53,21 @@ is read would otherwise hold the event loop until it ends."""
 class DirectStream(anyio.abc.ByteStream):
     """One client connection, plain or TLS, on a non-blocking socket."""
 
-    __slots__ = ("_sent", "_unwaited", "sock")
+    __slots__ = ("_sent", "_unwaited", "_watchdog", "sock")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self._sent = False  # a request went out: its answer cannot be there yet
         self._unwaited = 0  # reads in a row that found their bytes there at once
+        self._watchdog: _Watchdog | None = None  # this run's, from the first deadline
 
     async def send(self, data: bytes) -> None:
         """Send all of ``data``, waiting for room (or for OpenSSL) as needed."""
+        await self.send_until(data, math.inf)
+
+    async def send_until(self, data: bytes, deadline: float) -> bool:
+        """``send`` with a deadline on trio's clock: False if it passed first (the
+        stream is then unusable: close it)."""
         sock = self.sock
         view = memoryview(data)
         sent = 0
@@ -65,19 +75,30 @@ class DirectStream(anyio.abc.ByteStream):
             try:
                 sent += sock.send(view[sent:])
             except (BlockingIOError, ssl.SSLWantWriteError):
-                await _writable(sock)
+                if not await self._wait(trio.lowlevel.wait_writable, deadline):
+                    return False
             except ssl.SSLWantReadError:
-                await _readable(sock)
+                if not await self._wait(trio.lowlevel.wait_readable, deadline):
+                    return False
         self._sent = True
+        return True
 
     async def receive(self, max_bytes: int = 65536) -> bytes:
         """Up to ``max_bytes`` bytes, waiting for some if none are there;
         ``anyio.EndOfStream`` once the server closed the connection."""
+        data = await self.receive_until(math.inf, max_bytes)
+        assert data is not None  # no deadline
+        return data
+
+    async def receive_until(self, deadline: float, max_bytes: int = 65536) -> bytes | None:
+        """``receive`` with a deadline on trio's clock: None if it passed first (the
+        stream is then unusable: close it)."""
         sock = self.sock
         waited = self._sent
         if waited:  # the answer to what was just sent: wait, sparing a failed read
             self._sent = False
-            await _readable(sock)
+            if not await self._wait(trio.lowlevel.wait_readable, deadline):
+                return None
         elif self._unwaited >= YIELD_EVERY:  # a body that keeps coming must not
             self._unwaited = 0  # keep the event loop from every other task
             await trio.lowlevel.checkpoint()
@@ -85,17 +106,43 @@ class DirectStream(anyio.abc.ByteStream):
             try:
                 data = sock.recv(max_bytes)
             except (BlockingIOError, ssl.SSLWantReadError):
-                await _readable(sock)
+                if not await self._wait(trio.lowlevel.wait_readable, deadline):
+                    return None
                 waited = True
                 continue
             except ssl.SSLWantWriteError:
-                await _writable(sock)
+                if not await self._wait(trio.lowlevel.wait_writable, deadline):
+                    return None
                 waited = True
                 continue
             self._unwaited = 0 if waited else self._unwaited + 1
             if not data:
                 raise anyio.EndOfStream
             return data
+
+    async def _wait(
+        self, wait: Callable[[socket.socket], Awaitable[None]], deadline: float
+    ) -> bool:
+        """``wait(sock)``; False if ``deadline`` passed first. A socket closed
+        meanwhile: ``anyio.ClosedResourceError`` (the pool catches anyio's, not trio's)."""
+        sock = self.sock
+        if deadline == math.inf:
+            watchdog = None
+        else:
+            watchdog = self._watchdog
+            if watchdog is None:
+                watchdog = self._watchdog = _Watchdog.of_this_run()
+            watchdog.watch(sock, deadline)
+        try:
+            await wait(sock)
+        except trio.ClosedResourceError as exc:
+            if watchdog is not None and trio.current_time() >= deadline:
+                return False  # the watchdog ended the wait
+            raise anyio.ClosedResourceError from exc
+        finally:
+            if watchdog is not None:
+                watchdog.unwatch(sock)
+        return True
 
     async def send_eof(self) -> None:
         """Not used by the pool (it never half-closes a connection)."""
@@ -110,6 +157,58 @@ class DirectStream(anyio.abc.ByteStream):
         """The raw socket (``SocketAttribute.raw_socket``), for the pool's check of
         idle connections."""
         return {SocketAttribute.raw_socket: lambda: self.sock}
+
+
+class _Watchdog:
+    """Ends the waits of direct streams that outlive their deadline, one task for a
+    whole trio run: a wait costs a dict entry instead of a cancel scope (a trio
+    scope with its deadline moved costs about ten times more; docs/benchmarks.md).
+    The ended wait gets ``trio.ClosedResourceError`` (``notify_closing``), which
+    ``DirectStream._wait`` turns into False; its stream is closed by its owner."""
+
+    _RUN_VAR: Final = trio.lowlevel.RunVar["_Watchdog"]("keyrotor_direct_watchdog")
+
+    def __init__(self) -> None:
+        self.waits: dict[socket.socket, float] = {}  # waiting now -> its deadline
+        self.target = math.inf  # when the task wakes next
+        self.sleep: trio.CancelScope | None = None  # its sleep, while it sleeps
+
+    @classmethod
+    def of_this_run(cls) -> _Watchdog:
+        """The running trio run's watchdog, started on first use (a system task)."""
+        try:
+            return cls._RUN_VAR.get()
+        except LookupError:
+            watchdog = cls()
+            cls._RUN_VAR.set(watchdog)
+            trio.lowlevel.spawn_system_task(watchdog.run, name="keyrotor-pool-deadlines")
+            return watchdog
+
+    def watch(self, sock: socket.socket, deadline: float) -> None:
+        self.waits[sock] = deadline
+        if deadline < self.target:
+            self.target = deadline
+            if self.sleep is not None:
+                self.sleep.deadline = deadline  # wake earlier
+
+    def unwatch(self, sock: socket.socket) -> None:
+        self.waits.pop(sock, None)
+
+    async def run(self) -> None:
+        while True:
+            with trio.CancelScope(deadline=self.target) as self.sleep:
+                await trio.sleep_forever()
+            self.sleep = None
+            now = trio.current_time()
+            target = math.inf
+            for sock, deadline in list(self.waits.items()):
+                if deadline <= now:
+                    del self.waits[sock]
+                    if sock.fileno() != -1:
+                        trio.lowlevel.notify_closing(sock)
+                elif deadline < target:
+                    target = deadline
+            self.target = target
 
 
 async def _readable(sock: socket.socket) -> None:

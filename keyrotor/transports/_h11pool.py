@@ -38,6 +38,12 @@ idle connection while the request is on its way), where the server has read
 nothing; as in any HTTP/1.1 client, a server that read the request and then
 dropped the connection without a byte of answer would see it twice.
 
+Timeouts (``write``, the per-request ``read_timeout`` and ``head_timeout``) are
+deadlines on the event loop's clock. Under trio the pool holds its sockets itself
+(``_direct.py``) and one watchdog task per run ends a wait past its deadline, so a
+request enters no cancel scope of its own; under asyncio each send and receive
+runs in an anyio cancel scope with its deadline.
+
 Errors (``HTTPError`` and subclasses) are mapped from anyio, OS, ``ssl`` and the codec
 errors where they happen. Whatever is raised, and at whatever await a task is
 cancelled, the connection involved is closed (shielded from cancellation) and
@@ -59,7 +65,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import suppress
 from functools import lru_cache
 from types import TracebackType
-from typing import Any, Final, Literal, Self
+from typing import TYPE_CHECKING, Any, Final, Literal, Self, cast
 from urllib.parse import urlsplit
 
 import anyio
@@ -69,6 +75,9 @@ from attrs import Attribute, field, frozen
 
 from . import codec as http_codec
 from .codec import END, NEED_DATA, BadMessage, BadOutgoing, ResponseHead
+
+if TYPE_CHECKING:
+    from ._direct import DirectStream
 
 __all__ = [
     "ConnectError",
@@ -312,30 +321,55 @@ def loop_clock() -> Callable[[], float]:
     return anyio.current_time
 
 
-async def _receive(
-    stream: anyio.abc.ByteStream, timeout: float | None, clock: Callable[[], float]
-) -> bytes:
-    """Up to ``CHUNK_SIZE`` bytes; ``b""`` at EOF."""
+async def _send(conn: _Connection, data: bytes, deadline: float) -> bool:
+    """Send all of ``data`` on ``conn``; False if ``deadline`` (the loop's clock)
+    passed first, ``WriteError`` if the connection broke. Under trio the stream
+    ends its own waits (``_direct``): no cancel scope per request."""
     try:
-        if timeout is None:
-            return await stream.receive(CHUNK_SIZE)
-        with anyio.CancelScope(deadline=clock() + timeout):
-            return await stream.receive(CHUNK_SIZE)
+        direct = conn.direct
+        if direct is not None:
+            return await direct.send_until(data, deadline)
+        with anyio.CancelScope(deadline=deadline):
+            await conn.stream.send(data)
+            return True
+        return False
+    except _IO_ERRORS as exc:
+        raise WriteError(f"the connection broke while sending: {exc!r}") from exc
+
+
+async def _receive(conn: _Connection, deadline: float) -> bytes | None:
+    """Up to ``CHUNK_SIZE`` bytes from ``conn``, ``b""`` at EOF; None if ``deadline``
+    passed first, ``ReadError`` if the connection broke."""
+    try:
+        direct = conn.direct
+        if direct is not None:
+            return await direct.receive_until(deadline, CHUNK_SIZE)
+        with anyio.CancelScope(deadline=deadline):
+            return await conn.stream.receive(CHUNK_SIZE)
+        return None
     except anyio.EndOfStream:
         return b""
     except _IO_ERRORS as exc:
         raise ReadError(f"the connection broke while reading: {exc!r}") from exc
-    raise ReadTimeout(f"no data from the server for {timeout} s")
 
 
 class _Connection:
     """One HTTP/1.1 connection: stream, codec state, bookkeeping."""
 
-    __slots__ = ("codec", "expires", "got_bytes", "origin", "readable", "reused", "stream")
+    __slots__ = (
+        "codec", "direct", "expires", "got_bytes", "origin", "readable", "reused", "stream",
+    )  # fmt: skip
 
-    def __init__(self, origin: Origin, stream: anyio.abc.ByteStream, codec: Any) -> None:
+    def __init__(
+        self,
+        origin: Origin,
+        stream: anyio.abc.ByteStream,
+        codec: Any,
+        direct: DirectStream | None = None,
+    ) -> None:
         self.origin = origin
         self.stream = stream
+        self.direct = direct  # the same stream, when the pool holds the socket (trio)
         self.codec = codec
         self.expires = 0.0
         self.reused = False  # has served a response before the current request
@@ -522,46 +556,32 @@ class ConnectionPool:
             data = h.request(event, body)
         except BadOutgoing as exc:
             raise LocalProtocolError(f"cannot send this request: {exc}") from exc
-        stream = conn.stream
-        reading = False
-        with anyio.CancelScope(deadline=self._now() + self._options.write) as scope:
-            try:
-                await stream.send(data)
-            except _IO_ERRORS as exc:
-                raise WriteError(f"the connection broke while sending: {exc!r}") from exc
-            reading = True
-            first = read_timeout if head_timeout is None else head_timeout
-            scope.deadline = math.inf if first is None else self._now() + first
-            try:
-                while True:
-                    event_in = h.next_event()
-                    if event_in is NEED_DATA:
-                        if conn.got_bytes and read_timeout is not None:
-                            scope.deadline = self._now() + read_timeout
-                        try:
-                            chunk = await stream.receive(CHUNK_SIZE)
-                        except anyio.EndOfStream:
-                            chunk = b""
-                        except _IO_ERRORS as exc:
-                            raise ReadError(f"the connection broke while reading: {exc!r}") from exc
-                        if not chunk and not conn.got_bytes:
-                            raise RemoteProtocolError(
-                                "the server closed the connection without sending a response"
-                            )
-                        conn.got_bytes = True
-                        h.receive_data(chunk)
-                    elif type(event_in) is ResponseHead:
-                        return event_in
-                    else:
-                        raise RemoteProtocolError(f"unexpected {event_in!r} instead of a response")
-            except BadMessage as exc:
-                raise RemoteProtocolError(f"invalid response: {exc}") from exc
-        if reading:
-            waited = (
-                head_timeout if head_timeout is not None and not conn.got_bytes else read_timeout
-            )
-            raise ReadTimeout(f"no response data for {waited} s")
-        raise WriteTimeout(f"sending the request took more than {self._options.write} s")
+        if not await _send(conn, data, self._now() + self._options.write):
+            raise WriteTimeout(f"sending the request took more than {self._options.write} s")
+        first = read_timeout if head_timeout is None else head_timeout
+        deadline = math.inf if first is None else self._now() + first
+        try:
+            while True:
+                event_in = h.next_event()
+                if event_in is NEED_DATA:
+                    if conn.got_bytes and read_timeout is not None:
+                        deadline = self._now() + read_timeout
+                    chunk = await _receive(conn, deadline)
+                    if chunk is None:
+                        waited = read_timeout if conn.got_bytes else first
+                        raise ReadTimeout(f"no response data for {waited} s")
+                    if not chunk and not conn.got_bytes:
+                        raise RemoteProtocolError(
+                            "the server closed the connection without sending a response"
+                        )
+                    conn.got_bytes = True
+                    h.receive_data(chunk)
+                elif type(event_in) is ResponseHead:
+                    return event_in
+                else:
+                    raise RemoteProtocolError(f"unexpected {event_in!r} instead of a response")
+        except BadMessage as exc:
+            raise RemoteProtocolError(f"invalid response: {exc}") from exc
 
     # ------------------------------------------------------------------ tags
 
@@ -724,7 +744,8 @@ class ConnectionPool:
         except BaseException:
             self._release_slot()
             raise
-        conn = _Connection(origin, stream, self._codec())
+        direct = cast("DirectStream", stream) if self._direct else None
+        conn = _Connection(origin, stream, self._codec(), direct)
         self._conns.add(conn)
         return conn
 
@@ -885,7 +906,12 @@ class Response:
                     return None
                 if event is not NEED_DATA:
                     raise RemoteProtocolError(f"unexpected {event!r} in a response body")
-                h.receive_data(await _receive(conn.stream, self._read_timeout, self._pool._now))
+                timeout = self._read_timeout
+                deadline = math.inf if timeout is None else self._pool._now() + timeout
+                data = await _receive(conn, deadline)
+                if data is None:
+                    raise ReadTimeout(f"no data from the server for {timeout} s")
+                h.receive_data(data)
         except BadMessage as exc:
             self._detach()
             await self._pool._discard(conn)
