@@ -11,7 +11,7 @@ OpenSSL reads and writes the socket itself), and trio is asked to wait
 only when the kernel or OpenSSL says it would block. Every wait is a checkpoint,
 so cancellation works as on anyio's streams; the pool's timeouts are deadlines
 given to ``send_until`` / ``receive_until``, which the run's watchdog task ends
-(``_Watchdog``: one task for every stream, instead of a cancel scope per request).
+(``watchdog.Watchdog``: one task for every stream, instead of a cancel scope per request).
 The proxy's server does the same on its side (``adapters/proxy/sockets.py``);
 docs/benchmarks.md, "The hot path", has the figures.
 
@@ -34,12 +34,14 @@ import socket
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import suppress
-from typing import Any, Final
+from typing import Any
 
 import anyio
 import anyio.abc
 import trio
 from anyio.abc import SocketAttribute
+
+from .watchdog import Watchdog
 
 __all__ = ["YIELD_EVERY", "DirectStream", "connect"]
 
@@ -59,7 +61,7 @@ class DirectStream(anyio.abc.ByteStream):
         self.sock = sock
         self._sent = False  # a request went out: its answer cannot be there yet
         self._unwaited = 0  # reads in a row that found their bytes there at once
-        self._watchdog: _Watchdog | None = None  # this run's, from the first deadline
+        self._watchdog: Watchdog | None = None  # this run's, from the first deadline
 
     async def send(self, data: bytes) -> None:
         """Send all of ``data``, waiting for room (or for OpenSSL) as needed."""
@@ -131,7 +133,7 @@ class DirectStream(anyio.abc.ByteStream):
         else:
             watchdog = self._watchdog
             if watchdog is None:
-                watchdog = self._watchdog = _Watchdog.of_this_run()
+                watchdog = self._watchdog = Watchdog.of_this_run()
             watchdog.watch(sock, deadline)
         try:
             await wait(sock)
@@ -157,58 +159,6 @@ class DirectStream(anyio.abc.ByteStream):
         """The raw socket (``SocketAttribute.raw_socket``), for the pool's check of
         idle connections."""
         return {SocketAttribute.raw_socket: lambda: self.sock}
-
-
-class _Watchdog:
-    """Ends the waits of direct streams that outlive their deadline, one task for a
-    whole trio run: a wait costs a dict entry instead of a cancel scope (a trio
-    scope with its deadline moved costs about ten times more; docs/benchmarks.md).
-    The ended wait gets ``trio.ClosedResourceError`` (``notify_closing``), which
-    ``DirectStream._wait`` turns into False; its stream is closed by its owner."""
-
-    _RUN_VAR: Final = trio.lowlevel.RunVar["_Watchdog"]("keyrotor_direct_watchdog")
-
-    def __init__(self) -> None:
-        self.waits: dict[socket.socket, float] = {}  # waiting now -> its deadline
-        self.target = math.inf  # when the task wakes next
-        self.sleep: trio.CancelScope | None = None  # its sleep, while it sleeps
-
-    @classmethod
-    def of_this_run(cls) -> _Watchdog:
-        """The running trio run's watchdog, started on first use (a system task)."""
-        try:
-            return cls._RUN_VAR.get()
-        except LookupError:
-            watchdog = cls()
-            cls._RUN_VAR.set(watchdog)
-            trio.lowlevel.spawn_system_task(watchdog.run, name="keyrotor-pool-deadlines")
-            return watchdog
-
-    def watch(self, sock: socket.socket, deadline: float) -> None:
-        self.waits[sock] = deadline
-        if deadline < self.target:
-            self.target = deadline
-            if self.sleep is not None:
-                self.sleep.deadline = deadline  # wake earlier
-
-    def unwatch(self, sock: socket.socket) -> None:
-        self.waits.pop(sock, None)
-
-    async def run(self) -> None:
-        while True:
-            with trio.CancelScope(deadline=self.target) as self.sleep:
-                await trio.sleep_forever()
-            self.sleep = None
-            now = trio.current_time()
-            target = math.inf
-            for sock, deadline in list(self.waits.items()):
-                if deadline <= now:
-                    del self.waits[sock]
-                    if sock.fileno() != -1:
-                        trio.lowlevel.notify_closing(sock)
-                elif deadline < target:
-                    target = deadline
-            self.target = target
 
 
 async def _readable(sock: socket.socket) -> None:

@@ -718,6 +718,31 @@ async def test_an_idle_keep_alive_connection_is_closed_after_idle_timeout(
 
 
 @pytest.mark.trio
+async def test_a_request_in_time_ends_the_keep_alive_wait_and_its_deadline(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The keep-alive deadline (0.2 s after a response) belongs to that wait only: a
+    # request that came in time and takes longer than it is answered in full.
+    async def slow(request: Request) -> Response:
+        await trio.sleep(0.5)
+        return await echo(request)
+
+    with trio.fail_after(5):
+        async with running(slow, idle_timeout=0.2) as port:
+            raw = await Raw.connect(port)
+            await raw.send(raw_request("GET", "/first"))
+            assert (await raw.response()).status == 200
+            await trio.sleep(0.15)
+            await raw.send(raw_request("POST", "/second", body=b"late"))
+            second = await raw.response()
+            start = trio.current_time()
+            assert await raw.closed()  # then the next keep-alive wait times out
+            elapsed = trio.current_time() - start
+    assert (second.status, second.body) == (200, b"POST /second late")
+    assert elapsed == pytest.approx(0.2, abs=0.025)
+
+
+@pytest.mark.trio
 async def test_connections_over_max_connections_are_closed_at_once(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

@@ -23,9 +23,11 @@ While the worker computes or streams a response, the reader keeps reading the
 socket: bytes it reads belong to the next pipelined request and go to the codec's
 buffer (up to ``max_header_bytes``; past that it stops reading until the
 response is done and lets TCP push back); EOF or a reset means the client went
-away, and the application call or its stream is cancelled. When the response is
+away, and the application call or its stream is cancelled (while pipelined bytes
+wait in the buffer, the reader waits for the worker instead). When the response is
 done, that same pending read becomes the keep-alive wait for the next request,
-so a request costs no new task and no cancellation. ``Response.aclose`` is called exactly once for
+its ``idle_timeout`` kept by the run's watchdog (``transports/watchdog.py``), so a
+request costs no new task and no cancel scope. ``Response.aclose`` is called exactly once for
 every response the application returned (sent in full, client gone, error,
 shutdown), shielded, bounded by ``CLEANUP_TIMEOUT``; an iterator body that has
 an ``aclose`` (an async generator) is closed first the same way. A client that
@@ -95,6 +97,7 @@ import trio
 
 from ...transports import codec as http_codec
 from ...transports.codec import END, NEED_DATA, BadMessage, BadOutgoing, RequestHead
+from ...transports.watchdog import Watchdog
 from .sockets import Stream, accept, close, listen
 from .types import App, Request, Response
 
@@ -292,6 +295,14 @@ class _Server:
         self.unproven: dict[str, int] = {}  # client address -> connections not yet admitted
         self.unproven_total = 0
         self.codec = http_codec.codecs(options.parser)[0]
+        self._watchdog: Watchdog | None = None
+
+    def watchdog(self) -> Watchdog:
+        """The run's watchdog (keep-alive deadlines), found once."""
+        watchdog = self._watchdog
+        if watchdog is None:
+            watchdog = self._watchdog = Watchdog.of_this_run()
+        return watchdog
 
     def emit(self, line: dict[str, Any]) -> None:
         if self.log is not None:
@@ -352,8 +363,10 @@ class _Server:
         """Stop keeping connections alive and close the idle ones now."""
         self.draining = True
         for connection in self.connections:
-            if connection.idle_scope is not None:
+            if connection.idle_scope is not None:  # waiting for its first request
                 connection.idle_scope.cancel()
+            elif connection.kept_alive:  # waiting for its next one: end that wait
+                trio.lowlevel.notify_closing(connection.stream.sock)
 
 
 class _Connection:
@@ -377,6 +390,7 @@ class _Connection:
         "codec",
         "gone",
         "idle_scope",
+        "kept_alive",
         "nursery",
         "pending",
         "proven",
@@ -385,7 +399,6 @@ class _Connection:
         "server",
         "started",
         "stream",
-        "watch_scope",
         "worker_lot",
     )
 
@@ -410,8 +423,8 @@ class _Connection:
         self.bytes_out = 0
         self.worker_lot = trio.lowlevel.ParkingLot()
         self.reader_lot = trio.lowlevel.ParkingLot()
-        self.watch_scope: trio.CancelScope | None = None
-        self.idle_scope: trio.CancelScope | None = None  # cancelled by shutdown
+        self.idle_scope: trio.CancelScope | None = None  # a fresh connection's wait
+        self.kept_alive = False  # the reader's read is the keep-alive wait (a deadline)
 
     async def run(self) -> None:
         try:
@@ -426,6 +439,8 @@ class _Connection:
             self._bug(exc)
         finally:
             self.server.connections.discard(self)
+            if self.kept_alive:  # cancelled in the keep-alive wait (shutdown's grace)
+                self.server.watchdog().unwatch(self.stream.sock)
             if not self.proven:
                 self.proven = True
                 self.server.proven(self.address)
@@ -588,26 +603,26 @@ class _Connection:
 
         True: bytes of the next request are in the codec's buffer. False: the client went
         away (its request, if any, is cancelled), or the keep-alive wait timed out
-        or was ended by shutdown. Past ``max_header_bytes`` of pipelined bytes the
-        reader stops reading until the worker is done.
+        or was ended by shutdown. While bytes of a pipelined request (or, past
+        ``max_header_bytes``, more) wait in the buffer, the reader stops reading
+        until the worker is done.
         """
         conn = self.codec
         budget = self.server.options.max_header_bytes
         while True:
-            if self.busy and budget <= 0:
+            if self.busy and (budget <= 0 or conn.buffered):
                 await self.reader_lot.park()
                 if not self.busy:
                     return True
-            with trio.CancelScope() as scope:
-                self.watch_scope = scope
-                try:
-                    data = await self.stream.receive_some(_RECEIVE_SIZE, wait_first=True)
-                except _IO_ERRORS:
-                    data = b""
-            self.watch_scope = self.idle_scope = None
-            if scope.cancelled_caught:
-                # The worker woke us for pipelined bytes; else idle timeout or shutdown.
-                return conn.buffered
+            try:
+                data = await self.stream.receive_some(_RECEIVE_SIZE, wait_first=True)
+            except _IO_ERRORS:
+                data = b""
+            if self.kept_alive:  # the worker was done: that was the keep-alive wait
+                self.kept_alive = False
+                self.server.watchdog().unwatch(self.stream.sock)
+                if not data:  # the client closed, the idle timeout or shutdown
+                    return False
             if not data:
                 self.gone = True  # returning cancels the worker, and its request with it
                 return False
@@ -645,13 +660,11 @@ class _Connection:
     def _wake_reader(self) -> None:
         """The response is done: the reader's read becomes the keep-alive wait."""
         if self.reader_lot:
-            self.reader_lot.unpark_all()
-        elif self.watch_scope is not None:
-            if self.codec.buffered:
-                self.watch_scope.cancel()  # a pipelined request is waiting in the buffer
-            else:
-                self.watch_scope.deadline = trio.current_time() + self.server.options.idle_timeout
-                self.idle_scope = self.watch_scope
+            self.reader_lot.unpark_all()  # a pipelined request waits in the buffer
+        else:
+            self.kept_alive = True
+            deadline = trio.current_time() + self.server.options.idle_timeout
+            self.server.watchdog().watch(self.stream.sock, deadline)
 
     async def _respond(self, request: Request, start: float) -> bool:
         """Run the application and send its answer. True: the connection may be reused."""

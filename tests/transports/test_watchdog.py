@@ -1,4 +1,5 @@
-"""The pool's own sockets under trio (``transports/_direct.py``): deadlines.
+"""Deadlines under trio without cancel scopes (``transports/watchdog.py``), as the
+pool's own sockets use them (``transports/_direct.py``).
 
 A wait of a ``DirectStream`` ends at its deadline by the run's watchdog task, not
 by a cancel scope: each wait ends at its own deadline (virtual time, exact),
@@ -16,7 +17,8 @@ import pytest
 import trio
 import trio.testing
 
-from keyrotor.transports._direct import DirectStream, _Watchdog, close
+from keyrotor.transports._direct import DirectStream, close
+from keyrotor.transports.watchdog import Watchdog
 
 
 @pytest.fixture
@@ -108,4 +110,4 @@ async def test_waits_without_a_deadline_start_no_watchdog(
     await stream.send(b"back")
     assert peer.recv(10) == b"back"
     with pytest.raises(LookupError):
-        _Watchdog._RUN_VAR.get()
+        Watchdog._RUN_VAR.get()
