@@ -60,6 +60,10 @@ the proxy's log (statuses, retries, its own slowest requests and when). If ``lit
 importable, its proxy is measured the same way (4 deployments of the model, one
 per fake key); otherwise one line says it was skipped.
 
+Between runs the benchmark waits (up to 30 s) until every process is quiet: a
+proxy that fell behind an open loop (LiteLLM's) keeps working off its backlog
+after the run and would take that CPU from the next target's run.
+
 Only 127.0.0.1 is contacted. Every child is stopped on exit, on errors, on Ctrl-C
 and on SIGTERM. The generator's garbage collector is paused while a run is
 measured (and collected between runs).
@@ -88,7 +92,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,6 +123,7 @@ DONE = b"data: [DONE]\n\n"
 REQUEST_TIMEOUT = 10.0  # per request, from its scheduled (open) or send (closed) time
 STARTUP_TIMEOUT = 30.0
 STOP_TIMEOUT = 5.0
+SETTLE_LIMIT = 30.0  # seconds to wait for every process to go quiet between runs
 CONNECT_TIMEOUT = 5.0
 RECEIVE_SIZE = 65536
 SPIN = 0.001  # open loop: last stretch before a due time spent yielding, not sleeping
@@ -827,6 +832,23 @@ def cpu_seconds(pid: int, thread: int | None = None) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of stat
 
 
+def settle(pids: Mapping[str, int], limit: float | None = None) -> str | None:
+    """Wait, up to ``limit`` s (``SETTLE_LIMIT``), until no process of ``pids`` uses
+    more than a tenth of a core (over 0.2 s): a proxy that fell behind an open
+    loop (LiteLLM's, at 200 requests/s) works off its backlog after the run, and
+    would take that CPU from the next run's target. The name of one still busy
+    at the limit, else None."""
+    give_up = time.monotonic() + (SETTLE_LIMIT if limit is None else limit)
+    while True:
+        before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        time.sleep(0.2)
+        busy = [name for name, pid in pids.items() if cpu_seconds(pid) - before[name] > 0.02]
+        if not busy:
+            return None
+        if time.monotonic() >= give_up:
+            return busy[0]
+
+
 def memory(pid: int) -> tuple[int, int]:
     """(VmRSS, VmHWM) in bytes, (0, 0) if the process is gone."""
     values = {"VmRSS:": 0, "VmHWM:": 0}
@@ -1521,6 +1543,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 raise BenchError(
                                     f"{proc.name} exited during the run:\n{proc.log_tail()}"
                                 )
+                        busy = settle(pids)
+                        if busy is not None:
+                            print(
+                                f"  {busy} still busy {SETTLE_LIMIT:g} s after that run",
+                                file=sys.stderr,
+                                flush=True,
+                            )
         elapsed = time.perf_counter() - started
         load_after = os.getloadavg()
 
