@@ -344,6 +344,8 @@ async def _receive(conn: _Connection, deadline: float) -> bytes | None:
         direct = conn.direct
         if direct is not None:
             return await direct.receive_until(deadline, CHUNK_SIZE)
+        if deadline == math.inf:
+            return await conn.stream.receive(CHUNK_SIZE)
         with anyio.CancelScope(deadline=deadline):
             return await conn.stream.receive(CHUNK_SIZE)
         return None
