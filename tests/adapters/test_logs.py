@@ -141,3 +141,24 @@ async def test_batched_twice_at_once_is_refused() -> None:
         with pytest.raises(RuntimeError, match="already batched"):
             with log.batched():
                 pass  # pragma: no cover
+
+
+class BrokenPipe(io.StringIO):
+    def write(self, text: str) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+@pytest.mark.trio
+async def test_a_log_that_cannot_be_written_loses_lines_not_the_proxy(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    log = LineLog(BrokenPipe())
+    log({"n": 0})  # at once: no exception
+    with log.batched():
+        log({"n": 1})
+        await trio.sleep(FLUSH_INTERVAL + 0.001)  # the flusher's write fails: it lives on
+        log({"n": 2})
+        await trio.sleep(FLUSH_INTERVAL + 0.001)
+    closed = io.StringIO()
+    closed.close()
+    LineLog(closed)({"n": 3})  # a closed stream: ValueError, suppressed too

@@ -18,7 +18,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any, Final, TextIO
 
 import trio
@@ -68,15 +68,17 @@ class LineLog:
             wake.set()
 
     def flush(self, *more: str) -> None:
-        """Write every queued line now, then ``more``."""
+        """Write every queued line now, then ``more``. A log that cannot be written
+        (a closed pipe, a full disk) loses its lines; it never stops the proxy."""
         pending = self._pending
         with self._lock:
             lines = [pending.popleft() for _ in range(len(pending))]
             lines.extend(more)
             if lines:
                 stream = self.stream
-                stream.write("\n".join(lines) + "\n")
-                stream.flush()
+                with suppress(OSError, ValueError):  # ValueError: the stream was closed
+                    stream.write("\n".join(lines) + "\n")
+                    stream.flush()
 
     @contextmanager
     def batched(self, interval: float = FLUSH_INTERVAL) -> Iterator[None]:
