@@ -146,6 +146,19 @@ class DirectStream(anyio.abc.ByteStream):
                 watchdog.unwatch(sock)
         return True
 
+    async def _handshake(self) -> None:
+        """The TLS handshake of a wrapped socket (``connect``'s)."""
+        sock = self.sock
+        assert isinstance(sock, ssl.SSLSocket)
+        while True:
+            try:
+                sock.do_handshake()
+                return
+            except ssl.SSLWantReadError:
+                await self._wait(trio.lowlevel.wait_readable, math.inf)
+            except ssl.SSLWantWriteError:
+                await self._wait(trio.lowlevel.wait_writable, math.inf)
+
     async def send_eof(self) -> None:
         """Not used by the pool (it never half-closes a connection)."""
         raise NotImplementedError
@@ -159,22 +172,6 @@ class DirectStream(anyio.abc.ByteStream):
         """The raw socket (``SocketAttribute.raw_socket``), for the pool's check of
         idle connections."""
         return {SocketAttribute.raw_socket: lambda: self.sock}
-
-
-async def _readable(sock: socket.socket) -> None:
-    """Wait until ``sock`` can be read; closed meanwhile: ``anyio.ClosedResourceError``."""
-    try:
-        await trio.lowlevel.wait_readable(sock)
-    except trio.ClosedResourceError as exc:  # the pool catches anyio's, not trio's
-        raise anyio.ClosedResourceError from exc
-
-
-async def _writable(sock: socket.socket) -> None:
-    """Wait until ``sock`` can be written; closed meanwhile: ``anyio.ClosedResourceError``."""
-    try:
-        await trio.lowlevel.wait_writable(sock)
-    except trio.ClosedResourceError as exc:
-        raise anyio.ClosedResourceError from exc
 
 
 def close(sock: socket.socket) -> None:
@@ -208,19 +205,10 @@ async def connect(
             sock = context.wrap_socket(
                 sock, server_hostname=server_hostname, do_handshake_on_connect=False
             )
-            await _handshake(sock)
+        stream = DirectStream(sock)
+        if context is not None:
+            await stream._handshake()
     except BaseException:
         close(sock)
         raise
-    return DirectStream(sock)
-
-
-async def _handshake(sock: ssl.SSLSocket) -> None:
-    while True:
-        try:
-            sock.do_handshake()
-            return
-        except ssl.SSLWantReadError:
-            await _readable(sock)
-        except ssl.SSLWantWriteError:
-            await _writable(sock)
+    return stream

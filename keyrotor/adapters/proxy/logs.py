@@ -114,12 +114,13 @@ class LineLog:
     def _poke_from_thread(self) -> None:
         """A line queued by another thread: wake the flusher from its own thread."""
         token = self._token
-        try:
-            if token is None:
-                raise trio.RunFinishedError
-            token.run_sync_soon(self._set_wake)
-        except trio.RunFinishedError:  # the flusher is gone: write it ourselves
-            self.flush()
+        if token is not None:
+            try:
+                token.run_sync_soon(self._set_wake)
+                return
+            except trio.RunFinishedError:
+                pass
+        self.flush()  # the flusher is gone: write it ourselves
 
     def _set_wake(self) -> None:
         wake = self._wake
