@@ -35,7 +35,7 @@ from benchmarks.proxy_floor import (
     _trio_send,
     _upstream_head,
 )
-from benchmarks.transport_overhead import BODY, SECRETS, start_upstream
+from benchmarks.transport_overhead import BODY, SECRETS, pool_post, start_upstream
 from keyrotor.transports import _h11pool as h11pool
 from keyrotor.transports._async import AsyncClient
 
@@ -49,7 +49,6 @@ async def measure(url: str, requests: int, streams: int, rounds: int) -> dict[st
     host = f"{parts.hostname}:{parts.port}".encode()
     path = (parts.path + "/chat/completions").encode()
     key = next(iter(SECRETS.values())).encode()
-    headers = [(b"authorization", b"Bearer " + key), (b"content-type", b"application/json")]
     options = h11pool.PoolOptions(max_connections=streams * 2)
     async with h11pool.ConnectionPool(options) as pool, AsyncClient(SECRETS, url) as client:
 
@@ -68,13 +67,7 @@ async def measure(url: str, requests: int, streams: int, rounds: int) -> dict[st
 
         async def through_pool(count: int) -> None:
             for _ in range(count):
-                response = await pool.request(
-                    b"POST", url + "/chat/completions", headers, BODY, read_timeout=30.0
-                )
-                try:
-                    await response.aread()
-                finally:
-                    await response.aclose()
+                await pool_post(pool, url)
 
         async def through_client(count: int) -> None:
             for _ in range(count):

@@ -33,6 +33,22 @@ BODY = json.dumps(
     {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 ).encode()
 SECRETS = {f"key{i}": f"sk-or-v1-bench-{i:04d}-0000000000000000" for i in range(4)}
+HEADERS = [
+    (b"Authorization", b"Bearer " + next(iter(SECRETS.values())).encode()),
+    (b"Content-Type", b"application/json"),
+]
+"""A bare request's headers: the first key's, as a client with one key sends them."""
+
+
+async def pool_post(pool: h11pool.ConnectionPool, url: str) -> None:
+    """``POST url/chat/completions`` through keyrotor's pool alone, its body read."""
+    response = await pool.request(
+        b"POST", url + "/chat/completions", HEADERS, BODY, read_timeout=30.0
+    )
+    try:
+        await response.aread()
+    finally:
+        await response.aclose()
 
 
 def start_upstream() -> tuple[subprocess.Popen[str], str]:
@@ -69,20 +85,10 @@ async def measure(send: Callable[[], Awaitable[None]], n: int) -> list[float]:
 
 async def run(url: str, n: int, rounds: int, warmup: int) -> dict[str, list[list[float]]]:
     results: dict[str, list[list[float]]] = {"bare": [], "client": []}
-    headers = [
-        (b"Authorization", b"Bearer " + next(iter(SECRETS.values())).encode()),
-        (b"Content-Type", b"application/json"),
-    ]
     async with h11pool.ConnectionPool() as pool, AsyncClient(SECRETS, url) as client:
 
         async def bare() -> None:
-            response = await pool.request(
-                b"POST", url + "/chat/completions", headers, BODY, read_timeout=30.0
-            )
-            try:
-                await response.aread()
-            finally:
-                await response.aclose()
+            await pool_post(pool, url)
 
         async def through_pool() -> None:
             await client.request("POST", "/chat/completions", content=BODY)
@@ -102,14 +108,10 @@ def run_sync(url: str, n: int, rounds: int, warmup: int) -> dict[str, list[list[
     from keyrotor.transports.sync import Client
 
     results: dict[str, list[list[float]]] = {"bare": [], "client": []}
-    headers = [
-        (b"Authorization", b"Bearer " + next(iter(SECRETS.values())).encode()),
-        (b"Content-Type", b"application/json"),
-    ]
     with httpcore.ConnectionPool() as pool, Client(SECRETS, url) as client:
 
         def bare() -> None:
-            pool.request("POST", url + "/chat/completions", headers=headers, content=BODY)
+            pool.request("POST", url + "/chat/completions", headers=HEADERS, content=BODY)
 
         def through_pool() -> None:
             client.request("POST", "/chat/completions", content=BODY)
