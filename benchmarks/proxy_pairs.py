@@ -13,6 +13,11 @@ the median ratio with its quartiles (the spread of the pairs), per body. Run:
     git worktree add /tmp/before HEAD~1
     python -m benchmarks.proxy_pairs /tmp/before /work/main --pairs 20 [--burst 2] \
         [--state] [--keys N] [--no-stream]
+
+One tree against itself with B configured otherwise measures what a setting
+costs, e.g. the state file at 10,000 keys::
+
+    python -m benchmarks.proxy_pairs . . --state --keys 10000 --b-no-state --no-stream
 """
 
 from __future__ import annotations
@@ -62,11 +67,14 @@ def main() -> int:
     parser.add_argument("--state", action="store_true", help="both with a state file")
     parser.add_argument("--keys", type=int, default=4, metavar="N", help="fake keys (4)")
     parser.add_argument("--no-stream", action="store_true", help="JSON only")
+    parser.add_argument("--b-keys", type=int, metavar="N", help="B's fake keys (default: --keys)")
+    parser.add_argument("--b-no-state", action="store_true", help="B without the state file")
     args = parser.parse_args()
+    b_keys = args.keys if args.b_keys is None else args.b_keys
     for tree in args.trees:
         if not (tree / "keyrotor" / "cli.py").is_file():
             parser.error(f"{tree} is not a keyrotor source tree (no keyrotor/cli.py)")
-    if args.pairs < 1 or args.burst <= 0 or args.keys < 1:
+    if args.pairs < 1 or args.burst <= 0 or min(args.keys, b_keys) < 1:
         parser.error("--pairs and --keys must be at least 1, --burst above 0")
     bodies = (False,) if args.no_stream else (False, True)
     options = Options(
@@ -78,9 +86,10 @@ def main() -> int:
     with ExitStack() as stack:
         _, upstream_url = start_upstream(stack)
         targets = []
-        for name, tree in zip(names, args.trees, strict=True):
+        sides = [(args.state, args.keys), (args.state and not args.b_no_state, b_keys)]
+        for name, tree, (state, keys) in zip(names, args.trees, sides, strict=True):
             proxy, endpoint = start_keyrotor(
-                stack, upstream_url, args.state, keys=args.keys, tree=tree.resolve()
+                stack, upstream_url, state, keys=keys, tree=tree.resolve()
             )
             targets.append(Target(name, endpoint, proxy.pid))
         for target in targets:
@@ -100,7 +109,10 @@ def main() -> int:
                 )
     print(
         f"{args.pairs} pairs of {args.burst:g} s bursts per body, closed loop of 32, "
-        f"{args.keys} keys, state file {'on' if args.state else 'off'}\n"
+        f"{args.keys} keys, state file {'on' if args.state else 'off'}"
+        + (f"; B: {b_keys} keys" if b_keys != args.keys else "")
+        + ("; B: no state file" if args.state and args.b_no_state else "")
+        + "\n"
     )
     print("| body | A, µs a request | B, µs a request | B/A, median of pairs | quartiles |")
     print("|---|---:|---:|---:|---|")
