@@ -3,6 +3,7 @@ hour and day, across a restart and past retention."""
 
 from __future__ import annotations
 
+import json
 import math
 import tempfile
 from pathlib import Path
@@ -228,6 +229,32 @@ def test_a_rollup_survives_its_columns(answers: list[Any]) -> None:
     )
     back.add(back)  # a read-back rollup is the caller's to change: the cache must not be
     assert analytics.Rollup.from_columns(columns).columns() == columns
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.integers(0, 2_000), st.integers(1, 10**12), max_size=60))
+def test_a_histogram_is_written_as_json_dumps_writes_it(histogram: dict[int, int]) -> None:
+    """The histograms' hand-written JSON is ``json.dumps``' text, and reads back."""
+    text = analytics._histogram_text(histogram)
+    assert text == json.dumps(histogram)
+    assert analytics._histogram_items(text) == histogram
+    assert list(analytics._histogram_items(text)) == list(histogram)  # bucket order kept
+
+
+def test_only_small_histograms_are_cached() -> None:
+    """A busy key's large histogram, new at every flush, stays out of the caches."""
+    small = {3: 1, 40: 2}
+    large = {bucket: 1 for bucket in range(100, 100 + 2 * analytics.SMALL_HISTOGRAM)}
+    assert len(analytics._histogram_text(large)) > analytics._SMALL_TEXT
+    analytics._small_histogram_text.cache_clear()
+    analytics._small_histogram_items.cache_clear()
+    for histogram in (small, large, small):
+        analytics._histogram_items(analytics._histogram_text(histogram))
+    text, items = (
+        analytics._small_histogram_text.cache_info(),
+        analytics._small_histogram_items.cache_info(),
+    )
+    assert (text.currsize, text.hits, items.currsize, items.hits) == (1, 1, 1, 1)
 
 
 # -- the roll-up of minutes into hours and days ----------------------------------------------
