@@ -532,11 +532,21 @@ class _Replay:
         )
 
     def _cancel(self, rid: str, now: float) -> None:
-        """The caller gives up (``cancel_after``), if the request is still open."""
-        if rid in self.open:
+        """The caller gives up (``cancel_after``), if the request is still open.
+
+        The pool first does what was due at this instant: its queue deadline
+        may reject the request (then it ends rejected, not cancelled), or a key
+        that pacing frees may be given to it (a ``Send`` the pool takes back as
+        it cancels: dropped, as the transports' driver drops decisions for a
+        request its caller has closed)."""
+        if rid not in self.open:
+            return
+        decisions = self.handle(RequestCancelled(request_id=rid, now=now))
+        if not any(type(d) is Reject and d.request_id == rid for d in decisions):
             del self.open[rid]
             self.counts[2] += 1
-            self._decide(self.handle(RequestCancelled(request_id=rid, now=now)), now)
+            decisions = [d for d in decisions if getattr(d, "request_id", None) != rid]
+        self._decide(decisions, now)
 
     # ------------------------------------------------------------- decisions
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from hypothesis import HealthCheck, given, settings
+import pytest
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from keyrotor.core import POLICIES, KeySpec
@@ -160,6 +161,18 @@ key_model = st.fixed_dictionaries(
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@example(  # r5's cancel at t=1.0 meets its queue deadline and pacing freeing the keys
+    arrivals=[(0.0, False, 0, None, None, None)] * 5
+    + [(1.0, False, 0, None, None, None)] * 2
+    + [(0.0, False, 0, 1.0, None, None)],
+    failures=[],
+    keys={},
+    policy="round_robin",
+    max_in_flight=None,
+    known_rpm=60.0,
+    queue_timeout=1.0,
+    seed=0,
+)
 @given(
     arrivals=st.lists(arrival, max_size=40),
     failures=st.lists(window, max_size=3),
@@ -244,6 +257,33 @@ def test_an_arrival_that_drains_another_request_loses_nothing() -> None:
     assert result.queue_waits == [0.9, 1.0]  # r1 waits until 1.0, r2 until 2.0
 
 
+@pytest.mark.parametrize(
+    ("rpm", "ended"),
+    [
+        (60, (1, 1, 0)),  # pacing frees the key at t=1.0: sent, then taken back: cancelled
+        (6, (1, 0, 1)),  # nothing frees it: its queue deadline rejects it first (a 503)
+    ],
+)
+def test_a_cancel_at_the_instant_of_a_queued_requests_deadline(
+    rpm: float, ended: tuple[int, int, int]
+) -> None:
+    """Regression: the caller of a queued request gives up at t=1.0, the instant its
+    queue deadline passes and pacing may free a key. It ends once, as the pool says."""
+    records = [TraceRecord(t=0.0), TraceRecord(t=0.0, cancel_after=1.0)]
+    result = simulate(
+        Trace(TraceHeader(), records),
+        UpstreamModel.from_json({"latency": 0.2}),
+        keys=[KeySpec(key_id="paced", rpm=rpm)],
+        options={"queue_timeout": 1.0},
+    )
+    rejected = sum(result.client_errors.values())
+    assert (result.served, result.cancelled, rejected) == ended
+    assert result.lost == 0
+    stats = result.pool_statistics
+    assert (stats["cancelled"], stats["rejected"]) == ended[1:]
+    assert stats["in_flight"] == 0 and stats["queued"] == 0
+
+
 def test_sends_before_a_key_is_blamed_are_not_counted_as_sends_after_blame() -> None:
     """Regression: 503s (the key is still in service: an upstream fault) and then
     429s from the same key. Only sends while the key is out of service count."""
@@ -264,7 +304,6 @@ def test_sends_before_a_key_is_blamed_are_not_counted_as_sends_after_blame() -> 
 
 
 def test_an_upstream_model_naming_a_key_the_pool_lacks_is_an_error() -> None:
-    import pytest
 
     model = UpstreamModel.from_json({"failures": [{"key": "kye-1", "start": 0, "status": 503}]})
     with pytest.raises(ValueError, match="names key\\(s\\) 'kye-1' that the pool does not have"):
