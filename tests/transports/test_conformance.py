@@ -7,6 +7,7 @@ keys and the same outcomes, whatever the concurrency model.
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import anyio
@@ -64,6 +65,13 @@ def outcome(result: Any) -> Any:
     return ("ok", result.status_code, result.key, result.attempts)
 
 
+def probed(server: FakeUpstream) -> bool:
+    """The invalid key's probe has been answered: the probe runs beside the
+    requests (the sync client's on its timer and worker threads), so a loaded
+    machine may end the script before it; each runner waits for it."""
+    return any(e.key == "bad" and e.path == "/key" for e in server.log)
+
+
 def summary(server: FakeUpstream, results: list[Any], status: dict[str, Any]) -> dict[str, Any]:
     # Probes run concurrently with requests, so only their count is compared.
     return {
@@ -95,6 +103,9 @@ def run_sync() -> dict[str, Any]:
             with client.stream("POST", "/chat/completions", json=body, pin="good") as stream:
                 lines = list(stream.iter_lines())
             results.append(("stream", stream.key, [x for x in lines if x][-1]))
+            deadline = time.monotonic() + 30  # a hang guard only
+            while not probed(server) and time.monotonic() < deadline:
+                time.sleep(0.01)
             return summary(server, results, client.status())
 
 
@@ -121,6 +132,9 @@ def run_async(backend: str) -> dict[str, Any]:
                 async with client.stream("POST", "/chat/completions", json=body, pin="good") as s:
                     lines = [line async for line in s.aiter_lines()]
                 results.append(("stream", s.key, [x for x in lines if x][-1]))
+                with anyio.move_on_after(30):  # a hang guard only
+                    while not probed(server):
+                        await anyio.sleep(0.01)
                 return summary(server, results, client.status())
 
     return anyio.run(main, backend=backend)
