@@ -48,7 +48,10 @@ def pids(url: str, tries: int) -> set[int]:
     seen = set()
     for _ in range(tries):  # a new connection each time: the kernel picks a worker
         with httpx.Client(timeout=10) as http:
-            seen.add(http.get(f"{url}/status").json()["process"]["pid"])
+            try:
+                seen.add(http.get(f"{url}/status").json()["process"]["pid"])
+            except httpx.TransportError:  # queued on a killed worker's socket: reset
+                continue
     return seen
 
 
