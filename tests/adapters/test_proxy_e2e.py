@@ -205,8 +205,11 @@ def test_keyrotor_serve_as_a_subprocess(tmp_path: Any) -> None:
         )
         try:
             assert proc.stderr is not None
-            listening = json.loads(proc.stderr.readline())
-            assert listening["event"] == "listening"
+            early = []  # the catalog's first fetch may log before the server listens
+            while (line := json.loads(proc.stderr.readline()))["event"] != "listening":
+                early.append(line)
+            listening = line
+            assert all(e["event"] == "catalog" for e in early), early
             assert listening["http_parser"] == "httptools"  # "auto", the fast extra installed
             assert listening["gc_threshold"] == 10000  # tuned once listening (main.tune_gc)
             url = listening["url"]
@@ -221,7 +224,7 @@ def test_keyrotor_serve_as_a_subprocess(tmp_path: Any) -> None:
             assert httpx.get(f"{url}/status").json()["totalKeys"] == 5
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=20) == 0
-            rest = proc.stderr.read()
+            rest = json.dumps([*early, listening]) + proc.stderr.read()
         finally:
             if proc.poll() is None:
                 proc.kill()
