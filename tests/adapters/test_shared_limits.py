@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
+from keyrotor.adapters import shared_limits
 from keyrotor.adapters.config import Budget, ProxyConfig
 from keyrotor.core import KeySpec, PoolConfig
 from keyrotor.testing import Custom, FakeUpstream, Ok, Reply, Scenario
@@ -29,6 +30,13 @@ pytestmark = [
     needs_redis,
     pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
 ]
+
+
+@pytest.fixture(autouse=True)
+def patient_admissions(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests hold limits through Redis, not through the fallback a slow
+    Redis gets: a loaded machine must not push an admission past its 0.25 s."""
+    monkeypatch.setattr(shared_limits, "TIMEOUT", 30.0)
 
 
 def three_proxies(
