@@ -944,7 +944,8 @@ def test_the_faulty_scenario_mixes_four_faults_into_an_open_pool() -> None:
     from keyrotor.testing.scenarios import FAULTY_KEYS, scenario
 
     body = {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
-    with FakeUpstream.running_in_thread(scenario("faulty")) as server:
+    # On a clock of its own: six requests across a minute boundary would all pass.
+    with FakeUpstream.running_in_thread(scenario("faulty"), clock=FakeClock(1_000.0)) as server:
 
         def status(secret: str, timeout: float = 10.0) -> int:
             answer = httpx.post(
