@@ -211,12 +211,17 @@ def _histogram_items(text: str) -> dict[int, int]:
     """The histogram a row's JSON holds."""
     if len(text) <= _SMALL_TEXT:
         return dict(_small_histogram_items(text))
-    return {int(bucket): count for bucket, count in json.loads(text).items()}
+    return _parse_histogram(text)
 
 
 def _json_object(items: Iterable[tuple[int, int]]) -> str:
     """``json.dumps`` of int -> int pairs, written out directly (2.4x faster)."""
     return "{" + ", ".join([f'"{bucket}": {count}' for bucket, count in items]) + "}"
+
+
+def _parse_histogram(text: str) -> dict[int, int]:
+    """``_json_object``'s text read back."""
+    return {int(bucket): count for bucket, count in json.loads(text).items()}
 
 
 @functools.lru_cache(maxsize=4096)
@@ -226,7 +231,7 @@ def _small_histogram_text(items: tuple[tuple[int, int], ...]) -> str:
 
 @functools.lru_cache(maxsize=4096)
 def _small_histogram_items(text: str) -> tuple[tuple[int, int], ...]:
-    return tuple((int(bucket), count) for bucket, count in json.loads(text).items())
+    return tuple(_parse_histogram(text).items())
 
 
 SCHEMA = (
