@@ -164,7 +164,7 @@ async def test_cancelling_mid_stream_frees_the_key() -> None:
 
 async def test_first_byte_timeout_fails_over() -> None:
     async with FakeUpstream(scenario(bad=Hang(), good=Ok())).serve() as server:
-        options = HTTPOptions(first_byte=0.2)
+        options = HTTPOptions(first_byte=1.0)
         async with Client(keys("bad", "good"), server.url, http=options) as client:
             answer = await client.request(
                 "POST", "/chat/completions", json={"model": MODEL, "messages": HI}

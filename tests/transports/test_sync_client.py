@@ -285,7 +285,7 @@ def test_a_hanging_key_times_out_and_fails_over() -> None:
     # Hang() never answers: without the timeout the request would wait forever
     # (the worker thread's join below would then give up). No bound on the time
     # taken: what is checked is that the timeout fired, not how fast the machine is.
-    options = HTTPOptions(idle=0.5, first_byte=0.5, connect=5.0)
+    options = HTTPOptions(idle=1.0, first_byte=1.0, connect=5.0)
     with running({"hang": Hang(), "ok": Ok()}, http=options) as (client, server):
         answers: list[Any] = []
         worker = threading.Thread(
@@ -294,7 +294,7 @@ def test_a_hanging_key_times_out_and_fails_over() -> None:
             )
         )
         worker.start()
-        worker.join(timeout=60)  # a hang guard only: the timeout under test is 0.5 s
+        worker.join(timeout=60)  # a hang guard only: the timeout under test is 1 s
         assert not worker.is_alive(), "the hanging key never timed out"
         (response,) = answers
 
