@@ -97,11 +97,11 @@ def build_state(path: Path, end: float) -> int:
                 slot.add(r)
         conn.executemany(insert, batch)
         rows += len(batch)
-    for grain, book in (("hour", hours), ("day", days)):
+    for name, book in (("hour", hours), ("day", days)):
         conn.executemany(
             insert,
             [
-                (grain, at, f"k{k}", MODELS[k % 3], CLIENTS[k % 3], *r.columns())
+                (name, at, f"k{k}", MODELS[k % 3], CLIENTS[k % 3], *r.columns())
                 for (at, k), r in book.items()
             ],
         )

@@ -27,7 +27,7 @@ import trio
 
 from benchmarks._harness import median_time
 from keyrotor.adapters.proxy.app import ProxyApp
-from keyrotor.adapters.proxy.catalog import CatalogService
+from keyrotor.adapters.proxy.catalog import Catalogs, CatalogService
 from keyrotor.adapters.proxy.types import Request
 from keyrotor.models import parse_catalog
 from keyrotor.testing.catalogs import realistic_models
@@ -38,10 +38,12 @@ async def answers(document: bytes, n: int) -> tuple[float, float, float]:
     """(encoding a new catalog's answers, /v1/models, /v1/models/{id}) median seconds."""
     async with AsyncClient({"k": "sk-or-v1-bench-catalog-0000"}, "http://127.0.0.1:9") as client:
         service = CatalogService(client, refresh=3600)
-        app = ProxyApp(client, catalog=service)
+        app = ProxyApp(client, catalog=Catalogs(service))
         listing = Request(method="GET", target="/v1/models", headers=[], body=b"")
         one = Request(method="GET", target="/v1/models/openai/gpt-4o-mini", headers=[], body=b"")
-        firsts, laters, ones = [], [], []
+        firsts: list[float] = []
+        laters: list[float] = []
+        ones: list[float] = []
         for _ in range(n):
             catalog = service.catalog = parse_catalog(document)
             started = time.perf_counter()

@@ -20,6 +20,7 @@ reported (the machine is shared and noisy). Run:
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import statistics
 import time
@@ -123,6 +124,13 @@ def time_event_build(cycles: int, start_at: float) -> float:
     return (time.perf_counter() - t0) / cycles
 
 
+def _at(
+    timer: Callable[[Pool, int, float, str], float], pool: Pool, cycles: int, policy: str, at: float
+) -> float:
+    """``timer`` for one round starting at clock time ``at`` (``median_us``'s argument)."""
+    return timer(pool, cycles, at, policy)
+
+
 def median_us(measure: Callable[[float], float], rounds: int) -> float:
     results = [measure(r * 1_000.0) for r in range(rounds)]
     return statistics.median(results) * 1e6
@@ -179,16 +187,15 @@ def main() -> None:
         for n_keys in args.sizes:
             pool = make_pool(policy, n_keys)
             handle_us = median_us(
-                lambda at, p=pool, pol=policy: time_handle(p, args.cycles, at, pol), args.rounds
+                functools.partial(_at, time_handle, pool, args.cycles, policy), args.rounds
             )
             pool = make_pool(policy, n_keys)
             cycle_us = median_us(
-                lambda at, p=pool, pol=policy: time_cycle(p, args.cycles, at, pol), args.rounds
+                functools.partial(_at, time_cycle, pool, args.cycles, policy), args.rounds
             )
             pool = make_pool(policy, n_keys)
             driver_us = median_us(
-                lambda at, p=pool, pol=policy: time_driver_cycle(p, args.cycles, at, pol),
-                args.rounds,
+                functools.partial(_at, time_driver_cycle, pool, args.cycles, policy), args.rounds
             )
             print(
                 f"| {policy} | {n_keys:,} | {handle_us:.2f} | {handle_us / build_us:.1f} | "

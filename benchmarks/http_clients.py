@@ -651,7 +651,9 @@ class H11PoolAsync(_Bodies):
         )
         try:
             conn = response._conn  # private: the benchmark's connection-reuse check
-            port = -1 if conn is None else conn.stream.extra(SocketAttribute.local_port)
+            # The raw socket: the pool's own streams under trio give no other attribute.
+            sock = None if conn is None else conn.stream.extra(SocketAttribute.raw_socket)
+            port = -1 if sock is None else int(sock.getsockname()[1])
             yield AsyncResponse(response.status, port, response.aiter_bytes())
         finally:
             await response.aclose()

@@ -31,6 +31,7 @@ from benchmarks.proxy_load import (
     ROUTE,
     ROUTE_CONFIG,
     Endpoint,
+    Mode,
     Options,
     Target,
     _child_env,
@@ -124,7 +125,7 @@ def main() -> int:
             target = Target("proxy", endpoint, proxy.pid, ROUTE if args.route else MODEL)
             warm_up(target, options)
             before = cpu_seconds(proxy.pid)
-            mode = "open" if args.open else "closed"
+            mode: Mode = "open" if args.open else "closed"
             result = measure(target, mode, args.stream, 1, options, {})
             used = cpu_seconds(proxy.pid) - before
         stats = pstats.Stats(str(out))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import functools
 import statistics
+from collections.abc import Callable
 
 from benchmarks._harness import median_time
 from keyrotor.models import parse_catalog
@@ -45,7 +46,7 @@ def main() -> None:
     need = Need(prompt_tokens=2_000, max_tokens=500)
     latency = {model_id: 100.0 + i for i, model_id in enumerate(ids[:5])}
     request = {"model": "free", "messages": [{"role": "user", "content": "hi " * 50}]}
-    cases = {
+    cases: dict[str, Callable[[], object]] = {
         "attrs value (reference)": lambda: Need(prompt_tokens=2_000, max_tokens=500),
         "need_of(request)": lambda: need_of(request),
         **{

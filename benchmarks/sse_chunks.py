@@ -49,14 +49,14 @@ async def _serve_one(stream: trio.SocketStream, chunks: int, gap: float) -> None
                 data = await stream.receive_some(65536)
                 if not data:
                     return
-                conn.receive_data(data)
+                conn.receive_data(bytes(data))
                 event = conn.next_event()
             if not isinstance(event, h11.Request):
                 return
             while not isinstance(event, h11.EndOfMessage):
                 event = conn.next_event()
                 if event is h11.NEED_DATA:
-                    conn.receive_data(await stream.receive_some(65536))
+                    conn.receive_data(bytes(await stream.receive_some(65536)))
             head = h11.Response(
                 status_code=200,
                 headers=[("content-type", "text/event-stream"), ("transfer-encoding", "chunked")],
@@ -79,7 +79,11 @@ async def upstream_main(chunks: int, gap: float) -> None:
     listeners = await trio.open_tcp_listeners(0, host=LOOPBACK)
     port = listeners[0].socket.getsockname()[1]
     print(f"http://{LOOPBACK}:{port}/api/v1", flush=True)
-    await trio.serve_listeners(lambda s: _serve_one(s, chunks, gap), listeners)
+
+    async def serve_one(stream: trio.SocketStream) -> None:
+        await _serve_one(stream, chunks, gap)
+
+    await trio.serve_listeners(serve_one, listeners)
 
 
 async def one_stream(port: int, path: str, delays: list[float]) -> None:
