@@ -93,12 +93,16 @@ def main() -> int:
     parser.add_argument(
         "--open", type=int, metavar="RPS", help="open loop at RPS requests/s (one client's pace)"
     )
+    parser.add_argument(
+        "--prompt-kb", type=int, default=0, metavar="N", help="N KB of earlier turns a request"
+    )
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--save", metavar="PATH", help="keep the cProfile figures there")
     args = parser.parse_args()
     options = Options(
         rate=args.open or 200, duration=args.duration, concurrency=32, rounds=1,
         streaming=(args.stream,), warmup=1.0, prewarm=16, max_connections=256,
+        prompt_kb=args.prompt_kb,
     )  # fmt: skip
     with ExitStack() as stack:
         folder = Path(stack.enter_context(tempfile.TemporaryDirectory()))

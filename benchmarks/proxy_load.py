@@ -167,8 +167,27 @@ class Endpoint:
         return f"http://{self.host}:{self.port}{self.path}"
 
 
-def chat_body(*, stream: bool, model: str = MODEL) -> bytes:
-    body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+# An agent's turn of context: prose and code with quotes, newlines and backslashes,
+# which JSON escapes (about 1 KB once encoded).
+CONTEXT = (
+    "The test fails on the second call; here is the function and its log:\n"
+    "```python\ndef load(path: str) -> dict[str, object]:\n"
+    '    with open(path, encoding="utf-8") as f:\n'
+    '        return {"path": path, "rows": [line.split("\\t") for line in f]}\n```\n'
+    'ERROR  load("data/2024.tsv") -> KeyError: \'rows\' (see "parse" at line 12)\n'
+) * 3
+
+
+def chat_body(*, stream: bool, model: str = MODEL, prompt_kb: int = 0) -> bytes:
+    """The benchmark's request: "hi", or (``prompt_kb``) about that many KB of an
+    agent's earlier turns before it, as coding agents send."""
+    messages: list[dict[str, str]] = []
+    turn = 0
+    while len(json.dumps(messages)) < prompt_kb * 1024:
+        messages.append({"role": ("user", "assistant")[turn % 2], "content": CONTEXT})
+        turn += 1
+    messages.append({"role": "user", "content": "hi"})
+    body: dict[str, Any] = {"model": model, "messages": messages}
     if stream:
         body["stream"] = True
     return json.dumps(body, separators=(",", ":")).encode()
@@ -186,8 +205,10 @@ class RequestSpec:
     end: h11.EndOfMessage
 
     @classmethod
-    def build(cls, endpoint: Endpoint, *, streaming: bool, model: str = MODEL) -> RequestSpec:
-        body = chat_body(stream=streaming, model=model)
+    def build(
+        cls, endpoint: Endpoint, *, streaming: bool, model: str = MODEL, prompt_kb: int = 0
+    ) -> RequestSpec:
+        body = chat_body(stream=streaming, model=model, prompt_kb=prompt_kb)
         headers = [
             (b"host", f"{endpoint.host}:{endpoint.port}".encode()),
             (b"authorization", b"Bearer " + FAKE_KEYS[0].encode()),
@@ -893,6 +914,7 @@ class Options:
     warmup: float
     prewarm: int
     max_connections: int
+    prompt_kb: int = 0  # KB of earlier turns in each request body (--prompt-kb)
 
 
 def run_trio(fn: Callable[[], Awaitable[None]]) -> None:
@@ -921,7 +943,9 @@ def measure(
     pids: dict[str, int],
 ) -> RunResult:
     result = RunResult(target.name, mode, streaming, rnd)
-    spec = RequestSpec.build(target.endpoint, streaming=streaming, model=target.model)
+    spec = RequestSpec.build(
+        target.endpoint, streaming=streaming, model=target.model, prompt_kb=options.prompt_kb
+    )
     runner: Callable[[], Awaitable[None]]
     if mode == "open":
 
@@ -979,7 +1003,9 @@ def warm_up(target: Target, options: Options) -> None:
     """Untimed closed-loop traffic; fails early if the target answers nothing."""
     for streaming in options.streaming:
         result = RunResult(target.name, "closed", streaming, 0)
-        spec = RequestSpec.build(target.endpoint, streaming=streaming, model=target.model)
+        spec = RequestSpec.build(
+            target.endpoint, streaming=streaming, model=target.model, prompt_kb=options.prompt_kb
+        )
 
         async def runner(spec: RequestSpec = spec, result: RunResult = result) -> None:
             await closed_loop(spec, result, concurrency=8, duration=options.warmup)
@@ -1221,6 +1247,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--rounds", type=int, default=1, help="interleaved repetitions (1)")
     parser.add_argument("--no-stream", action="store_true", help="non-streaming requests only")
     parser.add_argument(
+        "--prompt-kb",
+        type=int,
+        default=0,
+        metavar="N",
+        help="about N KB of an agent's earlier turns in every request body (0: just 'hi')",
+    )
+    parser.add_argument(
         "--state",
         choices=("file", "none", "both"),
         default="file",
@@ -1367,6 +1400,8 @@ def _command(args: argparse.Namespace) -> str:
         parts.append(f"--python {python}")
     if args.gc != "tuned":
         parts.append(f"--gc {args.gc}")
+    if args.prompt_kb:
+        parts.append(f"--prompt-kb {args.prompt_kb}")
     if args.faults:
         parts.append("--faults")
     if args.tls:
@@ -1390,11 +1425,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         and 0 <= args.keys <= 100_000
         and 0 < args.warmup <= 60
         and 0 <= args.prewarm <= args.max_connections <= 4096
+        and 0 <= args.prompt_kb <= 8192
     ):
         print(
             "error: need 0 < rate <= 20000, 0 < duration <= 600, 1 <= concurrency <= 1024, "
             "1 <= rounds <= 20, 0 <= keys <= 100000, 0 < warmup <= 60, "
-            "0 <= prewarm <= max-connections <= 4096",
+            "0 <= prewarm <= max-connections <= 4096, 0 <= prompt-kb <= 8192",
             file=sys.stderr,
         )
         return 2
@@ -1408,6 +1444,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         warmup=args.warmup,
         prewarm=args.prewarm,
         max_connections=args.max_connections,
+        prompt_kb=args.prompt_kb,
     )
     litellm_python = args.litellm_python or sys.executable
     litellm_found = (
@@ -1561,7 +1598,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{os.cpu_count()} CPUs; generator {_versions()} (one process, one trio thread); "
             f"run time {elapsed:.0f} s; load average {load_before[0]:.2f} before, "
             f"{load_after[0]:.2f} after.",
-            f"- request: `POST` `{chat_body(stream=False).decode()}` (streaming: plus "
+            f"- request: `POST` `{chat_body(stream=False).decode()}`"
+            + (
+                f" with about {options.prompt_kb} KB of earlier turns before the 'hi' "
+                f"({len(chat_body(stream=False, prompt_kb=options.prompt_kb)):,} bytes)"
+                if options.prompt_kb
+                else ""
+            )
+            + " (streaming: plus "
             '`"stream":true`, SSE read to `data: [DONE]`); upstream alone at '
             f"`{targets[0].endpoint.url}`"
             + "".join(f", {t.name} at `{t.endpoint.url}`" for t, _ in proxies)

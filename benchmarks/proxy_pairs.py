@@ -67,6 +67,9 @@ def main() -> int:
     parser.add_argument("--state", action="store_true", help="both with a state file")
     parser.add_argument("--keys", type=int, default=4, metavar="N", help="fake keys (4)")
     parser.add_argument("--no-stream", action="store_true", help="JSON only")
+    parser.add_argument(
+        "--prompt-kb", type=int, default=0, metavar="N", help="N KB of earlier turns a request"
+    )
     parser.add_argument("--b-keys", type=int, metavar="N", help="B's fake keys (default: --keys)")
     parser.add_argument("--b-no-state", action="store_true", help="B without the state file")
     args = parser.parse_args()
@@ -76,10 +79,12 @@ def main() -> int:
             parser.error(f"{tree} is not a keyrotor source tree (no keyrotor/cli.py)")
     if args.pairs < 1 or args.burst <= 0 or min(args.keys, b_keys) < 1:
         parser.error("--pairs and --keys must be at least 1, --burst above 0")
+    if not 0 <= args.prompt_kb <= 8192:
+        parser.error("--prompt-kb must be between 0 and 8192")
     bodies = (False,) if args.no_stream else (False, True)
     options = Options(
         rate=200.0, duration=args.burst, concurrency=32, rounds=1, streaming=bodies,
-        warmup=1.0, prewarm=16, max_connections=256,
+        warmup=1.0, prewarm=16, max_connections=256, prompt_kb=args.prompt_kb,
     )  # fmt: skip
     names = [f"A {args.trees[0]}", f"B {args.trees[1]}"]
     figures: dict[tuple[str, bool], list[float]] = {}

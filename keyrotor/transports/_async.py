@@ -485,12 +485,15 @@ class AsyncClient(ClientBase):
                 request_headers(upstream.host, step.secret, upstream.headers, None),
                 read_timeout=options.probe_timeout,
             )
+        first_byte = request.first_byte
+        if first_byte is None:  # once a request, not once an attempt: it may read the body
+            first_byte = request.first_byte = options.first_byte_for(request.body)
         return await self._http().request(
             request.method.encode("ascii"),
             upstream.url_for(request.path),
             request_headers(upstream.host, step.secret, request.headers, request.body, frame=False),
             request.body,
             read_timeout=options.idle,
-            head_timeout=options.first_byte_for(request.body),
+            head_timeout=first_byte,
             tag=step.key_id,
         )

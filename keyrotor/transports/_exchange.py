@@ -97,12 +97,14 @@ WAIT = _Wait()
 
 @attrs.define
 class Outgoing:
-    """What every attempt of one request sends (a key's secret aside)."""
+    """What every attempt of one request sends (a key's secret aside);
+    ``first_byte``: its first-byte deadline, once the async client has found it."""
 
     method: str
     path: str
     headers: Mapping[str, str]
     body: bytes | None
+    first_byte: float | None = None
 
 
 def outgoing(upstream: Upstream, method: str, path: str, options: RequestOptions) -> Outgoing:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
@@ -18,6 +19,7 @@ import httpcore
 from ..core import Deliver
 from . import codec as http_codec
 from .errors import ConfigurationError, UpstreamError
+from .json_body import Unsure, member
 
 __all__ = [
     "MAX_ERROR_BODY",
@@ -203,12 +205,18 @@ class Upstream:
 
 
 def wants_stream(body: bytes | None) -> bool:
-    """Whether a JSON request body asks for a stream (``"stream": true``); a
-    substring test first, so most bodies are never parsed."""
-    if not body or b'"stream"' not in body:
+    """Whether a JSON request body asks for a stream (a top-level ``"stream":
+    true``), parsed only when ``json_body.member`` cannot tell without."""
+    if not body:
         return False
-    payload = parse_json(body)
-    return isinstance(payload, dict) and payload.get("stream") is True
+    try:
+        return member(body, b'"stream"', _STREAM_TRUE) is not None
+    except Unsure:
+        payload = parse_json(body)
+        return isinstance(payload, dict) and payload.get("stream") is True
+
+
+_STREAM_TRUE = re.compile(rb'"stream"\s*:\s*true\b')
 
 
 def encode_body(json_body: Any, content: bytes | None) -> bytes | None:

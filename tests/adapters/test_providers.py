@@ -289,3 +289,33 @@ def test_the_admin_api_adds_lists_marks_and_removes_a_providers_keys_across_rest
             listed = httpx.get(f"{url}/admin/keys", headers=auth).json()["keys"]
             assert "o3" not in {k["alias"] for k in listed}
     assert extra not in (tmp_path / "s.db").read_bytes().decode("latin-1")
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    MODELS,
+    st.sampled_from([0, 2_000, 40_000]),
+    st.sampled_from([0, 2_000, 40_000]),
+    st.sampled_from([None, "other/nested", "special-model"]),
+    st.booleans(),
+)
+def test_the_provider_found_without_parsing_is_the_one_parsing_finds(
+    model: str, before: int, after: int, nested: str | None, spaced: bool
+) -> None:
+    """``Routes.pick`` reads the model without parsing when it can (an agent's
+    long body) and replaces it in place: the same provider and the same
+    document as parsing and rewriting the body."""
+    routes = Routes({"other": object()}, {"special-model": "other"})  # type: ignore[dict-item]
+    document: dict[str, Any] = {"messages": [{"role": "user", "content": '"\\{[' * (before // 4)}]}
+    if nested is not None:
+        document["metadata"] = {"model": nested}
+    document["model"] = model
+    document["tools"] = [{"description": "]}" * (after // 2)}]
+    body = json.dumps(document, separators=(", ", ": ") if spaced else (",", ":")).encode()
+    picked, parsed = routes.pick(body), routes._pick_parsed(body)
+    assert (picked is None) == (parsed is None)
+    if picked is not None and parsed is not None:
+        assert picked[0] == parsed[0]
+        assert json.loads(picked[1]) == json.loads(parsed[1])
+        if nested is None and 0 in (before, after):  # not parsed: rewritten in place
+            assert picked[1].replace(b'"gpt-x"', b'"other/gpt-x"') == body

@@ -181,6 +181,26 @@ async def test_a_stream_has_its_own_first_byte_deadline() -> None:
 
 
 @pytest.mark.anyio
+async def test_a_requests_first_byte_deadline_is_found_once_for_all_its_attempts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    bodies: list[bytes | None] = []
+    found = HTTPOptions.first_byte_for
+
+    def counting(self: HTTPOptions, body: bytes | None) -> float:
+        bodies.append(body)
+        return found(self, body)
+
+    monkeypatch.setattr(HTTPOptions, "first_byte_for", counting)
+    async with FakeUpstream(scenario(hang=Hang(), ok=Ok())).serve() as server:
+        options = HTTPOptions(first_byte=1.0)
+        async with Client(keys("hang", "ok"), server.url, http=options) as client:
+            response = await client.request("POST", "/chat/completions", content=chat(), pin="hang")
+    assert (response.key, response.attempts) == ("ok", 2)
+    assert bodies == [chat()]  # read once, not once an attempt
+
+
+@pytest.mark.anyio
 async def test_a_hanging_key_is_taken_out_after_two_timeouts() -> None:
     async with FakeUpstream(scenario(hang=Hang(), ok=Ok(), ok2=Ok())).serve() as server:
         options = HTTPOptions(first_byte=1.0)

@@ -10,12 +10,17 @@ so its keys never serve another upstream.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
 import attrs
 
 from ...transports.api import AsyncClient
+from ...transports.json_body import Unsure, member
+
+_MODEL = re.compile(rb'"model"\s*:\s*("[^"\\]*(?:\\.[^"\\]*)*")', re.DOTALL)
+"""The ``model`` member with a string value (group 1, as written)."""
 
 __all__ = ["Routes"]
 
@@ -39,9 +44,30 @@ class Routes:
 
     def pick(self, body: bytes) -> tuple[str, bytes] | None:
         """The provider of a JSON request ``body`` and the body to send it
-        (None: the main upstream, the body as it is)."""
-        if b'"model"' not in body:
+        (None: the main upstream, the body as it is). The model is found
+        without parsing the body when ``json_body.member`` can tell, and a
+        model the provider names otherwise is replaced in place."""
+        try:
+            found = member(body, b'"model"', _MODEL)
+        except Unsure:
+            return self._pick_parsed(body)
+        if found is None:
             return None
+        try:
+            model = json.loads(found.group(1))
+        except ValueError:  # a bad escape: the upstream refuses the body
+            return None
+        routed = self.route(model)
+        if routed is None:
+            return None
+        name, upstream_model = routed
+        if upstream_model != model:
+            start, end = found.span(1)
+            body = body[:start] + json.dumps(upstream_model).encode() + body[end:]
+        return name, body
+
+    def _pick_parsed(self, body: bytes) -> tuple[str, bytes] | None:
+        """``pick`` for a body that must be parsed to tell."""
         try:
             data: Any = json.loads(body)
         except ValueError:

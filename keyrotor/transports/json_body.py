@@ -1,0 +1,65 @@
+"""A top-level member of a JSON request body, found without parsing the body.
+
+Agents send request bodies of tens or hundreds of KB (the conversation so far),
+and the proxy asks two things of each: does it want a stream (``"stream":
+true``: the first-byte deadline), and which model does it name (the provider
+it goes to). ``json.loads`` answers both exactly at about 2 µs a KB, more than
+the rest of the proxy's work on a 64 KB request. ``member`` answers them
+exactly at the cost of two reverse substring searches of the body and a look
+at the bytes on its shorter side, and says when that would cost about what
+parsing does (``Unsure``): the caller parses then.
+
+Why it is exact: inside a JSON string every ``"`` is escaped, so ``"stream"``
+followed by ``:`` can only be a key. It is a member of the top-level object
+when one bracket is open at it, which is counted on whichever side of it is
+shorter (strings taken out first). A key that appears twice (nested and at
+the top, or repeated: ``json.loads`` keeps the last) and a key with large
+content on both sides are left to the parser.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+__all__ = ["NEAR", "Unsure", "member"]
+
+NEAR: Final = 4096
+"""Bytes on the shorter side of a key that are always counted; beyond that,
+only up to a quarter of the body (counting costs about twice what parsing does
+a byte), else ``Unsure``."""
+
+_STRING: Final = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+
+
+class Unsure(Exception):
+    """The body must be parsed to tell (see ``member``)."""
+
+
+def member(body: bytes, key: bytes, pattern: re.Pattern[bytes]) -> re.Match[bytes] | None:
+    """The top-level member ``key`` (quoted: ``b'"stream"'``) of the JSON object
+    ``body``, as ``pattern`` (``key``, ``:`` and the value it accepts) matches
+    it at the key; None when the object has no such member with such a value.
+    Raises ``Unsure`` when only parsing can tell. For a body that is not JSON,
+    the answer means nothing (the upstream refuses such a body anyway)."""
+    last = body.rfind(key)  # rfind: about three times as fast as ``in`` on CPython 3.11
+    if last < 0:
+        return None
+    if body.rfind(key, 0, last) >= 0:
+        raise Unsure  # twice: nested and top-level, or a repeated key
+    found = pattern.match(body, last)
+    if found is None:
+        return None  # a string value, or a key with another value: no such member
+    after = len(body) - found.end()
+    if max(NEAR, len(body) // 4) < min(last, after):
+        raise Unsure  # counting the shorter side would cost about what parsing does
+    # The one bracket open at a top-level key: counted before it, or closed after it.
+    opened = _opened(body[:last]) if last <= after else -_opened(body[found.end() :])
+    return found if opened == 1 else None
+
+
+def _opened(text: bytes) -> int:
+    """Brackets ``text`` opens minus those it closes, strings left out (``text``
+    starts and ends outside a string)."""
+    outside = _STRING.sub(b"", text)
+    return outside.count(b"{") + outside.count(b"[") - outside.count(b"}") - outside.count(b"]")
