@@ -618,6 +618,29 @@ async def test_an_oversized_head_gets_431(size: int) -> None:
 
 
 @pytest.mark.trio
+async def test_a_large_body_is_received_whole_at_once_or_in_pieces() -> None:
+    """An agent's request of several MB: read in many pieces, those that are
+    there at once without waiting, the others after a wait; the app gets it
+    byte for byte either way."""
+
+    async def digest(request: Request) -> Response:
+        return Response(status=200, body=b"%d" % hash(request.body))
+
+    body = bytes(range(256)) * (12 << 10)  # 3 MB
+    async with running(digest) as port:
+        raw = await Raw.connect(port)
+        await raw.send(raw_request("POST", "/", body=body))  # at once
+        assert (await raw.response()).body == b"%d" % hash(body)
+        head, rest = raw_request("POST", "/", body=body).split(b"\r\n\r\n", 1)
+        await raw.send(head + b"\r\n\r\n" + rest[:1000])
+        for start in range(1000, len(rest), 1 << 20):  # in pieces, with waits between
+            await trio.sleep(0.01)
+            await raw.send(rest[start : start + (1 << 20)])
+        assert (await raw.response()).body == b"%d" % hash(body)
+        await raw.aclose()
+
+
+@pytest.mark.trio
 async def test_an_oversized_body_gets_413_declared_or_chunked() -> None:
     with trio.fail_after(5):
         async with running(echo, max_body_bytes=1000) as port:

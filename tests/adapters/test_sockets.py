@@ -71,11 +71,15 @@ async def test_a_stream_reads_writes_waits_for_room_and_ends() -> None:
             assert sent < len(big)
             await stream.send_rest(big, sent)
     assert bytes(received) == big
+    assert stream.receive_now(100) is None  # nothing there yet: no wait
     theirs.send(b"hello")
     assert await stream.receive_some(100, wait_first=True) == b"hello"
+    theirs.send(b"again")
+    assert stream.receive_now(100) == b"again"
     stream.send_eof()
     theirs.close()
-    assert await stream.receive_some(100) == b""  # EOF
+    assert stream.receive_now(100) == b""  # EOF
+    assert await stream.receive_some(100) == b""
     stream.close()
     stream.close()  # twice: no error
 

@@ -523,7 +523,9 @@ class _Connection:
 
     async def _receive(self) -> None:
         """Read once from the socket into the codec (EOF included)."""
-        data = await self.stream.receive_some(_RECEIVE_SIZE)
+        self._received(await self.stream.receive_some(_RECEIVE_SIZE))
+
+    def _received(self, data: bytes) -> None:
         if not data:
             self.gone = True
         self.codec.receive_data(data)
@@ -584,6 +586,10 @@ class _Connection:
             elif event is END:
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
             elif event is NEED_DATA:
+                data = self.stream.receive_now(_RECEIVE_SIZE)
+                if data is not None:  # the rest was there already (a large body): no timer
+                    self._received(data)
+                    continue
                 now = trio.current_time()
                 deadline = min(now + options.body_timeout, self.request_deadline)
                 with trio.CancelScope(deadline=deadline) as scope:

@@ -66,6 +66,14 @@ class Stream:
             except BlockingIOError:
                 await trio.lowlevel.wait_readable(sock)
 
+    def receive_now(self, max_bytes: int) -> bytes | None:
+        """Up to ``max_bytes`` bytes that are there now (``b""`` at EOF), or None
+        when there are none yet; never waits."""
+        try:
+            return self.sock.recv(max_bytes)
+        except BlockingIOError:
+            return None
+
     def send_now(self, data: bytes) -> int:
         """Send what the kernel takes now, without waiting: the bytes sent."""
         try:
