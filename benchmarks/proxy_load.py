@@ -180,7 +180,8 @@ CONTEXT = (
 
 def chat_body(*, stream: bool, model: str = MODEL, prompt_kb: int = 0) -> bytes:
     """The benchmark's request: "hi", or (``prompt_kb``) about that many KB of an
-    agent's earlier turns before it, as coding agents send."""
+    agent's earlier turns before it, as coding agents send, the members in the
+    order the openai Python SDK writes them (the messages first)."""
     messages: list[dict[str, str]] = []
     turn = 0
     while len(json.dumps(messages)) < prompt_kb * 1024:
@@ -188,6 +189,8 @@ def chat_body(*, stream: bool, model: str = MODEL, prompt_kb: int = 0) -> bytes:
         turn += 1
     messages.append({"role": "user", "content": "hi"})
     body: dict[str, Any] = {"model": model, "messages": messages}
+    if prompt_kb:
+        body = {"messages": messages, "model": model}
     if stream:
         body["stream"] = True
     return json.dumps(body, separators=(",", ":")).encode()

@@ -164,6 +164,10 @@ def test_model_of_reads_the_model_without_parsing_the_body() -> None:
     assert model_of(b'{"messages":[],"model":"a\\"b"}') == 'a\\"b'
     assert model_of(b"") is None and model_of(b'{"messages": []}') is None
     assert model_of(b'{"model": 5}') is None
+    # The top-level member, wherever it is (an SDK puts the messages first):
+    nested = b'{"metadata": {"model": "not-this"}, "messages": [], "model": "this"}'
+    assert model_of(nested) == "this"
+    assert model_of(b'{"messages": [{"content": "x"}], "model": "m"' + b" " * 100_000 + b"}") == "m"
 
 
 @pytest.mark.anyio

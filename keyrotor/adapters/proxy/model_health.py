@@ -15,10 +15,12 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from ...transports.json_body import Unsure, member
+
 __all__ = ["MODEL_PATTERN", "ModelHealth", "model_of"]
 
 MODEL_PATTERN = re.compile(rb'"model"\s*:\s*"((?:[^"\\]|\\.){1,200})"')
-"""The first ``"model": "..."`` of a JSON body; group 1 is its value as written."""
+"""A ``"model": "..."`` member of a JSON body; group 1 is its value as written."""
 MAX_MODELS = 1000
 """Distinct models tracked; later ones are counted under ``"(other)"``."""
 ALPHA = 0.2
@@ -27,10 +29,15 @@ UNAVAILABLE = frozenset({404, 503})
 
 
 def model_of(body: bytes) -> str | None:
-    """The ``model`` of a JSON request body (a bounded scan, no full parse)."""
+    """The ``model`` of a JSON request body, as written, without parsing it: the
+    top-level member (``json_body.member``), or when that cannot be told
+    without parsing, the first ``"model": "..."`` in the body."""
     if not body:
         return None
-    found = MODEL_PATTERN.search(body)
+    try:
+        found = member(body, b'"model"', MODEL_PATTERN)
+    except Unsure:
+        found = MODEL_PATTERN.search(body)
     if found is None:
         return None
     try:
