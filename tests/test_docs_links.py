@@ -40,7 +40,9 @@ def test_relative_links_reach_their_file_and_heading(doc: Path) -> None:
             continue
         path, _, anchor = target.partition("#")
         dest = (doc.parent / path).resolve() if path else doc
-        if not dest.exists():
+        if not dest.is_relative_to(ROOT):
+            broken.append(f"{target}: outside the repository")
+        elif not dest.exists():
             broken.append(f"{target}: no such file")
         elif anchor and dest.suffix == ".md" and anchor not in anchors(dest.read_text()):
             broken.append(f"{target}: no such heading")

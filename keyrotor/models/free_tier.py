@@ -2,7 +2,7 @@
 
 Free (``:free``) models allow each *account* 20 requests a minute and 50 a
 day, or 1000 a day once the account bought 10 credits; the day resets at
-00:00 UTC (../shared/upstream-apis.md). More keys of one account add nothing;
+00:00 UTC (OpenRouter's documented limits). More keys of one account add nothing;
 keys of N accounts give N quotas. ``FreeTier`` counts every account's use and
 hands out a request slot only where both limits leave room, so the limit
 answers do not happen: ``take(now)`` names the account to send on (the one
