@@ -1,6 +1,6 @@
 """A provider's model catalog as a pure value, parsed from its ``GET /models``.
 
-OpenRouter's schema (its API reference, `GET /models`): every model has an ``id``,
+OpenRouter's schema (its API reference for ``GET /models``): every model has an ``id``,
 a ``name``, a ``context_length``, ``pricing`` as decimal strings in USD (per
 token for ``prompt``, ``completion``, ``internal_reasoning``,
 ``input_cache_read`` and ``input_cache_write``; per request, image and web
