@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 from typing import Final
 
-__all__ = ["NEAR", "Unsure", "member"]
+__all__ = ["NEAR", "Unsure", "leading_member", "member"]
 
 NEAR: Final = 4096
 """Bytes on the shorter side of a key that are always counted; beyond that,
@@ -59,6 +59,18 @@ def member(body: bytes, key: bytes, pattern: re.Pattern[bytes]) -> re.Match[byte
     if body.rfind(key, 0, last) < 0:
         return None  # its one appearance is nested, or a string value
     raise Unsure  # an earlier one may be the member
+
+
+def leading_member(body: bytes, pattern: re.Pattern[bytes]) -> re.Match[bytes] | None:
+    """The first top-level member ``pattern`` matches in the first ``NEAR`` bytes of
+    ``body``, or None: for a member written first (by hand, or by SDKs that put
+    the model first), found without a search through the rest. Unlike
+    ``member``, a later top-level member of the same name is not looked for
+    (a repeated key: ``json.loads`` would keep that one)."""
+    for found in pattern.finditer(body, 0, NEAR):
+        if _opened(body[: found.start()]) == 1:
+            return found
+    return None
 
 
 def _opened(text: bytes) -> int:

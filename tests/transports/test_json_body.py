@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from keyrotor.transports import json_body
 from keyrotor.transports._http import wants_stream
-from keyrotor.transports.json_body import NEAR, Unsure, member
+from keyrotor.transports.json_body import NEAR, Unsure, leading_member, member
 
 STREAM_TRUE = re.compile(rb'"stream"\s*:\s*true\b')
 MODEL = re.compile(rb'"model"\s*:\s*("[^"\\]*(?:\\.[^"\\]*)*")', re.DOTALL)
@@ -71,6 +71,7 @@ def answer(body: bytes, pattern: re.Pattern[bytes], key: bytes) -> Any:
 @example(({"stream": True}, b'{"stream": true, "stream": false}'))
 @example(({"stream": True}, b'{"stream": true, "m": {"stream": false}}'))
 @example(({"stream": True}, b'{"stream": true, "mode": "stream"}'))
+@example(({"model": "y"}, b'{"a": {"model": "x"}, "model": "y"}'))
 @example(({"m": {"stream": True}}, b'{"m": {"stream": true}}'))
 @example(({"stream": "true"}, b'{"stream": "true"}'))
 def test_member_agrees_with_json_loads(case: tuple[Any, bytes]) -> None:
@@ -82,6 +83,8 @@ def test_member_agrees_with_json_loads(case: tuple[Any, bytes]) -> None:
     model = answer(body, MODEL, b'"model"')
     expected = top.get("model") if isinstance(top.get("model"), str) else None
     assert model == "unsure" or model == expected
+    leading = leading_member(body, MODEL)  # (no repeated keys but the examples')
+    assert leading is None or (json.loads(leading.group(1)) == expected and leading.end() <= NEAR)
     assert wants_stream(body) is (top.get("stream") is True)
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from ...transports.json_body import Unsure, member
+from ...transports.json_body import Unsure, leading_member, member
 
 __all__ = ["MODEL_PATTERN", "ModelHealth", "model_of"]
 
@@ -30,14 +30,16 @@ UNAVAILABLE = frozenset({404, 503})
 
 def model_of(body: bytes) -> str | None:
     """The ``model`` of a JSON request body, as written, without parsing it: the
-    top-level member (``json_body.member``), or when that cannot be told
-    without parsing, the first ``"model": "..."`` in the body."""
+    top-level member (``json_body``: one written first is taken at once), or
+    when that cannot be told without parsing, the first ``"model": "..."``."""
     if not body:
         return None
-    try:
-        found = member(body, b'"model"', MODEL_PATTERN)
-    except Unsure:
-        found = MODEL_PATTERN.search(body)
+    found = leading_member(body, MODEL_PATTERN)
+    if found is None:
+        try:
+            found = member(body, b'"model"', MODEL_PATTERN)
+        except Unsure:
+            found = MODEL_PATTERN.search(body)
     if found is None:
         return None
     try:
