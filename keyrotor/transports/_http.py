@@ -204,6 +204,9 @@ class Upstream:
         )
 
 
+_STREAM_TRUE = re.compile(rb'"stream"\s*:\s*true\b')
+
+
 def wants_stream(body: bytes | None) -> bool:
     """Whether a JSON request body asks for a stream (a top-level ``"stream":
     true``), parsed only when ``json_body.member`` cannot tell without."""
@@ -214,9 +217,6 @@ def wants_stream(body: bytes | None) -> bool:
     except Unsure:
         payload = parse_json(body)
         return isinstance(payload, dict) and payload.get("stream") is True
-
-
-_STREAM_TRUE = re.compile(rb'"stream"\s*:\s*true\b')
 
 
 def encode_body(json_body: Any, content: bytes | None) -> bytes | None:
