@@ -13,6 +13,9 @@ chunk; the proxy's memory before and after shows whether it grows with the strea
 Run:
 
     python -m benchmarks.sse_chunks --requests 40 --chunks 200 --gap 0.002
+
+It also prints the proxy's CPU a stream and a chunk (user and system), beside
+which ``benchmarks.wakeups`` measures what a bare wake-up costs the machine.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import h11
 import trio
 
 from benchmarks.proxy_load import (
+    CLK_TCK,
     FAKE_KEYS,
     LOOPBACK,
     _child_env,
@@ -138,9 +142,13 @@ def main() -> int:
         direct: list[float] = []
         through: list[float] = []
         rss_before = memory(proxy.pid)[0]
+        user = system = 0.0  # the proxy's CPU while streams go through it
         for _ in range(args.requests):
             trio.run(one_stream, upstream_port, "/api/v1/chat/completions", direct)
+            before = _times(proxy.pid)
             trio.run(one_stream, endpoint.port, "/v1/chat/completions", through)
+            after = _times(proxy.pid)
+            user, system = user + after[0] - before[0], system + after[1] - before[1]
         rss_after = memory(proxy.pid)[0]
 
     def q(values: list[float], p: float) -> float:
@@ -156,7 +164,18 @@ def main() -> int:
     print(f"\nadded per chunk: p50 {added * 1e6:+.0f} µs, p99 "
           f"{q(through, 0.99) - q(direct, 0.99):+.0f} µs; proxy RSS {rss_before / 2**20:.1f} -> "
           f"{rss_after / 2**20:.1f} MB over {args.requests * args.chunks:,} chunks")  # fmt: skip
+    chunks = args.requests * args.chunks
+    print(f"proxy CPU: {(user + system) / args.requests * 1e3:.2f} ms a stream, "
+          f"{(user + system) / chunks * 1e6:.1f} µs a chunk ({user / chunks * 1e6:.1f} user, "
+          f"{system / chunks * 1e6:.1f} system)")  # fmt: skip
     return 0
+
+
+def _times(pid: int) -> tuple[float, float]:
+    """A process's user and system CPU seconds (``cpu_seconds`` is their sum)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
 
 
 if __name__ == "__main__":
