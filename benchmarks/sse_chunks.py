@@ -121,13 +121,25 @@ async def one_stream(port: int, path: str, delays: list[float]) -> None:
                 return
 
 
+async def streams(count: int, port: int, path: str, delays: list[float]) -> None:
+    """``count`` streamed requests at once."""
+    async with trio.open_nursery() as nursery:
+        for _ in range(count):
+            nursery.start_soon(one_stream, port, path, delays)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=40)
     parser.add_argument("--chunks", type=int, default=200)
     parser.add_argument("--gap", type=float, default=0.002)
+    parser.add_argument(
+        "--concurrent", type=int, default=1, metavar="N", help="N streams at once each way (1)"
+    )
     parser.add_argument("--upstream", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if min(args.requests, args.chunks, args.concurrent) < 1 or args.gap < 0:
+        parser.error("--requests, --chunks and --concurrent must be at least 1, --gap at least 0")
     if args.upstream:
         trio.run(upstream_main, args.chunks, args.gap)
         return 0
@@ -144,17 +156,18 @@ def main() -> int:
         rss_before = memory(proxy.pid)[0]
         user = system = 0.0  # the proxy's CPU while streams go through it
         for _ in range(args.requests):
-            trio.run(one_stream, upstream_port, "/api/v1/chat/completions", direct)
+            trio.run(streams, args.concurrent, upstream_port, "/api/v1/chat/completions", direct)
             before = _times(proxy.pid)
-            trio.run(one_stream, endpoint.port, "/v1/chat/completions", through)
+            trio.run(streams, args.concurrent, endpoint.port, "/v1/chat/completions", through)
             after = _times(proxy.pid)
             user, system = user + after[0] - before[0], system + after[1] - before[1]
-        rss_after = memory(proxy.pid)[0]
+        rss_after, rss_peak = memory(proxy.pid)
 
     def q(values: list[float], p: float) -> float:
         return pct(sorted(values), p) * 1e6
 
-    print(f"{args.requests} streams each way, {args.chunks} chunks {args.gap * 1000:g} ms apart")
+    print(f"{args.requests} rounds of {args.concurrent} stream(s) at once each way, {args.chunks} "
+          f"chunks {args.gap * 1000:g} ms apart")  # fmt: skip
     print("| path | chunks | p50 µs | p90 µs | p99 µs |")
     print("|---|---:|---:|---:|---:|")
     for name, values in (("direct", direct), ("through keyrotor", through)):
@@ -163,9 +176,10 @@ def main() -> int:
     added = statistics.median(through) - statistics.median(direct)
     print(f"\nadded per chunk: p50 {added * 1e6:+.0f} µs, p99 "
           f"{q(through, 0.99) - q(direct, 0.99):+.0f} µs; proxy RSS {rss_before / 2**20:.1f} -> "
-          f"{rss_after / 2**20:.1f} MB over {args.requests * args.chunks:,} chunks")  # fmt: skip
-    chunks = args.requests * args.chunks
-    print(f"proxy CPU: {(user + system) / args.requests * 1e3:.2f} ms a stream, "
+          f"{rss_after / 2**20:.1f} MB over {len(through):,} chunks (at most "
+          f"{rss_peak / 2**20:.1f})")  # fmt: skip
+    chunks, count = len(through), args.requests * args.concurrent
+    print(f"proxy CPU: {(user + system) / count * 1e3:.2f} ms a stream, "
           f"{(user + system) / chunks * 1e6:.1f} µs a chunk ({user / chunks * 1e6:.1f} user, "
           f"{system / chunks * 1e6:.1f} system)")  # fmt: skip
     return 0
