@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -615,6 +616,62 @@ async def test_an_oversized_head_gets_431(size: int) -> None:
             assert await raw.closed()
     assert reply.status == 431
     assert error_of(reply)["type"] == "invalid_request_error"
+
+
+@pytest.mark.trio
+@pytest.mark.parametrize("trusted", [True, False], ids=["admitted-before", "unknown"])
+async def test_a_burst_past_the_per_address_cap_is_served_when_its_requests_are_there(
+    trusted: bool,
+) -> None:
+    """Two silent connections hold the address's cap. From an address with an
+    admitted connection open, a burst of five that sent their requests at once
+    is still served; from an address without one (a flood), they are closed at
+    once, as is another silent connection either way."""
+
+    async def ok(request: Request) -> Response:
+        return Response(status=200, body=b"ok")
+
+    def status_of(sock: socket.socket) -> int:
+        sock.settimeout(10)
+        head = b""
+        while b"\r\n" not in head:
+            try:
+                data = sock.recv(4096)
+            except ConnectionResetError:
+                data = b""
+            if not data:
+                return 0  # closed without an answer
+            head += data
+        return int(head.split(b" ")[1])
+
+    def closed(sock: socket.socket) -> bool:
+        sock.settimeout(10)
+        try:
+            return sock.recv(1) == b""
+        except ConnectionResetError:
+            return True
+
+    async with running(ok, max_unproven_per_address=2) as port:
+        address = ("127.0.0.1", port)
+        first = await Raw.connect(port)
+        if trusted:  # a request admitted, the connection kept open
+            await first.send(raw_request("GET", "/first"))
+            assert (await first.response()).status == 200
+        # Plain blocking sockets, no await in between: every connection waits in the
+        # listener's backlog, the talkers' requests with them, before any is accepted.
+        silent = [socket.create_connection(address) for _ in range(2 if trusted else 1)]
+        talkers = [socket.create_connection(address) for _ in range(5)]
+        for sock in talkers:
+            sock.sendall(raw_request("GET", "/x"))
+        late = socket.create_connection(address)
+        try:
+            statuses = await trio.to_thread.run_sync(lambda: [status_of(s) for s in talkers])
+            assert statuses == ([200] * 5 if trusted else [0] * 5)
+            assert await trio.to_thread.run_sync(closed, late)
+        finally:
+            for sock in (*silent, *talkers, late):
+                sock.close()
+            await first.aclose()
 
 
 @pytest.mark.trio

@@ -94,3 +94,21 @@ async def test_listen_binds_every_address_and_closes_them_all_on_failure() -> No
     finally:
         for sock in sockets:
             sock.close()
+
+
+@pytest.mark.trio
+async def test_head_waiting_peeks_for_a_whole_head_without_reading_it() -> None:
+    ours, theirs = socket.socketpair()
+    stream = Stream(ours)
+    try:
+        assert not stream.head_waiting(1024)  # nothing yet
+        theirs.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        assert not stream.head_waiting(1024)  # a part of a head
+        theirs.sendall(b"\r\n")
+        assert stream.head_waiting(1024)
+        assert not stream.head_waiting(8)  # longer than the limit: not looked for past it
+        assert stream.receive_now(1024) == b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"  # still all there
+        theirs.close()
+        assert not stream.head_waiting(1024)  # EOF
+    finally:
+        stream.close()

@@ -188,7 +188,10 @@ class ServerOptions:
       admitted (see ``App.admit`` in ``types.py``), at once; beyond, new
       connections are accepted and closed, so unauthorised ones can never take
       the slots of clients that proved themselves.
-    - ``max_unproven_per_address``: the same, per client address.
+    - ``max_unproven_per_address``: the same, per client address; past it, a
+      connection from an address with an admitted connection open whose whole
+      request head has arrived already is let in (a client's burst of
+      connections: each is admitted or refused as soon as it is read).
     - ``parser``: the HTTP/1.1 parser, ``"auto"`` (httptools when installed,
       else h11), ``"h11"`` or ``"httptools"`` (``transports/codec.py``).
     - ``gc_threshold``: not the server's but its process's: ``main.run`` (``keyrotor
@@ -294,6 +297,7 @@ class _Server:
         self.admit: Callable[[Request], Response | None] | None = getattr(app, "admit", None)
         self.unproven: dict[str, int] = {}  # client address -> connections not yet admitted
         self.unproven_total = 0
+        self.trusted: dict[str, int] = {}  # client address -> open connections admitted
         self.codec = http_codec.codecs(options.parser)[0]
         self._watchdog: Watchdog | None = None
 
@@ -324,7 +328,16 @@ class _Server:
             if (
                 len(self.connections) >= limit
                 or self.unproven_total >= self.options.max_unproven
-                or self.unproven.get(address, 0) >= self.options.max_unproven_per_address
+                or (
+                    self.unproven.get(address, 0) >= self.options.max_unproven_per_address
+                    # A burst of connections from an address that has one admitted
+                    # open, each with its request there already: admitted or refused
+                    # as soon as its head is read.
+                    and not (
+                        address in self.trusted
+                        and stream.head_waiting(self.options.max_header_bytes)
+                    )
+                )
             ):
                 stream.close()
                 self._note_rejected()
@@ -334,6 +347,15 @@ class _Server:
             self.unproven[address] = self.unproven.get(address, 0) + 1
             self.unproven_total += 1
             self.nursery.start_soon(connection.run)
+
+    def trust(self, address: str, change: int) -> None:
+        """One more (1) or one fewer (-1) open connection from ``address`` had a
+        request admitted."""
+        left = self.trusted.get(address, 0) + change
+        if left:
+            self.trusted[address] = left
+        else:
+            del self.trusted[address]
 
     def proven(self, address: str) -> None:
         """A connection from ``address`` sent a request the app admitted (or ended)."""
@@ -399,6 +421,7 @@ class _Connection:
         "server",
         "started",
         "stream",
+        "trusted",
         "worker_lot",
     )
 
@@ -406,7 +429,8 @@ class _Connection:
         self.server = server
         self.stream = stream
         self.address = address
-        self.proven = False  # a request of this connection was admitted
+        self.proven = False  # no longer counted unproven: a request was admitted, or it ended
+        self.trusted = False  # a request of this connection was admitted
         self.request_deadline = math.inf  # the head and body must be in by then
         self.codec = server.codec(server.options.max_header_bytes)
         peer = stream.peer()
@@ -444,6 +468,8 @@ class _Connection:
             if not self.proven:
                 self.proven = True
                 self.server.proven(self.address)
+            if self.trusted:
+                self.server.trust(self.address, -1)
             self.stream.close()
 
     # ----------------------------------------------------------------- the reader
@@ -481,8 +507,9 @@ class _Connection:
                             return
                         request.admitted = True
                     if not self.proven:
-                        self.proven = True
+                        self.proven = self.trusted = True
                         server.proven(self.address)
+                        server.trust(self.address, 1)
                     body = await self._receive_body(incoming)
                 except _Reject as reject:
                     self.bytes_out = 0

@@ -74,6 +74,14 @@ class Stream:
         except BlockingIOError:
             return None
 
+    def head_waiting(self, limit: int) -> bool:
+        """Whether a whole request head (of at most ``limit`` bytes) has arrived
+        and waits to be read; never waits, reads nothing."""
+        try:
+            return b"\r\n\r\n" in self.sock.recv(limit + 4, socket.MSG_PEEK)
+        except OSError:  # nothing yet (BlockingIOError), or the connection is gone
+            return False
+
     def send_now(self, data: bytes) -> int:
         """Send what the kernel takes now, without waiting: the bytes sent."""
         try:
