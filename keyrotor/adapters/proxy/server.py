@@ -280,6 +280,15 @@ class _Incoming:
 # --------------------------------------------------------------------------- server
 
 
+def _count(counts: dict[str, int], address: str, change: int) -> None:
+    """Add ``change`` to ``address``'s count, which is left out at zero."""
+    left = counts.get(address, 0) + change
+    if left:
+        counts[address] = left
+    else:
+        del counts[address]
+
+
 class _Server:
     """Shared state of one ``serve`` call: options, live connections, drain flag."""
 
@@ -344,27 +353,17 @@ class _Server:
                 continue
             connection = _Connection(self, stream, address)
             self.connections.add(connection)  # counted now: a burst of accepts sees it
-            self.unproven[address] = self.unproven.get(address, 0) + 1
+            _count(self.unproven, address, 1)
             self.unproven_total += 1
             self.nursery.start_soon(connection.run)
 
-    def trust(self, address: str, change: int) -> None:
-        """One more (1) or one fewer (-1) open connection from ``address`` had a
-        request admitted."""
-        left = self.trusted.get(address, 0) + change
-        if left:
-            self.trusted[address] = left
-        else:
-            del self.trusted[address]
-
-    def proven(self, address: str) -> None:
-        """A connection from ``address`` sent a request the app admitted (or ended)."""
-        left = self.unproven[address] - 1
-        if left:
-            self.unproven[address] = left
-        else:
-            del self.unproven[address]
+    def proven(self, address: str, admitted: bool) -> None:
+        """A connection from ``address`` is no longer unproven: a request of it was
+        ``admitted`` (it counts as trusted until it ends), or it ended without one."""
+        _count(self.unproven, address, -1)
         self.unproven_total -= 1
+        if admitted:
+            _count(self.trusted, address, 1)
 
     def _note_rejected(self) -> None:
         self.rejected += 1
@@ -421,7 +420,6 @@ class _Connection:
         "server",
         "started",
         "stream",
-        "trusted",
         "worker_lot",
     )
 
@@ -429,8 +427,7 @@ class _Connection:
         self.server = server
         self.stream = stream
         self.address = address
-        self.proven = False  # no longer counted unproven: a request was admitted, or it ended
-        self.trusted = False  # a request of this connection was admitted
+        self.proven = False  # a request of this connection was admitted
         self.request_deadline = math.inf  # the head and body must be in by then
         self.codec = server.codec(server.options.max_header_bytes)
         peer = stream.peer()
@@ -465,11 +462,10 @@ class _Connection:
             self.server.connections.discard(self)
             if self.kept_alive:  # cancelled in the keep-alive wait (shutdown's grace)
                 self.server.watchdog().unwatch(self.stream.sock)
-            if not self.proven:
-                self.proven = True
-                self.server.proven(self.address)
-            if self.trusted:
-                self.server.trust(self.address, -1)
+            if self.proven:
+                _count(self.server.trusted, self.address, -1)
+            else:
+                self.server.proven(self.address, admitted=False)
             self.stream.close()
 
     # ----------------------------------------------------------------- the reader
@@ -507,9 +503,8 @@ class _Connection:
                             return
                         request.admitted = True
                     if not self.proven:
-                        self.proven = self.trusted = True
-                        server.proven(self.address)
-                        server.trust(self.address, 1)
+                        self.proven = True
+                        server.proven(self.address, admitted=True)
                     body = await self._receive_body(incoming)
                 except _Reject as reject:
                     self.bytes_out = 0
