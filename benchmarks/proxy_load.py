@@ -847,13 +847,18 @@ def start_litellm(
 
 def cpu_seconds(pid: int, thread: int | None = None) -> float:
     """utime + stime of a process, or of one of its threads (0.0 if it is gone)."""
+    return sum(cpu_times(pid, thread))
+
+
+def cpu_times(pid: int, thread: int | None = None) -> tuple[float, float]:
+    """(utime, stime) of a process, or of one of its threads ((0, 0) if it is gone)."""
     path = f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat"
     try:
         with open(path) as f:
             fields = f.read().rsplit(")", 1)[1].split()
     except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of stat
+        return 0.0, 0.0
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK  # fields 14 and 15 of stat
 
 
 def settle(pids: Mapping[str, int], limit: float | None = None) -> str | None:

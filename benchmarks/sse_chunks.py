@@ -31,11 +31,11 @@ import h11
 import trio
 
 from benchmarks.proxy_load import (
-    CLK_TCK,
     FAKE_KEYS,
     LOOPBACK,
     _child_env,
     child,
+    cpu_times,
     memory,
     pct,
     start_keyrotor,
@@ -157,9 +157,9 @@ def main() -> int:
         user = system = 0.0  # the proxy's CPU while streams go through it
         for _ in range(args.requests):
             trio.run(streams, args.concurrent, upstream_port, "/api/v1/chat/completions", direct)
-            before = _times(proxy.pid)
+            before = cpu_times(proxy.pid)
             trio.run(streams, args.concurrent, endpoint.port, "/v1/chat/completions", through)
-            after = _times(proxy.pid)
+            after = cpu_times(proxy.pid)
             user, system = user + after[0] - before[0], system + after[1] - before[1]
         rss_after, rss_peak = memory(proxy.pid)
 
@@ -183,13 +183,6 @@ def main() -> int:
           f"{(user + system) / chunks * 1e6:.1f} µs a chunk ({user / chunks * 1e6:.1f} user, "
           f"{system / chunks * 1e6:.1f} system)")  # fmt: skip
     return 0
-
-
-def _times(pid: int) -> tuple[float, float]:
-    """A process's user and system CPU seconds (``cpu_seconds`` is their sum)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
 
 
 if __name__ == "__main__":
