@@ -15,9 +15,11 @@ the median ratio with its quartiles (the spread of the pairs), per body. Run:
         [--state] [--keys N] [--no-stream]
 
 One tree against itself with B configured otherwise measures what a setting
-costs, e.g. the state file at 10,000 keys::
+costs, e.g. the state file at 10,000 keys, or a route (``--b-route``: B's
+requests name ``proxy_load``'s route, A's its model)::
 
     python -m benchmarks.proxy_pairs . . --state --keys 10000 --b-no-state --no-stream
+    python -m benchmarks.proxy_pairs . . --state --b-route
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from benchmarks.proxy_load import (
+    MODEL,
+    ROUTE,
     BenchError,
     Options,
     Target,
@@ -72,6 +76,10 @@ def main() -> int:
     )
     parser.add_argument("--b-keys", type=int, metavar="N", help="B's fake keys (default: --keys)")
     parser.add_argument("--b-no-state", action="store_true", help="B without the state file")
+    parser.add_argument(
+        "--route", action="store_true", help=f"both sides' requests name the route {ROUTE!r}"
+    )
+    parser.add_argument("--b-route", action="store_true", help=f"B's requests name {ROUTE!r}")
     args = parser.parse_args()
     b_keys = args.keys if args.b_keys is None else args.b_keys
     for tree in args.trees:
@@ -91,12 +99,17 @@ def main() -> int:
     with ExitStack() as stack:
         _, upstream_url = start_upstream(stack)
         targets = []
-        sides = [(args.state, args.keys), (args.state and not args.b_no_state, b_keys)]
-        for name, tree, (state, keys) in zip(names, args.trees, sides, strict=True):
+        sides = [
+            (args.state, args.keys, args.route),
+            (args.state and not args.b_no_state, b_keys, args.route or args.b_route),
+        ]
+        routes = args.route or args.b_route  # both proxies know the route
+        for name, tree, (state, keys, routed) in zip(names, args.trees, sides, strict=True):
             proxy, endpoint = start_keyrotor(
-                stack, upstream_url, state, keys=keys, tree=tree.resolve()
+                stack, upstream_url, state, routes, keys=keys, tree=tree.resolve()
             )
-            targets.append(Target(name, endpoint, proxy.pid))
+            model = ROUTE if routed else MODEL
+            targets.append(Target(name, endpoint, proxy.pid, model))
         for target in targets:
             warm_up(target, options)
         for streaming in bodies:
@@ -117,6 +130,8 @@ def main() -> int:
         f"{args.keys} keys, state file {'on' if args.state else 'off'}"
         + (f"; B: {b_keys} keys" if b_keys != args.keys else "")
         + ("; B: no state file" if args.state and args.b_no_state else "")
+        + (f"; requests name the route {ROUTE!r}" if args.route else "")
+        + (f"; B's requests name the route {ROUTE!r}" if args.b_route and not args.route else "")
         + "\n"
     )
     print("| body | A, µs a request | B, µs a request | B/A, median of pairs | quartiles |")

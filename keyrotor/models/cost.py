@@ -54,13 +54,18 @@ REPLY_TOKENS = 3
 """Tokens that prime the reply (``<|start|>assistant<|message|>``)."""
 
 
-def _text(content: object) -> Iterable[str]:
-    if isinstance(content, str):
-        yield content
-    elif isinstance(content, list):
+def _chars(content: object) -> int:
+    """Characters of a message's ``content``: a string, or its ``text`` parts."""
+    if type(content) is str:
+        return len(content)
+    chars = 0
+    if isinstance(content, list):
         for part in content:
-            if isinstance(part, Mapping) and isinstance(part.get("text"), str):
-                yield part["text"]
+            if isinstance(part, Mapping):
+                text = part.get("text")
+                if isinstance(text, str):
+                    chars += len(text)
+    return chars
 
 
 def estimate_tokens(messages: Iterable[Mapping[str, Any]]) -> int:
@@ -71,9 +76,10 @@ def estimate_tokens(messages: Iterable[Mapping[str, Any]]) -> int:
     count = 0
     for message in messages:
         count += 1
-        if not isinstance(message, Mapping):
+        # type() first: parsed JSON is dicts, and the Mapping check is ten times slower
+        if type(message) is not dict and not isinstance(message, Mapping):
             continue
-        chars += sum(len(text) for text in _text(message.get("content")))
+        chars += _chars(message.get("content"))
         name = message.get("name")
         if isinstance(name, str):
             chars += len(name)
@@ -92,7 +98,9 @@ def count_images(messages: Iterable[Mapping[str, Any]]) -> int:
     """Input images in chat ``messages`` (``image_url`` parts)."""
     images = 0
     for message in messages:
-        content = message.get("content") if isinstance(message, Mapping) else None
+        if type(message) is not dict and not isinstance(message, Mapping):
+            continue
+        content = message.get("content")
         if isinstance(content, list):
             images += sum(
                 1

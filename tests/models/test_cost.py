@@ -4,6 +4,7 @@ upstream priced by keyrotor as the upstream reports them."""
 from __future__ import annotations
 
 import random
+from types import MappingProxyType
 from typing import Any
 
 import httpx
@@ -91,6 +92,14 @@ def test_the_estimate_prices_the_prompt_and_the_ceiling() -> None:
     assert guess.high == pytest.approx(guess.low + 100 * 2e-6)
     assert estimate(pricing, messages).high is None
     assert estimate(Pricing(variable=True), messages).low is None
+    # Any mapping counts as a message (parsed JSON gives dicts, a caller may not);
+    # names and tool-call arguments count, things that are not messages do not.
+    views = [MappingProxyType(message) for message in messages]
+    assert (estimate_tokens(views), count_images(views)) == (tokens, 1)
+    call = {"function": {"name": "f" * 4, "arguments": "a" * 8}}
+    other = [{"role": "tool", "name": "n" * 4, "content": None, "tool_calls": [call]}, "text"]
+    assert estimate_tokens(other) == 4 + 2 * 4 + 3  # 16 characters -> 4 tokens
+    assert count_images([*other, *views]) == 1
 
 
 @given(st.lists(st.text(max_size=200), max_size=8), st.text(min_size=1, max_size=50))

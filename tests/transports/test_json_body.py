@@ -10,12 +10,11 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from keyrotor.adapters.proxy.providers import MODEL_MEMBER as MODEL
 from keyrotor.transports import json_body
 from keyrotor.transports._http import _STREAM_TRUE as STREAM_TRUE
 from keyrotor.transports._http import wants_stream
 from keyrotor.transports.json_body import NEAR, Unsure, leading_member, member
-
-MODEL = re.compile(rb'"model"\s*:\s*("[^"\\]*(?:\\.[^"\\]*)*")', re.DOTALL)
 
 KEYS = st.one_of(st.sampled_from(["stream", "model", "messages", "tools"]), st.text(max_size=6))
 SCALARS = st.one_of(

@@ -19,10 +19,10 @@ import attrs
 from ...transports.api import AsyncClient
 from ...transports.json_body import Unsure, member
 
-_MODEL = re.compile(rb'"model"\s*:\s*("[^"\\]*(?:\\.[^"\\]*)*")', re.DOTALL)
-"""The ``model`` member with a string value (group 1, as written)."""
+MODEL_MEMBER = re.compile(rb'"model"\s*:\s*("[^"\\]*(?:\\.[^"\\]*)*")', re.DOTALL)
+"""The ``model`` member with a string value (group 1: the string, quotes included)."""
 
-__all__ = ["Routes"]
+__all__ = ["MODEL_MEMBER", "Routes"]
 
 
 @attrs.frozen
@@ -48,7 +48,7 @@ class Routes:
         without parsing the body when ``json_body.member`` can tell, and a
         model the provider names otherwise is replaced in place."""
         try:
-            found = member(body, b'"model"', _MODEL)
+            found = member(body, b'"model"', MODEL_MEMBER)
         except Unsure:
             return self._pick_parsed(body)
         if found is None:

@@ -41,8 +41,9 @@ from ...models.routing import (
     route_to_json,
 )
 from ...transports.errors import KeyrotorError
+from ...transports.json_body import Unsure, member
 from ..config import RoutingOptions
-from .model_health import MODEL_PATTERN as _MODEL
+from .providers import MODEL_MEMBER
 
 if TYPE_CHECKING:
     from ...models import Catalog, ModelInfo
@@ -97,6 +98,24 @@ class Plan:
             body, start, end = self.raw
             return body[:start] + json.dumps(model)[1:-1].encode() + body[end:]
         return json.dumps({**self.data, "model": model}, separators=(",", ":")).encode()
+
+
+def _model_span(body: bytes, model: object) -> tuple[bytes, int, int] | None:
+    """``body`` and the span of its top-level model's value within the quotes,
+    found by ``json_body.member`` (no search from the start of a long body),
+    or None when that cannot tell (the plan re-encodes the parsed body then)."""
+    try:
+        found = member(body, b'"model"', MODEL_MEMBER)
+    except Unsure:
+        return None
+    if found is None or not isinstance(model, str):
+        return None
+    start, end = found.span(1)
+    try:
+        written = json.loads(found.group(1))
+    except ValueError:
+        return None
+    return (body, start + 1, end - 1) if written == model else None
 
 
 def _day_end(now: float) -> float:
@@ -187,9 +206,7 @@ class Router:
             data.pop("models", None)
             data.pop("route", None)
             return Plan(route, decision, data, need)
-        found = _MODEL.search(body) if body.count(b'"model"') == 1 else None  # surely the top one
-        raw = None if found is None else (body, found.start(1), found.end(1))
-        return Plan(route, decision, data, need, raw)
+        return Plan(route, decision, data, need, _model_span(body, data.get("model")))
 
     def _route_of(self, data: dict[str, Any]) -> Route | Refused | None:
         model = data.get("model")
