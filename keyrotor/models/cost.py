@@ -185,32 +185,56 @@ def spend(
 
 
 def price_answer(
-    catalog: Catalog | None, body: bytes | None, usage: Mapping[str, Any]
+    catalog: Catalog | None,
+    body: bytes | None,
+    usage: Mapping[str, Any],
+    *,
+    model_of: Callable[[bytes], str | None] | None = None,
 ) -> float | None:
     """USD for the answer to the JSON request ``body`` whose ``usage`` is
     given, at ``catalog``'s pricing of the request's ``model`` (its input
-    images counted); None when the body names no model the catalog prices."""
+    images counted); None when the body names no model the catalog prices.
+
+    ``model_of``: the request's top-level ``model`` read without parsing the
+    body (the proxy's, for an agent's long body); the body is then parsed only
+    when the model charges for images, to count them."""
     if catalog is None or not body:
         return None
+    request = None
+    if model_of is None:
+        request = _json_object(body)
+        model = None if request is None else request.get("model")
+    else:
+        model = model_of(body)
+    info = catalog.get(model) if isinstance(model, str) else None
+    if info is None:
+        return None
+    images = 0
+    if info.pricing.image:  # images change the price only then
+        request = _json_object(body) if request is None else request
+        messages = None if request is None else request.get("messages")
+        images = count_images(messages) if isinstance(messages, list) else 0
+    return usage_cost(info.pricing, usage, images=images)
+
+
+def _json_object(body: bytes) -> dict[str, Any] | None:
     try:
         request = json.loads(body)
     except ValueError:
         return None
-    model = request.get("model") if isinstance(request, dict) else None
-    info = catalog.get(model) if isinstance(model, str) else None
-    if info is None:
-        return None
-    messages = request.get("messages")
-    images = count_images(messages) if isinstance(messages, list) else 0
-    return usage_cost(info.pricing, usage, images=images)
+    return request if isinstance(request, dict) else None
 
 
-def pricer(catalog: Catalog | Callable[[], Catalog | None]) -> Price:
+def pricer(
+    catalog: Catalog | Callable[[], Catalog | None],
+    model_of: Callable[[bytes], str | None] | None = None,
+) -> Price:
     """A ``Driver.price`` hook pricing answers at ``catalog`` (or at what a
-    function returns each time, for a catalog that is refreshed)."""
+    function returns each time, for a catalog that is refreshed); ``model_of``
+    as ``price_answer`` takes it."""
     current = catalog if callable(catalog) else (lambda: catalog)
 
     def price(body: bytes | None, usage: Mapping[str, Any]) -> float | None:
-        return price_answer(current(), body, usage)
+        return price_answer(current(), body, usage, model_of=model_of)
 
     return price

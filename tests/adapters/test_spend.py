@@ -16,9 +16,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from keyrotor.adapters.config import Budget, ConfigError, load_config, token_name
+from keyrotor.adapters.proxy.providers import top_model
 from keyrotor.adapters.proxy.spend import MAX_NAMES, SpendBook
 from keyrotor.adapters.storage import StateStore, UsageRow
-from keyrotor.models import parse_catalog, pricer
+from keyrotor.models import parse_catalog, pricer, usage_cost
 from keyrotor.testing import FakeUpstream, Scenario
 from keyrotor.testing.catalogs import realistic_models
 from keyrotor.transports.api import AsyncClient, StreamAccountant
@@ -220,6 +221,50 @@ def test_a_client_prices_answers_without_usage_cost_from_the_catalog() -> None:
     assert sum(seen) == pytest.approx(charged, rel=1e-9)  # what the fake charged, unreported
     (key,) = status["keys"]
     assert key["spend"] == pytest.approx(charged, rel=1e-9)  # counts toward the key's budget
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.sampled_from(["image", "plain", "unknown"]),
+    st.integers(0, 3),
+    st.sampled_from([0, 3_000, 30_000]),
+    st.booleans(),
+    st.booleans(),
+)
+def test_the_proxys_price_hook_reads_the_model_without_parsing_and_prices_as_parsing_does(
+    which: str, images: int, padding: int, model_last: bool, nested: bool
+) -> None:
+    """The proxy's hook finds the model with ``top_model`` (no parse of a long
+    body) and parses only to count images for a model that charges for them:
+    the same price as the hook that parses every body."""
+    catalog = parse_catalog(document())
+    image = next(m for m in catalog.models if m.pricing.image and not m.pricing.variable)
+    plain = next(m for m in catalog.models if m.pricing.prompt and not m.pricing.image)
+    model = {"image": image.id, "plain": plain.id, "unknown": "no/such-model"}[which]
+    parts = [{"type": "text", "text": '"model": "x" {[' * (padding // 16)}]
+    parts += [{"type": "image_url", "image_url": {"url": "data:,"}}] * images
+    request: dict[str, Any] = {"messages": [{"role": "user", "content": parts}]}
+    if nested:
+        request["metadata"] = {"model": plain.id}
+    request = {"model": model, **request} if not model_last else {**request, "model": model}
+    body = json.dumps(request).encode()
+    usage = {"prompt_tokens": 100, "completion_tokens": 20}
+    parsed: list[bytes] = []
+    real_loads = json.loads
+
+    def counting(text: Any, **kwargs: Any) -> Any:
+        if text == body:
+            parsed.append(text)
+        return real_loads(text, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(json, "loads", counting)
+        fast = pricer(catalog, top_model)(body, usage)
+    assert fast == pricer(catalog)(body, usage)
+    info = catalog.get(model)
+    assert fast == (None if info is None else usage_cost(info.pricing, usage, images=images))
+    if which != "image" and (model_last or not nested):  # the last "model" is the top one
+        assert parsed == []
 
 
 def test_a_failing_price_hook_leaves_the_cost_at_zero_and_says_so() -> None:

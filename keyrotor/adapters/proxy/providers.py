@@ -22,7 +22,28 @@ from ...transports.json_body import Unsure, member
 MODEL_MEMBER = re.compile(rb'"model"\s*:\s*("[^"\\]*(?:\\.[^"\\]*)*")', re.DOTALL)
 """The ``model`` member with a string value (group 1: the string, quotes included)."""
 
-__all__ = ["MODEL_MEMBER", "Routes"]
+__all__ = ["MODEL_MEMBER", "Routes", "top_model"]
+
+
+def top_model(body: bytes) -> str | None:
+    """The top-level ``model`` string of a JSON request ``body`` (None: none),
+    found without parsing the body when ``json_body.member`` can tell."""
+    try:
+        found = member(body, b'"model"', MODEL_MEMBER)
+    except Unsure:
+        try:
+            data: Any = json.loads(body)
+        except ValueError:
+            return None
+        model = data.get("model") if isinstance(data, dict) else None
+        return model if isinstance(model, str) else None
+    if found is None:
+        return None
+    try:
+        model = json.loads(found.group(1))
+    except ValueError:  # a bad escape: the upstream refuses the body
+        return None
+    return model if isinstance(model, str) else None
 
 
 @attrs.frozen

@@ -41,7 +41,7 @@ from .app import ProxyApp
 from .auth import Auth
 from .catalog import Catalogs, CatalogService
 from .model_health import ModelHealth
-from .providers import Routes
+from .providers import Routes, top_model
 from .router import Router
 from .spend import SpendBook
 from .views import Views
@@ -492,5 +492,5 @@ def _catalog(
         client, refresh=config.catalog_refresh, store=store, log=log, **options
     )
     service.restore()
-    client.driver.price = pricer(lambda: service.catalog)
+    client.driver.price = pricer(lambda: service.catalog, top_model)
     return service
