@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from keyrotor.adapters.config import ConfigError, load_config
 from keyrotor.adapters.proxy.app import ProxyApp
-from keyrotor.adapters.proxy.providers import Routes
+from keyrotor.adapters.proxy.providers import Routes, top_model
 from keyrotor.adapters.proxy.types import Request
 from keyrotor.testing import FakeUpstream, Model, Scenario
 from keyrotor.transports.api import AsyncClient
@@ -319,3 +319,16 @@ def test_the_provider_found_without_parsing_is_the_one_parsing_finds(
         assert json.loads(picked[1]) == json.loads(parsed[1])
         if nested is None and 0 in (before, after):  # not parsed: rewritten in place
             assert picked[1].replace(b'"gpt-x"', b'"other/gpt-x"') == body
+
+
+def test_top_model_reads_the_top_level_model_string_as_json_does() -> None:
+    assert top_model(b'{"messages": [], "model": "a/b"}') == "a/b"
+    assert top_model(b'{"model": "a\\/b\\u00e9"}') == "a/b\u00e9"  # escapes decoded
+    assert top_model(b'{"model": "\xff"}') is None  # not UTF-8: refused upstream
+    assert top_model(b'{"model": 7}') is None
+    assert top_model(b'{"meta": {"model": "x"}}') is None
+    big = json.dumps(
+        {"pad": "x" * 50_000, "model": "y", "meta": {"model": "x"}, "tail": "z" * 50_000}
+    )
+    assert top_model(big.encode()) == "y"  # both sides long, the last one nested: parsed
+    assert top_model(b"not json" + b" " * 50_000 + b'"model" "model": x' + b" " * 50_000) is None

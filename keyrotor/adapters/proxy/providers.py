@@ -39,9 +39,10 @@ def top_model(body: bytes) -> str | None:
         return model if isinstance(model, str) else None
     if found is None:
         return None
-    try:
-        model = json.loads(found.group(1))
-    except ValueError:  # a bad escape: the upstream refuses the body
+    written = found.group(1)
+    try:  # no escapes (nearly every model id): the bytes are the string
+        model = written[1:-1].decode() if b"\\" not in written else json.loads(written)
+    except ValueError:  # a bad escape or bad UTF-8: the upstream refuses the body
         return None
     return model if isinstance(model, str) else None
 
