@@ -11,7 +11,8 @@ SDK writes them).
 - ``price hook``: an answer whose ``usage`` reports no cost (OpenAI and most
   OpenAI-compatible providers), as the proxy prices it (``top_model``) and by
   parsing the body (``pricer(catalog)`` without ``model_of``);
-- ``need_of`` and ``_model_span``: a request naming a route, besides its parse.
+- ``json_body.parse``, ``need_of`` and ``_model_span``: a request naming a route
+  (parsed whole: its route is ranked on the whole prompt).
 
 Run:
 
@@ -35,6 +36,7 @@ from keyrotor.models import parse_catalog, pricer
 from keyrotor.models.routing import need_of
 from keyrotor.testing.catalogs import realistic_models
 from keyrotor.transports._http import wants_stream
+from keyrotor.transports.json_body import parse
 
 SIZES = (0, 16, 64, 256)
 USAGE = {"prompt_tokens": 1000, "completion_tokens": 100}
@@ -50,6 +52,7 @@ def cases_for(body: bytes, stream: bytes, model: str) -> dict[str, Callable[[], 
     data = json.loads(body)
     return {
         "json.loads (yardstick)": lambda: json.loads(body),
+        "json_body.parse (msgspec with the fast extra)": lambda: parse(body),
         "wants_stream, a stream": lambda: wants_stream(stream),
         "wants_stream, not one": lambda: wants_stream(body),
         "model_of": lambda: model_of(body),

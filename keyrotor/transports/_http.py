@@ -19,7 +19,7 @@ import httpcore
 from ..core import Deliver
 from . import codec as http_codec
 from .errors import ConfigurationError, UpstreamError
-from .json_body import Unsure, member
+from .json_body import Unsure, member, parse
 
 __all__ = [
     "MAX_ERROR_BODY",
@@ -272,7 +272,7 @@ def decode_headers(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
 def parse_json(body: bytes) -> Any:
     """JSON of an (error) body, or None when it is not JSON."""
     try:
-        return json.loads(body)
+        return parse(body)
     except ValueError:
         return None
 

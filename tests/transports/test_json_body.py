@@ -109,3 +109,48 @@ def test_a_long_body_is_not_parsed_when_the_key_has_a_short_side(
     with pytest.raises(Unsure):
         member(both, b'"stream"', STREAM_TRUE)
     assert wants_stream(both)  # parsed then
+
+
+JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(10**30), max_value=10**30)
+    | st.floats()  # NaN and infinities too: json writes and reads them, msgspec does not
+    | st.text(),  # lone surrogates too
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner),
+    max_leaves=20,
+)
+
+
+def parsed_or_error(body: bytes, parser: Any) -> str:
+    """The value as json writes it back (NaN equal to NaN, 1 unlike 1.0), or "error"."""
+    try:
+        return json.dumps(parser(body))
+    except ValueError:
+        return "error"
+
+
+@given(
+    JSON_VALUES,
+    st.booleans(),
+    st.sampled_from([None, 1]),
+    st.sampled_from([b"", b"\xef\xbb\xbf", b" ", b"x", b"\xff"]),
+)
+@example([1, 2], False, None, b"")
+@example(10**25, False, None, b"")  # beyond 64 bits: an int (orjson, for one, gives a float)
+@example({"seed": -(10**20), "t": float("nan")}, False, None, b"")
+def test_parse_reads_what_json_loads_reads_and_refuses_what_it_refuses(
+    value: Any, ascii_only: bool, indent: int | None, extra: bytes
+) -> None:
+    text = json.dumps(value, ensure_ascii=ascii_only, indent=indent)
+    body = text.encode("utf-8", "surrogatepass")
+    for variant in (body, extra + body, body + extra, body[: len(body) // 2]):
+        assert parsed_or_error(variant, json_body.parse) == parsed_or_error(variant, json.loads)
+
+
+def test_parse_without_the_fast_extra_is_json_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert json_body._decode is not None  # the tests install the fast extra
+    monkeypatch.setattr(json_body, "_decode", None)
+    assert json_body.parse(b'{"a": [1, 2.5, NaN]}')["a"][:2] == [1, 2.5]
+    with pytest.raises(ValueError):
+        json_body.parse(b"{")

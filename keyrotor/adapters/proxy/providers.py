@@ -17,7 +17,7 @@ from typing import Any
 import attrs
 
 from ...transports.api import AsyncClient
-from ...transports.json_body import Unsure, member
+from ...transports.json_body import Unsure, member, parse
 
 MODEL_MEMBER = re.compile(rb'"model"\s*:\s*("[^"\\]*(?:\\.[^"\\]*)*")', re.DOTALL)
 """The ``model`` member with a string value (group 1: the string, quotes included)."""
@@ -32,7 +32,7 @@ def top_model(body: bytes) -> str | None:
         found = member(body, b'"model"', MODEL_MEMBER)
     except Unsure:
         try:
-            data: Any = json.loads(body)
+            data: Any = parse(body)
         except ValueError:
             return None
         model = data.get("model") if isinstance(data, dict) else None
@@ -91,7 +91,7 @@ class Routes:
     def _pick_parsed(self, body: bytes) -> tuple[str, bytes] | None:
         """``pick`` for a body that must be parsed to tell."""
         try:
-            data: Any = json.loads(body)
+            data: Any = parse(body)
         except ValueError:
             return None
         model = data.get("model") if isinstance(data, dict) else None

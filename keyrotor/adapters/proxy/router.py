@@ -41,7 +41,7 @@ from ...models.routing import (
     route_to_json,
 )
 from ...transports.errors import KeyrotorError
-from ...transports.json_body import Unsure, member
+from ...transports.json_body import Unsure, member, parse
 from ..config import RoutingOptions
 from .providers import MODEL_MEMBER
 
@@ -184,7 +184,7 @@ class Router:
         """The plan of a routed request body (see ``routed``); None when it is
         not routed after all (``"models"`` was a nested key)."""
         try:
-            data: Any = json.loads(body)
+            data: Any = parse(body)
         except ValueError:
             return Refused(400, "the request body is not JSON", "invalid_json")
         if not isinstance(data, dict):

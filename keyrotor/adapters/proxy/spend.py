@@ -17,7 +17,6 @@ what those requests cost.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections import deque
@@ -25,6 +24,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from ...models import ModelInfo, estimate
+from ...transports.json_body import parse
 from ..config import Budget
 from ..storage import Spend, day_start
 
@@ -183,7 +183,7 @@ class SpendBook:
         if info is None or not body:
             return 0.0
         try:
-            request = json.loads(body)
+            request = parse(body)
         except ValueError:
             return 0.0
         messages = request.get("messages") if isinstance(request, dict) else None
