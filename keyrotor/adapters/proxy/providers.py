@@ -22,7 +22,7 @@ from ...transports.json_body import Unsure, member, parse
 MODEL_MEMBER = re.compile(rb'"model"\s*:\s*("[^"\\]*(?:\\.[^"\\]*)*")', re.DOTALL)
 """The ``model`` member with a string value (group 1: the string, quotes included)."""
 
-__all__ = ["MODEL_MEMBER", "Routes", "top_model"]
+__all__ = ["MODEL_MEMBER", "Routes", "model_string", "top_model"]
 
 
 def top_model(body: bytes) -> str | None:
@@ -37,14 +37,17 @@ def top_model(body: bytes) -> str | None:
             return None
         model = data.get("model") if isinstance(data, dict) else None
         return model if isinstance(model, str) else None
-    if found is None:
-        return None
+    return None if found is None else model_string(found)
+
+
+def model_string(found: re.Match[bytes]) -> str | None:
+    """The string ``MODEL_MEMBER`` found, decoded (None: a bad escape or bad
+    UTF-8, which the upstream refuses anyway)."""
     written = found.group(1)
     try:  # no escapes (nearly every model id): the bytes are the string
-        model = written[1:-1].decode() if b"\\" not in written else json.loads(written)
-    except ValueError:  # a bad escape or bad UTF-8: the upstream refuses the body
+        return written[1:-1].decode() if b"\\" not in written else str(json.loads(written))
+    except ValueError:
         return None
-    return model if isinstance(model, str) else None
 
 
 @attrs.frozen
@@ -73,11 +76,8 @@ class Routes:
             found = member(body, b'"model"', MODEL_MEMBER)
         except Unsure:
             return self._pick_parsed(body)
-        if found is None:
-            return None
-        try:
-            model = json.loads(found.group(1))
-        except ValueError:  # a bad escape: the upstream refuses the body
+        model = None if found is None else model_string(found)
+        if found is None or model is None:
             return None
         routed = self.route(model)
         if routed is None:

@@ -43,7 +43,7 @@ from ...models.routing import (
 from ...transports.errors import KeyrotorError
 from ...transports.json_body import Unsure, member, parse
 from ..config import RoutingOptions
-from .providers import MODEL_MEMBER
+from .providers import MODEL_MEMBER, model_string
 
 if TYPE_CHECKING:
     from ...models import Catalog, ModelInfo
@@ -108,14 +108,10 @@ def _model_span(body: bytes, model: object) -> tuple[bytes, int, int] | None:
         found = member(body, b'"model"', MODEL_MEMBER)
     except Unsure:
         return None
-    if found is None or not isinstance(model, str):
+    if found is None or model_string(found) != model:
         return None
     start, end = found.span(1)
-    try:
-        written = json.loads(found.group(1))
-    except ValueError:
-        return None
-    return (body, start + 1, end - 1) if written == model else None
+    return body, start + 1, end - 1
 
 
 def _day_end(now: float) -> float:
