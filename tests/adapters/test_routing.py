@@ -330,6 +330,32 @@ def test_bad_routed_requests_get_one_clear_error(
     assert not SENT  # nothing was sent
 
 
+def test_a_routed_body_that_is_not_json_or_nested_too_deeply_gets_one_clear_error(
+    tmp_path: Path,
+) -> None:
+    deep = b'{"model": "free", "messages": [], "x": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"
+    log: list[dict[str, Any]] = []
+    with FakeUpstream.running_in_thread(scenario()) as server:
+        with ProxyThread(write_config(tmp_path, server.url), log) as url:
+            answers = [
+                httpx.post(f"{url}/v1/chat/completions", content=body)
+                for body in (deep, b'{"model": "free", "messages": [}')
+            ]
+            plain = deep.replace(b'"free"', f'"{PAID}"'.encode())  # not routed: recommend parses
+            recommended = httpx.post(f"{url}/routing/recommend", content=plain)
+    assert recommended.status_code == 400
+    assert recommended.json()["error"]["message"] == "the request body is not a JSON object"
+    assert [a.status_code for a in answers] == [400, 400]
+    deep_error, broken_error = (a.json()["error"] for a in answers)
+    assert deep_error["message"] == (
+        "the request body is not JSON: the JSON document is nested too deeply"
+    )
+    assert broken_error["message"].startswith("the request body is not JSON: Expecting value")
+    assert deep_error["code"] == broken_error["code"] == "invalid_json"
+    assert not SENT
+    assert not [e for e in log if e.get("event") == "error" or "Traceback" in str(e)]
+
+
 def test_the_models_list_falls_back_in_order_like_openrouters(tmp_path: Path) -> None:
     first, second = "qwen/qwen3-large:free", PAID
     down = {first: Reply(404, f"No endpoints found for {first}.")}

@@ -154,3 +154,16 @@ def test_parse_without_the_fast_extra_is_json_loads(monkeypatch: pytest.MonkeyPa
     assert json_body.parse(b'{"a": [1, 2.5, NaN]}')["a"][:2] == [1, 2.5]
     with pytest.raises(ValueError):
         json_body.parse(b"{")
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_a_document_nested_too_deeply_is_bad_input_not_a_crash(
+    fast: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not fast:
+        monkeypatch.setattr(json_body, "_decode", None)
+    deep = b'{"model": "m", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    with pytest.raises(RecursionError):
+        json.loads(deep)
+    with pytest.raises(ValueError, match="nested too deeply"):
+        json_body.parse(deep)

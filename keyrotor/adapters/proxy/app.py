@@ -25,6 +25,7 @@ from ...core import USABLE_STATES
 from ...models.routing import model_failure
 from ...transports.api import AsyncClient, ResponseHead, StreamResponse
 from ...transports.errors import NoKeyAvailable, TransportError
+from ...transports.json_body import parse
 from ..analytics import Dims
 from ..config import MAIN_PROVIDER
 from .admin import Admin
@@ -275,7 +276,7 @@ class ProxyApp:
                         "the body must be a chat request with a model, a route or models"
                     )
                 try:
-                    body = json.dumps({**json.loads(body), "models": [model]}).encode()
+                    body = json.dumps({**parse(body), "models": [model]}).encode()
                 except (ValueError, TypeError):
                     return _invalid("the request body is not a JSON object")
             plan = router.plan(body)

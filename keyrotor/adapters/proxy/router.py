@@ -181,8 +181,8 @@ class Router:
         not routed after all (``"models"`` was a nested key)."""
         try:
             data: Any = parse(body)
-        except ValueError:
-            return Refused(400, "the request body is not JSON", "invalid_json")
+        except ValueError as exc:
+            return Refused(400, f"the request body is not JSON: {exc}", "invalid_json")
         if not isinstance(data, dict):
             return Refused(400, "the request body must be a JSON object", "invalid_request")
         catalog = self._catalogs.merged()
