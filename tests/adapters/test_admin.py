@@ -159,6 +159,8 @@ def test_keys_are_added_listed_marked_probed_and_removed_while_traffic_flows(
             assert call("POST", "/admin/keys", json={"key": "x y"}).status_code == 400
             assert call("POST", "/admin/keys", json={"key": 5}).status_code == 400
             assert call("POST", "/admin/keys", content=b"[1]").status_code == 400
+            deep = call("POST", "/admin/keys", content=b"[" * 50_000 + b"]" * 50_000)
+            assert deep.status_code == 400 and "must be a JSON object" in deep.text
             assert call("POST", "/admin/keys", json={"key": NEW, "weight": -1}).status_code == 400
             assert call("POST", "/admin/keys", json={"key": NEW, "alias": "a b"}).status_code == 400
             bad = call("POST", "/admin/keys", json={"key": NEW[:-1] + "9", "wieght": 1})

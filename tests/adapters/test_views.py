@@ -230,6 +230,10 @@ def test_alert_rules_through_the_admin_api_survive_a_restart(tmp_path: Path) -> 
             bad = httpx.put(rule, json={"kind": "spend", "threshold": -1}, headers=bearer(ADMIN))
             assert bad.status_code == 400
             assert "threshold -1 is out of range (USD a day)" in bad.json()["error"]["message"]
+            deep = httpx.put(rule, content=b"[" * 50_000 + b"]" * 50_000, headers=bearer(ADMIN))
+            assert (
+                deep.status_code == 400 and "nested too deeply" in deep.json()["error"]["message"]
+            )
             made = httpx.put(
                 rule,
                 json={"kind": "spend", "threshold": 5, "scope": "model"},

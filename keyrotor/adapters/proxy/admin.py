@@ -26,6 +26,7 @@ from ...core import KeySpec, KeyState, PoolError
 from ...models.routing import route_from_json, route_to_json
 from ...transports.api import AsyncClient
 from ...transports.errors import ConfigurationError
+from ...transports.json_body import parse
 from ..config import MAIN_PROVIDER
 from ..storage import StorageError
 from .types import Request, Response
@@ -414,7 +415,7 @@ def _json_object(body: bytes, allow_empty: bool = False) -> dict[str, Any]:
     if allow_empty and not body.strip():
         return {}
     try:
-        value = json.loads(body)
+        value = parse(body)
     except ValueError:
         raise AdminError(400, "the body must be a JSON object") from None
     if not isinstance(value, dict):

@@ -33,6 +33,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from ...core import USABLE_STATES
 from ...transports.api import ConnectionPool
+from ...transports.json_body import parse
 from .. import analytics
 from ..advice import recommendations
 from ..alerts import Alert, AlertBook, Observed, Rule, rule_from_json, rule_to_json
@@ -383,7 +384,7 @@ class Views:
             return _json(200, self.alerts.status())
         if request.method == "PUT" and name:
             try:
-                data = json.loads(request.body or b"{}")
+                data = parse(request.body or b"{}")
                 if not isinstance(data, dict):
                     raise ValueError("the body must be a JSON object (the rule)")
                 rule = rule_from_json({**data, "name": name})
