@@ -578,10 +578,12 @@ def start_upstream(
     catalog: str = "default",
     scenario: str = "open",
     tls: tuple[Path, Path] | None = None,
+    no_cost: bool = False,
 ) -> tuple[Child, str]:
     """The fake upstream: ``open`` (any key is healthy), or ``faulty`` (the same,
     plus ``FAULTY_KEYS``: revoked, out of credits, rate limited, hanging);
-    ``tls``: (certificate, key) to serve HTTPS with."""
+    ``tls``: (certificate, key) to serve HTTPS with; ``no_cost``: answers whose
+    usage has no cost (the proxy prices them from its catalog)."""
     cmd = [
         sys.executable,
         "-m",
@@ -597,6 +599,8 @@ def start_upstream(
         cmd += ["--catalog", catalog]
     if tls is not None:
         cmd += ["--certfile", str(tls[0]), "--keyfile", str(tls[1])]
+    if no_cost:
+        cmd.append("--no-cost")
     upstream = stack.enter_context(child("fake upstream", cmd, _child_env({}), stdout=True))
     stdout = upstream.proc.stdout
     assert stdout is not None

@@ -80,6 +80,11 @@ def main() -> int:
         "--route", action="store_true", help=f"both sides' requests name the route {ROUTE!r}"
     )
     parser.add_argument("--b-route", action="store_true", help=f"B's requests name {ROUTE!r}")
+    parser.add_argument(
+        "--no-cost",
+        action="store_true",
+        help="the upstream's usage has no cost, as OpenAI's (the proxies price answers)",
+    )
     args = parser.parse_args()
     b_keys = args.keys if args.b_keys is None else args.b_keys
     for tree in args.trees:
@@ -97,7 +102,7 @@ def main() -> int:
     names = [f"A {args.trees[0]}", f"B {args.trees[1]}"]
     figures: dict[tuple[str, bool], list[float]] = {}
     with ExitStack() as stack:
-        _, upstream_url = start_upstream(stack)
+        _, upstream_url = start_upstream(stack, no_cost=args.no_cost)
         targets = []
         sides = [
             (args.state, args.keys, args.route),
@@ -132,6 +137,7 @@ def main() -> int:
         + ("; B: no state file" if args.state and args.b_no_state else "")
         + (f"; requests name the route {ROUTE!r}" if args.route else "")
         + (f"; B's requests name the route {ROUTE!r}" if args.b_route and not args.route else "")
+        + ("; the upstream reports no cost" if args.no_cost else "")
         + "\n"
     )
     print("| body | A, µs a request | B, µs a request | B/A, median of pairs | quartiles |")

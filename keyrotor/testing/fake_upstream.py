@@ -78,6 +78,11 @@ def _parser() -> argparse.ArgumentParser:
         help="serve HTTPS with this PEM certificate (chain); needs --keyfile (the URL is https)",
     )
     parser.add_argument("--keyfile", help="the PEM private key of --certfile")
+    parser.add_argument(
+        "--no-cost",
+        action="store_true",
+        help="answers' usage without cost, as OpenAI's (OpenRouter's report it)",
+    )
     return parser
 
 
@@ -143,6 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .catalogs import realistic_models
 
             built.models = realistic_models()
+        built.report_cost = not args.no_cost
         server = FakeUpstream(built, host=args.host, port=args.port, ssl_context=context)
     except ValueError as exc:
         print(f"{PROG}: {exc}; fix: use --host 127.0.0.1", file=sys.stderr)

@@ -896,6 +896,34 @@ def printed_url(proc: subprocess.Popen[bytes]) -> str:
     return proc.stdout.readline().decode().strip()
 
 
+def test_command_line_no_cost_answers_usage_without_its_cost() -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    seen = []
+    for extra in ([], ["--no-cost"]):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "keyrotor.testing.fake_upstream", "--port", "0", *extra],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            cwd=REPO,
+            env=env,
+        )
+        try:
+            url = printed_url(proc)
+            with httpx.Client(base_url=url, timeout=5) as client:
+                answer = client.post(
+                    "/chat/completions", json=CHAT, headers=auth(DEMO_KEYS["healthy-1"])
+                )
+            seen.append(answer.json()["usage"])
+        finally:
+            proc.kill()
+            proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
+    reported, unreported = seen
+    assert reported["cost"] > 0 and "cost" not in unreported
+    assert unreported["prompt_tokens"] == reported["prompt_tokens"] > 0
+
+
 def test_command_line_serves_the_demo_until_sigterm() -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
