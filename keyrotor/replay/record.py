@@ -58,7 +58,7 @@ def error_code(body: Any) -> str | None:
     if isinstance(body, bytes | str):
         try:
             body = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested too deeply
             return None
     error = body.get("error") if isinstance(body, dict) else None
     if not isinstance(error, dict):
@@ -131,7 +131,7 @@ class TraceRecorder:
             return
         try:
             payload = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested too deeply
             return
         if isinstance(payload, dict):
             model = payload.get("model")

@@ -550,7 +550,7 @@ def _usage_object(body: bytes) -> Any:
         return None
     try:
         value, _ = _DECODER.raw_decode(body[start:].decode("utf-8", errors="replace"))
-    except ValueError:
+    except (ValueError, RecursionError):  # nested too deeply for the stack: bad input too
         return None
     return value
 
@@ -641,7 +641,7 @@ class StreamAccountant:
             return
         try:
             payload = _DECODER.decode(line[5:].decode("utf-8"))  # SSE is UTF-8
-        except ValueError:  # UnicodeDecodeError included
+        except (ValueError, RecursionError):  # UnicodeDecodeError included; too deep
             return
         if not isinstance(payload, dict):
             return

@@ -162,6 +162,18 @@ def test_error_codes_come_from_metadata_never_from_the_message() -> None:
     assert error_code({"error": {"code": "a message with; punctuation!"}}) is None
     assert error_code({"error": {"code": "Your account john doe is suspended"}}) is None
     assert error_code(b"not json") is None and error_code(None) is None
+    assert error_code(b"[" * 50_000 + b"]" * 50_000) is None  # nested too deeply: not JSON
+
+
+def test_a_request_body_nested_too_deeply_is_described_as_no_model(tmp_path: Path) -> None:
+    from keyrotor.replay.record import TraceRecorder
+
+    recorder = TraceRecorder(tmp_path / "t.jsonl", PoolConfig(keys=[KeySpec(key_id="a")]), 0.0)
+    recorder.describe(b'{"model": "m", "stream": true}')
+    assert recorder._next == ("m", True)
+    recorder.describe(b'{"model": "m", "x": ' + b"[" * 50_000 + b"]" * 50_000 + b"}")
+    assert recorder._next == (None, False)
+    recorder.close()
 
 
 def test_a_failing_recording_stops_itself_and_never_the_traffic(tmp_path: Path) -> None:

@@ -97,12 +97,32 @@ def test_json_usage_without_parsing_the_completion() -> None:
     assert (accountant.cost, accountant.prompt_tokens, accountant.completion_tokens) == (0.5, 3, 4)
 
 
-@pytest.mark.parametrize("body", [b"not json", b'{"usage": "none"}', b'{"usage": {"cost": -1}}'])
+DEEP = b"[" * 50_000 + b"]" * 50_000  # deeper than the interpreter's stack: bad input
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"not json", b'{"usage": "none"}', b'{"usage": {"cost": -1}}', b'{"usage": {"x": %s}}' % DEEP],
+)
 def test_odd_bodies_account_nothing(body: bytes) -> None:
     accountant = StreamAccountant("application/json")
     accountant.feed(body)
     accountant.close()
     assert accountant.cost == 0.0
+
+
+def test_an_sse_line_nested_too_deeply_is_skipped_not_a_crash() -> None:
+    accountant = StreamAccountant("text/event-stream")
+    usage = {"prompt_tokens": 1, "completion_tokens": 2, "cost": 0.25}
+    accountant.feed(b'data: {"usage": {"x": %s}}\n\n' % DEEP)
+    accountant.feed(b"data: " + json.dumps({"choices": [], "usage": usage}).encode() + b"\n\n")
+    accountant.feed(b'data: {"error": %s}' % DEEP)  # the last line, read at close
+    accountant.close()
+    assert (accountant.cost, accountant.completion_tokens, accountant.error_status) == (
+        0.25,
+        2,
+        None,
+    )
 
 
 def test_keys_are_added_marked_probed_and_removed_at_runtime() -> None:

@@ -422,7 +422,7 @@ class Router:
                     body = await answer.aread()
                 finally:
                     await answer.aclose()
-                data = json.loads(body).get("data") if answer.status_code == 200 else None
+                data = parse(body).get("data") if answer.status_code == 200 else None
             except (KeyrotorError, ValueError, AttributeError):
                 continue
             tier = data.get("is_free_tier") if isinstance(data, dict) else None
