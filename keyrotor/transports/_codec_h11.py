@@ -165,6 +165,13 @@ class ClientCodec:
             raise BadMessage(502, str(exc)) from None
 
     @property
+    def ready(self) -> bool:
+        """Whether ``next_event`` answers without more bytes. h11 cannot tell
+        without taking the event: always False ("it may need bytes"), so a
+        reader that would write before waiting writes at once."""
+        return False
+
+    @property
     def reusable(self) -> bool:
         """The exchange is complete, nothing more was received, and the server keeps
         the connection open."""

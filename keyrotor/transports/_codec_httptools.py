@@ -415,6 +415,12 @@ class ClientCodec:
         return NEED_DATA
 
     @property
+    def ready(self) -> bool:
+        """Whether ``next_event`` answers without more bytes (an event, an error
+        or the end is in hand)."""
+        return bool(self._events) or (self._eof and not self._done)
+
+    @property
     def reusable(self) -> bool:
         return self._done and self._keep and not self._extra and not self._eof
 

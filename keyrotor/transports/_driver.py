@@ -44,6 +44,7 @@ from ..core import (
 from ..core.classify import LIMIT_HEADER_PREFIXES
 from ._http import parse_json
 from .errors import ConfigurationError
+from .json_body import parse
 
 if TYPE_CHECKING:
     from ..replay.record import TraceRecorder
@@ -640,8 +641,8 @@ class StreamAccountant:
         if not line.startswith(b"data:") or (b'"usage"' not in line and b'"error"' not in line):
             return
         try:
-            payload = _DECODER.decode(line[5:].decode("utf-8"))  # SSE is UTF-8
-        except (ValueError, RecursionError):  # UnicodeDecodeError included; too deep
+            payload = parse(line[5:])  # msgspec's decoder when installed: 3x json's here
+        except ValueError:  # not JSON, not UTF-8, or nested too deeply
             return
         if not isinstance(payload, dict):
             return

@@ -320,6 +320,16 @@ class StreamBody(ResponseHead):
         the end; None before that, or when it broke off or was closed early."""
         return self._accountant if self._ended else None
 
+    @property
+    def ready(self) -> bool:
+        """Whether the next chunk (or the body's end) is in hand: reading it
+        waits for nothing from the upstream. False when unsure (a client whose
+        HTTP library cannot tell). A relay writes what it holds before a read
+        that is not ready, and joins what is ready into one write."""
+        if self._done or self._prefetched is not None:
+            return True
+        return getattr(self._handle, "ready", False) is True
+
     def _next_chunk(self) -> Steps[bytes | None]:
         """The next piece of the body, or None at its end (accounted then)."""
         if self._done:

@@ -854,6 +854,13 @@ class Response:
         """The body, chunk by chunk as it arrives."""
         return self
 
+    @property
+    def ready(self) -> bool:
+        """Whether the next chunk (or the body's end) is in hand: reading it
+        waits for no bytes. False when unsure (the h11 codec cannot tell)."""
+        conn = self._conn
+        return conn is None or conn.codec.ready
+
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self
 

@@ -100,15 +100,36 @@ async def test_stream_is_relayed_chunk_by_chunk() -> None:
         async for app in proxy(server, "good"):
             response = await app(post("/v1/chat/completions", body))
             assert not isinstance(response.body, bytes)
+            assert response.aclose is not None  # until the stream's end
             chunks = [chunk async for chunk in response.body]
-            assert response.aclose is not None
-            await response.aclose()
+            # Read to its end: the upstream request is done, the app withdrew
+            # aclose (the server spares a shielded wait), the key is free.
+            assert response.aclose is None
             spend = app.status()["keys"][0]["spend"]
             in_flight = app.status()["stats"]["inFlight"]
     text = b"".join(chunks).decode()
     assert len(chunks) > 1
     assert ": OPENROUTER PROCESSING" in text and text.rstrip().endswith("data: [DONE]")
     assert spend > 0 and in_flight == 0
+
+
+async def test_a_stream_in_hand_says_so_to_the_server() -> None:
+    # The fake upstream writes a whole stream at once: the relay's ``ready``
+    # holds from its first chunk to its end, so the server sends it in one write.
+    body = json.dumps({"model": "m", "messages": [], "stream": True, "max_tokens": 3})
+    async with FakeUpstream(scenario(good=Ok())).serve() as server:
+        async for app in proxy(server, "good"):
+            response = await app(post("/v1/chat/completions", body))
+            relay = response.body
+            assert not isinstance(relay, bytes)
+            seen = [relay.ready]  # type: ignore[attr-defined]
+            chunks = []
+            async for chunk in relay:
+                chunks.append(chunk)
+                seen.append(relay.ready)  # type: ignore[attr-defined]
+            in_flight = app.status()["stats"]["inFlight"]
+    assert b"".join(chunks).rstrip().endswith(b"data: [DONE]")
+    assert all(seen) and in_flight == 0 and response.aclose is None
 
 
 async def test_stream_that_breaks_off_ends_with_an_error_event() -> None:

@@ -516,6 +516,98 @@ async def test_a_stream_that_fails_truncates_the_body_and_acloses_once() -> None
     assert lines[-1]["outcome"] == "stream_error"
 
 
+class Lookahead:
+    """A stream body that says whether its next chunk is in hand (``ready``), as
+    the proxy's relay does; the chunk at index ``gated`` waits for ``gate``."""
+
+    def __init__(self, parts: list[bytes], gated: int = -1) -> None:
+        self.parts = parts
+        self.index = 0
+        self.gated = gated
+        self.gate = trio.Event()
+
+    @property
+    def ready(self) -> bool:
+        return self.index != self.gated or self.gate.is_set()
+
+    def __aiter__(self) -> Lookahead:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self.index == self.gated:
+            await self.gate.wait()
+        if self.index == len(self.parts):
+            raise StopAsyncIteration
+        self.index += 1
+        return self.parts[self.index - 1]
+
+
+def record_sends(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """Every write the server makes to a client socket, in order."""
+    from keyrotor.adapters.proxy import sockets
+
+    sent: list[bytes] = []
+    send_now = sockets.Stream.send_now
+
+    def recording(self: sockets.Stream, data: bytes) -> int:
+        sent.append(bytes(data))
+        return send_now(self, data)
+
+    monkeypatch.setattr(sockets.Stream, "send_now", recording)
+    return sent
+
+
+@pytest.mark.trio
+async def test_a_stream_whose_chunks_are_in_hand_goes_out_in_one_write(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    sent = record_sends(monkeypatch)
+
+    async def app(request: Request) -> Response:
+        return Response(status=200, body=Lookahead([b"data: a\n\n", b"data: b\n\n"]))
+
+    with trio.fail_after(5):
+        async with running(app) as port:
+            raw = await Raw.connect(port)
+            await raw.send(raw_request("GET", "/"))
+            assert (await raw.head())[0] == 200
+            assert [await raw.chunk(), await raw.chunk(), await raw.chunk()] == [
+                b"data: a\n\n",
+                b"data: b\n\n",
+                None,
+            ]
+            await raw.aclose()
+    (write,) = sent  # the head, both chunks and the last chunk together
+    assert write.startswith(b"HTTP/1.1 200 ") and write.endswith(b"\r\n0\r\n\r\n")
+
+
+@pytest.mark.trio
+async def test_a_stream_never_holds_bytes_while_it_waits_for_the_next_chunk(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The second chunk is released only once the client holds the first: a
+    # server that kept the head and the first chunk for a later write would
+    # wait forever (the fail_after is only a hang guard).
+    sent = record_sends(monkeypatch)
+    body = Lookahead([b"data: a\n\n", b"data: b\n\n"], gated=1)
+
+    async def app(request: Request) -> Response:
+        return Response(status=200, body=body)
+
+    with trio.fail_after(5):
+        async with running(app) as port:
+            raw = await Raw.connect(port)
+            await raw.send(raw_request("GET", "/"))
+            assert (await raw.head())[0] == 200
+            assert await raw.chunk() == b"data: a\n\n"
+            body.gate.set()
+            assert (await raw.chunk(), await raw.chunk()) == (b"data: b\n\n", None)
+            await raw.aclose()
+    first, second = sent  # before the wait: head and chunk; after it: chunk and end
+    assert first.startswith(b"HTTP/1.1 200 ") and first.endswith(b"data: a\n\n\r\n")
+    assert second == b"9\r\ndata: b\n\n\r\n0\r\n\r\n"
+
+
 @pytest.mark.trio
 async def test_a_client_that_reads_nothing_is_dropped_after_body_timeout() -> None:
     closer = Closer()

@@ -354,6 +354,37 @@ async def test_sse_stream_arrives_chunk_by_chunk() -> None:
 
 
 @pytest.mark.anyio
+async def test_ready_says_whether_the_next_chunk_is_in_hand(parser: str) -> None:
+    # ``ready`` True promises a read that waits for no bytes; it must be False
+    # while the server holds the next chunk back (h11 cannot tell: always False).
+    release = anyio.Event()
+
+    async def gated(stream: anyio.abc.ByteStream, server: RawServer) -> None:
+        await read_head(stream, bytearray())
+        await stream.send(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+            b"transfer-encoding: chunked\r\n\r\n5\r\nfirst\r\n"
+        )
+        await release.wait()
+        await stream.send(b"6\r\nsecond\r\n0\r\n\r\n")
+        await never_answer(stream, server)
+
+    fast = parser == "httptools"
+    async with raw_server(gated) as server, ConnectionPool() as pool:
+        with anyio.fail_after(30):
+            response = await pool.request(b"GET", server.url + "/sse", [], read_timeout=30)
+            assert response.ready is fast  # the first chunk came with the head
+            assert await anext(response) == b"first"
+            assert response.ready is False  # the server holds the second one
+            release.set()
+            assert await anext(response) == b"second"
+            assert response.ready is fast  # the end came with it
+            assert await anext(response, None) is None
+            assert response.ready is True  # read to its end: nothing to wait for
+        assert_quiet(pool, open_=1)
+
+
+@pytest.mark.anyio
 async def test_twenty_sequential_requests_share_one_connection() -> None:
     async with upstream() as server, ConnectionPool() as pool:
         for i in range(20):

@@ -579,6 +579,9 @@ class ProxyApp:
         if content is None and "event-stream" in upstream.headers.get("content-type", ""):
 
             def ended(whole: bool) -> None:
+                # The upstream request is done (read to its end, or broken off):
+                # nothing is left to close, and the server need not wait on it.
+                relayed.aclose = None
                 if whole:
                     spend.charge(charged, upstream.usage)
                 note(upstream.status_code if whole else 502)
@@ -587,13 +590,14 @@ class ProxyApp:
                 note(499)  # the caller went away before the stream's end
                 await upstream.aclose()
 
-            return Response(
+            relayed = Response(
                 status=upstream.status_code,
                 headers=out_headers,
                 body=_Relay(upstream, self.counters, ended),
                 aclose=aclose,
                 log=log,
             )
+            return relayed
         try:
             if content is None:
                 content = await upstream.aread()
@@ -840,11 +844,12 @@ class _Relay:
     breaks off after output has started, the stream ends with an OpenAI-shaped
     error event (the caller already has part of the answer: no silent retry)."""
 
-    __slots__ = ("_chunks", "_counters", "_done", "_ended")
+    __slots__ = ("_chunks", "_counters", "_done", "_ended", "_upstream")
 
     def __init__(
         self, upstream: StreamResponse, counters: ProxyCounters, ended: Callable[[bool], None]
     ) -> None:
+        self._upstream = upstream
         self._chunks = upstream.aiter_bytes()
         self._counters = counters
         self._done = False
@@ -852,6 +857,12 @@ class _Relay:
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self
+
+    @property
+    def ready(self) -> bool:
+        """Whether the next chunk (or the end) is in hand: the server joins
+        what is ready into one write (``server._Connection._stream``)."""
+        return self._done or self._upstream.ready
 
     async def __anext__(self) -> bytes:
         if self._done:

@@ -788,26 +788,34 @@ class _Connection:
     async def _stream(
         self, request: Request, status: int, head: bytes, body: AsyncIterator[bytes]
     ) -> str | None:
-        """Send a chunked body, each chunk as it comes: the outcome (None: sent in full)."""
+        """Send a chunked body, each chunk as it comes: the outcome (None: sent in full).
+
+        A body with a ``ready`` property (True: its next chunk, or its end, is in
+        hand: reading it waits for nothing) has what is ready joined into one
+        write: the head with the first chunk, the last chunk with the end. Bytes
+        are never held over a wait: before a read that is not ready, what is
+        held goes out."""
         conn = self.codec
+        lookahead = hasattr(body, "ready")
+        held = [head]
         try:
-            await self._write(head)
             if request.method != "HEAD" and status not in _NO_BODY_STATUSES:
                 while True:
+                    if held and not (lookahead and body.ready):  # type: ignore[attr-defined]
+                        await self._write_held(held)
                     try:
                         chunk = await body.__anext__()
                         if not chunk:
                             continue
-                        data = conn.data(chunk)
+                        held.append(conn.data(chunk))
                     except StopAsyncIteration:
                         break
                     except Exception as exc:  # the stream failed, or yielded no bytes
                         self._app_error("stream_error", request.request_id, exc)
+                        await self._write_held(held)  # what came before the failure
                         return "stream_error"
-                    await self._write(data)
-            tail = conn.end()
-            if tail:
-                await self._write(tail)
+            held.append(conn.end())
+            await self._write_held(held)
             return None
         finally:
             aclose = getattr(body, "aclose", None)
@@ -815,6 +823,13 @@ class _Connection:
                 await self._cleanup(aclose, "stream_close_error", request.request_id)
 
     # ----------------------------------------------------------------- writing
+
+    async def _write_held(self, held: list[bytes]) -> None:
+        """Send the pieces ``held`` in one write (none if they are empty), and forget them."""
+        data = b"".join(held)
+        held.clear()
+        if data:
+            await self._write(data)
 
     async def _write(self, data: bytes) -> None:
         """Send: at once if the kernel takes it all (no timer, no scheduler pass),

@@ -62,6 +62,9 @@ class Response:
     server calls ``aclose`` exactly once when it is done with the response,
     whether the body was sent in full, the client went away, or the server is
     shutting down; a streaming application frees its upstream request there.
+    The application may withdraw ``aclose`` (set it to None) once nothing is
+    left to close, e.g. when its stream reached its end: the server reads it
+    when it is done, and spares a shielded wait (a cancel scope, ~5 µs).
     ``log`` carries fields the application wants in the access log line.
     """
 
