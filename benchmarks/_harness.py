@@ -327,8 +327,18 @@ class Reply:
 
 
 class HTTPConnection(Connection):
-    """``proxy_load``'s keep-alive h11 connection, opened from an optional source
-    address, whose ``request`` returns the whole answer with its timings."""
+    """A keep-alive h11 connection (``proxy_load``'s socket handling), opened from an
+    optional source address, whose ``request`` returns the whole answer with its timings."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        super().__init__(stream)
+        self.h11 = h11.Connection(h11.CLIENT)
+
+    @property
+    def reusable(self) -> bool:
+        return (
+            not self.closed and self.h11.our_state is h11.IDLE and self.h11.their_state is h11.IDLE
+        )
 
     @classmethod
     async def connect(

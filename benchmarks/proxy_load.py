@@ -16,7 +16,7 @@ Ctrl-C on the terminal reaches the benchmark only) and with a parent-death signa
   as ``keyrotor serve`` runs); ``--state none`` runs it ``--no-state`` and
   ``--state both`` measures the two side by side.
 
-The load generator runs in this process: trio + h11, many keep-alive
+The load generator runs in this process: trio + httptools, many keep-alive
 connections, one request per connection at a time, no HTTP client library. Two
 modes, each for ``--duration`` seconds:
 
@@ -101,6 +101,7 @@ from typing import IO, Any, Literal
 from urllib.parse import urlsplit
 
 import h11
+import httptools
 import trio
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -198,14 +199,11 @@ def chat_body(*, stream: bool, model: str = MODEL, prompt_kb: int = 0) -> bytes:
 
 @dataclass(frozen=True)
 class RequestSpec:
-    """One prepared request, built once per run: h11 validates an event when it is
-    constructed, so the same (immutable) events are sent again and again."""
+    """One prepared request, its bytes built once per run and sent again and again."""
 
     endpoint: Endpoint
     streaming: bool
-    request: h11.Request
-    data: h11.Data
-    end: h11.EndOfMessage
+    wire: bytes
 
     @classmethod
     def build(
@@ -220,19 +218,55 @@ class RequestSpec:
         ]
         if streaming:
             headers.append((b"accept", b"text/event-stream"))
+        # h11 checks the request once; the load sends its bytes.
+        writer = h11.Connection(h11.CLIENT)
         request = h11.Request(method=b"POST", target=endpoint.path, headers=headers)
-        return cls(endpoint, streaming, request, h11.Data(data=body), h11.EndOfMessage())
+        wire = b"".join(
+            writer.send(event) or b""
+            for event in (request, h11.Data(data=body), h11.EndOfMessage())
+        )
+        return cls(endpoint, streaming, wire)
 
 
-# --------------------------------------------------------------------------- h11 client
+# --------------------------------------------------------------------------- the client
+
+
+class _Answer:
+    """What ``Connection.exchange`` checks of a response, from httptools' callbacks."""
+
+    __slots__ = ("done", "first", "keep", "parser", "status", "tail")
+
+    def __init__(self) -> None:
+        self.parser = httptools.HttpResponseParser(self)
+        self.status = 0
+        self.tail = b""  # the body's last bytes (a stream ends with data: [DONE])
+        self.first = b""  # an error answer's first bytes
+        self.done = False
+        self.keep = True  # the server keeps the connection (read when the answer is complete)
+
+    def on_headers_complete(self) -> None:
+        self.status = self.parser.get_status_code()
+
+    def on_body(self, body: bytes) -> None:
+        self.tail = (self.tail + body)[-len(DONE) :]
+        if self.status != 200 and len(self.first) < 300:
+            self.first += body
+
+    def on_message_complete(self) -> None:
+        if self.status >= 200:  # an interim answer (100 Continue) is skipped
+            self.done = True
+            self.keep = self.parser.should_keep_alive()
 
 
 class Connection:
-    """One keep-alive HTTP/1.1 connection: h11 over a trio socket stream."""
+    """One keep-alive HTTP/1.1 connection over a trio socket stream; answers are
+    parsed by httptools (llhttp, C), so the generator spends little CPU of the
+    machine it shares with the proxy and the upstream (h11, pure Python, took
+    about a third more CPU a request: docs/benchmarks.md)."""
 
     def __init__(self, stream: trio.SocketStream) -> None:
         self.stream = stream
-        self.h11 = h11.Connection(h11.CLIENT)
+        self.answer = _Answer()
         self.closed = False
 
     @classmethod
@@ -243,9 +277,7 @@ class Connection:
 
     @property
     def reusable(self) -> bool:
-        return (
-            not self.closed and self.h11.our_state is h11.IDLE and self.h11.their_state is h11.IDLE
-        )
+        return not self.closed and self.answer.keep and self.answer.done
 
     def close(self) -> None:
         """Close now (synchronous, so it is safe in ``finally`` under cancellation)."""
@@ -259,38 +291,20 @@ class Connection:
         Raises ``ResponseError`` for a complete non-success answer (the connection
         stays usable if HTTP allows), anything else for a transport failure.
         """
-        conn = self.h11
-        data = (conn.send(spec.request) or b"") + (conn.send(spec.data) or b"")
-        data += conn.send(spec.end) or b""
-        await self.stream.send_all(data)
-        status = 0
-        tail = b""
-        first = b""
-        while True:
-            event: Any = conn.next_event()
-            if event is h11.NEED_DATA:
-                conn.receive_data(await self.stream.receive_some(RECEIVE_SIZE))
-                continue
-            kind = type(event)
-            if kind is h11.Data:
-                chunk = bytes(event.data)
-                tail = (tail + chunk)[-len(DONE) :]
-                if status != 200 and len(first) < 300:
-                    first += chunk
-            elif kind is h11.Response:
-                status = event.status_code
-            elif kind is h11.EndOfMessage:
-                break
-            elif kind is h11.ConnectionClosed:
+        answer = self.answer
+        answer.status, answer.tail, answer.first, answer.done = 0, b"", b"", False
+        await self.stream.send_all(spec.wire)
+        while not answer.done:
+            data = await self.stream.receive_some(RECEIVE_SIZE)
+            if not data:
                 raise ConnectionResetError("connection closed by the server mid-response")
-            elif kind is not h11.InformationalResponse:
-                raise h11.RemoteProtocolError(f"unexpected {event!r}")
-        if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
-            conn.start_next_cycle()
+            answer.parser.feed_data(data)
+        status = answer.status
         if status != 200:
-            raise ResponseError(f"HTTP {status}", first[:300].decode("utf-8", "replace"))
-        if spec.streaming and tail != DONE:
-            raise ResponseError("stream without data: [DONE]", tail.decode("utf-8", "replace"))
+            raise ResponseError(f"HTTP {status}", answer.first[:300].decode("utf-8", "replace"))
+        if spec.streaming and answer.tail != DONE:
+            tail = answer.tail.decode("utf-8", "replace")
+            raise ResponseError("stream without data: [DONE]", tail)
 
 
 TRANSPORT_ERRORS = (
@@ -298,7 +312,7 @@ TRANSPORT_ERRORS = (
     trio.BrokenResourceError,
     trio.ClosedResourceError,
     trio.TooSlowError,
-    h11.ProtocolError,
+    httptools.HttpParserError,
 )
 
 
@@ -1237,7 +1251,7 @@ def proxy_log_summary(
 
 def _versions() -> str:
     found = []
-    for name in ("trio", "h11"):
+    for name in ("trio", "httptools"):
         try:
             found.append(f"{name} {importlib.metadata.version(name)}")
         except importlib.metadata.PackageNotFoundError:
