@@ -147,11 +147,6 @@ class _Chunks:
     def __aiter__(self) -> _Chunks:
         return self
 
-    @property
-    def ready(self) -> bool:
-        """Whether the next chunk is in hand (``StreamBody.ready``)."""
-        return self._response.ready
-
     async def __anext__(self) -> bytes:
         chunk = await self._response._chunk()
         if chunk is None:
