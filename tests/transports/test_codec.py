@@ -6,6 +6,7 @@ on; the server's and the pool's own tests also run on both, over sockets.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -21,6 +22,7 @@ from keyrotor.transports.codec import (
     BadOutgoing,
     RequestHead,
     ResponseHead,
+    check_fields,
     resolve,
 )
 
@@ -459,3 +461,25 @@ def test_a_refusal_never_quotes_a_header_value(name: str) -> None:
     with pytest.raises(BadOutgoing) as caught:
         server.head(200, b"OK", bad)
     assert b"do-not-log" not in str(caught.value).encode()
+
+
+# RFC 9110 5.5 as a regular expression: the rule ``check_fields`` keeps for values.
+_BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]|\A[ \t]|[ \t]\Z")
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.lists(
+        st.sampled_from([b" ", b"\t", b"\x00", b"\x08", b"\n", b"\r", b"\x1f", b"\x7f", b"\x80"])
+        | st.binary(min_size=1, max_size=3),
+        max_size=8,
+    ).map(b"".join)
+)
+def test_a_header_value_is_refused_exactly_when_the_rule_says(value: bytes) -> None:
+    # Control bytes but the tab, and whitespace at either end, anywhere in the value.
+    refused = False
+    try:
+        check_fields([(b"x-test", value)])
+    except BadOutgoing:
+        refused = True
+    assert refused == bool(_BAD_VALUE.search(value))
