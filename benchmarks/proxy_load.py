@@ -261,8 +261,8 @@ class _Answer:
 class Connection:
     """One keep-alive HTTP/1.1 connection over a trio socket stream; answers are
     parsed by httptools (llhttp, C), so the generator spends little CPU of the
-    machine it shares with the proxy and the upstream (h11, pure Python, took
-    about a third more CPU a request: docs/benchmarks.md)."""
+    machine it shares with the proxy and the upstream (with h11, pure Python, it
+    took about 1.6x the CPU a request: docs/benchmarks.md)."""
 
     def __init__(self, stream: trio.SocketStream) -> None:
         self.stream = stream
