@@ -13,6 +13,7 @@ import math
 import os
 import re
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
@@ -581,7 +582,11 @@ class ProxyApp:
             def ended(whole: bool) -> None:
                 # The upstream request is done (read to its end, or broken off):
                 # nothing is left to close, and the server need not wait on it.
-                relayed.aclose = None
+                # (A weak reference: the response holds the relay, which holds
+                # this function; a strong one would make a cycle a request.)
+                response = withdraw()
+                if response is not None:
+                    response.aclose = None
                 if whole:
                     spend.charge(charged, upstream.usage)
                 note(upstream.status_code if whole else 502)
@@ -597,6 +602,7 @@ class ProxyApp:
                 aclose=aclose,
                 log=log,
             )
+            withdraw = weakref.ref(relayed)
             return relayed
         try:
             if content is None:
