@@ -86,6 +86,9 @@ class ServerCodec:
         h = self._h
         return h.our_state is h11.DONE and h.their_state is h11.DONE
 
+    def close(self) -> None:
+        """The connection is over (nothing to let go: h11 holds no callbacks)."""
+
     def start_next_cycle(self) -> None:
         self._h.start_next_cycle()
 
@@ -180,6 +183,9 @@ class ClientCodec:
             return False
         data, closed = h.trailing_data
         return not data and not closed
+
+    def close(self) -> None:
+        """The connection is over (nothing to let go: h11 holds no callbacks)."""
 
     def start_next_cycle(self) -> None:
         self._h.start_next_cycle()

@@ -54,6 +54,13 @@ class _Request(RequestHead):
     keep_alive: bool
 
 
+class _Inert:
+    """A parser's protocol with no callbacks: what a closed codec's parser holds."""
+
+
+_INERT: Final = _Inert()
+
+
 class ServerCodec:
     """The server's side of one connection."""
 
@@ -81,7 +88,7 @@ class ServerCodec:
     )
 
     def __init__(self, max_head: int) -> None:
-        self._parser = httptools.HttpRequestParser(self)
+        self._parser = httptools.HttpRequestParser(self)  # holds this codec: see ``close``
         self._max_head = max_head
         self._events: deque[object] = deque()
         self._url = b""
@@ -227,6 +234,12 @@ class ServerCodec:
             and current.keep_alive
         )
 
+    def close(self) -> None:
+        """The connection is over. The parser holds this codec's callbacks, so the
+        two make a reference cycle the garbage collector would have to find; a
+        parser with no callbacks takes its place (what it is fed now is lost)."""
+        self._parser = httptools.HttpRequestParser(_INERT)
+
     def start_next_cycle(self) -> None:
         if not self.reusable:
             raise BadOutgoing("the connection cannot serve another request")
@@ -317,7 +330,7 @@ class ClientCodec:
     )
 
     def __init__(self) -> None:
-        self._parser = httptools.HttpResponseParser(self)
+        self._parser = httptools.HttpResponseParser(self)  # holds this codec: see ``close``
         self._events: deque[object] = deque()
         self._headers: list[tuple[bytes, bytes]] = []
         self._head_only = False  # the request is HEAD: no body, whatever the headers say
@@ -423,6 +436,12 @@ class ClientCodec:
     @property
     def reusable(self) -> bool:
         return self._done and self._keep and not self._extra and not self._eof
+
+    def close(self) -> None:
+        """The connection is over. The parser holds this codec's callbacks, so the
+        two make a reference cycle the garbage collector would have to find; a
+        parser with no callbacks takes its place (what it is fed now is lost)."""
+        self._parser = httptools.HttpResponseParser(_INERT)
 
     def start_next_cycle(self) -> None:
         if not self.reusable:

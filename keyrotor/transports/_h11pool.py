@@ -303,6 +303,12 @@ async def _close_stream(stream: anyio.abc.ByteStream) -> None:
         await stream.aclose()
 
 
+async def _close(conn: _Connection) -> None:
+    """Close ``conn``: its codec (no reference cycle left behind), then its stream."""
+    conn.codec.close()
+    await _close_stream(conn.stream)
+
+
 def _in_trio() -> bool:
     """Whether this runs under trio (whose sockets the pool then holds itself)."""
     trio = sys.modules.get("trio")
@@ -473,7 +479,7 @@ class ConnectionPool:
         self._idle.clear()
         self._slots -= len(conns)  # reserved slots are released by their owners
         for conn in conns:
-            await _close_stream(conn.stream)
+            await _close(conn)
 
     # ------------------------------------------------------------------ requests
 
@@ -533,7 +539,7 @@ class ConnectionPool:
                 # The keep-alive race: retry once on a new connection, in this slot.
                 retried = True
                 owned = self._forget(conn)
-                await _close_stream(conn.stream)
+                await _close(conn)
                 if not owned:  # the pool was closed meanwhile
                     raise
                 conn = None
@@ -692,7 +698,7 @@ class ConnectionPool:
         new connection."""
         self._conns.discard(conn)
         try:
-            await _close_stream(conn.stream)
+            await _close(conn)
         except BaseException:  # pragma: no cover - shielded, errors suppressed
             self._release_slot()
             raise
@@ -707,7 +713,7 @@ class ConnectionPool:
             self._release_slot()
             expired.append(conn)
         for conn in expired:
-            await _close_stream(conn.stream)
+            await _close(conn)
 
     async def _connect(self, origin: Origin) -> _Connection:
         """Open a connection in a reserved slot; the slot is released on failure."""
@@ -803,7 +809,7 @@ class ConnectionPool:
         """Close a busy connection that cannot be reused and free its slot."""
         if self._forget(conn):
             self._release_slot()
-        await _close_stream(conn.stream)
+        await _close(conn)
 
 
 def _closed() -> HTTPError:

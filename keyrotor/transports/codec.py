@@ -18,6 +18,9 @@ on both. Events:
 - ``END``: the message is complete. ``NEED_DATA``: feed more bytes.
   ``CLOSED``: the peer closed between messages.
 
+``close()`` when the connection is over: a codec may hold a reference
+cycle until then (httptools' parser holds the codec's callbacks).
+
 Errors: ``BadMessage`` (the peer broke HTTP/1.1: ``status`` is the answer a
 server gives, ``reason`` a short text that never quotes the peer's bytes) and
 ``BadOutgoing`` (what we were about to send is not valid HTTP; nothing of it

@@ -10,6 +10,7 @@ once every other task waits, on a loaded machine too. Run this file as a script 
 
 from __future__ import annotations
 
+import gc
 import json
 import re
 import signal
@@ -606,6 +607,35 @@ async def test_a_stream_never_holds_bytes_while_it_waits_for_the_next_chunk(
     first, second = sent  # before the wait: head and chunk; after it: chunk and end
     assert first.startswith(b"HTTP/1.1 200 ") and first.endswith(b"data: a\n\n\r\n")
     assert second == b"9\r\ndata: b\n\n\r\n0\r\n\r\n"
+
+
+@pytest.mark.trio
+async def test_a_connection_that_ends_leaves_nothing_for_the_garbage_collector() -> None:
+    # A client that opens a connection a request: the codec's parser (httptools'
+    # holds the codec's callbacks) is let go with it, not left in a cycle.
+    n = 30
+
+    async def one(port: int) -> None:
+        raw = await Raw.connect(port)
+        await raw.send(raw_request("GET", "/x", headers=(("Connection", "close"),)))
+        assert (await raw.response()).status == 200
+        assert await raw.closed()
+        await raw.aclose()
+
+    with trio.fail_after(10):
+        async with running(echo) as port:
+            for _ in range(5):  # warm up
+                await one(port)
+            gc.collect()
+            gc.disable()
+            try:
+                for _ in range(n):
+                    await one(port)
+                await trio.testing.wait_all_tasks_blocked()  # the server's tasks are done
+                found = gc.collect()
+            finally:
+                gc.enable()
+    assert found < n, f"{found} objects in cycles after {n} connections"
 
 
 @pytest.mark.trio

@@ -467,6 +467,7 @@ class _Connection:
             else:
                 self.server.proven(self.address, admitted=False)
             self.stream.close()
+            self.codec.close()  # no reference cycle left for the garbage collector
 
     # ----------------------------------------------------------------- the reader
 
