@@ -438,9 +438,7 @@ class ClientCodec:
         return self._done and self._keep and not self._extra and not self._eof
 
     def close(self) -> None:
-        """The connection is over. The parser holds this codec's callbacks, so the
-        two make a reference cycle the garbage collector would have to find; a
-        parser with no callbacks takes its place (what it is fed now is lost)."""
+        """The connection is over (see ``ServerCodec.close``)."""
         self._parser = httptools.HttpResponseParser(_INERT)
 
     def start_next_cycle(self) -> None:
