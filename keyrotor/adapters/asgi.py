@@ -298,17 +298,30 @@ def _head(request: Request, response: Response) -> tuple[Message, bool]:
 
 
 async def _send_body(send: Send, body: bytes | AsyncIterator[bytes], with_body: bool) -> None:
-    """The whole body in one message, or each chunk of a stream in its own."""
+    """The whole body in one message; a stream's chunks as they come. A stream
+    that says its next chunk is in hand (``ready``, as the proxy's relay does)
+    has what is ready joined into one message, its last chunk with the end;
+    nothing is held while the next chunk is awaited."""
     if isinstance(body, bytes):
         await send({"type": "http.response.body", "body": body if with_body else b""})
         return
     chunks = body.__aiter__()
+    lookahead = hasattr(chunks, "ready")
+    held: list[bytes] = []
     try:
         if with_body:
-            async for chunk in chunks:
+            while True:
+                if held and not (lookahead and chunks.ready):  # type: ignore[attr-defined]
+                    more = {"type": "http.response.body", "body": b"".join(held), "more_body": True}
+                    held.clear()
+                    await send(more)
+                try:
+                    chunk = await chunks.__anext__()
+                except StopAsyncIteration:
+                    break
                 if chunk:
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+                    held.append(chunk)
+        await send({"type": "http.response.body", "body": b"".join(held), "more_body": False})
     finally:
         aclose = getattr(chunks, "aclose", None)  # an async generator's
         if aclose is not None:

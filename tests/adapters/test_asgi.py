@@ -29,6 +29,8 @@ from keyrotor.core import KeySpec, PoolConfig
 from keyrotor.testing import FakeUpstream, Invalid, Ok, Scenario, SlowStream
 from keyrotor.transports._async import AsyncClient
 
+from .streams import Lookahead
+
 pytestmark = pytest.mark.anyio
 
 Message = MutableMapping[str, Any]
@@ -200,7 +202,7 @@ async def test_a_stream_arrives_as_several_body_messages() -> None:
     assert b"content-length" not in dict(exchange.sent[0]["headers"])
     assert len(bodies) > 3
     assert all(m["more_body"] for m in bodies[:-1])
-    assert bodies[-1] == {"type": "http.response.body", "body": b"", "more_body": False}
+    assert bodies[-1]["more_body"] is False  # with the last chunk, if the end came with it
     text = b"".join(m["body"] for m in bodies).decode()
     assert text.rstrip().endswith("data: [DONE]")
     assert in_flight == 0
@@ -503,3 +505,28 @@ async def test_the_dashboard_and_its_data_are_served_through_asgi_too() -> None:
     assert page.status_code == 200 and b'id="login-token"' in page.content
     assert script.headers["content-type"].startswith("text/javascript")
     assert alerts.json()["alerts"] == []  # no token configured: open, like /status
+
+
+async def test_what_a_stream_has_in_hand_goes_in_one_message_and_nothing_waits() -> None:
+    async def app(request: Request) -> Response:
+        return Response(status=200, body=body)
+
+    body = Lookahead([b"a", b"b", b"c"])
+    whole = Exchange(b"")
+    with anyio.fail_after(10):
+        await ASGIApp(app)(scope("GET", "/s"), whole.receive, whole.send)
+    assert whole.bodies == [{"type": "http.response.body", "body": b"abc", "more_body": False}]
+
+    # The third chunk waits until the server has sent the first two: a front that
+    # held them for a later message would wait forever (fail_after: a hang guard).
+    body = Lookahead([b"a", b"b", b"c"], gated=2)
+    gated = Exchange(b"")
+
+    async def send(message: Message) -> None:
+        await gated.send(message)
+        if message.get("body") == b"ab":
+            body.gate.set()
+
+    with anyio.fail_after(10):
+        await ASGIApp(app)(scope("GET", "/s"), gated.receive, send)
+    assert [(m["body"], m["more_body"]) for m in gated.bodies] == [(b"ab", True), (b"c", False)]

@@ -31,6 +31,8 @@ import trio.testing
 from keyrotor.adapters.proxy.server import ServerOptions, serve
 from keyrotor.adapters.proxy.types import App, Request, Response
 
+from .streams import Lookahead
+
 # --------------------------------------------------------------------------- helpers
 
 _PARSER = {"name": "h11"}
@@ -515,32 +517,6 @@ async def test_a_stream_that_fails_truncates_the_body_and_acloses_once() -> None
     assert closer.calls == 1
     assert [line.get("event") for line in lines] == ["stream_error", None]
     assert lines[-1]["outcome"] == "stream_error"
-
-
-class Lookahead:
-    """A stream body that says whether its next chunk is in hand (``ready``), as
-    the proxy's relay does; the chunk at index ``gated`` waits for ``gate``."""
-
-    def __init__(self, parts: list[bytes], gated: int = -1) -> None:
-        self.parts = parts
-        self.index = 0
-        self.gated = gated
-        self.gate = trio.Event()
-
-    @property
-    def ready(self) -> bool:
-        return self.index != self.gated or self.gate.is_set()
-
-    def __aiter__(self) -> Lookahead:
-        return self
-
-    async def __anext__(self) -> bytes:
-        if self.index == self.gated:
-            await self.gate.wait()
-        if self.index == len(self.parts):
-            raise StopAsyncIteration
-        self.index += 1
-        return self.parts[self.index - 1]
 
 
 def record_sends(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
