@@ -37,6 +37,7 @@ __all__ = [
     "estimate_tokens",
     "price_answer",
     "pricer",
+    "prompt_size",
     "spend",
     "usage_cost",
 ]
@@ -54,32 +55,26 @@ REPLY_TOKENS = 3
 """Tokens that prime the reply (``<|start|>assistant<|message|>``)."""
 
 
-def _chars(content: object) -> int:
-    """Characters of a message's ``content``: a string, or its ``text`` parts."""
-    if type(content) is str:
-        return len(content)
-    chars = 0
-    if isinstance(content, list):
-        for part in content:
-            if isinstance(part, Mapping):
-                text = part.get("text")
-                if isinstance(text, str):
-                    chars += len(text)
-    return chars
-
-
-def estimate_tokens(messages: Iterable[Mapping[str, Any]]) -> int:
-    """Prompt tokens of chat ``messages``: their text (string contents and
-    ``text`` parts, names and tool-call arguments) at ``CHARS_PER_TOKEN``,
-    rounded up, plus ``MESSAGE_TOKENS`` per message and ``REPLY_TOKENS``."""
-    chars = 0
-    count = 0
+def prompt_size(messages: Iterable[Mapping[str, Any]]) -> tuple[int, int]:
+    """(``estimate_tokens``, ``count_images``) of chat ``messages``, in one pass
+    (a routed request's need reads both)."""
+    chars = count = images = 0
     for message in messages:
         count += 1
         # type() first: parsed JSON is dicts, and the Mapping check is ten times slower
         if type(message) is not dict and not isinstance(message, Mapping):
             continue
-        chars += _chars(message.get("content"))
+        content = message.get("content")
+        if type(content) is str:
+            chars += len(content)
+        elif isinstance(content, list):
+            for part in content:
+                if isinstance(part, Mapping):
+                    text = part.get("text")
+                    if isinstance(text, str):
+                        chars += len(text)
+                    if part.get("type") == "image_url":
+                        images += 1
         name = message.get("name")
         if isinstance(name, str):
             chars += len(name)
@@ -91,23 +86,19 @@ def estimate_tokens(messages: Iterable[Mapping[str, Any]]) -> int:
                     chars += len(str(function.get("name", ""))) + len(
                         str(function.get("arguments", ""))
                     )
-    return -(-chars // CHARS_PER_TOKEN) + count * MESSAGE_TOKENS + REPLY_TOKENS
+    return -(-chars // CHARS_PER_TOKEN) + count * MESSAGE_TOKENS + REPLY_TOKENS, images
+
+
+def estimate_tokens(messages: Iterable[Mapping[str, Any]]) -> int:
+    """Prompt tokens of chat ``messages``: their text (string contents and
+    ``text`` parts, names and tool-call arguments) at ``CHARS_PER_TOKEN``,
+    rounded up, plus ``MESSAGE_TOKENS`` per message and ``REPLY_TOKENS``."""
+    return prompt_size(messages)[0]
 
 
 def count_images(messages: Iterable[Mapping[str, Any]]) -> int:
     """Input images in chat ``messages`` (``image_url`` parts)."""
-    images = 0
-    for message in messages:
-        if type(message) is not dict and not isinstance(message, Mapping):
-            continue
-        content = message.get("content")
-        if isinstance(content, list):
-            images += sum(
-                1
-                for part in content
-                if isinstance(part, Mapping) and part.get("type") == "image_url"
-            )
-    return images
+    return prompt_size(messages)[1]
 
 
 @attrs.frozen
@@ -126,11 +117,10 @@ def estimate(
     pricing: Pricing, messages: Iterable[Mapping[str, Any]], max_tokens: int | None = None
 ) -> Estimate:
     """What a chat request may cost at ``pricing``."""
-    messages = list(messages)
-    tokens = estimate_tokens(messages)
+    tokens, images = prompt_size(messages)
     if not pricing.known or pricing.variable:
         return Estimate(tokens, max_tokens, None, None)
-    low = tokens * pricing.prompt + pricing.request + count_images(messages) * pricing.image
+    low = tokens * pricing.prompt + pricing.request + images * pricing.image
     high = None if max_tokens is None else low + max_tokens * pricing.completion
     return Estimate(tokens, max_tokens, low, high)
 

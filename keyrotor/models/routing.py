@@ -24,7 +24,7 @@ import attrs
 
 from ..core.classify import Verdict, classify_response
 from .catalog import Catalog, ModelInfo
-from .cost import count_images, estimate_tokens
+from .cost import prompt_size
 
 __all__ = [
     "EMPTY",
@@ -222,19 +222,21 @@ class Need:
         return self.prompt_tokens + completion
 
 
-_PARAMETERS = ("tools", "response_format", "seed", "logprobs", "top_logprobs", "stop")
+_PARAMETERS = frozenset({"tools", "response_format", "seed", "logprobs", "top_logprobs", "stop"})
+_NO_PARAMETERS: frozenset[str] = frozenset()
 
 
 def need_of(request: Mapping[str, Any]) -> Need:
-    """The ``Need`` of a chat request body (parsed JSON)."""
+    """The ``Need`` of a chat request body (parsed JSON). A parameter counts
+    when it is set to anything but null or false (``"seed": 0`` is a seed)."""
     messages = request.get("messages")
-    messages = messages if isinstance(messages, list) else []
+    tokens, images = prompt_size(messages if isinstance(messages, list) else ())
     limit = request.get("max_completion_tokens", request.get("max_tokens"))
+    named = _PARAMETERS.intersection(request)  # the top-level names, in C
+    if named:
+        named = frozenset([p for p in named if request[p] is not None and request[p] is not False])
     return Need(
-        prompt_tokens=estimate_tokens(messages),
-        max_tokens=limit if type(limit) is int and limit > 0 else None,
-        parameters=frozenset(p for p in _PARAMETERS if request.get(p) not in (None, False)),
-        images=count_images(messages),
+        tokens, limit if type(limit) is int and limit > 0 else None, named or _NO_PARAMETERS, images
     )
 
 
@@ -332,15 +334,17 @@ def _fits(model: ModelInfo, need: Need, context: int) -> str | None:
 
 def _rank(
     route: Route, models: list[ModelInfo], need: Need, latency: Mapping[str, float]
-) -> list[ModelInfo]:
+) -> tuple[list[ModelInfo], dict[str, float | None] | None]:
+    """``models`` in the route's order of preference, and their costs when
+    the strategy priced them (None: it did not)."""
     if route.strategy == "ordered" or not models:
-        return models
+        return models, None
     if route.strategy == "fastest":  # one never observed first (to measure it), then fastest
         ranked = sorted(models, key=lambda m: (m.id in latency, latency.get(m.id, 0.0)))
-        return _explore_one(ranked, latency)
+        return _explore_one(ranked, latency), None
     costs = {m.id: _cost(m, need) for m in models}
     if route.strategy == "cheapest":  # unknown prices last, then the route's order
-        return sorted(models, key=lambda m: (costs[m.id] is None, costs[m.id] or 0.0))
+        return sorted(models, key=lambda m: (costs[m.id] is None, costs[m.id] or 0.0)), costs
     known_costs = [c for c in costs.values() if c is not None]
     top_cost = max(known_costs, default=0.0) or 1.0
     top_latency = max(latency.get(m.id, 0.0) for m in models) or 1.0
@@ -352,7 +356,7 @@ def _rank(
         latency_part = 0.0 if slow is None else slow / top_latency  # unobserved: explore
         return route.weight * latency_part + (1 - route.weight) * cost_part
 
-    return _explore_one(sorted(models, key=score), latency)
+    return _explore_one(sorted(models, key=score), latency), costs
 
 
 def _explore_one(ranked: list[ModelInfo], latency: Mapping[str, float]) -> list[ModelInfo]:
@@ -409,19 +413,19 @@ def decide(
                 waits.append(max(b for b in back if b is not None))
             continue
         fitting.append(model)
-    ranked = _rank(route, fitting, need, latency)
+    ranked, costs = _rank(route, fitting, need, latency)
     if not ranked:
         kind, problem = _problem(route, models, need, too_long, unfit)
         wait = min(waits) if waits else None
         return Decision(route.name, None, (), tuple(reasons), None, None, 0.0, problem, kind, wait)
     chosen = ranked[0]
-    cost = _cost(chosen, need)
+    cost = _cost(chosen, need) if costs is None else costs[chosen.id]
     seen = latency.get(chosen.id)
     confidence = _CONFIDENCE[(cost is not None) + (seen is not None)]
     return Decision(
         route.name,
         chosen.id,
-        tuple(m.id for m in ranked[1:]),
+        tuple([m.id for m in ranked[1:]]),
         tuple(reasons),
         cost,
         seen,

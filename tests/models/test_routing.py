@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from keyrotor.models import parse_catalog
 from keyrotor.models.routing import (
+    COMPLETION_ALLOWANCE,
     EMPTY,
     FREE_ROUTE,
     STRATEGIES,
@@ -103,6 +104,10 @@ def test_the_need_of_a_request() -> None:
     assert (need.max_tokens, need.parameters, need.images) == (50, {"tools"}, 1)
     assert need.prompt_tokens == 10 + 4 + 3 and need.context == 67
     assert need_of({"messages": "no"}).max_tokens is None
+    # a parameter set to anything but null or false is asked for: a seed of 0 too
+    asked = need_of({"seed": 0, "top_logprobs": 0, "stop": [], "tools": None, "logprobs": False})
+    assert asked.parameters == {"seed", "top_logprobs", "stop"}
+    assert need_of({"messages": [], "temperature": 0}).parameters == frozenset()
 
 
 @settings(max_examples=150, deadline=None)
@@ -127,6 +132,20 @@ def test_a_chosen_model_always_fits_the_request_and_the_filters(**drawn: Any) ->
     route = Route("r", [route_filter], drawn["strategy"])
     decision = decide(route, CATALOG, need, drawn["latency"])
     assert decision == decide(route, CATALOG, need, dict(drawn["latency"]))  # deterministic
+    if decision.model is not None:  # the chosen model's own estimate, whatever ranked it
+        chosen = CATALOG.get(decision.model)
+        assert chosen is not None
+        pricing = chosen.pricing
+        completion = COMPLETION_ALLOWANCE if need.max_tokens is None else need.max_tokens
+        expected = (
+            None
+            if not pricing.known or pricing.variable
+            else need.prompt_tokens * pricing.prompt
+            + completion * pricing.completion
+            + pricing.request
+            + need.images * pricing.image
+        )
+        assert decision.estimated_cost == expected
     for model_id in [decision.model, *decision.fallbacks] if decision.model else []:
         model = CATALOG.get(model_id)
         assert model is not None and route_filter.rejects(model) is None

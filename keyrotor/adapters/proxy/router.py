@@ -19,6 +19,7 @@ restart keeps counting from where it was.
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import time
 from collections.abc import Callable, Iterable
@@ -96,8 +97,14 @@ class Plan:
         """The request body to send ``model`` (as its upstream names it)."""
         if self.raw is not None:  # the caller's bytes, the model's value spliced in
             body, start, end = self.raw
-            return body[:start] + json.dumps(model)[1:-1].encode() + body[end:]
+            return body[:start] + _quoted(model) + body[end:]
         return json.dumps({**self.data, "model": model}, separators=(",", ":")).encode()
+
+
+@functools.lru_cache(maxsize=1024)
+def _quoted(model: str) -> bytes:
+    """``model`` as a JSON string's contents (a route's few models, again and again)."""
+    return json.dumps(model)[1:-1].encode()
 
 
 def _model_span(body: bytes, model: object) -> tuple[bytes, int, int] | None:
