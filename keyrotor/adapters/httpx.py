@@ -56,7 +56,7 @@ from ..transports.api import AsyncClient, ResponseHead, StreamResponse
 from ..transports.errors import KeyrotorError, NoKeyAvailable, TransportError
 from ..transports.sync import Client
 from ..transports.sync import StreamResponse as SyncStreamResponse
-from .proxy.app import delivered_headers, rejection
+from .proxy.app import HOP_BY_HOP, delivered_headers, rejection
 
 __all__ = ["AsyncPoolTransport", "PoolTransport"]
 
@@ -79,8 +79,6 @@ _REQUEST_DROPPED = frozenset(
         "upgrade",
     }
 )
-# Response headers not passed back: the upstream connection's framing.
-_RESPONSE_DROPPED = frozenset({"connection", "keep-alive", "transfer-encoding"})
 
 
 def _relative_path(request: httpx.Request, prefix: str) -> str:
@@ -121,7 +119,7 @@ def _answer(
     request: httpx.Request,
 ) -> httpx.Response:
     """The delivered response for httpx, its body read from ``stream``."""
-    headers = delivered_headers(upstream, _RESPONSE_DROPPED)
+    headers = delivered_headers(upstream, HOP_BY_HOP)
     return httpx.Response(upstream.status_code, headers=headers, stream=stream, request=request)
 
 

@@ -231,7 +231,9 @@ def need_of(request: Mapping[str, Any]) -> Need:
     when it is set to anything but null or false (``"seed": 0`` is a seed)."""
     messages = request.get("messages")
     tokens, images = prompt_size(messages if isinstance(messages, list) else ())
-    limit = request.get("max_completion_tokens", request.get("max_tokens"))
+    limit = request.get("max_completion_tokens")
+    if limit is None:  # absent or null: the older name says
+        limit = request.get("max_tokens")
     named = _PARAMETERS.intersection(request)  # the top-level names, in C
     if named:
         named = frozenset([p for p in named if request[p] is not None and request[p] is not False])

@@ -518,23 +518,28 @@ def usage_of(payload: Any) -> tuple[float, int, int]:
         return 0.0, 0, 0
     cost = _number(usage.get("cost"))
     return (
-        cost if cost is not None and math.isfinite(cost) and cost >= 0 else 0.0,
-        int(_number(usage.get("prompt_tokens")) or 0),
-        int(_number(usage.get("completion_tokens")) or 0),
+        cost if cost is not None and cost >= 0 else 0.0,
+        _tokens(usage.get("prompt_tokens")),
+        _tokens(usage.get("completion_tokens")),
     )
 
 
+def _tokens(value: Any) -> int:
+    """A token count: a finite number at least 0, else 0."""
+    number = _number(value)
+    return int(number) if number is not None and number > 0 else 0
+
+
 def _number(value: Any) -> float | None:
-    if isinstance(value, bool):
+    """A finite number, from a JSON number or a numeric string (None: anything
+    else, NaN, an infinity or an integer too large for a float)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         return None
-    if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return None
-    return None
+    try:
+        number = float(value)
+    except (ValueError, OverflowError):
+        return None
+    return number if math.isfinite(number) else None
 
 
 _DECODER = json.JSONDecoder()
@@ -633,9 +638,11 @@ class StreamAccountant:
 
     @property
     def priced(self) -> bool:
-        """The answer's ``usage`` reported its cost (OpenRouter's do)."""
+        """The answer's ``usage`` reported its cost (OpenRouter's do): a finite
+        number at least 0 (anything else is priced from the tokens)."""
         usage = self.usage
-        return usage is not None and _number(usage.get("cost")) is not None
+        cost = None if usage is None else _number(usage.get("cost"))
+        return cost is not None and cost >= 0
 
     def _line(self, line: bytes) -> None:
         if not line.startswith(b"data:") or (b'"usage"' not in line and b'"error"' not in line):

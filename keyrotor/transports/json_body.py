@@ -10,14 +10,17 @@ the bytes on the shorter side of the key's last appearance, and says when that
 would cost about what parsing does (``Unsure``): the caller parses then.
 
 Why it is exact: inside a JSON string every ``"`` is escaped, so ``"stream"``
-followed by ``:`` can only be a key. It is a member of the top-level object
-when one bracket is open at it, which is counted on whichever side of it is
-shorter (strings taken out first). The last appearance is looked at, because
-``json.loads`` keeps the last of a repeated key; when that one is nested (or a
-string value) and the name appears earlier too, or when both sides of it are
-large, the parser decides. One form is not seen: a key whose letters are
-written as ``\\u`` escapes (``"str\\u0065am"``: valid JSON no client writes;
-finding it would cost a scan of the whole body for every request).
+followed by ``:`` can only be a key, unless its own first quote is escaped
+(the end of a longer key or string, ``"x\\"stream"``: the parser decides). It
+is a member of the top-level object when one bracket is open at it, which is
+counted on whichever side of it is shorter (strings taken out first). The last
+appearance is looked at, because ``json.loads`` keeps the last of a repeated
+key; when that one is nested (or a string value) and the name appears earlier
+too, or when both sides of it are large, the parser decides. One form is not
+seen: a key whose letters are written as ``\\u`` escapes (``"str\\u0065am"``:
+valid JSON no encoder writes, but a caller may; finding it would cost a scan of
+the whole body, 20-50 µs at 64 KB, for every request). Where a caller's choice
+of model must not slip past a policy (per-model budgets), the proxy parses.
 
 Where a body must be parsed (a request naming a route is ranked on its whole
 prompt), ``parse`` reads it as ``json.loads`` does, with msgspec's C decoder
@@ -31,7 +34,7 @@ import re
 from collections.abc import Callable
 from typing import Any, Final
 
-__all__ = ["NEAR", "Unsure", "leading_member", "member", "parse"]
+__all__ = ["NEAR", "Unsure", "member", "parse"]
 
 _decode: Callable[[bytes], Any] | None
 try:
@@ -63,6 +66,8 @@ def member(body: bytes, key: bytes, pattern: re.Pattern[bytes]) -> re.Match[byte
     last = body.rfind(key)  # rfind: about three times as fast as ``in`` on CPython 3.11
     if last < 0:
         return None
+    if _escaped(body, last):  # the end of a longer key or string (``"x\\"stream"``)
+        raise Unsure
     end = last + len(key)
     after = len(body) - end
     if max(NEAR, len(body) // 4) < min(last, after):
@@ -77,16 +82,13 @@ def member(body: bytes, key: bytes, pattern: re.Pattern[bytes]) -> re.Match[byte
     raise Unsure  # an earlier one may be the member
 
 
-def leading_member(body: bytes, pattern: re.Pattern[bytes]) -> re.Match[bytes] | None:
-    """The first top-level member ``pattern`` matches in the first ``NEAR`` bytes of
-    ``body``, or None: for a member written first (by hand, or by SDKs that put
-    the model first), found without a search through the rest. Unlike
-    ``member``, a later top-level member of the same name is not looked for
-    (a repeated key: ``json.loads`` would keep that one)."""
-    for found in pattern.finditer(body, 0, NEAR):
-        if _opened(body[: found.start()]) == 1:
-            return found
-    return None
+def _escaped(body: bytes, at: int) -> bool:
+    """Whether the ``"`` at ``at`` is escaped (an odd run of backslashes before it):
+    then it is inside a string, not a key's opening quote."""
+    run = 0
+    while at > run and body[at - run - 1] == 0x5C:  # backslash
+        run += 1
+    return run % 2 == 1
 
 
 def _opened(text: bytes) -> int:

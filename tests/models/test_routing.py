@@ -108,6 +108,8 @@ def test_the_need_of_a_request() -> None:
     asked = need_of({"seed": 0, "top_logprobs": 0, "stop": [], "tools": None, "logprobs": False})
     assert asked.parameters == {"seed", "top_logprobs", "stop"}
     assert need_of({"messages": [], "temperature": 0}).parameters == frozenset()
+    # a null max_completion_tokens leaves max_tokens to say (json.loads gives None for both)
+    assert need_of({"max_completion_tokens": None, "max_tokens": 70}).max_tokens == 70
 
 
 @settings(max_examples=150, deadline=None)

@@ -17,7 +17,7 @@ import weakref
 from collections.abc import AsyncIterator, Callable
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 import anyio
 import attrs
@@ -44,18 +44,32 @@ if TYPE_CHECKING:
     from .catalog import Catalogs
     from .providers import Routes
 
-__all__ = ["ProxyApp", "delivered_headers", "error_body", "rejection"]
+__all__ = ["HOP_BY_HOP", "ProxyApp", "delivered_headers", "error_body", "header_value", "rejection"]
 
 # Caller headers passed upstream (OpenRouter's app attribution and content
 # negotiation); everything else, the caller's Authorization first, stays here.
 _FORWARDED = frozenset(
     {"http-referer", "x-title", "x-openrouter-title", "content-type", "accept", "user-agent"}
 )
-# Upstream headers not passed back: framing is the server's, and the upstream's
-# connection handling is not the caller's business.
-_DROPPED = frozenset(
-    {"connection", "keep-alive", "transfer-encoding", "content-length", "date", "server"}
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
 )
+"""Headers of one connection (RFC 9110 7.6.1), never relayed: with those a
+``Connection`` header names."""
+# Upstream headers not passed back: framing is the server's; cookies the upstream
+# sets are for a key's session, not the caller's; the upstream's request id
+# comes as x-upstream-request-id (the server's own x-request-id names the request).
+_DROPPED = HOP_BY_HOP | {"content-length", "date", "server", "set-cookie", "x-request-id"}
 _JSON = ("content-type", "application/json")
 # "." and ".." segments (also percent-encoded), "//", backslashes and encoded
 # slashes in a /v1/ path: an upstream that decodes them would route elsewhere.
@@ -127,11 +141,31 @@ def rejection(exc: NoKeyAvailable) -> tuple[int, list[tuple[str, str]], bytes]:
 def delivered_headers(
     upstream: ResponseHead, dropped: frozenset[str] = _DROPPED
 ) -> list[tuple[str, str]]:
-    """The upstream's headers minus ``dropped``, plus which key served the
-    response and after how many attempts."""
-    headers = [(k, v) for k, v in upstream.headers.items() if k not in dropped]
+    """The upstream's headers minus ``dropped``, those its ``Connection`` header
+    names and its own ``x-keyrotor-*`` (an upstream that is a keyrotor too),
+    plus which key served the response and after how many attempts. When
+    ``dropped`` holds ``x-request-id``, the upstream's comes as
+    ``x-upstream-request-id`` (what its support asks for)."""
+    received = upstream.headers
+    named = received.get("connection")
+    if named:
+        dropped = dropped | {token.strip().lower() for token in named.split(",")}
+    headers = [
+        (k, v) for k, v in received.items() if k not in dropped and not k.startswith("x-keyrotor-")
+    ]
+    if "x-request-id" in dropped and "x-request-id" in received:
+        headers.append(("x-upstream-request-id", received["x-request-id"]))
     headers += [("x-keyrotor-key", upstream.key), ("x-keyrotor-attempts", str(upstream.attempts))]
     return headers
+
+
+def header_value(text: str) -> str:
+    """``text`` as a response header's value: printable ASCII as it is, anything
+    else percent-encoded (a model named by the caller may hold any character,
+    and a header that the codec refuses would turn a served answer into a 500)."""
+    if text.isascii() and text.isprintable() and text.strip() == text:
+        return text
+    return quote(text, safe="/:@!$&'()*+,;=~")
 
 
 class ProxyApp:
@@ -463,12 +497,19 @@ class ProxyApp:
             )
         headers = {k: v for k, v in request.headers if k in _FORWARDED}
         asked = request.header("x-keyrotor-key")
-        pin: str | int | None = int(asked) if asked is not None and asked.isdigit() else asked
+        pin: str | int | None = asked
+        if asked is not None and asked.isascii() and asked.isdigit():  # "²" is a digit too
+            pin = int(asked)
         fallback = (request.header("x-keyrotor-fallback") or "true").strip().lower()
         if fallback not in _BOOLEANS:
             return _invalid("X-Keyrotor-Fallback must be true or false")
         body = request.body
-        model = model_of(body)
+        caller = request.caller
+        spend = self.spend
+        # A budget hangs on the model: read it as the upstream will, whatever the caller wrote.
+        model = model_of(
+            body, strict=bool(spend.budgeted_models) or caller in spend.budgeted_clients
+        )
         routes = {} if self.router is None else self.router.routes
         if (
             self._reject_unknown
@@ -482,8 +523,6 @@ class ProxyApp:
                 "(a model new upstream appears at the next catalog refresh)",
                 "model_not_found",
             )
-        caller = request.caller
-        spend = self.spend
         if caller in spend.budgeted_clients or model in spend.budgeted_models:
             info = None if self._catalog is None or model is None else self._catalog.get(model)
             refused = spend.refusal(caller, model, body, info)
@@ -493,9 +532,11 @@ class ProxyApp:
         send = _Send(request, headers, pin, _BOOLEANS[fallback])
         if router is not None and body and request.method == "POST":
             if router.routed(model, body):
-                assert self._catalog is not None
-                await self._catalog.ready()
                 plan = router.plan(body)
+                if isinstance(plan, Refused) and plan.code == "no_catalog":
+                    assert self._catalog is not None
+                    await self._catalog.ready()  # the first fetch (READY_WAIT at most)
+                    plan = router.plan(body)
                 if isinstance(plan, Refused):
                     return _refused(plan)
                 if plan is not None:
@@ -513,7 +554,8 @@ class ProxyApp:
             upstream = await send.to(client, body)
         except NoKeyAvailable as exc:
             return _rejected(exc)
-        if model is not None:
+        if model is not None and (self._catalog is None or self._known(model)):
+            # (a name no catalog lists is not tracked: callers could fill the table)
             self.models.record(model, upstream.status_code, client.driver.now() - started)
         return await self._deliver(send, client, upstream, charged)
 
@@ -674,7 +716,8 @@ class ProxyApp:
             if is_free(name) and provider == MAIN_PROVIDER:
                 router.served_free(taken, upstream.key)
             status = upstream.status_code
-            self.models.record(name, status, client.driver.now() - started)
+            if plan is not None or self._known(name):  # a plan's models are the catalog's
+                self.models.record(name, status, client.driver.now() - started)
             left -= upstream.attempts
             content = None
             if status >= 400:  # an error body is short, and read already
@@ -696,9 +739,9 @@ class ProxyApp:
                         continue
             else:
                 router.cooling.ok(name)
-            extra = [("x-keyrotor-model", name)]
+            extra = [("x-keyrotor-model", header_value(name))]
             if route is not None:
-                extra.append(("x-keyrotor-route", route))
+                extra.append(("x-keyrotor-route", header_value(route)))
             log: dict[str, object] = {"model": name}
             if route is not None:
                 log["route"] = route

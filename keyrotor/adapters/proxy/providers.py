@@ -25,19 +25,23 @@ MODEL_MEMBER = re.compile(rb'"model"\s*:\s*("[^"\\]*(?:\\.[^"\\]*)*")', re.DOTAL
 __all__ = ["MODEL_MEMBER", "Routes", "model_string", "top_model"]
 
 
-def top_model(body: bytes) -> str | None:
+def top_model(body: bytes, strict: bool = False) -> str | None:
     """The top-level ``model`` string of a JSON request ``body`` (None: none),
-    found without parsing the body when ``json_body.member`` can tell."""
-    try:
-        found = member(body, b'"model"', MODEL_MEMBER)
-    except Unsure:
+    found without parsing the body when ``json_body.member`` can tell (and
+    ``strict`` is False: see ``model_health.model_of``)."""
+    if not strict:
         try:
-            data: Any = parse(body)
-        except ValueError:
-            return None
-        model = data.get("model") if isinstance(data, dict) else None
-        return model if isinstance(model, str) else None
-    return None if found is None else model_string(found)
+            found = member(body, b'"model"', MODEL_MEMBER)
+        except Unsure:
+            pass
+        else:
+            return None if found is None else model_string(found)
+    try:
+        data: Any = parse(body)
+    except ValueError:
+        return None
+    model = data.get("model") if isinstance(data, dict) else None
+    return model if isinstance(model, str) else None
 
 
 def model_string(found: re.Match[bytes]) -> str | None:

@@ -192,15 +192,15 @@ class Router:
             return Refused(400, f"the request body is not JSON: {exc}", "invalid_json")
         if not isinstance(data, dict):
             return Refused(400, "the request body must be a JSON object", "invalid_request")
+        route = self._route_of(data)
+        if route is None or isinstance(route, Refused):
+            return route  # None: a nested "models" key, not a route (no catalog needed)
         catalog = self._catalogs.merged()
         if catalog is None:
             why = self._catalogs.main.last_error or "the first fetch is running"
             return Refused(
                 503, f"the model catalog is not loaded yet: {why} (see /status)", "no_catalog"
             )
-        route = self._route_of(data)
-        if route is None or isinstance(route, Refused):
-            return route
         need = need_of(data)
         decision = self.decide(route, catalog, need)
         if decision.model is None:
