@@ -319,6 +319,11 @@ async def _send_body(send: Send, body: bytes | AsyncIterator[bytes], with_body: 
                     chunk = await chunks.__anext__()
                 except StopAsyncIteration:
                     break
+                except Exception:
+                    if held:  # what was in hand goes out before the stream's error does
+                        last = {"type": "http.response.body", "body": b"".join(held)}
+                        await send({**last, "more_body": True})
+                    raise
                 if chunk:
                     held.append(chunk)
         await send({"type": "http.response.body", "body": b"".join(held), "more_body": False})

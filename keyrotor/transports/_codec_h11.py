@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from typing import Final, cast
 
 import h11
 
 from .codec import (
+    _CONTROL,
     CLOSED,
     END,
     NEED_DATA,
@@ -33,6 +35,19 @@ def _refused(exc: BaseException) -> BadOutgoing:
     return BadOutgoing(re.split(r":| b'| b\"| '", str(exc), maxsplit=1)[0][:100])
 
 
+def _check_request(headers: Iterable[tuple[bytes, bytes]]) -> None:
+    """What h11 lets by and httptools' parser does not: control characters in a
+    value; a chunked body with an Upgrade (the httptools codec cannot read it)."""
+    fields = {}
+    for name, value in headers:
+        if value.translate(None, _CONTROL) != value:
+            raise BadMessage(400, "Invalid header value char")
+        fields[name] = value
+    upgrade = b"upgrade" in fields and b"upgrade" in fields.get(b"connection", b"").lower()
+    if upgrade and b"transfer-encoding" in fields:
+        raise BadMessage(400, "Upgrade with a chunked body: send it without Upgrade")
+
+
 class ServerCodec:
     """The server's side of one connection."""
 
@@ -56,6 +71,7 @@ class ServerCodec:
         if kind is h11.EndOfMessage:
             return END
         if kind is h11.Request:
+            _check_request(event.headers)  # type: ignore[union-attr]
             return RequestHead(
                 event.method,  # type: ignore[union-attr]
                 event.target,  # type: ignore[union-attr]
@@ -97,7 +113,7 @@ class ServerCodec:
 
     def head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
         """The response head; a ``content-length`` header frames the body, else chunked
-        (or, to a peer that cannot keep the connection, close-delimited)."""
+        (or, to an HTTP/1.0 peer, close-delimited)."""
         try:
             return self._h.send(h11.Response(status_code=status, headers=headers, reason=reason))  # type: ignore[return-value]
         except (h11.LocalProtocolError, TypeError, ValueError) as exc:

@@ -81,6 +81,7 @@ class ServerCodec:
         "_our",
         "_parser",
         "_partial",
+        "_raw_left",
         "_refused",
         "_stopped",
         "_their_done",
@@ -94,6 +95,7 @@ class ServerCodec:
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._partial = False  # a request has begun and is not complete
+        self._raw_left = 0  # body bytes of an Upgrade request still to come (read here)
         self._in_head = False  # ... and its head is not complete
         self._head_bytes = 0  # bytes received while a head was incomplete
         self._begun = 0  # requests begun
@@ -121,7 +123,9 @@ class ServerCodec:
         self._url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name.lower(), value))
+        if self._in_head:  # a chunked body's trailer fields are not the head's (as h11)
+            # llhttp keeps a value's trailing whitespace; RFC 9110 5.5 (and h11) do not
+            self._headers.append((name.lower(), value.rstrip(b" \t")))
 
     def on_headers_complete(self) -> None:
         parser = self._parser
@@ -138,7 +142,9 @@ class ServerCodec:
                 raise self._refused
         head = _Request(parser.get_method(), self._url, self._headers, version)
         head.keep_alive = version == b"1.1" and parser.should_keep_alive()
-        head.expect = version == b"1.1" and (b"expect", b"100-continue") in self._headers
+        head.expect = version == b"1.1" and any(
+            name == b"expect" and value.lower() == b"100-continue" for name, value in self._headers
+        )
         self._events.append(head)
         self._in_head = False
 
@@ -156,18 +162,16 @@ class ServerCodec:
         if not data:
             self._eof = True
             return
+        if self._raw_left:
+            self._take_raw(data)
+            return
         if self._stopped:
             return
         begun = self._begun
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            # Upgrade or CONNECT: answer the request (CONNECT is refused), then close.
-            self._stopped = True
-            for event in reversed(self._events):
-                if isinstance(event, _Request):
-                    event.keep_alive = False
-                    break
+        except httptools.HttpParserUpgrade as exc:
+            self._upgraded(data, exc.args[0] if exc.args else len(data))
             return
         except httptools.HttpParserError as exc:
             self._stopped = True
@@ -182,6 +186,42 @@ class ServerCodec:
             if self._head_bytes > self._max_head:
                 self._stopped = True
                 self._events.append(BadMessage(431, "Request head too large"))
+
+    def _upgraded(self, data: bytes, offset: int) -> None:
+        """llhttp stops after an Upgrade (or CONNECT) request's head, its body
+        skipped, to hand the connection over. This server upgrades nothing: the
+        request is answered as any other (CONNECT is refused), its
+        ``Content-Length`` body read here (a chunked one refused), then the
+        connection closes."""
+        self._stopped = True
+        events = self._events
+        head = next((e for e in reversed(events) if type(e) is _Request), None)
+        if head is None:
+            return
+        head.keep_alive = False
+        fields = dict(head.headers)
+        if b"transfer-encoding" in fields:
+            while events and events[-1] is not head:
+                events.pop()
+            events.pop()
+            events.append(BadMessage(400, "Upgrade with a chunked body: send it without Upgrade"))
+            return
+        length = int(fields.get(b"content-length", b"0") or 0)
+        if length > 0 and events and events[-1] is END:
+            events.pop()  # llhttp skipped the body: it comes from here
+            self._partial = True
+            self._raw_left = length
+            self._take_raw(data[offset:])
+
+    def _take_raw(self, data: bytes) -> None:
+        """Body bytes of an Upgrade request (``_upgraded``); what follows it is dropped."""
+        piece = data[: self._raw_left]
+        if piece:
+            self._events.append(piece)
+            self._raw_left -= len(piece)
+        if not self._raw_left:
+            self._events.append(END)
+            self._partial = False
 
     def next_event(self) -> object:
         events = self._events
@@ -254,7 +294,7 @@ class ServerCodec:
 
     def head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
         """The response head; a ``content-length`` header frames the body, else chunked
-        (or, to a peer that cannot keep the connection, close-delimited)."""
+        (or, to an HTTP/1.0 peer, close-delimited)."""
         if self._our != _IDLE:
             raise BadOutgoing("a response was already started")
         if type(status) is not int or not 200 <= status <= 999:
@@ -275,8 +315,14 @@ class ServerCodec:
                 close = True
         no_body = status in _NO_BODY_STATUSES or (current is not None and current.method == b"HEAD")
         lines = _head_lines(b"HTTP/1.1 %d %s\r\n" % (status, reason), headers)
-        # No length: chunked, or to a peer that cannot keep the connection, up to the close.
-        chunked = length < 0 and status not in _NO_BODY_STATUSES and not close
+        # No length: chunked (so that a body cut short is seen to be: also when the
+        # connection closes after it), or to an HTTP/1.0 peer, up to the close (as h11).
+        chunked = (
+            length < 0
+            and status not in _NO_BODY_STATUSES
+            and current is not None
+            and current.http_version == b"1.1"
+        )
         if chunked:
             lines.append(b"transfer-encoding: chunked\r\n")
         if close and _CLOSE not in headers:
@@ -366,7 +412,8 @@ class ClientCodec:
         self._headers = []
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name.lower(), value))
+        if not self._started or self._done:  # (not a chunked body's trailer fields)
+            self._headers.append((name.lower(), value.rstrip(b" \t")))
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()

@@ -530,3 +530,22 @@ async def test_what_a_stream_has_in_hand_goes_in_one_message_and_nothing_waits()
     with anyio.fail_after(10):
         await ASGIApp(app)(scope("GET", "/s"), gated.receive, send)
     assert [(m["body"], m["more_body"]) for m in gated.bodies] == [(b"ab", True), (b"c", False)]
+
+
+async def test_a_chunk_in_hand_goes_out_before_the_streams_error() -> None:
+    """The first chunk is held (the second is in hand), then reading the second
+    fails: the first still reaches the server, as the proxy's own server sends it."""
+
+    class Breaks(Lookahead):
+        async def __anext__(self) -> bytes:
+            if self.index == 1:
+                raise RuntimeError("the stream broke")
+            return await super().__anext__()
+
+    async def app(request: Request) -> Response:
+        return Response(status=200, body=Breaks([b"first", b"never"]))
+
+    exchange = Exchange(b"")
+    with anyio.fail_after(10), pytest.raises(RuntimeError, match="broke"):
+        await ASGIApp(app)(scope("GET", "/s"), exchange.receive, exchange.send)
+    assert [(m["body"], m["more_body"]) for m in exchange.bodies] == [(b"first", True)]

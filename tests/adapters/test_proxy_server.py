@@ -811,11 +811,16 @@ async def test_an_oversized_body_gets_413_declared_or_chunked() -> None:
             chunked = await raw.response()
             assert await raw.closed()
 
+            raw = await Raw.connect(port)  # to HEAD: the refusal's head, no body
+            await raw.send(b"HEAD / HTTP/1.1\r\nHost: t\r\nContent-Length: 5000000\r\n\r\n")
+            head_only = await raw.response("HEAD")
+            assert await raw.closed()  # nothing after the head
+
             raw = await Raw.connect(port)  # exactly at the limit is fine
             await raw.send(raw_request("POST", "/", body=b"y" * 1000))
             fits = await raw.response()
             await raw.aclose()
-    assert declared.status == chunked.status == 413
+    assert declared.status == chunked.status == head_only.status == 413
     assert "x-request-id" in declared.headers
     assert "1000" in error_of(chunked)["message"]
     assert fits.status == 200

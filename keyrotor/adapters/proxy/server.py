@@ -497,7 +497,7 @@ class _Connection:
                     if server.admit is not None:
                         refusal = server.admit(request)  # from the head: no body read yet
                         if refusal is not None:
-                            await self._refuse_with(refusal, request_id)
+                            await self._refuse_with(refusal, request_id, incoming.method)
                             self._log(
                                 incoming.method, incoming.target, request_id, refusal.status, start
                             )
@@ -509,7 +509,7 @@ class _Connection:
                     body = await self._receive_body(incoming)
                 except _Reject as reject:
                     self.bytes_out = 0
-                    await self._refuse(reject.status, reject.message, request_id)
+                    await self._refuse(reject.status, reject.message, request_id, incoming.method)
                     self._log(incoming.method, incoming.target, request_id, reject.status, start)
                     if reject.status == 408:
                         server.emit({"event": "request_timeout", "client": self.client})
@@ -844,11 +844,14 @@ class _Connection:
                 raise _WriteTimeout
         self.bytes_out += len(data)
 
-    async def _refuse(self, status: int, message: str, request_id: str | None) -> None:
+    async def _refuse(
+        self, status: int, message: str, request_id: str | None, method: str = ""
+    ) -> None:
         """Answer an error ourselves and close: shut our side, drain the rest briefly."""
-        await self._close_with(status, [_CONTENT_TYPE_JSON], _error_body(message), request_id)
+        body = _error_body(message)
+        await self._close_with(status, [_CONTENT_TYPE_JSON], body, request_id, method)
 
-    async def _refuse_with(self, response: Response, request_id: str) -> None:
+    async def _refuse_with(self, response: Response, request_id: str, method: str) -> None:
         """Send the app's refusal of a request head (its body unread), then close."""
         body = response.body if isinstance(response.body, bytes) else b""
         headers = [
@@ -857,7 +860,7 @@ class _Connection:
             if name.lower() not in _FRAMING_HEADERS and name.lower() != "connection"
         ]
         self.bytes_out = 0
-        await self._close_with(response.status, headers, body, request_id)
+        await self._close_with(response.status, headers, body, request_id, method)
 
     async def _close_with(
         self,
@@ -865,10 +868,11 @@ class _Connection:
         headers: list[tuple[bytes, bytes]],
         body: bytes,
         request_id: str | None,
+        method: str = "",
     ) -> None:
-        """Send one whole answer with ``Connection: close``, shut our side, and
-        drain what the client still sends for a moment (so it reads the answer,
-        not a reset); nothing read is kept."""
+        """Send one whole answer with ``Connection: close`` (its body but to a
+        ``HEAD``), shut our side, and drain what the client still sends for a
+        moment (so it reads the answer, not a reset); nothing read is kept."""
         conn = self.codec
         if not conn.can_respond:
             return
@@ -882,7 +886,7 @@ class _Connection:
             headers.append((b"x-request-id", request_id.encode("ascii")))
         try:
             head = conn.head(status, _REASONS.get(status, b""), headers)
-            await self._write(head + body)
+            await self._write(head if method == "HEAD" else head + body)
             self.stream.send_eof()
             with trio.move_on_after(_LINGER_SECONDS):
                 drained = 0

@@ -45,8 +45,10 @@ class Stream:
 
     def __init__(self, sock: socket.socket) -> None:
         sock.setblocking(False)
-        if sock.family in _NODELAY:  # as trio's SocketStream sets them
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if sock.family in _NODELAY:  # as trio's SocketStream sets them (and as it, an
+            # error ignored: macOS refuses options on a connection reset before accept)
+            with suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             lowat = getattr(socket, "TCP_NOTSENT_LOWAT", None)
             if lowat is not None:  # a slow reader is seen soon, not after megabytes
                 with suppress(OSError):
