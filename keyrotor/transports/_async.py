@@ -213,6 +213,7 @@ class AsyncClient(ClientBase):
         self._pool: h11pool.ConnectionPool | None = None
         self._closed = False
         self._tasks: anyio.abc.TaskGroup | None = None
+        self._background: anyio.CancelScope | None = None  # the timer's and the probes'
         self._timer = _Waiter()
         self._probes = _Waiter()
         self._driver.deadline_changed = self._timer.wake
@@ -243,9 +244,18 @@ class AsyncClient(ClientBase):
         tasks = anyio.create_task_group()
         await tasks.__aenter__()
         self._tasks = tasks
-        tasks.start_soon(self._run_timer)
-        tasks.start_soon(self._run_probes)
+        self._background = anyio.CancelScope()
+        tasks.start_soon(self._run_background, self._background)
         return self
+
+    async def _run_background(self, scope: anyio.CancelScope) -> None:
+        """The timer and the probes until ``aclose``, under a scope of their own:
+        the task group's encloses the caller's block, whose code goes on after
+        an ``aclose`` inside it."""
+        with scope:
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(self._run_timer)
+                tasks.start_soon(self._run_probes)
 
     async def __aexit__(self, *exc_info: Any) -> bool | None:
         tasks = self._tasks
@@ -258,8 +268,8 @@ class AsyncClient(ClientBase):
 
         Requests still waiting for a key raise ``KeyrotorError``.
         """
-        if self._tasks is not None:
-            self._tasks.cancel_scope.cancel()
+        if self._background is not None:
+            self._background.cancel()
         self._closed = True
         for slot in list(self._driver.slots.values()):
             slot.wake()
@@ -467,6 +477,8 @@ class AsyncClient(ClientBase):
                 return await step.handle.aread(limit=step.limit)
             response = await self._open(step)
         except TRANSPORT_ERRORS as exc:
+            if self._closed:  # the pool closed its connections: no key's failure
+                raise KeyrotorError("the client was closed while the request ran") from exc
             return Failed(failure_reason(exc), exc)
         except h11pool.HTTPError as exc:
             if self._closed:  # the pool closed under this step: the client is closing

@@ -309,14 +309,15 @@ class Driver:
         """The delivered body (served by ``key_id``) ended, its usage in
         ``accountant``, or broke off (``failure``, a ``TransportFailed``
         reason); the request is done. ``on_finished`` callbacks hear of a
-        body that ended."""
+        body that ended, after the pool: a hook that raises is said to
+        ``on_recording_error``, and whatever fails here, the pool hears that the
+        request ended (a request left in flight would hold its key for good)."""
+        told = False
         try:
             if failure is None:
                 a = accountant
                 if self.price is not None and a.usage is not None and not a.priced:
                     self._price(request_id, a)
-                for callback in self.on_finished:
-                    callback(key_id, a)
                 self.feed(
                     response_finished(
                         request_id,
@@ -328,9 +329,20 @@ class Driver:
                         a.error_body,
                     )
                 )
+                told = True
+                for callback in self.on_finished:
+                    try:
+                        callback(key_id, a)
+                    except Exception as exc:
+                        name = type(exc).__name__
+                        self.on_recording_error(f"keyrotor: an on_finished hook failed: {name}")
             else:
                 self.failed(request_id, failure)
+                told = True
         finally:
+            if not told:
+                with contextlib.suppress(Exception):  # (what failed is raised to the caller)
+                    self.feed(RequestCancelled(request_id=request_id, now=self.now()))
             self.close(request_id, ended=True)
 
     def _price(self, request_id: str, accountant: StreamAccountant) -> None:
@@ -524,10 +536,14 @@ def usage_of(payload: Any) -> tuple[float, int, int]:
     )
 
 
+MAX_TOKENS = 2**53
+"""The most tokens one answer is counted for (an upstream's ``1e308`` is no count)."""
+
+
 def _tokens(value: Any) -> int:
-    """A token count: a finite number at least 0, else 0."""
+    """A token count: a finite number from 0 to ``MAX_TOKENS``, else 0."""
     number = _number(value)
-    return int(number) if number is not None and number > 0 else 0
+    return int(number) if number is not None and 0 < number <= MAX_TOKENS else 0
 
 
 def _number(value: Any) -> float | None:
@@ -562,14 +578,18 @@ def _usage_object(body: bytes) -> Any:
 
 
 class StreamAccountant:
-    """Reads an SSE stream as it passes, for its usage and any in-stream error.
+    """Reads an SSE stream as it passes, for its usage and any in-stream error;
+    or keeps a JSON body, for its usage (and an ``error`` a 200 may carry:
+    OpenRouter's generation that failed midway) when it ends.
 
     Only ``data:`` lines that mention ``usage`` or ``error`` are parsed, found
-    by two substring searches per chunk (not a step per line).
+    by two substring searches per chunk (not a step per line). Lines end with
+    LF, CRLF or a lone CR (SSE allows each).
     """
 
     __slots__ = (
         "_body",
+        "_size",
         "_sse",
         "_tail",
         "completion_tokens",
@@ -581,7 +601,11 @@ class StreamAccountant:
     )
 
     MAX_JSON = 8 << 20
-    """A JSON body is kept (to read its usage at the end) up to this size."""
+    """A JSON body is kept whole (to read its usage at the end) up to this
+    size; past it, its last ``JSON_TAIL`` bytes (the usage is the last member)."""
+    JSON_TAIL = 64 << 10
+    MAX_LINE = 1 << 20
+    """An SSE line longer than this is not read (nor kept while it grows)."""
 
     def __init__(self, content_type: str = "text/event-stream") -> None:
         self.cost = 0.0
@@ -593,20 +617,25 @@ class StreamAccountant:
         self._sse = "event-stream" in content_type
         self._tail = b""
         self._body: list[bytes] | None = None if self._sse else []
+        self._size = 0
 
     def feed(self, chunk: bytes) -> None:
         """Account the lines completed by ``chunk`` (or keep a JSON body)."""
         body = self._body
         if body is not None:
             body.append(chunk)
-            if sum(map(len, body)) > self.MAX_JSON:
-                self._body = None
+            self._size += len(chunk)
+            if self._size > self.MAX_JSON:  # keep the end, where the usage is
+                self._body = [b"".join(body)[-self.JSON_TAIL :]]
+                self._size = self.JSON_TAIL
             return
         if not self._sse:
             return
+        if b"\r" in chunk and b"\n" not in chunk:  # lines that end with a lone CR
+            chunk = chunk.replace(b"\r", b"\n")  # (a CRLF cut in two: an empty line more)
         data = self._tail + chunk if self._tail else chunk
         end = data.rfind(b"\n") + 1  # the lines completed are data[:end]
-        self._tail = data[end:]
+        self._tail = data[end:] if len(data) - end <= self.MAX_LINE else b""
         # Only lines that mention usage or an error count: find those by searching
         # the whole block, not line by line (a stream has many lines, few such).
         usage = data.find(b'"usage"', 0, end)
@@ -627,6 +656,10 @@ class StreamAccountant:
             body = b"".join(self._body)
             self._body = None
             self._account({"usage": _usage_object(body)})
+            if b'"error"' in body:  # a key or a value: only then is the body parsed
+                payload = parse_json(body)
+                if isinstance(payload, dict):
+                    self._error(payload.get("error"))
         elif self._tail:
             self._line(self._tail)
             self._tail = b""
@@ -655,7 +688,11 @@ class StreamAccountant:
             return
         if isinstance(payload.get("usage"), dict):
             self._account(payload)
-        error = payload.get("error")
+        self._error(payload.get("error"))
+
+    def _error(self, error: Any) -> None:
+        """An ``error`` object in a 200's body: the answer failed (its status: the
+        error's code, else 502)."""
         if isinstance(error, dict):
             code = _number(error.get("code"))
             self.error_status = int(code) if code is not None and 100 <= code < 600 else 502

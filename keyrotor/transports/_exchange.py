@@ -139,7 +139,7 @@ class Open:
 
     request: Outgoing | None
     key_id: str
-    secret: str
+    secret: str = attrs.field(repr=False)  # a traceback's locals may be kept (Sentry)
 
 
 @attrs.define

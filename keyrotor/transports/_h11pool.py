@@ -564,7 +564,14 @@ class ConnectionPool:
             data = h.request(event, body)
         except BadOutgoing as exc:
             raise LocalProtocolError(f"cannot send this request: {exc}") from exc
-        if not await _send(conn, data, self._now() + self._options.write):
+        try:
+            sent = await _send(conn, data, self._now() + self._options.write)
+        except WriteError:
+            head = await self._early_answer(conn)
+            if head is None:
+                raise
+            return head
+        if not sent:
             raise WriteTimeout(f"sending the request took more than {self._options.write} s")
         first = read_timeout if head_timeout is None else head_timeout
         deadline = math.inf if first is None else self._now() + first
@@ -590,6 +597,30 @@ class ConnectionPool:
                     raise RemoteProtocolError(f"unexpected {event_in!r} instead of a response")
         except BadMessage as exc:
             raise RemoteProtocolError(f"invalid response: {exc}") from exc
+
+    async def _early_answer(self, conn: _Connection) -> ResponseHead | None:
+        """After the request's write broke (the server closed its side): the head
+        of an answer it sent before it stopped reading (a 401 or a 413 before a
+        long body was in), read within ``write`` s; None when there is none. The
+        connection is done with (its EOF is in the codec: never reused)."""
+        h = conn.codec
+        deadline = self._now() + self._options.write
+        ended = False
+        try:
+            while True:
+                event_in = h.next_event()
+                if type(event_in) is ResponseHead:
+                    conn.got_bytes = True
+                    return event_in
+                if event_in is not NEED_DATA or ended:
+                    return None
+                chunk = await _receive(conn, deadline)
+                if chunk is None:
+                    return None
+                ended = not chunk
+                h.receive_data(chunk)  # b"": EOF, after what the server sent
+        except (BadMessage, ReadError):
+            return None
 
     # ------------------------------------------------------------------ tags
 
@@ -790,8 +821,8 @@ class ConnectionPool:
     def _recycle(self, conn: _Connection) -> bool:
         """Put ``conn`` back after a complete response, if it can serve another."""
         h = conn.codec
-        if not h.reusable or conn not in self._conns:
-            return False
+        if not h.reusable or conn not in self._conns or self._options.keepalive_expiry <= 0:
+            return False  # (keepalive_expiry 0: a connection serves one request)
         h.start_next_cycle()
         conn.reused = True
         self._give_idle(conn)

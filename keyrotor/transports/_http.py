@@ -367,7 +367,7 @@ class ResponseHead:
 
 
 class LineDecoder:
-    """Bytes in, text lines out (``\n``-separated, a trailing ``\r`` dropped).
+    """Bytes in, text lines out (ended by LF, CRLF or a lone CR, as SSE allows).
 
     UTF-8 is decoded incrementally, so a character split between two chunks
     arrives whole; invalid bytes become U+FFFD.
@@ -382,13 +382,21 @@ class LineDecoder:
     def feed(self, chunk: bytes) -> list[str]:
         """The lines ``chunk`` completes."""
         text = self._pending + self._decoder.decode(chunk)
-        *lines, self._pending = text.split("\n")
-        return [line.removesuffix("\r") for line in lines]
+        if "\r" not in text:
+            *lines, self._pending = text.split("\n")
+            return lines
+        half = text.endswith("\r")  # maybe the first half of a CRLF: kept for the next chunk
+        text = (text[:-1] if half else text).replace("\r\n", "\n").replace("\r", "\n")
+        *lines, pending = text.split("\n")
+        self._pending = pending + "\r" if half else pending
+        return lines
 
     def flush(self) -> list[str]:
         """The last line, if the body did not end with a newline."""
         rest = self._pending + self._decoder.decode(b"", final=True)
         self._pending = ""
+        if rest.endswith("\r"):  # a line ended by a lone CR
+            return [rest[:-1]]
         return [rest] if rest else []
 
 

@@ -295,3 +295,47 @@ async def test_a_pool_closing_under_a_step_is_the_client_closing() -> None:
             await client._probe(Probe(key_id="good", reason="test"))
             client.driver.probe_finished = finished  # type: ignore[method-assign]
             assert heard == [None]
+
+
+async def test_closing_the_client_blames_no_key_for_the_requests_it_cuts() -> None:
+    """Requests waiting for their answer when the client closes end with
+    ``KeyrotorError``; the connections the pool closed are no key's failure."""
+    async with FakeUpstream(scenario(good=Hang())).serve() as server:
+        client = Client({"good": SECRETS["good"]}, server.url)
+        outcomes: list[str] = []
+
+        async def one() -> None:
+            try:
+                await client.chat(model=MODEL, messages=HI)
+            except KeyrotorError as exc:
+                outcomes.append(str(exc))
+
+        async with client, anyio.create_task_group() as tasks:
+            for _ in range(3):
+                tasks.start_soon(one)
+            while server.stats("good").requests < 3:
+                await anyio.sleep(0.01)
+            await client.aclose()
+        (key,) = client.status()["keys"]
+    assert outcomes == ["the client was closed while the request ran"] * 3
+    assert key["errors"]["transport"] == 0 and key["state"] == "healthy"
+
+
+def test_a_steps_repr_never_holds_the_secret() -> None:
+    """A traceback's locals (Sentry keeps them) hold the step being carried out."""
+    step = Open(None, "good", SECRETS["good"])
+    assert SECRETS["good"] not in repr(step) and "good" in repr(step)
+
+
+async def test_the_callers_code_goes_on_after_an_aclose_inside_the_block() -> None:
+    ran: list[str] = []
+    async with FakeUpstream(scenario(good=Ok())).serve() as server:
+        async with Client({"good": SECRETS["good"]}, server.url) as client:
+            await client.aclose()
+            ran.append("after aclose")
+            await anyio.sleep(0)
+            ran.append("after an await")
+            with pytest.raises(KeyrotorError):
+                await client.chat(model=MODEL, messages=HI)
+        ran.append("after the block")
+    assert ran == ["after aclose", "after an await", "after the block"]

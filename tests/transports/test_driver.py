@@ -195,13 +195,17 @@ _SSE_LINES = st.sampled_from(
 
 
 @settings(max_examples=300)
-@given(st.lists(_SSE_LINES, max_size=12), st.lists(st.integers(0, 400), max_size=6))
+@given(
+    st.lists(_SSE_LINES, max_size=12),
+    st.lists(st.integers(0, 400), max_size=6),
+    st.sampled_from([b"\n", b"\r\n", b"\r"]),  # SSE allows each line end
+)
 def test_a_stream_is_accounted_as_its_lines_one_by_one_whatever_its_chunks(
-    lines: list[bytes], cuts: list[int]
+    lines: list[bytes], cuts: list[int], end: bytes
 ) -> None:
-    stream = b"\n".join(lines)
+    stream = end.join(lines)
     reference = StreamAccountant("text/event-stream")  # every line through _line, in order
-    for line in stream.split(b"\n"):
+    for line in stream.split(end):
         reference._line(line)
     accountant = StreamAccountant("text/event-stream")
     points = sorted({min(cut, len(stream)) for cut in cuts})
@@ -210,3 +214,70 @@ def test_a_stream_is_accounted_as_its_lines_one_by_one_whatever_its_chunks(
     accountant.close()
     fields = ("cost", "prompt_tokens", "completion_tokens", "usage", "error_status", "error_body")
     assert [getattr(accountant, f) for f in fields] == [getattr(reference, f) for f in fields]
+
+
+def test_a_json_answer_past_max_json_is_still_charged_from_its_end() -> None:
+    usage = {"prompt_tokens": 11, "completion_tokens": 7, "cost": 0.5}
+    data = [[0.123456] * 1024] * 1400  # about 10 MB of embeddings, the usage last
+    body = json.dumps({"data": data, "usage": usage}).encode()
+    assert len(body) > StreamAccountant.MAX_JSON
+    for pieces in (1, 200):
+        accountant = StreamAccountant("application/json")
+        step = -(-len(body) // pieces)
+        for start in range(0, len(body), step):
+            accountant.feed(body[start : start + step])
+        accountant.close()
+        assert (accountant.cost, accountant.prompt_tokens, accountant.completion_tokens) == (
+            0.5,
+            11,
+            7,
+        )
+
+
+def test_a_200_json_answer_that_carries_an_error_is_reported() -> None:
+    """OpenRouter's generation that failed midway, not streamed: status 200."""
+    error = {"code": 502, "message": "provider returned error"}
+    body = {"choices": [{"finish_reason": "error"}], "error": error}
+    accountant = StreamAccountant("application/json")
+    accountant.feed(json.dumps(body).encode())
+    accountant.close()
+    assert (accountant.error_status, accountant.error_body) == (502, {"error": error})
+    plain = StreamAccountant("application/json")  # the word in a completion is no error
+    plain.feed(json.dumps({"choices": [{"message": {"content": '"error"'}}]}).encode())
+    plain.close()
+    assert plain.error_status is None
+
+
+@pytest.mark.parametrize("cause", ["hook", "tokens"])
+def test_a_request_whose_accounting_fails_is_not_left_in_flight(cause: str) -> None:
+    """Whatever fails while a finished answer is accounted (a spend hook that
+    raises, an upstream's absurd token count on a key with a tpm), the pool
+    hears that the request ended: a request left in flight holds its key."""
+    from keyrotor.core import KeySpec, PoolConfig
+
+    said: list[str] = []
+    config = PoolConfig(keys=[KeySpec(key_id="a", tpm=1000, max_in_flight=1)])
+    driver = Driver({"a": "sk-a-0123456789"}, config)
+    driver.on_recording_error = said.append
+    if cause == "hook":
+
+        def broken(key_id: str, usage: StreamAccountant) -> None:
+            raise RuntimeError("the ledger is unavailable")
+
+        driver.on_finished.append(broken)
+    accountant = StreamAccountant("application/json")
+    tokens = 10 if cause == "hook" else 1e308
+    accountant.feed(
+        json.dumps({"usage": {"prompt_tokens": tokens, "completion_tokens": 1}}).encode()
+    )
+    accountant.close()
+    for _ in range(2):  # the second request gets the key: the first one ended
+        request, slot = driver.open(lambda: None)
+        send = slot.decisions.popleft()
+        assert driver.received(request, send.attempt, 200, None, None) is not None
+        driver.finish(request, send.key_id, accountant)
+        assert driver.pool.statistics().in_flight == 0
+    assert said == (
+        ["keyrotor: an on_finished hook failed: RuntimeError"] * 2 if cause == "hook" else []
+    )
+    assert accountant.prompt_tokens == (10 if cause == "hook" else 0)

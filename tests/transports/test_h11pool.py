@@ -956,3 +956,52 @@ async def test_large_bodies_both_ways_on_the_sockets_of_each_backend(
             assert_quiet(pool, open_=1)
     assert server.connections == 1
     assert all(b"content-length: %d" % len(upload) in head for head in server.heads)
+
+
+# --------------------------------------------------------------------------- review fixes
+
+
+@pytest.mark.anyio
+async def test_keepalive_expiry_zero_gives_each_request_its_own_connection() -> None:
+    """0: never reuse, also when a request waits for the connection being released."""
+    options = PoolOptions(keepalive_expiry=0, max_connections=1)
+    async with raw_server(keep_alive_ok) as server, ConnectionPool(options) as pool:
+
+        async def get() -> None:
+            response = await pool.request(b"GET", server.url + "/", [], read_timeout=5)
+            await response.aread()
+            await response.aclose()
+
+        async with anyio.create_task_group() as tasks:
+            for _ in range(2):
+                tasks.start_soon(get)
+        await get()
+        assert server.connections == 3
+
+
+async def answer_early_then_close(stream: anyio.abc.ByteStream, server: RawServer) -> None:
+    """A 401 as soon as the head is in, then close with the body unread (a reset)."""
+    buffer = bytearray()
+    while b"\r\n\r\n" not in buffer:
+        buffer += await stream.receive()
+    server.heads.append(bytes(buffer[: buffer.index(b"\r\n\r\n")]))
+    body = b'{"error":{"code":401,"message":"User not found."}}'
+    await stream.send(
+        b"HTTP/1.1 401 Unauthorized\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    await anyio.sleep(0.05)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["trio"])  # asyncio's streams drop what was read
+async def test_an_answer_sent_before_the_body_was_written_is_read(anyio_backend: str) -> None:
+    """A long body the upstream refuses before reading it (401, 413): its answer,
+    not a broken write, nor the request sent again on another connection."""
+    async with raw_server(answer_early_then_close) as server, ConnectionPool() as pool:
+        big = b"x" * (16 << 20)
+        response = await pool.request(b"POST", server.url + "/", [], big, read_timeout=5)
+        body = await response.aread()
+        await response.aclose()
+    assert response.status == 401 and b"User not found" in body
+    assert server.connections == 1
+    assert_quiet(pool)

@@ -236,6 +236,15 @@ def test_line_decoder_keeps_a_character_split_between_chunks() -> None:
     assert lines == ["data: é✓", "last"]
 
 
+@pytest.mark.parametrize("end", ["\n", "\r\n", "\r"])
+def test_line_decoder_ends_lines_as_sse_allows_whatever_the_chunks(end: str) -> None:
+    encoded = end.join(["data: a", "", "data: b", "last"]).encode()
+    for cut in range(len(encoded) + 1):
+        decoder = LineDecoder()
+        lines = decoder.feed(encoded[:cut]) + decoder.feed(encoded[cut:]) + decoder.flush()
+        assert lines == ["data: a", "", "data: b", "last"], cut
+
+
 def test_leaving_a_stream_early_frees_the_key() -> None:
     payload = {"model": MODEL, "messages": MESSAGES, "stream": True, "max_tokens": 50}
     with running({"s": Ok()}) as (client, _server):
