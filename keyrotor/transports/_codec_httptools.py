@@ -68,6 +68,7 @@ class ServerCodec:
         "_begun",
         "_chunked",
         "_close",
+        "_continue",
         "_current",
         "_eof",
         "_events",
@@ -104,6 +105,7 @@ class ServerCodec:
         self._refused: BadMessage | None = None  # a head we refused in a callback
         self._current: _Request | None = None  # the request being answered
         self._expect = False
+        self._continue = False
         self._their_done = False
         self._our = _IDLE
         self._close = False
@@ -118,6 +120,7 @@ class ServerCodec:
         self._partial = self._in_head = True
         self._url = b""
         self._headers = []
+        self._continue = False  # this head asks for 100 Continue (on_header)
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -125,7 +128,11 @@ class ServerCodec:
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._in_head:  # a chunked body's trailer fields are not the head's (as h11)
             # llhttp keeps a value's trailing whitespace; RFC 9110 5.5 (and h11) do not
-            self._headers.append((name.lower(), value.rstrip(b" \t")))
+            name = name.lower()
+            value = value.rstrip(b" \t")
+            self._headers.append((name, value))
+            if name == b"expect":
+                self._continue = value.lower() == b"100-continue"
 
     def on_headers_complete(self) -> None:
         parser = self._parser
@@ -142,9 +149,7 @@ class ServerCodec:
                 raise self._refused
         head = _Request(parser.get_method(), self._url, self._headers, version)
         head.keep_alive = version == b"1.1" and parser.should_keep_alive()
-        head.expect = version == b"1.1" and any(
-            name == b"expect" and value.lower() == b"100-continue" for name, value in self._headers
-        )
+        head.expect = version == b"1.1" and self._continue  # (on_header saw it)
         self._events.append(head)
         self._in_head = False
 
