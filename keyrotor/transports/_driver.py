@@ -614,7 +614,7 @@ class StreamAccountant:
         self.usage: dict[str, Any] | None = None  # the last ``usage`` object seen
         self.error_status: int | None = None
         self.error_body: Any = None
-        self._sse = "event-stream" in content_type
+        self._sse = "event-stream" in content_type.lower()  # (media types ignore case)
         self._tail = b""
         self._body: list[bytes] | None = None if self._sse else []
         self._size = 0

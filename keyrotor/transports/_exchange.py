@@ -255,7 +255,7 @@ def _answer(
     try:
         error = status >= 300  # read (a bounded part) to classify it
         prefetched = None
-        if error or (buffer and "event-stream" not in headers.get("content-type", "")):
+        if error or (buffer and "event-stream" not in headers.get("content-type", "").lower()):
             prefetched = yield Read(handle, MAX_ERROR_BODY if error else None)
             if isinstance(prefetched, Failed):
                 yield Close(handle)

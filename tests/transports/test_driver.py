@@ -75,8 +75,9 @@ def test_sse_usage_from_the_last_chunk_split_anywhere() -> None:
         assert accountant.error_status is None
 
 
-def test_sse_error_chunk_is_reported() -> None:
-    accountant = StreamAccountant("text/event-stream")
+@pytest.mark.parametrize("media", ["text/event-stream", "Text/Event-Stream; charset=UTF-8"])
+def test_sse_error_chunk_is_reported(media: str) -> None:
+    accountant = StreamAccountant(media)  # (a media type's case means nothing)
     chunk = {"error": {"code": 429, "message": "rate limited"}, "choices": []}
     accountant.feed(b"data: " + json.dumps(chunk).encode())  # no final newline
     accountant.close()

@@ -619,7 +619,7 @@ class ProxyApp:
                     (time.perf_counter() - send.started) * 1000,
                 )
 
-        if content is None and "event-stream" in upstream.headers.get("content-type", ""):
+        if content is None and "event-stream" in upstream.headers.get("content-type", "").lower():
 
             def ended(whole: bool) -> None:
                 # The upstream request is done (read to its end, or broken off):
