@@ -291,6 +291,17 @@ class _Batch:
     def __len__(self) -> int:
         return len(self.states) + len(self.spend) + len(self.usage) + len(self.rollups)
 
+    def pieces(self) -> list[tuple[dict[Any, Any], Any, _Batch]]:
+        """A batch for each record of this one, with the table and key it is at."""
+        out = []
+        for table, name in ((self.states, "states"), (self.spend, "spend"), (self.usage, "usage"),
+                            (self.rollups, "rollups")):  # fmt: skip
+            for key, record in table.items():
+                one = _Batch()
+                getattr(one, name)[key] = record
+                out.append((table, key, one))
+        return out
+
     def merge(self, newer: _Batch) -> None:
         for alias, row in newer.states.items():
             self.states.pop(alias, None)  # keep the dict ordered by recency
@@ -1080,19 +1091,49 @@ class StateStore:
         batch = self._unsaved
         if not batch:
             return True
+        spent = list(batch.spend.items())
         try:
             self._write_batch(self._conn, batch)
-        except Exception as exc:
+        except sqlite3.OperationalError as exc:  # locked, busy, full, read-only: retried
             self._fail(exc)
             self._bound()
             return False
+        except Exception as exc:  # a record that can never be written: not the others
+            self._fail(exc)
+            try:
+                self._write_apart(self._conn, batch)
+            except sqlite3.OperationalError:
+                self._bound()
+                return False
         with self._pending_lock:
-            for where, spend in batch.spend.items():
+            for where, spend in spent:
                 if where[1] >= self._recent_since:
                     self._recent.setdefault(where, Spend()).add(spend)
             self._unsaved = _Batch()
         self._succeeded()
         return True
+
+    def _write_apart(self, conn: sqlite3.Connection, batch: _Batch) -> None:
+        """Write ``batch`` a record at a time, after it failed whole for something
+        in its data: each record that fails alone is dropped (counted, said once),
+        so that one bad record does not keep every other from the file."""
+        bad = 0
+        try:
+            for table, key, one in batch.pieces():
+                try:
+                    self._write_batch(conn, one)
+                except sqlite3.OperationalError:
+                    raise  # the file, not the record: what is left stays for the next flush
+                except Exception:
+                    bad += 1
+                del table[key]  # written, or dropped
+        finally:
+            self._dropped += bad
+        if bad:
+            self._log(
+                f"keyrotor storage: {bad} record(s) could not be written to {self.path} and "
+                "were dropped (see last_error in /status); the others were written"
+            )
 
     def _write_batch(self, conn: sqlite3.Connection, batch: _Batch) -> None:
         """Write ``batch`` in one transaction."""
@@ -1208,14 +1249,18 @@ class StateStore:
                 self._recent_since = since
 
     def _bound(self) -> None:
-        """Keep at most ``max_pending`` records waiting: drop the oldest states, then old days."""
+        """Keep at most ``max_pending`` records waiting: drop the oldest analytics
+        minutes, then the oldest states, then old days of spend (budgets read those)."""
         with self._pending_lock:
             batch = self._unsaved
             before = len(batch)
             excess = before - self._max_pending
             if excess <= 0:
                 return
-            for alias in list(itertools.islice(batch.states, excess)):
+            for minute in sorted(batch.rollups, key=lambda where: where[0])[:excess]:
+                del batch.rollups[minute]
+            excess = len(batch) - self._max_pending
+            for alias in list(itertools.islice(batch.states, max(excess, 0))):
                 del batch.states[alias]
             excess = len(batch) - self._max_pending
             for where in sorted(batch.spend, key=lambda w: w[1])[: max(excess, 0)]:
@@ -1268,7 +1313,7 @@ def _lock(path: Path) -> int:
     """An exclusive lock on ``PATH.lock`` (its descriptor), or ``StorageError``
     when another process holds it: two proxies on one file would each keep their
     own idea of today's spend and overwrite each other's states."""
-    lock_path = Path(f"{path}.lock")
+    lock_path = Path(f"{path.resolve()}.lock")  # the file's, whatever link it is opened by
     try:
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
     except OSError as exc:

@@ -536,8 +536,9 @@ def usage_of(payload: Any) -> tuple[float, int, int]:
     )
 
 
-MAX_TOKENS = 2**53
-"""The most tokens one answer is counted for (an upstream's ``1e308`` is no count)."""
+MAX_TOKENS = 2**31 - 1
+"""The most tokens one answer is counted for (an upstream's ``1e308`` is no count;
+no model answers two billion: sums of such stay far inside SQLite's integers)."""
 
 
 def _tokens(value: Any) -> int:

@@ -90,6 +90,7 @@ def test_model_of_reads_the_model_the_upstream_reads() -> None:
     assert model_of(b'{"messages":[],"model":"a\\"b"}') == 'a"b'
     assert model_of(b'{"model":"x","model":"y"}') == "y"
     assert model_of(b'{"model":"x","x\\"model":"y"}') == "x"
+    assert model_of(b'{"model": "\\ud800"}') is None  # JSON, but no string UTF-8 can store
     long_name = "m" * 201
     assert model_of(json.dumps({"model": long_name}).encode()) is None  # no model is named so
     # A key written with escaped letters is the key to the upstream: seen when strict.

@@ -78,6 +78,34 @@ def test_spend_is_restored_for_the_running_window_only(tmp_path: Path) -> None:
     assert driver.pool.state_of("weekly") is KeyState.DEPLETED
 
 
+@pytest.mark.parametrize(
+    ("window", "restart", "spent_before"),
+    [(3600.0, 15 * 3600.0, 300.0), (DAY, 600.0, 1200.0)],  # 15:00 restart; 00:10, spent 23:50
+    ids=["an hour, late in the day", "a day, across midnight"],
+)
+def test_spend_inside_a_short_window_counts_after_a_restart(
+    tmp_path: Path, window: float, restart: float, spent_before: float
+) -> None:
+    """A day's ledger row has no times: it counts as spent at the day's end, so all
+    of it stays in a window the day overlaps (it counted as spent at midnight, and
+    a window shorter than the time since midnight forgot it)."""
+    midnight = 1_700_006_400.0  # 2023-11-15 00:00 UTC
+    now = midnight + restart
+    wall = [now - spent_before]
+    with StateStore.open(tmp_path / "s.db", secret_key=None, wall_clock=lambda: wall[0]) as store:
+        store.record_spend("k", cost=8.0)
+        wall[0] = now
+        loaded = store.load()
+    specs = [KeySpec(key_id="k", budget=10.0, budget_window=window)]
+    driver = Driver({"k": A}, PoolConfig(keys=specs), wall_clock=lambda: now)
+    restore(driver, loaded, wall_now=now)
+    assert driver.pool.statistics().keys[0].spend == pytest.approx(8.0)
+    from keyrotor.core import SpendRecorded
+
+    driver.feed(SpendRecorded(now=driver.now(), key_id="k", cost=8.0))  # 16 in the window
+    assert driver.pool.state_of("k") is KeyState.DEPLETED
+
+
 def test_one_process_per_state_file(tmp_path: Path) -> None:
     with StateStore.open(tmp_path / "s.db", secret_key=None):
         with pytest.raises(StorageError, match="another keyrotor process is using"):

@@ -922,3 +922,71 @@ def test_a_stored_catalog_that_is_damaged_is_skipped_with_a_log_line(
     again = opened(store.path)
     assert list(again.catalogs()) == ["a"]
     assert any("'b' catalog is not JSON" in line for line in logs)
+
+
+# ------------------------------------------------------------------ a review's findings
+
+
+def test_a_record_that_can_never_be_written_is_dropped_alone(tmp_path: pathlib.Path) -> None:
+    """A record SQLite refuses (a count past its integers) fails the batch, then is
+    written apart: it is dropped and said; the others reach the file, and later
+    flushes work (the whole batch was retried for ever, every record lost)."""
+    from keyrotor.testing.clock import FakeClock
+
+    clock = FakeClock(1_700_000_040.0)
+    said: list[str] = []
+    store = StateStore.open(
+        tmp_path / "s.db", secret_key=None, wall_clock=clock, flush_interval=3600, log=said.append
+    )
+    store.record_answer(clock(), ("k1", "p", "m", "", "c"), 200, 2**64, 0, 0.0)
+    store.record_spend("k1", cost=1.0)
+    store.record_state("k1", "disabled", None, "operator")
+    assert store.flush()
+    health = store.health()
+    assert health["dropped"] == 1 and health["pending"] == 0
+    assert "OverflowError" in health["last_error"]
+    assert any("1 record(s) could not be written" in line for line in said)
+    store.record_spend("k1", cost=2.0)
+    assert store.flush()
+    store.close()
+    db = sqlite3.connect(tmp_path / "s.db")
+    assert db.execute("SELECT alias, cost FROM ledger").fetchall() == [("k1", 3.0)]
+    assert db.execute("SELECT alias, state FROM states").fetchall() == [("k1", "disabled")]
+
+
+def test_while_writes_fail_analytics_minutes_are_dropped_before_spend(
+    tmp_path: pathlib.Path,
+) -> None:
+    from keyrotor.testing.clock import FakeClock
+
+    clock = FakeClock(1_700_000_040.0)
+    store = StateStore.open(
+        tmp_path / "s.db",
+        secret_key=None,
+        wall_clock=clock,
+        flush_interval=3600,
+        log=lambda line: None,
+        max_pending=10,
+        busy_timeout=0.01,
+    )
+    other = sqlite3.connect(tmp_path / "s.db", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another connection holds the write lock
+    store.record_spend("k1", cost=5.0)
+    for minute in range(200):
+        store.record_answer(clock() + 60 * minute, ("k1", "p", "m", "", "c"), 200)
+    assert not store.flush()
+    assert store.health()["pending"] <= 10  # bounded, analytics included
+    other.execute("ROLLBACK")
+    assert store.flush()
+    assert [row.cost for row in store.ledger("2023-11-14")] == [5.0]  # the money is kept
+    store.close()
+
+
+def test_a_state_file_opened_through_a_link_is_the_same_files_lock(tmp_path: pathlib.Path) -> None:
+    first = StateStore.open(tmp_path / "s.db", secret_key=None)
+    try:
+        os.symlink(tmp_path / "s.db", tmp_path / "link.db")
+        with pytest.raises(StorageError, match="another keyrotor process"):
+            StateStore.open(tmp_path / "link.db", secret_key=None)
+    finally:
+        first.close()

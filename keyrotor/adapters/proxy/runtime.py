@@ -220,7 +220,8 @@ def restore(driver: Driver, loaded: Loaded, wall_now: float | None = None) -> No
         if start + _DAY <= wall - (window or 0.0) or (window is None and start < today):
             continue  # spent before the running window (or before today): history
         now = driver.now()
-        start += offset
+        # A day's row has no times: taken as spent at the day's end (or now), so that
+        # all of it counts while the day overlaps the window (never less than was spent).
         driver.feed(
             SpendRecorded(
                 now=now,
@@ -228,7 +229,7 @@ def restore(driver: Driver, loaded: Loaded, wall_now: float | None = None) -> No
                 cost=row.cost,
                 prompt_tokens=row.prompt_tokens,
                 completion_tokens=row.completion_tokens,
-                at=min(start, now),
+                at=min(start + _DAY - 1.0 + offset, now),
             )
         )
 
