@@ -1115,7 +1115,7 @@ class StateStore:
 
     def _write_apart(self, conn: sqlite3.Connection, batch: _Batch) -> None:
         """Write ``batch`` a record at a time, after it failed whole for something
-        in its data: each record that fails alone is dropped (counted, said once),
+        in its data: each record that fails alone is dropped (counted and said),
         so that one bad record does not keep every other from the file."""
         bad = 0
         try:
