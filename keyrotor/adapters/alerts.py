@@ -21,6 +21,7 @@ threshold is crossed and clears once when it is back. Pure: the snapshot and
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -85,20 +86,34 @@ def rule_from_json(data: Any) -> Rule:
     if scope not in KINDS[kind]:
         raise ValueError(f"a {kind} rule's scope is one of {', '.join(KINDS[kind])}, got {scope!r}")
     threshold = data.get("threshold", 0.0 if kind == "key_failed" else None)
-    if isinstance(threshold, bool) or not isinstance(threshold, int | float):
-        raise ValueError(f"threshold must be a number ({_UNITS[kind]})")
+    if (
+        isinstance(threshold, bool)
+        or not isinstance(threshold, int | float)
+        or not _finite(threshold)
+    ):
+        raise ValueError(f"threshold must be a number ({_UNITS[kind]}), finite")
     if threshold < 0 or (kind == "error_share" and threshold > 1):
         raise ValueError(f"threshold {threshold} is out of range ({_UNITS[kind]})")
     subject = data.get("subject")
     if subject is not None and (not isinstance(subject, str) or not subject):
         raise ValueError("subject must be a non-empty string (one key, client, model or account)")
     window = data.get("window", 300.0)
-    if isinstance(window, bool) or not isinstance(window, int | float) or not window > 0:
+    if isinstance(window, bool) or not isinstance(window, int | float) or not _finite(window):
+        raise ValueError("window must be a finite number of seconds above 0")
+    if not window > 0:
         raise ValueError("window must be a number of seconds above 0")
     least = data.get("min_requests", 10)
     if isinstance(least, bool) or not isinstance(least, int) or least < 1:
         raise ValueError("min_requests must be an integer of at least 1")
     return Rule(name, kind, float(threshold), scope, subject, float(window), least)
+
+
+def _finite(value: float) -> bool:
+    """A finite number (``1e999`` is JSON for infinity; a huge integer is no float)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 _UNITS = {

@@ -489,8 +489,8 @@ def query(
             slot = groups[where] = Rollup()
         slot.add(rollup)
 
-    client = " AND client = ?" if q.client else ""
-    clients = (q.client,) if q.client else ()
+    client = " AND client = ?" if q.client is not None else ""  # "" is a filter too
+    clients = (q.client,) if q.client is not None else ()
     sources: list[tuple[str, tuple[Any, ...]]] = [
         (f"grain = ? AND start >= ? AND start < ?{client}", (q.grain, q.start, q.end, *clients))
     ]

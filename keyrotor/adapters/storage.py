@@ -639,8 +639,12 @@ class StateStore:
 
     def save_meta(self, name: str, value: Any) -> None:
         """Keep ``value`` (JSON) under ``name`` in the file's ``meta`` table (the
-        routes and alert rules the admin API sets). Blocking; raises ``StorageError``."""
-        text = json.dumps(value, separators=(",", ":"), allow_nan=False)
+        routes and alert rules the admin API sets). Blocking; raises ``StorageError``
+        (also for a value JSON cannot hold: NaN, an infinity)."""
+        try:
+            text = json.dumps(value, separators=(",", ":"), allow_nan=False)
+        except (ValueError, TypeError) as exc:
+            raise StorageError(f"cannot keep {name} in {self.path}: {exc}") from None
         with self._db_lock:
             conn = self._connection()
             try:

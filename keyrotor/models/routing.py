@@ -16,6 +16,7 @@ observed goes first, once, so every candidate gets measured), ``balanced``
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -178,8 +179,8 @@ def _candidate(route: str, index: int, raw: Any) -> str | Filter:
         value: Any = given
         if kind is list and not all(isinstance(v, str) for v in value):
             raise ValueError(f"{where}: {field} must be a list of strings")
-        if field in ("min_context", "max_price") and value < 0:
-            raise ValueError(f"{where}: {field} must not be negative")
+        if field in ("min_context", "max_price") and not 0 <= value < math.inf:
+            raise ValueError(f"{where}: {field} must be a finite number, not negative")
     return Filter(**raw)
 
 

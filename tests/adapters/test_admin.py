@@ -386,3 +386,61 @@ def test_a_failing_state_file_is_reported_and_the_proxy_keeps_serving(
         assert writers and "keyrotor-storage" not in writers and not store.flush_in_thread
     else:
         assert writers == {"keyrotor-storage"} and store.flush_in_thread
+
+
+# --------------------------------------------------------------- a review's findings
+
+BIG = "1" + "0" * 400  # a JSON integer no float holds
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("POST", "/admin/keys", '{"key": "@NEW", "provider": ["main"]}'),
+        ("POST", "/admin/keys", '{"key": "@NEW", "rpm": @BIG}'),
+        ("POST", "/admin/keys", '{"key": "@NEW", "account": "\\ud800"}'),
+        ("POST", "/admin/keys/one/state", '{"state": "rate_limited", "duration": @BIG}'),
+        ("POST", "/admin/keys/one/state", '{"state": "rate_limited", "duration": 1e300}'),
+        ("PUT", "/admin/alerts/a", '{"kind": "spend", "threshold": @BIG}'),
+        ("PUT", "/admin/alerts/b", '{"kind": "key_failed", "threshold": 1e999}'),
+        ("PUT", "/admin/alerts/c", '{"kind": "error_share", "threshold": 0.5, "window": @BIG}'),
+    ],
+)
+def test_bad_admin_input_gets_one_clear_400(
+    proxy: tuple[str, FakeUpstream, list[dict[str, Any]]], method: str, path: str, body: str
+) -> None:
+    url, _, log = proxy
+    content = body.replace("@NEW", NEW).replace("@BIG", BIG).encode()
+    answer = httpx.request(method, url + path, headers=admin(), content=content)
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"]["message"]
+    assert not [line for line in log if line.get("event") == "app_error"]
+    assert "Infinity" not in httpx.get(url + "/alerts", headers=admin()).text
+
+
+@pytest.mark.parametrize("alias", [NEW, SECRETS["one"], CLIENT, ADMIN])
+def test_an_alias_that_is_a_secret_or_a_token_is_refused(
+    proxy: tuple[str, FakeUpstream, list[dict[str, Any]]], alias: str
+) -> None:
+    """An alias is shown to every client token (/status, /metrics, the log)."""
+    url, _, log = proxy
+    answer = httpx.post(url + "/admin/keys", headers=admin(), json={"key": NEW, "alias": alias})
+    assert answer.status_code == 400 and "reveals nothing" in answer.text
+    assert_no_secret(answer.text + json.dumps(log))
+    assert_no_secret(httpx.get(url + "/status", headers=admin(CLIENT)).text)
+
+
+def test_status_shows_a_client_its_own_spend_not_the_others(
+    proxy: tuple[str, FakeUpstream, list[dict[str, Any]]],
+) -> None:
+    url, _, _ = proxy
+    for token in (CLIENT, ADMIN):  # two callers: the admin's spend goes under "admin"
+        with openai.OpenAI(base_url=f"{url}/v1", api_key=token, max_retries=0) as sdk:
+            sdk.chat.completions.create(model=MODEL, messages=CHAT["messages"])  # type: ignore[arg-type]
+    issued = httpx.post(url + "/auth/token", headers=admin(CLIENT)).json()["access_token"]
+    as_admin = httpx.get(url + "/status", headers=admin()).json()["spend"]["clients"]
+    as_client = httpx.get(url + "/status", headers=admin(CLIENT)).json()["spend"]["clients"]
+    as_issued = httpx.get(url + "/status", headers=admin(issued)).json()["spend"]["clients"]
+    assert len(as_admin) == 2 and "admin" in as_admin
+    assert len(as_client) == 1 and "admin" not in as_client  # its own row only
+    assert as_issued == as_client  # (an issued token spends under its issuer)

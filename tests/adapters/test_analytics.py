@@ -122,6 +122,8 @@ def test_hand_computed_traffic_per_minute_hour_and_day(tmp_path: Path) -> None:
         assert [(r["name"], r["requests"]) for r in accounts] == [("team", 99)]
         mine = store.analytics(Query("usage", T0, T0 + 86400, "day", None, client="ci"), str)
         assert [r["requests"] for r in mine] == [9]
+        # "" is a client filter too (no client has that name): never every client's rows
+        assert store.analytics(Query("usage", T0, T0 + 86400, "day", None, client=""), str) == []
     finally:
         store.close()
 

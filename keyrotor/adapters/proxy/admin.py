@@ -72,8 +72,10 @@ class Admin:
         providers: Mapping[str, AsyncClient] | None = None,
         router: Router | None = None,
         stored_routes: Mapping[str, Any] | None = None,
+        is_token: Callable[[str], bool] = lambda text: False,
     ) -> None:
         self._clients = {MAIN_PROVIDER: client, **(providers or {})}
+        self._is_token = is_token  # (``Auth.is_token``: no alias may be a token)
         self._router = router
         self._stored_routes = dict(stored_routes or {})  # routes set here, as kept
         self._store = store
@@ -246,19 +248,25 @@ class Admin:
             alias = "key-" + hashlib.sha256(secret.encode()).hexdigest()[:8]
         if not isinstance(alias, str):
             raise AdminError(400, "alias must be a string")
+        pooled = (c.driver.secrets.values() for c in self._clients.values())
+        if alias == secret or any(alias in known for known in pooled) or self._is_token(alias):
+            # (an alias is shown to every client token: /status, /metrics, logs)
+            raise AdminError(
+                400, "alias is a secret or a token: give the key a name that reveals nothing"
+            )
         provider = body.get("provider") or MAIN_PROVIDER
-        if provider not in self._clients:
+        if not isinstance(provider, str) or provider not in self._clients:
             known = ", ".join(self._clients)
             raise AdminError(400, f"provider {provider!r} is not configured (known: {known})")
         spec = {name: body[name] for name in _SPEC_OPTIONS if body.get(name) is not None}
         for name, value in spec.items():
             if name == "account":
-                ok = isinstance(value, str)
+                ok = isinstance(value, str) and _storable(value)
             elif name == "max_in_flight":
                 ok = isinstance(value, int) and not isinstance(value, bool)
             else:
                 ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-                ok = ok and math.isfinite(value)
+                ok = ok and _finite(value)
             if not ok:
                 kind = {"account": "a string", "max_in_flight": "an integer"}.get(name, "a number")
                 raise AdminError(400, f"{name} must be {kind}")
@@ -381,7 +389,8 @@ class Admin:
         if duration is not None and (
             not isinstance(duration, (int, float))
             or isinstance(duration, bool)
-            or not (0 < duration < math.inf)
+            or not _finite(duration)
+            or not 0 < duration < _LONGEST
         ):
             raise AdminError(400, "duration must be a number of seconds more than zero")
         if state in ("rate_limited", "degraded") and duration is None:
@@ -425,3 +434,24 @@ def _json_object(body: bytes, allow_empty: bool = False) -> dict[str, Any]:
 
 def _safe(message: str, secret: str) -> str:
     return message.replace(secret, "<the key>") if secret else message
+
+
+_LONGEST = 10 * 365 * 86400.0
+"""The longest a key may be marked for (ten years: a longer time is a mistake)."""
+
+
+def _finite(value: float) -> bool:
+    """A finite number (an integer too large for a float is not one)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def _storable(text: str) -> bool:
+    """Text the state file can keep (UTF-8: no lone surrogate)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True

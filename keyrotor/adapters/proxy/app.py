@@ -266,7 +266,11 @@ class ProxyApp:
                 200, {"access_token": token, "token_type": "bearer", "expires_in": ttl}
             )
         elif path == "/status" and request.method == "GET":
-            response = self._json(200, self.status())
+            status = self.status()
+            role, caller = self._auth.identify(request)
+            if self._auth.admin_enabled and role is not Role.ADMIN:  # a client: its own spend
+                _own_spend(status["spend"], caller)
+            response = self._json(200, status)
         elif path == "/metrics" and request.method == "GET":
             providers = None if self._routes is None else self._routes.status()
             board = None if self.shared is None else self.shared.part("processes")
@@ -823,6 +827,16 @@ class _Send:
             attempts=attempts,
             route=route,
         )
+
+
+def _own_spend(spend: dict[str, Any], caller: str | None) -> None:
+    """``spend`` (``SpendBook.status``) as a client may see it: its own totals and
+    budgets, not the other clients' (as analytics shows a client its own answers)."""
+    clients = spend.get("clients", {})
+    spend["clients"] = {name: row for name, row in clients.items() if name == caller}
+    spend["budgets"] = [
+        b for b in spend.get("budgets", []) if b["scope"] != "client" or b["name"] == caller
+    ]
 
 
 def _rejected(exc: NoKeyAvailable) -> Response:

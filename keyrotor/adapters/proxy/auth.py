@@ -87,6 +87,13 @@ class Auth:
         """What the request's bearer token makes its caller."""
         return self.identify(request)[0]
 
+    def is_token(self, text: str) -> bool:
+        """Whether ``text`` is the admin token or a client token (a name that
+        would reveal one must not be shown)."""
+        digest = _digest(text)
+        known = [d for d in (self._admin, *self._clients) if d is not None]
+        return any([hmac.compare_digest(digest, d) for d in known])  # no early exit
+
     def identify(self, request: Request) -> tuple[Role, str | None]:
         """What the request's bearer token makes its caller, and the name its
         spend goes under (``admin`` for the admin token; None: no client)."""

@@ -366,6 +366,7 @@ async def open_app(
                         providers=others,
                         router=router,
                         stored_routes=stored_routes,
+                        is_token=auth.is_token,
                     )
                 views = Views(
                     client,

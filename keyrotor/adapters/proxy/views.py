@@ -340,7 +340,9 @@ class Views:
             return _error(400, str(exc), "invalid_query")
         role, caller = self._auth.identify(request)
         if self._auth.admin_enabled and role is not Role.ADMIN:  # a client: its own answers
-            q = analytics.Query(q.kind, q.start, q.end, q.grain, q.by, q.csv, caller or "")
+            if caller is None:  # (its token expired while the request was read)
+                return _error(401, "the token is not valid (or has expired)", "invalid_token")
+            q = analytics.Query(q.kind, q.start, q.end, q.grain, q.by, q.csv, caller)
         accounts = self._accounts()
 
         def account_of(key: str) -> str:
