@@ -35,6 +35,7 @@ __all__ = [
     "AlertBook",
     "Observed",
     "Rule",
+    "finite",
     "rule_from_json",
     "rule_to_json",
 ]
@@ -89,7 +90,7 @@ def rule_from_json(data: Any) -> Rule:
     if (
         isinstance(threshold, bool)
         or not isinstance(threshold, int | float)
-        or not _finite(threshold)
+        or not finite(threshold)
     ):
         raise ValueError(f"threshold must be a number ({_UNITS[kind]}), finite")
     if threshold < 0 or (kind == "error_share" and threshold > 1):
@@ -98,7 +99,7 @@ def rule_from_json(data: Any) -> Rule:
     if subject is not None and (not isinstance(subject, str) or not subject):
         raise ValueError("subject must be a non-empty string (one key, client, model or account)")
     window = data.get("window", 300.0)
-    if isinstance(window, bool) or not isinstance(window, int | float) or not _finite(window):
+    if isinstance(window, bool) or not isinstance(window, int | float) or not finite(window):
         raise ValueError("window must be a finite number of seconds above 0")
     if not window > 0:
         raise ValueError("window must be a number of seconds above 0")
@@ -108,7 +109,7 @@ def rule_from_json(data: Any) -> Rule:
     return Rule(name, kind, float(threshold), scope, subject, float(window), least)
 
 
-def _finite(value: float) -> bool:
+def finite(value: float) -> bool:
     """A finite number (``1e999`` is JSON for infinity; a huge integer is no float)."""
     try:
         return math.isfinite(value)

@@ -222,6 +222,9 @@ def test_keyrotor_serve_as_a_subprocess(tmp_path: Any) -> None:
             assert httpx.get(f"{url}/healthz").json()["ok"] is True
             assert "keyrotor_key_state" in httpx.get(f"{url}/metrics").text
             assert httpx.get(f"{url}/status").json()["totalKeys"] == 5
+            for probe in ("/healthz", "/status", "/metrics"):  # a load balancer may send HEAD
+                head = httpx.head(f"{url}{probe}")
+                assert head.status_code == 200 and head.content == b"", probe
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=20) == 0
             rest = json.dumps([*early, listening]) + proc.stderr.read()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -27,6 +26,7 @@ from ...models.routing import route_from_json, route_to_json
 from ...transports.api import AsyncClient
 from ...transports.errors import ConfigurationError
 from ...transports.json_body import parse
+from ..alerts import finite
 from ..config import MAIN_PROVIDER
 from ..storage import StorageError
 from .types import Request, Response
@@ -266,7 +266,7 @@ class Admin:
                 ok = isinstance(value, int) and not isinstance(value, bool)
             else:
                 ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-                ok = ok and _finite(value)
+                ok = ok and finite(value)
             if not ok:
                 kind = {"account": "a string", "max_in_flight": "an integer"}.get(name, "a number")
                 raise AdminError(400, f"{name} must be {kind}")
@@ -389,7 +389,7 @@ class Admin:
         if duration is not None and (
             not isinstance(duration, (int, float))
             or isinstance(duration, bool)
-            or not _finite(duration)
+            or not finite(duration)
             or not 0 < duration < _LONGEST
         ):
             raise AdminError(400, "duration must be a number of seconds more than zero")
@@ -438,14 +438,6 @@ def _safe(message: str, secret: str) -> str:
 
 _LONGEST = 10 * 365 * 86400.0
 """The longest a key may be marked for (ten years: a longer time is a mistake)."""
-
-
-def _finite(value: float) -> bool:
-    """A finite number (an integer too large for a float is not one)."""
-    try:
-        return math.isfinite(value)
-    except OverflowError:
-        return False
 
 
 def _storable(text: str) -> bool:

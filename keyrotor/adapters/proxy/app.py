@@ -71,6 +71,7 @@ HOP_BY_HOP = frozenset(
 # comes as x-upstream-request-id (the server's own x-request-id names the request).
 _DROPPED = HOP_BY_HOP | {"content-length", "date", "server", "set-cookie", "x-request-id"}
 _JSON = ("content-type", "application/json")
+_READ = frozenset({"GET", "HEAD"})  # a load balancer probes with either (HEAD: no body sent)
 # "." and ".." segments (also percent-encoded), "//", backslashes and encoded
 # slashes in a /v1/ path: an upstream that decodes them would route elsewhere.
 _ESCAPES = re.compile(r"(^|/)(\.|%2e){1,2}(/|$)|//|\\|%5c|%2f", re.IGNORECASE)
@@ -265,13 +266,13 @@ class ProxyApp:
             response = self._json(
                 200, {"access_token": token, "token_type": "bearer", "expires_in": ttl}
             )
-        elif path == "/status" and request.method == "GET":
+        elif path == "/status" and request.method in _READ:
             status = self.status()
             role, caller = self._auth.identify(request)
             if self._auth.admin_enabled and role is not Role.ADMIN:  # a client: its own spend
                 _own_spend(status["spend"], caller)
             response = self._json(200, status)
-        elif path == "/metrics" and request.method == "GET":
+        elif path == "/metrics" and request.method in _READ:
             providers = None if self._routes is None else self._routes.status()
             board = None if self.shared is None else self.shared.part("processes")
             pool = None if board is None else board.pool()
@@ -283,7 +284,7 @@ class ProxyApp:
             )
         elif path.startswith("/routing/"):
             response = self._routing(request, path)
-        elif path == "/healthz" and request.method == "GET":
+        elif path == "/healthz" and request.method in _READ:
             counts = self._client.driver.pool.count_by_state()  # not status(): O(keys) dicts
             usable = sum(counts[state.value] for state in USABLE_STATES)
             health: dict[str, Any] = {"ok": True, "usable_keys": usable}
