@@ -12,6 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import attrs
 import httpx
 import openai
 import pytest
@@ -100,6 +101,22 @@ def test_analytics_count_what_was_served_and_a_client_sees_only_its_own(
     bad = httpx.get(f"{url}/analytics/usage?group_by=week", headers=bearer(ADMIN))
     assert bad.status_code == 400
     assert bad.json()["error"]["message"] == "group_by='week': choose minute, hour or day"
+
+
+def test_without_an_admin_token_a_client_still_sees_its_own_analytics(tmp_path: Path) -> None:
+    """docs/analytics.md: a client token sees its own answers; with no admin token
+    configured that held too (it was a 403), and the rest stays closed."""
+    with FakeUpstream.running_in_thread(scenario()) as upstream:
+        options = config(upstream.url, tmp_path)
+        with ProxyThread(attrs.evolve(options, admin_token=None), []) as url:
+            for token in (WEB, CI, CI):
+                with openai.OpenAI(base_url=f"{url}/v1", api_key=token, max_retries=0) as sdk:
+                    sdk.chat.completions.create(model=MODEL, messages=HI)  # type: ignore[arg-type]
+            mine = httpx.get(f"{url}/analytics/usage?group_by=day&by=client", headers=bearer(CI))
+            nobody = httpx.get(f"{url}/analytics/usage")
+            alerts = httpx.get(f"{url}/alerts", headers=bearer(CI))
+    assert [(r["name"], r["requests"]) for r in mine.json()["rows"]] == [("ci", 2)]
+    assert nobody.status_code == 403 and alerts.status_code == 403
 
 
 def test_without_the_admin_token_no_operator_data_is_served(

@@ -289,13 +289,13 @@ class Views:
         auth = self._auth
         if path in ASSETS:
             return None
+        role = auth.role(request)
+        own = path.startswith("/analytics/") and path != "/analytics/recommendations"
+        if own and role in (Role.CLIENT, Role.ISSUED):
+            return None  # their own answers only (with or without an admin token)
         if auth.admin_enabled:
-            role = auth.role(request)
             if role is Role.ADMIN:
                 return None
-            own = path.startswith("/analytics/") and path != "/analytics/recommendations"
-            if own and role in (Role.CLIENT, Role.ISSUED):
-                return None  # their own answers only
             if role is Role.NONE:
                 return _error(
                     401,
@@ -338,8 +338,9 @@ class Views:
             q = analytics.parse_query(kind, params, self._clock())
         except analytics.QueryError as exc:
             return _error(400, str(exc), "invalid_query")
-        role, caller = self._auth.identify(request)
-        if self._auth.admin_enabled and role is not Role.ADMIN:  # a client: its own answers
+        auth = self._auth
+        role, caller = auth.identify(request)
+        if role is not Role.ADMIN and (auth.admin_enabled or not auth.open):  # its own answers
             if caller is None:  # (its token expired while the request was read)
                 return _error(401, "the token is not valid (or has expired)", "invalid_token")
             q = analytics.Query(q.kind, q.start, q.end, q.grain, q.by, q.csv, caller)
