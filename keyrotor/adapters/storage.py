@@ -107,6 +107,7 @@ __all__ = [
     "day_start",
     "default_state_path",
     "secret_key_from_env",
+    "storable",
 ]
 
 SECRET_KEY_ENV = "KEYROTOR_SECRET_KEY"
@@ -322,6 +323,16 @@ def _merge(mine: dict[Any, Any], newer: Mapping[Any, Any]) -> None:
 
 def _utc_day(t: float) -> str:
     return time.strftime("%Y-%m-%d", time.gmtime(t))
+
+
+def storable(text: str) -> bool:
+    """Whether the state file can keep ``text`` (UTF-8: no lone surrogate, which
+    JSON's ``"\\ud800"`` gives)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def day_start(day: str) -> float:

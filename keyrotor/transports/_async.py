@@ -61,6 +61,8 @@ TRANSPORT_ERRORS: tuple[type[Exception], ...] = (
     h11pool.RemoteProtocolError,
     TimeoutError,  # the pool's timeouts, and our first-byte deadline
 )
+_STEP_ERRORS: tuple[type[Exception], ...] = (*TRANSPORT_ERRORS, h11pool.HTTPError)
+"""What a step may raise from the pool: no answer (``Failed``), or the pool's own."""
 
 
 def failure_reason(exc: BaseException) -> str:
@@ -476,13 +478,11 @@ class AsyncClient(ClientBase):
             if isinstance(step, Read):
                 return await step.handle.aread(limit=step.limit)
             response = await self._open(step)
-        except TRANSPORT_ERRORS as exc:
-            if self._closed:  # the pool closed its connections: no key's failure
+        except _STEP_ERRORS as exc:
+            if self._closed:  # the pool closed under this step: no key's failure
                 raise KeyrotorError("the client was closed while the request ran") from exc
-            return Failed(failure_reason(exc), exc)
-        except h11pool.HTTPError as exc:
-            if self._closed:  # the pool closed under this step: the client is closing
-                raise KeyrotorError("the client was closed while the request ran") from exc
+            if isinstance(exc, TRANSPORT_ERRORS):
+                return Failed(failure_reason(exc), exc)
             raise
         return Opened(response, response.status, decode_headers(response.headers))
 

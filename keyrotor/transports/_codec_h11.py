@@ -9,8 +9,8 @@ from typing import Final, cast
 import h11
 
 from .codec import (
-    _CONTROL,
     CLOSED,
+    CONTROL,
     END,
     NEED_DATA,
     BadMessage,
@@ -40,7 +40,7 @@ def _check_request(headers: Iterable[tuple[bytes, bytes]]) -> None:
     value; a chunked body with an Upgrade (the httptools codec cannot read it)."""
     fields = {}
     for name, value in headers:
-        if value.translate(None, _CONTROL) != value:
+        if value.translate(None, CONTROL) != value:
             raise BadMessage(400, "Invalid header value char")
         fields[name] = value
     upgrade = b"upgrade" in fields and b"upgrade" in fields.get(b"connection", b"").lower()

@@ -28,7 +28,7 @@ from ...transports.errors import ConfigurationError
 from ...transports.json_body import parse
 from ..alerts import finite
 from ..config import MAIN_PROVIDER
-from ..storage import StorageError
+from ..storage import StorageError, storable
 from .types import Request, Response
 
 if TYPE_CHECKING:
@@ -261,7 +261,7 @@ class Admin:
         spec = {name: body[name] for name in _SPEC_OPTIONS if body.get(name) is not None}
         for name, value in spec.items():
             if name == "account":
-                ok = isinstance(value, str) and _storable(value)
+                ok = isinstance(value, str) and storable(value)
             elif name == "max_in_flight":
                 ok = isinstance(value, int) and not isinstance(value, bool)
             else:
@@ -438,12 +438,3 @@ def _safe(message: str, secret: str) -> str:
 
 _LONGEST = 10 * 365 * 86400.0
 """The longest a key may be marked for (ten years: a longer time is a mistake)."""
-
-
-def _storable(text: str) -> bool:
-    """Text the state file can keep (UTF-8: no lone surrogate)."""
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return False
-    return True

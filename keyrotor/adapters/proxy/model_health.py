@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..storage import storable
 from .providers import top_model
 
 __all__ = ["MAX_MODEL_CHARS", "ModelHealth", "model_of"]
@@ -41,11 +42,8 @@ def model_of(body: bytes, strict: bool = False) -> str | None:
     model = top_model(body, strict)
     if model is None or len(model) > MAX_MODEL_CHARS:
         return None
-    if not model.isascii():  # a lone surrogate ("\ud800" is JSON) is no name: nothing
-        try:  # stores it (the state file's text is UTF-8)
-            model.encode()
-        except UnicodeEncodeError:
-            return None
+    if not model.isascii() and not storable(model):  # a lone surrogate is no name
+        return None
     return model
 
 
