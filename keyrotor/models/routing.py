@@ -472,10 +472,11 @@ _CONTEXT = (
     "too many tokens",
     "reduce the length",
 )
-MODEL_FAILURES = ("unavailable", "busy", "free_limit", "context")
+MODEL_FAILURES = ("unavailable", "busy", "fault", "free_limit", "context")
 """What ``model_failure`` may say: the model has no endpoint or provider up
-now; its provider's shared pool is rate limited; the account's free-model
-limit; the request does not fit its context."""
+now; its provider's shared pool is rate limited; it failed (5xx, 408) on
+every key the pool tried; the account's free-model limit; the request does
+not fit its context."""
 
 
 def model_failure(
@@ -491,6 +492,8 @@ def model_failure(
         return "unavailable", verdict.cooldown
     if verdict.verdict is Verdict.UPSTREAM_BUSY:
         return "busy", verdict.cooldown
+    if verdict.verdict is Verdict.UPSTREAM_FAULT:  # 5xx on every key tried: 502 model down
+        return "fault", verdict.cooldown
     if verdict.verdict is Verdict.RATE_LIMITED and "free" in verdict.reason:
         return "free_limit", verdict.cooldown
     if status in (400, 413) and body:

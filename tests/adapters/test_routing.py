@@ -356,6 +356,33 @@ def test_a_routed_body_that_is_not_json_or_nested_too_deeply_gets_one_clear_erro
     assert not [e for e in log if e.get("event") == "error" or "Traceback" in str(e)]
 
 
+def test_a_model_that_fails_with_5xx_on_every_key_is_cooled_and_passed_over(
+    tmp_path: Path,
+) -> None:
+    # A 502 provider_unavailable (model down) or 503 provider_overloaded: no
+    # rule of the core's names them, yet the model failed on every key tried.
+    first, second = "qwen/qwen3-large:free", "openai/o3-8b:free"
+    route = f'[[routes]]\nname = "pair"\ncandidates = ["{first}", "{second}"]\n'
+    extra = f"[pool]\nmax_attempts = 5\n{route}"
+    down = {first: Reply(502, "Provider returned error", {"error_type": "provider_unavailable"})}
+    with FakeUpstream.running_in_thread(scenario(down)) as server:
+        with ProxyThread(write_config(tmp_path, server.url, extra), []) as url:
+            served = []
+            for _ in range(5):
+                answer = httpx.post(
+                    f"{url}/v1/chat/completions", json={"model": "pair", "messages": HI}
+                )
+                assert answer.status_code == 200, answer.text
+                served.append(answer.headers["x-keyrotor-model"])
+            cooling = httpx.get(f"{url}/status").json()["routing"]["cooling"]
+    assert served == [second] * 5
+    assert "answered 502 (fault)" in cooling[first]["why"]
+    sent = sent_models()
+    # The first request tried the model on 4 of its 5 attempts, keeping one for
+    # the fallback; the model then cooled, and no later request sent it.
+    assert sent == [first] * 4 + [second] * 5
+
+
 def test_the_models_list_falls_back_in_order_like_openrouters(tmp_path: Path) -> None:
     first, second = "qwen/qwen3-large:free", PAID
     down = {first: Reply(404, f"No endpoints found for {first}.")}

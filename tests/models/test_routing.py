@@ -230,6 +230,9 @@ def test_what_an_answer_says_about_the_model() -> None:
     assert model_failure(429, None, free)[0] == "free_limit"  # type: ignore[index]
     context = body(400, "This endpoint's maximum context length is 8192 tokens.")
     assert model_failure(400, None, context) == ("context", None)
+    overloaded = body(503, "Provider returned error", error_type="provider_overloaded")
+    assert model_failure(503, None, overloaded) == ("fault", None)
+    assert model_failure(502, {"retry-after": "3"}, body(502, "down"))[0] == "fault"  # type: ignore[index]
     for status, text in ((400, "Invalid JSON"), (401, "No auth credentials found"), (200, "")):
         assert model_failure(status, None, body(status, text)) is None
     assert model_failure(429, None, body(429, "Rate limit exceeded: limit_rpm/x")) is None

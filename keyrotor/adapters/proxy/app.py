@@ -709,8 +709,11 @@ class ProxyApp:
                     continue
                 taken, pin = slot
             started = client.driver.now()
+            # Each later model keeps an attempt where the budget allows: a model
+            # failing on every key (5xx) does not spend the fallbacks' share.
+            attempts = max(1, left - (len(models) - index - 1))
             try:
-                upstream = await send.to(client, body, attempts=left, pin=pin, route=route)
+                upstream = await send.to(client, body, attempts=attempts, pin=pin, route=route)
             except NoKeyAvailable as exc:
                 if taken is not None:
                     router.give_back(taken)
@@ -730,7 +733,7 @@ class ProxyApp:
                 failure = model_failure(status, upstream.headers, content)
                 if failure is not None:
                     kind, hint = failure
-                    if kind in ("unavailable", "busy"):
+                    if kind in ("unavailable", "busy", "fault"):
                         router.cool(name, f"answered {status} ({kind})", hint)
                         if is_free(name) and provider == MAIN_PROVIDER:
                             router.not_counted(upstream.key)
