@@ -164,7 +164,8 @@ class SharedLimits:
         self._held: dict[str, tuple[str, str]] = {}  # request -> (in-flight set, member)
         self._fixes: Outbox[tuple[str, list[str], list[Any]]] = Outbox()
         self._serial = itertools.count(1)
-        self._free_mine: dict[str, list[str]] = {}  # account -> this process's members
+        # account -> this process's members, each with when it was taken
+        self._free_mine: dict[str, list[tuple[float | None, str]]] = {}
         self.admitted = self.waits = self.local = self.round_trips = 0
 
     # ----------------------------------------------------------- keys
@@ -220,11 +221,18 @@ class SharedLimits:
     # ----------------------------------------------------------- free tier
 
     async def take_free(
-        self, account: str, per_day: int, per_minute: int, window: float, day_end: float
+        self,
+        account: str,
+        per_day: int,
+        per_minute: int,
+        window: float,
+        day_end: float,
+        at: float | None = None,
     ) -> tuple[str, int, float] | None:
-        """Count one free request on ``account`` across the pool: (``ok``,
-        ``day`` or ``minute``; used today; seconds until the minute has room),
-        or None when Redis cannot say (decide locally)."""
+        """Count one free request on ``account`` across the pool (the slot
+        taken here at ``at``): (``ok``, ``day`` or ``minute``; used today;
+        seconds until the minute has room), or None when Redis cannot say
+        (decide locally)."""
         script = self._free_take
         if script is None:
             return None
@@ -240,15 +248,19 @@ class SharedLimits:
             return None
         if verdict == "ok":
             mine = self._free_mine.setdefault(account, [])
-            mine.append(member)
+            mine.append((at, member))
             del mine[:-100]
         return str(verdict), int(used), float(wait)
 
-    def give_back_free(self, account: str, day_end: float) -> None:
-        """A slot ``take_free`` counted whose request never reached the upstream."""
+    def give_back_free(self, account: str, day_end: float, at: float | None = None) -> None:
+        """A slot ``take_free`` counted (at ``at``; default: the latest) whose
+        request never reached the upstream."""
         mine = self._free_mine.get(account)
-        if mine:
-            self._fix("free", self._free_keys(account, day_end), ["back", mine.pop(), day_end, 0])
+        if not mine:
+            return
+        found = [i for i, (taken, _) in enumerate(mine) if taken == at] if at is not None else []
+        _, member = mine.pop(found[-1] if found else -1)
+        self._fix("free", self._free_keys(account, day_end), ["back", member, day_end, 0])
 
     def note_free(self, account: str, day_end: float) -> None:
         """A free request sent on ``account`` without ``take_free``."""

@@ -17,7 +17,7 @@ nothing here reads a clock.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
 import attrs
@@ -165,24 +165,32 @@ class FreeTier:
             fill = [at] * max(0, self.per_minute - len(account.recent))
             account.recent = deque(sorted([*account.recent, *fill]))
 
-    def give_back(self, name: str, now: float) -> None:
-        """Uncount a request ``take`` counted that never reached the upstream."""
+    def give_back(self, name: str, now: float, at: float | None = None) -> None:
+        """Uncount a request ``take`` counted at ``at`` (default: the latest)
+        that never reached the upstream: its own entry of the minute, and of
+        the day only if it was taken today."""
         account = self._accounts.get(name)
         if account is None:
             return
         account.roll(now, self.window)
-        if account.used and account.day == utc_day(now):
+        if account.used and (at is None or utc_day(at) == account.day):
             account.used -= 1
             if account.used < account.per_day:
                 account.spent_at = None
-        if account.recent:
-            account.recent.pop()
+        recent = account.recent
+        if at is None:
+            if recent:
+                recent.pop()
+        elif at in recent:  # else it left the window already
+            recent.remove(at)
 
-    def wait(self, now: float) -> float | None:
-        """Seconds until some account has room (0: now); None: no account has a
-        daily quota at all."""
+    def wait(self, now: float, among: Collection[str] | None = None) -> float | None:
+        """Seconds until some account (of ``among``, if given) has room (0:
+        now); None: no such account has a daily quota at all."""
         waits = []
         for account in self._accounts.values():
+            if among is not None and account.name not in among:
+                continue
             account.roll(now, self.window)
             if account.per_day == 0:
                 continue
@@ -194,15 +202,17 @@ class FreeTier:
                 return 0.0
         return max(0.0, min(waits)) if waits else None
 
-    def skip(self, now: float) -> Skip | None:
-        """Why free models are passed over now (None: some account has room)."""
-        wait = self.wait(now)
+    def skip(self, now: float, among: Collection[str] | None = None) -> Skip | None:
+        """Why free models are passed over now (None: some account, of
+        ``among`` if given, has room)."""
+        wait = self.wait(now, among)
         if wait == 0.0:
             return None
         if wait is None:
             return Skip("no account has a free-model quota")
-        spent = [a.name for a in self._accounts.values() if a.used >= a.per_day]
-        if len(spent) == len(self._accounts):
+        accounts = [a for a in self._accounts.values() if among is None or a.name in among]
+        spent = [a.name for a in accounts if a.used >= a.per_day]
+        if len(spent) == len(accounts):
             who = "every account" if len(spent) > 1 else f"account {spent[0]}"
             return Skip(f"free quota of {who} spent until 00:00 UTC", wait)
         return Skip(

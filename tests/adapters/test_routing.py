@@ -257,6 +257,28 @@ def test_the_per_minute_pace_waits_for_a_slot_instead_of_meeting_the_limit(tmp_p
     assert [limit.refused for limit in limits.values()] == [0, 0]
 
 
+def test_a_free_request_whose_accounts_have_no_usable_key_gets_the_pools_answer_at_once(
+    tmp_path: Path,
+) -> None:
+    # Every key rests after a 429 on a paid model: the free quota is untouched,
+    # yet no account can send. The pool says so (with its Retry-After), at
+    # once, instead of the request waiting out free_wait for a quota it has.
+    busy = Reply(429, "Rate limit exceeded", headers=(("retry-after", "120"),))
+    extra = "[pool]\nmax_attempts = 3\n[routing]\nfree_wait = 3\n"
+    free = "qwen/qwen3-large:free"
+    with FakeUpstream.running_in_thread(scenario({PAID: busy})) as server:
+        with ProxyThread(write_config(tmp_path, server.url, extra), []) as url:
+            paid = httpx.post(f"{url}/v1/chat/completions", json={"model": PAID, "messages": HI})
+            states = {k["alias"]: k["state"] for k in httpx.get(f"{url}/status").json()["keys"]}
+            answer = httpx.post(f"{url}/v1/chat/completions", json={"model": free, "messages": HI})
+            used = httpx.get(f"{url}/status").json()["routing"]["freeTier"]
+    assert paid.status_code == 429 and set(states.values()) == {"rate_limited"}
+    assert answer.status_code == 429, answer.text
+    assert "free-model quota" not in answer.text
+    assert answer.headers["retry-after"] and float(answer.headers["retry-after"]) > 60
+    assert all(account["usedToday"] == 0 for account in used.values())
+
+
 def test_an_accounts_tier_is_learned_from_get_key_once_free_models_are_asked_for(
     tmp_path: Path,
 ) -> None:

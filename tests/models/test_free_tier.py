@@ -82,3 +82,40 @@ def test_the_pace_and_a_restart() -> None:
     assert two.status(MIDNIGHT + 86400)["a"]["spentAt"] is None  # a new day
     with pytest.raises(ValueError, match="daily limit must be >= 0"):
         FreeTier({"a": -1})
+
+
+def test_a_slot_given_back_leaves_its_own_minute_and_day() -> None:
+    # A request taken first whose model was down is given back after 19 others:
+    # its own entry leaves the minute, so the 20th slot is not handed out early.
+    tier = FreeTier({"a": 1000})
+    first = MIDNIGHT + 3600
+    assert tier.take(first) == "a"
+    served = []
+    for s in range(10, 29):
+        assert tier.take(first + s) == "a"
+        served.append(first + s)
+    tier.give_back("a", first + 29, at=first)
+    assert tier.take(first + 29) == "a"
+    served.append(first + 29)
+    t = first + 30
+    while tier.take(t) is None:
+        t += 0.5
+    served.append(t)
+    assert max(sum(1 for x in served if s <= x < s + 60) for s in served) <= 20
+    assert tier.wait(first + 30, among=()) is None  # no account among none
+    # A slot of yesterday given back today leaves today's count alone.
+    day = FreeTier({"a": 50})
+    day.take(MIDNIGHT - 1)
+    for s in (1, 2, 3):
+        day.take(MIDNIGHT + s)
+    day.give_back("a", MIDNIGHT + 5, at=MIDNIGHT - 1)
+    assert day.status(MIDNIGHT + 6)["a"]["usedToday"] == 3
+
+
+def test_only_the_accounts_named_are_waited_for() -> None:
+    tier = FreeTier({"full": 1, "open": 50})
+    tier.take(MIDNIGHT + 10, ["full"])
+    assert tier.wait(MIDNIGHT + 11) == 0.0  # "open" has room
+    assert tier.wait(MIDNIGHT + 11, among={"full"}) == pytest.approx(86_400 - 11)
+    skip = tier.skip(MIDNIGHT + 11, among={"full"})
+    assert skip is not None and skip.reason == "free quota of account full spent until 00:00 UTC"

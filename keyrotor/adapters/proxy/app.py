@@ -700,14 +700,16 @@ class ProxyApp:
             client, provider, body = self._upstream(body)
             if id(client) in done:
                 continue
-            taken = pin = None
+            taken = pin = taken_at = None
             if is_free(name) and provider == MAIN_PROVIDER and send.pin is None:
-                slot = await self._free_slot()
+                # A refusal holds for every free model (the quota is the accounts')
+                slot = refused if isinstance(refused, Refused) else await self._free_slot()
                 if isinstance(slot, Refused):
                     tried.append(f"{name}: {slot.message}")
                     refused = slot
                     continue
-                taken, pin = slot
+                if slot is not None:  # None: no account has a usable key; the pool says why
+                    taken, pin, taken_at = slot
             started = client.driver.now()
             # Each later model keeps an attempt where the budget allows: a model
             # failing on every key (5xx) does not spend the fallbacks' share.
@@ -716,13 +718,13 @@ class ProxyApp:
                 upstream = await send.to(client, body, attempts=attempts, pin=pin, route=route)
             except NoKeyAvailable as exc:
                 if taken is not None:
-                    router.give_back(taken)
+                    router.give_back(taken, taken_at)
                 tried.append(f"{name}: no key ({exc.reason})")
                 refused = exc
                 done.add(id(client))
                 continue
             if is_free(name) and provider == MAIN_PROVIDER:
-                router.served_free(taken, upstream.key)
+                taken_at = router.served_free(taken, taken_at, upstream.key)
             status = upstream.status_code
             if plan is not None or self._known(name):  # a plan's models are the catalog's
                 self.models.record(name, status, client.driver.now() - started)
@@ -736,7 +738,7 @@ class ProxyApp:
                     if kind in ("unavailable", "busy", "fault"):
                         router.cool(name, f"answered {status} ({kind})", hint)
                         if is_free(name) and provider == MAIN_PROVIDER:
-                            router.not_counted(upstream.key)
+                            router.not_counted(upstream.key, taken_at)
                     elif kind == "free_limit":
                         router.limit_met(upstream.key, hint)
                     elif kind == "context":
@@ -765,21 +767,25 @@ class ProxyApp:
             return _refused(refused if plan is None else attrs.evolve(refused, message=why))
         return _refused(Refused(503, why, "models_unavailable"))
 
-    async def _free_slot(self) -> tuple[str, str] | Refused:
-        """(account, key) for a free-model request, waiting for the pace up to
-        ``free_wait`` seconds; a 429 ``Refused`` when no account has room."""
+    async def _free_slot(self) -> tuple[str, str, float] | Refused | None:
+        """(account, key, when counted) for a free-model request, waiting for
+        the pace up to ``free_wait`` seconds; a 429 ``Refused`` when no
+        account with a usable key has room; None when no account has a
+        usable key (the pool's own answer says why, and until when)."""
         router = self.router
         assert router is not None
         waited = 0.0
         while True:
             slot = router.take_free()
             if slot is not None:
-                if await router.shared_take(slot[0]):
+                if await router.shared_take(slot[0], slot[2]):
                     return slot
                 continue  # filled by other processes: another account, or wait
+            if router.no_usable_account:
+                return None
             wait = router.free_wait()
             if wait is None or waited + wait > router.options.free_wait:
-                skip = router.free.skip(self._clock())
+                skip = router.free_skip()
                 return Refused(
                     429,
                     skip.reason if skip else "no account has free-model quota",

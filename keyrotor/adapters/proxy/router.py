@@ -35,6 +35,7 @@ from ...models.routing import (
     Decision,
     Need,
     Route,
+    Skip,
     candidates,
     decide,
     need_of,
@@ -166,6 +167,7 @@ class Router:
         self._learned: dict[str, int] = {}  # account -> daily limit, from GET /key
         self._free_asked = False  # a free model was asked for: learn the tiers
         self._keys_seen = (-1, -_ACCOUNTS_EVERY)  # (key count, when)
+        self._usable: set[str] = set()  # accounts with a usable key, as take_free saw them
         self._refresh_accounts()
 
     # ---------------------------------------------------------------- routes
@@ -331,18 +333,19 @@ class Router:
             {account: per_day.get(account, self.options.free_per_day) for account in keys}
         )
 
-    def take_free(self) -> tuple[str, str] | None:
-        """(account, key to pin) for one free-model request now: an account
-        with room and one of its usable keys; None: none has room."""
+    def take_free(self) -> tuple[str, str, float] | None:
+        """(account, key to pin, when counted) for one free-model request now:
+        an account with room and one of its usable keys; None: none has room
+        (``free_wait`` says until when, among the accounts with a usable key)."""
         self._free_asked = True
         self._refresh_accounts()
         pool = self._client.driver.pool
         now = self._clock()
-        usable = [
+        self._usable = usable = {
             account
             for account, keys in self._keys.items()
             if any(pool.state_of(k) in USABLE_STATES for k in keys)
-        ]
+        }
         account = self.free.take(now, usable)
         if account is None:
             return None
@@ -350,21 +353,23 @@ class Router:
         turn = self._turn.get(account, 0)
         self._turn[account] = turn + 1
         self._record(account, 1, now)
-        return account, keys[turn % len(keys)]
+        return account, keys[turn % len(keys)], now
 
-    def served_free(self, taken: str | None, key: str) -> None:
+    def served_free(self, taken: str | None, at: float | None, key: str) -> float | None:
         """A free-model request reached the upstream on ``key``: if the pool
-        sent it on another account's key than ``taken``, move the count."""
+        sent it on another account's key than ``taken`` (counted at ``at``),
+        move the count. When the count it holds now was made."""
         account = self._account_of.get(key, key)
         if account == taken:
-            return
+            return at
         now = self._clock()
         if taken is not None:
-            self.give_back(taken)
+            self.give_back(taken, at)
         self.free.note(account, now)
         self._record(account, 1, now)
         if self.shared is not None:
             self.shared.note_free(account, _day_end(now))
+        return now
 
     def limit_met(self, key: str, retry_after: float | None) -> None:
         """The upstream answered a free request on ``key`` with the account's
@@ -440,48 +445,64 @@ class Router:
         self._refresh_accounts()
         return learned
 
-    def not_counted(self, key: str) -> None:
-        """A free request sent on ``key`` met a model that could not serve (no
-        endpoints, no provider up, a shared pool busy): the upstream counts
-        no such request against the account, so neither does the pool. Were
-        it to, its limit answer fills the account (``limit_met``)."""
-        self.give_back(self._account_of.get(key, key))
+    def not_counted(self, key: str, at: float | None = None) -> None:
+        """A free request sent on ``key`` (counted at ``at``) met a model that
+        could not serve (no endpoints, no provider up, a shared pool busy):
+        the upstream counts no such request against the account, so neither
+        does the pool. Were it to, its limit answer fills the account
+        (``limit_met``)."""
+        self.give_back(self._account_of.get(key, key), at)
 
-    def give_back(self, account: str) -> None:
-        """A slot ``take_free`` gave whose request never reached the upstream."""
+    def give_back(self, account: str, at: float | None = None) -> None:
+        """A slot ``take_free`` gave (at ``at``) whose request never reached the upstream."""
         now = self._clock()
-        self._uncount(account, now)
+        self._uncount(account, now, at)
         if self.shared is not None:
-            self.shared.give_back_free(account, _day_end(now))
+            self.shared.give_back_free(account, _day_end(now if at is None else at), at)
 
-    def _uncount(self, account: str, now: float) -> None:
-        """Take back one free request counted on ``account`` (here and in the state file)."""
-        self.free.give_back(account, now)
-        self._record(account, -1, now)
+    def _uncount(self, account: str, now: float, at: float | None = None) -> None:
+        """Take back one free request counted on ``account`` at ``at`` (here
+        and in the state file, on the day it was counted)."""
+        self.free.give_back(account, now, at)
+        self._record(account, -1, now if at is None else at)
 
-    async def shared_take(self, account: str) -> bool:
+    async def shared_take(self, account: str, at: float | None = None) -> bool:
         """With other processes (``shared``): count the slot ``take_free`` gave
-        on ``account`` in Redis too. False: the pool's other processes filled
-        the account's day or minute (now known here; the slot is given back)."""
+        on ``account`` (at ``at``) in Redis too. False: the pool's other
+        processes filled the account's day or minute (now known here; the
+        slot is given back)."""
         if self.shared is None:
             return True
         now = self._clock()
         per_day, per_minute, window = self.free.limits(account)
-        answer = await self.shared.take_free(account, per_day, per_minute, window, _day_end(now))
+        answer = await self.shared.take_free(
+            account, per_day, per_minute, window, _day_end(now), at
+        )
         if answer is None:
             return True  # Redis cannot say: this process's view decides
         verdict, used, wait = answer
         if verdict == "ok":
             self.free.sync(account, now, used)
             return True
-        self._uncount(account, now)  # Redis counted nothing: nothing to give back there
+        self._uncount(account, now, at)  # Redis counted nothing: nothing to give back there
         self.free.sync(account, now, used, wait if verdict == "minute" else None)
         return False
 
     def free_wait(self) -> float | None:
-        """Seconds until an account has room for a free request (None: never today)."""
+        """Seconds until an account with a usable key (as ``take_free`` last
+        saw them) has room for a free request (None: never today)."""
         self._refresh_accounts()
-        return self.free.wait(self._clock())
+        return self.free.wait(self._clock(), self._usable)
+
+    def free_skip(self) -> Skip | None:
+        """Why no free request can be sent now (``FreeTier.skip`` among the
+        accounts with a usable key); None: one can."""
+        return self.free.skip(self._clock(), self._usable)
+
+    @property
+    def no_usable_account(self) -> bool:
+        """Whether ``take_free`` last found no account with a usable key."""
+        return not self._usable
 
     def _record(self, account: str, requests: int, now: float) -> None:
         if self._store is not None:
