@@ -235,8 +235,10 @@ class Catalogs:
         self.main = main
         self.providers = dict(providers or {})
         self._routes = routes
-        self._merged: tuple[tuple[int, ...], bytes, dict[str, bytes]] | None = None
-        self._one: tuple[tuple[int, ...], Catalog] | None = None
+        self._merged: tuple[tuple[Catalog | None, ...], bytes, dict[str, bytes]] | None = None
+        # (the catalogs it was merged from, the merged one): kept, not their
+        # id()s, which a later catalog may reuse once one is freed
+        self._one: tuple[tuple[Catalog | None, ...], Catalog] | None = None
 
     def services(self) -> list[CatalogService]:
         return [self.main, *self.providers.values()]
@@ -270,9 +272,10 @@ class Catalogs:
             return None
         if not self.providers:
             return main
-        identity = tuple(id(s.catalog) for s in self.services())
-        if self._one is not None and self._one[0] == identity:
-            return self._one[1]
+        sources = tuple(s.catalog for s in self.services())
+        one = self._one
+        if one is not None and _same(one[0], sources):
+            return one[1]
         routes = self._routes
         models = [m for m in main.models if routes is None or routes.route(m.id) is None]
         for name, service in self.providers.items():
@@ -281,7 +284,7 @@ class Catalogs:
                 claimed = routes is not None and routes.claimed.get(model.id) == name
                 models.append(model if claimed else attrs.evolve(model, id=f"{name}/{model.id}"))
         merged = Catalog("merged", tuple(models), fetched_at=main.fetched_at)
-        self._one = (identity, merged)
+        self._one = (sources, merged)
         return merged
 
     def models_body(self) -> bytes:
@@ -292,14 +295,15 @@ class Catalogs:
         """``GET /v1/models/{id}`` (None: no such model)."""
         return self._encode()[2].get(model_id)
 
-    def _encode(self) -> tuple[tuple[int, ...], bytes, dict[str, bytes]]:
+    def _encode(self) -> tuple[tuple[Catalog | None, ...], bytes, dict[str, bytes]]:
         main = self.main.catalog
         if not self.providers and main is not None:  # one upstream: its own cache
             whole, one = self.main._encode(main)[1:]
             return (), whole, one
-        identity = tuple(id(s.catalog) for s in self.services())
-        if self._merged is not None and self._merged[0] == identity:
-            return self._merged
+        sources = tuple(s.catalog for s in self.services())
+        merged = self._merged
+        if merged is not None and _same(merged[0], sources):
+            return merged
         entries = []
         routes = self._routes
         for model in () if main is None else main.models:
@@ -313,7 +317,7 @@ class Catalogs:
                 entry["id"] = model.id if claimed else f"{name}/{model.id}"
                 entry["keyrotor_provider"] = name
                 entries.append(entry)
-        self._merged = (identity, *_bodies(entries))
+        self._merged = (sources, *_bodies(entries))
         return self._merged
 
     def status(self) -> dict[str, Any]:
@@ -322,3 +326,9 @@ class Catalogs:
         if self.providers:
             status["providers"] = {name: s.status() for name, s in self.providers.items()}
         return status
+
+
+def _same(kept: tuple[Catalog | None, ...], now: tuple[Catalog | None, ...]) -> bool:
+    """Whether ``now`` holds the very catalogs of ``kept`` (not equal ones:
+    the same objects, so that nothing changed since)."""
+    return len(kept) == len(now) and all(a is b for a, b in zip(kept, now, strict=True))

@@ -156,8 +156,9 @@ class Router:
         self._store = store
         self._clock = clock
         self.cooling = ModelCooling(options.model_cooldown)
-        # Per route: (the catalog's id, its candidates there, whether one is free).
-        self._found: dict[str, tuple[int, Found, bool]] = {}
+        # Per route: (the catalog, its candidates there, whether one is free);
+        # the catalog itself, not its id(), which a later one may reuse
+        self._found: dict[str, tuple[Catalog, Found, bool]] = {}
         self.free = FreeTier({}, options.free_per_minute)
         self.shared: SharedLimits | None = None  # free counts kept with other processes
         self.on_cool: Callable[[str, float, str], None] | None = None  # (model, until, why)
@@ -245,11 +246,12 @@ class Router:
     def decide(self, route: Route, catalog: Catalog, need: Need) -> Decision:
         """``route``'s decision for ``need`` now (filter matches kept per catalog)."""
         now = self._clock()
-        kept = self._found.get(route.name)
-        if kept is None or kept[0] != id(catalog):
+        named = self.routes.get(route.name) is route  # not a request's own models list
+        kept = self._found.get(route.name) if named else None
+        if kept is None or kept[0] is not catalog:
             found = candidates(route, catalog)
-            kept = (id(catalog), found, any(m.free for m in found[0]))
-            if route.name in self.routes:
+            kept = (catalog, found, any(m.free for m in found[0]))
+            if named:
                 self._found[route.name] = kept
         return decide(
             route,
