@@ -94,8 +94,8 @@ class ModelInfo:
     context_length: int | None
     max_completion_tokens: int | None
     pricing: Pricing
-    supported_parameters: frozenset[str]
-    input_modalities: tuple[str, ...]
+    supported_parameters: frozenset[str]  # empty: not listed (OpenAI's /models lists none)
+    input_modalities: tuple[str, ...]  # empty: not listed (nor these)
     created: int | None
     expiration_date: str | None
     raw: Mapping[str, Any] = attrs.field(eq=False, repr=False)
@@ -228,7 +228,7 @@ def _model(entry: object, provider: str, priced: bool) -> ModelInfo:
         else frozenset(),
         input_modalities=tuple(m for m in modalities if isinstance(m, str))
         if isinstance(modalities, list)
-        else ("text",),
+        else (),
         created=entry["created"] if type(entry.get("created")) is int else None,
         expiration_date=expiration if isinstance(expiration, str) else None,
         raw=entry,

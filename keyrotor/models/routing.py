@@ -85,7 +85,9 @@ class Filter:
             pricing = model.pricing
             if not pricing.known or pricing.variable:
                 return "price unknown"
-            per_million = sum(pricing.per_million())
+            # Rounded to a billionth of a dollar: $1.1 + $2.2 a million is
+            # 3.3000000000000003 in floats, and a model at the limit matches.
+            per_million = round(sum(pricing.per_million()), 9)
             if per_million > self.max_price:
                 return f"${per_million:g}/M > ${self.max_price:g}/M"
         if not model.supports(self.parameters):
@@ -330,7 +332,7 @@ def _fits(model: ModelInfo, need: Need, context: int) -> str | None:
         return f"max completion {ceiling:,} < {need.max_tokens:,} asked"
     if model.supported_parameters and not model.supports(need.parameters):
         return "lacks " + ", ".join(sorted(need.parameters - model.supported_parameters))
-    if need.images and "image" not in model.input_modalities:
+    if need.images and model.input_modalities and "image" not in model.input_modalities:
         return "no image input"
     return None
 

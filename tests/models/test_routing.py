@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -152,7 +153,7 @@ def test_a_chosen_model_always_fits_the_request_and_the_filters(**drawn: Any) ->
         model = CATALOG.get(model_id)
         assert model is not None and route_filter.rejects(model) is None
         assert model.context_length is None or model.context_length >= need.context
-        assert not need.images or "image" in model.input_modalities
+        assert not need.images or not model.input_modalities or "image" in model.input_modalities
         assert not model.supported_parameters or model.supports(need.parameters)
 
 
@@ -266,3 +267,31 @@ def test_routes_read_from_json_and_written_back() -> None:
     for table, message in bad:
         with pytest.raises(ValueError, match=re.escape(message)):
             route_from_json(table)
+
+
+def test_a_model_priced_exactly_at_max_price_matches() -> None:
+    # The limit is "at most": $1.1 + $2.2 a million is 3.3000000000000003 in floats.
+    checked = 0
+    for model in CATALOG.models:
+        pricing = model.raw.get("pricing", {})
+        if not model.pricing.known or model.pricing.variable or model.pricing.free:
+            continue
+        exact = (Decimal(pricing["prompt"]) + Decimal(pricing["completion"])) * 1_000_000
+        assert Filter(max_price=float(exact)).rejects(model) is None, (model.id, exact)
+        assert Filter(max_price=float(exact) * 0.999).rejects(model) is not None
+        checked += 1
+    assert checked > 100
+
+
+def test_models_whose_catalog_lists_no_modalities_take_images() -> None:
+    # OpenAI's GET /models lists neither modalities nor parameters: unknown, not "text only".
+    listed = {"object": "list", "data": [{"id": "gpt-4o", "object": "model", "created": 1}]}
+    catalog = parse_catalog(listed, "openai", priced=False)
+    assert catalog.get("gpt-4o").input_modalities == ()  # type: ignore[union-attr]
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}}
+    request = {"messages": [{"role": "user", "content": [{"type": "text", "text": "?"}, image]}]}
+    decision = decide(Route("r", ["gpt-4o"]), catalog, need_of(request))
+    assert decision.model == "gpt-4o", decision.reasons
+    text_only = next(m for m in CATALOG.models if "image" not in m.input_modalities)
+    refused = decide(Route("r", [text_only.id]), CATALOG, need_of(request))
+    assert refused.model is None and f"skipped {text_only.id}: no image input" in refused.reasons
