@@ -38,7 +38,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import anyio
 
@@ -190,7 +190,10 @@ class SharedState:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.host, self.port, self.db = parse_url(url)
-        self._password = urlsplit(url).password  # redis://:PASSWORD@host: sent, never shown
+        # redis://[USER]:PASSWORD@host (percent-encoded): sent, never shown
+        parts = urlsplit(url)
+        self._username = unquote(parts.username) if parts.username else None
+        self._password = unquote(parts.password) if parts.password is not None else None
         self.url = f"redis://{self.host}:{self.port}/{self.db}"
         self._driver = driver
         self._log = log
@@ -272,7 +275,8 @@ class SharedState:
         backoff = 0.1
         while True:
             client = coredis.Redis(
-                host=self.host, port=self.port, db=self.db, password=self._password,
+                host=self.host, port=self.port, db=self.db,
+                username=self._username, password=self._password,
                 decode_responses=True, connect_timeout=2.0, stream_timeout=10.0,
             )  # fmt: skip
             try:

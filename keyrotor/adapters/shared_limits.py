@@ -83,10 +83,17 @@ tpm (-1: no tpm), max in flight (0: none), member, lease, previous member
 RENEW = """
 local t = redis.call('TIME')
 local until_ = tonumber(t[1]) + tonumber(t[2]) / 1000000 + tonumber(ARGV[1])
-for i = 1, #KEYS do redis.call('ZADD', KEYS[i], 'XX', until_, ARGV[i + 1]) end
+local ttl = math.ceil(tonumber(ARGV[1]) * 1000) + 1000
+for i = 1, #KEYS do
+  if redis.call('ZADD', KEYS[i], 'XX', 'CH', until_, ARGV[i + 1]) == 1 then
+    redis.call('PEXPIRE', KEYS[i], ttl)
+  end
+end
 return #KEYS
 """
-"""KEYS: in-flight sets; ARGV: lease, then one member per set."""
+"""KEYS: in-flight sets; ARGV: lease, then one member per set. A set lives as
+long as a member renewed in it (the set's expiry, set when a request was
+admitted, would otherwise end it under a request that runs longer)."""
 
 FREE_TAKE = """
 local t = redis.call('TIME')

@@ -6,6 +6,7 @@ failing and no spend lost."""
 from __future__ import annotations
 
 import gc
+import json
 import shutil
 import socket
 import subprocess
@@ -239,3 +240,26 @@ def test_redis_stopped_and_started_again_mid_run(redis: RedisServer, tmp_path: P
     assert health_a["ok"] is True
     warnings = [e["message"] for e in log_a if e.get("event") == "warning"]
     assert any("unreachable" in w and "serving on this process's own view" in w for w in warnings)
+
+
+@needs_redis
+def test_an_acl_user_in_the_url_is_the_one_that_logs_in(redis: RedisServer, tmp_path: Path) -> None:
+    # A managed Redis with ACL users: the user name was dropped, so the password
+    # was sent as the default user's and never accepted.
+    subprocess.run(
+        ["redis-cli", "-p", str(redis.port), "ACL", "SETUSER", "alice", "on", ">s@cret:x",
+         "~*", "&*", "+@all"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    subprocess.run(
+        ["redis-cli", "-p", str(redis.port), "ACL", "SETUSER", "default", "off"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    url = f"redis://alice:s%40cret%3Ax@127.0.0.1:{redis.port}/0"
+    with FakeUpstream.running_in_thread(scenario()) as upstream:
+        options = config(upstream.url, url, f"t{tmp_path.name[-6:]}")
+        with ProxyThread(options, []) as a:
+            shared = wait_until(
+                lambda: (s := httpx.get(f"{a}/status").json()["shared"])["connected"] and s
+            )
+    assert "s@cret" not in json.dumps(shared) and "%40" not in json.dumps(shared)

@@ -318,3 +318,20 @@ def test_spend_heard_from_others_counts_once_and_never_our_own() -> None:
     key_spend, budget, taken = trio.run(main)
     assert key_spend == pytest.approx(0.5) and budget == pytest.approx(0.5)
     assert taken == pytest.approx(2.0)  # 0.5 + 0.5 + the unknown key's 1.0 (counted, not applied)
+
+
+def test_a_renewed_lease_keeps_its_in_flight_set(redis: RedisServer) -> None:
+    # The set's expiry was set at admission only: a request running longer than
+    # lease + 1 s lost its slot (the set expired), and max_in_flight no longer held.
+    def cli(*args: str) -> str:
+        return subprocess.run(
+            ["redis-cli", "-p", str(redis.port), *args], capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    key = "renew-test:inflight:k1"
+    cli("ZADD", key, "0", "mine")
+    cli("PEXPIRE", key, "100")  # what is left of the admission's expiry, near its end
+    cli("EVAL", shared_limits.RENEW, "1", key, "10", "mine")
+    assert int(cli("PTTL", key)) > 10_000 - 1_000  # the lease again, from now
+    cli("EVAL", shared_limits.RENEW, "1", "renew-test:inflight:gone", "10", "other")
+    assert cli("EXISTS", "renew-test:inflight:gone") == "0"  # nothing made for a lapsed lease
