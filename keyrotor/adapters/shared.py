@@ -207,13 +207,25 @@ class SharedState:
         self.last_error: str | None = None
         self.published = self.applied = self.ignored = 0
         self.parts: list[SharedPart] = []
+        self._probed: set[str] = set()  # keys recovering after a probe here
 
     # ------------------------------------------------------------ local -> shared
 
     def state_changed(self, change: KeyStateChanged) -> None:
-        """A ``Driver.on_state_change`` hook: queue this process's own change."""
-        if change.reason.startswith(PREFIX) or change.new == KeyState.RECOVERING:
+        """A ``Driver.on_state_change`` hook: queue this process's own change.
+        A key a probe found good again, then served (``trial_ok``), is
+        published healthy for that probe: the others take it (rule 4)."""
+        reason = change.reason
+        if reason.startswith(PREFIX):
             return
+        if change.new == KeyState.RECOVERING:
+            if "probe" in reason:
+                self._probed.add(change.key_id)
+            return
+        if change.key_id in self._probed:
+            self._probed.discard(change.key_id)
+            if change.new == KeyState.HEALTHY:
+                reason = f"probe_ok, {reason}"
         wall = self._driver.wall_clock()
         until = None if change.until is None else wall + (change.until - change.now)
         self.outbox.put(
@@ -221,7 +233,7 @@ class SharedState:
                 "key": change.key_id,
                 "state": change.new.value,
                 "until": until,
-                "reason": change.reason,
+                "reason": reason,
                 "at": wall,
                 "origin": self.origin,
             }

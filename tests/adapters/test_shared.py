@@ -15,14 +15,15 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
 import pytest
 
 from keyrotor.adapters.config import ProxyConfig
-from keyrotor.adapters.shared import accepts, parse_url
-from keyrotor.core import KeySpec, KeyState, PoolConfig
+from keyrotor.adapters.shared import SharedState, accepts, parse_url
+from keyrotor.core import KeySpec, KeyState, KeyStateChanged, PoolConfig
 from keyrotor.testing import Custom, FakeUpstream, Ok, Reply, Scenario
 
 from .proxy_thread import ProxyThread
@@ -263,3 +264,25 @@ def test_an_acl_user_in_the_url_is_the_one_that_logs_in(redis: RedisServer, tmp_
                 lambda: (s := httpx.get(f"{a}/status").json()["shared"])["connected"] and s
             )
     assert "s@cret" not in json.dumps(shared) and "%40" not in json.dumps(shared)
+
+
+def test_a_key_a_probe_restored_is_published_healthy_for_the_probe() -> None:
+    # The probe moved the key to recovering (never shared), its trial to healthy
+    # as "trial_ok", which no other process takes: the others kept it failed.
+    driver: Any = SimpleNamespace(wall_clock=lambda: 1000.0)
+    shared = SharedState("redis://127.0.0.1:1/0", driver)
+
+    def change(old: KeyState, new: KeyState, reason: str) -> KeyStateChanged:
+        return KeyStateChanged(key_id="k1", old=old, new=new, until=None, reason=reason, now=5.0)
+
+    shared.state_changed(change(KeyState.FAILED, KeyState.RECOVERING, "probe_ok"))
+    shared.state_changed(change(KeyState.RECOVERING, KeyState.HEALTHY, "trial_ok"))
+    shared.state_changed(change(KeyState.HEALTHY, KeyState.RATE_LIMITED, "http_429"))
+    shared.state_changed(change(KeyState.RATE_LIMITED, KeyState.RECOVERING, "cooldown_over"))
+    shared.state_changed(change(KeyState.RECOVERING, KeyState.HEALTHY, "trial_ok"))
+    sent = [(r["state"], r["reason"]) for r in shared.outbox.items]
+    assert sent == [
+        ("healthy", "probe_ok, trial_ok"), ("rate_limited", "http_429"), ("healthy", "trial_ok")
+    ]  # fmt: skip
+    assert accepts(KeyState.FAILED, None, KeyState.HEALTHY, None, sent[0][1])
+    assert not accepts(KeyState.FAILED, None, KeyState.HEALTHY, None, sent[2][1])
