@@ -32,6 +32,10 @@ if TYPE_CHECKING:
 
 __all__ = ["SharedKeys"]
 
+DRAIN_WAIT = 120.0
+"""Seconds a key added elsewhere under the alias of one still draining here
+waits for it (a key replaced: removed, then added with a new secret)."""
+
 
 class SharedKeys:
     """Runtime key changes of this process published; the others' applied."""
@@ -137,12 +141,18 @@ class SharedKeys:
         admin = self._admin
         if not isinstance(alias, str):
             return
-        entry = next((c for c in admin.list_keys() if c["alias"] == alias), None)
+        entry = self._entry(alias)
         try:
-            if record.get("op") == "add" and entry is None:
+            if record.get("op") == "add":
                 secret = self._cipher.decrypt(str(record["token"]).encode()).decode()
                 spec = dict(record.get("spec") or {})
                 key_spec = KeySpec(key_id=alias, **spec)
+                if entry is not None and not entry["removing"]:
+                    if admin.sources.get(alias) != "api" or admin.secret_of(alias) == secret:
+                        return  # the same key, or one of this process's configuration
+                    await admin.remove_key(alias, "shared")  # replaced elsewhere: rotated
+                if entry is not None and not await self._drained(alias):
+                    raise ValueError(f"its old key still has requests after {DRAIN_WAIT:.0f} s")
                 await admin.add_key(MAIN_PROVIDER, alias, secret, spec, key_spec, "shared")
             elif (
                 record.get("op") == "remove"
@@ -168,6 +178,18 @@ class SharedKeys:
             )
             return
         self.applied += 1
+
+    def _entry(self, alias: str) -> dict[str, Any] | None:
+        return next((c for c in self._admin.list_keys() if c["alias"] == alias), None)
+
+    async def _drained(self, alias: str) -> bool:
+        """Wait (up to ``DRAIN_WAIT`` s) until the pool holds no key ``alias``
+        (a key removed finishes its requests first)."""
+        with anyio.move_on_after(DRAIN_WAIT):
+            while self._entry(alias) is not None:
+                await anyio.sleep(0.05)
+            return True
+        return False
 
     def disconnected(self) -> None:
         """Changes made here while away stay queued."""

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import attrs
 import httpx
 import pytest
 
@@ -335,3 +336,57 @@ def test_a_renewed_lease_keeps_its_in_flight_set(redis: RedisServer) -> None:
     assert int(cli("PTTL", key)) > 10_000 - 1_000  # the lease again, from now
     cli("EVAL", shared_limits.RENEW, "1", "renew-test:inflight:gone", "10", "other")
     assert cli("EXISTS", "renew-test:inflight:gone") == "0"  # nothing made for a lapsed lease
+
+
+def test_a_key_replaced_while_a_process_was_away_is_replaced_there_too(
+    redis: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Removed, then added again under its alias with a new secret while b was
+    # down: b came back with the old (revoked) secret from its state file and
+    # skipped the add of an alias it held.
+    admin = "admin-token-" + "x" * 24
+    passphrase = "a passphrase every process of the pool knows"
+    old, new = "sk-or-v1-rotate-old-" + "jk" * 12, "sk-or-v1-rotate-new-" + "jk" * 12
+    monkeypatch.setenv("KEYROTOR_SECRET_KEY", passphrase)
+    fake = Scenario()
+    for alias, secret in SECRETS.items():
+        fake.add(secret, Ok(), alias=alias)
+    fake.add(old, Ok(), alias="old")
+    fake.add(new, Ok(), alias="new")
+    auth = {"authorization": f"Bearer {admin}"}
+    with FakeUpstream.running_in_thread(fake) as upstream:
+        options = three_proxies(
+            upstream.url, redis.url, f"t{tmp_path.name[-6:]}", KeySpec(key_id="k1"),
+            admin_token=admin,
+        )  # fmt: skip
+        with_state = attrs.evolve(options, state_path=str(tmp_path / "b.db"), secret_key=passphrase)
+
+        def connected(url: str) -> Any:
+            return wait_until(lambda: httpx.get(f"{url}/status").json()["shared"]["connected"])
+
+        def served_by(url: str) -> str:
+            sent = httpx.post(
+                f"{url}/v1/chat/completions",
+                json=CHAT,
+                headers={"x-keyrotor-key": "rot", "x-keyrotor-fallback": "false"},
+            )
+            assert sent.status_code == 200, sent.text
+            return "new" if upstream.stats("new").requests else "old"
+
+        body = {"key": old, "alias": "rot"}
+        with ProxyThread(options, []) as a:
+            with ProxyThread(with_state, []) as b:
+                connected(a), connected(b)
+                assert httpx.post(f"{a}/admin/keys", json=body, headers=auth).status_code == 201
+                wait_until(lambda: "rot" in httpx.get(f"{b}/admin/keys", headers=auth).text)
+                assert served_by(b) == "old"
+            assert httpx.delete(f"{a}/admin/keys/rot", headers=auth).status_code == 200
+            added = httpx.post(f"{a}/admin/keys", json={**body, "key": new}, headers=auth)
+            assert added.status_code == 201, added.text
+            with ProxyThread(with_state, []) as b:
+                connected(b)
+                wait_until(lambda: httpx.get(f"{b}/status").json()["shared"]["keys"]["applied"])
+                assert served_by(b) == "new"
+                status_b = httpx.get(f"{b}/status").json()
+    assert status_b["shared"]["keys"]["refused"] == 0
+    assert new not in json.dumps(status_b) and old not in json.dumps(status_b)

@@ -215,6 +215,15 @@ class Admin:
                 out.append({**item, "provider": provider, "source": source, "options": options})
         return out
 
+    def secret_of(self, alias: str) -> str | None:
+        """The secret of the key ``alias`` (None: no such key). Never shown:
+        for the shared key records, which say whether a key was replaced."""
+        for client in self._clients.values():
+            secret = client.driver.secrets.get(alias)
+            if secret is not None:
+                return secret
+        return None
+
     def _owner(self, alias: str) -> AsyncClient:
         """The client whose pool has the key ``alias`` (404 when none has)."""
         for client in self._clients.values():
