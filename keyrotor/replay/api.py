@@ -54,8 +54,24 @@ def _check_options(options: Mapping[str, Any], specs: Sequence[KeySpec]) -> None
         )
     try:
         PoolConfig(keys=list(specs), **options)
-    except (PoolError, TypeError) as exc:
+    except (PoolError, TypeError, OverflowError) as exc:
         raise ValueError(f"bad pool option: {exc}") from None
+
+
+# PoolConfig fields replay sets itself, each from its own argument of the same name.
+_OWN = ("policy", "seed", "keys")
+
+
+def _needed_keys(names: Sequence[str]) -> int | None:
+    """How many keys ``key-0`` .. ``key-<n-1>`` it takes to have every name, or None
+    when some name is not of that form."""
+    counts = []
+    for name in names:
+        number = name.removeprefix("key-")
+        if name == number or not number.isdigit() or len(number) > 9:
+            return None
+        counts.append(int(number) + 1)
+    return max(counts) if counts else None
 
 
 def replay(
@@ -104,13 +120,26 @@ def replay(
         if keys is not None and not isinstance(keys, int)
         else pool_keys(trace.header, model, keys)
     )
+    for reserved in _OWN:
+        if reserved in (options or {}):
+            raise ValueError(
+                f"options[{reserved!r}] is not applied: replay sets the pool's {reserved} "
+                f"itself; fix: pass {reserved}= (--{reserved} on the command line)"
+            )
     pool_options = {**base_options, **dict(options or {})}
-    for reserved in ("keys", "policy", "seed"):
+    for reserved in _OWN:  # the header's record of the recorded pool's (information)
         pool_options.pop(reserved, None)
     _check_options(pool_options, specs)
     ids = {spec.key_id for spec in specs}
     named = {w.key for w in model.failures} | set(model.keys)
     strangers = sorted(named - ids - {"*"})
+    needed = _needed_keys(strangers) if isinstance(source, Scenario) else None
+    if strangers and needed is not None:
+        raise ValueError(
+            f"scenario {name!r} needs at least {needed} keys (its upstream model names "
+            f"{', '.join(map(repr, strangers))}), the pool has {len(specs)}; "
+            f"fix: --keys {needed} or more (keys={needed} in Python)"
+        )
     if strangers:
         some = ", ".join(sorted(ids)[:8]) + (", ..." if len(ids) > 8 else "")
         if isinstance(keys, int):

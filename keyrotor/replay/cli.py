@@ -121,8 +121,15 @@ def _options(pairs: Sequence[str]) -> dict[str, Any]:
         name, sep, raw = pair.partition("=")
         if not sep or not name:
             raise UsageError(f"--set expects NAME=VALUE, got {pair!r}")
+        if name in ("policy", "seed", "keys"):
+            raise UsageError(
+                f"--set {name}=... is not a pool option here: replay sets the {name} itself; "
+                f"use --{name}"
+            )
         try:
             options[name] = json.loads(raw)
+        except RecursionError:
+            raise UsageError(f"--set {name}: the value is nested too deeply") from None
         except ValueError:
             options[name] = raw
     return options

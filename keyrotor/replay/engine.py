@@ -211,6 +211,7 @@ class _Replay:
         "end_time",
         "episode",
         "episodes",
+        "epoch",
         "ever_unhealthy",
         "fail_last",
         "fail_sends",
@@ -272,7 +273,15 @@ class _Replay:
         self.ids = ids = [s.key_id for s in specs]
         self.index = {key_id: i for i, key_id in enumerate(ids)}
         use_recorded = model.recorded if recorded is None else recorded
-        upstream = (RecordedUpstream if use_recorded else SimulatedUpstream)(model, ids, seed)
+        # Absolute times in answers (X-RateLimit-Reset, Retry-After dates) are read
+        # on a wall clock: in recorded mode the recording's own (the header's
+        # wall_start, when it has one), else the virtual one from EPOCH.
+        wall_start = trace.header.wall_start
+        epoch = wall_start if use_recorded and wall_start is not None else EPOCH
+        self.epoch = epoch
+        upstream = (RecordedUpstream if use_recorded else SimulatedUpstream)(
+            model, ids, seed, accounts={s.key_id: s.account for s in specs}, epoch=epoch
+        )
         self.upstream = upstream
         self.send_upstream = upstream.send
         self.plain = [upstream.plain_latency(key_id) for key_id in ids]
@@ -482,7 +491,7 @@ class _Replay:
                 status=status,
                 headers=ans[2],
                 body=ans[3],
-                wall_time=EPOCH + now,
+                wall_time=self.epoch + now,
             )
         first_fail = self.first_fail
         failed = status is None or status >= 300

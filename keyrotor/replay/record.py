@@ -18,8 +18,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from collections.abc import Sequence
 from typing import Any
+
+import attrs
 
 from ..core import (
     Decision,
@@ -34,21 +37,38 @@ from ..core import (
     Send,
     TransportFailed,
 )
-from .trace import Attempt, TraceHeader, TraceRecord, TraceWriter, clean_code, clean_headers
-
-__all__ = ["TraceRecorder", "error_code"]
-
-_KEY_FIELDS = ("account", "weight", "rpm", "tpm", "max_in_flight", "credits", "budget")
-# The pool options the traffic ran with, so a replay runs the same way by default.
-_OPTIONS = (
-    "policy",
-    "max_attempts",
-    "queue_limit",
-    "queue_timeout",
-    "rate_limit_cooldown",
-    "min_healthy",
-    "seed",
+from .trace import (
+    KEY_FIELDS,
+    Attempt,
+    TraceHeader,
+    TraceRecord,
+    TraceWriter,
+    clean_code,
+    clean_headers,
 )
+
+__all__ = ["TraceRecorder", "error_code", "header_options"]
+
+_KEY_FIELDS = tuple(name for name in KEY_FIELDS if name != "key_id")
+# The replay runs the policies and the seed it is given, on keys of its own:
+# every other PoolConfig option is recorded when it is not the default.
+_NOT_REPLAYED = frozenset({"keys", "policy", "seed"})
+
+
+def header_options(config: PoolConfig) -> dict[str, Any]:
+    """The options a trace header records for ``config``: its policy (for
+    information) and every option replay applies that is not the default, so a
+    replay runs the pool the way the traffic ran."""
+    options: dict[str, Any] = {"policy": config.policy}
+    for field in attrs.fields(PoolConfig):
+        if field.name in _NOT_REPLAYED:
+            continue
+        value = getattr(config, field.name)
+        if not (value is None or isinstance(value, bool | int | float | str)):
+            continue  # not a JSON scalar: nothing a trace header can hold
+        if value != field.default or type(value) is not type(field.default):
+            options[field.name] = value
+    return options
 
 
 def error_code(body: Any) -> str | None:
@@ -94,7 +114,10 @@ class TraceRecorder:
 
     ``describe(body)`` with a request's body just before its ``RequestStarted``
     is handled, ``observe(event, decisions)`` after every ``Pool.handle``,
-    ``close`` at the end.
+    ``close`` at the end. ``origin`` is the driver's clock at the trace's
+    t = 0, ``wall_start`` the Unix time then (default: now, as the recorder
+    is made when ``origin`` is read); the header keeps it, so a replay reads
+    the recorded absolute rate-limit resets on the recording's own clock.
     Not thread-safe on its own: the driver calls it under its own lock.
     """
 
@@ -105,6 +128,7 @@ class TraceRecorder:
         origin: float,
         source: str = "transport",
         hash_labels: bool = True,
+        wall_start: float | None = None,
     ) -> None:
         if isinstance(target, TraceWriter):
             self.writer = target
@@ -114,8 +138,12 @@ class TraceRecorder:
                 | {n: getattr(spec, n) for n in _KEY_FIELDS if getattr(spec, n) is not None}
                 for spec in config.keys
             ]
-            options = {name: getattr(config, name) for name in _OPTIONS}
-            header = TraceHeader(source=source, keys=keys, options=options)
+            header = TraceHeader(
+                source=source,
+                keys=keys,
+                options=header_options(config),
+                wall_start=time.time() if wall_start is None else wall_start,
+            )
             self.writer = TraceWriter(target, header, hash_labels=hash_labels)
         self._origin = origin
         self._open: dict[str, _Open] = {}

@@ -276,10 +276,15 @@ def routes_text(rows: Sequence[RouteRow], route: Route, accounts: int, per_day: 
         lines.append(
             f"{row.strategy:<10} {row.served_free + row.served_paid:>7,} {row.served_free:>6,} "
             f"{row.served_paid:>6,} {row.refused:>8,} {row.limit_answers:>10,} "
-            f"{row.fallbacks:>9,} {row.cost:>10.4f} {data['ttfbP50Ms']:>7} ms "
-            f"{data['ttfbP95Ms']:>4} ms"
+            f"{row.fallbacks:>9,} {row.cost:>10.4f} {_dash(data['ttfbP50Ms']):>7} ms "
+            f"{_dash(data['ttfbP95Ms']):>4} ms"
         )
     return "\n".join(lines) + "\n"
+
+
+def _dash(value: int | None) -> str:
+    """A number of milliseconds, or ``-`` when there is none (as in the replay report)."""
+    return "-" if value is None else str(value)
 
 
 def _pct(values: list[float], q: float) -> float:

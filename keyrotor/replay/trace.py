@@ -42,6 +42,7 @@ __all__ = [
     "load_trace",
     "read_header",
     "read_trace",
+    "shorten_label",
 ]
 
 FORMAT: Final = "keyrotor-trace"
@@ -85,6 +86,9 @@ KEY_FIELDS: Final = (
 )
 """Fields a header's key description may hold (the ``KeySpec`` fields); others are dropped."""
 
+MAX_LABEL: Final = 256
+"""The longest session, group, route or model a trace holds (writers shorten longer ones)."""
+
 _ALIAS: Final = re.compile(r"^[A-Za-z0-9._:@+-]{1,128}$")
 _CODE: Final = re.compile(r"^[A-Za-z0-9._:/-]{1,64}$")  # no spaces: no sentences
 _SECRET_LIKE: Final = re.compile(r"^(?:sk|rk|pk|key)[-_][A-Za-z0-9_-]{16,}$|^[A-Za-z0-9_-]{40,}$")
@@ -99,6 +103,18 @@ def hash_label(value: str, key: bytes = b"") -> str:
     keyed with ``key`` (a writer draws a random one, so labels stay consistent
     within its trace and cannot be guessed back from it)."""
     return hashlib.blake2b(value.encode(), digest_size=8, key=key).hexdigest()
+
+
+def shorten_label(value: str, key: bytes = b"") -> str:
+    """A label of at most :data:`MAX_LABEL` characters: ``value`` itself if short
+    enough, else its first 239 characters, ``#`` and :func:`hash_label` of the
+    whole (so distinct long labels stay distinct)."""
+    if len(value) <= MAX_LABEL:
+        return value
+    return value[: MAX_LABEL - 17] + "#" + hash_label(value, key)
+
+
+_LABELS: Final = ("model", "route", "session", "group")
 
 
 def _check_alias(value: object, where: str) -> str:
@@ -192,7 +208,7 @@ class Attempt:
             data, {"key", "t", "status", "reason", "latency", "duration", "headers", "error"}, where
         )
         key = _check_alias(_required(data, "key", where), f"{where}.key")
-        status = data.get("status")
+        status = data.get("status", 200)
         if status is not None and (not _is_int(status) or not 200 <= status <= 599):
             raise TraceError(
                 f"{where}.status: expected a final HTTP status (200-599) or null, got {status!r}"
@@ -348,12 +364,16 @@ class TraceHeader:
             are kept), or empty when unknown.
         scenario: for synthetic traces, the scenario's name.
         options: ``PoolConfig`` options the traffic ran with (optional).
+        wall_start: the Unix time of the trace's t = 0 when it was recorded
+            (optional; recorded mode reads absolute rate-limit resets against
+            ``wall_start + t``, else against 2026-01-01 00:00 UTC + t).
     """
 
     source: str = "synthetic"
     keys: list[dict[str, Any]] = attrs.field(factory=list, converter=_key_dicts)
     scenario: str | None = None
     options: dict[str, Any] = attrs.field(factory=dict)
+    wall_start: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The header as a JSON object (line 1 of a trace)."""
@@ -368,6 +388,8 @@ class TraceHeader:
             data["scenario"] = self.scenario
         if self.options:
             data["options"] = dict(sorted(self.options.items()))
+        if self.wall_start is not None:
+            data["wall_start"] = round(self.wall_start, 6)
         return data
 
     @classmethod
@@ -396,11 +418,21 @@ class TraceHeader:
         options = data.get("options", {})
         if not isinstance(options, dict):
             raise TraceError(f"{where}.options: expected an object, got {_kind(options)}")
+        for name, value in options.items():
+            if not (value is None or isinstance(value, bool | str) or _finite(value)):
+                raise TraceError(
+                    f"{where}.options.{name}: expected a finite number, a string, true, false "
+                    f"or null, got {_short(value)}"
+                )
+        wall_start = data.get("wall_start")
+        if wall_start is not None:
+            wall_start = _number(data, "wall_start", where)
         return cls(
             source=source,
             keys=[_clean_key(k, f"{where}.keys[{i}]") for i, k in enumerate(keys)],
             scenario=_optional_str(data, "scenario", where),
             options=options,
+            wall_start=wall_start,
         )
 
 
@@ -416,10 +448,8 @@ def _clean_key(key: object, where: str) -> dict[str, Any]:
         _check_alias(account, f"{where}.account")
     for name in ("weight", "rpm", "tpm", "credits", "budget", "budget_window", "max_in_flight"):
         value = kept.get(name)
-        if value is not None and (
-            isinstance(value, bool) or not isinstance(value, int | float) or value < 0
-        ):
-            raise TraceError(f"{where}.{name}: expected a non-negative number, got {value!r}")
+        if value is not None and (not _finite(value) or value < 0):
+            raise TraceError(f"{where}.{name}: expected a non-negative number, got {_short(value)}")
     return kept
 
 
@@ -451,7 +481,9 @@ class TraceWriter:
 
     ``hash_labels=True`` replaces sessions and groups by :func:`hash_label`
     under a random key drawn per writer (they are the caller's own labels and
-    may identify people); ``label_key`` fixes that key instead.
+    may identify people); ``label_key`` fixes that key instead. A session,
+    group, route or model longer than :data:`MAX_LABEL` characters (which
+    readers refuse) is written as :func:`shorten_label` of it.
     """
 
     def __init__(
@@ -482,6 +514,10 @@ class TraceWriter:
             for name in ("session", "group"):
                 if name in data:
                     data[name] = hash_label(data[name], self._label_key)
+        for name in _LABELS:
+            value = data.get(name)
+            if value is not None and len(value) > MAX_LABEL:
+                data[name] = shorten_label(value, self._label_key)
         line = _dumps(data) + "\n"
         with self._lock:
             if self._closed:
@@ -530,6 +566,10 @@ def _parse(line: str, where: str) -> object:
         return json.loads(line)
     except ValueError as exc:
         raise TraceError(f"{where}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise TraceError(
+            f"{where}: nested too deeply (a trace line is a flat object; fix the writer)"
+        ) from None
 
 
 def read_header(
@@ -611,28 +651,52 @@ def _number(data: dict[str, Any], name: str, where: str, default: float | None =
     if name not in data and default is not None:
         return default
     value = _required(data, name, where)
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value < 0
-    ):
-        raise TraceError(f"{where}.{name}: expected a non-negative number, got {value!r}")
+    if not _finite(value) or value < 0:
+        raise TraceError(f"{where}.{name}: expected a non-negative number, got {_short(value)}")
     return float(value)
+
+
+MAX_COUNT: Final = 2**53
+"""The largest token count a trace may hold (exact as a float)."""
 
 
 def _count(data: dict[str, Any], name: str, where: str) -> int:
     value = data.get(name, 0)
-    if not _is_int(value) or value < 0:
-        raise TraceError(f"{where}.{name}: expected a non-negative integer, got {value!r}")
+    if not _is_int(value) or not 0 <= value <= MAX_COUNT:
+        raise TraceError(
+            f"{where}.{name}: expected a non-negative integer (at most 2**53), got {_short(value)}"
+        )
     return int(value)
+
+
+def _finite(value: object) -> bool:
+    """A JSON number a float holds (not a bool, not inf or nan, not a 400-digit integer)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer too large for a float
+        return False
+
+
+def _short(value: object) -> str:
+    """``repr(value)``, cut to 40 characters (a 400-digit number stays one short line)."""
+    if isinstance(value, int) and not -(10**30) < value < 10**30:
+        return "a huge integer"
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _optional_str(data: dict[str, Any], name: str, where: str) -> str | None:
     value = data.get(name)
-    if value is not None and (not isinstance(value, str) or len(value) > 256):
+    if value is not None and not isinstance(value, str):
         raise TraceError(
-            f"{where}.{name}: expected a string (at most 256 characters) or null, "
+            f"{where}.{name}: expected a string (at most {MAX_LABEL} characters) or null, "
             f"got {_kind(value)}"
+        )
+    if value is not None and len(value) > MAX_LABEL:
+        raise TraceError(
+            f"{where}.{name}: expected a string of at most {MAX_LABEL} characters, got "
+            f"{len(value):,} characters (keyrotor's writers shorten longer labels; fix the writer)"
         )
     return value

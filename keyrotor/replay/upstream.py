@@ -8,8 +8,9 @@ clock; randomness comes from one ``random.Random(seed)``, drawn in event order.
 
 Answers follow OpenRouter: a 429 carries ``Retry-After`` (whole seconds) and
 ``X-RateLimit-Limit/-Remaining/-Reset`` (epoch milliseconds on the virtual wall
-clock :data:`EPOCH` + now); account-wide limits name ``free-models-per-min`` in
-the body so the core cools the whole account; a spent key answers 402.
+clock :data:`EPOCH` + now, or the recording's wall clock in recorded mode);
+account-wide limits name ``free-models-per-min`` in the body so the core cools
+the whole account; a spent key answers 402.
 """
 
 from __future__ import annotations
@@ -72,14 +73,20 @@ def _num(data: Mapping[str, Any], name: str, where: str, *, default: float | Non
     value = data.get(name, default)
     if value is None:
         return None
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value < 0
-    ):
-        raise UpstreamModelError(f"{where}.{name}: expected a non-negative number, got {value!r}")
+    if not _finite(value) or value < 0:
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        raise UpstreamModelError(f"{where}.{name}: expected a non-negative number, got {shown}")
     return value
+
+
+def _finite(value: object) -> bool:
+    """A number a float holds (not a bool, inf, nan or a 400-digit integer)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer too large for a float
+        return False
 
 
 def _limit(data: Mapping[str, Any], name: str, where: str) -> Any:
@@ -351,11 +358,13 @@ class UpstreamModel:
         stream_rate = _num(item, "stream_rate", where, default=50.0)
         if stream_rate <= 0:
             raise UpstreamModelError(f"{where}.stream_rate: must be more than zero")
+        probe_latency = _num(item, "probe_latency", where, default=0.05)
+        _check_probe_latency(probe_latency, where)
         return cls(
             latency=check_latency(item.get("latency", 0.5), f"{where}.latency"),
             error_latency=check_latency(item.get("error_latency", 0.05), f"{where}.error_latency"),
             stream_rate=float(stream_rate),
-            probe_latency=float(_num(item, "probe_latency", where, default=0.05)),
+            probe_latency=float(probe_latency),
             prices={k: float(v) for k, v in prices.items()},
             default=KeyModel.from_json(item.get("default", {}), f"{where}.default"),
             keys={str(k): KeyModel.from_json(v, f"{where}.keys.{k}") for k, v in keys.items()},
@@ -394,6 +403,17 @@ class UpstreamModel:
         return self.default if own is None else self.default.merged(own)
 
 
+def _check_probe_latency(value: float, where: str) -> None:
+    """A probe's answer must take time: answered at the instant it is sent, with a
+    ``probe_interval`` of 0, probes would follow each other without end at one
+    virtual instant."""
+    if not value > 0:
+        raise UpstreamModelError(
+            f"{where}.probe_latency: must be more than zero, got {value!r} "
+            "(fix: a probe's round trip, e.g. 0.05)"
+        )
+
+
 def load_upstream_model(path: str | os.PathLike[str]) -> UpstreamModel:
     """Read an upstream model from a ``.json`` or ``.toml`` file."""
     name = os.fspath(path)
@@ -413,7 +433,14 @@ def load_upstream_model(path: str | os.PathLike[str]) -> UpstreamModel:
         raise UpstreamModelError(
             f"{name}: not valid {'TOML' if name.endswith('.toml') else 'JSON'} ({exc})"
         ) from None
-    return UpstreamModel.from_json(data, name)
+    except RecursionError:
+        raise UpstreamModelError(
+            f"{name}: nested too deeply (an upstream model is a few levels of tables; fix the file)"
+        ) from None
+    try:
+        return UpstreamModel.from_json(data, name)
+    except RecursionError:  # pragma: no cover - the parsers refuse such nesting first
+        raise UpstreamModelError(f"{name}: nested too deeply (fix the file)") from None
 
 
 # ---------------------------------------------------------------- simulation
@@ -458,19 +485,35 @@ class SimulatedUpstream:
     ``send(key_id, now, record, attempt)`` answers one attempt sent at ``now``
     (see :data:`Answer`); ``probe(key_id, now)`` answers a probe with
     ``(status, body, delay)``. State (windows, balances) advances with each call.
+
+    ``accounts`` maps a key to its account when the model names none for it
+    (the pool's keys: the trace header's ``account``); the model's own
+    ``account`` for a key comes first. ``epoch`` is the Unix time of virtual
+    time 0, for the absolute times in answers (``X-RateLimit-Reset``).
     """
 
     recorded = False
 
-    def __init__(self, model: UpstreamModel, key_ids: list[str], seed: int = 0) -> None:
+    def __init__(
+        self,
+        model: UpstreamModel,
+        key_ids: list[str],
+        seed: int = 0,
+        *,
+        accounts: Mapping[str, str | None] | None = None,
+        epoch: float = EPOCH,
+    ) -> None:
+        _check_probe_latency(model.probe_latency, "model")
         self.model = model
+        self.epoch = epoch
         self.rng = rng = random.Random(seed)
         self.stream_rate = model.stream_rate
         self.probe_latency = model.probe_latency
         prices = model.prices
         self.price_prompt = prices.get("prompt", 0.0)
         self.price_completion = prices.get("completion", 0.0)
-        accounts = {name: _account_parts(f) for name, f in model.accounts.items()}
+        shared = {name: _account_parts(f) for name, f in model.accounts.items()}
+        pool_accounts = accounts or {}
         default_latency = make_sampler(model.latency, rng)
         default_error = make_sampler(model.error_latency, rng)
         self.keys: dict[str, _Key] = {}
@@ -481,8 +524,9 @@ class SimulatedUpstream:
             ]
             if spec.credits is not None:
                 parts.append(Credits(float(spec.credits), limit_source="openrouter_key_limit"))
-            if spec.account is not None:
-                parts.extend(accounts.get(spec.account, ()))
+            account = spec.account if spec.account is not None else pool_accounts.get(key_id)
+            if account is not None:
+                parts.extend(shared.get(account, ()))
             if spec.rpm is not None:
                 parts.append(SlidingRateLimit(spec.rpm))
             if spec.tpm is not None:
@@ -503,14 +547,15 @@ class SimulatedUpstream:
     def scenario(self, secrets: Mapping[str, str]) -> Any:
         """A ``keyrotor.testing.Scenario`` serving this model's behaviours over HTTP
         (alias -> secret in ``secrets``), at the model's prices, with its clock's
-        time 0 at :data:`EPOCH`. It shares this upstream's state."""
+        time 0 at this upstream's ``epoch`` (:data:`EPOCH` by default). It shares
+        this upstream's state."""
         from ..testing import Scenario
 
         scenario = Scenario(
             prompt_price=self.price_prompt,
             completion_price=self.price_completion,
             models=(),
-            epoch=EPOCH,
+            epoch=self.epoch,
         )
         for alias, secret in secrets.items():
             scenario.add(secret, self.behaviour(alias), alias=alias)
@@ -547,7 +592,7 @@ class SimulatedUpstream:
             completion_tokens=record.completion_tokens,
             cost=self.cost(record),
             now=now,
-            epoch=EPOCH,
+            epoch=self.epoch,
         )
         outcome = behaviour.decide(call)
         if outcome is None:
@@ -573,7 +618,7 @@ class SimulatedUpstream:
         behaviour = key.behaviour
         if behaviour is None:
             return 200, {"data": key_data(key_id, key.usage)}, delay
-        outcome = behaviour.probe(Call(endpoint="/key", now=now, epoch=EPOCH))
+        outcome = behaviour.probe(Call(endpoint="/key", now=now, epoch=self.epoch))
         if outcome is None:
             data = key_data(key_id, key.usage)
             behaviour.describe(data)

@@ -120,8 +120,9 @@ class ClientBase:
             if driver.recorder is not None:
                 raise KeyrotorError("this client is already recording a trace")
             driver.recorder = TraceRecorder(
-                target, driver.pool.config, driver.now(), source, hash_labels
-            )
+                target, driver.pool.config, driver.now(), source, hash_labels,
+                wall_start=driver.wall_clock(),
+            )  # fmt: skip
             return driver.recorder
 
     def _stop_recording(self) -> None:

@@ -134,3 +134,70 @@ def test_progress_bar(capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run(capsys, "--scenario", "steady", "--requests", "5000", "--progress")
     assert code == 0
     assert "\rround_robin  [" in err and "100% 5,000/5,000\n" in err
+
+
+BIG = "1" + "0" * 400
+HEADER = '{"type":"header","format":"keyrotor-trace","version":1,"source":"synthetic"}'
+
+
+@pytest.mark.parametrize(
+    ("files", "args", "message"),
+    [
+        ({"t.jsonl": HEADER + "\n" + "[" * 100_000 + "]" * 100_000}, ("t.jsonl",), "nested"),
+        ({"t.jsonl": f'{HEADER}\n{{"type":"request","t":{BIG}}}'}, ("t.jsonl",), "2.t: expected"),
+        (
+            {"t.jsonl": HEADER[:-1] + f',"keys":[{{"key_id":"a","rpm":{BIG}}}]}}\n'},
+            ("t.jsonl",),
+            "keys[0].rpm: expected",
+        ),
+        (
+            {"t.jsonl": HEADER[:-1] + f',"options":{{"queue_timeout":{BIG}}}}}\n'},
+            ("t.jsonl",),
+            "options.queue_timeout: expected",
+        ),
+        (
+            {"m.json": "[" * 100_000 + "]" * 100_000},
+            ("--scenario", "steady", "--requests", "10", "--upstream-model", "m.json"),
+            "nested too deeply",
+        ),
+        (
+            {"m.toml": "a = " + "[" * 100_000 + "]" * 100_000},
+            ("--scenario", "steady", "--requests", "10", "--upstream-model", "m.toml"),
+            "nested too deeply",
+        ),
+        (
+            {"m.json": f'{{"stream_rate": {BIG}}}'},
+            ("--scenario", "steady", "--requests", "10", "--upstream-model", "m.json"),
+            "stream_rate: expected",
+        ),
+        (
+            {"m.json": '{"probe_latency": 0}'},
+            ("--scenario", "steady", "--requests", "10", "--upstream-model", "m.json"),
+            "probe_latency: must be more than zero",
+        ),
+        (
+            {},
+            ("--scenario", "failing_key", "--keys", "2"),
+            "3 keys (its upstream model names 'key-2')",
+        ),
+        ({}, ("--scenario", "account_limits", "--keys", "1"), "needs at least 2 keys"),
+        ({}, ("--scenario", "steady", "--set", "policy=least_busy"), "use --policy"),
+        ({}, ("--scenario", "steady", "--set", "seed=7"), "use --seed"),
+        ({}, ("--scenario", "steady", "--set", "keys=3"), "use --keys"),
+    ],
+)
+def test_hostile_input_exits_2_with_one_line(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    files: dict[str, str],
+    args: tuple[str, ...],
+    message: str,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    code, out, err = run(capsys, *args)
+    assert (code, out) == (2, "")
+    assert err.count("\n") == 1 and err.startswith("keyrotor replay: ") and message in err
+    assert "fix" in err or "expected" in err or "use --" in err or "must be" in err

@@ -335,3 +335,62 @@ def test_a_failover_that_waits_is_judged_by_the_pools_own_query() -> None:
         assert result.upstream_429 == [0, 1], spec
         assert result.failover_waited_no_key == 1, spec
         assert result.failover_waited_key_usable == 0, spec
+
+
+def recorded_429_trace(wall_start: float | None, reset: float) -> Trace:
+    """key-a's recorded 429 says 'reset at `reset`' (epoch ms); 200 requests follow
+    from 120 s to 320 s."""
+    headers = {"x-ratelimit-limit": "20", "x-ratelimit-remaining": "0"}
+    headers["x-ratelimit-reset"] = str(int(reset * 1000))
+    first = TraceRecord(
+        t=0.0,
+        attempts=[
+            Attempt(key="key-a", status=429, latency=0.05, headers=headers),
+            Attempt(key="key-b", t=0.05, status=200, latency=0.4),
+        ],
+    )
+    rest = [
+        TraceRecord(t=120.0 + i, attempts=[Attempt(key="key-b", latency=0.4)]) for i in range(200)
+    ]
+    header = TraceHeader(source="proxy", keys=["key-a", "key-b"], wall_start=wall_start)
+    return Trace(header, [first, *rest])
+
+
+def test_recorded_resets_are_read_on_the_recordings_wall_clock() -> None:
+    wall_start = 1_796_637_600.0  # 2026-12-07 10:00 UTC, the recording's t = 0
+    result = replay(recorded_429_trace(wall_start, wall_start + 60)).results["round_robin"]
+    assert result["keys"]["key-a"]["final_state"] == "healthy"
+    assert result["keys"]["key-a"]["sends"] == 101  # back for half of the later traffic
+    assert result["episodes"][0]["time_to_recover"] == pytest.approx(120.35)
+    # a trace without wall_start (older keyrotor) is read on the virtual clock, as before
+    old = replay(recorded_429_trace(None, 1_767_225_600.0 + 60)).results["round_robin"]
+    assert old["keys"]["key-a"]["sends"] == 101
+
+
+def test_the_upstream_enforces_the_account_the_trace_header_names() -> None:
+    records = [TraceRecord(t=i * 0.5) for i in range(240)]  # 120 a minute, for 2 minutes
+    model = UpstreamModel.from_json({"accounts": {"acct-1": {"rpm": 10}}})
+    keys = [{"key_id": "key-a", "account": "acct-1"}, {"key_id": "key-b", "account": "acct-1"}]
+    trace = Trace(TraceHeader(keys=keys), records)
+    result = replay(trace, upstream=model).results["round_robin"]
+    assert result["upstream"]["answers"]["429"] > 0
+    assert result["served"] <= 30  # 10 a minute, account-wide: the first 2 minutes and 1 s
+    # the model's own account for a key comes first
+    own = UpstreamModel.from_json(
+        {"accounts": {"acct-1": {"rpm": 10}}, "keys": {"key-a": {"account": "other"}}}
+    )
+    result = replay(trace, upstream=own).results["round_robin"]
+    assert result["keys"]["key-a"]["served"] > result["keys"]["key-b"]["served"]
+
+
+def test_a_scenario_with_too_few_keys_says_how_many_it_needs() -> None:
+    with pytest.raises(ValueError, match=r"scenario 'failing_key' needs at least 3 keys"):
+        replay(build_scenario("failing_key", keys=2, requests=10), keys=2)
+    with pytest.raises(ValueError, match=r"scenario 'account_limits' needs at least 2 keys"):
+        replay(build_scenario("account_limits", keys=1, requests=10), keys=1)
+
+
+@pytest.mark.parametrize("name", ["policy", "seed", "keys"])
+def test_options_that_replay_sets_itself_are_refused(name: str) -> None:
+    with pytest.raises(ValueError, match=f"options\\[{name!r}\\].*{name}="):
+        replay(build_scenario("steady", requests=10), options={name: 1})

@@ -82,3 +82,13 @@ def test_the_command_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) ->
         assert main(["replay", "--scenario", "free-day", *args]) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_route_replay_with_no_request_served_prints_dashes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    trace = tmp_path / "empty.jsonl"
+    trace.write_text('{"type":"header","format":"keyrotor-trace","version":1,"source":"proxy"}\n')
+    assert main(["replay", str(trace), "--route", "free"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1].split()[-4:] == ["-", "ms", "-", "ms"]

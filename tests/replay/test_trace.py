@@ -243,3 +243,88 @@ def test_missing_file_is_a_trace_error(tmp_path: Path) -> None:
 def test_blank_lines_are_skipped_and_streams_are_read() -> None:
     trace = load_trace(io.StringIO(f'{HEADER}\n\n{{"type":"request","t":3}}\n'))
     assert [r.t for r in trace.records] == [3.0]
+
+
+def test_an_attempt_without_a_status_means_200(tmp_path: Path) -> None:
+    path = tmp_path / "t.jsonl"
+    path.write_text(f'{HEADER}\n{{"type":"request","t":0.5,"attempts":[{{"key":"key-a"}}]}}\n')
+    assert load_trace(path).records[0].attempts[0].status == 200
+    path.write_text(
+        f'{HEADER}\n{{"type":"request","t":0,"attempts":[{{"key":"a","status":null}}]}}\n'
+    )
+    with pytest.raises(TraceError, match=r"attempts\[0\]\.reason: an attempt without a status"):
+        load_trace(path)
+
+
+@pytest.mark.parametrize("field", ["session", "group", "route", "model"])
+def test_long_labels_are_written_so_that_they_read_back(tmp_path: Path, field: str) -> None:
+    """Written without hashing, a label over 256 characters becomes its first 239,
+    '#' and a hash of the whole: readable, and distinct labels stay distinct."""
+    path = tmp_path / "t.jsonl"
+    long_a, long_b = "user-42/" + "x" * 300, "user-42/" + "x" * 299 + "y"
+    with TraceWriter(path, TraceHeader(), label_key=b"k") as writer:
+        for i, value in enumerate([long_a, long_b, "short", long_a]):
+            writer.write(TraceRecord(t=float(i), **{field: value}))
+    labels = [getattr(r, field) for r in load_trace(path).records]
+    assert [len(label) for label in labels] == [256, 256, 5, 256]
+    assert labels[0] == labels[3] != labels[1] and labels[2] == "short"
+    assert labels[0].startswith(long_a[:239] + "#")
+
+
+def test_a_too_long_label_is_refused_with_its_length(tmp_path: Path) -> None:
+    path = tmp_path / "t.jsonl"
+    path.write_text(HEADER + "\n" + json.dumps({"type": "request", "t": 0, "session": "s" * 300}))
+    with pytest.raises(TraceError, match=r":2\.session: .*at most 256 characters.*got 300"):
+        load_trace(path)
+
+
+BIG = "1" + "0" * 400
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("[" * 100_000 + "]" * 100_000, ":2: nested too deeply"),
+        (f'{{"type":"request","t":{BIG}}}', ":2.t: expected a non-negative number"),
+        (f'{{"type":"request","t":1,"cost":{BIG}}}', ":2.cost: expected a non-negative number"),
+        (f'{{"type":"request","t":1,"prompt_tokens":{BIG}}}', ":2.prompt_tokens: expected"),
+        (
+            f'{{"type":"request","t":1,"attempts":[{{"key":"a","latency":{BIG}}}]}}',
+            ":2.attempts[0].latency: expected a non-negative number",
+        ),
+    ],
+    ids=["nested", "t", "cost", "tokens", "latency"],
+)
+def test_hostile_lines_are_trace_errors(tmp_path: Path, line: str, message: str) -> None:
+    path = tmp_path / "t.jsonl"
+    path.write_text(f"{HEADER}\n{line}\n")
+    with pytest.raises(TraceError) as info:
+        load_trace(path)
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("header", "message"),
+    [
+        ('"keys":[{"key_id":"a","rpm":BIG}]', "keys[0].rpm: expected a non-negative number"),
+        ('"options":{"queue_timeout":BIG}', "options.queue_timeout: expected a finite number"),
+        ('"options":{"queue_timeout":[BIG]}', "options.queue_timeout: expected a finite number"),
+        ('"wall_start":BIG', "wall_start: expected a non-negative number"),
+        ('"wall_start":"now"', "wall_start: expected a non-negative number"),
+    ],
+)
+def test_hostile_headers_are_trace_errors(tmp_path: Path, header: str, message: str) -> None:
+    path = tmp_path / "t.jsonl"
+    path.write_text(HEADER[:-1] + "," + header.replace("BIG", BIG) + "}\n")
+    with pytest.raises(TraceError) as info:
+        load_trace(path)
+    assert message in str(info.value)
+
+
+def test_the_wall_clock_start_round_trips(tmp_path: Path) -> None:
+    path = tmp_path / "t.jsonl"
+    with TraceWriter(path, TraceHeader(source="proxy", wall_start=1_796_637_600.5)):
+        pass
+    assert json.loads(path.read_text())["wall_start"] == 1_796_637_600.5
+    assert read_header(path).wall_start == 1_796_637_600.5
+    assert TraceHeader().to_json().get("wall_start") is None  # optional: old traces lack it

@@ -151,3 +151,46 @@ def test_model_files_json_and_toml(tmp_path: Path) -> None:
         load_upstream_model(bad)
     with pytest.raises(UpstreamModelError, match="cannot read"):
         load_upstream_model(tmp_path / "missing.toml")
+
+
+BIG = 10**400
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"probe_latency": 0}, "probe_latency: must be more than zero"),
+        ({"stream_rate": BIG}, "stream_rate: expected a non-negative number"),
+        ({"probe_latency": BIG}, "probe_latency: expected a non-negative number"),
+        ({"default": {"rpm": BIG}}, "default.rpm: expected a non-negative number"),
+        ({"latency": {"kind": "fixed", "value": BIG}}, "latency.value: expected a non-negative"),
+        ({"failures": [{"key": "k", "start": BIG}]}, "failures[0].start: expected a non-negative"),
+        ({"accounts": {"a": {"credits": BIG}}}, "accounts.a.credits: expected a non-negative"),
+    ],
+)
+def test_model_numbers_must_be_usable(data: dict[str, object], message: str) -> None:
+    with pytest.raises(UpstreamModelError) as info:
+        UpstreamModel.from_json(data)
+    assert message in str(info.value)
+
+
+def test_a_probe_latency_of_zero_is_refused_from_python_too() -> None:
+    """Probes answered at the instant they are sent, with ``probe_interval=0``,
+    would hold virtual time still forever."""
+    with pytest.raises(UpstreamModelError, match="probe_latency: must be more than zero"):
+        SimulatedUpstream(UpstreamModel(probe_latency=0.0), ["k"])
+
+
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("m.json", "[" * 100_000 + "]" * 100_000),
+        ("m.toml", "a = " + "[" * 100_000 + "]" * 100_000),
+        ("n.json", '{"keys": {"k": ' + '{"a":' * 50_000 + "1" + "}" * 50_001 + "}"),
+    ],
+)
+def test_deeply_nested_model_files_are_model_errors(tmp_path: Path, name: str, text: str) -> None:
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(UpstreamModelError, match="nested too deeply"):
+        load_upstream_model(path)
