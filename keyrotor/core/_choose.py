@@ -17,6 +17,9 @@ from ._records import (
 from ._records import (
     pacing_ready as _pacing_ready,
 )
+from ._records import (
+    tokens_ready as _tokens_ready,
+)
 from ._select import HashRing
 from .config import KeySpec
 from .decisions import Decision, Send
@@ -74,13 +77,13 @@ class KeyChoice(PoolFields):
         pace = key.pace_at
         if pace is not None and pace > now:
             return False
-        tok = key.tok_at
-        return tok is None or tok <= now + 60.0
+        tok = key.tok_at  # tpm: the request being picked must fit in the minute
+        return tok is None or _tokens_ready(key, tok, self._need_tokens) <= now
 
     def _drop(self, key: KeyRecord) -> None:
         """``key`` left a selection structure as unusable: wake it when it may be usable."""
         if key.state is _HEALTHY or key.state is _RECOVERING:
-            ready = _pacing_ready(key, self._now)
+            ready = _pacing_ready(key, self._now, self._need_tokens)
             if ready is not None and key.pace_timer != ready:
                 key.pace_timer = ready
                 heappush(self._timers, (ready, _T_PACE, key.serial, ""))
@@ -102,18 +105,29 @@ class KeyChoice(PoolFields):
         if not self._available:
             return None
         event = req.event
+        if (
+            req.tried is None
+            and event.group is None
+            and event.pin is None
+            and event.session is None
+            and not event.tokens
+            and not self._plain_pick_needs_request
+        ):
+            return self._select.pick(self._usable_fn, self._drop_fn, None)
+        self._need_tokens = event.tokens  # read by ``_usable`` (tpm pacing)
+        key = self._pick_for(req)
+        self._need_tokens = 0
+        return key
+
+    def _pick_for(self, req: RequestRecord) -> KeyRecord | None:
+        """``_pick`` for a request with a pin, a session, a group, tried keys or
+        a token estimate."""
+        event = req.event
         avoid: Collection[str] | None = req.tried
         if event.group is not None:
             members = self._groups.get(event.group)
             if members:
                 avoid = set(members) | set(avoid or ())
-        elif (
-            avoid is None
-            and event.pin is None
-            and event.session is None
-            and not self._plain_pick_needs_request
-        ):
-            return self._select.pick(self._usable_fn, self._drop_fn, None)
         if event.pin is not None:
             key = self._pinned(event.pin)
             if key is not None and self._usable(key) and not (avoid and key.key_id in avoid):
@@ -239,6 +253,40 @@ class KeyChoice(PoolFields):
         else:
             req.tried.append(key.key_id)
         self._send_or_queue(req, out)
+
+    def _try_another_key(self, req: RequestRecord, key: KeyRecord, out: list[Decision]) -> bool:
+        """``key`` cannot serve ``req`` but another may ("can only afford"): send
+        it on a usable key it has not tried yet. False when there is none (the
+        caller delivers the answer): the keys it tried would only say the same."""
+        if req.tried is None:
+            req.tried = [key.key_id]
+        else:
+            req.tried.append(key.key_id)
+        nxt = self._pick_untried(req)
+        if nxt is None:
+            return False
+        self._release(req)
+        self._assign(req, nxt, out)
+        return True
+
+    def _pick_untried(self, req: RequestRecord) -> KeyRecord | None:
+        """A usable key ``req`` has not tried (its group's keys last), if any."""
+        if not self._available:
+            return None
+        event = req.event
+        if event.pin is not None and not event.pin_fallback:
+            return None  # its one key has been tried
+        tried = set(req.tried or ())
+        self._need_tokens = event.tokens
+        key = None
+        if event.group is not None:
+            members = self._groups.get(event.group)
+            if members:
+                key = self._pick_policy(req, tried | set(members))
+        if key is None:
+            key = self._pick_policy(req, tried)
+        self._need_tokens = 0
+        return key
 
     def _send_or_queue(self, req: RequestRecord, out: list[Decision]) -> None:
         """Send ``req`` on the key the policy picks now, or queue it for one."""

@@ -46,6 +46,8 @@ class PoolFields:
     _cancelled: int
     _orphan_probes: set[str]
     _last_answer: float
+    _answer_serial: int
+    _other_answer: float
     _hopeless_check: bool
     _sessions: HashRing | None
     _dying: dict[str, KeyRecord]
@@ -59,6 +61,7 @@ class PoolFields:
     _usable_fn: Callable[[KeyRecord], bool]
     _drop_fn: Callable[[KeyRecord], None]
     _plain_pick_needs_request: bool
+    _need_tokens: int
     _queue_timeout: float
     _max_attempts: int
     _handlers: dict[type, Callable[[Any], list[Decision]]]
@@ -94,6 +97,7 @@ class PoolFields:
             force_until: bool = False,
         ) -> None: ...
         def _probe(self, key: KeyRecord, now: float, reason: str, out: list[Decision]) -> None: ...
+        def _probe_wanted(self, key: KeyRecord, now: float) -> bool: ...
         def _schedule_probe(self, key: KeyRecord, now: float) -> None: ...
         def _judge(
             self,

@@ -32,6 +32,7 @@ from .states import (
 )
 
 _HEALTHY = KeyState.HEALTHY
+_DEPLETED = KeyState.DEPLETED
 _RECOVERING = KeyState.RECOVERING
 _COOLING = COOLING_STATES
 _PROBE_WHEN_SHORT = PROBED_WHEN_SHORT
@@ -69,9 +70,11 @@ class KeyHealth(PoolFields):
         verdict: Classification,
         req: RequestRecord | None,
         out: list[Decision],
+        by_probe: bool = False,
     ) -> None:
         """Apply a classified answer to the key's health (and its account's), as
-        ``policy.VERDICTS`` says."""
+        ``policy.VERDICTS`` says. ``req`` is None for an answer that came inside a
+        delivered body (mid-stream) or from a probe (``by_probe``)."""
         now = self._now
         rule = VERDICTS[verdict.verdict]
         signal = rule.signal
@@ -80,6 +83,7 @@ class KeyHealth(PoolFields):
                 self._succeeded(req, key, out)
             if verdict.cooldown:  # Cooldown.SIGNAL: an exhausted bucket
                 self._cool(key, Signal.RATE_LIMITED, now + verdict.cooldown, True, verdict, out)
+                self._check_short(now, out)
             return
         assert rule.counts_as is not None
         key.errors[ERROR_INDEX[rule.counts_as]] += 1
@@ -100,7 +104,7 @@ class KeyHealth(PoolFields):
                 self._cool(key, signal, until, hard, verdict, out)
             else:
                 self._transition(key, signal, now, until, reason, out)
-            if rule.confirm_probe and old is not key.state and not key.probing and req is not None:
+            if rule.confirm_probe and old is not key.state and not key.probing and not by_probe:
                 self._probe(key, now, "confirm_" + signal.value, out)  # false 401s happen
         elif rule.passes_trial and key.state is _RECOVERING:
             # The key authenticated and was served: the trial succeeded.
@@ -160,7 +164,8 @@ class KeyHealth(PoolFields):
         """An attempt on ``key`` got no answer in time. A key that hangs while
         others answer is degraded after ``timeout_strikes`` in a row (a trial at
         once), however little traffic the other keys had: one answer from any
-        other key since the first timed-out attempt was sent is the evidence."""
+        other key since the first timed-out attempt was sent is the evidence
+        (the key's own answers are not)."""
         if key.timeouts == 0:
             key.timeout_since = req.sent_at
         key.timeouts += 1
@@ -169,22 +174,33 @@ class KeyHealth(PoolFields):
             strikes
             and key.state in USABLE_STATES
             and (key.timeouts >= strikes or key.state is _RECOVERING)
-            and self._last_answer > key.timeout_since
+            and self._answered_since(key) > key.timeout_since
         ):
             key.timeouts = 0
             now = self._now
             until = now + self._config.degraded_cooldown
             self._transition(key, Signal.ERROR_RATE, now, until, "transport_timeouts", out)
 
+    def _answered_since(self, key: KeyRecord) -> float:
+        """When a key other than ``key`` last answered (``-inf``: never)."""
+        if key.serial == self._answer_serial:
+            return self._other_answer
+        return self._last_answer
+
     def _spend(
         self, key: KeyRecord, cost: float, now: float, out: list[Decision], at: float | None = None
     ) -> None:
         """Charge ``cost`` spent at ``at`` (default ``now``) to the key's credits and budget."""
         spec = key.spec
-        old_weight = self._weight(key) if self._weighted is not None else 0.0
+        # A removed key's weight left the total when it was removed: its late
+        # spend (a request draining) must not come off the total again.
+        weighted = (
+            self._weighted if self._config.weight_by == "credits" and not key.removed else None
+        )
+        old_weight = self._weight(key) if weighted is not None else 0.0
         key.spend += cost
-        if self._weighted is not None and self._config.weight_by == "credits":
-            self._weighted.reweigh(key, old_weight, self._weight(key))
+        if weighted is not None:
+            weighted.reweigh(key, old_weight, self._weight(key))
         if spec.budget is not None:
             window = spec.budget_window
             if at is None:
@@ -228,33 +244,52 @@ class KeyHealth(PoolFields):
         """Move ``key`` by the table; keep ``until`` as a floor; tell the driver.
 
         ``hard`` marks an ``until`` that came from the upstream (Retry-After, a
-        reset header) or an operator: no probe may end it early.
+        reset header) or an operator: it raises the key's hard floor
+        (``KeyRecord.hard_until``), before which no probe ends the cooldown. A
+        default guess extends the cooldown without making it hard; a hard time
+        inside a longer guess stays the floor.
         """
         if key.removed:
             return  # a removed key only drains its requests; its health is moot
         old = key.state
         new = next_state(old, signal)
+        floor = until if hard else None
         if new is old:
             # Same state: a later, longer cooldown extends it; a shorter one never
             # shortens it (Retry-After is a floor).
-            if (
-                until is not None
-                and new in _COOLING
-                and (force_until or key.until is None or until > key.until)
-            ):
-                key.until = until
-                key.reason = reason
-                key.hard_until = hard or (key.hard_until and not force_until)
-                heappush(self._timers, (until, _T_COOLDOWN, key.serial, ""))
-                out.append(_changed(key, old, now))
+            if until is None or new not in _COOLING:
+                return
+            if force_until:
+                key.until, key.hard_until = until, floor
+            elif key.until is None:
+                # Depleted until a probe or an operator says otherwise (a 402, a
+                # lifetime budget): a cooldown's time does not end that.
+                return
+            else:
+                raised = floor is not None and (key.hard_until is None or floor > key.hard_until)
+                if raised:
+                    key.hard_until = floor
+                extended = until > key.until
+                if extended:
+                    key.until = until
+                if raised or extended:
+                    self._probe_at_floor(key, now)
+                if not extended:
+                    return
+            key.reason = reason
+            heappush(self._timers, (until, _T_COOLDOWN, key.serial, ""))
+            out.append(_changed(key, old, now))
             return
         if new is KeyState.RATE_LIMITED or new is KeyState.DEGRADED:
             assert until is not None  # every caller gives one (KeyMarked checks)
             if not force_until and old in _COOLING and key.until is not None:
                 until = max(until, key.until)
-        elif new is not KeyState.DEPLETED:
-            until = None
-        key.hard_until = hard and until is not None
+                kept = key.hard_until
+                if kept is not None and (floor is None or kept > floor):
+                    floor = kept
+        elif new is not KeyState.DEPLETED or until is None:
+            until = floor = None
+        key.hard_until = floor
         key.state = new
         key.until = until
         key.reason = reason
@@ -276,6 +311,27 @@ class KeyHealth(PoolFields):
 
     # -------------------------------------------------------------- probes
 
+    def _held(self, key: KeyRecord, now: float) -> bool:
+        """May no probe end the key's state at ``now``? Its hard floor (the
+        upstream's own time) lies ahead, or its lifetime spend budget is used up
+        (a probe of the upstream knows nothing of the pool's own budget)."""
+        hard = key.hard_until
+        if hard is not None and hard > now:
+            return True
+        return key.state is _DEPLETED and _budget_spent(key)
+
+    def _probe_wanted(self, key: KeyRecord, now: float) -> bool:
+        """Is a probe of ``key`` due at ``now`` worth sending (its timer fired)?"""
+        if key.probing or (key.state is _DEPLETED and _budget_spent(key)):
+            return False
+        if key.state in _RECHECKED:
+            return True
+        return (
+            key.state in _PROBE_WHEN_SHORT
+            and not self._held(key, now)
+            and self._available < self._config.min_healthy
+        )
+
     def _probe(self, key: KeyRecord, now: float, reason: str, out: list[Decision]) -> None:
         key.probing = True
         key.last_probe = now
@@ -284,27 +340,50 @@ class KeyHealth(PoolFields):
 
     def _schedule_probe(self, key: KeyRecord, now: float) -> None:
         """Plan the key's next probe: rechecks of failed and depleted keys, and
-        retries while the pool is short of usable keys."""
+        retries while the pool is short of usable keys (not before the key's
+        hard floor, and only if the cooldown would not end first)."""
         if key.probing or key.removed:
             return
         state = key.state
+        if state is _DEPLETED and _budget_spent(key):
+            key.probe_due = None  # no probe can end it
+            return
         config = self._config
         due: float | None = None
         if state in _RECHECKED and config.recheck_interval is not None:
             due = now + config.recheck_interval
-        if (
-            state in _PROBE_WHEN_SHORT
-            and not key.hard_until
-            and self._available < config.min_healthy
-        ):
+        if state in _PROBE_WHEN_SHORT and self._available < config.min_healthy:
             soon = now + config.probe_interval
-            due = soon if due is None else min(due, soon)
+            hard = key.hard_until
+            if hard is None or hard <= now:
+                due = soon if due is None else min(due, soon)
+            else:
+                soon = max(soon, hard)
+                if key.until is not None and soon < key.until:
+                    due = soon if due is None else min(due, soon)
         if due is not None and due != key.probe_due:
             key.probe_due = due
             heappush(self._timers, (due, _T_PROBE, key.serial, ""))
 
+    def _probe_at_floor(self, key: KeyRecord, now: float) -> None:
+        """A cooling key's hard floor lies ahead and a default guess extends its
+        cooldown beyond it: while the pool is short, probe it at the floor."""
+        hard, until = key.hard_until, key.until
+        if (
+            hard is not None
+            and until is not None
+            and now < hard < until
+            and key.state in _PROBE_WHEN_SHORT
+            and not key.probing
+            and self._available < self._config.min_healthy
+            and key.probe_due != hard
+        ):
+            key.probe_due = hard
+            heappush(self._timers, (hard, _T_PROBE, key.serial, ""))
+
     def _check_short(self, now: float, out: list[Decision]) -> None:
-        """Fewer usable keys than ``min_healthy``: probe every cooling key at once."""
+        """Fewer usable keys than ``min_healthy``: probe every cooling key at once
+        (a key whose hard floor lies ahead: at its floor)."""
         if self._available >= self._config.min_healthy:
             return
         gap = self._config.probe_interval
@@ -313,13 +392,22 @@ class KeyHealth(PoolFields):
             return  # keys that cooled since are probed by their own timers
         self._last_short_scan = now
         for key in self._order:
-            if (
-                key.state in _PROBE_WHEN_SHORT
-                and not key.probing
-                and not key.hard_until
-                and (key.last_probe is None or now >= key.last_probe + gap)
+            if key.state not in _PROBE_WHEN_SHORT or key.probing:
+                continue
+            hard = key.hard_until
+            if hard is not None and hard > now:
+                self._probe_at_floor(key, now)
+            elif (key.last_probe is None or now >= key.last_probe + gap) and not self._held(
+                key, now
             ):
                 self._probe(key, now, "pool_short", out)
+
+
+def _budget_spent(key: KeyRecord) -> bool:
+    """Is the key's lifetime spend budget (one without a window) used up?"""
+    spec = key.spec
+    budget = spec.budget
+    return budget is not None and spec.budget_window is None and key.budget_spend >= budget
 
 
 def _changed(key: KeyRecord, old: KeyState, now: float) -> KeyStateChanged:

@@ -24,8 +24,6 @@ from ._records import (
 from .decisions import Decision, Reject
 from .states import (
     COOLING_STATES,
-    PROBED_WHEN_SHORT,
-    RECHECKED_STATES,
     USABLE_STATES,
     KeyState,
     Signal,
@@ -33,8 +31,6 @@ from .states import (
 
 _RATE_LIMITED = KeyState.RATE_LIMITED
 _COOLING = COOLING_STATES
-_PROBE_WHEN_SHORT = PROBED_WHEN_SHORT
-_RECHECKED = RECHECKED_STATES
 
 
 class RequestQueue(PoolFields):
@@ -196,12 +192,5 @@ class RequestQueue(PoolFields):
                 self._refresh(key)
             else:
                 key.probe_due = None
-                if not key.probing and (
-                    key.state in _RECHECKED
-                    or (
-                        key.state in _PROBE_WHEN_SHORT
-                        and not key.hard_until
-                        and self._available < self._config.min_healthy
-                    )
-                ):
+                if self._probe_wanted(key, when):
                     self._probe(key, when, "recheck", out)

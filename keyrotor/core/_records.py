@@ -133,7 +133,10 @@ class KeyRecord:
         self.plain = spec.max_in_flight is None and spec.rpm is None and spec.tpm is None
         self.state = KeyState.HEALTHY
         self.until: float | None = None
-        self.hard_until = False  # until came from the upstream: never probe before it
+        # The hard floor of a cooldown: the latest time the upstream (Retry-After, a
+        # reset header) or an operator gave; no probe ends the cooldown before it.
+        # At most ``until``; None when the whole cooldown was only a default guess.
+        self.hard_until: float | None = None
         self.reason = ""
         self.removed = False
         self.in_flight = 0
@@ -214,6 +217,8 @@ class KeyRecord:
         for name, default in cls._ADDED:
             setattr(key, name, data.get(name, default))
         key.state = KeyState(data["state"])
+        if isinstance(key.hard_until, bool):  # a snapshot from when it was a flag
+            key.hard_until = key.until if key.hard_until else None
         key.plain = key.plain and not key.removed and key.pace_at is None
         errors = list(data["errors"])  # a snapshot from before a class was added has fewer
         key.errors = errors + [0] * (len(ERROR_CLASSES) - len(errors))
@@ -336,12 +341,23 @@ class RequestRecord:
 T_COOLDOWN, T_PACE, T_PROBE, T_DEADLINE = 0, 1, 2, 3
 
 
-def pacing_ready(key: KeyRecord, now: float) -> float | None:
-    """When pacing lets ``key`` send again, if pacing is what holds it back."""
+def tokens_ready(key: KeyRecord, tok_at: float, tokens: int) -> float:
+    """When ``key``'s tpm pacing (tokens paid up to ``tok_at``) admits a request
+    of ``tokens``: once its debt with them is at most a minute's (a request
+    larger than a minute's tokens: once the key owes nothing)."""
+    tpm = key.spec.tpm
+    cost = tokens * 60.0 / tpm if tokens and tpm else 0.0
+    return tok_at - 60.0 + cost if cost < 60.0 else tok_at
+
+
+def pacing_ready(key: KeyRecord, now: float, tokens: int = 0) -> float | None:
+    """When pacing lets ``key`` send (a request of ``tokens``) again, if pacing
+    is what holds it back."""
     ready = None
     if key.pace_at is not None and key.pace_at > now:
         ready = key.pace_at
-    if key.tok_at is not None and key.tok_at > now + 60.0:
-        tok_ready = key.tok_at - 60.0
-        ready = tok_ready if ready is None else max(ready, tok_ready)
+    if key.tok_at is not None:
+        tok_ready = tokens_ready(key, key.tok_at, tokens)
+        if tok_ready > now:
+            ready = tok_ready if ready is None else max(ready, tok_ready)
     return ready

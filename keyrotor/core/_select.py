@@ -248,9 +248,13 @@ class WeightedSelector:
         """Load does not change a weighted key's turn."""
 
     def reweigh(self, key: KeyRecord, old: float, new: float) -> None:
-        """The key's weight changed (credits spent): adjust totals and deadline."""
+        """The key's weight changed (credits spent): adjust totals and deadline,
+        and re-file the key under its new deadline (a heap entry must hold the
+        key's current fields, or a restored pool would pick in another order)."""
         self.total_weight += new - old
         key.vd = key.vr + 1.0 / new
+        if key.in_sched:
+            self._file(key)
 
     def rebuild(self, keys: Iterable[KeyRecord]) -> None:
         """Recreate both heaps from the keys' fields."""

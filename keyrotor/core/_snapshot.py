@@ -68,6 +68,8 @@ class Snapshots(PoolFields):
             "wake": self._wake,
             "last_short_scan": self._last_short_scan,
             "last_answer": None if self._last_answer == -math.inf else self._last_answer,
+            "answer_serial": self._answer_serial,
+            "other_answer": None if self._other_answer == -math.inf else self._other_answer,
             "orphan_probes": sorted(self._orphan_probes),
         }
 
@@ -117,6 +119,10 @@ class Snapshots(PoolFields):
         pool._last_short_scan = data["last_short_scan"]
         last_answer = data.get("last_answer")
         pool._last_answer = -math.inf if last_answer is None else last_answer
+        # A snapshot from before these fields: the last answer counts as another key's.
+        pool._answer_serial = data.get("answer_serial", 0)
+        other_answer = data.get("other_answer")
+        pool._other_answer = -math.inf if other_answer is None else other_answer
         pool._timers = []
         for item in data["requests"]:
             req = RequestRecord.from_json(item)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from collections.abc import Iterable
 from typing import Any, Literal, get_args
 
@@ -23,19 +24,34 @@ POLICIES: tuple[str, ...] = get_args(Policy)
 _KEY_ID = re.compile(r"^[A-Za-z0-9._:@+-]{1,128}$")
 
 
+_FLOAT_MAX = int(sys.float_info.max)
+
+
+def finite(value: object) -> bool:
+    """Is ``value`` a real number (not a bool) that a float holds finitely? (An
+    int too large for a float is not: ``math.isfinite`` would raise on it.)"""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    if isinstance(value, int):
+        return -_FLOAT_MAX <= value <= _FLOAT_MAX
+    return math.isfinite(value)
+
+
+def shown(value: object) -> str:
+    """``repr(value)``, short for an int too large for a float (whose repr may
+    even be refused: Python limits int-to-text conversion)."""
+    if isinstance(value, int) and not isinstance(value, bool) and not finite(value):
+        return f"an integer of {value.bit_length()} bits"
+    return repr(value)
+
+
 def _positive(owner: object, name: str, value: float | None, *, allow_zero: bool = False) -> None:
     if value is None:
         return
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or value < 0
-        or (value == 0 and not allow_zero)
-    ):
+    if not finite(value) or value < 0 or (value == 0 and not allow_zero):
         bound = "zero or more" if allow_zero else "more than zero"
         raise PoolError(
-            f"{type(owner).__name__}.{name} must be a finite number {bound}, got {value!r}",
+            f"{type(owner).__name__}.{name} must be a finite number {bound}, got {shown(value)}",
             fix=f"set {name} to a {'non-negative' if allow_zero else 'positive'} number or None",
         )
 
@@ -53,7 +69,8 @@ class KeySpec:
         max_in_flight: at most this many requests at once on the key.
         rpm: known requests-per-minute limit; requests are paced evenly under it.
         tpm: known tokens-per-minute limit (prompt + completion).
-        budget: spend limit in USD; at or over it the key is ``depleted``.
+        budget: spend limit in USD; at or over it the key is ``depleted`` (for a
+            lifetime budget, until an operator says otherwise: no probe ends it).
         budget_window: the budget applies per window of this many seconds
             (``None``: for the key's whole life).
         credits: known balance in USD (for ``PoolConfig.weight_by="credits"``).
@@ -88,7 +105,7 @@ class KeySpec:
         ):
             raise PoolError(
                 "KeySpec.max_in_flight must be an integer of at least 1, "
-                f"got {self.max_in_flight!r}",
+                f"got {shown(self.max_in_flight)}",
                 fix="set max_in_flight to a positive integer or None for no limit",
             )
         if self.account is not None and (not isinstance(self.account, str) or not self.account):
@@ -192,7 +209,7 @@ class PoolConfig:
         for name in ("queue_limit", "error_min_requests", "timeout_strikes", "min_healthy"):
             _integer(self, name, minimum=0)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise PoolError(f"PoolConfig.seed must be an integer, got {self.seed!r}")
+            raise PoolError(f"PoolConfig.seed must be an integer, got {shown(self.seed)}")
         for name in (
             "queue_timeout",
             "rate_limit_cooldown",
@@ -233,6 +250,6 @@ def _integer(owner: object, name: str, *, minimum: int) -> None:
     value = getattr(owner, name)
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise PoolError(
-            f"PoolConfig.{name} must be an integer of at least {minimum}, got {value!r}",
+            f"PoolConfig.{name} must be an integer of at least {minimum}, got {shown(value)}",
             fix=f"set {name} to an integer >= {minimum}",
         )

@@ -38,7 +38,7 @@ from ._records import (
 from ._select import HashRing, HeapSelector, RingSelector, WeightedSelector
 from ._snapshot import SNAPSHOT_VERSION, Snapshots
 from .classify import Classification, Verdict, classify_probe, classify_response
-from .config import KeySpec, PoolConfig
+from .config import KeySpec, PoolConfig, finite, shown
 from .decisions import (
     Decision,
     Reject,
@@ -79,6 +79,7 @@ NOT_THE_KEYS_FAULT = frozenset(reason for reason, rule in FAILURES.items() if no
 
 # Verdicts after which the attempt is retried on another key.
 _RETRY = frozenset(verdict for verdict, rule in VERDICTS.items() if rule.fails_over)
+_TRY_ANOTHER_KEY = Verdict.TRY_ANOTHER_KEY
 _MARK_SIGNALS = {
     KeyState.HEALTHY: Signal.MARK_HEALTHY,
     KeyState.DISABLED: Signal.MARK_DISABLED,
@@ -125,7 +126,11 @@ class Pool(KeyChoice, RequestQueue, KeyHealth, Snapshots):
         self._rng = random.Random(config.seed)
         self._started = self._delivered = self._rejected = self._cancelled = 0
         self._orphan_probes: set[str] = set()
-        self._last_answer = -math.inf  # when any key last answered (a hanging key's evidence)
+        # A hanging key's evidence: when a key last answered, which key that was
+        # (its serial), and when a key other than that one last answered.
+        self._last_answer = -math.inf
+        self._answer_serial = 0
+        self._other_answer = -math.inf
         self._hopeless_check = False  # a key stopped being able to come back: recheck the queue
         self._sessions: HashRing | None = None  # session -> home key, for non-affinity policies
         self._dying: dict[str, KeyRecord] = {}  # removed, draining in-flight requests
@@ -150,6 +155,7 @@ class Pool(KeyChoice, RequestQueue, KeyHealth, Snapshots):
         self._usable_fn = self._usable
         self._drop_fn = self._drop
         self._plain_pick_needs_request = self._ring is not None or self._explore > 0
+        self._need_tokens = 0  # tokens of the request being picked (tpm pacing)
         self._queue_timeout = config.queue_timeout
         self._max_attempts = config.max_attempts
         for spec in config.keys:
@@ -371,12 +377,18 @@ class Pool(KeyChoice, RequestQueue, KeyHealth, Snapshots):
         now = event.now
         if req is None or req.state != SENT or not (self._now <= now < _INF):
             req = self._request(event)
+        retry_after = event.retry_after
+        if retry_after is not None:
+            _check_retry_after(event, retry_after)
         out: list[Decision] = []
         self._now = now
         if self._timers and self._timers[0][0] <= now:
             self._run_timers(now, out)
         key = req.key
         assert key is not None
+        if key.serial != self._answer_serial:
+            self._other_answer = self._last_answer
+            self._answer_serial = key.serial
         self._last_answer = now
         if key.timeouts:
             key.timeouts = 0  # it answers: not hanging
@@ -402,9 +414,15 @@ class Pool(KeyChoice, RequestQueue, KeyHealth, Snapshots):
         ):
             verdict = _with_cooldown(verdict, event.retry_after)
         self._judge(key, verdict, req, out)
-        if verdict.verdict in _RETRY and req.attempt < self._attempts(req):
-            self._fail_over(req, key, out)
-        else:
+        kind = verdict.verdict
+        retried = False
+        if kind in _RETRY and req.attempt < self._attempts(req):
+            if kind is _TRY_ANOTHER_KEY:  # never back to a key that said so
+                retried = self._try_another_key(req, key, out)
+            else:
+                self._fail_over(req, key, out)
+                retried = True
+        if not retried:
             req.state = DELIVERED
             out.append(make_deliver(req.request_id, key.key_id, req.attempt, status))
             self._delivered += 1
@@ -437,7 +455,7 @@ class Pool(KeyChoice, RequestQueue, KeyHealth, Snapshots):
         cost = event.cost
         if cost:
             self._spend(key, cost, now, out)
-        if event.error_status is not None:
+        if event.error_status is not None:  # mid-stream: judged, nothing retried
             verdict = classify_response(event.error_status, None, event.error_body)
             self._judge(key, verdict, None, out)
         self._settle(out)
@@ -456,6 +474,7 @@ class Pool(KeyChoice, RequestQueue, KeyHealth, Snapshots):
             self._fault(key, event.now, f"transport_{reason}", out)
             if failure.strike and req.state == SENT:
                 self._timed_out(key, req, out)
+            self._check_short(event.now, out)
         if req.state == SENT and req.attempt < self._attempts(req):
             self._fail_over(req, key, out)
         elif req.state == SENT:
@@ -550,7 +569,7 @@ class Pool(KeyChoice, RequestQueue, KeyHealth, Snapshots):
             )
             kind = verdict.verdict
             if kind is Verdict.SUCCESS:
-                if not (key.hard_until and key.until is not None and key.until > now):
+                if not self._held(key, now):
                     self._transition(key, Signal.PROBE_OK, now, None, "probe_ok", out)
                 if verdict.cooldown:
                     self._transition(
@@ -562,8 +581,9 @@ class Pool(KeyChoice, RequestQueue, KeyHealth, Snapshots):
                         out,
                         hard=True,
                     )
+                    self._check_short(now, out)
             elif VERDICTS[kind].from_probe:
-                self._judge(key, verdict, None, out)
+                self._judge(key, verdict, None, out, by_probe=True)
         self._schedule_probe(key, now)
         self._settle(out)
         return out
@@ -668,7 +688,7 @@ class Pool(KeyChoice, RequestQueue, KeyHealth, Snapshots):
         self._check_time(event)
         key = self._key(event.key_id, event)
         cost, at = event.cost, event.at
-        if not (math.isfinite(cost) and cost >= 0) or (at is not None and not math.isfinite(at)):
+        if not (finite(cost) and cost >= 0) or (at is not None and not finite(at)):
             raise PoolError(
                 "spend must be a finite cost >= 0 at a finite time",
                 event=event,
@@ -682,6 +702,18 @@ class Pool(KeyChoice, RequestQueue, KeyHealth, Snapshots):
             self._spend(key, cost, event.now, out, event.now if at is None else min(at, event.now))
         self._settle(out)
         return out
+
+
+def _check_retry_after(event: ResponseReceived, retry_after: float) -> None:
+    """``ResponseReceived.retry_after`` is seconds from ``now``: finite, >= 0."""
+    if not finite(retry_after) or retry_after < 0 or not event.now + retry_after < _INF:
+        raise PoolError(
+            f"ResponseReceived.retry_after must be a finite number of seconds >= 0, "
+            f"got {shown(retry_after)}",
+            event=event,
+            fix="pass the parsed Retry-After in seconds from now, or None (the headers "
+            "are read too)",
+        )
 
 
 def _with_cooldown(verdict: Classification, cooldown: float) -> Classification:
