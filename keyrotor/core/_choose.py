@@ -130,10 +130,13 @@ class KeyChoice(PoolFields):
                 avoid = set(members) | set(avoid or ())
         if event.pin is not None:
             key = self._pinned(event.pin)
-            if key is not None and self._usable(key) and not (avoid and key.key_id in avoid):
+            usable = key is not None and self._usable(key)
+            if usable and not (avoid and key.key_id in avoid):  # type: ignore[union-attr]
                 return key
             if not event.pin_fallback:
-                return key if key is not None and self._usable(key) else None
+                if key is not None and not usable:
+                    self._drop(key)  # its pace timer wakes the queue when the key may serve
+                return key if usable else None
         key = self._pick_policy(req, avoid)
         if key is None and avoid:
             key = self._pick_policy(req, None)

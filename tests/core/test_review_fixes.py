@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from keyrotor.core import (
+    AttemptHeld,
     KeyAdded,
     KeyMarked,
     KeyRemoved,
@@ -544,3 +545,31 @@ def test_other_failovers_may_still_come_back_to_a_tried_key() -> None:
     _send(pool, "r1", 0.0)
     out = pool.handle(ResponseReceived(request_id="r1", now=1.0, status=502))
     assert only(out, Send).key_id == "solo"
+
+
+# ---------------------------------------------- a pinned request waiting for its key's pace
+
+
+@pytest.mark.parametrize("held", [False, True])
+def test_a_request_pinned_to_a_paced_key_is_sent_when_the_pace_allows(held: bool) -> None:
+    """Pinned without fallback to a key its rpm (or a shared gate's hold) keeps
+    busy: the request waits in the queue, and the key's pace timer must wake it
+    (nothing armed one: it waited until its deadline and was rejected)."""
+    pool = Pool(PoolConfig(keys=[KeySpec(key_id="a", rpm=60), KeySpec(key_id="b")]))
+    first = _send(pool, "r1", 0.0, pin="a", pin_fallback=False)
+    assert first.key_id == "a"
+    if held:  # a gate held the attempt for 2 s: the key waits, so does the request
+        out = pool.handle(AttemptHeld(request_id="r1", now=0.01, until=2.0))
+        assert not sends(out)
+    else:
+        _finish(pool, "r1", 0.01)
+    assert not sends(pool.handle(RequestStarted(
+        request_id="r2", now=0.1, pin="a", pin_fallback=False, deadline=30.0
+    )))  # fmt: skip
+    waiting = {"r1", "r2"} if held else {"r2"}
+    sent: list[Send] = []
+    while len(sent) < len(waiting):  # the key's pace wakes each waiting request in turn
+        deadline = pool.next_deadline()
+        assert deadline is not None and deadline < 30.0  # before r2's deadline
+        sent += sends(pool.handle(Tick(now=deadline)))
+    assert {(s.request_id, s.key_id) for s in sent} == {(r, "a") for r in waiting}
