@@ -7,6 +7,8 @@ client token, model or account, or one ``subject``), and a ``threshold``:
   fires over the threshold;
 - ``error_share``: errors / answers in the last ``window`` seconds, per key or
   model; fires over the threshold (0..1), with at least ``min_requests`` answers;
+  clears under it, after a whole window without answers, or when the key is
+  no longer in the pool;
 - ``budget``: % of a ``[[budgets]]`` window's limit spent, per client or
   model budget; fires over the threshold;
 - ``usable_keys``: keys that can take traffic; fires under the threshold;
@@ -143,7 +145,9 @@ class Observed:
     ``spend``: scope ("total", "key", "client", "model") -> name -> USD today
     (the total under name ""); ``answers``: scope ("key", "model") -> name ->
     (answers, errors) per window length; ``usable_keys``; ``free_left``:
-    account -> % of its free day left; ``key_states``: key -> state."""
+    account -> % of its free day left; ``key_states``: key -> state, for every
+    key of the pool (an ``error_share`` alert of a key not among them clears;
+    empty: the keys are not known)."""
 
     spend: Mapping[str, Mapping[str, float]] = attrs.Factory(dict)
     answers: Mapping[float, Mapping[str, Mapping[str, tuple[int, int]]]] = attrs.Factory(dict)
@@ -187,9 +191,36 @@ class AlertBook:
         self.firing: dict[tuple[str, str], Alert] = {}
         self.cleared: deque[Alert] = deque(maxlen=RECENT)
 
-    def set_rule(self, rule: Rule) -> None:
-        """Add or replace a rule (its firing alerts are cleared at the next look)."""
+    def set_rule(self, rule: Rule, now: float = 0.0) -> list[Alert]:
+        """Add or replace a rule; the alerts this clears (to be told as any other).
+
+        A rule replaced by one watching something else (another kind, scope,
+        subject, window or least number of answers) clears every alert of the
+        old one at once: the new rule may never look at those subjects again,
+        and they would stay firing for ever. A new threshold alone clears or
+        keeps them at the next look, as the figures say."""
+        old = self.rules.get(rule.name)
         self.rules[rule.name] = rule
+        if old is None or attrs.evolve(old, threshold=rule.threshold) == rule:
+            return []
+        cleared = []
+        for where in [w for w in self.firing if w[0] == rule.name]:
+            was = self.firing.pop(where)
+            who = f"{old.scope} {was.subject}" if was.subject else old.scope
+            alert = Alert(
+                was.rule,
+                was.kind,
+                was.subject,
+                "ok",
+                now,
+                was.value,
+                was.threshold,
+                f"{rule.name}: the {old.kind} rule watching {who} was replaced; "
+                "its alert no longer applies",
+            )
+            self.cleared.appendleft(alert)
+            cleared.append(alert)
+        return cleared
 
     def remove_rule(self, name: str) -> bool:
         """Remove a rule and forget its alerts (no clear is sent); False: no such rule."""
@@ -203,8 +234,9 @@ class AlertBook:
         """The alerts that fired or cleared since the last look."""
         changed = []
         for rule in self.rules.values():
-            now_firing = [s for (name, s) in self.firing if name == rule.name]
-            for subject, value, crossed in _values(rule, seen, now_firing):
+            now_firing = {s: a for (name, s), a in self.firing.items() if name == rule.name}
+            quiet: dict[str, str] = {}  # error_share subjects cleared for want of answers
+            for subject, value, crossed in _values(rule, seen, now_firing, now, quiet):
                 where = (rule.name, subject)
                 firing = self.firing.get(where)
                 if crossed is None or crossed == (firing is not None):
@@ -217,7 +249,7 @@ class AlertBook:
                     now,
                     round(value, 6),
                     rule.threshold,
-                    _text(rule, subject, value, crossed),
+                    quiet.get(subject) or _text(rule, subject, value, crossed),
                 )
                 if crossed:
                     self.firing[where] = alert
@@ -237,10 +269,13 @@ class AlertBook:
         }
 
 
-def _values(rule: Rule, seen: Observed, firing: list[str]) -> list[tuple[str, float, bool | None]]:
+def _values(
+    rule: Rule, seen: Observed, firing: Mapping[str, Alert], now: float, quiet: dict[str, str]
+) -> list[tuple[str, float, bool | None]]:
     """(subject, value, crossed) per subject the rule watches (those ``firing``
     now too, so that one gone from the figures clears); crossed None: too
-    little data to say."""
+    little data to say. ``quiet``: the text of an ``error_share`` alert that
+    clears for want of answers rather than by its figures."""
     out: list[tuple[str, float, bool | None]] = []
 
     def subjects(names: Iterable[str]) -> list[str]:
@@ -257,8 +292,19 @@ def _values(rule: Rule, seen: Observed, firing: list[str]) -> list[tuple[str, fl
         for name in subjects(counts):
             answers, errors = counts.get(name, (0, 0))
             share = errors / answers if answers else 0.0
-            enough = answers >= rule.min_requests
-            out.append((name, share, share > rule.threshold if enough else None))
+            crossed: bool | None = None
+            if rule.scope == "key" and seen.key_states and name not in seen.key_states:
+                crossed = False  # no longer a key of the pool: nothing to watch
+                quiet[name] = f"{rule.name}: key {name} is no longer in the pool"
+            elif answers >= rule.min_requests:
+                crossed = share > rule.threshold
+            elif answers == 0 and name in firing and now - firing[name].since >= rule.window:
+                crossed = False  # no answer for a whole window (cooling, disabled, unused)
+                quiet[name] = (
+                    f"{rule.name}: {rule.scope} {name} had no answers "
+                    f"in the last {rule.window:.0f} s"
+                )
+            out.append((name, share, crossed))
     elif rule.kind == "budget":
         spent = seen.budgets.get(rule.scope, {})
         for name in subjects(spent):

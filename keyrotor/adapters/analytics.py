@@ -28,16 +28,17 @@ import functools
 import io
 import json
 import math
+import re
 import sqlite3
-import time
 from collections.abc import Callable, Iterable, Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import attrs
 
 __all__ = [
     "BY",
+    "ERROR_CLASSES",
     "GRAINS",
     "KINDS",
     "Query",
@@ -45,6 +46,7 @@ __all__ = [
     "Retention",
     "Rollup",
     "answer",
+    "csv_columns",
     "error_class",
     "parse_query",
     "percentile",
@@ -61,7 +63,8 @@ DIMENSIONS = ("key", "provider", "model", "route", "client")
 _FACTOR = 1.05  # histogram buckets: each 5 % wider than the last
 _LOG = math.log(_FACTOR)
 MAX_ROWS = 100_000
-"""The most rows one query answers (narrow ``from``/``to`` or group coarser)."""
+"""The most rows one query answers, periods times names (narrow ``from``/``to``,
+group coarser or drop ``by``); also the most periods one may ask for."""
 
 Dims = tuple[str, str, str, str, str]  # key, provider, model, route, client ("" for none)
 
@@ -415,27 +418,52 @@ class Query:
     by: str | None
     csv: bool = False
     client: str | None = None  # only this client token's answers (a client asking)
+    merge: bool = False  # one row per name over the whole range (percentiles of it all)
+
+
+FIRST = -62_135_596_800
+"""0001-01-01T00:00:00Z: the earliest time a query may name."""
+LAST = 253_402_300_799
+"""9999-12-31T23:59:59Z: the latest time a query may name."""
+_SECONDS = re.compile(r"-?[0-9]{1,20}(?:\.[0-9]*)?")
+"""Unix seconds (ASCII digits, an optional fraction, which is dropped)."""
 
 
 def _time(value: str, name: str) -> int:
+    """``value`` (ISO 8601, UTC unless it says otherwise, or Unix seconds) in
+    Unix seconds; ``QueryError`` naming ``name`` if it is no time or out of range."""
     text = value.strip()
-    try:
-        if text.replace(".", "", 1).isdigit():
-            return int(float(text))
-        parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
+    if _SECONDS.fullmatch(text):
+        whole, _, fraction = text.partition(".")
+        t = int(whole)  # exact: no float rounding of big numbers
+        if whole.startswith("-") and fraction.strip("0"):
+            t -= 1  # the second it falls in
+    else:
+        try:
+            parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        except ValueError:
+            raise QueryError(
+                f"{name}={value!r} is no time: give ISO 8601 UTC (2026-12-05T10:00:00Z), "
+                "an offset (2026-12-05T11:00:00+01:00) or Unix seconds"
+            ) from None
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=UTC)
+        t = math.floor(parsed.timestamp())
+    if not FIRST <= t <= LAST:
         raise QueryError(
-            f"{name}={value!r} is no time: give ISO 8601 UTC (2026-12-05T10:00:00Z) or Unix seconds"
-        ) from None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
-    return int(parsed.timestamp())
+            f"{name}={value!r} is out of range: give a time from 0001-01-01T00:00:00Z "
+            f"to 9999-12-31T23:59:59Z (Unix seconds {FIRST} to {LAST})"
+        )
+    return t
 
 
 def parse_query(kind: str, params: Mapping[str, str], now: float) -> Query:
     """The ``Query`` of ``/analytics/<kind>?params``; ``QueryError`` if one is bad.
-    Defaults: the last 24 hours, grouped by hour, not by a dimension, JSON."""
-    known = {"from", "to", "group_by", "by", "format"}
+    Defaults: the last 24 hours, grouped by hour, not by a dimension, JSON.
+    ``merge=true``: the periods added up into one row (per name) starting at
+    ``from``, its percentiles those of every answer in the range (the
+    histograms merged), read from the rows of ``group_by``."""
+    known = {"from", "to", "group_by", "by", "format", "merge"}
     for name in params:
         if name not in known:
             raise QueryError(f"unknown parameter {name!r}; known: {', '.join(sorted(known))}")
@@ -448,8 +476,11 @@ def parse_query(kind: str, params: Mapping[str, str], now: float) -> Query:
     fmt = params.get("format", "json")
     if fmt not in ("json", "csv"):
         raise QueryError(f"format={fmt!r}: choose json or csv")
+    merge = params.get("merge", "false")
+    if merge not in ("true", "false"):
+        raise QueryError(f"merge={merge!r}: choose true (one row for the whole range) or false")
     end = _time(params["to"], "to") if "to" in params else math.floor(now) + 1  # now included
-    start = _time(params["from"], "from") if "from" in params else end - 86400
+    start = _time(params["from"], "from") if "from" in params else max(FIRST, end - 86400)
     if start >= end:
         raise QueryError("from must be before to")
     step = GRAINS[grain]
@@ -459,7 +490,7 @@ def parse_query(kind: str, params: Mapping[str, str], now: float) -> Query:
             f"{(end - start) // step:,} {grain}s asked for, at most {MAX_ROWS:,}: "
             "narrow from/to or group_by a coarser grain"
         )
-    return Query(kind, start, end, grain, by, fmt == "csv")
+    return Query(kind, start, end, grain, by, fmt == "csv", merge=merge == "true")
 
 
 def query(
@@ -469,8 +500,11 @@ def query(
     pending: Mapping[tuple[int, Dims], Rollup] | None = None,
 ) -> list[dict[str, Any]]:
     """The rows ``q`` asks for, oldest first (then by name): from the table
-    and from ``pending`` minutes not written yet."""
+    and from ``pending`` minutes not written yet. ``QueryError`` once they are
+    more than ``MAX_ROWS`` (periods times names: by key over a big pool can be
+    millions), before reading the rest."""
     step = GRAINS[q.grain]
+    most = MAX_ROWS
     groups: dict[tuple[int, str], Rollup] = {}
 
     def name_of(dims: Dims) -> str:
@@ -483,9 +517,14 @@ def query(
     def add(start: int, dims: Dims, rollup: Rollup, checked: bool = False) -> None:
         if q.client is not None and not checked and dims[4] != q.client:
             return
-        where = (start - start % step, name_of(dims))
+        where = (q.start if q.merge else start - start % step, name_of(dims))
         slot = groups.get(where)
         if slot is None:
+            if len(groups) >= most:  # stop reading: the answer would hold too much
+                raise QueryError(
+                    f"the answer holds more than {most:,} rows: "
+                    "narrow from/to, group coarser or drop by"
+                )
             slot = groups[where] = Rollup()
         slot.add(rollup)
 
@@ -591,8 +630,12 @@ def _figures(kind: str, r: Rollup) -> dict[str, Any]:
     }
 
 
+_EPOCH = datetime(1970, 1, 1)
+
+
 def _iso(t: int) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+    """``t`` as ISO 8601 UTC, the year in four digits (0099-01-01T00:00:00Z)."""
+    return (_EPOCH + timedelta(seconds=t)).isoformat() + "Z"
 
 
 def answer(q: Query, rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -606,19 +649,63 @@ def answer(q: Query, rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def to_csv(rows: list[dict[str, Any]]) -> str:
-    """``rows`` as CSV with a header line (errors by class as ``errors_<class>``)."""
-    flat = []
-    for one in rows:
-        item = {k: v for k, v in one.items() if k != "errorsByClass"}
-        for kind, count in one.get("errorsByClass", {}).items():
-            item[f"errors_{kind}"] = count
-        flat.append(item)
-    fields: list[str] = []
-    for item in flat:
-        fields += [k for k in item if k not in fields]
+ERROR_CLASSES = (
+    "auth",
+    "bad_request",
+    "client_gone",
+    "credits",
+    "not_found",
+    "rate_limited",
+    "server",
+    "timeout",
+)
+"""Every class ``error_class`` gives (a usage CSV has an ``errors_<class>`` column each)."""
+_COLUMNS = {
+    "usage": (
+        "requests",
+        "errors",
+        "promptTokens",
+        "completionTokens",
+        "cost",
+        *(f"errors_{kind}" for kind in ERROR_CLASSES),
+    ),
+    "costs": ("requests", "cost", "costPerRequest"),
+    "performance": (
+        "requests",
+        "errorShare",
+        *(f"{name}P{p}Ms" for name in ("ttfb", "total") for p in (50, 95, 99)),
+    ),
+}
+_FORMULA = ("=", "+", "-", "@", "\t", "\r")
+"""How a cell a spreadsheet would run as a formula starts."""
+
+
+def csv_columns(kind: str, by: str | None) -> tuple[str, ...]:
+    """A CSV answer's header: the same for every answer of ``kind`` and ``by``."""
+    return ("start", *(("name",) if by is not None else ()), *_COLUMNS[kind])
+
+
+def _cell(value: Any) -> Any:
+    """``value`` as written in a CSV cell: text a spreadsheet would run as a
+    formula (a client's model name: ``=HYPERLINK(...)``) behind a ``'``."""
+    if isinstance(value, str) and value.startswith(_FORMULA):
+        return "'" + value
+    return value
+
+
+def to_csv(rows: list[dict[str, Any]], kind: str, by: str | None = None) -> str:
+    """``rows`` of a ``kind`` query as CSV (RFC 4180): a header line (``csv_columns``),
+    even with no rows, errors by class as ``errors_<class>`` columns (0 when
+    none), and text that would start a spreadsheet formula behind a ``'``."""
+    columns = csv_columns(kind, by)
     out = io.StringIO()
-    writer = csv.DictWriter(out, fields, restval="", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(flat)
+    writer = csv.writer(out)  # RFC 4180: CRLF, so a CR in a name is quoted too
+    writer.writerow(columns)
+    for one in rows:
+        item = dict(one)
+        if kind == "usage":
+            by_class = one.get("errorsByClass", {})
+            for error in ERROR_CLASSES:
+                item[f"errors_{error}"] = by_class.get(error, 0)
+        writer.writerow([_cell(item.get(column, "")) for column in columns])
     return out.getvalue()

@@ -3,8 +3,11 @@ hour and day, across a restart and past retention."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
+import sqlite3
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -188,17 +191,115 @@ def test_query_parameters_and_their_errors() -> None:
         assert message in str(caught.value)
 
 
+def test_times_out_of_range_are_refused_naming_the_parameter() -> None:
+    """Huge Unix seconds were a 500 (gmtime, SQLite's int64) or rounded as floats;
+    years before 1000 were written without their leading zeros."""
+    now = T0 + 86400
+    for params, message in (
+        ({"from": "100000000000000000", "to": "100000000000003600"}, "to='100000000000003600'"),
+        ({"from": "9223372036854775808"}, "from='9223372036854775808' is out of range"),
+        ({"from": "99999999999999999990", "to": "99999999999999999999"}, "to='9999"),
+        ({"from": "253402300799", "to": "253402300900"}, "to='253402300900' is out of range"),
+        ({"from": "0001-01-01T00:00:00+01:00", "to": "2025-01-01"}, "from='0001-01-01T00:00"),
+        ({"to": "9999-12-31T23:00:00-14:00"}, "to='9999-12-31T23:00:00-14:00' is out of range"),
+        ({"from": "\u0661\u0662\u0663", "to": "200"}, "from='\u0661\u0662\u0663' is no time"),
+        ({"from": "1e9"}, "from='1e9' is no time"),
+    ):
+        with pytest.raises(QueryError) as caught:
+            parse_query("usage", params, now)
+        assert message in str(caught.value)
+        assert "0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z" in str(caught.value) or (
+            "is no time" in str(caught.value)
+        )
+    exact = parse_query("usage", {"from": "1764892860.9", "to": "1764892861"}, now)
+    assert (exact.start, exact.end) == (T0, 1764892861)
+    assert parse_query("usage", {"from": "-0.5", "to": "1"}, now).start == -3600
+    first = parse_query(
+        "usage", {"from": "0001-01-01T00:00:00Z", "to": "0099-01-01", "group_by": "day"}, now
+    )
+    last = parse_query("usage", {"from": "9999-12-31", "to": "9999-12-31T23:59:59Z"}, now)
+    conn = sqlite3.connect(":memory:")
+    for statement in analytics.SCHEMA:
+        conn.execute(statement)
+    conn.execute("CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT)")
+    assert analytics.query(conn, first, str) == analytics.query(conn, last, str) == []
+    assert analytics.answer(first, [])["from"] == "0001-01-01T00:00:00Z"
+    assert analytics.answer(first, [])["to"] == "0099-01-01T00:00:00Z"
+    assert analytics.answer(last, [])["to"] == "9999-12-31T23:59:59Z"
+
+
+@pytest.mark.parametrize("kind", analytics.KINDS)
+def test_a_query_of_more_rows_than_max_rows_stops_reading_and_says_how_to_narrow_it(
+    kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MAX_ROWS bounded periods, not rows: by key over many keys was millions of rows."""
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    for statement in analytics.SCHEMA:
+        conn.execute(statement)
+    conn.execute("CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT)")
+    rollup = Rollup()
+    rollup.note(200, 10, 10, 0.001, 100.0, 200.0)
+    conn.executemany(
+        "INSERT INTO rollups VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        [
+            ("minute", T0 + 60 * m, f"k{k}", "main", "gpt", "", "web", *rollup.columns())
+            for m in range(10)
+            for k in range(20)
+        ],
+    )  # 10 minutes of 20 keys: 200 rows by minute and key, 10 by minute, 20 by hour and key
+    monkeypatch.setattr(analytics, "MAX_ROWS", 50)
+    bounds = {"from": str(T0), "to": str(T0 + 600)}
+    for params in ({"group_by": "minute"}, {"group_by": "hour", "by": "key"}):
+        rows = analytics.query(conn, parse_query(kind, bounds | params, T0 + 7200), str)
+        assert sum(r["requests"] for r in rows) == 200
+    with pytest.raises(QueryError) as caught:
+        analytics.query(
+            conn, parse_query(kind, bounds | {"group_by": "minute", "by": "key"}, T0 + 7200), str
+        )
+    assert str(caught.value) == (
+        "the answer holds more than 50 rows: narrow from/to, group coarser or drop by"
+    )
+
+
 def test_csv_has_a_header_and_a_column_per_error_class() -> None:
     rows: list[dict[str, Any]] = [
-        {"start": "a", "requests": 2, "errorsByClass": {"auth": 1}, "cost": 0.5},
-        {"start": "b", "requests": 1, "errorsByClass": {"server": 1}, "cost": 0.0},
+        {"start": "a", "requests": 2, "errors": 1, "errorsByClass": {"auth": 1}, "cost": 0.5},
+        {"start": "b", "requests": 1, "errors": 1, "errorsByClass": {"server": 1}, "cost": 0.0},
     ]
-    assert to_csv(rows).splitlines() == [
-        "start,requests,cost,errors_auth,errors_server",
-        "a,2,0.5,1,",
-        "b,1,0.0,,1",
+    assert to_csv(rows, "usage").splitlines() == [
+        "start,requests,errors,promptTokens,completionTokens,cost,errors_auth,errors_bad_request,"
+        "errors_client_gone,errors_credits,errors_not_found,errors_rate_limited,errors_server,"
+        "errors_timeout",
+        "a,2,1,,,0.5,1,0,0,0,0,0,0,0",
+        "b,1,1,,,0.0,0,0,0,0,0,0,1,0",
     ]
     assert analytics.answer(q("usage", T0, T0 + 60, "minute"), [])["from"] == "2025-12-05T00:00:00Z"
+
+
+def test_csv_of_no_rows_has_the_same_header_as_one_with_rows() -> None:
+    """An empty range was no header at all, and the columns changed with the data."""
+    every_class = {kind: 1 for kind in analytics.ERROR_CLASSES}
+    assert set(analytics.ERROR_CLASSES) == {error_class(s) for s in range(400, 600)} - {None}
+    for kind in analytics.KINDS:
+        for by in (None, "model"):
+            header = to_csv([], kind, by)
+            assert header.count("\r\n") == 1 and header.startswith("start,")
+            assert ("start,name," in header) == (by is not None)
+            for by_class in ({}, {"auth": 2}, every_class):
+                row = {"start": "2025-12-05T00:00:00Z", "name": "m", "requests": 3}
+                text = to_csv([row | {"errorsByClass": by_class}], kind, by)
+                assert text.splitlines()[0] == header.strip()
+    assert to_csv([], "costs", "key") == "start,name,requests,cost,costPerRequest\r\n"
+
+
+def test_csv_text_a_spreadsheet_would_run_is_quoted_and_numbers_are_not() -> None:
+    """A client's model name (``=HYPERLINK(...)``) became a live formula in the export."""
+    names = ['=HYPERLINK("http://x.invalid","x")', "+1", "-1", "@SUM(A1)", "\tx", "\rx", "\r=x"]
+    rows = [{"start": "s", "name": n, "requests": 1, "cost": -0.5} for n in names]
+    rows.append({"start": "s", "name": "openai/gpt-4o", "requests": 1, "cost": 0.25})
+    cells = list(csv.reader(io.StringIO(to_csv(rows, "costs", "model"), newline="")))
+    assert [c[1] for c in cells[1:]] == ["'" + n for n in names] + ["openai/gpt-4o"]
+    assert [c[3] for c in cells[1:]] == ["-0.5"] * len(names) + ["0.25"]  # numbers as they are
 
 
 @given(
@@ -457,3 +558,45 @@ def test_a_flush_that_fails_after_writing_the_rows_counts_them_once_when_retried
             assert [(r["requests"], r["promptTokens"]) for r in rows] == [(3, 3)]
     finally:
         store.close()
+
+
+def test_merge_answers_one_row_a_name_with_the_percentiles_of_the_whole_range() -> None:
+    """The dashboard averaged each hour's percentiles: 98 answers of 10 ms and
+    2 of 1000 ms came out as a p50 of 30 ms."""
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    for statement in analytics.SCHEMA:
+        conn.execute(statement)
+    conn.execute("CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT)")
+    fast, slow = Rollup(), Rollup()
+    for _ in range(98):
+        fast.note(200, 1, 1, 0.0, 10.0, 20.0)
+    for _ in range(2):
+        slow.note(500, 1, 1, 0.0, 1000.0, 2000.0)
+    conn.executemany(
+        "INSERT INTO rollups VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        [
+            ("hour", T0, "k1", "main", "m", "", "", *fast.columns()),
+            ("hour", T0 + 3600, "k1", "main", "m", "", "", *slow.columns()),
+            ("hour", T0 + 3600, "k2", "main", "n", "", "", *slow.columns()),
+        ],
+    )
+    conn.execute(
+        "INSERT INTO meta VALUES (?, ?)", (analytics.ROLLED, f'[{T0 + 7200}, "", "", "", "", ""]')
+    )
+    params = {"from": str(T0 + 1800), "to": str(T0 + 7200), "by": "model", "merge": "true"}
+    merged = analytics.query(conn, parse_query("performance", params, T0 + 7200), str)
+    assert [(r["start"], r["name"], r["requests"]) for r in merged] == [
+        ("2025-12-05T00:00:00Z", "m", 100),
+        ("2025-12-05T00:00:00Z", "n", 2),
+    ]
+    m = merged[0]
+    assert m["errorShare"] == 0.02
+    assert 10 <= m["ttfbP50Ms"] <= m["ttfbP95Ms"] <= 10.5 and 1000 <= m["ttfbP99Ms"] <= 1050
+    usage = analytics.query(conn, parse_query("usage", params, T0 + 7200), str)
+    assert [(r["requests"], r["errorsByClass"]) for r in usage] == [
+        (100, {"server": 2}),
+        (2, {"server": 2}),
+    ]
+    with pytest.raises(QueryError) as caught:
+        parse_query("usage", {"merge": "yes"}, T0)
+    assert str(caught.value) == "merge='yes': choose true (one row for the whole range) or false"

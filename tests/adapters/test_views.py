@@ -394,3 +394,135 @@ def test_a_webhook_is_retried_with_backoff_and_a_dead_one_is_logged_by_host_only
         f"alert webhook to http://127.0.0.1 failed {WEBHOOK_TRIES} times (ConnectError); "
         "the alert is in /alerts and the log"
     )
+
+
+def test_analytics_times_with_a_plus_offset_and_out_of_range_ones(
+    running: tuple[str, FakeUpstream, list[dict[str, Any]]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A '+hh:mm' offset arrived as a space (a 400); huge Unix seconds were a 500;
+    a CSV of no answers had no header; MAX_ROWS bounded periods, not rows."""
+    from keyrotor.adapters import analytics
+
+    url, _, _ = running
+    usage = f"{url}/analytics/usage"
+    plus = httpx.get(f"{usage}?from=2026-12-07T10:00:00+01:00", headers=bearer(ADMIN))
+    assert plus.status_code == 200 and plus.json()["from"] == "2026-12-07T09:00:00Z"
+    for query, message in (
+        ("from=100000000000000000&to=100000000000003600&group_by=minute", "to='1000000"),
+        ("from=9223372036854775808&group_by=day", "from='9223372036854775808' is out of range"),
+        ("from=0001-01-01T00:00:00+01:00&group_by=day", "from='0001-01-01T00:00:00+01:00' is"),
+    ):
+        bad = httpx.get(f"{usage}?{query}", headers=bearer(ADMIN))
+        assert bad.status_code == 400, query
+        assert message in bad.json()["error"]["message"]
+        assert "0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z" in bad.json()["error"]["message"]
+    empty = httpx.get(f"{url}/analytics/costs?format=csv&by=key", headers=bearer(ADMIN))
+    assert empty.text == "start,name,requests,cost,costPerRequest\r\n"
+    for token in (WEB, CI):
+        with openai.OpenAI(base_url=f"{url}/v1", api_key=token, max_retries=0) as sdk:
+            sdk.chat.completions.create(model=MODEL, messages=HI)  # type: ignore[arg-type]
+    monkeypatch.setattr(analytics, "MAX_ROWS", 1)
+    assert len(httpx.get(f"{usage}?group_by=day", headers=bearer(ADMIN)).json()["rows"]) == 1
+    many = httpx.get(f"{usage}?group_by=day&by=client", headers=bearer(ADMIN))
+    assert many.status_code == 400 and many.json()["error"] == {
+        "message": "the answer holds more than 1 rows: narrow from/to, group coarser or drop by",
+        "type": "invalid_request_error",
+        "code": "invalid_query",
+    }
+
+
+def test_a_rule_replaced_with_put_clears_its_alerts_and_tells_the_webhook(
+    tmp_path: Path,
+) -> None:
+    """A per-key rule replaced by a total one left its alerts firing for ever."""
+    receiver = Receiver()
+    rules = (Rule("spend", "spend", 0.0, "key"),)
+    log: list[dict[str, Any]] = []
+    try:
+        with FakeUpstream.running_in_thread(scenario()) as upstream:
+            options = config(upstream.url, tmp_path, alert_rules=rules, alert_interval=0.05)
+            with ProxyThread(_with(options, webhooks=(receiver.url,)), log) as url:
+                with openai.OpenAI(base_url=f"{url}/v1", api_key=WEB, max_retries=0) as sdk:
+                    sdk.chat.completions.create(model=MODEL, messages=HI)  # type: ignore[arg-type]
+                fired = receiver.got.get(timeout=10)["alert"]
+                put = httpx.put(
+                    f"{url}/admin/alerts/spend",
+                    json={"kind": "spend", "scope": "total", "threshold": 100},
+                    headers=bearer(ADMIN),
+                )
+                cleared = receiver.got.get(timeout=10)["alert"]
+                listed = httpx.get(f"{url}/alerts", headers=bearer(ADMIN)).json()
+    finally:
+        receiver.close()
+    assert put.status_code == 200
+    assert (fired["state"], cleared["state"]) == ("firing", "ok")
+    assert cleared["subject"] == fired["subject"] and fired["subject"] in SECRETS
+    assert cleared["text"] == (
+        f"spend: the spend rule watching key {fired['subject']} was replaced; "
+        "its alert no longer applies"
+    )
+    assert listed["firing"] == 0
+    assert [(e["state"], e["subject"]) for e in log if e.get("event") == "alert"] == [
+        ("firing", fired["subject"]),
+        ("ok", fired["subject"]),
+    ]
+
+
+def test_a_failing_webhook_holds_back_no_alert_to_another() -> None:
+    """One alert at a time waited for every webhook's retries: a dead webhook
+    delayed every later alert to the healthy ones by its whole backoff."""
+    import anyio
+
+    from keyrotor.adapters.alerts import Alert
+    from keyrotor.adapters.proxy.views import Webhooks
+
+    receiver = Receiver()
+    dead = f"http://127.0.0.1:{free_port()}/hook"
+    hooks = Webhooks([dead, receiver.url], [].append, backoff=3600.0)  # retried in an hour
+    alerts = [Alert(n, "usable_keys", "", "firing", 1.0, 0.0, 1.0, n) for n in ("a", "b", "c")]
+
+    async def main() -> None:
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(hooks.run)
+            while hooks._send is None:
+                await anyio.sleep(0.01)
+            for alert in alerts:
+                hooks.post(alert)
+            with anyio.fail_after(60):  # a hang guard: the dead webhook waits an hour
+                while hooks.sent < 3:
+                    await anyio.sleep(0.01)
+            tasks.cancel_scope.cancel()
+
+    try:
+        anyio.run(main)
+    finally:
+        receiver.close()
+    assert [receiver.got.get_nowait()["alert"]["name"] for _ in alerts] == ["a", "b", "c"]
+    assert hooks.failed == 0 and hooks.dropped == 0
+
+
+def test_recommendations_blame_no_key_for_keyrotors_own_refusals() -> None:
+    """Refusals before any key (a client over budget: 429) are rows of key '':
+    the advice named a key '' as rate limited."""
+    import types
+
+    import anyio
+
+    from keyrotor.adapters.proxy.views import Views
+
+    class Store:
+        def analytics(self, q: Any, account_of: Any) -> list[dict[str, Any]]:
+            if q.kind == "costs":
+                return []
+            return [
+                {"name": "", "errorsByClass": {"rate_limited": 500}},
+                {"name": "k4", "errorsByClass": {"rate_limited": 25}},
+            ]
+
+    client = types.SimpleNamespace(status=dict)
+    views = Views(client, None, None, store=Store(), clock=lambda: 1_764_892_800.0)  # type: ignore[arg-type]
+    answer = anyio.run(views._recommendations)
+    advice = json.loads(answer.body)["recommendations"]
+    assert [(a["kind"], a["text"].split(" was ")[0]) for a in advice] == [
+        ("key_rate_limited", "key k4")
+    ]

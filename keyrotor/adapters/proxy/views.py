@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlsplit
 
 import anyio
+import attrs
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ...core import USABLE_STATES
@@ -138,7 +139,12 @@ class EventHub:
 
 class Webhooks:
     """POSTs each alert to every webhook URL in the background, retried with
-    backoff (1, 2, 4, 8 s; ``WEBHOOK_TRIES`` tries), never blocking the caller."""
+    backoff (1, 2, 4, 8 s; ``WEBHOOK_TRIES`` tries), never blocking the caller.
+
+    Each URL has its own queue (``WEBHOOK_QUEUE`` alerts) and sender, in the
+    order the alerts came: a failing or slow webhook holds back only its own
+    alerts, never another's (an alert its full queue has no room for is
+    ``dropped``)."""
 
     def __init__(
         self, urls: Iterable[str], log: Callable[[dict[str, Any]], None], backoff: float = 1.0
@@ -146,31 +152,41 @@ class Webhooks:
         self.urls = tuple(urls)
         self.backoff = backoff  # seconds before the second try, doubled for each next one
         self._log = log
-        self._send: MemoryObjectSendStream[bytes] | None = None  # while ``run`` runs
+        self._send: list[MemoryObjectSendStream[bytes]] | None = None  # while ``run`` runs
         self.sent = self.failed = self.dropped = 0
 
     def post(self, alert: Alert) -> None:
         if self._send is None:
             return
-        try:
-            self._send.send_nowait(json.dumps({"alert": alert.to_json()}).encode())
-        except anyio.WouldBlock:
-            self.dropped += 1
+        body = json.dumps({"alert": alert.to_json()}).encode()
+        for send in self._send:
+            try:
+                send.send_nowait(body)
+            except anyio.WouldBlock:
+                self.dropped += 1
 
     async def run(self) -> None:
         if not self.urls:
             return
-        send, receive = anyio.create_memory_object_stream[bytes](WEBHOOK_QUEUE)
-        self._send = send
+        streams = [anyio.create_memory_object_stream[bytes](WEBHOOK_QUEUE) for _ in self.urls]
+        self._send = [send for send, _ in streams]
         try:
-            async with receive, ConnectionPool() as pool:
-                async for body in receive:
-                    async with anyio.create_task_group() as tasks:
-                        for url in self.urls:
-                            tasks.start_soon(self._deliver, pool, url, body)
+            async with ConnectionPool() as pool, anyio.create_task_group() as tasks:
+                for url, (_, receive) in zip(self.urls, streams, strict=True):
+                    tasks.start_soon(self._sender, pool, url, receive)
         finally:
             self._send = None
-            send.close()
+            for send, receive in streams:
+                send.close()
+                receive.close()
+
+    async def _sender(
+        self, pool: ConnectionPool, url: str, receive: MemoryObjectReceiveStream[bytes]
+    ) -> None:
+        """Deliver ``url``'s alerts, one after the other."""
+        async with receive:
+            async for body in receive:
+                await self._deliver(pool, url, body)
 
     async def _deliver(self, pool: ConnectionPool, url: str, body: bytes) -> None:
         headers = [(b"content-type", b"application/json"), (b"user-agent", b"keyrotor-alerts")]
@@ -333,7 +349,10 @@ class Views:
         store = self._store
         if store is None:
             return _error(404, "analytics are kept in the state file, which is off ([state])", None)
-        params = dict(parse_qsl(urlsplit(request.target).query, keep_blank_values=True))
+        # A '+' is a plus sign here (an offset: from=2026-12-07T10:00:00+01:00, as
+        # typed), not a space as in a form: no parameter of these holds a space.
+        query = urlsplit(request.target).query.replace("+", "%2B")
+        params = dict(parse_qsl(query, keep_blank_values=True))
         try:
             q = analytics.parse_query(kind, params, self._clock())
         except analytics.QueryError as exc:
@@ -343,18 +362,21 @@ class Views:
         if role is not Role.ADMIN and (auth.admin_enabled or not auth.open):  # its own answers
             if caller is None:  # (its token expired while the request was read)
                 return _error(401, "the token is not valid (or has expired)", "invalid_token")
-            q = analytics.Query(q.kind, q.start, q.end, q.grain, q.by, q.csv, caller)
+            q = attrs.evolve(q, client=caller)
         accounts = self._accounts()
 
         def account_of(key: str) -> str:
             return accounts.get(key, key)
 
-        rows = await anyio.to_thread.run_sync(store.analytics, q, account_of)
+        try:
+            rows = await anyio.to_thread.run_sync(store.analytics, q, account_of)
+        except analytics.QueryError as exc:  # too many rows
+            return _error(400, str(exc), "invalid_query")
         if q.csv:
             return Response(
                 status=200,
                 headers=[("content-type", "text/csv; charset=utf-8")],
-                body=analytics.to_csv(rows).encode(),
+                body=analytics.to_csv(rows, q.kind, q.by).encode(),
             )
         return _json(200, analytics.answer(q, rows))
 
@@ -375,7 +397,8 @@ class Views:
             for row in await anyio.to_thread.run_sync(store.analytics, week, str):
                 costs[row["name"]] = costs.get(row["name"], 0.0) + row["cost"]
             for row in await anyio.to_thread.run_sync(store.analytics, today, str):
-                key_errors[row["name"]] = row["errorsByClass"]
+                if row["name"]:  # not keyrotor's own refusals (no key: budgets, routes)
+                    key_errors[row["name"]] = row["errorsByClass"]
         catalog = None if self._router is None else self._router.catalog()
         free = {} if self._router is None else self._router.free_status()
         return _json(200, {"recommendations": recommendations(costs, catalog, key_errors, free)})
@@ -394,7 +417,7 @@ class Views:
             except ValueError as exc:
                 return _error(400, f"alert {name!r}: {exc}", "invalid_alert")
             replaced = name in self.alerts.rules
-            self.alerts.set_rule(rule)
+            self._tell(self.alerts.set_rule(rule, self._clock()))  # the old rule's, if another
             self._keep_window()
             stored = self._save_rules()
             return _json(200 if replaced else 201, {"alert": rule_to_json(rule), "stored": stored})
@@ -476,11 +499,15 @@ class Views:
         if not self.alerts.rules:
             return []
         changed = self.alerts.evaluate(self.observe(), self._clock())
+        self._tell(changed)
+        return changed
+
+    def _tell(self, changed: Iterable[Alert]) -> None:
+        """Each alert that fired or cleared: to the log, the dashboard, the webhooks."""
         for alert in changed:
             self._log({"event": "alert", **alert.to_json()})
             self.hub.publish("alert", alert.to_json())
             self.webhooks.post(alert)
-        return changed
 
     async def run(self) -> None:
         """Look at the rules every ``interval`` seconds; send the webhooks."""

@@ -931,7 +931,7 @@
     try {
       const [overall, byModel] = await Promise.all([
         api(`/analytics/performance?${p.query}`),
-        api(`/analytics/performance?${p.query}&by=model`),
+        api(`/analytics/performance?${p.query}&by=model&merge=true`), // one row a model: its percentiles over the range
       ]);
       setText($('#perf-status'), `updated ${fmtClock(Date.now())}`);
       renderPerformance(overall, byModel, p);
@@ -979,18 +979,14 @@
       g.rows.push(r);
       groups.set(name, g);
     }
-    // Percentiles of a group over buckets: request-weighted mean of the bucket values (approximate).
-    const weighted = (g, f) => {
-      let sum = 0, weight = 0;
-      for (const r of g.rows) if (isNum(r[f])) { const w = isNum(r.requests) && r.requests > 0 ? r.requests : 1; sum += r[f] * w; weight += w; }
-      return weight ? sum / weight : null;
-    };
+    // merge=true: one row a model, its percentiles the server's, of every answer in the range
+    // (an average of the hours' percentiles would be no percentile of them).
     const list = [...groups.values()].sort((a, b) => b.requests - a.requests);
     const fields = ['ttfbP50Ms', 'ttfbP95Ms', 'ttfbP99Ms', 'totalP50Ms', 'totalP95Ms', 'totalP99Ms'];
     $('#perf-table tbody').replaceChildren(...(list.length ? list.map((g) => el('tr', { dataset: { name: g.name } },
       el('td', { text: g.name }), el('td', { class: 'num', text: fmtInt(g.requests) }),
       el('td', { class: 'num', text: g.requests ? fmtPct(g.errors / g.requests) : '–' }),
-      fields.map((f) => el('td', { class: 'num', text: fmtMs(g.rows.length === 1 ? g.rows[0][f] : weighted(g, f)) }))))
+      fields.map((f) => el('td', { class: 'num', text: fmtMs(g.rows.length === 1 ? g.rows[0][f] : null) }))))
       : [el('tr', null, el('td', { class: 'empty', colspan: 9, text: 'No data yet for this range.' }))]));
   }
 
