@@ -120,7 +120,8 @@ class Gate(Protocol):
     processes through Redis: ``keyrotor.adapters.shared_limits``). Before an
     attempt on a key in ``limited``, the async client asks ``admit``: None
     sends it, a number of seconds holds the key that long (``AttemptHeld``)
-    and the pool decides again. ``release`` hears of every request's end."""
+    and the pool decides again. ``release`` hears of every request's end, and
+    of each attempt that ended without an answer to deliver (failover)."""
 
     @property
     def limited(self) -> Container[str]: ...

@@ -237,10 +237,12 @@ def attempts(
             opened = yield Open(outgoing, decision.key_id, secret)
             if isinstance(opened, Failed):
                 driver.failed(request_id, opened.reason)
-                continue
-            delivered = yield from _answer(driver, request_id, decision.attempt, opened, buffer)
-            if delivered is not None:
-                return delivered
+            else:
+                delivered = yield from _answer(driver, request_id, decision.attempt, opened, buffer)
+                if delivered is not None:
+                    return delivered
+            if gate is not None:  # the attempt is over: its key's in-flight slot too
+                gate.release(request_id)
     except BaseException:
         if not ended:
             driver.close(request_id, ended=False)

@@ -5,6 +5,7 @@ counted by the fake upstream; none of it costs the callers an error."""
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import threading
 import time
@@ -390,3 +391,59 @@ def test_a_key_replaced_while_a_process_was_away_is_replaced_there_too(
                 status_b = httpx.get(f"{b}/status").json()
     assert status_b["shared"]["keys"]["refused"] == 0
     assert new not in json.dumps(status_b) and old not in json.dumps(status_b)
+
+
+def test_a_failed_over_attempt_gives_its_keys_slot_back_at_once(
+    redis: RedisServer, tmp_path: Path
+) -> None:
+    # k1 (max_in_flight 1) answered 500 and the request moved to k2, where it
+    # runs long: k1's slot in Redis stayed taken until the request's end, and
+    # every process refused k1 meanwhile.
+    first = []
+
+    def k1(call: Any) -> Reply | None:
+        first.append(1)
+        return Reply(500, "upstream hiccup") if len(first) == 1 else None
+
+    def k2(call: Any) -> None:
+        call.latency = 60.0
+
+    fake = Scenario()
+    fake.add(SECRETS["k1"], Custom(k1), alias="k1")
+    fake.add(SECRETS["k2"], Custom(k2), alias="k2")
+    namespace = f"t{tmp_path.name[-6:]}"
+    with FakeUpstream.running_in_thread(fake) as upstream:
+        options = ProxyConfig(
+            keys={alias: SECRETS[alias] for alias in ("k1", "k2")},
+            pool=PoolConfig(keys=[KeySpec(key_id="k1", max_in_flight=1), KeySpec(key_id="k2")]),
+            upstream=upstream.url,
+            server={"host": "127.0.0.1", "port": 0},
+            shared_url=redis.url,
+            shared_namespace=namespace,
+        )
+        with ProxyThread(options, []) as a:
+            wait_until(lambda: httpx.get(f"{a}/status").json()["shared"]["connected"])
+
+            body = json.dumps(CHAT).encode()
+            caller = socket.create_connection(("127.0.0.1", int(a.rsplit(":", 1)[1])))
+            caller.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nx-keyrotor-key: k1\r\n"
+                b"content-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+                % (len(body), body)
+            )
+            wait_until(lambda: upstream.stats("k2").requests == 1)  # running on k2 now
+
+            def k1_members() -> list[str]:
+                return subprocess.run(
+                    ["redis-cli", "-p", str(redis.port), "ZRANGE", f"{namespace}:inflight:k1",
+                     "0", "-1"],
+                    capture_output=True, text=True, check=True,
+                ).stdout.split()  # fmt: skip
+
+            wait_until(lambda: not k1_members())
+            pinned = httpx.post(
+                f"{a}/v1/chat/completions", json=CHAT,
+                headers={"x-keyrotor-key": "k1", "x-keyrotor-fallback": "false"},
+            )  # fmt: skip
+            caller.close()  # the long request's caller leaves: the proxy stops it
+    assert pinned.status_code == 200 and pinned.headers["x-keyrotor-key"] == "k1"
