@@ -154,6 +154,9 @@ _RULES: Final[Mapping[int, tuple[_Rule, ...]]] = {
     429: (
         _Rule(_V.UPSTREAM_BUSY, ("upstream_provider_shared_pool", "capacity_exhausted")),
         _Rule(_V.UPSTREAM_BUSY, ("rate-limited upstream",), "rate_limited_upstream", raw=True),
+        # OpenRouter relaying a provider's own 429: the provider's limit, shared
+        # by everyone its traffic goes to (switching keys won't help).
+        _Rule(_V.UPSTREAM_BUSY, ("provider returned error",), "provider_rate_limited"),
         _Rule(
             _V.DEPLETED,
             (
@@ -445,7 +448,9 @@ def cooldown_from_headers(
     ``retry-after-ms`` and ``retry-after`` always count. A bucket's reset
     (``x-ratelimit-reset[-requests|-tokens]``, ``anthropic-ratelimit-*-reset``)
     counts only when its ``remaining`` is 0, unless ``exhausted_only`` is False:
-    pass False for a 429, where every bucket's reset counts.
+    pass False for a 429, where a bucket's reset counts unless its
+    ``remaining`` says some is left (a 429 on tokens per minute does not wait
+    for the requests-per-day bucket's reset).
     """
     if not headers:
         return None
@@ -454,8 +459,10 @@ def cooldown_from_headers(
     for name, remaining, parse in _SIGNALS:
         if name not in lower:
             continue
-        if remaining is not None and exhausted_only and not _exhausted(lower.get(remaining)):
-            continue
+        if remaining is not None:
+            left = lower.get(remaining)
+            if (exhausted_only or left is not None) and not _exhausted(left):
+                continue
         value = _text(lower[name])
         wait = None if value is None else parse(value, wall_time)
         if wait is not None and (longest is None or wait > longest):

@@ -338,7 +338,7 @@ TABLE: list[tuple[str, int, dict[str, str], Any, Verdict, bool, str]] = [
         "capacity_exhausted",
     ),
     (
-        "or-429-provider-out-of-quota-in-raw",
+        "or-429-provider-out-of-quota-in-raw",  # the provider's quota, not our key's
         429,
         {},
         openrouter(
@@ -346,9 +346,9 @@ TABLE: list[tuple[str, int, dict[str, str], Any, Verdict, bool, str]] = [
             "Provider returned error",
             raw='{"error":{"type":"insufficient_quota","code":"insufficient_quota"}}',
         ),
-        V.RATE_LIMITED,
+        V.UPSTREAM_BUSY,
         False,
-        "http_429",
+        "provider_rate_limited",
     ),
     # 429: OpenAI
     (
@@ -674,7 +674,7 @@ def test_429_longest_signal_wins() -> None:
     headers = {
         "retry-after": "2",
         "retry-after-ms": "2500",
-        "x-ratelimit-remaining-requests": "10",  # not exhausted, but on a 429 it counts
+        "x-ratelimit-remaining-requests": "0",  # exhausted: on a 429 its reset counts
         "x-ratelimit-reset-requests": "4s",
         "x-ratelimit-reset-tokens": "1m",
         "anthropic-ratelimit-tokens-reset": "2025-04-02T13:20:30Z",
@@ -683,6 +683,33 @@ def test_429_longest_signal_wins() -> None:
     assert cooldown(429, headers, body) == 60.0
     assert cooldown(429, headers, openai("Please try again in 90s.", "tokens", None)) == 90.0
     assert cooldown(429, {**headers, "Retry-After": "100"}, body) == 100.0
+
+
+def test_a_429_waits_for_no_bucket_that_has_some_left() -> None:
+    # Groq's documented 429 on tokens per minute: its requests bucket (per day)
+    # has 14,370 left and resets in 3 minutes, which is no reason to wait.
+    headers = {
+        "retry-after": "2",
+        "x-ratelimit-remaining-requests": "14370",
+        "x-ratelimit-reset-requests": "2m59.56s",
+        "x-ratelimit-remaining-tokens": "0",
+        "x-ratelimit-reset-tokens": "7.66s",
+    }
+    assert cooldown(429, headers, openai("Rate limit reached", "tokens", None)) == 7.66
+    no_remaining = {"x-ratelimit-reset-requests": "30s"}  # nothing said left: it counts
+    assert cooldown(429, no_remaining, None) == 30.0
+
+
+def test_a_providers_429_relayed_by_openrouter_is_not_the_keys() -> None:
+    relayed = openrouter(
+        429, "Provider returned error", raw='{"detail":"Too many requests"}', provider_name="Chutes"
+    )
+    verdict = classify_response(429, {"Retry-After": "3"}, relayed, wall_time=NOW)
+    assert (verdict.verdict, verdict.reason, verdict.cooldown) == (
+        V.UPSTREAM_BUSY, "provider_rate_limited", 3.0
+    )  # fmt: skip
+    own = openrouter(429, "Rate limit exceeded: free-models-per-min. ")
+    assert classify_response(429, None, own, wall_time=NOW).verdict is V.RATE_LIMITED
 
 
 def test_caller_error_and_busy_keep_the_key_fine() -> None:
@@ -748,7 +775,10 @@ def test_success_with_exhausted_bucket(headers: dict[str, str], expected: float 
 def test_cooldown_from_headers_exhausted_only_switch() -> None:
     headers = {"x-ratelimit-remaining-tokens": "100", "x-ratelimit-reset-tokens": "1h2m3.5s"}
     assert cooldown_from_headers(headers) is None
-    assert cooldown_from_headers(headers, exhausted_only=False) == 3723.5
+    assert cooldown_from_headers(headers, exhausted_only=False) is None  # 100 left
+    unsaid = {"x-ratelimit-reset-tokens": "1h2m3.5s"}  # how much is left, not said
+    assert cooldown_from_headers(unsaid) is None
+    assert cooldown_from_headers(unsaid, exhausted_only=False) == 3723.5
 
 
 def test_cooldown_from_headers_retry_after_always_counts() -> None:
@@ -793,14 +823,18 @@ def test_rfc3339_reset(reset: str, wall_time: float | None, expected: float | No
     assert cooldown_from_headers(headers, wall_time=wall_time) == expected
 
 
-def test_anthropic_429_counts_every_bucket() -> None:
+def test_anthropic_429_counts_the_buckets_that_are_used_up() -> None:
+    # On a 429 Anthropic's retry-after gives the wait; a bucket with some left
+    # (its reset is when it is full again) adds nothing, an empty one does.
     headers = {
         "retry-after": "10",
         "anthropic-ratelimit-input-tokens-remaining": "4000",
         "anthropic-ratelimit-input-tokens-reset": "2025-04-02T13:20:40Z",
     }
     body = anthropic("rate_limit_error", "rate limited")
-    assert cooldown(429, headers, body) == 40.0
+    assert cooldown(429, headers, body) == 10.0
+    empty = {**headers, "anthropic-ratelimit-input-tokens-remaining": "0"}
+    assert cooldown(429, empty, body) == 40.0
     assert cooldown_from_headers(headers, wall_time=NOW) == 10.0
 
 
