@@ -186,9 +186,10 @@ def _serve(args: argparse.Namespace) -> int:
             return 2
         child = [
             *(["--config", args.config] if args.config else []),
-            *(["--host", args.host] if args.host else []),
-            *(["--upstream", args.upstream] if args.upstream else []),
-            *(["--shared", args.shared] if args.shared else []),
+            # "is not None": an empty --host (every interface) is a value to pass on
+            *(["--host", args.host] if args.host is not None else []),
+            *(["--upstream", args.upstream] if args.upstream is not None else []),
+            *(["--shared", args.shared] if args.shared is not None else []),
             *(["--no-state"] if config.state_path is None else []),
         ]
         host, port = config.server["host"], config.server["port"]

@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 import attrs
 
 from ..core import POLICIES, KeySpec, PoolConfig, PoolError
+from ..core.config import finite, shown
 from ..models.routing import FREE_ROUTE, Route, route_from_json
 from ..transports.api import OPENROUTER_URL, HTTPOptions, keys_from_env, mask
 from ..transports.codec import resolve as resolve_parser
@@ -47,6 +48,7 @@ __all__ = [
     "RoutingOptions",
     "load_config",
     "token_name",
+    "url_problem",
 ]
 
 SERVER_DEFAULTS: Mapping[str, Any] = MappingProxyType(
@@ -175,16 +177,19 @@ _KEY_OPTIONS = ("alias", "secret", "secret_env", "provider", *_KEY_KINDS)
 _PROVIDER_OPTIONS = ("name", "upstream", "kind", "models")
 _CLIENT_OPTIONS = ("name", "token", "token_env")
 _BUDGET_OPTIONS = ("client", "model", "budget", "budget_window")
-_CLIENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
+# Patterns are used with fullmatch: "$" would also match before a final newline.
+_CLIENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
 PROVIDER_KINDS = ("openai-compatible", "openrouter")
-_PROVIDER_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
+_PROVIDER_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]*")
 _SET_BY_KEYROTOR = frozenset(
     {"authorization", "host", "content-length", "connection", "transfer-encoding", "keep-alive"}
 )
-_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_PLAIN_ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]{0,63}|[a-z_][a-z0-9_]{0,63}")
+"""A variable name safe to show: one case, short (a pasted key or token mixes them)."""
 _LOOKS_SECRET = re.compile(r"sk-[A-Za-z0-9_-]{8,}")
-_HOST_LABEL = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?$")
+_HOST_LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
 _HOST_FIX = 'set host = "127.0.0.1" (this machine) or "0.0.0.0" (every interface)'
 _ENV_HELP = (
     "set OPENROUTER_KEYS (comma-separated), OPENROUTER_API_KEY or OPENROUTER_API_KEY_1, _2, ..."
@@ -409,9 +414,13 @@ class _Loader:
     # ------------------------------------------------------------ errors
 
     def fail(self, message: str, *, where: str = "", fix: str = "", source: str = "") -> NoReturn:
-        """Raise a ``ConfigError`` with every known secret masked out."""
+        """Raise a ``ConfigError`` with every known secret masked out, on one
+        line (a name from the file may hold a line break)."""
         raise ConfigError(
-            self.redact(message), source=source or self.source, where=where, fix=self.redact(fix)
+            _one_line(self.redact(message)),
+            source=source or self.source,
+            where=_one_line(where),
+            fix=_one_line(self.redact(fix)),
         )
 
     def redact(self, text: str) -> str:
@@ -453,6 +462,7 @@ class _Loader:
         given = self.split_overrides(overrides)
 
         top: dict[str, Any] = {}
+        record_source = self.source
         for name, kind in _TOP_KINDS.items():
             for source, raw, coerce in self.layers(tables[""], given[""], name):
                 top[name] = self.check(raw, kind, name, source, coerce)
@@ -460,6 +470,9 @@ class _Loader:
                     self.check_url(top[name], name, source)
                 elif name == "log_format":
                     self.check_choice(top[name], LOG_FORMATS, name, source)
+                elif name == "record":
+                    self.check_path(top[name], "record", "--record", source)
+                    record_source = source
         if "upstream" not in top and self.environ.get("OPENROUTER_BASE_URL", "").strip():
             top["upstream"] = self.environ["OPENROUTER_BASE_URL"].strip()
             self.check_url(top["upstream"], "OPENROUTER_BASE_URL", "environment")
@@ -496,6 +509,8 @@ class _Loader:
         for name in self.names("state", tables, given, _STATE_KINDS):
             for source, raw, coerce in self.layers(tables["state"], given["state"], name):
                 state[name] = self.check(raw, _STATE_KINDS[name], f"[state] {name}", source, coerce)
+                if name == "path":
+                    self.check_path(state[name], "[state] path", "--state", source)
                 if name == "flush_in":
                     self.check_choice(state[name], STATE_FLUSH_IN, "[state] flush_in", source)
         catalog = dict(_CATALOG_DEFAULTS)
@@ -526,24 +541,32 @@ class _Loader:
                 where = f"[alerting] {name}"
                 alerting[name] = self.check(raw, _ALERTING_KINDS[name], where, source, coerce)
         for url in alerting.get("webhooks", []):
-            parts = urlsplit(url)
-            if parts.scheme not in ("http", "https") or not parts.netloc:
+            if url_problem(url, webhook=True) is not None:
                 self.fail(
-                    "[alerting] webhooks holds a URL that is not http(s)",
+                    "[alerting] webhooks holds a URL that is not http(s) or is malformed",
                     where="[alerting] webhooks",
                     fix='write full URLs, e.g. webhooks = ["https://hooks.example.com/keyrotor"]',
                 )
         shared: dict[str, Any] = {}
+        shared_source = self.source
         for name in self.names("shared", tables, given, _SHARED_KINDS):
             for source, raw, coerce in self.layers(tables["shared"], given["shared"], name):
                 where = f"[shared] {name}"
                 shared[name] = self.check(raw, _SHARED_KINDS[name], where, source, coerce)
+                if name == "url":
+                    shared_source = source
         if "url" in shared:
             try:
                 parse_url(shared["url"])
             except ValueError as exc:
+                cli = shared_source == "command line"
                 self.fail(
-                    str(exc), where="[shared] url", fix='write url = "redis://127.0.0.1:6379/0"'
+                    f"{'--shared: ' if cli else ''}{exc}",
+                    where="[shared] url",
+                    fix="give --shared redis://127.0.0.1:6379/0"
+                    if cli
+                    else 'write url = "redis://127.0.0.1:6379/0"',
+                    source=shared_source,
                 )
         if not 0.5 <= shared.get("lease", 10.0) <= 3600:
             self.fail(
@@ -579,6 +602,8 @@ class _Loader:
         state_path = None
         if state["enabled"]:
             state_path = state.get("path") or str(default_state_path(self.environ))
+        if "record" in top:
+            self.check_record(top["record"], state_path, record_source)
 
         declared = self.providers(data.get("providers", []))
         keys, specs, by_provider = self.keys(
@@ -695,7 +720,7 @@ class _Loader:
             if "name" not in entry:
                 self.fail(f"{where} has no name", where=where, fix='give it name = "ci"')
             name = self.check(entry["name"], _STR, f"{where} name", self.source, False)
-            if not _CLIENT_NAME.match(name) or name.startswith("token-"):
+            if not _CLIENT_NAME.fullmatch(name) or name.startswith("token-"):
                 self.fail(
                     f"{where} name {name!r} must be up to 64 letters, digits, '.', '_', '@' "
                     "or '-' and not start with 'token-'",
@@ -720,13 +745,9 @@ class _Loader:
                 token = token.strip()
             else:
                 env = self.check(entry["token_env"], _STR, f"{where} token_env", self.source, False)
-                token = self.environ.get(env, "").strip() if _ENV_NAME.match(env) else ""
+                token = self.environ.get(env, "").strip() if _ENV_NAME.fullmatch(env) else ""
                 if not token:
-                    self.fail(
-                        f"{where} token_env: the environment variable {env!r} is not set",
-                        where=f"{where} token_env",
-                        fix=f"export {env}=<the token> before starting keyrotor ({_TOKEN_HELP})",
-                    )
+                    self.unset_variable(env, f"{where} token_env", "token", f" ({_TOKEN_HELP})")
             if token in named.values():
                 self.fail(
                     f"{where} has the token of another client",
@@ -834,9 +855,11 @@ class _Loader:
                 )
             out[name] = per_day
         for name in ("free_per_day", "free_wait"):
-            if routing.get(name, 0) < 0:
+            if not (routing.get(name, 0) >= 0 and math.isfinite(routing.get(name, 0))):
                 self.fail(
-                    f"[routing] {name} must not be negative, got {routing[name]}",
+                    f"[routing] {name} must "
+                    + ("not be negative" if routing[name] < 0 else "be a finite number")
+                    + f", got {routing[name]}",
                     where=f"[routing] {name}",
                     fix="free_per_day: 50 (no credits bought); free_wait: seconds, 0 for none",
                 )
@@ -856,7 +879,7 @@ class _Loader:
                         fix='give it name = "openai" and upstream = "https://api.openai.com/v1"',
                     )
             name = self.check(entry["name"], _STR, f"{where} name", self.source, False)
-            if not _PROVIDER_NAME.match(name):
+            if not _PROVIDER_NAME.fullmatch(name):
                 self.fail(
                     f"{where} name {name!r} must be lower-case letters, digits, '-', '_' or '.'",
                     where=f"{where} name",
@@ -950,6 +973,11 @@ class _Loader:
             return tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             self.fail(f"invalid TOML: {exc}", fix="correct the TOML syntax there")
+        except ValueError:  # an integer of over 4300 digits, which Python will not read
+            self.fail(
+                "the file holds a number of thousands of digits",
+                fix="write every number as a reasonable one",
+            )
 
     def collect_secrets(self, data: dict[str, Any]) -> None:
         """Learn every secret first, so that no later message can show one."""
@@ -1082,6 +1110,14 @@ class _Loader:
                 fix=f"set {where.rsplit(' ', 1)[-1]} to {expected}",
                 source=source,
             )
+        if kind in (_INT, _FLOAT) and isinstance(value, int) and not finite(value):
+            self.fail(  # no option takes a number a float cannot hold
+                f"{where} is far too large, got {shown(value)}",
+                where=where,
+                fix=f"set {where.rsplit(' ', 1)[-1]} to a reasonable number "
+                "(see docs/configuration.md)",
+                source=source,
+            )
         return float(value) if kind == _FLOAT else value
 
     def build(
@@ -1145,18 +1181,8 @@ class _Loader:
 
     def check_url(self, url: str, where: str, source: str) -> None:
         """An upstream base URL: http(s), a host, no credentials, no query."""
-        try:
-            parts = urlsplit(url)
-            hostname = parts.hostname
-        except ValueError:  # a malformed [IPv6] host
-            hostname = None
-        if hostname is None or parts.scheme not in ("http", "https"):
-            problem = "must be an http(s) URL"
-        elif parts.username is not None or parts.password is not None:
-            problem = "must not hold a user or password (keys go in [[keys]])"
-        elif parts.query or parts.fragment:
-            problem = "must not have a query or fragment"
-        else:
+        problem = url_problem(url)
+        if problem is None:
             return
         shown = "" if "@" in url else f", got {url!r}"
         self.fail(
@@ -1165,6 +1191,39 @@ class _Loader:
             source=source,
             fix=f'set {where} to the base URL, such as "{OPENROUTER_URL}"',
         )
+
+    def check_path(self, value: str, where: str, flag: str, source: str) -> None:
+        """A file path: not empty (an empty one would mean something else silently)."""
+        if not value.strip():
+            cli = source == "command line"
+            self.fail(
+                f"{flag if cli else where} is an empty path",
+                where=where,
+                source=source,
+                fix=f"give {flag} a file path"
+                if cli
+                else f"set {where} to a file path or remove it",
+            )
+
+    def check_record(self, record: str, state_path: str | None, source: str) -> None:
+        """The ``record`` trace file: neither the state file nor the configuration
+        file, and not an existing file that is not a trace (it would be overwritten)."""
+        cli = source == "command line"
+        name = "--record" if cli else "record"
+        fix = f"give {name} a file of its own, such as traffic.jsonl"
+        for other, what in ((state_path, "the state file"), (self.path, "the configuration file")):
+            if other is not None and _same_file(record, other):
+                self.fail(
+                    f"{name} {record!r} is {what}: recording would overwrite it",
+                    where="record",
+                    source=source,
+                    fix=fix,
+                )
+        from ..replay.trace import refuse_overwrite
+
+        problem = refuse_overwrite(record)
+        if problem is not None:
+            self.fail(f"{name} {record!r} {problem}", where="record", source=source, fix=fix)
 
     def check_choice(self, value: str, choices: tuple[str, ...], where: str, source: str) -> None:
         if value not in choices:
@@ -1179,7 +1238,7 @@ class _Loader:
 
     def header(self, name: str, raw: Any, source: str) -> str:
         where = f"[headers] {name}"
-        if not _TOKEN.match(name):
+        if not _TOKEN.fullmatch(name):
             self.fail(
                 f"{where} is not a valid header name",
                 where=where,
@@ -1202,6 +1261,25 @@ class _Loader:
                 fix="use printable Latin-1 text on one line",
             )
         return str(value)
+
+    def unset_variable(self, name: str, where: str, what: str, help_: str) -> NoReturn:
+        """``where`` names the variable ``name``, which is not set. The name is
+        shown only when it looks like one: a key or token pasted there by
+        mistake must not be printed."""
+        if _ENV_NAME.fullmatch(name) and _PLAIN_ENV_NAME.fullmatch(name):
+            self.fail(
+                f"{where}: the environment variable {name if what == 'key' else repr(name)} "
+                "is not set",
+                where=where,
+                fix=f"export {name}=<the {what}> before starting keyrotor{help_}",
+            )
+        option = where.rsplit(" ", 1)[-1]
+        self.fail(
+            f"{where}: no environment variable of that name is set (its value is not shown: "
+            f"{option} must name a variable, not hold the {what})",
+            where=where,
+            fix=f'write {option} = "A_VARIABLE_NAME" and export A_VARIABLE_NAME=<the {what}>',
+        )
 
     # ------------------------------------------------------------ keys
 
@@ -1250,6 +1328,9 @@ class _Loader:
                     fix="give every key its own alias",
                 )
             provider = entry.get("provider")
+            if provider is not None:
+                where = f"[[keys]] #{index} ({alias}) provider"
+                provider = self.check(provider, _STR, where, self.source, False)
             if provider is None:
                 add(alias, secret, f"[[keys]] #{index}")
                 specs.append(spec)
@@ -1353,7 +1434,7 @@ class _Loader:
                 )
             return str(secret)
         name = self.check(entry["secret_env"], _STR, f"{where} secret_env", self.source, False)
-        if not _ENV_NAME.match(name):
+        if not _ENV_NAME.fullmatch(name):
             self.fail(
                 f"{where} secret_env must name an environment variable",
                 where=f"{where} secret_env",
@@ -1362,11 +1443,7 @@ class _Loader:
             )
         value = self.environ.get(name, "").strip()
         if not value:
-            self.fail(
-                f"{where} secret_env: the environment variable {name} is not set",
-                where=f"{where} secret_env",
-                fix=f"export {name}=<the key> before starting keyrotor",
-            )
+            self.unset_variable(name, f"{where} secret_env", "key", "")
         if not _valid_secret(value):
             self.fail(
                 f"{where}: the key in {name} has whitespace or non-ASCII characters",
@@ -1410,7 +1487,7 @@ def _describe(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
-        return repr(value)
+        return shown(value)
     if isinstance(value, str):
         return "a string"
     if isinstance(value, list):
@@ -1443,7 +1520,7 @@ def _host_problem(host: str) -> str | None:
     labels = host.removesuffix(".").split(".")
     if ":" in host or all(label.isdigit() for label in labels):
         return f"is not a valid IP address: {host!r}"
-    if len(host) > 253 or not all(_HOST_LABEL.match(label) for label in labels):
+    if len(host) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in labels):
         return f"is not a valid host name or address: {host!r}"
     if labels[-1].lower() == "invalid":
         return f"cannot be resolved: {host!r} is under the reserved .invalid domain"
@@ -1453,6 +1530,68 @@ def _host_problem(host: str) -> str | None:
         reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
         return f"cannot be resolved: {host!r} ({reason})"
     return None
+
+
+def url_problem(url: str, *, webhook: bool = False) -> str | None:
+    """Why ``url`` is not a usable http(s) URL (None: it is): a scheme, an
+    ASCII host name (or address), a port if any that is one, no whitespace or
+    control characters; and unless ``webhook``, no user, password, query or
+    fragment (a base URL). The URL itself is not in the answer."""
+    try:
+        parts = urlsplit(url)
+        hostname = parts.hostname
+        port_error = None
+        try:
+            parts.port  # noqa: B018 - raises ValueError when out of range or not a number
+        except ValueError:
+            port_error = "must have a port from 1 to 65535 after the host"
+    except ValueError:  # a malformed [IPv6] host
+        hostname = None
+    if not hostname or parts.scheme not in ("http", "https"):
+        return "must be an http(s) URL"
+    if not webhook and (parts.username is not None or parts.password is not None):
+        return "must not hold a user or password (keys go in [[keys]])"
+    if not webhook and (parts.query or parts.fragment):
+        return "must not have a query or fragment"
+    if _unprintable(url):
+        return "must not have spaces or control characters (write a space as %20)"
+    if port_error is not None or parts.port == 0:
+        return port_error or "must have a port from 1 to 65535 after the host"
+    try:
+        ipaddress.ip_address(hostname)
+    except ValueError:
+        pass
+    else:
+        return None
+    if not hostname.isascii():
+        try:
+            ascii_name = hostname.encode("idna").decode("ascii")
+        except UnicodeError:
+            return "must have a valid host name"
+        return f"must have an ASCII host name: write {ascii_name!r} for {hostname!r}"
+    labels = hostname.removesuffix(".").split(".")
+    if len(hostname) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in labels):
+        return "must have a valid host name (letters, digits and '-' between dots)"
+    return None
+
+
+def _one_line(text: str) -> str:
+    return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
+def _same_file(a: str, b: str) -> bool:
+    """Do the paths ``a`` and ``b`` name one file (or would, once created)?"""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return os.path.realpath(a) == os.path.realpath(b)
+    except ValueError:  # an embedded NUL
+        return False
+
+
+def _unprintable(text: str) -> bool:
+    """Has ``text`` whitespace or control characters (no URL has them raw)?"""
+    return any(c.isspace() or not c.isprintable() for c in text)
 
 
 def _valid_secret(secret: str) -> bool:

@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import ipaddress
 import json
+import math
 import os
+import re
 import sys
 import urllib.error
 import urllib.request
@@ -25,6 +28,53 @@ __all__ = ["add_parser", "run"]
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 _STATES = ("healthy", "enabled", "disabled", "rate_limited", "degraded", "depleted", "failed")
+LONGEST_MARK = 10 * 365 * 86400
+"""``keys mark --duration`` at most: ten years, as the admin API takes (a longer
+time is a mistake)."""
+
+
+def _number(minimum: float, *, zero: bool = False, most: float | None = None) -> Any:
+    """An argparse ``type``: a finite number over ``minimum`` (or equal, with
+    ``zero``), at most ``most``; a bad one is argparse's one-line error."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text[:40]!r}") from None
+        bound = "0 or more" if zero else "more than 0"
+        if not math.isfinite(value) or value < minimum or (value == minimum and not zero):
+            raise argparse.ArgumentTypeError(f"must be a finite number {bound}, not {text[:40]!r}")
+        if most is not None and value >= most:
+            raise argparse.ArgumentTypeError(
+                f"must be less than {most:.0f} (ten years), not {text[:40]!r}"
+            )
+        return value
+
+    return parse
+
+
+_ALIAS = re.compile(r"[A-Za-z0-9._:@+-]{1,128}")  # KeySpec's key_id (fullmatch)
+
+
+def _alias(text: str) -> str:
+    """An argparse ``type``: an alias the proxy takes (not checked against its keys)."""
+    if not _ALIAS.fullmatch(text):
+        raise argparse.ArgumentTypeError(
+            f"{text[:40]!r} is not an alias: use 1-128 letters, digits or ._:@+-"
+        )
+    return text
+
+
+def _count(text: str) -> int:
+    """An argparse ``type``: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text[:40]!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 class _Refused(Exception):
@@ -50,26 +100,31 @@ def add_parser(commands: Any) -> None:
     listing = actions.add_parser("list", help="every key: alias, state, source, counters")
     listing.add_argument("--json", action="store_true", help="print the admin API's JSON")
     add = actions.add_parser("add", help="add a key (read from --secret-env or standard input)")
-    add.add_argument("--alias", help="its name in logs and status (default: key-<hash>)")
+    add.add_argument(
+        "--alias", type=_alias, help="its name in logs and status (default: key-<hash>)"
+    )
     add.add_argument(
         "--secret-env", metavar="VAR", help="read the key from this environment variable"
     )
     add.add_argument("--provider", help="a [[providers]] name (default: the main upstream)")
-    add.add_argument("--weight", type=float)
+    positive = _number(0)
+    add.add_argument("--weight", type=positive, help="share of traffic (more than 0)")
     add.add_argument("--account", help="keys of one account share account-wide limits")
-    add.add_argument("--max-in-flight", type=int)
-    add.add_argument("--rpm", type=float, help="known requests-per-minute limit")
-    add.add_argument("--tpm", type=float, help="known tokens-per-minute limit")
-    add.add_argument("--budget", type=float, help="spend limit in USD")
-    add.add_argument("--budget-window", type=float, help="seconds the budget applies to")
-    add.add_argument("--credits", type=float, help="known balance in USD")
+    add.add_argument("--max-in-flight", type=_count)
+    add.add_argument("--rpm", type=positive, help="known requests-per-minute limit")
+    add.add_argument("--tpm", type=positive, help="known tokens-per-minute limit")
+    add.add_argument("--budget", type=positive, help="spend limit in USD")
+    add.add_argument("--budget-window", type=positive, help="seconds the budget applies to")
+    add.add_argument("--credits", type=_number(0, zero=True), help="known balance in USD")
     remove = actions.add_parser("remove", help="remove a key (requests on it finish)")
     remove.add_argument("alias")
     mark = actions.add_parser("mark", help="set a key's state (healthy after a refund, ...)")
     mark.add_argument("alias")
     mark.add_argument("state", choices=_STATES)
     mark.add_argument(
-        "--duration", type=float, help="seconds, for rate_limited and degraded (and depleted)"
+        "--duration",
+        type=_number(0, most=LONGEST_MARK),
+        help="seconds, for rate_limited and degraded (and depleted); at most ten years",
     )
     probe = actions.add_parser("probe", help="probe one key, or every key")
     probe.add_argument("alias", nargs="?")
@@ -90,9 +145,14 @@ def run(
     url = (args.url or environ.get("KEYROTOR_URL") or DEFAULT_URL).rstrip("/")
     given = "--url" if args.url else "KEYROTOR_URL" if environ.get("KEYROTOR_URL") else "the URL"
     parts = _proxy_url(url)
-    if parts is None:
+    if parts is None or parts.username is not None or parts.password is not None:
+        problem, shown = (
+            ("must not hold a user or password (the admin token is KEYROTOR_ADMIN_TOKEN)", "")
+            if parts is not None
+            else ("is not an http(s) URL", "" if "@" in url else f" {url!r}")
+        )
         print(
-            f"keyrotor keys: {given} {url!r} is not an http(s) URL; fix: give the proxy's "
+            f"keyrotor keys: {given}{shown} {problem}; fix: give the proxy's "
             f"address, such as {DEFAULT_URL}",
             file=stderr,
         )
@@ -100,6 +160,13 @@ def run(
     token = environ.get("KEYROTOR_ADMIN_TOKEN", "").strip()
     if not token:
         print("keyrotor keys: set KEYROTOR_ADMIN_TOKEN to the proxy's admin token", file=stderr)
+        return 2
+    if not _plain_token(token):
+        print(
+            "keyrotor keys: KEYROTOR_ADMIN_TOKEN has whitespace, a second line or characters "
+            "no token has (its value is not shown); fix: set it to the admin token alone",
+            file=stderr,
+        )
         return 2
     if parts.scheme == "http" and parts.hostname not in ("127.0.0.1", "localhost", "::1"):
         print(
@@ -162,15 +229,34 @@ def run(
 
 
 def _proxy_url(url: str) -> SplitResult | None:
-    """``url`` split, if it is an http(s) URL with a host and a valid port."""
+    """``url`` split, if it is an http(s) URL with an ASCII host, a valid port
+    and no whitespace or control characters."""
+    if not url.isascii() or not url.isprintable() or " " in url:
+        return None
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError when out of range
-    except ValueError:
+        if parts.hostname and not _is_address(parts.hostname):
+            parts.hostname.encode("idna")  # an empty label ("a..b") raises UnicodeError
+    except (ValueError, UnicodeError):
         return None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         return None
     return parts
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _plain_token(token: str) -> bool:
+    """Can ``token`` go in an ``Authorization`` header as it is (printable
+    ASCII, no whitespace)?"""
+    return token.isascii() and token.isprintable() and " " not in token
 
 
 def _secret(args: argparse.Namespace, environ: Mapping[str, str], stdin: TextIO) -> str:

@@ -144,8 +144,10 @@ def _load(args: argparse.Namespace, environ: Mapping[str, str]) -> Catalog:
         return _parse(document, f"{args.file}")
     if args.state is not None:
         return _stored(args.state or str(default_state_path(environ)))
-    base = args.upstream or environ.get("OPENROUTER_BASE_URL", "").strip() or OPENROUTER_URL
-    url = _url(base, "/models", "--upstream")
+    env_base = environ.get("OPENROUTER_BASE_URL", "").strip()
+    base = args.upstream or env_base or OPENROUTER_URL
+    option = "--upstream" if args.upstream else "OPENROUTER_BASE_URL" if env_base else "the URL"
+    url = _url(base, "/models", option)
     document = _get(url, {}, "check --upstream, or read a stored catalog with --state")
     return _parse(document, url)
 
@@ -154,6 +156,12 @@ def _from_proxy(base: str, environ: Mapping[str, str]) -> tuple[Catalog, dict[st
     """A running proxy's catalog (``/v1/models``) and the time to first byte
     it observed per model (``/status``), in ms."""
     token = environ.get(TOKEN_ENV, "").strip()
+    if token and not (token.isascii() and token.isprintable() and " " not in token):
+        raise _Failed(
+            f"{TOKEN_ENV} has whitespace, a second line or characters no token has "
+            "(its value is not shown); fix: set it to the client token alone",
+            2,
+        )
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     fix = f"check --proxy and, if the proxy has client tokens, ${TOKEN_ENV}"
     base = base.rstrip("/")
@@ -163,17 +171,30 @@ def _from_proxy(base: str, environ: Mapping[str, str]) -> tuple[Catalog, dict[st
         catalog = parse_catalog(_get(url, headers, fix), "keyrotor", priced=False)
     except CatalogError as exc:
         raise _Failed(f"{url}: {exc}", 2) from None
+    except RecursionError:
+        raise _Failed(f"{url}: the JSON is nested too deeply to be a model catalog", 2) from None
     try:
         models = json.loads(_get(_url(base, "/status", "--proxy"), headers, fix))["models"]
         latency = {m: float(row["ttfbMs"]) for m, row in models.items() if row["ttfbMs"]}
-    except (ValueError, KeyError, TypeError, AttributeError):
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
         raise _Failed(f"{base} answered /status without per-model figures; {fix}", 2) from None
     return catalog, latency
 
 
 def _url(base: str, path: str, option: str) -> str:
+    """``base`` + ``path``, once ``base`` is a well-formed http(s) URL (the
+    URL is not shown when it holds a user or password)."""
+    from .config import url_problem
+
+    example = "http://127.0.0.1:8080" if option == "--proxy" else OPENROUTER_URL
+    fix = f"fix: give the base URL, such as {example}"
+    shown = "" if "@" in base else f", not {base!r}"
     if not base.startswith(("http://", "https://")):
-        raise _Failed(f"{option} must be an http:// or https:// URL, not {base!r}", 2)
+        raise _Failed(f"{option} must be an http:// or https:// URL{shown}; {fix}", 2)
+    problem = url_problem(base)
+    if problem is not None:
+        problem = problem.replace(" (keys go in [[keys]])", "")
+        raise _Failed(f"{option} {problem}{shown}; {fix}", 2)
     return base.rstrip("/") + path
 
 
@@ -188,6 +209,8 @@ def _get(url: str, headers: Mapping[str, str], fix: str) -> bytes:
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise _Failed(f"cannot reach {url} ({reason}); {fix}", 1) from None
+    except (ValueError, UnicodeError):  # a URL http.client refuses (checked first: rare)
+        raise _Failed(f"cannot fetch {url}: it is not a valid URL; {fix}", 2) from None
 
 
 def _parse(document: bytes | Any, where: str) -> Catalog:
@@ -195,6 +218,8 @@ def _parse(document: bytes | Any, where: str) -> Catalog:
         return parse_catalog(document)
     except CatalogError as exc:
         raise _Failed(f"{where}: {exc}", 2) from None
+    except RecursionError:
+        raise _Failed(f"{where}: the JSON is nested too deeply to be a model catalog", 2) from None
 
 
 def _stored(path: str) -> Catalog:

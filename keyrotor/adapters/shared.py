@@ -63,18 +63,29 @@ T = TypeVar("T")
 
 
 def parse_url(url: str) -> tuple[str, int, int]:
-    """(host, port, db) of ``redis://host[:port][/db]``; ``ValueError`` naming the fix."""
-    parts = urlsplit(url)
-    if parts.scheme != "redis" or not parts.hostname:
-        raise ValueError(f"the shared state URL must be redis://host:port/db, got {url!r}")
+    """(host, port, db) of ``redis://host[:port][/db]``; ``ValueError`` naming the
+    fix (which shows the URL without its user and password)."""
+    bad = f"the shared state URL must be redis://host:port/db, got {_without_password(url)!r}"
     try:
+        parts = urlsplit(url)
+        hostname = parts.hostname
         port = parts.port or 6379
         db = int(parts.path.strip("/") or 0)
-    except ValueError:
-        raise ValueError(
-            f"the shared state URL must be redis://host:port/db, got {url!r}"
-        ) from None
-    return parts.hostname, port, db
+    except ValueError:  # a port that is not one, a malformed [IPv6] host, a db not a number
+        raise ValueError(bad) from None
+    if parts.scheme != "redis" or not hostname:
+        raise ValueError(bad)
+    return hostname, port, db
+
+
+def _without_password(url: str) -> str:
+    """``url`` as it may be shown: without whatever comes before an ``@``
+    (a user and password), and cut short."""
+    scheme, sep, rest = url.partition("://")
+    if "@" in url:
+        rest = (rest if sep else url).rpartition("@")[2]
+        url = f"{scheme}{sep}{rest}" if sep else rest
+    return url if len(url) <= 200 else url[:200] + "..."
 
 
 def _authoritative(reason: str) -> bool:

@@ -16,12 +16,28 @@ import attrs
 
 from .errors import PoolError
 
-__all__ = ["POLICIES", "KeySpec", "Policy", "PoolConfig"]
+__all__ = [
+    "AFFINITY_POINTS_MAX",
+    "AFFINITY_VNODES_MAX",
+    "POLICIES",
+    "SEED_MAX",
+    "SEED_MIN",
+    "KeySpec",
+    "Policy",
+    "PoolConfig",
+]
 
 Policy = Literal["round_robin", "weighted", "least_busy", "latency", "affinity"]
 POLICIES: tuple[str, ...] = get_args(Policy)
 
-_KEY_ID = re.compile(r"^[A-Za-z0-9._:@+-]{1,128}$")
+_KEY_ID = re.compile(r"[A-Za-z0-9._:@+-]{1,128}")  # fullmatch: "$" would pass a final newline
+SEED_MIN: int = -(2**63)
+SEED_MAX: int = 2**63 - 1
+"""``PoolConfig.seed`` bounds: the hash ring salts with it as a signed 64-bit integer."""
+AFFINITY_VNODES_MAX: int = 1000
+"""``PoolConfig.affinity_vnodes`` at most (points per unit of weight on the ring)."""
+AFFINITY_POINTS_MAX: int = 100_000
+"""Points one key may have on the ``affinity`` ring (``affinity_vnodes`` x its weight)."""
 
 
 _FLOAT_MAX = int(sys.float_info.max)
@@ -87,7 +103,7 @@ class KeySpec:
     credits: float | None = None
 
     def __attrs_post_init__(self) -> None:
-        if not isinstance(self.key_id, str) or not _KEY_ID.match(self.key_id):
+        if not isinstance(self.key_id, str) or not _KEY_ID.fullmatch(self.key_id):
             raise PoolError(
                 f"invalid key_id {self.key_id!r}",
                 fix="use an alias of 1-128 letters, digits or ._:@+- (never the secret itself)",
@@ -210,6 +226,27 @@ class PoolConfig:
             _integer(self, name, minimum=0)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise PoolError(f"PoolConfig.seed must be an integer, got {shown(self.seed)}")
+        if not SEED_MIN <= self.seed <= SEED_MAX:
+            raise PoolError(
+                f"PoolConfig.seed must be a signed 64-bit integer, got {shown(self.seed)}",
+                fix=f"set seed to an integer from {SEED_MIN} to {SEED_MAX}, such as 0",
+            )
+        if self.affinity_vnodes > AFFINITY_VNODES_MAX:
+            raise PoolError(
+                f"PoolConfig.affinity_vnodes must be at most {AFFINITY_VNODES_MAX}, "
+                f"got {shown(self.affinity_vnodes)}",
+                fix="set affinity_vnodes to 16 (the default) or a few hundred at most",
+            )
+        if self.policy == "affinity":
+            for spec in self.keys:
+                if self.affinity_vnodes * spec.weight > AFFINITY_POINTS_MAX:
+                    raise PoolError(
+                        f"key {spec.key_id!r} would have {self.affinity_vnodes} x "
+                        f"{spec.weight:g} points on the affinity ring, more than "
+                        f"{AFFINITY_POINTS_MAX:,}",
+                        fix="lower the key's weight or affinity_vnodes (weights are "
+                        "relative: 1 and 3 share as 100 and 300 do)",
+                    )
         for name in (
             "queue_timeout",
             "rate_limit_cooldown",

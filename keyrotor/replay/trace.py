@@ -14,6 +14,7 @@ docs/replay.md documents every field.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -472,6 +473,36 @@ class Trace:
                 writer.write(record)
 
 
+def refuse_overwrite(path: str | os.PathLike[str]) -> str | None:
+    """Why a trace must not be written at ``path`` (None: it may): an existing,
+    non-empty regular file whose first line is not a trace's header (a state
+    file, a configuration file, ...) would be overwritten. A trace may replace
+    an earlier trace."""
+    try:
+        if not os.path.isfile(path) or os.path.getsize(path) == 0:
+            return None
+        with open(path, "rb") as file:
+            first = file.readline(4096)
+    except (OSError, ValueError):
+        return None  # opening it for writing reports the problem
+    if _HEADER_START.match(first):  # a long header (many keys) is cut by the readline
+        return None
+    try:
+        header = json.loads(first)
+    except (ValueError, RecursionError):
+        header = None
+    if (
+        isinstance(header, dict)
+        and header.get("type") == "header"
+        and header.get("format") == FORMAT
+    ):
+        return None
+    return "exists and is not a keyrotor trace: it would be overwritten"
+
+
+_HEADER_START = re.compile(rb'\{\s*"type"\s*:\s*"header"\s*,\s*"format"\s*:\s*"keyrotor-trace"')
+
+
 class TraceWriter:
     """Appends records to a trace file, one line each, from any thread.
 
@@ -498,6 +529,9 @@ class TraceWriter:
         self._hash = hash_labels
         self._label_key = os.urandom(16) if label_key is None else label_key
         if isinstance(target, str | os.PathLike):
+            problem = refuse_overwrite(target)
+            if problem is not None:
+                raise FileExistsError(errno.EEXIST, problem, os.fspath(target))
             self._file: IO[str] = open(target, "w", encoding="utf-8", buffering=1)  # noqa: SIM115
             self._owned = True
         else:

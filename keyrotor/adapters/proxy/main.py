@@ -194,9 +194,13 @@ def run(config: ProxyConfig, stream: TextIO = sys.stderr) -> None:
         if isinstance(sole, (ConfigError, StorageError)):
             raise sole from None
         if isinstance(sole, OSError) and config.record and sole.filename == config.record:
+            fix = (
+                "give --record a file of its own (a new one, or an earlier trace)"
+                if isinstance(sole, FileExistsError)
+                else "give --record a path in an existing directory this user may write to"
+            )
             raise ConfigError(
-                f"cannot write the trace file {config.record}: {sole.strerror or sole}",
-                fix="give --record a path in an existing directory this user may write to",
+                f"cannot write the trace file {config.record}: {sole.strerror or sole}", fix=fix
             ) from None
         raise
     finally:
