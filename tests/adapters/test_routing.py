@@ -405,6 +405,25 @@ def test_a_model_that_fails_with_5xx_on_every_key_is_cooled_and_passed_over(
     assert sent == [first] * 4 + [second] * 5
 
 
+def test_a_mistyped_route_is_told_also_before_the_first_catalog_is_in(tmp_path: Path) -> None:
+    # The catalog's first fetch failed: a name like a route's was sent upstream
+    # as a model instead of the 404 that names the route.
+    failing = scenario()
+    failing.models_reply = Reply(500)
+    with FakeUpstream.running_in_thread(failing) as server:
+        log: list[dict[str, Any]] = []
+        with ProxyThread(write_config(tmp_path, server.url), log) as url:
+            for _ in range(600):  # until the first fetch has failed
+                if any(e.get("event") == "catalog" for e in log):
+                    break
+                threading.Event().wait(0.05)
+            server.scenario = scenario()  # the upstream's catalog is back
+            answer = httpx.post(f"{url}/v1/chat/completions", json={"model": "fre", "messages": HI})
+    assert answer.status_code == 404, answer.text
+    assert "routes close to it: free" in answer.json()["error"]["message"]
+    assert not SENT
+
+
 def test_the_models_list_falls_back_in_order_like_openrouters(tmp_path: Path) -> None:
     first, second = "qwen/qwen3-large:free", PAID
     down = {first: Reply(404, f"No endpoints found for {first}.")}

@@ -550,6 +550,10 @@ class ProxyApp:
                 if is_free(model):
                     return await self._send_models(send, None, model)
                 unknown = router.unknown(model)
+                if unknown is None and "/" not in model and router.catalog() is None:
+                    assert self._catalog is not None  # a name like a route's: is it one?
+                    await self._catalog.ready()  # the first fetch (READY_WAIT at most)
+                    unknown = router.unknown(model)
                 if unknown is not None:
                     return _refused(unknown)
         client, provider, body = self._upstream(body)
