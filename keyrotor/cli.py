@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
@@ -37,6 +38,15 @@ def version() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``keyrotor`` console script."""
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # `keyrotor ... | head`: the reader has what it wanted
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes at exit
+        return 1
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = ArgumentParser(
         prog="keyrotor", description="Pool many LLM API keys behind one client or proxy."
     )

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -192,3 +194,33 @@ def test_keys_flag_values_are_checked_before_the_proxy_is_asked(
         main(["keys", "--url", f"http://127.0.0.1:{closed_port()}", *argv])
     code = info.value.code
     assert problem in one_line(capsys, code if isinstance(code, int) else 1)
+
+
+def test_output_cut_short_by_a_pipe_is_no_traceback(tmp_path: Path) -> None:
+    # `keyrotor models --json | head`: the reader leaves; a traceback followed.
+    from keyrotor.testing.catalogs import realistic_models
+
+    catalog = tmp_path / "models.json"
+    catalog.write_text(json.dumps({"data": [m.to_json() for m in realistic_models()]}))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "keyrotor.cli", "models", "--file", str(catalog), "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.read(100)  # the reader takes a little, then goes
+    proc.stdout.close()
+    with proc.stderr:
+        errors = proc.stderr.read().decode()
+    proc.wait(timeout=60)
+    assert "Traceback" not in errors and "BrokenPipeError" not in errors, errors
+
+
+def test_write_trace_with_a_route_is_refused_not_ignored(tmp_path: Path) -> None:
+    trace = tmp_path / "t.jsonl"
+    done = subprocess.run(
+        [sys.executable, "-m", "keyrotor.cli", "replay", "--scenario", "free-day", "--route",
+         "free", "--requests", "10", "--write-trace", str(trace)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 2 and "--write-trace does not apply with --route" in done.stderr
+    assert not trace.exists()

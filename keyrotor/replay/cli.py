@@ -178,6 +178,11 @@ def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         print(f"{'free-day':<18} with --route: a day of chat traffic for the free tier", file=out)
         return 0
     if args.route is not None or args.routes is not None or args.strategy is not None:
+        if args.write_trace:
+            raise UsageError(
+                "--write-trace does not apply with --route: write the scenario's trace first, "
+                "then replay that file with --route"
+            )
         return _run_route(args, out)
     if (args.scenario is None) == (args.trace is None):
         raise UsageError("give a TRACE file or --scenario NAME (--scenario list names them)")

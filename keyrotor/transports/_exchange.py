@@ -215,6 +215,7 @@ def attempts(
     before the pool hears of it, so that a body breaking off fails over like
     a missing answer. Raises ``NoKeyAvailable`` when the pool rejects it."""
     ended = False
+    unreached = ""  # why the last connection could not be opened (before a byte was sent)
     try:
         while True:
             while not slot.decisions:
@@ -223,7 +224,10 @@ def attempts(
             if isinstance(decision, Reject):
                 ended = True
                 driver.close(request_id, ended=True)
-                raise NoKeyAvailable(decision.status, decision.retry_after, decision.reason)
+                reason = decision.reason
+                if decision.status == 502 and unreached:  # an untrusted certificate, by name
+                    reason = f"{reason}: {unreached}"
+                raise NoKeyAvailable(decision.status, decision.retry_after, reason)
             assert isinstance(decision, Send)
             gate = driver.gate
             if gate is not None and decision.key_id in gate.limited:
@@ -237,6 +241,8 @@ def attempts(
             opened = yield Open(outgoing, decision.key_id, secret)
             if isinstance(opened, Failed):
                 driver.failed(request_id, opened.reason)
+                if opened.reason == "connect":
+                    unreached = str(opened.error)[:300]
             else:
                 delivered = yield from _answer(driver, request_id, decision.attempt, opened, buffer)
                 if delivered is not None:

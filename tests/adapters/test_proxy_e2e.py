@@ -332,3 +332,8 @@ def test_keyrotor_serve_on_an_https_upstream_trusted_through_ssl_cert_file(
                 assert "is not trusted (self-signed certificate)" in catalog["error"]
                 assert "SSL_CERT_FILE" in catalog["error"]
                 assert reply.status_code == 502 and streamed.status_code == 502
+                # The caller is told why (not that the keys failed: they are fine).
+                message = reply.json()["error"]["message"]
+                assert message.startswith("the upstream gave no answer on any attempt")
+                assert "is not trusted (self-signed certificate)" in message
+                assert "SSL_CERT_FILE" in message and "failed, depleted" not in message

@@ -129,6 +129,8 @@ def rejection(exc: NoKeyAvailable) -> tuple[int, list[tuple[str, str]], bytes]:
     elif exc.retry_after is not None:
         headers.append(("retry-after", str(max(0, round(exc.retry_after)))))
         message = f"no API key can serve this request now ({exc.reason})"
+    elif exc.status == 502:  # keys fine, the upstream not reached or no answer
+        message = f"the upstream gave no answer on any attempt ({exc.reason})"
     else:
         message = (
             f"no API key can serve this request now ({exc.reason}), and none is expected "
