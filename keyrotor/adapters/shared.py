@@ -116,7 +116,9 @@ def accepts(
             return (remote_until or 0.0) > (local_until or 0.0)
         return False  # failed or depleted here stays
     if remote in (KeyState.DEPLETED, KeyState.FAILED):
-        return local != remote
+        # A key revoked here (failed) stays failed: depleted may end with a
+        # window and would send on a key the upstream refuses.
+        return local != remote and local != KeyState.FAILED
     if remote == KeyState.HEALTHY:
         return _authoritative(reason) and local != KeyState.HEALTHY
     return False

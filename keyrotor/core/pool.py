@@ -38,7 +38,7 @@ from ._records import (
 from ._select import HashRing, HeapSelector, RingSelector, WeightedSelector
 from ._snapshot import SNAPSHOT_VERSION, Snapshots
 from .classify import Classification, Verdict, classify_probe, classify_response
-from .config import KeySpec, PoolConfig, finite, shown
+from .config import AFFINITY_POINTS_MAX, KeySpec, PoolConfig, finite, shown
 from .decisions import (
     Decision,
     Reject,
@@ -612,6 +612,16 @@ class Pool(KeyChoice, RequestQueue, KeyHealth, Snapshots):
                 event=event,
                 state="the pool already holds (or is still draining) a key with this id",
                 fix="remove it first and wait for its requests to finish, or pick another id",
+            )
+        config = self._config
+        if config.policy == "affinity" and config.affinity_vnodes * spec.weight > (
+            AFFINITY_POINTS_MAX
+        ):
+            raise PoolError(
+                f"key {spec.key_id!r} would have {config.affinity_vnodes} x {spec.weight:g} "
+                f"points on the affinity ring, more than {AFFINITY_POINTS_MAX:,}",
+                event=event,
+                fix="give it a lower weight (weights are relative: 1 and 3 share as 100 and 300)",
             )
         out: list[Decision] = []
         self._advance(event, out)

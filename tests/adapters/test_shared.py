@@ -61,6 +61,8 @@ def test_conflicts_resolve_by_the_written_rules() -> None:
     assert accepts(D, None, H, None, "probe_ok")
     assert not accepts(D, None, R, 100.0, "http_429")  # worse stays
     assert accepts(H, None, F, None, "http_401")
+    assert accepts(D, None, F, None, "http_401")  # failed beats depleted ...
+    assert not accepts(F, None, D, 3600.0, "budget")  # ... and is not replaced by it
     assert not accepts(R, 10.0, KeyState.RECOVERING, None, "cooldown_over")
     assert parse_url("redis://127.0.0.1:6380/2") == ("127.0.0.1", 6380, 2)
     for bad in ("http://x", "redis://", "redis://h:port/x"):

@@ -573,3 +573,15 @@ def test_a_request_pinned_to_a_paced_key_is_sent_when_the_pace_allows(held: bool
         assert deadline is not None and deadline < 30.0  # before r2's deadline
         sent += sends(pool.handle(Tick(now=deadline)))
     assert {(s.request_id, s.key_id) for s in sent} == {(r, "a") for r in waiting}
+
+
+def test_a_key_added_at_runtime_cannot_build_a_huge_affinity_ring() -> None:
+    """The configuration caps points per key on the affinity ring; a key added
+    later with a huge weight built 10^9 points (the process hung)."""
+    pool = Pool(PoolConfig(keys=[KeySpec(key_id="a")], policy="affinity"))
+    huge = KeySpec(key_id="b", weight=1e5)  # 1.6 million points
+    with pytest.raises(PoolError, match="points on the affinity ring"):
+        pool.handle(KeyAdded(now=1.0, key=huge))
+    assert pool.key_ids() == ["a"]  # nothing changed
+    pool.handle(KeyAdded(now=1.0, key=KeySpec(key_id="b", weight=3)))
+    assert pool.key_ids() == ["a", "b"]
