@@ -17,9 +17,6 @@ from ._records import (
 from ._records import (
     pacing_ready as _pacing_ready,
 )
-from ._records import (
-    tokens_ready as _tokens_ready,
-)
 from ._select import HashRing
 from .config import KeySpec
 from .decisions import Decision, Send
@@ -77,13 +74,13 @@ class KeyChoice(PoolFields):
         pace = key.pace_at
         if pace is not None and pace > now:
             return False
-        tok = key.tok_at  # tpm: the request being picked must fit in the minute
-        return tok is None or _tokens_ready(key, tok, self._need_tokens) <= now
+        tok = key.tok_at
+        return tok is None or tok <= now + 60.0
 
     def _drop(self, key: KeyRecord) -> None:
         """``key`` left a selection structure as unusable: wake it when it may be usable."""
         if key.state is _HEALTHY or key.state is _RECOVERING:
-            ready = _pacing_ready(key, self._now, self._need_tokens)
+            ready = _pacing_ready(key, self._now)
             if ready is not None and key.pace_timer != ready:
                 key.pace_timer = ready
                 heappush(self._timers, (ready, _T_PACE, key.serial, ""))
@@ -110,18 +107,13 @@ class KeyChoice(PoolFields):
             and event.group is None
             and event.pin is None
             and event.session is None
-            and not event.tokens
             and not self._plain_pick_needs_request
         ):
             return self._select.pick(self._usable_fn, self._drop_fn, None)
-        self._need_tokens = event.tokens  # read by ``_usable`` (tpm pacing)
-        key = self._pick_for(req)
-        self._need_tokens = 0
-        return key
+        return self._pick_for(req)
 
     def _pick_for(self, req: RequestRecord) -> KeyRecord | None:
-        """``_pick`` for a request with a pin, a session, a group, tried keys or
-        a token estimate."""
+        """``_pick`` for a request with a pin, a session, a group or tried keys."""
         event = req.event
         avoid: Collection[str] | None = req.tried
         if event.group is not None:
@@ -280,7 +272,6 @@ class KeyChoice(PoolFields):
         if event.pin is not None and not event.pin_fallback:
             return None  # its one key has been tried
         tried = set(req.tried or ())
-        self._need_tokens = event.tokens
         key = None
         if event.group is not None:
             members = self._groups.get(event.group)
@@ -288,7 +279,6 @@ class KeyChoice(PoolFields):
                 key = self._pick_policy(req, tried | set(members))
         if key is None:
             key = self._pick_policy(req, tried)
-        self._need_tokens = 0
         return key
 
     def _send_or_queue(self, req: RequestRecord, out: list[Decision]) -> None:

@@ -61,7 +61,6 @@ class PoolFields:
     _usable_fn: Callable[[KeyRecord], bool]
     _drop_fn: Callable[[KeyRecord], None]
     _plain_pick_needs_request: bool
-    _need_tokens: int
     _queue_timeout: float
     _max_attempts: int
     _handlers: dict[type, Callable[[Any], list[Decision]]]

@@ -341,23 +341,12 @@ class RequestRecord:
 T_COOLDOWN, T_PACE, T_PROBE, T_DEADLINE = 0, 1, 2, 3
 
 
-def tokens_ready(key: KeyRecord, tok_at: float, tokens: int) -> float:
-    """When ``key``'s tpm pacing (tokens paid up to ``tok_at``) admits a request
-    of ``tokens``: once its debt with them is at most a minute's (a request
-    larger than a minute's tokens: once the key owes nothing)."""
-    tpm = key.spec.tpm
-    cost = tokens * 60.0 / tpm if tokens and tpm else 0.0
-    return tok_at - 60.0 + cost if cost < 60.0 else tok_at
-
-
-def pacing_ready(key: KeyRecord, now: float, tokens: int = 0) -> float | None:
-    """When pacing lets ``key`` send (a request of ``tokens``) again, if pacing
-    is what holds it back."""
+def pacing_ready(key: KeyRecord, now: float) -> float | None:
+    """When pacing lets ``key`` send again, if pacing is what holds it back."""
     ready = None
     if key.pace_at is not None and key.pace_at > now:
         ready = key.pace_at
-    if key.tok_at is not None:
-        tok_ready = tokens_ready(key, key.tok_at, tokens)
-        if tok_ready > now:
-            ready = tok_ready if ready is None else max(ready, tok_ready)
+    if key.tok_at is not None and key.tok_at > now + 60.0:
+        tok_ready = key.tok_at - 60.0
+        ready = tok_ready if ready is None else max(ready, tok_ready)
     return ready

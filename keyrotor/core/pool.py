@@ -155,7 +155,6 @@ class Pool(KeyChoice, RequestQueue, KeyHealth, Snapshots):
         self._usable_fn = self._usable
         self._drop_fn = self._drop
         self._plain_pick_needs_request = self._ring is not None or self._explore > 0
-        self._need_tokens = 0  # tokens of the request being picked (tpm pacing)
         self._queue_timeout = config.queue_timeout
         self._max_attempts = config.max_attempts
         for spec in config.keys:
