@@ -18,7 +18,7 @@ import openai
 import pytest
 
 from keyrotor.adapters.config import load_config
-from keyrotor.testing import Chain, Custom, FakeUpstream, FreeModelLimits, Reply, Scenario
+from keyrotor.testing import Chain, Custom, FakeUpstream, FreeModelLimits, Ok, Reply, Scenario
 from keyrotor.testing.catalogs import realistic_models
 
 from .proxy_thread import ProxyThread
@@ -279,6 +279,29 @@ def test_a_free_request_whose_accounts_have_no_usable_key_gets_the_pools_answer_
     assert all(account["usedToday"] == 0 for account in used.values())
 
 
+def test_a_spent_free_quota_holds_also_while_every_key_rests(tmp_path: Path) -> None:
+    # No account had a usable key, so the request went to the pool unpinned and
+    # was sent once a key came back: past the day's quota.
+    busy = Reply(429, "Rate limit exceeded", headers=(("retry-after", "2"),))
+    extra = "[pool]\nmax_attempts = 3\n[routing]\nfree_per_day = 1\nfree_wait = 1\n"
+    free = "qwen/qwen3-large:free"
+    limits = free_limits(per_day=1000)  # only the proxy's count guards the day here
+    with FakeUpstream.running_in_thread(scenario({PAID: busy}, limits)) as server:
+        with ProxyThread(write_config(tmp_path, server.url, extra), []) as url:
+
+            def post(model: str) -> httpx.Response:
+                body = {"model": model, "messages": HI}
+                return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+
+            assert [post(free).status_code for _ in range(3)] == [200, 200, 429]
+            assert post(PAID).status_code == 429  # every key rests now
+            answer = post(free)
+            used = httpx.get(f"{url}/status").json()["routing"]["freeTier"]
+    assert answer.status_code == 429, answer.text
+    assert answer.json()["error"]["code"] == "free_quota_exhausted"
+    assert all(a["usedToday"] <= a["perDay"] for a in used.values()), used
+
+
 def test_an_accounts_tier_is_learned_from_get_key_once_free_models_are_asked_for(
     tmp_path: Path,
 ) -> None:
@@ -422,6 +445,47 @@ def test_a_mistyped_route_is_told_also_before_the_first_catalog_is_in(tmp_path: 
     assert answer.status_code == 404, answer.text
     assert "routes close to it: free" in answer.json()["error"]["message"]
     assert not SENT
+
+
+def test_a_name_unlike_any_route_does_not_wait_for_a_missing_catalog(tmp_path: Path) -> None:
+    # Every request naming a model without '/' fetched the catalog again (and
+    # waited up to 10 s for it) while the upstream's /models failed.
+    failing = scenario()
+    failing.models_reply = Reply(500)
+    with FakeUpstream.running_in_thread(failing) as server:
+        log: list[dict[str, Any]] = []
+        with ProxyThread(write_config(tmp_path, server.url), log) as url:
+            for _ in range(600):  # until the first fetch has failed
+                if any(e.get("event") == "catalog" for e in log):
+                    break
+                threading.Event().wait(0.05)
+            fetches = server.stats(None).requests
+            for _ in range(3):
+                answer = httpx.post(
+                    f"{url}/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": HI}
+                )
+                assert answer.status_code == 200, answer.text
+            assert server.stats(None).requests == fetches  # no fetch of the catalog per request
+
+
+def test_a_keys_own_429_on_a_route_with_many_fallbacks_still_fails_over(tmp_path: Path) -> None:
+    # Keeping an attempt for each of four fallbacks left the first model one
+    # attempt (max_attempts 3): the first key's own 429 reached the caller.
+    paid = [m.id for m in realistic_models() if not m.id.endswith(":free")][:5]
+    fake = Scenario(models=realistic_models())
+    limited = Reply(429, "Rate limit exceeded", headers=(("retry-after", "30"),))
+    for alias, (_, secret) in KEYS.items():
+        fake.add(secret, limited if alias == "a1" else Ok(), alias=alias)
+    names = ", ".join(f'"{m}"' for m in paid)
+    extra = f'[pool]\nmax_attempts = 3\n[[routes]]\nname = "chat"\ncandidates = [{names}]\n'
+    with FakeUpstream.running_in_thread(fake) as server:
+        with ProxyThread(write_config(tmp_path, server.url, extra), []) as url:
+            answer = httpx.post(
+                f"{url}/v1/chat/completions", json={"model": "chat", "messages": HI}
+            )
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["x-keyrotor-model"] == paid[0]
+    assert answer.headers["x-keyrotor-attempts"] == "2" and answer.headers["x-keyrotor-key"] != "a1"
 
 
 def test_the_models_list_falls_back_in_order_like_openrouters(tmp_path: Path) -> None:

@@ -452,6 +452,7 @@ def test_a_large_tpm_request_does_not_hold_the_key_back_from_small_ones() -> Non
     assert len(sends(big)) == 1 and len(sends(small)) == 1
     assert {s.key_id for s in sends(big) + sends(small)} <= {"a", "c"}
 
+
 # ---------------------------------------------------------- 7. try another key
 
 

@@ -552,8 +552,8 @@ class ProxyApp:
                 if is_free(model):
                     return await self._send_models(send, None, model)
                 unknown = router.unknown(model)
-                if unknown is None and "/" not in model and router.catalog() is None:
-                    assert self._catalog is not None  # a name like a route's: is it one?
+                if unknown is None and router.catalog() is None and router.near_route(model):
+                    assert self._catalog is not None  # a name close to a route's: is it a model?
                     await self._catalog.ready()  # the first fetch (READY_WAIT at most)
                     unknown = router.unknown(model)
                 if unknown is not None:
@@ -717,9 +717,10 @@ class ProxyApp:
                 if slot is not None:  # None: no account has a usable key; the pool says why
                     taken, pin, taken_at = slot
             started = client.driver.now()
-            # Each later model keeps an attempt where the budget allows: a model
-            # failing on every key (5xx) does not spend the fallbacks' share.
-            attempts = max(1, left - (len(models) - index - 1))
+            # Each later model keeps an attempt where the budget allows (a model
+            # failing on every key with 5xx does not spend the fallbacks' share),
+            # yet a model keeps two, one to fail over from a key's own 429 or 401.
+            attempts = max(min(left, 2), left - (len(models) - index - 1))
             try:
                 upstream = await send.to(client, body, attempts=attempts, pin=pin, route=route)
             except NoKeyAvailable as exc:
@@ -788,7 +789,10 @@ class ProxyApp:
                     return slot
                 continue  # filled by other processes: another account, or wait
             if router.no_usable_account:
-                return None
+                spent = router.free.skip(self._clock())  # every account's quota, keys aside
+                if spent is None:
+                    return None  # an account has room, its keys rest: the pool says until when
+                return Refused(429, spent.reason, "free_quota_exhausted", spent.retry_after)
             wait = router.free_wait()
             if wait is None or waited + wait > router.options.free_wait:
                 skip = router.free_skip()

@@ -287,6 +287,11 @@ class Router:
         code = "free_quota_exhausted" if status == 429 else "models_unavailable"
         return Refused(status, message, code, decision.retry_after, decision)
 
+    def near_route(self, model: str) -> bool:
+        """Whether ``model`` looks like a mistyped route (no ``/``, close to a
+        route's name): ``unknown`` needs the catalog to tell."""
+        return "/" not in model and bool(_near(model, list(self.routes)))
+
     def unknown(self, model: str) -> Refused | None:
         """A 404 for a ``model`` that looks like a mistyped route (no ``/``, not
         in the catalog, close to a route's name); None otherwise."""
