@@ -526,3 +526,65 @@ def test_recommendations_blame_no_key_for_keyrotors_own_refusals() -> None:
     assert [(a["kind"], a["text"].split(" was ")[0]) for a in advice] == [
         ("key_rate_limited", "key k4")
     ]
+
+
+def test_a_providers_key_can_fire_an_error_share_alert(tmp_path: Path) -> None:
+    # The alerts' "key no longer in the pool" looked at the main pool's keys
+    # only: a [[providers]] key's alert could never fire.
+    from keyrotor.adapters.config import load_config
+
+    fake = Scenario(models=realistic_models())
+    secrets = {"m1": "sk-or-v1-main-m1-" + "jk" * 10, "g1": "gsk-provider-g1-" + "jk" * 10}
+    for alias, secret in secrets.items():
+        fake.add(secret, Reply(500, "boom"), alias=alias)
+    with FakeUpstream.running_in_thread(fake) as server:
+        (tmp_path / "k.toml").write_text(
+            f'upstream = "{server.url}"\n[state]\nenabled = false\n[pool]\nmax_attempts = 1\n'
+            '[alerting]\ninterval = 0.2\n[[alerts]]\nname = "failing"\nkind = "error_share"\n'
+            'scope = "key"\nthreshold = 0.5\nwindow = 300\nmin_requests = 3\n'
+            f'[[providers]]\nname = "groq"\nupstream = "{server.url}"\n'
+            'models = ["llama-3.1-8b-instant"]\n'
+            '[[keys]]\nalias = "m1"\nsecret_env = "K_M1"\n'
+            '[[keys]]\nalias = "g1"\nsecret_env = "K_G1"\nprovider = "groq"\n'
+        )
+        env = {"K_M1": secrets["m1"], "K_G1": secrets["g1"]}
+        log: list[dict[str, Any]] = []
+        with ProxyThread(load_config(tmp_path / "k.toml", env, {"port": 0}), log) as url:
+            for model in ["openai/gpt-4o-mini"] * 4 + ["llama-3.1-8b-instant"] * 4:
+                body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+                assert httpx.post(f"{url}/v1/chat/completions", json=body).status_code == 500
+            for _ in range(600):  # the alerts look every 0.2 s
+                fired = {e.get("subject") for e in log if e.get("event") == "alert"}
+                if fired >= {"m1", "g1"}:
+                    break
+                threading.Event().wait(0.05)
+    assert fired >= {"m1", "g1"}, fired
+
+
+def test_recommendations_past_max_rows_leave_that_advice_out(tmp_path: Path) -> None:
+    # Their queries met the row limit (a client can name any number of models)
+    # and the endpoint answered 500.
+    import types
+
+    import anyio
+
+    from keyrotor.adapters import analytics
+    from keyrotor.adapters.proxy.views import Views
+    from keyrotor.adapters.storage import StateStore
+
+    now = 1_764_892_800.0 + 3600
+    store = StateStore.open(
+        tmp_path / "s.db", secret_key=None, flush_interval=3600, wall_clock=lambda: now
+    )
+    try:
+        for i in range(12):
+            store.record_answer(now - 60, ("", "", f"no-such-model-{i}", "", "c1"), 404)
+        store.flush()
+        client = types.SimpleNamespace(status=dict)
+        views = Views(client, None, None, store=store, clock=lambda: now)  # type: ignore[arg-type]
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(analytics, "MAX_ROWS", 5)
+            answer = anyio.run(views._recommendations)
+    finally:
+        store.close()
+    assert answer.status == 200 and json.loads(answer.body)["recommendations"] == []

@@ -386,6 +386,15 @@ class Views:
             for key in self._client.driver.pool.statistics().keys
         }
 
+    @staticmethod
+    async def _rows(store: StateStore, q: analytics.Query) -> list[Any]:
+        """``q``'s rows for the advice; none past ``MAX_ROWS`` (more models or
+        keys than that: the advice that needs them is left out, not a 500)."""
+        try:
+            return await anyio.to_thread.run_sync(store.analytics, q, str)
+        except analytics.QueryError:
+            return []
+
     async def _recommendations(self) -> Response:
         store = self._store
         now = self._clock()
@@ -394,9 +403,9 @@ class Views:
         costs: dict[str, float] = {}
         key_errors: dict[str, dict[str, int]] = {}
         if store is not None:
-            for row in await anyio.to_thread.run_sync(store.analytics, week, str):
+            for row in await self._rows(store, week):
                 costs[row["name"]] = costs.get(row["name"], 0.0) + row["cost"]
-            for row in await anyio.to_thread.run_sync(store.analytics, today, str):
+            for row in await self._rows(store, today):
                 if row["name"]:  # not keyrotor's own refusals (no key: budgets, routes)
                     key_errors[row["name"]] = row["errorsByClass"]
         catalog = None if self._router is None else self._router.catalog()
@@ -485,13 +494,15 @@ class Views:
                 share = 100.0 * budget["spent"] / budget["budget"]
                 budgets.setdefault(budget["scope"], {})[budget["name"]] = share
         usable = {s.value for s in USABLE_STATES}
+        providers = status.get("providers", {}).values()  # each [[providers]] pool's keys too
+        every = [*keys, *(k for p in providers for k in p.get("keys", []))]
         return Observed(
             spend=spend,
             budgets=budgets,
             answers={w: self.answers.window(now, w) for w in windows},
             usable_keys=sum(1 for k in keys if k.get("state") in usable),
             free_left=free_left,
-            key_states={k["alias"]: k["state"] for k in keys if "alias" in k},
+            key_states={k["alias"]: k["state"] for k in every if "alias" in k},
         )
 
     def look(self) -> list[Alert]:
