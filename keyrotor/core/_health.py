@@ -314,15 +314,16 @@ class KeyHealth(PoolFields):
     def _held(self, key: KeyRecord, now: float) -> bool:
         """May no probe end the key's state at ``now``? Its hard floor (the
         upstream's own time) lies ahead, or its lifetime spend budget is used up
-        (a probe of the upstream knows nothing of the pool's own budget)."""
+        (a probe of the upstream knows nothing of the pool's own budget, in
+        whatever state a late answer left the key: a 401 fails it too)."""
         hard = key.hard_until
         if hard is not None and hard > now:
             return True
-        return key.state is _DEPLETED and _budget_spent(key)
+        return _budget_spent(key)
 
     def _probe_wanted(self, key: KeyRecord, now: float) -> bool:
         """Is a probe of ``key`` due at ``now`` worth sending (its timer fired)?"""
-        if key.probing or (key.state is _DEPLETED and _budget_spent(key)):
+        if key.probing or _budget_spent(key):
             return False
         if key.state in _RECHECKED:
             return True
@@ -345,7 +346,7 @@ class KeyHealth(PoolFields):
         if key.probing or key.removed:
             return
         state = key.state
-        if state is _DEPLETED and _budget_spent(key):
+        if _budget_spent(key):
             key.probe_due = None  # no probe can end it
             return
         config = self._config

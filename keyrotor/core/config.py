@@ -237,16 +237,15 @@ class PoolConfig:
                 f"got {shown(self.affinity_vnodes)}",
                 fix="set affinity_vnodes to 16 (the default) or a few hundred at most",
             )
-        if self.policy == "affinity":
-            for spec in self.keys:
-                if self.affinity_vnodes * spec.weight > AFFINITY_POINTS_MAX:
-                    raise PoolError(
-                        f"key {spec.key_id!r} would have {self.affinity_vnodes} x "
-                        f"{spec.weight:g} points on the affinity ring, more than "
-                        f"{AFFINITY_POINTS_MAX:,}",
-                        fix="lower the key's weight or affinity_vnodes (weights are "
-                        "relative: 1 and 3 share as 100 and 300 do)",
-                    )
+        for spec in self.keys:  # every policy: requests with a session use the ring too
+            if self.affinity_vnodes * spec.weight > AFFINITY_POINTS_MAX:
+                raise PoolError(
+                    f"key {spec.key_id!r} would have {self.affinity_vnodes} x "
+                    f"{spec.weight:g} points on the affinity ring, more than "
+                    f"{AFFINITY_POINTS_MAX:,}",
+                    fix="lower the key's weight or affinity_vnodes (weights are "
+                    "relative: 1 and 3 share as 100 and 300 do)",
+                )
         for name in (
             "queue_timeout",
             "rate_limit_cooldown",

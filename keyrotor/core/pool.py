@@ -613,9 +613,7 @@ class Pool(KeyChoice, RequestQueue, KeyHealth, Snapshots):
                 fix="remove it first and wait for its requests to finish, or pick another id",
             )
         config = self._config
-        if config.policy == "affinity" and config.affinity_vnodes * spec.weight > (
-            AFFINITY_POINTS_MAX
-        ):
+        if config.affinity_vnodes * spec.weight > AFFINITY_POINTS_MAX:  # sessions' ring
             raise PoolError(
                 f"key {spec.key_id!r} would have {config.affinity_vnodes} x {spec.weight:g} "
                 f"points on the affinity ring, more than {AFFINITY_POINTS_MAX:,}",

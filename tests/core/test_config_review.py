@@ -35,5 +35,6 @@ def test_affinity_vnodes_and_points_per_key_are_bounded() -> None:
     heavy = KeySpec(key_id="a", weight=AFFINITY_POINTS_MAX / 16 + 1)
     with pytest.raises(PoolError, match="points on the affinity ring"):
         PoolConfig(keys=[heavy], policy="affinity")
-    PoolConfig(keys=[heavy], policy="weighted")  # only the ring has points
+    with pytest.raises(PoolError, match="points on the affinity ring"):
+        PoolConfig(keys=[heavy], policy="weighted")  # sessions walk the ring under any policy
     PoolConfig(keys=[KeySpec(key_id="a", weight=AFFINITY_POINTS_MAX / 16)], policy="affinity")

@@ -539,3 +539,36 @@ def test_a_key_added_at_runtime_cannot_build_a_huge_affinity_ring() -> None:
     assert pool.key_ids() == ["a"]  # nothing changed
     pool.handle(KeyAdded(now=1.0, key=KeySpec(key_id="b", weight=3)))
     assert pool.key_ids() == ["a", "b"]
+
+
+def test_a_spent_lifetime_budget_holds_after_a_late_401_and_a_probe() -> None:
+    """A 401 on a request sent before the budget ran out moved the key from
+    depleted to failed; the confirming probe's 200 then made it serve again."""
+    pool = Pool(PoolConfig(keys=[KeySpec(key_id="a", budget=1.0), KeySpec(key_id="b")]))
+    _send(pool, "r1", 0.0, pin="a")
+    _send(pool, "r2", 0.0, pin="a")
+    _finish(pool, "r1", 1.0, cost=1.5)
+    assert pool.state_of("a") is KeyState.DEPLETED
+    out = pool.handle(
+        ResponseReceived(request_id="r2", now=2.0, status=401, body={"error": {"message": "x"}})
+    )
+    for key_id in probes(out):
+        pool.handle(ProbeFinished(key_id=key_id, now=3.0, status=200))
+    assert pool.state_of("a") not in (KeyState.HEALTHY, KeyState.RECOVERING)
+    pinned = pool.handle(RequestStarted(request_id="r3", now=4.0, pin="a", pin_fallback=False))
+    assert not sends(pinned)
+    for _ in range(5):  # no recheck probe either: none can end a spent budget
+        deadline = pool.next_deadline()
+        if deadline is None:
+            break
+        assert not probes(pool.handle(Tick(now=deadline)))
+
+
+def test_the_ring_points_cap_holds_under_every_policy() -> None:
+    """Requests with a session walk a hash ring under any policy: a huge weight
+    built millions of points there too (one such request took 19 s)."""
+    with pytest.raises(PoolError, match="points on the affinity ring"):
+        PoolConfig(keys=[KeySpec(key_id="a", weight=1e5)], policy="round_robin")
+    pool = Pool(PoolConfig(keys=[KeySpec(key_id="a")], policy="least_busy"))
+    with pytest.raises(PoolError, match="points on the affinity ring"):
+        pool.handle(KeyAdded(now=1.0, key=KeySpec(key_id="b", weight=1e5)))
