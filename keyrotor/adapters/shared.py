@@ -230,6 +230,7 @@ class SharedState:
         published healthy for that probe: the others take it (rule 4)."""
         reason = change.reason
         if reason.startswith(PREFIX):
+            self._probed.discard(change.key_id)  # another process's record: not our probe's
             return
         if change.new == KeyState.RECOVERING:
             if "probe" in reason:

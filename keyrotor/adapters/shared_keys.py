@@ -32,10 +32,6 @@ if TYPE_CHECKING:
 
 __all__ = ["SharedKeys"]
 
-DRAIN_WAIT = 120.0
-"""Seconds a key added elsewhere under the alias of one still draining here
-waits for it (a key replaced: removed, then added with a new secret)."""
-
 
 class SharedKeys:
     """Runtime key changes of this process published; the others' applied."""
@@ -63,6 +59,8 @@ class SharedKeys:
         self._out: Outbox[tuple[str, str, dict[str, Any]]] = Outbox()
         self._in: Outbox[dict[str, Any]] = Outbox()
         self.applied = self.refused = 0
+        self._tasks: Any = None  # ``run``'s task group: adds that wait for an alias to drain
+        self._latest: dict[str, dict[str, Any]] = {}  # per alias, the last record heard
         self._cipher: Any = None
         self.why_not: str | None = None
         key = secret_key_from_env() if environ is None else secret_key_from_env(environ)
@@ -131,6 +129,7 @@ class SharedKeys:
                 pipe.publish(self.channel, json.dumps(record))
 
         async with anyio.create_task_group() as tasks:
+            self._tasks = tasks
             tasks.start_soon(self._in.drain, self._apply)
             await self._out.drain(publish)
 
@@ -141,6 +140,7 @@ class SharedKeys:
         admin = self._admin
         if not isinstance(alias, str):
             return
+        self._latest[alias] = record
         entry = self._entry(alias)
         try:
             if record.get("op") == "add":
@@ -151,8 +151,9 @@ class SharedKeys:
                     if admin.sources.get(alias) != "api" or admin.secret_of(alias) == secret:
                         return  # the same key, or one of this process's configuration
                     await admin.remove_key(alias, "shared")  # replaced elsewhere: rotated
-                if entry is not None and not await self._drained(alias):
-                    raise ValueError(f"its old key still has requests after {DRAIN_WAIT:.0f} s")
+                if entry is not None and self._tasks is not None:  # the old one drains first
+                    self._tasks.start_soon(self._when_drained, alias, record)
+                    return
                 await admin.add_key(MAIN_PROVIDER, alias, secret, spec, key_spec, "shared")
             elif (
                 record.get("op") == "remove"
@@ -182,14 +183,14 @@ class SharedKeys:
     def _entry(self, alias: str) -> dict[str, Any] | None:
         return next((c for c in self._admin.list_keys() if c["alias"] == alias), None)
 
-    async def _drained(self, alias: str) -> bool:
-        """Wait (up to ``DRAIN_WAIT`` s) until the pool holds no key ``alias``
-        (a key removed finishes its requests first)."""
-        with anyio.move_on_after(DRAIN_WAIT):
-            while self._entry(alias) is not None:
-                await anyio.sleep(0.05)
-            return True
-        return False
+    async def _when_drained(self, alias: str, record: dict[str, Any]) -> None:
+        """Apply ``record`` (an add) once the pool holds no key ``alias`` (a key
+        removed finishes its requests first), unless a newer record of the
+        alias came meanwhile; the others are applied while it waits."""
+        while self._entry(alias) is not None:
+            await anyio.sleep(0.05)
+        if self._latest.get(alias) is record:
+            self._in.put(record)
 
     def disconnected(self) -> None:
         """Changes made here while away stay queued."""

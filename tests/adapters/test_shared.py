@@ -282,9 +282,16 @@ def test_a_key_a_probe_restored_is_published_healthy_for_the_probe() -> None:
     shared.state_changed(change(KeyState.HEALTHY, KeyState.RATE_LIMITED, "http_429"))
     shared.state_changed(change(KeyState.RATE_LIMITED, KeyState.RECOVERING, "cooldown_over"))
     shared.state_changed(change(KeyState.RECOVERING, KeyState.HEALTHY, "trial_ok"))
+    # Our probe, then another process's 429 applied here, then a plain trial:
+    # that trial's healthy is not the probe's.
+    shared.state_changed(change(KeyState.HEALTHY, KeyState.RECOVERING, "probe_ok"))
+    shared.state_changed(change(KeyState.RECOVERING, KeyState.RATE_LIMITED, "shared: http_429"))
+    shared.state_changed(change(KeyState.RATE_LIMITED, KeyState.RECOVERING, "cooldown_over"))
+    shared.state_changed(change(KeyState.RECOVERING, KeyState.HEALTHY, "trial_ok"))
     sent = [(r["state"], r["reason"]) for r in shared.outbox.items]
     assert sent == [
-        ("healthy", "probe_ok, trial_ok"), ("rate_limited", "http_429"), ("healthy", "trial_ok")
+        ("healthy", "probe_ok, trial_ok"), ("rate_limited", "http_429"), ("healthy", "trial_ok"),
+        ("healthy", "trial_ok"),
     ]  # fmt: skip
     assert accepts(KeyState.FAILED, None, KeyState.HEALTHY, None, sent[0][1])
     assert not accepts(KeyState.FAILED, None, KeyState.HEALTHY, None, sent[2][1])
