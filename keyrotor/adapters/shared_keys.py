@@ -60,7 +60,8 @@ class SharedKeys:
         self._in: Outbox[dict[str, Any]] = Outbox()
         self.applied = self.refused = 0
         self._tasks: Any = None  # ``run``'s task group: adds that wait for an alias to drain
-        self._latest: dict[str, dict[str, Any]] = {}  # per alias, the last record heard
+        self._latest: dict[str, dict[str, Any]] = {}  # per alias, the last record not done
+        self._waiting: set[str] = set()  # aliases whose add waits for the old key to drain
         self._cipher: Any = None
         self.why_not: str | None = None
         key = secret_key_from_env() if environ is None else secret_key_from_env(environ)
@@ -85,11 +86,13 @@ class SharedKeys:
             return
         token = self._cipher.encrypt(secret.encode()).decode()
         record = {"op": "add", "alias": alias, "spec": dict(spec), "token": token}
+        self._latest.pop(alias, None)  # newer than any add of it heard: that one waits no more
         self._send(self._added, alias, record)
 
     def removed(self, alias: str) -> None:
         """The admin API removed ``alias`` here."""
         if self._cipher is not None:
+            self._latest.pop(alias, None)
             self._send(self._removed, alias, {"op": "remove", "alias": alias})
 
     def _send(self, where: str, alias: str, record: dict[str, Any]) -> None:
@@ -134,13 +137,20 @@ class SharedKeys:
             await self._out.drain(publish)
 
     async def _apply(self, record: dict[str, Any]) -> None:
-        from .proxy.admin import AdminError
-
         alias = record.get("alias")
-        admin = self._admin
         if not isinstance(alias, str):
             return
         self._latest[alias] = record
+        try:
+            await self._apply_one(alias, record)
+        finally:  # done with it, unless it waits for the alias to drain
+            if self._latest.get(alias) is record and alias not in self._waiting:
+                del self._latest[alias]
+
+    async def _apply_one(self, alias: str, record: dict[str, Any]) -> None:
+        from .proxy.admin import AdminError
+
+        admin = self._admin
         entry = self._entry(alias)
         try:
             if record.get("op") == "add":
@@ -152,6 +162,7 @@ class SharedKeys:
                         return  # the same key, or one of this process's configuration
                     await admin.remove_key(alias, "shared")  # replaced elsewhere: rotated
                 if entry is not None and self._tasks is not None:  # the old one drains first
+                    self._waiting.add(alias)
                     self._tasks.start_soon(self._when_drained, alias, record)
                     return
                 await admin.add_key(MAIN_PROVIDER, alias, secret, spec, key_spec, "shared")
@@ -187,10 +198,14 @@ class SharedKeys:
         """Apply ``record`` (an add) once the pool holds no key ``alias`` (a key
         removed finishes its requests first), unless a newer record of the
         alias came meanwhile; the others are applied while it waits."""
-        while self._entry(alias) is not None:
-            await anyio.sleep(0.05)
-        if self._latest.get(alias) is record:
-            self._in.put(record)
+        try:
+            while self._latest.get(alias) is record:  # a newer change of it ends the wait
+                if self._entry(alias) is None:
+                    self._in.put(record)
+                    return
+                await anyio.sleep(0.05)
+        finally:
+            self._waiting.discard(alias)
 
     def disconnected(self) -> None:
         """Changes made here while away stay queued."""

@@ -112,6 +112,10 @@ class FreeTier:
         room.sort(key=lambda a: (a.used - a.per_day, len(a.recent)))
         return room
 
+    def room(self, now: float) -> list[str]:
+        """The accounts with room for a free request now (keys aside)."""
+        return [account.name for account in self._open(now)]
+
     def take(self, now: float, among: Iterable[str] | None = None) -> str | None:
         """Count one free request now on the account with the most room (only
         ``among`` those, if given) and name it; None: no account has room."""

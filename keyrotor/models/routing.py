@@ -43,6 +43,7 @@ __all__ = [
     "Skip",
     "candidates",
     "decide",
+    "key_failure",
     "model_failure",
     "need_of",
     "ordered",
@@ -463,6 +464,17 @@ def _problem(
 def ordered(name: str, models: Iterable[str]) -> Route:
     """The route a request's own ``models`` list makes: those ids, in order."""
     return Route(name, tuple(models), "ordered")
+
+
+_KEY_VERDICTS = frozenset(
+    {Verdict.RATE_LIMITED, Verdict.INVALID, Verdict.DEPLETED, Verdict.TRY_ANOTHER_KEY}
+)
+
+
+def key_failure(status: int, headers: Mapping[str, str] | None, body: bytes | None) -> bool:
+    """Whether an error answer is the key's (its own rate limit, revoked, out
+    of credits): another key may serve the same model."""
+    return status >= 400 and classify_response(status, headers, body).verdict in _KEY_VERDICTS
 
 
 _CONTEXT = (

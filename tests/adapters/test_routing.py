@@ -302,6 +302,47 @@ def test_a_spent_free_quota_holds_also_while_every_key_rests(tmp_path: Path) -> 
     assert all(a["usedToday"] <= a["perDay"] for a in used.values()), used
 
 
+def test_a_spent_accounts_keys_coming_back_first_do_not_carry_a_free_request(
+    tmp_path: Path,
+) -> None:
+    # One account spent its day, the other has room; every key rests, the spent
+    # account's first back: the request went to whichever key came back.
+    spent: list[str] = []  # the account the first free request used
+
+    def make(account: str) -> Custom:
+        def decide(call: Any) -> Reply | None:
+            SENT.append(dict(call.body))
+            if call.model == PAID:
+                back = "1" if spent and account == spent[0] else "30"
+                return Reply(429, "Rate limit exceeded", headers=(("retry-after", back),))
+            return None
+
+        return Custom(decide)
+
+    fake = Scenario(models=realistic_models())
+    limits = free_limits(per_day=1000)
+    for alias, (account, secret) in KEYS.items():
+        fake.add(secret, Chain(make(account), limits[account]), alias=alias)
+    extra = "[pool]\nmax_attempts = 3\n[routing]\nfree_per_day = 1\nfree_wait = 1\n"
+    free = "qwen/qwen3-large:free"
+    with FakeUpstream.running_in_thread(fake) as server:
+        with ProxyThread(write_config(tmp_path, server.url, extra), []) as url:
+
+            def post(model: str) -> httpx.Response:
+                body = {"model": model, "messages": HI}
+                return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+
+            first = post(free)
+            assert first.status_code == 200
+            spent.append(KEYS[first.headers["x-keyrotor-key"]][0])
+            assert post(PAID).status_code == 429  # every key rests now
+            answer = post(free)
+            used = httpx.get(f"{url}/status").json()["routing"]["freeTier"]
+    assert answer.status_code == 429, answer.text  # the account with room: 30 s away
+    assert "rests" in answer.json()["error"]["message"]
+    assert all(a["usedToday"] <= a["perDay"] for a in used.values()), used
+
+
 def test_an_accounts_tier_is_learned_from_get_key_once_free_models_are_asked_for(
     tmp_path: Path,
 ) -> None:
@@ -470,7 +511,8 @@ def test_a_name_unlike_any_route_does_not_wait_for_a_missing_catalog(tmp_path: P
 
 def test_a_keys_own_429_on_a_route_with_many_fallbacks_still_fails_over(tmp_path: Path) -> None:
     # Keeping an attempt for each of four fallbacks left the first model one
-    # attempt (max_attempts 3): the first key's own 429 reached the caller.
+    # attempt (max_attempts 3): the first key's own 429 reached the caller. The
+    # key failed, not the model: the same model again, on another key.
     paid = [m.id for m in realistic_models() if not m.id.endswith(":free")][:5]
     fake = Scenario(models=realistic_models())
     limited = Reply(429, "Rate limit exceeded", headers=(("retry-after", "30"),))
@@ -485,7 +527,25 @@ def test_a_keys_own_429_on_a_route_with_many_fallbacks_still_fails_over(tmp_path
             )
     assert answer.status_code == 200, answer.text
     assert answer.headers["x-keyrotor-model"] == paid[0]
-    assert answer.headers["x-keyrotor-attempts"] == "2" and answer.headers["x-keyrotor-key"] != "a1"
+    assert answer.headers["x-keyrotor-key"] != "a1"
+    assert answer.headers["x-keyrotor-fallbacks"] == "1"  # a1's 429, then another key
+
+
+def test_a_route_whose_first_models_are_down_is_served_by_a_later_one(tmp_path: Path) -> None:
+    # A model kept two attempts whatever its fallbacks: with max_attempts 3 and
+    # the first two models down, the third was never tried.
+    paid = [m.id for m in realistic_models() if not m.id.endswith(":free")][:3]
+    down = {m: Reply(503, "upstream overloaded") for m in paid[:2]}
+    names = ", ".join(f'"{m}"' for m in paid)
+    extra = f'[pool]\nmax_attempts = 3\n[[routes]]\nname = "chat"\ncandidates = [{names}]\n'
+    with FakeUpstream.running_in_thread(scenario(down)) as server:
+        with ProxyThread(write_config(tmp_path, server.url, extra), []) as url:
+            answer = httpx.post(
+                f"{url}/v1/chat/completions", json={"model": "chat", "messages": HI}
+            )
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["x-keyrotor-model"] == paid[2]
+    assert sent_models() == paid  # one attempt each: exploring costs one at most
 
 
 def test_the_models_list_falls_back_in_order_like_openrouters(tmp_path: Path) -> None:

@@ -172,3 +172,20 @@ async def test_the_flusher_sleeps_while_nothing_is_pending(
             assert flushes[1] - start <= IDLE_LOOK + 0.1 + 1e-6
             nursery.cancel_scope.cancel()
         assert [row.requests for row in store.load().ledger] == [2]
+
+
+def test_a_stored_key_past_the_ring_cap_is_skipped_not_fatal(tmp_path: Path) -> None:
+    # Stored (through the admin API) before the ring's points cap held under
+    # every policy: the proxy then refused to start, with no API to remove it.
+    from cryptography.fernet import Fernet
+
+    secret = Fernet.generate_key().decode()
+    with StateStore.open(tmp_path / "s.db", secret_key=secret) as store:
+        store.add_key("big", "sk-or-v1-big-" + "x" * 24, {"weight": 10000.0})
+    cfg = config({"a": "sk-or-v1-a-" + "x" * 24}, [KeySpec(key_id="a")])
+    log: list[dict[str, Any]] = []
+    with StateStore.open(tmp_path / "s.db", secret_key=secret) as store:
+        started = plan(cfg, store, log.append)
+    assert [k.key_id for k in started.pool.keys] == ["a"]
+    assert "stored key 'big' skipped" in log[0]["message"]
+    assert "sk-or-v1-big" not in str(log)

@@ -23,7 +23,7 @@ import anyio
 import attrs
 
 from ...core import USABLE_STATES
-from ...models.routing import model_failure
+from ...models.routing import key_failure, model_failure
 from ...transports.api import AsyncClient, ResponseHead, StreamResponse
 from ...transports.errors import NoKeyAvailable, TransportError
 from ...transports.json_body import parse
@@ -714,47 +714,63 @@ class ProxyApp:
                     tried.append(f"{name}: {slot.message}")
                     refused = slot
                     continue
-                if slot is not None:  # None: no account has a usable key; the pool says why
-                    taken, pin, taken_at = slot
-            started = client.driver.now()
-            # Each later model keeps an attempt where the budget allows (a model
-            # failing on every key with 5xx does not spend the fallbacks' share),
-            # yet a model keeps two, one to fail over from a key's own 429 or 401.
-            attempts = max(min(left, 2), left - (len(models) - index - 1))
-            try:
-                upstream = await send.to(client, body, attempts=attempts, pin=pin, route=route)
-            except NoKeyAvailable as exc:
+                taken, pin, taken_at = slot
+            later = len(models) - index - 1
+            no_key: NoKeyAvailable | None = None
+            while True:
+                started = client.driver.now()
+                # Each later model keeps an attempt where the budget allows: a
+                # model failing on every key with 5xx leaves the fallbacks theirs.
+                attempts = max(1, left - later)
+                try:
+                    upstream = await send.to(client, body, attempts=attempts, pin=pin, route=route)
+                except NoKeyAvailable as exc:
+                    no_key = exc
+                    break
+                if is_free(name) and provider == MAIN_PROVIDER:
+                    taken_at = router.served_free(taken, taken_at, upstream.key)
+                status = upstream.status_code
+                if plan is not None or self._known(name):  # a plan's models are the catalog's
+                    self.models.record(name, status, client.driver.now() - started)
+                left -= upstream.attempts
+                content = None
+                failure = None
+                if status >= 400:  # an error body is short, and read already
+                    content = await upstream.aread()
+                    failure = model_failure(status, upstream.headers, content)
+                    if (
+                        failure is None
+                        and later
+                        and left > 0
+                        and pin is None
+                        and key_failure(status, upstream.headers, content)
+                    ):  # the key failed, not the model: this model again, on another key
+                        await upstream.aclose()
+                        tried.append(f"{name}: key {upstream.key} answered {status}")
+                        continue
+                break
+            if no_key is not None:
                 if taken is not None:
                     router.give_back(taken, taken_at)
-                tried.append(f"{name}: no key ({exc.reason})")
-                refused = exc
+                tried.append(f"{name}: no key ({no_key.reason})")
+                refused = no_key
                 done.add(id(client))
                 continue
-            if is_free(name) and provider == MAIN_PROVIDER:
-                taken_at = router.served_free(taken, taken_at, upstream.key)
-            status = upstream.status_code
-            if plan is not None or self._known(name):  # a plan's models are the catalog's
-                self.models.record(name, status, client.driver.now() - started)
-            left -= upstream.attempts
-            content = None
-            if status >= 400:  # an error body is short, and read already
-                content = await upstream.aread()
-                failure = model_failure(status, upstream.headers, content)
-                if failure is not None:
-                    kind, hint = failure
-                    if kind in ("unavailable", "busy", "fault"):
-                        router.cool(name, f"answered {status} ({kind})", hint)
-                        if is_free(name) and provider == MAIN_PROVIDER:
-                            router.not_counted(upstream.key, taken_at)
-                    elif kind == "free_limit":
-                        router.limit_met(upstream.key, hint)
-                    elif kind == "context":
-                        outgrown = max(outgrown, context or 0)
-                    if index + 1 < len(models) and left > 0:
-                        await upstream.aclose()
-                        tried.append(f"{name}: answered {status} ({kind})")
-                        continue
-            else:
+            if failure is not None:
+                kind, hint = failure
+                if kind in ("unavailable", "busy", "fault"):
+                    router.cool(name, f"answered {status} ({kind})", hint)
+                    if is_free(name) and provider == MAIN_PROVIDER:
+                        router.not_counted(upstream.key, taken_at)
+                elif kind == "free_limit":
+                    router.limit_met(upstream.key, hint)
+                elif kind == "context":
+                    outgrown = max(outgrown, context or 0)
+                if later and left > 0:
+                    await upstream.aclose()
+                    tried.append(f"{name}: answered {status} ({kind})")
+                    continue
+            elif status < 400:
                 router.cooling.ok(name)
             extra = [("x-keyrotor-model", header_value(name))]
             if route is not None:
@@ -774,11 +790,10 @@ class ProxyApp:
             return _refused(refused if plan is None else attrs.evolve(refused, message=why))
         return _refused(Refused(503, why, "models_unavailable"))
 
-    async def _free_slot(self) -> tuple[str, str, float] | Refused | None:
-        """(account, key, when counted) for a free-model request, waiting for
-        the pace up to ``free_wait`` seconds; a 429 ``Refused`` when no
-        account with a usable key has room; None when no account has a
-        usable key (the pool's own answer says why, and until when)."""
+    async def _free_slot(self) -> tuple[str, str, float] | Refused:
+        """(account, key, when counted) for a free-model request, waiting up to
+        ``free_wait`` seconds for an account's pace or for a key of an account
+        with room to come back; a 429 ``Refused`` when none comes in time."""
         router = self.router
         assert router is not None
         waited = 0.0
@@ -788,11 +803,6 @@ class ProxyApp:
                 if await router.shared_take(slot[0], slot[2]):
                     return slot
                 continue  # filled by other processes: another account, or wait
-            if router.no_usable_account:
-                spent = router.free.skip(self._clock())  # every account's quota, keys aside
-                if spent is None:
-                    return None  # an account has room, its keys rest: the pool says until when
-                return Refused(429, spent.reason, "free_quota_exhausted", spent.retry_after)
             wait = router.free_wait()
             if wait is None or waited + wait > router.options.free_wait:
                 skip = router.free_skip()

@@ -496,20 +496,37 @@ class Router:
         return False
 
     def free_wait(self) -> float | None:
-        """Seconds until an account with a usable key (as ``take_free`` last
-        saw them) has room for a free request (None: never today)."""
+        """Seconds until a free request may have a slot (None: not today): the
+        sooner of an account with a usable key (as ``take_free`` last saw them)
+        getting room, and a key of an account with room coming back."""
         self._refresh_accounts()
-        return self.free.wait(self._clock(), self._usable)
+        now = self._clock()
+        waits = [self.free.wait(now, self._usable), self._keys_back(now)]
+        return min((w for w in waits if w is not None), default=None)
 
     def free_skip(self) -> Skip | None:
-        """Why no free request can be sent now (``FreeTier.skip`` among the
-        accounts with a usable key); None: one can."""
-        return self.free.skip(self._clock(), self._usable)
+        """Why no free request can be sent now; None: one can."""
+        now = self._clock()
+        resting = [a for a in self.free.room(now) if a not in self._usable]
+        if resting:  # quota left, but on accounts whose keys all rest
+            names = ", ".join(resting[:3]) + (", ..." if len(resting) > 3 else "")
+            reason = f"every key of the accounts with free quota left ({names}) rests"
+            return Skip(reason, self._keys_back(now))
+        return self.free.skip(now, self._usable)
 
-    @property
-    def no_usable_account(self) -> bool:
-        """Whether ``take_free`` last found no account with a usable key."""
-        return not self._usable
+    def _keys_back(self, now: float) -> float | None:
+        """Seconds until a key of an account with free room but no usable key
+        may serve (its cooldown's end); None: no such key comes back on its own."""
+        resting = {a for a in self.free.room(now) if a not in self._usable}
+        if not resting:
+            return None
+        driver = self._client.driver
+        untils = [
+            k.until
+            for k in driver.pool.statistics().keys
+            if k.until is not None and (k.account or k.key_id) in resting
+        ]
+        return max(0.0, min(untils) - driver.now()) if untils else None
 
     def _record(self, account: str, requests: int, now: float) -> None:
         if self._store is not None:

@@ -26,6 +26,7 @@ import anyio
 import attrs
 
 from ...core import KeySpec, KeyState, KeyStateChanged, PoolConfig, SpendRecorded
+from ...core.config import AFFINITY_POINTS_MAX
 from ...models import pricer
 from ...models.routing import route_from_json
 from ...transports.api import AsyncClient, Driver, StreamAccountant
@@ -151,6 +152,12 @@ def plan(config: ProxyConfig, store: StateStore | None, log: Log) -> Startup:
             continue
         try:
             spec = KeySpec(key_id=stored.alias, **options)
+            points = config.pool.affinity_vnodes * spec.weight
+            if points > AFFINITY_POINTS_MAX:  # stored before the cap: skipped, not fatal
+                raise ValueError(
+                    f"its weight gives {points:,.0f} points on the hash ring, more than "
+                    f"{AFFINITY_POINTS_MAX:,}; add it again with a lower weight"
+                )
         except (TypeError, ValueError) as exc:
             log({"event": "warning", "message": f"stored key {stored.alias!r} skipped: {exc}"})
             continue
