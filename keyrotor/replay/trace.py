@@ -17,7 +17,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
-import math
 import os
 import re
 import threading
@@ -25,6 +24,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import IO, Any, Final, Literal
 
 import attrs
+
+from ..core.config import finite
 
 __all__ = [
     "ALLOWED_HEADERS",
@@ -420,7 +421,7 @@ class TraceHeader:
         if not isinstance(options, dict):
             raise TraceError(f"{where}.options: expected an object, got {_kind(options)}")
         for name, value in options.items():
-            if not (value is None or isinstance(value, bool | str) or _finite(value)):
+            if not (value is None or isinstance(value, bool | str) or finite(value)):
                 raise TraceError(
                     f"{where}.options.{name}: expected a finite number, a string, true, false "
                     f"or null, got {_short(value)}"
@@ -449,7 +450,7 @@ def _clean_key(key: object, where: str) -> dict[str, Any]:
         _check_alias(account, f"{where}.account")
     for name in ("weight", "rpm", "tpm", "credits", "budget", "budget_window", "max_in_flight"):
         value = kept.get(name)
-        if value is not None and (not _finite(value) or value < 0):
+        if value is not None and (not finite(value) or value < 0):
             raise TraceError(f"{where}.{name}: expected a non-negative number, got {_short(value)}")
     return kept
 
@@ -685,7 +686,7 @@ def _number(data: dict[str, Any], name: str, where: str, default: float | None =
     if name not in data and default is not None:
         return default
     value = _required(data, name, where)
-    if not _finite(value) or value < 0:
+    if not finite(value) or value < 0:
         raise TraceError(f"{where}.{name}: expected a non-negative number, got {_short(value)}")
     return float(value)
 
@@ -701,16 +702,6 @@ def _count(data: dict[str, Any], name: str, where: str) -> int:
             f"{where}.{name}: expected a non-negative integer (at most 2**53), got {_short(value)}"
         )
     return int(value)
-
-
-def _finite(value: object) -> bool:
-    """A JSON number a float holds (not a bool, not inf or nan, not a 400-digit integer)."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return False
-    try:
-        return math.isfinite(value)
-    except OverflowError:  # an integer too large for a float
-        return False
 
 
 def _short(value: object) -> str:

@@ -25,6 +25,7 @@ from typing import Any, Final
 
 import attrs
 
+from ..core.config import finite
 from ..upstream.behaviours import (
     Behaviour,
     Call,
@@ -73,20 +74,10 @@ def _num(data: Mapping[str, Any], name: str, where: str, *, default: float | Non
     value = data.get(name, default)
     if value is None:
         return None
-    if not _finite(value) or value < 0:
+    if not finite(value) or value < 0:
         shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
         raise UpstreamModelError(f"{where}.{name}: expected a non-negative number, got {shown}")
     return value
-
-
-def _finite(value: object) -> bool:
-    """A number a float holds (not a bool, inf, nan or a 400-digit integer)."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return False
-    try:
-        return math.isfinite(value)
-    except OverflowError:  # an integer too large for a float
-        return False
 
 
 def _limit(data: Mapping[str, Any], name: str, where: str) -> Any:

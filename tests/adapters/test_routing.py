@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -469,9 +470,9 @@ def test_a_model_that_fails_with_5xx_on_every_key_is_cooled_and_passed_over(
     assert sent == [first] * 4 + [second] * 5
 
 
-def test_a_mistyped_route_is_told_also_before_the_first_catalog_is_in(tmp_path: Path) -> None:
-    # The catalog's first fetch failed: a name like a route's was sent upstream
-    # as a model instead of the 404 that names the route.
+@contextmanager
+def first_catalog_failed(tmp_path: Path) -> Iterator[tuple[FakeUpstream, str]]:
+    """The fake upstream and a proxy whose first catalog fetch has failed."""
     failing = scenario()
     failing.models_reply = Reply(500)
     with FakeUpstream.running_in_thread(failing) as server:
@@ -481,8 +482,15 @@ def test_a_mistyped_route_is_told_also_before_the_first_catalog_is_in(tmp_path: 
                 if any(e.get("event") == "catalog" for e in log):
                     break
                 threading.Event().wait(0.05)
-            server.scenario = scenario()  # the upstream's catalog is back
-            answer = httpx.post(f"{url}/v1/chat/completions", json={"model": "fre", "messages": HI})
+            yield server, url
+
+
+def test_a_mistyped_route_is_told_also_before_the_first_catalog_is_in(tmp_path: Path) -> None:
+    # The catalog's first fetch failed: a name like a route's was sent upstream
+    # as a model instead of the 404 that names the route.
+    with first_catalog_failed(tmp_path) as (server, url):
+        server.scenario = scenario()  # the upstream's catalog is back
+        answer = httpx.post(f"{url}/v1/chat/completions", json={"model": "fre", "messages": HI})
     assert answer.status_code == 404, answer.text
     assert "routes close to it: free" in answer.json()["error"]["message"]
     assert not SENT
@@ -491,22 +499,14 @@ def test_a_mistyped_route_is_told_also_before_the_first_catalog_is_in(tmp_path: 
 def test_a_name_unlike_any_route_does_not_wait_for_a_missing_catalog(tmp_path: Path) -> None:
     # Every request naming a model without '/' fetched the catalog again (and
     # waited up to 10 s for it) while the upstream's /models failed.
-    failing = scenario()
-    failing.models_reply = Reply(500)
-    with FakeUpstream.running_in_thread(failing) as server:
-        log: list[dict[str, Any]] = []
-        with ProxyThread(write_config(tmp_path, server.url), log) as url:
-            for _ in range(600):  # until the first fetch has failed
-                if any(e.get("event") == "catalog" for e in log):
-                    break
-                threading.Event().wait(0.05)
-            fetches = server.stats(None).requests
-            for _ in range(3):
-                answer = httpx.post(
-                    f"{url}/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": HI}
-                )
-                assert answer.status_code == 200, answer.text
-            assert server.stats(None).requests == fetches  # no fetch of the catalog per request
+    with first_catalog_failed(tmp_path) as (server, url):
+        fetches = server.stats(None).requests
+        for _ in range(3):
+            answer = httpx.post(
+                f"{url}/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": HI}
+            )
+            assert answer.status_code == 200, answer.text
+        assert server.stats(None).requests == fetches  # no fetch of the catalog per request
 
 
 def test_a_keys_own_429_on_a_route_with_many_fallbacks_still_fails_over(tmp_path: Path) -> None:
