@@ -110,6 +110,8 @@ class ResponseFinished:
     ``error_status``/``error_body`` report an error that arrived inside a 200
     body or stream (OpenRouter's mid-stream error chunk): the key's health is
     updated, but nothing is retried, since output already reached the caller.
+    ``wall_time`` (Unix time, with an error) reads the error's absolute reset
+    times (OpenRouter's epoch-ms ``X-RateLimit-Reset`` in its ``metadata``).
     """
 
     request_id: str
@@ -119,6 +121,7 @@ class ResponseFinished:
     completion_tokens: int = 0
     error_status: int | None = None
     error_body: Body = None
+    wall_time: float | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -300,6 +303,7 @@ def _setters(cls: type) -> tuple[Any, ...]:
     _rf_completion,
     _rf_error_status,
     _rf_error_body,
+    _rf_wall_time,
 ) = _setters(ResponseFinished)
 
 
@@ -356,6 +360,7 @@ def response_finished(
     completion_tokens: int = 0,
     error_status: int | None = None,
     error_body: Body = None,
+    wall_time: float | None = None,
 ) -> ResponseFinished:
     """``ResponseFinished(...)``, its fields in order, built fast."""
     event: ResponseFinished = _new(ResponseFinished)
@@ -366,4 +371,5 @@ def response_finished(
     _rf_completion(event, completion_tokens)
     _rf_error_status(event, error_status)
     _rf_error_body(event, error_body)
+    _rf_wall_time(event, wall_time)
     return event

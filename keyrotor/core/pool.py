@@ -455,7 +455,9 @@ class Pool(KeyChoice, RequestQueue, KeyHealth, Snapshots):
         if cost:
             self._spend(key, cost, now, out)
         if event.error_status is not None:  # mid-stream: judged, nothing retried
-            verdict = classify_response(event.error_status, None, event.error_body)
+            verdict = classify_response(
+                event.error_status, None, event.error_body, wall_time=event.wall_time
+            )
             self._judge(key, verdict, None, out)
         self._settle(out)
         return out

@@ -328,6 +328,7 @@ class Driver:
                         a.completion_tokens,
                         a.error_status,
                         a.error_body,
+                        None if a.error_status is None else self.wall_clock(),
                     )
                 )
                 told = True

@@ -74,6 +74,7 @@ def test_response_received(values: tuple[object, ...]) -> None:
         st.integers(min_value=0, max_value=10**6),
         maybe_int,
         bodies,
+        st.none() | times,
     )
 )
 def test_response_finished(values: tuple[object, ...]) -> None:

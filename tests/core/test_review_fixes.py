@@ -572,3 +572,27 @@ def test_the_ring_points_cap_holds_under_every_policy() -> None:
     pool = Pool(PoolConfig(keys=[KeySpec(key_id="a")], policy="least_busy"))
     with pytest.raises(PoolError, match="points on the affinity ring"):
         pool.handle(KeyAdded(now=1.0, key=KeySpec(key_id="b", weight=1e5)))
+
+
+def test_a_mid_stream_limit_answer_keeps_its_absolute_reset() -> None:
+    """A free-day 429 inside a stream (OpenRouter's error chunk) cooled the
+    account for the default guess, soft: its epoch-ms reset needs the wall time."""
+    wall = 1_743_638_400.0 - 6 * 3600  # 18:00 UTC; the reset at 00:00, 6 h later
+    chunk = {
+        "error": {
+            "code": 429,
+            "message": "Rate limit exceeded: free-models-per-day. ",
+            "metadata": {"headers": {"X-RateLimit-Remaining": "0",
+                                     "X-RateLimit-Reset": "1743638400000"}},
+        }
+    }  # fmt: skip
+    pool = Pool(PoolConfig(keys=[KeySpec(key_id="a", account="x"), KeySpec(key_id="b")]))
+    _send(pool, "r1", 0.0, pin="a")
+    pool.handle(ResponseReceived(request_id="r1", now=1.0, status=200, wall_time=wall))
+    pool.handle(
+        ResponseFinished(
+            request_id="r1", now=1.0, error_status=429, error_body=chunk, wall_time=wall
+        )
+    )
+    assert pool.state_of("a") is KeyState.RATE_LIMITED
+    assert pool.statistics().keys[0].until == pytest.approx(1.0 + 6 * 3600)
