@@ -64,7 +64,7 @@ _SET = {
     ),
     ResponseFinished: (
         "request_id", "now", "cost", "prompt_tokens", "completion_tokens", "error_status",
-        "error_body",
+        "error_body", "wall_time",
     ),
 }  # fmt: skip
 for _cls, _names in _SET.items():
