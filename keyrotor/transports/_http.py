@@ -17,6 +17,7 @@ import attrs
 import httpcore
 
 from ..core import Deliver
+from ..core.config import finite, shown
 from . import codec as http_codec
 from .errors import ConfigurationError, UpstreamError
 from .json_body import Unsure, member, parse
@@ -107,9 +108,9 @@ class HTTPOptions:
             if field.name == "parser":
                 continue
             value = getattr(self, field.name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            if not finite(value) or not value > 0:  # inf (TOML's 1e400) is no timeout
                 raise ConfigurationError(
-                    f"HTTPOptions.{field.name} must be positive, got {value!r}"
+                    f"HTTPOptions.{field.name} must be a positive finite number, got {shown(value)}"
                 )
 
     def first_byte_for(self, body: bytes | None) -> float:

@@ -715,8 +715,16 @@ ERRORS: list[tuple[str, str | None, dict[str, str], dict[str, Any], str]] = [
         "[http]\nconnect = 0",
         ENV,
         {},
-        "keyrotor.toml: [http] connect is invalid: HTTPOptions.connect must be positive, got 0.0; "
-        "fix: set connect to a number more than zero",
+        "keyrotor.toml: [http] connect is invalid: HTTPOptions.connect must be a positive finite "
+        "number, got 0.0; fix: set connect to a number more than zero",
+    ),
+    (
+        "infinite http timeout",  # TOML reads 1e400 as inf: no timeout at all
+        "[http]\nconnect = 1e400",
+        ENV,
+        {},
+        "keyrotor.toml: [http] connect is invalid: HTTPOptions.connect must be a positive finite "
+        "number, got inf; fix: set connect to a number more than zero",
     ),
     (
         "bad override string",
