@@ -23,12 +23,13 @@ threshold is crossed and clears once when it is back. Pure: the snapshot and
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import attrs
+
+from ..core.config import finite
 
 __all__ = [
     "KINDS",
@@ -37,7 +38,6 @@ __all__ = [
     "AlertBook",
     "Observed",
     "Rule",
-    "finite",
     "rule_from_json",
     "rule_to_json",
 ]
@@ -89,11 +89,7 @@ def rule_from_json(data: Any) -> Rule:
     if scope not in KINDS[kind]:
         raise ValueError(f"a {kind} rule's scope is one of {', '.join(KINDS[kind])}, got {scope!r}")
     threshold = data.get("threshold", 0.0 if kind == "key_failed" else None)
-    if (
-        isinstance(threshold, bool)
-        or not isinstance(threshold, int | float)
-        or not finite(threshold)
-    ):
+    if not finite(threshold):  # a number, not a bool, not 1e999 (JSON's infinity)
         raise ValueError(f"threshold must be a number ({_UNITS[kind]}), finite")
     if threshold < 0 or (kind == "error_share" and threshold > 1):
         raise ValueError(f"threshold {threshold} is out of range ({_UNITS[kind]})")
@@ -101,7 +97,7 @@ def rule_from_json(data: Any) -> Rule:
     if subject is not None and (not isinstance(subject, str) or not subject):
         raise ValueError("subject must be a non-empty string (one key, client, model or account)")
     window = data.get("window", 300.0)
-    if isinstance(window, bool) or not isinstance(window, int | float) or not finite(window):
+    if not finite(window):
         raise ValueError("window must be a finite number of seconds above 0")
     if not window > 0:
         raise ValueError("window must be a number of seconds above 0")
@@ -109,14 +105,6 @@ def rule_from_json(data: Any) -> Rule:
     if isinstance(least, bool) or not isinstance(least, int) or least < 1:
         raise ValueError("min_requests must be an integer of at least 1")
     return Rule(name, kind, float(threshold), scope, subject, float(window), least)
-
-
-def finite(value: float) -> bool:
-    """A finite number (``1e999`` is JSON for infinity; a huge integer is no float)."""
-    try:
-        return math.isfinite(value)
-    except OverflowError:
-        return False
 
 
 _UNITS = {

@@ -161,7 +161,7 @@ def run(
     if not token:
         print("keyrotor keys: set KEYROTOR_ADMIN_TOKEN to the proxy's admin token", file=stderr)
         return 2
-    if not _plain_token(token):
+    if not plain_token(token):
         print(
             "keyrotor keys: KEYROTOR_ADMIN_TOKEN has whitespace, a second line or characters "
             "no token has (its value is not shown); fix: set it to the admin token alone",
@@ -253,7 +253,7 @@ def _is_address(host: str) -> bool:
     return True
 
 
-def _plain_token(token: str) -> bool:
+def plain_token(token: str) -> bool:
     """Can ``token`` go in an ``Authorization`` header as it is (printable
     ASCII, no whitespace)?"""
     return token.isascii() and token.isprintable() and " " not in token

@@ -155,8 +155,10 @@ def _load(args: argparse.Namespace, environ: Mapping[str, str]) -> Catalog:
 def _from_proxy(base: str, environ: Mapping[str, str]) -> tuple[Catalog, dict[str, float]]:
     """A running proxy's catalog (``/v1/models``) and the time to first byte
     it observed per model (``/status``), in ms."""
+    from .keys_cli import plain_token
+
     token = environ.get(TOKEN_ENV, "").strip()
-    if token and not (token.isascii() and token.isprintable() and " " not in token):
+    if token and not plain_token(token):
         raise _Failed(
             f"{TOKEN_ENV} has whitespace, a second line or characters no token has "
             "(its value is not shown); fix: set it to the client token alone",

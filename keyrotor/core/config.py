@@ -10,7 +10,7 @@ import math
 import re
 import sys
 from collections.abc import Iterable
-from typing import Any, Literal, get_args
+from typing import Any, Literal, TypeGuard, get_args
 
 import attrs
 
@@ -43,7 +43,7 @@ AFFINITY_POINTS_MAX: int = 100_000
 _FLOAT_MAX = int(sys.float_info.max)
 
 
-def finite(value: object) -> bool:
+def finite(value: object) -> TypeGuard[float]:
     """Is ``value`` a real number (not a bool) that a float holds finitely? (An
     int too large for a float is not: ``math.isfinite`` would raise on it.)"""
     if isinstance(value, bool) or not isinstance(value, (int, float)):

@@ -22,11 +22,11 @@ import anyio.to_thread
 import attrs
 
 from ...core import KeySpec, KeyState, PoolError
+from ...core.config import finite
 from ...models.routing import route_from_json, route_to_json
 from ...transports.api import AsyncClient
 from ...transports.errors import ConfigurationError
 from ...transports.json_body import parse
-from ..alerts import finite
 from ..config import MAIN_PROVIDER
 from ..storage import StorageError, storable
 from .types import Request, Response
@@ -274,8 +274,7 @@ class Admin:
             elif name == "max_in_flight":
                 ok = isinstance(value, int) and not isinstance(value, bool)
             else:
-                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-                ok = ok and finite(value)
+                ok = finite(value)
             if not ok:
                 kind = {"account": "a string", "max_in_flight": "an integer"}.get(name, "a number")
                 raise AdminError(400, f"{name} must be {kind}")
@@ -395,12 +394,7 @@ class Admin:
         if state not in _MARKABLE:
             raise AdminError(400, f"state must be one of {', '.join(_MARKABLE)}")
         duration = body.get("duration")
-        if duration is not None and (
-            not isinstance(duration, (int, float))
-            or isinstance(duration, bool)
-            or not finite(duration)
-            or not 0 < duration < _LONGEST
-        ):
+        if duration is not None and (not finite(duration) or not 0 < duration < _LONGEST):
             raise AdminError(400, "duration must be a number of seconds more than zero")
         if state in ("rate_limited", "degraded") and duration is None:
             raise AdminError(400, f"marking a key {state} needs a duration in seconds")

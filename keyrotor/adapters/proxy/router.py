@@ -501,30 +501,34 @@ class Router:
         getting room, and a key of an account with room coming back."""
         self._refresh_accounts()
         now = self._clock()
-        waits = [self.free.wait(now, self._usable), self._keys_back(now)]
+        waits = [self.free.wait(now, self._usable), self._keys_back(self._resting(now))]
         return min((w for w in waits if w is not None), default=None)
 
     def free_skip(self) -> Skip | None:
         """Why no free request can be sent now; None: one can."""
         now = self._clock()
-        resting = [a for a in self.free.room(now) if a not in self._usable]
+        resting = self._resting(now)
         if resting:  # quota left, but on accounts whose keys all rest
             names = ", ".join(resting[:3]) + (", ..." if len(resting) > 3 else "")
             reason = f"every key of the accounts with free quota left ({names}) rests"
-            return Skip(reason, self._keys_back(now))
+            return Skip(reason, self._keys_back(resting))
         return self.free.skip(now, self._usable)
 
-    def _keys_back(self, now: float) -> float | None:
-        """Seconds until a key of an account with free room but no usable key
-        may serve (its cooldown's end); None: no such key comes back on its own."""
-        resting = {a for a in self.free.room(now) if a not in self._usable}
+    def _resting(self, now: float) -> list[str]:
+        """The accounts with free room now but no usable key (as ``take_free`` saw them)."""
+        return [a for a in self.free.room(now) if a not in self._usable]
+
+    def _keys_back(self, resting: list[str]) -> float | None:
+        """Seconds until a key of one of the ``resting`` accounts may serve (its
+        cooldown's end); None: none of them, or none comes back on its own."""
         if not resting:
             return None
+        wanted = set(resting)
         driver = self._client.driver
         untils = [
             k.until
             for k in driver.pool.statistics().keys
-            if k.until is not None and (k.account or k.key_id) in resting
+            if k.until is not None and (k.account or k.key_id) in wanted
         ]
         return max(0.0, min(untils) - driver.now()) if untils else None
 
