@@ -707,7 +707,8 @@ class ProxyApp:
             if id(client) in done:
                 continue
             taken = pin = taken_at = None
-            if is_free(name) and provider == MAIN_PROVIDER and send.pin is None:
+            paced = is_free(name) and provider == MAIN_PROVIDER  # the free tier's counts
+            if paced and send.pin is None:
                 # A refusal holds for every free model (the quota is the accounts')
                 slot = refused if isinstance(refused, Refused) else await self._free_slot()
                 if isinstance(slot, Refused):
@@ -727,7 +728,7 @@ class ProxyApp:
                 except NoKeyAvailable as exc:
                     no_key = exc
                     break
-                if is_free(name) and provider == MAIN_PROVIDER:
+                if paced:
                     taken_at = router.served_free(taken, taken_at, upstream.key)
                 status = upstream.status_code
                 if plan is not None or self._known(name):  # a plan's models are the catalog's
@@ -760,7 +761,7 @@ class ProxyApp:
                 kind, hint = failure
                 if kind in ("unavailable", "busy", "fault"):
                     router.cool(name, f"answered {status} ({kind})", hint)
-                    if is_free(name) and provider == MAIN_PROVIDER:
+                    if paced:
                         router.not_counted(upstream.key, taken_at)
                 elif kind == "free_limit":
                     router.limit_met(upstream.key, hint)
