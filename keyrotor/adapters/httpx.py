@@ -21,9 +21,11 @@ What is forwarded: the method, the path and query *relative to* ``prefix``
 (``"/v1"``: ``http://keyrotor/v1/chat/completions`` goes upstream as
 ``/chat/completions``), the body, and the caller's headers minus
 Authorization, Host, Content-Length, Accept-Encoding (the pool reads bodies to
-account usage, so they stay uncompressed) and hop-by-hop headers. The SDK's
-``api_key`` therefore never leaves the process. The response is streamed as it
-arrives, with ``x-keyrotor-key`` (the alias that served it) and
+account usage, so they stay uncompressed), Cookie and hop-by-hop headers. The
+SDK's ``api_key`` therefore never leaves the process. The response is streamed
+as it arrives, without the upstream's ``Set-Cookie`` (a cookie belongs to one
+key's session with the upstream: sent back, it would follow the caller onto
+other keys), with ``x-keyrotor-key`` (the alias that served it) and
 ``x-keyrotor-attempts`` added; closing it (the SDK does, also when a stream is
 left early) cancels the upstream request and frees the key.
 
@@ -66,6 +68,7 @@ C = TypeVar("C")
 _REQUEST_DROPPED = frozenset(
     {
         "authorization",
+        "cookie",
         "host",
         "content-length",
         "accept-encoding",
@@ -79,6 +82,10 @@ _REQUEST_DROPPED = frozenset(
         "upgrade",
     }
 )
+
+# Upstream headers not delivered: those of one connection, and the cookies of
+# a key's session (the caller's client would send them back on any key).
+_RESPONSE_DROPPED = HOP_BY_HOP | {"set-cookie"}
 
 
 def _relative_path(request: httpx.Request, prefix: str) -> str:
@@ -119,7 +126,7 @@ def _answer(
     request: httpx.Request,
 ) -> httpx.Response:
     """The delivered response for httpx, its body read from ``stream``."""
-    headers = delivered_headers(upstream, HOP_BY_HOP)
+    headers = delivered_headers(upstream, _RESPONSE_DROPPED)
     return httpx.Response(upstream.status_code, headers=headers, stream=stream, request=request)
 
 

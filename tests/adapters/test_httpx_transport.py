@@ -4,6 +4,7 @@ mixed in, against the fake upstream (asyncio and trio, and the blocking client).
 from __future__ import annotations
 
 import json
+import types
 from collections.abc import AsyncIterator, Iterator
 
 import httpx
@@ -14,6 +15,7 @@ from openai.types.chat import ChatCompletionMessageParam
 from keyrotor.adapters.httpx import (
     AsyncPoolTransport,
     PoolTransport,
+    _answer,
     _forwarded_headers,
     _relative_path,
 )
@@ -140,6 +142,25 @@ def test_credentials_host_and_framing_stay_here() -> None:
         headers
     )
     assert "placeholder" not in json.dumps(headers)
+
+
+def test_cookies_of_a_keys_session_stay_here() -> None:
+    """A cookie the upstream sets belongs to the key that served: delivered,
+    the caller's client would send it back on whatever key comes next."""
+    request = httpx.Request(
+        "POST", f"{BASE}/chat/completions", headers={"Cookie": "__cf_bm=a"}, content=b"{}"
+    )
+    assert "cookie" not in _forwarded_headers(request)
+    upstream = types.SimpleNamespace(
+        status_code=200,
+        headers={"set-cookie": "__cf_bm=b; Path=/, _cfuvid=c", "x-ratelimit-limit": "20"},
+        key="ok",
+        attempts=1,
+    )
+    response = _answer(upstream, httpx.ByteStream(b"{}"), request)  # type: ignore[arg-type]
+    assert "set-cookie" not in response.headers
+    assert response.headers["x-ratelimit-limit"] == "20"
+    assert response.headers["x-keyrotor-key"] == "ok"
 
 
 # ------------------------------------------------------------------ async
