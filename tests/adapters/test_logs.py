@@ -66,6 +66,18 @@ def test_the_text_format_is_key_value_pairs() -> None:
     assert stream.getvalue().startswith("ts=")
 
 
+def test_a_text_value_cannot_start_a_line_or_a_field_of_its_own() -> None:
+    """A caller names the model: its newlines, spaces and ``=`` are quoted."""
+    stream = CountingStream()
+    forged = "x:free\nts=1 event=admin action=remove alias=k1"
+    LineLog(stream, "text")({"event": "request", "model": forged, "empty": "", "n": 3})
+    line = stream.getvalue()
+    assert line.count("\n") == 1 and line.endswith("\n")
+    assert f" model={json.dumps(forged)} " in line
+    assert ' empty="" n=3' in line
+    assert " event=request " in line and "event=admin" not in line.replace(json.dumps(forged), "")
+
+
 @pytest.mark.trio
 async def test_lines_are_written_together_one_interval_after_the_first(
     autojump_clock: trio.testing.MockClock,

@@ -13,6 +13,7 @@ lines.
 from __future__ import annotations
 
 import json
+import re
 import sys
 import threading
 import time
@@ -28,6 +29,18 @@ FLUSH_INTERVAL: Final = 0.1
 MAX_BATCH: Final = 1000
 """Lines waiting that are written at once, whatever the interval."""
 _ENCODER: Final = json.JSONEncoder(default=str, separators=(",", ":"))
+_QUOTED: Final = re.compile(r'[\s="\\]')
+"""Characters for which a text value is written quoted: a caller's model name
+holding a newline or ``" key=value"`` must not start a line or a field of its own."""
+
+
+def _text_value(value: object) -> str:
+    """``value`` in a ``key=value`` line: as it is, or JSON-quoted (escaped) when
+    it is empty or holds whitespace, ``=``, ``"``, ``\\`` or unprintable characters."""
+    text = str(value)
+    if text and text.isprintable() and _QUOTED.search(text) is None:
+        return text
+    return json.dumps(text)
 
 
 class LineLog:
@@ -49,7 +62,8 @@ class LineLog:
 
     def __call__(self, record: dict[str, Any]) -> None:
         if self.fmt != "json":
-            line = " ".join(f"{k}={v}" for k, v in {"ts": round(time.time(), 3), **record}.items())
+            items = {"ts": round(time.time(), 3), **record}.items()
+            line = " ".join(f"{k}={_text_value(v)}" for k, v in items)
         elif record and "ts" not in record:  # the usual line: no dict built for "ts"
             line = f'{{"ts":{time.time():.3f},' + _ENCODER.encode(record)[1:]
         else:
