@@ -588,3 +588,27 @@ def test_recommendations_past_max_rows_leave_that_advice_out(tmp_path: Path) -> 
     finally:
         store.close()
     assert answer.status == 200 and json.loads(answer.body)["recommendations"] == []
+
+
+def test_an_event_stream_asked_for_during_shutdown_is_refused() -> None:
+    # The hub closed the streams open at shutdown, but took new ones: a stream
+    # asked for during the drain held the shutdown for its whole grace period.
+    import types
+
+    import anyio
+
+    from keyrotor.adapters.proxy.views import Views
+
+    views = Views(types.SimpleNamespace(status=dict), None, None)  # type: ignore[arg-type]
+    receive, end = views.hub.subscribe()
+    views.hub.close()
+    with pytest.raises(anyio.EndOfStream):
+        receive.receive_nowait()
+    answer = views._events()
+    assert answer.status == 503 and json.loads(answer.body)["error"]["code"] == "shutting_down"
+    late, end_late = views.hub.subscribe()  # ended at once, whoever asks
+    with pytest.raises(anyio.EndOfStream):
+        late.receive_nowait()
+    assert len(views.hub) == 0
+    anyio.run(end)
+    anyio.run(end_late)

@@ -86,6 +86,7 @@ class EventHub:
     def __init__(self) -> None:
         self._subscribers: set[MemoryObjectSendStream[tuple[str, Any]]] = set()
         self.dropped = 0
+        self.closed = False  # the proxy shuts down: no new stream
 
     def __len__(self) -> int:
         return len(self._subscribers)
@@ -102,7 +103,9 @@ class EventHub:
 
     def close(self) -> None:
         """End every event stream (the proxy is shutting down: a stream never
-        ends by itself, and would hold the graceful shutdown to its grace period)."""
+        ends by itself, and would hold the graceful shutdown to its grace period).
+        A stream asked for later ends at once."""
+        self.closed = True
         for stream in self._subscribers:
             stream.close()
         self._subscribers.clear()
@@ -112,7 +115,10 @@ class EventHub:
     ) -> tuple[MemoryObjectReceiveStream[tuple[str, Any]], Callable[[], Awaitable[None]]]:
         """A new subscriber's stream of (event, data), and what ends it."""
         send, receive = anyio.create_memory_object_stream[tuple[str, Any]](_QUEUE)
-        self._subscribers.add(send)
+        if self.closed:
+            send.close()
+        else:
+            self._subscribers.add(send)
 
         async def end() -> None:
             self._subscribers.discard(send)
@@ -547,6 +553,8 @@ class Views:
         return Response(status=200, headers=headers, body=body)
 
     def _events(self) -> Response:
+        if self.hub.closed:
+            return _error(503, "the proxy is shutting down", "shutting_down")
         if len(self.hub) >= SUBSCRIBERS:
             return _error(503, f"at most {SUBSCRIBERS} event streams at once", "too_many_streams")
         receive, end = self.hub.subscribe()
