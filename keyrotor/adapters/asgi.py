@@ -200,7 +200,7 @@ class ASGIApp:
             request.admitted = True
         declared = _header(scope, b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-            await _send_too_large(send, self.max_body_bytes)
+            await _send_too_large(send, self.max_body_bytes, app)
             return
         parts: list[bytes] = []
         size = 0
@@ -213,7 +213,7 @@ class ASGIApp:
             part = message.get("body", b"")
             size += len(part)
             if size > self.max_body_bytes:
-                await _send_too_large(send, self.max_body_bytes)
+                await _send_too_large(send, self.max_body_bytes, app)
                 return
             parts.append(part)
             if not message.get("more_body", False):
@@ -241,6 +241,7 @@ class ASGIApp:
                     if not (started and isinstance(exc, OSError)):  # OSError: the client left
                         error = exc
                     if not started:  # answer 500 (OpenAI shape); the server logs the error
+                        _answered(app, 500)
                         with suppress(OSError):
                             await _send_json(send, 500, _BODY_500)
                 tasks.cancel_scope.cancel()  # stop the watcher
@@ -340,7 +341,15 @@ async def _send_json(send: Send, status: int, body: bytes) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-async def _send_too_large(send: Send, limit: int) -> None:
+def _answered(app: App, status: int) -> None:
+    """An answer written here, not by ``app``: counted in its metrics (``types.App``)."""
+    answered = getattr(app, "server_answered", None)
+    if answered is not None:
+        answered(status)
+
+
+async def _send_too_large(send: Send, limit: int, app: App) -> None:
+    _answered(app, 413)
     message = f"Request body too large (limit {limit} bytes)"
     await _send_json(send, 413, error_body(message, "invalid_request_error", 413))
 

@@ -304,6 +304,31 @@ async def test_an_oversized_body_gets_413() -> None:
     assert fits.status_code == 200 and len(seen) == 1
 
 
+async def test_answers_written_by_the_front_are_counted_by_the_app() -> None:
+    # The front's own 413s and 500s never reached the app's metrics.
+    class Counting:
+        def __init__(self) -> None:
+            self.answered: list[int] = []
+
+        def server_answered(self, status: int) -> None:
+            self.answered.append(status)
+
+        async def __call__(self, request: Request) -> Response:
+            if request.path == "/v1/broken":
+                raise ValueError("bug")
+            return Response(status=200)
+
+    app = Counting()
+    front = ASGIApp(app, max_body_bytes=1000)
+    exchange = Exchange(b"x" * 600, b"x" * 600)
+    await front(scope("POST", "/v1/chat/completions"), exchange.receive, exchange.send)
+    async with http_client(front, raise_app_exceptions=False) as http:
+        assert (await http.post("/v1/chat/completions", content=b"x" * 2000)).status_code == 413
+        assert (await http.get("/v1/broken")).status_code == 500
+        assert (await http.get("/v1/models")).status_code == 200  # the app's own: not here
+    assert app.answered == [413, 413, 500]
+
+
 # ------------------------------------------------------------------------ lifespan
 
 

@@ -612,3 +612,27 @@ def test_an_event_stream_asked_for_during_shutdown_is_refused() -> None:
     assert len(views.hub) == 0
     anyio.run(end)
     anyio.run(end_late)
+
+
+def test_metrics_count_the_answers_the_server_writes_itself(tmp_path: Path) -> None:
+    # keyrotor_proxy_responses_total counted the app's answers only: a 413, 431,
+    # 400 or 408 the server wrote never showed.
+    import socket
+
+    with FakeUpstream.running_in_thread(scenario()) as upstream:
+        cfg = attrs.evolve(
+            config(upstream.url, tmp_path),
+            server={"host": "127.0.0.1", "port": 0, "max_body_bytes": 64},
+        )
+        with ProxyThread(cfg, []) as url:
+            big = {"model": MODEL, "messages": [{"role": "user", "content": "x" * 100}]}
+            for _ in range(2):
+                answer = httpx.post(f"{url}/v1/chat/completions", json=big, headers=bearer(ADMIN))
+                assert answer.status_code == 413
+            port = int(url.rsplit(":", 1)[1])
+            with socket.create_connection(("127.0.0.1", port)) as raw:
+                raw.sendall(b"NOT HTTP AT ALL\r\n\r\n")
+                assert raw.recv(100).startswith(b"HTTP/1.1 400")
+            metrics = httpx.get(f"{url}/metrics", headers=bearer(ADMIN)).text
+    assert 'keyrotor_proxy_responses_total{status="413"} 2' in metrics
+    assert 'keyrotor_proxy_responses_total{status="400"} 1' in metrics

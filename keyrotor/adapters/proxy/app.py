@@ -235,6 +235,10 @@ class ProxyApp:
             self.counters.by_status[refusal.status] += 1
         return refusal
 
+    def server_answered(self, status: int) -> None:
+        """An answer the server wrote itself (``types.App``): counted by status."""
+        self.counters.by_status[status] += 1
+
     async def __call__(self, request: Request) -> Response:
         path = request.path
         refusal = None if request.admitted else self._refusal(request, path)

@@ -304,6 +304,7 @@ class _Server:
         self.rejected = 0
         self.rejected_logged_at = -1.0
         self.admit: Callable[[Request], Response | None] | None = getattr(app, "admit", None)
+        self.answered: Callable[[int], None] | None = getattr(app, "server_answered", None)
         self.unproven: dict[str, int] = {}  # client address -> connections not yet admitted
         self.unproven_total = 0
         self.trusted: dict[str, int] = {}  # client address -> open connections admitted
@@ -710,6 +711,7 @@ class _Connection:
             except Exception as exc:
                 self._app_error("app_error", request.request_id, exc)
                 status, outcome = 500, "app_error"
+                self._answered(500)  # the app failed before counting an answer
                 await self._send_error_500(request)
             else:
                 status = response.status
@@ -848,8 +850,15 @@ class _Connection:
         self, status: int, message: str, request_id: str | None, method: str = ""
     ) -> None:
         """Answer an error ourselves and close: shut our side, drain the rest briefly."""
+        self._answered(status)
         body = _error_body(message)
         await self._close_with(status, [_CONTENT_TYPE_JSON], body, request_id, method)
+
+    def _answered(self, status: int) -> None:
+        """Tell the app of an answer the server writes itself (its metrics count it)."""
+        answered = self.server.answered
+        if answered is not None:
+            answered(status)
 
     async def _refuse_with(self, response: Response, request_id: str, method: str) -> None:
         """Send the app's refusal of a request head (its body unread), then close."""

@@ -83,4 +83,9 @@ An application may also have ``admit(request) -> Response | None``: called
 with the request's head (``body`` empty) before any body byte is read; a
 Response is sent as the answer and the connection closed, the body never read
 (a missing token costs the server no memory). Until a connection has had a
-request admitted, it counts against the server's ``max_unproven`` limits."""
+request admitted, it counts against the server's ``max_unproven`` limits.
+
+And ``server_answered(status)``: called for each answer the server writes
+itself, never seen by the application (a malformed, oversized or too slow
+request refused; a 500 after the application failed), so that its metrics
+count every response."""
