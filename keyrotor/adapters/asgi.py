@@ -268,20 +268,22 @@ def _header(scope: Scope, name: bytes) -> str | None:
 
 def _target(scope: Scope) -> str:
     """Path and query as the client sent them, less the mount point (``root_path``)."""
-    root = scope.get("root_path", "")
+    root = scope.get("root_path", "").rstrip("/")
     raw = scope.get("raw_path")
     if raw:
-        path = raw.decode("latin-1")
-        encoded_root = quote(root, safe="/")
-        if encoded_root and path.startswith(encoded_root):
-            path = path[len(encoded_root) :]
+        path = _under(raw.decode("latin-1"), quote(root, safe="/"))
     else:
-        path = scope["path"]
-        if root and path.startswith(root):
-            path = path[len(root) :]
-        path = quote(path, safe="/:@!$&'()*+,;=-._~%")
+        path = quote(_under(scope["path"], root), safe="/:@!$&'()*+,;=-._~%")
     query = scope.get("query_string", b"")
     return path + ("?" + query.decode("latin-1") if query else "")
+
+
+def _under(path: str, root: str) -> str:
+    """``path`` less the mount point ``root`` when it lies under it (``/v1`` is
+    not under ``/v``)."""
+    if root and (path == root or path.startswith(root + "/")):
+        return path[len(root) :] or "/"
+    return path
 
 
 def _head(request: Request, response: Response) -> tuple[Message, bool]:

@@ -168,6 +168,32 @@ async def test_body_parts_are_joined_and_the_request_is_built_from_the_scope() -
     assert exchange.bodies == [{"type": "http.response.body", "body": b"abcd"}]
 
 
+@pytest.mark.parametrize(
+    ("root", "raw", "target"),
+    [
+        ("/v", b"/v1/models", "/v1/models"),  # not under the mount point /v
+        ("/v", b"/v/v1/models", "/v1/models"),
+        ("/keyrotor/", b"/keyrotor/v1/models", "/v1/models"),
+        ("/keyrotor", b"/keyrotor", "/"),
+    ],
+)
+async def test_the_mount_point_is_stripped_on_a_segment_boundary(
+    root: str, raw: bytes, target: str
+) -> None:
+    seen: list[Request] = []
+
+    async def app(request: Request) -> Response:
+        seen.append(request)
+        return Response(status=200)
+
+    for with_raw in (True, False):
+        mounted = scope("GET", raw.decode())
+        mounted.update(root_path=root, raw_path=raw if with_raw else None)
+        exchange = Exchange(b"")
+        await ASGIApp(app)(mounted, exchange.receive, exchange.send)
+        assert seen.pop().target == target
+
+
 async def test_status_metrics_and_healthz_hold_no_secret() -> None:
     async with upstream(bad=Invalid(), good=Ok()).serve() as server:
         async with (
