@@ -20,31 +20,40 @@ and ``openai.OpenAI(http_client=httpx.Client(transport=PoolTransport(pool)))``.
 What is forwarded: the method, the path and query *relative to* ``prefix``
 (``"/v1"``: ``http://keyrotor/v1/chat/completions`` goes upstream as
 ``/chat/completions``), the body, and the caller's headers minus
-Authorization, Host, Content-Length, Accept-Encoding (the pool reads bodies to
-account usage, so they stay uncompressed), Cookie and hop-by-hop headers. The
-SDK's ``api_key`` therefore never leaves the process. The response is streamed
-as it arrives, without the upstream's ``Set-Cookie`` (a cookie belongs to one
-key's session with the upstream: sent back, it would follow the caller onto
-other keys), with ``x-keyrotor-key`` (the alias that served it) and
-``x-keyrotor-attempts`` added; closing it (the SDK does, also when a stream is
-left early) cancels the upstream request and frees the key.
+Authorization, ``api-key`` and ``x-api-key`` (where SDKs put their key), Host,
+Content-Length, Accept-Encoding (the pool reads bodies to account usage, so
+they stay uncompressed), Cookie and hop-by-hop headers. The SDK's ``api_key``
+therefore never leaves the process. Header values go byte for byte both ways.
+The response is streamed as it arrives, without the upstream's ``Set-Cookie``
+(a cookie belongs to one key's session with the upstream: sent back, it would
+follow the caller onto other keys), with ``x-keyrotor-key`` (the alias that
+served it) and ``x-keyrotor-attempts`` added; closing it (the SDK does, also
+when a stream is left early) cancels the upstream request and frees the key.
 
 When no key can serve (``NoKeyAvailable``) the transport answers like the
 proxy would: its status (429 every key rate limited, 503 none usable, 502 every
 attempt failed), ``retry-after`` when known, and an OpenAI-shaped error body,
 so the SDK raises its usual ``RateLimitError`` / ``InternalServerError``. Other
 client errors (the pool not open, closed mid-request) become
-``httpx.ConnectError``, and a body that breaks off after delivery becomes
-``httpx.ReadError``: the SDK's ``APIConnectionError``.
+``httpx.ConnectError``, and a body that breaks off after delivery (the pool
+closed meanwhile included) becomes ``httpx.ReadError``: the SDK's
+``APIConnectionError``.
 
 Retries: keyrotor fails over *inside* one SDK call (up to the pool's
 ``max_attempts``, on other keys), so the SDK's own retries only ever see what
 the pool could not fix: typically every key busy, a 429 with ``retry-after``,
 which the SDK honours before it tries again. Use ``max_retries=0`` to get that
 429 at once, or 1-2 to ride out a short rate-limit window; there is no double
-counting, since each SDK retry is a new, independent pool request. The SDK's
-``timeout`` bounds the HTTP exchange as usual; the wait for a free key is the
-pool's ``queue_timeout`` (or the transport's ``timeout`` argument).
+counting, since each SDK retry is a new, independent pool request.
+
+Timeouts: with ``AsyncPoolTransport``, httpx's ``read`` timeout (the SDK's
+``timeout``) bounds the wait for the response head, failover and the wait for
+a key included, and each read of the body; past it, ``httpx.ReadTimeout`` (the
+SDK's ``APITimeoutError``) and the upstream request is dropped. ``None``: no
+bound. The wait for a key alone ends at the pool's ``queue_timeout`` (or the
+transport's ``timeout`` argument) with the answer above. ``PoolTransport``
+cannot cut a blocking call short: it ignores httpx's timeouts; the blocking
+client's ``HTTPOptions`` (``idle``, ``connect``, ...) bound each attempt.
 """
 
 from __future__ import annotations
@@ -52,10 +61,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, Generic, TypeVar
 
+import anyio
 import httpx
 
 from ..transports.api import AsyncClient, ResponseHead, StreamResponse
-from ..transports.errors import KeyrotorError, NoKeyAvailable, TransportError
+from ..transports.errors import KeyrotorError, NoKeyAvailable
 from ..transports.sync import Client
 from ..transports.sync import StreamResponse as SyncStreamResponse
 from .proxy.app import HOP_BY_HOP, delivered_headers, rejection
@@ -64,10 +74,13 @@ __all__ = ["AsyncPoolTransport", "PoolTransport"]
 
 C = TypeVar("C")
 
-# Request headers that stay here: the pool sets its own key, host and framing.
+# Request headers that stay here: the SDK's key (the pool sets its own), host and
+# framing.
 _REQUEST_DROPPED = frozenset(
     {
         "authorization",
+        "api-key",
+        "x-api-key",
         "cookie",
         "host",
         "content-length",
@@ -101,14 +114,26 @@ def _relative_path(request: httpx.Request, prefix: str) -> str:
 
 
 def _forwarded_headers(request: httpx.Request) -> dict[str, str]:
-    """The caller's headers minus credentials, host, framing and hop-by-hop."""
+    """The caller's headers minus credentials, host, framing and hop-by-hop;
+    latin-1 text, which the pool encodes back to the very bytes sent."""
     headers: dict[str, str] = {}
-    for name, value in request.headers.multi_items():
-        lower = name.lower()
+    for raw_name, raw_value in request.headers.raw:
+        lower = raw_name.decode("latin-1").lower()
         if lower in _REQUEST_DROPPED:
             continue
+        value = raw_value.decode("latin-1")
         headers[lower] = f"{headers[lower]}, {value}" if lower in headers else value
     return headers
+
+
+def _read_timeout(request: httpx.Request) -> float | None:
+    """httpx's ``read`` timeout of ``request`` (the SDK's ``timeout``); None: no bound."""
+    timeout = request.extensions.get("timeout")
+    return timeout.get("read") if isinstance(timeout, dict) else None
+
+
+def _timed_out(request: httpx.Request, what: str, seconds: float) -> httpx.ReadTimeout:
+    return httpx.ReadTimeout(f"{what} within the read timeout ({seconds:g} s)", request=request)
 
 
 def _refused(exc: KeyrotorError, request: httpx.Request) -> httpx.Response:
@@ -125,20 +150,28 @@ def _answer(
     stream: httpx.SyncByteStream | httpx.AsyncByteStream,
     request: httpx.Request,
 ) -> httpx.Response:
-    """The delivered response for httpx, its body read from ``stream``."""
-    headers = delivered_headers(upstream, _RESPONSE_DROPPED)
+    """The delivered response for httpx, its body read from ``stream``; header
+    values as the upstream sent their bytes (decoded as latin-1)."""
+    headers = [
+        (name.encode("latin-1"), value.encode("latin-1"))
+        for name, value in delivered_headers(upstream, _RESPONSE_DROPPED)
+    ]
     return httpx.Response(upstream.status_code, headers=headers, stream=stream, request=request)
 
 
 class _AsyncBody(httpx.AsyncByteStream):
-    """A delivered body for httpx: chunks as they arrive; ``aclose`` frees the key."""
+    """A delivered body for httpx: chunks as they arrive, each within ``timeout``
+    (None: no bound); ``aclose`` frees the key."""
 
     # Its own iterator rather than an async generator: a stream left early
     # leaves nothing for the garbage collector to finalize on the event loop.
 
-    def __init__(self, upstream: StreamResponse, request: httpx.Request) -> None:
+    def __init__(
+        self, upstream: StreamResponse, request: httpx.Request, timeout: float | None
+    ) -> None:
         self._upstream = upstream
         self._request = request
+        self._timeout = timeout
         self._chunks = upstream.aiter_bytes()
 
     def __aiter__(self) -> AsyncIterator[bytes]:
@@ -146,9 +179,14 @@ class _AsyncBody(httpx.AsyncByteStream):
 
     async def __anext__(self) -> bytes:
         try:
-            return await anext(self._chunks)
-        except TransportError as exc:
+            if self._timeout is None:
+                return await anext(self._chunks)
+            with anyio.move_on_after(self._timeout):
+                return await anext(self._chunks)
+        except KeyrotorError as exc:  # broken off, or the pool closed meanwhile
             raise httpx.ReadError(str(exc), request=self._request) from exc
+        await self._upstream.aclose()
+        raise _timed_out(self._request, "no body chunk", self._timeout)
 
     async def aclose(self) -> None:
         await self._upstream.aclose()
@@ -164,7 +202,7 @@ class _SyncBody(httpx.SyncByteStream):
     def __iter__(self) -> Iterator[bytes]:
         try:
             yield from self._upstream.iter_bytes()
-        except TransportError as exc:
+        except KeyrotorError as exc:  # broken off, or the pool closed meanwhile
             raise httpx.ReadError(str(exc), request=self._request) from exc
 
     def close(self) -> None:
@@ -202,21 +240,42 @@ class AsyncPoolTransport(_Forwarding[AsyncClient], httpx.AsyncBaseTransport):
         prefix: the path prefix of the base URL the SDK was given, stripped
             before forwarding (``""``: forward paths as they are).
         timeout: longest wait for a key (``None``: the pool's ``queue_timeout``).
+
+    httpx's ``read`` timeout bounds the wait for the response head (the wait
+    for a key included) and each read of the body: ``httpx.ReadTimeout``.
     """
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        arguments = self._forward(request, await request.aread())
+        timeout = _read_timeout(request)
         try:
-            upstream = await self._client.send(**self._forward(request, await request.aread()))
+            upstream = await self._send(arguments, request, timeout)
         except KeyrotorError as exc:
             return _refused(exc, request)
-        return _answer(upstream, _AsyncBody(upstream, request), request)
+        try:
+            return _answer(upstream, _AsyncBody(upstream, request, timeout), request)
+        except BaseException:
+            await upstream.aclose()
+            raise
+
+    async def _send(
+        self, arguments: dict[str, Any], request: httpx.Request, timeout: float | None
+    ) -> StreamResponse:
+        """The pool's delivered response, within ``timeout`` (None: no bound)."""
+        if timeout is None:
+            return await self._client.send(**arguments)
+        with anyio.move_on_after(timeout):
+            return await self._client.send(**arguments)
+        raise _timed_out(request, "no response head", timeout)
 
 
 class PoolTransport(_Forwarding[Client], httpx.BaseTransport):
     """Sends httpx requests through a blocking keyrotor ``Client``.
 
     Same arguments and behaviour as ``AsyncPoolTransport``; the client must be
-    open (``with Client(...) as client:``) while the transport is used.
+    open (``with Client(...) as client:``) while the transport is used. httpx's
+    timeouts do not apply (a blocking call cannot be cut short): the client's
+    ``HTTPOptions`` bound each attempt.
     """
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
@@ -224,4 +283,8 @@ class PoolTransport(_Forwarding[Client], httpx.BaseTransport):
             upstream = self._client.send(**self._forward(request, request.read()))
         except KeyrotorError as exc:
             return _refused(exc, request)
-        return _answer(upstream, _SyncBody(upstream, request), request)
+        try:
+            return _answer(upstream, _SyncBody(upstream, request), request)
+        except BaseException:
+            upstream.close()
+            raise
