@@ -545,12 +545,8 @@ class Pool(KeyChoice, RequestQueue, KeyHealth, Snapshots):
 
     def _on_probe_finished(self, event: ProbeFinished) -> list[Decision]:
         self._check_time(event)
-        key = self._keys.get(event.key_id)
-        if key is None and event.key_id in self._orphan_probes:
-            out: list[Decision] = []
-            self._advance(event, out)
-            self._orphan_probes.discard(event.key_id)
-            return out
+        if event.key_id in self._orphan_probes:
+            return self._orphan_probe_finished(event)
         key = self._key(event.key_id, event)
         if not key.probing:
             raise PoolError(
@@ -559,7 +555,7 @@ class Pool(KeyChoice, RequestQueue, KeyHealth, Snapshots):
                 state=f"key {event.key_id!r} is {key.state.value}",
                 fix="send ProbeFinished once per Probe decision",
             )
-        out = []
+        out: list[Decision] = []
         self._advance(event, out)
         now = event.now
         key.probing = False
@@ -587,6 +583,25 @@ class Pool(KeyChoice, RequestQueue, KeyHealth, Snapshots):
                 self._judge(key, verdict, None, out, by_probe=True)
         self._schedule_probe(key, now)
         self._settle(out)
+        return out
+
+    def _orphan_probe_finished(self, event: ProbeFinished) -> list[Decision]:
+        """The probe of a removed key ended: its answer is ignored. A key added
+        since under the same id held its own probes back (``_on_key_added``):
+        it may probe now."""
+        out: list[Decision] = []
+        self._advance(event, out)
+        self._orphan_probes.discard(event.key_id)
+        key = self._keys.get(event.key_id)
+        if key is not None:
+            now = event.now
+            key.probing = False
+            self._hopeless_check = True
+            if self._probe_wanted(key, now):
+                self._probe(key, now, "recheck", out)
+            else:
+                self._schedule_probe(key, now)
+            self._settle(out)
         return out
 
     def _on_probe_requested(self, event: ProbeRequested) -> list[Decision]:
@@ -624,8 +639,11 @@ class Pool(KeyChoice, RequestQueue, KeyHealth, Snapshots):
             )
         out: list[Decision] = []
         self._advance(event, out)
-        self._orphan_probes.discard(spec.key_id)
         self._add_key(spec)
+        if spec.key_id in self._orphan_probes:
+            # The removed key's probe still runs, and its ProbeFinished names only the
+            # id: the new key starts no probe of its own until that one has ended.
+            self._keys[spec.key_id].probing = True
         self._rebuild_rings()
         self._settle(out)
         return out

@@ -9,8 +9,9 @@ it sends, reads, waits and sleeps.
 
 from __future__ import annotations
 
+import logging
 from collections import deque
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
 from typing import Any, Self, TypeVar, Unpack
 
@@ -51,6 +52,8 @@ from ._http import (
 from .errors import KeyrotorError, TransportError
 
 T = TypeVar("T")
+
+logger = logging.getLogger(__name__)
 
 # An attempt failed without an answer: report TransportFailed and fail over.
 # LocalProtocolError is not here: HTTP refuses the caller's own request.
@@ -216,6 +219,7 @@ class AsyncClient(ClientBase):
         self._closed = False
         self._tasks: anyio.abc.TaskGroup | None = None
         self._background: anyio.CancelScope | None = None  # the timer's and the probes'
+        self._loop_clock: Callable[[], float] | None = None  # set on the driver by us
         self._timer = _Waiter()
         self._probes = _Waiter()
         self._driver.deadline_changed = self._timer.wake
@@ -229,9 +233,16 @@ class AsyncClient(ClientBase):
     # ------------------------------------------------------------ lifecycle
 
     async def __aenter__(self) -> Self:
+        if self._tasks is not None:
+            raise KeyrotorError("the client is already open; enter it once at a time")
         options = self._upstream.options
-        if self._driver.clock is anyio.current_time:
-            self._driver.clock = h11pool.loop_clock()  # the same clock, asked directly
+        if self._driver.clock in (anyio.current_time, self._loop_clock):
+            self._driver.clock = self._loop_clock = h11pool.loop_clock()  # asked directly
+        self._closed = False  # entered again after an earlier block
+        self._timer = _Waiter()
+        self._probes = _Waiter()
+        self._driver.deadline_changed = self._timer.wake
+        self._driver.probe_ready = self._probes.wake
         self._pool = h11pool.ConnectionPool(
             h11pool.PoolOptions(
                 connect=options.connect,
@@ -260,10 +271,16 @@ class AsyncClient(ClientBase):
                 tasks.start_soon(self._run_probes)
 
     async def __aexit__(self, *exc_info: Any) -> bool | None:
-        tasks = self._tasks
-        await self.aclose()
+        """Close the client. The block's own exception leaves it as it came (as
+        the blocking client's), not wrapped in the task group's ExceptionGroup;
+        a failure of the timer or of a probe task is raised in that group."""
+        tasks, self._tasks = self._tasks, None
         assert tasks is not None
-        return await tasks.__aexit__(*exc_info)
+        try:
+            await self.aclose()
+        finally:
+            swallowed = await _leave(tasks, exc_info)
+        return swallowed
 
     async def aclose(self) -> None:
         """Stop the timer and probes and close connections. Idempotent.
@@ -338,6 +355,8 @@ class AsyncClient(ClientBase):
         (False: an unknown key is refused, ``NoKeyAvailable`` with status 400;
         an unusable one is waited for)."""
         request = outgoing(self._upstream, method, path, options)
+        if self._pool is None:  # not entered: no timer would end its wait for a key
+            self._http()  # raises
         waiter = _Waiter()
         request_id, slot = self._driver.open(
             waiter.wake, pin_fallback=pin_fallback, body=request.body, **route(options)
@@ -394,8 +413,11 @@ class AsyncClient(ClientBase):
         self, requests: Sequence[Mapping[str, Any]]
     ) -> list[Any | KeyrotorError]:
         """Like ``parallel_chat``, but every item is either its response or the
-        error that ended it (seed 000's ``parallelChatWithPartialResults``)."""
+        error that ended it (seed 000's ``parallelChatWithPartialResults``).
+        An error other than ``KeyrotorError`` (a body JSON cannot encode) is
+        raised itself once every request is done, the first in order."""
         results: list[Any] = [None] * len(requests)
+        unexpected: dict[int, Exception] = {}
         group = f"batch-{id(results)}"
 
         async def one(index: int, params: Mapping[str, Any]) -> None:
@@ -403,10 +425,14 @@ class AsyncClient(ClientBase):
                 results[index] = await self.chat(**{"group": group, **params})
             except KeyrotorError as exc:
                 results[index] = exc
+            except Exception as exc:  # as the blocking client: not an ExceptionGroup
+                unexpected[index] = exc
 
         async with anyio.create_task_group() as tasks:
             for index, params in enumerate(requests):
                 tasks.start_soon(one, index, params)
+        if unexpected:
+            raise unexpected[min(unexpected)]
         return results
 
     def status(self) -> dict[str, Any]:
@@ -436,8 +462,12 @@ class AsyncClient(ClientBase):
     async def _probe(self, probe: Probe) -> None:
         # A probe cut short (its deadline, the client closing) counts as no answer.
         # (The client closing raises KeyrotorError: answered as no answer too.)
-        with anyio.move_on_after(self._upstream.options.probe_timeout), suppress(KeyrotorError):
-            await self._run(probe_steps(self._driver, probe.key_id))
+        # Any other error (a bug) is logged: it must not end the client's task group.
+        try:
+            with anyio.move_on_after(self._upstream.options.probe_timeout), suppress(KeyrotorError):
+                await self._run(probe_steps(self._driver, probe.key_id))
+        except Exception:
+            logger.exception("keyrotor probe of key %r failed", probe.key_id)
 
     # ------------------------------------------------------ carrying out steps
 
@@ -509,3 +539,26 @@ class AsyncClient(ClientBase):
             head_timeout=first_byte,
             tag=step.key_id,
         )
+
+
+async def _leave(tasks: anyio.abc.TaskGroup, exc_info: tuple[Any, ...]) -> bool | None:
+    """Exit the task group that ran a client's block. When what it raises holds
+    nothing but the block's own exception (the task group wraps it in a group;
+    trio copies a group the block raised), False: that exception goes on
+    unchanged. A cancellation is the task group's to handle, as before."""
+    block = exc_info[1]
+    try:
+        return await tasks.__aexit__(*exc_info)
+    except BaseExceptionGroup as group:
+        if block is not None and {id(e) for e in _leaves(group)} <= {id(e) for e in _leaves(block)}:
+            return False
+        raise
+
+
+def _leaves(exc: BaseException) -> Iterator[BaseException]:
+    """The exceptions inside ``exc``'s nested groups (or ``exc`` itself)."""
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            yield from _leaves(inner)
+    else:
+        yield exc
