@@ -57,6 +57,7 @@ __all__ = [
     "keys_from_env",
     "mask",
     "usage_of",
+    "valid_secret",
 ]
 
 OPENROUTER_URL = "https://openrouter.ai/api/v1"
@@ -74,6 +75,13 @@ def mask(secret: str) -> str:
     start = secret[:10]
     head = start[: start.rfind("-") + 1] if "-" in start else secret[:3]
     return f"{head}…{secret[-4:]}"
+
+
+def valid_secret(secret: str) -> bool:
+    """Whether ``secret`` can be sent as a key: printable ASCII, no space (a
+    zero-width space pasted with it, a NUL or DEL from a padded file cannot
+    travel in an ``Authorization`` header)."""
+    return bool(secret) and secret.isascii() and secret.isprintable() and " " not in secret
 
 
 def keys_from_env(environ: Mapping[str, str]) -> list[str]:
@@ -509,8 +517,11 @@ def _aliases(keys: Mapping[str, str] | Iterable[str], empty_ok: bool) -> dict[st
     if len(set(pairs.values())) != len(pairs):
         raise ConfigurationError("the same secret is given twice")
     for alias, secret in pairs.items():
-        if not secret or any(c.isspace() for c in secret):
-            raise ConfigurationError(f"the secret for {alias!r} is empty or has whitespace")
+        if not isinstance(secret, str) or not valid_secret(secret):
+            raise ConfigurationError(
+                f"the secret for {alias!r} is empty or has whitespace, control or non-ASCII "
+                "characters (a zero-width space pasted with it?): copy the key again"
+            )
     return pairs
 
 

@@ -119,15 +119,19 @@ def route(options: RequestOptions) -> dict[str, Any]:
 
 
 _ROUTING = ("pin", "session", "group", "timeout", "attempts", "route")
+_CHAT_POOL = ("pin", "session", "group", "timeout")
+"""The ``chat`` parameters that are the pool's; the rest (OpenRouter's own
+``route`` among them) go into the body."""
 
 
 def chat_options(
     model: str, messages: Sequence[Mapping[str, Any]], params: Mapping[str, Any]
 ) -> RequestOptions:
     """``chat(model=, messages=, **params)`` as ``request`` options: the pool's
-    routing options taken out, the rest in the ``/chat/completions`` body."""
-    options = {name: params[name] for name in _ROUTING if name in params}
-    body = {name: value for name, value in params.items() if name not in _ROUTING}
+    (``pin``, ``session``, ``group``, ``timeout``) taken out, the rest in the
+    ``/chat/completions`` body."""
+    options = {name: params[name] for name in _CHAT_POOL if name in params}
+    body = {name: value for name, value in params.items() if name not in _CHAT_POOL}
     options["json"] = {"model": model, "messages": list(messages), **body}
     return cast(RequestOptions, options)
 
@@ -235,10 +239,11 @@ def attempts(
                 if wait is not None:
                     driver.held(request_id, wait)
                     continue
-            secret = driver.secret_for(request_id, decision)
-            if secret is None:
+            # No local holds the secret: this frame is in the traceback of every
+            # error raised here, and error reporters keep a traceback's locals.
+            if driver.secret_for(request_id, decision) is None:
                 continue  # removed after the pool chose it: failed over already
-            opened = yield Open(outgoing, decision.key_id, secret)
+            opened = yield Open(outgoing, decision.key_id, driver.secrets[decision.key_id])
             if isinstance(opened, Failed):
                 driver.failed(request_id, opened.reason)
                 if opened.reason == "connect":
@@ -290,9 +295,8 @@ def probe(driver: Driver, key_id: str) -> Steps[None]:
     headers: dict[str, str] | None = None
     body: bytes | None = None
     try:
-        secret = driver.secrets.get(key_id)
-        if secret is not None:
-            opened = yield Open(None, key_id, secret)
+        if key_id in driver.secrets:  # (no local holds the secret: see ``attempts``)
+            opened = yield Open(None, key_id, driver.secrets[key_id])
             if not isinstance(opened, Failed):
                 try:
                     read = yield Read(opened.handle, MAX_ERROR_BODY)
@@ -378,8 +382,18 @@ class StreamBody(ResponseHead):
             self._driver.finish(self._request_id, self.key, self._accountant, failure)
 
     def _closing(self) -> Steps[None]:
-        """The caller stops reading: the upstream request is dropped, the key freed."""
+        """The caller stops reading: the upstream request is dropped, the key
+        freed. A body read whole already (the upstream charged for it) is
+        accounted as if the caller had read it."""
         if self._done:
+            return
+        prefetched = self._prefetched
+        if prefetched is not None:
+            self._prefetched = b""
+            self._accountant.feed(prefetched)  # (b"" once the caller had it: nothing)
+            self._accountant.close()
+            self._ended = True
+            yield from self._end()
             return
         self._done = True
         try:

@@ -30,6 +30,7 @@ __all__ = [
     "Response",
     "ResponseHead",
     "Upstream",
+    "client_headers",
     "decode_headers",
     "encode_body",
     "failure_reason",
@@ -54,6 +55,9 @@ TRANSPORT_ERRORS: tuple[type[Exception], ...] = (
 breaking HTTP): report ``TransportFailed`` and let the pool fail over.
 ``LocalProtocolError`` is not here: it is the caller's request that HTTP refuses."""
 
+_COUNTS = ("max_connections", "max_connections_per_key")
+"""The ``HTTPOptions`` that count connections (whole numbers)."""
+
 _HOP_BY_HOP = frozenset(
     {"authorization", "host", "content-length", "connection", "transfer-encoding", "keep-alive"}
 )
@@ -67,10 +71,9 @@ class HTTPOptions:
         connect: to open a connection (TCP and TLS).
         first_byte: from sending a request to its response's headers, for a
             request that is not a stream; past it the attempt fails over to
-            another key and counts as a timeout against its key (the async
-            clients; the sync client has no way to cancel a blocking call, so
-            there ``idle``, httpcore's per-read timeout, bounds the wait for
-            the first byte too).
+            another key and counts as a timeout against its key (the sync
+            client applies it as httpcore's read timeout while it waits for
+            the head: it bounds each wait for bytes of the head, not their sum).
         first_byte_stream: the same for a stream (``"stream": true`` in the
             body): the time to the stream's first byte.
         idle: between two chunks of a body (streams included).
@@ -81,7 +84,8 @@ class HTTPOptions:
             once (the async clients), so that a key whose requests hang cannot
             take the others' slots; a request over it waits up to ``pool``
             seconds, then fails over without blame.
-        keepalive_expiry: idle connections are closed after this long.
+        keepalive_expiry: idle connections are closed after this long (0: a
+            connection serves one request).
         probe_timeout: a whole probe (``GET /key``).
         parser: the async clients' HTTP/1.1 parser: ``"auto"`` (httptools when
             installed, else h11), ``"h11"`` or ``"httptools"``.
@@ -105,22 +109,40 @@ class HTTPOptions:
         except ValueError as exc:
             raise ConfigurationError(f"HTTPOptions.parser: {exc}") from None
         for field in attrs.fields(HTTPOptions):
-            if field.name == "parser":
+            name = field.name
+            value = getattr(self, name)
+            if name == "parser":
                 continue
-            value = getattr(self, field.name)
-            if not finite(value) or not value > 0:  # inf (TOML's 1e400) is no timeout
+            if name in _COUNTS:
+                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                    raise ConfigurationError(
+                        f"HTTPOptions.{name} must be a whole number of at least 1, "
+                        f"got {shown(value)}"
+                    )
+            elif name == "keepalive_expiry":  # 0: a connection serves one request
+                if not finite(value) or value < 0:
+                    raise ConfigurationError(
+                        f"HTTPOptions.{name} must be a finite number of seconds, 0 or more, "
+                        f"got {shown(value)}"
+                    )
+            elif not finite(value) or not value > 0:  # inf (TOML's 1e400) is no timeout
                 raise ConfigurationError(
-                    f"HTTPOptions.{field.name} must be a positive finite number, got {shown(value)}"
+                    f"HTTPOptions.{name} must be a positive finite number, got {shown(value)}"
                 )
 
     def first_byte_for(self, body: bytes | None) -> float:
         """The first-byte deadline of a request with ``body``."""
         return self.first_byte_stream if wants_stream(body) else self.first_byte
 
-    def timeouts(self) -> dict[str, float]:
-        """httpcore's per-request timeout extension (the async clients enforce
-        ``first_byte`` apart)."""
-        return {"connect": self.connect, "read": self.idle, "write": self.write, "pool": self.pool}
+    def timeouts(self, read: float | None = None) -> dict[str, float]:
+        """httpcore's per-request timeout extension; ``read``: in place of
+        ``idle`` (the sync client's first-byte deadline, for the head)."""
+        return {
+            "connect": self.connect,
+            "read": self.idle if read is None else read,
+            "write": self.write,
+            "pool": self.pool,
+        }
 
     def probe_timeouts(self) -> dict[str, float]:
         """``timeouts()`` with every phase capped at ``probe_timeout``."""
@@ -166,9 +188,11 @@ class Upstream:
         headers: Mapping[str, str] | None = None,
         probe_path: str = "/key",
     ) -> Upstream:
-        """Check ``base_url`` and gather the rest."""
+        """Check ``base_url`` and ``headers`` (their names lower-cased, so that a
+        request's own replace them whatever their case) and gather the rest."""
         origin, prefix, host = split_url(base_url)
-        return cls(origin, prefix, host, options or HTTPOptions(), dict(headers or {}), probe_path)
+        own = client_headers(headers or {})
+        return cls(origin, prefix, host, options or HTTPOptions(), own, probe_path)
 
     @property
     def url(self) -> str:
@@ -179,20 +203,38 @@ class Upstream:
         """The absolute URL of ``path`` (``/chat/completions``) upstream."""
         return f"{self.origin}{self.prefix}{path}"
 
-    def merge_headers(self, extra: Mapping[str, str] | None) -> dict[str, str]:
-        """The client's headers overridden by one request's own."""
-        return {**self.headers, **extra} if extra else self.headers
+    def merge_headers(self, extra: Mapping[str, str] | None) -> Mapping[str, str]:
+        """The client's headers overridden by one request's own, names compared
+        without case (the client's are lower-case: the adapters' and the
+        proxy's names are too, so that is one dict merge)."""
+        own = self.headers
+        if not extra:
+            return own
+        merged = {**own, **extra}
+        if own and not "".join(extra).islower():  # a caller's "X-Title" (one C call)
+            merged = dict(own)
+            for name, value in extra.items():
+                merged[name.lower()] = value
+        return merged
 
     def request(
-        self, method: str, path: str, secret: str, headers: Mapping[str, str], body: bytes | None
+        self,
+        method: str,
+        path: str,
+        secret: str,
+        headers: Mapping[str, str],
+        body: bytes | None,
+        first_byte: float | None = None,
     ) -> httpcore.Request:
-        """One attempt with ``secret``; ``headers`` as from ``merge_headers``."""
+        """One attempt with ``secret``; ``headers`` as from ``merge_headers``;
+        ``first_byte``: the read timeout until the head (then set it to ``idle``
+        in ``extensions["timeout"]``, which httpcore reads again for the body)."""
         return httpcore.Request(
             method,
             self.url_for(path),
             headers=request_headers(self.host, secret, headers, body),
             content=body,
-            extensions={"timeout": self.options.timeouts()},
+            extensions={"timeout": self.options.timeouts(first_byte)},
         )
 
     def probe(self, secret: str) -> httpcore.Request:
@@ -203,6 +245,38 @@ class Upstream:
             headers=request_headers(self.host, secret, self.headers, None),
             extensions={"timeout": self.options.probe_timeouts()},
         )
+
+
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+"""A header name (RFC 9110's token)."""
+
+
+def client_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """A client's own headers, checked once (``ConfigurationError`` naming
+    the header, never its value) and with lower-case names."""
+    checked: dict[str, str] = {}
+    for name, value in headers.items():
+        if not isinstance(name, str) or not _TOKEN.fullmatch(name):
+            raise ConfigurationError(
+                f"the client header {name!r} is not a valid header name: "
+                "use letters, digits and -, such as X-Title"
+            )
+        if not isinstance(value, str) or not _header_value_ok(value):
+            raise ConfigurationError(
+                f"the client header {name!r} has characters a header cannot carry: "
+                "use printable Latin-1 text on one line"
+            )
+        checked[name.lower()] = value
+    return checked
+
+
+def _header_value_ok(value: str) -> bool:
+    """Printable Latin-1 on one line (no CR, LF, NUL nor other control)."""
+    try:
+        value.encode("latin-1")
+    except UnicodeEncodeError:
+        return False
+    return value.isprintable()
 
 
 _STREAM_TRUE = re.compile(rb'"stream"\s*:\s*true\b')
@@ -240,18 +314,32 @@ def request_headers(
     """Headers for one attempt: Host, the key's Authorization (none when
     ``secret`` is None), the caller's own (minus Authorization, Host and
     hop-by-hop headers), then the body's length (unless ``frame`` is False: the
-    h11 pool frames bodies itself) and type (JSON unless the caller gave one)."""
+    h11 pool frames bodies itself) and type (JSON unless the caller gave one).
+
+    A caller's header that is not Latin-1 raises ``ConfigurationError`` naming
+    it (not its value), with the secret gone from this frame's locals first."""
     headers = [(b"Host", host)]
     if secret is not None:
         headers.append((b"Authorization", b"Bearer " + secret.encode("ascii")))
     typed = False
     items = extra.items() if isinstance(extra, Mapping) else (extra or ())
-    for name, value in items:
-        lower = name.lower()
-        if lower in _HOP_BY_HOP:
-            continue
-        typed = typed or lower == "content-type"
-        headers.append((name.encode("latin-1"), value.encode("latin-1")))
+    try:
+        for name, value in items:
+            lower = name.lower()
+            if lower in _HOP_BY_HOP:
+                continue
+            typed = typed or lower == "content-type"
+            headers.append((name.encode("latin-1"), value.encode("latin-1")))
+    except UnicodeEncodeError:
+        refused = True
+    else:
+        refused = False
+    if refused:  # raised here, not in ``except``: no chained error, no secret in the locals
+        del secret, headers
+        raise ConfigurationError(
+            f"the request header {name!r} has characters a header cannot carry: "
+            "use printable Latin-1 text on one line"
+        )
     if body is not None:
         if frame:
             headers.append((b"Content-Length", str(len(body)).encode()))

@@ -8,19 +8,24 @@ number at once: every call into the driver holds the client's lock, never
 during network I/O, and a request waits for its decisions on a condition of
 that lock.
 
-Timeouts: httpcore's blocking API cannot cancel a call, so ``HTTPOptions.idle``
-(httpcore's per-read timeout) also bounds the wait for the first byte, in
-place of ``first_byte``; a probe's every phase is capped at ``probe_timeout``.
+Timeouts: httpcore's blocking API cannot cancel a call, so ``first_byte``
+(``first_byte_stream`` for a stream) is httpcore's per-read timeout while an
+attempt waits for the head, ``idle`` once the body is read; a probe's every
+phase is capped at ``probe_timeout``. ``close()`` shuts the connections down,
+so that requests blocked on the upstream on other threads end at once
+(``KeyrotorError``, no key blamed).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import socket
 import threading
+import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any, Self, TypeVar, Unpack
 
 import httpcore
@@ -58,7 +63,7 @@ from ._http import (
     json_or_raise,
     read_bounded,
 )
-from .errors import KeyrotorError, NoKeyAvailable, UpstreamError
+from .errors import ConfigurationError, KeyrotorError, NoKeyAvailable, UpstreamError
 
 T = TypeVar("T")
 
@@ -76,6 +81,12 @@ logger = logging.getLogger(__name__)
 
 PROBE_THREADS = 4
 """Probes run at once, at most (each a cheap ``GET /key``)."""
+
+_CLOSED = "the client was closed while the request ran"
+_REFUSED = (
+    "the request could not be sent: a header name or value has characters HTTP does "
+    "not allow; use printable Latin-1 text on one line"
+)
 
 
 class StreamResponse(StreamBody):
@@ -156,6 +167,8 @@ class Client(ClientBase):
         self._lock = threading.RLock()
         self._timer = threading.Condition(self._lock)
         self._pool: httpcore.ConnectionPool | None = None
+        self._backend: _Backend | None = None
+        self._closing = False  # close() has begun: a step that fails blames no key
         self._thread: threading.Thread | None = None
         self._probes: ThreadPoolExecutor | None = None
         self._stopped: str | None = None  # why waiting requests must give up
@@ -187,9 +200,14 @@ class Client(ClientBase):
                 raise KeyrotorError("the client is already open; enter it once at a time")
             options = self._upstream.options
             self._stopped = None
+            self._closing = False
+            self._backend = _Backend()
             self._pool = httpcore.ConnectionPool(
                 max_connections=options.max_connections,
+                # keepalive_expiry 0: no idle connection is kept (one request each)
+                max_keepalive_connections=None if options.keepalive_expiry else 0,
                 keepalive_expiry=options.keepalive_expiry,
+                network_backend=self._backend,
             )
             self._probes = ThreadPoolExecutor(PROBE_THREADS, thread_name_prefix="keyrotor-probe")
             self._thread = threading.Thread(
@@ -202,15 +220,20 @@ class Client(ClientBase):
         self.close()
 
     def close(self) -> None:
-        """Stop the timer, wait for running probes (each at most ``probe_timeout``)
-        and close connections. Idempotent.
+        """Stop the timer, shut the connections down, wait for running probes
+        and close. Idempotent.
 
-        Requests still waiting for a key raise ``KeyrotorError``.
+        Requests still waiting for a key, or for the upstream on other threads,
+        raise ``KeyrotorError`` (no key is blamed).
         """
         with self._lock:
+            self._closing = True
             self._stop("the client was closed while the request waited for a key")
             thread, self._thread = self._thread, None
             probes, self._probes = self._probes, None
+            backend = self._backend
+        if backend is not None:  # wakes the threads blocked on the upstream
+            backend.shutdown()
         if thread is not None and thread is not threading.current_thread():
             thread.join()
         if probes is not None:
@@ -382,7 +405,8 @@ class Client(ClientBase):
                 executor.submit(self._probe, probe).add_done_callback(_log_failure)
 
     def _probe(self, probe: Probe) -> None:
-        self._run(probe_steps(self._driver, probe.key_id))
+        with suppress(KeyrotorError):  # the client closing: answered as no answer
+            self._run(probe_steps(self._driver, probe.key_id))
 
     # ------------------------------------------------------ carrying out steps
 
@@ -415,7 +439,10 @@ class Client(ClientBase):
                 error = exc
 
     def _step(self, step: Open | Read | NextChunk | Close | Admit) -> Any:
-        """One step's I/O on httpcore; no answer is ``Failed``."""
+        """One step's I/O on httpcore; no answer is ``Failed``. A step that fails
+        because the client is closing raises ``KeyrotorError``; a request HTTP
+        refuses, ``ConfigurationError``: neither blames the key, and neither
+        chains httpcore's error (whose message or frames may hold the headers)."""
         if isinstance(step, Admit):
             raise KeyrotorError("limits shared through Driver.gate need the async client")
         if isinstance(step, Close):
@@ -428,9 +455,17 @@ class Client(ClientBase):
                 return read_bounded(step.handle.chunks, step.limit)
             body = _Body(self._open(step))
         except TRANSPORT_ERRORS as exc:
-            return Failed(failure_reason(exc), exc)
-        response = body.response
-        return Opened(body, response.status, decode_headers(response.headers))
+            if not self._closing:
+                return Failed(failure_reason(exc), exc)
+            error: KeyrotorError = KeyrotorError(_CLOSED)
+        except httpcore.LocalProtocolError:  # HTTP refuses the request: no key's fault
+            error = ConfigurationError(_REFUSED)
+        except ConfigurationError as exc:  # (a header that is not Latin-1)
+            error = ConfigurationError(str(exc))
+        else:
+            response = body.response
+            return Opened(body, response.status, decode_headers(response.headers))
+        raise error  # not chained: httpcore's message or frames may hold the headers
 
     def _open(self, step: Open) -> httpcore.Response:
         upstream = self._upstream
@@ -440,11 +475,100 @@ class Client(ClientBase):
             if pool is None:
                 raise httpcore.ConnectError("the client is closing")
             return pool.handle_request(upstream.probe(step.secret))
-        return self._http().handle_request(
-            upstream.request(
-                request.method, request.path, step.secret, request.headers, request.body
-            )
+        if self._closing:
+            raise KeyrotorError(_CLOSED)
+        options = upstream.options
+        first_byte = request.first_byte
+        if first_byte is None:  # once a request, not once an attempt: it may read the body
+            first_byte = request.first_byte = options.first_byte_for(request.body)
+        http = upstream.request(
+            request.method, request.path, step.secret, request.headers, request.body, first_byte
         )
+        response = self._http().handle_request(http)
+        # The head is in: the body's reads wait up to ``idle`` (httpcore reads
+        # the timeout again when the body is first read).
+        http.extensions["timeout"]["read"] = options.idle
+        return response
+
+
+class _Backend(httpcore.NetworkBackend):
+    """httpcore's blocking backend, keeping the streams it opens so that
+    ``shutdown`` can wake the threads blocked on them (closing a socket does
+    not wake a thread blocked reading it; shutting it down does)."""
+
+    def __init__(self) -> None:
+        self._backend = httpcore.SyncBackend()
+        self._streams: weakref.WeakSet[_Stream] = weakref.WeakSet()
+        self._lock = threading.Lock()
+        self._shut = False
+
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.NetworkStream:
+        stream = self._backend.connect_tcp(host, port, timeout, local_address, socket_options)
+        return self.keep(stream)
+
+    def connect_unix_socket(
+        self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
+    ) -> httpcore.NetworkStream:
+        return self.keep(self._backend.connect_unix_socket(path, timeout, socket_options))
+
+    def sleep(self, seconds: float) -> None:
+        self._backend.sleep(seconds)
+
+    def keep(self, stream: httpcore.NetworkStream) -> _Stream:
+        """``stream``, kept until it is dropped (or closed, if shut down already)."""
+        kept = _Stream(stream, self)
+        with self._lock:
+            if not self._shut:
+                self._streams.add(kept)
+                return kept
+        stream.close()
+        raise httpcore.ConnectError("the client is closing")
+
+    def shutdown(self) -> None:
+        """Shut every stream down (reads and writes on them end at once)."""
+        with self._lock:
+            self._shut = True
+            streams = list(self._streams)
+        for stream in streams:
+            stream.shutdown()
+
+
+class _Stream(httpcore.NetworkStream):
+    """A stream of ``_Backend``: httpcore's, and a way to shut it down."""
+
+    def __init__(self, stream: httpcore.NetworkStream, backend: _Backend) -> None:
+        self._stream = stream
+        self._backend = backend
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self._stream.read(max_bytes, timeout)
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._stream.write(buffer, timeout)
+
+    def close(self) -> None:
+        self._stream.close()
+
+    def start_tls(
+        self, ssl_context: Any, server_hostname: str | None = None, timeout: float | None = None
+    ) -> httpcore.NetworkStream:
+        return self._backend.keep(self._stream.start_tls(ssl_context, server_hostname, timeout))
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._stream.get_extra_info(info)
+
+    def shutdown(self) -> None:
+        sock = self._stream.get_extra_info("socket")
+        if isinstance(sock, socket.socket):
+            with suppress(OSError):  # closed already
+                sock.shutdown(socket.SHUT_RDWR)
 
 
 def _log_failure(future: Future[None]) -> None:
