@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from contextlib import suppress
 from typing import NoReturn
 
 __all__ = ["ArgumentParser", "main", "version"]
@@ -37,13 +38,33 @@ def version() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``keyrotor`` console script."""
+    """Entry point of the ``keyrotor`` console script.
+
+    Ctrl-C (``KeyboardInterrupt``) ends any command with one line and exit
+    status 130; a closed stdout (``keyrotor ... | head``) quietly with 1; either
+    also when it comes out of an event loop's task, wrapped in exception groups
+    (with Ctrl-C, beside what it broke in other tasks).
+    """
     try:
         return _main(argv)
-    except BrokenPipeError:  # `keyrotor ... | head`: the reader has what it wanted
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes at exit
-        return 1
+    except (KeyboardInterrupt, BrokenPipeError, BaseExceptionGroup) as exc:
+        leaves = {type(leaf) for leaf in _leaves(exc)}
+        if KeyboardInterrupt in leaves:
+            with suppress(OSError):
+                print("keyrotor: interrupted", file=sys.stderr)
+            return 130
+        if leaves == {BrokenPipeError}:  # the reader has what it wanted
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes at exit
+            return 1
+        raise
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside ``exc``'s (nested) exception groups, or ``exc``."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -202,9 +223,19 @@ def _serve(args: argparse.Namespace) -> int:
             *(["--shared", args.shared] if args.shared is not None else []),
             *(["--no-state"] if config.state_path is None else []),
         ]
+        from .adapters.proxy.logs import LineLog
+        from .adapters.proxy.workers import check
+        from .adapters.storage import StorageError
+
         host, port = config.server["host"], config.server["port"]
         grace = float(config.server["grace_period"])
-        return supervise(child, workers, host, port, config.state_path, grace)
+        log = LineLog(sys.stderr, config.log_format)
+        try:
+            check(config, workers, log)  # the state files and keys, before any worker starts
+            return supervise(child, workers, host, port, config.state_path, grace, log)
+        except (ConfigError, StorageError) as exc:
+            print(f"keyrotor serve: {exc}", file=sys.stderr)
+            return 2
     from .adapters.proxy.main import run
     from .adapters.storage import StorageError
 

@@ -71,15 +71,16 @@ def test_two_workers_share_a_port_and_one_killed_is_started_again(tmp_path: Path
                 + "".join(f'[[keys]]\nalias = "{a}"\nsecret_env = "K_{a}"\n' for a in SECRETS)
             )
             env = {**os.environ, **{f"K_{a}": s for a, s in SECRETS.items()}}
+            log = (tmp_path / "serve.err").open("w")  # the supervisor's and workers' logs
             supervisor = subprocess.Popen(
                 [sys.executable, "-m", "keyrotor.cli", "serve", "--config", str(config),
                  "--workers", "2", "--shared", redis.url, "--port", str(port),
                  "--state", str(tmp_path / "state.db")],
                 env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL,
-                text=True,
+                stdout=subprocess.DEVNULL,
+                stderr=log,
             )  # fmt: skip
+            log.close()
             url = f"http://127.0.0.1:{port}"
             try:
                 wait_until(lambda: _healthy(url), timeout=30)
@@ -94,9 +95,10 @@ def test_two_workers_share_a_port_and_one_killed_is_started_again(tmp_path: Path
                 assert httpx.post(f"{url}/v1/chat/completions", json=CHAT).status_code == 200
             finally:
                 supervisor.send_signal(signal.SIGTERM)
-                out, _ = supervisor.communicate(timeout=30)
+                supervisor.wait(timeout=30)
     finally:
         redis.close()
+    out = (tmp_path / "serve.err").read_text()
     events = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     kinds = [e.get("event") for e in events]
     assert kinds.count("worker_started") == 3 and "worker_exited" in kinds

@@ -980,8 +980,8 @@ async def serve(
     """Serve ``app`` until ``shutdown`` is set (then drain gracefully) or until cancelled.
 
     Reports the bound port through ``task_status``:
-    ``port = await nursery.start(serve, app, options)``. With ``port=0`` give a
-    single ``host``: each address of a name may get a different port.
+    ``port = await nursery.start(serve, app, options)``. With ``port=0`` every
+    address of ``host`` gets the port the first one got.
     ``reuse_port``: bind with ``SO_REUSEPORT``, so that several processes
     (``keyrotor serve --workers N``) share the port and the kernel spreads
     the connections among them.

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import errno
 import socket
+from collections.abc import Sequence
 from contextlib import suppress
-from typing import Final
+from typing import Any, Final
 
 import trio
 
-__all__ = ["Stream", "accept", "close", "listen"]
+__all__ = ["Stream", "accept", "bind", "close", "listen"]
 
 _NODELAY: Final = (socket.AF_INET, socket.AF_INET6)
 # accept() errors about one connection, not the listener (as trio's listener
@@ -119,26 +120,60 @@ class Stream:
 
 async def listen(host: str, port: int, reuse_port: bool = False) -> list[socket.socket]:
     """Listening sockets on every address of ``host`` (``""``: every interface),
-    as ``trio.open_tcp_listeners`` binds them; with ``reuse_port``, bound with
+    as ``trio.open_tcp_listeners`` binds them but all on one port (``port=0``:
+    the one the first address got); with ``reuse_port``, bound with
     ``SO_REUSEPORT`` so that several processes share the port."""
-    reuse = getattr(socket, "SO_REUSEPORT", None)
-    if reuse_port and reuse is None:  # pragma: no cover - Linux, the BSDs and macOS have it
-        raise OSError(errno.ENOPROTOOPT, "SO_REUSEPORT is not available on this platform")
     infos = await trio.socket.getaddrinfo(
         host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
     )
+    return bind(infos, reuse_port=reuse_port)
+
+
+def bind(
+    infos: Sequence[tuple[Any, ...]], *, reuse_port: bool = False, backlog: int | None = None
+) -> list[socket.socket]:
+    """Sockets bound to every address of ``infos`` (``getaddrinfo``'s answer),
+    listening with ``backlog`` (None: ``SOMAXCONN``; 0: not listening). With port
+    0, the first address's port is taken for the others too (tried again on a
+    new port, a few times, when another address has it taken); all closed on
+    failure."""
+    reuse = getattr(socket, "SO_REUSEPORT", None)
+    if reuse_port and reuse is None:  # pragma: no cover - Linux, the BSDs and macOS have it
+        raise OSError(errno.ENOPROTOOPT, "SO_REUSEPORT is not available on this platform")
+    tries = _PORT_TRIES if len(infos) > 1 and infos[0][4][1] == 0 else 1
+    while True:
+        try:
+            return _bind_all(infos, reuse if reuse_port else None, backlog)
+        except OSError as exc:
+            tries -= 1
+            if exc.errno != errno.EADDRINUSE or not tries:
+                raise
+
+
+_PORT_TRIES: Final = 8
+"""Ports tried when binding several addresses on any free port (``port=0``)."""
+
+
+def _bind_all(
+    infos: Sequence[tuple[Any, ...]], reuse: int | None, backlog: int | None
+) -> list[socket.socket]:
     sockets: list[socket.socket] = []
+    port = 0
     try:
         for family, kind, proto, _, address in infos:
             sock = socket.socket(family, kind, proto)
             sockets.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if reuse_port:
-                sock.setsockopt(socket.SOL_SOCKET, reuse, 1)  # type: ignore[arg-type]
+            if reuse is not None:
+                sock.setsockopt(socket.SOL_SOCKET, reuse, 1)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if port and address[1] == 0:  # the port the first address got
+                address = (address[0], port, *address[2:])
             sock.bind(address)
-            sock.listen(socket.SOMAXCONN)
+            port = port or int(sock.getsockname()[1])
+            if backlog != 0:
+                sock.listen(socket.SOMAXCONN if backlog is None else backlog)
             sock.setblocking(False)
     except BaseException:
         for sock in sockets:
