@@ -42,6 +42,7 @@ from ._exchange import (
 )
 from ._exchange import probe as probe_steps
 from ._http import (
+    REFUSED,
     HTTPOptions,
     LineDecoder,
     Response,
@@ -49,7 +50,7 @@ from ._http import (
     json_or_raise,
     request_headers,
 )
-from .errors import KeyrotorError, TransportError
+from .errors import ConfigurationError, KeyrotorError, TransportError
 
 T = TypeVar("T")
 
@@ -508,13 +509,18 @@ class AsyncClient(ClientBase):
             if isinstance(step, Read):
                 return await step.handle.aread(limit=step.limit)
             response = await self._open(step)
+        except h11pool.LocalProtocolError:  # HTTP refuses the request: no key's fault
+            refused = True
         except _STEP_ERRORS as exc:
             if self._closed:  # the pool closed under this step: no key's failure
                 raise KeyrotorError("the client was closed while the request ran") from exc
             if isinstance(exc, TRANSPORT_ERRORS):
                 return Failed(failure_reason(exc), exc)
             raise
-        return Opened(response, response.status, decode_headers(response.headers))
+        else:
+            return Opened(response, response.status, decode_headers(response.headers))
+        if refused:  # raised here, not chained: the pool's frames hold the headers (the key)
+            raise ConfigurationError(REFUSED)
 
     async def _open(self, step: Open) -> h11pool.Response:
         upstream = self._upstream

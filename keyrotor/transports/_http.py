@@ -24,6 +24,7 @@ from .json_body import Unsure, member, parse
 
 __all__ = [
     "MAX_ERROR_BODY",
+    "REFUSED",
     "TRANSPORT_ERRORS",
     "HTTPOptions",
     "LineDecoder",
@@ -54,6 +55,12 @@ TRANSPORT_ERRORS: tuple[type[Exception], ...] = (
 """An attempt failed without an answer (connect, timeout, reset, the upstream
 breaking HTTP): report ``TransportFailed`` and let the pool fail over.
 ``LocalProtocolError`` is not here: it is the caller's request that HTTP refuses."""
+
+REFUSED = (
+    "the request could not be sent: a header name or value has characters HTTP does "
+    "not allow; use printable Latin-1 text on one line"
+)
+"""A request HTTP refuses (a caller's header): never its value, which may be private."""
 
 _COUNTS = ("max_connections", "max_connections_per_key")
 """The ``HTTPOptions`` that count connections (whole numbers)."""

@@ -54,6 +54,7 @@ from ._exchange import (
 )
 from ._exchange import probe as probe_steps
 from ._http import (
+    REFUSED,
     TRANSPORT_ERRORS,
     HTTPOptions,
     LineDecoder,
@@ -83,10 +84,6 @@ PROBE_THREADS = 4
 """Probes run at once, at most (each a cheap ``GET /key``)."""
 
 _CLOSED = "the client was closed while the request ran"
-_REFUSED = (
-    "the request could not be sent: a header name or value has characters HTTP does "
-    "not allow; use printable Latin-1 text on one line"
-)
 
 
 class StreamResponse(StreamBody):
@@ -459,7 +456,7 @@ class Client(ClientBase):
                 return Failed(failure_reason(exc), exc)
             error: KeyrotorError = KeyrotorError(_CLOSED)
         except httpcore.LocalProtocolError:  # HTTP refuses the request: no key's fault
-            error = ConfigurationError(_REFUSED)
+            error = ConfigurationError(REFUSED)
         except ConfigurationError as exc:  # (a header that is not Latin-1)
             error = ConfigurationError(str(exc))
         else:

@@ -441,3 +441,27 @@ def test_sync_close_wakes_a_request_blocked_on_a_tls_connection(
         )
         with pytest.raises(httpcore.ConnectError, match="closing"):
             pool.request("GET", f"{server.url}/key", headers=headers)
+
+
+@pytest.mark.parametrize("value", ["PRIVATEVALUE\x00", "PRIVATEVALUE\n"])
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_async_request_header_http_refuses_blames_no_key_and_shows_no_secret(
+    value: str, backend: str
+) -> None:
+    # The h11 pool's LocalProtocolError went out as it was: its frames' locals
+    # held the Authorization header (the key's secret).
+    scenario = Scenario().add(secret("a"), Ok(), alias="a")
+
+    async def main() -> None:
+        async with FakeUpstream(scenario).serve() as server:
+            async with aclient.Client({"a": secret("a")}, server.url, config(["a"])) as client:
+                with pytest.raises(ConfigurationError) as caught:
+                    await client.request(
+                        "POST", "/chat/completions", json=CHAT, headers={"x-custom": value}
+                    )
+                assert_hidden(caught.value)
+                assert client.status()["stats"]["inFlight"] == 0
+                assert client.status()["keys"][0]["errors"]["transport"] == 0
+                assert (await client.request("POST", "/chat/completions", json=CHAT)).is_success
+
+    anyio.run(main, backend=backend)
