@@ -27,7 +27,7 @@ import attrs
 from ..core import POLICIES, KeySpec, PoolConfig, PoolError
 from ..core.config import finite, shown
 from ..models.routing import FREE_ROUTE, Route, route_from_json
-from ..transports.api import OPENROUTER_URL, HTTPOptions, keys_from_env, mask
+from ..transports.api import OPENROUTER_URL, HTTPOptions, keys_from_env, mask, valid_secret
 from ..transports.codec import resolve as resolve_parser
 from ..transports.errors import ConfigurationError
 from .alerts import RULE_FIELDS, Rule, rule_from_json
@@ -931,7 +931,7 @@ class _Loader:
         named = [("admin token", admin)] if admin else []
         named += [(f"client token #{i}", token) for i, token in enumerate(clients, 1)]
         for what, token in named:
-            if len(token) < _MIN_TOKEN or not _valid_secret(token):
+            if len(token) < _MIN_TOKEN or not valid_secret(token):
                 self.fail(
                     f"the {what} is shorter than {_MIN_TOKEN} characters or has whitespace",
                     where="[auth]",
@@ -1363,7 +1363,7 @@ class _Loader:
                     where=f"{origin[alias]} alias",
                     fix="rename the file's key: env1, env2, ... name the environment's keys",
                 )
-            if not _valid_secret(secret):
+            if not valid_secret(secret):
                 self.fail(
                     f"the environment's key {alias} has whitespace or non-ASCII characters",
                     source="environment",
@@ -1426,7 +1426,7 @@ class _Loader:
             )
         if "secret" in entry:
             secret = self.check(entry["secret"], _STR, f"{where} secret", self.source, False)
-            if not _valid_secret(secret):
+            if not valid_secret(secret):
                 self.fail(
                     f"{where} secret is empty or has whitespace or non-ASCII characters",
                     where=f"{where} secret",
@@ -1444,7 +1444,7 @@ class _Loader:
         value = self.environ.get(name, "").strip()
         if not value:
             self.unset_variable(name, f"{where} secret_env", "key", "")
-        if not _valid_secret(value):
+        if not valid_secret(value):
             self.fail(
                 f"{where}: the key in {name} has whitespace or non-ASCII characters",
                 where=f"{where} secret_env",
@@ -1592,10 +1592,6 @@ def _same_file(a: str, b: str) -> bool:
 def _unprintable(text: str) -> bool:
     """Has ``text`` whitespace or control characters (no URL has them raw)?"""
     return any(c.isspace() or not c.isprintable() for c in text)
-
-
-def _valid_secret(secret: str) -> bool:
-    return bool(secret) and secret.isascii() and secret.isprintable() and " " not in secret
 
 
 def _latin1(text: str) -> bool:

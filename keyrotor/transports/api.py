@@ -47,7 +47,14 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ._async import AsyncClient, StreamResponse
-    from ._driver import OPENROUTER_URL, Driver, StreamAccountant, keys_from_env, mask
+    from ._driver import (
+        OPENROUTER_URL,
+        Driver,
+        StreamAccountant,
+        keys_from_env,
+        mask,
+        valid_secret,
+    )
     from ._h11pool import ConnectionPool
     from ._http import HTTPOptions, ResponseHead
 
@@ -62,6 +69,7 @@ __all__ = [
     "StreamResponse",
     "keys_from_env",
     "mask",
+    "valid_secret",
 ]
 
 _HOMES = {
@@ -79,6 +87,7 @@ _HOMES = {
     "OPENROUTER_URL": "._driver",
     "keys_from_env": "._driver",
     "mask": "._driver",
+    "valid_secret": "._driver",
 }
 
 
