@@ -146,7 +146,9 @@ class Driver:
 
     ``feed`` hands an event to the pool and routes each decision: request
     decisions to the request's ``Slot``, probes to ``probes``, state changes to
-    the ``on_state_change`` callbacks. ``on_finished`` hears of each delivered
+    the ``on_state_change`` callbacks (one that raises is said to
+    ``on_recording_error``; the other decisions are routed all the same).
+    ``on_finished`` hears of each delivered
     body's end (the key and its usage, for a spend ledger). ``deadline_changed``
     tells the timer task to look at ``next_deadline()`` again.
 
@@ -216,7 +218,11 @@ class Driver:
                 self.probe_ready()
             else:
                 for callback in self.on_state_change:
-                    callback(decision)
+                    try:
+                        callback(decision)
+                    except Exception as exc:  # a hook's bug must not lose the decisions
+                        name = type(exc).__name__
+                        self.on_recording_error(f"keyrotor: an on_state_change hook failed: {name}")
         deadline = self.pool.next_deadline()
         if deadline != self._deadline:
             self._deadline = deadline

@@ -282,3 +282,29 @@ def test_a_request_whose_accounting_fails_is_not_left_in_flight(cause: str) -> N
         ["keyrotor: an on_finished hook failed: RuntimeError"] * 2 if cause == "hook" else []
     )
     assert accountant.prompt_tokens == (10 if cause == "hook" else 0)
+
+
+def test_a_state_change_hook_that_raises_loses_no_decision() -> None:
+    """A 429 turns key a rate limited and retries on b in one ``feed``: a hook
+    that raised on the change lost the retry (the caller got the hook's error;
+    on the timer's ``feed`` it would end the client's timer)."""
+    from keyrotor.core import KeySpec, PoolConfig, Send
+
+    said: list[str] = []
+    config = PoolConfig(keys=[KeySpec(key_id="a"), KeySpec(key_id="b")], policy="round_robin")
+    driver = Driver({"a": "sk-a-0123456789", "b": "sk-b-0123456789"}, config)
+    driver.on_recording_error = said.append
+    seen: list[str] = []
+
+    def broken(change: object) -> None:
+        raise RuntimeError("the hook's bug")
+
+    driver.on_state_change += [broken, lambda change: seen.append(change.key_id)]  # type: ignore[attr-defined]
+    request, slot = driver.open(lambda: None)
+    first = slot.decisions.popleft()
+    assert isinstance(first, Send)
+    driver.received(request, first.attempt, 429, {"retry-after": "30"}, None)
+    retry = slot.decisions.popleft()
+    assert isinstance(retry, Send) and retry.key_id != first.key_id
+    assert seen == [first.key_id]  # the next hook still heard of it
+    assert said == ["keyrotor: an on_state_change hook failed: RuntimeError"]
