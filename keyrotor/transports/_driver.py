@@ -42,6 +42,7 @@ from ..core import (
     response_received,
 )
 from ..core.classify import LIMIT_HEADER_PREFIXES
+from ..core.config import finite, shown
 from ._http import parse_json
 from .errors import ConfigurationError
 from .json_body import parse
@@ -82,6 +83,20 @@ def valid_secret(secret: str) -> bool:
     zero-width space pasted with it, a NUL or DEL from a padded file cannot
     travel in an ``Authorization`` header)."""
     return bool(secret) and secret.isascii() and secret.isprintable() and " " not in secret
+
+
+def _check_request_options(pin: object, session: object, group: object, timeout: object) -> None:
+    """A caller's per-request options, checked before the pool hears of the
+    request (``ConfigurationError``: a wrong type reached the core half-way)."""
+    if pin is not None and (isinstance(pin, bool) or not isinstance(pin, str | int)):
+        raise ConfigurationError(f"pin must be a key's alias or index, got {shown(pin)}")
+    for name, value in (("session", session), ("group", group)):
+        if value is not None and not isinstance(value, str):
+            raise ConfigurationError(f"{name} must be a string, got {shown(value)}")
+    if timeout is not None and (not finite(timeout) or timeout < 0):
+        raise ConfigurationError(
+            f"timeout must be a finite number of seconds, 0 or more, got {shown(timeout)}"
+        )
 
 
 def keys_from_env(environ: Mapping[str, str]) -> list[str]:
@@ -245,6 +260,8 @@ class Driver:
     ) -> tuple[str, Slot]:
         """Start a request: a fresh id, its slot, and the pool told about it
         (``body`` and ``route`` only for a recorder, which notes the model)."""
+        if pin is not None or session is not None or group is not None or timeout is not None:
+            _check_request_options(pin, session, group, timeout)
         request_id = f"q{next(self._ids)}"
         slot = Slot(wake, body if self.price is not None else None, tokens)
         self.slots[request_id] = slot

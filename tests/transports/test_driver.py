@@ -308,3 +308,31 @@ def test_a_state_change_hook_that_raises_loses_no_decision() -> None:
     assert isinstance(retry, Send) and retry.key_id != first.key_id
     assert seen == [first.key_id]  # the next hook still heard of it
     assert said == ["keyrotor: an on_state_change hook failed: RuntimeError"]
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"session": 5}, "session must be a string, got 5"),
+        ({"group": ["x"]}, "group must be a string"),
+        ({"pin": 1.5}, "pin must be a key's alias or index"),
+        ({"pin": True}, "pin must be a key's alias or index"),
+        ({"timeout": "3"}, "timeout must be a finite number"),
+        ({"timeout": float("nan")}, "timeout must be a finite number"),
+        ({"timeout": -1}, "timeout must be a finite number"),
+    ],
+)
+def test_bad_request_options_are_refused_before_the_pool_hears_of_them(
+    options: dict[str, object], match: str
+) -> None:
+    """They reached the core, which failed half-way (AttributeError, TypeError)
+    with the request counted and left in flight, or took NaN for a deadline."""
+    from keyrotor.core import KeySpec, PoolConfig
+
+    driver = Driver({"a": "sk-a-0123456789"}, PoolConfig(keys=[KeySpec(key_id="a")]))
+    with pytest.raises(ConfigurationError, match=match):
+        driver.open(lambda: None, **options)  # type: ignore[arg-type]
+    assert driver.slots == {}
+    stats = driver.pool.statistics()
+    assert stats.in_flight == 0 and stats.started == 0
+    driver.open(lambda: None, pin=0, session="s", group="g", timeout=0)  # all fine
