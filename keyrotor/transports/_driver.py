@@ -43,7 +43,7 @@ from ..core import (
 )
 from ..core.classify import LIMIT_HEADER_PREFIXES
 from ..core.config import finite, shown
-from ._http import parse_json
+from ._http import error_status, number, parse_json
 from .errors import ConfigurationError
 from .json_body import parse
 
@@ -564,7 +564,7 @@ def usage_of(payload: Any) -> tuple[float, int, int]:
     usage = payload.get("usage") if isinstance(payload, dict) else None
     if not isinstance(usage, dict):
         return 0.0, 0, 0
-    cost = _number(usage.get("cost"))
+    cost = number(usage.get("cost"))
     return (
         cost if cost is not None and cost >= 0 else 0.0,
         _tokens(usage.get("prompt_tokens")),
@@ -579,20 +579,8 @@ no model answers two billion: sums of such stay far inside SQLite's integers).""
 
 def _tokens(value: Any) -> int:
     """A token count: a finite number from 0 to ``MAX_TOKENS``, else 0."""
-    number = _number(value)
-    return int(number) if number is not None and 0 < number <= MAX_TOKENS else 0
-
-
-def _number(value: Any) -> float | None:
-    """A finite number, from a JSON number or a numeric string (None: anything
-    else, NaN, an infinity or an integer too large for a float)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        return None
-    try:
-        number = float(value)
-    except (ValueError, OverflowError):
-        return None
-    return number if math.isfinite(number) else None
+    count = number(value)
+    return int(count) if count is not None and 0 < count <= MAX_TOKENS else 0
 
 
 _DECODER = json.JSONDecoder()
@@ -711,7 +699,7 @@ class StreamAccountant:
         """The answer's ``usage`` reported its cost (OpenRouter's do): a finite
         number at least 0 (anything else is priced from the tokens)."""
         usage = self.usage
-        cost = None if usage is None else _number(usage.get("cost"))
+        cost = None if usage is None else number(usage.get("cost"))
         return cost is not None and cost >= 0
 
     def _line(self, line: bytes) -> None:
@@ -730,7 +718,7 @@ class StreamAccountant:
     def _error(self, error: Any) -> None:
         """An ``error`` object in a 200's body: the answer failed (its status: the
         error's code, else 502)."""
-        if isinstance(error, dict):
-            code = _number(error.get("code"))
-            self.error_status = int(code) if code is not None and 100 <= code < 600 else 502
+        status = error_status(error)
+        if status is not None:
+            self.error_status = status
             self.error_body = {"error": error}

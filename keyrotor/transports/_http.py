@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import math
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -34,8 +35,10 @@ __all__ = [
     "client_headers",
     "decode_headers",
     "encode_body",
+    "error_status",
     "failure_reason",
     "json_or_raise",
+    "number",
     "parse_json",
     "read_bounded",
     "request_headers",
@@ -497,7 +500,9 @@ class LineDecoder:
 
 
 def json_or_raise(response: Response) -> Any:
-    """The parsed body of a 2xx JSON response; else ``UpstreamError``."""
+    """The parsed body of a 2xx JSON response; else ``UpstreamError`` (also for
+    a 200 whose body is an ``error``: a generation that failed, its status the
+    error's code)."""
     body = parse_json(response.content)
     if not response.is_success:
         raise UpstreamError(response.status_code, body, response.key, response.attempts)
@@ -505,4 +510,28 @@ def json_or_raise(response: Response) -> Any:
         raise UpstreamError(
             response.status_code, response.text[:200], response.key, response.attempts
         )
+    failed = error_status(body.get("error")) if isinstance(body, dict) else None
+    if failed is not None:
+        raise UpstreamError(failed, body, response.key, response.attempts)
     return body
+
+
+def error_status(error: Any) -> int | None:
+    """The status an ``error`` object in a 2xx body stands for: its ``code``
+    when that is an HTTP status, else 502 (None: ``error`` is no object)."""
+    if not isinstance(error, dict):
+        return None
+    code = number(error.get("code"))
+    return int(code) if code is not None and 100 <= code < 600 else 502
+
+
+def number(value: Any) -> float | None:
+    """A finite number, from a JSON number or a numeric string (None: anything
+    else, NaN, an infinity or an integer too large for a float)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
+    try:
+        found = float(value)
+    except (ValueError, OverflowError):
+        return None
+    return found if math.isfinite(found) else None

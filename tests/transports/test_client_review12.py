@@ -30,6 +30,7 @@ from keyrotor.testing import (
     FakeUpstream,
     Hang,
     Ok,
+    Reply,
     Scenario,
     Slow,
     SlowStream,
@@ -38,7 +39,12 @@ from keyrotor.testing.certificates import server_context
 from keyrotor.transports import asyncio as aclient
 from keyrotor.transports._driver import Driver
 from keyrotor.transports._http import Upstream, request_headers
-from keyrotor.transports.errors import ConfigurationError, KeyrotorError, NoKeyAvailable
+from keyrotor.transports.errors import (
+    ConfigurationError,
+    KeyrotorError,
+    NoKeyAvailable,
+    UpstreamError,
+)
 from keyrotor.transports.sync import Client, HTTPOptions
 
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -465,3 +471,15 @@ def test_async_request_header_http_refuses_blames_no_key_and_shows_no_secret(
                 assert (await client.request("POST", "/chat/completions", json=CHAT)).is_success
 
     anyio.run(main, backend=backend)
+
+
+@pytest.mark.parametrize(("code", "status"), [(429, 429), ("503", 503), ("oops", 502), (None, 502)])
+def test_chat_raises_on_a_200_whose_body_is_an_error(code: object, status: int) -> None:
+    # OpenRouter answers a generation that failed midway with 200 and an error
+    # object; chat() returned that body as if it were a completion.
+    error = {"message": "provider returned error", "code": code}
+    body = {"choices": [{"finish_reason": "error"}], "error": error}
+    with running({"a": Reply(200, body=body)}, max_attempts=1) as (client, _server):
+        with pytest.raises(UpstreamError) as caught:
+            client.chat(model=MODEL, messages=MESSAGES)
+    assert caught.value.status == status and caught.value.key == "a"
