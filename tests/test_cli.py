@@ -203,3 +203,21 @@ def test_the_fake_upstream_prints_the_line_that_runs_the_proxy_in_front_of_it(
                 process.wait(timeout=30)
         for output in outputs:
             output.join()
+
+
+def test_the_live_demo_does_not_claim_a_clean_run_when_requests_failed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # It said "the caller never saw a bad key" whatever the count.
+    import io
+
+    from keyrotor.adapters.proxy import demo
+    from keyrotor.testing import Invalid
+
+    only = {"bravo": ("sk-or-v1-demo-bravo-000000000000000002", Invalid(), "revoked")}
+    monkeypatch.setattr(demo, "KEYS", only)
+    out = io.StringIO()
+    outcome = demo.run_demo(out, requests=2, interval=0.0)
+    assert outcome == {"ok": 0, "error": 2}
+    assert "never saw a bad key" not in out.getvalue()
+    assert "0 of 2 requests answered 200 through the proxy: 2 failed" in out.getvalue()

@@ -146,9 +146,13 @@ async def _demo(out: TextIO, requests: int, interval: float, color: bool) -> dic
             f"ok={key['successes']:<3} spend=${key['spend']:.6f}",
             file=out,
         )
+    verdict = (
+        "the caller never saw a bad key."
+        if outcome["ok"] == requests
+        else f"{outcome['error']} failed: the pool did not hide every fault."
+    )
     print(
-        f"\n{outcome['ok']} of {requests} requests answered 200 through the proxy: "
-        "the caller never saw a bad key.",
+        f"\n{outcome['ok']} of {requests} requests answered 200 through the proxy: {verdict}",
         file=out,
     )
     return outcome
