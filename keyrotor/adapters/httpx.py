@@ -47,9 +47,11 @@ which the SDK honours before it tries again. Use ``max_retries=0`` to get that
 counting, since each SDK retry is a new, independent pool request.
 
 Timeouts: with ``AsyncPoolTransport``, httpx's ``read`` timeout (the SDK's
-``timeout``) bounds the wait for the response head, failover and the wait for
-a key included, and each read of the body; past it, ``httpx.ReadTimeout`` (the
-SDK's ``APITimeoutError``) and the upstream request is dropped. ``None``: no
+``timeout``) bounds the wait for the answer, failover and the wait for a key
+included: the head of a stream, or the whole of an answer that is not one (the
+pool reads it before delivery, so that one that breaks off fails over), then
+each read of a stream's body; past it, ``httpx.ReadTimeout`` (the SDK's
+``APITimeoutError``) and the upstream request is dropped. ``None``: no
 bound. The wait for a key alone ends at the pool's ``queue_timeout`` (or the
 transport's ``timeout`` argument) with the answer above. ``PoolTransport``
 cannot cut a blocking call short: it ignores httpx's timeouts; the blocking
@@ -241,8 +243,9 @@ class AsyncPoolTransport(_Forwarding[AsyncClient], httpx.AsyncBaseTransport):
             before forwarding (``""``: forward paths as they are).
         timeout: longest wait for a key (``None``: the pool's ``queue_timeout``).
 
-    httpx's ``read`` timeout bounds the wait for the response head (the wait
-    for a key included) and each read of the body: ``httpx.ReadTimeout``.
+    httpx's ``read`` timeout bounds the wait for the answer (the wait for a
+    key included; a stream's head, or the whole of an answer that is not a
+    stream) and each read of a stream's body: ``httpx.ReadTimeout``.
     """
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
@@ -266,7 +269,7 @@ class AsyncPoolTransport(_Forwarding[AsyncClient], httpx.AsyncBaseTransport):
             return await self._client.send(**arguments)
         with anyio.move_on_after(timeout):
             return await self._client.send(**arguments)
-        raise _timed_out(request, "no response head", timeout)
+        raise _timed_out(request, "no answer", timeout)
 
 
 class PoolTransport(_Forwarding[Client], httpx.BaseTransport):

@@ -10,6 +10,7 @@ it sends, reads, waits and sleeps.
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
@@ -221,6 +222,9 @@ class AsyncClient(ClientBase):
         self._tasks: anyio.abc.TaskGroup | None = None
         self._background: anyio.CancelScope | None = None  # the timer's and the probes'
         self._loop_clock: Callable[[], float] | None = None  # set on the driver by us
+        # (the pool's time, time.monotonic()) when a block ended: another loop's
+        # clock (a new trio.run's starts anywhere) is shifted to go on from it
+        self._left: tuple[float, float] | None = None
         self._timer = _Waiter()
         self._probes = _Waiter()
         self._driver.deadline_changed = self._timer.wake
@@ -238,7 +242,11 @@ class AsyncClient(ClientBase):
             raise KeyrotorError("the client is already open; enter it once at a time")
         options = self._upstream.options
         if self._driver.clock in (anyio.current_time, self._loop_clock):
-            self._driver.clock = self._loop_clock = h11pool.loop_clock()  # asked directly
+            clock = h11pool.loop_clock()  # the loop's clock, asked directly
+            if self._left is not None:  # entered again: the pool's time goes on from there
+                pool_now, left = self._left
+                clock = _shifted(clock, pool_now + (time.monotonic() - left) - clock())
+            self._driver.clock = self._loop_clock = clock
         self._closed = False  # entered again after an earlier block
         self._timer = _Waiter()
         self._probes = _Waiter()
@@ -290,6 +298,8 @@ class AsyncClient(ClientBase):
         """
         if self._background is not None:
             self._background.cancel()
+        if not self._closed and self._driver.clock is self._loop_clock:
+            self._left = (self._driver.now(), time.monotonic())
         self._closed = True
         for slot in list(self._driver.slots.values()):
             slot.wake()
@@ -545,6 +555,11 @@ class AsyncClient(ClientBase):
             head_timeout=first_byte,
             tag=step.key_id,
         )
+
+
+def _shifted(clock: Callable[[], float], shift: float) -> Callable[[], float]:
+    """``clock`` moved by ``shift`` seconds."""
+    return lambda: clock() + shift
 
 
 async def _leave(tasks: anyio.abc.TaskGroup, exc_info: tuple[Any, ...]) -> bool | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import logging
 import math
 import time
 from collections import deque
@@ -202,7 +203,7 @@ class Driver:
         self.on_finished: list[Callable[[str, StreamAccountant], None]] = []
         self.price: Callable[[bytes | None, Mapping[str, Any]], float | None] | None = None
         self.recorder: TraceRecorder | None = None  # keyrotor.replay.record
-        self.on_recording_error: Callable[[str], None] = _nothing_said
+        self.on_recording_error: Callable[[str], None] = _warn
         self.gate: Gate | None = None  # limits shared with other processes (async client)
         self.deadline_changed: Callable[[], None] = _nothing
         self.probe_ready: Callable[[], None] = _nothing
@@ -552,8 +553,10 @@ def _nothing() -> None:
     pass
 
 
-def _nothing_said(message: str) -> None:
-    pass
+def _warn(message: str) -> None:
+    """``on_recording_error``'s default: a warning on the ``keyrotor`` logger (a
+    hook's failure is never silent; the proxy sends it to its own log)."""
+    logging.getLogger("keyrotor").warning("%s", message)
 
 
 # ------------------------------------------------------------------ usage

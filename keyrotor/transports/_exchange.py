@@ -329,7 +329,8 @@ class StreamBody(ResponseHead):
     def usage(self) -> StreamAccountant | None:
         """What the answer used (``cost``, ``prompt_tokens``,
         ``completion_tokens``, the raw ``usage``) once its body was read to
-        the end; None before that, or when it broke off or was closed early."""
+        the end (or read whole before delivery: an answer that is not a stream,
+        closed unread); None before that, or when it broke off or was closed early."""
         return self._accountant if self._ended else None
 
     @property

@@ -13,7 +13,8 @@ Timeouts: httpcore's blocking API cannot cancel a call, so ``first_byte``
 attempt waits for the head, ``idle`` once the body is read; a probe's every
 phase is capped at ``probe_timeout``. ``close()`` shuts the connections down,
 so that requests blocked on the upstream on other threads end at once
-(``KeyrotorError``, no key blamed).
+(``KeyrotorError``, no key blamed); one still connecting ends at its
+``connect`` timeout (httpcore registers a connection once it is made).
 """
 
 from __future__ import annotations

@@ -231,3 +231,33 @@ async def test_a_client_not_entered_says_so_instead_of_waiting(server: FakeUpstr
     with anyio.fail_after(GUARD), pytest.raises(KeyrotorError, match="inside `async with"):
         await client.chat(model=MODEL, messages=HI, timeout=2)
     assert client.status()["stats"]["totalRequests"] == 0
+
+
+def test_time_goes_on_when_the_client_is_entered_again_in_another_trio_run() -> None:
+    # Each trio.run's clock starts anywhere: entered again in a run whose clock
+    # was behind the pool's time, no deadline passed (Driver.now() never goes
+    # back) — cooldowns and timeouts waited for that clock to catch up.
+    import trio
+    import trio.testing
+
+    from keyrotor.core import KeyState
+    from keyrotor.transports.trio import Client as TrioClient
+
+    client = TrioClient(keys("a"), "http://127.0.0.1:9/api/v1")
+
+    def state() -> str:
+        return str(client.status()["keys"][0]["state"])
+
+    async def first() -> None:
+        async with client:
+            await trio.sleep(100_000)  # this run's clock is far ahead of the next one's
+            client.driver.mark_key("a", KeyState.RATE_LIMITED, 30.0)
+
+    async def second() -> None:
+        async with client:
+            assert state() == "rate_limited"  # its 30 s are not over...
+            await trio.sleep(31)
+            assert state() == "recovering"  # ...and then they are (on trial)
+
+    trio.run(first, clock=trio.testing.MockClock(autojump_threshold=0))
+    trio.run(second, clock=trio.testing.MockClock(autojump_threshold=0))
