@@ -336,3 +336,21 @@ def test_bad_request_options_are_refused_before_the_pool_hears_of_them(
     stats = driver.pool.statistics()
     assert stats.in_flight == 0 and stats.started == 0
     driver.open(lambda: None, pin=0, session="s", group="g", timeout=0)  # all fine
+
+
+def test_a_hooks_failure_is_a_warning_on_the_keyrotor_logger_by_default(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from keyrotor.core import KeySpec, KeyState, PoolConfig
+
+    driver = Driver({"a": "sk-a-0123456789"}, PoolConfig(keys=[KeySpec(key_id="a")]))
+
+    def broken(change: object) -> None:
+        raise RuntimeError("the hook's bug")
+
+    driver.on_state_change.append(broken)
+    with caplog.at_level("WARNING", logger="keyrotor"):
+        driver.mark_key("a", KeyState.RATE_LIMITED, 30.0)
+    assert [r.getMessage() for r in caplog.records] == [
+        "keyrotor: an on_state_change hook failed: RuntimeError"
+    ]
