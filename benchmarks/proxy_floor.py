@@ -37,7 +37,6 @@ import argparse
 import asyncio
 import importlib.util
 import itertools
-import json
 import select
 import socket
 import statistics
@@ -172,37 +171,50 @@ async def _trio_connection(
             if upstream is None:
                 upstream = await _trio_connect(address)
             await _trio_send(upstream, _upstream_head(path, host, next(keys), len(body)) + body)
-            answer = _Message()
-            answer_parser = httptools.HttpResponseParser(answer)
-            streaming = False
-            while not answer.done:
-                data = await _trio_receive(upstream)
-                if not data:
-                    return
-                answer_parser.feed_data(data)
-                if answer.done and not streaming:
-                    status = answer_parser.get_status_code()
-                    out = _json_answer(status, answer.content_type, b"".join(answer.body))
-                    await _trio_send(caller, out)
-                    break
-                if answer.headers_done:
-                    out = b"".join(_chunk(piece) for piece in answer.body if piece)
-                    if not streaming:
-                        streaming = True
-                        out = (
-                            _stream_head(answer_parser.get_status_code(), answer.content_type) + out
-                        )
-                    answer.body.clear()
-                    if answer.done:
-                        out += b"0\r\n\r\n"
-                    if out:
-                        await _trio_send(caller, out)
+            if not await _trio_answer(caller, upstream):
+                return
     except OSError:
         return
     finally:
         caller.close()
         if upstream is not None:
             upstream.close()
+
+
+async def _trio_answer(caller: socket.socket, upstream: socket.socket) -> bool:
+    """Send the caller the upstream's answer: an event stream (a 200 of
+    ``text/event-stream``, known once its head is parsed) re-framed chunked, each
+    read's pieces as they come, anything else once whole with its length. False
+    if the upstream closed first."""
+    answer = _Message()
+    parser = httptools.HttpResponseParser(answer)
+    streaming: bool | None = None  # None: the head is not parsed yet
+    while not answer.done:
+        data = await _trio_receive(upstream)
+        if not data:
+            return False
+        parser.feed_data(data)
+        if not answer.headers_done:
+            continue
+        status = parser.get_status_code()
+        out = b""
+        if streaming is None:
+            streaming = status == 200 and b"event-stream" in answer.content_type
+            if streaming:
+                out = _stream_head(status, answer.content_type)
+        if not streaming:
+            if answer.done:
+                await _trio_send(
+                    caller, _json_answer(status, answer.content_type, b"".join(answer.body))
+                )
+            continue
+        out += b"".join(_chunk(piece) for piece in answer.body if piece)
+        answer.body.clear()
+        if answer.done:
+            out += b"0\r\n\r\n"
+        if out:
+            await _trio_send(caller, out)
+    return True
 
 
 async def _trio_serve(listener: socket.socket, address: tuple[str, int], base: bytes) -> None:
@@ -232,6 +244,7 @@ async def _trio_accept(
 async def _server_rung(address: tuple[str, int], base: bytes) -> None:
     """keyrotor's proxy server (its reader and worker tasks, timeouts, codec, access
     log) in front of the floor's upstream half (an app that forwards as the floor does)."""
+    from keyrotor.adapters.proxy.logs import LineLog
     from keyrotor.adapters.proxy.server import ServerOptions, serve
     from keyrotor.adapters.proxy.types import Request, Response
 
@@ -271,14 +284,11 @@ async def _server_rung(address: tuple[str, int], base: bytes) -> None:
         return Response(status=status, headers=headers, body=chunks())
 
     options = ServerOptions(host=load.LOOPBACK, port=0)
-    async with trio.open_nursery() as nursery:
-        port = await nursery.start(partial(serve, app, options, log=_access_log))
-        print(f"http://{load.LOOPBACK}:{port}", flush=True)
-
-
-def _access_log(line: dict[str, Any]) -> None:
-    """The server's log as ``keyrotor serve`` writes it: one JSON line on stderr."""
-    sys.stderr.write(json.dumps(line) + "\n")
+    log = LineLog(sys.stderr)  # the access log as ``keyrotor serve`` writes it: batched
+    with log.batched():
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(partial(serve, app, options, log=log))
+            print(f"http://{load.LOOPBACK}:{port}", flush=True)
 
 
 async def _client_rung(listener: socket.socket, url: str) -> None:

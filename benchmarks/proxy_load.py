@@ -83,6 +83,7 @@ import math
 import os
 import platform
 import select
+import shlex
 import shutil
 import signal
 import socket
@@ -808,17 +809,22 @@ LITELLM_DEPLOYMENT = """\
 
 
 def python_version(python: str) -> str:
-    """The version of the interpreter at ``python`` ("3.13.0"); ``BenchError`` if it
-    does not run or cannot import this tree's keyrotor."""
+    """The version of the interpreter at ``python`` ("3.13.0"); ``BenchError`` (one
+    line) if it does not run or cannot import this tree's keyrotor (from ``ROOT``,
+    as the proxy it would run does)."""
     probe = "import platform, keyrotor.adapters.proxy.main; print(platform.python_version())"
     try:
-        done = subprocess.run([python, "-c", probe], capture_output=True, text=True, timeout=60)
-    except OSError as exc:
-        raise BenchError(f"--python {python}: cannot run it ({exc.strerror or exc})") from None
+        done = subprocess.run(
+            [python, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise BenchError(f"--python {python}: cannot run it ({why})") from None
     if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
         raise BenchError(
-            f"--python {python}: cannot import keyrotor (install this tree in its venv: "
-            f"{python} -m pip install -e '.[proxy,fast]'):\n{done.stderr.strip()[-500:]}"
+            f"--python {python}: cannot import keyrotor ({last}); install this tree in its "
+            f"venv: {python} -m pip install -e '.[proxy,fast]'"
         )
     return done.stdout.strip()
 
@@ -1166,10 +1172,11 @@ def notes(results: list[RunResult], options: Options) -> list[str]:
                 f"{r.stale} idle connections found closed by the server before reuse "
                 "(replaced, not counted as errors)"
             )
-        done = r.ok + r.error_count
-        if done:
-            per = ", ".join(f"{name} {1e6 * cpu / done:.0f}" for name, cpu in r.cpu.items())
-            parts.append(f"CPU per request ({MICRO}s): {per}")
+        if r.ok:  # over successes, as rps is (what failed requests cost is in it)
+            per = ", ".join(f"{name} {1e6 * cpu / r.ok:.0f}" for name, cpu in r.cpu.items())
+            parts.append(
+                f"CPU per request ({MICRO}s, over {r.ok} successes, {r.error_count} errors): {per}"
+            )
         for kind, count in r.errors.most_common():
             parts.append(f"error {kind} x{count} (first: {r.error_samples[kind]!r})")
         lines.append(
@@ -1398,46 +1405,26 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)  # unwinds through every child's cleanup
 
 
+ALWAYS_SHOWN = ("rate", "duration", "concurrency", "rounds")  # in the command even at default
+
+
 def _command(args: argparse.Namespace) -> str:
-    parts = [
-        ".venv/bin/python -m benchmarks.proxy_load",
-        f"--rate {args.rate:g}",
-        f"--duration {args.duration:g}",
-        f"--concurrency {args.concurrency}",
-        f"--rounds {args.rounds}",
-    ]
-    if args.no_stream:
-        parts.append("--no-stream")
-    if args.upstream_only:
-        parts.append("--upstream-only")
-    if args.catalog != "default":
-        parts.append(f"--catalog {args.catalog}")
-    if args.route:
-        parts.append("--route")
-    if args.dashboard:
-        parts.append(f"--dashboard {args.dashboard}")
-    if args.workers > 1:
-        parts.append(f"--workers {args.workers}")
-    if args.parser != "auto":
-        parts.append(f"--parser {args.parser}")
-    if args.keys:
-        parts.append(f"--keys {args.keys}")
-    for python in args.python:
-        parts.append(f"--python {python}")
-    if args.gc != "tuned":
-        parts.append(f"--gc {args.gc}")
-    if args.prompt_kb:
-        parts.append(f"--prompt-kb {args.prompt_kb}")
-    if args.faults:
-        parts.append("--faults")
-    if args.tls:
-        parts.append("--tls")
-    if args.peer:
-        parts.append(f"--peer {args.peer}")
-    if args.limited:
-        parts.append("--limited")
-    if args.litellm_python:
-        parts.append(f"--litellm-python {args.litellm_python}")
+    """The command line of this run: the load's four settings, then every option
+    whose value differs from its default, in the parser's order."""
+    parts = [".venv/bin/python -m benchmarks.proxy_load"]
+    actions = [a for a in _parser()._actions if a.option_strings and a.dest != "help"]
+    for action in sorted(actions, key=lambda a: a.dest not in ALWAYS_SHOWN):
+        value = getattr(args, action.dest)
+        if value == action.default and action.dest not in ALWAYS_SHOWN:
+            continue
+        option = action.option_strings[-1]
+        if isinstance(action, argparse._StoreTrueAction):
+            parts.append(option)
+        elif isinstance(action, argparse._AppendAction):
+            parts += [f"{option} {shlex.quote(str(v))}" for v in value]
+        else:
+            text = f"{value:g}" if isinstance(value, float) else str(value)
+            parts.append(f"{option} {shlex.quote(text)}")
     return " ".join(parts)
 
 
@@ -1459,6 +1446,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             "0 <= prewarm <= max-connections <= 4096, 0 <= prompt-kb <= 8192",
             file=sys.stderr,
         )
+        return 2
+    try:  # before anything starts: a missing interpreter is one line, not a traceback
+        versions = {python: python_version(python) for python in args.python}
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, _on_sigterm)
     options = Options(
@@ -1535,7 +1527,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 proxies.append((Target(name, endpoint, tls_proxy.pid), tls_proxy))
             for python in args.python:  # the same proxy on another interpreter
                 other, endpoint = start_keyrotor(stack, upstream_url, True, python=python)
-                name = f"through keyrotor, Python {python_version(python)}"
+                name = f"through keyrotor, Python {versions[python]}"
                 print(f"{name}: pid {other.pid} at {endpoint.url}", file=sys.stderr, flush=True)
                 proxies.append((Target(name, endpoint, other.pid), other))
             if args.parser == "both":  # the same proxy on h11, side by side
