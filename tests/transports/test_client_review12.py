@@ -11,7 +11,7 @@ import ssl
 import threading
 import time
 import traceback
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -340,6 +340,27 @@ def test_async_keepalive_expiry_zero_runs() -> None:
 # ----------------------------------- 7. the blocking client closed mid-request
 
 
+def blocked_on(
+    server: FakeUpstream, call: Callable[[], object], outcome: list[BaseException]
+) -> threading.Thread:
+    """``call`` on a thread of its own, once the upstream holds its request (the
+    thread then waits for the head); what it raises goes to ``outcome``."""
+
+    def run() -> None:
+        try:
+            call()
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.monotonic() + HANG_GUARD
+    while server.totals().in_flight < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert server.totals().in_flight == 1
+    return thread
+
+
 def test_sync_close_ends_a_request_blocked_on_the_upstream_blaming_no_key() -> None:
     http = HTTPOptions(first_byte=HANG_GUARD * 2, idle=HANG_GUARD * 2)
     scenario = Scenario().add(secret("a"), Hang(), alias="a").add(secret("b"), Hang(), alias="b")
@@ -349,18 +370,9 @@ def test_sync_close_ends_a_request_blocked_on_the_upstream_blaming_no_key() -> N
         client = Client(keys, server.url, config(["a", "b"]), http=http)
         client.__enter__()
 
-        def call() -> None:
-            try:
-                client.request("POST", "/chat/completions", json=CHAT)
-            except BaseException as exc:
-                outcome.append(exc)
-
-        thread = threading.Thread(target=call)
-        thread.start()
-        deadline = time.monotonic() + HANG_GUARD
-        while server.totals().in_flight < 1 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert server.totals().in_flight == 1  # the request waits for its head
+        thread = blocked_on(
+            server, lambda: client.request("POST", "/chat/completions", json=CHAT), outcome
+        )
         client.close()
         thread.join(HANG_GUARD)
         assert not thread.is_alive()
@@ -422,23 +434,15 @@ def test_sync_close_wakes_a_request_blocked_on_a_tls_connection(
         headers = [("Authorization", f"Bearer {secret('a')}"), ("Content-Type", "application/json")]
 
         def call() -> None:
-            try:
-                pool.request(
-                    "POST",
-                    f"{server.url}/chat/completions",
-                    headers=headers,
-                    content=json.dumps(CHAT).encode(),
-                    extensions={"timeout": {"read": HANG_GUARD * 2}},
-                )
-            except BaseException as exc:
-                outcome.append(exc)
+            pool.request(
+                "POST",
+                f"{server.url}/chat/completions",
+                headers=headers,
+                content=json.dumps(CHAT).encode(),
+                extensions={"timeout": {"read": HANG_GUARD * 2}},
+            )
 
-        thread = threading.Thread(target=call)
-        thread.start()
-        deadline = time.monotonic() + HANG_GUARD
-        while server.totals().in_flight < 1 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert server.totals().in_flight == 1
+        thread = blocked_on(server, call, outcome)
         backend.shutdown()
         thread.join(HANG_GUARD)
         assert not thread.is_alive()
