@@ -444,3 +444,77 @@ def test_status_shows_a_client_its_own_spend_not_the_others(
     assert len(as_admin) == 2 and "admin" in as_admin
     assert len(as_client) == 1 and "admin" not in as_client  # its own row only
     assert as_issued == as_client  # (an issued token spends under its issuer)
+
+
+def test_a_refused_add_leaves_the_state_file_as_it_was(tmp_path: Any) -> None:
+    # The alias was bound to the new secret (its state and spend moved to
+    # "one~xxxxxxxx") before the file refused the key: a 409 that changed the
+    # file, and at the next start "one" came back enabled with no spend.
+    import sqlite3
+
+    log: list[dict[str, Any]] = []
+    with FakeUpstream.running_in_thread(scenario()) as upstream:
+        config = make_config(
+            upstream.url, admin_token=ADMIN, state_path=str(tmp_path / "s.db"), state_flush=0.05
+        )
+        with Proxy(config, log) as url, httpx.Client(base_url=url, headers=admin()) as http:
+            for _ in range(4):
+                assert http.post("/v1/chat/completions", json=CHAT).status_code == 200
+            state = http.post("/admin/keys/one/state", json={"state": "disabled"})
+            assert state.status_code == 200
+            assert http.delete("/admin/keys/one").status_code == 200
+            refused = http.post("/admin/keys", json={"key": NEW, "alias": "one"})
+            assert refused.status_code == 409  # no KEYROTOR_SECRET_KEY: nothing stored
+    db = sqlite3.connect(tmp_path / "s.db")
+    try:
+        aliases = {row[0] for row in db.execute("SELECT alias FROM ledger")}
+        states = dict(db.execute("SELECT alias, state FROM states").fetchall())
+    finally:
+        db.close()
+    assert "one" in aliases and not any(alias.startswith("one~") for alias in aliases)
+    assert states.get("one") == "disabled"
+
+
+def test_a_stored_key_the_start_skipped_can_be_removed(tmp_path: Any) -> None:
+    # A stored key whose [[providers]] entry is gone is in no pool: DELETE was a
+    # 404 and POST with its alias a 409 "remove it first" (only forget-keys,
+    # which deletes every stored key, got it out).
+    import sqlite3
+
+    from cryptography.fernet import Fernet
+
+    from keyrotor.adapters.config import load_config
+
+    env = {
+        "KEYROTOR_SECRET_KEY": Fernet.generate_key().decode(),
+        "K_ONE": SECRETS["one"],
+        "K_TWO": SECRETS["two"],
+    }
+    with FakeUpstream.running_in_thread(scenario()) as upstream:
+        base = (
+            f'upstream = "{upstream.url}"\n[state]\npath = "{tmp_path / "s.db"}"\n'
+            f'[auth]\nadmin_token = "{ADMIN}"\n[[keys]]\nalias = "one"\nsecret_env = "K_ONE"\n'
+        )
+        provider = (
+            f'[[providers]]\nname = "p2"\nupstream = "{upstream.url}"\nmodels = ["p2/m"]\n'
+            '[[keys]]\nalias = "two"\nprovider = "p2"\nsecret_env = "K_TWO"\n'
+        )
+        (tmp_path / "with.toml").write_text(base + provider)
+        (tmp_path / "without.toml").write_text(base)
+        config = load_config(tmp_path / "with.toml", env, {"port": 0})
+        with Proxy(config, []) as url, httpx.Client(base_url=url, headers=admin()) as http:
+            added = http.post("/admin/keys", json={"key": NEW, "alias": "new", "provider": "p2"})
+            assert added.status_code == 201 and added.json()["stored"] is True
+        config = load_config(tmp_path / "without.toml", env, {"port": 0})
+        with Proxy(config, []) as url, httpx.Client(base_url=url, headers=admin()) as http:
+            removed = http.delete("/admin/keys/new")
+            assert removed.status_code == 200 and removed.json()["unstored"] is True
+            assert http.delete("/admin/keys/new").status_code == 404  # gone now
+            again = http.post("/admin/keys", json={"key": NEW, "alias": "new"})
+            assert again.status_code == 201, again.text
+    db = sqlite3.connect(tmp_path / "s.db")
+    try:
+        stored = [row[0] for row in db.execute("SELECT alias FROM keys")]
+    finally:
+        db.close()
+    assert stored == ["new"]  # stored again, for the main pool

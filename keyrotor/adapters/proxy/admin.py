@@ -314,9 +314,7 @@ class Admin:
                 if self._store is not None:
                     from ..storage import AlreadyStored, SecretsLocked, StorageError
 
-                    try:
-                        # A reused alias: the new key inherits none of the old one's record.
-                        await anyio.to_thread.run_sync(self._store.bind, {alias: secret})
+                    try:  # stored first: a refused key (409) changes nothing in the file
                         await anyio.to_thread.run_sync(
                             self._store.add_key, alias, secret, stored_spec
                         )
@@ -325,6 +323,11 @@ class Admin:
                     except StorageError as exc:
                         raise AdminError(503, str(exc)) from None
                     stored = True
+                    try:  # a reused alias: the new key inherits none of the old one's record
+                        await anyio.to_thread.run_sync(self._store.bind, {alias: secret})
+                    except StorageError as exc:
+                        await anyio.to_thread.run_sync(self._store.remove_key, alias)
+                        raise AdminError(503, str(exc)) from None
                 try:
                     self._call(client.add_key, alias, secret, **spec)
                 except AdminError:
@@ -347,7 +350,23 @@ class Admin:
         return stored
 
     async def _remove(self, alias: str) -> Response:
-        entry, source, stored = await self.remove_key(alias)
+        try:
+            entry, source, stored = await self.remove_key(alias)
+        except AdminError as exc:
+            if exc.status != 404 or not await self._unstore_skipped(alias):
+                raise
+            # A stored key the start skipped (its provider gone, its weight over the
+            # cap, its alias or secret configured now): in no pool, but in the file.
+            return _answer(
+                200,
+                {
+                    "alias": alias,
+                    "removed": True,
+                    "in_flight": 0,
+                    "unstored": True,
+                    "returns_at_restart": False,
+                },
+            )
         if self.on_removed is not None and entry["provider"] == MAIN_PROVIDER:
             self.on_removed(alias)
         return _answer(
@@ -386,6 +405,25 @@ class Admin:
             | ({"via": via} if via != "admin" else {})
         )
         return entry, source, stored
+
+    async def _unstore_skipped(self, alias: str) -> bool:
+        """Forget ``alias`` in the state file when it is stored there but in no
+        pool (the start skipped it); whether it was."""
+        if self._store is None:
+            return False
+        from ..storage import StorageError
+
+        with anyio.CancelScope(shield=True):
+            async with self._lock:
+                if any(alias in client.driver.secrets for client in self._clients.values()):
+                    return False
+                try:
+                    removed = await anyio.to_thread.run_sync(self._store.remove_key, alias)
+                except StorageError as exc:
+                    raise AdminError(503, str(exc)) from None
+        if removed:
+            self._log({"event": "admin", "action": "remove", "key": alias, "stored_only": True})
+        return bool(removed)
 
     async def _mark(self, alias: str, body: dict[str, Any]) -> Response:
         state = body.get("state")
