@@ -12,7 +12,7 @@ Scope notes:
 
 * 2xx bodies are never read. An error that arrives inside a 2xx (OpenRouter's
   mid-stream ``error`` chunk) is classified by passing its ``error.code`` as the
-  status and the chunk as the body.
+  status, the chunk as the body and ``mid_stream=True``.
 * 3xx is passed through like a caller error (the proxy does not follow
   redirects); 1xx, statuses below 100 and anything unrecognised at or above 500
   are upstream faults. Generic reasons are ``"http_<status>"``.
@@ -100,19 +100,69 @@ def _until_utc_midnight(wall_time: float | None) -> float | None:
     return 86400.0 - wall_time % 86400.0
 
 
+def _nth_sunday(year: int, month: int, n: int) -> int:
+    """The day of the month of its ``n``-th Sunday."""
+    return 1 + (6 - datetime(year, month, 1).weekday()) % 7 + 7 * (n - 1)
+
+
+def _pacific_daylight(wall_time: float) -> bool:
+    """Is California on daylight time at ``wall_time``? (US rules since 2007: from
+    the second Sunday of March, 02:00 PST, to the first Sunday of November, 02:00 PDT.)"""
+    year = datetime.fromtimestamp(wall_time, UTC).year
+    start = datetime(year, 3, _nth_sunday(year, 3, 2), 10, tzinfo=UTC).timestamp()
+    end = datetime(year, 11, _nth_sunday(year, 11, 1), 9, tzinfo=UTC).timestamp()
+    return start <= wall_time < end
+
+
+def _until_pacific_midnight(wall_time: float | None) -> float | None:
+    """Gemini's per-day quotas reset at midnight Pacific time: the wait until the
+    next one (needs ``wall_time``)."""
+    if wall_time is None or not math.isfinite(wall_time):
+        return None
+    try:
+        behind = 7 * 3600 if _pacific_daylight(wall_time) else 8 * 3600
+        midnight = ((wall_time - behind) // 86400.0 + 1) * 86400.0  # local, as if UTC
+        reset = midnight + 8 * 3600  # no clock change lies within two hours of a midnight
+        if _pacific_daylight(reset):
+            reset -= 3600
+    except (ValueError, OverflowError, OSError):
+        return None
+    return reset - wall_time
+
+
 @attrs.frozen
 class _Rule:
-    """If any needle occurs in the error text, the response gets this verdict."""
+    """If any needle occurs in the error text (or any fact holds), the response
+    gets this verdict."""
 
     verdict: Verdict
     needles: tuple[str, ...]
     """Lowercase substrings of the error's codes and messages."""
     reason: str = ""
-    """The reason to report; empty means the needle that matched."""
+    """The reason to report; empty means the needle (or fact) that matched."""
     account_wide: bool = False
     fallback: _Fallback | None = None
+    """The cooldown when the upstream gave no time."""
+    reset: _Fallback | None = None
+    """A per-day limit's reset: the cooldown whatever shorter time the upstream
+    gave (its retry hint is the per-minute one); unknown: the pool's default."""
     raw: bool = False
     """Also search OpenRouter's ``metadata.raw`` (the provider's own error text)."""
+    facts: tuple[str, ...] = ()
+    """Facts about the response's shape (``_facts``), any of which matches too."""
+
+
+_MID_STREAM: Final = "mid_stream"
+"""A 429 inside a 200 (after the first token), without OpenRouter's own
+``X-RateLimit-*`` headers: OpenRouter checks its limits before any work
+begins, so it is the provider's."""
+_PROVIDER: Final = "provider_error"
+"""``metadata.provider_code`` or ``provider_name`` set, without OpenRouter's own
+``X-RateLimit-*`` headers: a provider's error that OpenRouter relays."""
+_PER_DAY: Final = "quota_per_day"
+"""Gemini's ``QuotaFailure`` names a ``...PerDay...`` quota."""
+_PLATFORM_HEADERS: Final = ("x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset")
+"""Headers OpenRouter sends on its own (platform) 429s."""
 
 
 _V = Verdict
@@ -128,9 +178,18 @@ _RULES: Final[Mapping[int, tuple[_Rule, ...]]] = {
             ("openrouter_in_flight_budget", "in_flight_budget_exhausted"),
             "openrouter_in_flight_budget",
         ),
+        # This request is too large for what is left (the balance or the key's
+        # cap is still positive): another key may serve it, smaller ones still fit.
         _Rule(_V.TRY_ANOTHER_KEY, ("can only afford",), "can_only_afford"),
+        _Rule(_V.TRY_ANOTHER_KEY, ("weight_exceeds_budget",)),
+        _Rule(
+            _V.TRY_ANOTHER_KEY,
+            ("token capacity required", "more credits are required to run this request"),
+            "token_capacity",
+        ),
         _Rule(_V.DEPLETED, ("openrouter_key_limit",)),
         _Rule(_V.DEPLETED, ("openrouter_credits",), account_wide=True),
+        _Rule(_V.DEPLETED, ("insufficient credits",), "insufficient_credits", account_wide=True),
         _Rule(_V.DEPLETED, ("billing_error",)),
     ),
     403: (
@@ -188,6 +247,16 @@ _RULES: Final[Mapping[int, tuple[_Rule, ...]]] = {
         _Rule(_V.RATE_LIMITED, ("free-models-per-min",), account_wide=True, fallback=_a_minute),
         _Rule(_V.RATE_LIMITED, ("limit_rpm/",), "limit_rpm", account_wide=True, fallback=_a_minute),
         _Rule(_V.RATE_LIMITED, ("openrouter_free_tier",), account_wide=True),
+        _Rule(
+            _V.RATE_LIMITED,
+            (),
+            _PER_DAY,
+            account_wide=True,  # Gemini's quotas are the project's
+            reset=_until_pacific_midnight,
+            facts=(_PER_DAY,),
+        ),
+        # A provider's own 429, relayed: not our key's limit (switching keys won't help).
+        _Rule(_V.UPSTREAM_BUSY, (), "provider_rate_limited", facts=(_PROVIDER, _MID_STREAM)),
         _Rule(
             _V.RATE_LIMITED,
             (
@@ -550,13 +619,62 @@ def _body_waits(
             yield parse_duration(match[1].rstrip("."))
 
 
-def _match(status: int, text: str, raw: str) -> tuple[_Rule | None, str]:
-    """The first rule for ``status`` whose needle occurs in the error text, and the reason."""
-    if text or raw:
+def _set(value: object) -> bool:
+    """A metadata field holds a value (a non-empty string or a number, not null)."""
+    return bool(value.strip()) if isinstance(value, str) else _as_float(value) is not None
+
+
+def _platform(parts: list[dict[Any, Any]], headers: Mapping[str, str] | None) -> bool:
+    """OpenRouter's own rate-limit headers, on the response or in ``metadata.headers``."""
+    for found in (headers, *(part.get("headers") for part in parts)):
+        if isinstance(found, Mapping) and found:
+            names = _lower(found)
+            if any(name in names for name in _PLATFORM_HEADERS):
+                return True
+    return False
+
+
+def _per_day(parts: list[dict[Any, Any]]) -> bool:
+    """Gemini's ``QuotaFailure`` names a per-day quota (``...PerDay...`` quotaId)."""
+    for part in parts:
+        violations = part.get("violations")
+        if isinstance(violations, list):
+            for violation in violations:
+                quota = violation.get("quotaId") if isinstance(violation, dict) else None
+                if isinstance(quota, str) and "perday" in quota.lower():
+                    return True
+    return False
+
+
+def _facts(
+    status: int, parts: list[dict[Any, Any]], headers: Mapping[str, str] | None, mid_stream: bool
+) -> frozenset[str]:
+    """Facts about a 429's shape that rules match besides text (none for other statuses)."""
+    if status != 429:
+        return frozenset()
+    facts = set()
+    if _per_day(parts):
+        facts.add(_PER_DAY)
+    provider = any(_set(part.get(k)) for part in parts for k in ("provider_code", "provider_name"))
+    if (provider or mid_stream) and not _platform(parts, headers):
+        if provider:
+            facts.add(_PROVIDER)
+        if mid_stream:
+            facts.add(_MID_STREAM)
+    return frozenset(facts)
+
+
+def _match(status: int, text: str, raw: str, facts: frozenset[str]) -> tuple[_Rule | None, str]:
+    """The first rule for ``status`` whose needle occurs in the error text (or one of
+    whose facts holds), and the reason."""
+    if text or raw or facts:
         for rule in _RULES.get(status, ()):
             for needle in rule.needles:
                 if needle in text or (rule.raw and needle in raw):
                     return rule, rule.reason or needle
+            for fact in rule.facts:
+                if fact in facts:
+                    return rule, rule.reason or fact
     return None, f"http_{status}"
 
 
@@ -577,12 +695,15 @@ def classify_response(
     body: bytes | str | object | None = None,
     *,
     wall_time: float | None = None,
+    mid_stream: bool = False,
 ) -> Classification:
     """Classify one upstream response; never raises.
 
     ``body`` may be bytes, JSON text, an already-parsed object or None. A 2xx
     gets a cooldown only when its headers show an exhausted bucket. For a 429
-    the cooldown is the longest of every header and body signal.
+    the cooldown is the longest of every header and body signal. ``mid_stream``:
+    the error came inside a 200 (after the first token), so a 429 without
+    OpenRouter's own ``X-RateLimit-*`` headers is the provider's.
     """
     if 200 <= status < 300:
         cooldown = cooldown_from_headers(headers, wall_time=wall_time)
@@ -591,7 +712,7 @@ def classify_response(
         return Classification(verdict=_V.SUCCESS, cooldown=cooldown, reason="bucket_exhausted")
     parts = _parts(_load(body))
     texts = _haystack(parts, _TEXT_KEYS), _haystack(parts, ("raw",))
-    rule, reason = _match(status, *texts)
+    rule, reason = _match(status, *texts, _facts(status, parts, headers, mid_stream))
     verdict = rule.verdict if rule else _default(status)
     cooldown = None
     if verdict in _WITH_COOLDOWN:
@@ -602,7 +723,10 @@ def classify_response(
                 *_body_waits(parts, texts, wall_time, exhausted_only),
             )
         )
-        if cooldown is None and rule is not None and rule.fallback is not None:
+        if rule is not None and rule.reset is not None:
+            reset = rule.reset(wall_time)
+            cooldown = None if reset is None else _longest((reset, cooldown))
+        elif cooldown is None and rule is not None and rule.fallback is not None:
             cooldown = rule.fallback(wall_time)
     return Classification(
         verdict=verdict,

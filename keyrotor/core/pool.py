@@ -456,7 +456,11 @@ class Pool(KeyChoice, RequestQueue, KeyHealth, Snapshots):
             self._spend(key, cost, now, out)
         if event.error_status is not None:  # mid-stream: judged, nothing retried
             verdict = classify_response(
-                event.error_status, None, event.error_body, wall_time=event.wall_time
+                event.error_status,
+                None,
+                event.error_body,
+                wall_time=event.wall_time,
+                mid_stream=True,
             )
             self._judge(key, verdict, None, out)
         self._settle(out)

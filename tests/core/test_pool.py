@@ -307,7 +307,10 @@ def test_mid_stream_error_updates_health_without_retry() -> None:
     pool = make_pool("a", "b")
     start(pool, "r1", 0.0)
     respond(pool, "r1", 0.1, 200)
-    out = finish(pool, "r1", 0.5, error_status=429, error_body={"error": {"code": 429}})
+    # A bare 429 after the first token is the provider's (upstream_busy); the
+    # free tier's per-minute limit is the key's own.
+    limit = {"error": {"code": 429, "message": "Rate limit exceeded: free-models-per-min. "}}
+    out = finish(pool, "r1", 0.5, error_status=429, error_body=limit)
     assert changes(out) == [("a", "healthy", "rate_limited")]
     assert not sends(out)
 
