@@ -36,9 +36,11 @@ from .shared import parse_url
 from .storage import default_state_path, secret_key_from_env
 
 __all__ = [
+    "KEY_PROBE",
     "LOG_FORMATS",
     "LOOPBACK",
     "MAIN_PROVIDER",
+    "MODELS_PROBE",
     "PROVIDER_KINDS",
     "SERVER_DEFAULTS",
     "Budget",
@@ -47,6 +49,7 @@ __all__ = [
     "ProxyConfig",
     "RoutingOptions",
     "load_config",
+    "probe_path_for",
     "token_name",
     "url_problem",
 ]
@@ -87,7 +90,13 @@ _STR = "a string"
 _NEVER = 'a number, or false / "never"'
 _STRS = "an array of strings"
 
-_TOP_KINDS = {"upstream": _STR, "routing_note": _BOOL, "log_format": _STR, "record": _STR}
+_TOP_KINDS = {
+    "upstream": _STR,
+    "probe_path": _STR,
+    "routing_note": _BOOL,
+    "log_format": _STR,
+    "record": _STR,
+}
 _PLAIN_TABLES = (
     "server",
     "http",
@@ -174,7 +183,7 @@ _KEY_KINDS = {
     "credits": _FLOAT,
 }
 _KEY_OPTIONS = ("alias", "secret", "secret_env", "provider", *_KEY_KINDS)
-_PROVIDER_OPTIONS = ("name", "upstream", "kind", "models")
+_PROVIDER_OPTIONS = ("name", "upstream", "kind", "models", "probe_path")
 _CLIENT_OPTIONS = ("name", "token", "token_env")
 _BUDGET_OPTIONS = ("client", "model", "budget", "budget_window")
 # Patterns are used with fullmatch: "$" would also match before a final newline.
@@ -232,13 +241,46 @@ class Provider:
     models: frozenset[str]
     keys: dict[str, str]
     pool: PoolConfig
+    probe_path: str | None = None  # None: by ``kind`` (``probe_path_for``)
 
     def __repr__(self) -> str:
         keys = ", ".join(f"{alias!r}: {mask(secret)!r}" for alias, secret in self.keys.items())
         return (
             f"Provider(name={self.name!r}, upstream={self.upstream!r}, kind={self.kind!r}, "
-            f"models={sorted(self.models)!r}, keys={{{keys}}})"
+            f"models={sorted(self.models)!r}, keys={{{keys}}}, probe_path={self.probe_path!r})"
         )
+
+
+KEY_PROBE = "/key"
+"""OpenRouter's probe of a key: ``GET /key`` (its limit, balance and tier)."""
+MODELS_PROBE = "/models"
+"""An OpenAI-compatible upstream's probe: ``GET /models`` (it has no ``/key``)."""
+
+
+def probe_path_for(configured: str | None, upstream: str, kind: str | None = None) -> str:
+    """The path that probes an upstream's keys: ``configured``, else ``/key``
+    on OpenRouter's (a provider of ``kind`` ``openrouter``; the main upstream
+    when its host is ``openrouter.ai`` or its path ``/api/v1`` as OpenRouter's),
+    else ``/models``, which an OpenAI-compatible API serves to a valid key (it
+    answers ``/key`` with a 404, which revives no key)."""
+    if configured is not None:
+        return configured
+    if kind is not None:
+        return KEY_PROBE if kind == "openrouter" else MODELS_PROBE
+    parts = urlsplit(upstream)
+    host = (parts.hostname or "").rstrip(".")
+    openrouter = host == "openrouter.ai" or host.endswith(".openrouter.ai")
+    return KEY_PROBE if openrouter or parts.path.rstrip("/").endswith("/api/v1") else MODELS_PROBE
+
+
+def probe_path_problem(value: str) -> str | None:
+    """Why ``value`` is not a probe path (None: it is): a path from ``/``,
+    printable ASCII without spaces or ``#``."""
+    if not value.startswith("/"):
+        return 'must be a path starting with "/"'
+    if not value.isascii() or _unprintable(value) or "#" in value:
+        return "must be printable ASCII without spaces or '#'"
+    return None
 
 
 MAIN_PROVIDER = "main"
@@ -296,6 +338,8 @@ class ProxyConfig:
         keys: alias -> secret (the file's keys, then the environment's ``env1``, ...).
         pool: the pool's options; its key ids are the aliases.
         upstream: base URL of the OpenAI-compatible upstream.
+        probe_path: the path that probes its keys (None: ``probe_path_for``'s
+            default for ``upstream``: ``/key`` on OpenRouter's, else ``/models``).
         http: connection pooling and timeouts to the upstream.
         server: the proxy server's options (``SERVER_DEFAULTS``' names, all set).
         headers: sent upstream on every request (``HTTP-Referer``, ``X-Title``).
@@ -340,6 +384,7 @@ class ProxyConfig:
     keys: dict[str, str]
     pool: PoolConfig
     upstream: str = OPENROUTER_URL
+    probe_path: str | None = None
     http: HTTPOptions = attrs.Factory(HTTPOptions)
     server: dict[str, Any] = attrs.Factory(lambda: dict(SERVER_DEFAULTS))
     headers: dict[str, str] = attrs.Factory(dict)
@@ -372,6 +417,7 @@ class ProxyConfig:
         keys = ", ".join(f"{alias!r}: {mask(secret)!r}" for alias, secret in self.keys.items())
         return (
             f"ProxyConfig(keys={{{keys}}}, pool={self.pool!r}, upstream={self.upstream!r}, "
+            f"probe_path={self.probe_path!r}, "
             f"http={self.http!r}, server={self.server!r}, headers={self.headers!r}, "
             f"routing_note={self.routing_note!r}, log_format={self.log_format!r}, "
             f"admin_token={'set' if self.admin_token else None}, "
@@ -468,6 +514,8 @@ class _Loader:
                 top[name] = self.check(raw, kind, name, source, coerce)
                 if name == "upstream":
                     self.check_url(top[name], name, source)
+                elif name == "probe_path":
+                    self.check_probe_path(top[name], name, source)
                 elif name == "log_format":
                     self.check_choice(top[name], LOG_FORMATS, name, source)
                 elif name == "record":
@@ -622,13 +670,15 @@ class _Loader:
                     f"[[providers]] {name!r}",
                     self.source,
                 ),
+                probe_path=probed,
             )
-            for name, (upstream, kind, models) in declared.items()
+            for name, (upstream, kind, models, probed) in declared.items()
         )
         return ProxyConfig(
             keys=keys,
             pool=self.build(PoolConfig, {"keys": specs, **pool}, "[pool]", self.source),
             upstream=top.get("upstream", OPENROUTER_URL),
+            probe_path=top.get("probe_path"),
             http=HTTPOptions(**http),
             server=server,
             headers=headers,
@@ -865,9 +915,10 @@ class _Loader:
                 )
         return out
 
-    def providers(self, entries: Any) -> dict[str, tuple[str, str, frozenset[str]]]:
-        """name -> (upstream, kind, models) of the ``[[providers]]`` tables, checked."""
-        declared: dict[str, tuple[str, str, frozenset[str]]] = {}
+    def providers(self, entries: Any) -> dict[str, tuple[str, str, frozenset[str], str | None]]:
+        """name -> (upstream, kind, models, probe path or None) of the
+        ``[[providers]]`` tables, checked."""
+        declared: dict[str, tuple[str, str, frozenset[str], str | None]] = {}
         claimed: dict[str, str] = {}  # model -> provider
         for index, entry in enumerate(self.entries(entries, "providers", _PROVIDER_OPTIONS), 1):
             where = f"[[providers]] #{index}"
@@ -915,7 +966,12 @@ class _Loader:
                         fix="list each model under one provider only",
                     )
                 claimed[model] = name
-            declared[name] = (upstream, kind, frozenset(models))
+            probed = None
+            if "probe_path" in entry:
+                where_probe = f"{where} probe_path"
+                probed = self.check(entry["probe_path"], _STR, where_probe, self.source, False)
+                self.check_probe_path(probed, where_probe, self.source)
+            declared[name] = (upstream, kind, frozenset(models), probed)
         return declared
 
     def tokens(
@@ -1191,6 +1247,18 @@ class _Loader:
             source=source,
             fix=f'set {where} to the base URL, such as "{OPENROUTER_URL}"',
         )
+
+    def check_probe_path(self, value: str, where: str, source: str) -> None:
+        """The path that probes an upstream's keys (``probe_path_problem``)."""
+        problem = probe_path_problem(value)
+        if problem is not None:
+            self.fail(
+                f"{where} {problem}, got {value!r}",
+                where=where,
+                source=source,
+                fix=f'set {where.split()[-1]} = "{MODELS_PROBE}" (an OpenAI-compatible API) '
+                f'or "{KEY_PROBE}" (OpenRouter)',
+            )
 
     def check_path(self, value: str, where: str, flag: str, source: str) -> None:
         """A file path: not empty (an empty one would mean something else silently)."""

@@ -58,6 +58,7 @@ __all__ = [
     "Intermittent",
     "Invalid",
     "MidStreamError",
+    "NoKeyEndpoint",
     "Ok",
     "Outcome",
     "RateLimit",
@@ -70,6 +71,7 @@ __all__ = [
     "error_body",
     "error_document",
     "key_data",
+    "openai_unknown_url",
     "status_line",
 ]
 
@@ -598,10 +600,12 @@ class FreeModelLimits(Behaviour):
 
     per_minute: int = 20
     per_day: int = 50
+    is_free_tier: bool | None = None  # what /key says; None: per_day < 1000 (never paid)
     refused: int = field(default=0, init=False, eq=False)
     sent: int = field(default=0, init=False, eq=False)  # free requests let through
     _minute: RateLimit = field(init=False, repr=False, eq=False)
     _day: RateLimit = field(init=False, repr=False, eq=False)
+    _asked: float | None = field(default=None, init=False, repr=False, eq=False)
 
     def __attrs_post_init__(self) -> None:
         self._minute = RateLimit(
@@ -632,8 +636,22 @@ class FreeModelLimits(Behaviour):
         self.sent += 1
         return None
 
+    def probe(self, call: Call) -> Outcome | None:
+        self._asked = call.now + call.epoch  # the day ``describe`` reports
+        return None
+
     def describe(self, data: dict[str, Any]) -> None:
-        data["is_free_tier"] = self.per_day < 1000  # never bought 10 credits
+        """``is_free_tier`` (set, or: never bought the 10 credits) and the
+        day's ``free_model_daily_requests`` as of the probe, as OpenRouter's
+        ``/key`` reports them (the tier follows credits bought, not that flag)."""
+        tier = self.per_day < 1000 if self.is_free_tier is None else self.is_free_tier
+        used = 0 if self._asked is None else self._day.used(self._asked)
+        data["is_free_tier"] = tier
+        data["free_model_daily_requests"] = {
+            "used": used,
+            "limit": self.per_day,
+            "remaining": max(0, self.per_day - used),
+        }
 
 
 @define
@@ -663,6 +681,31 @@ class InFlightBudget(Behaviour):
         if call.in_flight >= self.max_in_flight:
             return self._reply
         return None
+
+
+@frozen
+class NoKeyEndpoint(Behaviour):
+    """An OpenAI-compatible upstream, which has no ``GET /key``: a probe there
+    gets OpenAI's 404 ``unknown_url`` (put it first in a ``Chain``); the
+    requests themselves pass on to the next part."""
+
+    path: str = "/v1/key"
+
+    def probe(self, call: Call) -> Outcome | None:
+        return Reply(404, body=openai_unknown_url("GET", self.path))
+
+
+def openai_unknown_url(method: str, path: str) -> dict[str, Any]:
+    """OpenAI's body for a path it does not serve (status 404)."""
+    return {
+        "error": {
+            "message": f"Unknown request URL: {method} {path}. Please check the URL for typos, "
+            "or see the docs at https://platform.openai.com/docs/api-reference/.",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": "unknown_url",
+        }
+    }
 
 
 # --------------------------------------------------------------------------- patterns

@@ -13,7 +13,9 @@ Free models (``:free`` ids) are paced per account (``keyrotor.models.free_tier``
 on the main upstream's keys, whatever route or none the request came by: the
 router names the key to pin, one of an account with room. Each account's use
 today is written to the state file's ``usage`` ledger (scope ``free``), so a
-restart keeps counting from where it was.
+restart keeps counting from where it was; ``GET /key`` tells each account's
+daily limit and, where it says, the requests the upstream counted today
+(``learn_tiers``).
 """
 
 from __future__ import annotations
@@ -125,6 +127,41 @@ def _model_span(body: bytes, model: object) -> tuple[bytes, int, int] | None:
 def _day_end(now: float) -> float:
     """When the UTC day of ``now`` ends (Unix s)."""
     return (utc_day(now) + 1) * 86400.0
+
+
+def free_quota(data: object, free_per_day: int) -> tuple[int, int | None] | None:
+    """(daily free-model limit, requests counted today or None) from the
+    ``data`` of ``GET /key``: its ``free_model_daily_requests`` when it has
+    one (``used``, else ``limit - remaining``; the ``limit`` itself from the
+    credits tier up, below it no more than ``free_per_day``, which an operator
+    may have set lower); else ``is_free_tier`` (true: ``free_per_day``;
+    false: 1000, though it only says the account paid, not that it bought the
+    10 credits the 1000 need). None: neither says."""
+    if not isinstance(data, dict):
+        return None
+    daily = data.get("free_model_daily_requests")
+    limit = _count(daily.get("limit")) if isinstance(daily, dict) else None
+    if isinstance(daily, dict) and limit is not None:
+        used = _count(daily.get("used"))
+        remaining = _count(daily.get("remaining"))
+        if used is None and remaining is not None:
+            used = max(0, limit - remaining)
+        if limit < FREE_PER_DAY_WITH_CREDITS:
+            limit = min(limit, free_per_day)
+        return limit, used
+    tier = data.get("is_free_tier")
+    if isinstance(tier, bool):
+        return (free_per_day if tier else FREE_PER_DAY_WITH_CREDITS), None
+    return None
+
+
+def _count(value: object) -> int | None:
+    """A JSON count: an integer >= 0 (an integral float too), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, float) and value.is_integer():  # not inf, not nan
+        value = int(value)
+    return value if isinstance(value, int) and value >= 0 else None
 
 
 def is_free(model: str) -> bool:
@@ -423,16 +460,20 @@ class Router:
         return [name for name, route in self.routes.items() if not candidates(route, catalog)[0]]
 
     async def learn_tiers(self, at_most: int = 200) -> dict[str, int]:
-        """Each account's daily free limit from ``GET /key`` (``is_free_tier``
-        false: it bought credits, 1000 a day; true: ``free_per_day``), asked with one
-        of its keys, for the accounts ``[routing.accounts]`` does not name (at
-        most ``at_most``). An account whose answer says nothing keeps
-        ``free_per_day``. Returns what was learned."""
+        """Each account's daily free limit from ``GET /key`` (``free_quota``),
+        asked with one of its keys, for the accounts ``[routing.accounts]``
+        does not name (at most ``at_most``), and the requests the upstream
+        counted today where it says: the day's count becomes the larger of
+        that and this pool's (the state file's after a restart), never their
+        sum. An account whose answer says nothing keeps ``free_per_day``.
+        Returns the limits learned."""
         self._keys_seen = (-1, self._keys_seen[1])  # look at the pool now
         self._refresh_accounts()
         learned: dict[str, int] = {}
+        used: dict[str, tuple[int, float]] = {}  # account -> (used today, when asked)
         asked = [a for a in self._keys if a not in self.options.accounts][:at_most]
         for account in asked:
+            at = self._clock()
             try:
                 answer = await self._client.send(
                     "GET", "/key", pin=self._keys[account][0], pin_fallback=False, attempts=1
@@ -444,12 +485,18 @@ class Router:
                 data = parse(body).get("data") if answer.status_code == 200 else None
             except (KeyrotorError, ValueError, AttributeError):
                 continue
-            tier = data.get("is_free_tier") if isinstance(data, dict) else None
-            if isinstance(tier, bool):
-                learned[account] = self.options.free_per_day if tier else FREE_PER_DAY_WITH_CREDITS
+            quota = free_quota(data, self.options.free_per_day)
+            if quota is not None:
+                learned[account], today = quota
+                if today is not None:
+                    used[account] = (today, at)
         self._learned.update(learned)
         self._keys_seen = (-1, self._keys_seen[1])
         self._refresh_accounts()
+        now = self._clock()
+        for account, (today, at) in used.items():
+            if utc_day(at) == utc_day(now):  # not a count of a day gone since
+                self.free.sync(account, now, today)
         return learned
 
     def not_counted(self, key: str, at: float | None = None) -> None:

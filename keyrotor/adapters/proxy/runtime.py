@@ -30,7 +30,7 @@ from ...core.config import AFFINITY_POINTS_MAX
 from ...models import pricer
 from ...models.routing import route_from_json
 from ...transports.api import AsyncClient, Driver, StreamAccountant
-from ..config import ConfigError, Provider, ProxyConfig
+from ..config import ConfigError, Provider, ProxyConfig, probe_path_for
 from ..shared import SharedState
 from ..shared_keys import SharedKeys
 from ..shared_limits import SharedLimits
@@ -293,6 +293,7 @@ async def open_app(
             startup.pool,
             http=config.http,
             headers=config.headers,
+            probe_path=probe_path_for(config.probe_path, config.upstream),
         ) as client:
             driver = client.driver
             # The recorder's and the price hook's problems, as warnings.
@@ -333,6 +334,9 @@ async def open_app(
                                 pool,
                                 http=config.http,
                                 headers=config.headers,
+                                probe_path=probe_path_for(
+                                    provider.probe_path, provider.upstream, provider.kind
+                                ),
                             )
                         )
                         other.driver.on_state_change.append(_state_logger(log, provider.name))
