@@ -598,7 +598,10 @@ def start_upstream(
     """The fake upstream: ``open`` (any key is healthy), or ``faulty`` (the same,
     plus ``FAULTY_KEYS``: revoked, out of credits, rate limited, hanging);
     ``tls``: (certificate, key) to serve HTTPS with; ``no_cost``: answers whose
-    usage has no cost (the proxy prices them from its catalog)."""
+    usage has no cost (the proxy prices them from its catalog), at the fake's
+    ``/v1``, an OpenAI-compatible base URL: streams carry their usage only when
+    asked for it, which the proxy then does (a tree from before 2026-12-07's
+    twelfth session does not: its streams are not priced)."""
     cmd = [
         sys.executable,
         "-m",
@@ -624,6 +627,8 @@ def start_upstream(
     if not line:
         raise BenchError(f"the fake upstream did not start:\n{upstream.log_tail()}")
     Endpoint.parse(line.replace("https://", "http://", 1))  # loopback check
+    if no_cost:  # as OpenAI's: its /v1 (the proxy asks a stream for its usage there)
+        line = line.rstrip("/").removesuffix("/api/v1") + "/v1"
     return upstream, line.rstrip("/")
 
 

@@ -68,11 +68,14 @@ _CHAT_BODY = (
     b'"message":{"role":"assistant","content":%s,"refusal":null,"reasoning":null}}],'
     b'"usage":%s}'
 )
+# A non-streaming answer whose generation failed midway: the error sits in the
+# choice, beside the partial output (OpenRouter's errors-and-debugging page,
+# "Skin-specific error formats"); a stream's error chunk has it at the top level.
 _CHAT_ERROR_BODY = (
     b'{"id":"%s","provider":%s,"model":%s,"object":"chat.completion","created":%d,'
     b'"choices":[{"index":0,"logprobs":null,"finish_reason":"error","native_finish_reason":"error",'
-    b'"message":{"role":"assistant","content":%s,"refusal":null,"reasoning":null}}],'
-    b'"error":%s}'
+    b'"message":{"role":"assistant","content":%s,"refusal":null,"reasoning":null},'
+    b'"error":%s}]}'
 )
 _TEXT_BODY = (
     b'{"id":"%s","provider":%s,"model":%s,"object":"text_completion","created":%d,'
@@ -82,7 +85,7 @@ _TEXT_BODY = (
 _TEXT_ERROR_BODY = (
     b'{"id":"%s","provider":%s,"model":%s,"object":"text_completion","created":%d,'
     b'"choices":[{"index":0,"text":%s,"logprobs":null,"finish_reason":"error",'
-    b'"native_finish_reason":"error"}],"error":%s}'
+    b'"native_finish_reason":"error","error":%s}]}'
 )
 _CHAT_CHUNK = (
     b'data: {"id":"%s","provider":%s,"model":%s,"object":"chat.completion.chunk","created":%d,'
@@ -94,6 +97,12 @@ _TEXT_CHUNK = (
     b'"choices":[{"index":0,"text":%s,"finish_reason":%s,"native_finish_reason":%s,'
     b'"logprobs":null}]%s}\n\n'
 )
+# OpenAI's last chunk of a stream that asked for its usage: no choices, the usage.
+_USAGE_CHUNK = (
+    b'data: {"id":"%s","provider":%s,"model":%s,"object":"%s","created":%d,'
+    b'"choices":[],"usage":%s}\n\n'
+)
+_USAGE_NULL = b',"usage":null'
 _USAGE = (
     b'{"prompt_tokens":%d,"completion_tokens":%d,"total_tokens":%d,"cost":%s,"is_byok":false,'
     b'"prompt_tokens_details":{"cached_tokens":%d,"cache_write_tokens":0},'
@@ -313,6 +322,13 @@ def _cache_and_images(messages: list[Any], prompt: int, entry: Model) -> tuple[i
                     images += part.get("type") == "image_url"
     cached = prompt // 2 if cache and entry.input_cache_read is not None else 0
     return cached, images
+
+
+def _asks_usage(body: Mapping[str, Any]) -> bool:
+    """Whether a request asks for a stream's usage, as OpenAI reads it:
+    ``"stream_options": {"include_usage": true}``."""
+    options = body.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
 
 
 def _embedding(text: str) -> list[float]:
@@ -988,6 +1004,12 @@ class FakeUpstream:
         every = scenario.comment_every
         err = call.stream_error
         n = call.completion_tokens if err is None else min(err.after_chunks, call.completion_tokens)
+        # OpenRouter's streams end with a usage chunk; OpenAI's (report_cost False)
+        # only when the request asks (stream_options.include_usage), the chunks
+        # before it then carrying "usage":null.
+        openai = not scenario.report_cost
+        asked = openai and _asks_usage(call.body)
+        extra = _USAGE_NULL if asked else b""
         events: list[bytes] = []
         if every > 0:
             events.append(_COMMENT)
@@ -997,7 +1019,7 @@ class FakeUpstream:
                 cut = len(events)
             word = _WORD_JSON[i % len(_WORD_JSON)]
             events.append(
-                template % (gen_id, provider, model, created, word, b"null", b"null", b"")
+                template % (gen_id, provider, model, created, word, b"null", b"null", extra)
             )
             if every > 0 and (i + 1) % every == 0 and i + 1 < n:
                 events.append(_COMMENT)
@@ -1023,12 +1045,17 @@ class FakeUpstream:
         else:
             empty = b'""'
             events.append(
-                template % (gen_id, provider, model, created, empty, b'"stop"', b'"stop"', b"")
+                template % (gen_id, provider, model, created, empty, b'"stop"', b'"stop"', extra)
             )
-            usage = b',"usage":' + self._usage(call)
-            events.append(
-                template % (gen_id, provider, model, created, empty, b"null", b"null", usage)
-            )
+            if asked:
+                kind = b"chat.completion.chunk" if chat else b"text_completion"
+                usage = self._usage(call)
+                events.append(_USAGE_CHUNK % (gen_id, provider, model, kind, created, usage))
+            elif not openai:
+                usage = b',"usage":' + self._usage(call)
+                events.append(
+                    template % (gen_id, provider, model, created, empty, b"null", b"null", usage)
+                )
             events.append(_DONE)
         return events, cut
 

@@ -44,7 +44,7 @@ from ..core import (
 )
 from ..core.classify import LIMIT_HEADER_PREFIXES
 from ..core.config import finite, shown
-from ._http import error_status, number, parse_json
+from ._http import answer_error, error_status, number, parse_json
 from .errors import ConfigurationError
 from .json_body import parse
 
@@ -605,14 +605,25 @@ def _usage_object(body: bytes) -> Any:
     return value
 
 
+def _usage_at(data: bytes, start: int, end: int) -> int:
+    """Where ``"usage"`` next appears in ``data[start:end]`` (-1: nowhere),
+    passing over ``"usage":null`` (each chunk of an OpenAI stream that asked
+    for its usage carries one: nothing to parse there)."""
+    at = data.find(b'"usage"', start, end)
+    while at >= 0 and data.startswith(b":null", at + 7):
+        at = data.find(b'"usage"', at + 12, end)
+    return at
+
+
 class StreamAccountant:
     """Reads an SSE stream as it passes, for its usage and any in-stream error;
-    or keeps a JSON body, for its usage (and an ``error`` a 200 may carry:
-    OpenRouter's generation that failed midway) when it ends.
+    or keeps a JSON body, for its usage (and an ``error`` a 200 may carry, at
+    the top level or in a choice: OpenRouter's generation that failed
+    midway) when it ends, parsed only when the body holds ``"error"``.
 
-    Only ``data:`` lines that mention ``usage`` or ``error`` are parsed, found
-    by two substring searches per chunk (not a step per line). Lines end with
-    LF, CRLF or a lone CR (SSE allows each).
+    Only ``data:`` lines that mention ``usage`` (not ``"usage":null``) or
+    ``error`` are parsed, found by substring searches per chunk (not a step
+    per line). Lines end with LF, CRLF or a lone CR (SSE allows each).
     """
 
     __slots__ = (
@@ -666,15 +677,17 @@ class StreamAccountant:
         self._tail = data[end:] if len(data) - end <= self.MAX_LINE else b""
         # Only lines that mention usage or an error count: find those by searching
         # the whole block, not line by line (a stream has many lines, few such).
-        usage = data.find(b'"usage"', 0, end)
+        usage = _usage_at(data, 0, end)
         error = data.find(b'"error"', 0, end)
         if usage < 0 and error < 0:
             return
         starts = set()
-        for marker, at in ((b'"usage"', usage), (b'"error"', error)):
-            while at >= 0:
-                starts.add(data.rfind(b"\n", 0, at) + 1)
-                at = data.find(marker, data.find(b"\n", at, end), end)
+        while usage >= 0:
+            starts.add(data.rfind(b"\n", 0, usage) + 1)
+            usage = _usage_at(data, data.find(b"\n", usage, end), end)
+        while error >= 0:
+            starts.add(data.rfind(b"\n", 0, error) + 1)
+            error = data.find(b'"error"', data.find(b"\n", error, end), end)
         for start in sorted(starts):
             self._line(data[start : data.find(b"\n", start, end)])
 
@@ -685,9 +698,7 @@ class StreamAccountant:
             self._body = None
             self._account({"usage": _usage_object(body)})
             if b'"error"' in body:  # a key or a value: only then is the body parsed
-                payload = parse_json(body)
-                if isinstance(payload, dict):
-                    self._error(payload.get("error"))
+                self._error(answer_error(parse_json(body)))
         elif self._tail:
             self._line(self._tail)
             self._tail = b""
@@ -716,11 +727,12 @@ class StreamAccountant:
             return
         if isinstance(payload.get("usage"), dict):
             self._account(payload)
-        self._error(payload.get("error"))
+        self._error(answer_error(payload))
 
     def _error(self, error: Any) -> None:
-        """An ``error`` object in a 200's body: the answer failed (its status: the
-        error's code, else 502)."""
+        """An ``error`` object in a 200's body or chunk (``answer_error``: top
+        level or in a choice): the answer failed (its status: the error's
+        code, else 502)."""
         status = error_status(error)
         if status is not None:
             self.error_status = status

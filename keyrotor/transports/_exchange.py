@@ -110,6 +110,8 @@ class Outgoing:
 def outgoing(upstream: Upstream, method: str, path: str, options: RequestOptions) -> Outgoing:
     """The request ``options`` describe: its body encoded, its headers merged."""
     body = encode_body(options.get("json"), options.get("content"))
+    if body:  # a stream to an OpenAI-compatible upstream asks for its usage
+        body = upstream.body_for(path, body)
     return Outgoing(method, path, upstream.merge_headers(options.get("headers")), body)
 
 

@@ -27,11 +27,15 @@ __all__ = [
     "MAX_ERROR_BODY",
     "REFUSED",
     "TRANSPORT_ERRORS",
+    "USAGE_UNASKED",
     "HTTPOptions",
     "LineDecoder",
     "Response",
     "ResponseHead",
     "Upstream",
+    "answer_error",
+    "ask_usage",
+    "asks_stream_usage",
     "client_headers",
     "decode_headers",
     "encode_body",
@@ -181,6 +185,9 @@ class Upstream:
         options: connection and timeout options.
         headers: headers sent on every request.
         probe_path: the cheap call that probes a key.
+        stream_usage: a streamed completion is sent asking for its usage
+            (``stream_options.include_usage``, see ``body_for``): an
+            OpenAI-compatible upstream reports none in a stream otherwise.
     """
 
     origin: str
@@ -189,6 +196,7 @@ class Upstream:
     options: HTTPOptions
     headers: dict[str, str]
     probe_path: str
+    stream_usage: bool = False
 
     @classmethod
     def from_url(
@@ -197,12 +205,16 @@ class Upstream:
         options: HTTPOptions | None = None,
         headers: Mapping[str, str] | None = None,
         probe_path: str = "/key",
+        stream_usage: bool | None = None,
     ) -> Upstream:
         """Check ``base_url`` and ``headers`` (their names lower-cased, so that a
-        request's own replace them whatever their case) and gather the rest."""
+        request's own replace them whatever their case) and gather the rest.
+        ``stream_usage`` None: from the URL (``asks_stream_usage``)."""
         origin, prefix, host = split_url(base_url)
         own = client_headers(headers or {})
-        return cls(origin, prefix, host, options or HTTPOptions(), own, probe_path)
+        if stream_usage is None:
+            stream_usage = asks_stream_usage(base_url)
+        return cls(origin, prefix, host, options or HTTPOptions(), own, probe_path, stream_usage)
 
     @property
     def url(self) -> str:
@@ -212,6 +224,15 @@ class Upstream:
     def url_for(self, path: str) -> str:
         """The absolute URL of ``path`` (``/chat/completions``) upstream."""
         return f"{self.origin}{self.prefix}{path}"
+
+    def body_for(self, path: str, body: bytes) -> bytes:
+        """``body`` as sent to ``path`` upstream: with ``stream_usage``, a
+        streamed completion (``/chat/completions``, ``/completions``) asks for
+        its usage (``ask_usage``); anything else goes as it is, at the cost of
+        one attribute test when ``stream_usage`` is off (OpenRouter)."""
+        if not self.stream_usage or not body or not _COMPLETIONS.search(path):
+            return body
+        return ask_usage(body)
 
     def merge_headers(self, extra: Mapping[str, str] | None) -> Mapping[str, str]:
         """The client's headers overridden by one request's own, names compared
@@ -259,6 +280,52 @@ class Upstream:
 
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 """A header name (RFC 9110's token)."""
+
+USAGE_UNASKED = ("openrouter.ai", "api.mistral.ai")
+"""Hosts (and their subdomains) whose streams are not sent ``stream_options``:
+OpenRouter's report usage unasked (and ignore the member), Mistral's do too
+and refuse the member (422, ``extra_forbidden``)."""
+
+_COMPLETIONS = re.compile(r"/completions/?(?:\?|$)")
+"""A path of ``/chat/completions`` or ``/completions`` (a query may follow)."""
+
+_ASK_USAGE = b',"stream_options":{"include_usage":true}'
+_STREAM_OPTIONS = re.compile(rb'"stream_options"')
+
+
+def asks_stream_usage(base_url: str) -> bool:
+    """Whether streams to ``base_url`` should ask for their usage: not on the
+    hosts of ``USAGE_UNASKED``, nor on a base URL laid out as OpenRouter's
+    (its path ends with ``/api/v1``: a gateway in front of it, the bundled
+    fake); on any other OpenAI-compatible upstream, yes."""
+    parts = urlsplit(base_url)
+    host = (parts.hostname or "").rstrip(".")
+    if any(host == name or host.endswith("." + name) for name in USAGE_UNASKED):
+        return False
+    return not parts.path.rstrip("/").endswith("/api/v1")
+
+
+def ask_usage(body: bytes) -> bytes:
+    """A JSON request ``body`` that asks for a stream, with
+    ``"stream_options":{"include_usage":true}`` added as its last member
+    (OpenAI's streams carry usage only then, in a last chunk whose
+    ``choices`` is empty). Unchanged when it asks for no stream, has a
+    ``stream_options`` of its own (the caller's choice stands), or is no
+    JSON object. Found as ``wants_stream`` finds ``stream``: no parse of a
+    long body (the body is copied once, with the member appended)."""
+    if not wants_stream(body):
+        return body
+    try:
+        if member(body, b'"stream_options"', _STREAM_OPTIONS) is not None:
+            return body
+    except Unsure:
+        payload = parse_json(body)
+        if not isinstance(payload, dict) or "stream_options" in payload:
+            return body
+    end = len(body.rstrip())
+    if body[end - 1 : end] != b"}":
+        return body
+    return body[: end - 1] + _ASK_USAGE + body[end - 1 :]
 
 
 def client_headers(headers: Mapping[str, str]) -> dict[str, str]:
@@ -501,8 +568,8 @@ class LineDecoder:
 
 def json_or_raise(response: Response) -> Any:
     """The parsed body of a 2xx JSON response; else ``UpstreamError`` (also for
-    a 200 whose body is an ``error``: a generation that failed, its status the
-    error's code)."""
+    a 200 that carries an ``error``, ``answer_error``: a generation that
+    failed, its status the error's code)."""
     body = parse_json(response.content)
     if not response.is_success:
         raise UpstreamError(response.status_code, body, response.key, response.attempts)
@@ -510,10 +577,29 @@ def json_or_raise(response: Response) -> Any:
         raise UpstreamError(
             response.status_code, response.text[:200], response.key, response.attempts
         )
-    failed = error_status(body.get("error")) if isinstance(body, dict) else None
+    failed = error_status(answer_error(body))
     if failed is not None:
         raise UpstreamError(failed, body, response.key, response.attempts)
     return body
+
+
+def answer_error(payload: Any) -> Any:
+    """The ``error`` object a 2xx answer or SSE chunk carries (None: none): its
+    top-level ``error`` (OpenRouter's mid-stream error chunk), else the first
+    of its ``choices`` that has one (OpenRouter's non-streaming answer whose
+    generation failed midway: ``choices[0].error``, ``finish_reason: "error"``)."""
+    if not isinstance(payload, dict):
+        return None
+    error = payload.get("error")
+    if isinstance(error, dict):
+        return error
+    choices = payload.get("choices")
+    if isinstance(choices, list):
+        for choice in choices:
+            inner = choice.get("error") if isinstance(choice, dict) else None
+            if isinstance(inner, dict):
+                return inner
+    return None
 
 
 def error_status(error: Any) -> int | None:

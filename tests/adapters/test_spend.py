@@ -206,7 +206,7 @@ def test_a_client_prices_answers_without_usage_cost_from_the_catalog() -> None:
 
     async def main() -> tuple[dict[str, Any], float, list[float]]:
         async with FakeUpstream(scenario).serve() as upstream:
-            async with AsyncClient({"k1": KEYS["k1"]}, upstream.url) as client:
+            async with AsyncClient({"k1": KEYS["k1"]}, upstream.origin + "/v1") as client:
                 client.driver.price = pricer(catalog)
                 seen: list[float] = []
                 client.driver.on_finished.append(lambda key, usage: seen.append(usage.cost))

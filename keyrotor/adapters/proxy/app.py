@@ -849,11 +849,14 @@ class _Send:
         route: str | None = None,
     ) -> StreamResponse:
         """Send the request with ``body`` through ``client`` (on ``pin``, the
-        free tier's key, if given: another key only if that one cannot)."""
+        free tier's key, if given: another key only if that one cannot). A
+        stream to an OpenAI-compatible upstream asks for its usage chunk
+        (``Upstream.body_for``), which is passed through to the caller."""
         request = self.request
+        path = request.target[3:]  # "/v1/chat/completions?x" -> "/chat/completions?x"
         return await client.send(
             request.method,
-            request.target[3:],  # "/v1/chat/completions?x" -> "/chat/completions?x"
+            path,
             content=body if body or request.method in ("POST", "PUT", "PATCH") else None,
             headers=self.headers,
             pin=self.pin if pin is None else pin,
