@@ -388,7 +388,7 @@ class Driver:
         except Exception as exc:
             self.on_recording_error(f"keyrotor: the price hook failed: {type(exc).__name__}")
             return
-        if cost is not None and math.isfinite(cost) and cost >= 0:
+        if cost is not None and math.isfinite(cost) and 0 <= cost <= MAX_COST:
             accountant.cost = cost
 
     def probe_finished(
@@ -569,7 +569,7 @@ def usage_of(payload: Any) -> tuple[float, int, int]:
         return 0.0, 0, 0
     cost = number(usage.get("cost"))
     return (
-        cost if cost is not None and cost >= 0 else 0.0,
+        cost if cost is not None and 0 <= cost <= MAX_COST else 0.0,
         _tokens(usage.get("prompt_tokens")),
         _tokens(usage.get("completion_tokens")),
     )
@@ -578,6 +578,10 @@ def usage_of(payload: Any) -> tuple[float, int, int]:
 MAX_TOKENS = 2**31 - 1
 """The most tokens one answer is counted for (an upstream's ``1e308`` is no count;
 no model answers two billion: sums of such stay far inside SQLite's integers)."""
+MAX_COST = 1e6
+"""The most USD one answer is counted for (an upstream's ``1e306`` is no cost: a
+day's sum of such overflowed to infinity in the state file, which then refused
+to start the proxy)."""
 
 
 def _tokens(value: Any) -> int:

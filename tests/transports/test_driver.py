@@ -354,3 +354,12 @@ def test_a_hooks_failure_is_a_warning_on_the_keyrotor_logger_by_default(
     assert [r.getMessage() for r in caplog.records] == [
         "keyrotor: an on_state_change hook failed: RuntimeError"
     ]
+
+
+@pytest.mark.parametrize(("cost", "counted"), [(1e306, 0.0), (1e6, 1e6), (0.25, 0.25), (-1, 0.0)])
+def test_an_absurd_cost_counts_as_none(cost: float, counted: float) -> None:
+    """A day's sum of 1e306 costs overflowed to infinity in the state file, and
+    a proxy would then not start on it (the pool refuses an infinite spend)."""
+    from keyrotor.transports._driver import usage_of
+
+    assert usage_of({"usage": {"cost": cost, "prompt_tokens": 1}})[0] == counted
