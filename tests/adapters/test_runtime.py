@@ -189,3 +189,28 @@ def test_a_stored_key_past_the_ring_cap_is_skipped_not_fatal(tmp_path: Path) -> 
     assert [k.key_id for k in started.pool.keys] == ["a"]
     assert "stored key 'big' skipped" in log[0]["message"]
     assert "sk-or-v1-big" not in str(log)
+
+
+def test_a_lifetime_budget_used_up_stays_so_after_a_restart_on_a_later_day(
+    tmp_path: Path,
+) -> None:
+    """Only today's spend came back: a key whose lifetime budget (no window) was
+    used up yesterday was probed again after a restart, came back and spent on."""
+    from keyrotor.core import Tick
+
+    midnight = 1_700_006_400.0  # 2023-11-15 00:00 UTC
+    wall = [midnight - 3600.0]  # spent yesterday, 23:00
+    with StateStore.open(tmp_path / "s.db", secret_key=None, wall_clock=lambda: wall[0]) as store:
+        store.record_spend("k", cost=12.0)
+        store.record_state("k", "depleted", None, "budget")
+        store.flush()
+        wall[0] = now = midnight + 10 * 3600.0  # restarted the next day, 10:00
+        loaded = store.load()
+    specs = [KeySpec(key_id="k", budget=10.0), KeySpec(key_id="other")]
+    driver = Driver({"k": A, "other": B}, PoolConfig(keys=specs), wall_clock=lambda: now)
+    restore(driver, loaded, wall_now=now)
+    assert driver.pool.statistics().keys[0].spend == pytest.approx(12.0)
+    assert driver.pool.state_of("k") is KeyState.DEPLETED
+    probed = driver.feed(Tick(now=driver.now() + 7 * DAY))  # far past every recheck
+    assert [d for d in probed if getattr(d, "key_id", None) == "k"] == []
+    assert driver.pool.state_of("k") is KeyState.DEPLETED

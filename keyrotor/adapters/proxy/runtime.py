@@ -203,7 +203,8 @@ def restore(driver: Driver, loaded: Loaded, wall_now: float | None = None) -> No
 
     Spend counts again toward budgets and credits as far as it falls in the
     key's running budget window, or (no window) today, UTC: older spend is
-    history. A key depleted earlier stays so through its restored state.
+    history; a budget without a window (the key's life) counts every day. A
+    key depleted earlier stays so through its restored state.
     """
     wall = driver.wall_clock() if wall_now is None else wall_now
     offset = driver.now() - wall  # wall-clock time + offset = the pool's clock
@@ -217,15 +218,21 @@ def restore(driver: Driver, loaded: Loaded, wall_now: float | None = None) -> No
         if (left is not None and left <= 0) or (left is None and state in _COOLING):
             continue  # its time is up: it starts healthy
         driver.mark_key(alias, state, left, "restored")
-    windows = {spec.key_id: spec.budget_window for spec in driver.pool.config.keys}
+    specs = driver.pool.config.keys
+    windows = {spec.key_id: spec.budget_window for spec in specs}
+    # A budget without a window is the key's life: every day of the ledger counts.
+    lifetime = {s.key_id for s in specs if s.budget is not None and s.budget_window is None}
     today = calendar.timegm((*time.gmtime(wall)[:3], 0, 0, 0))
     for row in loaded.ledger:
         if row.alias not in present or not (row.cost or row.prompt_tokens or row.completion_tokens):
             continue
         start = day_start(row.day)
         window = windows.get(row.alias)
-        if start + _DAY <= wall - (window or 0.0) or (window is None and start < today):
-            continue  # spent before the running window (or before today): history
+        if window is None:
+            if start < today and row.alias not in lifetime:
+                continue  # spent before today: history
+        elif start + _DAY <= wall - window:
+            continue  # spent before the running window: history
         now = driver.now()
         # A day's row has no times: taken as spent at the day's end (or now), so that
         # all of it counts while the day overlaps the window (never less than was spent).
