@@ -82,6 +82,8 @@ from typing import TYPE_CHECKING, Any, Final
 
 import attrs
 
+from ..core import KeyState
+from ..core.config import finite
 from . import analytics
 from .analytics import Dims, Rollup
 
@@ -335,6 +337,23 @@ def storable(text: str) -> bool:
     return True
 
 
+_STATES: Final = frozenset(state.value for state in KeyState)
+"""The key states a ``states`` row may hold."""
+
+
+def _time_or_none(value: object) -> bool:
+    return value is None or finite(value)
+
+
+def _day_ok(day: object) -> bool:
+    """Whether ``day`` is a ledger day (``YYYY-MM-DD``)."""
+    try:
+        day_start(day)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
 def day_start(day: str) -> float:
     """The Unix time a ledger's UTC ``day`` (``YYYY-MM-DD``) starts (``ValueError``: no day)."""
     return float(calendar.timegm(time.strptime(day, "%Y-%m-%d")))
@@ -577,25 +596,50 @@ class StateStore:
         keys: list[StoredKey] = []
         skipped: list[str] = []
         for alias, token, spec, added_at in key_rows:
+            try:
+                options = json.loads(spec)
+            except (TypeError, ValueError):
+                options = None
+            if not isinstance(options, dict):
+                self._damaged("keys", alias)
+                continue
             secret = self._decrypt(alias, token)
             if secret is None:
                 skipped.append(alias)
             else:
-                keys.append(StoredKey(alias, secret, json.loads(spec), added_at))
+                keys.append(StoredKey(alias, secret, options, added_at))
         if skipped and self._cipher is None:
             self._log(
                 f"keyrotor storage: {len(skipped)} key(s) stored in {self.path} are not loaded "
                 f"because {SECRET_KEY_ENV} is not set; set it to the key they were stored with"
             )
-        states = {row[0]: StoredState(*row) for row in state_rows}
+        states = {}
+        for row in state_rows:
+            if row[1] in _STATES and _time_or_none(row[2]) and _time_or_none(row[4]):
+                states[row[0]] = StoredState(*row)
+            else:
+                self._damaged("states", row[0])
+        ledger = []
+        for row in ledger_rows:
+            if _day_ok(row[1]) and all(finite(n) for n in row[2:]):
+                ledger.append(LedgerRow(*row))
+            else:
+                self._damaged("ledger", row[0])
         return Loaded(
             keys,
             states,
-            [LedgerRow(*row) for row in ledger_rows],
+            ledger,
             skipped,
             [UsageRow(*row) for row in usage_rows],
             self._routes(routes_row),
             self._alerts(alerts_row),
+        )
+
+    def _damaged(self, table: str, alias: object) -> None:
+        """A row of ``table`` that cannot be read back: left out, and said."""
+        self._log(
+            f"keyrotor storage: a damaged row of {table!r} in {self.path} (key {alias!r}) "
+            "is left out; the key starts from the configuration"
         )
 
     def _alerts(self, row: tuple[str] | None) -> list[Any] | None:
@@ -819,11 +863,15 @@ class StateStore:
         """The stored catalogs by provider (a document that no longer parses as
         JSON is left out: the next fetch replaces it)."""
         with self._db_lock:
-            rows = (
-                self._connection()
-                .execute("SELECT provider, document, etag, fetched_at FROM catalogs")
-                .fetchall()
-            )
+            try:
+                rows = (
+                    self._connection()
+                    .execute("SELECT provider, document, etag, fetched_at FROM catalogs")
+                    .fetchall()
+                )
+            except sqlite3.DatabaseError as exc:  # a damaged page: fetched anew
+                self._log(f"keyrotor storage: the stored catalogs in {self.path}: {exc}; ignored")
+                return {}
         stored = {}
         for provider, text, etag, fetched_at in rows:
             try:

@@ -990,3 +990,34 @@ def test_a_state_file_opened_through_a_link_is_the_same_files_lock(tmp_path: pat
             StateStore.open(tmp_path / "link.db", secret_key=None)
     finally:
         first.close()
+
+
+def test_damaged_rows_are_left_out_with_a_line_not_a_traceback(tmp_path: pathlib.Path) -> None:
+    """A state or ledger row that cannot be read back (an unknown state, a time
+    that is no number, a day that is no day, a key's spec that is no JSON)
+    stopped the start with a traceback; now each is left out, and said."""
+    said: list[str] = []
+    path = tmp_path / "s.db"
+    key = Fernet.generate_key().decode()
+    with StateStore.open(path, secret_key=key) as store:
+        store.add_key("good", "sk-or-v1-good-" + "x" * 24, {})
+        store.add_key("bent", "sk-or-v1-bent-" + "y" * 24, {})
+        store.record_state("good", "depleted", None, "budget")
+        store.record_state("bent", "depleted", None, "budget")
+        store.record_spend("good", cost=1.0)
+        store.record_spend("bent", cost=2.0)
+        store.flush()
+    db = sqlite3.connect(path)
+    with db:
+        db.execute("UPDATE states SET state = 'bogus' WHERE alias = 'bent'")
+        db.execute("UPDATE ledger SET day = 'yesterday' WHERE alias = 'bent'")
+        db.execute("UPDATE keys SET spec = 'not json' WHERE alias = 'bent'")
+        db.execute("INSERT INTO states VALUES ('late', 'rate_limited', 'soon', 'x', 0)")
+    db.close()
+    with StateStore.open(path, secret_key=key, log=said.append) as store:
+        loaded = store.load()
+        assert store.catalogs() == {}
+    assert [k.alias for k in loaded.keys] == ["good"]
+    assert set(loaded.states) == {"good"}
+    assert [row.alias for row in loaded.ledger] == ["good"]
+    assert len([line for line in said if "damaged row" in line]) == 4
