@@ -13,6 +13,9 @@ from keyrotor.core import (
     PoolConfig,
     Probe,
     Reject,
+    RequestStarted,
+    ResponseFinished,
+    ResponseReceived,
     Send,
 )
 
@@ -45,3 +48,15 @@ def probes(decisions: list[Decision]) -> list[str]:
 
 
 __all__ = ["Deliver", "Reject", "changes", "make_pool", "only", "probes", "sends"]
+
+
+def start(pool: Pool, rid: str, now: float, **kw: object) -> list[Decision]:
+    return pool.handle(RequestStarted(request_id=rid, now=now, **kw))  # type: ignore[arg-type]
+
+
+def respond(pool: Pool, rid: str, now: float, status: int, **kw: object) -> list[Decision]:
+    return pool.handle(ResponseReceived(request_id=rid, now=now, status=status, **kw))  # type: ignore[arg-type]
+
+
+def finish(pool: Pool, rid: str, now: float, **kw: object) -> list[Decision]:
+    return pool.handle(ResponseFinished(request_id=rid, now=now, **kw))  # type: ignore[arg-type]

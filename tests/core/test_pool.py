@@ -31,7 +31,7 @@ from keyrotor.core import (
     TransportFailed,
 )
 
-from .helpers import changes, make_pool, only, probes, sends
+from .helpers import changes, finish, make_pool, only, probes, respond, sends, start
 
 OR_429_SHARED = {
     "error": {
@@ -68,18 +68,6 @@ OR_FREE_PER_MIN = {
         "metadata": {"limit_source": "openrouter_free_tier_minute"},
     }
 }
-
-
-def start(pool: Pool, rid: str, now: float, **kw: object) -> list:
-    return pool.handle(RequestStarted(request_id=rid, now=now, **kw))  # type: ignore[arg-type]
-
-
-def respond(pool: Pool, rid: str, now: float, status: int, **kw: object) -> list:
-    return pool.handle(ResponseReceived(request_id=rid, now=now, status=status, **kw))  # type: ignore[arg-type]
-
-
-def finish(pool: Pool, rid: str, now: float, **kw: object) -> list:
-    return pool.handle(ResponseFinished(request_id=rid, now=now, **kw))  # type: ignore[arg-type]
 
 
 def serve(pool: Pool, rid: str, now: float, status: int = 200) -> str:

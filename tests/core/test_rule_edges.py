@@ -14,28 +14,13 @@ from keyrotor.core import (
     ProbeFinished,
     ProbeRequested,
     Reject,
-    RequestStarted,
-    ResponseFinished,
-    ResponseReceived,
     Send,
     SpendRecorded,
     Tick,
     TransportFailed,
 )
 
-from .helpers import changes, make_pool, only, probes, sends
-
-
-def start(pool: Pool, rid: str, now: float, **kw: object) -> list:
-    return pool.handle(RequestStarted(request_id=rid, now=now, **kw))  # type: ignore[arg-type]
-
-
-def respond(pool: Pool, rid: str, now: float, status: int, **kw: object) -> list:
-    return pool.handle(ResponseReceived(request_id=rid, now=now, status=status, **kw))  # type: ignore[arg-type]
-
-
-def finish(pool: Pool, rid: str, now: float, **kw: object) -> list:
-    return pool.handle(ResponseFinished(request_id=rid, now=now, **kw))  # type: ignore[arg-type]
+from .helpers import changes, finish, make_pool, only, probes, respond, sends, start
 
 
 def one(pool: Pool, rid: str, now: float, status: int, pin: str) -> list:
