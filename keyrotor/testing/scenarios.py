@@ -176,7 +176,8 @@ class Scenario:
       an ``If-None-Match`` that matches it; ``models_reply``: answer
       ``GET /models`` with this instead (a failing catalog fetch).
     - ``report_cost``: answers carry ``usage.cost`` (OpenRouter's do; False:
-      like OpenAI's, tokens only).
+      like OpenAI's, tokens only, and a stream's usage only when the request
+      asks for it with ``stream_options.include_usage``).
     - ``epoch``: the clock reading that behaviours see as time 0 (``Call.now``
       is the clock minus ``epoch``, ``Call.epoch`` is ``epoch``): a replay
       model's failure windows and limits, in seconds from the replay's start,

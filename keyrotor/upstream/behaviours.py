@@ -869,7 +869,8 @@ class MidStreamError(Behaviour):
     an error chunk ``{"error":{"code","message","metadata":{"error_type"}},
     "choices":[{"finish_reason":"error",...}]}`` and the end of the stream
     (``data: [DONE]`` too when ``send_done``). A non-streaming request gets a 200
-    body with ``error`` and ``finish_reason: "error"``. The request is charged.
+    body whose ``choices[0]`` has ``finish_reason: "error"`` and the ``error``
+    (OpenRouter's documented shape). The request is charged.
     """
 
     after_chunks: int = 1
