@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from contextlib import suppress
 from typing import NoReturn
@@ -50,6 +51,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (KeyboardInterrupt, BrokenPipeError, BaseExceptionGroup) as exc:
         leaves = {type(leaf) for leaf in _leaves(exc)}
         if KeyboardInterrupt in leaves:
+            # What the interrupt cut short (a connection attempt's coroutine) is
+            # collected at exit: no "never awaited" warning after the one line.
+            warnings.filterwarnings("ignore", "coroutine .* was never awaited", RuntimeWarning)
             with suppress(OSError):
                 print("keyrotor: interrupted", file=sys.stderr)
             return 130

@@ -68,3 +68,23 @@ def test_ctrl_c_while_serve_starts_is_one_line_and_lets_go_of_the_state_file(
         pytest.fail("KeyboardInterrupt came out of keyrotor.cli.main")
     assert (code, capsys.readouterr().err) == (130, "keyrotor: interrupted\n")
     StateStore.open(state, secret_key=None).close()  # not locked: the interrupted run closed it
+
+
+def test_ctrl_c_leaves_no_never_awaited_warning_after_its_line() -> None:
+    # An interrupt that cut a connection attempt short left its coroutine to be
+    # collected at exit: "RuntimeWarning: coroutine ... was never awaited" after
+    # the one line (seen once in CI, from the live demo).
+    code = (
+        "import sys, keyrotor.cli as cli\n"
+        "async def try_connect(): pass\n"
+        "def interrupted(argv):\n"
+        "    global pending\n"
+        "    pending = try_connect()\n"
+        "    raise KeyboardInterrupt\n"
+        "cli._main = interrupted\n"
+        "sys.exit(cli.main([]))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert (done.returncode, done.stderr) == (130, "keyrotor: interrupted\n")
