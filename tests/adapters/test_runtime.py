@@ -214,3 +214,35 @@ def test_a_lifetime_budget_used_up_stays_so_after_a_restart_on_a_later_day(
     probed = driver.feed(Tick(now=driver.now() + 7 * DAY))  # far past every recheck
     assert [d for d in probed if getattr(d, "key_id", None) == "k"] == []
     assert driver.pool.state_of("k") is KeyState.DEPLETED
+
+
+def test_a_restart_does_not_reopen_a_used_up_budget_window(tmp_path: Path) -> None:
+    """Today's spend came back as spent at the restart: a 24 h window used up at
+    08:00 (depleted until 08:00 the next day) ran again from a 20:00 restart."""
+    midnight = 1_700_006_400.0  # 2023-11-15 00:00 UTC
+    spent_at, restart = midnight + 8 * 3600.0, midnight + 20 * 3600.0
+    wall = [spent_at]
+    specs = [KeySpec(key_id="k", budget=10.0, budget_window=DAY), KeySpec(key_id="other")]
+    with StateStore.open(tmp_path / "s.db", secret_key=None, wall_clock=lambda: wall[0]) as store:
+        first = Driver({"k": A, "other": B}, PoolConfig(keys=specs), wall_clock=lambda: wall[0])
+        first.on_state_change.append(
+            lambda c: store.record_state(
+                c.key_id,
+                c.new.value,
+                None if c.until is None else spent_at + c.until - c.now,
+                c.reason,
+            )
+        )
+        from keyrotor.core import SpendRecorded
+
+        first.feed(SpendRecorded(now=first.now(), key_id="k", cost=12.0))
+        store.record_spend("k", cost=12.0)
+        store.flush()
+        wall[0] = restart
+        loaded = store.load()
+    assert loaded.states["k"].until == pytest.approx(spent_at + DAY)
+    driver = Driver({"k": A, "other": B}, PoolConfig(keys=specs), wall_clock=lambda: restart)
+    restore(driver, loaded, wall_now=restart)
+    key = driver.pool.statistics().keys[0]
+    assert driver.pool.state_of("k") is KeyState.DEPLETED
+    assert key.until == pytest.approx(driver.now() + (spent_at + DAY - restart))  # 08:00, not 20:00

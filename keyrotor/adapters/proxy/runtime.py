@@ -220,6 +220,17 @@ def restore(driver: Driver, loaded: Loaded, wall_now: float | None = None) -> No
         driver.mark_key(alias, state, left, "restored")
     specs = driver.pool.config.keys
     windows = {spec.key_id: spec.budget_window for spec in specs}
+    # A window whose budget was used up ends at the depletion's stored time: it
+    # opened that long before, which a day's row (no times) cannot tell.
+    opened = {
+        alias: saved.until - window
+        for alias, saved in loaded.states.items()
+        if saved.state == KeyState.DEPLETED.value
+        and saved.reason == "budget"
+        and saved.until is not None
+        and saved.until > wall
+        and (window := windows.get(alias)) is not None
+    }
     # A budget without a window is the key's life: every day of the ledger counts.
     lifetime = {s.key_id for s in specs if s.budget is not None and s.budget_window is None}
     today = calendar.timegm((*time.gmtime(wall)[:3], 0, 0, 0))
@@ -235,7 +246,11 @@ def restore(driver: Driver, loaded: Loaded, wall_now: float | None = None) -> No
             continue  # spent before the running window: history
         now = driver.now()
         # A day's row has no times: taken as spent at the day's end (or now), so that
-        # all of it counts while the day overlaps the window (never less than was spent).
+        # all of it counts while the day overlaps the window (never less than was spent);
+        # in a used-up window, when that window opened (or the day began, if later).
+        spent = start + _DAY - 1.0
+        if row.alias in opened:
+            spent = min(spent, max(start, opened[row.alias]))
         driver.feed(
             SpendRecorded(
                 now=now,
@@ -243,7 +258,7 @@ def restore(driver: Driver, loaded: Loaded, wall_now: float | None = None) -> No
                 cost=row.cost,
                 prompt_tokens=row.prompt_tokens,
                 completion_tokens=row.completion_tokens,
-                at=min(start + _DAY - 1.0 + offset, now),
+                at=min(spent + offset, now),
             )
         )
 
