@@ -27,7 +27,16 @@ import attrs
 from ..core import POLICIES, KeySpec, PoolConfig, PoolError
 from ..core.config import finite, shown
 from ..models.routing import FREE_ROUTE, Route, route_from_json
-from ..transports.api import OPENROUTER_URL, HTTPOptions, keys_from_env, mask, valid_secret
+from ..transports.api import (
+    OPENROUTER_URL,
+    HTTPOptions,
+    header_name_ok,
+    header_value_ok,
+    keys_from_env,
+    mask,
+    openrouter_like,
+    valid_secret,
+)
 from ..transports.codec import resolve as resolve_parser
 from ..transports.errors import ConfigurationError
 from .alerts import RULE_FIELDS, Rule, rule_from_json
@@ -193,7 +202,6 @@ _PROVIDER_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]*")
 _SET_BY_KEYROTOR = frozenset(
     {"authorization", "host", "content-length", "connection", "transfer-encoding", "keep-alive"}
 )
-_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _PLAIN_ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]{0,63}|[a-z_][a-z0-9_]{0,63}")
 """A variable name safe to show: one case, short (a pasted key or token mixes them)."""
@@ -267,10 +275,7 @@ def probe_path_for(configured: str | None, upstream: str, kind: str | None = Non
         return configured
     if kind is not None:
         return KEY_PROBE if kind == "openrouter" else MODELS_PROBE
-    parts = urlsplit(upstream)
-    host = (parts.hostname or "").rstrip(".")
-    openrouter = host == "openrouter.ai" or host.endswith(".openrouter.ai")
-    return KEY_PROBE if openrouter or parts.path.rstrip("/").endswith("/api/v1") else MODELS_PROBE
+    return KEY_PROBE if openrouter_like(upstream) else MODELS_PROBE
 
 
 def probe_path_problem(value: str) -> str | None:
@@ -1306,7 +1311,7 @@ class _Loader:
 
     def header(self, name: str, raw: Any, source: str) -> str:
         where = f"[headers] {name}"
-        if not _TOKEN.fullmatch(name):
+        if not header_name_ok(name):
             self.fail(
                 f"{where} is not a valid header name",
                 where=where,
@@ -1321,7 +1326,7 @@ class _Loader:
                 fix=f"remove {name}; keys go in [[keys]]",
             )
         value = self.check(raw, _STR, where, source, False)
-        if any(c in "\r\n\0" for c in value) or not value.isprintable() or not _latin1(value):
+        if not header_value_ok(value):
             self.fail(
                 f"{where} has characters a header cannot carry",
                 where=where,
@@ -1660,11 +1665,3 @@ def _same_file(a: str, b: str) -> bool:
 def _unprintable(text: str) -> bool:
     """Has ``text`` whitespace or control characters (no URL has them raw)?"""
     return any(c.isspace() or not c.isprintable() for c in text)
-
-
-def _latin1(text: str) -> bool:
-    try:
-        text.encode("latin-1")
-    except UnicodeEncodeError:
-        return False
-    return True

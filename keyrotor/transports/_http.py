@@ -10,7 +10,7 @@ import codecs
 import json
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -41,8 +41,11 @@ __all__ = [
     "encode_body",
     "error_status",
     "failure_reason",
+    "header_name_ok",
+    "header_value_ok",
     "json_or_raise",
     "number",
+    "openrouter_like",
     "parse_json",
     "read_bounded",
     "request_headers",
@@ -279,7 +282,12 @@ class Upstream:
 
 
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-"""A header name (RFC 9110's token)."""
+
+
+def header_name_ok(name: str) -> bool:
+    """Whether ``name`` is a header name (RFC 9110's token)."""
+    return _TOKEN.fullmatch(name) is not None
+
 
 USAGE_UNASKED = ("openrouter.ai", "api.mistral.ai")
 """Hosts (and their subdomains) whose streams are not sent ``stream_options``:
@@ -296,13 +304,22 @@ _STREAM_OPTIONS = re.compile(rb'"stream_options"')
 def asks_stream_usage(base_url: str) -> bool:
     """Whether streams to ``base_url`` should ask for their usage: not on the
     hosts of ``USAGE_UNASKED``, nor on a base URL laid out as OpenRouter's
-    (its path ends with ``/api/v1``: a gateway in front of it, the bundled
-    fake); on any other OpenAI-compatible upstream, yes."""
-    parts = urlsplit(base_url)
-    host = (parts.hostname or "").rstrip(".")
-    if any(host == name or host.endswith("." + name) for name in USAGE_UNASKED):
-        return False
-    return not parts.path.rstrip("/").endswith("/api/v1")
+    (``openrouter_like``); on any other OpenAI-compatible upstream, yes."""
+    return not (_on_host(base_url, USAGE_UNASKED) or openrouter_like(base_url))
+
+
+def openrouter_like(base_url: str) -> bool:
+    """Whether ``base_url`` is OpenRouter's, or laid out as its (the path ends
+    with ``/api/v1``: a gateway in front of it, the bundled fake)."""
+    return _on_host(base_url, ("openrouter.ai",)) or (
+        urlsplit(base_url).path.rstrip("/").endswith("/api/v1")
+    )
+
+
+def _on_host(base_url: str, hosts: Sequence[str]) -> bool:
+    """Whether ``base_url``'s host is one of ``hosts`` or a subdomain of one."""
+    host = (urlsplit(base_url).hostname or "").rstrip(".")
+    return any(host == name or host.endswith("." + name) for name in hosts)
 
 
 def ask_usage(body: bytes) -> bytes:
@@ -333,12 +350,12 @@ def client_headers(headers: Mapping[str, str]) -> dict[str, str]:
     the header, never its value) and with lower-case names."""
     checked: dict[str, str] = {}
     for name, value in headers.items():
-        if not isinstance(name, str) or not _TOKEN.fullmatch(name):
+        if not isinstance(name, str) or not header_name_ok(name):
             raise ConfigurationError(
                 f"the client header {name!r} is not a valid header name: "
                 "use letters, digits and -, such as X-Title"
             )
-        if not isinstance(value, str) or not _header_value_ok(value):
+        if not isinstance(value, str) or not header_value_ok(value):
             raise ConfigurationError(
                 f"the client header {name!r} has characters a header cannot carry: "
                 "use printable Latin-1 text on one line"
@@ -347,7 +364,7 @@ def client_headers(headers: Mapping[str, str]) -> dict[str, str]:
     return checked
 
 
-def _header_value_ok(value: str) -> bool:
+def header_value_ok(value: str) -> bool:
     """Printable Latin-1 on one line (no CR, LF, NUL nor other control)."""
     try:
         value.encode("latin-1")

@@ -56,7 +56,13 @@ if TYPE_CHECKING:
         valid_secret,
     )
     from ._h11pool import ConnectionPool
-    from ._http import HTTPOptions, ResponseHead
+    from ._http import (
+        HTTPOptions,
+        ResponseHead,
+        header_name_ok,
+        header_value_ok,
+        openrouter_like,
+    )
 
 __all__ = [
     "OPENROUTER_URL",
@@ -67,8 +73,11 @@ __all__ = [
     "ResponseHead",
     "StreamAccountant",
     "StreamResponse",
+    "header_name_ok",
+    "header_value_ok",
     "keys_from_env",
     "mask",
+    "openrouter_like",
     "valid_secret",
 ]
 
@@ -79,6 +88,9 @@ _HOMES = {
     # HTTP
     "HTTPOptions": "._http",
     "ResponseHead": "._http",
+    "header_name_ok": "._http",
+    "header_value_ok": "._http",
+    "openrouter_like": "._http",
     "ConnectionPool": "._h11pool",
     # hooks and inspection
     "Driver": "._driver",
