@@ -49,7 +49,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _main(argv)
     except (KeyboardInterrupt, BrokenPipeError, BaseExceptionGroup) as exc:
-        leaves = {type(leaf) for leaf in _leaves(exc)}
+        from .transports.errors import leaves as inside
+
+        leaves = {type(leaf) for leaf in inside(exc)}
         if KeyboardInterrupt in leaves:
             # What the interrupt cut short (a connection attempt's coroutine) is
             # collected at exit: no "never awaited" warning after the one line.
@@ -62,13 +64,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes at exit
             return 1
         raise
-
-
-def _leaves(exc: BaseException) -> list[BaseException]:
-    """The exceptions inside ``exc``'s (nested) exception groups, or ``exc``."""
-    if isinstance(exc, BaseExceptionGroup):
-        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
-    return [exc]
 
 
 def _main(argv: Sequence[str] | None) -> int:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
 from typing import Any, Self, TypeVar, Unpack
 
@@ -51,7 +51,7 @@ from ._http import (
     json_or_raise,
     request_headers,
 )
-from .errors import ConfigurationError, KeyrotorError, TransportError
+from .errors import ConfigurationError, KeyrotorError, TransportError, leaves
 
 T = TypeVar("T")
 
@@ -571,15 +571,6 @@ async def _leave(tasks: anyio.abc.TaskGroup, exc_info: tuple[Any, ...]) -> bool 
     try:
         return await tasks.__aexit__(*exc_info)
     except BaseExceptionGroup as group:
-        if block is not None and {id(e) for e in _leaves(group)} <= {id(e) for e in _leaves(block)}:
+        if block is not None and {id(e) for e in leaves(group)} <= {id(e) for e in leaves(block)}:
             return False
         raise
-
-
-def _leaves(exc: BaseException) -> Iterator[BaseException]:
-    """The exceptions inside ``exc``'s nested groups (or ``exc`` itself)."""
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            yield from _leaves(inner)
-    else:
-        yield exc

@@ -10,7 +10,15 @@ __all__ = [
     "NoKeyAvailable",
     "TransportError",
     "UpstreamError",
+    "leaves",
 ]
+
+
+def leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside ``exc``'s (nested) exception groups, or ``exc``."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in leaves(inner)]
+    return [exc]
 
 
 class KeyrotorError(Exception):
