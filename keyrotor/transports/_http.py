@@ -244,12 +244,12 @@ class Upstream:
         own = self.headers
         if not extra:
             return own
-        merged = {**own, **extra}
         if own and not "".join(extra).islower():  # a caller's "X-Title" (one C call)
             merged = dict(own)
             for name, value in extra.items():
                 merged[name.lower()] = value
-        return merged
+            return merged
+        return {**own, **extra}
 
     def request(
         self,

@@ -853,10 +853,9 @@ class _Send:
         stream to an OpenAI-compatible upstream asks for its usage chunk
         (``Upstream.body_for``), which is passed through to the caller."""
         request = self.request
-        path = request.target[3:]  # "/v1/chat/completions?x" -> "/chat/completions?x"
         return await client.send(
             request.method,
-            path,
+            request.target[3:],  # "/v1/chat/completions?x" -> "/chat/completions?x"
             content=body if body or request.method in ("POST", "PUT", "PATCH") else None,
             headers=self.headers,
             pin=self.pin if pin is None else pin,
