@@ -17,6 +17,14 @@ upstream reports one (OpenRouter does, in USD), else the cost computed from
   ``completion_tokens_details.reasoning_tokens``, billed at
   ``internal_reasoning`` when the catalog has that price;
 - ``request`` once, ``image`` per input image, ``web_search`` per search.
+
+The same for the Responses API's ``usage`` (``input_tokens``, with
+``input_tokens_details.cached_tokens``; ``output_tokens``, with
+``output_tokens_details.reasoning_tokens``) and Anthropic's (``input_tokens``
+are the prompt tokens the cache neither read nor wrote;
+``cache_read_input_tokens`` are billed as cache reads,
+``cache_creation_input_tokens`` as cache writes, whatever their lifetime;
+``output_tokens``).
 """
 
 from __future__ import annotations
@@ -130,6 +138,30 @@ def _count(data: object, name: str) -> int:
     return value if type(value) is int and value > 0 else 0
 
 
+def _counts(usage: Mapping[str, Any]) -> tuple[int, int, int, int, int]:
+    """(prompt, cache read, cache written, completion, reasoning) tokens of a
+    Chat Completions, Responses API or Anthropic ``usage`` (the prompt with
+    every cached token in it, as ``keyrotor.transports`` counts it)."""
+    if "prompt_tokens" in usage or "completion_tokens" in usage:  # Chat Completions
+        details = usage.get("prompt_tokens_details")
+        return (
+            _count(usage, "prompt_tokens"),
+            _count(details, "cached_tokens"),
+            _count(details, "cache_write_tokens"),
+            _count(usage, "completion_tokens"),
+            _count(usage.get("completion_tokens_details"), "reasoning_tokens"),
+        )
+    read = _count(usage, "cache_read_input_tokens")  # Anthropic: not in its input_tokens
+    written = _count(usage, "cache_creation_input_tokens")
+    return (
+        _count(usage, "input_tokens") + read + written,
+        read + _count(usage.get("input_tokens_details"), "cached_tokens"),  # Responses
+        written,
+        _count(usage, "output_tokens"),
+        _count(usage.get("output_tokens_details"), "reasoning_tokens"),
+    )
+
+
 def usage_cost(
     pricing: Pricing, usage: Mapping[str, Any], *, images: int = 0, web_searches: int = 0
 ) -> float | None:
@@ -137,12 +169,8 @@ def usage_cost(
     unknown or variable). See the module's docstring for the rules."""
     if not pricing.known or pricing.variable:
         return None
-    prompt = _count(usage, "prompt_tokens")
-    completion = _count(usage, "completion_tokens")
-    details = usage.get("prompt_tokens_details")
-    cached = _count(details, "cached_tokens")
-    written = _count(details, "cache_write_tokens")
-    reasoning = min(_count(usage.get("completion_tokens_details"), "reasoning_tokens"), completion)
+    prompt, cached, written, completion, reasoning = _counts(usage)
+    reasoning = min(reasoning, completion)
     fresh = max(0, prompt - cached - written)
     read_price = pricing.prompt if pricing.input_cache_read is None else pricing.input_cache_read
     write_price = pricing.prompt if pricing.input_cache_write is None else pricing.input_cache_write

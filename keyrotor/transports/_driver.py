@@ -563,16 +563,26 @@ def _warn(message: str) -> None:
 
 
 def usage_of(payload: Any) -> tuple[float, int, int]:
-    """(cost, prompt tokens, completion tokens) from a response or chunk's ``usage``."""
+    """(cost, prompt tokens, completion tokens) from a response or chunk's ``usage``.
+
+    Chat Completions' ``prompt_tokens`` / ``completion_tokens``; else the
+    Responses API's and Anthropic's ``input_tokens`` / ``output_tokens``, the
+    prompt counting Anthropic's cache reads and writes too (its
+    ``input_tokens`` leaves them out; OpenAI's include them), as
+    ``keyrotor.models.cost.usage_cost`` prices them."""
     usage = payload.get("usage") if isinstance(payload, dict) else None
     if not isinstance(usage, dict):
         return 0.0, 0, 0
     cost = number(usage.get("cost"))
-    return (
-        cost if cost is not None and 0 <= cost <= MAX_COST else 0.0,
-        _tokens(usage.get("prompt_tokens")),
-        _tokens(usage.get("completion_tokens")),
+    cost = cost if cost is not None and 0 <= cost <= MAX_COST else 0.0
+    if "prompt_tokens" in usage or "completion_tokens" in usage:
+        return cost, _tokens(usage.get("prompt_tokens")), _tokens(usage.get("completion_tokens"))
+    prompt = (
+        _tokens(usage.get("input_tokens"))
+        + _tokens(usage.get("cache_read_input_tokens"))
+        + _tokens(usage.get("cache_creation_input_tokens"))
     )
+    return cost, min(prompt, MAX_TOKENS), _tokens(usage.get("output_tokens"))
 
 
 MAX_TOKENS = 2**31 - 1
@@ -609,14 +619,90 @@ def _usage_object(body: bytes) -> Any:
     return value
 
 
-def _usage_at(data: bytes, start: int, end: int) -> int:
-    """Where ``"usage"`` next appears in ``data[start:end]`` (-1: nowhere),
-    passing over ``"usage":null`` (each chunk of an OpenAI stream that asked
-    for its usage carries one: nothing to parse there)."""
-    at = data.find(b'"usage"', start, end)
-    while at >= 0 and data.startswith(b":null", at + 7):
-        at = data.find(b'"usage"', at + 12, end)
+def _mention(data: bytes, name: bytes, start: int, end: int) -> int:
+    """Where ``name`` (``b'"usage"'``, ``b'"error"'``) next appears in
+    ``data[start:end]`` (-1: nowhere), passing over ``"usage":null`` and
+    ``"error": null`` (each chunk of an OpenAI stream that asked for its usage
+    carries the one; the Responses API's response object carries both,
+    in its JSON and in its stream's first events: nothing to parse there)."""
+    at = data.find(name, start, end)
+    after = len(name)
+    while at >= 0 and (
+        data.startswith(b":null", at + after) or data.startswith(b": null", at + after)
+    ):
+        at = data.find(name, at + after + 5, end)
     return at
+
+
+_USAGE = b'"usage"'
+_ERROR = b'"error"'
+
+_NAMED_STATUS: dict[str, int] = {
+    # Anthropic's error types (docs.anthropic.com/en/api/errors), mid-stream too
+    "invalid_request_error": 400,
+    "authentication_error": 401,
+    "billing_error": 402,
+    "permission_error": 403,
+    "not_found_error": 404,
+    "request_too_large": 413,
+    "rate_limit_error": 429,
+    "api_error": 500,
+    "timeout_error": 504,
+    "overloaded_error": 529,
+    # OpenAI's error codes (the Responses API's ``response.error.code``)
+    "rate_limit_exceeded": 429,
+    "insufficient_quota": 429,
+    "server_error": 500,
+    "invalid_prompt": 400,
+}
+"""The HTTP status an in-answer error stands for when its ``code`` is no status:
+its ``code``, else its ``type``, by name (else ``error_status``'s 502)."""
+
+
+def _status(error: Any) -> int | None:
+    """The status an ``error`` object inside a 2xx answer stands for (None: no
+    object): an HTTP status in its ``code``, else a name of ``_NAMED_STATUS``
+    in its ``code`` or ``type`` (Anthropic's ``overloaded_error`` is its 529),
+    else 502."""
+    status = error_status(error)
+    if status == 502 and number(error.get("code")) is None:
+        for field in ("code", "type"):
+            name = error.get(field)
+            if isinstance(name, str) and name in _NAMED_STATUS:
+                return _NAMED_STATUS[name]
+    return status
+
+
+def _event_error(payload: Any) -> Any:
+    """The error an answer or SSE event carries (None: none): ``answer_error``'s
+    (a top-level ``error``, Anthropic's ``error`` event too, or a choice's),
+    else the Responses API's: ``response.error`` (``response.failed``) or an
+    ``error`` event's own ``code`` and ``message``."""
+    error = answer_error(payload)
+    if error is not None or not isinstance(payload, dict):
+        return error
+    response = payload.get("response")
+    if isinstance(response, dict) and isinstance(response.get("error"), dict):
+        return response["error"]
+    if payload.get("type") == "error":
+        return {k: payload[k] for k in ("code", "message", "param") if k in payload}
+    return None
+
+
+def _event_usage(payload: dict[str, Any]) -> Any:
+    """The ``usage`` an SSE event carries: at its top level (Chat Completions'
+    last chunk, Anthropic's ``message_delta``), else in its ``response`` (the
+    Responses API's ``response.completed``) or ``message`` (Anthropic's
+    ``message_start``)."""
+    usage = payload.get("usage")
+    if usage is None:
+        for name in ("response", "message"):
+            inner = payload.get(name)
+            if isinstance(inner, dict):
+                usage = inner.get("usage")
+                if usage is not None:
+                    break
+    return usage
 
 
 class StreamAccountant:
@@ -625,9 +711,19 @@ class StreamAccountant:
     the top level or in a choice: OpenRouter's generation that failed
     midway) when it ends, parsed only when the body holds ``"error"``.
 
-    Only ``data:`` lines that mention ``usage`` (not ``"usage":null``) or
-    ``error`` are parsed, found by substring searches per chunk (not a step
-    per line). Lines end with LF, CRLF or a lone CR (SSE allows each).
+    Only ``data:`` lines that mention ``usage`` or ``error`` (not as
+    ``"usage":null``, ``"error": null``) are parsed, found by substring
+    searches per chunk (not a step per line). Lines end with LF, CRLF or a
+    lone CR (SSE allows each).
+
+    Read the same way: Chat Completions (``usage.prompt_tokens``,
+    ``completion_tokens``, ``cost``); the Responses API (``usage.input_tokens``,
+    ``output_tokens``; streamed, in ``response.completed``'s ``response``;
+    failures in ``response.failed``'s ``response.error`` or an ``error``
+    event); Anthropic's Messages API (``usage.input_tokens``,
+    ``output_tokens``; streamed, ``message_start``'s ``message.usage``
+    merged with ``message_delta``'s cumulative ``usage``; ``error`` events,
+    their ``type`` mapped to a status by ``_status``).
     """
 
     __slots__ = (
@@ -654,7 +750,7 @@ class StreamAccountant:
         self.cost = 0.0
         self.prompt_tokens = 0
         self.completion_tokens = 0
-        self.usage: dict[str, Any] | None = None  # the last ``usage`` object seen
+        self.usage: dict[str, Any] | None = None  # the answer's ``usage`` (as sent)
         self.error_status: int | None = None
         self.error_body: Any = None
         self._sse = "event-stream" in content_type.lower()  # (media types ignore case)
@@ -681,17 +777,17 @@ class StreamAccountant:
         self._tail = data[end:] if len(data) - end <= self.MAX_LINE else b""
         # Only lines that mention usage or an error count: find those by searching
         # the whole block, not line by line (a stream has many lines, few such).
-        usage = _usage_at(data, 0, end)
-        error = data.find(b'"error"', 0, end)
+        usage = _mention(data, _USAGE, 0, end)
+        error = _mention(data, _ERROR, 0, end)
         if usage < 0 and error < 0:
             return
         starts = set()
         while usage >= 0:
             starts.add(data.rfind(b"\n", 0, usage) + 1)
-            usage = _usage_at(data, data.find(b"\n", usage, end), end)
+            usage = _mention(data, _USAGE, data.find(b"\n", usage, end), end)
         while error >= 0:
             starts.add(data.rfind(b"\n", 0, error) + 1)
-            error = data.find(b'"error"', data.find(b"\n", error, end), end)
+            error = _mention(data, _ERROR, data.find(b"\n", error, end), end)
         for start in sorted(starts):
             self._line(data[start : data.find(b"\n", start, end)])
 
@@ -700,17 +796,24 @@ class StreamAccountant:
         if self._body is not None:
             body = b"".join(self._body)
             self._body = None
-            self._account({"usage": _usage_object(body)})
-            if b'"error"' in body:  # a key or a value: only then is the body parsed
-                self._error(answer_error(parse_json(body)))
+            self._account(_usage_object(body))
+            if _mention(body, _ERROR, 0, len(body)) >= 0:  # only then is the body parsed
+                self._error(_event_error(parse_json(body)))
         elif self._tail:
             self._line(self._tail)
             self._tail = b""
 
-    def _account(self, payload: dict[str, Any]) -> None:
-        self.cost, self.prompt_tokens, self.completion_tokens = usage_of(payload)
-        usage = payload["usage"]
-        self.usage = usage if isinstance(usage, dict) else None
+    def _account(self, usage: Any, merge: bool = False) -> None:
+        """Count ``usage`` (no object: none); ``merge``: over the one seen
+        before (Anthropic's ``message_delta`` adds to ``message_start``'s)."""
+        if not isinstance(usage, dict):
+            self.cost, self.prompt_tokens, self.completion_tokens = 0.0, 0, 0
+            self.usage = None
+            return
+        if merge and self.usage is not None:
+            usage = {**self.usage, **{k: v for k, v in usage.items() if v is not None}}
+        self.cost, self.prompt_tokens, self.completion_tokens = usage_of({"usage": usage})
+        self.usage = usage
 
     @property
     def priced(self) -> bool:
@@ -729,15 +832,15 @@ class StreamAccountant:
             return
         if not isinstance(payload, dict):
             return
-        if isinstance(payload.get("usage"), dict):
-            self._account(payload)
-        self._error(answer_error(payload))
+        usage = _event_usage(payload)
+        if isinstance(usage, dict):
+            self._account(usage, merge=payload.get("type") == "message_delta")
+        self._error(_event_error(payload))
 
     def _error(self, error: Any) -> None:
-        """An ``error`` object in a 200's body or chunk (``answer_error``: top
-        level or in a choice): the answer failed (its status: the error's
-        code, else 502)."""
-        status = error_status(error)
+        """An ``error`` object in a 200's body or chunk (``_event_error``): the
+        answer failed (its status: ``_status``)."""
+        status = _status(error)
         if status is not None:
             self.error_status = status
             self.error_body = {"error": error}
