@@ -637,57 +637,6 @@ def _mention(data: bytes, name: bytes, start: int, end: int) -> int:
 _USAGE = b'"usage"'
 _ERROR = b'"error"'
 
-_NAMED_STATUS: dict[str, int] = {
-    # Anthropic's error types (docs.anthropic.com/en/api/errors), mid-stream too
-    "invalid_request_error": 400,
-    "authentication_error": 401,
-    "billing_error": 402,
-    "permission_error": 403,
-    "not_found_error": 404,
-    "request_too_large": 413,
-    "rate_limit_error": 429,
-    "api_error": 500,
-    "timeout_error": 504,
-    "overloaded_error": 529,
-    # OpenAI's error codes (the Responses API's ``response.error.code``)
-    "rate_limit_exceeded": 429,
-    "insufficient_quota": 429,
-    "server_error": 500,
-    "invalid_prompt": 400,
-}
-"""The HTTP status an in-answer error stands for when its ``code`` is no status:
-its ``code``, else its ``type``, by name (else ``error_status``'s 502)."""
-
-
-def _status(error: Any) -> int | None:
-    """The status an ``error`` object inside a 2xx answer stands for (None: no
-    object): an HTTP status in its ``code``, else a name of ``_NAMED_STATUS``
-    in its ``code`` or ``type`` (Anthropic's ``overloaded_error`` is its 529),
-    else 502."""
-    status = error_status(error)
-    if status == 502 and number(error.get("code")) is None:
-        for field in ("code", "type"):
-            name = error.get(field)
-            if isinstance(name, str) and name in _NAMED_STATUS:
-                return _NAMED_STATUS[name]
-    return status
-
-
-def _event_error(payload: Any) -> Any:
-    """The error an answer or SSE event carries (None: none): ``answer_error``'s
-    (a top-level ``error``, Anthropic's ``error`` event too, or a choice's),
-    else the Responses API's: ``response.error`` (``response.failed``) or an
-    ``error`` event's own ``code`` and ``message``."""
-    error = answer_error(payload)
-    if error is not None or not isinstance(payload, dict):
-        return error
-    response = payload.get("response")
-    if isinstance(response, dict) and isinstance(response.get("error"), dict):
-        return response["error"]
-    if payload.get("type") == "error":
-        return {k: payload[k] for k in ("code", "message", "param") if k in payload}
-    return None
-
 
 def _event_usage(payload: dict[str, Any]) -> Any:
     """The ``usage`` an SSE event carries: at its top level (Chat Completions'
@@ -723,7 +672,7 @@ class StreamAccountant:
     event); Anthropic's Messages API (``usage.input_tokens``,
     ``output_tokens``; streamed, ``message_start``'s ``message.usage``
     merged with ``message_delta``'s cumulative ``usage``; ``error`` events,
-    their ``type`` mapped to a status by ``_status``).
+    their ``type`` mapped to a status by ``error_status``).
     """
 
     __slots__ = (
@@ -798,7 +747,7 @@ class StreamAccountant:
             self._body = None
             self._account(_usage_object(body))
             if _mention(body, _ERROR, 0, len(body)) >= 0:  # only then is the body parsed
-                self._error(_event_error(parse_json(body)))
+                self._error(answer_error(parse_json(body)))
         elif self._tail:
             self._line(self._tail)
             self._tail = b""
@@ -835,12 +784,12 @@ class StreamAccountant:
         usage = _event_usage(payload)
         if isinstance(usage, dict):
             self._account(usage, merge=payload.get("type") == "message_delta")
-        self._error(_event_error(payload))
+        self._error(answer_error(payload))
 
     def _error(self, error: Any) -> None:
-        """An ``error`` object in a 200's body or chunk (``_event_error``): the
-        answer failed (its status: ``_status``)."""
-        status = _status(error)
+        """An ``error`` object in a 200's body or chunk (``answer_error``): the
+        answer failed (its status: ``error_status``)."""
+        status = error_status(error)
         if status is not None:
             self.error_status = status
             self.error_body = {"error": error}

@@ -601,10 +601,13 @@ def json_or_raise(response: Response) -> Any:
 
 
 def answer_error(payload: Any) -> Any:
-    """The ``error`` object a 2xx answer or SSE chunk carries (None: none): its
-    top-level ``error`` (OpenRouter's mid-stream error chunk), else the first
-    of its ``choices`` that has one (OpenRouter's non-streaming answer whose
-    generation failed midway: ``choices[0].error``, ``finish_reason: "error"``)."""
+    """The ``error`` object a 2xx answer or SSE event carries (None: none): its
+    top-level ``error`` (OpenRouter's mid-stream error chunk, Anthropic's
+    ``error`` event), else the first of its ``choices`` that has one
+    (OpenRouter's non-streaming answer whose generation failed midway:
+    ``choices[0].error``, ``finish_reason: "error"``), else the Responses
+    API's: ``response.error`` (``response.failed``) or an ``error`` event's
+    own ``code`` and ``message``."""
     if not isinstance(payload, dict):
         return None
     error = payload.get("error")
@@ -616,16 +619,51 @@ def answer_error(payload: Any) -> Any:
             inner = choice.get("error") if isinstance(choice, dict) else None
             if isinstance(inner, dict):
                 return inner
+    response = payload.get("response")
+    if isinstance(response, dict) and isinstance(response.get("error"), dict):
+        return response["error"]
+    if payload.get("type") == "error":
+        return {k: payload[k] for k in ("code", "message", "param") if k in payload}
     return None
 
 
+NAMED_STATUS: dict[str, int] = {
+    # Anthropic's error types (docs.anthropic.com/en/api/errors), mid-stream too
+    "invalid_request_error": 400,
+    "authentication_error": 401,
+    "billing_error": 402,
+    "permission_error": 403,
+    "not_found_error": 404,
+    "request_too_large": 413,
+    "rate_limit_error": 429,
+    "api_error": 500,
+    "timeout_error": 504,
+    "overloaded_error": 529,
+    # OpenAI's error codes (the Responses API's ``response.error.code``)
+    "rate_limit_exceeded": 429,
+    "insufficient_quota": 429,
+    "server_error": 500,
+    "invalid_prompt": 400,
+}
+"""The HTTP status an in-answer error stands for when its ``code`` is no
+status: its ``code``, else its ``type``, by name."""
+
+
 def error_status(error: Any) -> int | None:
-    """The status an ``error`` object in a 2xx body stands for: its ``code``
-    when that is an HTTP status, else 502 (None: ``error`` is no object)."""
+    """The status an ``error`` object in a 2xx body stands for (None: no
+    object): its ``code`` when that is an HTTP status, else a name of
+    ``NAMED_STATUS`` in its ``code`` or ``type`` (Anthropic's
+    ``overloaded_error`` is its 529), else 502."""
     if not isinstance(error, dict):
         return None
     code = number(error.get("code"))
-    return int(code) if code is not None and 100 <= code < 600 else 502
+    if code is not None:
+        return int(code) if 100 <= code < 600 else 502
+    for field in ("code", "type"):
+        name = error.get(field)
+        if isinstance(name, str) and name in NAMED_STATUS:
+            return NAMED_STATUS[name]
+    return 502
 
 
 def number(value: Any) -> float | None:
