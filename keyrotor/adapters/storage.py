@@ -13,10 +13,11 @@ What is kept:
   (``scope`` ``provider``, ``model`` or ``client`` and a name) per UTC day.
 - ``catalogs``: each provider's last fetched model catalog.
 - ``rollups``: the analytics of answers per minute, hour and day (``analytics``).
-- ``meta``: the schema version, the per-file salt for passphrases, a check
-  token that tells a wrong ``KEYROTOR_SECRET_KEY`` at open, the routes
-  set through the admin API (``routes``: a JSON object, name -> route) and
-  the analytics' roll-up cursor.
+- ``meta``: the schema version, the per-file salt (of passphrases and of the
+  keys' bindings), a check token that tells a wrong ``KEYROTOR_SECRET_KEY`` at
+  open (refused while keys are stored; a file storing none takes the new key),
+  the routes set through the admin API (``routes``: a JSON object, name ->
+  route) and the analytics' roll-up cursor.
 
 Writes. Admin changes (``add_key``, ``remove_key``) are committed before they
 return; call them from a worker thread. Hot-path records (``record_state``,
@@ -48,8 +49,11 @@ Failures. When a flush fails (disk full, database locked, read-only file, I/O
 error) the batch stays in memory and is retried on the next flush; each
 distinct error is logged once, ``health()`` reports it (``ok`` False until a
 flush succeeds again) and the caller keeps serving. At most ``max_pending``
-entries wait in memory; beyond that the oldest state rows, then the oldest
-days' spend, are dropped (and counted).
+entries wait in memory; beyond that the oldest analytics minutes, then the
+oldest state rows, then the oldest days' spend, are dropped (and counted).
+Analytics that cannot be written (a damaged ``rollups`` row or page) cost only
+the batch's analytics: the states and spend are written, the analytics records
+dropped (counted), and ``health()`` is not ok until a flush writes everything.
 
 Without a secret key nothing secret can be stored (``SecretsLocked``, whose
 message says how to set the variable); keys stored earlier are not loaded:
@@ -507,8 +511,9 @@ class StateStore:
         ``flush_in_thread`` False: the caller calls ``flush_nowait()``
         ``flush_interval`` after a batch's first record (``on_pending``) and the
         thread only checkpoints (see above). Raises
-        ``StorageError`` (a wrong key, a newer schema, not a state file, an
-        unusable path). ``load().states`` holds every alias recorded, including
+        ``StorageError`` (a wrong key, a newer schema, not a state file, which
+        is then left as it was, a lost salt that stored keys or bindings need,
+        an unusable path). ``load().states`` holds every alias recorded, including
         keys from the configuration file.
         """
         path = Path(path).expanduser().absolute()
@@ -523,10 +528,11 @@ class StateStore:
             os.close(lock)
             raise _open_error(path, exc) from None
         try:
-            cipher, fingerprint_key, recent, since = _setup(conn, path, secret_key, wall_clock)
+            cipher, fingerprint_key, recent, since, salt = _setup(
+                conn, path, secret_key, wall_clock, emit
+            )
             if not flush_in_thread:
                 conn.execute("PRAGMA wal_autocheckpoint = 0")  # the thread's job (_checkpoints)
-            salt = bytes.fromhex(_read_meta(conn, path)["salt"])  # type: ignore[index]
         except sqlite3.Error as exc:
             conn.close()
             os.close(lock)
@@ -1156,15 +1162,17 @@ class StateStore:
             return True
         spent = list(batch.spend.items())
         try:
-            self._write_batch(self._conn, batch)
+            failed = self._write_batch(self._conn, batch)
+            whole = failed is None
         except sqlite3.OperationalError as exc:  # locked, busy, full, read-only: retried
             self._fail(exc)
             self._bound()
             return False
         except Exception as exc:  # a record that can never be written: not the others
             self._fail(exc)
+            failed = None
             try:
-                self._write_apart(self._conn, batch)
+                whole = self._write_apart(self._conn, batch)
             except sqlite3.OperationalError:
                 self._bound()
                 return False
@@ -1173,18 +1181,25 @@ class StateStore:
                 if where[1] >= self._recent_since:
                     self._recent.setdefault(where, Spend()).add(spend)
             self._unsaved = _Batch()
-        self._succeeded()
+        if failed is not None:
+            self._analytics_lost(failed, len(batch.rollups))
+        if whole:
+            self._succeeded()
+        else:
+            self._committed()
         return True
 
-    def _write_apart(self, conn: sqlite3.Connection, batch: _Batch) -> None:
+    def _write_apart(self, conn: sqlite3.Connection, batch: _Batch) -> bool:
         """Write ``batch`` a record at a time, after it failed whole for something
         in its data: each record that fails alone is dropped (counted and said),
-        so that one bad record does not keep every other from the file."""
+        so that one bad record does not keep every other from the file. Returns
+        whether every record was written."""
         bad = 0
         try:
             for table, key, one in batch.pieces():
                 try:
-                    self._write_batch(conn, one)
+                    if self._write_batch(conn, one) is not None and one.rollups:
+                        bad += 1  # its analytics failed (the transaction held nothing else)
                 except sqlite3.OperationalError:
                     raise  # the file, not the record: what is left stays for the next flush
                 except Exception:
@@ -1197,47 +1212,36 @@ class StateStore:
                 f"keyrotor storage: {bad} record(s) could not be written to {self.path} and "
                 "were dropped (see last_error in /status); the others were written"
             )
+        return not bad
 
-    def _write_batch(self, conn: sqlite3.Connection, batch: _Batch) -> None:
-        """Write ``batch`` in one transaction."""
+    def _write_batch(self, conn: sqlite3.Connection, batch: _Batch) -> Exception | None:
+        """Write ``batch`` in one transaction. Analytics that cannot be written (a
+        damaged row or page) lose only the batch's analytics: the transaction is
+        rolled back and the other records written again without them (not a
+        savepoint: SQLite commits no transaction that met a corrupt page). Returns
+        what the analytics raised (None: all written)."""
+        failed: Exception | None = None
         try:
             conn.execute("BEGIN IMMEDIATE")
-            conn.executemany(
-                "INSERT OR REPLACE INTO states (alias, state, until, reason, changed_at) "
-                "VALUES (?, ?, ?, ?, ?)",
-                [(alias, *row) for alias, row in batch.states.items()],
-            )
-            conn.executemany(
-                "INSERT INTO ledger (alias, day, requests, prompt_tokens, completion_tokens, cost) "
-                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (alias, day) DO UPDATE SET "
-                "requests = requests + excluded.requests, "
-                "prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
-                "completion_tokens = completion_tokens + excluded.completion_tokens, "
-                "cost = cost + excluded.cost",
-                [
-                    (a, d, s.requests, s.prompt_tokens, s.completion_tokens, s.cost)
-                    for (a, d), s in batch.spend.items()
-                ],
-            )
-            conn.executemany(
-                "INSERT INTO usage (scope, name, day, requests, prompt_tokens, "
-                "completion_tokens, cost) VALUES (?, ?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT (scope, name, day) DO UPDATE SET "
-                "requests = requests + excluded.requests, "
-                "prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
-                "completion_tokens = completion_tokens + excluded.completion_tokens, "
-                "cost = cost + excluded.cost",
-                [
-                    (scope, n, d, s.requests, s.prompt_tokens, s.completion_tokens, s.cost)
-                    for (scope, n, d), s in batch.usage.items()
-                ],
-            )
-            analytics.write(conn, batch.rollups, self.retention, self._clock(), self._minute_rows)
+            _write_records(conn, batch)
+            try:
+                analytics.write(
+                    conn, batch.rollups, self.retention, self._clock(), self._minute_rows
+                )
+            except sqlite3.OperationalError:
+                raise  # the file (locked, full, read-only): the whole batch is retried
+            except Exception as exc:
+                failed = exc
+                self._minute_rows.clear()
+                conn.execute("ROLLBACK")
+                conn.execute("BEGIN IMMEDIATE")
+                _write_records(conn, batch)
             conn.execute("COMMIT")
         except BaseException:
             _rollback(conn)
             self._minute_rows.clear()  # as the file holds them: read back next time
             raise
+        return failed
 
     def _run(self) -> None:
         if not self.flush_in_thread:
@@ -1299,12 +1303,40 @@ class StateStore:
             kind=error,
         )
 
+    def _analytics_lost(self, exc: Exception, count: int) -> None:
+        """A flush committed the ledger and states but not its ``count`` analytics
+        records (``exc``): counted, said once per error, and ``health()`` not ok."""
+        error = f"{type(exc).__name__}: {exc}"
+        self._ok = False
+        self._failed_writes += 1
+        self._dropped += count
+        self._last_error = error
+        self._last_error_at = self._clock()
+        what = (
+            f"{count} record(s) could not be written to the analytics of {self.path} and "
+            "were dropped"
+            if count
+            else f"the analytics of {self.path} could not be rolled up"
+        )
+        self._warn_once(
+            f"keyrotor storage: {what} ({error}); the ledger and states were written. If this "
+            f'repeats, the analytics are damaged: stop the proxy and run sqlite3 {self.path} "'
+            'DELETE FROM rollups" (keys, states and spend stay); if SQLite says "malformed", '
+            "restore a backup",
+            kind=f"analytics {error}",
+        )
+
     def _succeeded(self) -> None:
-        self._last_flush = self._clock()
+        """A flush committed every record: health is ok again."""
+        self._committed()
         if not self._ok:
             self._ok = True
             self._logged.clear()
             self._log(f"keyrotor storage: writing to {self.path} works again")
+
+    def _committed(self) -> None:
+        """A flush committed (maybe without records it dropped, health staying not ok)."""
+        self._last_flush = self._clock()
         since = _utc_day(self._last_flush - _DAY)  # yesterday: older days leave memory
         if since > self._recent_since:
             with self._pending_lock:
@@ -1364,6 +1396,40 @@ class StateStore:
         if self._conn is None:
             raise StorageError(f"the state file {self.path} is closed")
         return self._conn
+
+
+def _write_records(conn: sqlite3.Connection, batch: _Batch) -> None:
+    """Write ``batch``'s states, spend and usage (in the caller's transaction)."""
+    conn.executemany(
+        "INSERT OR REPLACE INTO states (alias, state, until, reason, changed_at) "
+        "VALUES (?, ?, ?, ?, ?)",
+        [(alias, *row) for alias, row in batch.states.items()],
+    )
+    conn.executemany(
+        "INSERT INTO ledger (alias, day, requests, prompt_tokens, completion_tokens, cost) "
+        "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (alias, day) DO UPDATE SET "
+        "requests = requests + excluded.requests, "
+        "prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
+        "completion_tokens = completion_tokens + excluded.completion_tokens, "
+        "cost = cost + excluded.cost",
+        [
+            (a, d, s.requests, s.prompt_tokens, s.completion_tokens, s.cost)
+            for (a, d), s in batch.spend.items()
+        ],
+    )
+    conn.executemany(
+        "INSERT INTO usage (scope, name, day, requests, prompt_tokens, "
+        "completion_tokens, cost) VALUES (?, ?, ?, ?, ?, ?, ?) "
+        "ON CONFLICT (scope, name, day) DO UPDATE SET "
+        "requests = requests + excluded.requests, "
+        "prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
+        "completion_tokens = completion_tokens + excluded.completion_tokens, "
+        "cost = cost + excluded.cost",
+        [
+            (scope, n, d, s.requests, s.prompt_tokens, s.completion_tokens, s.cost)
+            for (scope, n, d), s in batch.usage.items()
+        ],
+    )
 
 
 def _rollback(conn: sqlite3.Connection) -> None:
@@ -1511,22 +1577,22 @@ transaction (so a crash leaves the file at a step, never between two)."""
 SCHEMA_VERSION: Final = MIGRATIONS[-1].version
 
 
-def _version(conn: sqlite3.Connection, path: Path) -> int:
+def _version(conn: sqlite3.Connection) -> int:
     """The steps the file has had (files written before versioned migrations
     have ``user_version`` 0 and say it in ``meta``)."""
     version = int(conn.execute("PRAGMA user_version").fetchone()[0])
     if version:
         return version
-    meta = _read_meta(conn, path)
+    meta = _read_meta(conn)
     return 0 if meta is None else int(meta.get("schema_version", "1"))
 
 
 def _migrate(conn: sqlite3.Connection, path: Path) -> None:
     """Bring the file to ``SCHEMA_VERSION``, one step per transaction."""
-    while (version := _version(conn, path)) < SCHEMA_VERSION:
+    while (version := _version(conn)) < SCHEMA_VERSION:
         conn.execute("BEGIN IMMEDIATE")
         try:
-            version = _version(conn, path)  # another process may have gone first
+            version = _version(conn)  # another process may have gone first
             if version < SCHEMA_VERSION:
                 step = MIGRATIONS[version]
                 for statement in step.statements:
@@ -1549,9 +1615,15 @@ def _migrate(conn: sqlite3.Connection, path: Path) -> None:
 
 
 def _setup(
-    conn: sqlite3.Connection, path: Path, secret_key: str | None, wall_clock: Callable[[], float]
-) -> tuple[Fernet | None, bytes | None, dict[tuple[str, str], Spend], str]:
-    """Configure the connection, create or check the schema, check the secret key."""
+    conn: sqlite3.Connection,
+    path: Path,
+    secret_key: str | None,
+    wall_clock: Callable[[], float],
+    log: Callable[[str], None],
+) -> tuple[Fernet | None, bytes | None, dict[tuple[str, str], Spend], str, bytes]:
+    """Check that the file is a state file (before anything changes it), configure
+    the connection, create or upgrade the schema, check the salt and the secret key."""
+    _check_ours(conn, path)
     mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
     if mode != "wal":
         raise StorageError(
@@ -1565,26 +1637,25 @@ def _setup(
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute("PRAGMA foreign_keys=ON")
     _migrate(conn, path)
-    meta = _read_meta(conn, path)
+    meta = _read_meta(conn)
     assert meta is not None  # the first step wrote it
+    salt = _salt(conn, path, meta, log)
     cipher = fingerprint_key = None
     if secret_key:
-        cipher, fingerprint_key = _cipher(secret_key, bytes.fromhex(meta["salt"]), path)
-        if "check" in meta:
-            from cryptography.fernet import InvalidToken
-
-            try:
-                ok = cipher.decrypt(meta["check"].encode()) == _CHECK_PLAINTEXT
-            except InvalidToken:
-                ok = False
-            if not ok:
-                raise StorageError(
-                    f"{SECRET_KEY_ENV} does not decrypt the keys stored in {path}: set it to the "
-                    f"key they were stored with, or set {STATE_ENV} to another path"
+        cipher, fingerprint_key = _cipher(secret_key, salt, path)
+        if not _opens(cipher, meta.get("check")):
+            if "check" in meta:
+                if conn.execute("SELECT 1 FROM keys LIMIT 1").fetchone() is not None:
+                    raise StorageError(
+                        f"{SECRET_KEY_ENV} does not decrypt the keys stored in {path}: set it to "
+                        f"the key they were stored with, or set {STATE_ENV} to another path"
+                    )
+                log(
+                    f"keyrotor storage: {path} was used with another {SECRET_KEY_ENV} but holds "
+                    "no stored key (nothing encrypted): it takes this one from now on"
                 )
-        else:
             check = cipher.encrypt(_CHECK_PLAINTEXT).decode()
-            conn.execute("INSERT INTO meta VALUES ('check', ?)", (check,))
+            conn.execute("INSERT OR REPLACE INTO meta VALUES ('check', ?)", (check,))
     since = _utc_day(wall_clock() - _DAY)
     recent: dict[tuple[str, str], Spend] = {}
     for alias, day, *values in conn.execute(
@@ -1594,17 +1665,66 @@ def _setup(
     ):
         spend = recent[(alias, day)] = Spend()
         spend.requests, spend.prompt_tokens, spend.completion_tokens, spend.cost = values
-    return cipher, fingerprint_key, recent, since
+    return cipher, fingerprint_key, recent, since, salt
 
 
-def _read_meta(conn: sqlite3.Connection, path: Path) -> dict[str, str] | None:
+def _opens(cipher: Fernet, check: str | None) -> bool:
+    """Whether ``cipher`` decrypts the file's check token (False: none, or another key's)."""
+    from cryptography.fernet import InvalidToken
+
+    try:
+        return check is not None and cipher.decrypt(check.encode()) == _CHECK_PLAINTEXT
+    except InvalidToken:
+        return False
+
+
+_FIRST_TABLES: Final = frozenset({"meta", "keys", "states", "ledger"})
+"""The tables every state file has had (the first step of ``MIGRATIONS``)."""
+
+
+def _check_ours(conn: sqlite3.Connection, path: Path) -> None:
+    """Refuse an SQLite file that is neither new (empty) nor a state file, before
+    anything writes to it: it is left as it was (journal mode, tables, version)."""
     tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    if "meta" not in tables:
-        if tables:
-            raise StorageError(
-                f"{path} is an SQLite database but not a keyrotor state file: move it away or "
-                f"set {STATE_ENV} to another path"
-            )
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if (tables or version) and not tables >= _FIRST_TABLES:
+        raise StorageError(
+            f"{path} is an SQLite database but not a keyrotor state file: move it away or "
+            f"set {STATE_ENV} to another path"
+        )
+
+
+def _salt(
+    conn: sqlite3.Connection, path: Path, meta: dict[str, str], log: Callable[[str], None]
+) -> bytes:
+    """The file's salt (of passphrases and of the keys' bindings). One lost or
+    damaged is made anew only when nothing depends on it: no stored key, no binding."""
+    with contextlib.suppress(KeyError, ValueError):
+        if salt := bytes.fromhex(meta["salt"]):
+            return salt
+    depends = "SELECT EXISTS (SELECT 1 FROM keys) OR EXISTS (SELECT 1 FROM bindings)"
+    if conn.execute(depends).fetchone()[0]:
+        raise StorageError(
+            f"{path} has lost its salt (the 'salt' row of its meta table is missing or "
+            "damaged), which its stored keys and the keys' identities depend on: restore the "
+            f"file from a backup, or move it away to start afresh (or set {STATE_ENV} to "
+            "another path)"
+        )
+    salt = os.urandom(16)
+    if meta.pop("check", None) is not None:  # a passphrase's check used the old salt
+        conn.execute("DELETE FROM meta WHERE name = 'check'")
+    conn.execute("INSERT OR REPLACE INTO meta VALUES ('salt', ?)", (salt.hex(),))
+    log(
+        f"keyrotor storage: {path} had lost its salt; no stored key or binding depended on "
+        "it, so it has a new one"
+    )
+    return salt
+
+
+def _read_meta(conn: sqlite3.Connection) -> dict[str, str] | None:
+    """The ``meta`` table's rows (None: a new file, without tables yet)."""
+    found = conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'")
+    if found.fetchone() is None:
         return None
     return dict(conn.execute("SELECT name, value FROM meta").fetchall())
 

@@ -521,7 +521,9 @@ def test_a_wrong_secret_key_is_refused_at_open(
     tmp_path: pathlib.Path, key: str, opened: Callable[..., StateStore]
 ) -> None:
     path = tmp_path / "state.db"
-    opened(path, secret_key=key).close()
+    store = opened(path, secret_key=key)
+    store.add_key("a", SECRET_A, {})  # (a file that stores no key takes a new secret key)
+    store.close()
     for wrong in (Fernet.generate_key().decode(), PASSPHRASE):
         with pytest.raises(StorageError) as raised:
             opened(path, secret_key=wrong)
