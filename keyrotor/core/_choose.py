@@ -113,8 +113,11 @@ class KeyChoice(PoolFields):
         return self._pick_for(req)
 
     def _pick_for(self, req: RequestRecord) -> KeyRecord | None:
-        """``_pick`` for a request with a pin, a session, a group or tried keys."""
+        """``_pick`` for a request with a pin, a session, a group or tried keys.
+        Tried keys and the group's are avoided while others serve; a key that
+        holds the request off (``_held_off``) is never picked."""
         event = req.event
+        held = self._held_off(req)
         avoid: Collection[str] | None = req.tried
         if event.group is not None:
             members = self._groups.get(event.group)
@@ -123,16 +126,39 @@ class KeyChoice(PoolFields):
         if event.pin is not None:
             key = self._pinned(event.pin)
             usable = key is not None and self._usable(key)
-            if usable and not (avoid and key.key_id in avoid):  # type: ignore[union-attr]
+            free = usable and not (held and key.key_id in held)  # type: ignore[union-attr]
+            if free and not (avoid and key.key_id in avoid):  # type: ignore[union-attr]
                 return key
             if not event.pin_fallback:
                 if key is not None and not usable:
                     self._drop(key)  # its pace timer wakes the queue when the key may serve
-                return key if usable else None
+                return key if free else None
+        if held:
+            avoid = held | set(avoid or ())
         key = self._pick_policy(req, avoid)
         if key is None and avoid:
-            key = self._pick_policy(req, None)
+            key = self._pick_policy(req, held)
         return key
+
+    def _held_off(self, req: RequestRecord) -> frozenset[str] | None:
+        """The keys ``req`` may not be sent on now: each asked it to wait (a retry
+        hint on a fault) until a time still ahead."""
+        holds = req.holds
+        if holds is None:
+            return None
+        now = self._now
+        held = frozenset(key_id for key_id, until in holds.items() if until > now)
+        return held or None
+
+    def _hold(self, req: RequestRecord, key: KeyRecord, until: float) -> None:
+        """``key`` answered ``req`` with a fault and a retry hint: ``req`` goes
+        there again no sooner than ``until`` (a later hint never shortens it)."""
+        holds = req.holds
+        if holds is None:
+            req.holds = holds = {}
+        kept = holds.get(key.key_id)
+        if kept is None or until > kept:
+            holds[key.key_id] = until
 
     def _pick_policy(self, req: RequestRecord, avoid: Collection[str] | None) -> KeyRecord | None:
         session = req.event.session
@@ -249,14 +275,22 @@ class KeyChoice(PoolFields):
             req.tried.append(key.key_id)
         self._send_or_queue(req, out)
 
-    def _try_another_key(self, req: RequestRecord, key: KeyRecord, out: list[Decision]) -> bool:
+    def _try_another_key(
+        self, req: RequestRecord, key: KeyRecord, out: list[Decision], shared: bool
+    ) -> bool:
         """``key`` cannot serve ``req`` but another may ("can only afford"): send
         it on a usable key it has not tried yet. False when there is none (the
-        caller delivers the answer): the keys it tried would only say the same."""
-        if req.tried is None:
-            req.tried = [key.key_id]
+        caller delivers the answer): the keys it tried would only say the same.
+        ``shared``: the budget ``req`` is too large for is the account's balance,
+        so every key of ``key``'s account would say the same: they count as tried."""
+        tried = req.tried
+        if tried is None:
+            req.tried = tried = [key.key_id]
         else:
-            req.tried.append(key.key_id)
+            tried.append(key.key_id)
+        if shared and key.account is not None:
+            members = self._accounts.get(key.account, ())
+            tried.extend([k.key_id for k in members if k.key_id not in tried])
         nxt = self._pick_untried(req)
         if nxt is None:
             return False

@@ -16,6 +16,9 @@ from ._records import (
     T_DEADLINE as _T_DEADLINE,
 )
 from ._records import (
+    T_HOLD as _T_HOLD,
+)
+from ._records import (
     T_PACE as _T_PACE,
 )
 from ._records import (
@@ -46,7 +49,7 @@ class RequestQueue(PoolFields):
             deadline = event.deadline
             req.deadline = event.now + self._queue_timeout if deadline is None else deadline
             self._request_serial = req.serial = self._request_serial + 1
-        earliest = self._earliest(now)
+        earliest = self._earliest(now, req.holds)
         if self._queued >= self._config.queue_limit:
             self._reject(req, earliest, "queue full", out)
         elif req.deadline <= now:
@@ -58,7 +61,17 @@ class RequestQueue(PoolFields):
         else:
             self._queue.append(req)
             self._queued += 1
-            heappush(self._timers, (req.deadline, _T_DEADLINE, req.serial, req.request_id))
+            self._push_request_timers(req)
+
+    def _push_request_timers(self, req: RequestRecord) -> None:
+        """Timers of a queued request: its deadline, and the ends of its holds
+        (a key that asked it to wait may serve it then)."""
+        timers, serial, request_id = self._timers, req.serial, req.request_id
+        heappush(timers, (req.deadline, _T_DEADLINE, serial, request_id))
+        if req.holds:
+            for until in sorted(set(req.holds.values())):
+                if until > self._now:
+                    heappush(timers, (until, _T_HOLD, serial, request_id))
 
     def _drain(self, out: list[Decision]) -> None:
         """Serve waiting requests, first come first served, while keys are free."""
@@ -72,8 +85,12 @@ class RequestQueue(PoolFields):
                 continue
             key = self._pick(req)
             if key is None:
-                if req.event.pin is not None and not req.event.pin_fallback:
-                    skipped.append(queue.popleft())  # waits for its own key only
+                if (req.event.pin is not None and not req.event.pin_fallback) or (
+                    req.holds is not None and self._held_off(req)
+                ):
+                    # Waits for its own key, or for keys that hold it off: the
+                    # requests behind it may take the keys it cannot.
+                    skipped.append(queue.popleft())
                     continue
                 break
             queue.popleft()
@@ -97,33 +114,44 @@ class RequestQueue(PoolFields):
         (failed and depleted keys with no known return, probes over): waiting
         the whole queue timeout would only delay the same answer."""
         now = self._now
-        earliest = self._earliest(now)
-        if earliest is not None and earliest <= now:
+        pooled = self._earliest(now)
+        if pooled is not None and pooled <= now and not any(r.holds for r in self._queue):
             return
         for req in self._queue:
-            if req.state == QUEUED and (earliest is None or earliest > req.deadline):
+            if req.state != QUEUED:
+                continue
+            earliest = pooled if req.holds is None else self._earliest(now, req.holds)
+            if earliest is None or earliest > req.deadline:
                 self._queued -= 1
                 why = "no key is usable" if earliest is None else "no key is usable in time"
                 self._reject(req, earliest, why, out)
 
-    def _earliest(self, now: float) -> float | None:
+    def _earliest(self, now: float, holds: dict[str, float] | None = None) -> float | None:
         """Earliest time a key may be usable again: ``now`` if some key only
-        waits on load or pacing, ``None`` if no key will come back on its own."""
+        waits on load or pacing, ``None`` if no key will come back on its own.
+        ``holds``: a request's (``RequestRecord.holds``), for the earliest time
+        a key may serve that request: not before the key's hold ends."""
         best: float | None = None
         for key in self._order:
             if key.state in USABLE_STATES:
                 limit = key.max_in_flight
                 if key.trial or (limit is not None and key.in_flight >= limit):
-                    return now  # frees whenever a response comes back
-                when = _pacing_ready(key, now)
-                if when is None:
-                    return now
+                    when = now  # frees whenever a response comes back
+                else:
+                    ready = _pacing_ready(key, now)
+                    when = now if ready is None else ready
             elif key.probing:
-                return now
+                when = now
             elif key.until is not None and key.state in _COOLING:
                 when = key.until
             else:
                 continue
+            if holds:
+                held = holds.get(key.key_id)
+                if held is not None and held > when:
+                    when = held
+            if when <= now:
+                return now
             if best is None or when < best:
                 best = when
         return best
@@ -160,6 +188,15 @@ class RequestQueue(PoolFields):
                 and req.state == QUEUED
                 and req.deadline == when
             )
+        if kind == _T_HOLD:
+            req = self._requests.get(request_id)
+            return (
+                req is not None
+                and req.serial == serial
+                and req.state == QUEUED
+                and req.holds is not None
+                and when in req.holds.values()
+            )
         key = self._by_serial.get(serial)
         if key is None or key.removed:
             return False
@@ -182,7 +219,11 @@ class RequestQueue(PoolFields):
                 req = self._requests[request_id]
                 if req.state == QUEUED:
                     self._queued -= 1
-                    self._reject(req, self._earliest(when), "waited past its deadline", out)
+                    earliest = self._earliest(when, req.holds)
+                    self._reject(req, earliest, "waited past its deadline", out)
+                continue
+            if kind == _T_HOLD:
+                self._wake = True  # a key that held a waiting request off may serve it
                 continue
             key = self._by_serial[serial]
             if kind == _T_COOLDOWN:

@@ -265,6 +265,7 @@ class RequestRecord:
         "attempt",
         "deadline",
         "event",
+        "holds",
         "key",
         "request_id",
         "sent_at",
@@ -284,7 +285,11 @@ class RequestRecord:
         self.attempt = 0
         self.sent_at = 0.0
         self.trial = False
-        self.tried: list[str] | None = None  # keys already tried, if any
+        # Keys already tried, or known to answer the same (an account's balance), if any.
+        self.tried: list[str] | None = None
+        # key_id -> time before which this request is not sent on that key again:
+        # the upstream's retry hint on a fault it answered there (``_choose._hold``).
+        self.holds: dict[str, float] | None = None
 
     def describe(self) -> str:
         """Human description of the state, for error messages."""
@@ -311,6 +316,7 @@ class RequestRecord:
             "sent_at": self.sent_at,
             "trial": self.trial,
             "tried": self.tried,
+            "holds": self.holds,
         }
 
     @classmethod
@@ -334,11 +340,13 @@ class RequestRecord:
         req.sent_at = data["sent_at"]
         req.trial = data["trial"]
         req.tried = data["tried"]
+        req.holds = data.get("holds")  # absent from a snapshot older than holds
         return req
 
 
-# Timer kinds, in the order they fire at one instant.
-T_COOLDOWN, T_PACE, T_PROBE, T_DEADLINE = 0, 1, 2, 3
+# Timer kinds, in the order they fire at one instant (a hold that ends at a
+# request's deadline lets it be sent then). Not saved: a restore rebuilds timers.
+T_COOLDOWN, T_PACE, T_PROBE, T_HOLD, T_DEADLINE = 0, 1, 2, 3, 4
 
 
 def pacing_ready(key: KeyRecord, now: float) -> float | None:

@@ -16,9 +16,6 @@ from ._records import (
     T_COOLDOWN as _T_COOLDOWN,
 )
 from ._records import (
-    T_DEADLINE as _T_DEADLINE,
-)
-from ._records import (
     T_PACE as _T_PACE,
 )
 from ._records import (
@@ -137,7 +134,7 @@ class Snapshots(PoolFields):
             req = pool._requests[request_id]
             pool._queue.append(req)
             pool._queued += 1
-            heappush(pool._timers, (req.deadline, _T_DEADLINE, req.serial, req.request_id))
+            pool._push_request_timers(req)
         for key in records:
             if key.until is not None and key.state in _COOLING:
                 heappush(pool._timers, (key.until, _T_COOLDOWN, key.serial, ""))

@@ -80,6 +80,10 @@ class Classification:
     """
     account_wide: bool = False
     """The limit applies to every key of the same account."""
+    shared_budget: bool = False
+    """``TRY_ANOTHER_KEY``: the budget this request is too large for is the account's
+    balance, shared by its keys (not the key's own cap): no key of the same account
+    can serve it either."""
     reason: str = ""
     """Short machine-friendly reason, e.g. ``"free-models-per-day"`` or ``"http_503"``."""
 
@@ -150,6 +154,10 @@ class _Rule:
     """Also search OpenRouter's ``metadata.raw`` (the provider's own error text)."""
     facts: tuple[str, ...] = ()
     """Facts about the response's shape (``_facts``), any of which matches too."""
+    budget: bool | None = None
+    """A 402 that only this request is too large for: is the budget the account's
+    balance (True) or the key's own cap (False) when the body does not say
+    (``_accounts_balance``)? None: not such a rule."""
 
 
 _MID_STREAM: Final = "mid_stream"
@@ -180,12 +188,15 @@ _RULES: Final[Mapping[int, tuple[_Rule, ...]]] = {
         ),
         # This request is too large for what is left (the balance or the key's
         # cap is still positive): another key may serve it, smaller ones still fit.
-        _Rule(_V.TRY_ANOTHER_KEY, ("can only afford",), "can_only_afford"),
-        _Rule(_V.TRY_ANOTHER_KEY, ("weight_exceeds_budget",)),
+        # Whose budget: ``_accounts_balance``. The in-flight budget is capped
+        # against the account's balance.
+        _Rule(_V.TRY_ANOTHER_KEY, ("can only afford",), "can_only_afford", budget=False),
+        _Rule(_V.TRY_ANOTHER_KEY, ("weight_exceeds_budget",), budget=True),
         _Rule(
             _V.TRY_ANOTHER_KEY,
             ("token capacity required", "more credits are required to run this request"),
             "token_capacity",
+            budget=False,
         ),
         _Rule(_V.DEPLETED, ("openrouter_key_limit",)),
         _Rule(_V.DEPLETED, ("openrouter_credits",), account_wide=True),
@@ -316,6 +327,13 @@ _NANOS: Final[Mapping[str, float]] = {
 }
 _TRY_AGAIN: Final = re.compile(r"(?:try again|retry) in ([0-9][0-9a-zµμ.]*)")
 """OpenAI's "Please try again in 1.5s", Gemini's "Please retry in 36.2s"."""
+
+_KEY_CAP_HINTS: Final = ("settings/keys", "key with a higher")
+"""OpenRouter's 402 text when the key's own cap is short ("To increase, visit
+https://openrouter.ai/settings/keys and create a key with a higher total limit")."""
+_BALANCE_HINTS: Final = ("settings/credits", "add more credits", "upgrade to a paid account")
+"""Its text when the account's balance is short ("... visit
+https://openrouter.ai/settings/credits and add more credits")."""
 
 _TEXT_KEYS: Final = ("message", "type", "code", "status", "error_type", "reason", "limit_source")
 """String fields of an error body searched for needles.
@@ -678,6 +696,21 @@ def _match(status: int, text: str, raw: str, facts: frozenset[str]) -> tuple[_Ru
     return None, f"http_{status}"
 
 
+def _accounts_balance(parts: list[dict[Any, Any]], text: str, default: bool) -> bool:
+    """Is the budget a 402 names the account's balance, shared by its keys? By
+    ``metadata.limit_source`` (``openrouter_credits``: yes; ``openrouter_key_limit``:
+    the key's own cap), else by the settings page the message points to, else
+    ``default``."""
+    sources = {v.lower() for part in parts if isinstance(v := part.get("limit_source"), str)}
+    if "openrouter_key_limit" in sources:
+        return False
+    if "openrouter_credits" in sources:
+        return True
+    if any(hint in text for hint in _KEY_CAP_HINTS):
+        return False
+    return any(hint in text for hint in _BALANCE_HINTS) or default
+
+
 def _default(status: int) -> Verdict:
     """The verdict for a status when no rule matched."""
     verdict = _DEFAULTS.get(status)
@@ -728,10 +761,12 @@ def classify_response(
             cooldown = None if reset is None else _longest((reset, cooldown))
         elif cooldown is None and rule is not None and rule.fallback is not None:
             cooldown = rule.fallback(wall_time)
+    budget = None if rule is None else rule.budget
     return Classification(
         verdict=verdict,
         cooldown=cooldown,
         account_wide=rule.account_wide if rule else False,
+        shared_budget=budget is not None and _accounts_balance(parts, texts[0], budget),
         reason=reason,
     )
 

@@ -67,6 +67,11 @@ class VerdictRule:
     """Cools every key of the account when ``classify`` says the limit is the account's."""
     fails_over: bool = False
     """The request is retried on another key (within ``max_attempts``)."""
+    hint_holds: bool = False
+    """The answer's retry hint (``Retry-After``) holds the request off this key until
+    then: it is retried on another key, or waits in the queue within its deadline,
+    and is rejected with that time when its deadline comes first. The key itself
+    is not cooled (other requests still use it)."""
     confirm_probe: bool = False
     """A key newly moved by it is probed at once to confirm (OpenRouter's false 401s)."""
     passes_trial: bool = False
@@ -108,7 +113,7 @@ VERDICTS: Final[Mapping[Verdict, VerdictRule]] = {
         from_probe=True,
     ),
     _V.UPSTREAM_FAULT: VerdictRule(
-        "upstream_fault", Signal.UPSTREAM_FAULT, Cooldown.WINDOW, fails_over=True
+        "upstream_fault", Signal.UPSTREAM_FAULT, Cooldown.WINDOW, fails_over=True, hint_holds=True
     ),
     _V.TRY_ANOTHER_KEY: VerdictRule("try_another_key", None, Cooldown.NONE, fails_over=True),
     _V.MODEL_UNAVAILABLE: VerdictRule("model_unavailable", None, Cooldown.NONE, passes_trial=True),
@@ -158,9 +163,9 @@ def _yes(flag: bool) -> str:
 def markdown_tables() -> str:
     """The tables as Markdown, for ``docs/state-machine.md``."""
     lines = [
-        "| verdict | counts as | signal | cooldown | account-wide | fails over | probe "
-        "| passes a trial | from a probe |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| verdict | counts as | signal | cooldown | account-wide | fails over "
+        "| hint holds the retry | probe | passes a trial | from a probe |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for verdict, rule in VERDICTS.items():
         cooldown = rule.cooldown.value
@@ -169,7 +174,7 @@ def markdown_tables() -> str:
         lines.append(
             f"| `{verdict.value}` | {rule.counts_as or ''} | "
             f"{rule.signal.value if rule.signal else ''} | {cooldown} | "
-            f"{_yes(rule.account_wide)} | {_yes(rule.fails_over)} | "
+            f"{_yes(rule.account_wide)} | {_yes(rule.fails_over)} | {_yes(rule.hint_holds)} | "
             f"{'confirm' if rule.confirm_probe else ''} | {_yes(rule.passes_trial)} | "
             f"{_yes(rule.from_probe)} |"
         )

@@ -23,6 +23,8 @@ from collections.abc import Callable
 from heapq import heappop
 from typing import Any
 
+import attrs
+
 from ._choose import KeyChoice, _score_latency, _score_least_busy
 from ._health import KeyHealth
 from ._queue import RequestQueue
@@ -80,6 +82,8 @@ NOT_THE_KEYS_FAULT = frozenset(reason for reason, rule in FAILURES.items() if no
 # Verdicts after which the attempt is retried on another key.
 _RETRY = frozenset(verdict for verdict, rule in VERDICTS.items() if rule.fails_over)
 _TRY_ANOTHER_KEY = Verdict.TRY_ANOTHER_KEY
+# Verdicts whose retry hint holds the request off the key that gave it.
+_HINT_HOLDS = frozenset(verdict for verdict, rule in VERDICTS.items() if rule.hint_holds)
 _MARK_SIGNALS = {
     KeyState.HEALTHY: Signal.MARK_HEALTHY,
     KeyState.DISABLED: Signal.MARK_DISABLED,
@@ -417,8 +421,10 @@ class Pool(KeyChoice, RequestQueue, KeyHealth, Snapshots):
         retried = False
         if kind in _RETRY and req.attempt < self._attempts(req):
             if kind is _TRY_ANOTHER_KEY:  # never back to a key that said so
-                retried = self._try_another_key(req, key, out)
+                retried = self._try_another_key(req, key, out, verdict.shared_budget)
             else:
+                if verdict.cooldown and kind in _HINT_HOLDS:  # the upstream asked to wait
+                    self._hold(req, key, now + verdict.cooldown)
                 self._fail_over(req, key, out)
                 retried = True
         if not retried:
@@ -605,7 +611,7 @@ class Pool(KeyChoice, RequestQueue, KeyHealth, Snapshots):
                 self._probe(key, now, "recheck", out)
             else:
                 self._schedule_probe(key, now)
-            self._settle(out)
+        self._settle(out)  # timers the event's time fired may have freed a key
         return out
 
     def _on_probe_requested(self, event: ProbeRequested) -> list[Decision]:
@@ -619,6 +625,7 @@ class Pool(KeyChoice, RequestQueue, KeyHealth, Snapshots):
         for key in targets:
             if not key.probing and key.state is not KeyState.DISABLED:
                 self._probe(key, event.now, "operator", out)
+        self._settle(out)  # timers the event's time fired may have freed a key
         return out
 
     def _on_key_added(self, event: KeyAdded) -> list[Decision]:
@@ -748,9 +755,4 @@ def _check_retry_after(event: ResponseReceived, retry_after: float) -> None:
 
 
 def _with_cooldown(verdict: Classification, cooldown: float) -> Classification:
-    return Classification(
-        verdict=verdict.verdict,
-        cooldown=cooldown,
-        account_wide=verdict.account_wide,
-        reason=verdict.reason,
-    )
+    return attrs.evolve(verdict, cooldown=cooldown)
