@@ -9,6 +9,9 @@ What is kept:
   wall-clock Unix seconds (the caller converts from the core's monotonic clock).
 - ``ledger``: spend per key per UTC day (requests, tokens, cost). Rows outlive
   their key: removing a key keeps its history.
+- ``windows``: when each key's budget window (``budget_window``) last opened,
+  in wall-clock Unix seconds: the ledger's days have no times, so this tells a
+  restart when a window that was not used up ends.
 - ``usage``: the same spend per provider, per model and per client token
   (``scope`` ``provider``, ``model`` or ``client`` and a name) per UTC day.
 - ``catalogs``: each provider's last fetched model catalog.
@@ -21,10 +24,10 @@ What is kept:
 
 Writes. Admin changes (``add_key``, ``remove_key``) are committed before they
 return; call them from a worker thread. Hot-path records (``record_state``,
-``record_spend``) append to an in-memory batch under a lock (O(1), never
-blocking on the disk, never raising); a writer thread commits the batch
-``flush_interval`` seconds (100 ms by default) after its first record, in ONE
-transaction, and sleeps while nothing is pending.
+``record_spend``, ``record_window``) append to an in-memory batch under a lock
+(O(1), never blocking on the disk, never raising); a writer thread commits the
+batch ``flush_interval`` seconds (100 ms by default) after its first record, in
+ONE transaction, and sleeps while nothing is pending.
 
 With ``flush_in_thread=False`` the owner commits the batch instead, calling
 ``flush_nowait()`` ``flush_interval`` after the first record, which
@@ -216,6 +219,7 @@ class Loaded:
     usage: list[UsageRow] = attrs.field(factory=list)
     routes: dict[str, Any] = attrs.field(factory=dict)
     alerts: list[Any] | None = None  # the alert rules the admin API set (None: none yet)
+    windows: dict[str, float] = attrs.field(factory=dict)  # alias -> its budget window's start
 
 
 def secret_key_from_env(environ: Mapping[str, str] = os.environ) -> str | None:
@@ -284,24 +288,28 @@ _StateRow = tuple[str, float | None, str, float]  # state, until, reason, change
 
 
 class _Batch:
-    """Records not committed yet: last state per alias (oldest first), spend
-    per (alias, day) and per (scope, name, day), analytics per (minute, dimensions)."""
+    """Records not committed yet: last state per alias (oldest first), last
+    budget window start per alias, spend per (alias, day) and per (scope, name,
+    day), analytics per (minute, dimensions)."""
 
-    __slots__ = ("rollups", "spend", "states", "usage")
+    __slots__ = ("rollups", "spend", "states", "usage", "windows")
 
     def __init__(self) -> None:
         self.states: dict[str, _StateRow] = {}
+        self.windows: dict[str, float] = {}
         self.spend: dict[tuple[str, str], Spend] = {}
         self.usage: dict[tuple[str, str, str], Spend] = {}
         self.rollups: dict[tuple[int, Dims], Rollup] = {}
 
     def __len__(self) -> int:
-        return len(self.states) + len(self.spend) + len(self.usage) + len(self.rollups)
+        windows_and_states = len(self.states) + len(self.windows)
+        return windows_and_states + len(self.spend) + len(self.usage) + len(self.rollups)
 
     def pieces(self) -> list[tuple[dict[Any, Any], Any, _Batch]]:
         """A batch for each record of this one, with the table and key it is at."""
         out = []
-        for table, name in ((self.states, "states"), (self.spend, "spend"), (self.usage, "usage"),
+        for table, name in ((self.states, "states"), (self.windows, "windows"),
+                            (self.spend, "spend"), (self.usage, "usage"),
                             (self.rollups, "rollups")):  # fmt: skip
             for key, record in table.items():
                 one = _Batch()
@@ -313,6 +321,7 @@ class _Batch:
         for alias, row in newer.states.items():
             self.states.pop(alias, None)  # keep the dict ordered by recency
             self.states[alias] = row
+        self.windows.update(newer.windows)
         _merge(self.spend, newer.spend)
         _merge(self.usage, newer.usage)
         _merge(self.rollups, newer.rollups)
@@ -597,6 +606,7 @@ class StateStore:
                 ).fetchall()
                 routes_row = conn.execute("SELECT value FROM meta WHERE name = 'routes'").fetchone()
                 alerts_row = conn.execute("SELECT value FROM meta WHERE name = 'alerts'").fetchone()
+                window_rows = conn.execute("SELECT alias, start FROM windows").fetchall()
             except sqlite3.Error as exc:
                 raise StorageError(f"cannot read {self.path}: {exc}") from None
         keys: list[StoredKey] = []
@@ -631,6 +641,12 @@ class StateStore:
                 ledger.append(LedgerRow(*row))
             else:
                 self._damaged("ledger", row[0])
+        windows = {}
+        for alias, start in window_rows:
+            if finite(start):
+                windows[alias] = float(start)
+            else:
+                self._damaged("windows", alias)
         return Loaded(
             keys,
             states,
@@ -639,6 +655,7 @@ class StateStore:
             [UsageRow(*row) for row in usage_rows],
             self._routes(routes_row),
             self._alerts(alerts_row),
+            windows,
         )
 
     def _damaged(self, table: str, alias: object) -> None:
@@ -889,7 +906,8 @@ class StateStore:
         return stored
 
     def remove_key(self, alias: str) -> bool:
-        """Forget a stored key and its state (its ledger rows stay); False if not stored."""
+        """Forget a stored key, its state and its budget window's start (its
+        ledger rows stay); False if not stored."""
         with self._db_lock:
             conn = self._connection()
             try:
@@ -897,14 +915,16 @@ class StateStore:
                 removed = conn.execute("DELETE FROM keys WHERE alias = ?", (alias,)).rowcount > 0
                 if removed:
                     conn.execute("DELETE FROM states WHERE alias = ?", (alias,))
+                    conn.execute("DELETE FROM windows WHERE alias = ?", (alias,))
                 conn.execute("COMMIT")
             except sqlite3.Error as exc:
                 _rollback(conn)
                 raise StorageError(f"cannot remove key {alias!r} from {self.path}: {exc}") from None
             if removed:
                 with self._pending_lock:
-                    self._pending.states.pop(alias, None)
-                    self._unsaved.states.pop(alias, None)
+                    for batch in (self._pending, self._unsaved):
+                        batch.states.pop(alias, None)
+                        batch.windows.pop(alias, None)
         return removed
 
     # -- hot path (never blocks on the disk, never raises) ------------------------------------
@@ -914,9 +934,10 @@ class StateStore:
 
         An alias that named another key before (a rotated secret, environment
         keys in another order, an alias reused for a new key) loses its stored
-        state, and its spend history moves to ``ALIAS~XXXXXXXX`` (8 hex digits
-        of the old fingerprint), so the new key inherits neither. Returns those
-        aliases. Blocking and durable; call at start and when a key is added.
+        state, and its spend history (the ledger and the budget window's start)
+        moves to ``ALIAS~XXXXXXXX`` (8 hex digits of the old fingerprint), so
+        the new key inherits neither. Returns those aliases. Blocking and
+        durable; call at start and when a key is added.
         """
         marks = {
             alias: hashlib.sha256(b"keyrotor binding v1" + self._salt + secret.encode()).hexdigest()
@@ -948,6 +969,12 @@ class StateStore:
                             (retired, alias),
                         )
                         conn.execute("DELETE FROM ledger WHERE alias = ?", (alias,))
+                        conn.execute(
+                            "INSERT OR REPLACE INTO windows SELECT ?, start FROM windows "
+                            "WHERE alias = ?",
+                            (retired, alias),
+                        )
+                        conn.execute("DELETE FROM windows WHERE alias = ?", (alias,))
                     conn.execute(
                         "INSERT OR REPLACE INTO bindings VALUES (?, ?, ?)",
                         (alias, mark, self._clock()),
@@ -992,6 +1019,14 @@ class StateStore:
             states = self._pending.states
             states.pop(alias, None)
             states[alias] = row
+            self._added()
+
+    def record_window(self, alias: str, start: float) -> None:
+        """Remember when the budget window of ``alias`` opened (wall clock); the last one wins."""
+        if self._closed:
+            return
+        with self._pending_lock:
+            self._pending.windows[alias] = start
             self._added()
 
     def record_spend(
@@ -1399,11 +1434,14 @@ class StateStore:
 
 
 def _write_records(conn: sqlite3.Connection, batch: _Batch) -> None:
-    """Write ``batch``'s states, spend and usage (in the caller's transaction)."""
+    """Write ``batch``'s states, windows, spend and usage (in the caller's transaction)."""
     conn.executemany(
         "INSERT OR REPLACE INTO states (alias, state, until, reason, changed_at) "
         "VALUES (?, ?, ?, ?, ?)",
         [(alias, *row) for alias, row in batch.states.items()],
+    )
+    conn.executemany(
+        "INSERT OR REPLACE INTO windows (alias, start) VALUES (?, ?)", list(batch.windows.items())
     )
     conn.executemany(
         "INSERT INTO ledger (alias, day, requests, prompt_tokens, completion_tokens, cost) "
@@ -1568,6 +1606,13 @@ MIGRATIONS: Final = (
         6,
         "analytics: minutes rolled up into hours and days once over, not on every flush",
         analytics.MIGRATION,
+    ),
+    # IF NOT EXISTS: a file whose version was set back by hand (tests of the
+    # earlier steps do) has the table already.
+    _Migration(
+        7,
+        "when each key's budget window opened",
+        ("CREATE TABLE IF NOT EXISTS windows (alias TEXT PRIMARY KEY, start REAL NOT NULL)",),
     ),
 )
 """The schema's history, oldest first: ``PRAGMA user_version`` says how many

@@ -3,9 +3,10 @@
 ``open_app`` is shared by the h11 server (``main.py``) and the ASGI front: it
 opens the state file, starts the pool on the configured keys plus the stored
 ones, puts back what the file remembers (health states with their
-until-times, today's spend), records every state change and every finished
-request's spend while serving, and builds ``ProxyApp`` with its tokens and the
-admin API. On exit the state file is flushed and closed.
+until-times, the spend of the running budget windows), records every state
+change, every finished request's spend and every budget window it opens while
+serving, and builds ``ProxyApp`` with its tokens and the admin API. On exit
+the state file is flushed and closed.
 
 Clocks: the core runs on the monotonic clock, the file on wall-clock Unix
 time. A stored until-time ``u`` becomes ``mono_now + (u - wall_now)``, and
@@ -184,6 +185,7 @@ def plan(config: ProxyConfig, store: StateStore | None, log: Log) -> Startup:
                 loaded,
                 states={a: s for a, s in loaded.states.items() if a not in moved},
                 ledger=[row for row in loaded.ledger if row.alias not in moved],
+                windows={a: start for a, start in loaded.windows.items() if a not in moved},
             )
     if not keys and not config.admin_token:
         skipped = (
@@ -198,13 +200,24 @@ def plan(config: ProxyConfig, store: StateStore | None, log: Log) -> Startup:
     return Startup(keys, attrs.evolve(config.pool, keys=specs), sources, loaded, provider_keys)
 
 
-def restore(driver: Driver, loaded: Loaded, wall_now: float | None = None) -> None:
-    """Put back the stored health states and spend (call before serving).
+def restore(driver: Driver, loaded: Loaded, wall_now: float | None = None) -> dict[str, float]:
+    """Put back the stored health states and spend (call before serving);
+    returns when each budget window running now opened (wall clock), for ``record``.
 
     Spend counts again toward budgets and credits as far as it falls in the
     key's running budget window, or (no window) today, UTC: older spend is
     history; a budget without a window (the key's life) counts every day. A
     key depleted earlier stays so through its restored state.
+
+    A day's ledger row has no times. When the file knows when the running
+    window opened (``Loaded.windows``, or a used-up window's stored depletion,
+    which wins), each day from then on counts as spent at that start or at the
+    day's beginning, whichever is later: the window opens and ends when it did
+    before the restart, and days before it are an earlier window's. The spend
+    of its first day made before it opened counts in it too (the ledger cannot
+    split a day): that errs toward spending less, never more. Without a known
+    start (or one whose window is over), a day counts as spent at its end (or
+    now), so that all of it stays in a window the day overlaps.
     """
     wall = driver.wall_clock() if wall_now is None else wall_now
     offset = driver.now() - wall  # wall-clock time + offset = the pool's clock
@@ -220,17 +233,24 @@ def restore(driver: Driver, loaded: Loaded, wall_now: float | None = None) -> No
         driver.mark_key(alias, state, left, "restored")
     specs = driver.pool.config.keys
     windows = {spec.key_id: spec.budget_window for spec in specs}
-    # A window whose budget was used up ends at the depletion's stored time: it
-    # opened that long before, which a day's row (no times) cannot tell.
+    budgeted = {s.key_id: w for s in specs if (w := _window(s)) is not None}
+    # When each running window opened, which a day's row (no times) cannot tell:
+    # the start the file keeps, or the depletion's stored end of a used-up one.
     opened = {
-        alias: saved.until - window
+        alias: start
+        for alias, start in loaded.windows.items()
+        if (window := budgeted.get(alias)) is not None and start + window > wall
+    }
+    opened.update(
+        (alias, saved.until - window)
         for alias, saved in loaded.states.items()
         if saved.state == KeyState.DEPLETED.value
         and saved.reason == "budget"
         and saved.until is not None
         and saved.until > wall
         and (window := windows.get(alias)) is not None
-    }
+    )
+    started: dict[str, float] = {}
     # A budget without a window is the key's life: every day of the ledger counts.
     lifetime = {s.key_id for s in specs if s.budget is not None and s.budget_window is None}
     today = calendar.timegm((*time.gmtime(wall)[:3], 0, 0, 0))
@@ -244,13 +264,17 @@ def restore(driver: Driver, loaded: Loaded, wall_now: float | None = None) -> No
                 continue  # spent before today: history
         elif start + _DAY <= wall - window:
             continue  # spent before the running window: history
+        first = opened.get(row.alias)
+        if first is not None and start + _DAY <= first:
+            continue  # spent before the running window opened: an earlier window's
+        # A day's row has no times: taken as spent when the window opened (or the day
+        # began, if later), else at the day's end (or now), so that all of it counts
+        # while the day overlaps the window (never less than was spent).
+        spent = start + _DAY - 1.0 if first is None else max(start, first)
+        at, length = min(spent, wall), budgeted.get(row.alias)
+        if length is not None and row.cost > 0 and at + length > wall:
+            started.setdefault(row.alias, at)  # the pool's window opens then
         now = driver.now()
-        # A day's row has no times: taken as spent at the day's end (or now), so that
-        # all of it counts while the day overlaps the window (never less than was spent);
-        # in a used-up window, when that window opened (or the day began, if later).
-        spent = start + _DAY - 1.0
-        if row.alias in opened:
-            spent = min(spent, max(start, opened[row.alias]))
         driver.feed(
             SpendRecorded(
                 now=now,
@@ -261,6 +285,48 @@ def restore(driver: Driver, loaded: Loaded, wall_now: float | None = None) -> No
                 at=min(spent + offset, now),
             )
         )
+    return started
+
+
+def _window(spec: KeySpec) -> float | None:
+    """The key's budget window, if its budget has one (the core ignores one without a budget)."""
+    return spec.budget_window if spec.budget is not None else None
+
+
+class _Windows:
+    """When each key's budget window opened (wall clock), mirrored from the
+    answers this process pays for, as the core counts them (``_spend``): a paid
+    answer opens a window when none runs. A key removed or added again (another
+    secret object in ``driver.secrets``) starts afresh, as it does in the core."""
+
+    __slots__ = ("_driver", "_keys", "starts")
+
+    def __init__(self, driver: Driver, starts: Mapping[str, float]) -> None:
+        self._driver = driver
+        secrets = driver.secrets
+        self._keys = {  # alias -> (its secret, its budget window)
+            alias: (secrets.get(alias), _window(spec))
+            for alias, spec in driver.pool.key_specs().items()
+        }
+        self.starts = dict(starts)
+
+    def paid(self, key_id: str, wall: float) -> float | None:
+        """An answer of ``key_id`` cost something at ``wall``: the start of the
+        window this opens (None: it opens none)."""
+        secret = self._driver.secrets.get(key_id)
+        known = self._keys.get(key_id)
+        if known is None or known[0] is not secret:  # added, removed or added again
+            self.starts.pop(key_id, None)
+            spec = self._driver.pool.key_specs().get(key_id)
+            known = self._keys[key_id] = (secret, None if spec is None else _window(spec))
+        window = known[1]
+        if window is None:
+            return None
+        start = self.starts.get(key_id)
+        if start is not None and wall < start + window:
+            return None  # the running window
+        self.starts[key_id] = wall
+        return wall
 
 
 def _state_logger(log: Log, provider: str) -> Callable[[KeyStateChanged], None]:
@@ -272,8 +338,14 @@ def _state_logger(log: Log, provider: str) -> Callable[[KeyStateChanged], None]:
     return logged
 
 
-def record(driver: Driver, store: StateStore) -> None:
-    """Write every state change and every finished request's spend to ``store``."""
+def record(driver: Driver, store: StateStore, windows: Mapping[str, float] | None = None) -> None:
+    """Write every state change, every finished request's spend and the start of
+    every budget window it opens to ``store``. ``windows``: when each window
+    running now opened (``restore``'s answer), written again so that the file
+    keeps a start ``restore`` inferred from days' rows."""
+    mirror = _Windows(driver, windows or {})
+    for alias, start in mirror.starts.items():
+        store.record_window(alias, start)
 
     def state_changed(change: KeyStateChanged) -> None:
         wall = driver.wall_clock()
@@ -281,12 +353,15 @@ def record(driver: Driver, store: StateStore) -> None:
         store.record_state(change.key_id, change.new.value, until, change.reason)
 
     def finished(key_id: str, usage: StreamAccountant) -> None:
+        cost = usage.cost
         store.record_spend(
             key_id,
             prompt_tokens=usage.prompt_tokens,
             completion_tokens=usage.completion_tokens,
-            cost=usage.cost,
+            cost=cost,
         )
+        if cost > 0 and (start := mirror.paid(key_id, driver.wall_clock())) is not None:
+            store.record_window(key_id, start)
 
     driver.on_state_change.append(state_changed)
     driver.on_finished.append(finished)
@@ -327,10 +402,9 @@ async def open_app(
             driver.on_state_change.append(
                 lambda change: log({"event": "key_state", **change.to_json()})
             )
-            if startup.loaded is not None:
-                restore(driver, startup.loaded)
+            opened = {} if startup.loaded is None else restore(driver, startup.loaded)
             if store is not None:
-                record(driver, store)
+                record(driver, store, opened)
             names = config.client_names
             auth = Auth(config.client_tokens, config.admin_token, config.token_ttl, names=names)
             spend = SpendBook(config.budgets, store)
@@ -362,10 +436,10 @@ async def open_app(
                             )
                         )
                         other.driver.on_state_change.append(_state_logger(log, provider.name))
-                        if startup.loaded is not None:
-                            restore(other.driver, startup.loaded)
+                        loaded = startup.loaded
+                        opened = {} if loaded is None else restore(other.driver, loaded)
                         if store is not None:
-                            record(other.driver, store)
+                            record(other.driver, store, opened)
                         clients[provider.name] = other
                         service = _catalog(config, other, store, log, provider)
                         if service is not None:
