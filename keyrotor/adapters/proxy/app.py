@@ -722,6 +722,7 @@ class ProxyApp:
                 taken, pin, taken_at = slot
             later = len(models) - index - 1
             no_key: NoKeyAvailable | None = None
+            sent = False  # the free slot's request reached the upstream
             while True:
                 started = client.driver.now()
                 # Each later model keeps an attempt where the budget allows: a
@@ -732,8 +733,13 @@ class ProxyApp:
                 except NoKeyAvailable as exc:
                     no_key = exc
                     break
+                except BaseException:  # the caller left while it waited for a key
+                    if taken is not None and not sent:
+                        router.give_back(taken, taken_at)
+                    raise
                 if paced:
-                    taken_at = router.served_free(taken, taken_at, upstream.key)
+                    taken, taken_at = router.served_free(taken, taken_at, upstream.key)
+                    sent = True
                 status = upstream.status_code
                 if plan is not None or self._known(name):  # a plan's models are the catalog's
                     self.models.record(name, status, client.driver.now() - started)
@@ -755,7 +761,7 @@ class ProxyApp:
                         continue
                 break
             if no_key is not None:
-                if taken is not None:
+                if taken is not None and not sent:
                     router.give_back(taken, taken_at)
                 tried.append(f"{name}: no key ({no_key.reason})")
                 refused = no_key

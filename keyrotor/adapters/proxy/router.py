@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import attrs
 
-from ...core import USABLE_STATES
+from ...core import USABLE_STATES, Pool, PoolError
 from ...models.cooling import ModelCooling
 from ...models.free_tier import FREE_PER_DAY_WITH_CREDITS, FreeTier, utc_day
 from ...models.routing import (
@@ -129,6 +129,15 @@ def _day_end(now: float) -> float:
     return (utc_day(now) + 1) * 86400.0
 
 
+def _usable(pool: Pool, key_id: str) -> bool:
+    """Whether the key may serve now (False too for one removed since the
+    accounts were learned)."""
+    try:
+        return pool.state_of(key_id) in USABLE_STATES
+    except PoolError:
+        return False
+
+
 def free_quota(data: object, free_per_day: int) -> tuple[int, int | None] | None:
     """(daily free-model limit, requests counted today or None) from the
     ``data`` of ``GET /key``: its ``free_model_daily_requests`` when it has
@@ -204,7 +213,7 @@ class Router:
         self._turn: dict[str, int] = {}
         self._learned: dict[str, int] = {}  # account -> daily limit, from GET /key
         self._free_asked = False  # a free model was asked for: learn the tiers
-        self._keys_seen = (-1, -_ACCOUNTS_EVERY)  # (key count, when)
+        self._keys_seen: tuple[list[str] | None, float] = (None, -_ACCOUNTS_EVERY)  # (ids, when)
         self._usable: set[str] = set()  # accounts with a usable key, as take_free saw them
         self._refresh_accounts()
 
@@ -359,13 +368,13 @@ class Router:
 
     def _refresh_accounts(self) -> None:
         """Learn the main pool's accounts (every ``_ACCOUNTS_EVERY`` s, or when
-        the number of keys changed)."""
+        its keys changed: one added and another removed leave their number)."""
         pool = self._client.driver.pool
         now = self._clock()
-        count = len(pool.key_ids())
-        if count == self._keys_seen[0] and now - self._keys_seen[1] < _ACCOUNTS_EVERY:
+        ids = pool.key_ids()
+        if ids == self._keys_seen[0] and now - self._keys_seen[1] < _ACCOUNTS_EVERY:
             return
-        self._keys_seen = (count, now)
+        self._keys_seen = (ids, now)
         keys: dict[str, list[str]] = {}
         for key in pool.statistics().keys:
             if not key.removing:
@@ -386,26 +395,27 @@ class Router:
         pool = self._client.driver.pool
         now = self._clock()
         self._usable = usable = {
-            account
-            for account, keys in self._keys.items()
-            if any(pool.state_of(k) in USABLE_STATES for k in keys)
+            account for account, keys in self._keys.items() if any(_usable(pool, k) for k in keys)
         }
         account = self.free.take(now, usable)
         if account is None:
             return None
-        keys = [k for k in self._keys[account] if pool.state_of(k) in USABLE_STATES]
+        keys = [k for k in self._keys[account] if _usable(pool, k)]
         turn = self._turn.get(account, 0)
         self._turn[account] = turn + 1
         self._record(account, 1, now)
         return account, keys[turn % len(keys)], now
 
-    def served_free(self, taken: str | None, at: float | None, key: str) -> float | None:
+    def served_free(
+        self, taken: str | None, at: float | None, key: str
+    ) -> tuple[str, float | None]:
         """A free-model request reached the upstream on ``key``: if the pool
         sent it on another account's key than ``taken`` (counted at ``at``),
-        move the count. When the count it holds now was made."""
+        move the count. The account that holds the count now, and when it was
+        made (a retry on a third account's key moves it from this one)."""
         account = self._account_of.get(key, key)
         if account == taken:
-            return at
+            return account, at
         now = self._clock()
         if taken is not None:
             self.give_back(taken, at)
@@ -413,7 +423,7 @@ class Router:
         self._record(account, 1, now)
         if self.shared is not None:
             self.shared.note_free(account, _day_end(now))
-        return now
+        return account, now
 
     def limit_met(self, key: str, retry_after: float | None) -> None:
         """The upstream answered a free request on ``key`` with the account's
@@ -467,16 +477,22 @@ class Router:
         that and this pool's (the state file's after a restart), never their
         sum. An account whose answer says nothing keeps ``free_per_day``.
         Returns the limits learned."""
-        self._keys_seen = (-1, self._keys_seen[1])  # look at the pool now
+        self._keys_seen = (None, self._keys_seen[1])  # look at the pool now
         self._refresh_accounts()
         learned: dict[str, int] = {}
         used: dict[str, tuple[int, float]] = {}  # account -> (used today, when asked)
         asked = [a for a in self._keys if a not in self.options.accounts][:at_most]
+        pool = self._client.driver.pool
         for account in asked:
+            # A usable key of the account now (the pool may have changed while the
+            # last answer came): a pinned request to a resting one would wait for it.
+            key = next((k for k in self._keys.get(account, ()) if _usable(pool, k)), None)
+            if key is None:
+                continue
             at = self._clock()
             try:
                 answer = await self._client.send(
-                    "GET", "/key", pin=self._keys[account][0], pin_fallback=False, attempts=1
+                    "GET", "/key", pin=key, pin_fallback=False, attempts=1
                 )
                 try:
                     body = await answer.aread()
@@ -491,7 +507,7 @@ class Router:
                 if today is not None:
                     used[account] = (today, at)
         self._learned.update(learned)
-        self._keys_seen = (-1, self._keys_seen[1])
+        self._keys_seen = (None, self._keys_seen[1])
         self._refresh_accounts()
         now = self._clock()
         for account, (today, at) in used.items():
