@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from heapq import heappop, heappush
 
 from ._fields import PoolFields
 from ._records import (
     QUEUED,
+    KeyRecord,
     RequestRecord,
 )
 from ._records import (
@@ -49,7 +51,7 @@ class RequestQueue(PoolFields):
             deadline = event.deadline
             req.deadline = event.now + self._queue_timeout if deadline is None else deadline
             self._request_serial = req.serial = self._request_serial + 1
-        earliest = self._earliest(now, req.holds)
+        earliest = self._earliest_for(req, now)
         if self._queued >= self._config.queue_limit:
             self._reject(req, earliest, "queue full", out)
         elif req.deadline <= now:
@@ -115,24 +117,40 @@ class RequestQueue(PoolFields):
         the whole queue timeout would only delay the same answer."""
         now = self._now
         pooled = self._earliest(now)
-        if pooled is not None and pooled <= now and not any(r.holds for r in self._queue):
+        if pooled is not None and pooled <= now and not any(map(_own_keys, self._queue)):
             return
         for req in self._queue:
             if req.state != QUEUED:
                 continue
-            earliest = pooled if req.holds is None else self._earliest(now, req.holds)
+            earliest = pooled if not _own_keys(req) else self._earliest_for(req, now)
             if earliest is None or earliest > req.deadline:
                 self._queued -= 1
                 why = "no key is usable" if earliest is None else "no key is usable in time"
                 self._reject(req, earliest, why, out)
 
-    def _earliest(self, now: float, holds: dict[str, float] | None = None) -> float | None:
-        """Earliest time a key may be usable again: ``now`` if some key only
-        waits on load or pacing, ``None`` if no key will come back on its own.
-        ``holds``: a request's (``RequestRecord.holds``), for the earliest time
-        a key may serve that request: not before the key's hold ends."""
+    def _earliest_for(self, req: RequestRecord, now: float) -> float | None:
+        """``_earliest`` for ``req``: its holds, and only its key when it is
+        pinned without fallback (a key that cannot come back on its own is
+        then no reason to wait, whatever the other keys do)."""
+        event = req.event
+        if event.pin is not None and not event.pin_fallback:
+            key = self._pinned(event.pin)
+            return self._earliest(now, req.holds, () if key is None else (key,))
+        return self._earliest(now, req.holds)
+
+    def _earliest(
+        self,
+        now: float,
+        holds: dict[str, float] | None = None,
+        keys: Iterable[KeyRecord] | None = None,
+    ) -> float | None:
+        """Earliest time a key (of ``keys``; default every key) may be usable
+        again: ``now`` if some key only waits on load or pacing, ``None`` if no
+        key will come back on its own. ``holds``: a request's
+        (``RequestRecord.holds``), for the earliest time a key may serve that
+        request: not before the key's hold ends."""
         best: float | None = None
-        for key in self._order:
+        for key in self._order if keys is None else keys:
             if key.state in USABLE_STATES:
                 limit = key.max_in_flight
                 if key.trial or (limit is not None and key.in_flight >= limit):
@@ -219,7 +237,7 @@ class RequestQueue(PoolFields):
                 req = self._requests[request_id]
                 if req.state == QUEUED:
                     self._queued -= 1
-                    earliest = self._earliest(when, req.holds)
+                    earliest = self._earliest_for(req, when)
                     self._reject(req, earliest, "waited past its deadline", out)
                 continue
             if kind == _T_HOLD:
@@ -235,3 +253,9 @@ class RequestQueue(PoolFields):
                 key.probe_due = None
                 if self._probe_wanted(key, when):
                     self._probe(key, when, "recheck", out)
+
+
+def _own_keys(req: RequestRecord) -> bool:
+    """Whether ``req`` may wait for other keys than the pool's first usable one:
+    it has holds, or is pinned without fallback."""
+    return bool(req.holds) or (req.event.pin is not None and not req.event.pin_fallback)

@@ -13,8 +13,10 @@ from hypothesis import strategies as st
 from keyrotor.core import (
     Decision,
     Deliver,
+    KeyMarked,
     KeyRemoved,
     KeySpec,
+    KeyState,
     Pool,
     ProbeFinished,
     ProbeRequested,
@@ -331,3 +333,25 @@ def test_a_removed_keys_probe_ending_serves_a_request_its_time_freed_a_key_for()
     respond(pool, "r2", 1.0, 429, headers={"Retry-After": "10"})
     out = pool.handle(ProbeFinished(now=12.0, key_id="c", status=200))
     assert [(s.request_id, s.key_id) for s in sends(out)] == [("r2", "a")]
+
+
+# ------------- 4. a request pinned without fallback waits only for its own key
+
+
+def test_a_request_pinned_to_a_key_that_cannot_come_back_is_rejected_at_once() -> None:
+    pool = make_pool("a", "b")
+    pool.handle(KeyMarked(now=0.0, key_id="a", state=KeyState.DISABLED))
+    out = start(pool, "r1", 1.0, pin="a", pin_fallback=False, deadline=100.0)
+    reject = only(out, Reject)
+    assert reject.retry_after is None
+    assert pool.statistics().queued == 0
+
+
+def test_a_pinned_key_resting_past_the_deadline_rejects_with_its_return() -> None:
+    pool = make_pool("a", "b")
+    only(start(pool, "r0", 0.0, pin="a"), Send)
+    respond(pool, "r0", 1.0, 429, headers={"Retry-After": "60"})  # a rests until 61; r0 to b
+    reject = only(start(pool, "r1", 2.0, pin="a", pin_fallback=False, deadline=30.0), Reject)
+    assert reject.retry_after == 59.0
+    assert start(pool, "r2", 2.0, pin="a", pin_fallback=False, deadline=90.0) == []  # waits
+    assert [(s.request_id, s.key_id) for s in sends(pool.handle(Tick(now=61.0)))] == [("r2", "a")]
