@@ -485,6 +485,7 @@ async def open_app(
                     webhooks=config.webhooks,
                     interval=config.alert_interval,
                     log=log,
+                    providers=None if routes is None else routes.clients,
                 )
                 if startup.loaded is not None and startup.loaded.alerts is not None:
                     views.restore_rules(startup.loaded.alerts)

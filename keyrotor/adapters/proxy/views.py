@@ -12,7 +12,10 @@
 - ``GET /dashboard``: the page and its two assets (no data in them); its data
   comes from the endpoints above, ``/status`` and ``GET /dashboard/events``,
   a server-sent event stream (``status`` every second, ``key`` on each key
-  state change, ``alert``), all behind the admin token.
+  state change, ``alert``), all behind the admin token. Each frame is built
+  once and the same bytes go to every open stream: one ``status`` frame a
+  second whatever the number of streams (its JSON written in a worker thread),
+  further apart when a big pool's snapshot would take over a tenth of the loop.
 
 docs/analytics.md and docs/dashboard.md.
 """
@@ -23,12 +26,13 @@ import json
 import math
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlsplit
 
 import anyio
+import anyio.to_thread
 import attrs
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
@@ -42,7 +46,7 @@ from .auth import Auth, Role
 from .types import Request, Response
 
 if TYPE_CHECKING:
-    from ...core import KeyStateChanged
+    from ...core import KeyStateChanged, Pool
     from ...transports.api import AsyncClient
     from ..storage import StateStore
     from .router import Router
@@ -65,6 +69,13 @@ _JSON = ("content-type", "application/json")
 SUBSCRIBERS = 32
 """Event streams open at once (each a dashboard tab); more are refused (503)."""
 _QUEUE = 256  # events waiting per subscriber; a slower one misses some
+STATUS_EVERY = 1.0
+"""Seconds between ``status`` frames (at least): one frame each time, shared by every stream."""
+STATUS_SHARE = 0.1
+"""At most this share of the event loop's time goes to taking ``status`` snapshots:
+with a big pool (a snapshot taking more than a tenth of ``STATUS_EVERY``) the
+frames come further apart."""
+_SLICE = 200  # list items JSON-encoded at a time by ``_dumps`` (a few ms each)
 WEBHOOK_QUEUE = 1000
 WEBHOOK_TRIES = 5
 
@@ -80,11 +91,12 @@ def _error(status: int, message: str, code: str | None) -> Response:
 
 
 class EventHub:
-    """Fan-out of dashboard events to every open event stream; a stream that
-    cannot keep up misses events (``dropped``), never slowing the sender."""
+    """Fan-out of dashboard events to every open event stream, each framed
+    once (the same bytes to every stream); a stream that cannot keep up misses
+    events (``dropped``), never slowing the sender."""
 
     def __init__(self) -> None:
-        self._subscribers: set[MemoryObjectSendStream[tuple[str, Any]]] = set()
+        self._subscribers: set[MemoryObjectSendStream[bytes]] = set()
         self.dropped = 0
         self.closed = False  # the proxy shuts down: no new stream
 
@@ -92,9 +104,12 @@ class EventHub:
         return len(self._subscribers)
 
     def publish(self, event: str, data: Any) -> None:
+        if not self._subscribers:
+            return
+        frame = _frame(event, data)
         for stream in list(self._subscribers):
             try:
-                stream.send_nowait((event, data))
+                stream.send_nowait(frame)
             except anyio.WouldBlock:
                 self.dropped += 1
             except (anyio.BrokenResourceError, anyio.ClosedResourceError):
@@ -110,11 +125,9 @@ class EventHub:
             stream.close()
         self._subscribers.clear()
 
-    def subscribe(
-        self,
-    ) -> tuple[MemoryObjectReceiveStream[tuple[str, Any]], Callable[[], Awaitable[None]]]:
-        """A new subscriber's stream of (event, data), and what ends it."""
-        send, receive = anyio.create_memory_object_stream[tuple[str, Any]](_QUEUE)
+    def subscribe(self) -> tuple[MemoryObjectReceiveStream[bytes], Callable[[], Awaitable[None]]]:
+        """A new subscriber's stream of frames, and what ends it."""
+        send, receive = anyio.create_memory_object_stream[bytes](_QUEUE)
         if self.closed:
             send.close()
         else:
@@ -276,6 +289,7 @@ class Views:
         log: Callable[[dict[str, Any]], None] = lambda record: None,
         clock: Callable[[], float] = time.time,
         status: Callable[[], dict[str, Any]] | None = None,
+        providers: Mapping[str, AsyncClient] | None = None,
     ) -> None:
         self._client = client
         self._auth = auth
@@ -285,17 +299,24 @@ class Views:
         self._log = log
         self._clock = clock
         self._status = status or client.status
+        self.providers = providers or {}  # each [[providers]] pool's client
         self.interval = interval
         self.alerts = AlertBook(rules)
         self.hub = EventHub()
         self.webhooks = Webhooks(webhooks, log)
         self.answers = _Answers()
         self._assets: dict[str, bytes] = {}
+        self._status_frame: tuple[float, bytes] | None = None  # (when the next is due, frame)
+        self._building: anyio.Event | None = None  # while one is built: set when done
         self._keep_window()
 
     def set_status(self, status: Callable[[], dict[str, Any]]) -> None:
         """Where the pool's picture comes from (the app's ``/status``)."""
         self._status = status
+
+    def _pools(self) -> list[Pool]:
+        """The main pool and each ``[[providers]]`` pool."""
+        return [self._client.driver.pool, *(c.driver.pool for c in self.providers.values())]
 
     # ------------------------------------------------------------ answers
 
@@ -369,28 +390,31 @@ class Views:
             if caller is None:  # (its token expired while the request was read)
                 return _error(401, "the token is not valid (or has expired)", "invalid_token")
             q = attrs.evolve(q, client=caller)
-        accounts = self._accounts()
+        accounts = self._accounts() if q.by == "account" else {}  # read on the loop
 
         def account_of(key: str) -> str:
             return accounts.get(key, key)
 
+        def answer() -> Response:  # in the worker thread: the query and its encoding
+            rows = store.analytics(q, account_of)
+            if q.csv:
+                return Response(
+                    status=200,
+                    headers=[("content-type", "text/csv; charset=utf-8")],
+                    body=analytics.to_csv(rows, q.kind, q.by).encode(),
+                )
+            return _json(200, analytics.answer(q, rows))
+
         try:
-            rows = await anyio.to_thread.run_sync(store.analytics, q, account_of)
+            return await anyio.to_thread.run_sync(answer)
         except analytics.QueryError as exc:  # too many rows
             return _error(400, str(exc), "invalid_query")
-        if q.csv:
-            return Response(
-                status=200,
-                headers=[("content-type", "text/csv; charset=utf-8")],
-                body=analytics.to_csv(rows, q.kind, q.by).encode(),
-            )
-        return _json(200, analytics.answer(q, rows))
 
     def _accounts(self) -> dict[str, str]:
-        return {
-            key.key_id: key.account or key.key_id
-            for key in self._client.driver.pool.statistics().keys
-        }
+        """Each key's account (a key without one is its own), from the keys'
+        specs: no picture of every key's figures."""
+        specs = self._client.driver.pool.key_specs()
+        return {alias: spec.account or alias for alias, spec in specs.items()}
 
     @staticmethod
     async def _rows(store: StateStore, q: analytics.Query) -> list[Any]:
@@ -476,39 +500,47 @@ class Views:
         self.answers.keep = min(86400.0, max(windows, default=300.0))
 
     def observe(self) -> Observed:
-        """What the rules look at, now."""
+        """What the rules look at, now: only the figures some rule watches, read
+        from the pools and books directly (never ``/status``, a picture of every key)."""
         now = self._clock()
-        status = self._status()
-        keys = status.get("keys", [])
+        rules = self.alerts.rules.values()
+        kinds = {r.kind for r in rules}
         spend: dict[str, dict[str, float]] = {"total": {}, "key": {}}
-        day = self._spend.status()
-        for scope in ("client", "model"):
-            spend[scope] = {n: t["cost"] for n, t in day.get(scope + "s", {}).items()}
-        if self._store is not None:
-            spend["key"] = {row.alias: row.cost for row in self._store.ledger()}
-        spend["total"][""] = sum(spend["key"].values()) or sum(spend["model"].values())
-        windows = {r.window for r in self.alerts.rules.values() if r.kind == "error_share"}
+        budgets: dict[str, dict[str, float]] = {}
+        if kinds & {"spend", "budget"}:
+            day = self._spend.status()
+            for scope in ("client", "model"):
+                spend[scope] = {n: t["cost"] for n, t in day.get(scope + "s", {}).items()}
+            if self._store is not None and "spend" in kinds:
+                spend["key"] = {row.alias: row.cost for row in self._store.ledger()}
+            spend["total"][""] = sum(spend["key"].values()) or sum(spend["model"].values())
+            for budget in day.get("budgets", []):
+                if budget["budget"]:
+                    share = 100.0 * budget["spent"] / budget["budget"]
+                    budgets.setdefault(budget["scope"], {})[budget["name"]] = share
+        windows = {r.window for r in rules if r.kind == "error_share"}
         free_left: dict[str, float] = {}
-        if self._router is not None:
+        if self._router is not None and "free_quota" in kinds:
             for account, use in self._router.free_status().items():
                 per_day = use["perDay"]
                 if per_day:
                     free_left[account] = 100.0 * max(0, per_day - use["usedToday"]) / per_day
-        budgets: dict[str, dict[str, float]] = {}
-        for budget in day.get("budgets", []):
-            if budget["budget"]:
-                share = 100.0 * budget["spent"] / budget["budget"]
-                budgets.setdefault(budget["scope"], {})[budget["name"]] = share
-        usable = {s.value for s in USABLE_STATES}
-        providers = status.get("providers", {}).values()  # each [[providers]] pool's keys too
-        every = [*keys, *(k for p in providers for k in p.get("keys", []))]
+        usable = 0
+        if "usable_keys" in kinds:  # the main pool's, as /healthz counts them
+            counts = self._client.driver.pool.count_by_state()
+            usable = sum(counts[state.value] for state in USABLE_STATES)
+        states: dict[str, str] = {}  # every key of every pool, for the rules that name keys
+        by_key = any(r.kind == "error_share" and r.scope == "key" for r in rules)
+        if by_key or "key_failed" in kinds:
+            for pool in self._pools():
+                states.update((alias, pool.state_of(alias).value) for alias in pool.key_ids())
         return Observed(
             spend=spend,
             budgets=budgets,
             answers={w: self.answers.window(now, w) for w in windows},
-            usable_keys=sum(1 for k in keys if k.get("state") in usable),
+            usable_keys=usable,
             free_left=free_left,
-            key_states={k["alias"]: k["state"] for k in every if "alias" in k},
+            key_states=states,
         )
 
     def look(self) -> list[Alert]:
@@ -569,14 +601,14 @@ class Views:
             aclose=end,
         )
 
-    async def _stream(
-        self, receive: MemoryObjectReceiveStream[tuple[str, Any]]
-    ) -> AsyncIterator[bytes]:
-        """``status`` at once and every second, the hub's events as they come."""
-        yield _frame("status", self._status())
-        next_status = time.monotonic() + 1.0
+    async def _stream(self, receive: MemoryObjectReceiveStream[bytes]) -> AsyncIterator[bytes]:
+        """``status`` at once and then each time the last one is due for a new
+        one (every stream at the same moment, with the same bytes), the hub's
+        events as they come."""
+        due, frame = await self.status_frame()
+        yield frame
         while True:
-            wait = next_status - time.monotonic()
+            wait = due - anyio.current_time()
             event = None
             if wait > 0:
                 with anyio.move_on_after(wait):
@@ -585,14 +617,68 @@ class Views:
                     except anyio.EndOfStream:  # closed: the proxy shuts down
                         return
             if event is not None:
-                yield _frame(*event)
+                yield event
                 continue
-            yield _frame("status", self._status())
-            next_status = time.monotonic() + 1.0
+            due, frame = await self.status_frame()
+            yield frame
+
+    async def status_frame(self) -> tuple[float, bytes]:
+        """The current ``status`` frame and when the next one is due: the first
+        stream to ask once it is due builds it (the snapshot taken on the loop,
+        its JSON written in a worker thread), every other stream gets the same
+        bytes. The next is due ``STATUS_EVERY`` seconds later, or later still
+        when taking the snapshot took more than ``STATUS_SHARE`` of that."""
+        while True:
+            last = self._status_frame
+            if last is not None and anyio.current_time() < last[0]:
+                return last
+            building = self._building
+            if building is None:
+                break
+            await building.wait()
+            if self._status_frame is not last and self._status_frame is not None:
+                return self._status_frame  # the one built meanwhile (else: it failed)
+        done = self._building = anyio.Event()
+        try:
+            started = anyio.current_time()
+            snapshot = self._status()
+            cost = anyio.current_time() - started  # the loop's time (it waited for it)
+            frame = await anyio.to_thread.run_sync(_frame_of, "status", snapshot)
+            self._status_frame = (started + max(STATUS_EVERY, cost / STATUS_SHARE), frame)
+        finally:
+            self._building = None
+            done.set()
+        return self._status_frame
 
 
 def _frame(event: str, data: Any) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data, allow_nan=False, default=_plain)}\n\n".encode()
+
+
+def _frame_of(event: str, data: Any) -> bytes:
+    """``_frame`` in slices (in a worker thread: one ``json.dumps`` of a big
+    pool's status would hold the GIL, and so the event loop, throughout)."""
+    return f"event: {event}\ndata: {''.join(_dumps(data, 4))}\n\n".encode()
+
+
+def _dumps(value: Any, depth: int) -> Iterator[str]:
+    """``json.dumps(value)`` as ``_frame`` writes it, in parts: the objects
+    ``depth`` levels down taken member by member, their long lists
+    ``_SLICE`` items at a time."""
+    if depth and isinstance(value, dict) and all(isinstance(name, str) for name in value):
+        yield "{"
+        for i, (name, item) in enumerate(value.items()):
+            yield f"{', ' if i else ''}{json.dumps(name)}: "
+            yield from _dumps(item, depth - 1)
+        yield "}"
+    elif depth and isinstance(value, list) and len(value) > _SLICE:
+        yield "["
+        for start in range(0, len(value), _SLICE):
+            part = json.dumps(value[start : start + _SLICE], allow_nan=False, default=_plain)
+            yield (", " if start else "") + part[1:-1]
+        yield "]"
+    else:
+        yield json.dumps(value, allow_nan=False, default=_plain)
 
 
 def _plain(value: Any) -> Any:
