@@ -15,7 +15,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -53,29 +53,6 @@ class Clock:
 @pytest.fixture
 def key() -> str:
     return Fernet.generate_key().decode()
-
-
-@pytest.fixture
-def logs() -> list[str]:
-    return []
-
-
-@pytest.fixture
-def opened(logs: list[str]) -> Iterator[Callable[..., StateStore]]:
-    """``opened(path, **options)``: a store closed after the test. Flushes only when asked."""
-    stores: list[StateStore] = []
-
-    def open_(path: pathlib.Path, **options: Any) -> StateStore:
-        options.setdefault("secret_key", None)
-        options.setdefault("flush_interval", 3600.0)
-        options.setdefault("log", logs.append)
-        store = StateStore.open(path, **options)
-        stores.append(store)
-        return store
-
-    yield open_
-    for store in stores:
-        store.close()
 
 
 def reopen(store: StateStore, opened: Callable[..., StateStore], **options: Any) -> StateStore:

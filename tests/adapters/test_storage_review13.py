@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import pathlib
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -14,43 +14,19 @@ from cryptography.fernet import Fernet
 
 from keyrotor.adapters.storage import StateStore, StorageError
 
+from .test_storage import Clock as StorageClock
+
 T0 = 1_700_000_040.0  # 2023-11-14 22:14:00 UTC
 SECRET = "test-secret-alpha-" + "0123456789abcdef" * 3
 PASSPHRASE = "correct horse battery staple"
 DIMS = ("k1", "main", "m", "", "")
 
 
-class Clock:
-    """A wall clock the test moves."""
+class Clock(StorageClock):
+    """A wall clock the test moves (from ``T0``)."""
 
     def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-def logs() -> list[str]:
-    return []
-
-
-@pytest.fixture
-def opened(logs: list[str]) -> Iterator[Callable[..., StateStore]]:
-    """``opened(path, **options)``: a store closed after the test. Flushes only when asked."""
-    stores: list[StateStore] = []
-
-    def open_(path: pathlib.Path, **options: Any) -> StateStore:
-        options.setdefault("secret_key", None)
-        options.setdefault("flush_interval", 3600.0)
-        options.setdefault("log", logs.append)
-        store = StateStore.open(path, **options)
-        stores.append(store)
-        return store
-
-    yield open_
-    for store in stores:
-        store.close()
+        super().__init__(now)
 
 
 def rows(path: pathlib.Path, sql: str) -> list[Any]:
