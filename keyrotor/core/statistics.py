@@ -66,11 +66,26 @@ class KeyStatistics:
         )
 
     def to_json(self) -> dict[str, Any]:
-        """JSON-able dict; the state by its name."""
-        data = attrs.asdict(self)
-        data["state"] = self.state.value
-        data["success_rate"] = self.success_rate
-        return data
+        """JSON-able dict; the state by its name (the fields in their order,
+        then ``success_rate``: written out, as ``attrs.asdict`` costs ~5x)."""
+        return {
+            "key_id": self.key_id,
+            "account": self.account,
+            "state": self.state.value,
+            "until": self.until,
+            "reason": self.reason,
+            "in_flight": self.in_flight,
+            "requests": self.requests,
+            "successes": self.successes,
+            "errors": dict(self.errors),
+            "spend": self.spend,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "latency": self.latency,
+            "probing": self.probing,
+            "removing": self.removing,
+            "success_rate": self.success_rate,
+        }
 
 
 @attrs.frozen(kw_only=True)

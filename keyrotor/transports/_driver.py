@@ -486,36 +486,67 @@ class Driver:
 
     # -------------------------------------------------------------- status
 
-    def status(self) -> dict[str, Any]:
-        """The JSON-able picture of the pool the proxy also serves."""
+    def status(self, keys: Container[str] | None = None) -> dict[str, Any]:
+        """The JSON-able picture of the pool the proxy also serves (``keys``:
+        only those aliases' entries under ``"keys"``; the totals stay the pool's).
+
+        One pass over the pool's statistics, each entry written out: this is
+        served for pools of thousands of keys."""
         stats = self.pool.statistics()
         now = self.now()
         wall = self.wall_clock()
-        keys = []
+        secrets = self.secrets
+        health = {state.value: 0 for state in KeyState}
+        entries = []
+        answered = successes = 0
         for key in stats.keys:
-            item = key.to_json()
-            item["alias"] = item.pop("key_id")
-            item["masked"] = mask(self.secrets.get(key.key_id, ""))
-            if key.until is not None:
-                item["until_in"] = round(max(key.until - now, 0.0), 3)
-                item["until_wall"] = wall + max(key.until - now, 0.0)
+            errors = key.errors  # a copy already: ``stats`` is this call's own
+            key_answered = key.successes + sum(errors.values())
+            answered += key_answered
+            successes += key.successes
+            state = key.state.value
+            if not key.removing:
+                health[state] += 1
+            if keys is not None and key.key_id not in keys:
+                continue
+            item: dict[str, Any] = {
+                "account": key.account,
+                "state": state,
+                "until": None,
+                "reason": key.reason,
+                "in_flight": key.in_flight,
+                "requests": key.requests,
+                "successes": key.successes,
+                "errors": errors,
+                "spend": key.spend,
+                "prompt_tokens": key.prompt_tokens,
+                "completion_tokens": key.completion_tokens,
+                "latency": key.latency,
+                "probing": key.probing,
+                "removing": key.removing,
+                "success_rate": key.successes / key_answered if key_answered else None,
+                "alias": key.key_id,
+                "masked": mask(secrets.get(key.key_id, "")),
+            }
+            if key.until is not None:  # in seconds from now, and the wall clock's time
                 del item["until"]
-            keys.append(item)
-        answered = sum(k["successes"] + sum(k["errors"].values()) for k in keys)
-        successes = sum(k["successes"] for k in keys)
+                left = max(key.until - now, 0.0)
+                item["until_in"] = round(left, 3)
+                item["until_wall"] = wall + left
+            entries.append(item)
         return {
-            "totalKeys": len([k for k in stats.keys if not k.removing]),
-            "health": stats.count_by_state(),
+            "totalKeys": sum(health.values()),
+            "health": health,
             "stats": {
                 "totalRequests": stats.started,
                 "successRate": successes / answered if answered else None,
-                "totalCost": stats.to_json()["spend"],
+                "totalCost": sum(key.spend for key in stats.keys),
                 "inFlight": stats.in_flight,
                 "queued": stats.queued,
                 "delivered": stats.delivered,
                 "rejected": stats.rejected,
             },
-            "keys": keys,
+            "keys": entries,
         }
 
 

@@ -86,6 +86,8 @@ class Admin:
         # Told of each main-pool key added or removed here (``shared_keys``).
         self.on_added: Callable[[str, str, Mapping[str, Any]], None] | None = None
         self.on_removed: Callable[[str], None] | None = None
+        # Told after every change to keys or routes (the app's cached /status, /metrics).
+        self.on_change: Callable[[], None] = lambda: None
 
     async def __call__(self, request: Request) -> Response:
         try:
@@ -120,6 +122,7 @@ class Admin:
                         for k in client.status()["keys"]
                         if k["state"] != "disabled" and not k["removing"]
                     ]
+            self.on_change()
             self._log({"event": "admin", "action": "probe", "keys": targets})
             return _answer(202, {"probing": targets})
         if path == "/admin/routes" or path.startswith("/admin/routes/"):
@@ -187,31 +190,35 @@ class Admin:
                 router.set_route(route)
             else:
                 router.remove_route(name)
+            self.on_change()
         self._log({"event": "admin", "action": action, "route": name})
         return _answer(status, {"route": name, "stored": self._store is not None})
 
     # ---------------------------------------------------------------- views
 
-    def list_keys(self) -> list[dict[str, Any]]:
-        """Every key of every upstream: alias, its provider (``main``: the main
-        upstream), masked form, source, options, state and counters."""
+    def list_keys(self, alias: str | None = None) -> list[dict[str, Any]]:
+        """Every key of every upstream (``alias``: only the keys so named): alias,
+        its provider (``main``: the main upstream), masked form, source,
+        options, state and counters."""
         specs = {
             s.key_id: s for client in self._clients.values() for s in client.driver.pool.config.keys
         }
         specs.update(self._specs)
+        fields = [f for f in attrs.fields(KeySpec) if f.name != "key_id"]
+        only = None if alias is None else (alias,)
         out = []
         for provider, client in self._clients.items():
-            for item in client.status()["keys"]:
-                alias = item["alias"]
-                spec = specs.get(alias)
+            for item in client.driver.status(only)["keys"]:
+                name = item["alias"]
+                spec = specs.get(name)
                 options = {}
                 if spec is not None:  # the options set, not the defaults
                     options = {
                         f.name: getattr(spec, f.name)
-                        for f in attrs.fields(KeySpec)
-                        if f.name != "key_id" and getattr(spec, f.name) != f.default
+                        for f in fields
+                        if getattr(spec, f.name) != f.default
                     }
-                source = self.sources.get(alias, "api")
+                source = self.sources.get(name, "api")
                 out.append({**item, "provider": provider, "source": source, "options": options})
         return out
 
@@ -232,9 +239,9 @@ class Admin:
         raise AdminError(404, f"no key with alias {alias!r}")
 
     def _entry(self, alias: str) -> dict[str, Any]:
-        for item in self.list_keys():
-            if item["alias"] == alias:
-                return item
+        found = self.list_keys(alias)
+        if found:
+            return found[0]
         raise AdminError(404, f"no key with alias {alias!r}")
 
     # ------------------------------------------------------------- changes
@@ -337,6 +344,7 @@ class Admin:
                     raise
                 self.sources[alias] = "api"
                 self._specs[alias] = key_spec
+                self.on_change()
         self._log(
             {
                 "event": "admin",
@@ -400,6 +408,7 @@ class Admin:
                         raise AdminError(503, f"{exc}; the key stays in the pool") from None
                 self._call(self._owner(alias).remove_key, alias)
                 self._specs.pop(alias, None)
+                self.on_change()
         self._log(
             {"event": "admin", "action": "remove", "key": alias}
             | ({"via": via} if via != "admin" else {})
@@ -439,6 +448,7 @@ class Admin:
         if self._entry(alias)["removing"]:
             raise AdminError(404, f"key {alias!r} is removed")
         self._call(self._owner(alias).mark_key, alias, KeyState(state), duration=duration)
+        self.on_change()
         stored = False
         if self._store is not None:  # committed before the answer, like every admin change
             with anyio.CancelScope(shield=True):

@@ -14,12 +14,13 @@ import os
 import re
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from urllib.parse import quote, unquote
 
 import anyio
+import anyio.lowlevel
 import attrs
 
 from ...core import USABLE_STATES
@@ -31,7 +32,7 @@ from ..analytics import Dims
 from ..config import MAIN_PROVIDER
 from .admin import Admin
 from .auth import Auth, Role
-from .metrics import ProxyCounters, render
+from .metrics import ProxyCounters, render_parts
 from .model_health import ModelHealth, model_of
 from .router import Plan, Refused, Router, is_free
 from .spend import Refusal, SpendBook
@@ -171,6 +172,103 @@ def header_value(text: str) -> str:
     return quote(text, safe="/:@!$&'()*+,;=~")
 
 
+CACHE_TTL = 1.0
+"""Seconds a big pool's /status, /metrics, /v1/key and /healthz answers are
+served as made (an admin change makes them anew at once)."""
+CACHE_FROM_KEYS = 100
+"""Pools of this many keys or more (providers' included) are big: below it,
+every call makes its answer (a few keys cost little, and stay exact)."""
+_SLICE = 0.005  # seconds of rendering between two turns of the other tasks
+_PER_PART = 500  # list items JSON-encoded at once
+
+T = TypeVar("T")
+
+
+class Rendered(Generic[T]):
+    """One answer made for every caller: reused for ``CACHE_TTL`` seconds of
+    ``clock``, made once for the callers that come while it is made.
+
+    ``forget`` drops it: the next caller makes it anew, and one being made
+    then is not kept (it was begun before the change).
+    """
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self._value: T | None = None
+        self._at = -math.inf
+        self._generation = 0
+        self._made_in = -1
+        self._making: anyio.Event | None = None
+
+    def forget(self) -> None:
+        self._generation += 1
+
+    def fresh(self) -> T | None:
+        """The value, while it is fresh; else None."""
+        if self._made_in == self._generation and self._clock() - self._at < CACHE_TTL:
+            return self._value
+        return None
+
+    async def get(self, make: Callable[[], Awaitable[T]], cache: bool = True) -> T:
+        """The value: ``make()``'s for every call when not ``cache``; else the
+        fresh one, or one made now (or the one another caller is making)."""
+        if not cache:
+            return await make()
+        while True:
+            value = self.fresh()
+            if value is not None:
+                return value
+            if self._making is None:
+                break
+            await self._making.wait()  # then the value it made, or a turn to make one
+        made = self._making = anyio.Event()
+        generation, at = self._generation, self._clock()
+        try:
+            value = await make()
+        finally:
+            self._making = None
+            made.set()
+        self._value, self._at, self._made_in = value, at, generation
+        return value
+
+
+async def _nothing() -> AsyncIterator[bytes]:
+    """A body of nothing, length unsaid (``HEAD`` of an answer not made)."""
+    return
+    yield b""  # an async generator
+
+
+def _json_parts(value: Any, depth: int = 3) -> Iterator[str]:
+    """``json.dumps(value)``, in parts: objects walked ``depth`` deep, lists of
+    more than ``_PER_PART`` items encoded that many at a time."""
+    if isinstance(value, list) and len(value) > _PER_PART:
+        for start in range(0, len(value), _PER_PART):
+            text = json.dumps(value[start : start + _PER_PART])
+            yield ("[" if start == 0 else ", ") + text[1:-1]
+        yield "]"
+    elif depth and isinstance(value, dict) and value and all(type(k) is str for k in value):
+        before = "{"
+        for name, item in value.items():
+            yield before + json.dumps(name) + ": "
+            yield from _json_parts(item, depth - 1)
+            before = ", "
+        yield "}"
+    else:
+        yield json.dumps(value)
+
+
+async def _joined(parts: Iterable[str]) -> bytes:
+    """The parts' text, other tasks let run after each ``_SLICE`` of making it."""
+    out = []
+    mark = time.perf_counter()
+    for part in parts:
+        out.append(part.encode())
+        if time.perf_counter() - mark > _SLICE:
+            await anyio.lowlevel.checkpoint()
+            mark = time.perf_counter()
+    return b"".join(out)
+
+
 class ProxyApp:
     """Routes: ``/v1/*`` forwarded through the pool; ``/status``, ``/metrics``,
     ``/healthz``; ``/admin/*`` and ``POST /auth/token`` (docs/operations.md).
@@ -205,6 +303,7 @@ class ProxyApp:
         router: Router | None = None,
         views: Views | None = None,
         shared: SharedState | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._reject_unknown = reject_unknown_models and catalog is not None
         self._client = client
@@ -226,6 +325,15 @@ class ProxyApp:
         self.views = views or Views(
             client, self._auth, self.spend, store=store, router=router, status=self.status
         )
+        # Big pools: what /status, /metrics, /v1/key and /healthz show, made at
+        # most once a CACHE_TTL for every caller (docs/proxy.md).
+        self.cache_from_keys = CACHE_FROM_KEYS
+        self._status_made: Rendered[tuple[bytes, dict[str, Any]]] = Rendered(monotonic)
+        self._metrics_made: Rendered[bytes] = Rendered(monotonic)
+        self._key_counts: Rendered[dict[str, Any]] = Rendered(monotonic)
+        self._usable: Rendered[int] = Rendered(monotonic)
+        if admin is not None:
+            admin.on_change = self.forget_rendered
 
     def admit(self, request: Request) -> Response | None:
         """The refusal of a request from its head alone (no body read yet): the
@@ -273,26 +381,22 @@ class ProxyApp:
                 200, {"access_token": token, "token_type": "bearer", "expires_in": ttl}
             )
         elif path == "/status" and request.method in _READ:
-            status = self.status()
-            role, caller = self._auth.identify(request)
-            if self._auth.admin_enabled and role is not Role.ADMIN:  # a client: its own spend
-                _own_spend(status["spend"], caller)
-            response = self._json(200, status)
+            response = await self._status_response(request)
         elif path == "/metrics" and request.method in _READ:
-            providers = None if self._routes is None else self._routes.status()
-            board = None if self.shared is None else self.shared.part("processes")
-            pool = None if board is None else board.pool()
-            text = render(self._client.status(), self.counters, providers, pool)
+            cached = self._cached()
+            if request.method == "HEAD" and cached:  # nothing made for it
+                text = self._metrics_made.fresh()
+            else:
+                text = await self._metrics_made.get(self._metrics_text, cached)
             response = Response(
                 status=200,
                 headers=[("content-type", "text/plain; version=0.0.4; charset=utf-8")],
-                body=text.encode(),
+                body=_nothing() if text is None else text,
             )
         elif path.startswith("/routing/"):
             response = self._routing(request, path)
         elif path == "/healthz" and request.method in _READ:
-            counts = self._client.driver.pool.count_by_state()  # not status(): O(keys) dicts
-            usable = sum(counts[state.value] for state in USABLE_STATES)
+            usable = await self._usable.get(self._usable_keys, self._cached())
             health: dict[str, Any] = {"ok": True, "usable_keys": usable}
             if self.shared is not None:  # still ok without Redis: it serves on its own view
                 health["shared"] = self.shared.connected
@@ -369,9 +473,10 @@ class ProxyApp:
             401, "missing or wrong token: send Authorization: Bearer <token>", "invalid_api_key"
         )
 
-    def status(self) -> dict[str, Any]:
-        """Seed 004's status shape plus per-key detail (aliases, never secrets)."""
-        status = self._client.status()
+    def status(self, pool: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Seed 004's status shape plus per-key detail (aliases, never secrets);
+        ``pool``: the client's ``status()``, when taken already."""
+        status = self._client.status() if pool is None else pool
         now = self._clock()
         total = status["stats"]["totalCost"]
         day = int(now // 86_400)
@@ -400,6 +505,68 @@ class ProxyApp:
         status["stats"]["failovers"] = self.counters.failovers
         status["stats"]["streamErrors"] = self.counters.stream_errors
         return status
+
+    def forget_rendered(self) -> None:
+        """Make /status, /metrics, /v1/key and /healthz anew at their next call
+        (an admin change: its effect is seen at once)."""
+        for rendered in (self._status_made, self._metrics_made, self._key_counts, self._usable):
+            rendered.forget()
+
+    def _cached(self) -> bool:
+        """Whether the pools hold ``cache_from_keys`` keys or more: their
+        pictures are then served for up to ``CACHE_TTL`` seconds."""
+        pooled = len(self._client.driver.secrets)
+        if self._routes is not None:
+            pooled += sum(len(c.driver.secrets) for c in self._routes.clients.values())
+        return pooled >= self.cache_from_keys
+
+    async def _status_response(self, request: Request) -> Response:
+        """``/status``: a client sees only its own spend (as analytics shows a
+        client its own answers); ``HEAD`` of a big pool renders nothing new."""
+        cached = self._cached()
+        if request.method == "HEAD" and cached:  # nothing made for it
+            made = self._status_made.fresh()
+        else:
+            made = await self._status_made.get(self._status_text, cached)
+        if made is None:
+            return Response(status=200, headers=[_JSON], body=_nothing())
+        head, spend = made
+        role, caller = self._auth.identify(request)
+        if self._auth.admin_enabled and role is not Role.ADMIN:
+            spend = dict(spend)  # the made one is every caller's
+            _own_spend(spend, caller)
+        return Response(status=200, headers=[_JSON], body=head + json.dumps(spend).encode() + b"}")
+
+    async def _status_text(self) -> tuple[bytes, dict[str, Any]]:
+        """``status()`` as JSON, all but its last member (``spend``, which
+        differs by caller): the text up to ``"spend": ``, and ``spend``."""
+        pool = self._client.status()
+        await anyio.lowlevel.checkpoint()  # the rest of the picture: another turn
+        status = self.status(pool)
+        spend = status.pop("spend")
+        text = await _joined(_json_parts(status))
+        return text[:-1] + (b', "spend": ' if status else b'"spend": '), spend
+
+    async def _metrics_text(self) -> bytes:
+        providers = None if self._routes is None else self._routes.status()
+        board = None if self.shared is None else self.shared.part("processes")
+        pool = None if board is None else board.pool()
+        status = self._client.status()
+        return await _joined(render_parts(status, self.counters, providers, pool))
+
+    async def _usable_keys(self) -> int:
+        counts = self._client.driver.pool.count_by_state()  # not status(): O(keys) dicts
+        return sum(counts[state.value] for state in USABLE_STATES)
+
+    async def _pool_counts(self) -> dict[str, Any]:
+        """What ``GET /v1/key`` tells: keys, usable keys, spend (no key's entry made)."""
+        stats = self._client.driver.pool.statistics()
+        counts = stats.count_by_state()
+        return {
+            "total": sum(counts.values()),
+            "usable": sum(counts[state.value] for state in USABLE_STATES),
+            "spend": sum(key.spend for key in stats.keys),
+        }
 
     def summary(self) -> dict[str, Any]:
         """This process's figures for the pool's other processes (``ProcessBoard``)."""
@@ -465,19 +632,19 @@ class ProxyApp:
             return f"fallback: {pin} was busy or failed this request"
         return f"fallback: {pin} is {state.value}"
 
-    def _key_info(self) -> dict[str, Any]:
+    async def _key_info(self) -> dict[str, Any]:
         """``GET /v1/key`` in OpenRouter's shape, for the pool as a whole (what
         its keys spent through keyrotor); nothing of any one key or account."""
-        status = self._client.status()
-        usable = _usable_keys(status)
+        counts = await self._key_counts.get(self._pool_counts, self._cached())
+        total, usable = counts["total"], counts["usable"]
         return {
             "data": {
-                "label": f"keyrotor pool ({status['totalKeys']} keys, {usable} usable)",
-                "usage": status["stats"]["totalCost"],
+                "label": f"keyrotor pool ({total} keys, {usable} usable)",
+                "usage": counts["spend"],
                 "limit": None,
                 "limit_remaining": None,
                 "is_free_tier": False,
-                "keyrotor": {"totalKeys": status["totalKeys"], "usableKeys": usable},
+                "keyrotor": {"totalKeys": total, "usableKeys": usable},
             }
         }
 
@@ -498,7 +665,7 @@ class ProxyApp:
                 "the path may not hold '..', '.', empty segments or encoded slashes or backslashes"
             )
         if kind == "key_info" and request.method == "GET":
-            return self._json(200, self._key_info())
+            return self._json(200, await self._key_info())
         if kind == "account" or kind == "key_info":  # /v1/key, not with GET: an account's
             return _refuse(
                 403,
@@ -901,11 +1068,6 @@ def _refused(refused: Refused) -> Response:
     if refused.decision is not None:
         log["route"] = refused.decision.route
     return Response(status=refused.status, headers=headers, body=body, log=log)
-
-
-def _usable_keys(status: dict[str, Any]) -> int:
-    """Keys in a usable state, from ``status()``'s count per state."""
-    return sum(status["health"][state.value] for state in USABLE_STATES)
 
 
 _BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}

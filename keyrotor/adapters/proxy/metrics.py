@@ -8,12 +8,12 @@ exposition rules that matter (HELP/TYPE once per family, escaped label values,
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from ...core import KeyState
 
-__all__ = ["ProxyCounters", "render"]
+__all__ = ["ProxyCounters", "render", "render_parts"]
 
 
 class ProxyCounters:
@@ -32,10 +32,11 @@ def _escape(value: str) -> str:
 
 
 def _labels(**labels: Any) -> str:
-    if not labels:
-        return ""
-    inner = ",".join(f'{name}="{_escape(str(value))}"' for name, value in labels.items())
-    return "{" + inner + "}"
+    return "{" + _inner(labels) + "}" if labels else ""
+
+
+def _inner(labels: Mapping[str, Any]) -> str:
+    return ",".join(f'{name}="{_escape(str(value))}"' for name, value in labels.items())
 
 
 def _family(
@@ -47,6 +48,8 @@ def _family(
 
 
 def _number(value: float) -> str:
+    if type(value) is int:
+        return str(value)
     if isinstance(value, int) or float(value).is_integer():
         return str(int(value))
     return repr(float(value))
@@ -63,59 +66,32 @@ def render(
     ``status()``) carry a ``provider`` label, the main upstream's none. With
     other processes sharing the pool, ``pool`` (``ProcessBoard.pool()``) adds
     the ``keyrotor_shared_*`` families: every live process, by ``process``."""
+    return "".join(render_parts(status, counters, providers, pool))
+
+
+def render_parts(
+    status: dict[str, Any],
+    counters: ProxyCounters,
+    providers: Mapping[str, dict[str, Any]] | None = None,
+    pool: dict[str, Any] | None = None,
+    keys_per_part: int = 500,
+) -> Iterator[str]:
+    """``render``'s text in parts, each of at most ``keys_per_part`` keys (an
+    empty part: the keys' labels made): a caller may let other work run
+    between them. ``counters`` are read when their part is made."""
     pools = [({}, status), *(({"provider": name}, s) for name, s in (providers or {}).items())]
-    keys = [({**where, "key": k["alias"]}, k) for where, s in pools for k in s["keys"]]
+    keys = [(where, k) for where, s in pools for k in s["keys"]]
+    parts: list[_Part] = []
+    for i in range(0, len(keys), keys_per_part):
+        parts.append(
+            [(_inner({**w, "key": k["alias"]}), k) for w, k in keys[i : i + keys_per_part]]
+        )
+        yield ""
+    for name, kind, help_text, family in _KEY_FAMILIES:
+        yield f"# HELP {name} {help_text}\n# TYPE {name} {kind}\n"
+        for part in parts:
+            yield family(name, part)
     lines: list[str] = []
-    lines += _family(
-        "keyrotor_key_state",
-        "gauge",
-        "1 for the state each key is in.",
-        (
-            ({**key, "state": state.value}, int(k["state"] == state.value))
-            for key, k in keys
-            for state in KeyState
-        ),
-    )
-    lines += _family(
-        "keyrotor_key_in_flight",
-        "gauge",
-        "Requests in flight on each key.",
-        ((key, k["in_flight"]) for key, k in keys),
-    )
-    lines += _family(
-        "keyrotor_key_requests_total",
-        "counter",
-        "Attempts sent on each key.",
-        ((key, k["requests"]) for key, k in keys),
-    )
-    lines += _family(
-        "keyrotor_key_successes_total",
-        "counter",
-        "2xx answers on each key.",
-        ((key, k["successes"]) for key, k in keys),
-    )
-    lines += _family(
-        "keyrotor_key_errors_total",
-        "counter",
-        "Error answers on each key, by class.",
-        (({**key, "class": name}, count) for key, k in keys for name, count in k["errors"].items()),
-    )
-    lines += _family(
-        "keyrotor_key_spend_usd_total",
-        "counter",
-        "Spend on each key, in USD, as reported by the upstream.",
-        ((key, k["spend"]) for key, k in keys),
-    )
-    lines += _family(
-        "keyrotor_key_tokens_total",
-        "counter",
-        "Tokens on each key, by kind.",
-        (
-            ({**key, "kind": kind}, k[f"{kind}_tokens"])
-            for key, k in keys
-            for kind in ("prompt", "completion")
-        ),
-    )
     lines += _family(
         "keyrotor_pool_requests_total",
         "counter",
@@ -152,7 +128,67 @@ def render(
     )
     if pool is not None:
         lines += _shared(pool["processes"])
-    return "\n".join(lines) + "\n"
+    yield "\n".join(lines) + "\n"
+
+
+# The per-key families, each a function of its name and some keys (their
+# labels, from ``_inner``, and ``status()`` entries) giving their lines: written
+# out, as a big pool's text is mostly these (22 lines a key).
+_STATE_LABELS = tuple((state.value, _escape(state.value)) for state in KeyState)
+_Part = list[tuple[str, dict[str, Any]]]
+
+
+def _states(name: str, part: _Part) -> str:
+    return "".join(
+        [
+            f'{name}{{{labels},state="{shown}"}} {int(k["state"] == value)}\n'
+            for labels, k in part
+            for value, shown in _STATE_LABELS
+        ]
+    )
+
+
+def _field(field: str) -> Callable[[str, _Part], str]:
+    def lines(name: str, part: _Part) -> str:
+        return "".join([f"{name}{{{labels}}} {_number(k[field])}\n" for labels, k in part])
+
+    return lines
+
+
+def _errors(name: str, part: _Part) -> str:
+    return "".join(
+        [
+            f'{name}{{{labels},class="{_escape(str(kind))}"}} {_number(count)}\n'
+            for labels, k in part
+            for kind, count in k["errors"].items()
+        ]
+    )
+
+
+def _tokens(name: str, part: _Part) -> str:
+    return "".join(
+        [
+            f'{name}{{{labels},kind="{kind}"}} {_number(k[field])}\n'
+            for labels, k in part
+            for kind, field in (("prompt", "prompt_tokens"), ("completion", "completion_tokens"))
+        ]
+    )
+
+
+_KEY_FAMILIES: tuple[tuple[str, str, str, Callable[[str, _Part], str]], ...] = (
+    ("keyrotor_key_state", "gauge", "1 for the state each key is in.", _states),
+    ("keyrotor_key_in_flight", "gauge", "Requests in flight on each key.", _field("in_flight")),
+    ("keyrotor_key_requests_total", "counter", "Attempts sent on each key.", _field("requests")),
+    ("keyrotor_key_successes_total", "counter", "2xx answers on each key.", _field("successes")),
+    ("keyrotor_key_errors_total", "counter", "Error answers on each key, by class.", _errors),
+    (
+        "keyrotor_key_spend_usd_total",
+        "counter",
+        "Spend on each key, in USD, as reported by the upstream.",
+        _field("spend"),
+    ),
+    ("keyrotor_key_tokens_total", "counter", "Tokens on each key, by kind.", _tokens),
+)
 
 
 def _shared(processes: list[dict[str, Any]]) -> list[str]:

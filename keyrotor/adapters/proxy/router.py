@@ -644,16 +644,24 @@ class Router:
         return self.free.status(self._clock())
 
     def status(self) -> dict[str, Any]:
-        """For ``/status``: routes, cooling models, free-tier use per account."""
+        """For ``/status``: routes, cooling models, and the free-tier use of
+        each account that has some today (or in the last window), or whose
+        daily limit is set in ``[routing.accounts]`` or learned from ``GET
+        /key``; an account left out has used nothing of ``free_per_day``."""
         now = self._clock()
         self._refresh_accounts()
+        named = self.options.accounts.keys() | self._learned.keys()
         return {
             "routes": sorted(self.routes),
             "cooling": {
                 m: {"for": round(s.retry_after or 0, 1), "why": s.reason}
                 for m, s in self.cooling.skips(now).items()
             },
-            "freeTier": self.free.status(now),
+            "freeTier": {
+                account: use
+                for account, use in self.free.status(now).items()
+                if use["usedToday"] or use["lastMinute"] or account in named
+            },
         }
 
 
