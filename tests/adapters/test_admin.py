@@ -202,7 +202,10 @@ def test_keys_are_added_listed_marked_probed_and_removed_while_traffic_flows(
             more_served(20)
             assert upstream.stats("new").requests == count  # nothing new on it
             assert call("DELETE", "/admin/keys/new").status_code == 404
-            assert call("GET", "/admin/keys/new").status_code == 404
+            gone = call("GET", "/admin/keys/new")
+            assert gone.status_code == 404
+            error = gone.json()["error"]  # OpenAI's shape, as every error the proxy makes
+            assert (error["type"], error["code"]) == ("invalid_request_error", 404)
             listed = call("GET", "/admin/keys").json()["keys"]
             assert [k["alias"] for k in listed] == ["one", "two", poor_alias]
             assert call("PUT", "/admin/keys").status_code == 405

@@ -93,7 +93,9 @@ class Admin:
         try:
             return await self._route(request)
         except AdminError as exc:
-            return _answer(exc.status, {"error": {"message": str(exc), "code": exc.status}})
+            kind = "invalid_request_error" if exc.status < 500 else "server_error"
+            error = {"message": str(exc), "type": kind, "code": exc.status}
+            return _answer(exc.status, {"error": error})
 
     async def _route(self, request: Request) -> Response:
         path, method = request.path.rstrip("/") or "/", request.method
