@@ -14,7 +14,7 @@ import os
 import re
 import time
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from urllib.parse import quote, unquote
@@ -32,6 +32,7 @@ from ..analytics import Dims
 from ..config import MAIN_PROVIDER
 from .admin import Admin
 from .auth import Auth, Role
+from .json_parts import json_parts
 from .metrics import ProxyCounters, render_parts
 from .model_health import ModelHealth, model_of
 from .router import Plan, Refused, Router, is_free
@@ -236,25 +237,6 @@ async def _nothing() -> AsyncIterator[bytes]:
     """A body of nothing, length unsaid (``HEAD`` of an answer not made)."""
     return
     yield b""  # an async generator
-
-
-def _json_parts(value: Any, depth: int = 3) -> Iterator[str]:
-    """``json.dumps(value)``, in parts: objects walked ``depth`` deep, lists of
-    more than ``_PER_PART`` items encoded that many at a time."""
-    if isinstance(value, list) and len(value) > _PER_PART:
-        for start in range(0, len(value), _PER_PART):
-            text = json.dumps(value[start : start + _PER_PART])
-            yield ("[" if start == 0 else ", ") + text[1:-1]
-        yield "]"
-    elif depth and isinstance(value, dict) and value and all(type(k) is str for k in value):
-        before = "{"
-        for name, item in value.items():
-            yield before + json.dumps(name) + ": "
-            yield from _json_parts(item, depth - 1)
-            before = ", "
-        yield "}"
-    else:
-        yield json.dumps(value)
 
 
 async def _joined(parts: Iterable[str]) -> bytes:
@@ -544,7 +526,7 @@ class ProxyApp:
         await anyio.lowlevel.checkpoint()  # the rest of the picture: another turn
         status = self.status(pool)
         spend = status.pop("spend")
-        text = await _joined(_json_parts(status))
+        text = await _joined(json_parts(status, 3, _PER_PART))
         return text[:-1] + (b', "spend": ' if status else b'"spend": '), spend
 
     async def _metrics_text(self) -> bytes:

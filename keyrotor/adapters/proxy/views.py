@@ -26,7 +26,7 @@ import json
 import math
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlsplit
@@ -43,6 +43,7 @@ from .. import analytics
 from ..advice import recommendations
 from ..alerts import Alert, AlertBook, Observed, Rule, rule_from_json, rule_to_json
 from .auth import Auth, Role
+from .json_parts import json_parts
 from .types import Request, Response
 
 if TYPE_CHECKING:
@@ -75,7 +76,7 @@ STATUS_SHARE = 0.1
 """At most this share of the event loop's time goes to taking ``status`` snapshots:
 with a big pool (a snapshot taking more than a tenth of ``STATUS_EVERY``) the
 frames come further apart."""
-_SLICE = 200  # list items JSON-encoded at a time by ``_dumps`` (a few ms each)
+_SLICE = 200  # list items JSON-encoded at a time by ``_frame_of`` (a few ms each)
 WEBHOOK_QUEUE = 1000
 WEBHOOK_TRIES = 5
 
@@ -652,33 +653,19 @@ class Views:
 
 
 def _frame(event: str, data: Any) -> bytes:
-    return f"event: {event}\ndata: {json.dumps(data, allow_nan=False, default=_plain)}\n\n".encode()
+    return f"event: {event}\ndata: {_encode(data)}\n\n".encode()
+
+
+def _encode(data: Any) -> str:
+    """A frame's JSON: no NaN (refused), other values as text (``_plain``)."""
+    return json.dumps(data, allow_nan=False, default=_plain)
 
 
 def _frame_of(event: str, data: Any) -> bytes:
     """``_frame`` in slices (in a worker thread: one ``json.dumps`` of a big
     pool's status would hold the GIL, and so the event loop, throughout)."""
-    return f"event: {event}\ndata: {''.join(_dumps(data, 4))}\n\n".encode()
-
-
-def _dumps(value: Any, depth: int) -> Iterator[str]:
-    """``json.dumps(value)`` as ``_frame`` writes it, in parts: the objects
-    ``depth`` levels down taken member by member, their long lists
-    ``_SLICE`` items at a time."""
-    if depth and isinstance(value, dict) and all(isinstance(name, str) for name in value):
-        yield "{"
-        for i, (name, item) in enumerate(value.items()):
-            yield f"{', ' if i else ''}{json.dumps(name)}: "
-            yield from _dumps(item, depth - 1)
-        yield "}"
-    elif depth and isinstance(value, list) and len(value) > _SLICE:
-        yield "["
-        for start in range(0, len(value), _SLICE):
-            part = json.dumps(value[start : start + _SLICE], allow_nan=False, default=_plain)
-            yield (", " if start else "") + part[1:-1]
-        yield "]"
-    else:
-        yield json.dumps(value, allow_nan=False, default=_plain)
+    text = "".join(json_parts(data, 4, _SLICE, _encode))
+    return f"event: {event}\ndata: {text}\n\n".encode()
 
 
 def _plain(value: Any) -> Any:
