@@ -490,8 +490,8 @@ class Driver:
         """The JSON-able picture of the pool the proxy also serves (``keys``:
         only those aliases' entries under ``"keys"``; the totals stay the pool's).
 
-        One pass over the pool's statistics, each entry written out: this is
-        served for pools of thousands of keys."""
+        One pass over the pool's statistics: this is served for pools of
+        thousands of keys."""
         stats = self.pool.statistics()
         now = self.now()
         wall = self.wall_clock()
@@ -500,34 +500,15 @@ class Driver:
         entries = []
         answered = successes = 0
         for key in stats.keys:
-            errors = key.errors  # a copy already: ``stats`` is this call's own
-            key_answered = key.successes + sum(errors.values())
-            answered += key_answered
+            answered += key.successes + sum(key.errors.values())
             successes += key.successes
-            state = key.state.value
             if not key.removing:
-                health[state] += 1
+                health[key.state.value] += 1
             if keys is not None and key.key_id not in keys:
                 continue
-            item: dict[str, Any] = {
-                "account": key.account,
-                "state": state,
-                "until": None,
-                "reason": key.reason,
-                "in_flight": key.in_flight,
-                "requests": key.requests,
-                "successes": key.successes,
-                "errors": errors,
-                "spend": key.spend,
-                "prompt_tokens": key.prompt_tokens,
-                "completion_tokens": key.completion_tokens,
-                "latency": key.latency,
-                "probing": key.probing,
-                "removing": key.removing,
-                "success_rate": key.successes / key_answered if key_answered else None,
-                "alias": key.key_id,
-                "masked": mask(secrets.get(key.key_id, "")),
-            }
+            item = key.to_json()
+            item["alias"] = item.pop("key_id")
+            item["masked"] = mask(secrets.get(key.key_id, ""))
             if key.until is not None:  # in seconds from now, and the wall clock's time
                 del item["until"]
                 left = max(key.until - now, 0.0)
