@@ -268,7 +268,7 @@ class SharedState:
         if record.get("origin") == self.origin:
             return False
         driver = self._driver
-        local = next((k for k in driver.pool.statistics().keys if k.key_id == alias), None)
+        local = driver.pool.key_statistics(alias)
         if local is None:
             self.ignored += 1
             return False

@@ -156,7 +156,7 @@ class SharedKeys:
             if record.get("op") == "add":
                 secret = self._cipher.decrypt(str(record["token"]).encode()).decode()
                 spec = dict(record.get("spec") or {})
-                key_spec = KeySpec(key_id=alias, **spec)
+                KeySpec(key_id=alias, **spec)  # the options' own checks
                 if entry is not None and not entry["removing"]:
                     if admin.sources.get(alias) != "api" or admin.secret_of(alias) == secret:
                         return  # the same key, or one of this process's configuration
@@ -165,7 +165,7 @@ class SharedKeys:
                     self._waiting.add(alias)
                     self._tasks.start_soon(self._when_drained, alias, record)
                     return
-                await admin.add_key(MAIN_PROVIDER, alias, secret, spec, key_spec, "shared")
+                await admin.add_key(MAIN_PROVIDER, alias, secret, spec, "shared")
             elif (
                 record.get("op") == "remove"
                 and entry is not None
@@ -192,7 +192,8 @@ class SharedKeys:
         self.applied += 1
 
     def _entry(self, alias: str) -> dict[str, Any] | None:
-        return next((c for c in self._admin.list_keys() if c["alias"] == alias), None)
+        found = self._admin.list_keys(alias)
+        return found[0] if found else None
 
     async def _when_drained(self, alias: str, record: dict[str, Any]) -> None:
         """Apply ``record`` (an add) once the pool holds no key ``alias`` (a key

@@ -789,6 +789,21 @@ class StateStore:
             for a, s in sorted(totals.items())
         ]
 
+    def cost_on(self, day: str | None = None) -> float:
+        """USD spent on ``day`` (default today): the ``ledger(day)`` rows'
+        costs added up, without making the rows (``/status`` asks every
+        second; at 10,000 keys the rows cost ~35 ms)."""
+        day = day or self._day(self._clock())
+        if day < self._recent_since:
+            return sum(row.cost for row in self.ledger(day))
+        with self._pending_lock:
+            return sum(
+                spend.cost
+                for source in (self._recent, self._unsaved.spend, self._pending.spend)
+                for (_, when), spend in source.items()
+                if when == day
+            )
+
     def health(self) -> dict[str, Any]:
         """JSON-able health for ``/status``."""
         return {

@@ -44,6 +44,7 @@ class PoolFields:
     _delivered: int
     _rejected: int
     _cancelled: int
+    _spent: float
     _orphan_probes: set[str]
     _last_answer: float
     _answer_serial: int

@@ -199,6 +199,7 @@ class KeyHealth(PoolFields):
         )
         old_weight = self._weight(key) if weighted is not None else 0.0
         key.spend += cost
+        self._spent += cost
         if weighted is not None:
             weighted.reweigh(key, old_weight, self._weight(key))
         if spec.budget is not None:

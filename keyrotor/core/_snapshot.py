@@ -58,6 +58,7 @@ class Snapshots(PoolFields):
                 "delivered": self._delivered,
                 "rejected": self._rejected,
                 "cancelled": self._cancelled,
+                "spent": self._spent,
             },
             "vtime": self._weighted.vtime if self._weighted else 0.0,
             "ring": self._select.order() if isinstance(self._select, RingSelector) else [],
@@ -110,6 +111,8 @@ class Snapshots(PoolFields):
         pool._delivered = counters["delivered"]
         pool._rejected = counters["rejected"]
         pool._cancelled = counters["cancelled"]
+        # A snapshot from before the pool's own total: its keys' spend.
+        pool._spent = counters.get("spent", sum(k.spend for k in records))
         pool._rng.setstate((3, tuple(data["rng"]), None))
         pool._orphan_probes = set(data["orphan_probes"])
         pool._wake = data["wake"]

@@ -129,6 +129,7 @@ class Pool(KeyChoice, RequestQueue, KeyHealth, Snapshots):
         self._wake = False  # a key may have become usable: serve the queue
         self._rng = random.Random(config.seed)
         self._started = self._delivered = self._rejected = self._cancelled = 0
+        self._spent = 0.0  # every key's spend, removed keys' included
         self._orphan_probes: set[str] = set()
         # A hanging key's evidence: when a key last answered, which key that was
         # (its serial), and when a key other than that one last answered.
@@ -219,13 +220,22 @@ class Pool(KeyChoice, RequestQueue, KeyHealth, Snapshots):
             heappop(timers)
         return timers[0][0] if timers else None
 
-    def key_ids(self) -> list[str]:
-        """Ids of the keys in the pool, in configured order (removed ones excluded)."""
-        return [k.key_id for k in self._order]
+    def key_ids(self, *, removing: bool = False) -> list[str]:
+        """Ids of the keys in the pool, in configured order; with ``removing``,
+        then those removed but still finishing requests."""
+        ids = [k.key_id for k in self._order]
+        if removing:
+            ids += self._dying
+        return ids
 
     def key_specs(self) -> dict[str, KeySpec]:
         """The spec of each key in the pool (removed ones excluded)."""
         return {k.key_id: k.spec for k in self._order}
+
+    def key_spec(self, key_id: str) -> KeySpec | None:
+        """The spec of one key (a key being removed's included); ``None``: no such key."""
+        key = self._keys.get(key_id) or self._dying.get(key_id)
+        return None if key is None else key.spec
 
     def state_of(self, key_id: str) -> KeyState:
         """The current state of a key."""
@@ -250,20 +260,33 @@ class Pool(KeyChoice, RequestQueue, KeyHealth, Snapshots):
             counts[key.state.value] += 1
         return counts
 
-    def statistics(self) -> PoolStatistics:
-        """A frozen picture of the pool: per key and in total (JSON via ``to_json``)."""
-        keys = tuple(KeyStatistics.from_record(k) for k in [*self._order, *self._dying.values()])
-        in_flight = sum(k.in_flight for k in keys)
+    def count_usable(self) -> int:
+        """How many keys are in a usable state (``USABLE_STATES``; keys being
+        removed not counted), without counting them: O(1)."""
+        return self._available
+
+    def statistics(self, *, keys: bool = True) -> PoolStatistics:
+        """A frozen picture of the pool: per key and in total (JSON via
+        ``to_json``); ``keys=False``: the totals only, ``keys`` empty (for
+        pools of thousands of keys: no picture of every key)."""
+        records = [*self._order, *self._dying.values()]
         return PoolStatistics(
             now=self._now,
-            keys=keys,
+            keys=tuple(map(KeyStatistics.from_record, records)) if keys else (),
             queued=self._queued,
-            in_flight=in_flight,
+            in_flight=sum(k.in_flight for k in records),
             started=self._started,
             delivered=self._delivered,
             rejected=self._rejected,
             cancelled=self._cancelled,
+            spend=self._spent,
         )
+
+    def key_statistics(self, key_id: str) -> KeyStatistics | None:
+        """One key's picture (``statistics().keys``' entry, without a picture
+        of every key), a key being removed's included; ``None``: no such key."""
+        key = self._keys.get(key_id) or self._dying.get(key_id)
+        return None if key is None else KeyStatistics.from_record(key)
 
     # -------------------------------------------------------------- checks
 

@@ -14,7 +14,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Container, Iterable, Mapping
+from collections.abc import Callable, Container, Generator, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..core import (
@@ -28,6 +28,7 @@ from ..core import (
     KeySpec,
     KeyState,
     KeyStateChanged,
+    KeyStatistics,
     Pool,
     PoolConfig,
     Probe,
@@ -65,6 +66,9 @@ __all__ = [
 OPENROUTER_URL = "https://openrouter.ai/api/v1"
 
 Routed = Send | Deliver | Reject
+
+STATUS_STEP = 500
+"""Keys per step of ``Driver.status_steps`` (a few ms of the event loop)."""
 
 
 def mask(secret: str) -> str:
@@ -441,7 +445,7 @@ class Driver:
 
     def check_new_key(self, alias: str, secret: str) -> None:
         """Raise ``ConfigurationError`` unless ``add_key`` would take this key."""
-        if alias in self.secrets or any(k.key_id == alias for k in self.pool.statistics().keys):
+        if alias in self.secrets or self.pool.key_statistics(alias) is not None:
             raise ConfigurationError(
                 f"a key with alias {alias!r} is already in the pool (or still finishing its "
                 "requests after its removal: try again when they have ended)"
@@ -488,40 +492,51 @@ class Driver:
 
     def status(self, keys: Container[str] | None = None) -> dict[str, Any]:
         """The JSON-able picture of the pool the proxy also serves (``keys``:
-        only those aliases' entries under ``"keys"``; the totals stay the pool's).
+        only those aliases' entries under ``"keys"``; the totals stay the pool's)."""
+        steps = self.status_steps(keys)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                picture: dict[str, Any] = done.value
+                return picture
 
-        One pass over the pool's statistics: this is served for pools of
-        thousands of keys."""
-        stats = self.pool.statistics()
-        now = self.now()
-        wall = self.wall_clock()
-        secrets = self.secrets
+    def status_steps(
+        self, keys: Container[str] | None = None
+    ) -> Generator[None, None, dict[str, Any]]:
+        """``status(keys)`` made ``STATUS_STEP`` keys at a time: the generator
+        yields between steps (an async caller lets other tasks run there) and
+        returns the picture. Each entry is its key as of its step (a key
+        removed meanwhile is left out); the health counts and success rate are
+        the entries', the request counters and ``totalCost`` (removed keys'
+        spend included) the pool's at the end."""
+        pool = self.pool
+        ids = pool.key_ids(removing=True)
         health = {state.value: 0 for state in KeyState}
         entries = []
         answered = successes = 0
-        for key in stats.keys:
-            answered += key.successes + sum(key.errors.values())
-            successes += key.successes
-            if not key.removing:
-                health[key.state.value] += 1
-            if keys is not None and key.key_id not in keys:
-                continue
-            item = key.to_json()
-            item["alias"] = item.pop("key_id")
-            item["masked"] = mask(secrets.get(key.key_id, ""))
-            if key.until is not None:  # in seconds from now, and the wall clock's time
-                del item["until"]
-                left = max(key.until - now, 0.0)
-                item["until_in"] = round(left, 3)
-                item["until_wall"] = wall + left
-            entries.append(item)
+        for start in range(0, len(ids), STATUS_STEP):
+            if start:
+                yield
+            now, wall = self.now(), self.wall_clock()
+            for key_id in ids[start : start + STATUS_STEP]:
+                key = pool.key_statistics(key_id)
+                if key is None:
+                    continue
+                answered += key.successes + sum(key.errors.values())
+                successes += key.successes
+                if not key.removing:
+                    health[key.state.value] += 1
+                if keys is None or key_id in keys:
+                    entries.append(self._entry(key, now, wall))
+        stats = pool.statistics(keys=False)
         return {
             "totalKeys": sum(health.values()),
             "health": health,
             "stats": {
                 "totalRequests": stats.started,
                 "successRate": successes / answered if answered else None,
-                "totalCost": sum(key.spend for key in stats.keys),
+                "totalCost": stats.spend,
                 "inFlight": stats.in_flight,
                 "queued": stats.queued,
                 "delivered": stats.delivered,
@@ -529,6 +544,23 @@ class Driver:
             },
             "keys": entries,
         }
+
+    def key_entry(self, alias: str) -> dict[str, Any] | None:
+        """One key's entry of ``status()["keys"]``, without the rest (a key
+        being removed's included); ``None``: no such key."""
+        key = self.pool.key_statistics(alias)
+        return None if key is None else self._entry(key, self.now(), self.wall_clock())
+
+    def _entry(self, key: KeyStatistics, now: float, wall: float) -> dict[str, Any]:
+        item = key.to_json()
+        item["alias"] = item.pop("key_id")
+        item["masked"] = mask(self.secrets.get(key.key_id, ""))
+        if key.until is not None:  # in seconds from now, and the wall clock's time
+            del item["until"]
+            left = max(key.until - now, 0.0)
+            item["until_in"] = round(left, 3)
+            item["until_wall"] = wall + left
+        return item
 
 
 def _limit_headers(headers: Mapping[str, str] | None) -> bool:

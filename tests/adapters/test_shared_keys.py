@@ -25,9 +25,13 @@ class Admin:
         self.on_added: Any = None
         self.on_removed: Any = None
 
-    def list_keys(self) -> list[dict[str, Any]]:
+    def list_keys(self, alias: str | None = None) -> list[dict[str, Any]]:
         self.looks += 1
-        return [{"alias": a, "removing": k["removing"]} for a, k in self.keys.items()]
+        return [
+            {"alias": a, "removing": k["removing"]}
+            for a, k in self.keys.items()
+            if alias is None or a == alias
+        ]
 
     def secret_of(self, alias: str) -> str | None:
         key = self.keys.get(alias)

@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 import attrs
+import pytest
 from hypothesis import HealthCheck, assume, given, note, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -19,6 +20,7 @@ from hypothesis.stateful import (
 
 from keyrotor.core import (
     POLICIES,
+    USABLE_STATES,
     AttemptHeld,
     Decision,
     Deliver,
@@ -84,6 +86,7 @@ class PoolMachine(RuleBasedStateMachine):
         self.outputs: list[list[Decision]] = []
         self.serial = 0
         self.key_serial = 0
+        self.charged = 0.0  # every cost fed, removed keys' included
 
     @initialize(
         n_keys=st.integers(1, 5),
@@ -298,6 +301,7 @@ class PoolMachine(RuleBasedStateMachine):
                 error_status=error,
             )
         )
+        self.charged += cost
 
     @precondition(lambda self: any(k is not None for k in self.live.values()))
     @rule(data=st.data())
@@ -367,6 +371,7 @@ class PoolMachine(RuleBasedStateMachine):
         keys = sorted(set(self.state) - self.removed)
         key = data.draw(st.sampled_from(keys))
         self.feed(SpendRecorded(key_id=key, now=self.now, cost=cost, at=self.now - ago))
+        self.charged += cost
 
     @rule()
     def add_key(self) -> None:
@@ -407,7 +412,15 @@ class PoolMachine(RuleBasedStateMachine):
             assert key.in_flight == self.in_flight[key.key_id], key
             assert key.state.value == self.state[key.key_id]
         assert stats.queued == sum(1 for k in self.live.values() if k is None)
-        assert self.pool.count_by_state() == stats.count_by_state()  # the cheap count agrees
+        counts = self.pool.count_by_state()
+        assert counts == stats.count_by_state()  # the cheap counts agree
+        assert self.pool.count_usable() == sum(counts[s.value] for s in USABLE_STATES)
+        for key in stats.keys:  # one key's picture is its entry in the whole
+            assert self.pool.key_statistics(key.key_id) == key
+        assert self.pool.key_ids(removing=True) == [k.key_id for k in stats.keys]
+        assert stats.spend == pytest.approx(self.charged, abs=1e-9)  # removed keys' too
+        totals = self.pool.statistics(keys=False)
+        assert totals == attrs.evolve(stats, keys=())
 
     def teardown(self) -> None:
         if not hasattr(self, "pool"):

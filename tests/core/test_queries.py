@@ -1,4 +1,4 @@
-"""The pool's read-only queries: ``Pool.usable_now``."""
+"""The pool's read-only queries: ``Pool.usable_now``, one key's picture, the totals."""
 
 from __future__ import annotations
 
@@ -78,3 +78,50 @@ def test_usable_now_is_read_only() -> None:
     assert (pool.snapshot(), pool.next_deadline(), pool.now, pool.statistics()) == before
     # No timer fires: the pool stays at its time until an event moves it.
     assert not pool.usable_now() and pool.now == 0.0
+
+
+def test_a_keys_picture_copies_every_field_to_its_own_name() -> None:
+    # ``from_record`` sets the slots in field order: a field added or moved
+    # out of order would put a value under another name.
+    from keyrotor.core import KeyStatistics
+    from keyrotor.core._records import ERROR_CLASSES, KeyRecord
+
+    key = KeyRecord(KeySpec(key_id="a", account="acct"), serial=1)
+    key.state, key.until, key.reason = KeyState.RATE_LIMITED, 12.5, "http_429"
+    key.in_flight, key.requests, key.successes = 2, 30, 17
+    key.errors = list(range(100, 100 + len(ERROR_CLASSES)))
+    key.spend, key.prompt_tokens, key.completion_tokens = 0.25, 400, 500
+    key.ewma, key.probing, key.removed = 0.75, True, True
+    picture = KeyStatistics.from_record(key)
+    assert picture == KeyStatistics(
+        key_id="a",
+        account="acct",
+        state=KeyState.RATE_LIMITED,
+        until=12.5,
+        reason="http_429",
+        in_flight=2,
+        requests=30,
+        successes=17,
+        errors=dict(zip(ERROR_CLASSES, range(100, 100 + len(ERROR_CLASSES)), strict=True)),
+        spend=0.25,
+        prompt_tokens=400,
+        completion_tokens=500,
+        latency=0.75,
+        probing=True,
+        removing=True,
+    )
+    key.errors[0] += 1  # a copy: the record goes on counting
+    assert picture.errors[ERROR_CLASSES[0]] == 100
+
+
+def test_one_keys_picture_and_the_totals_match_the_whole() -> None:
+    pool = make_pool(specs=[KeySpec(key_id="a"), KeySpec(key_id="b")])
+    rid = "r1"
+    key = _send(pool, rid, 0.0)
+    pool.handle(ResponseReceived(request_id=rid, now=0.1, status=200))
+    pool.handle(ResponseFinished(request_id=rid, now=0.2, cost=0.5))
+    whole = pool.statistics()
+    assert pool.key_statistics(key) == next(k for k in whole.keys if k.key_id == key)
+    assert pool.key_statistics("zz") is None and pool.key_spec("zz") is None
+    assert pool.statistics(keys=False).keys == () and whole.spend == 0.5
+    assert pool.count_usable() == 2

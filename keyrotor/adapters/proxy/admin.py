@@ -82,7 +82,6 @@ class Admin:
         self.sources = sources
         self._log = log
         self._lock = anyio.Lock()  # one change at a time: check, store, then pool
-        self._specs: dict[str, KeySpec] = {}  # keys added here (config keys: pool.config)
         # Told of each main-pool key added or removed here (``shared_keys``).
         self.on_added: Callable[[str, str, Mapping[str, Any]], None] | None = None
         self.on_removed: Callable[[str], None] | None = None
@@ -199,20 +198,21 @@ class Admin:
     # ---------------------------------------------------------------- views
 
     def list_keys(self, alias: str | None = None) -> list[dict[str, Any]]:
-        """Every key of every upstream (``alias``: only the keys so named): alias,
-        its provider (``main``: the main upstream), masked form, source,
-        options, state and counters."""
-        specs = {
-            s.key_id: s for client in self._clients.values() for s in client.driver.pool.config.keys
-        }
-        specs.update(self._specs)
+        """Every key of every upstream (``alias``: only the keys so named, each
+        found without listing the others): alias, its provider (``main``: the
+        main upstream), masked form, source, options, state and counters."""
         fields = [f for f in attrs.fields(KeySpec) if f.name != "key_id"]
-        only = None if alias is None else (alias,)
         out = []
         for provider, client in self._clients.items():
-            for item in client.driver.status(only)["keys"]:
+            driver = client.driver
+            if alias is None:
+                items = driver.status()["keys"]
+            else:
+                item = driver.key_entry(alias)
+                items = [] if item is None else [item]
+            for item in items:
                 name = item["alias"]
-                spec = specs.get(name)
+                spec = driver.pool.key_spec(name)
                 options = {}
                 if spec is not None:  # the options set, not the defaults
                     options = {
@@ -288,10 +288,10 @@ class Admin:
                 kind = {"account": "a string", "max_in_flight": "an integer"}.get(name, "a number")
                 raise AdminError(400, f"{name} must be {kind}")
         try:
-            key_spec = KeySpec(key_id=alias, **spec)
+            KeySpec(key_id=alias, **spec)  # the options' own checks
         except PoolError as exc:
             raise AdminError(400, _safe(str(exc), secret)) from None
-        stored = await self.add_key(provider, alias, secret, spec, key_spec)
+        stored = await self.add_key(provider, alias, secret, spec)
         if self.on_added is not None and provider == MAIN_PROVIDER:
             self.on_added(alias, secret, spec)
         return _answer(201, {**self._entry(alias), "stored": stored})
@@ -302,7 +302,6 @@ class Admin:
         alias: str,
         secret: str,
         spec: Mapping[str, Any],
-        key_spec: KeySpec,
         via: str = "admin",
     ) -> bool:
         """Add a checked key to ``provider``'s pool and the state file (``via``:
@@ -345,7 +344,6 @@ class Admin:
                         await anyio.to_thread.run_sync(self._store.remove_key, alias)
                     raise
                 self.sources[alias] = "api"
-                self._specs[alias] = key_spec
                 self.on_change()
         self._log(
             {
@@ -409,7 +407,6 @@ class Admin:
                     except StorageError as exc:
                         raise AdminError(503, f"{exc}; the key stays in the pool") from None
                 self._call(self._owner(alias).remove_key, alias)
-                self._specs.pop(alias, None)
                 self.on_change()
         self._log(
             {"event": "admin", "action": "remove", "key": alias}

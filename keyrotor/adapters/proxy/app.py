@@ -14,7 +14,7 @@ import os
 import re
 import time
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from urllib.parse import quote, unquote
@@ -239,6 +239,18 @@ async def _nothing() -> AsyncIterator[bytes]:
     yield b""  # an async generator
 
 
+async def stepped(steps: Generator[None, None, T]) -> T:
+    """Run ``steps`` (e.g. ``Driver.status_steps()``) to its value, other tasks
+    let run between its steps."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            value: T = done.value
+            return value
+        await anyio.lowlevel.checkpoint()
+
+
 async def _joined(parts: Iterable[str]) -> bytes:
     """The parts' text, other tasks let run after each ``_SLICE`` of making it."""
     out = []
@@ -305,7 +317,7 @@ class ProxyApp:
         self._spend_before_today = 0.0
         self.shared = shared
         self.views = views or Views(
-            client, self._auth, self.spend, store=store, router=router, status=self.status
+            client, self._auth, self.spend, store=store, router=router, status=self.status_stepped
         )
         # Big pools: what /status, /metrics, /v1/key and /healthz show, made at
         # most once a CACHE_TTL for every caller (docs/proxy.md).
@@ -465,7 +477,7 @@ class ProxyApp:
         if day != self._day:  # midnight UTC passed since the last look
             self._day, self._spend_before_today = day, total
         if self._store is not None:  # the ledger also knows what was spent before a restart
-            status["stats"]["totalCostToday"] = sum(row.cost for row in self._store.ledger())
+            status["stats"]["totalCostToday"] = self._store.cost_on()
             status["storage"] = self._store.health()
         else:
             status["stats"]["totalCostToday"] = total - self._spend_before_today
@@ -522,7 +534,7 @@ class ProxyApp:
     async def _status_text(self) -> tuple[bytes, dict[str, Any]]:
         """``status()`` as JSON, all but its last member (``spend``, which
         differs by caller): the text up to ``"spend": ``, and ``spend``."""
-        pool = self._client.status()
+        pool = await stepped(self._client.driver.status_steps())
         await anyio.lowlevel.checkpoint()  # the rest of the picture: another turn
         status = self.status(pool)
         spend = status.pop("spend")
@@ -533,26 +545,28 @@ class ProxyApp:
         providers = None if self._routes is None else self._routes.status()
         board = None if self.shared is None else self.shared.part("processes")
         pool = None if board is None else board.pool()
-        status = self._client.status()
+        status = await stepped(self._client.driver.status_steps())
         return await _joined(render_parts(status, self.counters, providers, pool))
 
+    async def status_stepped(self) -> dict[str, Any]:
+        """``status()``, the pool's keys taken a step at a time (for the dashboard)."""
+        return self.status(await stepped(self._client.driver.status_steps()))
+
     async def _usable_keys(self) -> int:
-        counts = self._client.driver.pool.count_by_state()  # not status(): O(keys) dicts
-        return sum(counts[state.value] for state in USABLE_STATES)
+        return self._client.driver.pool.count_usable()
 
     async def _pool_counts(self) -> dict[str, Any]:
         """What ``GET /v1/key`` tells: keys, usable keys, spend (no key's entry made)."""
-        stats = self._client.driver.pool.statistics()
-        counts = stats.count_by_state()
+        pool = self._client.driver.pool
         return {
-            "total": sum(counts.values()),
-            "usable": sum(counts[state.value] for state in USABLE_STATES),
-            "spend": sum(key.spend for key in stats.keys),
+            "total": sum(pool.count_by_state().values()),
+            "usable": pool.count_usable(),
+            "spend": pool.statistics(keys=False).spend,
         }
 
     def summary(self) -> dict[str, Any]:
         """This process's figures for the pool's other processes (``ProcessBoard``)."""
-        stats = self._client.driver.pool.statistics()
+        stats = self._client.driver.pool.statistics(keys=False)
         return {
             "requests": stats.started,
             "delivered": stats.delivered,

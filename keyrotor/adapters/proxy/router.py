@@ -376,9 +376,8 @@ class Router:
             return
         self._keys_seen = (ids, now)
         keys: dict[str, list[str]] = {}
-        for key in pool.statistics().keys:
-            if not key.removing:
-                keys.setdefault(key.account or key.key_id, []).append(key.key_id)
+        for key_id, spec in pool.key_specs().items():
+            keys.setdefault(spec.account or key_id, []).append(key_id)
         self._keys = keys
         self._account_of = {k: account for account, ks in keys.items() for k in ks}
         per_day = {**self._learned, **self.options.accounts}
@@ -586,13 +585,13 @@ class Router:
         cooldown's end); None: none of them, or none comes back on its own."""
         if not resting:
             return None
-        wanted = set(resting)
         driver = self._client.driver
-        untils = [
-            k.until
-            for k in driver.pool.statistics().keys
-            if k.until is not None and (k.account or k.key_id) in wanted
-        ]
+        pictures = (
+            driver.pool.key_statistics(k)
+            for account in resting
+            for k in self._keys.get(account, ())
+        )
+        untils = [k.until for k in pictures if k is not None and k.until is not None]
         return max(0.0, min(untils) - driver.now()) if untils else None
 
     def _record(self, account: str, requests: int, now: float) -> None:

@@ -515,7 +515,7 @@ async def open_app(
                     views=views,
                     shared=shared,
                 )
-                views.set_status(app.status)
+                views.set_status(app.status_stepped)
                 if shared is not None:
                     await _share(shared, config, driver, app, spend, store, router, admin, log)
                 async with anyio.create_task_group() as tasks:

@@ -36,7 +36,6 @@ import anyio.to_thread
 import attrs
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from ...core import USABLE_STATES
 from ...transports.api import ConnectionPool
 from ...transports.json_body import parse
 from .. import analytics
@@ -289,7 +288,7 @@ class Views:
         interval: float = 10.0,
         log: Callable[[dict[str, Any]], None] = lambda record: None,
         clock: Callable[[], float] = time.time,
-        status: Callable[[], dict[str, Any]] | None = None,
+        status: Callable[[], Awaitable[dict[str, Any]]] | None = None,
         providers: Mapping[str, AsyncClient] | None = None,
     ) -> None:
         self._client = client
@@ -299,7 +298,7 @@ class Views:
         self._router = router
         self._log = log
         self._clock = clock
-        self._status = status or client.status
+        self._status = status or _awaited(client.status)
         self.providers = providers or {}  # each [[providers]] pool's client
         self.interval = interval
         self.alerts = AlertBook(rules)
@@ -311,8 +310,9 @@ class Views:
         self._building: anyio.Event | None = None  # while one is built: set when done
         self._keep_window()
 
-    def set_status(self, status: Callable[[], dict[str, Any]]) -> None:
-        """Where the pool's picture comes from (the app's ``/status``)."""
+    def set_status(self, status: Callable[[], Awaitable[dict[str, Any]]]) -> None:
+        """Where the pool's picture comes from (the app's ``/status``, made a
+        step at a time)."""
         self._status = status
 
     def _pools(self) -> list[Pool]:
@@ -528,8 +528,7 @@ class Views:
                     free_left[account] = 100.0 * max(0, per_day - use["usedToday"]) / per_day
         usable = 0
         if "usable_keys" in kinds:  # the main pool's, as /healthz counts them
-            counts = self._client.driver.pool.count_by_state()
-            usable = sum(counts[state.value] for state in USABLE_STATES)
+            usable = self._client.driver.pool.count_usable()
         states: dict[str, str] = {}  # every key of every pool, for the rules that name keys
         by_key = any(r.kind == "error_share" and r.scope == "key" for r in rules)
         if by_key or "key_failed" in kinds:
@@ -642,7 +641,7 @@ class Views:
         done = self._building = anyio.Event()
         try:
             started = anyio.current_time()
-            snapshot = self._status()
+            snapshot = await self._status()
             cost = anyio.current_time() - started  # the loop's time (it waited for it)
             frame = await anyio.to_thread.run_sync(_frame_of, "status", snapshot)
             self._status_frame = (started + max(STATUS_EVERY, cost / STATUS_SHARE), frame)
@@ -650,6 +649,15 @@ class Views:
             self._building = None
             done.set()
         return self._status_frame
+
+
+def _awaited(status: Callable[[], dict[str, Any]]) -> Callable[[], Awaitable[dict[str, Any]]]:
+    """``status`` as a coroutine function."""
+
+    async def awaited() -> dict[str, Any]:
+        return status()
+
+    return awaited
 
 
 def _frame(event: str, data: Any) -> bytes:
