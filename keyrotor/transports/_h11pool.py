@@ -327,18 +327,38 @@ def loop_clock() -> Callable[[], float]:
     return anyio.current_time
 
 
+def _asyncio_transport(stream: anyio.abc.ByteStream) -> asyncio.Transport | None:
+    """The asyncio transport under anyio's stream (plain or TLS), or None."""
+    inner = getattr(stream, "transport_stream", stream)
+    transport = getattr(inner, "_transport", None)  # anyio's, private: checked
+    return transport if isinstance(transport, asyncio.Transport) else None
+
+
 async def _send(conn: _Connection, data: bytes, deadline: float) -> bool:
     """Send all of ``data`` on ``conn``; False if ``deadline`` (the loop's clock)
     passed first, ``WriteError`` if the connection broke. Under trio the stream
-    ends its own waits (``_direct``): no cancel scope per request."""
+    ends its own waits (``_direct``): no cancel scope per request.
+
+    Under asyncio a request that may wait for room (over ``CHUNK_SIZE``) is sent
+    with the transport reading: an answer the server sends before it stops
+    reading (a 413, then a reset) is kept in anyio's buffer for ``_early_answer``.
+    (anyio reads only within ``receive``, and asyncio closes the socket, and what
+    it held unread, as soon as a write fails.)"""
     try:
         direct = conn.direct
         if direct is not None:
             return await direct.send_until(data, deadline)
-        with anyio.CancelScope(deadline=deadline):
-            await conn.stream.send(data)
-            return True
-        return False
+        transport = conn.transport if len(data) > CHUNK_SIZE else None
+        if transport is not None:
+            transport.resume_reading()
+        try:
+            with anyio.CancelScope(deadline=deadline):
+                await conn.stream.send(data)
+                return True
+            return False
+        finally:
+            if transport is not None:
+                transport.pause_reading()
     except _IO_ERRORS as exc:
         raise WriteError(f"the connection broke while sending: {exc!r}") from exc
 
@@ -366,6 +386,7 @@ class _Connection:
 
     __slots__ = (
         "codec", "direct", "expires", "got_bytes", "origin", "readable", "reused", "stream",
+        "transport", "unsent",
     )  # fmt: skip
 
     def __init__(
@@ -382,6 +403,8 @@ class _Connection:
         self.expires = 0.0
         self.reused = False  # has served a response before the current request
         self.got_bytes = False  # a byte of the current response arrived
+        self.unsent = False  # the request's write broke (an early answer): never reuse
+        self.transport = _asyncio_transport(stream) if direct is None else None
         self.readable = _readability_check(stream.extra(SocketAttribute.raw_socket, None))
 
 
@@ -501,7 +524,8 @@ class ConnectionPool:
         given) and ``Content-Length`` (when ``body`` is not ``None``); ``headers``
         must not frame the body themselves. ``read_timeout`` bounds every wait for
         data (``None``: no bound); ``head_timeout``, if given, bounds the wait for
-        the first byte of the response instead (a model's time to first token).
+        the whole response head (a model's time to first token), interim 1xx
+        answers included, in place of ``read_timeout`` for its first byte.
         ``tag``: counted against ``max_per_tag`` until the response is closed.
         Raises ``HTTPError`` subclasses.
         """
@@ -570,19 +594,27 @@ class ConnectionPool:
             head = await self._early_answer(conn)
             if head is None:
                 raise
+            conn.unsent = True
             return head
         if not sent:
             raise WriteTimeout(f"sending the request took more than {self._options.write} s")
         first = read_timeout if head_timeout is None else head_timeout
         deadline = math.inf if first is None else self._now() + first
+        # head_timeout bounds the whole head, interim 1xx answers included: bytes
+        # trickling in, or a 100 Continue and then silence, cannot stretch it.
+        head_deadline = deadline if head_timeout is not None else math.inf
         try:
             while True:
                 event_in = h.next_event()
                 if event_in is NEED_DATA:
                     if conn.got_bytes and read_timeout is not None:
-                        deadline = self._now() + read_timeout
+                        deadline = min(head_deadline, self._now() + read_timeout)
                     chunk = await _receive(conn, deadline)
                     if chunk is None:
+                        if conn.got_bytes and deadline == head_deadline:
+                            raise ReadTimeout(
+                                f"the response head was not complete within {head_timeout} s"
+                            )
                         waited = read_timeout if conn.got_bytes else first
                         raise ReadTimeout(f"no response data for {waited} s")
                     if not chunk and not conn.got_bytes:
@@ -602,7 +634,7 @@ class ConnectionPool:
         """After the request's write broke (the server closed its side): the head
         of an answer it sent before it stopped reading (a 401 or a 413 before a
         long body was in), read within ``write`` s; None when there is none. The
-        connection is done with (its EOF is in the codec: never reused)."""
+        connection is done with: ``_recycle`` never puts it back."""
         h = conn.codec
         deadline = self._now() + self._options.write
         ended = False
@@ -821,7 +853,12 @@ class ConnectionPool:
     def _recycle(self, conn: _Connection) -> bool:
         """Put ``conn`` back after a complete response, if it can serve another."""
         h = conn.codec
-        if not h.reusable or conn not in self._conns or self._options.keepalive_expiry <= 0:
+        if (
+            conn.unsent
+            or not h.reusable
+            or conn not in self._conns
+            or self._options.keepalive_expiry <= 0
+        ):
             return False  # (keepalive_expiry 0: a connection serves one request)
         h.start_next_cycle()
         conn.reused = True

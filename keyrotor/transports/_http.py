@@ -88,9 +88,9 @@ class HTTPOptions:
         connect: to open a connection (TCP and TLS).
         first_byte: from sending a request to its response's headers, for a
             request that is not a stream; past it the attempt fails over to
-            another key and counts as a timeout against its key (the sync
-            client applies it as httpcore's read timeout while it waits for
-            the head: it bounds each wait for bytes of the head, not their sum).
+            another key and counts as a timeout against its key. It bounds
+            the whole head, interim 1xx answers and bytes trickling in included
+            (the sync client counts it from the first read of the head).
         first_byte_stream: the same for a stream (``"stream": true`` in the
             body): the time to the stream's first byte.
         idle: between two chunks of a body (streams included).

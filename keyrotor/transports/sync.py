@@ -9,8 +9,9 @@ during network I/O, and a request waits for its decisions on a condition of
 that lock.
 
 Timeouts: httpcore's blocking API cannot cancel a call, so ``first_byte``
-(``first_byte_stream`` for a stream) is httpcore's per-read timeout while an
-attempt waits for the head, ``idle`` once the body is read; a probe's every
+(``first_byte_stream`` for a stream) caps each read while an attempt waits for
+the head, counted from its first read, so that the whole head comes within it;
+``idle`` bounds each read of the body; a probe's every
 phase is capped at ``probe_timeout``. ``close()`` shuts the connections down,
 so that requests blocked on the upstream on other threads end at once
 (``KeyrotorError``, no key blamed); one still connecting ends at its
@@ -23,6 +24,7 @@ import logging
 import math
 import socket
 import threading
+import time
 import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -85,6 +87,10 @@ PROBE_THREADS = 4
 """Probes run at once, at most (each a cheap ``GET /key``)."""
 
 _CLOSED = "the client was closed while the request ran"
+
+_head = threading.local()
+"""This thread's attempt waiting for its head: ``first_byte`` (seconds) and,
+from its first read, ``deadline`` (``time.monotonic``), which caps every read."""
 
 
 class StreamResponse(StreamBody):
@@ -482,7 +488,11 @@ class Client(ClientBase):
         http = upstream.request(
             request.method, request.path, step.secret, request.headers, request.body, first_byte
         )
-        response = self._http().handle_request(http)
+        _head.first_byte, _head.deadline = first_byte, None
+        try:
+            response = self._http().handle_request(http)
+        finally:
+            _head.first_byte = None
         # The head is in: the body's reads wait up to ``idle`` (httpcore reads
         # the timeout again when the body is first read).
         http.extensions["timeout"]["read"] = options.idle
@@ -546,6 +556,20 @@ class _Stream(httpcore.NetworkStream):
         self._backend = backend
 
     def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        """httpcore's read; while an attempt waits for its head, ``timeout`` is
+        capped so that the whole head (1xx answers, trickled bytes) comes
+        within ``first_byte`` of the first read."""
+        first_byte = getattr(_head, "first_byte", None)
+        if first_byte is not None:
+            now = time.monotonic()
+            if _head.deadline is None:
+                _head.deadline = now + first_byte
+            left = _head.deadline - now
+            if left <= 0:
+                raise httpcore.ReadTimeout(
+                    f"the response head was not complete within {first_byte} s"
+                )
+            timeout = left if timeout is None else min(timeout, left)
         return self._stream.read(max_bytes, timeout)
 
     def write(self, buffer: bytes, timeout: float | None = None) -> None:
