@@ -25,6 +25,13 @@ are the prompt tokens the cache neither read nor wrote;
 ``cache_read_input_tokens`` are billed as cache reads,
 ``cache_creation_input_tokens`` as cache writes, whatever their lifetime;
 ``output_tokens``).
+
+Input images are counted in the request (``request_images``): Chat
+Completions' ``image_url`` parts, Anthropic's ``image`` blocks (also inside
+``tool_result`` blocks), the Responses API's ``input_image`` parts (of its
+``input`` messages and function call outputs). Web searches are read from the
+answer's ``usage.server_tool_use.web_search_requests`` (Anthropic's count of
+its server-side searches) unless given.
 """
 
 from __future__ import annotations
@@ -46,8 +53,10 @@ __all__ = [
     "price_answer",
     "pricer",
     "prompt_size",
+    "request_images",
     "spend",
     "usage_cost",
+    "web_searches_of",
 ]
 
 Price = Callable[[bytes | None, Mapping[str, Any]], float | None]
@@ -109,6 +118,45 @@ def count_images(messages: Iterable[Mapping[str, Any]]) -> int:
     return prompt_size(messages)[1]
 
 
+_IMAGE_PARTS = frozenset({"image_url", "image", "input_image"})
+"""An input image's part type: Chat Completions', Anthropic's, the Responses API's."""
+
+
+def request_images(request: Mapping[str, Any]) -> int:
+    """Input images of a request body of any of the three APIs: parts of its
+    ``messages``' contents (Chat Completions, Anthropic's Messages API, with
+    ``tool_result`` blocks' contents) and of its ``input`` items' contents and
+    outputs (the Responses API's messages and ``function_call_output``)."""
+    images = 0
+    for name in ("messages", "input"):
+        items = request.get(name)
+        if isinstance(items, list):
+            for item in items:
+                if isinstance(item, Mapping):
+                    images += _images_in(item.get("content")) + _images_in(item.get("output"))
+    return images
+
+
+def _images_in(parts: object) -> int:
+    if not isinstance(parts, list):
+        return 0
+    images = 0
+    for part in parts:
+        if isinstance(part, Mapping):
+            kind = part.get("type")
+            if kind in _IMAGE_PARTS:
+                images += 1
+            elif kind == "tool_result":  # Anthropic's: text and images
+                images += _images_in(part.get("content"))
+    return images
+
+
+def web_searches_of(usage: Mapping[str, Any]) -> int:
+    """Server-side web searches an answer's ``usage`` reports
+    (``server_tool_use.web_search_requests``, Anthropic's); 0 when none."""
+    return _count(usage.get("server_tool_use"), "web_search_requests")
+
+
 @attrs.frozen
 class Estimate:
     """A request's cost before it is sent: ``low`` prices the prompt alone
@@ -163,12 +211,19 @@ def _counts(usage: Mapping[str, Any]) -> tuple[int, int, int, int, int]:
 
 
 def usage_cost(
-    pricing: Pricing, usage: Mapping[str, Any], *, images: int = 0, web_searches: int = 0
+    pricing: Pricing,
+    usage: Mapping[str, Any],
+    *,
+    images: int = 0,
+    web_searches: int | None = None,
 ) -> float | None:
     """USD for an answer's ``usage`` at ``pricing`` (None when the price is
-    unknown or variable). See the module's docstring for the rules."""
+    unknown or variable); ``web_searches`` None: ``web_searches_of(usage)``.
+    See the module's docstring for the rules."""
     if not pricing.known or pricing.variable:
         return None
+    if web_searches is None:
+        web_searches = web_searches_of(usage)
     prompt, cached, written, completion, reasoning = _counts(usage)
     reasoning = min(reasoning, completion)
     fresh = max(0, prompt - cached - written)
@@ -190,7 +245,11 @@ def usage_cost(
 
 
 def spend(
-    pricing: Pricing | None, usage: Mapping[str, Any], *, images: int = 0, web_searches: int = 0
+    pricing: Pricing | None,
+    usage: Mapping[str, Any],
+    *,
+    images: int = 0,
+    web_searches: int | None = None,
 ) -> float | None:
     """What an answer cost: ``usage.cost`` when the upstream reports it, else
     ``usage_cost`` at ``pricing`` (None: unknown)."""
@@ -211,7 +270,8 @@ def price_answer(
 ) -> float | None:
     """USD for the answer to the JSON request ``body`` whose ``usage`` is
     given, at ``catalog``'s pricing of the request's ``model`` (its input
-    images counted); None when the body names no model the catalog prices.
+    images counted by ``request_images``, its web searches read from ``usage``);
+    None when the body names no model the catalog prices.
 
     ``model_of``: the request's top-level ``model`` read without parsing the
     body (the proxy's, for an agent's long body); the body is then parsed only
@@ -230,8 +290,7 @@ def price_answer(
     images = 0
     if info.pricing.image:  # images change the price only then
         request = _json_object(body) if request is None else request
-        messages = None if request is None else request.get("messages")
-        images = count_images(messages) if isinstance(messages, list) else 0
+        images = 0 if request is None else request_images(request)
     return usage_cost(info.pricing, usage, images=images)
 
 

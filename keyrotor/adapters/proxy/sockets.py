@@ -130,20 +130,27 @@ async def listen(host: str, port: int, reuse_port: bool = False) -> list[socket.
 
 
 def bind(
-    infos: Sequence[tuple[Any, ...]], *, reuse_port: bool = False, backlog: int | None = None
+    infos: Sequence[tuple[Any, ...]],
+    *,
+    reuse_port: bool = False,
+    reuse_addr: bool = True,
+    backlog: int | None = None,
 ) -> list[socket.socket]:
     """Sockets bound to every address of ``infos`` (``getaddrinfo``'s answer),
     listening with ``backlog`` (None: ``SOMAXCONN``; 0: not listening). With port
     0, the first address's port is taken for the others too (tried again on a
     new port, a few times, when another address has it taken); all closed on
-    failure."""
+    failure. ``reuse_addr=False``: without ``SO_REUSEADDR``, so that the port is
+    refused while any socket (even in ``TIME_WAIT``) that ``SO_REUSEPORT`` does
+    not share has it, and a bound socket that is not listening keeps other
+    ``SO_REUSEADDR`` sockets out (Linux lets those share a port none listens on)."""
     reuse = getattr(socket, "SO_REUSEPORT", None)
     if reuse_port and reuse is None:  # pragma: no cover - Linux, the BSDs and macOS have it
         raise OSError(errno.ENOPROTOOPT, "SO_REUSEPORT is not available on this platform")
     tries = _PORT_TRIES if len(infos) > 1 and infos[0][4][1] == 0 else 1
     while True:
         try:
-            return _bind_all(infos, reuse if reuse_port else None, backlog)
+            return _bind_all(infos, reuse if reuse_port else None, reuse_addr, backlog)
         except OSError as exc:
             tries -= 1
             if exc.errno != errno.EADDRINUSE or not tries:
@@ -155,7 +162,7 @@ _PORT_TRIES: Final = 8
 
 
 def _bind_all(
-    infos: Sequence[tuple[Any, ...]], reuse: int | None, backlog: int | None
+    infos: Sequence[tuple[Any, ...]], reuse: int | None, reuse_addr: bool, backlog: int | None
 ) -> list[socket.socket]:
     sockets: list[socket.socket] = []
     port = 0
@@ -163,7 +170,8 @@ def _bind_all(
         for family, kind, proto, _, address in infos:
             sock = socket.socket(family, kind, proto)
             sockets.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_addr:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if reuse is not None:
                 sock.setsockopt(socket.SOL_SOCKET, reuse, 1)
             if family == socket.AF_INET6:

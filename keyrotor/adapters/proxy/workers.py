@@ -121,27 +121,61 @@ def stop_pipe() -> int | None:
     return fd
 
 
-def _reserve(host: str, port: int) -> tuple[list[socket.socket], int]:
-    """Sockets holding ``host``:``port`` for the workers (bound with
-    ``SO_REUSEPORT``, not listening), and the port. It is bound without
-    ``SO_REUSEPORT`` first, so that a port in use is refused even when its
-    sockets would share it (another pool's workers). ``ConfigError`` when the
-    port cannot be had."""
-    from .main import listen_error
-    from .sockets import bind
+class _Hold:
+    """The sockets holding ``host``:``port`` for the workers while the supervisor
+    runs: bound with ``SO_REUSEPORT``, not listening, so that a worker (started
+    again too) binds the port and no one else does.
 
-    try:
-        infos = socket.getaddrinfo(
-            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )
-        probe = bind(infos, backlog=0)
-        port = int(probe[0].getsockname()[1])
-        for sock in probe:
+    A first bind without ``SO_REUSEPORT`` refuses a port in use, even by sockets
+    that would share it (another pool's listening workers). Then the port is
+    held with ``SO_REUSEADDR`` (as the workers bind it, which a ``TIME_WAIT``
+    connection does not refuse), and also without: Linux lets ``SO_REUSEADDR``
+    sockets share a port on which none listens, so held only with it the port
+    was any such server's (and another pool's, its check passed) whenever no
+    worker listened, while they start or all restart. Held without it (``strict``)
+    only ``SO_REUSEPORT`` sockets of this user bind the port. Linux takes that
+    hold beside the first at once; where it is refused (a ``TIME_WAIT`` of a
+    server without ``SO_REUSEPORT``), ``tighten`` tries it again each second.
+
+    ``ConfigError`` when the port cannot be had.
+    """
+
+    def __init__(self, host: str, port: int) -> None:
+        from .main import listen_error
+        from .sockets import bind
+
+        try:
+            infos = socket.getaddrinfo(
+                host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )
+            probe = bind(infos, backlog=0)
+            self.port = int(probe[0].getsockname()[1])
+            for sock in probe:
+                sock.close()
+            self.infos = [(*info[:4], (info[4][0], self.port, *info[4][2:])) for info in infos]
+            self.sockets = bind(self.infos, reuse_port=True, backlog=0)
+            self.strict, self.next_try = False, 0.0
+            self.tighten(time.monotonic())
+        except OSError as exc:
+            raise listen_error(host, port, exc) from None
+
+    def tighten(self, now: float) -> None:
+        """Hold the port without ``SO_REUSEADDR`` if not yet (at most once a second)."""
+        from .sockets import bind
+
+        if self.strict or now < self.next_try:
+            return
+        self.next_try = now + 1.0
+        try:
+            strict = bind(self.infos, reuse_port=True, reuse_addr=False, backlog=0)
+        except OSError:  # EADDRINUSE: a TIME_WAIT, a socket bound but not listening
+            return
+        self.sockets += strict
+        self.strict = True
+
+    def close(self) -> None:
+        for sock in self.sockets:
             sock.close()
-        infos = [(*info[:4], (info[4][0], port, *info[4][2:])) for info in infos]
-        return bind(infos, reuse_port=True, backlog=0), port
-    except OSError as exc:
-        raise listen_error(host, port, exc) from None
 
 
 class _Workers:
@@ -274,7 +308,8 @@ def supervise(
         from .logs import LineLog
 
         log = LineLog(sys.stderr)
-    holders, port = _reserve(host, port)
+    hold = _Hold(host, port)
+    port = hold.port
     signals: list[int] = []
 
     def on_signal(signum: int, frame: object) -> None:
@@ -292,11 +327,11 @@ def supervise(
             now = time.monotonic()
             failed = workers.reap(now)
             if failed is None and not signals:
+                hold.tighten(now)
                 workers.restart_due(now)
     finally:
         workers.stop(signals, grace)
-        for sock in holders:
-            sock.close()
+        hold.close()
         for signum, handler in previous.items():
             if handler is not None:  # None: set from C, cannot be restored
                 signal.signal(signum, handler)
