@@ -387,8 +387,11 @@ class Driver:
         """``accountant.cost`` from ``price`` (left as it is when that fails)."""
         assert self.price is not None and accountant.usage is not None
         slot = self.slots.get(request_id)
+        usage = accountant.usage
+        if accountant.web_searches and "server_tool_use" not in usage:  # the Responses API's
+            usage = {**usage, "server_tool_use": {"web_search_requests": accountant.web_searches}}
         try:
-            cost = self.price(None if slot is None else slot.body, accountant.usage)
+            cost = self.price(None if slot is None else slot.body, usage)
         except Exception as exc:
             self.on_recording_error(f"keyrotor: the price hook failed: {type(exc).__name__}")
             return
@@ -716,7 +719,9 @@ class StreamAccountant:
     event); Anthropic's Messages API (``usage.input_tokens``,
     ``output_tokens``; streamed, ``message_start``'s ``message.usage``
     merged with ``message_delta``'s cumulative ``usage``; ``error`` events,
-    their ``type`` mapped to a status by ``error_status``).
+    their ``type`` mapped to a status by ``error_status``). Web searches:
+    Anthropic's in ``usage.server_tool_use``; the Responses API's counted as
+    the ``web_search_call`` items of the answer's ``output`` (for the price hook).
     """
 
     __slots__ = (
@@ -730,6 +735,7 @@ class StreamAccountant:
         "error_status",
         "prompt_tokens",
         "usage",
+        "web_searches",
     )
 
     MAX_JSON = 8 << 20
@@ -744,6 +750,7 @@ class StreamAccountant:
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.usage: dict[str, Any] | None = None  # the answer's ``usage`` (as sent)
+        self.web_searches = 0  # the Responses API's: ``web_search_call`` items of its output
         self.error_status: int | None = None
         self.error_body: Any = None
         self._sse = "event-stream" in content_type.lower()  # (media types ignore case)
@@ -790,6 +797,10 @@ class StreamAccountant:
             body = b"".join(self._body)
             self._body = None
             self._account(_usage_object(body))
+            if b"web_search_call" in body and self.usage is not None:
+                self.web_searches = body.count(b'"type":"web_search_call"') + body.count(
+                    b'"type": "web_search_call"'
+                )
             if _mention(body, _ERROR, 0, len(body)) >= 0:  # only then is the body parsed
                 self._error(answer_error(parse_json(body)))
         elif self._tail:
@@ -828,6 +839,12 @@ class StreamAccountant:
         usage = _event_usage(payload)
         if isinstance(usage, dict):
             self._account(usage, merge=payload.get("type") == "message_delta")
+            response = payload.get("response")
+            if isinstance(response, dict) and isinstance(response.get("output"), list):
+                self.web_searches = sum(
+                    isinstance(item, dict) and item.get("type") == "web_search_call"
+                    for item in response["output"]
+                )
         self._error(answer_error(payload))
 
     def _error(self, error: Any) -> None:
