@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 import trio
 
-from keyrotor.adapters.proxy.app import stepped
+from keyrotor.adapters.proxy.json_parts import stepped
 from keyrotor.adapters.storage import StateStore
-from keyrotor.core import KeyStatistics
+from keyrotor.core import KeyState, KeyStatistics
 from keyrotor.testing import FakeUpstream
 from keyrotor.transports._driver import STATUS_STEP, Driver
 
@@ -168,3 +168,19 @@ def test_the_days_cost_is_the_ledgers_without_its_rows(
     assert store.cost_on() == pytest.approx(4.5)
     now[0] += 86_400  # the next day: nothing spent yet
     assert store.cost_on() == 0.0 == sum(row.cost for row in store.ledger())
+
+
+@pytest.mark.anyio
+async def test_every_key_listed_a_step_at_a_time_is_listed_as_alone() -> None:
+    aliases = [f"k{i}" for i in range(STATUS_STEP + 7)]
+    async with FakeUpstream(healthy()).serve() as server:
+        async with proxy(server.url, aliases) as p:
+            p.driver.mark_key("k3", KeyState.DISABLED)
+            answer = await p.app(call("GET", "/admin/keys"))
+            body = await body_of(answer)
+            assert p.app._admin is not None
+            alone = [p.app._admin.list_keys(alias)[0] for alias in aliases]
+    listed = json.loads(body)["keys"]
+    assert answer.status == 200 and listed == alone
+    assert body == json.dumps({"keys": alone}).encode()  # the text of one json.dumps
+    assert listed[3]["state"] == "disabled" and listed[0]["options"] == {}

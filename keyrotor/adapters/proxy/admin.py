@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 import anyio
+import anyio.lowlevel
 import anyio.to_thread
 import attrs
 
@@ -29,6 +30,7 @@ from ...transports.errors import ConfigurationError
 from ...transports.json_body import parse
 from ..config import MAIN_PROVIDER
 from ..storage import StorageError, storable
+from .json_parts import PER_PART, joined, json_parts, stepped
 from .types import Request, Response
 
 if TYPE_CHECKING:
@@ -42,6 +44,7 @@ _NUMBERS = ("weight", "rpm", "tpm", "budget", "budget_window", "credits")
 _SPEC_OPTIONS = ("account", "max_in_flight", *_NUMBERS)
 KEY_OPTIONS = ("key", "alias", "provider", *_SPEC_OPTIONS)
 """The fields of ``POST /admin/keys``."""
+_SPEC_FIELDS = [field for field in attrs.fields(KeySpec) if field.name != "key_id"]
 _MARKABLE = ("healthy", "disabled", "rate_limited", "degraded", "depleted", "failed")
 _KEY_PATH = re.compile(r"^/admin/keys/([^/]+)(/state)?$")
 _ROUTE_PATH = re.compile(r"^/admin/routes/([^/]+)$")
@@ -100,7 +103,9 @@ class Admin:
         path, method = request.path.rstrip("/") or "/", request.method
         if path == "/admin/keys":
             if method == "GET":
-                return _answer(200, {"keys": self.list_keys()})
+                keys = {"keys": await self.all_keys()}
+                text = await joined(json_parts(keys, 1, PER_PART))
+                return Response(status=200, headers=[_JSON], body=text)
             if method == "POST":
                 return await self._add(request)
             raise AdminError(405, f"{method} {path}: use GET or POST")
@@ -197,32 +202,42 @@ class Admin:
 
     # ---------------------------------------------------------------- views
 
-    def list_keys(self, alias: str | None = None) -> list[dict[str, Any]]:
-        """Every key of every upstream (``alias``: only the keys so named, each
-        found without listing the others): alias, its provider (``main``: the
-        main upstream), masked form, source, options, state and counters."""
-        fields = [f for f in attrs.fields(KeySpec) if f.name != "key_id"]
+    def list_keys(self, alias: str) -> list[dict[str, Any]]:
+        """The keys named ``alias`` (one, or none), found without listing the
+        others: alias, its provider (``main``: the main upstream), masked form,
+        source, options, state and counters."""
         out = []
         for provider, client in self._clients.items():
-            driver = client.driver
-            if alias is None:
-                items = driver.status()["keys"]
-            else:
-                item = driver.key_entry(alias)
-                items = [] if item is None else [item]
-            for item in items:
-                name = item["alias"]
-                spec = driver.pool.key_spec(name)
-                options = {}
-                if spec is not None:  # the options set, not the defaults
-                    options = {
-                        f.name: getattr(spec, f.name)
-                        for f in fields
-                        if getattr(spec, f.name) != f.default
-                    }
-                source = self.sources.get(name, "api")
-                out.append({**item, "provider": provider, "source": source, "options": options})
+            item = client.driver.key_entry(alias)
+            if item is not None:
+                out.append(self._listed(provider, client, item))
         return out
+
+    async def all_keys(self) -> list[dict[str, Any]]:
+        """Every key of every upstream, as ``list_keys`` lists one, made a step
+        of keys at a time (other tasks run in between)."""
+        out = []
+        for provider, client in self._clients.items():
+            items = (await stepped(client.driver.status_steps()))["keys"]
+            for start in range(0, len(items), PER_PART):
+                out += [self._listed(provider, client, i) for i in items[start : start + PER_PART]]
+                await anyio.lowlevel.checkpoint()
+        return out
+
+    def _listed(self, provider: str, client: AsyncClient, item: dict[str, Any]) -> dict[str, Any]:
+        """A key's ``status()`` entry with its provider, source and options
+        (those set, not the defaults)."""
+        name = item["alias"]
+        spec = client.driver.pool.key_spec(name)
+        options = {}
+        if spec is not None:
+            options = {
+                field.name: getattr(spec, field.name)
+                for field in _SPEC_FIELDS
+                if getattr(spec, field.name) != field.default
+            }
+        source = self.sources.get(name, "api")
+        return {**item, "provider": provider, "source": source, "options": options}
 
     def secret_of(self, alias: str) -> str | None:
         """The secret of the key ``alias`` (None: no such key). Never shown:

@@ -14,7 +14,7 @@ import os
 import re
 import time
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from urllib.parse import quote, unquote
@@ -32,7 +32,7 @@ from ..analytics import Dims
 from ..config import MAIN_PROVIDER
 from .admin import Admin
 from .auth import Auth, Role
-from .json_parts import json_parts
+from .json_parts import PER_PART, joined, json_parts, stepped
 from .metrics import ProxyCounters, render_parts
 from .model_health import ModelHealth, model_of
 from .router import Plan, Refused, Router, is_free
@@ -179,8 +179,6 @@ served as made (an admin change makes them anew at once)."""
 CACHE_FROM_KEYS = 100
 """Pools of this many keys or more (providers' included) are big: below it,
 every call makes its answer (a few keys cost little, and stay exact)."""
-_SLICE = 0.005  # seconds of rendering between two turns of the other tasks
-_PER_PART = 500  # list items JSON-encoded at once
 
 T = TypeVar("T")
 
@@ -237,30 +235,6 @@ async def _nothing() -> AsyncIterator[bytes]:
     """A body of nothing, length unsaid (``HEAD`` of an answer not made)."""
     return
     yield b""  # an async generator
-
-
-async def stepped(steps: Generator[None, None, T]) -> T:
-    """Run ``steps`` (e.g. ``Driver.status_steps()``) to its value, other tasks
-    let run between its steps."""
-    while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            value: T = done.value
-            return value
-        await anyio.lowlevel.checkpoint()
-
-
-async def _joined(parts: Iterable[str]) -> bytes:
-    """The parts' text, other tasks let run after each ``_SLICE`` of making it."""
-    out = []
-    mark = time.perf_counter()
-    for part in parts:
-        out.append(part.encode())
-        if time.perf_counter() - mark > _SLICE:
-            await anyio.lowlevel.checkpoint()
-            mark = time.perf_counter()
-    return b"".join(out)
 
 
 class ProxyApp:
@@ -538,7 +512,7 @@ class ProxyApp:
         await anyio.lowlevel.checkpoint()  # the rest of the picture: another turn
         status = self.status(pool)
         spend = status.pop("spend")
-        text = await _joined(json_parts(status, 3, _PER_PART))
+        text = await joined(json_parts(status, 3, PER_PART))
         return text[:-1] + (b', "spend": ' if status else b'"spend": '), spend
 
     async def _metrics_text(self) -> bytes:
@@ -546,7 +520,7 @@ class ProxyApp:
         board = None if self.shared is None else self.shared.part("processes")
         pool = None if board is None else board.pool()
         status = await stepped(self._client.driver.status_steps())
-        return await _joined(render_parts(status, self.counters, providers, pool))
+        return await joined(render_parts(status, self.counters, providers, pool))
 
     async def status_stepped(self) -> dict[str, Any]:
         """``status()``, the pool's keys taken a step at a time (for the dashboard)."""

@@ -1,13 +1,48 @@
 """A big JSON value's text in parts, for answers the proxy makes of a large
-pool (``/status``, the dashboard's ``status`` frame): a caller can let other
-work run between the parts (one ``json.dumps`` of 10,000 keys holds the GIL,
-and so the event loop, for its whole length)."""
+pool (``/status``, ``/admin/keys``, the dashboard's ``status`` frame): a caller
+can let other work run between the parts (one ``json.dumps`` of 10,000 keys
+holds the GIL, and so the event loop, for its whole length); and the event
+loop's helpers that let other tasks run between steps and parts."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
-from typing import Any
+import time
+from collections.abc import Callable, Generator, Iterable, Iterator
+from typing import Any, TypeVar
+
+import anyio.lowlevel
+
+SLICE = 0.005
+"""Seconds of making an answer between two turns of the other tasks."""
+PER_PART = 500
+"""List items JSON-encoded at once."""
+
+T = TypeVar("T")
+
+
+async def stepped(steps: Generator[None, None, T]) -> T:
+    """Run ``steps`` (e.g. ``Driver.status_steps()``) to its value, other tasks
+    let run between its steps."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            value: T = done.value
+            return value
+        await anyio.lowlevel.checkpoint()
+
+
+async def joined(parts: Iterable[str]) -> bytes:
+    """The parts' text, other tasks let run after each ``SLICE`` of making it."""
+    out = []
+    mark = time.perf_counter()
+    for part in parts:
+        out.append(part.encode())
+        if time.perf_counter() - mark > SLICE:
+            await anyio.lowlevel.checkpoint()
+            mark = time.perf_counter()
+    return b"".join(out)
 
 
 def json_parts(
