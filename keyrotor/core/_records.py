@@ -315,8 +315,8 @@ class RequestRecord:
             "attempt": self.attempt,
             "sent_at": self.sent_at,
             "trial": self.trial,
-            "tried": self.tried,
-            "holds": self.holds,
+            "tried": None if self.tried is None else list(self.tried),  # copies: a
+            "holds": None if self.holds is None else dict(self.holds),  # snapshot is frozen
         }
 
     @classmethod
@@ -339,8 +339,9 @@ class RequestRecord:
         req.attempt = data["attempt"]
         req.sent_at = data["sent_at"]
         req.trial = data["trial"]
-        req.tried = data["tried"]
-        req.holds = data.get("holds")  # absent from a snapshot older than holds
+        tried, holds = data["tried"], data.get("holds")  # no holds: an older snapshot
+        req.tried = None if tried is None else list(tried)  # copies: the snapshot's
+        req.holds = None if holds is None else dict(holds)  # are not the pool's
         return req
 
 

@@ -9,16 +9,21 @@ import pathlib
 from collections.abc import Callable
 from typing import Any
 
+import anyio
 import pytest
 import trio
 
+from keyrotor.adapters.config import RoutingOptions
+from keyrotor.adapters.proxy.app import CACHE_TTL, Rendered
 from keyrotor.adapters.proxy.json_parts import stepped
+from keyrotor.adapters.proxy.router import Router
 from keyrotor.adapters.storage import StateStore
 from keyrotor.core import KeyState, KeyStatistics
 from keyrotor.testing import FakeUpstream
 from keyrotor.transports._driver import STATUS_STEP, Driver
+from keyrotor.transports.api import AsyncClient
 
-from .test_status_scale13 import CHAT, CLIENT, body_of, call, healthy, proxy
+from .test_status_scale13 import CHAT, CLIENT, SECRETS, body_of, call, healthy, proxy
 
 
 @pytest.fixture(params=["asyncio", "trio"])
@@ -184,3 +189,55 @@ async def test_every_key_listed_a_step_at_a_time_is_listed_as_alone() -> None:
     assert answer.status == 200 and listed == alone
     assert body == json.dumps({"keys": alone}).encode()  # the text of one json.dumps
     assert listed[3]["state"] == "disabled" and listed[0]["options"] == {}
+
+
+def test_a_free_slot_is_given_back_when_its_caller_leaves_during_the_redis_check() -> None:
+    # take_free counted the slot here, then the caller left while Redis was
+    # asked: the slot stayed taken until the day ended.
+    async def main(url: str) -> tuple[int, int]:
+        async with AsyncClient({"a": SECRETS["a"]}, url) as client:
+            router = Router([], RoutingOptions(), None, client, None)  # type: ignore[arg-type]
+            with anyio.CancelScope() as scope:
+
+                class Hanging:
+                    async def take_free(self, *args: Any) -> None:
+                        scope.cancel()  # the caller leaves while Redis answers
+                        await anyio.sleep_forever()
+
+                router.shared = Hanging()  # type: ignore[assignment]
+                slot = router.take_free()
+                assert slot is not None
+                taken = router.free_status()["a"]["usedToday"]
+                await router.shared_take(slot[0], slot[2])
+            return taken, router.free_status()["a"]["usedToday"]
+
+    with FakeUpstream.running_in_thread(healthy()) as server:
+        taken, left = anyio.run(main, server.url)
+    assert (taken, left) == (1, 0)
+
+
+@pytest.mark.anyio
+async def test_callers_waiting_for_a_long_making_get_its_value() -> None:
+    # A making that took longer than CACHE_TTL (a big pool on a busy loop) was
+    # made again by each caller that had waited for it, one after another.
+    now = [0.0]
+    rendered: Rendered[int] = Rendered(lambda: now[0])
+    makings: list[float] = []
+
+    async def make() -> int:
+        makings.append(now[0])
+        await anyio.sleep(0)
+        now[0] += CACHE_TTL * 1.5
+        return len(makings)
+
+    got: list[int] = []
+
+    async def caller() -> None:
+        got.append(await rendered.get(make))
+
+    async with anyio.create_task_group() as tasks:
+        for _ in range(4):
+            tasks.start_soon(caller)
+    assert makings == [0.0] and got == [1, 1, 1, 1]
+    rendered.forget()
+    assert await rendered.get(make) == 2  # a change still makes it anew

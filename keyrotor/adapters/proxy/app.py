@@ -197,6 +197,7 @@ class Rendered(Generic[T]):
         self._at = -math.inf
         self._generation = 0
         self._made_in = -1
+        self._made = 0  # values made so far
         self._making: anyio.Event | None = None
 
     def forget(self) -> None:
@@ -217,17 +218,22 @@ class Rendered(Generic[T]):
             value = self.fresh()
             if value is not None:
                 return value
-            if self._making is None:
+            making = self._making
+            if making is None:
                 break
-            await self._making.wait()  # then the value it made, or a turn to make one
-        made = self._making = anyio.Event()
+            made = self._made
+            await making.wait()  # then the value it made (however long it took), or a turn
+            if self._made != made and self._made_in == self._generation:
+                return self._value  # type: ignore[return-value]
+        making = self._making = anyio.Event()
         generation, at = self._generation, self._clock()
         try:
             value = await make()
         finally:
             self._making = None
-            made.set()
+            making.set()
         self._value, self._at, self._made_in = value, at, generation
+        self._made += 1
         return value
 
 

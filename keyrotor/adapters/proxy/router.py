@@ -544,9 +544,13 @@ class Router:
             return True
         now = self._clock()
         per_day, per_minute, window = self.free.limits(account)
-        answer = await self.shared.take_free(
-            account, per_day, per_minute, window, _day_end(now), at
-        )
+        try:
+            answer = await self.shared.take_free(
+                account, per_day, per_minute, window, _day_end(now), at
+            )
+        except BaseException:  # the caller left meanwhile: its slot back here (Redis
+            self._uncount(account, now, at)  # may have counted it: the safe side there)
+            raise
         if answer is None:
             return True  # Redis cannot say: this process's view decides
         verdict, used, wait = answer
