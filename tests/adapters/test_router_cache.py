@@ -28,9 +28,7 @@ class Client:
 
     def __init__(self) -> None:
         self.answers: list[Any] = []
-        pool = SimpleNamespace(
-            key_ids=lambda: [], statistics=lambda: SimpleNamespace(keys=[]), state_of=lambda k: None
-        )
+        pool = SimpleNamespace(key_ids=lambda: [], key_specs=dict, state_of=lambda k: None)
         self.driver = SimpleNamespace(pool=pool)
 
     async def get_public(self, path: str, headers: Any = None) -> Any:
