@@ -224,3 +224,21 @@ def test_write_trace_with_a_route_is_refused_not_ignored(tmp_path: Path) -> None
     )  # fmt: skip
     assert done.returncode == 2 and "--write-trace does not apply with --route" in done.stderr
     assert not trace.exists()
+
+
+@pytest.mark.parametrize("workers", [[], ["--workers", "2"]])
+def test_a_shared_pool_without_the_redis_client_is_one_line(
+    tmp_path: Path, workers: list[str]
+) -> None:
+    # Without the `shared` extra, --shared was a traceback (exit 1); with
+    # --workers, each worker died so and was started again every 30 s, forever.
+    (tmp_path / "no_coredis.py").write_text(
+        "import sys\nsys.modules['coredis'] = None  # not installed\n"
+        "from keyrotor.cli import main\nsys.exit(main())\n",
+        "utf-8",
+    )
+    shared = "redis://127.0.0.1:9/0"
+    argv = ["serve", "--no-state", "--port", "0", "--shared", shared, *workers]
+    result = refused(tmp_path, *argv, module="no_coredis", **KEYS)
+    assert "needs the Redis client coredis" in result.stderr
+    assert "pip install 'keyrotor[shared]'" in result.stderr

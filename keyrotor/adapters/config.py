@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import importlib.util
 import ipaddress
 import math
 import os
@@ -619,6 +620,13 @@ class _Loader:
                     fix="give --shared redis://127.0.0.1:6379/0"
                     if cli
                     else 'write url = "redis://127.0.0.1:6379/0"',
+                    source=shared_source,
+                )
+            if importlib.util.find_spec("coredis") is None:  # the extra is not installed
+                self.fail(
+                    "a shared pool needs the Redis client coredis, which is not installed",
+                    where="--shared" if shared_source == "command line" else "[shared] url",
+                    fix="pip install 'keyrotor[shared]' in keyrotor's environment",
                     source=shared_source,
                 )
         if not 0.5 <= shared.get("lease", 10.0) <= 3600:
