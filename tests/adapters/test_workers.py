@@ -102,6 +102,9 @@ def test_two_workers_share_a_port_and_one_killed_is_started_again(tmp_path: Path
     events = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     kinds = [e.get("event") for e in events]
     assert kinds.count("worker_started") == 3 and "worker_exited" in kinds
+    # "listening" only from a worker that accepts (the supervisor's said so seconds early)
+    assert kinds.count("starting") == 1 and kinds.count("listening") == 3
+    assert all("workers" not in e for e in events if e.get("event") == "listening")
     assert kinds[-1] == "stopped" and supervisor.returncode == 0
     exited = next(e for e in events if e.get("event") == "worker_exited")
     assert exited["pid"] == victim and exited["status"] == -signal.SIGKILL

@@ -321,7 +321,9 @@ def supervise(
     try:
         for worker in range(1, count + 1):
             workers.start(worker)
-        log({"event": "listening", "url": url_of(host, port), "workers": count})
+        # Not "listening": each worker says so itself once it accepts (a worker's
+        # start takes seconds; a connection before then is refused).
+        log({"event": "starting", "url": url_of(host, port), "workers": count})
         while not signals and failed is None:
             time.sleep(0.1)
             now = time.monotonic()
