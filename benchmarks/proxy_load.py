@@ -1217,7 +1217,7 @@ def proxy_log_summary(
         if "event" in record:
             event = str(record["event"])
             events[event] += 1
-            if event != "listening" and len(unusual) < 5:
+            if event not in ("listening", "starting") and len(unusual) < 5:
                 unusual.append(line[:300])
             continue
         events["(request)"] += 1
