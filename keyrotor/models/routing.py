@@ -17,8 +17,9 @@ observed goes first, once, so every candidate gets measured), ``balanced``
 from __future__ import annotations
 
 import math
+import operator
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -210,7 +211,7 @@ def route_to_json(route: Route) -> dict[str, Any]:
     }
 
 
-@attrs.frozen
+@attrs.frozen(slots=False)  # one per routed request: a dict's stores are cheaper than slots'
 class Need:
     """What a request needs of a model."""
 
@@ -261,7 +262,7 @@ request is longer than every candidate's context; no candidate supports what
 it asks (parameters, images); every candidate that fits is passed over for now."""
 
 
-@attrs.frozen
+@attrs.frozen(slots=False)  # one per routed request, like Need
 class Decision:
     """A route's choice for one request. ``reasons``: one line per candidate
     left out; ``confidence``: 1 when the chosen model's price and latency
@@ -301,7 +302,93 @@ def _cost(model: ModelInfo, need: Need) -> float | None:
     )
 
 
-def candidates(route: Route, catalog: Catalog) -> tuple[tuple[ModelInfo, ...], tuple[str, ...]]:
+_Prices = tuple[float, float, float, float]
+"""What ``_cost`` multiplies: prompt, completion, request and image prices."""
+
+
+class Candidates(tuple[tuple[ModelInfo, ...], tuple[str, ...]]):
+    """``candidates``' answer, ``(models, missing)``, with what ``decide`` reads
+    of each model taken out once (it depends on the route and the catalog only):
+    ``prices`` (each model's ``_Prices``, None: unknown); ``free``: whether a
+    model is free; ``in_price_order``:
+    the ``cheapest`` order is the route's for every request (the priced models
+    come first and no price of one is below the one's before it); and what
+    tells at once that every model fits a request: the smallest context and
+    completion ceiling stated (None: none states one), the parameters every
+    model that lists some supports (None: none lists any), whether every
+    model takes images."""
+
+    prices: tuple[_Prices | None, ...]
+    ids: tuple[str, ...]
+    free: bool
+    in_price_order: bool
+    least_context: int | None
+    least_ceiling: int | None
+    common_parameters: frozenset[str] | None
+    images: bool
+
+    def __new__(cls, models: tuple[ModelInfo, ...], missing: tuple[str, ...]) -> Candidates:
+        self = super().__new__(cls, (models, missing))
+        self.prices = tuple(map(_prices, models))
+        self.ids = tuple(m.id for m in models)
+        self.free = any(m.free for m in models)
+        self.in_price_order = _in_price_order(models)
+        contexts = [m.context_length for m in models if m.context_length is not None]
+        self.least_context = min(contexts, default=None)
+        ceilings = [m.max_completion_tokens for m in models if m.max_completion_tokens is not None]
+        self.least_ceiling = min(ceilings, default=None)
+        lists = [m.supported_parameters for m in models if m.supported_parameters]
+        self.common_parameters = frozenset.intersection(*lists) if lists else None
+        self.images = all(not m.input_modalities or "image" in m.input_modalities for m in models)
+        return self
+
+    def all_fit(self, need: Need, context: int) -> bool:
+        """Whether every model fits ``need`` (its ``context`` given): what
+        ``_fits`` finds of each, from the least of the models' limits."""
+        least = self.least_context
+        ceiling = self.least_ceiling
+        common = self.common_parameters
+        return (
+            (least is None or context <= least)
+            and (need.max_tokens is None or ceiling is None or need.max_tokens <= ceiling)
+            and (not need.parameters or common is None or need.parameters <= common)
+            and (not need.images or self.images)
+        )
+
+
+def _prices(model: ModelInfo) -> _Prices | None:
+    """(prompt, completion, request, image) prices, as ``_cost`` reads them."""
+    pricing = model.pricing
+    if not pricing.known or pricing.variable:
+        return None
+    return pricing.prompt, pricing.completion, pricing.request, pricing.image
+
+
+def _in_price_order(models: tuple[ModelInfo, ...]) -> bool:
+    """Whether ``_rank``'s ``cheapest`` keeps ``models`` in their order for any
+    need: each price (prompt, completion, request, image) finite, not negative
+    and no lower than the one before's, the unpriced models last. ``_cost`` grows with each
+    price for counts of 0 or more (floats round monotonically), and ``sorted``
+    keeps equal costs in order, so the sort is then the order given."""
+    before: tuple[float, ...] | None = None
+    unpriced = False
+    for model in models:
+        pricing = model.pricing
+        if not pricing.known or pricing.variable:
+            unpriced = True
+            continue
+        if unpriced:
+            return False
+        prices = (pricing.prompt, pricing.completion, pricing.request, pricing.image)
+        if not all(0 <= p < math.inf for p in prices):  # NaN fails too
+            return False
+        if before is not None and any(p < b for p, b in zip(prices, before, strict=True)):
+            return False
+        before = prices
+    return True
+
+
+def candidates(route: Route, catalog: Catalog) -> Candidates:
     """The route's candidates as catalog models, in order, each once, and one
     line per model id the catalog does not list. Depends on the route and the
     catalog only: a caller may keep it until either changes."""
@@ -321,7 +408,7 @@ def candidates(route: Route, catalog: Catalog) -> tuple[tuple[ModelInfo, ...], t
             if model.id not in seen and candidate.rejects(model) is None:
                 seen.add(model.id)
                 out.append(model)
-    return tuple(out), tuple(missing)
+    return Candidates(tuple(out), tuple(missing))
 
 
 def _fits(model: ModelInfo, need: Need, context: int) -> str | None:
@@ -394,14 +481,82 @@ def decide(
     models are passed over; ``found``: ``candidates(route, catalog)``, if
     the caller kept it."""
     latency = latency or {}
-    unavailable = unavailable or {}
-    models, missing = found if found is not None else candidates(route, catalog)
-    reasons = list(missing)
-    fitting = []
+    if type(found) is not Candidates:
+        found = candidates(route, catalog) if found is None else Candidates(*found)
+    models, missing = found
+    max_tokens = need.max_tokens
+    completion = COMPLETION_ALLOWANCE if max_tokens is None else max_tokens
+    context = need.prompt_tokens + completion
+    images = need.images
+    # Every candidate fits and none is passed over (the usual case): in the route's order
+    whole = not unavailable and no_free is None and found.all_fit(need, context)
+    if whole:
+        fitting: list[ModelInfo] | tuple[ModelInfo, ...] = models
+        reasons: list[str] | tuple[str, ...] = missing
+        first = found.prices[0] if models else None
+        waits: list[float] = []
+        too_long = unfit = 0
+    else:
+        fitting, reasons, first, waits, too_long, unfit = _fitting(
+            found, need, context, unavailable, no_free
+        )
+    if route.strategy == "ordered" or (
+        route.strategy == "cheapest"
+        and found.in_price_order
+        and need.prompt_tokens >= 0
+        and completion >= 0
+        and images >= 0
+    ):  # for cheapest: the costs would sort the models into the order they are in
+        ranked: Sequence[ModelInfo] = fitting
+        costs = None
+    else:
+        ranked, costs = _rank(route, list(fitting), need, latency)
+    if not ranked:
+        kind, problem = _problem(route, models, need, too_long, unfit)
+        wait = min(waits) if waits else None
+        return Decision(route.name, None, (), tuple(reasons), None, None, 0.0, problem, kind, wait)
+    chosen = ranked[0]
+    if costs is not None:
+        cost = costs[chosen.id]
+    elif ranked is fitting:  # _cost's sum of the first's prices, as it adds them
+        if first is None:
+            cost = None
+        else:
+            prompt, per_completion, request, image = first
+            cost = (
+                need.prompt_tokens * prompt + completion * per_completion + request + images * image
+            )
+    else:
+        cost = _cost(chosen, need)
+    seen = latency.get(chosen.id)
+    confidence = _CONFIDENCE[(cost is not None) + (seen is not None)]
+    return Decision(
+        route.name,
+        chosen.id,
+        found.ids[1:] if ranked is models else tuple(map(_ID, ranked[1:])),
+        tuple(reasons),
+        cost,
+        seen,
+        confidence,
+    )
+
+
+def _fitting(
+    found: Candidates,
+    need: Need,
+    context: int,
+    unavailable: Mapping[str, Skip] | None,
+    no_free: Skip | None,
+) -> tuple[list[ModelInfo], list[str], _Prices | None, list[float], int, int]:
+    """The models of ``found`` that fit ``need`` and are not passed over, in
+    order; the reasons, the first's prices, when those passed over are back,
+    and how many were too short and how many could not serve it otherwise."""
+    reasons = list(found[1])
+    fitting: list[ModelInfo] = []
     waits: list[float] = []
     too_long = unfit = 0
-    context = need.context
-    for model in models:
+    first: _Prices | None = None
+    for model, prices in zip(found[0], found.prices, strict=True):
         why = _fits(model, need, context)
         if why is not None:
             if why.startswith("context"):
@@ -418,28 +573,14 @@ def decide(
             if None not in back:  # back when every reason has passed
                 waits.append(max(b for b in back if b is not None))
             continue
+        if not fitting:
+            first = prices
         fitting.append(model)
-    ranked, costs = _rank(route, fitting, need, latency)
-    if not ranked:
-        kind, problem = _problem(route, models, need, too_long, unfit)
-        wait = min(waits) if waits else None
-        return Decision(route.name, None, (), tuple(reasons), None, None, 0.0, problem, kind, wait)
-    chosen = ranked[0]
-    cost = _cost(chosen, need) if costs is None else costs[chosen.id]
-    seen = latency.get(chosen.id)
-    confidence = _CONFIDENCE[(cost is not None) + (seen is not None)]
-    return Decision(
-        route.name,
-        chosen.id,
-        tuple([m.id for m in ranked[1:]]),
-        tuple(reasons),
-        cost,
-        seen,
-        confidence,
-    )
+    return fitting, reasons, first, waits, too_long, unfit
 
 
 _CONFIDENCE = (0.25, 0.5, 1.0)  # by how many of price and latency are known
+_ID = operator.attrgetter("id")
 
 
 def _problem(

@@ -34,6 +34,7 @@ from ...core import USABLE_STATES, Pool, PoolError
 from ...models.cooling import ModelCooling
 from ...models.free_tier import FREE_PER_DAY_WITH_CREDITS, FreeTier, utc_day
 from ...models.routing import (
+    Candidates,
     Decision,
     Need,
     Route,
@@ -50,7 +51,7 @@ from ..config import RoutingOptions
 from .providers import MODEL_MEMBER, model_string
 
 if TYPE_CHECKING:
-    from ...models import Catalog, ModelInfo
+    from ...models import Catalog
     from ...transports.api import AsyncClient
     from ..shared_limits import SharedLimits
     from ..storage import StateStore, UsageRow
@@ -58,9 +59,6 @@ if TYPE_CHECKING:
     from .model_health import ModelHealth
 
 __all__ = ["FREE_SCOPE", "MAX_MODELS", "Plan", "Refused", "Router"]
-
-Found = tuple[tuple["ModelInfo", ...], tuple[str, ...]]
-"""A route's candidates in a catalog, and the ids it does not list."""
 
 MAX_MODELS = 16
 """The most models a request's ``models`` list may name."""
@@ -110,18 +108,71 @@ def _quoted(model: str) -> bytes:
     return json.dumps(model)[1:-1].encode()
 
 
+_FIRST = (b'{"model":"', b'{"model": "')
+"""A body's opening when the model is its first member (compact, or as ``json.dumps`` writes)."""
+_LAST = (b',"model":"', b', "model": "')
+"""What comes before the model's string when it is the last member (the openai SDK's order)."""
+
+
 def _model_span(body: bytes, model: object) -> tuple[bytes, int, int] | None:
     """``body`` and the span of its top-level model's value within the quotes,
     found by ``json_body.member`` (no search from the start of a long body),
-    or None when that cannot tell (the plan re-encodes the parsed body then)."""
+    or None when that cannot tell (the plan re-encodes the parsed body then).
+    A model written first or last, as ``json.dumps`` writes it, without
+    escapes, is found without ``member`` (``_written``): the same span."""
+    if isinstance(model, str):
+        written = _written(body, _quoted(model))
+        if written is not None:
+            return body, written[0], written[1]
     try:
         found = member(body, b'"model"', MODEL_MEMBER)
     except Unsure:
         return None
-    if found is None or model_string(found) != model:
+    if found is None or not isinstance(model, str):
         return None
     start, end = found.span(1)
+    # Written as json.dumps writes it (nearly always): the same string, not decoded again
+    if body[start + 1 : end - 1] != _quoted(model) and model_string(found) != model:
+        return None
     return body, start + 1, end - 1
+
+
+def _written(body: bytes, quoted: bytes) -> tuple[int, int] | None:
+    """The span of ``quoted`` (a model's string, no backslash in it) as the
+    value of ``body``'s first member ``"model"`` with no other ``"model"``
+    after it, or of its last member (the body ends with that string's quote
+    and the ``}``); None: neither. ``body`` is a JSON object (parsed), and so
+    the span is the one ``member`` finds: a key ``"model"`` first in the
+    object, the last in the body, or one after a ``,`` and before the last
+    ``}``, and the last ``"model"`` in the body, is the top-level member
+    ``member`` takes."""
+    if b"\\" in quoted:  # an escape: a quote in the string may end it
+        return None
+    size = len(quoted)
+    for prefix in _FIRST:
+        if body.startswith(prefix):
+            start = len(prefix)
+            end = start + size
+            if (
+                body.startswith(quoted, start)
+                and body.startswith(b'"', end)
+                and body.rfind(b'"model"') == 1
+            ):
+                return start, end
+            break
+    if body.endswith(b'"}'):
+        end = len(body) - 2
+        start = end - size
+        if body.startswith(quoted, start):
+            for prefix in _LAST:
+                key = start - len(prefix) + 1
+                if (
+                    key > 0
+                    and body.startswith(prefix, key - 1)
+                    and body.rfind(b'"model"') == key  # not a model named "model"
+                ):
+                    return start, end
+    return None
 
 
 def _day_end(now: float) -> float:
@@ -202,9 +253,9 @@ class Router:
         self._store = store
         self._clock = clock
         self.cooling = ModelCooling(options.model_cooldown)
-        # Per route: (the catalog, its candidates there, whether one is free);
-        # the catalog itself, not its id(), which a later one may reuse
-        self._found: dict[str, tuple[Catalog, Found, bool]] = {}
+        # Per route: (the catalog, its candidates there); the catalog itself,
+        # not its id(), which a later one may reuse
+        self._found: dict[str, tuple[Catalog, Candidates]] = {}
         self.free = FreeTier({}, options.free_per_minute)
         self.shared: SharedLimits | None = None  # free counts kept with other processes
         self.on_cool: Callable[[str, float, str], None] | None = None  # (model, until, why)
@@ -291,22 +342,25 @@ class Router:
 
     def decide(self, route: Route, catalog: Catalog, need: Need) -> Decision:
         """``route``'s decision for ``need`` now (filter matches kept per catalog)."""
-        now = self._clock()
         named = self.routes.get(route.name) is route  # not a request's own models list
         kept = self._found.get(route.name) if named else None
         if kept is None or kept[0] is not catalog:
-            found = candidates(route, catalog)
-            kept = (catalog, found, any(m.free for m in found[0]))
+            kept = (catalog, candidates(route, catalog))
             if named:
                 self._found[route.name] = kept
+        found = kept[1]
+        cooling = self.cooling
+        if not cooling and not found.free:  # nothing passed over for now: no clock read
+            return decide(route, catalog, need, self.models.latency_ms, found=found)
+        now = self._clock()
         return decide(
             route,
             catalog,
             need,
             self.models.latency_ms,
-            unavailable=self.cooling.skips(now) if self.cooling else None,
-            no_free=self.free.skip(now) if kept[2] else None,
-            found=kept[1],
+            unavailable=cooling.skips(now) if cooling else None,
+            no_free=self.free.skip(now) if found.free else None,
+            found=found,
         )
 
     def _refusal(self, decision: Decision, catalog: Catalog) -> Refused:
