@@ -448,7 +448,7 @@ class Driver:
 
     def check_new_key(self, alias: str, secret: str) -> None:
         """Raise ``ConfigurationError`` unless ``add_key`` would take this key."""
-        if alias in self.secrets or self.pool.key_statistics(alias) is not None:
+        if alias in self.secrets or self.pool.key_spec(alias) is not None:
             raise ConfigurationError(
                 f"a key with alias {alias!r} is already in the pool (or still finishing its "
                 "requests after its removal: try again when they have ended)"

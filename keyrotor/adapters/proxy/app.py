@@ -514,9 +514,7 @@ class ProxyApp:
     async def _status_text(self) -> tuple[bytes, dict[str, Any]]:
         """``status()`` as JSON, all but its last member (``spend``, which
         differs by caller): the text up to ``"spend": ``, and ``spend``."""
-        pool = await stepped(self._client.driver.status_steps())
-        await anyio.lowlevel.checkpoint()  # the rest of the picture: another turn
-        status = self.status(pool)
+        status = await self.status_stepped()
         spend = status.pop("spend")
         text = await joined(json_parts(status, 3, PER_PART))
         return text[:-1] + (b', "spend": ' if status else b'"spend": '), spend
