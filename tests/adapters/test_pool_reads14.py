@@ -241,3 +241,20 @@ async def test_callers_waiting_for_a_long_making_get_its_value() -> None:
     assert makings == [0.0] and got == [1, 1, 1, 1]
     rendered.forget()
     assert await rendered.get(make) == 2  # a change still makes it anew
+
+
+@pytest.mark.anyio
+async def test_a_key_added_again_with_another_account_is_seen_by_the_free_tier_at_once() -> None:
+    # The router learned accounts when the key ids changed or every 10 s: a key
+    # removed and added again under its alias, another account's, kept the old one.
+    async with FakeUpstream(healthy()).serve() as server:
+        async with proxy(server.url, ("a", "b")) as p:
+            router = Router([], RoutingOptions(), None, p.app._client, None)  # type: ignore[arg-type]
+            p.app.router = router
+            before = set(router.free_status())
+            await p.app(call("DELETE", "/admin/keys/b"))  # the last: the ids stay in order
+            body = json.dumps({"alias": "b", "key": SECRETS["b"], "account": "team"})
+            added = await p.app(call("POST", "/admin/keys", body))
+            after = set(router.free_status())
+    assert added.status == 201
+    assert before == {"a", "b"} and after == {"a", "team"}

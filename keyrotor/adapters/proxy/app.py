@@ -482,9 +482,12 @@ class ProxyApp:
 
     def forget_rendered(self) -> None:
         """Make /status, /metrics, /v1/key and /healthz anew at their next call
-        (an admin change: its effect is seen at once)."""
+        (an admin change: its effect is seen at once), and the router's
+        accounts at its next look."""
         for rendered in (self._status_made, self._metrics_made, self._key_counts, self._usable):
             rendered.forget()
+        if self.router is not None:
+            self.router.keys_changed()
 
     def _cached(self) -> bool:
         """Whether the pools hold ``cache_from_keys`` keys or more: their

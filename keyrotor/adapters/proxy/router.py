@@ -420,6 +420,11 @@ class Router:
 
     # ---------------------------------------------------------- free tier
 
+    def keys_changed(self) -> None:
+        """Learn the pool's accounts anew at the next look (a key removed and
+        added again under its alias, with another account, leaves the ids)."""
+        self._keys_seen = (None, self._keys_seen[1])
+
     def _refresh_accounts(self) -> None:
         """Learn the main pool's accounts (every ``_ACCOUNTS_EVERY`` s, or when
         its keys changed: one added and another removed leave their number)."""
@@ -530,7 +535,7 @@ class Router:
         that and this pool's (the state file's after a restart), never their
         sum. An account whose answer says nothing keeps ``free_per_day``.
         Returns the limits learned."""
-        self._keys_seen = (None, self._keys_seen[1])  # look at the pool now
+        self.keys_changed()
         self._refresh_accounts()
         learned: dict[str, int] = {}
         used: dict[str, tuple[int, float]] = {}  # account -> (used today, when asked)
@@ -560,7 +565,7 @@ class Router:
                 if today is not None:
                     used[account] = (today, at)
         self._learned.update(learned)
-        self._keys_seen = (None, self._keys_seen[1])
+        self.keys_changed()
         self._refresh_accounts()
         now = self._clock()
         for account, (today, at) in used.items():
