@@ -161,7 +161,7 @@ SKIPS = st.builds(Skip, st.just("passed over"), st.sampled_from([None, 5.0, 60.0
     st.none() | SKIPS,
     st.sampled_from(["none", "kept", "plain tuple"]),
 )
-@settings(max_examples=1500)
+@settings(max_examples=300)
 @example(
     Catalog(
         "main",
@@ -225,7 +225,7 @@ def test_decide_decides_as_before(
 
 
 @given(catalogs(), ROUTES, NEEDS)
-@settings(max_examples=500)
+@settings(max_examples=150)
 def test_all_fit_says_what_fits_says_of_every_model(
     catalog: Catalog, route: Route, need: Need
 ) -> None:
