@@ -72,6 +72,10 @@ REPLY_TOKENS = 3
 """Tokens that prime the reply (``<|start|>assistant<|message|>``)."""
 
 
+_IMAGE_PARTS = frozenset({"image_url", "image", "input_image"})
+"""An input image's part type: Chat Completions', Anthropic's, the Responses API's."""
+
+
 def prompt_size(messages: Iterable[Mapping[str, Any]]) -> tuple[int, int]:
     """(``estimate_tokens``, ``count_images``) of chat ``messages``, in one pass
     (a routed request's need reads both)."""
@@ -90,7 +94,7 @@ def prompt_size(messages: Iterable[Mapping[str, Any]]) -> tuple[int, int]:
                     text = part.get("text")
                     if isinstance(text, str):
                         chars += len(text)
-                    if part.get("type") == "image_url":
+                    if part.get("type") in _IMAGE_PARTS:
                         images += 1
         name = message.get("name")
         if isinstance(name, str):
@@ -114,12 +118,9 @@ def estimate_tokens(messages: Iterable[Mapping[str, Any]]) -> int:
 
 
 def count_images(messages: Iterable[Mapping[str, Any]]) -> int:
-    """Input images in chat ``messages`` (``image_url`` parts)."""
+    """Input images in ``messages`` (``image_url``, ``image`` and
+    ``input_image`` parts: Chat Completions', Anthropic's, the Responses API's)."""
     return prompt_size(messages)[1]
-
-
-_IMAGE_PARTS = frozenset({"image_url", "image", "input_image"})
-"""An input image's part type: Chat Completions', Anthropic's, the Responses API's."""
 
 
 def request_images(request: Mapping[str, Any]) -> int:

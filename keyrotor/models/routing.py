@@ -232,9 +232,15 @@ _NO_PARAMETERS: frozenset[str] = frozenset()
 
 
 def need_of(request: Mapping[str, Any]) -> Need:
-    """The ``Need`` of a chat request body (parsed JSON). A parameter counts
-    when it is set to anything but null or false (``"seed": 0`` is a seed)."""
+    """The ``Need`` of a request body (parsed JSON): Chat Completions' and
+    Anthropic's ``messages``, or the Responses API's ``input`` (a string, or
+    its items). A parameter counts when it is set to anything but null or
+    false (``"seed": 0`` is a seed)."""
     messages = request.get("messages")
+    if type(messages) is not list:
+        messages = request.get("input")  # the Responses API's
+        if isinstance(messages, str):
+            messages = [{"content": messages}]
     tokens, images = prompt_size(messages if isinstance(messages, list) else ())
     limit = request.get("max_completion_tokens")
     if limit is None:  # absent or null: the older name says
