@@ -308,15 +308,10 @@ def _cost(model: ModelInfo, need: Need) -> float | None:
     )
 
 
-_Prices = tuple[float, float, float, float]
-"""What ``_cost`` multiplies: prompt, completion, request and image prices."""
-
-
 class Candidates(tuple[tuple[ModelInfo, ...], tuple[str, ...]]):
     """``candidates``' answer, ``(models, missing)``, with what ``decide`` reads
     of each model taken out once (it depends on the route and the catalog only):
-    ``prices`` (each model's ``_Prices``, None: unknown); ``free``: whether a
-    model is free; ``in_price_order``:
+    ``free``: whether a model is free; ``in_price_order``:
     the ``cheapest`` order is the route's for every request (the priced models
     come first and no price of one is below the one's before it); and what
     tells at once that every model fits a request: the smallest context and
@@ -324,7 +319,6 @@ class Candidates(tuple[tuple[ModelInfo, ...], tuple[str, ...]]):
     model that lists some supports (None: none lists any), whether every
     model takes images."""
 
-    prices: tuple[_Prices | None, ...]
     ids: tuple[str, ...]
     free: bool
     in_price_order: bool
@@ -335,7 +329,6 @@ class Candidates(tuple[tuple[ModelInfo, ...], tuple[str, ...]]):
 
     def __new__(cls, models: tuple[ModelInfo, ...], missing: tuple[str, ...]) -> Candidates:
         self = super().__new__(cls, (models, missing))
-        self.prices = tuple(map(_prices, models))
         self.ids = tuple(m.id for m in models)
         self.free = any(m.free for m in models)
         self.in_price_order = _in_price_order(models)
@@ -360,14 +353,6 @@ class Candidates(tuple[tuple[ModelInfo, ...], tuple[str, ...]]):
             and (not need.parameters or common is None or need.parameters <= common)
             and (not need.images or self.images)
         )
-
-
-def _prices(model: ModelInfo) -> _Prices | None:
-    """(prompt, completion, request, image) prices, as ``_cost`` reads them."""
-    pricing = model.pricing
-    if not pricing.known or pricing.variable:
-        return None
-    return pricing.prompt, pricing.completion, pricing.request, pricing.image
 
 
 def _in_price_order(models: tuple[ModelInfo, ...]) -> bool:
@@ -490,28 +475,24 @@ def decide(
     if type(found) is not Candidates:
         found = candidates(route, catalog) if found is None else Candidates(*found)
     models, missing = found
-    max_tokens = need.max_tokens
-    completion = COMPLETION_ALLOWANCE if max_tokens is None else max_tokens
-    context = need.prompt_tokens + completion
-    images = need.images
+    context = need.context
     # Every candidate fits and none is passed over (the usual case): in the route's order
     whole = not unavailable and no_free is None and found.all_fit(need, context)
     if whole:
         fitting: list[ModelInfo] | tuple[ModelInfo, ...] = models
         reasons: list[str] | tuple[str, ...] = missing
-        first = found.prices[0] if models else None
         waits: list[float] = []
         too_long = unfit = 0
     else:
-        fitting, reasons, first, waits, too_long, unfit = _fitting(
+        fitting, reasons, waits, too_long, unfit = _fitting(
             found, need, context, unavailable, no_free
         )
     if route.strategy == "ordered" or (
         route.strategy == "cheapest"
         and found.in_price_order
         and need.prompt_tokens >= 0
-        and completion >= 0
-        and images >= 0
+        and (need.max_tokens or 0) >= 0
+        and need.images >= 0
     ):  # for cheapest: the costs would sort the models into the order they are in
         ranked: Sequence[ModelInfo] = fitting
         costs = None
@@ -522,18 +503,7 @@ def decide(
         wait = min(waits) if waits else None
         return Decision(route.name, None, (), tuple(reasons), None, None, 0.0, problem, kind, wait)
     chosen = ranked[0]
-    if costs is not None:
-        cost = costs[chosen.id]
-    elif ranked is fitting:  # _cost's sum of the first's prices, as it adds them
-        if first is None:
-            cost = None
-        else:
-            prompt, per_completion, request, image = first
-            cost = (
-                need.prompt_tokens * prompt + completion * per_completion + request + images * image
-            )
-    else:
-        cost = _cost(chosen, need)
+    cost = _cost(chosen, need) if costs is None else costs[chosen.id]
     seen = latency.get(chosen.id)
     confidence = _CONFIDENCE[(cost is not None) + (seen is not None)]
     return Decision(
@@ -553,16 +523,15 @@ def _fitting(
     context: int,
     unavailable: Mapping[str, Skip] | None,
     no_free: Skip | None,
-) -> tuple[list[ModelInfo], list[str], _Prices | None, list[float], int, int]:
+) -> tuple[list[ModelInfo], list[str], list[float], int, int]:
     """The models of ``found`` that fit ``need`` and are not passed over, in
-    order; the reasons, the first's prices, when those passed over are back,
+    order; the reasons, when those passed over are back,
     and how many were too short and how many could not serve it otherwise."""
     reasons = list(found[1])
     fitting: list[ModelInfo] = []
     waits: list[float] = []
     too_long = unfit = 0
-    first: _Prices | None = None
-    for model, prices in zip(found[0], found.prices, strict=True):
+    for model in found[0]:
         why = _fits(model, need, context)
         if why is not None:
             if why.startswith("context"):
@@ -579,10 +548,8 @@ def _fitting(
             if None not in back:  # back when every reason has passed
                 waits.append(max(b for b in back if b is not None))
             continue
-        if not fitting:
-            first = prices
         fitting.append(model)
-    return fitting, reasons, first, waits, too_long, unfit
+    return fitting, reasons, waits, too_long, unfit
 
 
 _CONFIDENCE = (0.25, 0.5, 1.0)  # by how many of price and latency are known
