@@ -83,7 +83,7 @@ import stat
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
@@ -757,16 +757,10 @@ class StateStore:
         """
         day = day or self._day(self._clock())
         totals: dict[str, Spend] = {}
-
-        def add(source: Mapping[tuple[str, str], Spend]) -> None:
-            for (alias, when), spend in source.items():
-                if when == day:
-                    totals.setdefault(alias, Spend()).add(spend)
-
         if day >= self._recent_since:
             with self._pending_lock:
-                for source in (self._recent, self._unsaved.spend, self._pending.spend):
-                    add(source)
+                for alias, spend in self._held(day, recent=True):
+                    totals.setdefault(alias, Spend()).add(spend)
         else:
             with self._db_lock:
                 try:
@@ -782,8 +776,8 @@ class StateStore:
                 except sqlite3.Error as exc:
                     raise StorageError(f"cannot read {self.path}: {exc}") from None
                 with self._pending_lock:
-                    add(self._unsaved.spend)
-                    add(self._pending.spend)
+                    for alias, spend in self._held(day, recent=False):
+                        totals.setdefault(alias, Spend()).add(spend)
         return [
             LedgerRow(a, day, s.requests, s.prompt_tokens, s.completion_tokens, s.cost)
             for a, s in sorted(totals.items())
@@ -797,12 +791,16 @@ class StateStore:
         if day < self._recent_since:
             return sum(row.cost for row in self.ledger(day))
         with self._pending_lock:
-            return sum(
-                spend.cost
-                for source in (self._recent, self._unsaved.spend, self._pending.spend)
-                for (_, when), spend in source.items()
-                if when == day
-            )
+            return sum(spend.cost for _, spend in self._held(day, recent=True))
+
+    def _held(self, day: str, *, recent: bool) -> Iterator[tuple[str, Spend]]:
+        """(alias, spend) on ``day`` in memory, not yet written (and with
+        ``recent``, today's and yesterday's written too); under ``_pending_lock``."""
+        sources = (self._unsaved.spend, self._pending.spend)
+        for source in (self._recent, *sources) if recent else sources:
+            for (alias, when), spend in source.items():
+                if when == day:
+                    yield alias, spend
 
     def health(self) -> dict[str, Any]:
         """JSON-able health for ``/status``."""
